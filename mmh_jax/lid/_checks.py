@@ -1,0 +1,91 @@
+"""Input validation shared by the estimators.
+
+Checks on shapes always run (shapes are static under ``jit``); checks on values
+(finite inputs, ``t0`` in (0, 1]) run whenever the values are concrete, i.e. when
+an estimator is called outside ``jit`` or with concrete arguments inside it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+
+def is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_option(value: Any, name: str, options: Sequence[Any]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_batch(x: Any, name: str = "x", *, min_event_dims: int = 1) -> Array:
+    """``x`` as a floating array of shape ``[b, *event_shape]`` with finite values."""
+    x = jnp.asarray(x)
+    if x.ndim < 1 + min_event_dims or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have shape [batch, *event_shape] with a non-empty batch, got shape {x.shape}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return x
+
+
+def check_times(t0: Any, batch: int, dtype: Any, name: str = "t0") -> Array:
+    """``t0`` (a scalar or ``[batch]``) broadcast to ``[batch]``, checked to lie in (0, 1]."""
+    t0 = jnp.asarray(t0, dtype=dtype)
+    if t0.shape not in ((), (batch,)):
+        raise ValueError(f"{name} must be a scalar or have shape ({batch},), got shape {t0.shape}")
+    if is_concrete(t0):
+        values = np.asarray(t0)
+        if not np.all(np.isfinite(values) & (values > 0) & (values <= 1)):
+            raise ValueError(f"{name} must lie in (0, 1], got {values.min()}..{values.max()}")
+    return jnp.broadcast_to(t0, (batch,))
+
+
+def check_score_fn(score_fn: Callable, x: Array, t: Array, name: str = "score_fn") -> None:
+    """The score function must map ``x [b, ...]`` and ``t [b]`` to an array shaped like ``x``."""
+    if not callable(score_fn):
+        raise TypeError(f"{name} must be callable as {name}(x_t, t), got {type(score_fn).__name__}")
+    out = jax.eval_shape(score_fn, x, t)
+    if not hasattr(out, "shape") or out.shape != x.shape:
+        got = getattr(out, "shape", type(out).__name__)
+        raise ValueError(f"{name}(x_t, t) must return an array of shape {x.shape} like x_t, got {got}")
+
+
+def per_sample_keys(key: Any, batch: int, name: str = "key") -> Array:
+    """One PRNG key per sample, ``[batch]`` typed keys.
+
+    ``key`` is either a single key (split into ``batch``) or already one key per
+    sample (used as is, so a sample's randomness does not depend on its batch).
+    """
+    if key is None:
+        raise ValueError(f"{name} is required for this randomised estimator: pass key=jax.random.key(seed)")
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
+            raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key), got dtype {key.dtype}")
+        key = jax.random.wrap_key_data(key)
+    if key.shape == ():
+        return jax.random.split(key, batch)
+    if key.shape == (batch,):
+        return key
+    raise ValueError(f"{name} must be a single key or one key per sample, shape ({batch},); got {key.shape}")
