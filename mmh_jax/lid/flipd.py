@@ -13,6 +13,7 @@ chunk's primal, so one Hutchinson probe costs one ``jvp``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal, NamedTuple
 
@@ -71,6 +72,7 @@ def _sum_vjv(
     return out, total
 
 
+@functools.partial(jax.jit, static_argnames=("score_fn", "trace", "num_probes", "probe", "chunk_size"))
 def _flipd(
     score_fn: ScoreFn,
     x: Array,
@@ -193,6 +195,14 @@ def flipd_curve(
         raise ValueError(f"ts must be a 1-D array of diffusion times, got shape {ts.shape}")
     check_times(ts, ts.shape[0], x.dtype, name="ts")
 
+    return _flipd_curve(
+        score_fn, x, ts, schedule=schedule, keys=keys, trace=trace,
+        num_probes=num_probes, probe=probe, chunk_size=chunk_size,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "trace", "num_probes", "probe", "chunk_size"))
+def _flipd_curve(score_fn, x, ts, *, schedule, keys, trace, num_probes, probe, chunk_size):
     def at(t0: Array) -> Array:
         t = jnp.broadcast_to(t0, (x.shape[0],))
         return _flipd(

@@ -8,6 +8,7 @@ their output; its singular values are then thresholded.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -29,6 +30,24 @@ class JacobianRankResult(NamedTuple):
     singular_values: Float[Array, "b r"]
     """Singular values of the Jacobian, descending, ``r = min(d_out, d_latent)``;
     re-threshold with :func:`mmh_jax.lid.lid_from_singular_values` (``space="tangent"``)."""
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "chunk"))
+def _jacobian_singular_values(fn, z, *, chunk):
+    b, latent_shape = z.shape[0], z.shape[1:]
+    d_latent = math.prod(latent_shape)
+    num_chunks = -(-d_latent // chunk)
+
+    def columns(start: Array) -> Array:
+        idx = start + jnp.arange(chunk)
+        basis = jax.nn.one_hot(idx, d_latent, dtype=z.dtype).reshape((chunk,) + latent_shape)
+        tangents = jnp.broadcast_to(basis[:, None], (chunk,) + z.shape)
+        cols = jax.vmap(lambda v: jax.jvp(fn, (z,), (v,))[1])(tangents)
+        return cols.reshape(chunk, b, -1)
+
+    cols = jax.lax.map(columns, jnp.arange(num_chunks) * chunk)  # [chunks, chunk, b, d_out]
+    jac = jnp.moveaxis(cols.reshape(num_chunks * chunk, b, -1)[:d_latent], 0, -1)  # [b, d_out, d_latent]
+    return jnp.linalg.svd(jac, compute_uv=False)
 
 
 def jacobian_rank(
@@ -60,16 +79,5 @@ def jacobian_rank(
     if not hasattr(out, "shape") or out.ndim < 1 or out.shape[0] != b:
         raise ValueError(f"fn(z) must return an array of shape [{b}, ...], got {getattr(out, 'shape', out)}")
     chunk = min(d_latent, 32 if chunk_size is None else check_int(chunk_size, "chunk_size"))
-    num_chunks = -(-d_latent // chunk)
-
-    def columns(start: Array) -> Array:
-        idx = start + jnp.arange(chunk)
-        basis = jax.nn.one_hot(idx, d_latent, dtype=z.dtype).reshape((chunk,) + latent_shape)
-        tangents = jnp.broadcast_to(basis[:, None], (chunk,) + z.shape)
-        cols = jax.vmap(lambda v: jax.jvp(fn, (z,), (v,))[1])(tangents)
-        return cols.reshape(chunk, b, -1)
-
-    cols = jax.lax.map(columns, jnp.arange(num_chunks) * chunk)  # [chunks, chunk, b, d_out]
-    jac = jnp.moveaxis(cols.reshape(num_chunks * chunk, b, -1)[:d_latent], 0, -1)  # [b, d_out, d_latent]
-    singular_values = jnp.linalg.svd(jac, compute_uv=False)
+    singular_values = _jacobian_singular_values(fn, z, chunk=chunk)
     return JacobianRankResult(lid=numerical_rank(singular_values, threshold), singular_values=singular_values)

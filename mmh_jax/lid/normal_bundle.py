@@ -18,6 +18,7 @@ threshold (:func:`mmh_jax.lid.percentile_threshold`) makes sense.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal, NamedTuple
 
@@ -53,17 +54,53 @@ class NormalBundleResult(NamedTuple):
 def _gap_rank(s: Float[Array, "b d"], noise_floor: float | None) -> Int[Array, " b"]:
     """Rank at the largest gap of consecutive log singular values.
 
+    Singular values below the resolution of the Gram eigensolver,
+    ``sqrt(d eps) s_max``, are indistinguishable and are raised to it first (else
+    round-off among them, or an eigenvalue clipped to 0, would make the largest gap).
     The gap rule alone can return neither 0 nor ``d``. So, given a ``noise_floor``: if
     every singular value is at least ``noise_floor`` (all read as normal directions, e.g.
     a point mass) the rank is ``d``; if none is, it is 0; otherwise the largest gap decides.
     """
     d = s.shape[-1]
-    log_s = jnp.log(jnp.maximum(s, jnp.finfo(s.dtype).tiny))
+    resolution = jnp.sqrt(d * jnp.finfo(s.dtype).eps) * s[:, :1]
+    log_s = jnp.log(jnp.maximum(s, jnp.maximum(resolution, jnp.finfo(s.dtype).tiny)))
     rank = jnp.argmax(log_s[:, :-1] - log_s[:, 1:], axis=-1) + 1 if d > 1 else jnp.ones(s.shape[:1], jnp.int32)
     if noise_floor is None:
         return rank
     rank = jnp.where(jnp.all(s >= noise_floor, axis=-1), d, rank)
     return jnp.where(jnp.all(s < noise_floor, axis=-1), 0, rank)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "num_scores", "center", "chunk"))
+def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
+    """Normalised singular values ``[b, d]`` of the (centred) score matrix, descending."""
+    b, event_shape = x.shape[0], x.shape[1:]
+    d = math.prod(event_shape)
+    psi_x = broadcast_to_event(schedule.psi(t), x)[:, None] * x[:, None]
+    sigma = schedule.sigma(t)
+    sigma_b = broadcast_to_event(sigma, x)[:, None]
+    t_rep = jnp.repeat(t, chunk)
+
+    def body(carry, start):
+        gram, total = carry
+        idx = start + jnp.arange(chunk)
+        noise = jax.vmap(
+            lambda k: jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), event_shape, x.dtype))(idx)
+        )(keys)
+        x_t = (psi_x + sigma_b * noise).reshape((b * chunk,) + event_shape)
+        scores = score_fn(x_t, t_rep).reshape(b, chunk, d) * sigma[:, None, None]
+        scores = jnp.where((idx < num_scores)[None, :, None], scores, 0)
+        return (gram + jnp.einsum("bci,bcj->bij", scores, scores), total + scores.sum(1)), None
+
+    init = (jnp.zeros((b, d, d), x.dtype), jnp.zeros((b, d), x.dtype))
+    starts = jnp.arange(-(-num_scores // chunk)) * chunk
+    (gram, total), _ = jax.lax.scan(body, init, starts)
+    gram = gram / num_scores
+    if center:
+        mean = total / num_scores
+        gram = gram - mean[:, :, None] * mean[:, None, :]
+    eigenvalues = jnp.linalg.eigvalsh(gram)[:, ::-1]
+    return jnp.sqrt(jnp.maximum(eigenvalues, 0))
 
 
 def normal_bundle(
@@ -120,31 +157,9 @@ def normal_bundle(
     t = check_times(t0, b, x.dtype)
     check_score_fn(score_fn, x, t)
 
-    psi_x = broadcast_to_event(schedule.psi(t), x)[:, None] * x[:, None]
-    sigma = schedule.sigma(t)
-    sigma_b = broadcast_to_event(sigma, x)[:, None]
-    t_rep = jnp.repeat(t, chunk)
-
-    def body(carry, start):
-        gram, total = carry
-        idx = start + jnp.arange(chunk)
-        noise = jax.vmap(
-            lambda k: jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), event_shape, x.dtype))(idx)
-        )(keys)
-        x_t = (psi_x + sigma_b * noise).reshape((b * chunk,) + event_shape)
-        scores = score_fn(x_t, t_rep).reshape(b, chunk, d) * sigma[:, None, None]
-        scores = jnp.where((idx < num_scores)[None, :, None], scores, 0)
-        return (gram + jnp.einsum("bci,bcj->bij", scores, scores), total + scores.sum(1)), None
-
-    init = (jnp.zeros((b, d, d), x.dtype), jnp.zeros((b, d), x.dtype))
-    starts = jnp.arange(-(-num_scores // chunk)) * chunk
-    (gram, total), _ = jax.lax.scan(body, init, starts)
-    gram = gram / num_scores
-    if center:
-        mean = total / num_scores
-        gram = gram - mean[:, :, None] * mean[:, None, :]
-    eigenvalues = jnp.linalg.eigvalsh(gram)[:, ::-1]
-    singular_values = jnp.sqrt(jnp.maximum(eigenvalues, 0))
+    singular_values = _spectrum(
+        score_fn, x, t, schedule=schedule, keys=keys, num_scores=num_scores, center=center, chunk=chunk
+    )
 
     if threshold == "gap":
         floor = (1 - math.sqrt(d / num_scores)) / 2 if num_scores > d else None
