@@ -170,3 +170,19 @@ def test_bad_input_raises_clear_errors():
         flipd_knee(jnp.array([0.1, 0.05, 0.2, 0.3]), jnp.ones((1, 4)))
     with pytest.raises(ValueError, match="ts must lie in"):
         flipd_curve(_score, x, jnp.array([0.1, 2.0]), schedule=s, trace="exact")
+
+
+def test_sharded_batch_gives_the_same_estimates(x64):
+    # Per-sample keys make a point's estimate independent of how the batch is laid out.
+    assert jax.device_count() == 8, "tests run with 8 simulated CPU devices (see conftest.py)"
+    schedule = VP()
+    mix = SubspaceGaussianMixture.random(jax.random.key(11), ambient_dim=4, dims=[2, 0])
+    x, _ = mix.sample(jax.random.key(12), 16)
+    keys = jax.random.split(jax.random.key(13), 16)
+    score = mix.score(schedule)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    run = jax.jit(lambda x, k: flipd(score, x, 0.01, schedule=schedule, key=k, num_probes=4))
+    sharded = run(jax.device_put(x, sharding), jax.device_put(keys, sharding))
+    np.testing.assert_allclose(sharded, run(x, keys), rtol=1e-10)
+    assert len(sharded.sharding.device_set) == 8

@@ -1,0 +1,146 @@
+"""Shared plumbing for the demos: input errors, atomic file output, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+__all__ = [
+    "DemoInputError",
+    "prepare_out_dir",
+    "atomic_path",
+    "write_csv",
+    "write_parquet",
+    "save_figure",
+    "make_progress",
+    "require",
+]
+
+
+class DemoInputError(ValueError):
+    """A user-facing problem with a demo's settings (reported as one line, no traceback)."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`DemoInputError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise DemoInputError(message)
+
+
+def prepare_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and check that files can be written into it.
+
+    Raises:
+        DemoInputError: if the folder cannot be created or written to.
+    """
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise DemoInputError(f"output folder {str(path)!r} is not writable: {reason}") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``.
+
+    The temporary file lives in the same folder (so ``os.replace`` is atomic) and is
+    removed if the block raises, including on ``KeyboardInterrupt``: an interrupted
+    run never leaves a complete-looking but truncated file under the final name.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _columns(table: Mapping[str, Sequence[Any] | np.ndarray]) -> tuple[list[str], int]:
+    names = list(table)
+    lengths = {len(table[n]) for n in names}
+    if len(lengths) != 1:
+        raise ValueError(f"columns have different lengths: {sorted(lengths)}")
+    return names, lengths.pop()
+
+
+def write_csv(table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.PathLike) -> Path:
+    """Write a column table as CSV atomically; floats keep full precision."""
+    names, n = _columns(table)
+    cols = [np.asarray(table[c]) for c in names]
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(names)
+            for i in range(n):
+                w.writerow([c[i].item() if hasattr(c[i], "item") else c[i] for c in cols])
+    return Path(target)
+
+
+def write_parquet(table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.PathLike) -> Path:
+    """Write a column table as Parquet atomically (needs ``pyarrow``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names, _ = _columns(table)
+    arrays = {}
+    for c in names:
+        col = np.asarray(table[c])
+        arrays[c] = pa.array(col.tolist() if col.dtype.kind in "OUS" else col)
+    with atomic_path(target) as tmp:
+        pq.write_table(pa.table(arrays), tmp)
+    return Path(target)
+
+
+def save_figure(fig: Any, target: str | os.PathLike, *, dpi: int = 130) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(target)
+
+
+def make_progress(console: Console, *, enabled: bool) -> Progress:
+    """A rich progress display (description, bar, m/n, elapsed) on ``console``."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` and return its result with the wall time in seconds."""
+    import time
+
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t

@@ -1,0 +1,362 @@
+"""Image-scale memorization demo on scikit-learn's shipped 8x8 digits (no download).
+
+Training set (seeded): the images of the common classes, plus ``num_duplicated``
+images each repeated ``copies`` times -- duplicated data, ``LID_* = 0`` at those
+images (paper, Proposition 3.1), so a well-fitted model reproduces them (DD-Mem) --
+plus only ``rare_per_class`` images of each of the ``rare_classes`` -- isolated
+points the model can only fit by collapsing onto them (OD-Mem). A small
+convolutional diffusion model is trained on it, samples are drawn, each sample's
+nearest training image is retrieved with the calibrated l2 distance of Carlini et
+al. (2023), and a sample is called *memorized* when that calibrated distance is
+below ``mem_threshold``. FLIPD (paper, Eq. 6) should then be low exactly on the
+memorized samples: the demo reports the AUROC of ``-FLIPD`` for "memorized" and
+writes a grid of the lowest- and highest-FLIPD samples next to their nearest
+training images and FLIPD histograms (in the spirit of the paper's Figures 5, 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mmh_jax.experiments._common import (
+    make_progress,
+    prepare_out_dir,
+    require,
+    save_figure,
+    write_csv,
+    write_parquet,
+)
+
+__all__ = ["DigitsConfig", "DigitsData", "make_digits_training_set", "calibrated_l2", "add_arguments",
+           "config_from_args", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsConfig:
+    """Settings of the digits demo (the CLI flags map one to one onto these)."""
+
+    seed: int = 0
+    num_duplicated: int = 8
+    copies: int = 60
+    rare_classes: tuple[int, ...] = (8, 9)
+    rare_per_class: int = 1
+    steps: int = 3000
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    channels: int = 32
+    num_samples: int = 256
+    sample_steps: int = 200
+    t0: float = 0.05
+    mem_threshold: float = 0.5
+    calibration_k: int = 20
+    out: Path = Path("mmh-demo-digits")
+    progress: bool = True
+    figure: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`DemoInputError` on nonsensical settings."""
+        require(self.num_duplicated >= 0, f"--num-duplicated must be non-negative, got {self.num_duplicated}")
+        require(self.copies >= 1, f"--copies must be at least 1, got {self.copies}")
+        require(all(0 <= c <= 9 for c in self.rare_classes), "--rare-classes must be digits 0-9")
+        require(len(set(self.rare_classes)) < 10, "--rare-classes must leave at least one common class")
+        require(self.rare_per_class >= 1, f"--rare-per-class must be at least 1, got {self.rare_per_class}")
+        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
+        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        require(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
+        require(self.channels > 0, f"--channels must be positive, got {self.channels}")
+        require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
+        require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
+        require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
+        require(self.mem_threshold > 0, f"--mem-threshold must be positive, got {self.mem_threshold}")
+        require(self.calibration_k >= 1, f"--calibration-k must be at least 1, got {self.calibration_k}")
+
+
+class DigitsData(NamedTuple):
+    """Training set of the digits demo.
+
+    Attributes:
+        images: ``[n, 8, 8]`` training images in ``[-1, 1]`` (duplicates included).
+        unique_images: ``[u, 8, 8]`` the distinct images.
+        unique_kind: ``[u]`` ``"common"``, ``"duplicated"`` or ``"rare"``.
+        unique_label: ``[u]`` digit class.
+        unique_count: ``[u]`` how often each distinct image occurs in ``images``.
+    """
+
+    images: np.ndarray
+    unique_images: np.ndarray
+    unique_kind: np.ndarray
+    unique_label: np.ndarray
+    unique_count: np.ndarray
+
+
+def make_digits_training_set(
+    *, seed: int, num_duplicated: int = 8, copies: int = 60, rare_classes=(8, 9), rare_per_class: int = 1
+) -> DigitsData:
+    """Build the digits training set with duplicated images and rare classes.
+
+    Args:
+        seed: NumPy seed choosing the duplicated and the rare images.
+        num_duplicated: number of common-class images repeated ``copies`` times.
+        copies: occurrences of each duplicated image.
+        rare_classes: classes represented by only ``rare_per_class`` images.
+        rare_per_class: images kept per rare class.
+
+    Returns:
+        :class:`DigitsData`.
+    """
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    x = (ds.images.astype(np.float32) / 8.0 - 1.0)
+    y = ds.target
+    rng = np.random.default_rng(seed)
+    rare = np.isin(y, rare_classes)
+    common_idx = np.flatnonzero(~rare)
+    rare_idx = np.concatenate(
+        [rng.choice(np.flatnonzero(y == c), rare_per_class, replace=False) for c in rare_classes]
+    ) if len(rare_classes) else np.zeros((0,), int)
+    dup_idx = rng.choice(common_idx, num_duplicated, replace=False)
+    kind = np.array(["common"] * len(common_idx) + ["rare"] * len(rare_idx), dtype=object)
+    uidx = np.concatenate([common_idx, rare_idx])
+    kind[np.isin(uidx, dup_idx)] = "duplicated"
+    count = np.where(kind == "duplicated", copies, 1)
+    images = np.repeat(x[uidx], count, axis=0)
+    return DigitsData(images, x[uidx], kind.astype(str), y[uidx], count)
+
+
+def calibrated_l2(
+    samples: np.ndarray, train: np.ndarray, *, k: int = 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest training image under the calibrated l2 distance of Carlini et al. (2023).
+
+    The calibrated distance of a sample to its nearest (distinct) training image is the
+    plain l2 distance divided by the mean l2 distance to its ``k`` nearest distinct
+    training images: a value well below 1 means the sample is much closer to one
+    training image than to the rest of its neighbourhood, i.e. a copy.
+
+    Args:
+        samples: ``[m, ...]`` generated images.
+        train: ``[u, ...]`` distinct training images.
+        k: neighbourhood size of the calibration.
+
+    Returns:
+        ``(nearest_index [m], l2 [m], calibrated [m])``.
+    """
+    a = samples.reshape(len(samples), -1).astype(np.float64)
+    b = train.reshape(len(train), -1).astype(np.float64)
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    d = np.sqrt(np.maximum(d2, 0.0))
+    k = min(k, d.shape[1])
+    part = np.sort(d, axis=1)[:, :k]
+    nearest = d.argmin(1)
+    l2 = d[np.arange(len(a)), nearest]
+    return nearest, l2, l2 / np.maximum(part.mean(1), 1e-12)
+
+
+def run(config: DigitsConfig, *, console: Console | None = None):
+    """Run the digits demo; returns ``(table, summary, files)``.
+
+    Raises:
+        DemoInputError: on invalid settings or an unwritable output folder.
+    """
+    config.validate()
+    out = prepare_out_dir(config.out)
+    console = console or Console()
+    err_console = Console(stderr=True)
+
+    import jax
+    import jax.numpy as jnp
+    from sklearn.metrics import roc_auc_score
+
+    from mmh_jax.lid import flipd
+    from mmh_jax.models import ConvEpsNet
+    from mmh_jax.sampling import sample
+    from mmh_jax.schedules import VP, score_from_eps
+    from mmh_jax.training import train_eps
+
+    t_start = time.perf_counter()
+    data = make_digits_training_set(
+        seed=config.seed,
+        num_duplicated=config.num_duplicated,
+        copies=config.copies,
+        rare_classes=config.rare_classes,
+        rare_per_class=config.rare_per_class,
+    )
+    schedule = VP()
+    net = ConvEpsNet(channels=config.channels, schedule=schedule)
+    k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
+    timings = {}
+    with make_progress(err_console, enabled=config.progress) as progress:
+        chunk = min(50, config.steps)
+        task = progress.add_task("training", total=-(-config.steps // chunk) * chunk)
+        t = time.perf_counter()
+        trained = train_eps(
+            net.apply, net.init(k_init), jnp.asarray(data.images), schedule=schedule, key=k_train,
+            steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            chunk=chunk, progress=lambda n: progress.advance(task, n),
+        )
+        timings["train_s"] = time.perf_counter() - t
+        score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule)
+        est = progress.add_task("sampling + FLIPD", total=2)
+        t = time.perf_counter()
+        samples = np.asarray(jax.jit(lambda k: sample(
+            score_fn, (config.num_samples, 8, 8), schedule=schedule, key=k, num_steps=config.sample_steps
+        ))(k_sample))
+        timings["sample_s"] = time.perf_counter() - t
+        progress.advance(est)
+        t = time.perf_counter()
+        fl = np.asarray(jax.jit(lambda x, k: flipd(
+            score_fn, x, config.t0, schedule=schedule, key=k, trace="hutchinson", num_probes=8, probe="rademacher"
+        ))(jnp.asarray(samples), k_fl))
+        timings["flipd_s"] = time.perf_counter() - t
+        progress.advance(est)
+
+    nearest, l2, cal = calibrated_l2(samples, data.unique_images, k=config.calibration_k)
+    memorized = cal < config.mem_threshold
+    kind = data.unique_kind[nearest]
+    auroc = float(roc_auc_score(memorized, -fl)) if 0 < memorized.sum() < len(memorized) else float("nan")
+    table = {
+        "sample_index": np.arange(len(samples)),
+        "flipd": fl.astype(np.float64),
+        "nearest_train_index": nearest.astype(np.int64),
+        "nearest_train_kind": kind,
+        "nearest_train_label": data.unique_label[nearest].astype(np.int64),
+        "l2": l2,
+        "calibrated_l2": cal,
+        "memorized": memorized,
+    }
+    summary = {
+        "seed": config.seed,
+        "auroc_neg_flipd": auroc,
+        "num_memorized": int(memorized.sum()),
+        "num_samples": len(samples),
+        "final_loss": float(trained.losses[-1]),
+        "by_kind": {},
+    }
+    for kd in ("duplicated", "rare", "common"):
+        m = kind == kd
+        summary["by_kind"][kd] = {
+            "n": int(m.sum()),
+            "memorized": int((m & memorized).sum()),
+            "flipd_median": float(np.median(fl[m])) if m.any() else None,
+        }
+    summary["flipd_median_memorized"] = float(np.median(fl[memorized])) if memorized.any() else None
+    summary["flipd_median_not_memorized"] = float(np.median(fl[~memorized])) if (~memorized).any() else None
+
+    files = [write_csv(table, out / "digits_samples.csv"), write_parquet(table, out / "digits_samples.parquet")]
+    if config.figure:
+        files.append(save_figure(_grid(samples, data, nearest, fl, cal), out / "digits_lowest_highest_flipd.png"))
+        files.append(save_figure(_hist(fl, memorized, kind), out / "digits_flipd_histograms.png"))
+    timings["total_s"] = time.perf_counter() - t_start
+    summary["timings"] = timings
+    _print_summary(console, summary, config, files)
+    return table, summary, files
+
+
+def _print_summary(console: Console, s: dict, config: DigitsConfig, files: list) -> None:
+    tab = Table(title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples")
+    for c in ("nearest training image", "samples", "memorized", "FLIPD median"):
+        tab.add_column(c, justify="left" if c.startswith("nearest") else "right")
+    for kd, e in s["by_kind"].items():
+        tab.add_row(kd, str(e["n"]), str(e["memorized"]), "-" if e["flipd_median"] is None else f"{e['flipd_median']:.1f}")
+    console.print(tab)
+    console.print(
+        f"memorized (calibrated l2 < {config.mem_threshold}): {s['num_memorized']} / {s['num_samples']}; "
+        f"AUROC of -FLIPD for memorized: {s['auroc_neg_flipd']:.3f}"
+    )
+    t = s["timings"]
+    console.print(f"train {t['train_s']:.1f} s, sample {t['sample_s']:.1f} s, FLIPD {t['flipd_s']:.1f} s; "
+                  f"wrote {', '.join(str(f) for f in files)}")
+
+
+def _grid(samples, data, nearest, fl, cal, n: int = 8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(fl)
+    picks = [("lowest FLIPD", order[:n]), ("highest FLIPD", order[::-1][:n])]
+    fig, axes = plt.subplots(4, n, figsize=(1.1 * n, 5.4))
+    for block, (title, idx) in enumerate(picks):
+        for j, i in enumerate(idx):
+            top, bot = axes[2 * block, j], axes[2 * block + 1, j]
+            top.imshow(samples[i], cmap="gray_r", vmin=-1, vmax=1)
+            top.set_title(f"{fl[i]:.1f}", fontsize=8)
+            bot.imshow(data.unique_images[nearest[i]], cmap="gray_r", vmin=-1, vmax=1)
+            bot.set_title(f"c={cal[i]:.2f}", fontsize=7)
+        axes[2 * block, 0].set_ylabel(f"{title}\nsample", fontsize=8)
+        axes[2 * block + 1, 0].set_ylabel("nearest\ntraining", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Samples (FLIPD above) and nearest training images (calibrated l2 above)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _hist(fl, memorized, kind):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    bins = np.linspace(np.percentile(fl, 1), np.percentile(fl, 99), 30)
+    for m, lab in ((memorized, "memorized"), (~memorized, "not memorized")):
+        if m.any():
+            a.hist(fl[m], bins=bins, density=True, alpha=0.55, label=f"{lab} ({m.sum()})")
+    a.set_xlabel("FLIPD")
+    a.set_ylabel("density")
+    a.set_title("by calibrated-l2 memorization label")
+    a.legend(fontsize=8)
+    for kd in ("duplicated", "rare", "common"):
+        m = kind == kd
+        if m.any():
+            b.hist(fl[m], bins=bins, density=True, alpha=0.55, label=f"nearest is {kd} ({m.sum()})")
+    b.set_xlabel("FLIPD")
+    b.set_title("by kind of nearest training image")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the digits demo's flags to ``parser``."""
+    d = DigitsConfig()
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of data selection, training, sampling (default %(default)s)")
+    parser.add_argument("--num-duplicated", type=int, default=d.num_duplicated, help="training images repeated --copies times (DD-Mem) (default %(default)s)")
+    parser.add_argument("--copies", type=int, default=d.copies, help="copies of each duplicated image (default %(default)s)")
+    parser.add_argument("--rare-per-class", type=int, default=d.rare_per_class, help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--channels", type=int, default=d.channels, help="feature maps of the conv net (default %(default)s)")
+    parser.add_argument("--num-samples", type=int, default=d.num_samples, help="generated samples (default %(default)s)")
+    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="reverse-SDE steps (default %(default)s)")
+    parser.add_argument("--t0", type=float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)")
+    parser.add_argument("--mem-threshold", type=float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)")
+    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> DigitsConfig:
+    """Build a :class:`DigitsConfig` from parsed flags."""
+    return DigitsConfig(
+        seed=args.seed, num_duplicated=args.num_duplicated, copies=args.copies,
+        rare_per_class=args.rare_per_class, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, channels=args.channels, num_samples=args.num_samples,
+        sample_steps=args.sample_steps, t0=args.t0, mem_threshold=args.mem_threshold, out=args.out,
+        progress=not args.quiet, figure=not args.no_figure,
+    )

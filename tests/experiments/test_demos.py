@@ -1,0 +1,144 @@
+"""Fast versions of the demos: files written, qualitative result, bad input, atomic output."""
+
+import csv
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from mmh_jax.cli import main
+from mmh_jax.experiments import von_mises
+from mmh_jax.experiments._common import atomic_path
+
+# Small but still memorizing: with 30 training points the isolated one is 1/30 of the
+# data, which a 64-wide MLP fits within a few thousand steps.
+FAST_VM = dict(num_train=30, steps=4000, num_samples=400, sample_steps=200, progress=False)
+
+
+@pytest.fixture(scope="module")
+def vm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vm")
+    cfg = von_mises.VonMisesConfig(seed=0, out=out, **FAST_VM)
+    return cfg, von_mises.run(cfg)
+
+
+def test_training_set_has_isolated_point_by_construction():
+    for seed in range(5):
+        ts = von_mises.make_training_set(seed=seed, num_train=100)
+        assert ts.points.shape == (100, 2)
+        np.testing.assert_allclose(ts.points[ts.isolated_index], [-1.0, 0.0])
+        assert len(ts.origin_indices) == 20 and np.all(ts.points[ts.origin_indices] == 0)
+        others = np.delete(ts.points, np.r_[ts.isolated_index, ts.origin_indices], axis=0)
+        angle_from_pi = np.abs(np.angle(-(others[:, 0] + 1j * others[:, 1])))
+        assert angle_from_pi.min() >= 0.8 - 1e-6
+        np.testing.assert_allclose(np.linalg.norm(others, axis=1), 1.0, atol=1e-6)
+    a = von_mises.make_training_set(seed=3)
+    b = von_mises.make_training_set(seed=3)
+    np.testing.assert_array_equal(a.points, b.points)
+
+
+def test_von_mises_files(vm_run):
+    cfg, res = vm_run
+    names = {p.name for p in res.files}
+    assert names == {"samples.csv", "samples.parquet", "training_set.csv", "figure4.png"}
+    with open(cfg.out / "samples.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == cfg.num_samples
+    assert {"x", "y", "flipd", "normal_bundle_lid", "lid_star_lpca", "label", "od_margin"} <= set(rows[0])
+    flipd_csv = np.array([float(r["flipd"]) for r in rows])
+    np.testing.assert_allclose(flipd_csv, res.table["flipd"], rtol=1e-12)
+    import pyarrow.parquet as pq
+
+    tab = pq.read_table(cfg.out / "samples.parquet")
+    assert tab.num_rows == cfg.num_samples and tab.column_names == list(res.table)
+    np.testing.assert_allclose(tab.column("flipd").to_numpy(), res.table["flipd"])
+    assert (cfg.out / "figure4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(cfg.out.glob(".*part"))
+
+
+def test_von_mises_qualitative_result(vm_run):
+    _, res = vm_run
+    t = res.table
+    origin, iso, circle = (t["region"] == r for r in ("origin", "isolated", "circle"))
+    assert origin.sum() >= 20 and iso.sum() >= 2 and circle.sum() >= 100
+    # DD-Mem at the origin: FLIPD ~ 0 = LID_*.
+    assert abs(np.median(t["flipd"][origin])) < 0.3
+    assert np.mean(t["label"][origin] == "dd-mem") >= 0.9
+    # OD-Mem at the isolated point: FLIPD ~ 0 < LID_* = 1.
+    assert np.median(t["flipd"][iso]) < 0.5
+    assert np.mean(t["label"][iso] == "od-mem") >= 0.5
+    # The well-covered arc around the von Mises mode is one-dimensional and not memorized.
+    dense = circle & (np.abs(np.arctan2(t["y"], t["x"])) < 1.0)
+    assert dense.sum() >= 100
+    assert abs(np.median(t["flipd"][dense]) - 1.0) < 0.3
+    assert np.mean(t["label"][dense] == "not-memorized") >= 0.8
+
+
+def test_von_mises_same_seed_same_result(tmp_path):
+    cfg = von_mises.VonMisesConfig(
+        seed=5, num_train=20, steps=200, num_samples=40, sample_steps=50, progress=False, figure=False
+    )
+    a = von_mises.run(dataclasses.replace(cfg, out=tmp_path / "a"))
+    b = von_mises.run(dataclasses.replace(cfg, out=tmp_path / "b"))
+    for k in a.table:
+        np.testing.assert_array_equal(a.table[k], b.table[k])
+    assert (tmp_path / "a" / "samples.csv").read_bytes() == (tmp_path / "b" / "samples.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--t0", "0"], "--t0"),
+        (["--t0", "1.5"], "--t0"),
+        (["--num-train", "-5"], "--num-train"),
+        (["--steps", "0"], "--steps"),
+        (["--num-samples", "-1"], "--num-samples"),
+        (["--steps", "many"], "--steps"),
+    ],
+)
+def test_cli_bad_flags_one_line(flags, fragment, capsys, tmp_path):
+    code = main(["demo", *flags, "--out", str(tmp_path)]) if flags[1] != "many" else None
+    if code is None:
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", *flags, "--out", str(tmp_path)])
+        code = exc.value.code
+    err = capsys.readouterr().err
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and fragment in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main(["demo", "--out", str(blocker / "sub"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--t0" in out and "--seed" in out and "--num-train" in out and "--out" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "digits", "--help"])
+    assert exc.value.code == 0
+
+
+def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):
+    target = tmp_path / "table.csv"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half a tab")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("complete")
+    assert target.read_text() == "complete" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_isolation_constant_is_in_range():
+    assert 0 < von_mises.VonMisesConfig().isolation < math.pi
