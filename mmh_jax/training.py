@@ -47,6 +47,7 @@ def dsm_loss(
     schedule: Schedule,
     key: PRNGKeyArray,
     t_min: float = 1e-4,
+    time_sampling: str = "log-uniform",
 ) -> Float[Array, ""]:
     """Epsilon-prediction denoising score-matching loss on one batch.
 
@@ -56,7 +57,11 @@ def dsm_loss(
         x0: clean data batch.
         schedule: forward-process schedule (``psi``, ``sigma``).
         key: PRNG key for times and noise.
-        t_min: lower end of the log-uniform time distribution.
+        t_min: lower end of the time distribution.
+        time_sampling: ``"log-uniform"`` (default): ``log t`` uniform on
+            ``[log t_min, 0]``; ``"mixed"``: each example's time is log-uniform or
+            uniform on ``[t_min, 1]`` with probability 1/2 each, which trains the
+            large noise levels (that set how much mass each mode gets) more often.
 
     Returns:
         Scalar loss, mean over batch and coordinates.
@@ -65,6 +70,12 @@ def dsm_loss(
     b = x0.shape[0]
     log_t = jax.random.uniform(kt, (b,), minval=jnp.log(t_min), maxval=0.0)
     t = jnp.exp(log_t)
+    if time_sampling == "mixed":
+        ku, kc = jax.random.split(jax.random.fold_in(kt, 1))
+        t_uni = jax.random.uniform(ku, (b,), minval=t_min, maxval=1.0)
+        t = jnp.where(jax.random.bernoulli(kc, 0.5, (b,)), t_uni, t)
+    elif time_sampling != "log-uniform":
+        raise ValueError(f"time_sampling must be 'log-uniform' or 'mixed', got {time_sampling!r}")
     eps = jax.random.normal(ke, x0.shape, x0.dtype)
     x_t = broadcast_to_event(schedule.psi(t), x0) * x0 + broadcast_to_event(schedule.sigma(t), x0) * eps
     return jnp.mean((apply(params, x_t, t) - eps) ** 2)
@@ -82,6 +93,7 @@ def train_eps(
     learning_rate: float = 2e-3,
     t_min: float = 1e-4,
     chunk: int = 100,
+    time_sampling: str = "log-uniform",
     progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train an epsilon-network with Adam, a cosine learning-rate decay and stratified batches.
@@ -102,6 +114,7 @@ def train_eps(
         learning_rate: peak Adam learning rate.
         t_min: lower end of the log-uniform training times.
         chunk: steps per compiled chunk.
+        time_sampling: training-time distribution, see :func:`dsm_loss`.
         progress: optional callback ``progress(num_steps_done_in_chunk)``.
 
     Returns:
@@ -133,7 +146,7 @@ def train_eps(
         # gradient signal instead of a Poisson-distributed one.
         idx = order[(jnp.arange(batch_size) + jax.random.randint(kb, (), 0, n)) % n]
         loss, grads = jax.value_and_grad(
-            lambda q: dsm_loss(apply, q, data[idx], schedule=schedule, key=kl, t_min=t_min)
+            lambda q: dsm_loss(apply, q, data[idx], schedule=schedule, key=kl, t_min=t_min, time_sampling=time_sampling)
         )(p)
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), loss

@@ -52,8 +52,10 @@ class DigitsConfig:
     rare_per_class: int = 1
     steps: int = 3000
     batch_size: int = 128
-    learning_rate: float = 2e-3
-    channels: int = 32
+    learning_rate: float = 3e-3
+    train_t_min: float = 1e-3
+    time_sampling: str = "mixed"
+    channels: int = 16
     num_samples: int = 256
     sample_steps: int = 200
     t0: float = 0.05
@@ -79,6 +81,8 @@ class DigitsConfig:
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
         require(self.mem_threshold > 0, f"--mem-threshold must be positive, got {self.mem_threshold}")
         require(self.calibration_k >= 1, f"--calibration-k must be at least 1, got {self.calibration_k}")
+        require(self.train_t_min > 0 and self.train_t_min < 1, f"train_t_min must lie in (0, 1), got {self.train_t_min}")
+        require(self.time_sampling in ("log-uniform", "mixed"), f"time_sampling must be 'log-uniform' or 'mixed', got {self.time_sampling!r}")
 
 
 class DigitsData(NamedTuple):
@@ -203,6 +207,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         trained = train_eps(
             net.apply, net.init(k_init), jnp.asarray(data.images), schedule=schedule, key=k_train,
             steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            t_min=config.train_t_min, time_sampling=config.time_sampling,
             chunk=chunk, progress=lambda n: progress.advance(task, n),
         )
         timings["train_s"] = time.perf_counter() - t
@@ -216,7 +221,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         progress.advance(est)
         t = time.perf_counter()
         fl = np.asarray(jax.jit(lambda x, k: flipd(
-            score_fn, x, config.t0, schedule=schedule, key=k, trace="hutchinson", num_probes=8, probe="rademacher"
+            score_fn, x, config.t0, schedule=schedule, key=k, trace="exact", chunk_size=16
         ))(jnp.asarray(samples), k_fl))
         timings["flipd_s"] = time.perf_counter() - t
         progress.advance(est)
@@ -346,6 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="reverse-SDE steps (default %(default)s)")
     parser.add_argument("--t0", type=float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)")
     parser.add_argument("--mem-threshold", type=float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default)s)")
+    parser.add_argument("--calibration-k", type=int, default=d.calibration_k, help="neighbours in the calibrated l2 denominator (default %(default)s)")
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -357,6 +363,7 @@ def config_from_args(args: argparse.Namespace) -> DigitsConfig:
         seed=args.seed, num_duplicated=args.num_duplicated, copies=args.copies,
         rare_per_class=args.rare_per_class, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, channels=args.channels, num_samples=args.num_samples,
-        sample_steps=args.sample_steps, t0=args.t0, mem_threshold=args.mem_threshold, out=args.out,
+        sample_steps=args.sample_steps, t0=args.t0, mem_threshold=args.mem_threshold,
+        calibration_k=args.calibration_k, out=args.out,
         progress=not args.quiet, figure=not args.no_figure,
     )

@@ -142,3 +142,82 @@ def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):
 
 def test_isolation_constant_is_in_range():
     assert 0 < von_mises.VonMisesConfig().isolation < math.pi
+
+
+# ---------------------------------------------------------------- digits demo
+
+from mmh_jax.experiments import digits  # noqa: E402
+
+FAST_DIGITS = dict(
+    steps=40, batch_size=32, channels=4, num_samples=16, sample_steps=10, num_duplicated=2, copies=5,
+    progress=False,
+)
+
+
+def test_digits_training_set_by_construction():
+    d = digits.make_digits_training_set(seed=1, num_duplicated=3, copies=7, rare_classes=(8, 9), rare_per_class=2)
+    kinds = dict(zip(*np.unique(d.unique_kind, return_counts=True)))
+    assert kinds["duplicated"] == 3 and kinds["rare"] == 4
+    assert set(d.unique_label[d.unique_kind == "rare"]) == {8, 9}
+    assert not np.isin(d.unique_label[d.unique_kind != "rare"], [8, 9]).any()
+    assert len(d.images) == len(d.unique_images) + 3 * 6
+    assert d.images.shape[1:] == (8, 8) and d.images.min() >= -1 and d.images.max() <= 1
+
+
+def test_calibrated_l2_copies_are_low():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 8, 8))
+    samples = np.concatenate([train[:5] + 1e-3 * rng.normal(size=(5, 8, 8)), rng.normal(size=(5, 8, 8))])
+    nearest, l2, cal = digits.calibrated_l2(samples, train, k=10)
+    np.testing.assert_array_equal(nearest[:5], np.arange(5))
+    assert np.all(cal[:5] < 0.01) and np.all(cal[5:] > 0.5) and np.all(cal <= 1 + 1e-12)
+
+
+def test_digits_fast_run_files(tmp_path):
+    cfg = digits.DigitsConfig(seed=0, out=tmp_path, **FAST_DIGITS)
+    table, summary, files = digits.run(cfg)
+    assert {p.name for p in files} == {
+        "digits_samples.csv", "digits_samples.parquet", "digits_lowest_highest_flipd.png",
+        "digits_flipd_histograms.png",
+    }
+    with open(tmp_path / "digits_samples.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == cfg.num_samples and set(rows[0]) == set(table)
+    fl = np.array([float(r["flipd"]) for r in rows])
+    assert np.all(np.isfinite(fl))
+    np.testing.assert_allclose(fl, table["flipd"], rtol=1e-12)
+    mem = np.array([r["memorized"] == "True" for r in rows])
+    np.testing.assert_array_equal(mem, table["calibrated_l2"] < cfg.mem_threshold)
+    import pyarrow.parquet as pq
+
+    tab = pq.read_table(tmp_path / "digits_samples.parquet")
+    assert tab.num_rows == cfg.num_samples and tab.column_names == list(table)
+    for name in ("digits_lowest_highest_flipd.png", "digits_flipd_histograms.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*part"))
+    assert summary["num_samples"] == cfg.num_samples and summary["num_memorized"] == int(mem.sum())
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--t0", "0"], "--t0"),
+        (["--steps", "-3"], "--steps"),
+        (["--copies", "0"], "--copies"),
+        (["--mem-threshold", "-1"], "--mem-threshold"),
+        (["--num-samples", "1"], "--num-samples"),
+    ],
+)
+def test_cli_digits_bad_flags_one_line(flags, fragment, capsys, tmp_path):
+    code = main(["demo", "digits", *flags, "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and fragment in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_digits_non_number_flag(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "digits", "--steps", "lots", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "--steps" in err
