@@ -2,9 +2,12 @@
 
 Every query point gets the eigen-spectrum of the covariance of its k-nearest-neighbour
 neighbourhood; the LID is the number of "significant" explained variances, decided by one of
-several rules (see :func:`lpca`).  Neighbour search and PCA run chunk by chunk of queries in one
-jitted kernel (squared-distance matrix product, ``lax.top_k``, gather, batched spectrum of the
-k x k Gram matrix or d x d covariance), so memory is ``O(batch_size * (n + k d))``.
+several rules (see :func:`lpca`).  Neighbour search and PCA run chunk by chunk of queries: one
+jitted kernel (squared-distance matrix product, ``lax.top_k``, gather, centred k x k Gram matrix
+or d x d scatter matrix), then a batched symmetric eigen-solve (numpy's LAPACK on CPU, where
+XLA's batched eigh/SVD of many small matrices is about 10x slower; XLA's SVD elsewhere), then
+a jitted count; memory is ``O(batch_size * (n + k d))``.  Chunk ``i + 1`` is dispatched before
+the eigenvalues of chunk ``i`` are computed, so the two overlap.
 """
 
 from __future__ import annotations

@@ -1,0 +1,132 @@
+"""Benchmark: mmh_jax.lid.lpca versus scikit-dimension's pointwise lPCA on the same data.
+
+Synthetic data: a ``--manifold-dim``-dimensional nonlinear manifold in R^d,
+``x = sin(z W + b) + noise * N(0, I)`` with ``z ~ U[0, 1]^m``, ``W ~ N(0, 1)^(m x d)``,
+``b ~ U[0, 2 pi]^d`` (seeded), float32.
+
+Timings reported:
+* ours: compile (first chunk, includes one chunk of work) and the full run after compilation;
+* scikit-dimension, ``lPCA(ver="FO").fit_pw(X, n_neighbors=k, n_jobs=1)``: its kNN step
+  (``skdim._commonfuncs.get_nn``, what fit_pw calls) on the full data, plus its per-point PCA,
+  timed on ``--skdim-subset`` random points (fit_pw with those rows of the kNN indices as
+  ``precomputed_knn``, i.e. the same loop fit_pw runs) and extrapolated linearly to all points
+  unless ``--skdim-subset`` is 0 or >= n (then fit_pw runs on everything).
+Agreement: fraction of the timed skdim points where both answers are equal.
+
+Example: python benchmarks/bench_lpca.py --n 50000 --d 3072 --k 100 --skdim-subset 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+
+
+def make_data(n: int, d: int, m: int, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(0.0, 1.0, size=(n, m)).astype(np.float32)
+    w = rng.normal(0.0, 1.0, size=(m, d)).astype(np.float32)
+    b = rng.uniform(0.0, 2 * np.pi, size=(d,)).astype(np.float32)
+    x = np.sin(z @ w + b)
+    x += noise * rng.standard_normal((n, d), dtype=np.float32)
+    return x.astype(np.float32)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--d", type=int, default=3072)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--manifold-dim", type=int, default=10)
+    p.add_argument("--noise", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--skdim-subset", type=int, default=200,
+                   help="points on which skdim's per-point PCA is timed (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-skdim", action="store_true")
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from mmh_jax.lid import lpca as lpca_mod
+    from mmh_jax.lid._knn import default_rtol
+
+    n, d, k = args.n, args.d, args.k
+    print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
+          f"backend={jax.default_backend()}")
+    t = time.perf_counter()
+    X = make_data(n, d, args.manifold_dim, args.noise, args.seed)
+    print(f"data: n={n} d={d} k={k} manifold_dim={args.manifold_dim} noise={args.noise} "
+          f"float32 ({X.nbytes / 2**30:.2f} GiB), generated in {time.perf_counter() - t:.1f} s")
+
+    # --- ours: compile (first chunk) then the full run
+    Xj = jnp.asarray(X)
+    b = min(args.batch_size, n)
+    t = time.perf_counter()
+    sqn = jnp.sum(Xj * Xj, axis=1)
+    ev, _ = lpca_mod._spectrum_chunk(
+        Xj, sqn, Xj[:b], jnp.asarray(0), jnp.asarray(jnp.inf, Xj.dtype),
+        jnp.asarray(default_rtol(Xj.dtype, max(k, d)), Xj.dtype),
+        k=k, exclude_self=True, include_self=False, use_gram=k < d,
+        host_eig=jax.default_backend() == "cpu")
+    ev.block_until_ready()
+    t_compile = time.perf_counter() - t
+    t = time.perf_counter()
+    ours = np.asarray(lpca_mod.lpca(Xj, k=k, method="fo", batch_size=args.batch_size))
+    t_ours = time.perf_counter() - t
+    print(f"ours: compile + first chunk of {b}: {t_compile:.1f} s; full run (compiled): "
+          f"{t_ours:.1f} s ({t_ours / n * 1e3:.2f} ms/point)")
+    print(f"ours: LID histogram {dict(zip(*np.unique(ours, return_counts=True)))}")
+    if args.skip_skdim:
+        return
+
+    # --- scikit-dimension
+    import skdim
+    from skdim._commonfuncs import get_nn
+
+    t = time.perf_counter()
+    _, knnidx = get_nn(X, k=k, n_jobs=1)
+    t_knn = time.perf_counter() - t
+    sub = args.skdim_subset
+    if sub <= 0 or sub >= n:
+        sel = np.arange(n)
+    else:
+        sel = np.sort(np.random.default_rng(args.seed + 1).choice(n, size=sub, replace=False))
+    est = skdim.id.lPCA(ver="FO", alphaFO=0.05)
+    t = time.perf_counter()
+    est.fit_pw(X, precomputed_knn=knnidx[sel], n_neighbors=k, n_jobs=1)
+    t_pca_sub = time.perf_counter() - t
+    ref = est.dimension_pw_
+    t_pca = t_pca_sub * n / len(sel)
+    t_skdim = t_knn + t_pca
+    extrap = len(sel) < n
+    agree = float(np.mean(ref == ours[sel]))
+    print(f"skdim: kNN on all {n} points: {t_knn:.1f} s; per-point PCA on {len(sel)} points: "
+          f"{t_pca_sub:.1f} s ({t_pca_sub / len(sel) * 1e3:.1f} ms/point)"
+          + (f", extrapolated linearly to {n} points: {t_pca:.1f} s" if extrap else ""))
+    print(f"skdim total{' (kNN measured + PCA extrapolated)' if extrap else ''}: {t_skdim:.1f} s")
+    print(f"agreement: {agree * 100:.2f}% of the {len(sel)} compared points give the same LID "
+          f"(skdim histogram {dict(zip(*np.unique(ref, return_counts=True)))})")
+    print(f"speed-up (skdim total / ours compiled): {t_skdim / t_ours:.1f}x; "
+          f"including our compile: {t_skdim / (t_ours + t_compile):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
