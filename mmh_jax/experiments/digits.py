@@ -1,6 +1,6 @@
 """Image-scale memorization demo on scikit-learn's shipped 8x8 digits (no download).
 
-Training set (seeded): the images of the common classes, plus ``num_duplicated``
+Training set (seeded): ``common_per_class`` images of each common class, plus ``num_duplicated``
 images each repeated ``copies`` times -- duplicated data, ``LID_* = 0`` at those
 images (paper, Proposition 3.1), so a well-fitted model reproduces them (DD-Mem) --
 plus only ``rare_per_class`` images of each of the ``rare_classes`` -- isolated
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -46,20 +45,22 @@ class DigitsConfig:
     """Settings of the digits demo (the CLI flags map one to one onto these)."""
 
     seed: int = 0
+    common_per_class: int | None = 40
     num_duplicated: int = 8
-    copies: int = 60
+    copies: int = 40
     rare_classes: tuple[int, ...] = (8, 9)
     rare_per_class: int = 1
-    steps: int = 3000
-    batch_size: int = 128
+    steps: int = 1500
+    batch_size: int = 256
     learning_rate: float = 3e-3
     train_t_min: float = 1e-3
     time_sampling: str = "mixed"
     channels: int = 16
+    mlp_width: int = 256
     num_samples: int = 256
     sample_steps: int = 200
     t0: float = 0.05
-    mem_threshold: float = 0.5
+    mem_threshold: float = 1 / 3
     calibration_k: int = 20
     out: Path = Path("mmh-demo-digits")
     progress: bool = True
@@ -67,6 +68,8 @@ class DigitsConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
+        require(self.common_per_class is None or self.common_per_class >= 1,
+                f"--common-per-class must be at least 1, got {self.common_per_class}")
         require(self.num_duplicated >= 0, f"--num-duplicated must be non-negative, got {self.num_duplicated}")
         require(self.copies >= 1, f"--copies must be at least 1, got {self.copies}")
         require(all(0 <= c <= 9 for c in self.rare_classes), "--rare-classes must be digits 0-9")
@@ -76,6 +79,7 @@ class DigitsConfig:
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         require(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
         require(self.channels > 0, f"--channels must be positive, got {self.channels}")
+        require(self.mlp_width >= 0, f"--mlp-width must be non-negative, got {self.mlp_width}")
         require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
         require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
@@ -104,7 +108,13 @@ class DigitsData(NamedTuple):
 
 
 def make_digits_training_set(
-    *, seed: int, num_duplicated: int = 8, copies: int = 60, rare_classes=(8, 9), rare_per_class: int = 1
+    *,
+    seed: int,
+    num_duplicated: int = 8,
+    copies: int = 60,
+    rare_classes=(8, 9),
+    rare_per_class: int = 1,
+    common_per_class: int | None = None,
 ) -> DigitsData:
     """Build the digits training set with duplicated images and rare classes.
 
@@ -114,6 +124,8 @@ def make_digits_training_set(
         copies: occurrences of each duplicated image.
         rare_classes: classes represented by only ``rare_per_class`` images.
         rare_per_class: images kept per rare class.
+        common_per_class: images kept per common class (drawn at random); ``None``
+            keeps all of them (about 180 per class).
 
     Returns:
         :class:`DigitsData`.
@@ -125,7 +137,13 @@ def make_digits_training_set(
     y = ds.target
     rng = np.random.default_rng(seed)
     rare = np.isin(y, rare_classes)
-    common_idx = np.flatnonzero(~rare)
+    if common_per_class is None:
+        common_idx = np.flatnonzero(~rare)
+    else:
+        common_idx = np.concatenate([
+            rng.choice(np.flatnonzero(y == c), min(common_per_class, int((y == c).sum())), replace=False)
+            for c in range(10) if c not in rare_classes
+        ])
     rare_idx = np.concatenate(
         [rng.choice(np.flatnonzero(y == c), rare_per_class, replace=False) for c in rare_classes]
     ) if len(rare_classes) else np.zeros((0,), int)
@@ -195,9 +213,10 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         copies=config.copies,
         rare_classes=config.rare_classes,
         rare_per_class=config.rare_per_class,
+        common_per_class=config.common_per_class,
     )
     schedule = VP()
-    net = ConvEpsNet(channels=config.channels, schedule=schedule)
+    net = ConvEpsNet(channels=config.channels, mlp_width=config.mlp_width, schedule=schedule)
     k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
     timings = {}
     with make_progress(err_console, enabled=config.progress) as progress:
@@ -276,7 +295,7 @@ def _print_summary(console: Console, s: dict, config: DigitsConfig, files: list)
         tab.add_row(kd, str(e["n"]), str(e["memorized"]), "-" if e["flipd_median"] is None else f"{e['flipd_median']:.1f}")
     console.print(tab)
     console.print(
-        f"memorized (calibrated l2 < {config.mem_threshold}): {s['num_memorized']} / {s['num_samples']}; "
+        f"memorized (calibrated l2 < {config.mem_threshold:.3g}): {s['num_memorized']} / {s['num_samples']}; "
         f"AUROC of -FLIPD for memorized: {s['auroc_neg_flipd']:.3f}"
     )
     t = s["timings"]
@@ -340,6 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the digits demo's flags to ``parser``."""
     d = DigitsConfig()
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of data selection, training, sampling (default %(default)s)")
+    parser.add_argument("--common-per-class", type=int, default=d.common_per_class, help="images kept of each common class 0-7 (default %(default)s)")
     parser.add_argument("--num-duplicated", type=int, default=d.num_duplicated, help="training images repeated --copies times (DD-Mem) (default %(default)s)")
     parser.add_argument("--copies", type=int, default=d.copies, help="copies of each duplicated image (default %(default)s)")
     parser.add_argument("--rare-per-class", type=int, default=d.rare_per_class, help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)")
@@ -347,10 +367,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
     parser.add_argument("--channels", type=int, default=d.channels, help="feature maps of the conv net (default %(default)s)")
+    parser.add_argument("--mlp-width", type=int, default=d.mlp_width, help="width of the dense layer after the conv blocks; 0: none (default %(default)s)")
     parser.add_argument("--num-samples", type=int, default=d.num_samples, help="generated samples (default %(default)s)")
     parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="reverse-SDE steps (default %(default)s)")
     parser.add_argument("--t0", type=float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)")
-    parser.add_argument("--mem-threshold", type=float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default)s)")
+    parser.add_argument("--mem-threshold", type=float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)")
     parser.add_argument("--calibration-k", type=int, default=d.calibration_k, help="neighbours in the calibrated l2 denominator (default %(default)s)")
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
@@ -360,9 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> DigitsConfig:
     """Build a :class:`DigitsConfig` from parsed flags."""
     return DigitsConfig(
-        seed=args.seed, num_duplicated=args.num_duplicated, copies=args.copies,
+        seed=args.seed, common_per_class=args.common_per_class, num_duplicated=args.num_duplicated, copies=args.copies,
         rare_per_class=args.rare_per_class, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, channels=args.channels, num_samples=args.num_samples,
+        learning_rate=args.learning_rate, channels=args.channels, mlp_width=args.mlp_width, num_samples=args.num_samples,
         sample_steps=args.sample_steps, t0=args.t0, mem_threshold=args.mem_threshold,
         calibration_k=args.calibration_k, out=args.out,
         progress=not args.quiet, figure=not args.no_figure,

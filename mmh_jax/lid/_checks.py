@@ -27,6 +27,8 @@ def check_option(value: Any, name: str, options: Sequence[Any]) -> None:
 
 def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
     try:
+        if isinstance(value, bool):
+            raise TypeError
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None

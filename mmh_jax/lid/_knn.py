@@ -8,13 +8,14 @@ points, so :func:`knn` can recompute the selected distances exactly from the dif
 
 from __future__ import annotations
 
-import numbers
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
+
+from mmh_jax.lid._checks import check_int, is_concrete
 
 __all__ = ["knn", "as_float_array", "check_data", "check_k", "check_batch_size"]
 
@@ -42,7 +43,7 @@ def check_data(data, queries, *, min_points: int = 2) -> tuple[Array, Array | No
         raise ValueError(
             f"data must have at least {min_points} points and 1 feature, got shape {tuple(data.shape)}"
         )
-    if not bool(jnp.all(jnp.isfinite(data))):
+    if is_concrete(data) and not bool(jnp.all(jnp.isfinite(data))):
         raise ValueError("data must be finite (found NaN or inf)")
     if queries is None:
         return data, None
@@ -56,7 +57,7 @@ def check_data(data, queries, *, min_points: int = 2) -> tuple[Array, Array | No
             f"queries must have the same number of features as data ({data.shape[1]}), "
             f"got {queries.shape[1]}"
         )
-    if not bool(jnp.all(jnp.isfinite(queries))):
+    if is_concrete(queries) and not bool(jnp.all(jnp.isfinite(queries))):
         raise ValueError("queries must be finite (found NaN or inf)")
     dtype = jnp.promote_types(data.dtype, queries.dtype)
     return data.astype(dtype), queries.astype(dtype)
@@ -64,11 +65,7 @@ def check_data(data, queries, *, min_points: int = 2) -> tuple[Array, Array | No
 
 def check_k(k, n_available: int, name: str = "k", minimum: int = 1) -> int:
     """``k`` must be an int with ``minimum <= k <= n_available``."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    k = int(k)
-    if k < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {k}")
+    k = check_int(k, name, minimum=minimum)
     if k > n_available:
         raise ValueError(
             f"{name}={k} is too large: only {n_available} candidate neighbours are available "
@@ -78,11 +75,7 @@ def check_k(k, n_available: int, name: str = "k", minimum: int = 1) -> int:
 
 
 def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return int(batch_size)
+    return check_int(batch_size, "batch_size")
 
 
 @partial(jax.jit, static_argnames=("k", "exclude_self"))

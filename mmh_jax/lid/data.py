@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from mmh_jax.lid._checks import is_concrete
 from mmh_jax.lid._knn import check_batch_size, check_data, check_k, knn
 
 __all__ = ["mle", "twonn", "mle_from_distances", "twonn_from_distances"]
@@ -138,10 +139,12 @@ def twonn(
     batch_size = check_batch_size(batch_size)
     dists, _ = knn(data, None, k=2, batch_size=batch_size)
     r1, r2 = dists[:, 0], dists[:, 1]
-    n_finite = int(jnp.sum(jnp.isfinite(r2 / r1)))
-    n_keep = int(n_finite * (1.0 - float(discard_fraction)))  # same rounding as skdim
+    n_finite = jnp.sum(jnp.isfinite(r2 / r1))
+    n_keep = jnp.floor(n_finite * (1.0 - float(discard_fraction))).astype(n_finite.dtype)  # as skdim
+    if not is_concrete(n_keep):  # under jit: the checks below need values
+        return twonn_from_distances(r1, r2, n_keep, method=method)
     if n_keep < 2:
-        raise ValueError(f"twonn needs at least 2 finite ratios r2/r1 to keep, got {n_keep}")
+        raise ValueError(f"twonn needs at least 2 finite ratios r2/r1 to keep, got {int(n_keep)}")
     if method == "linear" and n_keep >= n_finite:
         raise ValueError(
             "method='linear' needs discard_fraction large enough to drop at least one ratio "

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from mmh_jax.lid._checks import is_concrete
 from mmh_jax.lid._knn import (
     check_batch_size,
     check_data,
@@ -188,7 +189,8 @@ def local_spectra(
         batch_size: queries per chunk.
         rtol: eigenvalues ``<= rtol * largest`` are set to 0 (default ``max(k', d) * eps``).
         eig_backend: "xla" (batched SVD in XLA), "host" (numpy's batched LAPACK ``eigvalsh``
-            on each chunk's matrices, between jitted steps), or "auto": "host" on the CPU backend, else "xla".
+            on each chunk's matrices, between jitted steps), or "auto": "host" on the CPU backend
+            with concrete inputs, else "xla" (so ``lpca`` also runs under ``jit``).
 
     Returns:
         ``(variances, sizes)``: ``variances[i]`` holds the ``s = min(k', d)`` explained variances
@@ -204,7 +206,11 @@ def local_spectra(
     kk = k + int(include_self)
     if eig_backend not in ("auto", "host", "xla"):
         raise ValueError(f"eig_backend must be 'auto', 'host' or 'xla', got {eig_backend!r}")
-    host_eig = eig_backend == "host" or (eig_backend == "auto" and jax.default_backend() == "cpu")
+    if eig_backend == "host" and not is_concrete(data):
+        raise ValueError("eig_backend='host' cannot run under jit; use 'xla' or 'auto'")
+    host_eig = eig_backend == "host" or (
+        eig_backend == "auto" and jax.default_backend() == "cpu" and is_concrete(data)
+    )
     if rtol is None:
         rtol = default_rtol(data.dtype, max(kk, d))
     qs = data if queries_ is None else queries_

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import skdim
 
 from mmh_jax.lid._knn import knn, masked_percentile
 from mmh_jax.lid.data import mle, twonn
+from mmh_jax.lid.lpca import lpca
 
-skdim = pytest.importorskip("skdim")
-
-
-@pytest.fixture
-def f64():
-    with jax.enable_x64(True):
-        yield
 
 
 def _sphere(n=500, dim=4, pad=0, noise=0.0, seed=0):
@@ -29,14 +25,14 @@ def _sphere(n=500, dim=4, pad=0, noise=0.0, seed=0):
 
 @pytest.mark.parametrize("pad", [0, 30])  # skdim uses a kd-tree / brute force respectively
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_mle_matches_skdim(f64, pad, unbiased):
+def test_mle_matches_skdim(x64, pad, unbiased):
     x = _sphere(pad=pad, noise=1e-3 if pad else 0.0)
     ref = skdim.id.MLE(unbiased=unbiased).fit(x, n_neighbors=20).dimension_pw_
     got = np.asarray(mle(x, k=20, unbiased=unbiased))
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
-def test_mle_closed_form_and_queries(f64):
+def test_mle_closed_form_and_queries(x64):
     x = _sphere(n=300)
     got = np.asarray(mle(x, x[:5], k=10))  # explicit queries: the point itself is at distance 0
     np.testing.assert_array_equal(got, 0.0)
@@ -56,14 +52,14 @@ def test_mle_float32_and_dimension():
 
 @pytest.mark.parametrize("pad", [0, 30])
 @pytest.mark.parametrize("method, fraction", [("linear", 0.1), ("linear", 0.3), ("mle", 0.1), ("mle", 0.0)])
-def test_twonn_matches_skdim(f64, pad, method, fraction):
+def test_twonn_matches_skdim(x64, pad, method, fraction):
     x = _sphere(pad=pad, noise=1e-3 if pad else 0.0)
     ref = skdim.id.TwoNN(discard_fraction=fraction, method=method).fit(x).dimension_
     got = float(twonn(x, discard_fraction=fraction, method=method))
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
-def test_twonn_drops_duplicates_like_skdim(f64):
+def test_twonn_drops_duplicates_like_skdim(x64):
     x = _sphere(n=400)
     x = np.vstack([x, x[:5]])  # 5 duplicated points: 10 points with r1 = 0
     with pytest.warns(UserWarning):
@@ -76,7 +72,7 @@ def test_twonn_dimension_float32():
     assert abs(float(twonn(x)) - 5.0) < 0.6
 
 
-def test_knn_matches_bruteforce(f64):
+def test_knn_matches_bruteforce(x64):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 7))
     d, i = knn(x, k=6, batch_size=64)  # several chunks, last one padded
@@ -87,7 +83,7 @@ def test_knn_matches_bruteforce(f64):
     np.testing.assert_allclose(np.asarray(d), np.take_along_axis(full, order, 1), rtol=1e-12)
 
 
-def test_masked_percentile_matches_numpy(f64):
+def test_masked_percentile_matches_numpy(x64):
     rng = np.random.default_rng(1)
     v = rng.standard_normal((30, 7))
     mask = rng.uniform(size=v.shape) < 0.6
@@ -114,3 +110,16 @@ def test_bad_inputs():
         twonn(x[:, 0])
     with pytest.raises(ValueError, match="queries"):
         mle(x, np.zeros((2, 4)), k=5)
+
+
+def test_jit_and_vmap_agree_with_eager():
+    rng = np.random.default_rng(0)
+    x = np.hstack([rng.standard_normal((200, 3)), 1e-4 * rng.standard_normal((200, 2))]).astype(np.float32)
+    np.testing.assert_allclose(jax.jit(twonn)(x), twonn(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda d: mle(d, k=10))(x), mle(x, k=10), rtol=1e-5)
+    batched = jax.vmap(lambda d: mle(d, k=10))(jnp.stack([x, 3 * x]))
+    np.testing.assert_allclose(batched[1], mle(x, k=10), rtol=1e-4)  # MLE is scale-free
+    for method in ("fo", "paper"):
+        eager = lpca(x, k=20, method=method)
+        np.testing.assert_array_equal(jax.jit(lambda d: lpca(d, k=20, method=method))(x), eager)
+    np.testing.assert_array_equal(lpca(x, k=20), 3)

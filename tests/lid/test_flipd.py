@@ -18,7 +18,6 @@ def single_gaussian_flipd(mix, x, t0, schedule):
     psi, s2 = float(schedule.psi(t0)), float(schedule.sigma(t0)) ** 2
     lam = np.asarray(mix.scales[0]) ** 2
     z = (np.asarray(x) - np.asarray(mix.means[0])) @ np.asarray(mix.bases[0])
-    d = mix.ambient_dim
     k = int((lam > 0).sum())
     denom = psi**2 * lam + s2
     return k - np.sum((s2 / denom)[lam > 0]) + s2 * psi**2 * np.sum(z**2 / denom**2, axis=1)

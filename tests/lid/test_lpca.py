@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import skdim
 
 from mmh_jax.lid.lpca import local_spectra, lpca
 
-skdim = pytest.importorskip("skdim")
-
-
-@pytest.fixture
-def f64():
-    with jax.enable_x64(True):
-        yield
 
 
 def _ball_with_noise(n=500, dim=4, extra=2, noise=0.05, seed=0):
@@ -48,7 +41,7 @@ def _plane_with_duplicates(n=600, ambient=5, n_copies=20, seed=0):
         ("ratio", dict(alphaRatio=0.05), dict(method="ratio", ratio=0.05), 40),
     ],
 )
-def test_matches_skdim_pointwise(f64, ver, skdim_kw, ours_kw, k):
+def test_matches_skdim_pointwise(x64, ver, skdim_kw, ours_kw, k):
     x = _ball_with_noise()
     ref = skdim.id.lPCA(ver=ver, **skdim_kw).fit_pw(x, n_neighbors=k).dimension_pw_
     got = np.asarray(lpca(x, k=k, **ours_kw))
@@ -57,7 +50,7 @@ def test_matches_skdim_pointwise(f64, ver, skdim_kw, ours_kw, k):
     np.testing.assert_array_equal(got, ref)
 
 
-def test_matches_skdim_high_dim_gram_path(f64):
+def test_matches_skdim_high_dim_gram_path(x64):
     """k < d: the k x k Gram path, on skdim's 3-D twin-peaks manifold (in R^4), linearly
     embedded in R^40 with a little noise."""
     x = skdim.datasets.hyperTwinPeaks(n=400, d=3, random_state=0)
@@ -77,7 +70,7 @@ def test_float32_matches_skdim_mostly():
     assert np.mean(np.asarray(got) == ref) > 0.98
 
 
-def test_linear_subspace_exact_dimension(f64):
+def test_linear_subspace_exact_dimension(x64):
     """Uniform points of a 3-D cube in a linear subspace of R^8: every method reads 3
     (numerical zeros floored; uniform so that "paper"'s restricted neighbourhoods are all big)."""
     rng = np.random.default_rng(3)
@@ -86,7 +79,7 @@ def test_linear_subspace_exact_dimension(f64):
         np.testing.assert_array_equal(np.asarray(lpca(x, k=30, **kw)), 3)
 
 
-def test_queries_and_self_exclusion(f64):
+def test_queries_and_self_exclusion(x64):
     x = _ball_with_noise(n=300)
     # explicit queries = the data: each point is then its own nearest neighbour, so the
     # neighbourhood is itself + its k-1 nearest others, i.e. the same as fit_pw with k - 1 plus
@@ -104,7 +97,7 @@ def test_queries_and_self_exclusion(f64):
     np.testing.assert_array_equal(np.asarray(m), 30)
 
 
-def test_paper_duplicates_read_zero_and_manifold_dimension_elsewhere(f64):
+def test_paper_duplicates_read_zero_and_manifold_dimension_elsewhere(x64):
     x = _plane_with_duplicates()
     got = np.asarray(lpca(x, k=100, method="paper"))
     np.testing.assert_array_equal(got[-20:], 0)
@@ -118,7 +111,7 @@ def test_paper_float32_and_sampled_distance_percentile():
     np.testing.assert_array_equal(got[:-20], 2)
 
 
-def test_paper_single_copy_and_external_queries(f64):
+def test_paper_single_copy_and_external_queries(x64):
     x = _plane_with_duplicates(n_copies=2)
     got = np.asarray(lpca(x, k=50, method="paper"))
     np.testing.assert_array_equal(got[-2:], 0)  # a pair of copies is a point mass too
@@ -126,7 +119,7 @@ def test_paper_single_copy_and_external_queries(f64):
     np.testing.assert_array_equal(np.asarray(lpca(x, q, k=50, method="paper")), [0, 2])
 
 
-def test_paper_without_restriction_is_a_percentile_count(f64):
+def test_paper_without_restriction_is_a_percentile_count(x64):
     """distance_q = 0 means radius ~ 0: no neighbour within it for distinct points, so the full
     k-neighbourhood (plus the point) is used and the count is #{lambda > tau} with tau the q-th
     percentile of the pooled variances -- checked against a direct numpy computation."""
@@ -144,7 +137,7 @@ def test_paper_without_restriction_is_a_percentile_count(f64):
     np.testing.assert_array_equal(got, np.sum(evs > tau, axis=1))
 
 
-def test_all_duplicates_read_zero(f64):
+def test_all_duplicates_read_zero(x64):
     x = np.ones((30, 4))
     for method in ("fo", "maxgap", "ratio", "paper"):
         np.testing.assert_array_equal(np.asarray(lpca(x, k=5, method=method)), 0)
