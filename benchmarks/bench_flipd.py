@@ -94,6 +94,14 @@ def main() -> None:
         return score_for(p)(x, jnp.full((x.shape[0],), 0.05))
 
     @jax.jit
+    def plain_jvp(p, x, v):
+        return jax.jvp(lambda y: score_for(p)(y, jnp.full((x.shape[0],), 0.05)), (x,), (v,))
+
+    @jax.jit
+    def two_forwards(p, x, v):  # primal and tangent sharing every layer call: a floor for a jvp
+        return jax.vmap(lambda y: forward(p, y))(jnp.stack([x, v]))
+
+    @jax.jit
     def flipd_1(p, x, key):
         return flipd(score_for(p), x, 0.05, schedule=schedule, key=key)
 
@@ -108,6 +116,9 @@ def main() -> None:
     x = jax.random.normal(key, (args.batch, 3, args.size, args.size))
     t_fwd = timed(forward, params, x, repeats=args.repeats)
     t_flipd = timed(flipd_1, params, x, key, repeats=args.repeats)
+    v = jax.random.rademacher(key, x.shape, x.dtype)
+    t_jvp = timed(plain_jvp, params, x, v, repeats=args.repeats)
+    t_two = timed(two_forwards, params, x, v, repeats=args.repeats)
 
     xs = jax.random.normal(key, (args.batch, 3, args.exact_size, args.exact_size))
     d_small = xs[0].size
@@ -125,6 +136,8 @@ def main() -> None:
     print(f"network: {args.blocks} residual blocks x {args.channels} channels, batch {args.batch}, float32")
     print(f"forward, 3x{args.size}x{args.size}:                 {t_fwd * 1e3:9.1f} ms")
     print(f"FLIPD 1 Hutchinson probe:               {t_flipd * 1e3:9.1f} ms  = {t_flipd / t_fwd:5.2f} x forward")
+    print(f"plain jax.jvp of the score:             {t_jvp * 1e3:9.1f} ms  = {t_jvp / t_fwd:5.2f} x forward")
+    print(f"two forwards stacked in one batch:      {t_two * 1e3:9.1f} ms  = {t_two / t_fwd:5.2f} x forward")
     print(f"forward, 3x{args.exact_size}x{args.exact_size} (d = {d_small}):          {t_fwd_small * 1e3:9.1f} ms")
     print(f"FLIPD 1 probe, d = {d_small}:                  {t_flipd_small * 1e3:9.1f} ms  = {t_flipd_small / t_fwd_small:5.2f} x forward")
     print(f"FLIPD exact trace, d = {d_small}:              {t_exact * 1e3:9.1f} ms  = {t_exact / t_flipd_small:7.1f} x one-probe FLIPD (d = {d_small})")
