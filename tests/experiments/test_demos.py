@@ -149,8 +149,8 @@ def test_isolation_constant_is_in_range():
 from mmh_jax.experiments import digits  # noqa: E402
 
 FAST_DIGITS = dict(
-    steps=40, batch_size=32, channels=4, num_samples=16, sample_steps=10, num_duplicated=2, copies=5,
-    progress=False,
+    steps=40, batch_size=32, channels=4, mlp_width=16, num_samples=16, sample_steps=10, num_duplicated=2,
+    copies=5, common_per_class=10, progress=False,
 )
 
 
@@ -162,6 +162,18 @@ def test_digits_training_set_by_construction():
     assert not np.isin(d.unique_label[d.unique_kind != "rare"], [8, 9]).any()
     assert len(d.images) == len(d.unique_images) + 3 * 6
     assert d.images.shape[1:] == (8, 8) and d.images.min() >= -1 and d.images.max() <= 1
+
+
+def test_digits_training_set_common_per_class():
+    d = digits.make_digits_training_set(seed=0, num_duplicated=8, copies=40, common_per_class=40)
+    labels, counts = np.unique(d.unique_label, return_counts=True)
+    assert dict(zip(labels.tolist(), counts.tolist())) == {**{c: 40 for c in range(8)}, 8: 1, 9: 1}
+    assert len(d.images) == 322 + 8 * 39
+    again = digits.make_digits_training_set(seed=0, num_duplicated=8, copies=40, common_per_class=40)
+    np.testing.assert_array_equal(d.images, again.images)
+    # default: every image of the common classes is kept (unchanged behaviour)
+    full = digits.make_digits_training_set(seed=0, num_duplicated=0, copies=1)
+    assert (full.unique_kind == "common").sum() > 1400
 
 
 def test_calibrated_l2_copies_are_low():
@@ -206,6 +218,8 @@ def test_digits_fast_run_files(tmp_path):
         (["--copies", "0"], "--copies"),
         (["--mem-threshold", "-1"], "--mem-threshold"),
         (["--num-samples", "1"], "--num-samples"),
+        (["--common-per-class", "0"], "--common-per-class"),
+        (["--mlp-width", "-1"], "--mlp-width"),
     ],
 )
 def test_cli_digits_bad_flags_one_line(flags, fragment, capsys, tmp_path):

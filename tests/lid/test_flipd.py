@@ -179,7 +179,7 @@ def test_sharded_batch_gives_the_same_estimates(x64):
     x, _ = mix.sample(jax.random.key(12), 16)
     keys = jax.random.split(jax.random.key(13), 16)
     score = mix.score(schedule)
-    mesh = jax.make_mesh((8,), ("data",))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     run = jax.jit(lambda x, k: flipd(score, x, 0.01, schedule=schedule, key=k, num_probes=4))
     sharded = run(jax.device_put(x, sharding), jax.device_put(keys, sharding))
