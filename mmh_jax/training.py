@@ -12,7 +12,7 @@ used by FLIPD and the normal bundle are well covered.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from mmh_jax.schedules import Schedule, broadcast_to_event
 __all__ = ["TrainResult", "dsm_loss", "train_eps"]
 
 EpsApply = Callable[[PyTree, Array, Array], Array]
+TimeSampling = Literal["log-uniform", "mixed"]
 
 
 class TrainResult(NamedTuple):
@@ -47,7 +48,7 @@ def dsm_loss(
     schedule: Schedule,
     key: PRNGKeyArray,
     t_min: float = 1e-4,
-    time_sampling: str = "log-uniform",
+    time_sampling: TimeSampling = "log-uniform",
 ) -> Float[Array, ""]:
     """Epsilon-prediction denoising score-matching loss on one batch.
 
@@ -93,7 +94,7 @@ def train_eps(
     learning_rate: float = 2e-3,
     t_min: float = 1e-4,
     chunk: int = 100,
-    time_sampling: str = "log-uniform",
+    time_sampling: TimeSampling = "log-uniform",
     progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train an epsilon-network with Adam, a cosine learning-rate decay and stratified batches.
