@@ -10,7 +10,7 @@ in one run, jit-compiled, after a warm-up, as the median of several repeats:
   single-probe cost);
 - the normal bundle's share of time spent in score evaluations.
 
-Usage: python benchmarks/bench_flipd.py [--batch 16] [--channels 64] [--blocks 4]
+Usage: python benchmarks/bench_flipd.py [--batch 64] [--channels 64] [--blocks 4]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def timed(fn, *args, repeats=5):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="image side for forward/Hutchinson FLIPD")
