@@ -111,7 +111,7 @@ def normal_bundle(
     schedule: Schedule,
     key: Array,
     num_scores: int | None = None,
-    threshold: Literal["gap"] | float = "gap",
+    threshold: Literal["gap"] | float | Float[ArrayLike, " b"] = "gap",
     center: bool = True,
     chunk_size: int | None = None,
 ) -> NormalBundleResult:
@@ -130,7 +130,7 @@ def normal_bundle(
         num_scores: ``K``, the number of perturbed copies per point; default ``4 d``
             (Stanczuk et al.).
         threshold: how the rank is read off the normalised singular values (module
-            docstring): a float counts those above it; ``"gap"`` cuts at the largest
+            docstring): a float (or one per point) counts those above it; ``"gap"`` cuts at the largest
             gap between consecutive log singular values, except that a spectrum lying
             entirely above (below) the noise floor ``(1 - sqrt(d / K)) / 2`` -- half the
             lower edge of the Marchenko-Pastur band of pure noise -- has rank ``d`` (0).
@@ -152,7 +152,7 @@ def normal_bundle(
     keys = per_sample_keys(key, b)
     num_scores = 4 * d if num_scores is None else check_int(num_scores, "num_scores", minimum=2)
     chunk = min(num_scores, 32 if chunk_size is None else check_int(chunk_size, "chunk_size"))
-    if not (threshold == "gap" or isinstance(threshold, (int, float))):
+    if isinstance(threshold, str) and threshold != "gap":
         raise ValueError(f"threshold must be 'gap' or a float, got {threshold!r}")
     t = check_times(t0, b, x.dtype)
     check_score_fn(score_fn, x, t)
@@ -161,7 +161,7 @@ def normal_bundle(
         score_fn, x, t, schedule=schedule, keys=keys, num_scores=num_scores, center=center, chunk=chunk
     )
 
-    if threshold == "gap":
+    if isinstance(threshold, str):
         floor = (1 - math.sqrt(d / num_scores)) / 2 if num_scores > d else None
         rank = _gap_rank(singular_values, floor)
     else:
