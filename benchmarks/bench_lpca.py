@@ -19,6 +19,7 @@ Example: python benchmarks/bench_lpca.py --n 50000 --d 3072 --k 100 --skdim-subs
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import time
@@ -64,7 +65,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from mmh_jax.lid import lpca as lpca_mod
+    lpca_mod = importlib.import_module("mmh_jax.lid.lpca")  # the module; mmh_jax.lid.lpca is the function
     from mmh_jax.lid._knn import default_rtol
 
     n, d, k = args.n, args.d, args.k
