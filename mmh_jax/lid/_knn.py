@@ -163,10 +163,6 @@ def knn(
     return jnp.sqrt(jnp.concatenate(dists)), jnp.concatenate(inds)
 
 
-def n_pairs(n: int) -> int:
-    return n * (n - 1) // 2
-
-
 def pairwise_distance_percentile(
     data: Float[Array, "n d"], q: float, *, max_points: int, seed: int
 ) -> Array:
@@ -208,8 +204,3 @@ def masked_percentile(values: Array, mask: Array, q) -> Array:
 def default_rtol(dtype, size: int) -> float:
     """Relative floor below which an eigenvalue is numerically zero."""
     return float(size) * float(jnp.finfo(dtype).eps)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-

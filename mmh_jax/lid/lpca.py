@@ -109,16 +109,6 @@ def _finish(ev: Array, m: Array, rtol: Array) -> Array:
     return jnp.where(ev > rtol * ev[:, :1], ev, 0.0)  # numerical zeros become exact zeros
 
 
-def _spectrum_chunk(data, data_sqnorm, q, start, radius, rtol, *, k, exclude_self, include_self,
-                    use_gram, host_eig):
-    """Explained variances (descending, floored) of a chunk's neighbourhoods, and their sizes."""
-    mat, m = _neighbourhood_matrices(data, data_sqnorm, q, start, radius, k=k,
-                                     exclude_self=exclude_self, include_self=include_self,
-                                     use_gram=use_gram)
-    ev = _host_eigvals_desc(mat) if host_eig else _xla_eigvals_desc(mat)
-    return _finish(jnp.asarray(ev), m, rtol), m
-
-
 def _valid_mask(ev: Array, m: Array, d: int) -> Array:
     """Entries that a centred set of ``m`` points in R^d can make nonzero: min(m - 1, d)."""
     s = ev.shape[1]
