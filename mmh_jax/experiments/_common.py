@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from mmh_jax._files import atomic_path
 
 __all__ = [
     "DemoInputError",
@@ -50,30 +57,6 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
         reason = err.strerror or type(err).__name__
         raise DemoInputError(f"output folder {str(path)!r} is not writable: {reason}") from None
     return path
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``.
-
-    The temporary file lives in the same folder (so ``os.replace`` is atomic) and is
-    removed if the block raises, including on ``KeyboardInterrupt``: an interrupted
-    run never leaves a complete-looking but truncated file under the final name.
-    """
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
 
 
 def _columns(table: Mapping[str, Sequence[Any] | np.ndarray]) -> tuple[list[str], int]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from jaxtyping import Array
 
 
@@ -71,6 +72,13 @@ def check_score_fn(score_fn: Callable, x: Array, t: Array, name: str = "score_fn
     if not hasattr(out, "shape") or out.shape != x.shape:
         got = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"{name}(x_t, t) must return an array of shape {x.shape} like x_t, got {got}")
+
+
+def as_pytree_fn(fn: Callable) -> Partial:
+    """``fn`` as a :class:`jax.tree_util.Partial`, so that a jitted estimator takes it as an
+    argument: the arrays a ``Partial`` holds (e.g. network weights) are traced inputs, not
+    compile-time constants, and a plain function is keyed by identity, as a static argument."""
+    return fn if isinstance(fn, Partial) else Partial(fn)
 
 
 def per_sample_keys(key: Any, batch: int, name: str = "key") -> Array:

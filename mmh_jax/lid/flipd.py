@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax.lid._checks import (
+    as_pytree_fn,
     check_batch,
     check_int,
     check_option,
@@ -76,7 +77,7 @@ def _sum_vjv(
     return out, total
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "trace", "num_probes", "probe", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("trace", "num_probes", "probe", "chunk_size"))
 def _flipd(
     score_fn: ScoreFn,
     x: Array,
@@ -164,7 +165,7 @@ def flipd(
     x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, trace, num_probes, probe, chunk_size, key)
     t = check_times(t0, x.shape[0], x.dtype)
     return _flipd(
-        score_fn, x, t, schedule=schedule, keys=keys, trace=trace,
+        as_pytree_fn(score_fn), x, t, schedule=schedule, keys=keys, trace=trace,
         num_probes=num_probes, probe=probe, chunk_size=chunk_size,
     )
 
@@ -200,12 +201,12 @@ def flipd_curve(
     check_times(ts, ts.shape[0], x.dtype, name="ts")
 
     return _flipd_curve(
-        score_fn, x, ts, schedule=schedule, keys=keys, trace=trace,
+        as_pytree_fn(score_fn), x, ts, schedule=schedule, keys=keys, trace=trace,
         num_probes=num_probes, probe=probe, chunk_size=chunk_size,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "trace", "num_probes", "probe", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("trace", "num_probes", "probe", "chunk_size"))
 def _flipd_curve(score_fn, x, ts, *, schedule, keys, trace, num_probes, probe, chunk_size):
     def at(t0: Array) -> Array:
         t = jnp.broadcast_to(t0, (x.shape[0],))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax.lid._checks import check_batch, check_int
+from mmh_jax.lid._checks import as_pytree_fn, check_batch, check_int
 from mmh_jax.lid.rank import numerical_rank
 
 __all__ = ["jacobian_rank", "JacobianRankResult"]
@@ -32,7 +32,7 @@ class JacobianRankResult(NamedTuple):
     re-threshold with :func:`mmh_jax.lid.lid_from_singular_values` (``space="tangent"``)."""
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "chunk"))
+@functools.partial(jax.jit, static_argnames=("chunk",))
 def _jacobian_singular_values(fn, z, *, chunk):
     b, latent_shape = z.shape[0], z.shape[1:]
     d_latent = math.prod(latent_shape)
@@ -79,5 +79,5 @@ def jacobian_rank(
     if not hasattr(out, "shape") or out.ndim < 1 or out.shape[0] != b:
         raise ValueError(f"fn(z) must return an array of shape [{b}, ...], got {getattr(out, 'shape', out)}")
     chunk = min(d_latent, 32 if chunk_size is None else check_int(chunk_size, "chunk_size"))
-    singular_values = _jacobian_singular_values(fn, z, chunk=chunk)
+    singular_values = _jacobian_singular_values(as_pytree_fn(fn), z, chunk=chunk)
     return JacobianRankResult(lid=numerical_rank(singular_values, threshold), singular_values=singular_values)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax.lid._checks import (
+    as_pytree_fn,
     check_batch,
     check_int,
     check_score_fn,
@@ -71,7 +72,7 @@ def _gap_rank(s: Float[Array, "b d"], noise_floor: float | None) -> Int[Array, "
     return jnp.where(jnp.all(s < noise_floor, axis=-1), 0, rank)
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "num_scores", "center", "chunk"))
+@functools.partial(jax.jit, static_argnames=("num_scores", "center", "chunk"))
 def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
     """Normalised singular values ``[b, d]`` of the (centred) score matrix, descending."""
     b, event_shape = x.shape[0], x.shape[1:]
@@ -158,7 +159,7 @@ def normal_bundle(
     check_score_fn(score_fn, x, t)
 
     singular_values = _spectrum(
-        score_fn, x, t, schedule=schedule, keys=keys, num_scores=num_scores, center=center, chunk=chunk
+        as_pytree_fn(score_fn), x, t, schedule=schedule, keys=keys, num_scores=num_scores, center=center, chunk=chunk
     )
 
     if isinstance(threshold, str):

@@ -1,0 +1,171 @@
+"""Strict conversion of a PyTorch state dict into a Flax parameter pytree.
+
+Every architecture supplies an explicit rename table, ``torch key -> Rename(flax path,
+transform)``, built from its config (one entry per parameter; no substring guessing). The
+transforms here are the only layout rules: PyTorch ``Linear`` weights ``[out, in]`` become Flax
+``Dense`` kernels ``[in, out]``, ``Conv2d`` weights ``[out, in, kh, kw]`` become ``Conv`` kernels
+``[kh, kw, in, out]`` (NHWC), 1-D convolutions with kernel size 1 become ``Dense`` kernels, and
+everything else (biases, norm scales) is copied. :func:`convert_state_dict` checks the result
+against the shapes the Flax module expects and raises :class:`ConversionError` listing every
+missing, unexpected and mis-shaped key at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import numpy as np
+from jaxtyping import PyTree
+
+__all__ = [
+    "ConversionError",
+    "Rename",
+    "identity",
+    "linear_kernel",
+    "conv_kernel",
+    "conv1x1_kernel",
+    "convert_state_dict",
+    "flatten_params",
+    "unflatten_params",
+    "abstract_params",
+]
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the architecture it is converted to."""
+
+
+def identity(w: np.ndarray) -> np.ndarray:
+    """Biases, norm scales and offsets, embeddings: copied as they are."""
+    return w
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+    """``torch.nn.Linear.weight [out, in]`` -> ``flax.linen.Dense`` kernel ``[in, out]``."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """``torch.nn.Conv2d.weight [out, in, kh, kw]`` -> ``flax.linen.Conv`` kernel ``[kh, kw, in, out]``."""
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def conv1x1_kernel(w: np.ndarray) -> np.ndarray:
+    """A kernel-size-1 ``Conv1d``/``Conv2d`` weight ``[out, in, 1(, 1)]`` -> Dense kernel ``[in, out]``."""
+    if any(s != 1 for s in w.shape[2:]):
+        raise ValueError(f"expected a kernel-size-1 convolution weight, got shape {w.shape}")
+    return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1]).T)
+
+
+class Rename(NamedTuple):
+    """Where a PyTorch tensor goes in the Flax tree, and how its layout changes."""
+
+    path: tuple[str, ...]
+    transform: Callable[[np.ndarray], np.ndarray] = identity
+
+
+def flatten_params(params: PyTree) -> dict[tuple[str, ...], Any]:
+    """Nested dicts -> ``{path tuple: leaf}``."""
+    flat: dict[tuple[str, ...], Any] = {}
+
+    def visit(node, prefix):
+        if isinstance(node, Mapping):
+            for name, child in node.items():
+                visit(child, prefix + (str(name),))
+        else:
+            flat[prefix] = node
+
+    visit(params, ())
+    return flat
+
+
+def unflatten_params(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """``{path tuple: leaf}`` -> nested dicts."""
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    shown = "\n".join(f"    {s}" for s in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    table: Mapping[str, Rename],
+    expected: PyTree,
+    *,
+    source: str = "state dict",
+    dtype: Any = np.float32,
+) -> dict:
+    """Rename and re-lay-out a PyTorch state dict into a Flax ``params`` tree, strictly.
+
+    Args:
+        state_dict: ``{torch key: array}`` (numpy arrays or anything ``np.asarray`` takes).
+        table: ``{torch key: Rename(flax path, transform)}``, one entry per parameter.
+        expected: the Flax params tree the module expects (e.g. from ``jax.eval_shape`` of its
+            ``init``); leaves need only ``.shape``.
+        source: the file name or description, used in error messages.
+        dtype: dtype of the returned parameters.
+
+    Returns:
+        The nested-dict params tree, with numpy leaves of ``dtype``.
+
+    Raises:
+        ConversionError: listing every torch key without a rule (unexpected), every expected
+            Flax parameter that no torch key fills (missing), and every shape mismatch.
+    """
+    expected_flat = {p: tuple(leaf.shape) for p, leaf in flatten_params(expected).items()}
+    unexpected = sorted(k for k in state_dict if k not in table)
+    not_in_checkpoint = sorted(k for k in table if k not in state_dict)
+    bad_target = sorted(f"{k} -> {'/'.join(r.path)}" for k, r in table.items()
+                        if r.path not in expected_flat)
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    wrong_shape = []
+    for key, rule in table.items():
+        if key not in state_dict or rule.path not in expected_flat:
+            continue
+        value = np.asarray(state_dict[key])
+        try:
+            value = rule.transform(value)
+        except ValueError as err:
+            wrong_shape.append(f"{key}: {err}")
+            continue
+        want = expected_flat[rule.path]
+        if tuple(value.shape) != want:
+            wrong_shape.append(
+                f"{key} {tuple(np.shape(state_dict[key]))} -> {'/'.join(rule.path)}: "
+                f"converted shape {tuple(value.shape)}, the model expects {want}"
+            )
+            continue
+        flat[rule.path] = value.astype(dtype)
+    missing = sorted("/".join(p) for p in expected_flat if p not in flat
+                     and not any(r.path == p for r in table.values()))
+    problems = []
+    if not_in_checkpoint:
+        problems.append(_listing("missing from the checkpoint", not_in_checkpoint))
+    if missing:
+        problems.append(_listing("model parameters with no rule", missing))
+    if unexpected:
+        problems.append(_listing("unexpected keys in the checkpoint", unexpected))
+    if wrong_shape:
+        problems.append(_listing("wrong shapes", wrong_shape))
+    if bad_target:
+        problems.append(_listing("rules naming no model parameter", bad_target))
+    if problems:
+        raise ConversionError(
+            f"{source} does not match the model architecture:\n" + "\n".join(problems)
+        )
+    return unflatten_params(flat)
+
+
+def abstract_params(init: Callable[[jax.Array], PyTree]) -> PyTree:
+    """Shapes of the params a Flax ``init(key)`` would create, without allocating them."""
+    return jax.eval_shape(init, jax.random.key(0))
