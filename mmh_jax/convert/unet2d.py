@@ -1,0 +1,164 @@
+"""Strict conversion of diffusers ``UNet2DModel`` state dicts into :class:`UNet2D` parameters.
+
+The rename table is built from the module's config by the same walk diffusers makes when it
+builds the PyTorch model: one rule per layer kind (convolution, linear, group norm), one entry
+per PyTorch parameter. A Flax scope is the PyTorch module path with every list index attached
+to its list (``down_blocks.0.resnets.1.conv1`` -> ``down_blocks_0/resnets_1/conv1``).
+Checkpoints saved before diffusers renamed its attention layers (``query``, ``key``,
+``value``, ``proj_attn`` instead of ``to_q``, ``to_k``, ``to_v``, ``to_out.0``) convert too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from mmh_jax.convert.core import (
+    Rename,
+    abstract_params,
+    conv_kernel,
+    convert_state_dict,
+    identity,
+    linear_kernel,
+)
+from mmh_jax.models.unet2d import UNet2D
+
+__all__ = ["unet2d_rename_table", "unet2d_abstract_params", "convert_unet2d"]
+
+_ATTENTION = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out.0"}
+_LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _scope(module_path: str) -> tuple[str, ...]:
+    """``"down_blocks.0.resnets.1.conv1"`` -> ``("down_blocks_0", "resnets_1", "conv1")``."""
+    scope: list[str] = []
+    for part in module_path.split("."):
+        if part.isdigit():
+            scope[-1] = f"{scope[-1]}_{part}"
+        else:
+            scope.append(part)
+    return tuple(scope)
+
+
+class _Table:
+    """Accumulates ``torch key -> Rename`` entries, one method per PyTorch layer kind."""
+
+    def __init__(self, legacy_attention: bool):
+        self.entries: dict[str, Rename] = {}
+        self.attention_names = _LEGACY_ATTENTION if legacy_attention else _ATTENTION
+
+    def _add(self, torch_module: str, flax_scope: tuple[str, ...], weight: str, transform) -> None:
+        self.entries[f"{torch_module}.weight"] = Rename(flax_scope + (weight,), transform)
+        self.entries[f"{torch_module}.bias"] = Rename(flax_scope + ("bias",), identity)
+
+    def conv(self, path: str) -> None:
+        self._add(path, _scope(path), "kernel", conv_kernel)
+
+    def linear(self, path: str, torch_path: str | None = None) -> None:
+        self._add(torch_path or path, _scope(path), "kernel", linear_kernel)
+
+    def norm(self, path: str) -> None:
+        self._add(path, _scope(path), "scale", identity)
+
+    def resnet(self, path: str, in_channels: int, out_channels: int) -> None:
+        self.norm(f"{path}.norm1")
+        self.conv(f"{path}.conv1")
+        self.linear(f"{path}.time_emb_proj")
+        self.norm(f"{path}.norm2")
+        self.conv(f"{path}.conv2")
+        if in_channels != out_channels:
+            self.conv(f"{path}.conv_shortcut")
+
+    def attention(self, path: str, group_norm: bool) -> None:
+        if group_norm:
+            self.norm(f"{path}.group_norm")
+        for flax_name, torch_name in self.attention_names.items():
+            self.linear(f"{path}.{flax_name}", f"{path}.{torch_name}")
+
+
+def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> dict[str, Rename]:
+    """The explicit ``torch key -> Rename(flax path, transform)`` table of a ``UNet2DModel``.
+
+    Args:
+        module: the Flax module whose config the checkpoint was trained with.
+        legacy_attention: name the attention layers as diffusers did before 0.14
+            (``query``, ``key``, ``value``, ``proj_attn``).
+
+    Returns:
+        One entry per parameter of the PyTorch ``UNet2DModel(**module.to_config())``.
+    """
+    if not isinstance(module, UNet2D):
+        raise TypeError(f"module must be a UNet2D, got {type(module).__name__}")
+    table = _Table(legacy_attention)
+    channels = module.block_out_channels
+    layers = module.layers_per_block
+    last = len(channels) - 1
+    table.conv("conv_in")
+    table.linear("time_embedding.linear_1")
+    table.linear("time_embedding.linear_2")
+
+    out = channels[0]
+    for i, kind in enumerate(module.down_block_types):
+        prefix, cin, out = f"down_blocks.{i}", out, channels[i]
+        for j in range(layers):
+            table.resnet(f"{prefix}.resnets.{j}", cin if j == 0 else out, out)
+            if kind == "AttnDownBlock2D":
+                table.attention(f"{prefix}.attentions.{j}", group_norm=True)
+        if i < last:
+            table.conv(f"{prefix}.downsamplers.0.conv")
+
+    if module.mid_block_type is not None:
+        table.resnet("mid_block.resnets.0", channels[-1], channels[-1])
+        if module.add_attention:
+            table.attention("mid_block.attentions.0",
+                            group_norm=module.mid_attention_groups is not None)
+        table.resnet("mid_block.resnets.1", channels[-1], channels[-1])
+
+    reversed_channels = channels[::-1]
+    out = reversed_channels[0]
+    for i, kind in enumerate(module.up_block_types):
+        prefix, previous, out = f"up_blocks.{i}", out, reversed_channels[i]
+        skip_in = reversed_channels[min(i + 1, last)]
+        for j in range(layers + 1):
+            skip = skip_in if j == layers else out
+            table.resnet(f"{prefix}.resnets.{j}", (previous if j == 0 else out) + skip, out)
+            if kind == "AttnUpBlock2D":
+                table.attention(f"{prefix}.attentions.{j}", group_norm=True)
+        if i < last:
+            table.conv(f"{prefix}.upsamplers.0.conv")
+
+    table.norm("conv_norm_out")
+    table.conv("conv_out")
+    return table.entries
+
+
+def unet2d_abstract_params(module: UNet2D) -> PyTree:
+    """Shapes and dtypes of the parameters ``module`` has, without computing them."""
+    side = 2 ** (len(module.block_out_channels) - 1)
+    sample = jnp.zeros((1, module.in_channels, side, side), jnp.float32)
+    return abstract_params(lambda key: module.init(key, sample, jnp.zeros((1,)))["params"])
+
+
+def convert_unet2d(state_dict: Mapping[str, Any], module: UNet2D, *,
+                   source: str = "state dict") -> dict:
+    """Convert a diffusers ``UNet2DModel`` state dict into ``module``'s parameters, strictly.
+
+    Args:
+        state_dict: ``{torch key: array}``, e.g. from :func:`mmh_jax.convert.read_state_dict`.
+            Legacy attention names are recognised by the presence of any ``*.proj_attn.weight``
+            key; a checkpoint must then use them throughout.
+        module: the Flax module built from the checkpoint's config.
+        source: the file name, used in error messages.
+
+    Returns:
+        The params tree (numpy leaves of ``module.param_dtype``).
+
+    Raises:
+        ConversionError: listing every missing, unexpected and mis-shaped key.
+    """
+    legacy = any(key.endswith(".proj_attn.weight") for key in state_dict)
+    table = unet2d_rename_table(module, legacy_attention=legacy)
+    return convert_state_dict(state_dict, table, unet2d_abstract_params(module), source=source,
+                              dtype=module.param_dtype)

@@ -1,0 +1,152 @@
+"""Building blocks shared by the Flax ports of PyTorch UNets (diffusers, improved-diffusion).
+
+Everything here works on channels-last (NHWC) arrays: the ports transpose their NCHW inputs
+once and compute in NHWC, which XLA:CPU runs several times faster than NCHW convolutions.
+The helpers reproduce PyTorch's semantics where Flax's defaults differ: explicit symmetric
+convolution padding, ``GroupNorm`` with PyTorch's epsilon, nearest-neighbour upsampling, and
+the sinusoidal timestep embedding of DDPM as diffusers and improved-diffusion define it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+__all__ = ["timestep_embedding", "conv2d", "group_norm", "upsample_nearest_2x", "attention"]
+
+
+def timestep_embedding(
+    timesteps: Float[ArrayLike, " b"],
+    dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    max_period: float = 10000.0,
+    scale: float = 1.0,
+) -> Float[Array, "b dim"]:
+    """Sinusoidal embedding of (possibly fractional) timesteps, computed in float32.
+
+    With ``half = dim // 2`` the frequencies are
+    ``w_k = max_period ** (-k / (half - freq_shift))`` for ``k = 0 .. half - 1`` and the
+    embedding is ``[sin(scale t w), cos(scale t w)]`` (``[cos, sin]`` with
+    ``flip_sin_to_cos``), zero-padded by one column when ``dim`` is odd. This is diffusers'
+    ``get_timestep_embedding``; improved-diffusion's ``timestep_embedding`` is
+    ``flip_sin_to_cos=True, freq_shift=0``, and the original DDPM's is
+    ``flip_sin_to_cos=False, freq_shift=1``.
+
+    Args:
+        timesteps: shape ``[b]``, any real values.
+        dim: embedding width, at least 2.
+        flip_sin_to_cos: put the cosines first.
+        freq_shift: the shift in the frequency exponent's denominator (``half - freq_shift``
+            must be positive).
+        max_period: the longest period, reached at ``k = half - freq_shift``.
+        scale: multiplies ``t`` before the sines.
+
+    Returns:
+        float32 array of shape ``[b, dim]``.
+    """
+    t = jnp.asarray(timesteps, jnp.float32)
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must have shape [b], got shape {t.shape}")
+    half = dim // 2
+    if half < 1 or half - freq_shift <= 0:
+        raise ValueError(f"dim={dim} with freq_shift={freq_shift}: need "
+                         "dim // 2 >= 1 and dim // 2 > freq_shift")
+    exponent = jnp.arange(half, dtype=jnp.float32) * (-math.log(max_period) / (half - freq_shift))
+    angles = scale * (t[:, None] * jnp.exp(exponent)[None, :])
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def conv2d(
+    features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    stride: int = 1,
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> nn.Conv:
+    """An NHWC ``nn.Conv`` laid out like ``torch.nn.Conv2d(..., kernel_size, stride, padding)``.
+
+    Args:
+        features: output channels.
+        kernel_size: square kernel size.
+        name: the Flax parameter scope.
+        stride: the stride in both directions.
+        padding: PyTorch's symmetric zero padding (an int), or explicit
+            ``((top, bottom), (left, right))``.
+        dtype: compute dtype.
+        param_dtype: parameter dtype.
+
+    Returns:
+        The (unbound) Flax module; its kernel has shape ``[k, k, in, features]``.
+    """
+    pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=pad,
+                   name=name, dtype=dtype, param_dtype=param_dtype)
+
+
+def group_norm(
+    num_groups: int,
+    *,
+    name: str,
+    epsilon: float = 1e-5,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> nn.GroupNorm:
+    """``torch.nn.GroupNorm(num_groups, C, eps)`` over the last (channel) axis of NHWC arrays.
+
+    Statistics are computed in float32 whatever ``dtype`` is. The default ``epsilon`` is
+    PyTorch's (Flax's own default is 1e-6).
+
+    Args:
+        num_groups: the number of channel groups.
+        name: the Flax parameter scope (parameters ``scale`` and ``bias``).
+        epsilon: added to the variance.
+        dtype: compute (output) dtype.
+        param_dtype: parameter dtype.
+
+    Returns:
+        The (unbound) Flax module.
+    """
+    return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, name=name, dtype=dtype,
+                        param_dtype=param_dtype)
+
+
+def upsample_nearest_2x(x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w c"]:
+    """Nearest-neighbour upsampling by 2 (``F.interpolate(scale_factor=2, mode="nearest")``).
+
+    Args:
+        x: NHWC array.
+
+    Returns:
+        Each pixel repeated into a 2x2 patch.
+    """
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def attention(
+    q: Float[Array, "b n heads d"], k: Float[Array, "b n heads d"], v: Float[Array, "b n heads d"]
+) -> Float[Array, "b n heads d"]:
+    """Softmax attention with scale ``1/sqrt(d)``, the softmax in float32 for any input dtype.
+
+    Args:
+        q: queries, ``[batch, tokens, heads, head width]``.
+        k: keys, same shape.
+        v: values, same shape.
+
+    Returns:
+        The attended values, shaped like ``q`` and of its dtype.
+    """
+    return jax.nn.dot_product_attention(q, k, v)

@@ -1,0 +1,216 @@
+"""Loading diffusers ``UNet2DModel`` checkpoints (local files only) as :class:`Pretrained`.
+
+:func:`load_unet2d` reads a diffusers model folder (``config.json`` plus
+``diffusion_pytorch_model.safetensors`` or ``.bin``), a pipeline folder holding it under
+``unet/``, or a single ``.safetensors`` file written by :func:`save_unet2d` (converted
+parameters, config and schedule; no torch needed). The noise schedule comes from the
+scheduler config saved beside the model unless one is passed. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmh_jax.convert.core import (
+    ConversionError,
+    Rename,
+    convert_state_dict,
+    flatten_params,
+)
+from mmh_jax.convert.io import load_params, read_state_dict, save_params
+from mmh_jax.convert.unet2d import convert_unet2d, unet2d_abstract_params
+from mmh_jax.models.pretrained import Pretrained, eps_score_fn
+from mmh_jax.models.unet2d import UNet2D
+from mmh_jax.schedules import DDPM
+
+__all__ = ["load_unet2d", "save_unet2d", "ddpm_from_scheduler_config"]
+
+_ARCHITECTURE = "unet2d"
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
+    """The :class:`DDPM` schedule of a diffusers scheduler config (``scheduler_config.json``).
+
+    Reads ``num_train_timesteps`` (default 1000), ``beta_schedule`` (``"linear"``,
+    ``"scaled_linear"`` or ``"squaredcos_cap_v2"``), ``beta_start``, ``beta_end`` and
+    ``trained_betas`` with diffusers' defaults, as ``DDPMScheduler`` and its siblings do; the
+    sampling settings are irrelevant here and skipped.
+
+    Args:
+        config: the parsed scheduler config.
+
+    Returns:
+        The schedule (cumulative products in float64 arithmetic, stored in JAX's default float).
+
+    Raises:
+        ValueError: ``prediction_type`` other than ``"epsilon"`` (the score would not be
+            ``-eps / sigma``), ``rescale_betas_zero_snr`` (``abar_T = 0`` has no finite
+            score), or an unsupported ``beta_schedule``.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(f"scheduler config: prediction_type={prediction!r} is not supported; "
+                         "the score function needs an 'epsilon' model")
+    if config.get("rescale_betas_zero_snr", False):
+        raise ValueError("scheduler config: rescale_betas_zero_snr=True is not supported "
+                         "(abar_T = 0 gives an infinite score)")
+    if config.get("trained_betas") is not None:
+        return DDPM.from_betas(config["trained_betas"])
+    steps = int(config.get("num_train_timesteps", 1000))
+    kind = config.get("beta_schedule", "linear")
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    if kind == "linear":
+        return DDPM.linear(steps, start, end)
+    if kind == "scaled_linear":
+        return DDPM.scaled_linear(steps, start, end)
+    if kind == "squaredcos_cap_v2":
+        return DDPM.cosine(steps)
+    raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported; expected one of "
+                     f"{_BETA_SCHEDULES} or trained_betas")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def _model_folder(path: Path) -> Path:
+    for folder in (path, path / "unet"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"{str(path)!r} holds neither config.json nor unet/config.json "
+                            "(expected a diffusers model or pipeline folder)")
+
+
+def _scheduler_config(path: Path) -> Path:
+    candidates = [path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"]
+    if path.name == "unet":  # a pipeline's unet folder: its scheduler lies beside it
+        candidates.append(path.parent / "scheduler" / "scheduler_config.json")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no scheduler config for {str(path)!r} (looked for "
+        f"{', '.join(repr(str(c)) for c in candidates)}); pass schedule= explicitly"
+    )
+
+
+def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
+    config_file = folder / "config.json"
+    try:
+        module = UNet2D.from_config(_read_json(config_file), dtype=dtype)
+    except ValueError as err:
+        raise ValueError(f"{str(config_file)!r}: {err}") from None
+    weights = [folder / name for name in _WEIGHTS if (folder / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(f"{str(folder)!r} holds none of {', '.join(_WEIGHTS)}")
+    params = convert_unet2d(read_state_dict(weights[0]), module, source=repr(str(weights[0])))
+    return module, params
+
+
+def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM]:
+    if path.suffix != ".safetensors":
+        raise ConversionError(f"{str(path)!r}: expected a .safetensors file written by save_unet2d "
+                              "or a diffusers folder (with config.json)")
+    params, metadata = load_params(path)
+    if metadata.get("architecture") != _ARCHITECTURE:
+        raise ConversionError(
+            f"{str(path)!r} was not written by save_unet2d (architecture "
+            f"{metadata.get('architecture')!r}, expected {_ARCHITECTURE!r}); for a diffusers "
+            "checkpoint pass its folder (with config.json)"
+        )
+    try:
+        module = UNet2D.from_config(metadata["config"], dtype=dtype)
+        schedule = DDPM(jnp.asarray(np.asarray(metadata["schedule"]["alphas_cumprod"]),
+                                    dtype=jnp.result_type(float)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConversionError(f"{str(path)!r}: bad config or schedule metadata: {err}") from None
+    flat = {"/".join(p): v for p, v in flatten_params(params).items()}
+    table = {key: Rename(tuple(key.split("/"))) for key in flat}
+    params = convert_state_dict(flat, table, unet2d_abstract_params(module),
+                                source=repr(str(path)), dtype=module.param_dtype)
+    return module, params, schedule
+
+
+def load_unet2d(path: str | os.PathLike, *, schedule: DDPM | None = None,
+                dtype: Any = jnp.float32) -> Pretrained:
+    """Load a diffusers ``UNet2DModel`` (an epsilon predictor) from local files.
+
+    Args:
+        path: a diffusers model folder (``config.json`` and
+            ``diffusion_pytorch_model.safetensors`` or ``.bin``), a pipeline folder with the
+            model in ``unet/``, or a ``.safetensors`` file written by :func:`save_unet2d`.
+        schedule: the noise schedule; by default a folder's ``scheduler_config.json``
+            (in the folder, its ``scheduler/`` child, or for a pipeline's ``unet/`` folder the
+            pipeline's ``scheduler/``), or the schedule stored in a converted file.
+        dtype: the module's compute dtype (parameters stay float32).
+
+    Returns:
+        ``Pretrained(module, params, schedule, score_fn)``.
+
+    Raises:
+        FileNotFoundError: no such path, no config or weights in the folder, or no scheduler
+            config (and no ``schedule``).
+        ConversionError: weights that do not match the config, or an unreadable file.
+        ValueError: a config this port does not support (naming the key and the file).
+    """
+    if schedule is not None and not isinstance(schedule, DDPM):
+        raise TypeError(f"schedule must be a DDPM schedule or None, got {type(schedule).__name__}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"UNet2D checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        folder = _model_folder(path)
+        module, params = _from_folder(folder, dtype)
+        if schedule is None:
+            config_file = _scheduler_config(folder)
+            try:
+                schedule = ddpm_from_scheduler_config(_read_json(config_file))
+            except ValueError as err:
+                raise ValueError(f"{str(config_file)!r}: {err}") from None
+    else:
+        module, params, stored = _from_converted(path, dtype)
+        schedule = stored if schedule is None else schedule
+    params = jax.tree.map(jnp.asarray, params)
+    return Pretrained(module, params, schedule, eps_score_fn(module, params, schedule))
+
+
+def save_unet2d(path: str | os.PathLike, model: Pretrained) -> Path:
+    """Write a loaded UNet2D (parameters, config, schedule) to one ``.safetensors`` file.
+
+    :func:`load_unet2d` reads it back without torch. The config and the schedule's
+    ``alphas_cumprod`` are stored as JSON metadata.
+
+    Args:
+        path: the target file; must end in ``.safetensors``.
+        model: what :func:`load_unet2d` returned (its ``module`` must be a :class:`UNet2D`).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
+    if not isinstance(model.module, UNet2D):
+        raise TypeError(f"model.module must be a UNet2D, got {type(model.module).__name__}")
+    metadata = {
+        "architecture": _ARCHITECTURE,
+        "config": model.module.to_config(),
+        "schedule": {"alphas_cumprod": np.asarray(model.schedule.alphas_cumprod,
+                                                  np.float64).tolist()},
+    }
+    return save_params(path, jax.device_get(model.params), metadata=metadata)

@@ -1,0 +1,411 @@
+"""Flax port of diffusers' ``UNet2DModel`` (the DDPM UNets: google/ddpm-cifar10-32, ...).
+
+The module's attributes are the keys of a diffusers ``config.json`` that this port supports,
+with diffusers' defaults; :meth:`UNet2D.from_config` reads such a config strictly. Parameter
+scopes follow the PyTorch module names (``down_blocks.0.resnets.1.conv1`` is
+``down_blocks_0/resnets_1/conv1``), see :mod:`mmh_jax.convert.unet2d`.
+
+The call takes and returns NCHW arrays, like the PyTorch model, and computes in NHWC inside.
+It reproduces the inference forward pass only: ``dropout`` is accepted (checkpoints record
+it) and ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+from mmh_jax.models.layers import (
+    attention,
+    conv2d,
+    group_norm,
+    timestep_embedding,
+    upsample_nearest_2x,
+)
+
+__all__ = ["UNet2D"]
+
+DownBlockType = Literal["DownBlock2D", "AttnDownBlock2D"]
+UpBlockType = Literal["UpBlock2D", "AttnUpBlock2D"]
+
+_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
+_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+# Keys diffusers keeps about the file rather than the model (``_use_default_values`` is in a
+# loaded model's ``config`` but not in ``config.json``).
+_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+# Class conditioning: supported only when absent.
+_MUST_BE_NONE = ("class_embed_type", "num_class_embeds")
+# Read by diffusers only for time_embedding_type="learned", which this port rejects.
+_UNUSED = ("num_train_timesteps",)
+_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
+
+
+class _TimestepMLP(nn.Module):
+    """diffusers' ``TimestepEmbedding``: ``linear_2(silu(linear_1(x)))``."""
+
+    features: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.features, name="linear_1", **dense)(x)
+        return nn.Dense(self.features, name="linear_2", **dense)(nn.silu(x))
+
+
+class _ResnetBlock(nn.Module):
+    """diffusers' ``ResnetBlock2D`` (pre-norm, SiLU, time embedding added or scale-shifted)."""
+
+    channels: int
+    groups: int
+    eps: float
+    scale_shift: bool
+    dtype: Any
+    param_dtype: Any
+    output_scale_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array, emb: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(group_norm(self.groups, epsilon=self.eps, name="norm1", **kw)(x))
+        h = conv2d(self.channels, 3, padding=1, name="conv1", **kw)(h)
+        width = 2 * self.channels if self.scale_shift else self.channels
+        t = nn.Dense(width, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
+        norm2 = group_norm(self.groups, epsilon=self.eps, name="norm2", **kw)
+        if self.scale_shift:
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = norm2(h) * (1 + scale) + shift
+        else:
+            h = norm2(h + t)
+        h = conv2d(self.channels, 3, padding=1, name="conv2", **kw)(nn.silu(h))
+        if x.shape[-1] != self.channels:
+            x = conv2d(self.channels, 1, name="conv_shortcut", **kw)(x)
+        return (x + h) / self.output_scale_factor
+
+
+class _Attention(nn.Module):
+    """diffusers' spatial self-attention block (``Attention`` with group norm and residual)."""
+
+    head_dim: int
+    groups: int | None
+    eps: float
+    dtype: Any
+    param_dtype: Any
+    rescale_output_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, height, width, c = x.shape
+        heads = c // self.head_dim
+        if heads < 1:
+            raise ValueError(f"attention_head_dim={self.head_dim} exceeds the {c} channels of an "
+                             "attention block")
+        inner = heads * self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = x if self.groups is None else group_norm(self.groups, epsilon=self.eps,
+                                                     name="group_norm", **kw)(x)
+        h = h.reshape(b, height * width, c)
+        q, k, v = (nn.Dense(inner, name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
+                   for name in ("to_q", "to_k", "to_v"))
+        out = attention(q, k, v).reshape(b, height * width, inner)
+        out = nn.Dense(c, name="to_out_0", **kw)(out).reshape(b, height, width, c)
+        return (out + x) / self.rescale_output_factor
+
+
+class _Downsample(nn.Module):
+    """diffusers' ``Downsample2D`` with a convolution: 3x3, stride 2.
+
+    ``padding=0`` means PyTorch's pad-right-and-bottom-by-one (the original DDPM's).
+    """
+
+    channels: int
+    padding: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        return conv2d(self.channels, 3, stride=2, padding=pad, name="conv", dtype=self.dtype,
+                      param_dtype=self.param_dtype)(x)
+
+
+class _Upsample(nn.Module):
+    """diffusers' ``Upsample2D`` with a convolution: nearest 2x, then 3x3."""
+
+    channels: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return conv2d(self.channels, 3, padding=1, name="conv", dtype=self.dtype,
+                      param_dtype=self.param_dtype)(upsample_nearest_2x(x))
+
+
+class _Block(nn.Module):
+    """A down block (``DownBlock2D``/``AttnDownBlock2D``) or an up block (``UpBlock2D``/
+    ``AttnUpBlock2D``): resnets, each optionally followed by attention, then a resampler."""
+
+    channels: int
+    num_layers: int
+    attention: bool
+    head_dim: int
+    resample: bool
+    groups: int
+    eps: float
+    scale_shift: bool
+    dtype: Any
+    param_dtype: Any
+    downsample_padding: int | None = None  # None: an up block
+
+    @nn.compact
+    def __call__(self, x: Array, emb: Array, skips: list[Array] | None = None
+                 ) -> tuple[Array, list[Array]]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        outputs = []
+        for j in range(self.num_layers):
+            if skips is not None:
+                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
+            x = _ResnetBlock(self.channels, self.groups, self.eps, self.scale_shift,
+                             name=f"resnets_{j}", **kw)(x, emb)
+            if self.attention:
+                x = _Attention(self.head_dim, self.groups, self.eps, name=f"attentions_{j}",
+                               **kw)(x)
+            outputs.append(x)
+        if self.resample and self.downsample_padding is not None:
+            x = _Downsample(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
+            outputs.append(x)
+        elif self.resample:
+            x = _Upsample(self.channels, name="upsamplers_0", **kw)(x)
+        return x, outputs
+
+
+class _MidBlock(nn.Module):
+    """diffusers' ``UNetMidBlock2D``: resnet, optional attention, resnet."""
+
+    channels: int
+    attention: bool
+    head_dim: int
+    attention_groups: int | None
+    groups: int
+    eps: float
+    scale_shift: bool
+    output_scale_factor: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, emb: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
+                      output_scale_factor=self.output_scale_factor, **kw)
+        x = _ResnetBlock(self.channels, name="resnets_0", **resnet)(x, emb)
+        if self.attention:
+            x = _Attention(self.head_dim, self.attention_groups, self.eps,
+                           rescale_output_factor=self.output_scale_factor, name="attentions_0",
+                           **kw)(x)
+        return _ResnetBlock(self.channels, name="resnets_1", **resnet)(x, emb)
+
+
+class UNet2D(nn.Module):
+    """diffusers' ``UNet2DModel`` for unconditional DDPM-style UNets, in Flax.
+
+    Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the
+    compute dtype (e.g. ``jnp.bfloat16``; normalisation statistics, the timestep embedding and
+    the attention softmax stay in float32) and ``param_dtype`` the parameters' dtype. Supported:
+    positional time embeddings, the block types ``DownBlock2D``, ``AttnDownBlock2D``,
+    ``UpBlock2D``, ``AttnUpBlock2D`` and the ``UNetMidBlock2D`` mid block (or none), convolutional
+    resampling, SiLU, ``resnet_time_scale_shift`` ``"default"`` or ``"scale_shift"``, no class
+    conditioning. ``attention_head_dim=None`` means one head as wide as the block;
+    ``dropout`` is ignored (inference only).
+
+    Call: ``module.apply({"params": params}, sample [b, in_channels, h, w], timesteps [b])``
+    returns ``[b, out_channels, h, w]`` in ``dtype``; ``h`` and ``w`` must be divisible by
+    ``2 ** (len(block_out_channels) - 1)``; timesteps may be fractional (or a scalar for all).
+    """
+
+    sample_size: int | tuple[int, int] | None = None
+    in_channels: int = 3
+    out_channels: int = 3
+    center_input_sample: bool = False
+    time_embedding_type: Literal["positional"] = "positional"
+    time_embedding_dim: int | None = None
+    freq_shift: float = 0
+    flip_sin_to_cos: bool = True
+    down_block_types: tuple[DownBlockType, ...] = (
+        "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    mid_block_type: Literal["UNetMidBlock2D"] | None = "UNetMidBlock2D"
+    up_block_types: tuple[UpBlockType, ...] = (
+        "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
+    layers_per_block: int = 2
+    mid_block_scale_factor: float = 1.0
+    downsample_padding: int = 1
+    downsample_type: Literal["conv"] = "conv"
+    upsample_type: Literal["conv"] = "conv"
+    dropout: float = 0.0
+    act_fn: Literal["silu", "swish"] = "silu"
+    attention_head_dim: int | None = 8
+    norm_num_groups: int = 32
+    attn_norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
+    add_attention: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_config()
+
+    def _check_config(self) -> None:
+        def bad(key: str, expected: str) -> ValueError:
+            return ValueError(f"UNet2D: {key}={getattr(self, key)!r} is not supported; expected "
+                              f"{expected}")
+
+        fixed = {"time_embedding_type": ("positional",), "downsample_type": ("conv",),
+                 "upsample_type": ("conv",), "act_fn": ("silu", "swish"),
+                 "resnet_time_scale_shift": ("default", "scale_shift"),
+                 "mid_block_type": ("UNetMidBlock2D", None)}
+        for key, allowed in fixed.items():
+            if getattr(self, key) not in allowed:
+                raise bad(key, " or ".join(map(repr, allowed)))
+        for key, allowed in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not value or any(v not in allowed for v in value):
+                raise bad(key, f"a non-empty tuple of {' / '.join(allowed)}")
+        channels = self.block_out_channels
+        if not isinstance(channels, tuple) or not all(isinstance(c, int) and c > 0
+                                                      for c in channels):
+            raise bad("block_out_channels", "a tuple of positive ints")
+        if not len(channels) == len(self.down_block_types) == len(self.up_block_types):
+            raise ValueError(f"UNet2D: block_out_channels {channels}, down_block_types and "
+                             "up_block_types must have the same length")
+        for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "a positive int")
+        if any(c % self.norm_num_groups for c in channels):
+            raise bad("norm_num_groups", f"a divisor of every block_out_channels {channels}")
+        groups = self.mid_attention_groups
+        if self.mid_block_type and self.add_attention and groups and channels[-1] % groups:
+            raise bad("attn_norm_num_groups", f"a divisor of {channels[-1]}")
+        for key in ("time_embedding_dim", "attention_head_dim"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(key, "None or a positive int")
+        if not isinstance(self.downsample_padding, int) or self.downsample_padding < 0:
+            raise bad("downsample_padding", "an int >= 0")
+
+    @property
+    def mid_attention_groups(self) -> int | None:
+        """Groups of the mid block attention's group norm; None: it has no group norm."""
+        if self.attn_norm_num_groups is not None:
+            return self.attn_norm_num_groups
+        return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> "UNet2D":
+        """The module a diffusers ``UNet2DModel`` config describes, read strictly.
+
+        Args:
+            config: the parsed ``config.json``. Absent keys take diffusers' defaults; the
+                bookkeeping keys ``_class_name`` (which must be ``"UNet2DModel"``),
+                ``_diffusers_version``, ``_name_or_path`` and ``_use_default_values`` are
+                skipped, and so is ``num_train_timesteps`` (used only by learned time
+                embeddings).
+            dtype: compute dtype.
+            param_dtype: parameter dtype.
+
+        Returns:
+            The (unbound) module.
+
+        Raises:
+            ValueError: naming the first key this port does not know or whose value it does not
+                support (class conditioning, Fourier time embeddings, other block types, ...).
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (a parsed config.json), got "
+                            f"{type(config).__name__}")
+        class_name = config.get("_class_name", "UNet2DModel")
+        if class_name != "UNet2DModel":
+            raise ValueError(f"UNet2D config: _class_name={class_name!r}, expected 'UNet2DModel'")
+        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
+        kwargs = {}
+        for key, value in config.items():
+            if key in _BOOKKEEPING or key in _UNUSED:
+                continue
+            if key in _MUST_BE_NONE:
+                if value is not None:
+                    raise ValueError(f"UNet2D config: {key}={value!r} is not supported (class "
+                                     "conditioning); expected None")
+                continue
+            if key not in fields:
+                raise ValueError(f"UNet2D config: unknown key {key!r}")
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if f.name not in _NOT_CONFIG}
+
+    @nn.compact
+    def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]
+                 ) -> Float[Array, "b c_out h w"]:
+        sample = jnp.asarray(sample)
+        levels = len(self.block_out_channels) - 1
+        if sample.ndim != 4 or sample.shape[1] != self.in_channels:
+            raise ValueError(f"sample must have shape [b, {self.in_channels}, h, w], "
+                             f"got {sample.shape}")
+        if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
+            raise ValueError(f"sample height and width must be divisible by {2**levels}, "
+                             f"got {sample.shape[2:]}")
+        batch = sample.shape[0]
+        timesteps = jnp.asarray(timesteps)
+        if timesteps.ndim == 0:
+            timesteps = jnp.broadcast_to(timesteps, (batch,))
+        if timesteps.shape != (batch,):
+            raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
+                      scale_shift=self.resnet_time_scale_shift == "scale_shift", **kw)
+        channels = self.block_out_channels
+
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = jnp.transpose(sample, (0, 2, 3, 1))
+        emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
+                                 freq_shift=self.freq_shift)
+        emb = _TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
+                           **kw)(emb)
+        x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
+
+        skips = [x]
+        for i, (kind, c) in enumerate(zip(self.down_block_types, channels)):
+            x, outputs = _Block(c, self.layers_per_block, kind == "AttnDownBlock2D",
+                                self.attention_head_dim or c, resample=i < levels,
+                                downsample_padding=self.downsample_padding,
+                                name=f"down_blocks_{i}", **common)(x, emb)
+            skips.extend(outputs)
+        if self.mid_block_type is not None:
+            x = _MidBlock(channels[-1], self.add_attention,
+                          self.attention_head_dim or channels[-1], self.mid_attention_groups,
+                          output_scale_factor=self.mid_block_scale_factor, name="mid_block",
+                          **common)(x, emb)
+        n = self.layers_per_block + 1
+        for i, (kind, c) in enumerate(zip(self.up_block_types, reversed(channels))):
+            skips, block_skips = skips[:-n], skips[-n:]
+            x, _ = _Block(c, n, kind == "AttnUpBlock2D", self.attention_head_dim or c,
+                          resample=i < levels, name=f"up_blocks_{i}", **common)(x, emb, block_skips)
+
+        x = nn.silu(group_norm(self.norm_num_groups, epsilon=self.norm_eps, name="conv_norm_out",
+                               **kw)(x))
+        x = conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
+        return jnp.transpose(x, (0, 3, 1, 2))
