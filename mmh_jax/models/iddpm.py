@@ -256,9 +256,9 @@ class IDDPMUNet(nn.Module):
                                  f"of the UNet's levels {rates}")
         for mult in self.channel_mult:
             if mult * self.model_channels % _GROUPS:
-                raise ValueError(f"model_channels * channel_mult = {mult * self.model_channels} "
-                                 f"is not divisible by {_GROUPS} (the group normalisation's "
-                                 f"groups)")
+                raise ValueError(f"model_channels (num_channels) * channel_mult = "
+                                 f"{mult * self.model_channels} is not divisible by {_GROUPS} "
+                                 f"(the group normalisation's groups)")
         inputs, middle, outputs = self.layout()
         for layer in [layer for block in inputs + [middle] + outputs for layer in block]:
             if layer.kind == "attn" and layer.out_ch % layer.heads:
