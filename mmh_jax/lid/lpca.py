@@ -56,15 +56,23 @@ def _neighbourhood_matrices(
     neighbourhoods ``Y`` of a chunk of queries, and the neighbourhood sizes."""
     _, idx = knn_chunk(data, data_sqnorm, q, start, k=k, exclude_self=exclude_self)
     # Differences to the query: exact zeros for exact duplicates, so a point mass centres to 0.
-    diff = data[idx] - q[:, None, :]  # [b, k, d]
-    if include_self:
-        diff = jnp.concatenate([jnp.zeros_like(diff[:, :1]), diff], axis=1)
     if use_gram:
-        # One pass over the gathered [b, k, d] block: raw Gram of the differences; distances and
-        # the centring are then done on k x k matrices.
-        g = jnp.einsum("bid,bjd->bij", diff, diff)
+        # Raw Gram of the differences, a few queries at a time: the gather, the subtraction and
+        # one k x k matrix product per query fuse, which on CPU runs about 2.5x faster than
+        # gathering the whole [b, k, d] block and one batched einsum.
+        def gram(args):
+            i, qi = args
+            diff = data[i] - qi
+            return diff @ diff.T
+
+        g = jax.lax.map(gram, (idx, q), batch_size=4)
+        if include_self:  # the query's own difference is exactly 0: a zero row and column
+            g = jnp.pad(g, ((0, 0), (1, 0), (1, 0)))
         dist = jnp.sqrt(jnp.maximum(jnp.diagonal(g, axis1=1, axis2=2), 0.0))
     else:
+        diff = data[idx] - q[:, None, :]  # [b, k, d]
+        if include_self:
+            diff = jnp.concatenate([jnp.zeros_like(diff[:, :1]), diff], axis=1)
         dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
     within = dist <= radius  # the query itself (distance 0) is always within
     if include_self:
@@ -72,7 +80,7 @@ def _neighbourhood_matrices(
         within = within.at[:, 0].set(True)
     else:
         has_close = jnp.any(within, axis=1, keepdims=True)
-    w = jnp.where(has_close, within, True).astype(diff.dtype)  # restriction mask, [b, k']
+    w = jnp.where(has_close, within, True).astype(data.dtype)  # restriction mask, [b, k']
     m = jnp.sum(w, axis=1)  # neighbourhood sizes
     if use_gram:
         # Y = W (I - 1 w^T / m) D  =>  Y Y^T = W (G - a 1^T - 1 a^T + c 1 1^T) W with
