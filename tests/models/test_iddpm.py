@@ -33,6 +33,12 @@ MODEL_FLAGS = ("image_size", "num_channels", "num_res_blocks", "learn_sigma",
                "use_scale_shift_norm", "dropout")
 
 
+# one compiled program per architecture: score functions are pytrees over (params, schedule)
+_score = jax.jit(lambda score_fn, x, t: score_fn(x, t))
+_apply = jax.jit(lambda module, params, x, t: module.apply({"params": params}, x, t),
+                 static_argnums=0)
+
+
 def _read_fixture(name):
     with safe_open(str(FIXTURES / f"{name}.safetensors"), framework="numpy") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
@@ -72,7 +78,7 @@ def test_matches_original_float32(fixture):
     state_dict, io, flags = fixture
     module = _module(flags)
     params = convert_iddpm(state_dict, module)
-    out = jax.jit(module.apply)({"params": params}, io["x"], io["timesteps"])
+    out = _apply(module, params, io["x"], io["timesteps"])
     assert out.shape == io["out"].shape and out.dtype == jnp.float32
     assert np.max(np.abs(np.asarray(out) - io["out"])) <= 1e-4
 
@@ -81,7 +87,7 @@ def test_bfloat16_close_to_float32(tiny):
     state_dict, io, flags = tiny
     module = _module(flags, dtype=jnp.bfloat16)
     params = convert_iddpm(state_dict, module)
-    out = np.asarray(jax.jit(module.apply)({"params": params}, io["x"], io["timesteps"]))
+    out = np.asarray(_apply(module, params, io["x"], io["timesteps"]))
     assert out.dtype == np.float32 and np.all(np.isfinite(out))
     assert np.max(np.abs(out - io["out"])) <= 0.05 * np.max(np.abs(io["out"]))
 
@@ -249,7 +255,7 @@ def test_loader_schedule_and_score(fixture, tmp_path):
     assert np.all(steps == np.round(steps))
     t = (steps + 1) / T
     sigma = np.sqrt(1 - abar[steps.astype(int)])[:, None, None, None]
-    score = np.asarray(jax.jit(lambda f, x, t: f(x, t))(pre.score_fn, io["x"], t))
+    score = np.asarray(_score(pre.score_fn, io["x"], t))
     # score * sigma = -eps, the first three output channels. rtol: the schedule keeps
     # alphas_cumprod in float32, so at the first of T=4000 cosine steps (1 - abar ~ 1e-5)
     # sigma carries a relative error of ~1e-3
@@ -264,7 +270,7 @@ def test_safetensors_round_trip(tiny, tmp_path):
     again = load_iddpm(path)
     assert again.module == pre.module
     x, t = io["x"], jnp.asarray([0.3, 0.5, 0.9, 1.0])
-    np.testing.assert_array_equal(again.score_fn(x, t), pre.score_fn(x, t))
+    np.testing.assert_array_equal(_score(again.score_fn, x, t), _score(pre.score_fn, x, t))
     np.testing.assert_array_equal(again.schedule.alphas_cumprod, pre.schedule.alphas_cumprod)
     with pytest.raises(ValueError, match="num_res_blocks"):
         load_iddpm(path, num_res_blocks=2)
@@ -276,5 +282,5 @@ def test_pytorch_state_dict_as_safetensors(tiny, tmp_path):
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path),
               metadata={"format": "pt"})
     pre = load_iddpm(path, **flags)
-    out = pre.module.apply({"params": pre.params}, io["x"], io["timesteps"])
+    out = _apply(pre.module, pre.params, io["x"], io["timesteps"])
     assert np.max(np.abs(np.asarray(out) - io["out"])) <= 1e-4
