@@ -12,6 +12,7 @@ from mmh_jax.convert.core import (
     linear_kernel,
     unflatten_params,
 )
+from mmh_jax.convert.iddpm import convert_iddpm, iddpm_rename_table
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "abstract_params",
     "conv1x1_kernel",
     "conv_kernel",
+    "convert_iddpm",
     "convert_state_dict",
     "flatten_params",
+    "iddpm_rename_table",
     "identity",
     "linear_kernel",
     "load_params",

@@ -1,5 +1,6 @@
 """Networks: small plain-JAX epsilon-networks for the demos, and Flax ports of pretrained models."""
 
+from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 from mmh_jax.models.pretrained import Pretrained, eps_score_fn
 from mmh_jax.models.toy import (
     ConvEpsNet,
@@ -7,4 +8,13 @@ from mmh_jax.models.toy import (
     time_features,
 )
 
-__all__ = ["ConvEpsNet", "MLPEpsNet", "Pretrained", "eps_score_fn", "time_features"]
+__all__ = [
+    "ConvEpsNet",
+    "IDDPMUNet",
+    "MLPEpsNet",
+    "Pretrained",
+    "eps_score_fn",
+    "iddpm_schedule",
+    "load_iddpm",
+    "time_features",
+]

@@ -24,7 +24,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mmh_jax.convert import ConversionError, save_params
-from mmh_jax.convert.iddpm import convert_iddpm, iddpm_expected_params, iddpm_rename_table
+from mmh_jax.convert.iddpm import (
+    convert_iddpm,
+    iddpm_expected_params,
+    iddpm_rename_table,
+)
 from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 
 FIXTURES = Path(__file__).parent / "fixtures"
