@@ -14,6 +14,11 @@ from mmh_jax.convert.core import (
 )
 from mmh_jax.convert.iddpm import convert_iddpm, iddpm_rename_table
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
+from mmh_jax.convert.unet2d import (
+    convert_unet2d,
+    unet2d_abstract_params,
+    unet2d_rename_table,
+)
 
 __all__ = [
     "ConversionError",
@@ -23,6 +28,7 @@ __all__ = [
     "conv_kernel",
     "convert_iddpm",
     "convert_state_dict",
+    "convert_unet2d",
     "flatten_params",
     "iddpm_rename_table",
     "identity",
@@ -30,5 +36,7 @@ __all__ = [
     "load_params",
     "read_state_dict",
     "save_params",
+    "unet2d_abstract_params",
+    "unet2d_rename_table",
     "unflatten_params",
 ]

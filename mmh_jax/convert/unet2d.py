@@ -10,7 +10,7 @@ Checkpoints saved before diffusers renamed its attention layers (``query``, ``ke
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax.numpy as jnp
 from jaxtyping import PyTree
@@ -23,7 +23,9 @@ from mmh_jax.convert.core import (
     identity,
     linear_kernel,
 )
-from mmh_jax.models.unet2d import UNet2D
+
+if TYPE_CHECKING:  # mmh_jax.models imports this module
+    from mmh_jax.models.unet2d import UNet2D
 
 __all__ = ["unet2d_rename_table", "unet2d_abstract_params", "convert_unet2d"]
 
@@ -78,6 +80,14 @@ class _Table:
             self.linear(f"{path}.{flax_name}", f"{path}.{torch_name}")
 
 
+def _require_unet2d(module: Any) -> None:
+    # imported here, not at the top, because mmh_jax.models imports this module
+    from mmh_jax.models.unet2d import UNet2D
+
+    if not isinstance(module, UNet2D):
+        raise TypeError(f"module must be a UNet2D, got {type(module).__name__}")
+
+
 def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> dict[str, Rename]:
     """The explicit ``torch key -> Rename(flax path, transform)`` table of a ``UNet2DModel``.
 
@@ -89,8 +99,7 @@ def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> di
     Returns:
         One entry per parameter of the PyTorch ``UNet2DModel(**module.to_config())``.
     """
-    if not isinstance(module, UNet2D):
-        raise TypeError(f"module must be a UNet2D, got {type(module).__name__}")
+    _require_unet2d(module)
     table = _Table(legacy_attention)
     channels = module.block_out_channels
     layers = module.layers_per_block
@@ -136,6 +145,7 @@ def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> di
 
 def unet2d_abstract_params(module: UNet2D) -> PyTree:
     """Shapes and dtypes of the parameters ``module`` has, without computing them."""
+    _require_unet2d(module)
     side = 2 ** (len(module.block_out_channels) - 1)
     sample = jnp.zeros((1, module.in_channels, side, side), jnp.float32)
     return abstract_params(lambda key: module.init(key, sample, jnp.zeros((1,)))["params"])

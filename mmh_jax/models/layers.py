@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 __all__ = ["timestep_embedding", "conv2d", "group_norm", "upsample_nearest_2x", "attention"]
@@ -58,8 +59,13 @@ def timestep_embedding(
     if half < 1 or half - freq_shift <= 0:
         raise ValueError(f"dim={dim} with freq_shift={freq_shift}: need "
                          "dim // 2 >= 1 and dim // 2 > freq_shift")
-    exponent = jnp.arange(half, dtype=jnp.float32) * (-math.log(max_period) / (half - freq_shift))
-    angles = scale * (t[:, None] * jnp.exp(exponent)[None, :])
+    # The frequencies are constants, computed on the host as diffusers rounds them: the exponent
+    # in float32, its exp correctly rounded (XLA's float32 division and exp differ by a few
+    # ulps, which at t ~ 1000 moves the embedding by ~1e-4).
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - freq_shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    angles = scale * (t[:, None] * freqs[None, :])
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     if dim % 2:
