@@ -290,15 +290,15 @@ class UNet2D(nn.Module):
         for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise bad(key, "a positive int")
+        for key in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(key, "None or a positive int")
         if any(c % self.norm_num_groups for c in channels):
             raise bad("norm_num_groups", f"a divisor of every block_out_channels {channels}")
         groups = self.mid_attention_groups
         if self.mid_block_type and self.add_attention and groups and channels[-1] % groups:
             raise bad("attn_norm_num_groups", f"a divisor of {channels[-1]}")
-        for key in ("time_embedding_dim", "attention_head_dim"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise bad(key, "None or a positive int")
         if not isinstance(self.downsample_padding, int) or self.downsample_padding < 0:
             raise bad("downsample_padding", "an int >= 0")
 
@@ -359,6 +359,17 @@ class UNet2D(nn.Module):
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]
                  ) -> Float[Array, "b c_out h w"]:
+        """The network output (for DDPM checkpoints, the predicted noise).
+
+        Args:
+            sample: noisy images in NCHW; ``h`` and ``w`` divisible by
+                ``2 ** (len(block_out_channels) - 1)``.
+            timesteps: 0-based diffusion steps, shape ``[b]`` (or a scalar for the whole
+                batch); fractional values are fine.
+
+        Returns:
+            ``[b, out_channels, h, w]`` in the compute dtype.
+        """
         sample = jnp.asarray(sample)
         levels = len(self.block_out_channels) - 1
         if sample.ndim != 4 or sample.shape[1] != self.in_channels:

@@ -272,8 +272,14 @@ def test_load_layouts(saved, tmp_path):
     flat = tmp_path / "flat"  # model files and scheduler_config.json in one folder
     model.save_pretrained(flat)
     (flat / "scheduler_config.json").write_text((root / "scheduler/scheduler_config.json").read_text())
+    pickled = tmp_path / "pickled" / "unet"  # diffusion_pytorch_model.bin
+    model.save_pretrained(pickled, safe_serialization=False)
+    (pickled.parent / "scheduler").mkdir()
+    (pickled.parent / "scheduler/scheduler_config.json").write_text(
+        (root / "scheduler/scheduler_config.json").read_text())
+    assert (pickled / "diffusion_pytorch_model.bin").is_file()
     reference = flatten_params(load_unet2d(root).params)
-    for path in (root / "unet", flat):
+    for path in (root / "unet", flat, pickled):
         loaded = load_unet2d(path)
         assert loaded.schedule.num_timesteps == 1000
         for key, value in flatten_params(loaded.params).items():
