@@ -96,3 +96,14 @@ def test_ddpm_rejects_bad_alphas():
         DDPM(jnp.ones((2, 2)))
     with pytest.raises(ValueError, match="betas"):
         DDPM.from_betas([0.1, 1.5])
+
+
+def test_ddpm_sigma_keeps_relative_precision_near_zero_in_float32():
+    # 1 - abar is about 1e-5 at the first of 4000 cosine steps: from a float32 abar it would be
+    # off by about 1e-3 relative; from the float32 log abar it is exact to float32 rounding.
+    T, s = 4000, 0.008
+    f = [math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2 for u in range(3)]
+    for i in (1, 2):
+        one_minus_abar = 1 - np.prod([1 - min(1 - f[j + 1] / f[j], 0.999) for j in range(i)])
+        sigma = float(DDPM.cosine(T).sigma(jnp.float32(i / T)))
+        assert abs(sigma / math.sqrt(one_minus_abar) - 1) < 1e-6

@@ -7,6 +7,7 @@ an estimator is called outside ``jit`` or with concrete arguments inside it.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Callable, Sequence
 
@@ -65,13 +66,34 @@ def check_times(t0: Any, batch: int, dtype: Any, name: str = "t0") -> Array:
 
 
 def check_score_fn(score_fn: Callable, x: Array, t: Array, name: str = "score_fn") -> None:
-    """The score function must map ``x [b, ...]`` and ``t [b]`` to an array shaped like ``x``."""
+    """The score function must map ``x [b, ...]`` and ``t [b]`` to an array shaped like ``x``.
+
+    The check traces ``score_fn`` abstractly; the answer is cached per function, parameter
+    shapes and input shapes, so calling an estimator batch after batch on a large network
+    does not re-trace it every call.
+    """
     if not callable(score_fn):
         raise TypeError(f"{name} must be callable as {name}(x_t, t), got {type(score_fn).__name__}")
-    out = jax.eval_shape(score_fn, x, t)
+    leaves, treedef = jax.tree_util.tree_flatten(as_pytree_fn(score_fn))
+    avals = tuple((np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
+    try:
+        hash(treedef)
+    except TypeError:  # an unhashable callable: check without the cache
+        out = jax.eval_shape(score_fn, x, t)
+    else:
+        out = _output_aval(treedef, avals, (x.shape, x.dtype), (t.shape, t.dtype))
     if not hasattr(out, "shape") or out.shape != x.shape:
         got = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"{name}(x_t, t) must return an array of shape {x.shape} like x_t, got {got}")
+
+
+@functools.lru_cache(maxsize=512)
+def _output_aval(treedef, avals, x_aval, t_aval):
+    def call(leaves, x, t):
+        return jax.tree_util.tree_unflatten(treedef, leaves)(x, t)
+
+    structs = [jax.ShapeDtypeStruct(*a) for a in avals]
+    return jax.eval_shape(call, structs, jax.ShapeDtypeStruct(*x_aval), jax.ShapeDtypeStruct(*t_aval))
 
 
 def as_pytree_fn(fn: Callable) -> Partial:

@@ -135,8 +135,10 @@ def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM]:
         )
     try:
         module = UNet2D.from_config(metadata["config"], dtype=dtype)
-        schedule = DDPM(jnp.asarray(np.asarray(metadata["schedule"]["alphas_cumprod"]),
-                                    dtype=jnp.result_type(float)))
+        stored = metadata["schedule"]
+        dtype = jnp.result_type(float)
+        schedule = DDPM(jnp.asarray(np.asarray(stored["alphas_cumprod"]), dtype),
+                        jnp.asarray(np.asarray(stored["log_alphas_cumprod"]), dtype))
     except (KeyError, TypeError, ValueError) as err:
         raise ConversionError(f"{str(path)!r}: bad config or schedule metadata: {err}") from None
     flat = {"/".join(p): v for p, v in flatten_params(params).items()}
@@ -193,7 +195,7 @@ def save_unet2d(path: str | os.PathLike, model: Pretrained) -> Path:
     """Write a loaded UNet2D (parameters, config, schedule) to one ``.safetensors`` file.
 
     :func:`load_unet2d` reads it back without torch. The config and the schedule's
-    ``alphas_cumprod`` are stored as JSON metadata.
+    ``alphas_cumprod`` and ``log_alphas_cumprod`` are stored as JSON metadata.
 
     Args:
         path: the target file; must end in ``.safetensors``.
@@ -210,7 +212,9 @@ def save_unet2d(path: str | os.PathLike, model: Pretrained) -> Path:
     metadata = {
         "architecture": _ARCHITECTURE,
         "config": model.module.to_config(),
-        "schedule": {"alphas_cumprod": np.asarray(model.schedule.alphas_cumprod,
-                                                  np.float64).tolist()},
+        "schedule": {
+            name: np.asarray(getattr(model.schedule, name), np.float64).tolist()
+            for name in ("alphas_cumprod", "log_alphas_cumprod")
+        },
     }
     return save_params(path, jax.device_get(model.params), metadata=metadata)

@@ -40,7 +40,7 @@ class Pretrained(NamedTuple):
     score_fn: Partial
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class _EpsScore:
     """``score(x_t, t) = -eps(x_t, T t - 1) / sigma(t)`` for a discrete-time noise predictor
     (paper, Eq. 10), whose output's first ``c`` channels (``c`` = input channels) are ``eps``
