@@ -6,20 +6,68 @@ Subcommands:
   mixture experiment (Section 4, Figure 4) on CPU in under a minute.
 * ``mmh-jax demo digits``: the image-scale memorization demo on scikit-learn's 8x8
   digits.
+* ``mmh-jax convert unet2d FOLDER -o OUT.safetensors``: convert a local diffusers
+  ``UNet2DModel`` folder (or a pipeline folder with ``unet/``, its noise schedule read from
+  the scheduler config saved beside it) into one safetensors file that
+  :func:`mmh_jax.models.load_unet2d` reads without torch.
+* ``mmh-jax convert iddpm CHECKPOINT.pt -o OUT.safetensors [--image-size 32 ...]``: convert
+  an improved-diffusion checkpoint, given the flags it was trained with (improved-diffusion's
+  defaults otherwise), into one safetensors file that :func:`mmh_jax.models.load_iddpm` reads
+  without torch or flags.
 
-Errors in the input are reported as one line on stderr with exit status 2;
-Ctrl-C exits with status 130 and leaves no half-written output file.
+Both conversions are strict (every tensor must match the architecture) and print a summary
+table. Errors in the input are reported as one line on stderr with exit status 2 (a checkpoint
+that does not match its architecture: exit status 1, with the full listing of mismatching
+keys); Ctrl-C exits with status 130 and leaves no half-written output file.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import NoReturn, Sequence
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
 
 __all__ = ["main", "build_parser"]
 
 DEMOS = ("von-mises", "digits")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """argparse type of ``--channel-mult``: comma-separated ints."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 1,2,2,2, "
+                                         f"got {text!r}") from None
+
+
+# `convert iddpm` options: load_iddpm's keyword arguments (improved-diffusion's flags) as
+# (name, argparse type (bool: --flag/--no-flag; a tuple: the choices), metavar, help); their
+# defaults, shown in --help, are load_iddpm's.
+_IDDPM_MODEL_OPTIONS: tuple[tuple[str, Any, str | None, str], ...] = (
+    ("image_size", int, "SIZE", "height and width of the images"),
+    ("num_channels", int, "N", "base channel count"),
+    ("num_res_blocks", int, "N", "ResBlocks per resolution level"),
+    ("channel_mult", _int_list, "M1,M2,...", "channel multipliers per resolution level (not a "
+                                              "flag of improved-diffusion, which derives them "
+                                              "from the image size)"),
+    ("learn_sigma", bool, None, "the model also outputs variances (6 output channels)"),
+    ("attention_resolutions", str, "R1,R2,...", "resolutions whose blocks have attention"),
+    ("num_heads", int, "N", "attention heads"),
+    ("num_heads_upsample", int, "N", "attention heads of the output blocks (-1: --num-heads)"),
+    ("use_scale_shift_norm", bool, None, "FiLM conditioning of the ResBlocks"),
+    ("dropout", float, "P", "training dropout rate (recorded only)"),
+)
+_IDDPM_DIFFUSION_OPTIONS: tuple[tuple[str, Any, str | None, str], ...] = (
+    ("diffusion_steps", int, "T", "number of diffusion steps"),
+    ("noise_schedule", ("linear", "cosine"), None, "beta schedule"),
+    ("rescale_timesteps", bool, None, "the network saw step i as i * 1000 / T"),
+)
+_IDDPM_FLAGS = tuple(option[0] for option in _IDDPM_MODEL_OPTIONS + _IDDPM_DIFFUSION_OPTIONS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +114,97 @@ def build_parser() -> argparse.ArgumentParser:
         "memorized from novel samples (AUROC of -FLIPD).",
     )
     digits.add_arguments(dg)
+    _add_convert_parsers(commands)
     return parser
+
+
+def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, text: str,
+                      default: Any) -> None:
+    """Add one improved-diffusion flag; it is in the namespace only when given."""
+    option = "--" + name.replace("_", "-")
+    if name == "channel_mult":
+        from mmh_jax.models.iddpm import _CHANNEL_MULT
+
+        shown = "improved-diffusion's for --image-size, " + "; ".join(
+            f"{size}: {','.join(map(str, mult))}" for size, mult in _CHANNEL_MULT.items())
+    elif isinstance(default, bool):
+        shown = "--" + ("" if default else "no-") + name.replace("_", "-")
+    else:
+        shown = str(default)
+    common = dict(dest=name, default=argparse.SUPPRESS, help=f"{text} (default: {shown})")
+    if kind is bool:
+        group.add_argument(option, action=argparse.BooleanOptionalAction, **common)
+    elif isinstance(kind, tuple):
+        group.add_argument(option, choices=kind, **common)
+    else:
+        group.add_argument(option, type=kind, metavar=metavar, **common)
+
+
+def _described(description: str, example: str) -> dict[str, Any]:
+    """``add_parser`` arguments for a description wrapped as usual and a verbatim example."""
+    return dict(description=textwrap.fill(description, 79), epilog=f"example: {example}",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_convert_parsers(commands: Any) -> None:
+    """The ``convert`` command and its ``unet2d`` and ``iddpm`` subcommands."""
+    from mmh_jax.models.iddpm import _DIFFUSION_FLAGS, _MODEL_FLAGS
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a PyTorch checkpoint (diffusers UNet2DModel, improved-diffusion) to "
+        "safetensors for the JAX loaders",
+        description="Convert a local PyTorch diffusion-model checkpoint into one .safetensors file "
+        "holding the Flax parameters, the architecture's config and the noise schedule, which "
+        "mmh_jax.models.load_unet2d / load_iddpm read back without torch. The conversion is "
+        "strict: a checkpoint that does not match its architecture is refused with a listing of "
+        "the missing, unexpected and misshapen tensors. Nothing is downloaded.",
+    )
+    kinds = convert.add_subparsers(dest="architecture", metavar="ARCHITECTURE", parser_class=_Parser)
+    kinds.required = True
+    output = dict(metavar="OUT.safetensors", type=Path, required=True,
+                  help="the file to write (atomically; an existing file is replaced); its folder "
+                  "must exist")
+    unet = kinds.add_parser(
+        "unet2d",
+        help="a diffusers UNet2DModel folder (or a pipeline folder with unet/)",
+        **_described(
+            "Convert a diffusers UNet2DModel saved with save_pretrained: a folder with config.json "
+            "and diffusion_pytorch_model.safetensors (or .bin, which needs torch), or a pipeline "
+            "folder holding it under unet/. The noise schedule comes from the "
+            "scheduler_config.json saved beside the model (in the folder, its scheduler/ child, "
+            "or the pipeline's scheduler/). The output holds the parameters, the config and the "
+            "schedule: load_unet2d(OUT) needs neither torch nor the folder.",
+            "mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors"),
+    )
+    unet.add_argument("path", metavar="FOLDER", type=Path,
+                      help="the diffusers model or pipeline folder")
+    unet.add_argument("-o", "--output", **output)
+    iddpm = kinds.add_parser(
+        "iddpm",
+        help="an improved-diffusion (Nichol & Dhariwal 2021) checkpoint, with its flags",
+        **_described(
+            "Convert an improved-diffusion UNetModel checkpoint (a state dict saved with "
+            "torch.save, read with weights_only=True, or the same as .safetensors). Pass the "
+            "MODEL_FLAGS and DIFFUSION_FLAGS it was trained with, dashes for underscores "
+            "(--image-size 32 for --image_size 32, --learn-sigma / --no-learn-sigma for "
+            "--learn_sigma True / False); flags not given take improved-diffusion's defaults, "
+            "shown below. The sampling-only flags do not change the conversion and are not "
+            "taken. The flags are stored in the output: load_iddpm(OUT) needs none, nor torch.",
+            "the CIFAR-10 L_hybrid model of improved-diffusion's README\n"
+            "  mmh-jax convert iddpm cifar10_uncond_50M_500K.pt -o cifar10_uncond.safetensors \\\n"
+            "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
+            "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine"),
+    )
+    iddpm.add_argument("path", metavar="CHECKPOINT", type=Path,
+                       help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)")
+    iddpm.add_argument("-o", "--output", **output)
+    defaults = {**_MODEL_FLAGS, **_DIFFUSION_FLAGS}
+    for title, options in (("model flags", _IDDPM_MODEL_OPTIONS),
+                           ("diffusion flags", _IDDPM_DIFFUSION_OPTIONS)):
+        group = iddpm.add_argument_group(title)
+        for name, kind, metavar, text in options:
+            _add_iddpm_option(group, name, kind, metavar, text, defaults[name])
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -84,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "convert":
+            return _convert(args)
         if args.command == "demo":
             if args.demo == "digits":
                 from mmh_jax.experiments import digits as mod
@@ -101,6 +241,143 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmh-jax: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command!r}")
+
+
+class _ConvertError(Exception):
+    """A reason ``convert`` stops, with its exit status (reported without a traceback)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+# what a `convert` loader returns: the Pretrained model, its summary rows (name, value) and
+# the function that writes it to a path
+_Loaded = tuple[Any, list[tuple[str, str]], Callable[[Path], Path]]
+
+
+def _check_output(out: Path, source: Path) -> None:
+    """Refuse an output path that cannot receive a .safetensors file, before any work."""
+    if out.exists() and source.exists() and out.samefile(source):
+        raise _ConvertError(f"-o/--output {str(out)!r} is the checkpoint itself; write the "
+                            f"converted file elsewhere")
+    if out.suffix != ".safetensors":
+        raise _ConvertError(f"-o/--output {str(out)!r} must end in .safetensors")
+    if out.is_dir():
+        raise _ConvertError(f"-o/--output {str(out)!r} is a folder; name the file to write")
+    if not out.parent.is_dir():
+        raise _ConvertError(f"-o/--output {str(out)!r}: folder {str(out.parent)!r} does not exist")
+
+
+def _with_options(message: str) -> str:
+    """A ValueError from ``load_iddpm`` with the command-line options of the flags it names."""
+    named = [f"--{name.replace('_', '-')}" for name in _IDDPM_FLAGS
+             if re.search(rf"\b{name}\b", message)]
+    if not named:
+        return message
+    return f"{message} (option{'s' if len(named) > 1 else ''} {', '.join(named)})"
+
+
+def _load_unet2d(args: argparse.Namespace) -> _Loaded:
+    """Load ``convert unet2d``'s folder; the model, its summary rows and its writer."""
+    from mmh_jax.models.loaders import load_unet2d, save_unet2d
+
+    try:
+        model = load_unet2d(args.path)
+    except FileNotFoundError as err:
+        message = str(err)
+        if message.startswith("no scheduler config"):  # its hint names the Python API
+            message = (message.split("; pass schedule=")[0] + "; save the scheduler with the "
+                       "model (scheduler.save_pretrained(FOLDER)) or copy its "
+                       "scheduler_config.json there")
+        raise _ConvertError(message) from None
+    module = model.module
+    heads = module.attention_head_dim
+    rows = [
+        ("architecture", "unet2d (diffusers UNet2DModel)"),
+        ("sample_size", str(module.sample_size)),
+        ("in / out channels", f"{module.in_channels} / {module.out_channels}"),
+        ("block_out_channels", ", ".join(map(str, module.block_out_channels))),
+        ("layers_per_block", str(module.layers_per_block)),
+        ("down blocks", ", ".join(module.down_block_types)),
+        ("up blocks", ", ".join(module.up_block_types)),
+        ("mid-block attention", "yes" if module.mid_block_type and module.add_attention else "no"),
+        ("attention_head_dim", "one head per block" if heads is None else str(heads)),
+    ]
+    return model, rows, lambda out: save_unet2d(out, model)
+
+
+def _load_iddpm(args: argparse.Namespace) -> _Loaded:
+    """Load ``convert iddpm``'s checkpoint; the model, its summary rows and its writer."""
+    from mmh_jax.convert.core import ConversionError
+    from mmh_jax.convert.io import save_params
+    from mmh_jax.models.iddpm import _DIFFUSION_FLAGS, _MODEL_FLAGS, load_iddpm
+
+    given = {name: getattr(args, name) for name in _IDDPM_FLAGS if hasattr(args, name)}
+    try:
+        model = load_iddpm(args.path, **given)
+    except ConversionError as err:
+        raise _ConvertError(f"{err}\n(the flags must be those the checkpoint was trained with; "
+                            f"see mmh-jax convert iddpm --help)", status=1) from None
+    except ValueError as err:
+        raise _ConvertError(_with_options(str(err))) from None
+    defaults = {**_MODEL_FLAGS, **_DIFFUSION_FLAGS}
+    flags = {name: given.get(name, defaults[name]) for name in _IDDPM_FLAGS}
+    shown = {**flags, "channel_mult": ", ".join(map(str, model.module.channel_mult))}
+    rows = [("architecture", "iddpm (improved-diffusion UNetModel)")] + [
+        (name, f"{value}" + ("" if name in given else " (default)"))
+        for name, value in shown.items() if name != "diffusion_steps"]  # in the schedule row
+    metadata = {"architecture": "iddpm", "flags": flags}
+    return model, rows, lambda out: save_params(out, model.params, metadata=metadata)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Run ``mmh-jax convert``: load strictly, write atomically, print a summary table."""
+    import jax
+    import numpy as np
+    from rich.console import Console
+    from rich.filesize import decimal
+    from rich.table import Table
+
+    from mmh_jax.convert.core import ConversionError
+
+    console = Console()
+    start = time.perf_counter()
+    try:
+        _check_output(args.output, args.path)
+        load = _load_unet2d if args.architecture == "unet2d" else _load_iddpm
+        with console.status(f"converting {args.path} ..."):
+            model, rows, write = load(args)
+            written = write(args.output)
+    except (_ConvertError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"mmh-jax: error: {err}", file=sys.stderr)
+        if isinstance(err, _ConvertError):
+            return err.status
+        # a mismatched or unreadable checkpoint (its full listing printed), or a .pt/.bin file
+        # without torch installed: 1; a problem with the command line: 2
+        return 1 if isinstance(err, (ConversionError, ImportError)) else 2
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"mmh-jax: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    leaves = jax.tree.leaves(model.params)
+    abar = np.asarray(model.schedule.alphas_cumprod)
+    table = Table(title=f"mmh-jax convert {args.architecture}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for name, value in [
+        ("source", str(args.path)),
+        ("output", f"{written} ({decimal(written.stat().st_size)})"),
+        ("parameters", f"{sum(leaf.size for leaf in leaves):,} in {len(leaves)} tensors"),
+        *rows,
+        ("schedule", f"T = {model.schedule.num_timesteps}, alphas_cumprod from {abar[0]:.6g} "
+                     f"to {abar[-1]:.6g}"),
+        ("time", f"{seconds:.1f} s"),
+    ]:
+        table.add_row(name, value)
+    console.print(table)
+    return 0
 
 
 if __name__ == "__main__":
