@@ -19,7 +19,6 @@ the matching DDPM schedule and score function. With improved-diffusion's default
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,8 +27,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.tree_util import Partial
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float
 
 from mmh_jax.convert.core import (
     ConversionError,
@@ -46,8 +44,8 @@ from mmh_jax.models.layers import (
     timestep_embedding,
     upsample_nearest_2x,
 )
-from mmh_jax.models.pretrained import Pretrained
-from mmh_jax.schedules import DDPM, broadcast_to_event
+from mmh_jax.models.pretrained import Pretrained, eps_score_fn
+from mmh_jax.schedules import DDPM
 
 __all__ = ["IDDPMUNet", "IDDPMLayer", "iddpm_schedule", "load_iddpm"]
 
@@ -482,25 +480,6 @@ def iddpm_schedule(diffusion_steps: int, noise_schedule: str) -> DDPM:
     raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {noise_schedule!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class _IDDPMScore:
-    """``score(x_t, t) = -eps / sigma(t)`` with ``eps`` the first ``c`` output channels at the
-    network timestep ``T t - 1``, times ``1000 / T`` for models trained with
-    ``rescale_timesteps``."""
-
-    module: IDDPMUNet
-    rescale_timesteps: bool
-
-    def __call__(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
-                 t: Float[Array, " b"]) -> Float[Array, "b c h w"]:
-        steps = schedule.timestep(t)
-        if self.rescale_timesteps:
-            steps = steps * (1000.0 / schedule.num_timesteps)
-        out = self.module.apply({"params": params}, x_t, steps)
-        eps = out[:, : x_t.shape[1]].astype(x_t.dtype)
-        return -eps / broadcast_to_event(schedule.sigma(t), x_t)
-
-
 def _normalised(value: Any) -> Any:
     """A flag value as it reads back from JSON metadata (tuples become lists)."""
     return json.loads(json.dumps(value))
@@ -582,5 +561,6 @@ def load_iddpm(path: str | os.PathLike, *, dtype: Any = jnp.float32, **flags: An
         params = convert_state_dict(flat, {k: Rename(tuple(k.split("/"))) for k in flat},
                                     iddpm_expected_params(module), source=source)
     params = jax.tree.map(jnp.asarray, params)
-    score_fn = Partial(_IDDPMScore(module, flags["rescale_timesteps"]), params, schedule)
+    scale = 1000.0 / schedule.num_timesteps if flags["rescale_timesteps"] else 1.0
+    score_fn = eps_score_fn(module, params, schedule, timestep_scale=scale)
     return Pretrained(module, params, schedule, score_fn)

@@ -42,20 +42,26 @@ class Pretrained(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _EpsScore:
-    """``score(x_t, t) = -eps(x_t, T t - 1) / sigma(t)`` for a discrete-time noise predictor
-    (paper, Eq. 10), whose output's first ``c`` channels (``c`` = input channels) are ``eps``
-    (learned-variance models append ``c`` variance channels)."""
+    """``score(x_t, t) = -eps / sigma(t)`` (paper, Eq. 10) for a discrete-time noise predictor
+    fed the timestep ``(T t - 1) * timestep_scale``, whose output's first ``c`` channels
+    (``c`` = input channels) are ``eps`` (learned-variance models append ``c`` variance
+    channels)."""
 
     module: nn.Module
+    timestep_scale: float = 1.0
 
     def __call__(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
                  t: Float[Array, " b"]) -> Float[Array, "b c h w"]:
-        out = self.module.apply({"params": params}, x_t, schedule.timestep(t))
+        steps = schedule.timestep(t)
+        if self.timestep_scale != 1.0:
+            steps = steps * self.timestep_scale
+        out = self.module.apply({"params": params}, x_t, steps)
         eps = out[:, : x_t.shape[1]].astype(x_t.dtype)
         return -eps / broadcast_to_event(schedule.sigma(t), x_t)
 
 
-def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM) -> Partial:
+def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
+                 timestep_scale: float = 1.0) -> Partial:
     """The score function of a discrete-time epsilon-prediction UNet.
 
     Args:
@@ -63,9 +69,11 @@ def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM) -> Partial:
         params: its parameters.
         schedule: the DDPM schedule it was trained with; continuous ``t`` maps to the
             timestep ``T t - 1`` (0-based, as diffusers and improved-diffusion count).
+        timestep_scale: factor on the timestep the network sees (``1000 / T`` for
+            improved-diffusion models trained with ``rescale_timesteps``).
 
     Returns:
-        ``score_fn(x_t, t)``, a :class:`jax.tree_util.Partial` over ``(params, schedule)``.
+        ``score_fn(x_t, t)``, a :class:`jax.tree_util.Partial` over ``(params, schedule)``;
+        two score functions of equal modules share compiled estimator code.
     """
-    return Partial(_EpsScore(module), params, schedule)
-
+    return Partial(_EpsScore(module, float(timestep_scale)), params, schedule)
