@@ -71,7 +71,11 @@ def test_chunking_and_batch_do_not_change_a_point(x64):
     keys = jax.random.split(jax.random.key(10), 5)
     full = normal_bundle(mix.score(schedule), x, 0.01, schedule=schedule, key=keys, chunk_size=5)
     alone = normal_bundle(mix.score(schedule), x[2:3], 0.01, schedule=schedule, key=keys[2:3], chunk_size=16)
-    np.testing.assert_allclose(full.singular_values[2], alone.singular_values[0], rtol=1e-10)
+    # equal up to the float64 rounding of Gram sums taken in another order (chunks of 5 vs 16),
+    # which is relative to the largest singular value
+    s_max = float(alone.singular_values[0, 0])
+    np.testing.assert_allclose(full.singular_values[2], alone.singular_values[0], rtol=1e-10,
+                               atol=1e-10 * s_max)
 
 
 def test_float32_and_jit(dtype):
