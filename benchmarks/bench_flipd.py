@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from _common import cpu_model, timed
 
 from mmh_jax.lid import flipd, normal_bundle
 from mmh_jax.schedules import DDPM, score_from_eps
@@ -60,16 +58,6 @@ def eps_net(params, x, t):
     for w1, w2 in params["blocks"]:
         h = h + _conv(jax.nn.silu(_group_norm(_conv(jax.nn.silu(_group_norm(h)), w1))), w2)
     return jnp.transpose(_conv(jax.nn.silu(_group_norm(h)), params["out"]), (0, 3, 1, 2))
-
-
-def timed(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -114,25 +102,25 @@ def main() -> None:
         return normal_bundle(score_for(p), x, 0.05, schedule=schedule, key=key, chunk_size=64)
 
     x = jax.random.normal(key, (args.batch, 3, args.size, args.size))
-    t_fwd = timed(forward, params, x, repeats=args.repeats)
-    t_flipd = timed(flipd_1, params, x, key, repeats=args.repeats)
+    t_fwd = timed(lambda: forward(params, x), args.repeats, jax.block_until_ready)
+    t_flipd = timed(lambda: flipd_1(params, x, key), args.repeats, jax.block_until_ready)
     v = jax.random.rademacher(key, x.shape, x.dtype)
-    t_jvp = timed(plain_jvp, params, x, v, repeats=args.repeats)
-    t_two = timed(two_forwards, params, x, v, repeats=args.repeats)
+    t_jvp = timed(lambda: plain_jvp(params, x, v), args.repeats, jax.block_until_ready)
+    t_two = timed(lambda: two_forwards(params, x, v), args.repeats, jax.block_until_ready)
 
     xs = jax.random.normal(key, (args.batch, 3, args.exact_size, args.exact_size))
     d_small = xs[0].size
-    t_fwd_small = timed(forward, params, xs, repeats=args.repeats)
-    t_flipd_small = timed(flipd_1, params, xs, key, repeats=args.repeats)
-    t_exact = timed(flipd_exact, params, xs, repeats=max(1, args.repeats // 2))
+    t_fwd_small = timed(lambda: forward(params, xs), args.repeats, jax.block_until_ready)
+    t_flipd_small = timed(lambda: flipd_1(params, xs, key), args.repeats, jax.block_until_ready)
+    t_exact = timed(lambda: flipd_exact(params, xs), max(1, args.repeats // 2), jax.block_until_ready)
 
     xn = xs[:2]
     k_scores = 4 * d_small
-    t_nb = timed(nb, params, xn, key, repeats=max(1, args.repeats // 2))
+    t_nb = timed(lambda: nb(params, xn, key), max(1, args.repeats // 2), jax.block_until_ready)
     xn_big = jax.random.normal(key, (2 * 64,) + xs.shape[1:])
-    t_score_calls = timed(forward, params, xn_big, repeats=args.repeats) * (k_scores / 64)
+    t_score_calls = timed(lambda: forward(params, xn_big), args.repeats, jax.block_until_ready) * (k_scores / 64)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"machine: {cpu_model()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(f"network: {args.blocks} residual blocks x {args.channels} channels, batch {args.batch}, float32")
     print(f"forward, 3x{args.size}x{args.size}:                 {t_fwd * 1e3:9.1f} ms")
     print(f"FLIPD 1 Hutchinson probe:               {t_flipd * 1e3:9.1f} ms  = {t_flipd / t_fwd:5.2f} x forward")

@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import time
 
 import numpy as np
+from _common import cpu_model
 
 
 def make_data(n: int, d: int, m: int, noise: float, seed: int) -> np.ndarray:
@@ -35,17 +35,6 @@ def make_data(n: int, d: int, m: int, noise: float, seed: int) -> np.ndarray:
     x = np.sin(z @ w + b)
     x += noise * rng.standard_normal((n, d), dtype=np.float32)
     return x.astype(np.float32)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

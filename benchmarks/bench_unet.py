@@ -25,41 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 
 import numpy as np
-
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
-    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
-    norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-    attention_head_dim=None, act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
-    time_embedding_type="positional")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def timed(fn, repeats: int, sync) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    sync(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from _common import cpu_model, timed
 
 
 def main() -> None:
@@ -84,7 +52,7 @@ def main() -> None:
     from mmh_jax.convert.unet2d import convert_unet2d
     from mmh_jax.lid import flipd, normal_bundle
     from mmh_jax.models.pretrained import eps_score_fn
-    from mmh_jax.models.unet2d import UNet2D
+    from mmh_jax.models.unet2d import DDPM_CIFAR10_CONFIG, UNet2D
     from mmh_jax.reference.torch_lid import eps_score_fn_torch, flipd_torch
     from mmh_jax.schedules import DDPM
 
@@ -93,7 +61,7 @@ def main() -> None:
           f"backend={jax.default_backend()} device='{dev.device_kind}' torch={torch.__version__} "
           f"torch_threads={torch.get_num_threads()}")
     torch.manual_seed(0)
-    model = UNet2DModel(**CIFAR10).eval()
+    model = UNet2DModel(**DDPM_CIFAR10_CONFIG).eval()
     for m in model.modules():  # UNet2DModel has no set_attn_processor; set it per layer
         if isinstance(m, Attention):
             m.set_processor(AttnProcessor())
@@ -112,12 +80,7 @@ def main() -> None:
     print(f"model: DDPM-CIFAR10 UNet2D, {n_params / 1e6:.1f}M parameters; batch {b}, fp32, "
           f"t0={args.t0} (timestep {float(steps[0]):.0f})")
 
-    def sync_jax(out):
-        jax.block_until_ready(out)
-
-    def sync_none(out):
-        return out
-
+    sync_jax = jax.block_until_ready
     apply = jax.jit(module.apply)
     t_fwd = timed(lambda: apply({"params": params}, x, steps), args.repeats, sync_jax)
     key = jax.random.key(1)
@@ -148,13 +111,13 @@ def main() -> None:
         sigma = torch.as_tensor(np.asarray(schedule.sigma(t)))
         pt = torch.as_tensor(probes)
         with torch.no_grad():
-            t_tfwd = timed(lambda: model(xt, tt * 1000 - 1).sample, args.repeats, sync_none)
+            t_tfwd = timed(lambda: model(xt, tt * 1000 - 1).sample, args.repeats)
         results = {}
         for mode in ("reverse", "forward"):
             def run(mode=mode):
                 return flipd_torch(tscore, xt, tt, psi=psi, sigma=sigma, probes=pt, mode=mode)
             try:
-                results[mode] = (timed(run, args.repeats, sync_none), run().numpy())
+                results[mode] = (timed(run, args.repeats), run().numpy())
             except Exception as err:  # forward-mode AD is missing for some CPU kernels
                 print(f"torch {mode} mode: fails ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
         print(f"torch: forward {t_tfwd:.3f} s ({b / t_tfwd:.1f} img/s)")

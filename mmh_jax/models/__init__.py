@@ -8,9 +8,10 @@ from mmh_jax.models.toy import (
     MLPEpsNet,
     time_features,
 )
-from mmh_jax.models.unet2d import UNet2D
+from mmh_jax.models.unet2d import DDPM_CIFAR10_CONFIG, UNet2D
 
 __all__ = [
+    "DDPM_CIFAR10_CONFIG",
     "ConvEpsNet",
     "IDDPMUNet",
     "MLPEpsNet",

@@ -15,7 +15,7 @@ from mmh_jax.convert import ConversionError, flatten_params
 from mmh_jax.convert.unet2d import convert_unet2d
 from mmh_jax.models.layers import timestep_embedding
 from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save_unet2d
-from mmh_jax.models.unet2d import UNet2D
+from mmh_jax.models.unet2d import DDPM_CIFAR10_CONFIG, UNet2D
 from mmh_jax.schedules import DDPM
 
 TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
@@ -39,15 +39,6 @@ CONFIGS = {
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
     "no-mid-block": dict(TINY, mid_block_type=None, freq_shift=1),
 }
-
-# google/ddpm-cifar10-32
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256],
-    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
-    norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-    attention_head_dim=None, act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
-    time_embedding_type="positional")
 
 
 def torch_unet(config: dict, seed: int = 0) -> UNet2DModel:
@@ -103,7 +94,7 @@ def test_matches_diffusers(name):
 
 
 def test_matches_diffusers_ddpm_cifar10():
-    model = torch_unet(CIFAR10)
+    model = torch_unet(DDPM_CIFAR10_CONFIG)
     module = UNet2D.from_config(model.config)
     params = convert_unet2d(numpy_state_dict(model), module)
     n_torch = sum(p.numel() for p in model.parameters())
