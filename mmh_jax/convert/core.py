@@ -123,6 +123,7 @@ def convert_state_dict(
             Flax parameter that no torch key fills (missing), and every shape mismatch.
     """
     expected_flat = {p: tuple(leaf.shape) for p, leaf in flatten_params(expected).items()}
+    targets = {rule.path for rule in table.values()}
     unexpected = sorted(k for k in state_dict if k not in table)
     not_in_checkpoint = sorted(k for k in table if k not in state_dict)
     bad_target = sorted(f"{k} -> {'/'.join(r.path)}" for k, r in table.items()
@@ -146,8 +147,7 @@ def convert_state_dict(
             )
             continue
         flat[rule.path] = value.astype(dtype)
-    missing = sorted("/".join(p) for p in expected_flat if p not in flat
-                     and not any(r.path == p for r in table.values()))
+    missing = sorted("/".join(p) for p in expected_flat if p not in targets)
     problems = []
     if not_in_checkpoint:
         problems.append(_listing("missing from the checkpoint", not_in_checkpoint))

@@ -218,10 +218,8 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     k_init, k_train, k_sample, k_nb = jax.random.split(jax.random.key(config.seed), 4)
 
     with make_progress(err_console, enabled=config.progress) as progress:
-        task = progress.add_task("training", total=config.steps)
         chunk = min(100, config.steps)
-        steps = -(-config.steps // chunk) * chunk
-        progress.update(task, total=steps)
+        task = progress.add_task("training", total=-(-config.steps // chunk) * chunk)
         t = time.perf_counter()
         trained = train_eps(
             net.apply,
