@@ -29,6 +29,7 @@ __all__ = [
     "save_figure",
     "make_progress",
     "require",
+    "train_with_progress",
 ]
 
 
@@ -120,10 +121,44 @@ def make_progress(console: Console, *, enabled: bool) -> Progress:
     )
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """Run ``fn`` and return its result with the wall time in seconds."""
+def train_with_progress(
+    progress: Progress,
+    net: Any,
+    params: Any,
+    data: Any,
+    *,
+    schedule: Any,
+    key: Any,
+    steps: int,
+    chunk: int,
+    **train_kwargs: Any,
+) -> tuple[Any, Callable, float]:
+    """Train an epsilon-network with :func:`mmh_jax.training.train_eps` under a progress task.
+
+    Args:
+        progress: the display to add the "training" task to.
+        net: a network of :mod:`mmh_jax.models.toy` (``net.apply(params, x_t, t)``).
+        params: its initial parameters.
+        data: training points ``[n, *event]``.
+        schedule: the noise schedule.
+        key: the training key.
+        steps: optimiser steps.
+        chunk: steps per compiled chunk (one progress update each).
+        **train_kwargs: the other settings of ``train_eps``.
+
+    Returns:
+        ``(trained, score_fn, seconds)``: what ``train_eps`` returned (parameters, losses), the
+        trained network's score function and the training wall time.
+    """
+    import functools
     import time
 
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+    from mmh_jax.schedules import score_from_eps
+    from mmh_jax.training import train_eps
+
+    task = progress.add_task("training", total=-(-steps // chunk) * chunk)
+    start = time.perf_counter()
+    trained = train_eps(net.apply, params, data, schedule=schedule, key=key, steps=steps,
+                        chunk=chunk, progress=lambda n: progress.advance(task, n), **train_kwargs)
+    seconds = time.perf_counter() - start
+    return trained, score_from_eps(functools.partial(net.apply, trained.params), schedule), seconds

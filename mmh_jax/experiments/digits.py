@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +31,7 @@ from mmh_jax.experiments._common import (
     prepare_out_dir,
     require,
     save_figure,
+    train_with_progress,
     write_csv,
     write_parquet,
 )
@@ -203,8 +203,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     from mmh_jax.lid import flipd
     from mmh_jax.models import ConvEpsNet
     from mmh_jax.sampling import sample
-    from mmh_jax.schedules import VP, score_from_eps
-    from mmh_jax.training import train_eps
+    from mmh_jax.schedules import VP
 
     t_start = time.perf_counter()
     data = make_digits_training_set(
@@ -220,17 +219,12 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
     timings = {}
     with make_progress(err_console, enabled=config.progress) as progress:
-        chunk = min(50, config.steps)
-        task = progress.add_task("training", total=-(-config.steps // chunk) * chunk)
-        t = time.perf_counter()
-        trained = train_eps(
-            net.apply, net.init(k_init), jnp.asarray(data.images), schedule=schedule, key=k_train,
-            steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        trained, score_fn, timings["train_s"] = train_with_progress(
+            progress, net, net.init(k_init), jnp.asarray(data.images), schedule=schedule,
+            key=k_train, steps=config.steps, chunk=min(50, config.steps),
+            batch_size=config.batch_size, learning_rate=config.learning_rate,
             t_min=config.train_t_min, time_sampling=config.time_sampling,
-            chunk=chunk, progress=lambda n: progress.advance(task, n),
         )
-        timings["train_s"] = time.perf_counter() - t
-        score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule)
         est = progress.add_task("sampling + FLIPD", total=2)
         t = time.perf_counter()
         samples = np.asarray(jax.jit(lambda k: sample(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from mmh_jax.experiments._common import (
     prepare_out_dir,
     require,
     save_figure,
+    train_with_progress,
     write_csv,
     write_parquet,
 )
@@ -201,8 +201,7 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     from mmh_jax.memorization import LABEL_NAMES, classify
     from mmh_jax.models import MLPEpsNet
     from mmh_jax.sampling import sample
-    from mmh_jax.schedules import VP, score_from_eps
-    from mmh_jax.training import train_eps
+    from mmh_jax.schedules import VP
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -218,24 +217,12 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     k_init, k_train, k_sample, k_nb = jax.random.split(jax.random.key(config.seed), 4)
 
     with make_progress(err_console, enabled=config.progress) as progress:
-        chunk = min(100, config.steps)
-        task = progress.add_task("training", total=-(-config.steps // chunk) * chunk)
-        t = time.perf_counter()
-        trained = train_eps(
-            net.apply,
-            net.init(k_init),
-            jnp.asarray(train.points),
-            schedule=schedule,
-            key=k_train,
-            steps=config.steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
+        trained, score_fn, timings["train_s"] = train_with_progress(
+            progress, net, net.init(k_init), jnp.asarray(train.points), schedule=schedule,
+            key=k_train, steps=config.steps, chunk=min(100, config.steps),
+            batch_size=config.batch_size, learning_rate=config.learning_rate,
             t_min=config.train_t_min,
-            chunk=chunk,
-            progress=lambda n: progress.advance(task, n),
         )
-        timings["train_s"] = time.perf_counter() - t
-        score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule)
 
         est = progress.add_task("sampling + LID", total=4)
         t = time.perf_counter()
