@@ -13,7 +13,6 @@ from mmh_jax.lid.data import mle, twonn
 from mmh_jax.lid.lpca import lpca
 
 
-
 def _sphere(n=500, dim=4, pad=0, noise=0.0, seed=0):
     x = skdim.datasets.hyperSphere(n=n, d=dim, random_state=seed)  # S^dim in R^(dim+1)
     if pad:

@@ -10,7 +10,6 @@ import skdim
 from mmh_jax.lid.lpca import local_spectra, lpca
 
 
-
 def _ball_with_noise(n=500, dim=4, extra=2, noise=0.05, seed=0):
     x = skdim.datasets.hyperBall(n=n, d=dim, radius=1.0, random_state=seed)
     rng = np.random.default_rng(seed + 1)

@@ -1,0 +1,91 @@
+"""Tests of the exact neighbour search (mmh_jax.lid._knn), brute force and certified, against
+scikit-learn's brute-force neighbours in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skdim
+from sklearn.neighbors import NearestNeighbors
+
+from mmh_jax.lid._knn import build_index, iter_chunks, knn, search_chunk
+from mmh_jax.lid.lpca import lpca
+
+
+def _curved(n, d, dim, noise=1e-3, seed=0):
+    """A ``dim``-dimensional curved manifold ``sin(z W + b)`` in R^d plus a little noise."""
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(0.0, 1.0, (n, dim))
+    x = np.sin(z @ rng.standard_normal((dim, d)) + rng.uniform(0, 2 * np.pi, d))
+    return x + noise * rng.standard_normal((n, d))
+
+
+def _sklearn(x, queries, k):
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(x)
+    return nn.kneighbors(queries)
+
+
+def _uncertified_per_chunk(x, queries, *, k, batch_size, projection_dim):
+    exclude_self = queries is None
+    index = build_index(x, k=k, exclude_self=exclude_self, projection_dim=projection_dim)
+    assert index.proj is not None
+    qs = x if queries is None else queries
+    return [int(search_chunk(index, chunk, start, k=k, exclude_self=exclude_self)[2])
+            for start, chunk, _ in iter_chunks(qs, batch_size)]
+
+
+@pytest.mark.parametrize("with_queries", [False, True])
+def test_certified_search_matches_sklearn(x64, with_queries):
+    x = _curved(900, 96, 4)
+    # Queries near (not on) data points, so that none is a data point itself.
+    queries = x[:150] + 0.01 * _curved(150, 96, 4, seed=1) if with_queries else None
+    k = 10
+    ref_d, ref_i = _sklearn(x, queries, k)
+    d, i = knn(x, queries, k=k, batch_size=128, projection_dim=12)
+    np.testing.assert_array_equal(np.asarray(i), ref_i)
+    np.testing.assert_allclose(np.asarray(d), ref_d, rtol=1e-10)
+    # The certificate itself answered (almost) every query: the shortcut was really taken.
+    bad = _uncertified_per_chunk(x, queries, k=k, batch_size=128, projection_dim=12)
+    assert sum(bad) <= 0.02 * (x if queries is None else queries).shape[0]
+
+
+@pytest.mark.parametrize("projection_dim, branch", [(3, "few"), (2, "all")])
+def test_uncertified_queries_are_redone_by_brute_force(x64, projection_dim, branch):
+    """A 3-D manifold seen through a 3-D (2-D) projection: some (most) queries are not
+    certified and are redone by brute force, a few rows of a chunk (the whole chunk)."""
+    x = _curved(500, 24, 3, noise=1e-2)
+    k = 5
+    bad = _uncertified_per_chunk(x, None, k=k, batch_size=64, projection_dim=projection_dim)
+    if branch == "few":
+        assert any(0 < b <= 16 for b in bad)
+    else:
+        assert any(b > 16 for b in bad)
+    ref_d, ref_i = _sklearn(x, None, k)
+    d, i = knn(x, k=k, batch_size=64, projection_dim=projection_dim)
+    np.testing.assert_array_equal(np.asarray(i), ref_i)
+    np.testing.assert_allclose(np.asarray(d), ref_d, rtol=1e-10)
+
+
+def test_certified_search_keeps_duplicates_and_excludes_self(x64):
+    x = _curved(600, 64, 3)
+    x[100:104] = x[7]  # x[7] has 4 exact copies
+    d, i = knn(x, k=6, projection_dim=10)
+    i, d = np.asarray(i), np.asarray(d)
+    assert not np.any(i == np.arange(600)[:, None])
+    assert set(i[7, :4]) == {100, 101, 102, 103}
+    np.testing.assert_array_equal(d[7, :4], 0.0)
+    ref_d, _ = _sklearn(x, None, 6)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-10, atol=1e-12)
+
+
+def test_lpca_on_high_dimensional_data_takes_the_certified_search(x64):
+    """d >= 1024 and n >= 2048: lpca's default search is the certified one, and its answers
+    equal scikit-dimension's on scikit-learn's neighbours."""
+    x = _curved(2048, 1024, 3)
+    k = 20
+    assert build_index(x, k=k, exclude_self=True).proj is not None
+    got = np.asarray(lpca(x, k=k))
+    sel = np.arange(0, 2048, 16)
+    _, ref_i = _sklearn(x, None, k)
+    ref = skdim.id.lPCA(ver="FO").fit_pw(x, precomputed_knn=ref_i[sel], n_neighbors=k)
+    np.testing.assert_array_equal(got[sel], ref.dimension_pw_)
