@@ -8,6 +8,7 @@ import pytest
 import skdim
 from sklearn.neighbors import NearestNeighbors
 
+from mmh_jax.lid import _knn
 from mmh_jax.lid._knn import build_index, iter_chunks, knn, search_chunk
 from mmh_jax.lid.lpca import lpca
 
@@ -78,9 +79,15 @@ def test_certified_search_keeps_duplicates_and_excludes_self(x64):
     np.testing.assert_allclose(d, ref_d, rtol=1e-10, atol=1e-12)
 
 
-def test_lpca_on_high_dimensional_data_takes_the_certified_search(x64):
-    """d >= 1024 and n >= 2048: lpca's default search is the certified one, and its answers
-    equal scikit-dimension's on scikit-learn's neighbours."""
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    """Let the default rule pick the certified search from 2048 points (16384 in use)."""
+    monkeypatch.setattr(_knn, "_MIN_POINTS", 2048)
+
+
+def test_lpca_on_high_dimensional_data_takes_the_certified_search(x64, small_thresholds):
+    """d >= 1024: lpca's default search is the certified one, and its answers equal
+    scikit-dimension's on scikit-learn's neighbours."""
     x = _curved(2048, 1024, 3)
     k = 20
     assert build_index(x, k=k, exclude_self=True).proj is not None
@@ -89,3 +96,12 @@ def test_lpca_on_high_dimensional_data_takes_the_certified_search(x64):
     _, ref_i = _sklearn(x, None, k)
     ref = skdim.id.lPCA(ver="FO").fit_pw(x, precomputed_knn=ref_i[sel], n_neighbors=k)
     np.testing.assert_array_equal(got[sel], ref.dimension_pw_)
+
+
+def test_probe_falls_back_to_brute_force_when_few_queries_are_certified(x64, small_thresholds):
+    """Isotropic Gaussian data have no low-dimensional structure: a projection certifies
+    almost nothing, the probe sees it, and the index is brute force."""
+    x = np.random.default_rng(3).standard_normal((2048, 1024))
+    assert build_index(x, k=10, exclude_self=True).proj is None
+    assert build_index(x, k=10, exclude_self=True, projection_dim=256).proj is not None
+    assert build_index(x[:, :1000], k=10, exclude_self=True).proj is None  # d < 1024
