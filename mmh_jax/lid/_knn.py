@@ -168,8 +168,8 @@ class NeighbourIndex(NamedTuple):
     """What a neighbour search over ``data`` needs, built once by :func:`build_index`.
 
     ``proj`` holds ``(p(x), ||e(x)||)`` of every data point (see the module docstring) or is
-    ``None`` for brute force; ``basis`` and ``mean`` project queries; ``margin`` scales the
-    rounding margin of the certificate.
+    ``None`` for brute force; ``basis`` and ``mean`` project queries; ``proj_sqnorm_max``
+    scales the rounding margin of the certificate.
     """
 
     data: Array
@@ -346,7 +346,6 @@ def knn(
         dists.append(d2[:n_valid])
         inds.append(idx[:n_valid])
     return jnp.sqrt(jnp.concatenate(dists)), jnp.concatenate(inds)
-
 
 
 def pairwise_distance_percentile(

@@ -3,6 +3,7 @@ scikit-learn's brute-force neighbours in float64."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import skdim
@@ -105,3 +106,13 @@ def test_probe_falls_back_to_brute_force_when_few_queries_are_certified(x64, sma
     assert build_index(x, k=10, exclude_self=True).proj is None
     assert build_index(x, k=10, exclude_self=True, projection_dim=256).proj is not None
     assert build_index(x[:, :1000], k=10, exclude_self=True).proj is None  # d < 1024
+
+
+def test_certified_search_under_jit_and_vmap(x64):
+    x = _curved(300, 40, 3, noise=1e-2)
+    eager = knn(x, k=5, batch_size=64, projection_dim=3)  # some queries need the repair loop
+    jitted = jax.jit(lambda d: knn(d, k=5, batch_size=64, projection_dim=3))(x)
+    np.testing.assert_array_equal(np.asarray(jitted[1]), np.asarray(eager[1]))
+    batched = jax.vmap(lambda d: knn(d, k=5, batch_size=64, projection_dim=3))(np.stack([x, 2 * x]))
+    np.testing.assert_array_equal(np.asarray(batched[1][1]), np.asarray(eager[1]))
+    np.testing.assert_allclose(np.asarray(batched[0][1]), 2 * np.asarray(eager[0]), rtol=1e-10)
