@@ -168,8 +168,7 @@ class NeighbourIndex(NamedTuple):
     """What a neighbour search over ``data`` needs, built once by :func:`build_index`.
 
     ``proj`` holds ``(p(x), ||e(x)||)`` of every data point (see the module docstring) or is
-    ``None`` for brute force; ``basis`` and ``mean`` project queries; ``proj_sqnorm_max``
-    scales the rounding margin of the certificate.
+    ``None`` for brute force; ``basis`` and ``mean`` project queries.
     """
 
     data: Array
@@ -178,7 +177,6 @@ class NeighbourIndex(NamedTuple):
     basis: Array | None
     proj: Array | None
     proj_sqnorm: Array | None
-    proj_sqnorm_max: Array | None
 
 
 @partial(jax.jit, static_argnames=("r",))
@@ -230,15 +228,14 @@ def build_index(
     else:
         r = projection_dim
     sqn = jnp.sum(data * data, axis=1)
-    brute = NeighbourIndex(data, sqn, None, None, None, None, None)
+    brute = NeighbourIndex(data, sqn, None, None, None, None)
     if r == 0 or 2 * k + 1 > available or r >= d:
         return brute
     mean = jnp.mean(data, axis=0)
     sample = data[jnp.asarray(np.linspace(0, n - 1, min(n, 8 * r)).round().astype(np.int32))]
     basis = _subspace(sample, mean, r=r)
     proj = _project_rows(data, mean, basis)
-    psq = jnp.sum(proj * proj, axis=1)
-    index = NeighbourIndex(data, sqn, mean, basis, proj, psq, jnp.max(psq))
+    index = NeighbourIndex(data, sqn, mean, basis, proj, jnp.sum(proj * proj, axis=1))
     if projection_dim is None and is_concrete(data):
         rows = jnp.asarray(np.linspace(0, n - 1, min(n, _PROBE_ROWS)).round().astype(np.int32))
         n_bad = _certified_chunk(index, data[rows], rows, k=k, exclude_self=True)[2]
@@ -266,7 +263,7 @@ def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bo
     d2 = -neg
     idx = jnp.take_along_axis(cand, j, axis=1)
     eps = jnp.finfo(q.dtype).eps
-    margin = 8.0 * eps * np.sqrt(q.shape[1]) * (qp_sq + index.proj_sqnorm_max)
+    margin = 8.0 * eps * np.sqrt(q.shape[1]) * (qp_sq + jnp.max(index.proj_sqnorm))
     ok = d2[:, -1] <= bound - margin
     # Redo the uncertified rows by brute force, _REPAIR_ROWS at a time (uncertified first).
     order = jnp.argsort(ok, stable=True)
