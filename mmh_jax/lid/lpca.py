@@ -294,7 +294,10 @@ def lpca(
     * The query point itself belongs to its neighbourhood, so a point with exact copies among
       its close neighbours sees a neighbourhood of identical points: all variances are exactly 0
       (differences to the query are exact zeros, so centring introduces no rounding) and it reads
-      0 -- also for a single copy.  A neighbourhood of one point reads 0.
+      0 -- also for a single copy.  A neighbourhood of one point reads 0.  An explicit query
+      equal to a data point is a copy of it (that point is among its neighbours), so
+      ``lpca(data, data, ...)`` differs from ``lpca(data, ...)``: a generated sample that
+      replicates a training point with no other data within ``rho`` reads 0.
     * Neighbourhoods of different sizes are handled with 0/1 weights on the k nearest
       neighbours (static shapes under jit), not ragged arrays.
     * ``rho`` is exact when ``n <= distance_max_points``; otherwise it is estimated from all pairs

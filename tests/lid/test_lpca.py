@@ -116,6 +116,12 @@ def test_paper_single_copy_and_external_queries(x64):
     np.testing.assert_array_equal(got[-2:], 0)  # a pair of copies is a point mass too
     q = np.vstack([x[-1], x[0]])  # a copy of the duplicated point, a plane point
     np.testing.assert_array_equal(np.asarray(lpca(x, q, k=50, method="paper")), [0, 2])
+    # a single isolated data point: as a data point it has no neighbour within rho and uses its
+    # whole kNN; as an explicit query it finds itself in the data, a copy, and reads 0
+    z = np.full((1, x.shape[1]), 10.0)
+    xz = np.vstack([x, z])
+    assert np.asarray(lpca(xz, k=50, method="paper"))[-1] > 0
+    np.testing.assert_array_equal(np.asarray(lpca(xz, z, k=50, method="paper")), [0])
 
 
 def test_paper_without_restriction_is_a_percentile_count(x64):
@@ -177,3 +183,23 @@ def test_bad_data():
         lpca(x, rng.standard_normal(3), k=2)
     with pytest.raises(TypeError, match="data"):
         lpca(np.array([["a", "b"], ["c", "d"]]), k=1)
+
+
+_BENCHMARK = skdim.datasets.BenchmarkManifolds(random_state=0).generate(n=300)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")  # skdim maxgap
+@pytest.mark.parametrize("name", sorted(_BENCHMARK))
+def test_matches_skdim_on_its_benchmark_manifolds(x64, name):
+    """scikit-dimension's 24 benchmark manifolds (ambient dimension 3 to 96, so both the
+    covariance path (k > d) and the Gram path (k <= d)): "fo" and "ratio" agree pointwise with
+    ``lPCA.fit_pw``; "maxgap" too where no eigenvalue is structurally zero (k - 1 >= d, see the
+    docstring for the other case)."""
+    x, k = _BENCHMARK[name], 30
+    cases = [("FO", {}, dict(method="fo")),
+             ("ratio", dict(alphaRatio=0.05), dict(method="ratio", ratio=0.05))]
+    if k - 1 >= x.shape[1]:
+        cases.append(("maxgap", {}, dict(method="maxgap")))
+    for ver, skdim_kw, ours_kw in cases:
+        ref = skdim.id.lPCA(ver=ver, **skdim_kw).fit_pw(x, n_neighbors=k).dimension_pw_
+        np.testing.assert_array_equal(np.asarray(lpca(x, k=k, **ours_kw)), ref, err_msg=ver)
