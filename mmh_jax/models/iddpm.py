@@ -38,9 +38,9 @@ from mmh_jax.convert.core import (
 from mmh_jax.convert.iddpm import convert_iddpm, iddpm_expected_params
 from mmh_jax.convert.io import load_params, read_state_dict
 from mmh_jax.models.layers import (
+    GroupNorm,
     attention,
     conv2d,
-    group_norm,
     timestep_embedding,
     upsample_nearest_2x,
 )
@@ -110,9 +110,7 @@ def _silu(x: Array) -> Array:
 
 def _norm(x: Array, name: str, param_dtype: Any) -> Array:
     """improved-diffusion's GroupNorm32: normalise in float32, return in the input dtype."""
-    y = group_norm(_GROUPS, name=name, dtype=jnp.float32, param_dtype=param_dtype)(
-        x.astype(jnp.float32))
-    return y.astype(x.dtype)
+    return GroupNorm(_GROUPS, dtype=x.dtype, param_dtype=param_dtype, name=name)(x)
 
 
 class _ResBlock(nn.Module):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-__all__ = ["GroupNorm", "timestep_embedding", "conv2d", "group_norm", "upsample_nearest_2x", "attention"]
+__all__ = ["GroupNorm", "timestep_embedding", "conv2d", "upsample_nearest_2x", "attention"]
 
 
 def timestep_embedding(
@@ -115,7 +115,7 @@ class GroupNorm(nn.Module):
 
     Attributes:
         num_groups: the number of channel groups.
-        epsilon: added to the variance.
+        epsilon: added to the variance (default: PyTorch's 1e-5; Flax's own is 1e-6).
         dtype: output dtype.
         param_dtype: dtype of ``scale`` and ``bias``.
     """
@@ -137,29 +137,6 @@ class GroupNorm(nn.Module):
         var = jnp.mean(centred * centred, axis=(1, 3), keepdims=True)
         y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
-
-
-def group_norm(
-    num_groups: int,
-    *,
-    name: str,
-    epsilon: float = 1e-5,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-) -> GroupNorm:
-    """``torch.nn.GroupNorm(num_groups, C, eps)`` as a :class:`GroupNorm` named ``name``.
-
-    Args:
-        num_groups: the number of channel groups.
-        name: the Flax parameter scope (parameters ``scale`` and ``bias``).
-        epsilon: added to the variance (PyTorch's default).
-        dtype: output dtype (statistics are float32).
-        param_dtype: parameter dtype.
-
-    Returns:
-        The (unbound) Flax module.
-    """
-    return GroupNorm(num_groups, epsilon, dtype, param_dtype, name=name)
 
 
 def upsample_nearest_2x(x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w c"]:

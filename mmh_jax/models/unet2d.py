@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models.layers import (
+    GroupNorm,
     attention,
     conv2d,
-    group_norm,
     timestep_embedding,
     upsample_nearest_2x,
 )
@@ -82,11 +82,11 @@ class _ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, emb: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(group_norm(self.groups, epsilon=self.eps, name="norm1", **kw)(x))
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
         h = conv2d(self.channels, 3, padding=1, name="conv1", **kw)(h)
         width = 2 * self.channels if self.scale_shift else self.channels
         t = nn.Dense(width, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
-        norm2 = group_norm(self.groups, epsilon=self.eps, name="norm2", **kw)
+        norm2 = GroupNorm(self.groups, self.eps, name="norm2", **kw)
         if self.scale_shift:
             scale, shift = jnp.split(t, 2, axis=-1)
             h = norm2(h) * (1 + scale) + shift
@@ -117,8 +117,8 @@ class _Attention(nn.Module):
                              "attention block")
         inner = heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = x if self.groups is None else group_norm(self.groups, epsilon=self.eps,
-                                                     name="group_norm", **kw)(x)
+        h = x if self.groups is None else GroupNorm(self.groups, self.eps, name="group_norm",
+                                                    **kw)(x)
         h = h.reshape(b, height * width, c)
         q, k, v = (nn.Dense(inner, name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
                    for name in ("to_q", "to_k", "to_v"))
@@ -426,7 +426,7 @@ class UNet2D(nn.Module):
             x, _ = _Block(c, n, kind == "AttnUpBlock2D", self.attention_head_dim or c,
                           resample=i < levels, name=f"up_blocks_{i}", **common)(x, emb, block_skips)
 
-        x = nn.silu(group_norm(self.norm_num_groups, epsilon=self.norm_eps, name="conv_norm_out",
-                               **kw)(x))
+        x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
+                              **kw)(x))
         x = conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
         return jnp.transpose(x, (0, 3, 1, 2))
