@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--t0", type=float, default=0.05, help="a multiple of 1/1000")
-    p.add_argument("--nb-scores", type=int, nargs=1, default=(64,),
+    p.add_argument("--nb-scores", type=int, default=64,
                    help="K of the full normal-bundle run that checks the time split")
     p.add_argument("--nb-chunk", type=int, default=32)
     p.add_argument("--skip-torch", action="store_true")
@@ -146,7 +146,7 @@ def main() -> None:
 
         t_rest = timed(lambda: normal_bundle(trivial, x1, args.t0, schedule=schedule, key=key,
                                              chunk_size=chunk).lid, 1, sync_jax)
-        k_small = args.nb_scores[0]
+        k_small = args.nb_scores
         t_small = timed(lambda: normal_bundle(score_fn, x1, args.t0, schedule=schedule, key=key,
                                               num_scores=k_small, chunk_size=chunk).lid,
                         1, sync_jax)
@@ -160,6 +160,7 @@ def main() -> None:
               f"Gram matrix {d * d * 4 / 2**20:.0f} MiB per image")
         print(f"check of that split at K = {k_small}: measured {t_small:.1f} s, predicted "
               f"{t_score * k_small + t_rest_small:.1f} s")
+
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -150,9 +152,6 @@ def train_with_progress(
         ``(trained, score_fn, seconds)``: what ``train_eps`` returned (parameters, losses), the
         trained network's score function and the training wall time.
     """
-    import functools
-    import time
-
     from mmh_jax.schedules import score_from_eps
     from mmh_jax.training import train_eps
 
