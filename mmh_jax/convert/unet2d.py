@@ -1,11 +1,9 @@
 """Strict conversion of diffusers ``UNet2DModel`` state dicts into :class:`UNet2D` parameters.
 
 The rename table is built from the module's config by the same walk diffusers makes when it
-builds the PyTorch model: one rule per layer kind (convolution, linear, group norm), one entry
-per PyTorch parameter. A Flax scope is the PyTorch module path with every list index attached
-to its list (``down_blocks.0.resnets.1.conv1`` -> ``down_blocks_0/resnets_1/conv1``).
-Checkpoints saved before diffusers renamed its attention layers (``query``, ``key``,
-``value``, ``proj_attn`` instead of ``to_q``, ``to_k``, ``to_v``, ``to_out.0``) convert too.
+builds the PyTorch model, with :class:`~mmh_jax.convert.diffusers.DiffusersTable` (one rule per
+layer kind, one entry per PyTorch parameter). Checkpoints saved before diffusers renamed its
+attention layers (``query``, ``key``, ``value``, ``proj_attn``) convert too.
 """
 
 from __future__ import annotations
@@ -15,69 +13,13 @@ from typing import TYPE_CHECKING, Any, Mapping
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from mmh_jax.convert.core import (
-    Rename,
-    abstract_params,
-    conv_kernel,
-    convert_state_dict,
-    identity,
-    linear_kernel,
-)
+from mmh_jax.convert.core import Rename, abstract_params, convert_state_dict
+from mmh_jax.convert.diffusers import DiffusersTable, uses_legacy_attention
 
 if TYPE_CHECKING:  # mmh_jax.models imports this module
     from mmh_jax.models.unet2d import UNet2D
 
 __all__ = ["unet2d_rename_table", "unet2d_abstract_params", "convert_unet2d"]
-
-_ATTENTION = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out.0"}
-_LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def _scope(module_path: str) -> tuple[str, ...]:
-    """``"down_blocks.0.resnets.1.conv1"`` -> ``("down_blocks_0", "resnets_1", "conv1")``."""
-    scope: list[str] = []
-    for part in module_path.split("."):
-        if part.isdigit():
-            scope[-1] = f"{scope[-1]}_{part}"
-        else:
-            scope.append(part)
-    return tuple(scope)
-
-
-class _Table:
-    """Accumulates ``torch key -> Rename`` entries, one method per PyTorch layer kind."""
-
-    def __init__(self, legacy_attention: bool):
-        self.entries: dict[str, Rename] = {}
-        self.attention_names = _LEGACY_ATTENTION if legacy_attention else _ATTENTION
-
-    def _add(self, torch_module: str, flax_scope: tuple[str, ...], weight: str, transform) -> None:
-        self.entries[f"{torch_module}.weight"] = Rename(flax_scope + (weight,), transform)
-        self.entries[f"{torch_module}.bias"] = Rename(flax_scope + ("bias",), identity)
-
-    def conv(self, path: str) -> None:
-        self._add(path, _scope(path), "kernel", conv_kernel)
-
-    def linear(self, path: str, torch_path: str | None = None) -> None:
-        self._add(torch_path or path, _scope(path), "kernel", linear_kernel)
-
-    def norm(self, path: str) -> None:
-        self._add(path, _scope(path), "scale", identity)
-
-    def resnet(self, path: str, in_channels: int, out_channels: int) -> None:
-        self.norm(f"{path}.norm1")
-        self.conv(f"{path}.conv1")
-        self.linear(f"{path}.time_emb_proj")
-        self.norm(f"{path}.norm2")
-        self.conv(f"{path}.conv2")
-        if in_channels != out_channels:
-            self.conv(f"{path}.conv_shortcut")
-
-    def attention(self, path: str, group_norm: bool) -> None:
-        if group_norm:
-            self.norm(f"{path}.group_norm")
-        for flax_name, torch_name in self.attention_names.items():
-            self.linear(f"{path}.{flax_name}", f"{path}.{torch_name}")
 
 
 def _require_unet2d(module: Any) -> None:
@@ -100,7 +42,7 @@ def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> di
         One entry per parameter of the PyTorch ``UNet2DModel(**module.to_config())``.
     """
     _require_unet2d(module)
-    table = _Table(legacy_attention)
+    table = DiffusersTable(legacy_attention)
     channels = module.block_out_channels
     layers = module.layers_per_block
     last = len(channels) - 1
@@ -168,7 +110,6 @@ def convert_unet2d(state_dict: Mapping[str, Any], module: UNet2D, *,
     Raises:
         ConversionError: listing every missing, unexpected and mis-shaped key.
     """
-    legacy = any(key.endswith(".proj_attn.weight") for key in state_dict)
-    table = unet2d_rename_table(module, legacy_attention=legacy)
+    table = unet2d_rename_table(module, legacy_attention=uses_legacy_attention(state_dict))
     return convert_state_dict(state_dict, table, unet2d_abstract_params(module), source=source,
                               dtype=module.param_dtype)

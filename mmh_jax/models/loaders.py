@@ -26,15 +26,22 @@ from mmh_jax.convert.core import (
 )
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.unet2d import convert_unet2d, unet2d_abstract_params
-from mmh_jax.models.pretrained import Pretrained, eps_score_fn
+from mmh_jax.models.pretrained import Prediction, Pretrained, eps_score_fn
 from mmh_jax.models.unet2d import UNet2D
 from mmh_jax.schedules import DDPM
 
-__all__ = ["load_unet2d", "save_unet2d", "ddpm_from_scheduler_config"]
+__all__ = [
+    "load_unet2d",
+    "save_unet2d",
+    "ddpm_from_scheduler_config",
+    "prediction_type_from_scheduler_config",
+    "read_json",
+]
 
 _ARCHITECTURE = "unet2d"
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_PREDICTIONS = ("epsilon", "v_prediction")
 
 
 def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
@@ -52,16 +59,13 @@ def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
         The schedule (cumulative products in float64 arithmetic, stored in JAX's default float).
 
     Raises:
-        ValueError: ``prediction_type`` other than ``"epsilon"`` (the score would not be
-            ``-eps / sigma``), ``rescale_betas_zero_snr`` (``abar_T = 0`` has no finite
-            score), or an unsupported ``beta_schedule``.
+        ValueError: ``prediction_type`` other than ``"epsilon"`` or ``"v_prediction"`` (see
+            :func:`prediction_type_from_scheduler_config`), ``rescale_betas_zero_snr``
+            (``abar_T = 0`` has no finite score), or an unsupported ``beta_schedule``.
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(f"scheduler config: prediction_type={prediction!r} is not supported; "
-                         "the score function needs an 'epsilon' model")
+    prediction_type_from_scheduler_config(config)
     if config.get("rescale_betas_zero_snr", False):
         raise ValueError("scheduler config: rescale_betas_zero_snr=True is not supported "
                          "(abar_T = 0 gives an infinite score)")
@@ -80,7 +84,18 @@ def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
                      f"{_BETA_SCHEDULES} or trained_betas")
 
 
-def _read_json(path: Path) -> dict:
+def prediction_type_from_scheduler_config(config: Mapping[str, Any]) -> Prediction:
+    """What the network of a diffusers scheduler config predicts (``prediction_type``, default
+    ``"epsilon"``); ``"sample"`` (x_0) models are refused, naming the key."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"scheduler config: prediction_type={prediction!r} is not supported; "
+                         f"expected one of {_PREDICTIONS}")
+    return prediction
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's contents; a parse error names the file."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -112,7 +127,7 @@ def _scheduler_config(path: Path) -> Path:
 def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
     config_file = folder / "config.json"
     try:
-        module = UNet2D.from_config(_read_json(config_file), dtype=dtype)
+        module = UNet2D.from_config(read_json(config_file), dtype=dtype)
     except ValueError as err:
         raise ValueError(f"{str(config_file)!r}: {err}") from None
     weights = [folder / name for name in _WEIGHTS if (folder / name).is_file()]
@@ -122,7 +137,7 @@ def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
     return module, params
 
 
-def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM]:
+def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Prediction]:
     if path.suffix != ".safetensors":
         raise ConversionError(f"{str(path)!r}: expected a .safetensors file written by save_unet2d "
                               "or a diffusers folder (with config.json)")
@@ -139,18 +154,19 @@ def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM]:
         dtype = jnp.result_type(float)
         schedule = DDPM(jnp.asarray(np.asarray(stored["alphas_cumprod"]), dtype),
                         jnp.asarray(np.asarray(stored["log_alphas_cumprod"]), dtype))
+        prediction = prediction_type_from_scheduler_config(metadata)
     except (KeyError, TypeError, ValueError) as err:
         raise ConversionError(f"{str(path)!r}: bad config or schedule metadata: {err}") from None
     flat = {"/".join(p): v for p, v in flatten_params(params).items()}
     table = {key: Rename(tuple(key.split("/"))) for key in flat}
     params = convert_state_dict(flat, table, unet2d_abstract_params(module),
                                 source=repr(str(path)), dtype=module.param_dtype)
-    return module, params, schedule
+    return module, params, schedule, prediction
 
 
 def load_unet2d(path: str | os.PathLike, *, schedule: DDPM | None = None,
                 dtype: Any = jnp.float32) -> Pretrained:
-    """Load a diffusers ``UNet2DModel`` (an epsilon predictor) from local files.
+    """Load a diffusers ``UNet2DModel`` (a noise or v predictor) from local files.
 
     Args:
         path: a diffusers model folder (``config.json`` and
@@ -158,7 +174,9 @@ def load_unet2d(path: str | os.PathLike, *, schedule: DDPM | None = None,
             model in ``unet/``, or a ``.safetensors`` file written by :func:`save_unet2d`.
         schedule: the noise schedule; by default a folder's ``scheduler_config.json``
             (in the folder, its ``scheduler/`` child, or for a pipeline's ``unet/`` folder the
-            pipeline's ``scheduler/``), or the schedule stored in a converted file.
+            pipeline's ``scheduler/``), or the schedule stored in a converted file. The
+            scheduler config's ``prediction_type`` (``"epsilon"`` when there is none) decides
+            how the score is read off the network.
         dtype: the module's compute dtype (parameters stay float32).
 
     Returns:
@@ -178,24 +196,29 @@ def load_unet2d(path: str | os.PathLike, *, schedule: DDPM | None = None,
     if path.is_dir():
         folder = _model_folder(path)
         module, params = _from_folder(folder, dtype)
+        prediction = "epsilon"
         if schedule is None:
             config_file = _scheduler_config(folder)
             try:
-                schedule = ddpm_from_scheduler_config(_read_json(config_file))
+                config = read_json(config_file)
+                schedule = ddpm_from_scheduler_config(config)
+                prediction = prediction_type_from_scheduler_config(config)
             except ValueError as err:
                 raise ValueError(f"{str(config_file)!r}: {err}") from None
     else:
-        module, params, stored = _from_converted(path, dtype)
+        module, params, stored, prediction = _from_converted(path, dtype)
         schedule = stored if schedule is None else schedule
     params = jax.tree.map(jnp.asarray, params)
-    return Pretrained(module, params, schedule, eps_score_fn(module, params, schedule))
+    score_fn = eps_score_fn(module, params, schedule, prediction_type=prediction)
+    return Pretrained(module, params, schedule, score_fn)
 
 
 def save_unet2d(path: str | os.PathLike, model: Pretrained) -> Path:
     """Write a loaded UNet2D (parameters, config, schedule) to one ``.safetensors`` file.
 
-    :func:`load_unet2d` reads it back without torch. The config and the schedule's
-    ``alphas_cumprod`` and ``log_alphas_cumprod`` are stored as JSON metadata.
+    :func:`load_unet2d` reads it back without torch. The config, the schedule's
+    ``alphas_cumprod`` and ``log_alphas_cumprod`` and the prediction type of its score function
+    are stored as JSON metadata.
 
     Args:
         path: the target file; must end in ``.safetensors``.
@@ -216,5 +239,6 @@ def save_unet2d(path: str | os.PathLike, model: Pretrained) -> Path:
             name: np.asarray(getattr(model.schedule, name), np.float64).tolist()
             for name in ("alphas_cumprod", "log_alphas_cumprod")
         },
+        "prediction_type": model.score_fn.func.__self__.prediction_type,
     }
     return save_params(path, jax.device_get(model.params), metadata=metadata)

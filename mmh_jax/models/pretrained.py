@@ -1,37 +1,44 @@
 """What a loader returns: the Flax module, its parameters, its noise schedule and a score function.
 
-Every pretrained-model loader (``load_unet2d``, ``load_iddpm``, ...) returns a
-:class:`Pretrained`. Its ``score_fn`` follows the estimators' convention,
-``score_fn(x_t [b, *event], t [b]) -> grad log p_t(x_t)`` with continuous ``t`` in ``(0, 1]``
-and images in NCHW, and is a :class:`jax.tree_util.Partial` whose arguments are the parameters
-and the schedule: jitted estimators then receive the weights as arguments rather than baking
-tens of millions of numbers into the compiled program as constants, and a second model of the
-same architecture reuses the compiled code.
+Every pretrained-model loader (``load_unet2d``, ``load_iddpm``, ``load_stable_diffusion``, ...)
+returns a :class:`Pretrained` (Stable Diffusion's holds its UNet). Its ``score_fn`` follows the
+estimators' convention, ``score_fn(x_t [b, *event], t [b]) -> grad log p_t(x_t)`` with
+continuous ``t`` in ``(0, 1]`` and images in NCHW, and is a :class:`jax.tree_util.Partial` whose
+arguments are the parameters, the schedule and any conditioning (a text embedding): jitted
+estimators then receive the weights as arguments rather than baking hundreds of millions of
+numbers into the compiled program as constants, and a second model (or prompt) of the same
+architecture reuses the compiled code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 from jax.tree_util import Partial
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from mmh_jax.schedules import DDPM, broadcast_to_event
 
-__all__ = ["Pretrained", "eps_score_fn"]
+__all__ = ["Pretrained", "Prediction", "eps_score_fn", "cfg_score_fn", "EpsModel"]
+
+#: What a network predicts: the noise (``"epsilon"``) or ``v = psi eps - sigma x_0``
+#: (``"v_prediction"``, Salimans & Ho 2022; Stable Diffusion 2.x at 768 px).
+Prediction = Literal["epsilon", "v_prediction"]
 
 
 class Pretrained(NamedTuple):
     """A loaded diffusion model.
 
     Attributes:
-        module: the Flax module; ``module.apply({"params": params}, x [b, c, h, w], timesteps [b])``
-            returns the network output in NCHW.
+        module: the Flax module; ``module.apply({"params": params}, x [b, c, h, w], timesteps [b],
+            *conditioning)`` returns the network output in NCHW.
         params: its parameters (float32).
         schedule: the noise schedule it was trained with.
-        score_fn: ``score_fn(x_t, t)`` for the estimators of :mod:`mmh_jax.lid`.
+        score_fn: ``score_fn(x_t, t)`` for the estimators of :mod:`mmh_jax.lid` (for a
+            text-conditional model: the unconditional score, i.e. the empty prompt's).
     """
 
     module: nn.Module
@@ -40,40 +47,121 @@ class Pretrained(NamedTuple):
     score_fn: Partial
 
 
+def _broadcast_context(context: Array, batch: int) -> Array:
+    """A conditioning array ``[1 or b, ...]`` broadcast to the batch ``b`` of ``x_t``."""
+    if context.shape[0] not in (1, batch):
+        raise ValueError(f"a conditioning array of batch {context.shape[0]} does not match "
+                         f"x_t's batch {batch} (expected 1 or {batch})")
+    return jnp.broadcast_to(context, (batch,) + context.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True)
-class _EpsScore:
-    """``score(x_t, t) = -eps / sigma(t)`` (paper, Eq. 10) for a discrete-time noise predictor
-    fed the timestep ``(T t - 1) * timestep_scale``, whose output's first ``c`` channels
-    (``c`` = input channels) are ``eps`` (learned-variance models append ``c`` variance
-    channels)."""
+class EpsModel:
+    """A discrete-time diffusion network read as a noise predictor in continuous time.
+
+    The network is fed the timestep ``(T t - 1) * timestep_scale``; the first ``c`` channels
+    of its output (``c`` = input channels; learned-variance models append ``c`` more) are
+    ``eps``, or ``v`` for ``prediction_type="v_prediction"``, turned into
+    ``eps = psi(t) v + sigma(t) x_t``. Conditioning arrays (e.g. a text embedding
+    ``[1 or b, n, dim]``) are passed to the network after the timesteps.
+    """
 
     module: nn.Module
     timestep_scale: float = 1.0
+    prediction_type: Prediction = "epsilon"
 
-    def __call__(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
-                 t: Float[Array, " b"]) -> Float[Array, "b c h w"]:
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got "
+                             f"{self.prediction_type!r}")
+
+    def eps(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
+            t: Float[ArrayLike, " b"], *conditioning: Array) -> Float[Array, "b c h w"]:
+        """The predicted noise at ``x_t`` and continuous times ``t`` (``[b]`` or a scalar)."""
+        batch = x_t.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (batch,))
         steps = schedule.timestep(t)
         if self.timestep_scale != 1.0:
             steps = steps * self.timestep_scale
-        out = self.module.apply({"params": params}, x_t, steps)
-        eps = out[:, : x_t.shape[1]].astype(x_t.dtype)
-        return -eps / broadcast_to_event(schedule.sigma(t), x_t)
+        conditioning = tuple(_broadcast_context(jnp.asarray(c), batch) for c in conditioning)
+        out = self.module.apply({"params": params}, x_t, steps, *conditioning)
+        out = out[:, : x_t.shape[1]].astype(x_t.dtype)
+        if self.prediction_type == "v_prediction":
+            out = (broadcast_to_event(schedule.psi(t), x_t) * out
+                   + broadcast_to_event(schedule.sigma(t), x_t) * x_t)
+        return out
+
+    def cfg_eps(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
+                t: Float[ArrayLike, " b"], cond: Array, uncond: Array,
+                guidance: Float[ArrayLike, ""]) -> Float[Array, "b c h w"]:
+        """Classifier-free guidance: ``eps_u + guidance (eps_c - eps_u)`` (paper, Eq. 2 in eps
+        units), both branches in one network call on the doubled batch ``[x_t; x_t]``."""
+        batch = x_t.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (batch,))
+        context = jnp.concatenate([_broadcast_context(jnp.asarray(uncond), batch),
+                                   _broadcast_context(jnp.asarray(cond), batch)])
+        both = self.eps(params, schedule, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                        context)
+        eps_u, eps_c = both[:batch], both[batch:]
+        return eps_u + jnp.asarray(guidance, x_t.dtype) * (eps_c - eps_u)
+
+    def score(self, params: PyTree, schedule: DDPM, *args: Array) -> Array:
+        """``score(x_t, t) = -eps / sigma(t)`` (paper, Eq. 10); ``args = (*conditioning, x_t, t)``."""
+        *conditioning, x_t, t = args
+        return -self.eps(params, schedule, x_t, t, *conditioning) / _sigma(schedule, t, x_t)
+
+    def cfg_score(self, params: PyTree, schedule: DDPM, cond: Array, uncond: Array,
+                  guidance: Array, x_t: Array, t: Array) -> Array:
+        """The CFG-adjusted score ``s(x; t, 0) + guidance (s(x; t, c) - s(x; t, 0))`` (paper,
+        Eq. 2): both branches vary with ``x_t``, so its Jacobian is the whole CFG score's."""
+        eps = self.cfg_eps(params, schedule, x_t, t, cond, uncond, guidance)
+        return -eps / _sigma(schedule, t, x_t)
 
 
-def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
-                 timestep_scale: float = 1.0) -> Partial:
-    """The score function of a discrete-time epsilon-prediction UNet.
+def _sigma(schedule: DDPM, t: ArrayLike, x_t: Array) -> Array:
+    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (x_t.shape[0],))
+    return broadcast_to_event(schedule.sigma(t), x_t)
+
+
+def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *conditioning: Array,
+                 timestep_scale: float = 1.0, prediction_type: Prediction = "epsilon") -> Partial:
+    """The score function of a discrete-time noise-prediction (or v-prediction) network.
 
     Args:
-        module: Flax module called as ``module.apply({"params": params}, x_t, timesteps)``.
+        module: Flax module called as ``module.apply({"params": params}, x_t, timesteps,
+            *conditioning)``.
         params: its parameters.
         schedule: the DDPM schedule it was trained with; continuous ``t`` maps to the
             timestep ``T t - 1`` (0-based, as diffusers and improved-diffusion count).
+        *conditioning: arrays closed over and passed to the network after the timesteps
+            (a text embedding ``[1 or b, n, dim]``); none for an unconditional model.
         timestep_scale: factor on the timestep the network sees (``1000 / T`` for
             improved-diffusion models trained with ``rescale_timesteps``).
+        prediction_type: what the network predicts (``"v_prediction"`` for SD 2.x 768 px).
 
     Returns:
-        ``score_fn(x_t, t)``, a :class:`jax.tree_util.Partial` over ``(params, schedule)``;
-        two score functions of equal modules share compiled estimator code.
+        ``score_fn(x_t, t)``, a :class:`jax.tree_util.Partial` over ``(params, schedule,
+        *conditioning)``; two score functions of equal modules share compiled estimator code.
     """
-    return Partial(_EpsScore(module, float(timestep_scale)), params, schedule)
+    model = EpsModel(module, float(timestep_scale), prediction_type)
+    return Partial(model.score, params, schedule, *conditioning)
+
+
+def cfg_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, cond: Array, uncond: Array,
+                 guidance: float | Array, *, timestep_scale: float = 1.0,
+                 prediction_type: Prediction = "epsilon") -> Partial:
+    """The classifier-free-guidance score ``s^CFG(x; t, c)`` of a text-conditional network
+    (paper, Eq. 2), in the estimators' ``score_fn(x_t, t)`` convention.
+
+    Args:
+        module, params, schedule, timestep_scale, prediction_type: as in :func:`eps_score_fn`.
+        cond: the prompt's embedding ``[1 or b, n, dim]``.
+        uncond: the unconditional (empty prompt) embedding, same shape rules.
+        guidance: the guidance scale ``lambda`` (1: the conditional score; 0: the unconditional).
+
+    Returns:
+        A :class:`jax.tree_util.Partial` over ``(params, schedule, cond, uncond, guidance)``.
+    """
+    model = EpsModel(module, float(timestep_scale), prediction_type)
+    return Partial(model.cfg_score, params, schedule, jnp.asarray(cond), jnp.asarray(uncond),
+                   jnp.asarray(guidance, jnp.float32))

@@ -19,13 +19,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models.layers import (
-    GroupNorm,
-    attention,
-    conv2d,
-    timestep_embedding,
-    upsample_nearest_2x,
+from mmh_jax.models.diffusers_blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialAttention,
+    TimestepMLP,
+    Upsample2D,
 )
+from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
 
 __all__ = ["DDPM_CIFAR10_CONFIG", "UNet2D"]
 
@@ -54,110 +55,6 @@ _UNUSED = ("num_train_timesteps",)
 _NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
 
 
-class _TimestepMLP(nn.Module):
-    """diffusers' ``TimestepEmbedding``: ``linear_2(silu(linear_1(x)))``."""
-
-    features: int
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dense(self.features, name="linear_1", **dense)(x)
-        return nn.Dense(self.features, name="linear_2", **dense)(nn.silu(x))
-
-
-class _ResnetBlock(nn.Module):
-    """diffusers' ``ResnetBlock2D`` (pre-norm, SiLU, time embedding added or scale-shifted)."""
-
-    channels: int
-    groups: int
-    eps: float
-    scale_shift: bool
-    dtype: Any
-    param_dtype: Any
-    output_scale_factor: float = 1.0
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
-        h = conv2d(self.channels, 3, padding=1, name="conv1", **kw)(h)
-        width = 2 * self.channels if self.scale_shift else self.channels
-        t = nn.Dense(width, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
-        norm2 = GroupNorm(self.groups, self.eps, name="norm2", **kw)
-        if self.scale_shift:
-            scale, shift = jnp.split(t, 2, axis=-1)
-            h = norm2(h) * (1 + scale) + shift
-        else:
-            h = norm2(h + t)
-        h = conv2d(self.channels, 3, padding=1, name="conv2", **kw)(nn.silu(h))
-        if x.shape[-1] != self.channels:
-            x = conv2d(self.channels, 1, name="conv_shortcut", **kw)(x)
-        return (x + h) / self.output_scale_factor
-
-
-class _Attention(nn.Module):
-    """diffusers' spatial self-attention block (``Attention`` with group norm and residual)."""
-
-    head_dim: int
-    groups: int | None
-    eps: float
-    dtype: Any
-    param_dtype: Any
-    rescale_output_factor: float = 1.0
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, height, width, c = x.shape
-        heads = c // self.head_dim
-        if heads < 1:
-            raise ValueError(f"attention_head_dim={self.head_dim} exceeds the {c} channels of an "
-                             "attention block")
-        inner = heads * self.head_dim
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = x if self.groups is None else GroupNorm(self.groups, self.eps, name="group_norm",
-                                                    **kw)(x)
-        h = h.reshape(b, height * width, c)
-        q, k, v = (nn.Dense(inner, name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
-                   for name in ("to_q", "to_k", "to_v"))
-        out = attention(q, k, v).reshape(b, height * width, inner)
-        out = nn.Dense(c, name="to_out_0", **kw)(out).reshape(b, height, width, c)
-        return (out + x) / self.rescale_output_factor
-
-
-class _Downsample(nn.Module):
-    """diffusers' ``Downsample2D`` with a convolution: 3x3, stride 2.
-
-    ``padding=0`` means PyTorch's pad-right-and-bottom-by-one (the original DDPM's).
-    """
-
-    channels: int
-    padding: int
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
-        return conv2d(self.channels, 3, stride=2, padding=pad, name="conv", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(x)
-
-
-class _Upsample(nn.Module):
-    """diffusers' ``Upsample2D`` with a convolution: nearest 2x, then 3x3."""
-
-    channels: int
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return conv2d(self.channels, 3, padding=1, name="conv", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(upsample_nearest_2x(x))
-
-
 class _Block(nn.Module):
     """A down block (``DownBlock2D``/``AttnDownBlock2D``) or an up block (``UpBlock2D``/
     ``AttnUpBlock2D``): resnets, each optionally followed by attention, then a resampler."""
@@ -182,17 +79,17 @@ class _Block(nn.Module):
         for j in range(self.num_layers):
             if skips is not None:
                 x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = _ResnetBlock(self.channels, self.groups, self.eps, self.scale_shift,
+            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
                              name=f"resnets_{j}", **kw)(x, emb)
             if self.attention:
-                x = _Attention(self.head_dim, self.groups, self.eps, name=f"attentions_{j}",
+                x = SpatialAttention(self.head_dim, self.groups, self.eps, name=f"attentions_{j}",
                                **kw)(x)
             outputs.append(x)
         if self.resample and self.downsample_padding is not None:
-            x = _Downsample(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
+            x = Downsample2D(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
             outputs.append(x)
         elif self.resample:
-            x = _Upsample(self.channels, name="upsamplers_0", **kw)(x)
+            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
         return x, outputs
 
 
@@ -215,12 +112,12 @@ class _MidBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
                       output_scale_factor=self.output_scale_factor, **kw)
-        x = _ResnetBlock(self.channels, name="resnets_0", **resnet)(x, emb)
+        x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
         if self.attention:
-            x = _Attention(self.head_dim, self.attention_groups, self.eps,
+            x = SpatialAttention(self.head_dim, self.attention_groups, self.eps,
                            rescale_output_factor=self.output_scale_factor, name="attentions_0",
                            **kw)(x)
-        return _ResnetBlock(self.channels, name="resnets_1", **resnet)(x, emb)
+        return ResnetBlock2D(self.channels, name="resnets_1", **resnet)(x, emb)
 
 
 class UNet2D(nn.Module):
@@ -404,7 +301,7 @@ class UNet2D(nn.Module):
         x = jnp.transpose(sample, (0, 2, 3, 1))
         emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
                                  freq_shift=self.freq_shift)
-        emb = _TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
+        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
                            **kw)(emb)
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
 

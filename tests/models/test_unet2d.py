@@ -224,7 +224,7 @@ def test_schedule_from_scheduler_config(kind):
 
 
 @pytest.mark.parametrize("config, key", [
-    (dict(prediction_type="v_prediction"), "prediction_type"),
+    (dict(prediction_type="sample"), "prediction_type"),
     (dict(beta_schedule="sigmoid"), "beta_schedule"),
     (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
 ])

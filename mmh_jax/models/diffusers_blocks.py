@@ -1,0 +1,132 @@
+"""diffusers building blocks shared by the Flax ports of ``UNet2DModel``, ``UNet2DConditionModel``
+and ``AutoencoderKL``.
+
+All of them compute on channels-last (NHWC) arrays. Parameter scopes follow the PyTorch module
+names (``resnets_0/norm1`` for ``resnets.0.norm1``), which :class:`mmh_jax.convert.diffusers.DiffusersTable`
+maps key by key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from mmh_jax.models.layers import GroupNorm, attention, conv2d, upsample_nearest_2x
+
+__all__ = ["TimestepMLP", "ResnetBlock2D", "SpatialAttention", "Downsample2D", "Upsample2D"]
+
+
+class TimestepMLP(nn.Module):
+    """diffusers' ``TimestepEmbedding``: ``linear_2(silu(linear_1(x)))``."""
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b c"]) -> Float[Array, "b features"]:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(self.features, name="linear_1", **dense)(x)
+        return nn.Dense(self.features, name="linear_2", **dense)(nn.silu(x))
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ``ResnetBlock2D``: pre-norm, SiLU, 3x3 convolutions, a 1x1 shortcut when the
+    width changes, and (when an embedding is given) the time embedding added after ``conv1`` or
+    applied as scale and shift of ``norm2``. Without an embedding (the VAE's blocks) there is no
+    ``time_emb_proj``."""
+
+    channels: int
+    groups: int
+    eps: float
+    scale_shift: bool = False
+    output_scale_factor: float = 1.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None
+                 ) -> Float[Array, "b h w channels"]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = conv2d(self.channels, 3, padding=1, name="conv1", **kw)(h)
+        norm2 = GroupNorm(self.groups, self.eps, name="norm2", **kw)
+        if emb is None:
+            h = norm2(h)
+        else:
+            width = 2 * self.channels if self.scale_shift else self.channels
+            t = nn.Dense(width, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
+            if self.scale_shift:
+                scale, shift = jnp.split(t, 2, axis=-1)
+                h = norm2(h) * (1 + scale) + shift
+            else:
+                h = norm2(h + t)
+        h = conv2d(self.channels, 3, padding=1, name="conv2", **kw)(nn.silu(h))
+        if x.shape[-1] != self.channels:
+            x = conv2d(self.channels, 1, name="conv_shortcut", **kw)(x)
+        return (x + h) / self.output_scale_factor
+
+
+class SpatialAttention(nn.Module):
+    """diffusers' spatial self-attention (``Attention`` over the pixels, optional group norm,
+    residual, output divided by ``rescale_output_factor``)."""
+
+    head_dim: int
+    groups: int | None
+    eps: float
+    rescale_output_factor: float = 1.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
+        b, height, width, c = x.shape
+        heads = c // self.head_dim
+        if heads < 1:
+            raise ValueError(f"attention_head_dim={self.head_dim} exceeds the {c} channels of an "
+                             "attention block")
+        inner = heads * self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = x if self.groups is None else GroupNorm(self.groups, self.eps, name="group_norm",
+                                                    **kw)(x)
+        h = h.reshape(b, height * width, c)
+        q, k, v = (nn.Dense(inner, name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
+                   for name in ("to_q", "to_k", "to_v"))
+        out = attention(q, k, v).reshape(b, height * width, inner)
+        out = nn.Dense(c, name="to_out_0", **kw)(out).reshape(b, height, width, c)
+        return (out + x) / self.rescale_output_factor
+
+
+class Downsample2D(nn.Module):
+    """diffusers' ``Downsample2D`` with a convolution: 3x3, stride 2.
+
+    ``padding=0`` means PyTorch's pad-right-and-bottom-by-one (the original DDPM's, and the
+    VAE encoder's).
+    """
+
+    channels: int
+    padding: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h/2 w/2 channels"]:
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        return conv2d(self.channels, 3, stride=2, padding=pad, name="conv", dtype=self.dtype,
+                      param_dtype=self.param_dtype)(x)
+
+
+class Upsample2D(nn.Module):
+    """diffusers' ``Upsample2D`` with a convolution: nearest 2x, then 3x3."""
+
+    channels: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w channels"]:
+        return conv2d(self.channels, 3, padding=1, name="conv", dtype=self.dtype,
+                      param_dtype=self.param_dtype)(upsample_nearest_2x(x))
