@@ -9,19 +9,30 @@ removes the last bit of noise. Score functions follow the package convention
 With forward SDE ``dx = f(t) x dt + g(t) dW`` (paper, Eq. 3) the reverse SDE
 (paper, Eq. 4) is ``dx = [f x - g^2 score] dt + g dW_bar`` and the probability-flow
 ODE is ``dx/dt = f x - g^2 score / 2``.
+
+:func:`ddim_sample` is the deterministic DDIM sampler (Song et al. 2021, eta = 0) with
+classifier-free guidance on a discrete DDPM schedule, as Stable Diffusion is sampled (paper,
+Appendix D.1), on the step grid of diffusers' ``DDIMScheduler``; it can return its trajectory
+(latents and both noise predictions per step) so that memorization metrics reuse the network
+evaluations the sampler already made.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+import functools
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from mmh_jax.schedules import Schedule, broadcast_to_event
+from mmh_jax.guidance import CondEpsFn, eps_pair
+from mmh_jax.schedules import DDPM, Schedule, broadcast_to_event
 
-__all__ = ["sample"]
+__all__ = ["sample", "ddim_timesteps", "ddim_sample", "DDIMResult", "Spacing"]
+
+Spacing = Literal["leading", "trailing", "linspace"]
 
 ScoreFn = Callable[[Array, Array], Array]
 
@@ -85,3 +96,130 @@ def sample(
         sig = broadcast_to_event(schedule.sigma(tb), x)
         x = (x + sig**2 * score_fn(x, tb)) / broadcast_to_event(schedule.psi(tb), x)
     return x
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int, *, spacing: Spacing = "leading",
+                   steps_offset: int = 0) -> np.ndarray:
+    """The 0-based network timesteps DDIM visits, in decreasing order (diffusers' grids).
+
+    Args:
+        num_train_timesteps: ``T`` of the schedule.
+        num_steps: number of sampling steps, at most ``T``.
+        spacing: ``"leading"`` (``i * (T // n) + steps_offset``; Stable Diffusion v1's scheduler
+            config with ``steps_offset=1`` gives 981, 961, ..., 1 for 50 steps), ``"trailing"``
+            (``round(T - i T / n) - 1``) or ``"linspace"`` (``round(linspace(0, T - 1, n))``).
+        steps_offset: added to the ``"leading"`` grid.
+
+    Returns:
+        int64 array ``[num_steps]``.
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must lie in 1..{num_train_timesteps}, got {num_steps}")
+    if spacing == "leading":
+        steps = np.arange(num_steps) * (num_train_timesteps // num_steps) + steps_offset
+        steps = steps[::-1]
+    elif spacing == "trailing":
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+    elif spacing == "linspace":
+        steps = np.round(np.linspace(0, num_train_timesteps - 1, num_steps))[::-1]
+    else:
+        raise ValueError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
+    steps = steps.astype(np.int64)
+    if steps.min() < 0 or steps.max() >= num_train_timesteps:
+        raise ValueError(f"steps_offset={steps_offset} puts DDIM timesteps outside "
+                         f"0..{num_train_timesteps - 1}")
+    return steps.copy()
+
+
+class DDIMResult(NamedTuple):
+    """What :func:`ddim_sample` returns.
+
+    With ``n`` steps and a batch of ``b`` (``latents``, ``eps_uncond``, ``eps_cond`` are ``None``
+    unless the trajectory was asked for):
+    """
+
+    sample: Float[Array, "b *event"]
+    """The final (clean) sample."""
+    timesteps: Int[Array, " n"]
+    """The 0-based network timesteps visited."""
+    latents: Float[Array, "n b *event"] | None = None
+    """``x_t`` at each step, before the step's update."""
+    eps_uncond: Float[Array, "n b *event"] | None = None
+    """The unconditional noise prediction at each step."""
+    eps_cond: Float[Array, "n b *event"] | None = None
+    """The conditional noise prediction at each step."""
+
+
+def ddim_sample(
+    eps_fn: CondEpsFn,
+    noise: Float[ArrayLike, "b *event"],
+    cond: Array,
+    uncond: Array,
+    *,
+    schedule: DDPM,
+    guidance: float | ArrayLike = 7.5,
+    num_steps: int = 50,
+    spacing: Spacing = "leading",
+    steps_offset: int = 1,
+    set_alpha_to_one: bool = False,
+    return_trajectory: bool = False,
+) -> DDIMResult:
+    """DDIM (eta = 0) with classifier-free guidance, one ``lax.scan`` over the steps.
+
+    At timestep ``i`` with ``a = abar_i`` and ``a' = abar`` of the next timestep (``abar_0``, or 1
+    with ``set_alpha_to_one``, after the last), ``eps = eps_u + guidance (eps_c - eps_u)``,
+    ``x_0 = (x - sqrt(1 - a) eps) / sqrt(a)`` and ``x <- sqrt(a') x_0 + sqrt(1 - a') eps``: the
+    update of diffusers' ``DDIMScheduler`` (paper, Appendix D.1). Both branches are one call of
+    ``eps_fn`` on the doubled batch.
+
+    Args:
+        eps_fn: ``eps_fn(x_t, t, context)``, continuous ``t = (timestep + 1) / T``.
+        noise: the starting latents ``x_T`` (standard normal), ``[b, *event]``.
+        cond: prompt embeddings, batch 1 or ``b``.
+        uncond: unconditional embeddings, batch 1 or ``b``.
+        schedule: the model's DDPM schedule.
+        guidance: the guidance scale (a scalar; traced, so a new value does not recompile).
+        num_steps: number of DDIM steps.
+        spacing, steps_offset: the timestep grid (:func:`ddim_timesteps`); the defaults are
+            Stable Diffusion v1's scheduler config.
+        set_alpha_to_one: the ``abar`` after the last step is 1 (else ``abar_0``).
+        return_trajectory: also return the latents and both noise predictions of every step.
+
+    Returns:
+        :class:`DDIMResult`.
+    """
+    noise = jnp.asarray(noise)
+    if noise.ndim < 2 or not jnp.issubdtype(noise.dtype, jnp.floating):
+        raise ValueError(f"noise must be a floating array [b, *event], got {noise.dtype} "
+                         f"{noise.shape}")
+    steps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing=spacing,
+                           steps_offset=steps_offset)
+    return _ddim(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
+                 jnp.asarray(guidance, noise.dtype), jnp.asarray(steps), schedule,
+                 num_steps=num_steps, set_alpha_to_one=set_alpha_to_one,
+                 return_trajectory=return_trajectory)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "set_alpha_to_one",
+                                             "return_trajectory"))
+def _ddim(eps_fn, noise, cond, uncond, guidance, steps, schedule, *, num_steps,
+          set_alpha_to_one, return_trajectory):
+    T = schedule.num_timesteps
+    abar = schedule.alphas_cumprod.astype(noise.dtype)
+    final = jnp.ones((), noise.dtype) if set_alpha_to_one else abar[0]
+    prev = steps - T // num_steps
+    a_prev = jnp.where(prev >= 0, abar[jnp.maximum(prev, 0)], final)
+
+    def body(x, inputs):
+        step, a, a_next = inputs
+        t = jnp.full((x.shape[0],), (step + 1) / T, x.dtype)
+        eps_u, eps_c = eps_pair(eps_fn, x, t, cond, uncond)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+        x_next = jnp.sqrt(a_next) * x0 + jnp.sqrt(1 - a_next) * eps
+        return x_next, ((x, eps_u, eps_c) if return_trajectory else None)
+
+    x, trajectory = jax.lax.scan(body, noise, (steps, abar[steps], a_prev))
+    if return_trajectory:
+        return DDIMResult(x, steps, *trajectory)
+    return DDIMResult(x, steps)

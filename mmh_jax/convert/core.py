@@ -29,6 +29,7 @@ __all__ = [
     "flatten_params",
     "unflatten_params",
     "abstract_params",
+    "check_params",
 ]
 
 
@@ -169,3 +170,24 @@ def convert_state_dict(
 def abstract_params(init: Callable[[jax.Array], PyTree]) -> PyTree:
     """Shapes of the params a Flax ``init(key)`` would create, without allocating them."""
     return jax.eval_shape(init, jax.random.key(0))
+
+
+def check_params(params: PyTree, expected: PyTree, *, source: str, dtype: Any = np.float32) -> dict:
+    """A stored Flax params tree (e.g. from :func:`mmh_jax.convert.load_params`) checked as
+    strictly as a conversion: every expected parameter present with its shape, nothing else.
+
+    Args:
+        params: nested dicts of arrays.
+        expected: the tree the module expects (``.shape`` leaves).
+        source: the file name, used in error messages.
+        dtype: dtype of the returned parameters.
+
+    Returns:
+        The params tree, numpy leaves of ``dtype``.
+
+    Raises:
+        ConversionError: listing every missing, unexpected and mis-shaped parameter.
+    """
+    flat = {"/".join(p): v for p, v in flatten_params(params).items()}
+    table = {key: Rename(tuple(key.split("/"))) for key in flat}
+    return convert_state_dict(flat, table, expected, source=source, dtype=dtype)

@@ -1,4 +1,5 @@
-"""Memorization labels from LID estimates (the manifold memorization hypothesis)."""
+"""Memorization labels from LID estimates (the manifold memorization hypothesis), and the
+memorization metrics of text-conditional diffusion models."""
 
 from mmh_jax.memorization.classify import (
     DD_MEM,
@@ -9,6 +10,13 @@ from mmh_jax.memorization.classify import (
     classify,
     label_names,
 )
+from mmh_jax.memorization.conditional import (
+    CFGNorms,
+    ConditionalFlipd,
+    conditional_flipd,
+    generation_cfg_norms,
+    image_cfg_norms,
+)
 
 __all__ = [
     "classify",
@@ -18,4 +26,9 @@ __all__ = [
     "NOT_MEMORIZED",
     "OD_MEM",
     "DD_MEM",
+    "CFGNorms",
+    "ConditionalFlipd",
+    "conditional_flipd",
+    "generation_cfg_norms",
+    "image_cfg_norms",
 ]

@@ -29,12 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mmh_jax.convert.core import (
-    ConversionError,
-    Rename,
-    convert_state_dict,
-    flatten_params,
-)
+from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.iddpm import convert_iddpm, iddpm_expected_params
 from mmh_jax.convert.io import load_params, read_state_dict
 from mmh_jax.models.layers import (
@@ -555,9 +550,7 @@ def load_iddpm(path: str | os.PathLike, *, dtype: Any = jnp.float32, **flags: An
     if saved_params is None:
         params = convert_iddpm(read_state_dict(path), module, source=source)
     else:
-        flat = {"/".join(p): v for p, v in flatten_params(saved_params).items()}
-        params = convert_state_dict(flat, {k: Rename(tuple(k.split("/"))) for k in flat},
-                                    iddpm_expected_params(module), source=source)
+        params = check_params(saved_params, iddpm_expected_params(module), source=source)
     params = jax.tree.map(jnp.asarray, params)
     scale = 1000.0 / schedule.num_timesteps if flags["rescale_timesteps"] else 1.0
     score_fn = eps_score_fn(module, params, schedule, timestep_scale=scale)

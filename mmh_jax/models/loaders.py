@@ -18,12 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmh_jax.convert.core import (
-    ConversionError,
-    Rename,
-    convert_state_dict,
-    flatten_params,
-)
+from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.unet2d import convert_unet2d, unet2d_abstract_params
 from mmh_jax.models.pretrained import Prediction, Pretrained, eps_score_fn
@@ -157,10 +152,8 @@ def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Predict
         prediction = prediction_type_from_scheduler_config(metadata)
     except (KeyError, TypeError, ValueError) as err:
         raise ConversionError(f"{str(path)!r}: bad config or schedule metadata: {err}") from None
-    flat = {"/".join(p): v for p, v in flatten_params(params).items()}
-    table = {key: Rename(tuple(key.split("/"))) for key in flat}
-    params = convert_state_dict(flat, table, unet2d_abstract_params(module),
-                                source=repr(str(path)), dtype=module.param_dtype)
+    params = check_params(params, unet2d_abstract_params(module), source=repr(str(path)),
+                          dtype=module.param_dtype)
     return module, params, schedule, prediction
 
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from mmh_jax.guidance import broadcast_batch
 from mmh_jax.schedules import DDPM, broadcast_to_event
 
-__all__ = ["Pretrained", "Prediction", "eps_score_fn", "cfg_score_fn", "EpsModel"]
+__all__ = ["Pretrained", "Prediction", "eps_score_fn", "EpsModel"]
 
 #: What a network predicts: the noise (``"epsilon"``) or ``v = psi eps - sigma x_0``
 #: (``"v_prediction"``, Salimans & Ho 2022; Stable Diffusion 2.x at 768 px).
@@ -45,14 +46,6 @@ class Pretrained(NamedTuple):
     params: PyTree
     schedule: DDPM
     score_fn: Partial
-
-
-def _broadcast_context(context: Array, batch: int) -> Array:
-    """A conditioning array ``[1 or b, ...]`` broadcast to the batch ``b`` of ``x_t``."""
-    if context.shape[0] not in (1, batch):
-        raise ValueError(f"a conditioning array of batch {context.shape[0]} does not match "
-                         f"x_t's batch {batch} (expected 1 or {batch})")
-    return jnp.broadcast_to(context, (batch,) + context.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +76,7 @@ class EpsModel:
         steps = schedule.timestep(t)
         if self.timestep_scale != 1.0:
             steps = steps * self.timestep_scale
-        conditioning = tuple(_broadcast_context(jnp.asarray(c), batch) for c in conditioning)
+        conditioning = tuple(broadcast_batch(c, batch) for c in conditioning)
         out = self.module.apply({"params": params}, x_t, steps, *conditioning)
         out = out[:, : x_t.shape[1]].astype(x_t.dtype)
         if self.prediction_type == "v_prediction":
@@ -91,77 +84,32 @@ class EpsModel:
                    + broadcast_to_event(schedule.sigma(t), x_t) * x_t)
         return out
 
-    def cfg_eps(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
-                t: Float[ArrayLike, " b"], cond: Array, uncond: Array,
-                guidance: Float[ArrayLike, ""]) -> Float[Array, "b c h w"]:
-        """Classifier-free guidance: ``eps_u + guidance (eps_c - eps_u)`` (paper, Eq. 2 in eps
-        units), both branches in one network call on the doubled batch ``[x_t; x_t]``."""
-        batch = x_t.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (batch,))
-        context = jnp.concatenate([_broadcast_context(jnp.asarray(uncond), batch),
-                                   _broadcast_context(jnp.asarray(cond), batch)])
-        both = self.eps(params, schedule, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                        context)
-        eps_u, eps_c = both[:batch], both[batch:]
-        return eps_u + jnp.asarray(guidance, x_t.dtype) * (eps_c - eps_u)
-
-    def score(self, params: PyTree, schedule: DDPM, *args: Array) -> Array:
-        """``score(x_t, t) = -eps / sigma(t)`` (paper, Eq. 10); ``args = (*conditioning, x_t, t)``."""
-        *conditioning, x_t, t = args
-        return -self.eps(params, schedule, x_t, t, *conditioning) / _sigma(schedule, t, x_t)
-
-    def cfg_score(self, params: PyTree, schedule: DDPM, cond: Array, uncond: Array,
-                  guidance: Array, x_t: Array, t: Array) -> Array:
-        """The CFG-adjusted score ``s(x; t, 0) + guidance (s(x; t, c) - s(x; t, 0))`` (paper,
-        Eq. 2): both branches vary with ``x_t``, so its Jacobian is the whole CFG score's."""
-        eps = self.cfg_eps(params, schedule, x_t, t, cond, uncond, guidance)
-        return -eps / _sigma(schedule, t, x_t)
+    def score(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
+              t: Float[Array, " b"]) -> Float[Array, "b c h w"]:
+        """``score(x_t, t) = -eps / sigma(t)`` (paper, Eq. 10) of an unconditional network."""
+        return -self.eps(params, schedule, x_t, t) / broadcast_to_event(schedule.sigma(t), x_t)
 
 
-def _sigma(schedule: DDPM, t: ArrayLike, x_t: Array) -> Array:
-    t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (x_t.shape[0],))
-    return broadcast_to_event(schedule.sigma(t), x_t)
-
-
-def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *conditioning: Array,
+def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
                  timestep_scale: float = 1.0, prediction_type: Prediction = "epsilon") -> Partial:
-    """The score function of a discrete-time noise-prediction (or v-prediction) network.
+    """The score function of an unconditional discrete-time noise (or v) prediction network.
+
+    (A text-conditional network's noise predictor is ``Partial(EpsModel(module).eps, params,
+    schedule)``; :mod:`mmh_jax.guidance` turns it into conditional and guided score functions.)
 
     Args:
-        module: Flax module called as ``module.apply({"params": params}, x_t, timesteps,
-            *conditioning)``.
+        module: Flax module called as ``module.apply({"params": params}, x_t, timesteps)``.
         params: its parameters.
         schedule: the DDPM schedule it was trained with; continuous ``t`` maps to the
             timestep ``T t - 1`` (0-based, as diffusers and improved-diffusion count).
-        *conditioning: arrays closed over and passed to the network after the timesteps
-            (a text embedding ``[1 or b, n, dim]``); none for an unconditional model.
         timestep_scale: factor on the timestep the network sees (``1000 / T`` for
             improved-diffusion models trained with ``rescale_timesteps``).
-        prediction_type: what the network predicts (``"v_prediction"`` for SD 2.x 768 px).
+        prediction_type: what the network predicts.
 
     Returns:
-        ``score_fn(x_t, t)``, a :class:`jax.tree_util.Partial` over ``(params, schedule,
-        *conditioning)``; two score functions of equal modules share compiled estimator code.
+        ``score_fn(x_t, t)``, a :class:`jax.tree_util.Partial` over ``(params, schedule)``;
+        two score functions of equal modules share compiled estimator code.
     """
     model = EpsModel(module, float(timestep_scale), prediction_type)
-    return Partial(model.score, params, schedule, *conditioning)
+    return Partial(model.score, params, schedule)
 
-
-def cfg_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, cond: Array, uncond: Array,
-                 guidance: float | Array, *, timestep_scale: float = 1.0,
-                 prediction_type: Prediction = "epsilon") -> Partial:
-    """The classifier-free-guidance score ``s^CFG(x; t, c)`` of a text-conditional network
-    (paper, Eq. 2), in the estimators' ``score_fn(x_t, t)`` convention.
-
-    Args:
-        module, params, schedule, timestep_scale, prediction_type: as in :func:`eps_score_fn`.
-        cond: the prompt's embedding ``[1 or b, n, dim]``.
-        uncond: the unconditional (empty prompt) embedding, same shape rules.
-        guidance: the guidance scale ``lambda`` (1: the conditional score; 0: the unconditional).
-
-    Returns:
-        A :class:`jax.tree_util.Partial` over ``(params, schedule, cond, uncond, guidance)``.
-    """
-    model = EpsModel(module, float(timestep_scale), prediction_type)
-    return Partial(model.cfg_score, params, schedule, jnp.asarray(cond), jnp.asarray(uncond),
-                   jnp.asarray(guidance, jnp.float32))
