@@ -14,8 +14,14 @@ Subcommands:
   an improved-diffusion checkpoint, given the flags it was trained with (improved-diffusion's
   defaults otherwise), into one safetensors file that :func:`mmh_jax.models.load_iddpm` reads
   without torch or flags.
+* ``mmh-jax convert stable-diffusion FOLDER -o OUT.safetensors``: convert a diffusers Stable
+  Diffusion pipeline folder (UNet, VAE, CLIP text encoder, tokenizer, scheduler) into one file
+  that :func:`mmh_jax.models.load_stable_diffusion` reads without torch.
+* ``mmh-jax sd detect MODEL --prompts FILE | --images FOLDER``: the paper's memorization metrics
+  of Stable Diffusion (CFG vector and CFG-adjusted score norms, unconditional and conditional
+  FLIPD) for every prompt or image-caption pair, with histograms, AUROCs and TPR at 1% FPR.
 
-Both conversions are strict (every tensor must match the architecture) and print a summary
+The conversions are strict (every tensor must match the architecture) and print a summary
 table. Errors in the input are reported as one line on stderr with exit status 2 (a checkpoint
 that does not match its architecture: exit status 1, with the full listing of mismatching
 keys); Ctrl-C exits with status 130 and leaves no half-written output file.
@@ -115,7 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     digits.add_arguments(dg)
     _add_convert_parsers(commands)
+    _add_sd_parsers(commands)
     return parser
+
+
+def _add_sd_parsers(commands: Any) -> None:
+    """The ``sd`` command and its ``detect`` subcommand."""
+    from mmh_jax.experiments import stable_diffusion
+
+    sd = commands.add_parser(
+        "sd", help="Stable Diffusion: memorization detection",
+        description="Memorization tools for Stable Diffusion (v1.x, 2.x) from a local diffusers "
+        "pipeline folder or a converted file; nothing is downloaded.")
+    tools = sd.add_subparsers(dest="sd_command", metavar="TOOL", parser_class=_Parser)
+    tools.required = True
+    detect = tools.add_parser(
+        "detect",
+        help="score prompts or image-caption pairs with the paper's memorization metrics",
+        **_described(
+            "Score prompts (generating --images-per-prompt images each with DDIM and "
+            "classifier-free guidance) or real image-caption pairs with the memorization metrics "
+            "of the paper (Section 3.2, Figure 6): Wen et al.'s CFG vector norm, the "
+            "CFG-adjusted score norm, and FLIPD of the unconditional and of the CFG-conditional "
+            "model in latent space. Writes results.parquet/.csv (resumable: a rerun with the "
+            "same --out skips what is done), density histograms by label (Figure 6), the "
+            "CFG-adjusted score vs CFG vector scatter (Figure 3), and with labels the AUROC and "
+            "TPR at 1% FPR of every metric.",
+            "mmh-jax sd detect ./stable-diffusion-v1-5 --prompts memorized.jsonl -o sd-detect"),
+    )
+    stable_diffusion.add_arguments(detect)
 
 
 def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, text: str,
@@ -196,6 +230,19 @@ def _add_convert_parsers(commands: Any) -> None:
             "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
             "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine"),
     )
+    sd = kinds.add_parser(
+        "stable-diffusion",
+        help="a diffusers Stable Diffusion pipeline folder (v1.x, 2.x)",
+        **_described(
+            "Convert a Stable Diffusion pipeline saved with save_pretrained (model_index.json, "
+            "unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights as .safetensors, or "
+            ".bin, which needs torch) into one file holding the three networks' parameters, "
+            "their configs, the scheduler config and the tokenizer: "
+            "load_stable_diffusion(OUT) needs neither torch nor the folder.",
+            "mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors"),
+    )
+    sd.add_argument("path", metavar="FOLDER", type=Path, help="the pipeline folder")
+    sd.add_argument("-o", "--output", **output)
     iddpm.add_argument("path", metavar="CHECKPOINT", type=Path,
                        help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)")
     iddpm.add_argument("-o", "--output", **output)
@@ -224,6 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
+        if args.command == "sd":
+            from mmh_jax.experiments import stable_diffusion
+
+            stable_diffusion.run(stable_diffusion.config_from_args(args))
+            return 0
         if args.command == "demo":
             if args.demo == "digits":
                 from mmh_jax.experiments import digits as mod
@@ -331,6 +383,27 @@ def _load_iddpm(args: argparse.Namespace) -> _Loaded:
     return model, rows, lambda out: save_params(out, model.params, metadata=metadata)
 
 
+def _load_stable_diffusion(args: argparse.Namespace) -> _Loaded:
+    """Load ``convert stable-diffusion``'s folder; the model, its summary rows and its writer."""
+    from mmh_jax.models.stable_diffusion import load_stable_diffusion, save_stable_diffusion
+
+    model = load_stable_diffusion(args.path)
+    unet = model.unet.module
+    rows = [
+        ("architecture", "stable-diffusion (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)"),
+        ("latents", " x ".join(map(str, model.latent_shape))),
+        ("block_out_channels", ", ".join(map(str, unet.block_out_channels))),
+        ("cross_attention_dim", str(unet.cross_attention_dim)),
+        ("text encoder", f"{model.text_encoder.num_hidden_layers} layers, width "
+                         f"{model.text_encoder.hidden_size}, {model.text_encoder.hidden_act}"),
+        ("VAE scaling_factor", str(model.vae.scaling_factor)),
+        ("prediction_type", model.scheduler_config.get("prediction_type", "epsilon")),
+    ]
+    every = {"unet": model.unet.params, "vae": model.vae_params,
+             "text_encoder": model.text_encoder_params}  # all three in the parameter count
+    return model.unet._replace(params=every), rows, lambda out: save_stable_diffusion(out, model)
+
+
 def _convert(args: argparse.Namespace) -> int:
     """Run ``mmh-jax convert``: load strictly, write atomically, print a summary table."""
     import jax
@@ -345,7 +418,8 @@ def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         _check_output(args.output, args.path)
-        load = _load_unet2d if args.architecture == "unet2d" else _load_iddpm
+        load = {"unet2d": _load_unet2d, "iddpm": _load_iddpm,
+                "stable-diffusion": _load_stable_diffusion}[args.architecture]
         with console.status(f"converting {args.path} ..."):
             model, rows, write = load(args)
             written = write(args.output)

@@ -1,27 +1,43 @@
 """Networks: small plain-JAX epsilon-networks for the demos, and Flax ports of pretrained models."""
 
+from mmh_jax.models.autoencoder_kl import AutoencoderKL
+from mmh_jax.models.clip import CLIPTextModel
 from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save_unet2d
-from mmh_jax.models.pretrained import Pretrained, eps_score_fn
+from mmh_jax.models.pretrained import EpsModel, Pretrained, eps_score_fn
+from mmh_jax.models.stable_diffusion import (
+    StableDiffusion,
+    load_stable_diffusion,
+    save_stable_diffusion,
+)
 from mmh_jax.models.toy import (
     ConvEpsNet,
     MLPEpsNet,
     time_features,
 )
 from mmh_jax.models.unet2d import DDPM_CIFAR10_CONFIG, UNet2D
+from mmh_jax.models.unet2d_condition import SD15_UNET_CONFIG, UNet2DCondition
 
 __all__ = [
     "DDPM_CIFAR10_CONFIG",
+    "SD15_UNET_CONFIG",
+    "AutoencoderKL",
+    "CLIPTextModel",
     "ConvEpsNet",
+    "EpsModel",
     "IDDPMUNet",
     "MLPEpsNet",
     "Pretrained",
+    "StableDiffusion",
     "UNet2D",
+    "UNet2DCondition",
     "ddpm_from_scheduler_config",
     "eps_score_fn",
     "iddpm_schedule",
     "load_iddpm",
+    "load_stable_diffusion",
     "load_unet2d",
+    "save_stable_diffusion",
     "save_unet2d",
     "time_features",
 ]

@@ -12,7 +12,12 @@ from typing import Callable, Literal
 
 import torch
 
-__all__ = ["eps_score_fn_torch", "flipd_torch", "normal_bundle_spectrum_torch"]
+__all__ = [
+    "eps_score_fn_torch",
+    "cfg_score_fn_torch",
+    "flipd_torch",
+    "normal_bundle_spectrum_torch",
+]
 
 TorchScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,6 +45,50 @@ def eps_score_fn_torch(
         step = torch.round(t * T).long() - 1
         sigma = torch.sqrt(1.0 - alphas_cumprod[step]).to(x_t.dtype)
         return -eps_model(x_t, step.to(x_t.dtype)) / _event(sigma, x_t)
+
+    return score_fn
+
+
+def cfg_score_fn_torch(
+    eps_model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    alphas_cumprod: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: float,
+    *,
+    detach_uncond: bool = False,
+) -> TorchScoreFn:
+    """The CFG-adjusted score ``-(eps_u + guidance (eps_c - eps_u)) / sigma`` of a text-conditional
+    noise predictor (paper, Eq. 2), both branches in one call on the doubled batch.
+
+    Args:
+        eps_model: ``eps_model(x_t, timesteps, context) -> eps`` (e.g.
+            ``lambda x, s, c: unet(x, s, encoder_hidden_states=c).sample``).
+        alphas_cumprod: the model's ``[T]`` cumulative alphas.
+        cond, uncond: the prompt's and the empty prompt's embeddings, batch 1 or that of ``x_t``.
+        guidance: the guidance scale.
+        detach_uncond: compute the unconditional branch without gradient (the public code's
+            mistake: its Jacobian then misses that branch); for tests that show the difference.
+
+    Returns:
+        The score function; ``t`` must be a multiple of ``1 / T``.
+    """
+    T = alphas_cumprod.shape[0]
+
+    def score_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x_t.shape[0]
+        step = torch.round(t * T).long() - 1
+        sigma = torch.sqrt(1.0 - alphas_cumprod[step]).to(x_t.dtype)
+        c, u = cond.expand(b, *cond.shape[1:]), uncond.expand(b, *uncond.shape[1:])
+        steps = step.to(x_t.dtype)
+        if detach_uncond:
+            eps_c = eps_model(x_t, steps, c)
+            with torch.no_grad():
+                eps_u = eps_model(x_t, steps, u)
+        else:
+            both = eps_model(torch.cat([x_t, x_t]), torch.cat([steps, steps]), torch.cat([u, c]))
+            eps_u, eps_c = both[:b], both[b:]
+        return -(eps_u + guidance * (eps_c - eps_u)) / _event(sigma, x_t)
 
     return score_fn
 

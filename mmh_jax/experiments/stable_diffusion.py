@@ -1,0 +1,501 @@
+"""Memorization detection for Stable Diffusion (paper, Section 3.2, Section 4.1, Figures 3 and 6).
+
+``mmh-jax sd detect MODEL --prompts FILE`` generates ``--images-per-prompt`` images per prompt
+with DDIM and classifier-free guidance and scores each prompt with every metric of
+:mod:`mmh_jax.memorization.conditional`: Wen et al.'s CFG vector norm and the CFG-adjusted score
+norm (both from the sampler's own evaluations, averaged over steps and images) and FLIPD of the
+generated latents under the unconditional and the CFG-conditional model (averaged over images).
+``--images FOLDER`` scores real image-caption pairs instead (the paper's Figure 6): the CFG norms
+after 3 Euler steps of the conditional probability-flow ODE to ``t0 = 0.01`` (Appendix C) and
+FLIPD of the encoded image.
+
+Inputs:
+
+* a prompt file: one prompt a line (blank lines skipped), or JSON lines (``.jsonl``) with a
+  ``caption`` and an optional ``label`` (true / 1 for memorized), as Wen et al.'s prompt lists;
+* a folder of pairs ``KEY.png|jpg|jpeg|webp`` + ``KEY.txt`` (the caption), with an optional
+  ``KEY.json`` holding ``{"label": ...}`` (img2dataset writes such folders).
+
+Outputs in ``--out``: ``results.parquet`` and ``results.csv`` (one row per prompt or image; both
+rewritten atomically after every batch, so an interrupted run resumes where it stopped, prompt by
+prompt), ``histograms.png`` (density histograms of every metric by label, Figure 6),
+``cfg_scatter.png`` (CFG-adjusted score norm against CFG vector norm, Figure 3) and, with labels,
+the AUROC and TPR at 1% FPR of every metric in the summary and ``detection.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mmh_jax.experiments._common import (
+    DemoInputError,
+    make_progress,
+    prepare_out_dir,
+    require,
+    save_figure,
+    write_csv,
+    write_parquet,
+)
+
+__all__ = [
+    "DetectConfig",
+    "Item",
+    "METRICS",
+    "read_prompt_file",
+    "read_image_folder",
+    "detection_metrics",
+    "add_arguments",
+    "config_from_args",
+    "run",
+]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+#: (column, description, larger means memorized)
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("cfg_vector_norm", "CFG vector norm ||eps_c - eps_u||", True),
+    ("cfg_score_norm", "CFG-adjusted score norm ||s^CFG||", True),
+    ("flipd_uncond", "FLIPD, unconditional LID_theta(z)", False),
+    ("flipd_cond", "FLIPD, conditional LID_theta(z | c)", False),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectConfig:
+    """Settings of ``mmh-jax sd detect`` (the CLI flags map one to one onto these)."""
+
+    model: Path
+    prompts: Path | None = None
+    images: Path | None = None
+    out: Path = Path("mmh-sd-detect")
+    images_per_prompt: int = 4
+    num_steps: int = 50
+    guidance: float = 7.5
+    flipd_t0: float = 0.05
+    num_probes: int = 1
+    cfg_t0: float = 0.01
+    euler_steps: int = 3
+    batch_size: int = 4
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    progress: bool = True
+    figure: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`DemoInputError` on nonsensical settings."""
+        require((self.prompts is None) != (self.images is None),
+                "give exactly one of --prompts FILE and --images FOLDER")
+        require(self.images_per_prompt >= 1,
+                f"--images-per-prompt must be at least 1, got {self.images_per_prompt}")
+        require(self.num_steps >= 1, f"--num-steps must be at least 1, got {self.num_steps}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
+        require(self.euler_steps >= 1, f"--euler-steps must be at least 1, got {self.euler_steps}")
+        require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
+        require(0 < self.cfg_t0 <= 1, f"--cfg-t0 must lie in (0, 1], got {self.cfg_t0}")
+        require(self.dtype in ("float32", "bfloat16"),
+                f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+class Item(NamedTuple):
+    """One prompt or image-caption pair to score."""
+
+    id: str
+    caption: str
+    label: int  # 1 memorized, 0 not, -1 unknown
+    image: Path | None = None
+
+
+def _label(value: object, where: str) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    raise DemoInputError(f"{where}: label must be true/false or 1/0, got {value!r}")
+
+
+def read_prompt_file(path: str | Path) -> list[Item]:
+    """The prompts of a text file (one a line; blank lines skipped) or a JSON-lines file
+    (``.jsonl``: objects with a string ``caption`` and an optional ``label``).
+
+    Raises:
+        DemoInputError: no such file, no prompt in it, or a bad line (naming file and line).
+    """
+    path = Path(path)
+    require(path.is_file(), f"prompt file {str(path)!r} does not exist")
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DemoInputError(f"{str(path)!r} is not UTF-8 text: {err}") from None
+    for number, line in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DemoInputError(f"{where}: not a JSON object: {err.msg}") from None
+            require(isinstance(record, dict), f"{where}: expected a JSON object, got "
+                                              f"{type(record).__name__}")
+            caption = record.get("caption")
+            require(isinstance(caption, str), f"{where}: needs a string 'caption', got "
+                                              f"{caption!r}")
+            items.append(Item(f"line{number}", caption, _label(record.get("label"), where)))
+        else:
+            items.append(Item(f"line{number}", line.strip(), -1))
+    require(bool(items), f"prompt file {str(path)!r} holds no prompt")
+    return items
+
+
+def read_image_folder(path: str | Path) -> list[Item]:
+    """The image-caption pairs of a folder: ``KEY.<image>`` + ``KEY.txt`` (+ ``KEY.json`` with
+    an optional ``label``), sorted by key.
+
+    Raises:
+        DemoInputError: no such folder, no image in it, an image without its caption, or a bad
+            label file (naming the file).
+    """
+    path = Path(path)
+    require(path.is_dir(), f"image folder {str(path)!r} does not exist")
+    items = []
+    for image in sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
+        caption_file = image.with_suffix(".txt")
+        require(caption_file.is_file(), f"{str(image)!r} has no caption file "
+                                        f"{caption_file.name!r}")
+        label, meta = -1, image.with_suffix(".json")
+        if meta.is_file():
+            try:
+                record = json.loads(meta.read_text())
+            except json.JSONDecodeError as err:
+                raise DemoInputError(f"{str(meta)!r}: not JSON: {err.msg}") from None
+            if isinstance(record, dict):
+                label = _label(record.get("label"), str(meta))
+        items.append(Item(image.stem, caption_file.read_text().strip(), label, image))
+    require(bool(items), f"image folder {str(path)!r} holds no {'/'.join(_IMAGE_SUFFIXES)} image")
+    return items
+
+
+def _load_images(items: list[Item], size: int) -> np.ndarray:
+    """Images as ``[b, 3, size, size]`` in ``[-1, 1]``: the short side resized to ``size``
+    (bicubic), then centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for item in items:
+        try:
+            with Image.open(item.image) as img:
+                img = img.convert("RGB")
+                scale = size / min(img.size)
+                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+                img = img.resize((w, h), Image.Resampling.BICUBIC)
+                left, top = (w - size) // 2, (h - size) // 2
+                pixels = np.asarray(img.crop((left, top, left + size, top + size)), np.float32)
+        except (OSError, UnidentifiedImageError) as err:
+            raise DemoInputError(f"{str(item.image)!r} is not a readable image: {err}") from None
+        out.append(pixels.transpose(2, 0, 1) / 127.5 - 1.0)
+    return np.stack(out)
+
+
+def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memorized: bool,
+                      fpr: float = 0.01) -> tuple[float, float]:
+    """AUROC and TPR at ``fpr`` false-positive rate of a score for the label "memorized"
+    (scikit-learn's ``roc_auc_score`` and ``roc_curve``); NaN without both classes."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.asarray(labels, bool)
+    if labels.all() or not labels.any():
+        return float("nan"), float("nan")
+    signed = np.asarray(scores, np.float64) * (1 if higher_is_memorized else -1)
+    fprs, tprs, _ = roc_curve(labels, signed)
+    return float(roc_auc_score(labels, signed)), float(tprs[fprs <= fpr].max())
+
+
+def _read_done(out: Path, items: list[Item]) -> dict[str, dict]:
+    """Rows of a previous run in ``out`` (for resuming), checked against the input."""
+    path = out / "results.parquet"
+    if not path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several kinds
+        raise DemoInputError(f"{str(path)!r} exists but is not readable ({err}); remove it or "
+                             "choose another --out") from None
+    captions = {item.id: item.caption for item in items}
+    done = {}
+    for row in rows:
+        if captions.get(row.get("id")) != row.get("caption"):
+            raise DemoInputError(f"{str(path)!r} holds results of other inputs (row "
+                                 f"{row.get('id')!r}); choose another --out")
+        done[row["id"]] = row
+    return done
+
+
+def _write_results(rows: list[dict], out: Path) -> list[Path]:
+    table = {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+    return [write_parquet(table, out / "results.parquet"), write_csv(table, out / "results.csv")]
+
+
+def run(config: DetectConfig, *, console: Console | None = None):
+    """Score every prompt or image-caption pair; returns ``(rows, summary, files)``.
+
+    Raises:
+        DemoInputError: bad settings or input (naming the file and line), an unwritable output
+            folder.
+    """
+    config.validate()
+    items = (read_prompt_file(config.prompts) if config.prompts is not None
+             else read_image_folder(config.images))
+    out = prepare_out_dir(config.out)
+    console = console or Console()
+    err_console = Console(stderr=True)
+    done = _read_done(out, items)
+    todo = [item for item in items if item.id not in done]
+
+    import jax.numpy as jnp
+
+    from mmh_jax.models import load_stable_diffusion
+
+    start = time.perf_counter()
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    with err_console.status(f"loading {config.model} ..."):
+        try:
+            sd = load_stable_diffusion(config.model, dtype=dtype)
+        except (FileNotFoundError, ValueError) as err:
+            raise DemoInputError(str(err)) from None
+    timings = {"load_s": time.perf_counter() - start}
+    rows = list(done.values())
+    score = _score_prompts if config.prompts is not None else _score_images
+    start = time.perf_counter()
+    with make_progress(err_console, enabled=config.progress) as progress:
+        what = "prompts" if config.prompts is not None else "images"
+        task = progress.add_task(f"scoring {what}", total=len(items), completed=len(done))
+        order = {item.id: i for i, item in enumerate(items)}
+        for first in range(0, len(todo), config.batch_size):
+            batch = todo[first:first + config.batch_size]
+            rows.extend(score(sd, batch, [order[item.id] for item in batch], config))
+            rows.sort(key=lambda row: order[row["id"]])
+            _write_results(rows, out)
+            progress.advance(task, len(batch))
+    timings["score_s"] = time.perf_counter() - start
+    files = _write_results(rows, out)
+    summary = _summarise(rows, timings, len(todo))
+    if config.figure and rows:
+        files.append(save_figure(_histograms(rows), out / "histograms.png"))
+        files.append(save_figure(_scatter(rows), out / "cfg_scatter.png"))
+    if summary["detection"]:
+        det = {"metric": list(summary["detection"]),
+               "auroc": [v[0] for v in summary["detection"].values()],
+               "tpr_at_1pct_fpr": [v[1] for v in summary["detection"].values()]}
+        files.append(write_csv(det, out / "detection.csv"))
+    _print_summary(console, summary, config, files)
+    return rows, summary, files
+
+
+def _padded(values: np.ndarray, size: int) -> np.ndarray:
+    """Pad a batch to ``size`` by repeating its last entry (one compiled shape for all batches)."""
+    return np.concatenate([values, np.repeat(values[-1:], size - len(values), axis=0)])
+
+
+def _probe_keys(seed: int, indices: np.ndarray):
+    """One FLIPD key per scored image, from its index in the input: the values do not depend on
+    the batch size or on what a resumed run had already done."""
+    import jax
+
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed + 1), i))(indices)
+
+
+def _score_prompts(sd, batch, indices, config) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from mmh_jax.memorization import conditional_flipd, generation_cfg_norms
+
+    n, k = len(batch), config.images_per_prompt
+    ids = _padded(sd.tokenize([item.caption for item in batch]), config.batch_size)
+    cond = sd.encode_prompt(ids)
+    result = sd.sample(cond, key=jax.random.key(config.seed), images_per_prompt=k,
+                       guidance=config.guidance, num_steps=config.num_steps,
+                       return_trajectory=True)
+    norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=config.guidance)
+    image_index = np.repeat(_padded(np.asarray(indices), config.batch_size), k) * k + np.tile(
+        np.arange(k), config.batch_size)
+    lid = conditional_flipd(sd.eps, result.sample, jnp.repeat(cond, k, axis=0),
+                            sd.uncond_embedding, schedule=sd.schedule,
+                            key=_probe_keys(config.seed, image_index),
+                            guidance=config.guidance, t0=config.flipd_t0,
+                            num_probes=config.num_probes)
+    per_prompt = {name: np.asarray(values, np.float64).reshape(config.batch_size, k).mean(1)
+                  for name, values in (("cfg_vector_norm", norms.cfg_vector),
+                                       ("cfg_score_norm", norms.cfg_score),
+                                       ("flipd_uncond", lid.unconditional),
+                                       ("flipd_cond", lid.conditional))}
+    return [dict(id=item.id, caption=item.caption, label=item.label,
+                 **{name: float(per_prompt[name][i]) for name in per_prompt})
+            for i, item in enumerate(batch[:n])]
+
+
+def _score_images(sd, batch, indices, config) -> list[dict]:
+    from mmh_jax.memorization import conditional_flipd, image_cfg_norms
+
+    n = len(batch)
+    _, h, w = sd.latent_shape
+    images = _load_images(batch, h * sd.vae.downscale)
+    z0 = sd.encode_image(_padded(images, config.batch_size))
+    cond = sd.encode_prompt(_padded(sd.tokenize([item.caption for item in batch]),
+                                    config.batch_size))
+    norms = image_cfg_norms(sd.eps, z0, cond, sd.uncond_embedding, schedule=sd.schedule,
+                            guidance=config.guidance, t0=config.cfg_t0,
+                            num_steps=config.euler_steps)
+    keys = _probe_keys(config.seed, _padded(np.asarray(indices), config.batch_size))
+    lid = conditional_flipd(sd.eps, z0, cond, sd.uncond_embedding, schedule=sd.schedule,
+                            key=keys, guidance=config.guidance, t0=config.flipd_t0,
+                            num_probes=config.num_probes)
+    values = {"cfg_vector_norm": norms.cfg_vector, "cfg_score_norm": norms.cfg_score,
+              "flipd_uncond": lid.unconditional, "flipd_cond": lid.conditional}
+    return [dict(id=item.id, caption=item.caption, label=item.label,
+                 **{name: float(v[i]) for name, v in values.items()})
+            for i, item in enumerate(batch[:n])]
+
+
+def _summarise(rows: list[dict], timings: dict, scored: int) -> dict:
+    labels = np.array([row["label"] for row in rows])
+    known = labels >= 0
+    summary = {"rows": len(rows), "scored_now": scored, "timings": timings, "medians": {},
+               "detection": {}}
+    for name, _, higher in METRICS:
+        values = np.array([row[name] for row in rows])
+        summary["medians"][name] = {
+            group: float(np.median(values[mask])) if mask.any() else float("nan")
+            for group, mask in (("memorized", labels == 1), ("not memorized", labels == 0),
+                                ("all", np.ones_like(known)))}
+        if known.any() and 0 < labels[known].sum() < known.sum():
+            summary["detection"][name] = detection_metrics(values[known], labels[known],
+                                                           higher_is_memorized=higher)
+    return summary
+
+
+def _print_summary(console: Console, s: dict, config: DetectConfig, files: list) -> None:
+    what = "prompts" if config.prompts is not None else "image-caption pairs"
+    table = Table(title=f"Stable Diffusion memorization metrics of {s['rows']} {what}")
+    for column in ("metric", "median (memorized)", "median (not)", "median (all)", "AUROC",
+                   "TPR @ 1% FPR"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, description, _ in METRICS:
+        med = s["medians"][name]
+        auroc, tpr = s["detection"].get(name, (float("nan"), float("nan")))
+        table.add_row(description, *(f"{v:.4g}" for v in (med["memorized"], med["not memorized"],
+                                                           med["all"], auroc, tpr)))
+    console.print(table)
+    t = s["timings"]
+    console.print(f"scored {s['scored_now']} now ({s['rows'] - s['scored_now']} resumed); load "
+                  f"{t['load_s']:.1f} s, scoring {t['score_s']:.1f} s; wrote "
+                  f"{', '.join(str(f) for f in files)}")
+
+
+def _groups(rows: list[dict]) -> list[tuple[str, np.ndarray]]:
+    labels = np.array([row["label"] for row in rows])
+    groups = [("memorized", labels == 1), ("not memorized", labels == 0),
+              ("unlabelled", labels < 0)]
+    return [(name, mask) for name, mask in groups if mask.any()]
+
+
+def _histograms(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
+    for ax, (name, description, _) in zip(axes, METRICS):
+        values = np.array([row[name] for row in rows])
+        bins = np.histogram_bin_edges(values, bins=min(30, max(5, len(values) // 3)))
+        for group, mask in _groups(rows):
+            ax.hist(values[mask], bins=bins, density=True, alpha=0.55,
+                    label=f"{group} ({mask.sum()})")
+        ax.set_xlabel(description)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _scatter(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    vector = np.array([row["cfg_vector_norm"] for row in rows])
+    score = np.array([row["cfg_score_norm"] for row in rows])
+    for group, mask in _groups(rows):
+        ax.scatter(vector[mask], score[mask], s=14, alpha=0.7, label=f"{group} ({mask.sum()})")
+    ax.set_xlabel("CFG vector norm ||eps_c - eps_u||")
+    ax.set_ylabel("CFG-adjusted score norm ||s^CFG||")
+    ax.set_title("Figure 3: CFG-adjusted score vs CFG vector")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``sd detect``'s arguments and flags to ``parser``."""
+    d = DetectConfig(model=Path("."))
+    parser.add_argument("model", type=Path, metavar="MODEL",
+                        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
+                        "`mmh-jax convert stable-diffusion`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="prompts: one a line, or JSON lines (.jsonl) with 'caption' and an "
+                        "optional 'label' (true: memorized)")
+    source.add_argument("--images", type=Path, metavar="FOLDER",
+                        help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')")
+    parser.add_argument("-o", "--out", type=Path, default=d.out,
+                        help="output folder; a rerun resumes there (default ./%(default)s/)")
+    parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt,
+                        help="images generated per prompt (default %(default)s)")
+    parser.add_argument("--num-steps", type=int, default=d.num_steps,
+                        help="DDIM steps (default %(default)s)")
+    parser.add_argument("--guidance", type=float, default=d.guidance,
+                        help="classifier-free guidance scale (default %(default)s)")
+    parser.add_argument("--flipd-t0", type=float, default=d.flipd_t0,
+                        help="FLIPD time (default %(default)s, the paper's)")
+    parser.add_argument("--num-probes", type=int, default=d.num_probes,
+                        help="Hutchinson probes of FLIPD (default %(default)s)")
+    parser.add_argument("--cfg-t0", type=float, default=d.cfg_t0,
+                        help="--images: time at which the CFG norms are read (default "
+                        "%(default)s, Appendix C)")
+    parser.add_argument("--euler-steps", type=int, default=d.euler_steps,
+                        help="--images: Euler steps of the PF-ODE to --cfg-t0 (default "
+                        "%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="prompts (or images) per compiled batch (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of the starting noise and the probes (default %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
+                        help="compute dtype of the networks (default %(default)s)")
+    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> DetectConfig:
+    """Build a :class:`DetectConfig` from parsed flags."""
+    return DetectConfig(
+        model=args.model, prompts=args.prompts, images=args.images, out=args.out,
+        images_per_prompt=args.images_per_prompt, num_steps=args.num_steps,
+        guidance=args.guidance, flipd_t0=args.flipd_t0, num_probes=args.num_probes,
+        cfg_t0=args.cfg_t0, euler_steps=args.euler_steps, batch_size=args.batch_size,
+        seed=args.seed, dtype=args.dtype, progress=not args.quiet, figure=not args.no_figure)

@@ -1,0 +1,377 @@
+"""Flax port of diffusers' ``AutoencoderKL`` (the Stable Diffusion VAE).
+
+The module's attributes are the keys of a diffusers ``config.json`` for ``AutoencoderKL``, with
+diffusers' defaults; :meth:`AutoencoderKL.from_config` reads such a config strictly. Parameter
+scopes follow the PyTorch module names (``encoder.down_blocks.0.resnets.1.conv1`` is
+``encoder/down_blocks_0/resnets_1/conv1``), see :mod:`mmh_jax.convert.autoencoder_kl`.
+
+``encode`` and ``decode`` take and return NCHW arrays, like the PyTorch model, and compute in
+NHWC inside. They work on *unscaled* latents, as diffusers' ``vae.encode(x).latent_dist`` and
+``vae.decode(z).sample`` do; the diffusion model sees :func:`scale_latents` of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Literal, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+from mmh_jax.models.diffusers_blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialAttention,
+    Upsample2D,
+)
+from mmh_jax.models.layers import GroupNorm, conv2d
+
+__all__ = ["AutoencoderKL", "LatentDistribution", "scale_latents", "unscale_latents"]
+
+# diffusers hard-codes these in its Encoder, Decoder and their blocks.
+_EPS = 1e-6
+_LOGVAR_RANGE = (-30.0, 20.0)
+# Keys diffusers keeps about the file rather than the model.
+_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+# Per-channel latent statistics (some SDXL-family VAEs): supported only when absent.
+_MUST_BE_NONE = ("latents_mean", "latents_std")
+_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
+
+
+class LatentDistribution(NamedTuple):
+    """The diagonal Gaussian posterior ``q(z | x)`` of the encoder, NCHW, unscaled latents.
+
+    ``std = exp(logvar / 2)`` with ``logvar`` clamped to ``[-30, 20]``, as in diffusers'
+    ``DiagonalGaussianDistribution``.
+    """
+
+    mean: Float[Array, "b c h w"]
+    std: Float[Array, "b c h w"]
+
+    def sample(self, key: jax.Array) -> Float[Array, "b c h w"]:
+        """One draw ``mean + std * eps``, ``eps ~ N(0, I)`` from ``key`` (drawn in float32),
+        like diffusers' ``latent_dist.sample()``; the dtype of ``mean``."""
+        # Drawn flat, then reshaped: the same numbers (threefry is partitionable), but XLA:CPU
+        # compiles a multi-dimensional draw of, e.g., shape [2, 3, 8, 12] ~50x slower.
+        noise = jax.random.normal(key, (self.mean.size,), jnp.float32).reshape(self.mean.shape)
+        return (self.mean + self.std * noise).astype(self.mean.dtype)
+
+
+class _MidBlock(nn.Module):
+    """diffusers' ``UNetMidBlock2D`` as the VAE builds it: resnet, optional one-head
+    attention with group norm, resnet; no time embedding, eps 1e-6."""
+
+    channels: int
+    attention: bool
+    groups: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(groups=self.groups, eps=_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ResnetBlock2D(self.channels, name="resnets_0", **kw)(x)
+        if self.attention:
+            x = SpatialAttention(self.channels, name="attentions_0", **kw)(x)
+        return ResnetBlock2D(self.channels, name="resnets_1", **kw)(x)
+
+
+class _Block(nn.Module):
+    """``DownEncoderBlock2D`` (resnets, then a pad-right-bottom ``Downsample2D``) or
+    ``UpDecoderBlock2D`` (resnets, then an ``Upsample2D``); the resampler is optional."""
+
+    channels: int
+    num_layers: int
+    resample: Literal["down", "up"] | None
+    groups: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_layers):
+            x = ResnetBlock2D(self.channels, self.groups, _EPS, name=f"resnets_{j}", **kw)(x)
+        if self.resample == "down":
+            x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **kw)(x)
+        elif self.resample == "up":
+            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
+        return x
+
+
+class _Encoder(nn.Module):
+    """diffusers' VAE ``Encoder`` with ``double_z=True``: NHWC image -> NHWC moments."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    out_channels: int
+    groups: int
+    mid_attention: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        channels = self.block_out_channels
+        x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
+        for i, c in enumerate(channels):
+            resample = "down" if i < len(channels) - 1 else None
+            x = _Block(c, self.layers_per_block, resample, self.groups, name=f"down_blocks_{i}",
+                       **kw)(x)
+        x = _MidBlock(channels[-1], self.mid_attention, self.groups, name="mid_block", **kw)(x)
+        x = nn.silu(GroupNorm(self.groups, _EPS, name="conv_norm_out", **kw)(x))
+        return conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
+
+
+class _Decoder(nn.Module):
+    """diffusers' VAE ``Decoder`` (group norms): NHWC latents -> NHWC image."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    out_channels: int
+    groups: int
+    mid_attention: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        channels = self.block_out_channels[::-1]
+        x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(z)
+        x = _MidBlock(channels[0], self.mid_attention, self.groups, name="mid_block", **kw)(x)
+        for i, c in enumerate(channels):
+            resample = "up" if i < len(channels) - 1 else None
+            x = _Block(c, self.layers_per_block + 1, resample, self.groups, name=f"up_blocks_{i}",
+                       **kw)(x)
+        x = nn.silu(GroupNorm(self.groups, _EPS, name="conv_norm_out", **kw)(x))
+        return conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
+
+
+def _nchw_to_nhwc(x: Array) -> Array:
+    return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def _nhwc_to_nchw(x: Array) -> Array:
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+class AutoencoderKL(nn.Module):
+    """diffusers' ``AutoencoderKL`` (the Stable Diffusion VAE), in Flax.
+
+    Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the compute
+    dtype (e.g. ``jnp.bfloat16``; group-norm statistics, the attention softmax and the
+    posterior's ``exp`` stay in float32) and ``param_dtype`` the parameters' dtype. Supported:
+    ``DownEncoderBlock2D`` / ``UpDecoderBlock2D`` blocks, SiLU, the optional quant convs and
+    mid-block attention, ``shift_factor``; not supported: per-channel ``latents_mean`` /
+    ``latents_std``. ``force_upcast`` and ``sample_size`` are recorded and ignored (no tiling).
+
+    Methods (``module.apply({"params": params}, x, method="encode")`` and so on):
+
+    * :meth:`encode`: images ``[b, in_channels, h, w]`` -> :class:`LatentDistribution` of
+      ``[b, latent_channels, h / 2**(L-1), w / 2**(L-1)]`` with ``L = len(block_out_channels)``;
+    * :meth:`decode`: latents ``[b, latent_channels, h', w']`` -> images
+      ``[b, out_channels, h' * 2**(L-1), w' * 2**(L-1)]``;
+    * ``__call__``: ``decode(encode(x).mean)`` (what ``init`` runs, creating every parameter).
+
+    All three work on unscaled latents; see :func:`scale_latents`.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[Literal["DownEncoderBlock2D"], ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[Literal["UpDecoderBlock2D"], ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: Literal["silu", "swish"] = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int | tuple[int, int] = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: None = None
+    latents_std: None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_config()
+
+    def _check_config(self) -> None:
+        def bad(key: str, expected: str) -> ValueError:
+            return ValueError(f"AutoencoderKL: {key}={getattr(self, key)!r} is not supported; "
+                              f"expected {expected}")
+
+        if self.act_fn not in ("silu", "swish"):
+            raise bad("act_fn", "'silu' or 'swish'")
+        for key, kind in (("down_block_types", "DownEncoderBlock2D"),
+                          ("up_block_types", "UpDecoderBlock2D")):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not value or any(v != kind for v in value):
+                raise bad(key, f"a non-empty tuple of {kind!r}")
+        channels = self.block_out_channels
+        if not isinstance(channels, tuple) or not channels or not all(
+                _is_int(c) and c > 0 for c in channels):
+            raise bad("block_out_channels", "a non-empty tuple of positive ints")
+        if not len(channels) == len(self.down_block_types) == len(self.up_block_types):
+            raise ValueError(f"AutoencoderKL: block_out_channels {channels}, down_block_types and "
+                             "up_block_types must have the same length")
+        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+                    "norm_num_groups"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise bad(key, "a positive int")
+        if any(c % self.norm_num_groups for c in channels):
+            raise bad("norm_num_groups", f"a divisor of every block_out_channels {channels}")
+        if not _is_real(self.scaling_factor) or not self.scaling_factor > 0:
+            raise bad("scaling_factor", "a positive number")
+        if self.shift_factor is not None and not _is_real(self.shift_factor):
+            raise bad("shift_factor", "None or a number")
+        for key in _MUST_BE_NONE:
+            if getattr(self, key) is not None:
+                raise bad(key, "None (per-channel latent statistics are not supported)")
+        for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv",
+                    "mid_block_add_attention"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "a bool")
+        size = self.sample_size
+        if not (_is_int(size) or isinstance(size, tuple) and len(size) == 2
+                and all(_is_int(s) for s in size)):
+            raise bad("sample_size", "an int or a pair of ints")
+
+    @property
+    def downscale(self) -> int:
+        """How much smaller the latents are than the images, per side: ``2 ** (L - 1)``."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> "AutoencoderKL":
+        """The module a diffusers ``AutoencoderKL`` config describes, read strictly.
+
+        Args:
+            config: the parsed ``config.json`` (or a diffusers model's ``config``). Absent keys
+                take diffusers' defaults; the bookkeeping keys ``_class_name`` (which must be
+                ``"AutoencoderKL"``), ``_diffusers_version``, ``_name_or_path`` and
+                ``_use_default_values`` are skipped.
+            dtype: compute dtype.
+            param_dtype: parameter dtype.
+
+        Returns:
+            The (unbound) module.
+
+        Raises:
+            ValueError: naming the first key this port does not know or whose value it does not
+                support.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (a parsed config.json), got "
+                            f"{type(config).__name__}")
+        class_name = config.get("_class_name", "AutoencoderKL")
+        if class_name != "AutoencoderKL":
+            raise ValueError(f"AutoencoderKL config: _class_name={class_name!r}, expected "
+                             "'AutoencoderKL'")
+        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
+        kwargs = {}
+        for key, value in config.items():
+            if key in _BOOKKEEPING:
+                continue
+            if key not in fields:
+                raise ValueError(f"AutoencoderKL config: unknown key {key!r}")
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if f.name not in _NOT_CONFIG}
+
+    def setup(self):
+        kw = dict(block_out_channels=self.block_out_channels,
+                  layers_per_block=self.layers_per_block, groups=self.norm_num_groups,
+                  mid_attention=self.mid_block_add_attention, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+        self.encoder = _Encoder(out_channels=2 * self.latent_channels, **kw)
+        self.decoder = _Decoder(out_channels=self.out_channels, **kw)
+        conv = dict(kernel_size=(1, 1), padding="VALID", dtype=self.dtype,
+                    param_dtype=self.param_dtype)
+        if self.use_quant_conv:
+            self.quant_conv = nn.Conv(2 * self.latent_channels, **conv)
+        if self.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv(self.latent_channels, **conv)
+
+    def encode(self, x: Float[ArrayLike, "b c h w"]) -> LatentDistribution:
+        """The posterior over (unscaled) latents, like diffusers' ``vae.encode(x).latent_dist``.
+
+        Args:
+            x: images in NCHW, ``[b, in_channels, h, w]`` (Stable Diffusion: in ``[-1, 1]``);
+                ``h`` and ``w`` divisible by :attr:`downscale`.
+
+        Returns:
+            ``LatentDistribution(mean, std)``, each ``[b, latent_channels, h / downscale,
+            w / downscale]`` in the compute dtype.
+        """
+        x = jnp.asarray(x)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape [b, {self.in_channels}, h, w], got {x.shape}")
+        if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
+            raise ValueError(f"x height and width must be divisible by {self.downscale}, "
+                             f"got {x.shape[2:]}")
+        moments = self.encoder(_nchw_to_nhwc(x))
+        if self.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        logvar = jnp.clip(logvar.astype(jnp.float32), *_LOGVAR_RANGE)
+        std = jnp.exp(0.5 * logvar).astype(mean.dtype)
+        return LatentDistribution(_nhwc_to_nchw(mean), _nhwc_to_nchw(std))
+
+    def decode(self, z: Float[ArrayLike, "b c h w"]) -> Float[Array, "b c_out H W"]:
+        """Images from (unscaled) latents, like diffusers' ``vae.decode(z).sample``.
+
+        Args:
+            z: latents in NCHW, ``[b, latent_channels, h, w]``.
+
+        Returns:
+            ``[b, out_channels, h * downscale, w * downscale]`` in the compute dtype.
+        """
+        z = jnp.asarray(z)
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"z must have shape [b, {self.latent_channels}, h, w], "
+                             f"got {z.shape}")
+        z = _nchw_to_nhwc(z)
+        if self.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return _nhwc_to_nchw(self.decoder(z))
+
+    def __call__(self, x: Float[ArrayLike, "b c h w"]) -> Float[Array, "b c_out h w"]:
+        """The reconstruction ``decode(encode(x).mean)``."""
+        return self.decode(self.encode(x).mean)
+
+
+def scale_latents(module: AutoencoderKL, z: Float[ArrayLike, "..."]) -> Float[Array, "..."]:
+    """VAE latents -> the diffusion model's latents: ``(z - shift_factor) * scaling_factor``
+    (``shift_factor=None`` means 0), as diffusers' pipelines scale them."""
+    shift = module.shift_factor or 0.0
+    return (jnp.asarray(z) - shift) * module.scaling_factor
+
+
+def unscale_latents(module: AutoencoderKL, z: Float[ArrayLike, "..."]) -> Float[Array, "..."]:
+    """The inverse of :func:`scale_latents`: ``z / scaling_factor + shift_factor``."""
+    shift = module.shift_factor or 0.0
+    return jnp.asarray(z) / module.scaling_factor + shift
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -1,0 +1,329 @@
+"""Flax port of transformers' ``CLIPTextModel``, the text encoder of Stable Diffusion.
+
+The module's attributes are the keys of a transformers ``CLIPTextConfig`` that change the
+inference forward pass, with transformers' defaults; :meth:`CLIPTextModel.from_config` reads a
+parsed ``config.json`` strictly. Parameter scopes follow the PyTorch module names with the
+``text_model.`` prefix dropped and every list index attached to its list
+(``text_model.encoder.layers.3.self_attn.q_proj`` is ``encoder/layers_3/self_attn/q_proj``),
+see :mod:`mmh_jax.convert.clip`.
+
+The network: token plus learned position embeddings, ``num_hidden_layers`` pre-LayerNorm
+transformer layers with causal self-attention, and a final LayerNorm. The call takes integer
+token ids ``[b, n]`` (no attention mask: Stable Diffusion's pipelines pass none, and with the
+causal mask the states up to the end-of-text token do not depend on the padding after it) and
+returns every position's final state and the pooled state at the end-of-text token. Dropout is
+accepted in the config and ignored (inference only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
+
+__all__ = ["CLIPTextModel", "CLIPTextOutput"]
+
+_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new")
+# Keys of a transformers config.json that describe the file, the training set-up or the
+# PyTorch call's output format, not the numbers the inference forward pass computes.
+_BOOKKEEPING = (
+    # the file and the class ("dtype", "torch_dtype": the PyTorch weights' dtype)
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
+    "dtype", "_attn_implementation", "_attn_implementation_autoset",
+    # initialisation and training
+    "initializer_range", "initializer_factor", "attention_dropout", "dropout",
+    "hidden_dropout", "use_bfloat16", "tf_legacy_loss", "finetuning_task", "problem_type",
+    "id2label", "label2id", "task_specific_params", "tokenizer_class", "prefix",
+    # which outputs the PyTorch call returns, and how
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "chunk_size_feed_forward",
+    # encoder-decoder and generation settings, which a text encoder never reads
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "tie_word_embeddings", "decoder_start_token_id", "sep_token_id",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+)
+# Supported only when empty: pruned attention heads change the layer shapes.
+_MUST_BE_EMPTY = ("pruned_heads",)
+_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
+
+
+class CLIPTextOutput(NamedTuple):
+    """What :class:`CLIPTextModel` returns.
+
+    Attributes:
+        last_hidden_state: the final LayerNorm's output at every position, ``[b, n, hidden]``
+            (Stable Diffusion's UNet conditioning).
+        pooled: ``last_hidden_state`` at each row's end-of-text token, ``[b, hidden]``
+            (transformers' ``pooler_output``).
+    """
+
+    last_hidden_state: Float[Array, "b n hidden"]
+    pooled: Float[Array, "b hidden"]
+
+
+def _activation(name: str, x: Array) -> Array:
+    """transformers' ``ACT2FN[name]`` for the supported names."""
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return jax.nn.gelu(x, approximate=name == "gelu_new")  # "gelu" is the exact erf form
+
+
+def _layer_norm(epsilon: float, name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    """``torch.nn.LayerNorm`` over the last axis, its statistics two-pass in float32."""
+    # Flax computes the statistics in float32 for any input dtype; the default one-pass
+    # variance E[x^2] - E[x]^2 loses precision on CLIP's large-mean hidden states.
+    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name, dtype=dtype,
+                        param_dtype=param_dtype)
+
+
+class _SelfAttention(nn.Module):
+    """transformers' ``CLIPAttention`` with the causal mask: q, k, v and out projections."""
+
+    heads: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, n, width = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q, k, v = (nn.Dense(width, name=name, **kw)(x).reshape(b, n, self.heads, -1)
+                   for name in ("q_proj", "k_proj", "v_proj"))
+        # scale head_dim ** -0.5; the logits and the softmax in float32 for any dtype
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, n, width)
+        return nn.Dense(width, name="out_proj", **kw)(out)
+
+
+class _MLP(nn.Module):
+    """transformers' ``CLIPMLP``: ``fc2(act(fc1(x)))``."""
+
+    intermediate_size: int
+    hidden_act: str
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Dense(self.intermediate_size, name="fc1", **kw)(x)
+        return nn.Dense(x.shape[-1], name="fc2", **kw)(_activation(self.hidden_act, h))
+
+
+class _EncoderLayer(nn.Module):
+    """transformers' ``CLIPEncoderLayer``: pre-LayerNorm attention and MLP, each residual."""
+
+    heads: int
+    intermediate_size: int
+    hidden_act: str
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = h + _SelfAttention(self.heads, name="self_attn", **kw)(
+            _layer_norm(self.eps, "layer_norm1", **kw)(h))
+        return h + _MLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(
+            _layer_norm(self.eps, "layer_norm2", **kw)(h))
+
+
+class _Encoder(nn.Module):
+    """transformers' ``CLIPEncoder``: the stack of layers (scopes ``layers_0``, ...)."""
+
+    num_layers: int
+    heads: int
+    intermediate_size: int
+    hidden_act: str
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        for i in range(self.num_layers):
+            h = _EncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps,
+                              name=f"layers_{i}", dtype=self.dtype,
+                              param_dtype=self.param_dtype)(h)
+        return h
+
+
+class _Embeddings(nn.Module):
+    """transformers' ``CLIPTextEmbeddings``: token embedding plus position embedding."""
+
+    vocab_size: int
+    hidden_size: int
+    max_positions: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, input_ids: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        tokens = nn.Embed(self.vocab_size, self.hidden_size, name="token_embedding", **kw)
+        positions = nn.Embed(self.max_positions, self.hidden_size, name="position_embedding",
+                             **kw)
+        return tokens(input_ids) + positions(jnp.arange(input_ids.shape[1]))[None]
+
+
+class CLIPTextModel(nn.Module):
+    """transformers' ``CLIPTextModel`` (the text tower of CLIP), in Flax.
+
+    Attributes are transformers' ``CLIPTextConfig`` keys (same names, same defaults);
+    ``projection_dim`` is accepted and unused (it sizes the projection of
+    ``CLIPTextModelWithProjection``, which this module does not have). ``hidden_act`` is
+    ``"quick_gelu"`` (OpenAI CLIP, Stable Diffusion 1.x), ``"gelu"`` (exact, OpenCLIP, Stable
+    Diffusion 2.x) or ``"gelu_new"`` (tanh approximation). ``pad_token_id`` and
+    ``bos_token_id`` are recorded only; ``eos_token_id`` picks the pooled position: the first
+    ``input_ids == eos_token_id``, or for legacy configs with ``eos_token_id == 2`` the
+    position of the largest id (CLIP's end-of-text token has the largest id of its
+    vocabulary). A row without that token pools position 0, as transformers does. ``dtype``
+    is the compute dtype (LayerNorm statistics and the attention softmax stay in float32) and
+    ``param_dtype`` the parameters' dtype.
+
+    Call: ``module.apply({"params": params}, input_ids [b, n])`` with integer ids,
+    ``n <= max_position_embeddings``, returns a :class:`CLIPTextOutput` in ``dtype``. Ids
+    outside ``[0, vocab_size)`` cannot be checked under ``jit``: they embed as NaN, which
+    makes their whole row's outputs NaN.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: Literal["quick_gelu", "gelu", "gelu_new"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_config()
+
+    def _check_config(self) -> None:
+        def bad(key: str, expected: str) -> ValueError:
+            return ValueError(f"CLIPTextModel: {key}={getattr(self, key)!r} is not supported; "
+                              f"expected {expected}")
+
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(key, "a positive int")
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int)
+                                                or self.projection_dim < 1):
+            raise bad("projection_dim", "None or a positive int")
+        if self.hidden_size % self.num_attention_heads:
+            raise bad("num_attention_heads", f"a divisor of hidden_size={self.hidden_size}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise bad("hidden_act", " or ".join(map(repr, _ACTIVATIONS)))
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise bad("layer_norm_eps", "a positive number")
+        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
+            raise bad("eos_token_id", "an int (it selects the pooled position)")
+        for key in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(key, "None or an int")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> "CLIPTextModel":
+        """The module a transformers ``CLIPTextModel`` config describes, read strictly.
+
+        Args:
+            config: the parsed ``config.json`` (or ``CLIPTextConfig.to_dict()``). Absent keys
+                take transformers' defaults; ``model_type`` must be ``"clip_text_model"`` if
+                present; keys that do not change the inference forward pass (file bookkeeping,
+                initialisation, dropout, output-format and generation settings) are skipped,
+                and ``pruned_heads`` must be empty.
+            dtype: compute dtype.
+            param_dtype: parameter dtype.
+
+        Returns:
+            The (unbound) module.
+
+        Raises:
+            TypeError: if ``config`` is not a mapping.
+            ValueError: naming the first key this port does not know or whose value it does
+                not support.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (a parsed config.json), got "
+                            f"{type(config).__name__}")
+        model_type = config.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model":
+            raise ValueError(f"CLIPTextModel config: model_type={model_type!r}, expected "
+                             "'clip_text_model' (for a CLIPModel config, pass its text_config)")
+        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
+        kwargs = {}
+        for key, value in config.items():
+            if key in _BOOKKEEPING:
+                continue
+            if key in _MUST_BE_EMPTY:
+                if value:
+                    raise ValueError(f"CLIPTextModel config: {key}={value!r} is not supported; "
+                                     "expected it empty")
+                continue
+            if key not in fields:
+                raise ValueError(f"CLIPTextModel config: unknown key {key!r}")
+            kwargs[key] = value
+        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in _NOT_CONFIG}
+        return {"model_type": "clip_text_model", **config}
+
+    @nn.compact
+    def __call__(self, input_ids: Int[ArrayLike, "b n"]) -> CLIPTextOutput:
+        """Encode token ids.
+
+        Args:
+            input_ids: integer token ids ``[b, n]``, ``n <= max_position_embeddings``,
+                as a CLIP tokenizer makes them (start token, text, end token, padding).
+
+        Returns:
+            :class:`CLIPTextOutput` ``(last_hidden_state [b, n, hidden_size],
+            pooled [b, hidden_size])`` in the compute dtype.
+
+        Raises:
+            TypeError: if ``input_ids`` are not integers.
+            ValueError: if ``input_ids`` is not 2-D or longer than ``max_position_embeddings``.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [b, n], got {input_ids.shape}")
+        if input_ids.shape[1] > self.max_position_embeddings:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per row, more than "
+                             f"max_position_embeddings={self.max_position_embeddings}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = _Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
+                        name="embeddings", **kw)(input_ids)
+        h = _Encoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
+                     self.hidden_act, self.layer_norm_eps, name="encoder", **kw)(h)
+        h = _layer_norm(self.layer_norm_eps, "final_layer_norm", **kw)(h)
+        if self.eos_token_id == 2:  # legacy configs: the end token is the largest id
+            eos = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
+        pooled = jnp.take_along_axis(h, eos[:, None, None], axis=1)[:, 0]
+        return CLIPTextOutput(h, pooled)
