@@ -1,5 +1,15 @@
 """Strict PyTorch -> Flax weight conversion and safetensors storage of converted parameters."""
 
+from mmh_jax.convert.autoencoder_kl import (
+    autoencoder_kl_abstract_params,
+    autoencoder_kl_rename_table,
+    convert_autoencoder_kl,
+)
+from mmh_jax.convert.clip import (
+    clip_text_abstract_params,
+    clip_text_rename_table,
+    convert_clip_text,
+)
 from mmh_jax.convert.core import (
     ConversionError,
     Rename,
@@ -20,9 +30,23 @@ from mmh_jax.convert.unet2d import (
     unet2d_abstract_params,
     unet2d_rename_table,
 )
+from mmh_jax.convert.unet2d_condition import (
+    convert_unet2d_condition,
+    unet2d_condition_abstract_params,
+    unet2d_condition_rename_table,
+)
 
 __all__ = [
     "ConversionError",
+    "autoencoder_kl_abstract_params",
+    "autoencoder_kl_rename_table",
+    "clip_text_abstract_params",
+    "clip_text_rename_table",
+    "convert_autoencoder_kl",
+    "convert_clip_text",
+    "convert_unet2d_condition",
+    "unet2d_condition_abstract_params",
+    "unet2d_condition_rename_table",
     "Rename",
     "abstract_params",
     "check_params",

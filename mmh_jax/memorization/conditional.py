@@ -21,7 +21,6 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.guidance import CondEpsFn, cfg_score_fn, conditional_score_fn, eps_pair

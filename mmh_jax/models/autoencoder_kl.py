@@ -12,7 +12,6 @@ NHWC inside. They work on *unscaled* latents, as diffusers' ``vae.encode(x).late
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from typing import Any, Literal, Mapping, NamedTuple
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax.models._config import config_kwargs, module_config
 from mmh_jax.models.diffusers_blocks import (
     Downsample2D,
     ResnetBlock2D,
@@ -35,10 +35,9 @@ __all__ = ["AutoencoderKL", "LatentDistribution", "scale_latents", "unscale_late
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
 # Keys diffusers keeps about the file rather than the model.
-_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # Per-channel latent statistics (some SDXL-family VAEs): supported only when absent.
 _MUST_BE_NONE = ("latents_mean", "latents_std")
-_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
 
 
 class LatentDistribution(NamedTuple):
@@ -272,27 +271,13 @@ class AutoencoderKL(nn.Module):
             ValueError: naming the first key this port does not know or whose value it does not
                 support.
         """
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping (a parsed config.json), got "
-                            f"{type(config).__name__}")
-        class_name = config.get("_class_name", "AutoencoderKL")
-        if class_name != "AutoencoderKL":
-            raise ValueError(f"AutoencoderKL config: _class_name={class_name!r}, expected "
-                             "'AutoencoderKL'")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
-        kwargs = {}
-        for key, value in config.items():
-            if key in _BOOKKEEPING:
-                continue
-            if key not in fields:
-                raise ValueError(f"AutoencoderKL config: unknown key {key!r}")
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        kwargs = config_kwargs(cls, config, what="AutoencoderKL",
+                               kind=("_class_name", "AutoencoderKL"), skip=_BOOKKEEPING)
         return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
 
     def to_config(self) -> dict[str, Any]:
         """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self) if f.name not in _NOT_CONFIG}
+        return module_config(self)
 
     def setup(self):
         kw = dict(block_out_channels=self.block_out_channels,

@@ -17,13 +17,14 @@ accepted in the config and ignored (inference only).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
+
+from mmh_jax.models._config import config_kwargs, module_config
 
 __all__ = ["CLIPTextModel", "CLIPTextOutput"]
 
@@ -32,7 +33,7 @@ _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new")
 # PyTorch call's output format, not the numbers the inference forward pass computes.
 _BOOKKEEPING = (
     # the file and the class ("dtype", "torch_dtype": the PyTorch weights' dtype)
-    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
+    "_name_or_path", "architectures", "transformers_version", "torch_dtype",
     "dtype", "_attn_implementation", "_attn_implementation_autoset",
     # initialisation and training
     "initializer_range", "initializer_factor", "attention_dropout", "dropout",
@@ -51,9 +52,6 @@ _BOOKKEEPING = (
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens",
 )
-# Supported only when empty: pruned attention heads change the layer shapes.
-_MUST_BE_EMPTY = ("pruned_heads",)
-_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
 
 
 class CLIPTextOutput(NamedTuple):
@@ -263,33 +261,15 @@ class CLIPTextModel(nn.Module):
             ValueError: naming the first key this port does not know or whose value it does
                 not support.
         """
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping (a parsed config.json), got "
-                            f"{type(config).__name__}")
-        model_type = config.get("model_type", "clip_text_model")
-        if model_type != "clip_text_model":
-            raise ValueError(f"CLIPTextModel config: model_type={model_type!r}, expected "
-                             "'clip_text_model' (for a CLIPModel config, pass its text_config)")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
-        kwargs = {}
-        for key, value in config.items():
-            if key in _BOOKKEEPING:
-                continue
-            if key in _MUST_BE_EMPTY:
-                if value:
-                    raise ValueError(f"CLIPTextModel config: {key}={value!r} is not supported; "
-                                     "expected it empty")
-                continue
-            if key not in fields:
-                raise ValueError(f"CLIPTextModel config: unknown key {key!r}")
-            kwargs[key] = value
+        kwargs = config_kwargs(cls, config, what="CLIPTextModel",
+                               kind=("model_type", "clip_text_model"), skip=_BOOKKEEPING,
+                               fixed={"pruned_heads": ({},)},
+                               hints={"pruned_heads": "pruned heads change the layer shapes"})
         return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
 
     def to_config(self) -> dict[str, Any]:
         """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in _NOT_CONFIG}
-        return {"model_type": "clip_text_model", **config}
+        return {"model_type": "clip_text_model", **module_config(self)}
 
     @nn.compact
     def __call__(self, input_ids: Int[ArrayLike, "b n"]) -> CLIPTextOutput:

@@ -156,12 +156,24 @@ def attention(
 ) -> Float[Array, "b n heads d"]:
     """Softmax attention with scale ``1/sqrt(d)``, the softmax in float32 for any input dtype.
 
+    The weights are normalised after the product with the values (``(exp(S - max) V) / sum``,
+    the same numbers as ``softmax(S) V`` up to rounding): on XLA:CPU this runs the self-attention
+    of Stable Diffusion's 64 x 64 level (4096 tokens, 8 heads) in half the time of
+    ``jax.nn.dot_product_attention``, and its ``jvp`` in 0.77x (``benchmarks/RESULTS.md``).
+
     Args:
         q: queries, ``[batch, tokens, heads, head width]``.
-        k: keys, same shape.
-        v: values, same shape.
+        k: keys, ``[batch, other tokens, heads, head width]``.
+        v: values, shaped like ``k``.
 
     Returns:
         The attended values, shaped like ``q`` and of its dtype.
     """
-    return jax.nn.dot_product_attention(q, k, v)
+    q, k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))  # [b, heads, tokens, d]
+    logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (q.shape[-1] ** -0.5)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("bhnm,bhmd->bhnd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = out / jnp.sum(weights, axis=-1, keepdims=True)
+    return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)

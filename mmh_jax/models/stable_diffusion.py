@@ -17,7 +17,6 @@ prompt encoding, the VAE's ``encode_image``/``decode`` and DDIM sampling.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tempfile
 import warnings
@@ -120,6 +119,8 @@ class StableDiffusion(NamedTuple):
     def latent_shape(self) -> tuple[int, int, int]:
         """``(channels, height, width)`` of the latents at the UNet's training resolution."""
         size = self.unet.module.sample_size
+        if size is None:
+            raise ValueError("the UNet's config has no sample_size: pass latent_shape=(c, h, w)")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.module.in_channels, h, w)
 

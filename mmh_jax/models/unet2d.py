@@ -12,13 +12,13 @@ it) and ignored.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax.models._config import config_kwargs, module_config
 from mmh_jax.models.diffusers_blocks import (
     Downsample2D,
     ResnetBlock2D,
@@ -47,12 +47,11 @@ _DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 # Keys diffusers keeps about the file rather than the model (``_use_default_values`` is in a
 # loaded model's ``config`` but not in ``config.json``).
-_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # Class conditioning: supported only when absent.
 _MUST_BE_NONE = ("class_embed_type", "num_class_embeds")
 # Read by diffusers only for time_embedding_type="learned", which this port rejects.
 _UNUSED = ("num_train_timesteps",)
-_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
 
 
 class _Block(nn.Module):
@@ -237,31 +236,15 @@ class UNet2D(nn.Module):
             ValueError: naming the first key this port does not know or whose value it does not
                 support (class conditioning, Fourier time embeddings, other block types, ...).
         """
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping (a parsed config.json), got "
-                            f"{type(config).__name__}")
-        class_name = config.get("_class_name", "UNet2DModel")
-        if class_name != "UNet2DModel":
-            raise ValueError(f"UNet2D config: _class_name={class_name!r}, expected 'UNet2DModel'")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
-        kwargs = {}
-        for key, value in config.items():
-            if key in _BOOKKEEPING or key in _UNUSED:
-                continue
-            if key in _MUST_BE_NONE:
-                if value is not None:
-                    raise ValueError(f"UNet2D config: {key}={value!r} is not supported (class "
-                                     "conditioning); expected None")
-                continue
-            if key not in fields:
-                raise ValueError(f"UNet2D config: unknown key {key!r}")
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        kwargs = config_kwargs(cls, config, what="UNet2D", kind=("_class_name", "UNet2DModel"),
+                               skip=_BOOKKEEPING + _UNUSED,
+                               fixed={key: (None,) for key in _MUST_BE_NONE},
+                               hints={key: "class conditioning" for key in _MUST_BE_NONE})
         return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
 
     def to_config(self) -> dict[str, Any]:
         """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self) if f.name not in _NOT_CONFIG}
+        return module_config(self)
 
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]

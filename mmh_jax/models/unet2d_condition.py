@@ -18,13 +18,13 @@ head); ``num_attention_heads`` must be None, as diffusers itself requires.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax.models._config import config_kwargs, module_config
 from mmh_jax.models.diffusers_blocks import Downsample2D, ResnetBlock2D, TimestepMLP, Upsample2D
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
 
@@ -45,7 +45,7 @@ UpBlockType = Literal["UpBlock2D", "CrossAttnUpBlock2D"]
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
 # Keys diffusers keeps about the file rather than the model.
-_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # diffusers keys that select features this port does not have: each must keep the value given
 # (any of the listed values), which is diffusers' default or equivalent to it.
 _FIXED: dict[str, tuple] = {
@@ -69,16 +69,6 @@ _FIXED: dict[str, tuple] = {
 }
 # Read by diffusers only for an addition_embed_type this port refuses.
 _UNUSED = ("addition_embed_type_num_heads",)
-_NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
-
-
-def _freeze(value: Any) -> Any:
-    """JSON lists (nested too) -> tuples, so configs are hashable module attributes."""
-    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _thaw(value: Any) -> Any:
-    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -394,36 +384,17 @@ class UNet2DCondition(nn.Module):
                 support (SDXL's text-time conditioning, class conditioning, other block types,
                 ...), with the value expected.
         """
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping (a parsed config.json), got "
-                            f"{type(config).__name__}")
-        class_name = config.get("_class_name", "UNet2DConditionModel")
-        if class_name != "UNet2DConditionModel":
-            raise ValueError(f"UNet2DCondition config: _class_name={class_name!r}, expected "
-                             "'UNet2DConditionModel'")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
-        kwargs = {}
-        for key, value in config.items():
-            if key in _BOOKKEEPING or key in _UNUSED:
-                continue
-            if key in _FIXED:
-                if _freeze(value) not in _FIXED[key]:
-                    expected = " or ".join(map(repr, _FIXED[key]))
-                    extra = (" (SDXL's added text-time conditioning; SDXL is not supported)"
-                             if key == "addition_embed_type" and value == "text_time" else "")
-                    raise ValueError(f"UNet2DCondition config: {key}={value!r} is not "
-                                     f"supported{extra}; expected {expected}")
-                continue
-            if key not in fields:
-                raise ValueError(f"UNet2DCondition config: unknown key {key!r}")
-            kwargs[key] = _freeze(value)
+        kwargs = config_kwargs(
+            cls, config, what="UNet2DCondition", kind=("_class_name", "UNet2DConditionModel"),
+            skip=_BOOKKEEPING + _UNUSED, fixed=_FIXED,
+            hints={"addition_embed_type": "added conditioning such as SDXL's text_time; SDXL "
+                                          "is not supported"})
         return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
 
     def to_config(self) -> dict[str, Any]:
         """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back and
         ``diffusers.UNet2DConditionModel(**config)`` builds."""
-        return {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in _NOT_CONFIG}
+        return module_config(self)
 
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"],

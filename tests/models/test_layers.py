@@ -36,3 +36,21 @@ def test_group_norm_is_accurate_with_large_means():
     want = y * params["scale"] + params["bias"]
     got = GroupNorm(4, 1e-5).apply({"params": params}, x)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-3)
+
+
+def test_attention_matches_torch_and_keeps_float32_softmax():
+    import jax.numpy as jnp
+
+    from mmh_jax.models.layers import attention
+
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, 7, 3, 5)).astype(np.float32)     # 7 queries, 3 heads of 5
+    k, v = (3 * rng.standard_normal((2, 4, 3, 5)).astype(np.float32) for _ in range(2))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.as_tensor(a).transpose(1, 2) for a in (q, k, v))).transpose(1, 2).numpy()
+    got = attention(q, k, v)
+    assert got.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    half = attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), want, atol=0.05 * np.abs(want).max())

@@ -199,13 +199,18 @@ def test_missing_component_and_foreign_classes_are_named(sd_folder, tmp_path):
         load_stable_diffusion(copy)
 
 
-def test_text_encoder_of_another_family_is_refused(sd_folder, tmp_path):
+@pytest.mark.parametrize("component, key, value, message", [
+    ("text_encoder", "hidden_size", 48, "cross_attention_dim"),  # a wider text encoder
+    ("vae", "latent_channels", 8, "latent channels"),            # a VAE with 8-channel latents
+])
+def test_components_of_another_family_are_refused(sd_folder, tmp_path, component, key, value,
+                                                  message):
     folder, _ = sd_folder
     copy = _copy(folder, tmp_path)
-    config = json.loads((copy / "text_encoder/config.json").read_text())
-    config["hidden_size"] = 48  # a wider text encoder (its weights would not even fit)
-    (copy / "text_encoder/config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="cross_attention_dim"):
+    config = json.loads((copy / component / "config.json").read_text())
+    config[key] = value  # checked before the weights are read (they would not fit either)
+    (copy / component / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
         load_stable_diffusion(copy)
 
 
