@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax.models._config import config_kwargs, module_config
+from mmh_jax.models.layers import attention
 
 __all__ = ["CLIPTextModel", "CLIPTextOutput"]
 
@@ -96,8 +97,7 @@ class _SelfAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q, k, v = (nn.Dense(width, name=name, **kw)(x).reshape(b, n, self.heads, -1)
                    for name in ("q_proj", "k_proj", "v_proj"))
-        # scale head_dim ** -0.5; the logits and the softmax in float32 for any dtype
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, n, width)
+        out = attention(q, k, v, causal=True).reshape(b, n, width)
         return nn.Dense(width, name="out_proj", **kw)(out)
 
 

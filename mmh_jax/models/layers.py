@@ -152,19 +152,21 @@ def upsample_nearest_2x(x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w c"]
 
 
 def attention(
-    q: Float[Array, "b n heads d"], k: Float[Array, "b n heads d"], v: Float[Array, "b n heads d"]
+    q: Float[Array, "b n heads d"], k: Float[Array, "b m heads d"], v: Float[Array, "b m heads d"],
+    *, causal: bool = False,
 ) -> Float[Array, "b n heads d"]:
     """Softmax attention with scale ``1/sqrt(d)``, the softmax in float32 for any input dtype.
 
     The weights are normalised after the product with the values (``(exp(S - max) V) / sum``,
     the same numbers as ``softmax(S) V`` up to rounding): on XLA:CPU this runs the self-attention
     of Stable Diffusion's 64 x 64 level (4096 tokens, 8 heads) in half the time of
-    ``jax.nn.dot_product_attention``, and its ``jvp`` in 0.77x (``benchmarks/RESULTS.md``).
+    ``jax.nn.dot_product_attention``, and its ``jvp`` in 0.76x (``benchmarks/RESULTS.md``).
 
     Args:
         q: queries, ``[batch, tokens, heads, head width]``.
         k: keys, ``[batch, other tokens, heads, head width]``.
         v: values, shaped like ``k``.
+        causal: query ``i`` attends to keys ``j <= i`` only (a text encoder's mask).
 
     Returns:
         The attended values, shaped like ``q`` and of its dtype.
@@ -172,6 +174,9 @@ def attention(
     q, k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))  # [b, heads, tokens, d]
     logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
     logits = logits * (q.shape[-1] ** -0.5)
+    if causal:
+        n, m = logits.shape[-2:]
+        logits = jnp.where(jnp.tril(jnp.ones((n, m), bool)), logits, -jnp.inf)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     out = jnp.einsum("bhnm,bhmd->bhnd", weights.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)

@@ -338,6 +338,9 @@ def _from_folder(root: Path, dtype: Any):
     modules = {name: _build(port, _read_config(folders[name] / "config.json"),
                             folders[name] / "config.json", dtype) for name, port in _PORTS.items()}
     _check_compatible(modules, repr(str(root)))
+    scheduler_file = folders["scheduler"] / "scheduler_config.json"
+    scheduler = _read_config(scheduler_file)
+    _read_schedule(scheduler, repr(str(scheduler_file)))  # refused before any weight is read
     params = {}
     for name, port in _PORTS.items():
         found = [folders[name] / f for f in port.weights if (folders[name] / f).is_file()]
@@ -346,7 +349,6 @@ def _from_folder(root: Path, dtype: Any):
                                     f"{', '.join(port.weights)}")
         params[name] = port.convert(read_state_dict(found[0]), modules[name],
                                     source=repr(str(found[0])))
-    scheduler = _read_config(folders["scheduler"] / "scheduler_config.json")
     tokenizer_files = {name: (folders["tokenizer"] / name).read_text()
                        for name in _TOKENIZER_FILES if (folders["tokenizer"] / name).is_file()}
     return modules, params, scheduler, tokenizer_files
@@ -367,11 +369,21 @@ def _from_converted(path: Path, dtype: Any):
     except (KeyError, TypeError) as err:
         raise ConversionError(f"{str(path)!r}: bad metadata: {err}") from None
     _check_compatible(modules, repr(str(path)))
+    _read_schedule(scheduler, repr(str(path)))
     params = {name: check_params(stored.get(name, {}), port.abstract(modules[name]),
                                  source=f"{str(path)!r} ({name})",
                                  dtype=modules[name].param_dtype)
               for name, port in _PORTS.items()}
     return modules, params, scheduler, tokenizer_files
+
+
+def _read_schedule(scheduler: dict, source: str) -> tuple[DDPM, str]:
+    """The schedule and prediction type of a scheduler config; errors name ``source``."""
+    try:
+        return (ddpm_from_scheduler_config(scheduler),
+                prediction_type_from_scheduler_config(scheduler))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def _tokenizer(files: dict[str, str], source: str):
@@ -418,11 +430,7 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
         modules, params, scheduler, tokenizer_files = _from_folder(path, dtype)
     else:
         modules, params, scheduler, tokenizer_files = _from_converted(path, dtype)
-    try:
-        schedule = ddpm_from_scheduler_config(scheduler)
-        prediction = prediction_type_from_scheduler_config(scheduler)
-    except ValueError as err:
-        raise ValueError(f"{source} (scheduler): {err}") from None
+    schedule, prediction = _read_schedule(scheduler, source)
     params = jax.tree.map(jnp.asarray, params)
     unet = modules["unet"]
     eps = Partial(EpsModel(unet, prediction_type=prediction).eps, params["unet"], schedule)

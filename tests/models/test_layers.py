@@ -54,3 +54,15 @@ def test_attention_matches_torch_and_keeps_float32_softmax():
     half = attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), want, atol=0.05 * np.abs(want).max())
+
+
+def test_causal_attention_matches_torch():
+    from mmh_jax.models.layers import attention
+
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 6, 2, 4)).astype(np.float32) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.as_tensor(a).transpose(1, 2) for a in (q, k, v)), is_causal=True
+    ).transpose(1, 2).numpy()
+    np.testing.assert_allclose(np.asarray(attention(q, k, v, causal=True)), want, atol=1e-5)
+    assert not np.allclose(np.asarray(attention(q, k, v)), want, atol=1e-3)

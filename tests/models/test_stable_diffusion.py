@@ -132,8 +132,8 @@ def test_bfloat16_pipeline_keeps_float32_interfaces(sd, sd16):
     emb16 = sd16.encode_prompt(PROMPTS)
     assert emb16.dtype == jnp.float32
     np.testing.assert_allclose(emb16, emb, atol=0.05 * np.abs(emb).max())
-    assert sd16.cfg_score(emb16)(z, t).dtype == jnp.float32
     # unguided: CFG multiplies the difference of the branches' rounding errors by the guidance
+    # (the guided score's float32 output is tested through FLIPD, test_conditional.py)
     score16, score = sd16.score(emb16)(z, t), sd.score(emb)(z, t)
     assert score16.dtype == jnp.float32
     assert np.abs(np.asarray(score16 - score)).max() <= 0.05 * np.abs(np.asarray(score)).max()
