@@ -186,12 +186,12 @@ def _add_convert_parsers(commands: Any) -> None:
 
     convert = commands.add_parser(
         "convert",
-        help="convert a PyTorch checkpoint (diffusers UNet2DModel, improved-diffusion) to "
-        "safetensors for the JAX loaders",
+        help="convert a PyTorch checkpoint (diffusers UNet2DModel, improved-diffusion, a "
+        "Stable Diffusion pipeline) to safetensors for the JAX loaders",
         description="Convert a local PyTorch diffusion-model checkpoint into one .safetensors file "
         "holding the Flax parameters, the architecture's config and the noise schedule, which "
-        "mmh_jax.models.load_unet2d / load_iddpm read back without torch. The conversion is "
-        "strict: a checkpoint that does not match its architecture is refused with a listing of "
+        "mmh_jax.models.load_unet2d / load_iddpm / load_stable_diffusion read back without "
+        "torch. The conversion is strict: a checkpoint that does not match its architecture is refused with a listing of "
         "the missing, unexpected and misshapen tensors. Nothing is downloaded.",
     )
     kinds = convert.add_subparsers(dest="architecture", metavar="ARCHITECTURE", parser_class=_Parser)

@@ -465,25 +465,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')")
     parser.add_argument("-o", "--out", type=Path, default=d.out,
                         help="output folder; a rerun resumes there (default ./%(default)s/)")
-    parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt,
+    parser.add_argument("--images-per-prompt", type=int, metavar="N", default=d.images_per_prompt,
                         help="images generated per prompt (default %(default)s)")
-    parser.add_argument("--num-steps", type=int, default=d.num_steps,
+    parser.add_argument("--num-steps", type=int, metavar="N", default=d.num_steps,
                         help="DDIM steps (default %(default)s)")
-    parser.add_argument("--guidance", type=float, default=d.guidance,
+    parser.add_argument("--guidance", type=float, metavar="LAMBDA", default=d.guidance,
                         help="classifier-free guidance scale (default %(default)s)")
-    parser.add_argument("--flipd-t0", type=float, default=d.flipd_t0,
+    parser.add_argument("--flipd-t0", type=float, metavar="T", default=d.flipd_t0,
                         help="FLIPD time (default %(default)s, the paper's)")
-    parser.add_argument("--num-probes", type=int, default=d.num_probes,
+    parser.add_argument("--num-probes", type=int, metavar="N", default=d.num_probes,
                         help="Hutchinson probes of FLIPD (default %(default)s)")
-    parser.add_argument("--cfg-t0", type=float, default=d.cfg_t0,
+    parser.add_argument("--cfg-t0", type=float, metavar="T", default=d.cfg_t0,
                         help="--images: time at which the CFG norms are read (default "
                         "%(default)s, Appendix C)")
-    parser.add_argument("--euler-steps", type=int, default=d.euler_steps,
+    parser.add_argument("--euler-steps", type=int, metavar="N", default=d.euler_steps,
                         help="--images: Euler steps of the PF-ODE to --cfg-t0 (default "
                         "%(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+    parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
                         help="prompts (or images) per compiled batch (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed,
+    parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
                         help="seed of the starting noise and the probes (default %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
                         help="compute dtype of the networks (default %(default)s)")
