@@ -287,10 +287,11 @@ def run(config: DetectConfig, *, console: Console | None = None):
             batch = todo[first:first + config.batch_size]
             rows.extend(score(sd, batch, [order[item.id] for item in batch], config))
             rows.sort(key=lambda row: order[row["id"]])
-            _write_results(rows, out)
+            files = _write_results(rows, out)
             progress.advance(task, len(batch))
     timings["score_s"] = time.perf_counter() - start
-    files = _write_results(rows, out)
+    if not todo:  # everything was resumed: the table on disk is complete
+        files = [out / "results.parquet", out / "results.csv"]
     summary = _summarise(rows, timings, len(todo))
     if config.figure and rows:
         files.append(save_figure(_histograms(rows), out / "histograms.png"))

@@ -340,7 +340,7 @@ def _from_folder(root: Path, dtype: Any):
     _check_compatible(modules, repr(str(root)))
     scheduler_file = folders["scheduler"] / "scheduler_config.json"
     scheduler = _read_config(scheduler_file)
-    _read_schedule(scheduler, repr(str(scheduler_file)))  # refused before any weight is read
+    schedule = _read_schedule(scheduler, repr(str(scheduler_file)))  # before any weight is read
     params = {}
     for name, port in _PORTS.items():
         found = [folders[name] / f for f in port.weights if (folders[name] / f).is_file()]
@@ -351,7 +351,7 @@ def _from_folder(root: Path, dtype: Any):
                                     source=repr(str(found[0])))
     tokenizer_files = {name: (folders["tokenizer"] / name).read_text()
                        for name in _TOKENIZER_FILES if (folders["tokenizer"] / name).is_file()}
-    return modules, params, scheduler, tokenizer_files
+    return modules, params, scheduler, schedule, tokenizer_files
 
 
 def _from_converted(path: Path, dtype: Any):
@@ -369,12 +369,12 @@ def _from_converted(path: Path, dtype: Any):
     except (KeyError, TypeError) as err:
         raise ConversionError(f"{str(path)!r}: bad metadata: {err}") from None
     _check_compatible(modules, repr(str(path)))
-    _read_schedule(scheduler, repr(str(path)))
+    schedule = _read_schedule(scheduler, repr(str(path)))
     params = {name: check_params(stored.get(name, {}), port.abstract(modules[name]),
                                  source=f"{str(path)!r} ({name})",
                                  dtype=modules[name].param_dtype)
               for name, port in _PORTS.items()}
-    return modules, params, scheduler, tokenizer_files
+    return modules, params, scheduler, schedule, tokenizer_files
 
 
 def _read_schedule(scheduler: dict, source: str) -> tuple[DDPM, str]:
@@ -426,11 +426,8 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     if not path.exists():
         raise FileNotFoundError(f"Stable Diffusion checkpoint {str(path)!r} does not exist")
     source = repr(str(path))
-    if path.is_dir():
-        modules, params, scheduler, tokenizer_files = _from_folder(path, dtype)
-    else:
-        modules, params, scheduler, tokenizer_files = _from_converted(path, dtype)
-    schedule, prediction = _read_schedule(scheduler, source)
+    read = _from_folder if path.is_dir() else _from_converted
+    modules, params, scheduler, (schedule, prediction), tokenizer_files = read(path, dtype)
     params = jax.tree.map(jnp.asarray, params)
     unet = modules["unet"]
     eps = Partial(EpsModel(unet, prediction_type=prediction).eps, params["unet"], schedule)
