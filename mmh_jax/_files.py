@@ -17,7 +17,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file lives in the same folder (so ``os.replace`` is atomic) and is
     removed if the block raises, including on ``KeyboardInterrupt``: an interrupted
-    run never leaves a complete-looking but truncated file under the final name.
+    run never leaves a complete-looking but truncated file under the final name. The
+    file's data is flushed to disk (``fsync``) before the rename and the folder's entry
+    after it, so a file that exists under its final name survives a crash whole.
     """
     target = Path(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -28,8 +30,19 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        _fsync(tmp_path)
         os.replace(tmp_path, target)
+        _fsync(target.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -122,7 +122,46 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_arguments(dg)
     _add_convert_parsers(commands)
     _add_sd_parsers(commands)
+    _add_score_parsers(commands)
     return parser
+
+
+def _add_score_parsers(commands: Any) -> None:
+    """The ``score`` command (``--config``) and its ``merge`` subcommand."""
+    score = commands.add_parser(
+        "score", help="score many items on every device and host (FLIPD, normal bundle, CFG "
+        "norms, ...) into resumable Parquet parts",
+        **_described(
+            "Compute the columns a TOML config names (FLIPD at several t0, normal bundle, CFG "
+            "norms, Jacobian rank, nearest reference item, PNG size) for every item of an input "
+            "(image folder, .npy/.npz, webdataset tar shards, Parquet, prompts) on all devices "
+            "of all hosts (jax.distributed), writing one row per item. Chunks are written "
+            "exactly once; a rerun resumes. Bad items go to an errors table. "
+            "`mmh-jax score --template` prints every config key; tpu_configs/ has launch "
+            "configs for TPU pods, multi-GPU nodes and Slurm.",
+            "mmh-jax score --config scores.toml --dry-run\n"
+            "mmh-jax score --config scores.toml\n"
+            "mmh-jax score merge scores/"))
+    score.add_argument("--config", type=Path, metavar="FILE.toml", help="the run's config")
+    score.add_argument("--dry-run", action="store_true",
+                       help="show the plan and an estimated time from a short warm-up; write nothing")
+    score.add_argument("--template", action="store_true",
+                       help="print every config key with its default and meaning, and exit")
+    score.add_argument("--process-id", type=int, metavar="N",
+                       help="this process's index (sets [distributed] initialize and process_id)")
+    score.add_argument("--num-processes", type=int, metavar="N",
+                       help="number of processes (sets [distributed] num_processes)")
+    score.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address (sets [distributed] coordinator_address)")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    tools = score.add_subparsers(dest="score_command", metavar="TOOL", parser_class=_Parser)
+    merge = tools.add_parser(
+        "merge", help="merge a run's parts into scores.parquet and errors.parquet",
+        description="Check every part against its manifest and write DIR/scores.parquet and "
+        "DIR/errors.parquet (rows sorted by item index).")
+    merge.add_argument("dir", type=Path, metavar="DIR", help="the run's output folder")
+    merge.add_argument("--allow-partial", action="store_true",
+                       help="merge the finished chunks even if some are missing")
 
 
 def _add_sd_parsers(commands: Any) -> None:
@@ -271,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
+        if args.command == "score":
+            return _score(args, parser)
         if args.command == "sd":
             from mmh_jax.experiments import stable_diffusion
 
@@ -293,6 +334,76 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmh-jax: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command!r}")
+
+
+def _score(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``mmh-jax score``: run a config, print a template, or merge a run."""
+    from rich.console import Console
+
+    from mmh_jax.scoring import config as scoring_config
+
+    if args.score_command == "merge":
+        try:
+            scores, errors = scoring_config.write_merged(args.dir, allow_partial=args.allow_partial)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"mmh-jax: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {scores} and {errors}")
+        return 0
+    if args.template:
+        print(scoring_config.template(), end="")
+        return 0
+    if args.config is None:
+        parser.error("score needs --config FILE.toml (or --template, or the merge tool)")
+    console = Console(stderr=True)
+    try:
+        config = scoring_config.read_config(args.config)
+        flags = {"process_id": args.process_id, "num_processes": args.num_processes,
+                 "coordinator_address": args.coordinator_address}
+        for key, value in flags.items():
+            if value is not None:
+                config.distributed[key] = value
+                config.distributed["initialize"] = True
+        summary = scoring_config.run(config, dry_run=args.dry_run,
+                                     console=None if args.quiet else console)
+    except scoring_config.ConfigError as err:
+        print(f"mmh-jax: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # a setting the engine refused before any work
+        print(f"mmh-jax: error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(console, summary, dry_run=args.dry_run)
+    return 0
+
+
+def _print_summary(console: Any, summary: Any, *, dry_run: bool) -> None:
+    """The plan (and, after a run, what was done) as a table."""
+    from rich.table import Table
+
+    plan = summary.plan
+    table = Table(title="dry run: the plan" if dry_run else f"process {plan.process_index}: done")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [("items", f"{plan.num_items:,}"), ("chunks (done / all)",
+            f"{plan.chunks_done:,} / {plan.num_chunks:,} of {plan.chunk_size:,}"),
+            ("this process: chunks / items to score", f"{plan.chunks_pending:,} / {plan.items_pending:,}"),
+            ("devices / processes", f"{plan.devices} / {plan.processes}"),
+            ("global batch / steps", f"{plan.global_batch} / {plan.steps:,}"),
+            ("input", plan.mode), ("columns", ", ".join(plan.columns)),
+            ("compilation", f"{summary.compile_seconds:.1f} s"),
+            ("seconds per step", f"{summary.seconds_per_step:.3f}")]
+    if dry_run:
+        rows.append(("estimated time", f"{plan.steps * summary.seconds_per_step / 60:.1f} min "
+                                        f"(+ compilation)"))
+    else:
+        rows += [("scored / bad items", f"{summary.scored:,} / {summary.errors:,}"),
+                 ("chunks written", f"{summary.chunks_written:,}"),
+                 ("items/s (after compilation)", f"{summary.items_per_second:.1f}"),
+                 ("device idle", f"{100 * summary.device_idle:.1f}%"),
+                 ("wall time", f"{summary.seconds:.1f} s")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 class _ConvertError(Exception):

@@ -82,8 +82,7 @@ def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
     sigma_b = broadcast_to_event(sigma, x)[:, None]
     t_rep = jnp.repeat(t, chunk)
 
-    def body(carry, start):
-        gram, total = carry
+    def terms(start: Array) -> tuple[Array, Array]:
         idx = start + jnp.arange(chunk)
         noise = jax.vmap(
             lambda k: jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), event_shape, x.dtype))(idx)
@@ -91,11 +90,18 @@ def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
         x_t = (psi_x + sigma_b * noise).reshape((b * chunk,) + event_shape)
         scores = score_fn(x_t, t_rep).reshape(b, chunk, d) * sigma[:, None, None]
         scores = jnp.where((idx < num_scores)[None, :, None], scores, 0)
-        return (gram + jnp.einsum("bci,bcj->bij", scores, scores), total + scores.sum(1)), None
+        return jnp.einsum("bci,bcj->bij", scores, scores), scores.sum(1)
 
-    init = (jnp.zeros((b, d, d), x.dtype), jnp.zeros((b, d), x.dtype))
-    starts = jnp.arange(-(-num_scores // chunk)) * chunk
-    (gram, total), _ = jax.lax.scan(body, init, starts)
+    def body(carry, start):
+        gram, total = terms(start)
+        return (carry[0] + gram, carry[1] + total), None
+
+    # The first chunk starts the sums (rather than zeros), so their type follows the inputs'
+    # (inside a user's shard_map they vary over the mesh axis, as the scan's carry must).
+    gram, total = terms(jnp.asarray(0))
+    starts = jnp.arange(1, -(-num_scores // chunk)) * chunk
+    if starts.shape[0]:
+        (gram, total), _ = jax.lax.scan(body, (gram, total), starts)
     gram = gram / num_scores
     if center:
         mean = total / num_scores

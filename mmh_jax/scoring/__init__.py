@@ -1,0 +1,59 @@
+"""Scoring at scale: columns (FLIPD, normal bundle, CFG norms, ...) over an input source, on every
+device of every host, written once per item to resumable Parquet parts.
+
+``score(model, columns, source, out)`` is the engine (:mod:`mmh_jax.scoring.engine`);
+``mmh-jax score --config FILE.toml`` runs it from the command line (:mod:`mmh_jax.scoring.config`).
+"""
+
+from mmh_jax.scoring.columns import (
+    CFGNorms,
+    Column,
+    Flipd,
+    Inputs,
+    JacobianRank,
+    NearestNeighbour,
+    NormalBundle,
+    PngSize,
+)
+from mmh_jax.scoring.engine import Plan, Summary, data_mesh, score
+from mmh_jax.scoring.model import Model
+from mmh_jax.scoring.sources import (
+    ArrayFile,
+    BadItem,
+    ImageFolder,
+    Item,
+    ParquetTable,
+    PromptFile,
+    Source,
+    TarShards,
+    open_source,
+)
+from mmh_jax.scoring.store import Merged, RunMismatch, merge
+
+__all__ = [
+    "ArrayFile",
+    "BadItem",
+    "CFGNorms",
+    "Column",
+    "Flipd",
+    "ImageFolder",
+    "Inputs",
+    "Item",
+    "JacobianRank",
+    "Merged",
+    "Model",
+    "NearestNeighbour",
+    "NormalBundle",
+    "ParquetTable",
+    "Plan",
+    "PngSize",
+    "PromptFile",
+    "RunMismatch",
+    "Source",
+    "Summary",
+    "TarShards",
+    "data_mesh",
+    "merge",
+    "open_source",
+    "score",
+]

@@ -1,0 +1,314 @@
+"""The columns the scoring engine computes: each a small pytree of settings (and reference data).
+
+A device column is called inside the engine's jitted, sharded step on one device's share of the
+batch, ``column(model, inputs, keys) -> {name: [b]}``, with one PRNG key per item (already
+specific to the column), so its values depend only on the item and the seed. A host column
+(``on_host = True``) is computed in the input pipeline's threads from the decoded image.
+
+| column | values | paper |
+| --- | --- | --- |
+| :class:`Flipd` | ``flipd_<t0>`` (``flipd_cond_<t0>`` under the caption's CFG score) | Eq. 6, Eq. 26 |
+| :class:`NormalBundle` | ``normal_bundle_<t0>`` | Eqs. 7-8 |
+| :class:`CFGNorms` | ``cfg_vector_norm``, ``cfg_score_norm`` of image-caption pairs | Sec. 3.2, App. C |
+| :class:`JacobianRank` | ``jacobian_rank`` of a generator at the latent | App. B.3 |
+| :class:`NearestNeighbour` | ``nn_l2``, ``nn_index``: the closest reference item | Sec. 4 |
+| :class:`PngSize` | ``png_bytes``: PNG length at compression level 9 (image complexity) | App. E |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import zlib
+from typing import ClassVar, Literal, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from mmh_jax.guidance import cfg_score_fn
+from mmh_jax.lid import flipd, jacobian_rank, normal_bundle
+from mmh_jax.memorization.conditional import image_cfg_norms
+from mmh_jax.scoring.model import Model
+
+__all__ = [
+    "Inputs",
+    "Column",
+    "Flipd",
+    "NormalBundle",
+    "CFGNorms",
+    "JacobianRank",
+    "NearestNeighbour",
+    "PngSize",
+]
+
+
+class Inputs(NamedTuple):
+    """One device's share of a batch, as the columns see it."""
+
+    points: Float[Array, "b *shape"]
+    """Items in the model's space (pixels in ``[-1, 1]``, latents)."""
+    images: Float[Array, "b c h w"] | None
+    """The images in ``[-1, 1]`` before encoding (``None`` for array items)."""
+    context: Float[Array, "b n dim"] | None
+    """The captions' embeddings (``None`` without captions)."""
+
+
+class Column(Protocol):
+    """What the engine asks of a column."""
+
+    on_host: ClassVar[bool]
+    needs_text: ClassVar[bool]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The output columns, in order."""
+
+    def check(self, model: Model) -> None:
+        """Raise ``ValueError`` if ``model`` lacks what the column needs."""
+
+
+def _column(*data_fields: str):
+    """A frozen dataclass registered as a pytree: ``data_fields`` are arrays (replicated on
+    the devices), every other field is a static setting."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        meta = [f.name for f in dataclasses.fields(cls) if f.name not in data_fields]
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=meta)
+
+    return wrap
+
+
+def _times(t0: float | tuple[float, ...], name: str) -> tuple[float, ...]:
+    values = (t0,) if isinstance(t0, (int, float)) else tuple(t0)
+    if not values or not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in values):
+        raise ValueError(f"{name} must be a time in (0, 1] or a non-empty list of them, got {t0!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} lists a time twice: {t0!r}")
+    return tuple(float(t) for t in values)
+
+
+def _require(condition: bool, column: str, what: str) -> None:
+    if not condition:
+        raise ValueError(f"column {column!r} needs {what}")
+
+
+@_column()
+class Flipd:
+    """FLIPD at one or several ``t0`` (paper, Eq. 6), the same Hutchinson probes at each.
+
+    With ``conditional=True`` the score is Stable Diffusion's CFG score given the item's
+    caption at ``guidance`` (``LID_theta(x | c)``, Eq. 26); otherwise the unconditional score.
+    """
+
+    t0: float | tuple[float, ...] = (0.05,)
+    num_probes: int = 1
+    probe: Literal["rademacher", "gaussian"] = "rademacher"
+    conditional: bool = False
+    guidance: float = 7.5
+
+    on_host: ClassVar[bool] = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "t0", _times(self.t0, "flipd t0"))
+
+    @property
+    def needs_text(self) -> bool:
+        return self.conditional
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        prefix = "flipd_cond" if self.conditional else "flipd"
+        return tuple(f"{prefix}_{t:g}" for t in self.t0)
+
+    def check(self, model: Model) -> None:
+        _require(model.score_fn is not None, "flipd", "a diffusion model's score function")
+        if self.conditional:
+            _require(model.eps_fn is not None and model.embed is not None, "flipd",
+                     "a text-conditional model for conditional=true")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        score_fn = model.score_fn
+        if self.conditional:
+            score_fn = cfg_score_fn(model.eps_fn, model.schedule, inputs.context, model.uncond,
+                                    self.guidance)
+        return {name: flipd(score_fn, inputs.points, t, schedule=model.schedule, key=keys,
+                            num_probes=self.num_probes, probe=self.probe)
+                for name, t in zip(self.names, self.t0)}
+
+
+@_column()
+class NormalBundle:
+    """The normal-bundle LID (paper, Eqs. 7-8) at each ``t0``."""
+
+    t0: float | tuple[float, ...] = (0.05,)
+    num_scores: int | None = None
+    threshold: Literal["gap"] | float = "gap"
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "t0", _times(self.t0, "normal_bundle t0"))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"normal_bundle_{t:g}" for t in self.t0)
+
+    def check(self, model: Model) -> None:
+        _require(model.score_fn is not None, "normal_bundle", "a diffusion model's score function")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        return {name: normal_bundle(model.score_fn, inputs.points, t, schedule=model.schedule,
+                                    key=keys, num_scores=self.num_scores,
+                                    threshold=self.threshold).lid
+                for name, t in zip(self.names, self.t0)}
+
+
+@_column()
+class CFGNorms:
+    """Wen et al.'s CFG vector norm and the CFG-adjusted score norm of image-caption pairs,
+    read at ``t0`` after ``num_steps`` Euler steps of the conditional PF-ODE (paper, App. C)."""
+
+    guidance: float = 7.5
+    t0: float = 0.01
+    num_steps: int = 3
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("cfg_vector_norm", "cfg_score_norm")
+
+    def check(self, model: Model) -> None:
+        _require(model.eps_fn is not None and model.embed is not None, "cfg_norms",
+                 "a text-conditional model (Stable Diffusion)")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        norms = image_cfg_norms(model.eps_fn, inputs.points, inputs.context, model.uncond,
+                                schedule=model.schedule, guidance=self.guidance, t0=self.t0,
+                                num_steps=self.num_steps)
+        return dict(zip(self.names, norms))
+
+
+@_column()
+class JacobianRank:
+    """LID of a generator at the latent: the numerical rank of its Jacobian (App. B.3)."""
+
+    threshold: float = 1e-3
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("jacobian_rank",)
+
+    def check(self, model: Model) -> None:
+        _require(model.generator is not None, "jacobian_rank", "a generator (Model.from_generator)")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        return {"jacobian_rank": jacobian_rank(model.generator, inputs.points,
+                                               threshold=self.threshold).lid}
+
+
+@_column("reference")
+class NearestNeighbour:
+    """Euclidean distance to the closest item of a reference set (e.g. the training set) and its
+    index: a verbatim copy has distance 0. Compared in the items' input space: images in
+    ``[-1, 1]`` (before any encoder) or the array items themselves."""
+
+    reference: Float[Array, "n *shape"]
+    chunk_size: int = 4096
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("nn_l2", "nn_index")
+
+    def check(self, model: Model) -> None:
+        shape = tuple(self.reference.shape[1:])
+        _require(self.reference.ndim >= 2 and self.reference.shape[0] >= 1, "nearest_neighbour",
+                 f"a reference set [n, ...] with n >= 1, got shape {self.reference.shape}")
+        _require(shape in (model.image_shape, model.shape), "nearest_neighbour",
+                 f"reference items shaped like the items ({model.image_shape or model.shape}), "
+                 f"got {shape}")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        x = inputs.images if inputs.images is not None else inputs.points
+        sq, index = _nearest(x.reshape(x.shape[0], -1).astype(jnp.float32),
+                             self.reference.reshape(self.reference.shape[0], -1),
+                             min(self.chunk_size, self.reference.shape[0]))
+        return {"nn_l2": jnp.sqrt(jnp.maximum(sq, 0)), "nn_index": index}
+
+
+def _nearest(x: Array, reference: Array, chunk: int) -> tuple[Array, Array]:
+    """Squared distance to, and index of, the nearest row of ``reference`` for each row of ``x``,
+    a chunk of reference rows at a time (``|x|^2 - 2 x.r + |r|^2``; the winner's distance is
+    then recomputed exactly)."""
+    n = reference.shape[0]
+    num_chunks = -(-n // chunk)
+    padded = jnp.pad(reference, ((0, num_chunks * chunk - n), (0, 0))).astype(jnp.float32)
+    x_sq = jnp.sum(x * x, axis=1)
+
+    def nearest_in(start: Array) -> tuple[Array, Array]:
+        rows = jax.lax.dynamic_slice_in_dim(padded, start, chunk)
+        d = x_sq[:, None] - 2 * x @ rows.T + jnp.sum(rows * rows, axis=1)[None]
+        d = jnp.where(start + jnp.arange(chunk)[None] < n, d, jnp.inf)
+        i = jnp.argmin(d, axis=1)
+        return jnp.take_along_axis(d, i[:, None], axis=1)[:, 0], start + i
+
+    def body(best, start):
+        value, i = nearest_in(start)
+        better = value < best[0]
+        return (jnp.where(better, value, best[0]), jnp.where(better, i, best[1])), None
+
+    best = nearest_in(jnp.asarray(0))  # not a constant: its type follows x's inside shard_map
+    (_, index), _ = jax.lax.scan(body, best, jnp.arange(1, num_chunks) * chunk)
+    exact = jnp.sum((x - padded[index]) ** 2, axis=1)
+    return exact, index
+
+
+@_column()
+class PngSize:
+    """The length in bytes of the image as a PNG at compression level 9: the image-complexity
+    proxy by which the paper normalises LID (Appendix E, after Kamkari et al. 2024b)."""
+
+    on_host: ClassVar[bool] = True
+    needs_text: ClassVar[bool] = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("png_bytes",)
+
+    def check(self, model: Model) -> None:
+        _require(model.image_shape is not None or len(model.shape) == 3, "png_size",
+                 "image items")
+
+    def host(self, image: np.ndarray) -> dict[str, float]:
+        """``image``: uint8 ``[h, w, c]``."""
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
+        return {"png_bytes": float(buffer.tell())}
+
+
+@functools.lru_cache(maxsize=None)
+def _name_hash(name: str) -> int:
+    """A stable 31-bit integer for a column's name (its PRNG stream)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def column_keys(keys: Array, column: Column) -> Array:
+    """The column's own per-item keys: ``fold_in(item_key, hash(first name))``, so adding or
+    reordering columns does not change any value."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, _name_hash(column.names[0])))(keys)
+

@@ -1,0 +1,430 @@
+"""``mmh-jax score --config FILE.toml``: a scoring run described by one TOML file.
+
+Every key is listed in :data:`SECTIONS` and :data:`COLUMNS` with its type, default and meaning;
+``mmh-jax score --template`` prints them as a commented TOML file. :func:`read_config` rejects
+an unknown section or key, a value of the wrong type and a missing input path before anything
+is loaded, initialised or computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from mmh_jax.scoring import columns as cols
+
+__all__ = ["ConfigError", "Config", "read_config", "template", "SECTIONS", "COLUMNS",
+           "load_model", "build_columns", "initialize_distributed"]
+
+_REQUIRED = object()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be run, with the file, key and reason."""
+
+
+class Key(NamedTuple):
+    """One config key: its type (a typing hint), default and meaning."""
+
+    type: Any
+    default: Any
+    doc: str
+
+
+SECTIONS: dict[str, dict[str, Key]] = {
+    "model": {
+        "kind": Key(Literal["unet2d", "iddpm", "stable-diffusion", "factory"], _REQUIRED,
+                    "unet2d (diffusers UNet2DModel), iddpm (improved-diffusion), stable-diffusion "
+                    "(v1.x/2.x pipeline) or factory (your function returning a scoring.Model)"),
+        "path": Key(str, "", "the model: a local folder or converted .safetensors file (not for "
+                             "factory); relative paths are relative to the config file"),
+        "dtype": Key(Literal["float32", "bfloat16"], "float32",
+                     "compute dtype of the networks (estimates stay float32)"),
+        "factory": Key(str, "", "for kind = factory: 'package.module:function'"),
+        "options": Key(dict, {}, "keyword arguments: improved-diffusion's flags for iddpm "
+                                 "(image_size, num_channels, ...), or the factory's"),
+    },
+    "input": {
+        "path": Key(str, _REQUIRED,
+                    "a folder of images (KEY.txt captions beside them), a .npy/.npz array file, "
+                    "webdataset .tar shards (a file, a folder, a glob or a brace range like "
+                    "'laion/{00000..00099}.tar'), a .parquet file or folder, or a .txt/.jsonl "
+                    "file of prompts"),
+        "resize": Key(Literal["none", "center_crop"], "none",
+                      "images of another size: 'none' puts them in the errors table, "
+                      "'center_crop' resizes the short side (bicubic) and crops the centre"),
+        "options": Key(dict, {}, "options of the input's reader: key / ids_key (.npz), "
+                                 "image_column / text_column / id_column (Parquet), recursive "
+                                 "(folders)"),
+    },
+    "output": {
+        "dir": Key(str, _REQUIRED, "the run's folder: parts/, errors/, manifest/, run.json; a "
+                                   "rerun resumes it"),
+        "chunk_size": Key(int, 1024, "items per Parquet part (the unit of resumption)"),
+    },
+    "run": {
+        "batch_size": Key(int, 64, "global batch over all devices of all hosts (a multiple of "
+                                   "the number of devices)"),
+        "seed": Key(int, 0, "PRNG seed: item i's key is fold_in(key(seed), i)"),
+        "threads": Key(int, 8, "decoding threads per process"),
+    },
+    "distributed": {
+        "initialize": Key(bool, False, "call jax.distributed.initialize() before anything else "
+                                       "(multi-host runs); the keys below are optional: JAX "
+                                       "detects Slurm, Open MPI, Kubernetes and Cloud TPU"),
+        "coordinator_address": Key(str, "", "'host:port' of process 0"),
+        "num_processes": Key(int, 0, "number of processes (0: detected)"),
+        "process_id": Key(int, -1, "this process's index (-1: detected)"),
+        "local_device_ids": Key(list, [], "devices this process uses (empty: all visible)"),
+    },
+}
+
+COLUMNS: dict[str, tuple[type, dict[str, Any], dict[str, str]]] = {
+    "flipd": (cols.Flipd, {"conditional": False, "guidance": 7.5}, {
+        "t0": "diffusion time(s) in (0, 1]; one output column each (paper: 0.05)",
+        "num_probes": "Hutchinson probes", "probe": "'rademacher' or 'gaussian'"}),
+    "conditional_flipd": (cols.Flipd, {"conditional": True}, {
+        "t0": "diffusion time(s) in (0, 1]", "num_probes": "Hutchinson probes",
+        "probe": "'rademacher' or 'gaussian'",
+        "guidance": "guidance scale of the CFG score given the caption"}),
+    "normal_bundle": (cols.NormalBundle, {}, {
+        "t0": "diffusion time(s) in (0, 1]", "num_scores": "scores per point (default 4 d)",
+        "threshold": "'gap' or a singular-value threshold"}),
+    "cfg_norms": (cols.CFGNorms, {}, {
+        "guidance": "guidance scale of the CFG-adjusted score", "t0": "where the norms are read",
+        "num_steps": "Euler steps of the conditional PF-ODE to t0"}),
+    "jacobian_rank": (cols.JacobianRank, {}, {"threshold": "singular values above it count"}),
+    "nearest_neighbour": (cols.NearestNeighbour, {}, {
+        "reference": "a .npy/.npz of reference items (uint8 [n, h, w, c] images or float "
+                     "arrays shaped like the items), e.g. the training set",
+        "chunk_size": "reference rows per distance block"}),
+    "png_size": (cols.PngSize, {}, {}),
+}
+
+
+class Config(NamedTuple):
+    """A checked config: every section with its defaults filled in."""
+
+    path: Path
+    model: dict[str, Any]
+    input: dict[str, Any]
+    output: dict[str, Any]
+    run: dict[str, Any]
+    distributed: dict[str, Any]
+    columns: dict[str, dict[str, Any]]
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        element = typing.get_args(hint)[0]
+        return "a list of " + {float: "numbers", int: "integers", str: "strings"}.get(element, "values")
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            dict: "a table", list: "a list", type(None): "absent"}.get(hint, str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is type(None):
+        return False  # TOML has no null: leave the key out for None
+    return isinstance(value, hint)
+
+
+def _check_table(table: Any, spec: dict[str, tuple[Any, Any]], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(spec))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(spec) or 'none'}")
+    out = {}
+    for key, (hint, default) in spec.items():
+        if key not in table:
+            if default is _REQUIRED:
+                raise ConfigError(f"{where}: missing required key {key!r} ({_type_name(hint)})")
+            out[key] = default
+            continue
+        value = table[key]
+        if not _matches(value, hint):
+            raise ConfigError(f"{where}.{key} must be {_type_name(hint)}, got {value!r}")
+        out[key] = tuple(value) if typing.get_origin(hint) is tuple else value
+    return out
+
+
+def _column_spec(name: str) -> dict[str, tuple[Any, Any]]:
+    cls, fixed, _ = COLUMNS[name]
+    hints = typing.get_type_hints(cls)
+    spec = {}
+    for field in dataclasses.fields(cls):
+        if field.name in fixed:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else _REQUIRED
+        hint = str if field.name == "reference" else hints[field.name]
+        spec[field.name] = (hint, default)
+    return spec
+
+
+def read_config(path: str | os.PathLike) -> Config:
+    """Read and check a scoring config; nothing is loaded or computed.
+
+    Raises:
+        ConfigError: the file is not TOML, or has an unknown section or key, a wrong type, a
+            missing required key, a bad value, or names an input, model or reference that does
+            not exist; the message names the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a TOML file: {err}") from None
+    unknown = sorted(set(raw) - set(SECTIONS) - {"columns"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: "
+                          f"{', '.join([*SECTIONS, 'columns'])}")
+    sections = {name: _check_table(raw.get(name, {}), {k: (v.type, v.default) for k, v in keys.items()},
+                                   f"{path}: [{name}]")
+                for name, keys in SECTIONS.items()}
+    columns_raw = raw.get("columns", {})
+    if not isinstance(columns_raw, dict) or not columns_raw:
+        raise ConfigError(f"{path}: needs at least one [columns.NAME] table; NAME one of "
+                          f"{', '.join(COLUMNS)}")
+    columns = {}
+    for name, table in columns_raw.items():
+        if name not in COLUMNS:
+            raise ConfigError(f"{path}: unknown column [columns.{name}]; known: {', '.join(COLUMNS)}")
+        columns[name] = _check_table(table, _column_spec(name), f"{path}: [columns.{name}]")
+
+    base = path.parent
+
+    def resolve(value: str) -> str:
+        return value if not value or Path(value).is_absolute() else str(base / value)
+
+    model, inputs, output = sections["model"], sections["input"], sections["output"]
+    inputs["path"] = resolve(inputs["path"])
+    output["dir"] = resolve(output["dir"])
+    if model["kind"] == "factory":
+        if ":" not in model["factory"]:
+            raise ConfigError(f"{path}: [model] kind = 'factory' needs factory = "
+                              f"'package.module:function'")
+    else:
+        if not model["path"]:
+            raise ConfigError(f"{path}: [model] kind = {model['kind']!r} needs a path")
+        model["path"] = resolve(model["path"])
+        if not Path(model["path"]).exists():
+            raise ConfigError(f"{path}: [model] path {model['path']!r} does not exist")
+    if "{" not in inputs["path"] and not any(c in inputs["path"] for c in "*?[") \
+            and not Path(inputs["path"]).exists():
+        raise ConfigError(f"{path}: [input] path {inputs['path']!r} does not exist")
+    if "nearest_neighbour" in columns:
+        reference = resolve(columns["nearest_neighbour"]["reference"])
+        if not Path(reference).is_file():
+            raise ConfigError(f"{path}: [columns.nearest_neighbour] reference {reference!r} "
+                              f"does not exist")
+        columns["nearest_neighbour"]["reference"] = reference
+    for section, key in (("output", "chunk_size"), ("run", "batch_size"), ("run", "threads")):
+        if sections[section][key] < 1:
+            raise ConfigError(f"{path}: [{section}] {key} must be >= 1, got "
+                              f"{sections[section][key]}")
+    try:  # the columns' own checks (times in (0, 1], ...) before any work
+        build_columns(Config(path, model, inputs, output, sections["run"],
+                             sections["distributed"], columns), reference_loader=lambda p: None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: [columns]: {err}") from None
+    return Config(path, model, inputs, output, sections["run"], sections["distributed"], columns)
+
+
+def build_columns(config: Config, *, reference_loader=None) -> list:
+    """The column objects of a config (the nearest-neighbour reference read from its file)."""
+    load = _read_reference if reference_loader is None else reference_loader
+    out = []
+    for name, settings in config.columns.items():
+        cls, fixed, _ = COLUMNS[name]
+        settings = dict(settings)
+        if name == "nearest_neighbour":
+            settings["reference"] = load(settings["reference"])
+            if settings["reference"] is None:
+                continue
+        out.append(cls(**settings, **fixed))
+    return out
+
+
+def _read_reference(path: str):
+    """A reference set as the engine's inputs are read: uint8 images to ``[-1, 1]`` NCHW."""
+    import numpy as np
+
+    from mmh_jax.scoring.sources import ArrayFile
+
+    source = ArrayFile(path)
+    rows = [source[i] for i in range(len(source))]
+    bad = [r for r in rows if not hasattr(r, "image")]
+    if bad:
+        raise ConfigError(f"reference {path!r}: {bad[0].reason}")
+    array = np.stack([r.image for r in rows])
+    if array.dtype == np.uint8:
+        array = array.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    return np.asarray(array, np.float32)
+
+
+def load_model(config: Config):
+    """The :class:`~mmh_jax.scoring.Model` a config names (loads the weights)."""
+    import jax.numpy as jnp
+
+    from mmh_jax.scoring.model import Model
+
+    model = config.model
+    dtype = jnp.bfloat16 if model["dtype"] == "bfloat16" else jnp.float32
+    if model["kind"] == "factory":
+        module_name, _, function = model["factory"].partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"{config.path}: [model] factory {model['factory']!r}: {err}") from None
+        result = factory(**model["options"])
+        if not isinstance(result, Model):
+            raise ConfigError(f"{config.path}: [model] factory must return a "
+                              f"mmh_jax.scoring.Model, got {type(result).__name__}")
+        return result
+    if model["kind"] == "stable-diffusion":
+        from mmh_jax.models import load_stable_diffusion
+
+        return Model.from_stable_diffusion(load_stable_diffusion(model["path"], dtype=dtype),
+                                           description=f"Stable Diffusion {model['path']}")
+    if model["kind"] == "iddpm":
+        from mmh_jax.models import load_iddpm
+
+        return Model.from_pretrained(load_iddpm(model["path"], dtype=dtype, **model["options"]),
+                                     description=f"iDDPM {model['path']}")
+    from mmh_jax.models import load_unet2d
+
+    if model["options"]:
+        raise ConfigError(f"{config.path}: [model] options are not taken by kind = 'unet2d'")
+    return Model.from_pretrained(load_unet2d(model["path"], dtype=dtype),
+                                 description=f"UNet2D {model['path']}")
+
+
+def initialize_distributed(settings: dict[str, Any]) -> None:
+    """``jax.distributed.initialize`` with the config's ``[distributed]`` settings (unset ones
+    left to JAX's cluster detection). Must run before any other JAX call."""
+    import jax
+
+    if not settings["initialize"]:
+        return
+    kwargs = {}
+    if settings["coordinator_address"]:
+        kwargs["coordinator_address"] = settings["coordinator_address"]
+    if settings["num_processes"]:
+        kwargs["num_processes"] = settings["num_processes"]
+    if settings["process_id"] >= 0:
+        kwargs["process_id"] = settings["process_id"]
+    if settings["local_device_ids"]:
+        kwargs["local_device_ids"] = settings["local_device_ids"]
+    jax.distributed.initialize(**kwargs)
+
+
+def template() -> str:
+    """Every key of a config, with its default and meaning, as a commented TOML file."""
+    lines = ["# mmh-jax score --config FILE.toml: every key, with its default.",
+             "# Required keys are uncommented; relative paths are relative to this file.", ""]
+    for name, keys in SECTIONS.items():
+        lines.append(f"[{name}]")
+        for key, spec in keys.items():
+            lines.append(f"# {spec.doc} ({_type_name(spec.type)})")
+            if spec.default is _REQUIRED:
+                example = {"kind": '"unet2d"', "path": '"samples/"', "dir": '"scores/"'}[key]
+                lines.append(f"{key} = {example}")
+            else:
+                lines.append(f"# {key} = {_toml(spec.default)}")
+        lines.append("")
+    lines.append("# Columns: one table per kind; give the table (even empty) to compute it.")
+    for name, (cls, fixed, docs) in COLUMNS.items():
+        lines.append(f"# [columns.{name}]")
+        for key, (hint, default) in _column_spec(name).items():
+            shown = '"train.npy"' if default is _REQUIRED else _toml(default)
+            lines.append(f"#   {key} = {shown}    # {docs.get(key, '')} ({_type_name(hint)})")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}"
+    if value is None:
+        return "(unset)"
+    return repr(value)
+
+
+def run(config: Config, *, dry_run: bool = False, console: Any = None):
+    """Run a config on this process: initialise JAX's distributed runtime if asked, load the
+    model, open the input, score, and on process 0 merge the parts when every chunk is there.
+
+    Returns:
+        The engine's :class:`~mmh_jax.scoring.Summary` for this process.
+    """
+    initialize_distributed(config.distributed)  # before any other JAX call
+    import jax
+    from jax.experimental import multihost_utils
+
+    from mmh_jax.scoring import store
+    from mmh_jax.scoring.engine import score
+    from mmh_jax.scoring.sources import open_source
+
+    model = load_model(config)
+    try:
+        source = open_source(config.input["path"], **config.input["options"])
+    except (TypeError, ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{config.path}: [input]: {err}") from None
+    summary = score(
+        model, build_columns(config), source, config.output["dir"], seed=config.run["seed"],
+        batch_size=config.run["batch_size"], chunk_size=config.output["chunk_size"],
+        resize=config.input["resize"], threads=config.run["threads"], dry_run=dry_run,
+        console=console, record={"model_path": config.model["path"] or config.model["factory"]})
+    if dry_run:
+        return summary
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mmh-jax score: all chunks written")
+    if jax.process_index() == 0 and not store.done_chunks(config.output["dir"]) ^ set(
+            range(summary.plan.num_chunks)):
+        write_merged(config.output["dir"])
+    return summary
+
+
+def write_merged(out: str | os.PathLike, *, allow_partial: bool = False) -> tuple[Path, Path]:
+    """Merge a run's parts into ``scores.parquet`` and ``errors.parquet`` in its folder."""
+    import pyarrow.parquet as pq
+
+    from mmh_jax._files import atomic_path
+    from mmh_jax.scoring.store import merge
+
+    merged = merge(out, allow_partial=allow_partial)
+    out = Path(out)
+    paths = out / "scores.parquet", out / "errors.parquet"
+    for table, target in zip((merged.scores, merged.errors), paths):
+        with atomic_path(target) as tmp:
+            pq.write_table(table, tmp)
+    return paths

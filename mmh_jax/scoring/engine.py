@@ -1,0 +1,590 @@
+"""The scoring engine: columns over a source, on every device of every host, exactly once.
+
+One jit-compiled step runs over a 1-D :class:`~jax.sharding.Mesh` with a ``data`` axis holding
+all devices of all processes (ordered by process, so each process's devices hold one contiguous
+block of the global batch). Its axis is ``Explicit``: the batch's sharding is part of its type,
+and the step is a :func:`jax.shard_map` in which each device scores its own items with the plain
+per-sample estimators; nothing is communicated between devices. The model's and the columns'
+arrays are replicated.
+
+Randomness: item ``i`` gets the key ``fold_in(fold_in(key(seed), i // 2^32), i mod 2^32)`` and
+each column folds in its name, so every value depends only on the seed, the item and the
+column: not on the number of devices or hosts, the batch size or a restart.
+
+Hosts: with ``P`` processes (``jax.distributed.initialize`` already called), chunk ``c`` belongs
+to process ``c mod P``. Each process reads its own chunks' items through a Grain pipeline
+(decoding in threads, prefetched), builds its part of the global batch with
+:func:`jax.make_array_from_process_local_data`, and writes its own chunks
+(:mod:`mmh_jax.scoring.store`). All processes run the same number of steps (agreed at the
+start; a process that runs out feeds padding), as SPMD requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+from mmh_jax.scoring import store
+from mmh_jax.scoring.columns import Column, Inputs, column_keys
+from mmh_jax.scoring.model import Model
+from mmh_jax.scoring.sources import BadItem, Source, fit_image
+
+__all__ = ["score", "Plan", "Summary", "data_mesh"]
+
+Resize = Literal["none", "center_crop"]
+
+
+class Plan(NamedTuple):
+    """What a run will do (this process's view)."""
+
+    num_items: int
+    num_chunks: int
+    chunk_size: int
+    chunks_done: int
+    """Chunks finished by earlier runs (skipped)."""
+    chunks_pending: int
+    """This process's chunks still to score."""
+    items_pending: int
+    devices: int
+    processes: int
+    process_index: int
+    global_batch: int
+    steps: int
+    """Steps every process runs (the most any process needs)."""
+    columns: tuple[str, ...]
+    mode: Literal["images", "points"]
+
+
+class Summary(NamedTuple):
+    """What a run did (this process)."""
+
+    plan: Plan
+    scored: int
+    errors: int
+    chunks_written: int
+    seconds: float
+    compile_seconds: float
+    items_per_second: float
+    """Items (scored and bad) per second after the first step (compilation)."""
+    device_idle: float
+    """Fraction of the time after the first step in which no step was running or queued
+    (the device waited for input or for the host)."""
+    seconds_per_step: float
+    """Measured (or, in a dry run, estimated from the warm-up) seconds per step."""
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh ``("data",)`` over ``devices`` (default: all of every process), ordered by
+    process then device id, with an ``Explicit`` axis."""
+    devices = sorted(jax.devices() if devices is None else devices,
+                     key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Explicit,))
+
+
+class _Loaded(NamedTuple):
+    index: int
+    id: str
+    x: np.ndarray | None
+    tokens: np.ndarray | None
+    host: dict[str, float]
+    error: str | None
+
+
+class _Indices(Sequence):
+    """The item indices of a list of chunks, lazily."""
+
+    def __init__(self, chunks: list[int], chunk_size: int, num_items: int):
+        self._starts = [c * chunk_size for c in chunks]
+        sizes = [min(chunk_size, num_items - s) for s in self._starts]
+        self._offsets = np.cumsum([0] + sizes)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return self._starts[k] + i - int(self._offsets[k])
+
+
+def _as_input(item, model: Model, mode: str, resize: Resize) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """``(x for the device, uint8 image for host columns, error)`` of one item."""
+    image = item.image
+    if image is None:
+        return None, None, "the item holds no image or array"
+    if image.dtype == np.uint8:
+        if model.image_shape is None:
+            return None, None, "an image, but this model scores arrays only"
+        if mode != "images":
+            return None, None, f"an image, but this run scores arrays of shape {model.shape}"
+        c, h, w = model.image_shape
+        if image.ndim == 3 and image.shape[-1] == 3 and c == 1:  # ITU-R 601-2 luma, as PIL's "L"
+            luma = image.astype(np.uint32) @ np.array([19595, 38470, 7471], np.uint32)
+            image = ((luma + 0x8000) >> 16).astype(np.uint8)[..., None]
+        if image.ndim != 3 or image.shape[-1] != c:
+            return None, None, f"image of shape {image.shape}, expected [h, w, {c}]"
+        fitted = fit_image(image, (h, w), resize=resize)
+        if isinstance(fitted, str):
+            return None, None, fitted
+        x = fitted.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+        return x, fitted, None
+    expected = model.shape if mode == "points" else model.image_shape
+    if tuple(image.shape) != tuple(expected):
+        return None, None, f"array of shape {tuple(image.shape)}, expected {tuple(expected)}"
+    x = np.asarray(image, np.float32)
+    pixels = None
+    if x.ndim == 3 and x.shape[0] in (1, 3):  # a [-1, 1] CHW image, for host columns
+        pixels = np.clip(np.round((x.transpose(1, 2, 0) + 1) * 127.5), 0, 255).astype(np.uint8)
+    return x, pixels, None
+
+
+def _mode(source: Source, model: Model) -> Literal["images", "points"]:
+    """Whether the run feeds images (encoded on the device if the model has an encoder) or
+    points: decided by the first readable item, the same on every process."""
+    if model.image_shape is None:
+        return "points"
+    for i in range(min(len(source), 64)):
+        item = source[i]
+        if isinstance(item, BadItem) or item.image is None:
+            continue
+        if item.image.dtype == np.uint8 or tuple(item.image.shape) == tuple(model.image_shape):
+            return "images"
+        return "points"
+    return "images"
+
+
+def _load(source: Source, model: Model, mode: str, resize: Resize, host_columns, tokenize):
+    def load(index: int) -> _Loaded:
+        item = source[index]
+        if isinstance(item, BadItem):
+            return _Loaded(index, item.id, None, None, {}, item.reason)
+        x, pixels, error = _as_input(item, model, mode, resize)
+        tokens, host = None, {}
+        if error is None and tokenize is not None:
+            if item.text is None:
+                error = "no caption, and a column needs one"
+            else:
+                tokens = np.asarray(tokenize([item.text])[0], np.int32)
+        if error is None and host_columns:
+            if pixels is None:
+                error = "a host column needs an image"
+            else:
+                for column in host_columns:
+                    host.update(column.host(pixels))
+        return _Loaded(index, item.id, x if error is None else None, tokens, host, error)
+
+    return load
+
+
+def _replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of ``tree`` as a global array replicated over ``mesh`` (works across
+    processes: each process supplies its own, identical, copy)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(leaf):
+        if not isinstance(leaf, (np.ndarray, jax.Array)):
+            return leaf
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _make_step(mesh: Mesh, seed: int, mode: str, device_columns: tuple):
+    """The jitted step ``(model, columns, batch) -> {name: [global batch]}``."""
+
+    def local(model: Model, columns: tuple, batch: dict) -> dict:
+        base = jax.random.key(seed)
+        keys = jax.vmap(lambda hi, lo: jax.random.fold_in(jax.random.fold_in(base, hi), lo))(
+            batch["hi"], batch["lo"])
+        x = batch["x"]
+        images = x if mode == "images" else None
+        points = model.encode(x) if images is not None and model.encode is not None else x
+        context = model.embed(batch["tokens"]) if "tokens" in batch else None
+        inputs = Inputs(points=points, images=images, context=context)
+        out = {}
+        for column in columns:
+            values = column(model, inputs, column_keys(keys, column))
+            out.update({name: jnp.asarray(v) for name, v in values.items()})
+        return out
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data"))
+    return jax.jit(sharded)
+
+
+def _local_rows(out: dict, batch: int) -> dict[str, np.ndarray]:
+    """This process's rows of the step's output (its addressable shards, in batch order)."""
+    rows = {}
+    for name, array in out.items():
+        shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+        rows[name] = np.concatenate([np.asarray(s.data) for s in shards])[:batch]
+    return rows
+
+
+@dataclasses.dataclass
+class _Chunk:
+    start: int
+    stop: int
+    ids: dict[int, str] = dataclasses.field(default_factory=dict)
+    rows: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.rows) + len(self.errors) == self.stop - self.start
+
+
+def score(
+    model: Model,
+    columns: Sequence[Column],
+    source: Source,
+    out: str,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    resize: Resize = "none",
+    threads: int = 8,
+    prefetch: int | None = None,
+    mesh: Mesh | None = None,
+    dry_run: bool = False,
+    console: Console | None = None,
+    record: dict[str, Any] | None = None,
+) -> Summary:
+    """Score every item of ``source`` with ``columns`` and write one row per item to ``out``.
+
+    Call it on every process of a multi-process run (after ``jax.distributed.initialize``),
+    with the same arguments. A rerun into the same folder skips finished chunks.
+
+    Args:
+        model: the model (:class:`~mmh_jax.scoring.Model`).
+        columns: what to compute (:mod:`mmh_jax.scoring.columns`); output names must be unique.
+        source: the items (:mod:`mmh_jax.scoring.sources`).
+        out: the output folder (:mod:`mmh_jax.scoring.store`).
+        seed: the PRNG seed of every randomised column.
+        batch_size: the global batch (all devices of all processes); a multiple of the number
+            of devices.
+        chunk_size: items per written part; the unit of resumption.
+        resize: what to do with images of another size: refuse them (``"none"``: an error row)
+            or resize the short side and centre-crop (``"center_crop"``).
+        threads: decoding threads per process.
+        prefetch: items decoded ahead (default: two local batches).
+        mesh: a 1-D mesh with a ``"data"`` axis; default :func:`data_mesh` over every device.
+        dry_run: plan, compile and time three steps on the first items; write nothing.
+        console: where progress and messages go (``None``: silent).
+        record: extra settings to keep in ``run.json`` (e.g. the model's path); a resumed run
+            must match them.
+
+    Returns:
+        :class:`Summary` of this process's work (its plan included).
+
+    Raises:
+        ValueError: bad settings, a column the model cannot compute, or a folder holding a run
+            with other settings (:class:`~mmh_jax.scoring.store.RunMismatch`); all before any
+            item is scored.
+    """
+    columns = tuple(columns)
+    names = _check(model, columns, source, batch_size=batch_size, chunk_size=chunk_size,
+                   threads=threads, resize=resize)
+    mesh = data_mesh() if mesh is None else mesh
+    if mesh.axis_names != ("data",):
+        raise ValueError(f"mesh must have the single axis 'data', got {mesh.axis_names}")
+    devices, processes = mesh.devices.size, jax.process_count()
+    if batch_size % devices:
+        raise ValueError(f"batch_size must be a multiple of the {devices} devices, got {batch_size}")
+    local_batch = batch_size // processes
+    num_items = len(source)
+    num_chunks = -(-num_items // chunk_size)
+    mode = _mode(source, model)
+    device_columns = tuple(c for c in columns if not c.on_host)
+    host_columns = tuple(c for c in columns if c.on_host)
+    tokenize = model.tokenize if any(c.needs_text for c in columns) else None
+
+    me = jax.process_index()
+    run_record = {
+        "format": 1, "source": source.fingerprint, "num_items": num_items,
+        "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
+        "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
+        "names": list(names), **(record or {}),
+    }
+    mine = [c for c in range(num_chunks) if c % processes == me]
+    if dry_run:
+        done = store.done_chunks(out)
+    else:
+        store.open_run(out, run_record)
+        store.remove_stale_temporaries(out, set(mine))
+        done = store.done_chunks(out)
+    pending = [c for c in mine if c not in done]
+    indices = _Indices(pending, chunk_size, num_items)
+    local_steps = -(-len(indices) // local_batch)
+    steps = local_steps
+    if processes > 1:
+        steps = int(np.max(multihost_utils.process_allgather(np.array([local_steps]))))
+    plan = Plan(num_items=num_items, num_chunks=num_chunks, chunk_size=chunk_size,
+                chunks_done=len(done), chunks_pending=len(pending), items_pending=len(indices),
+                devices=devices, processes=processes, process_index=me, global_batch=batch_size,
+                steps=steps, columns=names, mode=mode)
+
+    step = _make_step(mesh, seed, mode, device_columns)
+    replicated = _replicate((model, device_columns), mesh)
+    batch_sharding = NamedSharding(mesh, P("data"))
+    x_shape = model.shape if mode == "points" else model.image_shape
+
+    def device_batch(loaded: list[_Loaded]) -> dict:
+        x = np.zeros((local_batch, *x_shape), np.float32)
+        index = np.zeros(local_batch, np.int64)
+        tokens = None
+        for j, item in enumerate(loaded):
+            x[j], index[j] = item.x, item.index
+        batch = {"x": x, "hi": (index >> 32).astype(np.uint32),
+                 "lo": (index & 0xFFFFFFFF).astype(np.uint32)}
+        if tokenize is not None:
+            width = loaded[0].tokens.shape[0] if loaded else _token_width(model)
+            tokens = np.zeros((local_batch, width), np.int32)
+            for j, item in enumerate(loaded):
+                tokens[j] = item.tokens
+            batch["tokens"] = tokens
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v,
+                                                          (batch_size, *v.shape[1:]))
+                for k, v in batch.items()}
+
+    shapes = jax.eval_shape(step, *replicated, device_batch([]))
+    dtypes = {name: np.dtype(shapes[name].dtype) if name in shapes else np.dtype(np.float64)
+              for name in names}
+    load = _load(source, model, mode, resize, host_columns, tokenize)
+    # Items are decoded in groups (one thread decodes a group) so that the pipeline's per-element
+    # bookkeeping is paid once per group, not per item.
+    group = max(1, min(local_batch, 32))
+    read = grain.MapDataset.source(indices).map(load).batch(group, batch_fn=list).to_iter_dataset(
+        grain.ReadOptions(num_threads=threads,
+                          prefetch_buffer_size=-(-(prefetch or 2 * local_batch) // group)))
+    items = itertools.chain.from_iterable(read)
+
+    if dry_run:
+        return _dry_run(plan, step, replicated, device_batch, items, local_batch, console)
+    return _run(plan, step, replicated, device_batch, items, local_batch, out,
+                pending, dtypes, console)
+
+
+def _token_width(model: Model) -> int:
+    return int(np.asarray(model.tokenize([""])).shape[1])
+
+
+def _describe(column: Column) -> dict[str, Any]:
+    """A column's settings for ``run.json`` (arrays by shape and a checksum)."""
+    described = {"column": type(column).__name__}
+    for field in dataclasses.fields(column):
+        value = getattr(column, field.name)
+        if isinstance(value, (np.ndarray, jax.Array)):
+            host = np.ascontiguousarray(np.asarray(value))
+            value = {"shape": list(host.shape), "sha256": hashlib.sha256(host.tobytes()).hexdigest()}
+        described[field.name] = value
+    return described
+
+
+def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -> tuple[str, ...]:
+    if not columns:
+        raise ValueError("columns must name at least one column to compute")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if resize not in ("none", "center_crop"):
+        raise ValueError(f"resize must be 'none' or 'center_crop', got {resize!r}")
+    names = tuple(n for c in columns for n in c.names)
+    reserved = {"index", "id"} & set(names)
+    if reserved or len(set(names)) != len(names):
+        raise ValueError(f"column names must be unique and not 'index' or 'id', got {list(names)}")
+    for column in columns:
+        column.check(model)
+        if column.needs_text:
+            if model.tokenize is None:
+                raise ValueError(f"{type(column).__name__} needs captions, and the model has no "
+                                 f"tokenizer")
+            if not source.has_text:
+                raise ValueError(f"{type(column).__name__} needs captions, and the input has none")
+    if len(source) == 0:
+        raise ValueError("the input holds no item")
+    return names
+
+
+def _in_flight(fetched: queue.Queue, results: queue.Queue, done_at: list[float]) -> None:
+    """Fetcher thread: waits for each dispatched step, copies its rows to the host and notes
+    when it finished."""
+    while True:
+        job = fetched.get()
+        if job is None:
+            results.put(None)
+            return
+        out, loaded, batch = job
+        try:
+            rows = _local_rows(out, batch)
+        except BaseException as err:  # surface device errors in the main thread
+            results.put(err)
+            return
+        done_at.append(time.perf_counter())
+        results.put((loaded, rows))
+
+
+def _progress(console: Console | None, plan: Plan) -> Progress:
+    label = f"process {plan.process_index}/{plan.processes}" if plan.processes > 1 else "scoring"
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                    TaskProgressColumn(), TextColumn("{task.fields[rate]} items/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, disable=console is None, transient=False)
+
+
+def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, out: str,
+         pending: list[int], dtypes: dict[str, np.dtype], console: Console | None) -> Summary:
+    chunk_size = plan.chunk_size
+    chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items)) for c in pending}
+    fetched: queue.Queue = queue.Queue(maxsize=2)
+    results: queue.Queue = queue.Queue()
+    done_at: list[float] = []
+    fetcher = threading.Thread(target=_in_flight, args=(fetched, results, done_at), daemon=True)
+    fetcher.start()
+    stats = {"scored": 0, "errors": 0, "written": 0, "bad": 0}
+    dispatched_at: list[float] = []
+    start = time.perf_counter()
+    first_done = first_resolved = None
+
+    def finish(result) -> None:
+        if isinstance(result, BaseException):
+            raise result
+        loaded, rows = result
+        for j, item in enumerate(loaded):
+            values = {k: v[j] for k, v in rows.items()}
+            values.update(item.host)
+            chunks[item.index // chunk_size].rows[item.index] = values
+        stats["scored"] += len(loaded)
+
+    def flush() -> None:
+        for c in [c for c, state in chunks.items() if state.complete]:
+            state = chunks.pop(c)
+            _write(out, c, state, dtypes, plan.process_index)
+            stats["errors"] += len(state.errors)
+            stats["written"] += 1
+
+    progress = _progress(console, plan)
+    with progress:
+        task = progress.add_task("score", total=plan.items_pending, rate="-")
+        exhausted = False
+        for k in range(plan.steps):
+            loaded = []
+            if not exhausted:
+                loaded, bad, exhausted = _collect(items, local_batch, chunks, chunk_size)
+                stats["bad"] += bad
+            batch = device_batch(loaded)
+            dispatched_at.append(time.perf_counter())
+            fetched.put((step(*replicated, batch), loaded, local_batch))
+            while not results.empty():
+                finish(results.get())
+            flush()
+            resolved = stats["scored"] + stats["bad"]
+            if done_at and first_done is None:
+                first_done, first_resolved = done_at[0], resolved
+            rate = "-"
+            if first_done is not None and len(done_at) > 1:
+                rate = f"{(resolved - first_resolved) / (time.perf_counter() - first_done):.1f}"
+            progress.update(task, completed=min(resolved, plan.items_pending), rate=rate)
+        if not exhausted:  # items left after the agreed steps cannot happen; guard anyway
+            for _ in items:
+                raise RuntimeError("input items left after the planned steps")
+        fetched.put(None)
+        while (result := results.get()) is not None:
+            finish(result)
+        flush()
+        progress.update(task, completed=plan.items_pending)
+    if chunks:
+        raise RuntimeError(f"chunks {sorted(chunks)} were not completed")
+    seconds = time.perf_counter() - start
+    summary = _summarise(plan, stats, seconds, dispatched_at, done_at, start)
+    if console is not None:
+        console.print(f"process {plan.process_index}: {summary.scored} items scored, "
+                      f"{summary.errors} bad, {summary.chunks_written} chunks written in "
+                      f"{seconds:.1f} s ({summary.items_per_second:.1f} items/s after compilation, "
+                      f"device idle {100 * summary.device_idle:.1f}%)")
+    return summary
+
+
+def _collect(items, local_batch: int, chunks: dict[int, _Chunk], chunk_size: int):
+    """The next ``local_batch`` good items (fewer at the end); bad items are recorded in their
+    chunks as they pass. Returns ``(items, number of bad items, input exhausted)``."""
+    loaded, bad = [], 0
+    for item in items:
+        chunk = chunks[item.index // chunk_size]
+        chunk.ids[item.index] = item.id
+        if item.error is not None:
+            chunk.errors[item.index] = item.error
+            bad += 1
+            continue
+        loaded.append(item)
+        if len(loaded) == local_batch:
+            return loaded, bad, False
+    return loaded, bad, True
+
+
+def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype], process: int) -> None:
+    good = sorted(state.rows)
+    values = {n: np.array([state.rows[i][n] for i in good], dtype) for n, dtype in dtypes.items()}
+    rows = store.rows_table(np.array(good, np.int64), [state.ids[i] for i in good], values)
+    bad = sorted(state.errors)
+    errors = store.errors_table(bad, [state.ids[i] for i in bad], [state.errors[i] for i in bad])
+    ids = [state.ids[i] for i in range(state.start, state.stop)]
+    store.write_chunk(out, c, start=state.start, stop=state.stop, rows=rows, errors=errors,
+                      ids=ids, process=process)
+
+
+def _summarise(plan, stats, seconds, dispatched_at, done_at, start) -> Summary:
+    compile_seconds = (done_at[0] - start) if done_at else 0.0
+    steady = seconds - compile_seconds
+    idle = 0.0
+    for k in range(1, min(len(dispatched_at), len(done_at))):
+        idle += max(0.0, dispatched_at[k] - done_at[k - 1])
+    resolved_after_first = plan.items_pending - min(plan.items_pending, plan.global_batch // plan.processes)
+    per_step = steady / max(len(done_at) - 1, 1)
+    return Summary(
+        plan=plan, scored=stats["scored"], errors=stats["errors"],
+        chunks_written=stats["written"], seconds=seconds, compile_seconds=compile_seconds,
+        items_per_second=resolved_after_first / steady if steady > 0 else math.nan,
+        device_idle=idle / steady if steady > 0 else 0.0, seconds_per_step=per_step)
+
+
+def _dry_run(plan, step, replicated, device_batch, items, local_batch, console) -> Summary:
+    chunks = {c: _Chunk(c * plan.chunk_size, min((c + 1) * plan.chunk_size, plan.num_items))
+              for c in range(plan.num_chunks)}
+    loaded = _collect(items, local_batch, chunks, plan.chunk_size)[0] if plan.items_pending else []
+    batch = device_batch(loaded)
+    start = time.perf_counter()
+    jax.block_until_ready(step(*replicated, batch))
+    compile_seconds = time.perf_counter() - start
+    timings = []
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(step(*replicated, batch))
+        timings.append(time.perf_counter() - t)
+    per_step = float(np.median(timings))
+    summary = Summary(plan=plan, scored=0, errors=0, chunks_written=0,
+                      seconds=compile_seconds + sum(timings), compile_seconds=compile_seconds,
+                      items_per_second=plan.global_batch / per_step, device_idle=0.0,
+                      seconds_per_step=per_step)
+    return summary

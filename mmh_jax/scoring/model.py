@@ -1,0 +1,165 @@
+"""What the scoring engine needs of a model: the space items are scored in, and its functions.
+
+:class:`Model` is a pytree: its functions are :class:`jax.tree_util.Partial`\\ s over their
+parameters (the leaves, replicated on every device of the mesh), its shapes and its host-side
+tokenizer are static. Build one from any loader's result with :meth:`Model.from_pretrained`
+(UNet2D, iDDPM), :meth:`Model.from_stable_diffusion`, or from a user's functions with
+:meth:`Model.from_score_fn` and :meth:`Model.from_generator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+from jaxtyping import Array, PyTree
+
+from mmh_jax.models.autoencoder_kl import scale_latents
+from mmh_jax.schedules import Schedule
+
+__all__ = ["Model"]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["score_fn", "schedule", "encode", "eps_fn", "embed", "uncond", "generator"],
+    meta_fields=["shape", "image_shape", "tokenize", "description"],
+)
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model as the scoring engine sees it.
+
+    Items are scored as *points* of shape ``shape`` (pixels ``[c, h, w]`` in ``[-1, 1]`` for a
+    pixel-space diffusion model, latents for Stable Diffusion, latents for a generator). An
+    image item (uint8) is brought to ``image_shape`` on the host and, when ``encode`` is set,
+    encoded on the device; a float array item of shape ``shape`` is taken as a point as is.
+
+    Attributes:
+        shape: the shape of one point.
+        image_shape: ``(c, h, w)`` of the images the model takes (``None``: points only).
+        score_fn: the unconditional score ``score_fn(x_t [b, *shape], t [b])`` (diffusion).
+        schedule: its noise schedule.
+        encode: ``encode(images [b, *image_shape] in [-1, 1]) -> points`` (a VAE encoder);
+            ``None`` when images are the points.
+        eps_fn: the conditional noise predictor ``eps_fn(x_t, t, context)`` (text-conditional).
+        embed: ``embed(token_ids [b, n]) -> context [b, n, dim]`` (the text encoder).
+        uncond: the empty prompt's context ``[1, n, dim]``.
+        generator: ``generator(z [b, *shape]) -> x`` (a GAN or decoder, for the Jacobian rank).
+        tokenize: host-side ``tokenize(list of str) -> int token ids [b, n]``.
+        description: one line naming the model, for the run record and the plan.
+    """
+
+    shape: tuple[int, ...]
+    image_shape: tuple[int, int, int] | None = None
+    score_fn: Partial | None = None
+    schedule: Schedule | None = None
+    encode: Partial | None = None
+    eps_fn: Partial | None = None
+    embed: Partial | None = None
+    uncond: Array | None = None
+    generator: Partial | None = None
+    tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
+    description: str = "model"
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if not shape or min(shape) < 1:
+            raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {self.shape}")
+        object.__setattr__(self, "shape", shape)
+        if self.image_shape is not None:
+            image_shape = tuple(int(s) for s in self.image_shape)
+            if len(image_shape) != 3 or image_shape[0] not in (1, 3):
+                raise ValueError(f"image_shape must be (channels 1 or 3, height, width), got "
+                                 f"{self.image_shape}")
+            object.__setattr__(self, "image_shape", image_shape)
+            if self.encode is None and image_shape != shape:
+                raise ValueError(f"without encode, images are the points: image_shape "
+                                 f"{image_shape} must equal shape {shape}")
+        if (self.score_fn is None) != (self.schedule is None):
+            raise ValueError("score_fn and schedule go together: give both or neither")
+
+    @classmethod
+    def from_score_fn(cls, score_fn: Callable, schedule: Schedule, shape: Sequence[int], *,
+                      images: bool = True, description: str = "score function") -> Model:
+        """A diffusion model given by its score function on points of ``shape``.
+
+        Args:
+            score_fn: ``score_fn(x_t, t)`` (wrapped in a ``Partial`` if it is not one).
+            schedule: its schedule.
+            shape: one point's shape; with ``images=True`` it must be ``(c, h, w)`` with ``c``
+                1 or 3 and image items are read as pixels in ``[-1, 1]``.
+            images: whether image items can be scored (else only float array items).
+        """
+        shape = tuple(shape)
+        score_fn = score_fn if isinstance(score_fn, Partial) else Partial(score_fn)
+        return cls(shape=shape, image_shape=shape if images else None, score_fn=score_fn,
+                   schedule=schedule, description=description)
+
+    @classmethod
+    def from_pretrained(cls, model: Any, *, image_size: int | None = None,
+                        description: str | None = None) -> Model:
+        """A pixel-space diffusion model from a loader's ``Pretrained`` (UNet2D, iDDPM).
+
+        Args:
+            model: ``Pretrained(module, params, schedule, score_fn)``.
+            image_size: the image side; by default the module's ``sample_size`` or
+                ``image_size``.
+        """
+        module = model.module
+        size = image_size or getattr(module, "sample_size", None) or getattr(module, "image_size", None)
+        if size is None:
+            raise ValueError("the module does not say its image size: pass image_size=")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (int(module.in_channels), int(h), int(w))
+        return cls(shape=shape, image_shape=shape, score_fn=model.score_fn,
+                   schedule=model.schedule,
+                   description=description or f"{type(module).__name__} {shape}")
+
+    @classmethod
+    def from_stable_diffusion(cls, sd: Any, *, description: str = "Stable Diffusion") -> Model:
+        """Stable Diffusion from :func:`mmh_jax.models.load_stable_diffusion`: points are the
+        scaled VAE latents (the posterior mean of each image), captions are embedded by its
+        text encoder."""
+        c, h, w = sd.latent_shape
+        factor = sd.vae.downscale
+        return cls(
+            shape=(c, h, w), image_shape=(3, h * factor, w * factor),
+            score_fn=sd.unet.score_fn, schedule=sd.schedule,
+            encode=Partial(_VaeEncoder(sd.vae), sd.vae_params),
+            eps_fn=sd.eps,
+            embed=Partial(_TextEncoder(sd.text_encoder), sd.text_encoder_params),
+            uncond=sd.uncond_embedding, tokenize=sd.tokenize,
+            description=f"{description}, latents {(c, h, w)}")
+
+    @classmethod
+    def from_generator(cls, generator: Callable, latent_shape: Sequence[int], *,
+                       description: str = "generator") -> Model:
+        """A generator (GAN, decoder) ``x = generator(z)``: items are latents ``z``."""
+        generator = generator if isinstance(generator, Partial) else Partial(generator)
+        return cls(shape=tuple(latent_shape), generator=generator, description=description)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VaeEncoder:
+    """Images in ``[-1, 1]`` -> scaled latents (the posterior mean), float32."""
+
+    module: Any
+
+    def __call__(self, params: PyTree, images: Array) -> Array:
+        posterior = self.module.apply({"params": params}, images, method="encode")
+        return scale_latents(self.module, posterior.mean.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TextEncoder:
+    """Token ids -> the text encoder's last hidden state, float32."""
+
+    module: Any
+
+    def __call__(self, params: PyTree, ids: Array) -> Array:
+        return self.module.apply({"params": params}, ids).last_hidden_state.astype(jnp.float32)

@@ -1,0 +1,203 @@
+"""The scoring engine on 8 simulated CPU devices: values against closed forms and the plain
+estimators, independence of devices and batch size, bad items, resumption, Stable Diffusion."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import toy_model
+from mmh_jax.scoring import (
+    ArrayFile,
+    CFGNorms,
+    Flipd,
+    ImageFolder,
+    Model,
+    NearestNeighbour,
+    NormalBundle,
+    PngSize,
+    RunMismatch,
+    data_mesh,
+    merge,
+    score,
+)
+
+
+def _table(out) -> dict[str, np.ndarray]:
+    merged = merge(out)
+    return {name: merged.scores[name].to_numpy() for name in merged.scores.column_names}
+
+
+def test_values_match_the_closed_form_on_any_mesh_and_batch(tmp_path):
+    x = toy_model.points(30)
+    np.save(tmp_path / "x.npy", x)
+    model = toy_model.make()
+    reference = x[::3] + 0.01
+    columns = [Flipd(t0=(0.01, 0.1)), NormalBundle(t0=0.01, num_scores=24),
+               NearestNeighbour(reference=reference, chunk_size=4)]
+    runs = {
+        "1 device, batch 4": dict(mesh=data_mesh(jax.devices()[:1]), batch_size=4, chunk_size=8),
+        "8 devices, batch 8": dict(batch_size=8, chunk_size=8),
+        "8 devices, batch 24": dict(batch_size=24, chunk_size=7),
+    }
+    tables = {}
+    for name, settings in runs.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        summary = score(model, columns, ArrayFile(tmp_path / "x.npy"), str(out), seed=3, **settings)
+        assert summary.scored == 30 and summary.errors == 0
+        tables[name] = _table(out)
+
+    first = tables["1 device, batch 4"]
+    np.testing.assert_array_equal(first["index"], np.arange(30))
+    for t0 in (0.01, 0.1):  # one Rademacher probe is exact for a diagonal Jacobian
+        np.testing.assert_allclose(first[f"flipd_{t0:g}"], toy_model.flipd_closed_form(x, t0),
+                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(first["normal_bundle_0.01"], 2)  # the subspace's dimension
+    distances = np.linalg.norm(x[:, None] - reference[None], axis=-1)
+    np.testing.assert_array_equal(first["nn_index"], distances.argmin(1))
+    np.testing.assert_allclose(first["nn_l2"], distances.min(1), rtol=1e-5, atol=1e-6)
+    for name, table in tables.items():
+        assert list(table) == ["index", "id", "flipd_0.01", "flipd_0.1", "normal_bundle_0.01",
+                               "nn_l2", "nn_index"], name
+        for column in table:
+            np.testing.assert_allclose(table[column].astype(float) if column != "id" else 0,
+                                       first[column].astype(float) if column != "id" else 0,
+                                       rtol=1e-5, err_msg=f"{name}: {column}")
+
+
+def test_item_keys_follow_the_documented_rule(tmp_path):
+    """Item i's key is fold_in(fold_in(key(seed), i >> 32), i & 0xffffffff), then the column's
+    name: the engine equals the plain estimator called with those keys."""
+    from mmh_jax.lid import normal_bundle
+    from mmh_jax.scoring.columns import column_keys
+
+    x = toy_model.points(10, shape=(4,), rank=1, seed=1)
+    np.save(tmp_path / "x.npy", x)
+    model = toy_model.make(shape=(4,), rank=1)
+    column = NormalBundle(t0=0.3, num_scores=8, threshold=0.5)
+    score(model, [column], ArrayFile(tmp_path / "x.npy"), str(tmp_path / "out"), seed=7,
+          batch_size=8)
+    base = jax.random.key(7)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, 0), i))(np.arange(10))
+    expected = normal_bundle(model.score_fn, x, 0.3, schedule=model.schedule, num_scores=8,
+                             threshold=0.5, key=column_keys(keys, column)).lid
+    got = _table(tmp_path / "out")["normal_bundle_0.3"]
+    np.testing.assert_array_equal(got, expected)
+    assert len(set(got.tolist())) > 1  # a threshold inside the spectrum: keys matter
+
+
+def _png(path, pixels):
+    Image.fromarray(pixels).save(path)
+
+
+def test_bad_items_go_to_the_errors_table_and_the_run_goes_on(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = {f"ok{i}": rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for i in range(5)}
+    for name, pixels in good.items():
+        _png(folder / f"{name}.png", pixels)
+    _png(folder / "big.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = toy_model.make(shape=(3, 4, 4), rank=5, images=True)
+    summary = score(model, [Flipd(t0=0.5), PngSize()], ImageFolder(folder), str(tmp_path / "out"),
+                    batch_size=8, chunk_size=3)
+    assert (summary.scored, summary.errors) == (5, 2)
+    merged = merge(tmp_path / "out")
+    errors = dict(zip(merged.errors["id"].to_pylist(), merged.errors["reason"].to_pylist()))
+    assert set(errors) == {"big", "broken"}
+    assert "8x8" in errors["big"] and "4x4" in errors["big"]
+    assert "broken" in errors["broken"]
+    table = merged.scores.to_pandas().set_index("id")
+    assert sorted(table.index) == sorted(good)
+    for name, pixels in good.items():
+        import io
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
+        assert table.loc[name, "png_bytes"] == len(buffer.getvalue())
+        x = pixels.transpose(2, 0, 1)[None].astype(np.float64) / 127.5 - 1
+        expected = toy_model.flipd_closed_form(x, 0.5, shape=(3, 4, 4), rank=5)[0]
+        assert table.loc[name, "flipd_0.5"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_rerun_redoes_only_missing_chunks_and_refuses_other_settings(tmp_path):
+    x = toy_model.points(20)
+    np.save(tmp_path / "x.npy", x)
+    model, source, out = toy_model.make(), ArrayFile(tmp_path / "x.npy"), tmp_path / "out"
+    columns = [Flipd(t0=0.05)]
+    first = score(model, columns, source, str(out), batch_size=8, chunk_size=5)
+    assert first.chunks_written == 4
+    before = _table(out)
+    (out / "manifest" / "chunk-00000002.json").unlink()  # as if killed before the manifest
+    (out / "parts" / "part-00000003.parquet").write_bytes(b"torn")  # and a torn part, no manifest
+    (out / "manifest" / "chunk-00000003.json").unlink()
+    (out / "parts" / ".part-00000003.parquet.abc.part").write_bytes(b"stale")
+    again = score(model, columns, source, str(out), batch_size=8, chunk_size=5)
+    assert (again.plan.chunks_done, again.chunks_written, again.scored) == (2, 2, 10)
+    assert not list((out / "parts").glob(".*"))
+    after = _table(out)
+    np.testing.assert_array_equal(after["index"], np.arange(20))
+    np.testing.assert_array_equal(after["flipd_0.05"], before["flipd_0.05"])
+    manifest = json.loads((out / "manifest" / "chunk-00000001.json").read_text())
+    assert manifest["ids"] == [f"{i:02d}" for i in range(5, 10)] and manifest["rows"] == 5
+    assert pq.read_table(out / "parts").num_rows == 20  # the folder reads as one dataset
+    with pytest.raises(RunMismatch, match="seed"):
+        score(model, columns, source, str(out), batch_size=8, chunk_size=5, seed=1)
+    with pytest.raises(RunMismatch, match="chunk_size"):
+        score(model, columns, source, str(out), batch_size=8, chunk_size=4)
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
+    x = toy_model.points(4)
+    np.save(tmp_path / "x.npy", x)
+    model, source = toy_model.make(), ArrayFile(tmp_path / "x.npy")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        score(model, [Flipd()], source, str(out), batch_size=12)
+    with pytest.raises(ValueError, match="text-conditional"):
+        score(model, [CFGNorms()], source, str(out))
+    with pytest.raises(ValueError, match="unique"):
+        score(model, [Flipd(), Flipd()], source, str(out))
+    with pytest.raises(ValueError, match="generator"):
+        from mmh_jax.scoring import JacobianRank
+        score(model, [JacobianRank()], source, str(out))
+    with pytest.raises(ValueError, match="t0"):
+        Flipd(t0=1.5)
+    assert not out.exists()
+
+
+def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
+    """Image-caption pairs through Model.from_stable_diffusion (images encoded by the VAE and
+    captions by the text encoder, on the devices): the engine's CFG norms equal image_cfg_norms
+    on the encoded latents. (Conditional FLIPD is the CFG score of mmh_jax.guidance through
+    flipd, both tested on their own; a second jvp program through the UNet costs a minute.)"""
+    from mmh_jax.memorization import image_cfg_norms
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    captions = ["a cat", "the cat", "cat"]
+    images = []
+    for i, caption in enumerate(captions):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        _png(folder / f"{i}.png", pixels)
+        (folder / f"{i}.txt").write_text(caption)
+        images.append(pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+    model = Model.from_stable_diffusion(sd)
+    columns = [CFGNorms(guidance=7.5, t0=0.02, num_steps=2)]
+    score(model, columns, ImageFolder(folder), str(tmp_path / "out"), batch_size=8,
+          mesh=data_mesh(jax.devices()[:2]), seed=5)
+    table = _table(tmp_path / "out")
+
+    z = sd.encode_image(np.stack(images))
+    cond = sd.encode_prompt(captions)
+    norms = image_cfg_norms(sd.eps, z, cond, sd.uncond_embedding, schedule=sd.schedule,
+                            guidance=7.5, t0=0.02, num_steps=2)
+    np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
+    np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
