@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.guidance import CondEpsFn, cfg_score_fn, conditional_score_fn, eps_pair
@@ -86,8 +87,9 @@ def generation_cfg_norms(
         raise ValueError("result must hold the trajectory: call ddim_sample(..., "
                          "return_trajectory=True)")
     n = result.eps_cond.shape[0]
-    index = jnp.arange(n) if steps is None else jnp.asarray(list(steps), jnp.int32)
-    if index.ndim != 1 or index.size == 0 or bool(jnp.any((index < -n) | (index >= n))):
+    # The step indices are host numbers (numpy), so the check also works under jit.
+    index = np.arange(n) if steps is None else np.asarray(list(steps), np.int64)
+    if index.ndim != 1 or index.size == 0 or np.any((index < -n) | (index >= n)):
         raise ValueError(f"steps must be a non-empty sequence of step indices in 0..{n - 1}, "
                          f"got {list(steps) if steps is not None else None}")
     eps_u, eps_c = result.eps_uncond[index], result.eps_cond[index]

@@ -42,7 +42,7 @@ from mmh_jax.models.layers import (
 from mmh_jax.models.pretrained import Pretrained, eps_score_fn
 from mmh_jax.schedules import DDPM
 
-__all__ = ["IDDPMUNet", "IDDPMLayer", "iddpm_schedule", "load_iddpm"]
+__all__ = ["IDDPMUNet", "IDDPMLayer", "iddpm_schedule", "load_iddpm", "IDDPM_FLAGS"]
 
 _GROUPS = 32  # improved-diffusion's GroupNorm32
 
@@ -75,6 +75,9 @@ _DIFFUSION_FLAGS: dict[str, Any] = {
     "use_kl": False,
     "rescale_learned_sigmas": True,
 }
+
+#: Every flag :func:`load_iddpm` takes (improved-diffusion's model and diffusion flags).
+IDDPM_FLAGS: tuple[str, ...] = (*_MODEL_FLAGS, *_DIFFUSION_FLAGS)
 
 
 class IDDPMLayer(NamedTuple):

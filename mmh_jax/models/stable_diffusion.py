@@ -124,6 +124,15 @@ class StableDiffusion(NamedTuple):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.module.in_channels, h, w)
 
+    @property
+    def ddim_grid(self) -> dict[str, Any]:
+        """The DDIM grid settings of the pipeline's scheduler config, as
+        :func:`~mmh_jax.sampling.ddim_sample` takes them (``spacing``, ``steps_offset``,
+        ``set_alpha_to_one``)."""
+        grid = {k: self.scheduler_config.get(k, v) for k, v in _DDIM_KEYS.items()}
+        return {"spacing": grid["timestep_spacing"], "steps_offset": grid["steps_offset"],
+                "set_alpha_to_one": grid["set_alpha_to_one"]}
+
     def tokenize(self, prompts: str | Sequence[str]) -> Int[np.ndarray, "b n"]:
         """Token ids ``[b, max_length]`` (77 for CLIP), padded as the pipeline pads them.
 
@@ -227,11 +236,8 @@ class StableDiffusion(NamedTuple):
         noise = jnp.tile(noise, (cond.shape[0], 1, 1, 1))
         cond = jnp.repeat(cond, images_per_prompt, axis=0)
         uncond = self.uncond_embedding if uncond is None else uncond
-        grid = {k: self.scheduler_config.get(k, v) for k, v in _DDIM_KEYS.items()}
         return ddim_sample(self.eps, noise, cond, uncond, schedule=self.schedule,
-                           guidance=guidance, num_steps=num_steps,
-                           spacing=grid["timestep_spacing"], steps_offset=grid["steps_offset"],
-                           set_alpha_to_one=grid["set_alpha_to_one"],
+                           guidance=guidance, num_steps=num_steps, **self.ddim_grid,
                            return_trajectory=return_trajectory)
 
 

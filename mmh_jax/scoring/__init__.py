@@ -15,7 +15,7 @@ from mmh_jax.scoring.columns import (
     NormalBundle,
     PngSize,
 )
-from mmh_jax.scoring.engine import Plan, Summary, data_mesh, score
+from mmh_jax.scoring.engine import Generation, Plan, Summary, data_mesh, score
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import (
     ArrayFile,
@@ -36,6 +36,7 @@ __all__ = [
     "CFGNorms",
     "Column",
     "Flipd",
+    "Generation",
     "ImageFolder",
     "Inputs",
     "Item",

@@ -30,7 +30,8 @@ from jaxtyping import Array, Float
 
 from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd, jacobian_rank, normal_bundle
-from mmh_jax.memorization.conditional import image_cfg_norms
+from mmh_jax.memorization.conditional import generation_cfg_norms, image_cfg_norms
+from mmh_jax.sampling import DDIMResult
 from mmh_jax.scoring.model import Model
 
 __all__ = [
@@ -54,6 +55,8 @@ class Inputs(NamedTuple):
     """The images in ``[-1, 1]`` before encoding (``None`` for array items)."""
     context: Float[Array, "b n dim"] | None
     """The captions' embeddings (``None`` without captions)."""
+    trajectory: DDIMResult | None = None
+    """For items generated from prompts: the DDIM trajectory that made ``points``."""
 
 
 class Column(Protocol):
@@ -170,8 +173,12 @@ class NormalBundle:
 
 @_column()
 class CFGNorms:
-    """Wen et al.'s CFG vector norm and the CFG-adjusted score norm of image-caption pairs,
-    read at ``t0`` after ``num_steps`` Euler steps of the conditional PF-ODE (paper, App. C)."""
+    """Wen et al.'s CFG vector norm and the CFG-adjusted score norm (paper, Sec. 3.2).
+
+    Of image-caption pairs: read at ``t0`` after ``num_steps`` Euler steps of the conditional
+    PF-ODE (App. C). Of images generated from prompts: averaged over the sampler's own steps
+    (``t0`` and ``num_steps`` do not apply).
+    """
 
     guidance: float = 7.5
     t0: float = 0.01
@@ -179,6 +186,7 @@ class CFGNorms:
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
+    reads_trajectory: ClassVar[bool] = True
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -189,6 +197,10 @@ class CFGNorms:
                  "a text-conditional model (Stable Diffusion)")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        if inputs.trajectory is not None:
+            norms = generation_cfg_norms(inputs.trajectory, schedule=model.schedule,
+                                         guidance=self.guidance)
+            return dict(zip(self.names, norms))
         norms = image_cfg_norms(model.eps_fn, inputs.points, inputs.context, model.uncond,
                                 schedule=model.schedule, guidance=self.guidance, t0=self.t0,
                                 num_steps=self.num_steps)
@@ -302,7 +314,7 @@ class PngSize:
 
 
 @functools.lru_cache(maxsize=None)
-def _name_hash(name: str) -> int:
+def name_hash(name: str) -> int:
     """A stable 31-bit integer for a column's name (its PRNG stream)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
@@ -310,5 +322,5 @@ def _name_hash(name: str) -> int:
 def column_keys(keys: Array, column: Column) -> Array:
     """The column's own per-item keys: ``fold_in(item_key, hash(first name))``, so adding or
     reordering columns does not change any value."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, _name_hash(column.names[0])))(keys)
+    return jax.vmap(lambda k: jax.random.fold_in(k, name_hash(column.names[0])))(keys)
 

@@ -74,6 +74,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "seed": Key(int, 0, "PRNG seed: item i's key is fold_in(key(seed), i)"),
         "threads": Key(int, 8, "decoding threads per process"),
     },
+    "generate": {
+        "guidance": Key(float, 7.5, "for an input of prompts alone (Stable Diffusion): the "
+                                    "guidance scale of the DDIM sampler that makes each image"),
+        "num_steps": Key(int, 50, "its DDIM steps (one image per prompt)"),
+    },
     "distributed": {
         "initialize": Key(bool, False, "call jax.distributed.initialize() before anything else "
                                        "(multi-host runs); the keys below are optional: JAX "
@@ -81,7 +86,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "coordinator_address": Key(str, "", "'host:port' of process 0"),
         "num_processes": Key(int, 0, "number of processes (0: detected)"),
         "process_id": Key(int, -1, "this process's index (-1: detected)"),
-        "local_device_ids": Key(list, [], "devices this process uses (empty: all visible)"),
+        "local_device_ids": Key(tuple[int, ...], (), "devices this process uses (empty: JAX's "
+                                                     "choice: all visible, or on Slurm / Open MPI "
+                                                     "one per local rank)"),
     },
 }
 
@@ -116,6 +123,7 @@ class Config(NamedTuple):
     input: dict[str, Any]
     output: dict[str, Any]
     run: dict[str, Any]
+    generate: dict[str, Any]
     distributed: dict[str, Any]
     columns: dict[str, dict[str, Any]]
 
@@ -183,8 +191,13 @@ def _column_spec(name: str) -> dict[str, tuple[Any, Any]]:
     return spec
 
 
-def read_config(path: str | os.PathLike) -> Config:
+def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     """Read and check a scoring config; nothing is loaded or computed.
+
+    Args:
+        path: the TOML file.
+        check_files: also check that the model, input and reference paths exist (off to check
+            a config written for another machine).
 
     Raises:
         ConfigError: the file is not TOML, or has an unknown section or key, a wrong type, a
@@ -231,27 +244,56 @@ def read_config(path: str | os.PathLike) -> Config:
         if not model["path"]:
             raise ConfigError(f"{path}: [model] kind = {model['kind']!r} needs a path")
         model["path"] = resolve(model["path"])
-        if not Path(model["path"]).exists():
+        if check_files and not Path(model["path"]).exists():
             raise ConfigError(f"{path}: [model] path {model['path']!r} does not exist")
-    if "{" not in inputs["path"] and not any(c in inputs["path"] for c in "*?[") \
+    if check_files and "{" not in inputs["path"] and not any(c in inputs["path"] for c in "*?[") \
             and not Path(inputs["path"]).exists():
         raise ConfigError(f"{path}: [input] path {inputs['path']!r} does not exist")
     if "nearest_neighbour" in columns:
         reference = resolve(columns["nearest_neighbour"]["reference"])
-        if not Path(reference).is_file():
+        if check_files and not Path(reference).is_file():
             raise ConfigError(f"{path}: [columns.nearest_neighbour] reference {reference!r} "
                               f"does not exist")
         columns["nearest_neighbour"]["reference"] = reference
-    for section, key in (("output", "chunk_size"), ("run", "batch_size"), ("run", "threads")):
+    _check_options(path, model, inputs)
+    for section, key in (("output", "chunk_size"), ("run", "batch_size"), ("run", "threads"),
+                         ("generate", "num_steps")):
         if sections[section][key] < 1:
             raise ConfigError(f"{path}: [{section}] {key} must be >= 1, got "
                               f"{sections[section][key]}")
     try:  # the columns' own checks (times in (0, 1], ...) before any work
-        build_columns(Config(path, model, inputs, output, sections["run"],
+        build_columns(Config(path, model, inputs, output, sections["run"], sections["generate"],
                              sections["distributed"], columns), reference_loader=lambda p: None)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: [columns]: {err}") from None
-    return Config(path, model, inputs, output, sections["run"], sections["distributed"], columns)
+    return Config(path, model, inputs, output, sections["run"], sections["generate"],
+                  sections["distributed"], columns)
+
+
+def _check_options(path: Path, model: dict, inputs: dict) -> None:
+    """The ``options`` tables name keys their reader or loader takes."""
+    import inspect
+
+    from mmh_jax.scoring import sources
+
+    readers = (sources.ImageFolder, sources.ArrayFile, sources.TarShards, sources.ParquetTable,
+               sources.PromptFile)
+    accepted = {name for cls in readers for name, p in inspect.signature(cls).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(inputs["options"]) - accepted)
+    if unknown:
+        raise ConfigError(f"{path}: [input] options: unknown key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(accepted))}")
+    if model["kind"] == "iddpm":
+        from mmh_jax.models.iddpm import IDDPM_FLAGS
+
+        unknown = sorted(set(model["options"]) - set(IDDPM_FLAGS))
+        if unknown:
+            raise ConfigError(f"{path}: [model] options: unknown improved-diffusion flag(s) "
+                              f"{', '.join(unknown)}; known: {', '.join(IDDPM_FLAGS)}")
+    elif model["kind"] != "factory" and model["options"]:
+        raise ConfigError(f"{path}: [model] options are taken by kind = 'iddpm' and 'factory' "
+                          f"only")
 
 
 def build_columns(config: Config, *, reference_loader=None) -> list:
@@ -317,8 +359,6 @@ def load_model(config: Config):
                                      description=f"iDDPM {model['path']}")
     from mmh_jax.models import load_unet2d
 
-    if model["options"]:
-        raise ConfigError(f"{config.path}: [model] options are not taken by kind = 'unet2d'")
     return Model.from_pretrained(load_unet2d(model["path"], dtype=dtype),
                                  description=f"UNet2D {model['path']}")
 
@@ -338,7 +378,7 @@ def initialize_distributed(settings: dict[str, Any]) -> None:
     if settings["process_id"] >= 0:
         kwargs["process_id"] = settings["process_id"]
     if settings["local_device_ids"]:
-        kwargs["local_device_ids"] = settings["local_device_ids"]
+        kwargs["local_device_ids"] = list(settings["local_device_ids"])
     jax.distributed.initialize(**kwargs)
 
 
@@ -391,7 +431,7 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
     from jax.experimental import multihost_utils
 
     from mmh_jax.scoring import store
-    from mmh_jax.scoring.engine import score
+    from mmh_jax.scoring.engine import Generation, score
     from mmh_jax.scoring.sources import open_source
 
     model = load_model(config)
@@ -403,14 +443,20 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
         model, build_columns(config), source, config.output["dir"], seed=config.run["seed"],
         batch_size=config.run["batch_size"], chunk_size=config.output["chunk_size"],
         resize=config.input["resize"], threads=config.run["threads"], dry_run=dry_run,
+        generation=Generation(float(config.generate["guidance"]), config.generate["num_steps"]),
         console=console, record={"model_path": config.model["path"] or config.model["factory"]})
     if dry_run:
         return summary
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mmh-jax score: all chunks written")
-    if jax.process_index() == 0 and not store.done_chunks(config.output["dir"]) ^ set(
-            range(summary.plan.num_chunks)):
-        write_merged(config.output["dir"])
+    if jax.process_index() == 0:
+        missing = set(range(summary.plan.num_chunks)) - store.done_chunks(config.output["dir"])
+        if not missing:
+            write_merged(config.output["dir"])
+        elif console is not None:
+            console.print(f"{len(missing)} chunks were written by other hosts to folders this "
+                          f"one does not see: gather the output folders, then run `mmh-jax "
+                          f"score merge DIR`")
     return summary
 
 

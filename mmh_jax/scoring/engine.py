@@ -22,6 +22,7 @@ start; a process that runs out feeds padding), as SPMD requires.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
@@ -36,19 +37,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jaxtyping import Array
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
 from mmh_jax.scoring import store
-from mmh_jax.scoring.columns import Column, Inputs, column_keys
+from mmh_jax.sampling import ddim_sample
+from mmh_jax.scoring.columns import Column, Inputs, column_keys, name_hash
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import BadItem, Source, fit_image
 
-__all__ = ["score", "Plan", "Summary", "data_mesh"]
+__all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 
 Resize = Literal["none", "center_crop"]
+
+
+class Generation(NamedTuple):
+    """How items that are prompts alone become latents: DDIM with classifier-free guidance on
+    the model's own grid, one image per prompt, from the noise of the item's key."""
+
+    guidance: float = 7.5
+    num_steps: int = 50
 
 
 class Plan(NamedTuple):
@@ -69,7 +80,7 @@ class Plan(NamedTuple):
     steps: int
     """Steps every process runs (the most any process needs)."""
     columns: tuple[str, ...]
-    mode: Literal["images", "points"]
+    mode: Literal["images", "points", "prompts"]
 
 
 class Summary(NamedTuple):
@@ -158,9 +169,15 @@ def _as_input(item, model: Model, mode: str, resize: Resize) -> tuple[np.ndarray
     return x, pixels, None
 
 
-def _mode(source: Source, model: Model) -> Literal["images", "points"]:
-    """Whether the run feeds images (encoded on the device if the model has an encoder) or
-    points: decided by the first readable item, the same on every process."""
+def _mode(source: Source, model: Model) -> Literal["images", "points", "prompts"]:
+    """Whether the run feeds images (encoded on the device if the model has an encoder),
+    points, or prompts to generate from: decided by the input and its first readable item, the
+    same on every process."""
+    if not source.has_images:
+        if not (source.has_text and model.eps_fn is not None and model.ddim_grid is not None):
+            raise ValueError("the input holds no images or arrays; prompts alone need a "
+                             "text-conditional model to generate from (Stable Diffusion)")
+        return "prompts"
     if model.image_shape is None:
         return "points"
     for i in range(min(len(source), 64)):
@@ -178,7 +195,8 @@ def _load(source: Source, model: Model, mode: str, resize: Resize, host_columns,
         item = source[index]
         if isinstance(item, BadItem):
             return _Loaded(index, item.id, None, None, {}, item.reason)
-        x, pixels, error = _as_input(item, model, mode, resize)
+        x, pixels, error = (None, None, None) if mode == "prompts" else _as_input(
+            item, model, mode, resize)
         tokens, host = None, {}
         if error is None and tokenize is not None:
             if item.text is None:
@@ -210,18 +228,23 @@ def _replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def _make_step(mesh: Mesh, seed: int, mode: str, device_columns: tuple):
-    """The jitted step ``(model, columns, batch) -> {name: [global batch]}``."""
+@functools.lru_cache(maxsize=16)
+def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, trajectory: bool):
+    """The jitted step ``(model, columns, batch) -> {name: [global batch]}``; cached, so a second
+    run with the same model and columns reuses the compiled program."""
 
     def local(model: Model, columns: tuple, batch: dict) -> dict:
         base = jax.random.key(seed)
         keys = jax.vmap(lambda hi, lo: jax.random.fold_in(jax.random.fold_in(base, hi), lo))(
             batch["hi"], batch["lo"])
-        x = batch["x"]
-        images = x if mode == "images" else None
-        points = model.encode(x) if images is not None and model.encode is not None else x
         context = model.embed(batch["tokens"]) if "tokens" in batch else None
-        inputs = Inputs(points=points, images=images, context=context)
+        if mode == "prompts":
+            inputs = _generate(model, keys, context, generation, trajectory)
+        else:
+            x = batch["x"]
+            images = x if mode == "images" else None
+            points = model.encode(x) if images is not None and model.encode is not None else x
+            inputs = Inputs(points=points, images=images, context=context)
         out = {}
         for column in columns:
             values = column(model, inputs, column_keys(keys, column))
@@ -230,6 +253,20 @@ def _make_step(mesh: Mesh, seed: int, mode: str, device_columns: tuple):
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data"))
     return jax.jit(sharded)
+
+
+def _generate(model: Model, keys: Array, context: Array, generation: Generation,
+              trajectory: bool) -> Inputs:
+    """Latents from prompts: DDIM with guidance from the noise ``normal(fold_in(item key,
+    hash("generate")))`` (a flat draw, as ``StableDiffusion.sample``)."""
+    size = math.prod(model.shape)
+    noise = jax.vmap(lambda k: jax.random.normal(
+        jax.random.fold_in(k, name_hash("generate")), (size,)))(keys).reshape(-1, *model.shape)
+    result = ddim_sample(model.eps_fn, noise, context, model.uncond, schedule=model.schedule,
+                         guidance=generation.guidance, num_steps=generation.num_steps,
+                         return_trajectory=trajectory, **dict(model.ddim_grid))
+    return Inputs(points=result.sample, images=None, context=context,
+                  trajectory=result if trajectory else None)
 
 
 def _local_rows(out: dict, batch: int) -> dict[str, np.ndarray]:
@@ -264,6 +301,7 @@ def score(
     batch_size: int = 64,
     chunk_size: int = 1024,
     resize: Resize = "none",
+    generation: Generation = Generation(),
     threads: int = 8,
     prefetch: int | None = None,
     mesh: Mesh | None = None,
@@ -287,6 +325,8 @@ def score(
         chunk_size: items per written part; the unit of resumption.
         resize: what to do with images of another size: refuse them (``"none"``: an error row)
             or resize the short side and centre-crop (``"center_crop"``).
+        generation: for an input of prompts alone: the DDIM settings that turn each prompt
+            into the latents the columns score.
         threads: decoding threads per process.
         prefetch: items decoded ahead (default: two local batches).
         mesh: a 1-D mesh with a ``"data"`` axis; default :func:`data_mesh` over every device.
@@ -306,6 +346,9 @@ def score(
     columns = tuple(columns)
     names = _check(model, columns, source, batch_size=batch_size, chunk_size=chunk_size,
                    threads=threads, resize=resize)
+    if isinstance(generation.num_steps, bool) or not isinstance(generation.num_steps, int) \
+            or generation.num_steps < 1:
+        raise ValueError(f"generation.num_steps must be a positive int, got {generation.num_steps!r}")
     mesh = data_mesh() if mesh is None else mesh
     if mesh.axis_names != ("data",):
         raise ValueError(f"mesh must have the single axis 'data', got {mesh.axis_names}")
@@ -318,13 +361,14 @@ def score(
     mode = _mode(source, model)
     device_columns = tuple(c for c in columns if not c.on_host)
     host_columns = tuple(c for c in columns if c.on_host)
-    tokenize = model.tokenize if any(c.needs_text for c in columns) else None
+    tokenize = model.tokenize if mode == "prompts" or any(c.needs_text for c in columns) else None
 
     me = jax.process_index()
     run_record = {
         "format": 1, "source": source.fingerprint, "num_items": num_items,
         "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
-        "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
+        "mode": mode, "model": model.description,
+        **({"generation": generation._asdict()} if mode == "prompts" else {}), "columns": [_describe(c) for c in columns],
         "names": list(names), **(record or {}),
     }
     mine = [c for c in range(num_chunks) if c % processes == me]
@@ -345,19 +389,21 @@ def score(
                 devices=devices, processes=processes, process_index=me, global_batch=batch_size,
                 steps=steps, columns=names, mode=mode)
 
-    step = _make_step(mesh, seed, mode, device_columns)
+    trajectory = mode == "prompts" and any(getattr(c, "reads_trajectory", False) for c in columns)
+    step = _make_step(mesh, seed, mode, generation, trajectory)
     replicated = _replicate((model, device_columns), mesh)
     batch_sharding = NamedSharding(mesh, P("data"))
     x_shape = model.shape if mode == "points" else model.image_shape
 
     def device_batch(loaded: list[_Loaded]) -> dict:
-        x = np.zeros((local_batch, *x_shape), np.float32)
         index = np.zeros(local_batch, np.int64)
-        tokens = None
         for j, item in enumerate(loaded):
-            x[j], index[j] = item.x, item.index
-        batch = {"x": x, "hi": (index >> 32).astype(np.uint32),
-                 "lo": (index & 0xFFFFFFFF).astype(np.uint32)}
+            index[j] = item.index
+        batch = {"hi": (index >> 32).astype(np.uint32), "lo": (index & 0xFFFFFFFF).astype(np.uint32)}
+        if mode != "prompts":
+            batch["x"] = np.zeros((local_batch, *x_shape), np.float32)
+            for j, item in enumerate(loaded):
+                batch["x"][j] = item.x
         if tokenize is not None:
             width = loaded[0].tokens.shape[0] if loaded else _token_width(model)
             tokens = np.zeros((local_batch, width), np.int32)
@@ -416,6 +462,8 @@ def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -
         raise ValueError(f"column names must be unique and not 'index' or 'id', got {list(names)}")
     for column in columns:
         column.check(model)
+        if column.on_host and not source.has_images:
+            raise ValueError(f"{type(column).__name__} needs images, and the input has none")
         if column.needs_text:
             if model.tokenize is None:
                 raise ValueError(f"{type(column).__name__} needs captions, and the model has no "

@@ -28,7 +28,7 @@ __all__ = ["Model"]
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["score_fn", "schedule", "encode", "eps_fn", "embed", "uncond", "generator"],
-    meta_fields=["shape", "image_shape", "tokenize", "description"],
+    meta_fields=["shape", "image_shape", "tokenize", "ddim_grid", "description"],
 )
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -51,6 +51,8 @@ class Model:
         uncond: the empty prompt's context ``[1, n, dim]``.
         generator: ``generator(z [b, *shape]) -> x`` (a GAN or decoder, for the Jacobian rank).
         tokenize: host-side ``tokenize(list of str) -> int token ids [b, n]``.
+        ddim_grid: the DDIM grid settings (``spacing``, ``steps_offset``, ``set_alpha_to_one``)
+            as ``(name, value)`` pairs, for generating from prompts (text-conditional models).
         description: one line naming the model, for the run record and the plan.
     """
 
@@ -64,6 +66,7 @@ class Model:
     uncond: Array | None = None
     generator: Partial | None = None
     tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
+    ddim_grid: tuple[tuple[str, Any], ...] | None = None
     description: str = "model"
 
     def __post_init__(self):
@@ -124,7 +127,7 @@ class Model:
     def from_stable_diffusion(cls, sd: Any, *, description: str = "Stable Diffusion") -> Model:
         """Stable Diffusion from :func:`mmh_jax.models.load_stable_diffusion`: points are the
         scaled VAE latents (the posterior mean of each image), captions are embedded by its
-        text encoder."""
+        text encoder, and prompts alone are turned into latents by DDIM with guidance."""
         c, h, w = sd.latent_shape
         factor = sd.vae.downscale
         return cls(
@@ -134,6 +137,7 @@ class Model:
             eps_fn=sd.eps,
             embed=Partial(_TextEncoder(sd.text_encoder), sd.text_encoder_params),
             uncond=sd.uncond_embedding, tokenize=sd.tokenize,
+            ddim_grid=tuple(sorted(sd.ddim_grid.items())),
             description=f"{description}, latents {(c, h, w)}")
 
     @classmethod

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -170,8 +169,10 @@ def test_killed_runs_resume_to_exactly_one_row_per_item(tmp_path):
      "[output]\ndir = 'o'\n[columns.lpips]\n", "unknown column"),
     ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[inputs]\npath = 'x.npy'\n",
      "unknown section"),
+    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+     "options = {colour = 'RGB'}\n[output]\ndir = 'o'\n[columns.flipd]\n", "options: unknown key"),
 ], ids=["unknown key", "wrong type", "missing input", "t0 out of range", "model without path",
-        "unknown column", "unknown section"])
+        "unknown column", "unknown section", "unknown reader option"])
 def test_a_bad_config_fails_before_any_work(tmp_path, body, message):
     from mmh_jax.cli import main
 
@@ -192,7 +193,8 @@ def test_template_lists_every_key_and_dry_run_writes_nothing(tmp_path, capsys):
 
     text = template()
     assert tomllib.loads(text) == {"model": {"kind": "unet2d"}, "input": {"path": "samples/"},
-                                   "output": {"dir": "scores/"}, "run": {}, "distributed": {}}
+                                   "output": {"dir": "scores/"}, "run": {}, "generate": {},
+                                   "distributed": {}}
     for keys in SECTIONS.values():
         for key in keys:
             assert f"{key} = " in text

@@ -201,3 +201,36 @@ def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
                             guidance=7.5, t0=0.02, num_steps=2)
     np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
+
+
+def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
+    """A prompt file with Stable Diffusion: each prompt's latents come from DDIM with guidance
+    from the noise of the item's key; the CFG norms are read off that trajectory and equal
+    generation_cfg_norms of ddim_sample run directly."""
+    from mmh_jax.memorization import generation_cfg_norms
+    from mmh_jax.sampling import ddim_sample
+    from mmh_jax.scoring import Generation, PromptFile
+    from mmh_jax.scoring.columns import name_hash
+
+    prompts = ["a cat", "the cat, the cat", "cat!"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    model = Model.from_stable_diffusion(sd)
+    summary = score(model, [CFGNorms(guidance=5.0)], PromptFile(tmp_path / "prompts.txt"),
+                    str(tmp_path / "out"), batch_size=8, mesh=data_mesh(jax.devices()[:2]),
+                    seed=2, generation=Generation(guidance=5.0, num_steps=3))
+    assert summary.plan.mode == "prompts" and summary.scored == 3
+    table = _table(tmp_path / "out")
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(2), 0), i))(
+        np.arange(3))
+    size = int(np.prod(sd.latent_shape))
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, name_hash("generate")),
+                                                 (size,)))(keys).reshape(3, *sd.latent_shape)
+    result = ddim_sample(sd.eps, noise, sd.encode_prompt(prompts), sd.uncond_embedding,
+                         schedule=sd.schedule, guidance=5.0, num_steps=3, **sd.ddim_grid,
+                         return_trajectory=True)
+    norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=5.0)
+    np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
+    np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs images"):
+        score(model, [PngSize()], PromptFile(tmp_path / "prompts.txt"), str(tmp_path / "x"))
