@@ -191,19 +191,16 @@ def _load_images(items: list[Item], size: int) -> np.ndarray:
     (bicubic), then centre-cropped."""
     from PIL import Image, UnidentifiedImageError
 
+    from mmh_jax.scoring.sources import fit_image
+
     out = []
     for item in items:
         try:
             with Image.open(item.image) as img:
-                img = img.convert("RGB")
-                scale = size / min(img.size)
-                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-                img = img.resize((w, h), Image.Resampling.BICUBIC)
-                left, top = (w - size) // 2, (h - size) // 2
-                pixels = np.asarray(img.crop((left, top, left + size, top + size)), np.float32)
+                pixels = fit_image(np.asarray(img.convert("RGB")), size, resize="center_crop")
         except (OSError, UnidentifiedImageError) as err:
             raise DemoInputError(f"{str(item.image)!r} is not a readable image: {err}") from None
-        out.append(pixels.transpose(2, 0, 1) / 127.5 - 1.0)
+        out.append(pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
     return np.stack(out)
 
 

@@ -986,6 +986,11 @@ def fit_image(
         return f"cannot resize an image of dtype {image.dtype}"
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    if image.dtype == np.uint8 and c in (1, 3):  # one PIL image, mode "L" or "RGB"
+        pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if c == 1 else image))
+        resized = np.asarray(pil.resize((nw, nh), Image.Resampling.BICUBIC)).reshape(nh, nw, c)
+        return resized[top : top + th, left : left + tw]
     planes = image if image.dtype == np.uint8 else image.astype(np.float32)  # PIL modes "L" and "F"
     channels = [
         np.asarray(
@@ -993,5 +998,4 @@ def fit_image(
         )
         for k in range(c)
     ]
-    top, left = (nh - th) // 2, (nw - tw) // 2
     return np.stack(channels, axis=-1)[top : top + th, left : left + tw].astype(image.dtype)

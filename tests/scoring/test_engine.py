@@ -234,3 +234,20 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
     with pytest.raises(ValueError, match="needs images"):
         score(model, [PngSize()], PromptFile(tmp_path / "prompts.txt"), str(tmp_path / "x"))
+
+
+def test_generator_jacobian_rank(tmp_path):
+    """Latents of a generator through a rank-2 linear map (then tanh): LID 2 everywhere."""
+    from jax.tree_util import Partial
+
+    from mmh_jax.scoring import JacobianRank
+
+    rng = np.random.default_rng(0)
+    weight = (rng.normal(size=(6, 2)) @ rng.normal(size=(2, 4))).astype(np.float32)  # rank 2
+    z = rng.normal(size=(12, 4)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    model = Model.from_generator(Partial(lambda w, z: jax.numpy.tanh(z @ w.T), weight), (4,))
+    summary = score(model, [JacobianRank(threshold=1e-4)], ArrayFile(tmp_path / "z.npy"),
+                    str(tmp_path / "out"), batch_size=8)
+    assert summary.plan.mode == "points"
+    np.testing.assert_array_equal(_table(tmp_path / "out")["jacobian_rank"], 2)
