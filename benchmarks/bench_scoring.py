@@ -11,7 +11,8 @@ device of a GPU/TPU host where there is one):
   devices, batch after batch, waiting for each result.
 
 Rounds alternate the two (``_common.interleaved``); reported: the engine / bare wall-time ratio
-per round (target <= 1.10) and the engine's own measures (items/s after compilation, the
+per round (target <= 1.10), the ratio of the CPU time the process spent (all threads; steadier
+than wall time on a shared machine) and the engine's own measures (items/s after compilation, the
 fraction of time the device had no step to run).
 
 The score network is the CIFAR-shaped stand-in of ``bench_flipd.py`` (3 x 32 x 32; 4 residual
@@ -27,6 +28,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 
 def main() -> None:
@@ -109,10 +111,23 @@ def main() -> None:
         for x, index in batches:
             np.asarray(bare_step(score_fn, x, index))
 
-    times = interleaved({"engine": engine, "bare": bare}, args.repeats)
+    cpu: dict[str, list[float]] = {"engine": [], "bare": []}
+
+    def with_cpu_time(name, fn):  # the process's CPU time (all threads): robust to other load
+        def run():
+            start = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - start)
+        return run
+
+    times = interleaved({name: with_cpu_time(name, fn)
+                         for name, fn in (("engine", engine), ("bare", bare))}, args.repeats)
+    cpu = {name: values[1:] for name, values in cpu.items()}  # drop the warm-up calls
     measured = summaries[1:]  # the first was the warm-up (compilation)
     print(f"engine / bare wall time, per round: {ratio_summary(times['engine'], times['bare'])} "
           f"(target <= 1.10)")
+    print(f"engine / bare CPU time (all threads), per round: "
+          f"{ratio_summary(cpu['engine'], cpu['bare'])}")
     print(f"engine: {statistics.median(times['engine']):.2f} s, bare: "
           f"{statistics.median(times['bare']):.2f} s per {len(batches) * args.batch} items")
     print(f"engine items/s after its first step: "

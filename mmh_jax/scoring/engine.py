@@ -328,7 +328,8 @@ def score(
         generation: for an input of prompts alone: the DDIM settings that turn each prompt
             into the latents the columns score.
         threads: decoding threads per process.
-        prefetch: items decoded ahead (default: two local batches).
+        prefetch: items decoded ahead (default: two local batches, and at least a group of up to
+            32 items per thread).
         mesh: a 1-D mesh with a ``"data"`` axis; default :func:`data_mesh` over every device.
         dry_run: plan, compile and time three steps on the first items; write nothing.
         console: where progress and messages go (``None``: silent).
@@ -367,9 +368,9 @@ def score(
     run_record = {
         "format": 1, "source": source.fingerprint, "num_items": num_items,
         "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
-        "mode": mode, "model": model.description,
-        **({"generation": generation._asdict()} if mode == "prompts" else {}), "columns": [_describe(c) for c in columns],
-        "names": list(names), **(record or {}),
+        "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
+        "names": list(names), **({"generation": generation._asdict()} if mode == "prompts" else {}),
+        **(record or {}),
     }
     mine = [c for c in range(num_chunks) if c % processes == me]
     if dry_run:
@@ -422,8 +423,8 @@ def score(
     # bookkeeping is paid once per group, not per item.
     group = max(1, min(local_batch, 32))
     read = grain.MapDataset.source(indices).map(load).batch(group, batch_fn=list).to_iter_dataset(
-        grain.ReadOptions(num_threads=threads,
-                          prefetch_buffer_size=-(-(prefetch or 2 * local_batch) // group)))
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
+            threads, -(-(prefetch or 2 * local_batch) // group))))
     items = itertools.chain.from_iterable(read)
 
     if dry_run:
