@@ -24,7 +24,8 @@ HERE = Path(__file__).parent
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]))
     return env
 
