@@ -13,6 +13,7 @@ architecture reuses the compiled code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import flax.linen as nn
@@ -68,6 +69,13 @@ class EpsModel:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got "
                              f"{self.prediction_type!r}")
 
+    def bound(self, name: Literal["eps", "score"]):
+        """The bound method ``name``, one object for all equal models: the function to wrap in
+        a :class:`~jax.tree_util.Partial`. (A bound method equals only the methods of its own
+        instance, so ``Partial(EpsModel(module).eps, ...)`` of a second, equal model would not
+        share the compiled programs of the first.)"""
+        return _bound_method(self, name)
+
     def eps(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
             t: Float[ArrayLike, " b"], *conditioning: Array) -> Float[Array, "b c h w"]:
         """The predicted noise at ``x_t`` and continuous times ``t`` (``[b]`` or a scalar)."""
@@ -94,8 +102,9 @@ def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
                  timestep_scale: float = 1.0, prediction_type: Prediction = "epsilon") -> Partial:
     """The score function of an unconditional discrete-time noise (or v) prediction network.
 
-    (A text-conditional network's noise predictor is ``Partial(EpsModel(module).eps, params,
-    schedule)``; :mod:`mmh_jax.guidance` turns it into conditional and guided score functions.)
+    (A text-conditional network's noise predictor is ``Partial(EpsModel(module).bound("eps"),
+    params, schedule)``; :mod:`mmh_jax.guidance` turns it into conditional and guided score
+    functions.)
 
     Args:
         module: Flax module called as ``module.apply({"params": params}, x_t, timesteps)``.
@@ -111,5 +120,10 @@ def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
         two score functions of equal modules share compiled estimator code.
     """
     model = EpsModel(module, float(timestep_scale), prediction_type)
-    return Partial(model.score, params, schedule)
+    return Partial(model.bound("score"), params, schedule)
+
+
+@functools.cache
+def _bound_method(model: EpsModel, name: str):
+    return getattr(model, name)
 

@@ -436,7 +436,7 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     modules, params, scheduler, (schedule, prediction), tokenizer_files = read(path, dtype)
     params = jax.tree.map(jnp.asarray, params)
     unet = modules["unet"]
-    eps = Partial(EpsModel(unet, prediction_type=prediction).eps, params["unet"], schedule)
+    eps = Partial(EpsModel(unet, prediction_type=prediction).bound("eps"), params["unet"], schedule)
     tokenizer = _tokenizer(tokenizer_files, source)
     text = modules["text_encoder"]
     empty = tokenize(tokenizer, [""], text.max_position_embeddings)

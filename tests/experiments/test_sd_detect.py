@@ -93,8 +93,10 @@ def test_image_folder_and_converted_model(sd_folder, tmp_path):
         (pairs / f"{i:05d}.txt").write_text(caption)
         (pairs / f"{i:05d}.json").write_text(json.dumps({"label": memorized}))
     out = tmp_path / "out"
+    # 3 probes: the two FLIPD programs of batch 2 are then those test_conditional.py's
+    # conditional_flipd compiles (one compilation for both tests in one session)
     assert main(["sd", "detect", str(converted), "--images", str(pairs), "-o", str(out),
-                 "--batch-size", "2", "--quiet"]) == 0
+                 "--batch-size", "2", "--num-probes", "3", "--quiet"]) == 0
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["id"]) == ["00000", "00001", "00002"]
     assert list(table["label"]) == [1, 0, 1]

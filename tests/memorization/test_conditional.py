@@ -65,7 +65,9 @@ def test_cfg_flipd_of_a_bfloat16_network_is_accumulated_in_float32(sd, sd16):
                                      z, z)
     assert primal.dtype == tangent.dtype == jnp.float32
     assert sd16.unet.module.dtype == jnp.bfloat16
-    kwargs = dict(schedule=sd.schedule, key=jax.random.key(0))
+    # 3 probes, as test_cfg_flipd_traces_both_branches_like_pytorch: the float32 FLIPD below is
+    # then the program conditional_flipd compiled there
+    kwargs = dict(schedule=sd.schedule, key=jax.random.key(0), num_probes=3)
     ours16 = flipd(score16, z, T0, **kwargs)
     ours32 = flipd(sd.cfg_score(sd.encode_prompt(["a cat", "the fox"])), z, T0, **kwargs)
     assert ours16.dtype == jnp.float32
@@ -128,7 +130,7 @@ def test_image_cfg_norms_follow_the_closed_form_ode(x64):
         image_cfg_norms(eps_fn, z0, cond, uncond, schedule=SCHEDULE, t0=0.0005)
 
 
-def test_image_cfg_norms_on_the_pipeline_use_real_steps(sd):
+def test_image_cfg_norms_on_the_pipeline_use_real_steps(sd, jit_call):
     images = np.random.default_rng(3).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     z0 = sd.encode_image(images)
     cond = sd.encode_prompt(["a cat", "the fox"])
@@ -139,9 +141,9 @@ def test_image_cfg_norms_on_the_pipeline_use_real_steps(sd):
     z = z0
     for i in range(3):
         t = jnp.full((2,), ts[i])
-        drift = sd.schedule.f(ts[i]) * z - 0.5 * sd.schedule.g2(ts[i]) * score_c(z, t)
+        drift = sd.schedule.f(ts[i]) * z - 0.5 * sd.schedule.g2(ts[i]) * jit_call(score_c, z, t)
         z = z + (ts[i + 1] - ts[i]) * drift
-    t = jnp.full((2,), 0.01)
-    eps_c, eps_u = sd.eps(z, t, cond), sd.eps(z, t, sd.uncond_embedding)
+    t = jnp.full((2,), 0.01, jnp.float32)
+    eps_c, eps_u = jit_call(sd.eps, z, t, cond), jit_call(sd.eps, z, t, sd.uncond_embedding)
     expected = np.linalg.norm(np.asarray(eps_c - eps_u).reshape(2, -1), axis=1)
     np.testing.assert_allclose(norms.cfg_vector, expected, rtol=1e-3)

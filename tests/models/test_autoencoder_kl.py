@@ -4,6 +4,7 @@ import functools
 import inspect
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,9 +253,8 @@ def test_saved_checkpoint_converts(tiny, tmp_path):
     model, module, _, params = tiny
     model.save_pretrained(tmp_path)
     sd = read_state_dict(tmp_path / "diffusion_pytorch_model.safetensors")
-    loaded = convert_autoencoder_kl(sd, module, source="vae.safetensors")
-    for path, value in flatten_params(params).items():
-        np.testing.assert_array_equal(flatten_params(loaded)[path], value)
+    chex.assert_trees_all_equal(convert_autoencoder_kl(sd, module, source="vae.safetensors"),
+                                params)
 
 
 def _legacy(sd: dict, conv: bool, names: bool) -> dict:
@@ -279,9 +279,7 @@ def test_legacy_attention_layouts_convert_to_the_same_params(tiny, conv, names):
     assert ("encoder.mid_block.attentions.0.proj_attn.weight" in old) == names
     assert old["decoder.mid_block.attentions.0." + ("key" if names else "to_k") + ".weight"
                ].ndim == (4 if conv else 2)
-    converted = flatten_params(convert_autoencoder_kl(old, module))
-    for path, value in flatten_params(params).items():
-        np.testing.assert_array_equal(converted[path], value)
+    chex.assert_trees_all_equal(convert_autoencoder_kl(old, module), params)
 
 
 def test_missing_extra_and_misshaped_keys_are_all_named(tiny):

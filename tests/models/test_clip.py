@@ -1,5 +1,6 @@
 """CLIPTextModel against PyTorch transformers' ``CLIPTextModel`` (random weights, built offline)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,11 +171,8 @@ def test_rename_table_is_the_state_dict(tiny):
 
 def test_both_key_layouts_convert_alike_but_not_mixed(tiny):
     module, sd = tiny
-    reference = flatten_params(convert_clip_text(sd, module))
-    converted = flatten_params(convert_clip_text(transformers4_layout(sd), module))
-    assert converted.keys() == reference.keys()
-    for path, value in reference.items():
-        np.testing.assert_array_equal(converted[path], value)
+    chex.assert_trees_all_equal(convert_clip_text(transformers4_layout(sd), module),
+                                convert_clip_text(sd, module))
     mixed = dict(transformers4_layout(sd))
     mixed["final_layer_norm.bias"] = mixed.pop("text_model.final_layer_norm.bias")
     with pytest.raises(ConversionError, match=r"final_layer_norm\.bias"):
@@ -205,11 +203,8 @@ def test_position_ids_buffer(tiny):
     module, sd = tiny
     sd = transformers4_layout(sd)
     key = "text_model.embeddings.position_ids"  # saved by transformers < 4.31
-    reference = flatten_params(convert_clip_text(sd, module))
-    converted = flatten_params(convert_clip_text(dict(sd, **{key: np.arange(77)[None]}), module))
-    assert converted.keys() == reference.keys()
-    for path, value in reference.items():
-        np.testing.assert_array_equal(converted[path], value)
+    chex.assert_trees_all_equal(convert_clip_text(dict(sd, **{key: np.arange(77)[None]}), module),
+                                convert_clip_text(sd, module))
     shifted = np.arange(77)[None].copy()
     shifted[0, 50] = 49
     for bad in (shifted, np.arange(76)[None], np.arange(77)):

@@ -6,14 +6,16 @@ import json
 import shutil
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from jax.tree_util import Partial
 
-from mmh_jax.convert import ConversionError, flatten_params
+from mmh_jax.convert import ConversionError
 from mmh_jax.models import load_stable_diffusion, save_stable_diffusion
 from mmh_jax.models.pretrained import EpsModel
 
@@ -50,7 +52,7 @@ def test_schedule_and_prompt_encoding_match_the_pipeline(sd, sd_folder):
     np.testing.assert_allclose(sd.encode_prompt(ids), got, atol=1e-6)  # token ids work too
 
 
-def test_eps_and_cfg_slots_match_torch(sd, sd_folder):
+def test_eps_and_cfg_slots_match_torch(sd, sd_folder, jit_call):
     _, pipe = sd_folder
     _, emb = _torch_embedding(pipe, PROMPTS + [""])
     cond, uncond = emb[:2], emb[2:]
@@ -59,7 +61,7 @@ def test_eps_and_cfg_slots_match_torch(sd, sd_folder):
     t = (steps + 1) / 1000
     eps_c = _torch_eps(pipe, z, steps, cond)
     eps_u = _torch_eps(pipe, z, steps, np.repeat(uncond, 2, 0))
-    np.testing.assert_allclose(sd.eps(z, t, cond), eps_c, atol=2e-4)
+    np.testing.assert_allclose(jit_call(sd.eps, z, t, cond), eps_c, atol=2e-4)
     for guidance in (0.0, 1.0, 7.5):
         expected = eps_u + guidance * (eps_c - eps_u)
         got = sd.cfg_eps(z, t, cond, uncond, guidance)
@@ -69,7 +71,7 @@ def test_eps_and_cfg_slots_match_torch(sd, sd_folder):
     assert np.abs(np.asarray(swapped) - (eps_u + 7.5 * (eps_c - eps_u))).max() > 0.1
 
 
-def test_scores_are_minus_eps_over_sigma(sd, sd_folder):
+def test_scores_are_minus_eps_over_sigma(sd, sd_folder, jit_call):
     _, pipe = sd_folder
     _, emb = _torch_embedding(pipe, PROMPTS[:1] + [""])
     z, steps = _latents(1, seed=1), np.array([499.0], np.float32)
@@ -77,11 +79,13 @@ def test_scores_are_minus_eps_over_sigma(sd, sd_folder):
     sigma = np.sqrt(1 - pipe.scheduler.alphas_cumprod.numpy()[499])
     eps_c = _torch_eps(pipe, z, steps, emb[:1])
     eps_u = _torch_eps(pipe, z, steps, emb[1:])
-    np.testing.assert_allclose(sd.score(emb[:1])(z, t), -eps_c / sigma, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(sd.unet.score_fn(z, t), -eps_u / sigma, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(jit_call(sd.score(emb[:1]), z, t), -eps_c / sigma, rtol=1e-3,
+                               atol=1e-3)
+    np.testing.assert_allclose(jit_call(sd.unet.score_fn, z, t), -eps_u / sigma, rtol=1e-3,
+                               atol=1e-3)
     cfg = -(eps_u + 3.0 * (eps_c - eps_u)) / sigma
-    np.testing.assert_allclose(sd.cfg_score(emb[:1], guidance=3.0)(z, t), cfg, rtol=1e-3,
-                               atol=2e-3)
+    np.testing.assert_allclose(jit_call(sd.cfg_score(emb[:1], guidance=3.0), z, t), cfg,
+                               rtol=1e-3, atol=2e-3)
 
 
 def test_ddim_sampling_matches_diffusers_pipeline(sd, sd_folder):
@@ -126,7 +130,7 @@ def test_vae_encode_decode_match_torch(sd, sd_folder):
     assert 0 < np.abs(np.asarray(sampled) - expected_z).max() < 6 * std.max()
 
 
-def test_bfloat16_pipeline_keeps_float32_interfaces(sd, sd16):
+def test_bfloat16_pipeline_keeps_float32_interfaces(sd, sd16, jit_call):
     z, t = _latents(2), np.array([0.3, 0.9], np.float32)
     emb = sd.encode_prompt(PROMPTS)
     emb16 = sd16.encode_prompt(PROMPTS)
@@ -134,37 +138,36 @@ def test_bfloat16_pipeline_keeps_float32_interfaces(sd, sd16):
     np.testing.assert_allclose(emb16, emb, atol=0.05 * np.abs(emb).max())
     # unguided: CFG multiplies the difference of the branches' rounding errors by the guidance
     # (the guided score's float32 output is tested through FLIPD, test_conditional.py)
-    score16, score = sd16.score(emb16)(z, t), sd.score(emb)(z, t)
+    score16, score = jit_call(sd16.score(emb16), z, t), jit_call(sd.score(emb), z, t)
     assert score16.dtype == jnp.float32
     assert np.abs(np.asarray(score16 - score)).max() <= 0.05 * np.abs(np.asarray(score)).max()
 
 
-def test_converted_file_round_trip(sd, sd_folder, tmp_path):
+def test_converted_file_round_trip(sd, sd_folder, tmp_path, jit_call):
     file = save_stable_diffusion(tmp_path / "sd.safetensors", sd)
     again = load_stable_diffusion(file)
     for name in ("text_encoder_params", "vae_params"):
-        mine, theirs = flatten_params(getattr(sd, name)), flatten_params(getattr(again, name))
-        assert mine.keys() == theirs.keys()
-        for key in mine:
-            np.testing.assert_array_equal(mine[key], theirs[key])
+        chex.assert_trees_all_equal(getattr(again, name), getattr(sd, name))
     np.testing.assert_array_equal(again.tokenize(PROMPTS), sd.tokenize(PROMPTS))
     z, t = _latents(1), np.array([0.5], np.float32)
     emb = sd.encode_prompt(PROMPTS[:1])
-    np.testing.assert_array_equal(again.eps(z, t, emb), sd.eps(z, t, emb))
+    # equal models give equal Partials, so they share compiled programs (one compilation here)
+    assert jax.tree.structure(again.eps) == jax.tree.structure(sd.eps)
+    np.testing.assert_array_equal(jit_call(again.eps, z, t, emb), jit_call(sd.eps, z, t, emb))
     assert again.scheduler_config == sd.scheduler_config
     file.write_bytes(file.read_bytes()[:4096])
     with pytest.raises(ConversionError, match="sd.safetensors"):
         load_stable_diffusion(file)
 
 
-def test_v_prediction_is_turned_into_noise(sd):
+def test_v_prediction_is_turned_into_noise(sd, jit_call):
     # eps = psi v + sigma x for a v-predicting network (Salimans & Ho): with the same network read
     # as a v-predictor, the noise is psi * (its output) + sigma * x
     z, t = _latents(2, seed=4), np.array([0.2, 0.7], np.float32)
     emb = sd.encode_prompt(PROMPTS)
     v_model = EpsModel(sd.unet.module, prediction_type="v_prediction")
-    got = v_model.eps(sd.unet.params, sd.schedule, z, t, emb)
-    out = np.asarray(sd.eps(z, t, emb))
+    got = jit_call(Partial(v_model.eps), sd.unet.params, sd.schedule, z, t, emb)
+    out = np.asarray(jit_call(sd.eps, z, t, emb))
     abar = np.exp(np.interp(t * 1000, np.arange(1001),
                             np.concatenate([[0.0], np.log(np.asarray(sd.schedule.alphas_cumprod,
                                                                      np.float64))])))
