@@ -511,7 +511,7 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
     done_at: list[float] = []
     fetcher = threading.Thread(target=_in_flight, args=(fetched, results, done_at), daemon=True)
     fetcher.start()
-    stats = {"scored": 0, "errors": 0, "written": 0, "bad": 0}
+    stats = {"scored": 0, "bad": 0, "written": 0}
     dispatched_at: list[float] = []
     start = time.perf_counter()
     first_done = first_resolved = None
@@ -530,7 +530,6 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
         for c in [c for c, state in chunks.items() if state.complete]:
             state = chunks.pop(c)
             _write(out, c, state, dtypes, plan.process_index)
-            stats["errors"] += len(state.errors)
             stats["written"] += 1
 
     progress = _progress(console, plan)
@@ -555,9 +554,8 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
             if first_done is not None and len(done_at) > 1:
                 rate = f"{(resolved - first_resolved) / (time.perf_counter() - first_done):.1f}"
             progress.update(task, completed=min(resolved, plan.items_pending), rate=rate)
-        if not exhausted:  # items left after the agreed steps cannot happen; guard anyway
-            for _ in items:
-                raise RuntimeError("input items left after the planned steps")
+        if next(items, None) is not None:  # cannot happen: the steps were planned for them all
+            raise RuntimeError("input items left after the planned steps")
         fetched.put(None)
         while (result := results.get()) is not None:
             finish(result)
@@ -612,7 +610,7 @@ def _summarise(plan, stats, seconds, dispatched_at, done_at, start) -> Summary:
     resolved_after_first = plan.items_pending - min(plan.items_pending, plan.global_batch // plan.processes)
     per_step = steady / max(len(done_at) - 1, 1)
     return Summary(
-        plan=plan, scored=stats["scored"], errors=stats["errors"],
+        plan=plan, scored=stats["scored"], errors=stats["bad"],
         chunks_written=stats["written"], seconds=seconds, compile_seconds=compile_seconds,
         items_per_second=resolved_after_first / steady if steady > 0 else math.nan,
         device_idle=idle / steady if steady > 0 else 0.0, seconds_per_step=per_step)

@@ -14,12 +14,11 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, PyTree
 
-from mmh_jax.models.autoencoder_kl import scale_latents
+from mmh_jax.models.stable_diffusion import _encode_image, _encode_text
 from mmh_jax.schedules import Schedule
 
 __all__ = ["Model"]
@@ -150,20 +149,21 @@ class Model:
 
 @dataclasses.dataclass(frozen=True)
 class _VaeEncoder:
-    """Images in ``[-1, 1]`` -> scaled latents (the posterior mean), float32."""
+    """Images in ``[-1, 1]`` -> scaled latents (the posterior mean), float32: the computation of
+    ``StableDiffusion.encode_image``, as a hashable function for a ``Partial`` over the weights."""
 
     module: Any
 
     def __call__(self, params: PyTree, images: Array) -> Array:
-        posterior = self.module.apply({"params": params}, images, method="encode")
-        return scale_latents(self.module, posterior.mean.astype(jnp.float32))
+        return _encode_image(self.module, params, images, None)
 
 
 @dataclasses.dataclass(frozen=True)
 class _TextEncoder:
-    """Token ids -> the text encoder's last hidden state, float32."""
+    """Token ids -> the text encoder's last hidden state, float32: the computation of
+    ``StableDiffusion.encode_prompt``, as a hashable function for a ``Partial``."""
 
     module: Any
 
     def __call__(self, params: PyTree, ids: Array) -> Array:
-        return self.module.apply({"params": params}, ids).last_hidden_state.astype(jnp.float32)
+        return _encode_text(self.module, params, ids)
