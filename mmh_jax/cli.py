@@ -17,9 +17,14 @@ Subcommands:
 * ``mmh-jax convert stable-diffusion FOLDER -o OUT.safetensors``: convert a diffusers Stable
   Diffusion pipeline folder (UNet, VAE, CLIP text encoder, tokenizer, scheduler) into one file
   that :func:`mmh_jax.models.load_stable_diffusion` reads without torch.
+* ``mmh-jax convert stylegan2 NETWORK.pkl -o OUT.safetensors``: read an official
+  StyleGAN2-ADA pickle without running the code it carries (``--network G|G_ema``) into one
+  file that :func:`mmh_jax.models.load_stylegan2` reads without torch.
 * ``mmh-jax sd detect MODEL --prompts FILE | --images FOLDER``: the paper's memorization metrics
   of Stable Diffusion (CFG vector and CFG-adjusted score norms, unconditional and conditional
   FLIPD) for every prompt or image-caption pair, with histograms, AUROCs and TPR at 1% FPR.
+* ``mmh-jax gan lid MODEL``: Jacobian-rank LID of class-balanced StyleGAN2-ADA samples with
+  the paper's threshold (Figure 5a-b).
 
 The conversions are strict (every tensor must match the architecture) and print a summary
 table. Errors in the input are reported as one line on stderr with exit status 2 (a checkpoint
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_arguments(dg)
     _add_convert_parsers(commands)
     _add_sd_parsers(commands)
+    _add_gan_parsers(commands)
     _add_score_parsers(commands)
     return parser
 
@@ -191,6 +197,32 @@ def _add_sd_parsers(commands: Any) -> None:
     stable_diffusion.add_arguments(detect)
 
 
+def _add_gan_parsers(commands: Any) -> None:
+    """The ``gan`` command and its ``lid`` subcommand."""
+    from mmh_jax.experiments import cifar10_gan
+
+    gan = commands.add_parser(
+        "gan", help="GANs (StyleGAN2-ADA): Jacobian-rank LID of samples",
+        description="Memorization tools for StyleGAN2-ADA generators from an official .pkl "
+        "(read as data, never executed) or a converted file; nothing is downloaded.")
+    tools = gan.add_subparsers(dest="gan_command", metavar="TOOL", parser_class=_Parser)
+    tools.required = True
+    lid = tools.add_parser(
+        "lid",
+        help="LID of generated samples from the rank of the generator's Jacobian (Figure 5a-b)",
+        **_described(
+            "Generate class-balanced samples (sample i: the official generate.py's seed "
+            "--seed + i, class i mod c_dim), compute the singular values of the Jacobian of "
+            "each sample with respect to its latent, threshold all of them at their pooled "
+            "--percentile (the paper's 10th, Appendix C.1) and count those above: the LID "
+            "estimate. Writes results.parquet/.csv, spectra.npy, the histogram of Figure 5b "
+            "and the lowest- and highest-LID samples (Figure 5a); resumable: a rerun with the "
+            "same --out computes only what is missing.",
+            "mmh-jax gan lid cifar10.pkl -n 50000 -o cifar10-gan-lid"),
+    )
+    cifar10_gan.add_arguments(lid)
+
+
 def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, text: str,
                       default: Any) -> None:
     """Add one improved-diffusion flag; it is in the namespace only when given."""
@@ -226,11 +258,11 @@ def _add_convert_parsers(commands: Any) -> None:
     convert = commands.add_parser(
         "convert",
         help="convert a PyTorch checkpoint (diffusers UNet2DModel, improved-diffusion, a "
-        "Stable Diffusion pipeline) to safetensors for the JAX loaders",
-        description="Convert a local PyTorch diffusion-model checkpoint into one .safetensors file "
-        "holding the Flax parameters, the architecture's config and the noise schedule, which "
-        "mmh_jax.models.load_unet2d / load_iddpm / load_stable_diffusion read back without "
-        "torch. The conversion is strict: a checkpoint that does not match its architecture is refused with a listing of "
+        "Stable Diffusion pipeline, a StyleGAN2-ADA pickle) to safetensors for the JAX loaders",
+        description="Convert a local PyTorch checkpoint into one .safetensors file holding the "
+        "Flax parameters, the architecture's config and (diffusion models) the noise schedule, "
+        "which mmh_jax.models.load_unet2d / load_iddpm / load_stable_diffusion / load_stylegan2 "
+        "read back without torch. The conversion is strict: a checkpoint that does not match its architecture is refused with a listing of "
         "the missing, unexpected and misshapen tensors. Nothing is downloaded.",
     )
     kinds = convert.add_subparsers(dest="architecture", metavar="ARCHITECTURE", parser_class=_Parser)
@@ -282,6 +314,28 @@ def _add_convert_parsers(commands: Any) -> None:
     )
     sd.add_argument("path", metavar="FOLDER", type=Path, help="the pipeline folder")
     sd.add_argument("-o", "--output", **output)
+    gan = kinds.add_parser(
+        "stylegan2",
+        help="an official StyleGAN2-ADA network pickle, read without running its code",
+        **_described(
+            "Convert a StyleGAN2-ADA generator: an official network pickle (a training "
+            "snapshot or a released .pkl such as cifar10.pkl), read by a restricted reader that "
+            "never imports or executes what the file names (the official loader runs the "
+            "source code stored in the file); a plain state dict of the generator "
+            "(.safetensors, or .pt/.pth read with weights_only=True) with --init-kwargs; or a "
+            "converted file. The output holds the parameters and the generator's constructor "
+            "arguments: load_stylegan2(OUT) needs neither torch nor the pickle.",
+            "mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors"),
+    )
+    gan.add_argument("path", metavar="CHECKPOINT", type=Path,
+                     help="the .pkl (or a state dict, or a converted .safetensors file)")
+    gan.add_argument("-o", "--output", **output)
+    gan.add_argument("--network", choices=("G", "G_ema"), default="G_ema",
+                     help="which generator of a training snapshot (default %(default)s)")
+    gan.add_argument("--init-kwargs", metavar="JSON", type=Path,
+                     help="for a plain state dict: a JSON file with the Generator's constructor "
+                     "arguments (z_dim, c_dim, w_dim, img_resolution, img_channels, "
+                     "mapping_kwargs, synthesis_kwargs)")
     iddpm.add_argument("path", metavar="CHECKPOINT", type=Path,
                        help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)")
     iddpm.add_argument("-o", "--output", **output)
@@ -316,6 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmh_jax.experiments import stable_diffusion
 
             stable_diffusion.run(stable_diffusion.config_from_args(args))
+            return 0
+        if args.command == "gan":
+            from mmh_jax.experiments import cifar10_gan
+
+            cifar10_gan.run(cifar10_gan.config_from_args(args))
             return 0
         if args.command == "demo":
             if args.demo == "digits":
@@ -414,9 +473,18 @@ class _ConvertError(Exception):
         self.status = status
 
 
-# what a `convert` loader returns: the Pretrained model, its summary rows (name, value) and
-# the function that writes it to a path
+# what a `convert` loader returns: the parameters, the summary rows (name, value) and the
+# function that writes the converted model to a path
 _Loaded = tuple[Any, list[tuple[str, str]], Callable[[Path], Path]]
+
+
+def _schedule_row(schedule: Any) -> tuple[str, str]:
+    """A diffusion model's noise schedule as a summary row."""
+    import numpy as np
+
+    abar = np.asarray(schedule.alphas_cumprod)
+    return ("schedule", f"T = {schedule.num_timesteps}, alphas_cumprod from {abar[0]:.6g} to "
+                        f"{abar[-1]:.6g}")
 
 
 def _check_output(out: Path, source: Path) -> None:
@@ -466,8 +534,9 @@ def _load_unet2d(args: argparse.Namespace) -> _Loaded:
         ("up blocks", ", ".join(module.up_block_types)),
         ("mid-block attention", "yes" if module.mid_block_type and module.add_attention else "no"),
         ("attention_head_dim", "one head per block" if heads is None else str(heads)),
+        _schedule_row(model.schedule),
     ]
-    return model, rows, lambda out: save_unet2d(out, model)
+    return model.params, rows, lambda out: save_unet2d(out, model)
 
 
 def _load_iddpm(args: argparse.Namespace) -> _Loaded:
@@ -490,8 +559,9 @@ def _load_iddpm(args: argparse.Namespace) -> _Loaded:
     rows = [("architecture", "iddpm (improved-diffusion UNetModel)")] + [
         (name, f"{value}" + ("" if name in given else " (default)"))
         for name, value in shown.items() if name != "diffusion_steps"]  # in the schedule row
+    rows.append(_schedule_row(model.schedule))
     metadata = {"architecture": "iddpm", "flags": flags}
-    return model, rows, lambda out: save_params(out, model.params, metadata=metadata)
+    return model.params, rows, lambda out: save_params(out, model.params, metadata=metadata)
 
 
 def _load_stable_diffusion(args: argparse.Namespace) -> _Loaded:
@@ -509,16 +579,44 @@ def _load_stable_diffusion(args: argparse.Namespace) -> _Loaded:
                          f"{model.text_encoder.hidden_size}, {model.text_encoder.hidden_act}"),
         ("VAE scaling_factor", str(model.vae.scaling_factor)),
         ("prediction_type", model.scheduler_config.get("prediction_type", "epsilon")),
+        _schedule_row(model.unet.schedule),
     ]
     every = {"unet": model.unet.params, "vae": model.vae_params,
              "text_encoder": model.text_encoder_params}  # all three in the parameter count
-    return model.unet._replace(params=every), rows, lambda out: save_stable_diffusion(out, model)
+    return every, rows, lambda out: save_stable_diffusion(out, model)
+
+
+def _load_stylegan2(args: argparse.Namespace) -> _Loaded:
+    """Load ``convert stylegan2``'s checkpoint; its parameters, summary rows and writer."""
+    import json
+
+    from mmh_jax.models.stylegan2 import load_stylegan2, save_stylegan2
+
+    init_kwargs = None
+    if args.init_kwargs is not None:
+        try:
+            init_kwargs = json.loads(args.init_kwargs.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise _ConvertError(f"--init-kwargs {str(args.init_kwargs)!r}: {err}") from None
+    model = load_stylegan2(args.path, network=args.network, init_kwargs=init_kwargs)
+    m = model.module
+    channels = ", ".join(f"{r}: {m.channels(r)}" for r in m.block_resolutions)
+    rows = [
+        ("architecture", f"stylegan2 (StyleGAN2-ADA Generator, {m.architecture})"),
+        ("network", args.network if args.path.suffix == ".pkl" else "-"),
+        ("z_dim / w_dim / c_dim", f"{m.z_dim} / {m.w_dim} / {m.c_dim}"),
+        ("image", f"{m.img_channels} x {m.img_resolution} x {m.img_resolution}"),
+        ("mapping layers", str(m.num_layers)),
+        ("channels per resolution", channels),
+        ("num_ws", str(m.num_ws)),
+        ("conv_clamp", str(m.conv_clamp)),
+    ]
+    return model.params, rows, lambda out: save_stylegan2(out, model)
 
 
 def _convert(args: argparse.Namespace) -> int:
     """Run ``mmh-jax convert``: load strictly, write atomically, print a summary table."""
     import jax
-    import numpy as np
     from rich.console import Console
     from rich.filesize import decimal
     from rich.table import Table
@@ -530,9 +628,10 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         _check_output(args.output, args.path)
         load = {"unet2d": _load_unet2d, "iddpm": _load_iddpm,
-                "stable-diffusion": _load_stable_diffusion}[args.architecture]
+                "stable-diffusion": _load_stable_diffusion,
+                "stylegan2": _load_stylegan2}[args.architecture]
         with console.status(f"converting {args.path} ..."):
-            model, rows, write = load(args)
+            params, rows, write = load(args)
             written = write(args.output)
     except (_ConvertError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"mmh-jax: error: {err}", file=sys.stderr)
@@ -546,8 +645,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"mmh-jax: error: {err.strerror or err}{where}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    leaves = jax.tree.leaves(model.params)
-    abar = np.asarray(model.schedule.alphas_cumprod)
+    leaves = jax.tree.leaves(params)
     table = Table(title=f"mmh-jax convert {args.architecture}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
@@ -556,8 +654,6 @@ def _convert(args: argparse.Namespace) -> int:
         ("output", f"{written} ({decimal(written.stat().st_size)})"),
         ("parameters", f"{sum(leaf.size for leaf in leaves):,} in {len(leaves)} tensors"),
         *rows,
-        ("schedule", f"T = {model.schedule.num_timesteps}, alphas_cumprod from {abar[0]:.6g} "
-                     f"to {abar[-1]:.6g}"),
         ("time", f"{seconds:.1f} s"),
     ]:
         table.add_row(name, value)

@@ -184,7 +184,10 @@ def test_unet2d_without_scheduler_config(diffusers_folder, tmp_path, capsys):
 
 def test_help(capsys):
     for argv, fragments in [
-        (["convert", "--help"], ["unet2d", "iddpm"]),
+        (["convert", "--help"], ["unet2d", "iddpm", "stylegan2"]),
+        (["convert", "stylegan2", "--help"], ["--network", "G_ema", "--init-kwargs",
+                                              "never imports or executes"]),
+        (["gan", "lid", "--help"], ["--num-samples", "--wrt", "--percentile", "--labels"]),
         (["convert", "unet2d", "--help"], ["FOLDER", "--output", "scheduler_config.json"]),
         (["convert", "iddpm", "--help"], ["--learn-sigma", "--no-learn-sigma", "--channel-mult",
                                           "--noise-schedule", "(default: 1000)",
@@ -194,3 +197,65 @@ def test_help(capsys):
         assert code == 0
         for fragment in fragments:
             assert fragment in stdout, (argv, fragment)
+
+
+STYLEGAN2 = Path(__file__).parent / "models" / "fixtures" / "stylegan2"
+
+
+@pytest.mark.parametrize("network, outputs", [("G_ema", "img_const"), ("G", "G_img_const")])
+def test_stylegan2_pickle_matches_original(tmp_path, capsys, network, outputs):
+    out = tmp_path / "g.safetensors"
+    code, stdout, err = _run(["convert", "stylegan2", str(STYLEGAN2 / "skip_cond.pkl"), "-o",
+                              str(out), "--network", network], capsys)
+    assert code == 0, err
+    assert "skip" in stdout and "16 / 16 / 3" in stdout and "num_ws" in stdout
+    assert "schedule" not in stdout
+    from mmh_jax.models import load_stylegan2
+
+    loaded = load_stylegan2(out)
+    n = sum(leaf.size for leaf in jax.tree.leaves(loaded.params))
+    assert f"{n:,}" in stdout
+    ref = np.load(STYLEGAN2 / "skip_cond.npz")
+    got = jax.jit(loaded.generate)(ref["z"], ref["c"])
+    assert np.max(np.abs(np.asarray(got) - ref[outputs])) <= 1e-4
+
+
+def test_stylegan2_state_dict_needs_init_kwargs(tmp_path, capsys):
+    from mmh_jax.convert.safe_pickle import read_network_pickle
+
+    record = read_network_pickle(STYLEGAN2 / "orig.pkl")["G_ema"]
+    source = tmp_path / "G_ema.safetensors"
+    save_file({k: np.asarray(v, order="C") for k, v in record.state_dict().items()}, str(source))
+    out = tmp_path / "out.safetensors"
+    code, _, err = _run(["convert", "stylegan2", str(source), "-o", str(out)], capsys)
+    assert code == 2
+    _one_line_error(err, "plain state dict", "init_kwargs")
+    kwargs = tmp_path / "kwargs.json"
+    kwargs.write_text(json.dumps(record.init_kwargs))
+    code, _, err = _run(["convert", "stylegan2", str(source), "-o", str(out), "--init-kwargs",
+                         str(kwargs)], capsys)
+    assert code == 0, err
+    ref = np.load(STYLEGAN2 / "orig.npz")
+    from mmh_jax.models import load_stylegan2
+
+    got = load_stylegan2(out).generate(ref["z"], ref["c"], truncation_psi=0.7)
+    assert np.max(np.abs(np.asarray(got) - ref["img_const_psi07"])) <= 1e-4
+
+
+def test_stylegan2_refuses_code_in_the_pickle(tmp_path, capsys):
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    source = tmp_path / "evil.pkl"
+    source.write_bytes(pickle.dumps({"G_ema": Exploit()}, protocol=3))
+    out = tmp_path / "out.safetensors"
+    code, _, err = _run(["convert", "stylegan2", str(source), "-o", str(out)], capsys)
+    assert code == 1
+    _one_line_error(err, "system")
+    assert not marker.exists() and not out.exists()

@@ -25,6 +25,12 @@ from mmh_jax.convert.core import (
 )
 from mmh_jax.convert.iddpm import convert_iddpm, iddpm_rename_table
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
+from mmh_jax.convert.safe_pickle import TorchModuleRecord, UnsafePickleError, read_network_pickle
+from mmh_jax.convert.stylegan2 import (
+    convert_stylegan2,
+    stylegan2_abstract_params,
+    stylegan2_rename_table,
+)
 from mmh_jax.convert.unet2d import (
     convert_unet2d,
     unet2d_abstract_params,
@@ -38,6 +44,8 @@ from mmh_jax.convert.unet2d_condition import (
 
 __all__ = [
     "ConversionError",
+    "TorchModuleRecord",
+    "UnsafePickleError",
     "autoencoder_kl_abstract_params",
     "autoencoder_kl_rename_table",
     "clip_text_abstract_params",
@@ -60,8 +68,12 @@ __all__ = [
     "identity",
     "linear_kernel",
     "load_params",
+    "read_network_pickle",
     "read_state_dict",
     "save_params",
+    "convert_stylegan2",
+    "stylegan2_abstract_params",
+    "stylegan2_rename_table",
     "unet2d_abstract_params",
     "unet2d_rename_table",
     "unflatten_params",

@@ -17,11 +17,15 @@ Downsample ``op`` / Upsample ``conv``      ``op`` / ``conv``
 ``time_embed.0`` / ``.2``                  ``time_embed_0`` / ``time_embed_2`` (Dense)
 ``out.0`` / ``out.2``                      ``out_0`` (norm) / ``out_2`` (conv)
 =========================================  ==========================================
+
+This module does not import :mod:`mmh_jax.models` (which depends on the converters): it reads
+the records of the module's ``layout()`` (``kind``, ``in_ch``, ``out_ch``) and asks the module
+itself for its parameter shapes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,9 +40,6 @@ from mmh_jax.convert.core import (
     linear_kernel,
 )
 
-if TYPE_CHECKING:
-    from mmh_jax.models.iddpm import IDDPMLayer, IDDPMUNet
-
 __all__ = ["iddpm_rename_table", "iddpm_expected_params", "convert_iddpm"]
 
 
@@ -51,7 +52,7 @@ def _affine(table: dict[str, Rename], torch: str, flax: tuple[str, ...],
 
 
 def _layer_rules(table: dict[str, Rename], torch: str, flax: tuple[str, ...],
-                 layer: IDDPMLayer) -> None:
+                 layer: Any) -> None:
     if layer.kind == "conv":
         _affine(table, torch, flax, conv_kernel)
     elif layer.kind == "res":
@@ -72,7 +73,7 @@ def _layer_rules(table: dict[str, Rename], torch: str, flax: tuple[str, ...],
         _affine(table, f"{torch}.conv", flax + ("conv",), conv_kernel)
 
 
-def iddpm_rename_table(module: IDDPMUNet) -> dict[str, Rename]:
+def iddpm_rename_table(module: Any) -> dict[str, Rename]:
     """Every PyTorch key of the improved-diffusion UNet that ``module`` ports, and its rule.
 
     Args:
@@ -81,6 +82,9 @@ def iddpm_rename_table(module: IDDPMUNet) -> dict[str, Rename]:
     Returns:
         ``{torch key: Rename(flax path, transform)}``, one entry per parameter.
     """
+    if not callable(getattr(module, "layout", None)):
+        raise TypeError(f"module must be an IDDPMUNet (with a layout() method), got "
+                        f"{type(module).__name__}")
     table: dict[str, Rename] = {}
     _affine(table, "time_embed.0", ("time_embed_0",), linear_kernel)
     _affine(table, "time_embed.2", ("time_embed_2",), linear_kernel)
@@ -98,7 +102,7 @@ def iddpm_rename_table(module: IDDPMUNet) -> dict[str, Rename]:
     return table
 
 
-def iddpm_expected_params(module: IDDPMUNet) -> Any:
+def iddpm_expected_params(module: Any) -> Any:
     """Shapes of ``module``'s parameters (``jax.ShapeDtypeStruct`` leaves), allocating nothing."""
     x = jnp.zeros((1, module.in_channels, module.image_size, module.image_size), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
@@ -106,7 +110,7 @@ def iddpm_expected_params(module: IDDPMUNet) -> Any:
 
 
 def convert_iddpm(
-    state_dict: Mapping[str, Any], module: IDDPMUNet, *, source: str = "state dict"
+    state_dict: Mapping[str, Any], module: Any, *, source: str = "state dict"
 ) -> dict:
     """Convert an improved-diffusion ``UNetModel`` state dict into ``module``'s params, strictly.
 

@@ -114,7 +114,7 @@ def save_params(
     """
     from safetensors.numpy import save_file
 
-    flat = {"/".join(p): np.ascontiguousarray(np.asarray(v)) for p, v in
+    flat = {"/".join(p): np.asarray(v, order="C") for p, v in
             flatten_params(params).items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     path = Path(path)

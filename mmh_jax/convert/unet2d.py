@@ -4,11 +4,14 @@ The rename table is built from the module's config by the same walk diffusers ma
 builds the PyTorch model, with :class:`~mmh_jax.convert.diffusers.DiffusersTable` (one rule per
 layer kind, one entry per PyTorch parameter). Checkpoints saved before diffusers renamed its
 attention layers (``query``, ``key``, ``value``, ``proj_attn``) convert too.
+
+This module does not import :mod:`mmh_jax.models` (which depends on the converters): it reads
+the Flax module's config attributes and asks the module itself for its parameter shapes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 from jaxtyping import PyTree
@@ -16,21 +19,22 @@ from jaxtyping import PyTree
 from mmh_jax.convert.core import Rename, abstract_params, convert_state_dict
 from mmh_jax.convert.diffusers import DiffusersTable, uses_legacy_attention
 
-if TYPE_CHECKING:  # mmh_jax.models imports this module
-    from mmh_jax.models.unet2d import UNet2D
-
 __all__ = ["unet2d_rename_table", "unet2d_abstract_params", "convert_unet2d"]
 
 
+_CONFIG_ATTRIBUTES = ("block_out_channels", "layers_per_block", "down_block_types",
+                      "up_block_types", "mid_block_type", "add_attention",
+                      "mid_attention_groups", "in_channels", "param_dtype", "init")
+
+
 def _require_unet2d(module: Any) -> None:
-    # imported here, not at the top, because mmh_jax.models imports this module
-    from mmh_jax.models.unet2d import UNet2D
+    missing = [name for name in _CONFIG_ATTRIBUTES if not hasattr(module, name)]
+    if missing:
+        raise TypeError(f"module must be a UNet2D; {type(module).__name__} lacks "
+                        f"{', '.join(missing)}")
 
-    if not isinstance(module, UNet2D):
-        raise TypeError(f"module must be a UNet2D, got {type(module).__name__}")
 
-
-def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> dict[str, Rename]:
+def unet2d_rename_table(module: Any, *, legacy_attention: bool = False) -> dict[str, Rename]:
     """The explicit ``torch key -> Rename(flax path, transform)`` table of a ``UNet2DModel``.
 
     Args:
@@ -85,7 +89,7 @@ def unet2d_rename_table(module: UNet2D, *, legacy_attention: bool = False) -> di
     return table.entries
 
 
-def unet2d_abstract_params(module: UNet2D) -> PyTree:
+def unet2d_abstract_params(module: Any) -> PyTree:
     """Shapes and dtypes of the parameters ``module`` has, without computing them."""
     _require_unet2d(module)
     side = 2 ** (len(module.block_out_channels) - 1)
@@ -93,7 +97,7 @@ def unet2d_abstract_params(module: UNet2D) -> PyTree:
     return abstract_params(lambda key: module.init(key, sample, jnp.zeros((1,)))["params"])
 
 
-def convert_unet2d(state_dict: Mapping[str, Any], module: UNet2D, *,
+def convert_unet2d(state_dict: Mapping[str, Any], module: Any, *,
                    source: str = "state dict") -> dict:
     """Convert a diffusers ``UNet2DModel`` state dict into ``module``'s parameters, strictly.
 

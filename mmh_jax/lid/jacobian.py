@@ -54,7 +54,7 @@ def jacobian_rank(
     fn: Callable[[Array], Array],
     z: Float[Array, "b *latent"],
     *,
-    threshold: float | Float[ArrayLike, " b"],
+    threshold: float | Float[ArrayLike, " b"] | None = None,
     chunk_size: int | None = None,
 ) -> JacobianRankResult:
     """LID of ``fn(z)`` as the numerical rank of the Jacobian ``d fn / d z``.
@@ -63,9 +63,14 @@ def jacobian_rank(
         fn: maps latents ``[b, *latent]`` to outputs ``[b, *out]`` sample by sample (a
             generator with its parameters closed over).
         z: latents ``[b, *latent]``.
-        threshold: singular values strictly above it count (scalar or per latent); for the
-            paper's dataset-wide 10th percentile, compute spectra first and use
-            :func:`mmh_jax.lid.percentile_threshold`.
+        threshold: singular values strictly above it count (scalar or per latent). ``None``:
+            the exact-arithmetic rank up to rounding, ``s_max * max(d_out, d_latent) * eps`` per
+            latent (``numpy.linalg.matrix_rank``'s tolerance), for generators whose rank is
+            exact by construction. A trained generator's Jacobian has full rank in that sense;
+            the paper thresholds all spectra of a sample set at their pooled 10th percentile
+            (Appendix C.1): keep ``singular_values`` and use
+            :func:`mmh_jax.lid.percentile_threshold` and
+            :func:`mmh_jax.lid.lid_from_singular_values`.
         chunk_size: latent directions per batched ``jvp`` (``fn`` then sees
             ``b * chunk_size`` latents); default ``min(d_latent, 32)``.
 
@@ -80,4 +85,7 @@ def jacobian_rank(
         raise ValueError(f"fn(z) must return an array of shape [{b}, ...], got {getattr(out, 'shape', out)}")
     chunk = min(d_latent, 32 if chunk_size is None else check_int(chunk_size, "chunk_size"))
     singular_values = _jacobian_singular_values(as_pytree_fn(fn), z, chunk=chunk)
+    if threshold is None:
+        eps = jnp.finfo(singular_values.dtype).eps
+        threshold = singular_values[:, 0] * max(math.prod(out.shape[1:]), d_latent) * eps
     return JacobianRankResult(lid=numerical_rank(singular_values, threshold), singular_values=singular_values)

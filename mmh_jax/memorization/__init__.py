@@ -1,5 +1,6 @@
-"""Memorization labels from LID estimates (the manifold memorization hypothesis), and the
-memorization metrics of text-conditional diffusion models."""
+"""Memorization labels from LID estimates (the manifold memorization hypothesis), the
+memorization metrics of text-conditional diffusion models, and the Jacobian-rank LID of GAN
+samples."""
 
 from mmh_jax.memorization.classify import (
     DD_MEM,
@@ -10,6 +11,7 @@ from mmh_jax.memorization.classify import (
     classify,
     label_names,
 )
+from mmh_jax.memorization.gan import gan_lid
 from mmh_jax.memorization.conditional import (
     CFGNorms,
     ConditionalFlipd,
@@ -31,4 +33,5 @@ __all__ = [
     "conditional_flipd",
     "generation_cfg_norms",
     "image_cfg_norms",
+    "gan_lid",
 ]

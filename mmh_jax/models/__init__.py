@@ -4,12 +4,13 @@ from mmh_jax.models.autoencoder_kl import AutoencoderKL
 from mmh_jax.models.clip import CLIPTextModel
 from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save_unet2d
-from mmh_jax.models.pretrained import EpsModel, Pretrained, eps_score_fn
+from mmh_jax.models.pretrained import EpsModel, Pretrained, PretrainedGenerator, eps_score_fn
 from mmh_jax.models.stable_diffusion import (
     StableDiffusion,
     load_stable_diffusion,
     save_stable_diffusion,
 )
+from mmh_jax.models.stylegan2 import StyleGAN2Generator, load_stylegan2, save_stylegan2
 from mmh_jax.models.toy import (
     ConvEpsNet,
     MLPEpsNet,
@@ -28,7 +29,9 @@ __all__ = [
     "IDDPMUNet",
     "MLPEpsNet",
     "Pretrained",
+    "PretrainedGenerator",
     "StableDiffusion",
+    "StyleGAN2Generator",
     "UNet2D",
     "UNet2DCondition",
     "ddpm_from_scheduler_config",
@@ -36,8 +39,10 @@ __all__ = [
     "iddpm_schedule",
     "load_iddpm",
     "load_stable_diffusion",
+    "load_stylegan2",
     "load_unet2d",
     "save_stable_diffusion",
+    "save_stylegan2",
     "save_unet2d",
     "time_features",
 ]

@@ -24,7 +24,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 from mmh_jax.guidance import broadcast_batch
 from mmh_jax.schedules import DDPM, broadcast_to_event
 
-__all__ = ["Pretrained", "Prediction", "eps_score_fn", "EpsModel"]
+__all__ = ["Pretrained", "PretrainedGenerator", "Prediction", "eps_score_fn", "EpsModel"]
 
 #: What a network predicts: the noise (``"epsilon"``) or ``v = psi eps - sigma x_0``
 #: (``"v_prediction"``, Salimans & Ho 2022; Stable Diffusion 2.x at 768 px).
@@ -47,6 +47,25 @@ class Pretrained(NamedTuple):
     params: PyTree
     schedule: DDPM
     score_fn: Partial
+
+
+class PretrainedGenerator(NamedTuple):
+    """A loaded GAN generator: the GAN counterpart of :class:`Pretrained` (no schedule; the
+    function over the parameters generates instead of scoring).
+
+    Attributes:
+        module: the Flax module; ``module.apply({"params": params}, z, c, ...)`` returns images
+            in NCHW.
+        params: its parameters (float32).
+        generate: ``generate(z [b, z_dim], c=None, **settings) -> images [b, c, h, w]``, a
+            :class:`jax.tree_util.Partial` over the parameters (the module's ``__call__``
+            with its keyword settings, e.g. ``truncation_psi``, ``noise_mode``); two generators
+            of equal modules share compiled programs.
+    """
+
+    module: nn.Module
+    params: PyTree
+    generate: Partial
 
 
 @dataclasses.dataclass(frozen=True)

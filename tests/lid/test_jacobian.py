@@ -48,3 +48,15 @@ def test_bad_input():
         jacobian_rank(lambda z: z, jnp.ones(3), threshold=0.1)
     with pytest.raises(ValueError, match=r"fn\(z\) must return"):
         jacobian_rank(lambda z: z.sum(), jnp.ones((2, 3)), threshold=0.1)
+
+
+def test_default_threshold_is_the_rank_up_to_rounding():
+    """float32, no threshold: a generator that reads only 3 of its 8 latent directions (through
+    a smooth nonlinearity) has rank 3, as numpy.linalg.matrix_rank says of the same Jacobian."""
+    w = jax.random.normal(jax.random.key(3), (30, 3))
+    gen = lambda z: jnp.sin(z[:, :3] @ w.T).reshape(-1, 3, 10)  # noqa: E731
+    z = jax.random.normal(jax.random.key(4), (5, 8))
+    res = jacobian_rank(gen, z)
+    np.testing.assert_array_equal(res.lid, 3)
+    jac = np.asarray(jax.vmap(jax.jacfwd(lambda v: gen(v[None])[0].reshape(-1)))(z))
+    np.testing.assert_array_equal(res.lid, [np.linalg.matrix_rank(j) for j in jac])

@@ -1,0 +1,457 @@
+"""LID of GAN samples from the rank of the generator's Jacobian (paper, Section 4, Figure 5a-b,
+Appendix B.3 and C.1).
+
+``mmh-jax gan lid MODEL`` generates ``--num-samples`` class-balanced samples of a StyleGAN2-ADA
+generator (an official ``.pkl``, read without running its code, or a file written by
+``mmh-jax convert stylegan2``), computes the singular values of the Jacobian of every sample
+``x = G(z, c)`` with respect to its latent ``z`` (or ``w``), thresholds all of them at their
+pooled ``--percentile`` (the paper: the 10th) and counts the singular values above it:
+``LID_theta(x)``. Sample ``i`` is drawn as the official ``generate.py`` draws seed ``--seed + i``
+(``z = RandomState(seed).randn(z_dim)``) with class ``i mod c_dim``, so a sample can be matched
+with the official code's image of that seed and class.
+
+Outputs in ``--out``: ``results.parquet`` and ``results.csv`` (one row per sample: index, seed,
+class, LID, the largest and smallest singular value, the PNG length of the image at compression
+level 9 and the LID per PNG kilobyte, Appendix E), ``spectra.npy`` (all singular values
+``[N, min(d, d')]``), ``lid_histogram.png`` (Figure 5b; by label with ``--labels``) and
+``lid_extremes.png`` (the lowest- and highest-LID samples, Figure 5a). Spectra are written batch
+by batch under ``parts/``: an interrupted run resumes there, and a rerun with more samples adds
+only the new ones. ``--labels`` reads a CSV with columns ``index`` and ``label`` (e.g. human
+labels ``exact``, ``reconstructive``, ``not``); the summary then gives the median LID per label
+and the AUROC of ``-LID`` for every label against ``not``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mmh_jax._files import atomic_path
+from mmh_jax.experiments._common import (
+    DemoInputError,
+    make_progress,
+    prepare_out_dir,
+    require,
+    save_figure,
+    write_csv,
+    write_parquet,
+)
+
+__all__ = ["GanLidConfig", "sample_latents", "add_arguments", "config_from_args", "run"]
+
+#: The label of not-memorized samples in a ``--labels`` file.
+NOT_MEMORIZED = "not"
+
+
+@dataclasses.dataclass(frozen=True)
+class GanLidConfig:
+    """Settings of ``mmh-jax gan lid`` (the CLI flags map one to one onto these)."""
+
+    model: Path
+    out: Path = Path("mmh-gan-lid")
+    network: Literal["G", "G_ema"] = "G_ema"
+    num_samples: int = 1000
+    seed: int = 0
+    wrt: Literal["z", "w"] = "z"
+    truncation_psi: float = 1.0
+    noise_mode: Literal["const", "none"] = "const"
+    percentile: float = 10.0
+    batch_size: int = 8
+    chunk_size: int = 64
+    labels: Path | None = None
+    num_extremes: int = 8
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    progress: bool = True
+    figure: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`DemoInputError` naming the first bad setting."""
+        require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}")
+        require(self.num_extremes >= 1, f"--num-extremes must be at least 1, got "
+                                        f"{self.num_extremes}")
+        require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
+                f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
+        require(0 <= self.percentile < 100, f"--percentile must lie in [0, 100), got "
+                                            f"{self.percentile}")
+        require(0 <= self.truncation_psi <= 1, f"--truncation-psi must lie in [0, 1], got "
+                                               f"{self.truncation_psi}")
+        require(self.network in ("G", "G_ema"), f"--network must be G or G_ema, got "
+                                                f"{self.network!r}")
+        require(self.wrt in ("z", "w"), f"--wrt must be z or w, got {self.wrt!r}")
+        require(self.noise_mode in ("const", "none"), f"--noise-mode must be const or none, "
+                                                      f"got {self.noise_mode!r}")
+        require(self.dtype in ("float32", "bfloat16"),
+                f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def sample_latents(indices: np.ndarray, *, seed: int, z_dim: int, c_dim: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Latents and classes of samples ``indices``: ``z_i`` as the official ``generate.py``
+    draws seed ``seed + i`` (``np.random.RandomState(seed + i).randn(z_dim)``), class
+    ``i mod c_dim`` (``-1`` for an unconditional generator).
+
+    Returns:
+        ``z`` float32 ``[b, z_dim]`` and integer classes ``[b]``.
+    """
+    z = np.stack([np.random.RandomState(seed + int(i)).randn(z_dim) for i in indices])
+    classes = np.asarray(indices) % c_dim if c_dim else np.full(len(indices), -1)
+    return z.astype(np.float32), classes.astype(np.int64)
+
+
+def _fingerprint(path: Path) -> str:
+    """SHA-256 of the model file (a pickle or a converted file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _settings(config: GanLidConfig, fingerprint: str) -> dict:
+    """What a resumed run must share with the parts already on disk."""
+    return {"model_sha256": fingerprint, "network": config.network, "seed": config.seed,
+            "wrt": config.wrt, "truncation_psi": config.truncation_psi,
+            "noise_mode": config.noise_mode, "dtype": config.dtype}
+
+
+def _check_run(out: Path, settings: dict) -> None:
+    record = out / "run.json"
+    if record.is_file():
+        try:
+            previous = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            raise DemoInputError(f"{str(record)!r} is not JSON; remove it or choose another "
+                                 "--out") from None
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        require(not changed, f"{str(out)!r} holds a run with other settings "
+                             f"({', '.join(changed)}); choose another --out")
+        return
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _done_parts(out: Path, num_samples: int) -> dict[int, Path]:
+    """``{first index: part file}`` of the parts already written, within the first samples."""
+    parts = {}
+    for path in sorted((out / "parts").glob("*.npz")):
+        first, last = (int(v) for v in path.stem.split("-"))
+        if last < num_samples:
+            parts[first] = path
+    return parts
+
+
+def _read_labels(path: Path, num_samples: int) -> np.ndarray:
+    """``--labels``: a CSV with ``index`` and ``label`` columns -> one label string per sample
+    (``""`` where the file gives none)."""
+    require(path.is_file(), f"--labels file {str(path)!r} does not exist")
+    labels = np.full(num_samples, "", dtype=object)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        require(reader.fieldnames is not None and {"index", "label"} <= set(reader.fieldnames),
+                f"--labels {str(path)!r} must have the columns index and label")
+        for line, row in enumerate(reader, start=2):
+            try:
+                index = int(row["index"])
+            except ValueError:
+                raise DemoInputError(f"{path}:{line}: index must be an integer, got "
+                                     f"{row['index']!r}") from None
+            require(0 <= index < num_samples, f"{path}:{line}: index {index} is not a sample "
+                                              f"(0 .. {num_samples - 1})")
+            labels[index] = row["label"].strip()
+    return labels
+
+
+def run(config: GanLidConfig, *, console: Console | None = None):
+    """Generate, compute the Jacobian spectra, threshold, write; returns ``(table, summary,
+    files)``.
+
+    Raises:
+        DemoInputError: bad settings or input, an unreadable model, an unwritable output folder.
+    """
+    config.validate()
+    console = console or Console()
+    err_console = Console(stderr=True)
+    require(config.model.is_file(), f"model {str(config.model)!r} does not exist or is a folder")
+    labels = (_read_labels(config.labels, config.num_samples) if config.labels is not None
+              else None)
+    out = prepare_out_dir(config.out)
+
+    import jax
+    import jax.numpy as jnp
+
+    from mmh_jax.convert import ConversionError
+    from mmh_jax.memorization import gan_lid
+    from mmh_jax.models import load_stylegan2
+
+    start = time.perf_counter()
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    with err_console.status(f"loading {config.model} ..."):
+        try:
+            model = load_stylegan2(config.model, network=config.network, dtype=dtype)
+        except (ConversionError, ValueError) as err:
+            raise DemoInputError(str(err)) from None
+        fingerprint = _fingerprint(config.model)
+    _check_run(out, _settings(config, fingerprint))
+    module, params = model.module, model.params
+    timings = {"load_s": time.perf_counter() - start}
+
+    generate = jax.jit(lambda g, z, c: g(z, c, truncation_psi=config.truncation_psi,
+                                         noise_mode=config.noise_mode))
+
+    def batch_spectra(z: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        padded = config.batch_size - len(z)
+        z = np.concatenate([z, np.repeat(z[-1:], padded, 0)])
+        c = np.concatenate([c, np.repeat(c[-1:], padded, 0)])
+        c_arg = jnp.asarray(c) if module.c_dim else None
+        result = gan_lid(module, params, jnp.asarray(z), c_arg, wrt=config.wrt,
+                         truncation_psi=config.truncation_psi, noise_mode=config.noise_mode,
+                         chunk_size=config.chunk_size)
+        images = _to_uint8(np.asarray(generate(model.generate, jnp.asarray(z), c_arg)))
+        keep = len(z) - padded
+        return np.asarray(result.singular_values, np.float32)[:keep], images[:keep]
+
+    parts = _done_parts(out, config.num_samples)
+    done = np.zeros(config.num_samples, bool)
+    for first, path in parts.items():
+        done[first:int(path.stem.split("-")[1]) + 1] = True
+    todo = np.flatnonzero(~done)
+    (out / "parts").mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with make_progress(err_console, enabled=config.progress) as progress:
+        task = progress.add_task("Jacobian spectra", total=config.num_samples,
+                                 completed=int(done.sum()))
+        for run_start, run_stop in _runs(todo):
+            for first in range(run_start, run_stop, config.batch_size):
+                indices = np.arange(first, min(first + config.batch_size, run_stop))
+                z, classes = sample_latents(indices, seed=config.seed, z_dim=module.z_dim,
+                                            c_dim=module.c_dim)
+                spectra, images = batch_spectra(z, classes)
+                png = np.array([_png_bytes(image) for image in images])
+                target = out / "parts" / f"{indices[0]:08d}-{indices[-1]:08d}.npz"
+                with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, spectra=spectra, png_bytes=png)
+                parts[int(indices[0])] = target
+                progress.advance(task, len(indices))
+    timings["spectra_s"] = time.perf_counter() - start
+    timings["scored_now"] = len(todo)
+
+    spectra = np.empty((config.num_samples, 0), np.float32)
+    png_bytes = np.empty(config.num_samples)
+    for first in sorted(parts):
+        last = int(parts[first].stem.split("-")[1])
+        with np.load(parts[first]) as part:
+            if spectra.shape[1] == 0:
+                spectra = np.empty((config.num_samples, part["spectra"].shape[1]), np.float32)
+            spectra[first:last + 1] = part["spectra"]
+            png_bytes[first:last + 1] = part["png_bytes"]
+    threshold = float(np.percentile(spectra, config.percentile))
+    lid = (spectra > threshold).sum(axis=1)
+    indices = np.arange(config.num_samples)
+    classes = indices % module.c_dim if module.c_dim else np.full(config.num_samples, -1)
+    table = {"index": indices, "seed": config.seed + indices, "class": classes, "lid": lid,
+             "sv_max": spectra[:, 0], "sv_min": spectra[:, -1], "png_bytes": png_bytes,
+             "lid_per_png_kb": lid / (png_bytes / 1000)}
+    if labels is not None:
+        table["label"] = labels.astype(str)
+    files = [write_parquet(table, out / "results.parquet"), write_csv(table, out / "results.csv")]
+    with atomic_path(out / "spectra.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, spectra)
+    files.append(out / "spectra.npy")
+    summary = _summarise(table, threshold, config, timings)
+    if config.figure:
+        files.append(save_figure(_histogram(table, threshold, config), out / "lid_histogram.png"))
+        files.append(save_figure(_extremes(table, config, module, model.generate),
+                                 out / "lid_extremes.png"))
+    _print_summary(console, summary, config, files)
+    return table, summary, files
+
+
+def _runs(todo: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive stretches ``[start, stop)`` of the sorted indices ``todo``."""
+    if not len(todo):
+        return []
+    breaks = np.flatnonzero(np.diff(todo) != 1)
+    starts = np.concatenate([todo[:1], todo[breaks + 1]])
+    stops = np.concatenate([todo[breaks], todo[-1:]]) + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """NCHW images in about [-1, 1] -> uint8 NHWC, as the official ``generate.py`` rounds."""
+    return np.clip(images.transpose(0, 2, 3, 1) * 127.5 + 128, 0, 255).astype(np.uint8)
+
+
+def _png_bytes(image: np.ndarray) -> float:
+    from mmh_jax.scoring.columns import PngSize
+
+    return PngSize().host(image)["png_bytes"]
+
+
+def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:
+    lid = table["lid"]
+    summary = {"samples": len(lid), "threshold": threshold, "percentile": config.percentile,
+               "lid": {"mean": float(lid.mean()), "median": float(np.median(lid)),
+                       "min": int(lid.min()), "max": int(lid.max())},
+               "per_class": {int(c): float(np.median(lid[table["class"] == c]))
+                             for c in np.unique(table["class"]) if c >= 0},
+               "per_label": {}, "timings": timings}
+    if "label" in table:
+        from mmh_jax.experiments.stable_diffusion import detection_metrics
+
+        labels = table["label"]
+        not_mem = labels == NOT_MEMORIZED
+        for name in sorted(set(labels.tolist()) - {""}):
+            mask = labels == name
+            auroc = (detection_metrics(lid[mask | not_mem], mask[mask | not_mem],
+                                       higher_is_memorized=False)[0]
+                     if name != NOT_MEMORIZED and not_mem.any() else float("nan"))
+            summary["per_label"][name] = (int(mask.sum()), float(np.median(lid[mask])), auroc)
+    return summary
+
+
+def _print_summary(console: Console, s: dict, config: GanLidConfig, files: list) -> None:
+    table = Table(title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})",
+                  show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    lid = s["lid"]
+    t = s["timings"]
+    rows = [("threshold", f"{s['threshold']:.4g} (the {s['percentile']:g}th percentile of all "
+                          "singular values)"),
+            ("LID mean / median", f"{lid['mean']:.1f} / {lid['median']:.0f}"),
+            ("LID min / max", f"{lid['min']} / {lid['max']}")]
+    if s["per_class"]:
+        rows.append(("median LID per class", ", ".join(f"{c}: {v:.0f}"
+                                                       for c, v in s["per_class"].items())))
+    for name, (count, median, auroc) in s["per_label"].items():
+        rows.append((f"label {name!r} ({count})", f"median LID {median:.0f}"
+                     + ("" if np.isnan(auroc) else f", AUROC of -LID vs 'not' {auroc:.3f}")))
+    rate = t["scored_now"] / t["spectra_s"] if t["scored_now"] and t["spectra_s"] else 0.0
+    rows += [("samples now / resumed", f"{t['scored_now']} / {s['samples'] - t['scored_now']}"),
+             ("time", f"load {t['load_s']:.1f} s, spectra {t['spectra_s']:.1f} s "
+                      f"({rate:.2f} samples/s, with compilation)")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def _histogram(table: dict, threshold: float, config: GanLidConfig):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    lid = table["lid"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    bins = np.arange(lid.min(), lid.max() + 2) - 0.5
+    if len(bins) > 60:
+        bins = np.histogram_bin_edges(lid, bins=60)
+    groups = [("all", np.ones(len(lid), bool))]
+    if "label" in table:
+        groups = [(name, table["label"] == name)
+                  for name in sorted(set(table["label"].tolist()) - {""})]
+    for name, mask in groups:
+        ax.hist(lid[mask], bins=bins, density=True, alpha=0.55, label=f"{name} ({mask.sum()})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"LID estimate (rank of dG/d{config.wrt}, threshold {threshold:.3g})")
+    ax.set_ylabel("density")
+    ax.set_title("Figure 5b: Jacobian-rank LID of GAN samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _extremes(table: dict, config: GanLidConfig, module, generate):
+    import jax
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(table["lid"], kind="stable")
+    k = min(config.num_extremes, len(order) // 2 or 1)
+    rows = [("lowest LID", order[:k]), ("highest LID", order[::-1][:k])]
+    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.2), squeeze=False)
+    for r, (title, chosen) in enumerate(rows):
+        z, classes = sample_latents(chosen, seed=config.seed, z_dim=module.z_dim,
+                                    c_dim=module.c_dim)
+        c = jnp.asarray(classes) if module.c_dim else None
+        images = _to_uint8(np.asarray(jax.jit(
+            lambda g, z, c: g(z, c, truncation_psi=config.truncation_psi,
+                              noise_mode=config.noise_mode))(generate, jnp.asarray(z), c)))
+        for j, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if j < len(chosen):
+                ax.imshow(images[j, ..., 0] if images.shape[-1] == 1 else images[j],
+                          cmap="gray" if images.shape[-1] == 1 else None)
+                ax.set_title(f"#{chosen[j]}: {table['lid'][chosen[j]]}", fontsize=7)
+        axes[r][0].text(-0.1, 0.5, title, transform=axes[r][0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=8)
+    fig.suptitle("Figure 5a: samples with the lowest and highest LID estimates", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``gan lid``'s arguments and flags to ``parser``."""
+    d = GanLidConfig(model=Path("."))
+    parser.add_argument("model", type=Path, metavar="MODEL",
+                        help="an official StyleGAN2-ADA .pkl (read without running its code), "
+                        "or a file written by `mmh-jax convert stylegan2`")
+    parser.add_argument("-o", "--out", type=Path, default=d.out,
+                        help="output folder; a rerun resumes there (default ./%(default)s/)")
+    parser.add_argument("--network", choices=("G", "G_ema"), default=d.network,
+                        help="which generator of a training snapshot (default %(default)s)")
+    parser.add_argument("-n", "--num-samples", type=int, metavar="N", default=d.num_samples,
+                        help="samples, class-balanced (default %(default)s; the paper: 50000)")
+    parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
+                        help="sample i is the official generate.py's seed SEED + i (default "
+                        "%(default)s)")
+    parser.add_argument("--wrt", choices=("z", "w"), default=d.wrt,
+                        help="the latent the Jacobian is taken with respect to (default "
+                        "%(default)s, the paper's)")
+    parser.add_argument("--truncation-psi", type=float, metavar="PSI", default=d.truncation_psi,
+                        help="truncation (default %(default)s: none)")
+    parser.add_argument("--noise-mode", choices=("const", "none"), default=d.noise_mode,
+                        help="the synthesis noise (default %(default)s, as generate.py)")
+    parser.add_argument("--percentile", type=float, metavar="Q", default=d.percentile,
+                        help="threshold: the Q-th percentile of all singular values (default "
+                        "%(default)s, Appendix C.1)")
+    parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
+                        help="samples per compiled batch (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, metavar="N", default=d.chunk_size,
+                        help="latent directions per batched jvp (default %(default)s)")
+    parser.add_argument("--labels", type=Path, metavar="CSV",
+                        help="labels of samples: a CSV with columns index and label (e.g. "
+                        "exact, reconstructive, not)")
+    parser.add_argument("--num-extremes", type=int, metavar="K", default=d.num_extremes,
+                        help="samples per row of lid_extremes.png (default %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
+                        help="compute dtype of the generator (default %(default)s)")
+    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> GanLidConfig:
+    """Build a :class:`GanLidConfig` from parsed flags."""
+    return GanLidConfig(
+        model=args.model, out=args.out, network=args.network, num_samples=args.num_samples,
+        seed=args.seed, wrt=args.wrt, truncation_psi=args.truncation_psi,
+        noise_mode=args.noise_mode, percentile=args.percentile, batch_size=args.batch_size,
+        chunk_size=args.chunk_size, labels=args.labels, num_extremes=args.num_extremes,
+        dtype=args.dtype, progress=not args.quiet, figure=not args.no_figure)

@@ -1,0 +1,63 @@
+"""The package's dependencies point one way: every import of every module (at the top, inside
+functions, under ``TYPE_CHECKING``) is read from the source and checked against the layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import mmh_jax
+
+ROOT = Path(mmh_jax.__file__).parent
+
+#: package -> the mmh_jax packages it must never import (directly or lazily).
+FORBIDDEN = {
+    "convert": ("models", "lid", "memorization", "scoring", "experiments", "cli"),
+    "lid": ("models", "convert", "memorization", "scoring", "experiments", "cli"),
+    "models": ("lid", "memorization", "scoring", "experiments", "cli"),
+    "memorization": ("scoring", "experiments", "cli"),
+    "scoring": ("experiments", "cli"),
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every ``mmh_jax.*`` module named by an import statement in the file, with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return [(line, name) for line, name in found if name.startswith("mmh_jax.")]
+
+
+def _layer_violations(root: Path, package: str, forbidden: tuple[str, ...]) -> dict[str, str]:
+    """``{"file:line": module}`` of every import of a forbidden package."""
+    bad = {}
+    for path in sorted((root / package).rglob("*.py")):
+        for line, name in _imports(path):
+            if name.split(".")[1] in forbidden:
+                bad.setdefault(f"{path.relative_to(root.parent)}:{line}", name)
+    return bad
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_point_one_way(package):
+    assert (ROOT / package).is_dir()
+    assert _layer_violations(ROOT, package, FORBIDDEN[package]) == {}
+
+
+def test_the_check_sees_lazy_and_type_checking_imports(tmp_path):
+    """A function-local import and one under TYPE_CHECKING both count."""
+    fake = tmp_path / "mmh_jax"
+    (fake / "convert").mkdir(parents=True)
+    (fake / "convert" / "bad.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from mmh_jax.models.unet2d import UNet2D\n"
+        "def f():\n    import mmh_jax.models.iddpm\n"
+        "from mmh_jax import models\n")
+    found = _layer_violations(fake, "convert", ("models",))
+    assert sorted(found) == [f"mmh_jax/convert/bad.py:{line}" for line in (3, 5, 6)]
