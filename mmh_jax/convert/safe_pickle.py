@@ -438,8 +438,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         target = self._allowed.get((module, name))
         if target is None:
+            hint = ("; a TensorFlow StyleGAN/StyleGAN2 pickle? Only the PyTorch StyleGAN2-ADA "
+                    "format is read" if module.startswith("dnnlib.tflib") else "")
             raise UnsafePickleError(f"{self._where}global {module}.{name} is not on the "
-                                    "allow-list; refused without importing it")
+                                    f"allow-list; refused without importing it{hint}")
         if isinstance(target, np.dtype):
             return _StorageType(name, target)
         if isinstance(target, type):  # EasyDict (for NEWOBJ), dict, set

@@ -347,6 +347,15 @@ def test_code_running_globals_are_refused(tmp_path, function, args, name):
     assert not marker.exists()
 
 
+def test_a_tensorflow_stylegan_pickle_is_named(tmp_path):
+    """The TensorFlow releases pickle dnnlib.tflib.network.Network objects (protocol 3 GLOBAL)."""
+    data = (b"\x80\x03cdnnlib.tflib.network\nNetwork\nq\x00)\x81q\x01}q\x02b.")
+    path = _write(tmp_path, data)
+    with pytest.raises(UnsafePickleError, match=r"global dnnlib\.tflib\.network\.Network .*"
+                                                "TensorFlow StyleGAN"):
+        read_network_pickle(path)
+
+
 def test_torch_classes_and_persistent_ids_are_refused(tmp_path):
     import torch
 

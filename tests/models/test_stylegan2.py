@@ -286,3 +286,99 @@ def test_conversion_is_strict():
         convert_stylegan2(state, other)
     with pytest.raises(TypeError, match="StyleGAN2Generator"):
         stylegan2_rename_table(object())
+
+
+# ---------------------------------------------------------------- load_stylegan2 / save_stylegan2
+
+
+def test_load_save_round_trip_and_shared_programs(tmp_path):
+    from mmh_jax.models import PretrainedGenerator, load_stylegan2, save_stylegan2
+
+    model = load_stylegan2(FIXTURES / "resnet_uncond_p2.pkl")
+    assert isinstance(model, PretrainedGenerator)
+    ref = np.load(FIXTURES / "resnet_uncond.npz")
+    out = save_stylegan2(tmp_path / "g.safetensors", model)
+    again = load_stylegan2(out)
+    assert again.module == model.module
+    assert again.generate.func is model.generate.func  # equal modules share compiled code
+    got = jax.jit(lambda g, z: g(z, truncation_psi=0.7))(again.generate, ref["z"])
+    assert np.max(np.abs(np.asarray(got) - ref["img_const_psi07"])) <= TOLERANCE
+
+
+def _record(**changes):
+    record = read_network_pickle(FIXTURES / "orig.pkl")["G_ema"]
+    import dataclasses
+
+    return dataclasses.replace(record, **changes)
+
+
+@pytest.mark.parametrize("top, fragment", [
+    ({"G": None}, "holds no 'G_ema' network (found ['G'])"),
+    ([1, 2], "holds no 'G_ema' network (found list)"),
+    ({"G_ema": {"a": 1}}, "is a dict, not a StyleGAN2-ADA Generator"),
+    ({"G_ema": "discriminator"}, "is a str"),
+    ({"G_ema": _record(class_name="Discriminator")}, "a 'Discriminator' network"),
+    ({"G_ema": _record(init_args=(512,))}, "positional arguments"),
+])
+def test_pickles_of_other_networks_are_refused(monkeypatch, tmp_path, top, fragment):
+    from mmh_jax.convert import safe_pickle
+    from mmh_jax.models import load_stylegan2
+
+    monkeypatch.setattr(safe_pickle, "read_network_pickle", lambda path: top)
+    (tmp_path / "x.pkl").write_bytes(b"")
+    with pytest.raises(ConversionError, match=fragment.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        load_stylegan2(tmp_path / "x.pkl")
+
+
+def test_a_stylegan3_pickle_is_named(monkeypatch, tmp_path):
+    """A StyleGAN3 generator is also a 'Generator', with layers input, L0_36_512, ..."""
+    import dataclasses
+
+    from mmh_jax.convert import safe_pickle
+    from mmh_jax.models import load_stylegan2
+
+    record = _record()
+    synthesis = record.modules["synthesis"]
+    layers = {"input": None, "L0_36_512": None, "L1_36_512": None}
+    record = dataclasses.replace(record, modules={
+        **record.modules, "synthesis": dataclasses.replace(synthesis, modules=layers)})
+    monkeypatch.setattr(safe_pickle, "read_network_pickle", lambda path: {"G_ema": record})
+    (tmp_path / "x.pkl").write_bytes(b"")
+    with pytest.raises(ConversionError, match="StyleGAN3"):
+        load_stylegan2(tmp_path / "x.pkl")
+
+
+def test_loader_bad_input(tmp_path):
+    from safetensors.numpy import save_file
+
+    from mmh_jax.models import load_stylegan2
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_stylegan2(tmp_path / "none.pkl")
+    with pytest.raises(ValueError, match="network must be 'G' or 'G_ema'"):
+        load_stylegan2(FIXTURES / "orig.pkl", network="D")
+    with pytest.raises(ConversionError, match=r"holds no 'G' network \(found \['G_ema'\]\)"):
+        load_stylegan2(FIXTURES / "orig.pkl", network="G")
+    truncated = tmp_path / "cut.pkl"
+    truncated.write_bytes((FIXTURES / "orig.pkl").read_bytes()[:20000])
+    with pytest.raises(ConversionError, match="truncated or corrupt"):
+        load_stylegan2(truncated)
+    with pytest.raises(ValueError, match="carries its own"):
+        load_stylegan2(FIXTURES / "orig.pkl", init_kwargs={"z_dim": 16})
+    plain = tmp_path / "G.safetensors"
+    state = read_network_pickle(FIXTURES / "orig.pkl")["G_ema"].state_dict()
+    save_file({k: np.asarray(v, order="C") for k, v in state.items()}, str(plain))
+    with pytest.raises(ValueError, match="plain state dict: pass the generator's init_kwargs"):
+        load_stylegan2(plain)
+    with pytest.raises(ValueError, match="unknown key 'depth'"):
+        load_stylegan2(plain, init_kwargs={"depth": 3})
+    other = tmp_path / "other.safetensors"
+    from mmh_jax.convert import save_params
+
+    save_params(other, {"w": np.zeros(2, np.float32)}, metadata={"architecture": "iddpm"})
+    with pytest.raises(ConversionError, match="holds a 'iddpm' model"):
+        load_stylegan2(other)
+    kwargs = read_network_pickle(FIXTURES / "skip_cond.pkl")["G_ema"].init_kwargs
+    with pytest.raises(ConversionError, match="does not match the model architecture"):
+        load_stylegan2(plain, init_kwargs=kwargs)  # orig.pkl's weights, skip_cond's config
