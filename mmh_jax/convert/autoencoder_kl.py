@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from mmh_jax.convert.core import ConversionError, Rename, abstract_params, convert_state_dict
+from mmh_jax.convert.core import (
+    ConversionError,
+    Rename,
+    abstract_params,
+    convert_state_dict,
+    require_attributes,
+)
 from mmh_jax.convert.diffusers import DiffusersTable, uses_legacy_attention
 
 __all__ = [
@@ -55,10 +61,7 @@ def linear_or_conv1x1_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def _require_config(module: Any) -> None:
-    missing = [name for name in _CONFIG_ATTRIBUTES if not hasattr(module, name)]
-    if missing:
-        raise TypeError(f"module must be an AutoencoderKL; {type(module).__name__} lacks "
-                        f"{', '.join(missing)}")
+    require_attributes(module, _CONFIG_ATTRIBUTES, "AutoencoderKL")
 
 
 def _mid_block(table: DiffusersTable, path: str, channels: int, attention: bool) -> None:

@@ -34,6 +34,7 @@ from mmh_jax.convert.core import (
     convert_state_dict,
     identity,
     linear_kernel,
+    require_attributes,
 )
 
 __all__ = ["PREFIX", "clip_text_rename_table", "clip_text_abstract_params", "convert_clip_text"]
@@ -57,10 +58,8 @@ class _TextEncoder(Protocol):
 
 
 def _require_text_encoder(module: Any) -> None:
-    for name in ("num_hidden_layers", "max_position_embeddings", "param_dtype", "init"):
-        if not hasattr(module, name):
-            raise TypeError(f"module must be a CLIPTextModel (a Flax module with the attribute "
-                            f"{name!r}), got {type(module).__name__}")
+    require_attributes(module, ("num_hidden_layers", "max_position_embeddings", "param_dtype",
+                                "init"), "CLIPTextModel")
 
 
 def clip_text_rename_table(module: _TextEncoder, *, prefix: str = PREFIX

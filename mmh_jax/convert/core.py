@@ -30,6 +30,7 @@ __all__ = [
     "unflatten_params",
     "abstract_params",
     "check_params",
+    "require_attributes",
 ]
 
 
@@ -165,6 +166,20 @@ def convert_state_dict(
             f"{source} does not match the model architecture:\n" + "\n".join(problems)
         )
     return unflatten_params(flat)
+
+
+def require_attributes(module: Any, names: tuple[str, ...], expected: str) -> None:
+    """Check that ``module`` has every attribute a rename table reads (the converters read a
+    Flax module's configuration through its attributes and never import :mod:`mmh_jax.models`).
+
+    Raises:
+        TypeError: naming ``expected`` (the module class the converter is for) and the
+            missing attributes.
+    """
+    missing = [name for name in names if not hasattr(module, name)]
+    if missing:
+        raise TypeError(f"module must be a {expected}; {type(module).__name__} lacks "
+                        f"{', '.join(missing)}")
 
 
 def abstract_params(init: Callable[[jax.Array], PyTree]) -> PyTree:

@@ -32,6 +32,7 @@ from mmh_jax.convert.core import (
     convert_state_dict,
     identity,
     linear_kernel,
+    require_attributes,
 )
 
 __all__ = ["stylegan2_rename_table", "stylegan2_abstract_params", "convert_stylegan2",
@@ -51,10 +52,7 @@ def const_layout(w: np.ndarray) -> np.ndarray:
 
 
 def _require_config(module: Any) -> None:
-    missing = [name for name in _CONFIG_ATTRIBUTES if not hasattr(module, name)]
-    if missing:
-        raise TypeError(f"module must be a StyleGAN2Generator; {type(module).__name__} lacks "
-                        f"{', '.join(missing)}")
+    require_attributes(module, _CONFIG_ATTRIBUTES, "StyleGAN2Generator")
 
 
 def _block_resolutions(module: Any) -> list[int]:

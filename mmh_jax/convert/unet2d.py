@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from mmh_jax.convert.core import Rename, abstract_params, convert_state_dict
+from mmh_jax.convert.core import Rename, abstract_params, convert_state_dict, require_attributes
 from mmh_jax.convert.diffusers import DiffusersTable, uses_legacy_attention
 
 __all__ = ["unet2d_rename_table", "unet2d_abstract_params", "convert_unet2d"]
@@ -28,10 +28,7 @@ _CONFIG_ATTRIBUTES = ("block_out_channels", "layers_per_block", "down_block_type
 
 
 def _require_unet2d(module: Any) -> None:
-    missing = [name for name in _CONFIG_ATTRIBUTES if not hasattr(module, name)]
-    if missing:
-        raise TypeError(f"module must be a UNet2D; {type(module).__name__} lacks "
-                        f"{', '.join(missing)}")
+    require_attributes(module, _CONFIG_ATTRIBUTES, "UNet2D")
 
 
 def unet2d_rename_table(module: Any, *, legacy_attention: bool = False) -> dict[str, Rename]:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from mmh_jax.convert.core import Rename, abstract_params, convert_state_dict
+from mmh_jax.convert.core import Rename, abstract_params, convert_state_dict, require_attributes
 from mmh_jax.convert.diffusers import DiffusersTable
 
 __all__ = [
@@ -34,10 +34,7 @@ _ATTRIBUTES = ("block_out_channels", "down_block_types", "up_block_types", "mid_
 
 
 def _require_unet2d_condition(module: Any) -> None:
-    missing = [name for name in _ATTRIBUTES if not hasattr(module, name)]
-    if missing:
-        raise TypeError(f"module must be a UNet2DCondition, got {type(module).__name__} "
-                        f"(without {', '.join(missing)})")
+    require_attributes(module, _ATTRIBUTES, "UNet2DCondition")
 
 
 def _per_block(value: Any, n: int) -> tuple:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax._files import atomic_path
+from mmh_jax._files import atomic_path, sha256_file
 from mmh_jax.experiments._common import (
     DemoInputError,
     make_progress,
@@ -108,15 +107,6 @@ def sample_latents(indices: np.ndarray, *, seed: int, z_dim: int, c_dim: int
     z = np.stack([np.random.RandomState(seed + int(i)).randn(z_dim) for i in indices])
     classes = np.asarray(indices) % c_dim if c_dim else np.full(len(indices), -1)
     return z.astype(np.float32), classes.astype(np.int64)
-
-
-def _fingerprint(path: Path) -> str:
-    """SHA-256 of the model file (a pickle or a converted file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _settings(config: GanLidConfig, fingerprint: str) -> dict:
@@ -202,7 +192,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
             model = load_stylegan2(config.model, network=config.network, dtype=dtype)
         except (ConversionError, ValueError) as err:
             raise DemoInputError(str(err)) from None
-        fingerprint = _fingerprint(config.model)
+        fingerprint = sha256_file(config.model)
     _check_run(out, _settings(config, fingerprint))
     module, params = model.module, model.params
     timings = {"load_s": time.perf_counter() - start}
@@ -210,17 +200,20 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     generate = jax.jit(lambda g, z, c: g(z, c, truncation_psi=config.truncation_psi,
                                          noise_mode=config.noise_mode))
 
-    def batch_spectra(z: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        padded = config.batch_size - len(z)
+    def images_of(z: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        c = jnp.asarray(classes) if module.c_dim else None
+        return _to_uint8(np.asarray(generate(model.generate, jnp.asarray(z), c)))
+
+    def batch_spectra(z: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep, padded = len(z), config.batch_size - len(z)
         z = np.concatenate([z, np.repeat(z[-1:], padded, 0)])
-        c = np.concatenate([c, np.repeat(c[-1:], padded, 0)])
-        c_arg = jnp.asarray(c) if module.c_dim else None
-        result = gan_lid(module, params, jnp.asarray(z), c_arg, wrt=config.wrt,
+        classes = np.concatenate([classes, np.repeat(classes[-1:], padded, 0)])
+        c = jnp.asarray(classes) if module.c_dim else None
+        result = gan_lid(module, params, jnp.asarray(z), c, wrt=config.wrt,
                          truncation_psi=config.truncation_psi, noise_mode=config.noise_mode,
                          chunk_size=config.chunk_size)
-        images = _to_uint8(np.asarray(generate(model.generate, jnp.asarray(z), c_arg)))
-        keep = len(z) - padded
-        return np.asarray(result.singular_values, np.float32)[:keep], images[:keep]
+        spectra = np.asarray(result.singular_values, np.float32)
+        return spectra[:keep], images_of(z, classes)[:keep]
 
     parts = _done_parts(out, config.num_samples)
     done = np.zeros(config.num_samples, bool)
@@ -272,7 +265,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     summary = _summarise(table, threshold, config, timings)
     if config.figure:
         files.append(save_figure(_histogram(table, threshold, config), out / "lid_histogram.png"))
-        files.append(save_figure(_extremes(table, config, module, model.generate),
+        files.append(save_figure(_extremes(table, config, module, images_of),
                                  out / "lid_extremes.png"))
     _print_summary(console, summary, config, files)
     return table, summary, files
@@ -375,9 +368,8 @@ def _histogram(table: dict, threshold: float, config: GanLidConfig):
     return fig
 
 
-def _extremes(table: dict, config: GanLidConfig, module, generate):
-    import jax
-    import jax.numpy as jnp
+def _extremes(table: dict, config: GanLidConfig, module, images_of):
+    """Figure 5a: the ``--num-extremes`` samples of lowest and of highest LID, regenerated."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,12 +380,8 @@ def _extremes(table: dict, config: GanLidConfig, module, generate):
     rows = [("lowest LID", order[:k]), ("highest LID", order[::-1][:k])]
     fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.2), squeeze=False)
     for r, (title, chosen) in enumerate(rows):
-        z, classes = sample_latents(chosen, seed=config.seed, z_dim=module.z_dim,
-                                    c_dim=module.c_dim)
-        c = jnp.asarray(classes) if module.c_dim else None
-        images = _to_uint8(np.asarray(jax.jit(
-            lambda g, z, c: g(z, c, truncation_psi=config.truncation_psi,
-                              noise_mode=config.noise_mode))(generate, jnp.asarray(z), c)))
+        images = images_of(*sample_latents(chosen, seed=config.seed, z_dim=module.z_dim,
+                                           c_dim=module.c_dim))
         for j, ax in enumerate(axes[r]):
             ax.axis("off")
             if j < len(chosen):

@@ -17,7 +17,6 @@ Parquet dataset, or :func:`merge`, gives one table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmh_jax._files import atomic_path
+from mmh_jax._files import atomic_path, sha256_file
 
 __all__ = ["RunMismatch", "open_run", "done_chunks", "write_chunk", "merge", "Merged",
            "remove_stale_temporaries"]
@@ -103,14 +102,6 @@ def remove_stale_temporaries(out: str | os.PathLike, chunks: set[int] | range) -
     return removed
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_chunk(out: str | os.PathLike, chunk: int, *, start: int, stop: int,
                 rows: pa.Table, errors: pa.Table, ids: list[str], process: int) -> None:
     """Write one finished chunk: its rows, its errors, then its manifest (in that order).
@@ -139,7 +130,7 @@ def write_chunk(out: str | os.PathLike, chunk: int, *, start: int, stop: int,
     manifest = {
         "chunk": chunk, "start": start, "stop": stop, "rows": rows.num_rows,
         "errors": errors.num_rows, "part": str(part.relative_to(out)),
-        "part_sha256": _sha256(part),
+        "part_sha256": sha256_file(part),
         "errors_file": None if errors_file is None else str(errors_file.relative_to(out)),
         "process": process, "ids": ids,
     }
@@ -186,7 +177,7 @@ def merge(out: str | os.PathLike, *, allow_partial: bool = False) -> Merged:
     for chunk in sorted(done):
         manifest = json.loads(_manifest(out, chunk).read_text())
         part = out / manifest["part"]
-        if _sha256(part) != manifest["part_sha256"]:
+        if sha256_file(part) != manifest["part_sha256"]:
             raise ValueError(f"{str(part)!r} does not match its manifest (SHA-256)")
         table = pq.read_table(part)
         bad = pq.read_table(out / manifest["errors_file"]) if manifest["errors_file"] else None
