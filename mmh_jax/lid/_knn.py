@@ -250,10 +250,12 @@ def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bo
     qp = _project(q, index.mean, index.basis)
     qp_sq = jnp.sum(qp * qp, axis=1)
     # The barrier keeps XLA:CPU from recomputing the top-k inside the loop of _exact_sq_dists
-    # when its outputs have more than one consumer (measured 5x slower without it).
-    s, cand = jax.lax.optimization_barrier(
-        _top_scores(index.proj, index.proj_sqnorm, qp, rows, k=num_cand + 1,
-                    exclude_self=exclude_self))
+    # when its outputs have more than one consumer (measured 5x slower without it).  qp_sq
+    # rides along so that the barrier's operand is never the top-k's own result tuple: under
+    # shard_map XLA:CPU's TopkDecomposer aborts on a top-k whose user is not a tuple element.
+    s, cand, qp_sq = jax.lax.optimization_barrier(
+        (*_top_scores(index.proj, index.proj_sqnorm, qp, rows, k=num_cand + 1,
+                      exclude_self=exclude_self), qp_sq))
     # Every point outside the candidates has lower bound >= bound; rounding of the float
     # lower bounds is covered by a margin relative to the squared norms involved.
     bound = qp_sq - s[:, num_cand]

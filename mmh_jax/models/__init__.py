@@ -1,7 +1,7 @@
 """Networks: small plain-JAX epsilon-networks for the demos, and Flax ports of pretrained models."""
 
 from mmh_jax.models.autoencoder_kl import AutoencoderKL
-from mmh_jax.models.clip import CLIPTextModel
+from mmh_jax.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
 from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save_unet2d
 from mmh_jax.models.pretrained import EpsModel, Pretrained, PretrainedGenerator, eps_score_fn
@@ -10,6 +10,7 @@ from mmh_jax.models.stable_diffusion import (
     load_stable_diffusion,
     save_stable_diffusion,
 )
+from mmh_jax.models.sscd import SSCD, load_sscd, save_sscd, sscd_preprocess
 from mmh_jax.models.stylegan2 import StyleGAN2Generator, load_stylegan2, save_stylegan2
 from mmh_jax.models.toy import (
     ConvEpsNet,
@@ -23,13 +24,16 @@ __all__ = [
     "DDPM_CIFAR10_CONFIG",
     "SD15_UNET_CONFIG",
     "AutoencoderKL",
+    "CLIPModel",
     "CLIPTextModel",
+    "CLIPVisionModel",
     "ConvEpsNet",
     "EpsModel",
     "IDDPMUNet",
     "MLPEpsNet",
     "Pretrained",
     "PretrainedGenerator",
+    "SSCD",
     "StableDiffusion",
     "StyleGAN2Generator",
     "UNet2D",
@@ -38,11 +42,14 @@ __all__ = [
     "eps_score_fn",
     "iddpm_schedule",
     "load_iddpm",
+    "load_sscd",
     "load_stable_diffusion",
     "load_stylegan2",
     "load_unet2d",
+    "save_sscd",
     "save_stable_diffusion",
     "save_stylegan2",
     "save_unet2d",
+    "sscd_preprocess",
     "time_features",
 ]

@@ -1,6 +1,9 @@
-"""Flax port of transformers' ``CLIPTextModel``, the text encoder of Stable Diffusion.
+"""Flax ports of transformers' CLIP: ``CLIPTextModel`` (the text encoder of Stable Diffusion),
+``CLIPVisionModel`` and the two-tower ``CLIPModel`` (projected, normalised image and text
+embeddings, as CLIP score uses them). The vision tower reuses the text tower's transformer
+layers, without the causal mask.
 
-The module's attributes are the keys of a transformers ``CLIPTextConfig`` that change the
+The text tower's attributes are the keys of a transformers ``CLIPTextConfig`` that change the
 inference forward pass, with transformers' defaults; :meth:`CLIPTextModel.from_config` reads a
 parsed ``config.json`` strictly. Parameter scopes follow the PyTorch module names with the
 ``text_model.`` prefix dropped and every list index attached to its list
@@ -27,7 +30,8 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from mmh_jax.models._config import config_kwargs, module_config
 from mmh_jax.models.layers import attention
 
-__all__ = ["CLIPTextModel", "CLIPTextOutput"]
+__all__ = ["CLIPModel", "CLIPOutput", "CLIPTextModel", "CLIPTextOutput", "CLIPVisionModel",
+           "CLIPVisionOutput"]
 
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new")
 # Keys of a transformers config.json that describe the file, the training set-up or the
@@ -84,10 +88,38 @@ def _layer_norm(epsilon: float, name: str, dtype: Any, param_dtype: Any) -> nn.L
                         param_dtype=param_dtype)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_tower(module: Any, what: str, sizes: tuple[str, ...]):
+    """Check the config keys the text and vision towers share, and ``sizes`` (positive ints);
+    returns the error factory ``bad(key, expected)`` for the tower's own checks."""
+    def bad(key: str, expected: str) -> ValueError:
+        return ValueError(f"{what}: {key}={getattr(module, key)!r} is not supported; "
+                          f"expected {expected}")
+
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                *sizes):
+        if not _positive_int(getattr(module, key)):
+            raise bad(key, "a positive int")
+    if module.projection_dim is not None and not _positive_int(module.projection_dim):
+        raise bad("projection_dim", "None or a positive int")
+    if module.hidden_size % module.num_attention_heads:
+        raise bad("num_attention_heads", f"a divisor of hidden_size={module.hidden_size}")
+    if module.hidden_act not in _ACTIVATIONS:
+        raise bad("hidden_act", " or ".join(map(repr, _ACTIVATIONS)))
+    if not isinstance(module.layer_norm_eps, (int, float)) or not module.layer_norm_eps > 0:
+        raise bad("layer_norm_eps", "a positive number")
+    return bad
+
+
 class _SelfAttention(nn.Module):
-    """transformers' ``CLIPAttention`` with the causal mask: q, k, v and out projections."""
+    """transformers' ``CLIPAttention``: q, k, v and out projections; ``causal`` for the text
+    tower's mask (the vision tower attends to every token)."""
 
     heads: int
+    causal: bool
     dtype: Any
     param_dtype: Any
 
@@ -97,7 +129,7 @@ class _SelfAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q, k, v = (nn.Dense(width, name=name, **kw)(x).reshape(b, n, self.heads, -1)
                    for name in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, causal=True).reshape(b, n, width)
+        out = attention(q, k, v, causal=self.causal).reshape(b, n, width)
         return nn.Dense(width, name="out_proj", **kw)(out)
 
 
@@ -123,26 +155,29 @@ class _EncoderLayer(nn.Module):
     intermediate_size: int
     hidden_act: str
     eps: float
+    causal: bool
     dtype: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, h: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = h + _SelfAttention(self.heads, name="self_attn", **kw)(
+        h = h + _SelfAttention(self.heads, self.causal, name="self_attn", **kw)(
             _layer_norm(self.eps, "layer_norm1", **kw)(h))
         return h + _MLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(
             _layer_norm(self.eps, "layer_norm2", **kw)(h))
 
 
 class _Encoder(nn.Module):
-    """transformers' ``CLIPEncoder``: the stack of layers (scopes ``layers_0``, ...)."""
+    """transformers' ``CLIPEncoder``: the stack of layers (scopes ``layers_0``, ...), shared by
+    the text tower (``causal=True``) and the vision tower (``causal=False``)."""
 
     num_layers: int
     heads: int
     intermediate_size: int
     hidden_act: str
     eps: float
+    causal: bool
     dtype: Any
     param_dtype: Any
 
@@ -150,7 +185,7 @@ class _Encoder(nn.Module):
     def __call__(self, h: Array) -> Array:
         for i in range(self.num_layers):
             h = _EncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps,
-                              name=f"layers_{i}", dtype=self.dtype,
+                              self.causal, name=f"layers_{i}", dtype=self.dtype,
                               param_dtype=self.param_dtype)(h)
         return h
 
@@ -214,24 +249,7 @@ class CLIPTextModel(nn.Module):
         self._check_config()
 
     def _check_config(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"CLIPTextModel: {key}={getattr(self, key)!r} is not supported; "
-                              f"expected {expected}")
-
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(key, "a positive int")
-        if self.projection_dim is not None and (not isinstance(self.projection_dim, int)
-                                                or self.projection_dim < 1):
-            raise bad("projection_dim", "None or a positive int")
-        if self.hidden_size % self.num_attention_heads:
-            raise bad("num_attention_heads", f"a divisor of hidden_size={self.hidden_size}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise bad("hidden_act", " or ".join(map(repr, _ACTIVATIONS)))
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise bad("layer_norm_eps", "a positive number")
+        bad = _check_tower(self, "CLIPTextModel", ("vocab_size", "max_position_embeddings"))
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
             raise bad("eos_token_id", "an int (it selects the pooled position)")
         for key in ("pad_token_id", "bos_token_id"):
@@ -299,7 +317,7 @@ class CLIPTextModel(nn.Module):
         h = _Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                         name="embeddings", **kw)(input_ids)
         h = _Encoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                     self.hidden_act, self.layer_norm_eps, name="encoder", **kw)(h)
+                     self.hidden_act, self.layer_norm_eps, True, name="encoder", **kw)(h)
         h = _layer_norm(self.layer_norm_eps, "final_layer_norm", **kw)(h)
         if self.eos_token_id == 2:  # legacy configs: the end token is the largest id
             eos = jnp.argmax(input_ids, axis=-1)
@@ -307,3 +325,282 @@ class CLIPTextModel(nn.Module):
             eos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(h, eos[:, None, None], axis=1)[:, 0]
         return CLIPTextOutput(h, pooled)
+
+
+# --- the vision tower and the two-tower model -----------------------------------------------
+
+
+class CLIPVisionOutput(NamedTuple):
+    """What :class:`CLIPVisionModel` returns.
+
+    Attributes:
+        last_hidden_state: the encoder's output at the class token and every patch,
+            ``[b, 1 + patches, hidden]`` (before ``post_layernorm``, as transformers returns it).
+        pooled: ``post_layernorm`` of the class token's state, ``[b, hidden]`` (transformers'
+            ``pooler_output``).
+    """
+
+    last_hidden_state: Float[Array, "b n hidden"]
+    pooled: Float[Array, "b hidden"]
+
+
+class _VisionEmbeddings(nn.Module):
+    """transformers' ``CLIPVisionEmbeddings``: patch convolution (no bias), class token, and
+    learned position embeddings. Takes NHWC pixels."""
+
+    hidden_size: int
+    patch_size: int
+    num_positions: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, pixels: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        p = self.patch_size
+        patches = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                          use_bias=False, name="patch_embedding", **kw)(pixels)
+        b = patches.shape[0]
+        patches = patches.reshape(b, -1, self.hidden_size)  # row-major, as torch's flatten(2)
+        cls = self.param("class_embedding", nn.initializers.normal(0.02), (self.hidden_size,),
+                         self.param_dtype)
+        cls = jnp.broadcast_to(jnp.asarray(cls, self.dtype), (b, 1, self.hidden_size))
+        h = jnp.concatenate([cls, patches.astype(self.dtype)], axis=1)
+        positions = nn.Embed(self.num_positions, self.hidden_size, name="position_embedding",
+                             **kw)
+        return h + positions(jnp.arange(self.num_positions))[None]
+
+
+class CLIPVisionModel(nn.Module):
+    """transformers' ``CLIPVisionModel`` (the ViT image tower of CLIP), in Flax.
+
+    Attributes are transformers' ``CLIPVisionConfig`` keys (same names, same defaults);
+    ``projection_dim`` is accepted and unused (the projection belongs to :class:`CLIPModel`).
+    The network: a ``patch_size`` convolution without bias, a learned class token, learned
+    position embeddings, ``pre_layrnorm`` (transformers' spelling), ``num_hidden_layers``
+    pre-LayerNorm transformer layers without mask (the text tower's layers), and
+    ``post_layernorm`` of the class token. Parameter scopes follow the PyTorch names without
+    the ``vision_model.`` prefix (``embeddings/patch_embedding``, ``encoder/layers_0/...``), see
+    :mod:`mmh_jax.convert.clip`. ``dtype`` is the compute dtype, ``param_dtype`` the
+    parameters'.
+
+    Call: ``module.apply({"params": params}, pixel_values [b, num_channels, image_size,
+    image_size])`` (NCHW, normalised as the model's image processor does) returns a
+    :class:`CLIPVisionOutput` in ``dtype``. Other image sizes are refused (transformers'
+    ``interpolate_pos_encoding`` is not ported).
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int | None = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: Literal["quick_gelu", "gelu", "gelu_new"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = _check_tower(self, "CLIPVisionModel", ("num_channels", "image_size", "patch_size"))
+        if self.image_size % self.patch_size:
+            raise bad("patch_size", f"a divisor of image_size={self.image_size}")
+
+    @property
+    def num_positions(self) -> int:
+        """The class token plus ``(image_size / patch_size) ** 2`` patches."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> "CLIPVisionModel":
+        """The module a transformers ``CLIPVisionModel`` config describes, read strictly.
+
+        Args:
+            config: the parsed ``config.json`` (or ``CLIPVisionConfig.to_dict()``, a
+                ``CLIPModel`` config's ``vision_config``). Absent keys take transformers'
+                defaults; ``model_type`` must be ``"clip_vision_model"`` if present; keys that do
+                not change the inference forward pass are skipped.
+            dtype: compute dtype.
+            param_dtype: parameter dtype.
+
+        Raises:
+            TypeError: if ``config`` is not a mapping.
+            ValueError: naming the first key this port does not know or does not support.
+        """
+        kwargs = config_kwargs(cls, config, what="CLIPVisionModel",
+                               kind=("model_type", "clip_vision_model"), skip=_BOOKKEEPING)
+        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
+        return {"model_type": "clip_vision_model", **module_config(self)}
+
+    @nn.compact
+    def __call__(self, pixel_values: Float[ArrayLike, "b c h w"]) -> CLIPVisionOutput:
+        """Encode images.
+
+        Args:
+            pixel_values: ``[b, num_channels, image_size, image_size]`` floats (NCHW), as the
+                model's image processor makes them.
+
+        Returns:
+            :class:`CLIPVisionOutput` ``(last_hidden_state [b, 1 + patches, hidden_size],
+            pooled [b, hidden_size])`` in the compute dtype.
+
+        Raises:
+            TypeError: if ``pixel_values`` are not floats.
+            ValueError: if the shape is not ``[b, num_channels, image_size, image_size]``.
+        """
+        pixel_values = jnp.asarray(pixel_values)
+        if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+            raise TypeError(f"pixel_values must be floats (normalised pixels), got dtype "
+                            f"{pixel_values.dtype}")
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+            raise ValueError(f"pixel_values must have shape [b, {', '.join(map(str, expected))}] "
+                             f"(NCHW), got {pixel_values.shape}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pixels = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
+        h = _VisionEmbeddings(self.hidden_size, self.patch_size, self.num_positions,
+                              name="embeddings", **kw)(pixels)
+        h = _layer_norm(self.layer_norm_eps, "pre_layrnorm", **kw)(h)
+        h = _Encoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
+                     self.hidden_act, self.layer_norm_eps, False, name="encoder", **kw)(h)
+        pooled = _layer_norm(self.layer_norm_eps, "post_layernorm", **kw)(h[:, 0])
+        return CLIPVisionOutput(h, pooled)
+
+
+class CLIPOutput(NamedTuple):
+    """What :class:`CLIPModel` returns.
+
+    Attributes:
+        image_embeds: projected, L2-normalised image embeddings ``[b, projection_dim]``.
+        text_embeds: projected, L2-normalised text embeddings ``[t, projection_dim]``.
+        logits_per_image: ``exp(logit_scale) * image_embeds @ text_embeds.T``, ``[b, t]``.
+    """
+
+    image_embeds: Float[Array, "b dim"]
+    text_embeds: Float[Array, "t dim"]
+    logits_per_image: Float[Array, "b t"]
+
+
+def _l2_normalise(x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class CLIPModel(nn.Module):
+    """transformers' ``CLIPModel``: both towers and their projections (no bias), in Flax.
+
+    Attributes:
+        text_model: the :class:`CLIPTextModel` (parameter scope ``text_model``).
+        vision_model: the :class:`CLIPVisionModel` (parameter scope ``vision_model``).
+        projection_dim: the joint embedding width (``visual_projection`` and
+            ``text_projection``, scopes of those names, kernels without bias).
+        logit_scale_init_value: the initial ``logit_scale`` (a scalar parameter, kept from
+            the checkpoint).
+        dtype, param_dtype: compute and parameter dtypes of the projections (the towers have
+            their own; :meth:`from_config` sets all alike).
+
+    Call: ``module.apply(variables, pixel_values, input_ids)`` returns a :class:`CLIPOutput`;
+    ``method="embed_images"`` / ``"embed_texts"`` give one side's normalised embeddings
+    (float32) and ``"image_features"`` / ``"text_features"`` the projected, unnormalised
+    features (transformers' ``get_image_features`` / ``get_text_features``).
+    """
+
+    text_model: CLIPTextModel
+    vision_model: CLIPVisionModel
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not _positive_int(self.projection_dim):
+            raise ValueError(f"CLIPModel: projection_dim={self.projection_dim!r} is not "
+                             "supported; expected a positive int")
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        self.visual_projection = nn.Dense(self.projection_dim, **kw)
+        self.text_projection = nn.Dense(self.projection_dim, **kw)
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(self.logit_scale_init_value), (),
+            self.param_dtype)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> "CLIPModel":
+        """The module a transformers ``CLIPModel`` ``config.json`` describes, read strictly.
+
+        Args:
+            config: the parsed ``config.json`` (or ``CLIPConfig.to_dict()``): ``model_type``
+                ``"clip"`` if present, ``text_config`` and ``vision_config`` (read by
+                :meth:`CLIPTextModel.from_config` and :meth:`CLIPVisionModel.from_config`;
+                transformers 4's ``text_config_dict`` / ``vision_config_dict`` override them
+                key by key, as transformers reads them), ``projection_dim``,
+                ``logit_scale_init_value``; bookkeeping keys are skipped.
+            dtype: compute dtype of every part.
+            param_dtype: parameter dtype of every part.
+
+        Raises:
+            TypeError: if ``config`` or a sub-config is not a mapping.
+            ValueError: naming the first key (``text_config.`` / ``vision_config.`` prefixed
+                for the towers' keys) this port does not know or does not support.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (a parsed config.json), got "
+                            f"{type(config).__name__}")
+        config = dict(config)
+        towers = {}
+        for side, tower in (("text", CLIPTextModel), ("vision", CLIPVisionModel)):
+            sub = config.pop(f"{side}_config", None) or {}
+            override = config.pop(f"{side}_config_dict", None) or {}
+            if not isinstance(sub, Mapping) or not isinstance(override, Mapping):
+                raise TypeError(f"CLIPModel config: {side}_config must be a mapping")
+            try:
+                towers[f"{side}_model"] = tower.from_config({**sub, **override}, dtype=dtype,
+                                                            param_dtype=param_dtype)
+            except ValueError as err:
+                raise ValueError(f"CLIPModel config: {side}_config: {err}") from None
+        for key in towers:
+            if key in config:
+                raise ValueError(f"CLIPModel config: unknown key {key!r}")
+        kwargs = config_kwargs(cls, config, what="CLIPModel", kind=("model_type", "clip"),
+                               skip=_BOOKKEEPING)
+        return cls(**towers, **kwargs, dtype=dtype, param_dtype=param_dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The transformers ``CLIPConfig`` dict (JSON-serialisable) :meth:`from_config` reads."""
+        return {"model_type": "clip", "text_config": self.text_model.to_config(),
+                "vision_config": self.vision_model.to_config(),
+                "projection_dim": self.projection_dim,
+                "logit_scale_init_value": self.logit_scale_init_value}
+
+    def image_features(self, pixel_values: Float[ArrayLike, "b c h w"]) -> Array:
+        """``visual_projection`` of the vision tower's pooled state, ``[b, projection_dim]``."""
+        return self.visual_projection(self.vision_model(pixel_values).pooled)
+
+    def text_features(self, input_ids: Int[ArrayLike, "b n"]) -> Array:
+        """``text_projection`` of the text tower's pooled state, ``[b, projection_dim]``."""
+        return self.text_projection(self.text_model(input_ids).pooled)
+
+    def embed_images(self, pixel_values: Float[ArrayLike, "b c h w"]
+                     ) -> Float[Array, "b dim"]:
+        """Projected, L2-normalised image embeddings (float32)."""
+        return _l2_normalise(self.image_features(pixel_values))
+
+    def embed_texts(self, input_ids: Int[ArrayLike, "b n"]) -> Float[Array, "b dim"]:
+        """Projected, L2-normalised text embeddings (float32)."""
+        return _l2_normalise(self.text_features(input_ids))
+
+    def __call__(self, pixel_values: Float[ArrayLike, "b c h w"],
+                 input_ids: Int[ArrayLike, "t n"]) -> CLIPOutput:
+        image, text = self.embed_images(pixel_values), self.embed_texts(input_ids)
+        logits = jnp.exp(self.logit_scale.astype(jnp.float32)) * image @ text.T
+        return CLIPOutput(image, text, logits)
