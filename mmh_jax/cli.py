@@ -25,6 +25,9 @@ Subcommands:
   FLIPD) for every prompt or image-caption pair, with histograms, AUROCs and TPR at 1% FPR.
 * ``mmh-jax gan lid MODEL``: Jacobian-rank LID of class-balanced StyleGAN2-ADA samples with
   the paper's threshold (Figure 5a-b).
+* ``mmh-jax cifar10 run --train DATA --model CKPT --arch {iddpm,unet2d,stylegan2}`` and
+  ``mmh-jax cifar10 report OUT --labels LABELS.csv``: the paper's CIFAR-10 analysis (Figure 5,
+  Figure 8): LID_theta, nearest training images, LID_*, then detection metrics from hand labels.
 
 The conversions are strict (every tensor must match the architecture) and print a summary
 table. Errors in the input are reported as one line on stderr with exit status 2 (a checkpoint
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parsers(commands)
     _add_sd_parsers(commands)
     _add_gan_parsers(commands)
+    _add_cifar10_parsers(commands)
     _add_score_parsers(commands)
     return parser
 
@@ -221,6 +225,44 @@ def _add_gan_parsers(commands: Any) -> None:
             "mmh-jax gan lid cifar10.pkl -n 50000 -o cifar10-gan-lid"),
     )
     cifar10_gan.add_arguments(lid)
+
+
+def _add_cifar10_parsers(commands: Any) -> None:
+    """The ``cifar10`` command and its ``run`` and ``report`` subcommands."""
+    from mmh_jax.experiments import cifar10
+
+    group = commands.add_parser(
+        "cifar10", help="the paper's CIFAR-10 memorization analysis (Figure 5, Figure 8)",
+        description="The paper's CIFAR-10 analysis on your training images and checkpoint "
+        "(iDDPM, diffusers UNet2D or StyleGAN2-ADA): sample, LID_theta, nearest training "
+        "images, LID_*, PNG complexity; then detection metrics from hand labels.")
+    tools = group.add_subparsers(dest="cifar10_command", metavar="TOOL", parser_class=_Parser)
+    tools.required = True
+    run = tools.add_parser(
+        "run", help="generate, estimate LID_theta and LID_*, retrieve nearest training images",
+        **_described(
+            "Generate samples (DDIM for diffusion models, class-balanced latents for "
+            "StyleGAN2-ADA), estimate LID_theta (FLIPD t0=0.05 or the normal bundle t0=0.1 "
+            "for diffusion models; Jacobian rank at the pooled 10th percentile for StyleGAN), "
+            "find each sample's nearest training image by calibrated l2 (and SSCD with "
+            "--sscd), estimate that image's LID_* with local PCA, and the PNG length. Writes "
+            "results.parquet/.csv, pairs_<distance>.png and to_label.csv. Diffusion models: "
+            "only converted .safetensors files (or, for unet2d, diffusers folders), which "
+            "carry their own flags.",
+            "mmh-jax cifar10 run --train cifar10-train/ --model cifar10.pkl --arch stylegan2 "
+            "-n 50000 -o cifar10-gan"),
+    )
+    cifar10.add_run_arguments(run)
+    rep = tools.add_parser(
+        "report", help="detection metrics and figures from hand labels of a run",
+        **_described(
+            "Join hand labels (exact / reconstructive / not) with a run's results and write "
+            "histograms.png (Figure 5 / 8), roc.png and detection.csv: AUROC, TPR at 1% FPR "
+            "and AP with bootstrap 95% CIs of LID_theta, LID_* and their PNG-normalised "
+            "variants (memorized = exact or reconstructive; small LID = memorized).",
+            "mmh-jax cifar10 report cifar10-gan --labels cifar10-gan/to_label.csv"),
+    )
+    cifar10.add_report_arguments(rep)
 
 
 def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, text: str,
@@ -375,6 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mmh_jax.experiments import cifar10_gan
 
             cifar10_gan.run(cifar10_gan.config_from_args(args))
+            return 0
+        if args.command == "cifar10":
+            from mmh_jax.experiments import cifar10
+
+            if args.cifar10_command == "report":
+                cifar10.report(cifar10.report_config_from_args(args))
+            else:
+                cifar10.run(cifar10.run_config_from_args(args))
             return 0
         if args.command == "demo":
             if args.demo == "digits":

@@ -182,6 +182,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     import jax.numpy as jnp
 
     from mmh_jax.convert import ConversionError
+    from mmh_jax.evaluation import png_length
     from mmh_jax.memorization import gan_lid
     from mmh_jax.models import load_stylegan2
 
@@ -231,7 +232,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
                 z, classes = sample_latents(indices, seed=config.seed, z_dim=module.z_dim,
                                             c_dim=module.c_dim)
                 spectra, images = batch_spectra(z, classes)
-                png = np.array([_png_bytes(image) for image in images])
+                png = png_length(images, level=9).astype(np.float64)
                 target = out / "parts" / f"{indices[0]:08d}-{indices[-1]:08d}.npz"
                 with atomic_path(target) as tmp, open(tmp, "wb") as f:
                     np.savez(f, spectra=spectra, png_bytes=png)
@@ -286,12 +287,6 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(images.transpose(0, 2, 3, 1) * 127.5 + 128, 0, 255).astype(np.uint8)
 
 
-def _png_bytes(image: np.ndarray) -> float:
-    from mmh_jax.scoring.columns import PngSize
-
-    return PngSize().host(image)["png_bytes"]
-
-
 def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:
     lid = table["lid"]
     summary = {"samples": len(lid), "threshold": threshold, "percentile": config.percentile,
@@ -301,16 +296,16 @@ def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dic
                              for c in np.unique(table["class"]) if c >= 0},
                "per_label": {}, "timings": timings}
     if "label" in table:
-        from mmh_jax.experiments.stable_diffusion import detection_metrics
+        from mmh_jax.evaluation import auroc
 
         labels = table["label"]
         not_mem = labels == NOT_MEMORIZED
         for name in sorted(set(labels.tolist()) - {""}):
             mask = labels == name
-            auroc = (detection_metrics(lid[mask | not_mem], mask[mask | not_mem],
-                                       higher_is_memorized=False)[0]
+            both = mask | not_mem
+            score = (auroc(lid[both], mask[both], higher_is_positive=False)
                      if name != NOT_MEMORIZED and not_mem.any() else float("nan"))
-            summary["per_label"][name] = (int(mask.sum()), float(np.median(lid[mask])), auroc)
+            summary["per_label"][name] = (int(mask.sum()), float(np.median(lid[mask])), score)
     return summary
 
 

@@ -207,15 +207,16 @@ def _load_images(items: list[Item], size: int) -> np.ndarray:
 def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memorized: bool,
                       fpr: float = 0.01) -> tuple[float, float]:
     """AUROC and TPR at ``fpr`` false-positive rate of a score for the label "memorized"
-    (scikit-learn's ``roc_auc_score`` and ``roc_curve``); NaN without both classes."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    (:func:`mmh_jax.evaluation.auroc` and :func:`mmh_jax.evaluation.tpr_at_fpr`); NaN without
+    both classes."""
+    from mmh_jax.evaluation import auroc, tpr_at_fpr
 
     labels = np.asarray(labels, bool)
     if labels.all() or not labels.any():
         return float("nan"), float("nan")
-    signed = np.asarray(scores, np.float64) * (1 if higher_is_memorized else -1)
-    fprs, tprs, _ = roc_curve(labels, signed)
-    return float(roc_auc_score(labels, signed)), float(tprs[fprs <= fpr].max())
+    scores = np.asarray(scores, np.float64)
+    return (auroc(scores, labels, higher_is_positive=higher_is_memorized),
+            tpr_at_fpr(scores, labels, fpr, higher_is_positive=higher_is_memorized))
 
 
 def _read_done(out: Path, items: list[Item]) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import zlib
 from typing import ClassVar, Literal, NamedTuple, Protocol
 
@@ -289,8 +288,9 @@ def _nearest(x: Array, reference: Array, chunk: int) -> tuple[Array, Array]:
 
 @_column()
 class PngSize:
-    """The length in bytes of the image as a PNG at compression level 9: the image-complexity
-    proxy by which the paper normalises LID (Appendix E, after Kamkari et al. 2024b)."""
+    """The length in bytes of the image as a PNG at compression level 9, encoded by OpenCV as
+    the paper did (:func:`mmh_jax.evaluation.png_length`): the image-complexity proxy by which
+    the paper normalises LID (Appendix C.2, after Kamkari et al. 2024b)."""
 
     on_host: ClassVar[bool] = True
     needs_text: ClassVar[bool] = False
@@ -305,12 +305,9 @@ class PngSize:
 
     def host(self, image: np.ndarray) -> dict[str, float]:
         """``image``: uint8 ``[h, w, c]``."""
-        from PIL import Image
+        from mmh_jax.evaluation import png_length
 
-        buffer = io.BytesIO()
-        pixels = image[..., 0] if image.shape[-1] == 1 else image
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
-        return {"png_bytes": float(buffer.tell())}
+        return {"png_bytes": float(png_length(image[None], level=9)[0])}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,137 @@
+"""``mmh-jax cifar10 run`` / ``report`` end to end on a tiny random StyleGAN2 (8x8 RGB, two
+classes) and upscaled scikit-learn digits as the training set."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmh_jax.cli import main
+
+GAN = Path(__file__).parents[1] / "models" / "fixtures" / "stylegan2" / "orig.pkl"
+N = 8
+
+
+def _digits(n: int = 120) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images[:n]  # [n, 8, 8] in 0..16
+    x = np.clip(np.round(x * 255 / 16), 0, 255).astype(np.uint8)
+    return np.repeat(x[..., None], 3, axis=-1)  # 8x8x3
+
+
+def _run(train: Path, out: Path) -> int:
+    return main(["cifar10", "run", "--train", str(train), "--model", str(GAN),
+                 "--arch", "stylegan2", "-n", str(N), "-o", str(out), "--top-k", "4",
+                 "--lpca-k", "10", "--calibration-n", "10", "--batch-size", "4", "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar10")
+    train = root / "train.npz"
+    np.savez(train, x=_digits().transpose(0, 3, 1, 2))  # NCHW is accepted too
+    assert _run(train, root / "out") == 0
+    return root
+
+
+def _table(out: Path) -> dict:
+    return pq.read_table(out / "results.parquet").to_pydict()
+
+
+def test_run_writes_files_and_columns(run_dir):
+    out = run_dir / "out"
+    for name in ("results.parquet", "results.csv", "pairs_calibrated_l2.png", "to_label.csv",
+                 "samples.npz", "lid_star_train.npy"):
+        assert (out / name).is_file(), name
+    table = _table(out)
+    assert list(table) == ["id", "train_index", "calibrated_l2", "l2", "lid_theta", "lid_star",
+                           "png_length", "train_png_length", "lid_theta_normalised",
+                           "lid_star_normalised"]
+    assert table["id"] == list(range(N))
+    np.testing.assert_allclose(table["lid_theta_normalised"],
+                               np.array(table["lid_theta"]) / np.array(table["png_length"]))
+    with open(out / "to_label.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["distance"] for r in rows] == ["calibrated_l2"] * 4
+    assert all(r["label"] == "" for r in rows)
+    # the top-k rows are the k smallest calibrated l2
+    assert sorted(int(r["id"]) for r in rows) == sorted(
+        np.argsort(table["calibrated_l2"], kind="stable")[:4].tolist())
+
+
+def test_nearest_is_bruteforce_argmin(run_dir):
+    from mmh_jax.evaluation import to_uint8_nhwc
+
+    table = _table(run_dir / "out")
+    with np.load(run_dir / "out" / "samples.npz") as data:
+        samples = to_uint8_nhwc(data["images"]).astype(np.float64) / 127.5 - 1
+    train = _digits().astype(np.float64) / 127.5 - 1
+    d = np.linalg.norm(samples.reshape(N, 1, -1) - train.reshape(1, len(train), -1), axis=-1)
+    assert table["train_index"] == d.argmin(1).tolist()
+    np.testing.assert_allclose(table["l2"], d.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_planted_copy_gets_smallest_calibrated_l2(run_dir):
+    from mmh_jax.evaluation import to_uint8_nhwc
+
+    with np.load(run_dir / "out" / "samples.npz") as data:
+        copy = to_uint8_nhwc(data["images"][3:4])
+    train = np.concatenate([_digits(), copy])
+    np.savez(run_dir / "planted.npz", x=train)
+    assert _run(run_dir / "planted.npz", run_dir / "planted") == 0
+    table = _table(run_dir / "planted")
+    assert table["train_index"][3] == len(train) - 1
+    assert table["calibrated_l2"][3] == 0.0
+    assert int(np.argmin(table["calibrated_l2"])) == 3
+
+
+def test_report_matches_sklearn(run_dir, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    out = run_dir / "out"
+    labels = run_dir / "labels.csv"
+    given = {0: "exact", 1: "not", 2: "reconstructive", 3: "not", 5: "not"}
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label"])
+        w.writerows(given.items())
+        w.writerow([6, ""])  # an empty label is skipped
+    assert main(["cifar10", "report", str(out), "--labels", str(labels), "--unlabelled",
+                 "drop", "--bootstrap", "50"]) == 0
+    for name in ("detection.csv", "histograms.png", "roc.png"):
+        assert (out / name).is_file(), name
+    table = _table(out)
+    ids = sorted(given)
+    y = np.array([given[i] != "not" for i in ids])
+    with open(out / "detection.csv", newline="") as f:
+        rows = {r["signal"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"lid_theta", "lid_theta_normalised", "lid_star", "lid_star_normalised"}
+    for signal, row in rows.items():
+        expected = roc_auc_score(y, -np.array(table[signal])[ids])
+        assert float(row["auroc"]) == pytest.approx(expected, abs=1e-12)
+        assert float(row["auroc_low"]) <= float(row["auroc_high"])
+    assert "AUROC" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(folder / "b.png")
+    capsys.readouterr()
+    assert _run(folder, tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert "b.png" in err and "\n" not in err
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,label\n0,exact\n99,not\n")
+    assert main(["cifar10", "report", str(run_dir / "out"), "--labels", str(labels)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "99" in err and "\n" not in err
