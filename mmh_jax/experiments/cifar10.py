@@ -290,15 +290,14 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
                 percentile_threshold,
             )
             from mmh_jax.sampling import ddim_sample
-            from mmh_jax.schedules import broadcast_to_event
 
             schedule, score_fn = model.schedule, model.score_fn
             require(config.steps <= schedule.num_timesteps,
                     f"--steps must be at most the model's {schedule.num_timesteps} timesteps")
 
-            def eps_fn(x, t, context):  # unconditional: the context is ignored
-                return -broadcast_to_event(schedule.sigma(t), x) * score_fn(x, t)
+            from jax.tree_util import Partial
 
+            eps_fn = Partial(_eps_of_score, score_fn, schedule)
             dummy = jnp.zeros((1, 1), jnp.float32)
             root = jax.random.PRNGKey(config.seed)
             noise_root, lid_root = jax.random.split(root)
@@ -314,7 +313,7 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
                     keys_of(noise_root, jnp.asarray(pad, jnp.uint32)))
                 x = ddim_sample(eps_fn, noise, dummy, dummy, schedule=schedule, guidance=0.0,
                                 num_steps=config.steps, steps_offset=0,
-                                set_alpha_to_one=True).images
+                                set_alpha_to_one=True).sample
                 x = jnp.clip(x, -1.0, 1.0)
                 # LID of the image as saved (rounded to uint8), so every signal sees one image
                 x = jnp.round((x + 1) * 127.5) / 127.5 - 1
@@ -330,6 +329,14 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
                 threshold = percentile_threshold(spectra, config.percentile)
                 lid[:] = np.asarray(lid_from_singular_values(spectra, threshold, space="normal"))
     return images, lid, spectra
+
+
+def _eps_of_score(score_fn, schedule, x, t, context):
+    """The noise prediction ``-sigma(t) score(x, t)`` of an unconditional model, in
+    :func:`mmh_jax.sampling.ddim_sample`'s ``eps_fn(x_t, t, context)`` form (context ignored)."""
+    from mmh_jax.schedules import broadcast_to_event
+
+    return -broadcast_to_event(schedule.sigma(t), x) * score_fn(x, t)
 
 
 def run(config: Cifar10Config, *, console: Console | None = None):

@@ -226,7 +226,7 @@ def nearest_neighbours(
     return Neighbours(dist, idx)
 
 
-@partial(jax.jit, static_argnames=())
+@jax.jit
 def _calibrate(dist: Array, alpha: Array) -> Array:
     nearest = dist[:, 0]
     ref = alpha * jnp.mean(dist, axis=1)

@@ -135,3 +135,31 @@ def test_bad_inputs_exit_2(run_dir, tmp_path, capsys):
     assert main(["cifar10", "report", str(run_dir / "out"), "--labels", str(labels)]) == 2
     err = capsys.readouterr().err.strip()
     assert "99" in err and "\n" not in err
+
+
+def test_diffusion_unet2d_flipd(tmp_path):
+    """A tiny random diffusers-style UNet2D written by save_unet2d: DDIM + FLIPD end to end."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmh_jax.models import (
+        Pretrained,
+        UNet2D,
+        ddpm_from_scheduler_config,
+        eps_score_fn,
+        save_unet2d,
+    )
+
+    m = UNet2D(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+               down_block_types=("DownBlock2D", "DownBlock2D"), attention_head_dim=None,
+               up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False)
+    params = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,)))["params"]
+    s = ddpm_from_scheduler_config({"num_train_timesteps": 100})
+    save_unet2d(tmp_path / "unet.safetensors", Pretrained(m, params, s, eps_score_fn(m, params, s)))
+    np.savez(tmp_path / "train.npz", x=_digits(60))
+    assert main(["cifar10", "run", "--train", str(tmp_path / "train.npz"), "--model",
+                 str(tmp_path / "unet.safetensors"), "--arch", "unet2d", "-n", "4", "--steps", "2",
+                 "-o", str(tmp_path / "out"), "--lpca-k", "5", "--calibration-n", "5",
+                 "--top-k", "2", "--quiet"]) == 0
+    table = _table(tmp_path / "out")
+    assert len(table["id"]) == 4 and np.all(np.isfinite(table["lid_theta"]))
