@@ -1,6 +1,6 @@
 """Memorization labels from LID estimates (the manifold memorization hypothesis), the
-memorization metrics of text-conditional diffusion models, and the Jacobian-rank LID of GAN
-samples."""
+memorization metrics of text-conditional diffusion models, their differentiable prompt versions
+with token attributions and mitigation, and the Jacobian-rank LID of GAN samples."""
 
 from mmh_jax.memorization.classify import (
     DD_MEM,
@@ -19,6 +19,32 @@ from mmh_jax.memorization.conditional import (
     generation_cfg_norms,
     image_cfg_norms,
 )
+from mmh_jax.memorization.prompt import (
+    EmbeddingOptimization,
+    Metric,
+    MetricPoints,
+    TokenAttribution,
+    memorized_when_high,
+    metric_values,
+    noised_points,
+    optimize_embedding,
+    prompt_metric,
+    token_attributions,
+    trajectory_points,
+)
+from mmh_jax.memorization.rephrase import (
+    ChatRephraser,
+    RephraseOutcome,
+    Rephraser,
+    SynonymRephraser,
+    choose_tokens,
+    clip_vocabulary_words,
+    random_token_addition,
+    rephrase,
+    selected_words,
+    token_probabilities,
+    uniform_tokens,
+)
 
 __all__ = [
     "classify",
@@ -34,4 +60,26 @@ __all__ = [
     "generation_cfg_norms",
     "image_cfg_norms",
     "gan_lid",
+    "Metric",
+    "MetricPoints",
+    "TokenAttribution",
+    "EmbeddingOptimization",
+    "memorized_when_high",
+    "trajectory_points",
+    "noised_points",
+    "metric_values",
+    "prompt_metric",
+    "token_attributions",
+    "optimize_embedding",
+    "Rephraser",
+    "RephraseOutcome",
+    "SynonymRephraser",
+    "ChatRephraser",
+    "rephrase",
+    "choose_tokens",
+    "token_probabilities",
+    "uniform_tokens",
+    "selected_words",
+    "random_token_addition",
+    "clip_vocabulary_words",
 ]
