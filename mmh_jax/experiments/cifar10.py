@@ -62,6 +62,7 @@ LABELS = ("exact", "reconstructive", "not")
 MEMORIZED = ("exact", "reconstructive")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _DEFAULT_T0 = {"flipd": 0.05, "normal_bundle": 0.1}
+_SSCD_ARCHS = ("resnext101_32x4d", "resnet50")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +262,6 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
         task = progress.add_task(f"sampling + {method}", total=n)
         if config.arch == "stylegan2":
             from mmh_jax.experiments.cifar10_gan import sample_latents
-            from mmh_jax.lid import numerical_rank, percentile_threshold
             from mmh_jax.memorization import gan_lid
 
             module = model.module
@@ -280,15 +280,9 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
                 images[idx] = out[:len(idx)]
                 progress.advance(task, len(idx))
             spectra = np.concatenate(spectra_list)
-            threshold = percentile_threshold(spectra, config.percentile)
-            lid[:] = np.asarray(numerical_rank(spectra, threshold))
+            lid[:] = _lid_from_spectra(method, spectra, config.percentile)
         else:
-            from mmh_jax.lid import (
-                flipd,
-                lid_from_singular_values,
-                normal_bundle,
-                percentile_threshold,
-            )
+            from mmh_jax.lid import flipd, normal_bundle
             from mmh_jax.sampling import ddim_sample
 
             schedule, score_fn = model.schedule, model.score_fn
@@ -326,9 +320,20 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
                 progress.advance(task, len(idx))
             if method == "normal_bundle":
                 spectra = np.concatenate(spectra_list)
-                threshold = percentile_threshold(spectra, config.percentile)
-                lid[:] = np.asarray(lid_from_singular_values(spectra, threshold, space="normal"))
+                lid[:] = _lid_from_spectra(method, spectra, config.percentile)
     return images, lid, spectra
+
+
+def _lid_from_spectra(method: str, spectra: np.ndarray, percentile: float) -> np.ndarray:
+    """LID_theta from the spectra of all samples of a run, thresholded at their pooled
+    ``percentile`` (Appendix C.1): the Jacobian's rank (StyleGAN2) or ``d`` minus the normal
+    bundle's rank."""
+    from mmh_jax.lid import lid_from_singular_values, numerical_rank, percentile_threshold
+
+    threshold = percentile_threshold(spectra, percentile)
+    if method == "jacobian_rank":
+        return np.asarray(numerical_rank(spectra, threshold))
+    return np.asarray(lid_from_singular_values(spectra, threshold, space="normal"))
 
 
 def _eps_of_score(score_fn, schedule, x, t, context):
@@ -372,6 +377,12 @@ def run(config: Cifar10Config, *, console: Console | None = None):
                 if len(data["lid_theta"]) >= config.num_samples:
                     images = data["images"][:config.num_samples]
                     lid_theta = data["lid_theta"][:config.num_samples]
+                    if "spectra" in data.files:
+                        # the threshold is pooled over this run's samples only, as in a
+                        # fresh run (the cache may hold more)
+                        spectra = data["spectra"][:config.num_samples]
+                        lid_theta = _lid_from_spectra(config.lid_method, spectra,
+                                                      config.percentile).astype(np.float64)
     start = time.perf_counter()
     if images is None:
         shape_chw = (train_u8.shape[3], train_u8.shape[1], train_u8.shape[2])
@@ -402,18 +413,43 @@ def run(config: Cifar10Config, *, console: Console | None = None):
              "calibrated_l2": np.asarray(cal.score, np.float64),
              "l2": np.asarray(cal.distances, np.float64)[:, 0]}
     if config.sscd is not None:
-        from mmh_jax.convert import ConversionError
+        from mmh_jax.convert import ConversionError, UnsafePickleError
         from mmh_jax.models import load_sscd, sscd_preprocess
 
-        try:
-            sscd = load_sscd(config.sscd)
-        except (ConversionError, ValueError, FileNotFoundError) as err:
-            raise DemoInputError(f"cannot load --sscd {str(config.sscd)!r}: {err}") from None
+        # A state dict or TorchScript archive does not name its trunk: sscd_disc_large
+        # (ResNeXt-101, the memorization papers' choice) is tried first, then sscd_disc_mixup
+        # (ResNet-50); a file written by save_sscd carries its own.
+        sscd, errors = None, []
+        for arch in _SSCD_ARCHS:
+            try:
+                sscd = load_sscd(config.sscd, arch=arch)
+                break
+            except UnsafePickleError as err:  # not a matter of architecture
+                errors = [str(err)]
+                break
+            except ConversionError as err:
+                errors.append(f"as {arch}: {err}")
+            except (ValueError, FileNotFoundError) as err:
+                errors = [str(err)]
+                break
+        if sscd is None:
+            raise DemoInputError(f"cannot load --sscd {str(config.sscd)!r}: "
+                                 + "; ".join(errors)) from None
+
+        # Every batch padded (by repetition) to one size: one compilation of the trunk for
+        # samples and training images alike.
+        sscd_batch = min(64, max(len(samples_u8), len(train_u8)))
 
         def embed(u8):
             rgb = np.repeat(u8, 3, axis=-1) if u8.shape[-1] == 1 else u8
-            return np.concatenate([np.asarray(sscd.embed(sscd_preprocess(rgb[i:i + 64])))
-                                   for i in range(0, len(rgb), 64)])
+            out = []
+            for i in range(0, len(rgb), sscd_batch):
+                chunk = rgb[i:i + sscd_batch]
+                pad = sscd_batch - len(chunk)
+                if pad:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                out.append(np.asarray(sscd.embed(sscd_preprocess(chunk)))[:len(chunk) - pad])
+            return np.concatenate(out)
 
         with err_console.status("SSCD embeddings ..."):
             found = nearest_neighbours(embed(samples_u8), embed(train_u8), k=1, metric="cosine")
@@ -643,8 +679,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps,
                         help="DDIM steps of diffusion models (default %(default)s)")
     parser.add_argument("--sscd", type=Path, metavar="FILE",
-                        help="an SSCD checkpoint (see `mmh_jax.models.load_sscd`): also "
-                        "retrieve by SSCD cosine similarity")
+                        help="an SSCD checkpoint (see `mmh_jax.models.load_sscd`; a state dict "
+                        "or TorchScript archive is read as sscd_disc_large, ResNeXt-101, or "
+                        "else as sscd_disc_mixup, ResNet-50): also retrieve by SSCD cosine "
+                        "similarity")
     parser.add_argument("--top-k", type=int, metavar="K", default=d.top_k,
                         help="closest pairs per distance in pairs_*.png and to_label.csv "
                         "(default %(default)s; the paper: 250-300)")

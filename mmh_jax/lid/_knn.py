@@ -10,10 +10,17 @@ basis of an ``r``-dimensional subspace (``r = 256``: a randomized estimate of th
 principal subspace) and write ``x - mu = V p(x) + e(x)`` with ``e(x)`` orthogonal to it.  Then
 ``||x - y||^2 = ||p(x) - p(y)||^2 + ||e(x) - e(y)||^2 >= ||xt - yt||^2`` with
 ``xt = (p(x), ||e(x)||)`` in ``R^(r + 1)``: distances between the projected points are lower
-bounds.  Each query takes its ``M = 2k`` best candidates by the lower bound (cheap: ``r + 1``
-dimensions instead of ``d``), ranks them by their exact distances (from the differences), and
-keeps the k nearest.  The result is certified when the k-th exact distance is at most the
-``(M + 1)``-th smallest lower bound (minus a rounding margin): no other point can be closer.
+bounds.  Each query takes its ``M = max(2k, 64)`` best candidates by the lower bound (cheap:
+``r + 1`` dimensions instead of ``d``; fewer when the data hold fewer points), ranks them by
+their exact distances (from the differences), and keeps the k nearest.  The result is certified
+when the k-th exact distance is at most the ``(M + 1)``-th smallest lower bound (minus a
+rounding margin): no other point can be closer.  The floor of 64 candidates matters for small
+k: every lower bound falls short of its distance by ``||e(x) - e(y)||^2 - (||e(x)|| -
+||e(y)||)^2`` (the residuals' directions are lost), so with ``M = 2k = 2`` a nearest neighbour
+is certified only if it beats the third-smallest lower bound by that much, which 15-18% of
+the queries failed on image-like data with 50,000 references (the probe then declined k = 1),
+while the ``(M + 1)``-th lower bound grows with M; the extra candidates cost ``M d`` per
+query against ``n (r + 1)`` for the projected search.
 Uncertified queries are redone by brute force, so the answer never depends on how good the
 subspace is; only the speed does.  Data whose spectrum does not decay (noise, natural image
 patches at this ``r``) leave many queries uncertified; a probe chunk detects that and the
@@ -57,6 +64,18 @@ _MAX_UNCERTIFIED = 0.10
 _PROBE_ROWS = 256
 # Uncertified queries are redone by brute force in groups of this many.
 _REPAIR_ROWS = 16
+# Fewest candidates ranked by exact distance per query (see the module docstring).  Measured
+# for k = 1 on benchmarks/bench_retrieval.py's data (50,000 references, d = 3072, spectrum
+# i^-1, noise 0.001; 4,096 queries): 2 candidates left 15% of the queries uncertified (the
+# probe declined: brute force), 8 left 0.05%, 16 to 128 none; a 512-query chunk took 1.25 s
+# with 2 (repairs included), 0.53-0.55 s with 16 to 64 and 0.63 s with 128 (2 shared cores).
+_MIN_CANDIDATES = 64
+
+
+def _num_candidates(k: int, available: int) -> int:
+    """Candidates ranked by exact distance per query: ``max(2k, _MIN_CANDIDATES)``, at most
+    ``available - 1`` (one point must stay outside the candidates for the bound)."""
+    return min(max(2 * k, _MIN_CANDIDATES), available - 1)
 
 
 def as_float_array(x, name: str) -> Array:
@@ -216,7 +235,8 @@ def build_index(
     """Prepare the search for ``k`` neighbours among ``data``.
 
     By default the certified search (see the module docstring) is used with ``r = 256`` when
-    ``d >= 1024``, ``n >= 16384``, ``2k`` candidates leave at least one point out, and (for
+    ``d >= 1024``, ``n >= 16384``, ``2k`` candidates leave at least one point out (the
+    candidates are ``max(2k, 64)``, fewer if the data are too few), and (for
     concrete data) at least 90% of a probe chunk of 256 evenly spaced data points is certified;
     otherwise brute force.  ``projection_dim`` forces the certified search with a subspace of
     that dimension (no probe), ``0`` forces brute force.
@@ -246,7 +266,8 @@ def build_index(
 
 @partial(jax.jit, static_argnames=("k", "exclude_self"))
 def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bool):
-    num_cand = 2 * k
+    available = index.proj.shape[0] - (1 if exclude_self else 0)
+    num_cand = _num_candidates(k, available)
     qp = _project(q, index.mean, index.basis)
     qp_sq = jnp.sum(qp * qp, axis=1)
     # The barrier keeps XLA:CPU from recomputing the top-k inside the loop of _exact_sq_dists

@@ -137,8 +137,8 @@ def test_bad_inputs_exit_2(run_dir, tmp_path, capsys):
     assert "99" in err and "\n" not in err
 
 
-def test_diffusion_unet2d_flipd(tmp_path):
-    """A tiny random diffusers-style UNet2D written by save_unet2d: DDIM + FLIPD end to end."""
+def _save_unet2d(path: Path) -> Path:
+    """A tiny random diffusers-style UNet2D (8x8 RGB) written by save_unet2d."""
     import jax
     import jax.numpy as jnp
 
@@ -155,7 +155,12 @@ def test_diffusion_unet2d_flipd(tmp_path):
                up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False)
     params = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,)))["params"]
     s = ddpm_from_scheduler_config({"num_train_timesteps": 100})
-    save_unet2d(tmp_path / "unet.safetensors", Pretrained(m, params, s, eps_score_fn(m, params, s)))
+    return save_unet2d(path, Pretrained(m, params, s, eps_score_fn(m, params, s)))
+
+
+def test_diffusion_unet2d_flipd(tmp_path):
+    """A tiny random diffusers-style UNet2D written by save_unet2d: DDIM + FLIPD end to end."""
+    _save_unet2d(tmp_path / "unet.safetensors")
     np.savez(tmp_path / "train.npz", x=_digits(60))
     assert main(["cifar10", "run", "--train", str(tmp_path / "train.npz"), "--model",
                  str(tmp_path / "unet.safetensors"), "--arch", "unet2d", "-n", "4", "--steps", "2",
@@ -163,3 +168,107 @@ def test_diffusion_unet2d_flipd(tmp_path):
                  "--top-k", "2", "--quiet"]) == 0
     table = _table(tmp_path / "out")
     assert len(table["id"]) == 4 and np.all(np.isfinite(table["lid_theta"]))
+
+
+def _unet_run(train: Path, model: Path, out: Path, n: int, *extra: str) -> int:
+    return main(["cifar10", "run", "--train", str(train), "--model", str(model), "--arch",
+                 "unet2d", "-n", str(n), "--steps", "2", "-o", str(out), "--lpca-k", "5",
+                 "--calibration-n", "5", "--top-k", "2", "--quiet", *extra])
+
+
+def _pooled_normal_lid(spectra: np.ndarray, q: float = 10.0) -> np.ndarray:
+    """d minus the number of singular values above the q-th percentile of all of them."""
+    threshold = np.percentile(spectra.astype(np.float64).ravel(), q)
+    return spectra.shape[1] - np.sum(spectra > threshold, axis=1)
+
+
+def test_diffusion_normal_bundle(tmp_path):
+    """``--lid normal_bundle``: spectra of d = 192 singular values per sample, LID_theta their
+    count below the pooled 10th percentile (Appendix C.1), recomputed here with numpy; a rerun
+    with fewer samples reuses the cache but pools the threshold over its own samples only, as
+    a fresh run would."""
+    model = _save_unet2d(tmp_path / "unet.safetensors")
+    np.savez(tmp_path / "train.npz", x=_digits(40))
+    out = tmp_path / "out"
+    args = ("--lid", "normal_bundle", "--nb-scores", "256", "--batch-size", "2")
+    assert _unet_run(tmp_path / "train.npz", model, out, 4, *args) == 0
+    with np.load(out / "samples.npz") as data:
+        spectra, cached_lid = data["spectra"], data["lid_theta"]
+    assert spectra.shape == (4, 192) and np.all(np.isfinite(spectra))
+    assert np.all(spectra > 0) and np.all(np.diff(spectra, axis=1) <= 0)  # K > d, descending
+    table = _table(out)
+    np.testing.assert_array_equal(table["lid_theta"], _pooled_normal_lid(spectra))
+    np.testing.assert_array_equal(cached_lid, _pooled_normal_lid(spectra))
+    np.testing.assert_allclose(table["lid_theta_normalised"],
+                               np.array(table["lid_theta"]) / np.array(table["png_length"]))
+    assert _unet_run(tmp_path / "train.npz", model, out, 3, *args) == 0
+    with np.load(out / "samples.npz") as data:  # the cache was reused, not rewritten
+        np.testing.assert_array_equal(data["spectra"], spectra)
+    np.testing.assert_array_equal(_table(out)["lid_theta"], _pooled_normal_lid(spectra[:3]))
+
+
+def _random_sscd_state_dict(seed: int = 0) -> dict:
+    """A random ResNet-50 SSCD (``sscd_disc_mixup`` layout) as a torchvision-named state dict."""
+    from mmh_jax.convert.core import conv_kernel, flatten_params, linear_kernel
+    from mmh_jax.convert.sscd import sscd_abstract_params, sscd_rename_table
+    from mmh_jax.models import SSCD
+
+    module = SSCD(arch="resnet50", embedding_dim=512)
+    shapes = flatten_params(sscd_abstract_params(module))
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, rename in sscd_rename_table(module).items():
+        shape = tuple(shapes[rename.path].shape)
+        if rename.transform is conv_kernel:  # [kh, kw, in, out] -> [out, in, kh, kw]
+            kh, kw, cin, cout = shape
+            w = rng.standard_normal((cout, cin, kh, kw)) * np.sqrt(2.0 / (cin * kh * kw))
+        elif rename.transform is linear_kernel:
+            w = rng.standard_normal(shape[::-1]) / np.sqrt(shape[0])
+        elif key.endswith("running_var"):
+            w = rng.uniform(0.75, 1.25, shape)
+        elif key.endswith(".weight"):  # batch-norm scale
+            w = rng.uniform(0.5, 1.0, shape)
+        else:  # biases, running means
+            w = 0.1 * rng.standard_normal(shape)
+        state[key] = w.astype(np.float32)
+    return state
+
+
+def test_sscd_retrieval(tmp_path):
+    """``--sscd`` with a random ResNet-50 SSCD saved as a plain torchvision-named state dict
+    (no architecture recorded: the ResNeXt-101 reading fails, the ResNet-50 one is used).  A
+    training image planted as an exact copy of sample 1 is its SSCD nearest neighbour with
+    cosine similarity 1, and every sample's SSCD neighbour and similarity are the brute-force
+    argmax and max of the cosine similarities of the descriptors computed here."""
+    from safetensors.numpy import save_file
+
+    from mmh_jax.evaluation import to_uint8_nhwc
+    from mmh_jax.models import load_sscd, sscd_preprocess
+
+    model = _save_unet2d(tmp_path / "unet.safetensors")
+    sscd = tmp_path / "sscd_disc_mixup.safetensors"
+    save_file(_random_sscd_state_dict(), str(sscd))
+    np.savez(tmp_path / "train.npz", x=_digits(12))
+    # the samples depend on the model and seed only: generate them once, then plant a copy
+    assert _unet_run(tmp_path / "train.npz", model, tmp_path / "first", 3) == 0
+    with np.load(tmp_path / "first" / "samples.npz") as data:
+        samples = to_uint8_nhwc(data["images"])
+    train = np.concatenate([_digits(12), samples[1:2]])
+    np.savez(tmp_path / "planted.npz", x=train)
+    out = tmp_path / "out"
+    assert _unet_run(tmp_path / "planted.npz", model, out, 3, "--sscd", str(sscd)) == 0
+    table = _table(out)
+    assert table["sscd_train_index"][1] == 12 and table["train_index"][1] == 12
+    assert table["sscd_similarity"][1] == pytest.approx(1.0, abs=1e-5)
+
+    net = load_sscd(sscd, arch="resnet50")
+    emb_s = np.asarray(net.embed(sscd_preprocess(samples)), np.float64)
+    emb_t = np.asarray(net.embed(sscd_preprocess(train)), np.float64)
+    cos = emb_s @ emb_t.T / np.outer(np.linalg.norm(emb_s, axis=1), np.linalg.norm(emb_t, axis=1))
+    assert table["sscd_train_index"] == cos.argmax(1).tolist()
+    np.testing.assert_allclose(table["sscd_similarity"], cos.max(1), atol=1e-5)
+    with open(out / "to_label.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["distance"] == "sscd"]
+    assert [int(r["id"]) for r in rows] == np.argsort(-np.array(table["sscd_similarity"]),
+                                                      kind="stable")[:2].tolist()
+    assert (out / "pairs_sscd.png").is_file()

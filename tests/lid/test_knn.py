@@ -53,9 +53,10 @@ def test_certified_search_matches_sklearn(x64, with_queries):
 
 @pytest.mark.parametrize("projection_dim, branch", [(3, "few"), (2, "all")])
 def test_uncertified_queries_are_redone_by_brute_force(x64, projection_dim, branch):
-    """A 3-D manifold seen through a 3-D (2-D) projection: some (most) queries are not
-    certified and are redone by brute force, a few rows of a chunk (the whole chunk)."""
-    x = _curved(500, 24, 3, noise=1e-2)
+    """A noisy 3-D manifold seen through a 3-D (2-D) projection: some (most) queries are not
+    certified and are redone by brute force, a few rows of a chunk (more than one repair group
+    of 16)."""
+    x = _curved(500, 24, 3, noise=1e-1)
     k = 5
     bad = _uncertified_per_chunk(x, None, k=k, batch_size=64, projection_dim=projection_dim)
     if branch == "few":
@@ -78,6 +79,21 @@ def test_certified_search_keeps_duplicates_and_excludes_self(x64):
     np.testing.assert_array_equal(d[7, :4], 0.0)
     ref_d, _ = _sklearn(x, None, 6)
     np.testing.assert_allclose(d, ref_d, rtol=1e-10, atol=1e-12)
+
+
+def test_k1_certified_search_excludes_self_and_matches_sklearn(x64):
+    """k = 1 among the data points themselves through the certified search (forced): each
+    point's nearest other point, as scikit-learn's, and certified (64 candidates ranked by exact
+    distance; with 2k = 2, half of these points were not)."""
+    rng = np.random.default_rng(5)
+    w, _ = np.linalg.qr(rng.standard_normal((256, 96)))
+    x = (rng.standard_normal((1024, 96)) / np.arange(1, 97)) @ w.T
+    x += 1e-3 * rng.standard_normal(x.shape)
+    ref_d, ref_i = _sklearn(x, None, 1)
+    d, i = knn(x, k=1, batch_size=256, projection_dim=24)
+    np.testing.assert_array_equal(np.asarray(i), ref_i)
+    np.testing.assert_allclose(np.asarray(d), ref_d, rtol=1e-10)
+    assert sum(_uncertified_per_chunk(x, None, k=1, batch_size=256, projection_dim=24)) <= 10
 
 
 @pytest.fixture
@@ -109,10 +125,11 @@ def test_probe_falls_back_to_brute_force_when_few_queries_are_certified(x64, sma
 
 
 def test_certified_search_under_jit_and_vmap(x64):
-    x = _curved(300, 40, 3, noise=1e-2)
-    eager = knn(x, k=5, batch_size=64, projection_dim=3)  # some queries need the repair loop
-    jitted = jax.jit(lambda d: knn(d, k=5, batch_size=64, projection_dim=3))(x)
+    x = _curved(300, 40, 3, noise=1e-1)
+    eager = knn(x, k=5, batch_size=64, projection_dim=2)  # some queries need the repair loop
+    assert sum(_uncertified_per_chunk(x, None, k=5, batch_size=64, projection_dim=2)) > 0
+    jitted = jax.jit(lambda d: knn(d, k=5, batch_size=64, projection_dim=2))(x)
     np.testing.assert_array_equal(np.asarray(jitted[1]), np.asarray(eager[1]))
-    batched = jax.vmap(lambda d: knn(d, k=5, batch_size=64, projection_dim=3))(np.stack([x, 2 * x]))
+    batched = jax.vmap(lambda d: knn(d, k=5, batch_size=64, projection_dim=2))(np.stack([x, 2 * x]))
     np.testing.assert_array_equal(np.asarray(batched[1][1]), np.asarray(eager[1]))
     np.testing.assert_allclose(np.asarray(batched[0][1]), 2 * np.asarray(eager[0]), rtol=1e-10)

@@ -4,11 +4,13 @@ scikit-learn's brute-force neighbours and a direct numpy calibrated l2."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 from sklearn.neighbors import NearestNeighbors
 
+from mmh_jax.lid import _knn
 from mmh_jax.retrieval import CalibratedL2, Neighbours, calibrated_l2, nearest_neighbours
 
 
@@ -86,6 +88,50 @@ def test_certified_search_sharded_matches_sklearn(x64, data):
     got = nearest_neighbours(queries, references, k=5, projection_dim=8, batch_size=3)
     np.testing.assert_array_equal(np.asarray(got.indices), ref_i)
     np.testing.assert_allclose(np.asarray(got.distances), ref_d, rtol=1e-12)
+
+
+def _low_rank(n, seed, d=256, rank=128, noise=1e-3):
+    """Image-like ``[n, d]`` data as in benchmarks/bench_retrieval.py, smaller: a rank-128
+    signal with singular values ``i^-1`` plus isotropic noise."""
+    rng = np.random.default_rng(seed)
+    w, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((d, rank)))
+    scale = np.arange(1, rank + 1) ** -1.0
+    return (rng.standard_normal((n, rank)) * scale) @ w.T + noise * rng.standard_normal((n, d))
+
+
+@pytest.fixture(scope="module")
+def low_rank():
+    references = _low_rank(2048, seed=0)
+    queries = _low_rank(300, seed=1)
+    rng = np.random.default_rng(2)
+    queries[:30] = references[rng.choice(2048, 30, replace=False)] + 1e-4 * rng.standard_normal(
+        (30, 256))  # near-copies
+    return queries, references
+
+
+def test_k1_takes_the_certified_search_and_matches_sklearn(x64, low_rank, monkeypatch):
+    """k = 1 on image-like data with the default rule scaled down (subspace dimension 32 from
+    128 features and 2,048 references instead of 256, 1,024 and 16,384): the probe accepts the
+    certified search, the certificate answers (almost) every query itself, and the neighbours
+    are scikit-learn's.  (With only 2k = 2 candidates ranked by exact distance, as before,
+    about 40% of the probe and 70% of these queries were uncertified and k = 1 fell back to
+    brute force.)"""
+    monkeypatch.setattr(_knn, "PROJECTION_DIM", 32)
+    monkeypatch.setattr(_knn, "_MIN_DIM", 128)
+    monkeypatch.setattr(_knn, "_MIN_POINTS", 2048)
+    queries, references = low_rank
+    index = _knn.build_index(jnp.asarray(references), k=1, exclude_self=False)
+    assert index.proj is not None and index.basis.shape == (256, 32)
+    n_bad = sum(int(_knn.search_chunk(index, chunk, start, k=1, exclude_self=False)[2])
+                for start, chunk, _ in _knn.iter_chunks(jnp.asarray(queries), 128))
+    assert n_bad <= 3
+    for k in (1, 3):
+        ref_d, ref_i = _sklearn(queries, references, k)
+        got = nearest_neighbours(queries, references, k=k, batch_size=64)  # 8 devices
+        np.testing.assert_array_equal(np.asarray(got.indices), ref_i)
+        # From the differences (scikit-learn's expansion loses digits on the near-copies).
+        exact = np.linalg.norm(queries[:, None, :] - references[ref_i], axis=-1)
+        np.testing.assert_allclose(np.asarray(got.distances), exact, rtol=1e-10)
 
 
 def test_calibrated_l2_matches_numpy(x64, data):
