@@ -7,7 +7,7 @@ whole prompt takes hours, so this script times a scan over ``--points`` points (
 time) and reports the time per point, the implied time for the public code's settings,
 and the memory XLA plans for the compiled program (``Compiled.memory_analysis()``: the
 parameters and inputs, and the temporaries, whose peak bounds what one prompt needs beyond the
-weights), with and without ``remat``, and the process's peak resident memory.
+weights), and the process's peak resident memory.
 
 The UNet is ``UNet2DCondition(**SD15_UNET_CONFIG)`` (859.5M parameters) with random weights
 (N(0, 0.02^2) biases and kernels; the values do not change the cost); latents 4 x 64 x 64, context
@@ -72,26 +72,25 @@ def main() -> None:
     gib = 2.0 ** 30
     public_points = {"cfg": 200, "cfg_score": 200, "flipd": 40}
     for metric in args.metrics:
-        for remat in (False, True):
-            start = time.perf_counter()
-            compiled = _token_attributions.lower(
-                eps_fn, points, cond, uncond, point_keys, guidance, schedule, metric=metric,
-                num_probes=1, remat=remat).compile()
-            compile_s = time.perf_counter() - start
-            mem = compiled.memory_analysis()
-            print(f"[{metric}, remat={remat}] compile {compile_s:.1f} s; XLA memory plan: "
-                  f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
-                  f"{mem.temp_size_in_bytes / gib:.2f} GiB, output "
-                  f"{mem.output_size_in_bytes / gib:.4f} GiB")
-            if args.memory_only or remat:
-                continue
-            args_ = (eps_fn, points, cond, uncond, point_keys, guidance, schedule)
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args_))
-            per_point = (time.perf_counter() - start) / n
-            total = per_point * public_points[metric]
-            print(f"[{metric}] {per_point:.1f} s per point; the public code's "
-                  f"{public_points[metric]} points: {total / 60:.0f} min (implied)")
+        start = time.perf_counter()
+        compiled = _token_attributions.lower(
+            eps_fn, points, cond, uncond, point_keys, guidance, schedule, metric=metric,
+            num_probes=1).compile()
+        compile_s = time.perf_counter() - start
+        mem = compiled.memory_analysis()
+        print(f"[{metric}] compile {compile_s:.1f} s; XLA memory plan: arguments "
+              f"{mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
+              f"{mem.temp_size_in_bytes / gib:.2f} GiB, output "
+              f"{mem.output_size_in_bytes / gib:.4f} GiB")
+        if args.memory_only:
+            continue
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(eps_fn, points, cond, uncond, point_keys, guidance,
+                                       schedule))
+        per_point = (time.perf_counter() - start) / n
+        total = per_point * public_points[metric]
+        print(f"[{metric}] {per_point:.1f} s per point; the public code's "
+              f"{public_points[metric]} points: {total / 60:.0f} min (implied)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak resident memory of the process: {peak:.1f} GiB (weights included)")
 

@@ -23,6 +23,11 @@ Subcommands:
 * ``mmh-jax sd detect MODEL --prompts FILE | --images FOLDER``: the paper's memorization metrics
   of Stable Diffusion (CFG vector and CFG-adjusted score norms, unconditional and conditional
   FLIPD) for every prompt or image-caption pair, with histograms, AUROCs and TPR at 1% FPR.
+* ``mmh-jax sd attribute MODEL --prompt TEXT | --prompts FILE``: which prompt tokens drive the
+  memorization metrics A^CFG, A^sCFG, A^FLIPD (token attributions, Figures 7a and 11).
+* ``mmh-jax sd mitigate MODEL --prompts FILE``: sample-time mitigation by rephrasing the most
+  attributed tokens, uniform tokens, random token addition or embedding optimisation, with SSCD
+  similarity and CLIP score (Figures 7c, 9, 10).
 * ``mmh-jax gan lid MODEL``: Jacobian-rank LID of class-balanced StyleGAN2-ADA samples with
   the paper's threshold (Figure 5a-b).
 * ``mmh-jax cifar10 run --train DATA --model CKPT --arch {iddpm,unet2d,stylegan2}`` and
@@ -175,11 +180,11 @@ def _add_score_parsers(commands: Any) -> None:
 
 
 def _add_sd_parsers(commands: Any) -> None:
-    """The ``sd`` command and its ``detect`` subcommand."""
-    from mmh_jax.experiments import stable_diffusion
+    """The ``sd`` command and its ``detect``, ``attribute`` and ``mitigate`` subcommands."""
+    from mmh_jax.experiments import sd_mitigation, stable_diffusion
 
     sd = commands.add_parser(
-        "sd", help="Stable Diffusion: memorization detection",
+        "sd", help="Stable Diffusion: memorization detection, token attribution, mitigation",
         description="Memorization tools for Stable Diffusion (v1.x, 2.x) from a local diffusers "
         "pipeline folder or a converted file; nothing is downloaded.")
     tools = sd.add_subparsers(dest="sd_command", metavar="TOOL", parser_class=_Parser)
@@ -199,6 +204,45 @@ def _add_sd_parsers(commands: Any) -> None:
             "mmh-jax sd detect ./stable-diffusion-v1-5 --prompts memorized.jsonl -o sd-detect"),
     )
     stable_diffusion.add_arguments(detect)
+    attribute = tools.add_parser(
+        "attribute",
+        help="which prompt tokens drive memorization (token attributions, Figures 7a/11)",
+        **_described(
+            "Attribute the memorization metrics of each prompt to its tokens (paper, Section "
+            "4.2, Appendix D.2, Figures 7a and 11): generate DDIM trajectories of the prompt, "
+            "take the gradient of A^CFG (Wen et al.'s CFG vector norm), A^sCFG (the CFG-adjusted "
+            "score norm) or A^FLIPD (the CFG-conditional FLIPD) with respect to the prompt "
+            "embedding, and report its L2 norm per token averaged over images and steps (the "
+            "public code's defaults: 4 images x all steps for the CFG metrics, 1 image x steps "
+            "10-49 of 50 for FLIPD). Writes attributions.parquet/.csv (one row per prompt, "
+            "metric and token) and attributions.png (the tokens coloured by attribution).",
+            "mmh-jax sd attribute ./stable-diffusion-v1-5 --prompt \"The Great Wave off "
+            "Kanagawa by Katsushika Hokusai\" --metric flipd cfg -o sd-attribute"),
+    )
+    sd_mitigation.add_attribute_arguments(attribute)
+    mitigate = tools.add_parser(
+        "mitigate",
+        help="rephrase memorized prompts (or optimise their embeddings) and score the new images",
+        **_described(
+            "Mitigate memorization at sample time (paper, Section 4.2, Appendix D.3-D.5, Figures "
+            "7c, 9, 10). For every prompt, method, k and repeat: attribution (k tokens drawn from "
+            "softmax(attribution / 0.1) with 1e-3 smoothing, their words rephrased), uniform (k "
+            "tokens drawn uniformly, rephrased), rta (k random CLIP vocabulary words inserted, "
+            "Somepalli et al.), embedding (AdamW on the prompt embedding: A^FLIPD raised at step "
+            "40, lr 0.05, 20 updates; A^CFG lowered at step 0 to ||eps_c - eps_u|| <= 3, as Wen "
+            "et al.); then the new image from the same starting noise as the original, its SSCD "
+            "similarity to the memorized training image (--reference-images; else to the "
+            "original generation) and its CLIP score against the original prompt. The rephraser "
+            "is offline synonym substitution by default, or any OpenAI-compatible chat endpoint "
+            "(--rephraser chat --chat-url URL, key in $OPENAI_API_KEY); a failing rephrasing "
+            "keeps its prompt, is reported, and the run goes on. Writes results.parquet/.csv, "
+            "summary.csv, originals.csv, attributions.csv, grid.png (Figure 10) and, with "
+            "--sscd and --clip, tradeoff.png (Figure 7c).",
+            "mmh-jax sd mitigate ./stable-diffusion-v1-5 --prompts memorized.jsonl --sscd "
+            "sscd_disc_large.torchscript.pt --clip ./clip-vit-large-patch14 --reference-images "
+            "./laion-memorized -o sd-mitigate"),
+    )
+    sd_mitigation.add_mitigate_arguments(mitigate)
 
 
 def _add_gan_parsers(commands: Any) -> None:
@@ -409,6 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "score":
             return _score(args, parser)
         if args.command == "sd":
+            if args.sd_command == "attribute":
+                from mmh_jax.experiments import sd_mitigation
+
+                sd_mitigation.run_attribute(sd_mitigation.attribute_config_from_args(args))
+                return 0
+            if args.sd_command == "mitigate":
+                from mmh_jax.experiments import sd_mitigation
+
+                sd_mitigation.run_mitigate(sd_mitigation.mitigate_config_from_args(args))
+                return 0
             from mmh_jax.experiments import stable_diffusion
 
             stable_diffusion.run(stable_diffusion.config_from_args(args))

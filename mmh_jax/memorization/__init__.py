@@ -19,6 +19,16 @@ from mmh_jax.memorization.conditional import (
     generation_cfg_norms,
     image_cfg_norms,
 )
+from mmh_jax.memorization.guard import (
+    GuardedSample,
+    GuardReport,
+    PromptOutcome,
+    Signal,
+    calibrate_threshold,
+    flag,
+    guarded_ddim_sample,
+    guarded_generate,
+)
 from mmh_jax.memorization.prompt import (
     EmbeddingOptimization,
     Metric,
@@ -82,4 +92,12 @@ __all__ = [
     "selected_words",
     "random_token_addition",
     "clip_vocabulary_words",
+    "Signal",
+    "GuardedSample",
+    "GuardReport",
+    "PromptOutcome",
+    "guarded_ddim_sample",
+    "calibrate_threshold",
+    "flag",
+    "guarded_generate",
 ]

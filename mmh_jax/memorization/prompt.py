@@ -320,7 +320,6 @@ def token_attributions(
     guidance: float = 7.5,
     key: Array | None = None,
     num_probes: int = 1,
-    remat: bool = False,
 ) -> TokenAttribution:
     """Which positions of the prompt embedding drive the metric (Wen et al.; paper, Section 4.2,
     Figures 7, 11).
@@ -331,12 +330,16 @@ def token_attributions(
     position; averaged over points (the public code: 4 images x 50 DDIM steps for the CFG
     metrics, 1 image and steps 10-49 for FLIPD).
 
+    Memory at Stable Diffusion v1.5 shapes (64 x 64 latents, float32; XLA's plan for the
+    compiled scan, ``benchmarks/bench_attribution.py``): 3.2 GiB of weights and inputs plus
+    9.3 GiB of temporaries for the CFG metrics and 13.8 GiB for FLIPD (reverse mode over the
+    trace's jvp), so one prompt fits in 24 GB without rematerialisation (``jax.checkpoint`` of
+    the per-point metric was measured to raise the plan to 16.7 GiB, not lower it).
+
     Args:
         eps_fn, uncond, points, metric, schedule, guidance, key, num_probes: as
             :func:`metric_values`.
         cond: one prompt's embedding ``[1, n_ctx, dim]``.
-        remat: recompute the forward pass inside the backward (``jax.checkpoint`` of the
-            per-point metric): slower, less memory for the FLIPD metric's jvp.
 
     Returns:
         :class:`TokenAttribution` with ``scores [n_ctx]`` (every position, special tokens and
@@ -354,20 +357,17 @@ def token_attributions(
         raise ValueError(f"uncond must have batch 1 for token_attributions, got {uncond.shape}")
     return _token_attributions(eps_fn, points, cond, uncond, keys,
                                jnp.asarray(guidance, jnp.float32), schedule, metric=metric,
-                               num_probes=num_probes, remat=remat)
+                               num_probes=num_probes)
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "num_probes", "remat"))
+@functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
 def _token_attributions(eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric,
-                        num_probes, remat):
+                        num_probes):
     x_all = jax.lax.stop_gradient(points.latents)
 
     def value(c, x, t, k):
         probes = _probes(k[None], x.shape[1:], num_probes, x.dtype) if metric == "flipd" else None
         return _point_values(eps_fn, x, t, c, uncond, probes, guidance, schedule, metric)[0]
-
-    if remat:
-        value = jax.checkpoint(value)
 
     def one(carry, inp):
         x, t, k = inp
@@ -430,31 +430,38 @@ def optimize_embedding(
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key,
                                                       num_probes)
-    sign = 1.0 if memorized_when_high(metric) else -1.0  # minimise sign * A(c)
-    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
-    mask = jnp.ones(cond.shape[1], jnp.float32).at[0].set(0.0)[None, :, None]
+    # minimise sign * A(c); the hyper-parameters are traced: one compilation for all prompts
+    sign = 1.0 if memorized_when_high(metric) else -1.0
+    hyper = jnp.asarray([learning_rate, weight_decay, sign], jnp.float32)
     guidance = jnp.asarray(guidance, jnp.float32)
-
-    @jax.jit
-    def step(c, state):
-        def loss(c):
-            return jnp.mean(_metric_values(eps_fn, points, c, uncond, keys, guidance, schedule,
-                                           metric=metric, num_probes=num_probes))
-
-        value, grad = jax.value_and_grad(loss)(c)
-        updates, state = optimizer.update(sign * grad * mask, state, c)
-        return optax.apply_updates(c, updates * mask), state, value
-
-    state = optimizer.init(cond)
+    args = (eps_fn, points, uncond, keys, guidance, schedule)
+    static = dict(metric=metric, num_probes=num_probes)
+    state = optax.adamw(learning_rate, weight_decay=weight_decay).init(cond)
     values, taken = [], 0
     for _ in range(num_steps):
-        new, new_state, value = step(cond, state)
+        new, new_state, value = _embedding_step(cond, state, hyper, *args, **static)
         values.append(float(value))
         if target is not None and sign * (values[-1] - target) <= 0:
             break
         cond, state, taken = new, new_state, taken + 1
     else:
-        values.append(float(jnp.mean(_metric_values(
-            eps_fn, points, cond, uncond, keys, guidance, schedule, metric=metric,
-            num_probes=num_probes))))
+        values.append(float(jnp.mean(_metric_values(eps_fn, points, cond, uncond, keys, guidance,
+                                                    schedule, **static))))
     return EmbeddingOptimization(cond, jnp.asarray(values, jnp.float32), taken)
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
+def _embedding_step(cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *,
+                    metric, num_probes):
+    """One AdamW update of ``sign * A(cond)``, the start token's row frozen; the value before."""
+    learning_rate, weight_decay, sign = hyper[0], hyper[1], hyper[2]
+    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+    mask = jnp.ones(cond.shape[1], cond.dtype).at[0].set(0)[None, :, None]
+
+    def loss(c):
+        return jnp.mean(_metric_values(eps_fn, points, c, uncond, keys, guidance, schedule,
+                                       metric=metric, num_probes=num_probes))
+
+    value, grad = jax.value_and_grad(loss)(cond)
+    updates, state = optimizer.update(sign * grad * mask, state, cond)
+    return optax.apply_updates(cond, updates * mask), state, value

@@ -167,8 +167,7 @@ def test_flipd_gradient_through_the_unet_matches_finite_differences(sd, trajecto
 def test_token_attributions_average_per_point_gradient_norms(x64):
     eps_fn, points, cond, uncond = _toy()
     kwargs = dict(metric="flipd", schedule=SCHEDULE, key=jax.random.key(4))
-    # remat (jax.checkpoint of each point's metric) saves memory and changes no number
-    attr = token_attributions(eps_fn, cond, uncond, points, remat=True, **kwargs)
+    attr = token_attributions(eps_fn, cond, uncond, points, **kwargs)
     keys = jax.random.split(jax.random.key(4), 16)  # one key per point, as metric_values splits
     norms, values = [], []
     for i in range(16):
