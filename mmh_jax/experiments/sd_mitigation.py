@@ -444,14 +444,6 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _pad(x: np.ndarray | Any, size: int) -> Any:
-    import jax.numpy as jnp
-
-    if x.shape[0] == size:
-        return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], size - x.shape[0], axis=0)])
-
-
 def _row_key(key: Any, prompt_index: int, method: str, metric: str, k: int, repeat: int) -> Any:
     import jax
 
@@ -466,11 +458,11 @@ def _generate(sd: Any, conds: list, *, key: Any, num_images: int, batch_size: in
               ) -> np.ndarray:
     """Images of several embeddings ``[1, n, dim]`` from one starting noise, in padded batches
     of ``batch_size`` (one compiled shape): uint8 ``[len(conds), num_images, h, w, 3]``."""
-    import jax.numpy as jnp
+    from mmh_jax.experiments.stable_diffusion import _padded
 
     out = []
     for lo, hi in _chunks(len(conds), batch_size):
-        cond = _pad(jnp.concatenate(conds[lo:hi]), batch_size)
+        cond = _padded(np.concatenate([np.asarray(c) for c in conds[lo:hi]]), batch_size)
         result = sd.sample(cond, key=key, images_per_prompt=num_images, guidance=guidance,
                            num_steps=num_steps)
         images = _to_uint8(sd.decode(result.sample))

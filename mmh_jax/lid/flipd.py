@@ -40,6 +40,15 @@ Trace = Literal["hutchinson", "exact"]
 Probe = Literal["rademacher", "gaussian"]
 
 
+def hutchinson_probe(keys: Array, index: int | Array, event_shape: tuple[int, ...], dtype,
+                     probe: Probe = "rademacher") -> Array:
+    """Probe ``index`` of every sample, ``draw(fold_in(keys[s], index))`` ``[b, *event_shape]``:
+    the probes :func:`flipd` uses (``keys`` one per sample), so other FLIPD computations (the
+    prompt metrics, the guarded sampler) can reproduce them exactly."""
+    draw = jax.random.rademacher if probe == "rademacher" else jax.random.normal
+    return jax.vmap(lambda k: draw(jax.random.fold_in(k, index), event_shape, dtype))(keys)
+
+
 def _sum_vjv(
     fn: Callable[[Array], Array],
     y: Array,
@@ -104,10 +113,9 @@ def _flipd(
             return jnp.broadcast_to(basis, x.shape)
     else:
         num = num_probes
-        draw = jax.random.rademacher if probe == "rademacher" else jax.random.normal
 
         def tangent_at(i: Array) -> Array:
-            return jax.vmap(lambda k: draw(jax.random.fold_in(k, i), event_shape, x.dtype))(keys)
+            return hutchinson_probe(keys, i, event_shape, x.dtype, probe)
 
     chunk = min(num, 32) if chunk_size is None else min(num, chunk_size)
     score, vjv = _sum_vjv(lambda y: score_fn(y, t), psi * x, tangent_at, num, chunk)

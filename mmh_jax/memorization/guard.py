@@ -44,6 +44,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from mmh_jax.guidance import CondEpsFn, eps_pair
+from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.sampling import Spacing, _ddim, _ddim_alphas, _ddim_update, ddim_timesteps
 from mmh_jax.schedules import DDPM
 
@@ -246,8 +247,7 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
     def with_flipd(x, inputs):  # the same step through one jvp, plus FLIPD at x_t
         step, a, a_n, probe_keys = inputs
         t = times(step)
-        v = jax.vmap(lambda k: jax.random.rademacher(jax.random.fold_in(k, 0), event,
-                                                     x.dtype))(probe_keys)
+        v = hutchinson_probe(probe_keys, 0, event, x.dtype)
         (eps_u, eps_c), (jv_u, jv_c) = jax.jvp(
             lambda y: eps_pair(eps_fn, y, t, cond, uncond), (x,), (v,))
         eps = eps_u + guidance * (eps_c - eps_u)

@@ -39,6 +39,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.guidance import CondEpsFn, broadcast_batch
 from mmh_jax.lid._checks import check_int, check_option, per_sample_keys
+from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.sampling import DDIMResult
 from mmh_jax.schedules import DDPM
 
@@ -214,8 +215,7 @@ def _point_values(eps_fn, x, t, cond, uncond, probes, guidance, schedule, metric
 def _probes(keys: Array, shape: tuple[int, ...], num_probes: int, dtype) -> Array:
     """Rademacher probes ``[p, n, *shape]`` drawn as :func:`mmh_jax.lid.flipd` draws them
     (probe ``i`` of a point from ``fold_in(point key, i)``)."""
-    return jnp.stack([jax.vmap(lambda k, i=i: jax.random.rademacher(
-        jax.random.fold_in(k, i), shape, dtype))(keys) for i in range(num_probes)])
+    return jnp.stack([hutchinson_probe(keys, i, shape, dtype) for i in range(num_probes)])
 
 
 def _check_points(points: MetricPoints) -> MetricPoints:
