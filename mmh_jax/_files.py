@@ -4,13 +4,15 @@ experiments and the scoring engine."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "sha256_file"]
+__all__ = ["atomic_folder", "atomic_path", "sha256_file"]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -47,6 +49,45 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success rename it onto ``target``.
+
+    The folder version of :func:`atomic_path`: ``target`` appears whole or not at all. Every
+    file and folder inside is flushed to disk before the rename, and the temporary folder is
+    removed if the block raises.
+
+    Raises:
+        FileExistsError: naming ``target`` if it exists and is not an empty folder (checked
+            before the block runs, and again by the rename).
+    """
+    target = Path(target)
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise FileExistsError(f"{str(target)!r} already exists and is not an empty folder")
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual permissions
+        for folder, _, files in os.walk(tmp, topdown=False):
+            for name in files:
+                _fsync(Path(folder, name))
+            _fsync(Path(folder))
+        try:
+            os.replace(tmp, target)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            # filled, or made a file, since the check
+            raise FileExistsError(f"{str(target)!r} already exists and is not an empty "
+                                  "folder") from None
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -24,10 +24,12 @@ from mmh_jax.convert.core import (
     conv1x1_kernel,
     conv_kernel,
     convert_state_dict,
+    export_state_dict,
     flatten_params,
     identity,
     linear_kernel,
     unflatten_params,
+    with_inverse,
 )
 from mmh_jax.convert.iddpm import convert_iddpm, iddpm_rename_table
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
@@ -77,6 +79,7 @@ __all__ = [
     "convert_iddpm",
     "convert_state_dict",
     "convert_unet2d",
+    "export_state_dict",
     "flatten_params",
     "iddpm_rename_table",
     "identity",
@@ -95,4 +98,5 @@ __all__ = [
     "unet2d_abstract_params",
     "unet2d_rename_table",
     "unflatten_params",
+    "with_inverse",
 ]

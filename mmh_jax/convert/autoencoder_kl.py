@@ -25,7 +25,9 @@ from mmh_jax.convert.core import (
     Rename,
     abstract_params,
     convert_state_dict,
+    linear_kernel,
     require_attributes,
+    with_inverse,
 )
 from mmh_jax.convert.diffusers import DiffusersTable, uses_legacy_attention
 
@@ -51,9 +53,11 @@ _OTHER_FAMILIES = (
 )
 
 
+@with_inverse(linear_kernel)
 def linear_or_conv1x1_kernel(w: np.ndarray) -> np.ndarray:
     """An attention projection stored as ``Linear.weight [out, in]`` or as a 1x1 convolution
-    weight ``[out, in, 1(, 1)]`` (old VAE checkpoints) -> ``Dense`` kernel ``[in, out]``."""
+    weight ``[out, in, 1(, 1)]`` (old VAE checkpoints) -> ``Dense`` kernel ``[in, out]``; its
+    inverse writes the ``Linear`` layout, as diffusers >= 0.14 does."""
     if w.ndim < 2 or any(s != 1 for s in w.shape[2:]):
         raise ValueError(f"expected a Linear weight [out, in] or a 1x1 convolution weight "
                          f"[out, in, 1, 1], got shape {tuple(w.shape)}")

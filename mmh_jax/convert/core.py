@@ -8,11 +8,15 @@ transforms here are the only layout rules: PyTorch ``Linear`` weights ``[out, in
 everything else (biases, norm scales) is copied. :func:`convert_state_dict` checks the result
 against the shapes the Flax module expects and raises :class:`ConversionError` listing every
 missing, unexpected and mis-shaped key at once.
+
+Every transform carries the one that undoes it as its ``inverse`` attribute (set with
+:func:`with_inverse` where the transform is defined), and :func:`export_state_dict` applies
+them to write a Flax params tree back as the PyTorch state dict the same table reads.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 
 import jax
 import numpy as np
@@ -25,7 +29,9 @@ __all__ = [
     "linear_kernel",
     "conv_kernel",
     "conv1x1_kernel",
+    "with_inverse",
     "convert_state_dict",
+    "export_state_dict",
     "flatten_params",
     "unflatten_params",
     "abstract_params",
@@ -38,23 +44,71 @@ class ConversionError(ValueError):
     """A checkpoint does not match the architecture it is converted to."""
 
 
+_Transform = TypeVar("_Transform", bound=Callable[[np.ndarray], np.ndarray])
+
+
+def with_inverse(inverse: Callable[[np.ndarray], np.ndarray]
+                 ) -> Callable[[_Transform], _Transform]:
+    """Decorator: record ``inverse`` as the decorated transform's ``inverse`` attribute.
+
+    Args:
+        inverse: the layout transform that takes a converted (Flax) array back to the PyTorch
+            layout; :func:`export_state_dict` applies it.
+
+    Returns:
+        The decorator, which returns the transform itself.
+    """
+
+    def attach(transform: _Transform) -> _Transform:
+        transform.inverse = inverse  # type: ignore[attr-defined]
+        return transform
+
+    return attach
+
+
+def _self_inverse(transform: _Transform) -> _Transform:
+    return with_inverse(transform)(transform)
+
+
+@_self_inverse
 def identity(w: np.ndarray) -> np.ndarray:
     """Biases, norm scales and offsets, embeddings: copied as they are."""
     return w
 
 
+@_self_inverse
 def linear_kernel(w: np.ndarray) -> np.ndarray:
-    """``torch.nn.Linear.weight [out, in]`` -> ``flax.linen.Dense`` kernel ``[in, out]``."""
+    """``torch.nn.Linear.weight [out, in]`` -> ``flax.linen.Dense`` kernel ``[in, out]``
+    (and back: the transpose is its own inverse)."""
     return np.ascontiguousarray(w.T)
 
 
+def _conv_weight(kernel: np.ndarray) -> np.ndarray:
+    """A Flax ``Conv`` kernel ``[kh, kw, in, out]`` -> ``Conv2d.weight [out, in, kh, kw]``."""
+    return np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1)))
+
+
+@with_inverse(_conv_weight)
 def conv_kernel(w: np.ndarray) -> np.ndarray:
     """``torch.nn.Conv2d.weight [out, in, kh, kw]`` -> ``flax.linen.Conv`` kernel ``[kh, kw, in, out]``."""
     return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
 
 
+def _conv1x1_weight(kernel: np.ndarray) -> np.ndarray:
+    """A Dense kernel ``[in, out]`` -> a 1x1 ``Conv2d.weight [out, in, 1, 1]``."""
+    if kernel.ndim != 2:
+        raise ValueError(f"expected a Dense kernel [in, out], got shape {kernel.shape}")
+    return np.ascontiguousarray(kernel.T[:, :, None, None])
+
+
+@with_inverse(_conv1x1_weight)
 def conv1x1_kernel(w: np.ndarray) -> np.ndarray:
-    """A kernel-size-1 ``Conv1d``/``Conv2d`` weight ``[out, in, 1(, 1)]`` -> Dense kernel ``[in, out]``."""
+    """A kernel-size-1 ``Conv1d``/``Conv2d`` weight ``[out, in, 1(, 1)]`` -> Dense kernel
+    ``[in, out]``.
+
+    Its inverse writes the ``Conv2d`` layout ``[out, in, 1, 1]`` (a ``Conv1d`` weight would be
+    ``[out, in, 1]``).
+    """
     if any(s != 1 for s in w.shape[2:]):
         raise ValueError(f"expected a kernel-size-1 convolution weight, got shape {w.shape}")
     return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1]).T)
@@ -166,6 +220,63 @@ def convert_state_dict(
             f"{source} does not match the model architecture:\n" + "\n".join(problems)
         )
     return unflatten_params(flat)
+
+
+def export_state_dict(params: PyTree, table: Mapping[str, Rename], *, source: str = "params tree",
+                      dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Write a Flax ``params`` tree back as the PyTorch state dict ``table`` converts, strictly.
+
+    The inverse of :func:`convert_state_dict`: every entry ``torch key -> Rename(flax path,
+    transform)`` takes the leaf at ``flax path`` and applies ``transform.inverse``.
+
+    Args:
+        params: nested dicts of arrays (numpy or JAX), e.g. what a converter returned.
+        table: ``{torch key: Rename(flax path, transform)}``, e.g. a ``*_rename_table(module)``;
+            every transform must have an ``inverse`` (see :func:`with_inverse`).
+        source: what ``params`` are, used in error messages.
+        dtype: dtype of the returned arrays.
+
+    Returns:
+        ``{torch key: array}`` in PyTorch's layouts, C-contiguous numpy arrays of ``dtype``, in
+        the table's order.
+
+    Raises:
+        ConversionError: listing every table entry whose Flax parameter ``params`` lacks, every
+            parameter of ``params`` that no entry names, every transform without an inverse and
+            every parameter its inverse cannot take (a wrong number of dimensions).
+    """
+    flat = flatten_params(params)
+    used = {rule.path for rule in table.values()}
+    no_parameter = sorted(f"{k} <- {'/'.join(r.path)}" for k, r in table.items()
+                          if r.path not in flat)
+    not_exported = sorted("/".join(p) for p in flat if p not in used)
+    no_inverse, failed = [], []
+    state_dict: dict[str, np.ndarray] = {}
+    for key, rule in table.items():
+        if rule.path not in flat:
+            continue
+        inverse = getattr(rule.transform, "inverse", None)
+        if inverse is None:
+            name = getattr(rule.transform, "__qualname__", repr(rule.transform))
+            no_inverse.append(f"{key} <- {'/'.join(rule.path)}: {name}")
+            continue
+        leaf = np.asarray(flat[rule.path])
+        try:
+            state_dict[key] = np.ascontiguousarray(inverse(leaf), dtype=dtype)
+        except ValueError as err:
+            failed.append(f"{key} <- {'/'.join(rule.path)} {tuple(leaf.shape)}: {err}")
+    problems = []
+    if no_parameter:
+        problems.append(_listing("table entries whose parameter is missing", no_parameter))
+    if not_exported:
+        problems.append(_listing("parameters no table entry names", not_exported))
+    if no_inverse:
+        problems.append(_listing("transforms without an inverse", no_inverse))
+    if failed:
+        problems.append(_listing("wrong shapes", failed))
+    if problems:
+        raise ConversionError(f"{source} does not match the rename table:\n" + "\n".join(problems))
+    return state_dict
 
 
 def require_attributes(module: Any, names: tuple[str, ...], expected: str) -> None:

@@ -9,6 +9,8 @@ from mmh_jax.models.stable_diffusion import (
     StableDiffusion,
     load_stable_diffusion,
     save_stable_diffusion,
+    save_stable_diffusion_folder,
+    stable_diffusion_components,
 )
 from mmh_jax.models.sscd import SSCD, load_sscd, save_sscd, sscd_preprocess
 from mmh_jax.models.stylegan2 import StyleGAN2Generator, load_stylegan2, save_stylegan2
@@ -48,8 +50,10 @@ __all__ = [
     "load_unet2d",
     "save_sscd",
     "save_stable_diffusion",
+    "save_stable_diffusion_folder",
     "save_stylegan2",
     "save_unet2d",
     "sscd_preprocess",
+    "stable_diffusion_components",
     "time_features",
 ]

@@ -6,6 +6,9 @@ or the single ``.safetensors`` file :func:`save_stable_diffusion` writes (``mmh-
 stable-diffusion``; no torch needed to read it). Every component is converted strictly, checked
 against the others (the text encoder's width is the UNet's ``cross_attention_dim``, the VAE's
 latent channels are the UNet's input channels), and nothing is downloaded.
+:func:`save_stable_diffusion_folder` writes Flax networks back as such a pipeline folder (no
+torch needed to write it), which both :func:`load_stable_diffusion` and diffusers'
+``StableDiffusionPipeline.from_pretrained`` read.
 
 The result, :class:`StableDiffusion`, holds the Flax modules and parameters, the exact discrete
 schedule of ``scheduler/`` and jit-compiled pure functions in latent space: the noise predictor
@@ -17,6 +20,7 @@ prompt encoding, the VAE's ``encode_image``/``decode`` and DDIM sampling.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 import warnings
@@ -29,13 +33,23 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from mmh_jax.convert.autoencoder_kl import autoencoder_kl_abstract_params, convert_autoencoder_kl
-from mmh_jax.convert.clip import clip_text_abstract_params, convert_clip_text
-from mmh_jax.convert.core import ConversionError, check_params
+from mmh_jax._files import atomic_folder
+from mmh_jax.convert.autoencoder_kl import (
+    autoencoder_kl_abstract_params,
+    autoencoder_kl_rename_table,
+    convert_autoencoder_kl,
+)
+from mmh_jax.convert.clip import (
+    clip_text_abstract_params,
+    clip_text_rename_table,
+    convert_clip_text,
+)
+from mmh_jax.convert.core import ConversionError, check_params, export_state_dict
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.unet2d_condition import (
     convert_unet2d_condition,
     unet2d_condition_abstract_params,
+    unet2d_condition_rename_table,
 )
 from mmh_jax.guidance import cfg_eps, cfg_score_fn, conditional_score_fn
 from mmh_jax.models.autoencoder_kl import AutoencoderKL, scale_latents, unscale_latents
@@ -50,31 +64,42 @@ from mmh_jax.models.unet2d_condition import UNet2DCondition
 from mmh_jax.sampling import DDIMResult, ddim_sample
 from mmh_jax.schedules import DDPM
 
-__all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion"]
+__all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
+           "save_stable_diffusion_folder", "stable_diffusion_components"]
 
 _ARCHITECTURE = "stable-diffusion"
 
 
 class _Port(NamedTuple):
-    """One network of the pipeline: its class in ``model_index.json``, its weight files in order
-    of preference, the Flax module class, the converter and the expected-shapes function."""
+    """One network of the pipeline: its library and class in ``model_index.json``, its weight
+    files in order of preference (the first is the one written), the Flax module class, the
+    converter, the expected-shapes function and the rename table written."""
 
+    library: str
     classes: tuple[str, ...]
     weights: tuple[str, ...]
     module: type
     convert: Any
     abstract: Any
+    table: Any
 
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _PORTS = {
-    "unet": _Port(("UNet2DConditionModel",), _DIFFUSERS_WEIGHTS, UNet2DCondition,
-                  convert_unet2d_condition, unet2d_condition_abstract_params),
-    "vae": _Port(("AutoencoderKL",), _DIFFUSERS_WEIGHTS, AutoencoderKL, convert_autoencoder_kl,
-                 autoencoder_kl_abstract_params),
-    "text_encoder": _Port(("CLIPTextModel",), ("model.safetensors", "pytorch_model.bin"),
-                          CLIPTextModel, convert_clip_text, clip_text_abstract_params),
+    "unet": _Port("diffusers", ("UNet2DConditionModel",), _DIFFUSERS_WEIGHTS, UNet2DCondition,
+                  convert_unet2d_condition, unet2d_condition_abstract_params,
+                  unet2d_condition_rename_table),
+    "vae": _Port("diffusers", ("AutoencoderKL",), _DIFFUSERS_WEIGHTS, AutoencoderKL,
+                 convert_autoencoder_kl, autoencoder_kl_abstract_params,
+                 autoencoder_kl_rename_table),
+    # written with transformers 4's "text_model." keys, as SD v1's files have them
+    "text_encoder": _Port("transformers", ("CLIPTextModel",),
+                          ("model.safetensors", "pytorch_model.bin"), CLIPTextModel,
+                          convert_clip_text, clip_text_abstract_params, clip_text_rename_table),
 }
+# the _diffusers_version save_stable_diffusion_folder writes: the release its layout was checked
+# against (tests/models/test_sd_folder_export.py)
+_DIFFUSERS_VERSION = "0.42.1"
 # a tokenizer folder as transformers 4 (vocab.json, merges.txt) or 5 (tokenizer.json) wrote it
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json")
@@ -392,13 +417,18 @@ def _read_schedule(scheduler: dict, source: str) -> tuple[DDPM, str]:
         raise ValueError(f"{source}: {err}") from None
 
 
+def _has_vocabulary(files: dict[str, str]) -> bool:
+    """Whether tokenizer files hold a vocabulary: tokenizer.json, or vocab.json and merges.txt."""
+    return "tokenizer.json" in files or {"vocab.json", "merges.txt"} <= files.keys()
+
+
 def _tokenizer(files: dict[str, str], source: str):
     try:
         from transformers import CLIPTokenizer
     except ImportError:
         raise ImportError("Stable Diffusion's tokenizer needs transformers: pip install "
                           "transformers") from None
-    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files.keys():
+    if not _has_vocabulary(files):
         raise FileNotFoundError(f"{source}: the tokenizer has neither tokenizer.json nor "
                                 "vocab.json and merges.txt")
     with tempfile.TemporaryDirectory() as tmp:
@@ -466,10 +496,7 @@ def save_stable_diffusion(path: str | os.PathLike, model: StableDiffusion,
     if path.suffix != ".safetensors":
         raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if tokenizer_files is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.tokenizer.save_pretrained(tmp)
-            tokenizer_files = {name: Path(tmp, name).read_text() for name in _TOKENIZER_FILES
-                               if Path(tmp, name).is_file()}
+        tokenizer_files = _tokenizer_files(model.tokenizer)
     metadata = {
         "architecture": _ARCHITECTURE,
         "configs": {"unet": model.unet.module.to_config(), "vae": model.vae.to_config(),
@@ -480,3 +507,149 @@ def save_stable_diffusion(path: str | os.PathLike, model: StableDiffusion,
     params = {"unet": model.unet.params, "vae": model.vae_params,
               "text_encoder": model.text_encoder_params}
     return save_params(path, jax.device_get(params), metadata=metadata)
+
+
+def _tokenizer_files(tokenizer: Any) -> dict[str, str]:
+    """``{file name: text}`` of the files ``tokenizer.save_pretrained`` writes that
+    :func:`load_stable_diffusion` reads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {name: Path(tmp, name).read_text() for name in _TOKENIZER_FILES
+                if Path(tmp, name).is_file()}
+
+
+# --- writing a pipeline folder ----------------------------------------------------------------
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _component_config(name: str, module: Any) -> dict[str, Any]:
+    """``config.json`` of a component: the module's config and the keys that tell diffusers or
+    transformers which class to build."""
+    port = _PORTS[name]
+    if port.library == "diffusers":
+        return {"_class_name": port.classes[0], "_diffusers_version": _DIFFUSERS_VERSION,
+                **module.to_config()}
+    return {"architectures": [port.classes[0]], **module.to_config()}
+
+
+def save_stable_diffusion_folder(
+    path: str | os.PathLike,
+    *,
+    unet: UNet2DCondition,
+    unet_params: PyTree,
+    vae: AutoencoderKL,
+    vae_params: PyTree,
+    text_encoder: CLIPTextModel,
+    text_encoder_params: PyTree,
+    scheduler_config: dict[str, Any],
+    tokenizer_files: dict[str, str],
+) -> Path:
+    """Write Flax networks as a diffusers Stable Diffusion pipeline folder, atomically.
+
+    The folder is what ``StableDiffusionPipeline.save_pretrained`` writes (without a safety
+    checker or feature extractor): ``model_index.json``; ``unet/`` and ``vae/`` with
+    ``config.json`` and ``diffusion_pytorch_model.safetensors``; ``text_encoder/`` with
+    ``config.json`` and ``model.safetensors`` (keys prefixed ``text_model.``, as transformers 4
+    and SD v1 write them); ``scheduler/scheduler_config.json``; ``tokenizer/``. Weights are
+    float32 PyTorch layouts, written by the converters' rename tables run backwards
+    (:func:`~mmh_jax.convert.export_state_dict`). :func:`load_stable_diffusion` and diffusers'
+    ``StableDiffusionPipeline.from_pretrained`` both read it. The folder is built beside
+    ``path`` and renamed into place, so ``path`` appears whole or not at all.
+    :func:`stable_diffusion_components` gives these arguments for a loaded pipeline.
+
+    Args:
+        path: the folder to create; it must not exist or be empty, and its parent must exist.
+        unet: the Flax ``UNet2DCondition``.
+        unet_params: its parameters.
+        vae: the Flax ``AutoencoderKL``.
+        vae_params: its parameters.
+        text_encoder: the Flax ``CLIPTextModel``.
+        text_encoder_params: its parameters.
+        scheduler_config: the scheduler's config (``scheduler_config.json``); its
+            ``_class_name`` (default ``"DDIMScheduler"``) is the scheduler class named in
+            ``model_index.json``.
+        tokenizer_files: ``{file name: text}`` of the CLIP tokenizer: ``tokenizer.json`` or
+            ``vocab.json`` and ``merges.txt``, and optionally ``tokenizer_config.json`` and
+            ``special_tokens_map.json``.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        FileExistsError: naming ``path`` if it exists and is not an empty folder.
+        TypeError: naming the argument, when a module is not of its class or a config is not a
+            mapping.
+        ValueError: components from different model families, a scheduler config this port
+            cannot read, or tokenizer files it does not know or that hold no vocabulary.
+        ConversionError: naming the parameters argument, when parameters do not match their
+            module.
+    """
+    path = Path(path)
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder_params}
+    for name, module in modules.items():
+        if not isinstance(module, _PORTS[name].module):
+            raise TypeError(f"{name} must be a Flax {_PORTS[name].module.__name__}, got "
+                            f"{type(module).__name__}")
+    _check_compatible(modules, "save_stable_diffusion_folder")
+    if not isinstance(scheduler_config, dict):
+        raise TypeError(f"scheduler_config must be a dict (a parsed scheduler_config.json), "
+                        f"got {type(scheduler_config).__name__}")
+    _read_schedule(scheduler_config, "scheduler_config")
+    scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION,
+                 **scheduler_config}
+    if not isinstance(tokenizer_files, dict):
+        raise TypeError(f"tokenizer_files must be a dict of file names to texts, got "
+                        f"{type(tokenizer_files).__name__}")
+    unknown = sorted(set(tokenizer_files) - set(_TOKENIZER_FILES))
+    if unknown:
+        raise ValueError(f"tokenizer_files: {', '.join(map(repr, unknown))} are not tokenizer "
+                         f"files of this port ({', '.join(_TOKENIZER_FILES)})")
+    if not _has_vocabulary(tokenizer_files):
+        raise ValueError("tokenizer_files holds neither tokenizer.json nor vocab.json and "
+                         "merges.txt")
+    from safetensors.numpy import save_file
+
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+             **{name: [port.library, port.classes[0]] for name, port in _PORTS.items()},
+             "scheduler": ["diffusers", scheduler["_class_name"]],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    with atomic_folder(path) as tmp:
+        for name, port in _PORTS.items():
+            what = f"{name}_params"
+            checked = check_params(params[name], port.abstract(modules[name]), source=what)
+            state_dict = export_state_dict(checked, port.table(modules[name]), source=what)
+            (tmp / name).mkdir()
+            _write_json(tmp / name / "config.json", _component_config(name, modules[name]))
+            save_file(state_dict, str(tmp / name / port.weights[0]), metadata={"format": "pt"})
+        (tmp / "scheduler").mkdir()
+        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler)
+        (tmp / "tokenizer").mkdir()
+        for name, text in tokenizer_files.items():
+            (tmp / "tokenizer" / name).write_text(text)
+        _write_json(tmp / "model_index.json", index)
+    return path
+
+
+def stable_diffusion_components(model: StableDiffusion) -> dict[str, Any]:
+    """The keyword arguments of :func:`save_stable_diffusion_folder` that write a loaded
+    pipeline: ``save_stable_diffusion_folder(path, **stable_diffusion_components(model))``.
+
+    Args:
+        model: what :func:`load_stable_diffusion` returned.
+
+    Returns:
+        ``{"unet": ..., "unet_params": ..., "vae": ..., "vae_params": ..., "text_encoder": ...,
+        "text_encoder_params": ..., "scheduler_config": ..., "tokenizer_files": ...}``; the
+        tokenizer files are those ``model.tokenizer.save_pretrained`` writes.
+    """
+    return {"unet": model.unet.module, "unet_params": model.unet.params, "vae": model.vae,
+            "vae_params": model.vae_params, "text_encoder": model.text_encoder,
+            "text_encoder_params": model.text_encoder_params,
+            "scheduler_config": model.scheduler_config,
+            "tokenizer_files": _tokenizer_files(model.tokenizer)}
