@@ -23,6 +23,7 @@ FORBIDDEN = {
     "retrieval": ("memorization", "evaluation", "scoring", "experiments", "cli"),
     "evaluation": ("scoring", "experiments", "cli"),
     "scoring": ("experiments", "cli"),
+    "worlds": ("lid", "memorization", "scoring", "experiments", "cli"),
 }
 
 
