@@ -343,9 +343,13 @@ def parse_caption(caption: str) -> Description:
                        tuple(i for i, _ in extra))
 
 
-def _meaning(caption: str) -> tuple:
+def _meaning(caption: str) -> frozenset:
+    """What a caption says, equal for the two ways of stating a relation ("a A above a B",
+    "a B below a A")."""
     d = parse_caption(caption)
-    return d.objects, d.relation
+    if d.relation is None:
+        return frozenset({(d.objects, None)})
+    return frozenset({(d.objects, d.relation), (d.objects[::-1], _FLIP[d.relation])})
 
 
 def made_up_words(n: int, *, seed: int) -> list[str]:
@@ -371,8 +375,7 @@ def _insert(words: list[str], extra: Sequence[str], rng: np.random.Generator
     out = list(words)
     for w in extra:
         out.insert(int(rng.integers(0, len(out) + 1)), w)
-    positions = tuple(i for i, w in enumerate(out) if w in extra)
-    return out, positions
+    return out, tuple(out.index(w) for w in extra)  # in the order of ``extra`` (distinct)
 
 
 # --- the world ---------------------------------------------------------------------------------
