@@ -11,9 +11,10 @@ def test_bad_settings_are_refused(tmp_path, capsys):
     assert not (tmp_path / "model").exists()
 
 
-def test_help_lists_the_demo(capsys):
+def test_help_describes_the_demo(capsys):
     try:
-        main(["demo", "--help"])
+        main(["demo", "prompts", "--help"])
     except SystemExit:
         pass
-    assert "prompts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: mmh-jax demo prompts" in out and "--target-fpr" in out
