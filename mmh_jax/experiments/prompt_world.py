@@ -127,7 +127,9 @@ def specs(quick: bool):
 
 def _stage_done(out: Path, name: str, settings: dict) -> bool:
     table, stamp = out / f"{name}.parquet", out / f".{name}.settings.json"
-    return table.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings
+    # compared as JSON reads them back (tuples become lists)
+    return (table.is_file() and stamp.is_file()
+            and json.loads(stamp.read_text()) == json.loads(json.dumps(settings)))
 
 
 def _stage_write(out: Path, name: str, table: dict, settings: dict) -> Path:
@@ -166,14 +168,20 @@ class _Judges:
         return fidelity(self.classifier, _as_float_images(images_u8), list(prompts))
 
 
+def _images_u8(sd, latents, batch: int = 256) -> np.ndarray:
+    """Latents decoded by the VAE, as uint8 NHWC images (what the judges and scorers read)."""
+    from mmh_jax.evaluation import to_uint8_nhwc
+
+    return np.concatenate([to_uint8_nhwc(np.asarray(sd.decode(latents[i:i + batch])))
+                           for i in range(0, len(latents), batch)])
+
+
 def _round_trip(sd, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Images through the VAE (encode to the posterior mean, decode) and uint8, as generations
     are: the domain in which copies are judged."""
-    from mmh_jax.evaluation import to_uint8_nhwc
-
-    out = [to_uint8_nhwc(np.asarray(sd.decode(sd.encode_image(images[i:i + batch]))))
-           for i in range(0, len(images), batch)]
-    return _as_float_images(np.concatenate(out))
+    latents = np.concatenate([np.asarray(sd.encode_image(images[i:i + batch]))
+                              for i in range(0, len(images), batch)])
+    return _as_float_images(_images_u8(sd, latents, batch))
 
 
 def _judges(sd, world, seed: int, console: Console) -> _Judges:
@@ -225,7 +233,6 @@ def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, c
     import jax
     import jax.numpy as jnp
 
-    from mmh_jax.evaluation import to_uint8_nhwc
     from mmh_jax.experiments.stable_diffusion import _padded
     from mmh_jax.memorization import conditional_flipd, generation_cfg_norms, image_cfg_norms
     from mmh_jax.worlds.judge import judge_copies
@@ -253,7 +260,7 @@ def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, c
             own = np.stack(prompts.column("image")[lo:hi])
             at_image = image_cfg_norms(sd.eps, sd.encode_image(_padded(own, b)), cond, uncond,
                                        schedule=sd.schedule, guidance=config.guidance)
-            images = to_uint8_nhwc(np.asarray(sd.decode(result.sample)))
+            images = _images_u8(sd, result.sample)
             keep = slice(0, (hi - lo) * n_img)
             verdict = judge_copies(judges.judge, _as_float_images(images[keep]))
             ids = np.repeat(np.arange(lo, hi), n_img)
@@ -493,13 +500,6 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     files += [out / "summary.json", out / "results.md"]
     _print_summary(console, summary, files)
     return summary
-
-
-def _images_u8(sd, latents: np.ndarray, batch: int = 256) -> np.ndarray:
-    from mmh_jax.evaluation import to_uint8_nhwc
-
-    return np.concatenate([to_uint8_nhwc(np.asarray(sd.decode(latents[i:i + batch])))
-                           for i in range(0, len(latents), batch)])
 
 
 def _binomial_ci(successes: float, n: int) -> tuple[float, float]:

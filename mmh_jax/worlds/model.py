@@ -25,7 +25,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
