@@ -79,6 +79,7 @@ class PromptWorldConfig:
     out: Path = Path("mmh-demo-prompts")
     model: Path | None = None
     quick: bool = False
+    train_steps: int | None = None
     seed: int = 0
     images_per_prompt: int = 4
     num_steps: int = 50
@@ -95,6 +96,8 @@ class PromptWorldConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
+        require(self.train_steps is None or self.train_steps >= 1,
+                "--train-steps must be at least 1")
         require(self.images_per_prompt >= 1, "--images-per-prompt must be at least 1")
         require(self.num_steps >= 2, "--num-steps must be at least 2")
         require(self.guidance > 1, f"--guidance must be > 1, got {self.guidance}")
@@ -110,16 +113,21 @@ class PromptWorldConfig:
         require(self.batch_size >= 1, "--batch-size must be at least 1")
 
 
-def specs(quick: bool):
+def specs(quick: bool, train_steps: int | None = None):
     """The world and training settings of the default run and of ``--quick`` (fixed before
-    any result was seen)."""
+    any result was seen); ``train_steps`` replaces the recipe's UNet and text-encoder steps
+    (the learning-rate schedule stretches with it)."""
     from mmh_jax.worlds import TrainSpec, WorldSpec
 
     if not quick:
-        return WorldSpec(), TrainSpec()
-    return (WorldSpec(num_normal=400, verbatim_counts=(16, 32, 64) * 2, num_template=2,
-                      template_captions=4, num_rare=4),
-            TrainSpec(vae_steps=80, vae_batch=32, steps=160, batch_size=64, chunk=40))
+        world, train = WorldSpec(), TrainSpec()
+    else:
+        world = WorldSpec(num_normal=400, verbatim_counts=(16, 32, 64) * 2, num_template=2,
+                          template_captions=4, num_rare=4)
+        train = TrainSpec(vae_steps=80, vae_batch=32, steps=160, batch_size=64, chunk=40)
+    if train_steps is not None:
+        train = dataclasses.replace(train, steps=train_steps)
+    return world, train
 
 
 # --- stage plumbing ----------------------------------------------------------------------------
@@ -356,7 +364,7 @@ def _attribution_rows(attributions, triggers_of: dict[str, str], kind_of: dict[s
 def _train(config: PromptWorldConfig, console: Console) -> Path:
     from mmh_jax.worlds import train_world_model
 
-    world_spec, train_spec = specs(config.quick)
+    world_spec, train_spec = specs(config.quick, config.train_steps)
     root = config.model if config.model is not None else config.out / "model"
     with make_progress(console, enabled=config.progress) as bar:
         tasks: dict[str, Any] = {}
@@ -395,7 +403,7 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     t = time.perf_counter()
     pipeline = _train(config, console)
     timings["training (or loading the cache)"] = time.perf_counter() - t
-    world_spec, train_spec = specs(config.quick)
+    world_spec, train_spec = specs(config.quick, config.train_steps)
     world = ShapesWorld(world_spec)
     sd = load_stable_diffusion(pipeline)
     settings = {"world": world_spec.to_dict(), "train": train_spec.to_dict(),
@@ -755,6 +763,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a small world and model (about a minute of training) for a smoke "
                              "test; its numbers are not the demo's")
+    parser.add_argument("--train-steps", type=int, default=None, metavar="N",
+                        help="UNet and text-encoder training steps (default: the recipe's); "
+                             "another value is another model, so give it its own --out or "
+                             "--model")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the sampling noise, "
                         "probes and token draws (%(default)s)")
     parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, metavar="N")
@@ -780,7 +792,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PromptWorldConfig:
     """The config of parsed ``demo prompts`` flags."""
     return PromptWorldConfig(
-        out=args.out, model=args.model, quick=args.quick, seed=args.seed,
+        out=args.out, model=args.model, quick=args.quick, train_steps=args.train_steps,
+        seed=args.seed,
         images_per_prompt=args.images_per_prompt, num_steps=args.num_steps,
         guidance=args.guidance, num_heldout=args.num_heldout,
         num_calibration=args.num_calibration, flipd_t0=args.flipd_t0, ks=tuple(args.ks),

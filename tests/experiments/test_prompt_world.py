@@ -1,13 +1,18 @@
 """``mmh-jax demo prompts``: settings are refused before any work. (The whole recipe runs in
 ``mmh-jax demo prompts``; its figures of record are in benchmarks/RESULTS.md.)"""
 
+import pytest
+
 from mmh_jax.cli import main
 
 
-def test_bad_settings_are_refused(tmp_path, capsys):
-    assert main(["demo", "prompts", "--out", str(tmp_path), "--target-fpr", "0.01",
-                 "--num-calibration", "10"]) == 2
-    assert "--num-calibration must be at least 99" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--target-fpr", "0.01", "--num-calibration", "10"], "--num-calibration must be at least 99"),
+    (["--train-steps", "0"], "--train-steps must be at least 1"),
+])
+def test_bad_settings_are_refused(tmp_path, capsys, flags, message):
+    assert main(["demo", "prompts", "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
 
 
