@@ -17,6 +17,8 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array
 
+from mmh_jax.schedules import Schedule
+
 
 def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
@@ -37,6 +39,14 @@ def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_schedule(schedule: Any, name: str = "schedule") -> None:
+    """``schedule`` must be a :class:`mmh_jax.schedules.Schedule` (VP, DDPM, VE, EDM, ...)."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"{name} must be a mmh_jax.schedules.Schedule (e.g. VP(), DDPM(...), VE(), "
+                        f"EDM()), the forward process the score belongs to; got "
+                        f"{type(schedule).__name__}")
 
 
 def check_batch(x: Any, name: str = "x", *, min_event_dims: int = 1) -> Array:

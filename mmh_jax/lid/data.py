@@ -27,12 +27,15 @@ def mle_from_distances(dists: Float[Array, "m k"], *, unbiased: bool = False) ->
 
     ``m(x) = (k - 1) / sum_{j=1}^{k} log(T_k / T_j)`` (``k - 2`` in the numerator when
     ``unbiased``), the variant scikit-dimension's ``MLE`` computes pointwise.  A zero distance
-    (a duplicate) makes the sum infinite and the estimate 0; ``T_k = 0`` gives NaN.
+    (a duplicate) makes the sum infinite and the estimate 0, and so does ``T_k = 0`` (all ``k``
+    neighbours are duplicates: the point sits on a 0-dimensional cluster, as :func:`lpca` reads
+    it too).
     """
     k = dists.shape[1]
     kfac = (k - 2) if unbiased else (k - 1)
     tk = dists[:, -1:]
-    return kfac / jnp.sum(jnp.log(tk / dists), axis=1)
+    safe = jnp.where(tk > 0, tk, 1.0)
+    return jnp.where(tk[:, 0] > 0, kfac / jnp.sum(jnp.log(safe / dists), axis=1), 0.0)
 
 
 def mle(

@@ -26,6 +26,7 @@ from mmh_jax.lid._checks import (
     check_batch,
     check_int,
     check_option,
+    check_schedule,
     check_score_fn,
     check_times,
     is_concrete,
@@ -124,8 +125,9 @@ def _flipd(
     return d + sigma2 * (trace_estimate + squared_norm)
 
 
-def _check_flipd_args(score_fn, x, trace, num_probes, probe, chunk_size, key):
+def _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_size, key):
     x = check_batch(x)
+    check_schedule(schedule)
     check_option(trace, "trace", ("hutchinson", "exact"))
     check_option(probe, "probe", ("rademacher", "gaussian"))
     num_probes = check_int(num_probes, "num_probes")
@@ -170,7 +172,7 @@ def flipd(
     Returns:
         FLIPD per point, shape ``[b]``, in ``x.dtype``.
     """
-    x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, trace, num_probes, probe, chunk_size, key)
+    x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_size, key)
     t = check_times(t0, x.shape[0], x.dtype)
     return _flipd(
         as_pytree_fn(score_fn), x, t, schedule=schedule, keys=keys, trace=trace,
@@ -202,7 +204,7 @@ def flipd_curve(
     Returns:
         ``[b, n]`` FLIPD values.
     """
-    x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, trace, num_probes, probe, chunk_size, key)
+    x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_size, key)
     ts = jnp.asarray(ts, dtype=x.dtype)
     if ts.ndim != 1 or ts.shape[0] < 1:
         raise ValueError(f"ts must be a 1-D array of diffusion times, got shape {ts.shape}")

@@ -30,6 +30,7 @@ from mmh_jax.lid._checks import (
     as_pytree_fn,
     check_batch,
     check_int,
+    check_schedule,
     check_score_fn,
     check_times,
     per_sample_keys,
@@ -154,6 +155,7 @@ def normal_bundle(
         ``singular_values`` ``[b, d]``.
     """
     x = check_batch(x)
+    check_schedule(schedule)
     b, event_shape = x.shape[0], x.shape[1:]
     d = math.prod(event_shape)
     keys = per_sample_keys(key, b)

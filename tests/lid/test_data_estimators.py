@@ -42,6 +42,17 @@ def test_mle_closed_form_and_queries(x64):
     np.testing.assert_allclose(np.asarray(mle(x, q, k=10)), expect, rtol=1e-10)
 
 
+def test_mle_and_lpca_read_a_cluster_of_duplicates_as_dimension_zero(x64):
+    # every neighbour at distance 0 (T_k = 0): 0, as lpca reads it, never NaN
+    x = np.vstack([np.ones((30, 4)), _sphere(n=30, dim=3)[:, :4]])
+    for unbiased in (False, True):
+        np.testing.assert_array_equal(np.asarray(mle(x[:30], k=5, unbiased=unbiased)), 0.0)
+    got = np.asarray(mle(x, k=5))
+    np.testing.assert_array_equal(got[:30], 0.0)
+    assert np.all(np.isfinite(got[30:])) and np.all(got[30:] > 0)
+    np.testing.assert_array_equal(np.asarray(lpca(x[:30], k=5)), 0)
+
+
 def test_mle_float32_and_dimension():
     x = _sphere(n=1000, dim=3).astype(np.float32)
     got = np.asarray(mle(x, k=20))

@@ -169,6 +169,11 @@ def test_bad_input_raises_clear_errors():
         flipd_knee(jnp.array([0.1, 0.05, 0.2, 0.3]), jnp.ones((1, 4)))
     with pytest.raises(ValueError, match="ts must lie in"):
         flipd_curve(_score, x, jnp.array([0.1, 2.0]), schedule=s, trace="exact")
+    for trace in ("exact", "hutchinson"):
+        with pytest.raises(TypeError, match="schedule must be a mmh_jax.schedules.Schedule"):
+            flipd(_score, x, 1e-3, schedule=None, key=key, trace=trace)
+    with pytest.raises(TypeError, match="schedule must be"):
+        flipd_curve(_score, x, jnp.array([0.1, 0.2]), schedule="vp", trace="exact")
 
 
 def test_sharded_batch_gives_the_same_estimates(x64):

@@ -99,6 +99,8 @@ def test_bad_input():
         normal_bundle(lambda x, t: x.sum(1), x, 0.1, schedule=s, key=jax.random.key(0))
     with pytest.raises(ValueError, match="t0 must lie in"):
         normal_bundle(lambda x, t: -x, x, 0.0, schedule=s, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="schedule must be a mmh_jax.schedules.Schedule"):
+        normal_bundle(lambda x, t: -x, x, 0.1, schedule=None, key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_scores must be >= 2"):
         normal_bundle(lambda x, t: -x, x, 0.1, schedule=s, key=jax.random.key(0), num_scores=1)
     with pytest.raises(ValueError, match="space must be one of"):
