@@ -342,7 +342,10 @@ def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, tex
     elif isinstance(kind, tuple):
         group.add_argument(option, choices=kind, **common)
     else:
-        group.add_argument(option, type=kind, metavar=metavar, **common)
+        from mmh_jax.experiments._common import finite_float
+
+        group.add_argument(option, type=finite_float if kind is float else kind, metavar=metavar,
+                           **common)
 
 
 def _described(description: str, example: str) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
+import math
 import os
 import tempfile
 import time
@@ -24,6 +26,7 @@ from mmh_jax._files import atomic_path
 
 __all__ = [
     "DemoInputError",
+    "finite_float",
     "prepare_out_dir",
     "atomic_path",
     "write_csv",
@@ -37,6 +40,18 @@ __all__ = [
 
 class DemoInputError(ValueError):
     """A user-facing problem with a demo's settings (reported as one line, no traceback)."""
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` of a number flag: a finite float (``nan`` and ``inf`` are refused when
+    the command line is parsed, before any work)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def require(condition: bool, message: str) -> None:

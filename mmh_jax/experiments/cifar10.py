@@ -45,6 +45,7 @@ from rich.table import Table
 from mmh_jax._files import atomic_path, sha256_file
 from mmh_jax.experiments._common import (
     DemoInputError,
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -671,7 +672,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lid", choices=LID_METHODS,
                         help="LID_theta estimator (default: flipd for diffusion models, "
                         "jacobian_rank for stylegan2)")
-    parser.add_argument("--t0", type=float,
+    parser.add_argument("--t0", type=finite_float,
                         help="diffusion time of FLIPD (default 0.05) or the normal bundle "
                         "(default 0.1), as in the paper (Appendix C.1)")
     parser.add_argument("--nb-scores", type=int, metavar="K",
@@ -691,7 +692,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "class i mod c_dim; default %(default)s)")
     parser.add_argument("--batch-size", type=int, metavar="B", default=d.batch_size,
                         help="samples per compiled batch (default %(default)s)")
-    parser.add_argument("--percentile", type=float, metavar="Q", default=d.percentile,
+    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=d.percentile,
                         help="pooled singular-value percentile threshold of the Jacobian rank "
                         "and the normal bundle (default %(default)s)")
     parser.add_argument("--lpca-k", type=int, metavar="K", default=d.lpca_k,

@@ -38,6 +38,7 @@ from rich.table import Table
 from mmh_jax._files import atomic_path, sha256_file
 from mmh_jax.experiments._common import (
     DemoInputError,
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -408,11 +409,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrt", choices=("z", "w"), default=d.wrt,
                         help="the latent the Jacobian is taken with respect to (default "
                         "%(default)s, the paper's)")
-    parser.add_argument("--truncation-psi", type=float, metavar="PSI", default=d.truncation_psi,
+    parser.add_argument("--truncation-psi", type=finite_float, metavar="PSI", default=d.truncation_psi,
                         help="truncation (default %(default)s: none)")
     parser.add_argument("--noise-mode", choices=("const", "none"), default=d.noise_mode,
                         help="the synthesis noise (default %(default)s, as generate.py)")
-    parser.add_argument("--percentile", type=float, metavar="Q", default=d.percentile,
+    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=d.percentile,
                         help="threshold: the Q-th percentile of all singular values (default "
                         "%(default)s, Appendix C.1)")
     parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,

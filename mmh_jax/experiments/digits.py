@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmh_jax.experiments._common import (
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -359,13 +360,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rare-per-class", type=int, default=d.rare_per_class, help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)")
     parser.add_argument("--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--learning-rate", type=finite_float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
     parser.add_argument("--channels", type=int, default=d.channels, help="feature maps of the conv net (default %(default)s)")
     parser.add_argument("--mlp-width", type=int, default=d.mlp_width, help="width of the dense layer after the conv blocks; 0: none (default %(default)s)")
     parser.add_argument("--num-samples", type=int, default=d.num_samples, help="generated samples (default %(default)s)")
     parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="reverse-SDE steps (default %(default)s)")
-    parser.add_argument("--t0", type=float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)")
-    parser.add_argument("--mem-threshold", type=float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)")
+    parser.add_argument("--t0", type=finite_float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)")
+    parser.add_argument("--mem-threshold", type=finite_float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)")
     parser.add_argument("--calibration-k", type=int, default=d.calibration_k, help="neighbours in the calibrated l2 denominator (default %(default)s)")
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")

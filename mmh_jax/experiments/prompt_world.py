@@ -51,6 +51,7 @@ from rich.table import Table
 from mmh_jax.experiments._common import (
     DemoInputError,
     atomic_path,
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -772,18 +773,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, metavar="N")
     parser.add_argument("--num-steps", type=int, default=d.num_steps, metavar="N",
                         help="DDIM steps (%(default)s)")
-    parser.add_argument("--guidance", type=float, default=d.guidance, metavar="W")
+    parser.add_argument("--guidance", type=finite_float, default=d.guidance, metavar="W")
     parser.add_argument("--num-heldout", type=int, default=d.num_heldout, metavar="N",
                         help="held-out prompts of the detection and guard evaluation")
     parser.add_argument("--num-calibration", type=int, default=d.num_calibration, metavar="N",
                         help="held-out prompts that calibrate the guard's threshold")
-    parser.add_argument("--flipd-t0", type=float, default=d.flipd_t0, metavar="T")
+    parser.add_argument("--flipd-t0", type=finite_float, default=d.flipd_t0, metavar="T")
     parser.add_argument("--ks", type=int, nargs="+", default=list(d.ks), metavar="K",
                         help="tokens changed by the text mitigations (%(default)s)")
     parser.add_argument("--repeats", type=int, default=d.repeats, metavar="N")
     parser.add_argument("--mitigation-images", type=int, default=d.mitigation_images,
                         metavar="N")
-    parser.add_argument("--target-fpr", type=float, default=d.target_fpr, metavar="P",
+    parser.add_argument("--target-fpr", type=finite_float, default=d.target_fpr, metavar="P",
                         help="the guard's false-positive rate (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

@@ -57,6 +57,7 @@ from rich.table import Table
 
 from mmh_jax.experiments._common import (
     DemoInputError,
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -1186,7 +1187,7 @@ class MitigateConfig:
 def _common_arguments(parser: argparse.ArgumentParser, d: Any) -> None:
     parser.add_argument("--num-steps", type=int, metavar="N", default=d.num_steps,
                         help="DDIM steps (default %(default)s)")
-    parser.add_argument("--guidance", type=float, metavar="LAMBDA", default=d.guidance,
+    parser.add_argument("--guidance", type=finite_float, metavar="LAMBDA", default=d.guidance,
                         help="classifier-free guidance scale (default %(default)s)")
     parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
                         help="seed of the noise and every random choice (default %(default)s)")
@@ -1256,7 +1257,7 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-key-env", metavar="VAR", default=d.chat_key_env,
                         help="environment variable holding the endpoint's key (default "
                         "%(default)s)")
-    parser.add_argument("--chat-timeout", type=float, metavar="S", default=d.chat_timeout,
+    parser.add_argument("--chat-timeout", type=finite_float, metavar="S", default=d.chat_timeout,
                         help="seconds to wait for each rephrasing (default %(default)s)")
     parser.add_argument("--sscd", type=Path, metavar="FILE",
                         help="SSCD checkpoint for the similarity to the memorized image")

@@ -38,6 +38,7 @@ from rich.table import Table
 
 from mmh_jax.experiments._common import (
     DemoInputError,
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -100,6 +101,7 @@ class DetectConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
         require(self.euler_steps >= 1, f"--euler-steps must be at least 1, got {self.euler_steps}")
+        require(self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}")
         require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
         require(0 < self.cfg_t0 <= 1, f"--cfg-t0 must lie in (0, 1], got {self.cfg_t0}")
         require(self.dtype in ("float32", "bfloat16"),
@@ -468,13 +470,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images generated per prompt (default %(default)s)")
     parser.add_argument("--num-steps", type=int, metavar="N", default=d.num_steps,
                         help="DDIM steps (default %(default)s)")
-    parser.add_argument("--guidance", type=float, metavar="LAMBDA", default=d.guidance,
+    parser.add_argument("--guidance", type=finite_float, metavar="LAMBDA", default=d.guidance,
                         help="classifier-free guidance scale (default %(default)s)")
-    parser.add_argument("--flipd-t0", type=float, metavar="T", default=d.flipd_t0,
+    parser.add_argument("--flipd-t0", type=finite_float, metavar="T", default=d.flipd_t0,
                         help="FLIPD time (default %(default)s, the paper's)")
     parser.add_argument("--num-probes", type=int, metavar="N", default=d.num_probes,
                         help="Hutchinson probes of FLIPD (default %(default)s)")
-    parser.add_argument("--cfg-t0", type=float, metavar="T", default=d.cfg_t0,
+    parser.add_argument("--cfg-t0", type=finite_float, metavar="T", default=d.cfg_t0,
                         help="--images: time at which the CFG norms are read (default "
                         "%(default)s, Appendix C)")
     parser.add_argument("--euler-steps", type=int, metavar="N", default=d.euler_steps,

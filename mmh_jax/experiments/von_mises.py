@@ -34,6 +34,7 @@ from rich.table import Table
 
 from mmh_jax.experiments._common import (
     DemoInputError,
+    finite_float,
     make_progress,
     prepare_out_dir,
     require,
@@ -413,20 +414,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="seed of data, training, sampling and estimation (default %(default)s)")
     g.add_argument("--num-train", type=int, default=d.num_train,
                    help="training points: round(w n) origin copies, 1 isolated point, rest von Mises (default %(default)s)")
-    g.add_argument("--origin-weight", type=float, default=d.origin_weight, help="mixture weight w of the point mass at the origin (default %(default)s)")
-    g.add_argument("--kappa", type=float, default=d.kappa, help="von Mises concentration (default %(default)s)")
+    g.add_argument("--origin-weight", type=finite_float, default=d.origin_weight, help="mixture weight w of the point mass at the origin (default %(default)s)")
+    g.add_argument("--kappa", type=finite_float, default=d.kappa, help="von Mises concentration (default %(default)s)")
     g = parser.add_argument_group("model and training")
     g.add_argument("--steps", type=int, default=d.steps, help="Adam steps; too few and the model is too smooth to memorize the isolated point (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
+    g.add_argument("--learning-rate", type=finite_float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
     g.add_argument("--width", type=int, default=d.width, help="hidden width of the MLP (default %(default)s)")
     g = parser.add_argument_group("sampling and LID")
     g.add_argument("--num-samples", type=int, default=d.num_samples, help="samples drawn with the reverse SDE (default %(default)s)")
     g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Euler-Maruyama steps of the sampler (default %(default)s)")
-    g.add_argument("--t0", type=float, default=d.t0, help="diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, sigma ~ 0.08)")
-    g.add_argument("--od-gap", type=float, default=d.od_gap, help="OD-Mem when LID_* - LID_theta >= this (default %(default)s)")
-    g.add_argument("--dd-max-lid", type=float, default=d.dd_max_lid, help="DD-Mem when LID_* and LID_theta are both <= this (default %(default)s)")
-    g.add_argument("--lpca-q", type=float, default=d.lpca_q,
+    g.add_argument("--t0", type=finite_float, default=d.t0, help="diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, sigma ~ 0.08)")
+    g.add_argument("--od-gap", type=finite_float, default=d.od_gap, help="OD-Mem when LID_* - LID_theta >= this (default %(default)s)")
+    g.add_argument("--dd-max-lid", type=finite_float, default=d.dd_max_lid, help="DD-Mem when LID_* and LID_theta are both <= this (default %(default)s)")
+    g.add_argument("--lpca-q", type=finite_float, default=d.lpca_q,
                    help="percentile of all local explained variances used as the local-PCA threshold for LID_* "
                    "(paper, App. C.1, uses 10); it must exceed the share of off-manifold variances, here "
                    "100 (1 - mean LID_* / d) = 60 (default %(default)s)")
