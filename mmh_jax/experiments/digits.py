@@ -37,7 +37,7 @@ from mmh_jax.experiments._common import (
     write_parquet,
 )
 
-__all__ = ["DigitsConfig", "DigitsData", "make_digits_training_set", "calibrated_l2", "add_arguments",
+__all__ = ["DigitsConfig", "DigitsData", "make_digits_training_set", "add_arguments",
            "config_from_args", "run"]
 
 
@@ -157,35 +157,6 @@ def make_digits_training_set(
     return DigitsData(images, x[uidx], kind.astype(str), y[uidx], count)
 
 
-def calibrated_l2(
-    samples: np.ndarray, train: np.ndarray, *, k: int = 20
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest training image under the calibrated l2 distance of Carlini et al. (2023).
-
-    The calibrated distance of a sample to its nearest (distinct) training image is the
-    plain l2 distance divided by the mean l2 distance to its ``k`` nearest distinct
-    training images: a value well below 1 means the sample is much closer to one
-    training image than to the rest of its neighbourhood, i.e. a copy.
-
-    Args:
-        samples: ``[m, ...]`` generated images.
-        train: ``[u, ...]`` distinct training images.
-        k: neighbourhood size of the calibration.
-
-    Returns:
-        ``(nearest_index [m], l2 [m], calibrated [m])``.
-    """
-    a = samples.reshape(len(samples), -1).astype(np.float64)
-    b = train.reshape(len(train), -1).astype(np.float64)
-    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
-    d = np.sqrt(np.maximum(d2, 0.0))
-    k = min(k, d.shape[1])
-    part = np.sort(d, axis=1)[:, :k]
-    nearest = d.argmin(1)
-    l2 = d[np.arange(len(a)), nearest]
-    return nearest, l2, l2 / np.maximum(part.mean(1), 1e-12)
-
-
 def run(config: DigitsConfig, *, console: Console | None = None):
     """Run the digits demo; returns ``(table, summary, files)``.
 
@@ -203,6 +174,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
 
     from mmh_jax.lid import flipd
     from mmh_jax.models import ConvEpsNet
+    from mmh_jax.retrieval import calibrated_l2
     from mmh_jax.sampling import sample
     from mmh_jax.schedules import VP
 
@@ -215,6 +187,9 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         rare_per_class=config.rare_per_class,
         common_per_class=config.common_per_class,
     )
+    require(config.calibration_k <= len(data.unique_images),
+            f"--calibration-k must be at most the number of distinct training images, "
+            f"{len(data.unique_images)}, got {config.calibration_k}")
     schedule = VP()
     net = ConvEpsNet(channels=config.channels, mlp_width=config.mlp_width, schedule=schedule)
     k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
@@ -240,10 +215,15 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         timings["flipd_s"] = time.perf_counter() - t
         progress.advance(est)
 
-    nearest, l2, cal = calibrated_l2(samples, data.unique_images, k=config.calibration_k)
+    # the ratio of the nearest distance to the mean of the k nearest: Carlini et al.'s
+    # calibrated l2 with alpha = 1
+    match = calibrated_l2(samples, data.unique_images, n=config.calibration_k, alpha=1.0)
+    nearest, l2, cal = (np.asarray(match.nearest), np.asarray(match.distances[:, 0], np.float64),
+                        np.asarray(match.score, np.float64))
     memorized = cal < config.mem_threshold
     kind = data.unique_kind[nearest]
-    auroc = float(roc_auc_score(memorized, -fl)) if 0 < memorized.sum() < len(memorized) else float("nan")
+    # undefined (None) unless both classes occur
+    auroc = float(roc_auc_score(memorized, -fl)) if 0 < memorized.sum() < len(memorized) else None
     table = {
         "sample_index": np.arange(len(samples)),
         "flipd": fl.astype(np.float64),
@@ -289,9 +269,14 @@ def _print_summary(console: Console, s: dict, config: DigitsConfig, files: list)
     for kd, e in s["by_kind"].items():
         tab.add_row(kd, str(e["n"]), str(e["memorized"]), "-" if e["flipd_median"] is None else f"{e['flipd_median']:.1f}")
     console.print(tab)
+    if s["auroc_neg_flipd"] is not None:
+        auroc = f"{s['auroc_neg_flipd']:.3f}"
+    else:
+        auroc = ("undefined: " + ("no" if s["num_memorized"] == 0 else "every")
+                 + " sample is memorized")
     console.print(
         f"memorized (calibrated l2 < {config.mem_threshold:.3g}): {s['num_memorized']} / {s['num_samples']}; "
-        f"AUROC of -FLIPD for memorized: {s['auroc_neg_flipd']:.3f}"
+        f"AUROC of -FLIPD for memorized: {auroc}"
     )
     t = s["timings"]
     console.print(f"train {t['train_s']:.1f} s, sample {t['sample_s']:.1f} s, FLIPD {t['flipd_s']:.1f} s; "

@@ -176,15 +176,6 @@ def test_digits_training_set_common_per_class():
     assert (full.unique_kind == "common").sum() > 1400
 
 
-def test_calibrated_l2_copies_are_low():
-    rng = np.random.default_rng(0)
-    train = rng.normal(size=(50, 8, 8))
-    samples = np.concatenate([train[:5] + 1e-3 * rng.normal(size=(5, 8, 8)), rng.normal(size=(5, 8, 8))])
-    nearest, l2, cal = digits.calibrated_l2(samples, train, k=10)
-    np.testing.assert_array_equal(nearest[:5], np.arange(5))
-    assert np.all(cal[:5] < 0.01) and np.all(cal[5:] > 0.5) and np.all(cal <= 1 + 1e-12)
-
-
 def test_digits_fast_run_files(tmp_path):
     cfg = digits.DigitsConfig(seed=0, out=tmp_path, **FAST_DIGITS)
     table, summary, files = digits.run(cfg)
@@ -220,6 +211,7 @@ def test_digits_fast_run_files(tmp_path):
         (["--num-samples", "1"], "--num-samples"),
         (["--common-per-class", "0"], "--common-per-class"),
         (["--mlp-width", "-1"], "--mlp-width"),
+        (["--calibration-k", "100000"], "--calibration-k must be at most the number of distinct"),
     ],
 )
 def test_cli_digits_bad_flags_one_line(flags, fragment, capsys, tmp_path):
