@@ -178,13 +178,12 @@ def load_training_images(path: Path) -> np.ndarray:
         return np.stack(images)
     require(path.suffix == ".npz", f"--train must be a folder of images or an .npz file, got "
                                    f"{str(path)!r}")
+    from mmh_jax.scoring import ArrayFile  # the one .npz reader, and its errors
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            require("x" in data.files, f"--train {str(path)!r} has no array 'x' (found "
-                                       f"{', '.join(data.files) or 'none'})")
-            x = data["x"]
-    except ValueError as err:  # object arrays: ragged images
-        raise DemoInputError(f"--train {str(path)!r}: {err} (images of different sizes?)") from None
+        x = ArrayFile(path, key="x", ids_key=None).array
+    except ValueError as err:
+        raise DemoInputError(f"--train: {err}") from None
     require(x.dtype == np.uint8, f"--train {str(path)!r}: x must be uint8, got {x.dtype}")
     require(x.ndim == 4, f"--train {str(path)!r}: x must be [n, h, w, c] or [n, c, h, w], "
                          f"got shape {x.shape}")

@@ -398,6 +398,11 @@ class ArrayFile:
     def __len__(self) -> int:
         return len(self._array)
 
+    @property
+    def array(self) -> np.ndarray:
+        """The whole ``[n, ...]`` array (memory-mapped for ``.npy``), unchecked for NaN or inf."""
+        return self._array
+
     def __getitem__(self, index: int) -> Item | BadItem:
         i = _position(index, len(self._array))
         key = _row_id(i, len(self._array)) if self._ids is None else _id_str(self._ids[i])

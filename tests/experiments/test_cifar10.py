@@ -130,6 +130,19 @@ def test_bad_inputs_exit_2(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "b.png" in err and "\n" not in err
 
+    # a truncated .npz, one without x, one of floats: the scoring sources' reader and its errors
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((4, 8, 8, 3), np.uint8))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:100])
+    np.savez(tmp_path / "other.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "floats.npz", x=np.zeros((4, 8, 8, 3), np.float32))
+    for name, fragment in (("truncated.npz", "cannot read"), ("other.npz", "no array 'x'"),
+                           ("floats.npz", "x must be uint8")):
+        assert _run(tmp_path / name, tmp_path / "o") == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and name in err and "\n" not in err, err
+
     labels = tmp_path / "labels.csv"
     labels.write_text("id,label\n0,exact\n99,not\n")
     assert main(["cifar10", "report", str(run_dir / "out"), "--labels", str(labels)]) == 2
