@@ -470,6 +470,9 @@ def write_merged(out: str | os.PathLike, *, allow_partial: bool = False) -> tupl
     merged = merge(out, allow_partial=allow_partial)
     out = Path(out)
     paths = out / "scores.parquet", out / "errors.parquet"
+    for target in paths:  # the temporaries of a merge that was killed (one merger per run)
+        for stale in out.glob(f".{target.name}.*.part"):
+            stale.unlink(missing_ok=True)
     for table, target in zip((merged.scores, merged.errors), paths):
         with atomic_path(target) as tmp:
             pq.write_table(table, tmp)

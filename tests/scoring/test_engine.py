@@ -147,6 +147,14 @@ def test_a_rerun_redoes_only_missing_chunks_and_refuses_other_settings(tmp_path)
     manifest = json.loads((out / "manifest" / "chunk-00000001.json").read_text())
     assert manifest["ids"] == [f"{i:02d}" for i in range(5, 10)] and manifest["rows"] == 5
     assert pq.read_table(out / "parts").num_rows == 20  # the folder reads as one dataset
+    # a merge killed before its renames left its temporaries: the next merge sweeps them
+    from mmh_jax.scoring.config import write_merged
+
+    for name in ("scores", "errors"):
+        (out / f".{name}.parquet.k1ll3d.part").write_bytes(b"torn")
+    scores, errors = write_merged(out)
+    assert pq.read_table(scores).num_rows == 20 and pq.read_table(errors).num_rows == 0
+    assert not list(out.glob(".*.part"))
     with pytest.raises(RunMismatch, match="seed"):
         score(model, columns, source, str(out), batch_size=8, chunk_size=5, seed=1)
     with pytest.raises(RunMismatch, match="chunk_size"):
