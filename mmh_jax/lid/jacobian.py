@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from mmh_jax._src.linalg import singular_values
 from mmh_jax.lid._checks import as_pytree_fn, check_batch, check_int
 from mmh_jax.lid.rank import numerical_rank
 
@@ -47,7 +48,7 @@ def _jacobian_singular_values(fn, z, *, chunk):
 
     cols = jax.lax.map(columns, jnp.arange(num_chunks) * chunk)  # [chunks, chunk, b, d_out]
     jac = jnp.moveaxis(cols.reshape(num_chunks * chunk, b, -1)[:d_latent], 0, -1)  # [b, d_out, d_latent]
-    return jnp.linalg.svd(jac, compute_uv=False)
+    return singular_values(jac)
 
 
 def jacobian_rank(

@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from threadpoolctl import threadpool_limits
 
+from mmh_jax._src.linalg import singular_values
 from mmh_jax.lid._checks import is_concrete
 from mmh_jax.lid._knn import (
     build_index,
@@ -99,7 +100,7 @@ def _neighbourhood_matrices(
 @jax.jit
 def _xla_eigvals_desc(mat: Array) -> Array:
     # Singular values of a symmetric PSD matrix are its eigenvalues (descending, >= 0).
-    return jnp.linalg.svd(mat, compute_uv=False)
+    return singular_values(mat)
 
 
 def _host_eigvals_desc(mat: Array) -> np.ndarray:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from mmh_jax._src.linalg import eigvalsh_descending
 from mmh_jax.lid._checks import (
     as_pytree_fn,
     check_batch,
@@ -107,7 +108,7 @@ def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
     if center:
         mean = total / num_scores
         gram = gram - mean[:, :, None] * mean[:, None, :]
-    eigenvalues = jnp.linalg.eigvalsh(gram)[:, ::-1]
+    eigenvalues = eigvalsh_descending(gram)
     return jnp.sqrt(jnp.maximum(eigenvalues, 0))
 
 

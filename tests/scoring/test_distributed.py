@@ -207,3 +207,66 @@ def test_template_lists_every_key_and_dry_run_writes_nothing(tmp_path, capsys):
     shown = capsys.readouterr().err
     assert "dry run: the plan" in shown and "estimated time" in shown
     assert not (tmp_path / "dry").exists()
+
+
+DEVICES_RUNNER = """\
+import sys
+
+import jax
+import numpy as np
+from jax.tree_util import Partial
+
+import toy_model
+from mmh_jax.scoring import (ArrayFile, Flipd, JacobianRank, Model, NearestNeighbour,
+                             NormalBundle, PngSize, score)
+
+out = sys.argv[1]
+# dimension 192: where normal_bundle's batched eigh hung on 4 devices (LAPACK's batch tasks
+# waiting on the thread pool that runs the devices)
+shape = (3, 8, 8)
+model = toy_model.make(shape, rank=10, images=True)
+columns = [Flipd(t0=0.05), NormalBundle(t0=0.05, num_scores=64),
+           NearestNeighbour(reference=np.load("reference.npy")), PngSize()]
+score(model, columns, ArrayFile("x.npy"), out + "/diffusion", batch_size=8, chunk_size=16)
+weight = np.load("weight.npy")
+generator = Model.from_generator(Partial(lambda w, z: jax.numpy.tanh(z @ w.T), weight), (48,))
+score(generator, [JacobianRank(threshold=1e-4)], ArrayFile("z.npy"), out + "/generator",
+      batch_size=8, chunk_size=16)
+print(len(jax.devices()), "devices")
+"""
+
+
+def test_every_column_gives_the_values_of_one_device_on_four(tmp_path):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(32, 8, 8, 3), dtype=np.uint8)  # [n, h, w, c]
+    np.save(tmp_path / "x.npy", images)
+    chw = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    np.save(tmp_path / "reference.npy", chw[::4])  # 8 of the items: their nearest is themselves
+    weight = rng.normal(size=(192, 5)) @ rng.normal(size=(5, 48))  # a rank-5 linear generator
+    np.save(tmp_path / "weight.npy", weight.astype(np.float32))
+    np.save(tmp_path / "z.npy", rng.normal(size=(32, 48)).astype(np.float32))
+    (tmp_path / "runner.py").write_text(DEVICES_RUNNER)
+    tables = {}
+    for devices in (1, 4):
+        try:  # a deadlock fails the test instead of blocking the suite
+            proc = subprocess.run([sys.executable, "runner.py", f"out{devices}"], cwd=tmp_path,
+                                  env=_env(devices=devices), capture_output=True, text=True,
+                                  timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"scoring on {devices} CPU devices did not finish in 240 s")
+        assert proc.returncode == 0 and f"{devices} devices" in proc.stdout, proc.stderr
+        tables[devices] = {kind: merge(tmp_path / f"out{devices}" / kind).scores.to_pandas()
+                           for kind in ("diffusion", "generator")}
+    for kind in ("diffusion", "generator"):
+        one, four = tables[1][kind], tables[4][kind]
+        assert list(one.columns) == list(four.columns) and len(one) == 32
+        for name in one.columns:
+            if one[name].dtype.kind == "f":
+                np.testing.assert_allclose(four[name], one[name], rtol=1e-4, atol=1e-4,
+                                           err_msg=name)
+            else:
+                np.testing.assert_array_equal(four[name], one[name], err_msg=name)
+    assert set(tables[1]["generator"]["jacobian_rank"]) == {5}
+    np.testing.assert_array_equal(tables[1]["diffusion"]["nn_l2"].to_numpy()[::4], 0)
+    assert {"flipd_0.05", "normal_bundle_0.05", "png_bytes"} <= set(tables[1]["diffusion"].columns)
+

@@ -1,0 +1,1 @@
+"""Internals shared by several mmh_jax packages (not public API; as optax's ``_src``)."""
