@@ -67,3 +67,17 @@ def test_the_check_sees_lazy_and_type_checking_imports(tmp_path):
         "from mmh_jax import models\n")
     found = _layer_violations(fake, "convert", ("models",))
     assert sorted(found) == [f"mmh_jax/convert/bad.py:{line}" for line in (3, 5, 6)]
+
+
+@pytest.mark.parametrize("module", ["mmh_jax", "mmh_jax.lid"])
+def test_importing_the_estimators_loads_no_model_plotting_or_data_code(module):
+    """``import mmh_jax.lid`` stays lean: no Flax model code, matplotlib, Grain, OpenCV or
+    scikit-learn (checked in a fresh interpreter, where nothing else loaded them first)."""
+    import subprocess
+    import sys
+
+    heavy = ("flax", "matplotlib", "grain", "cv2", "sklearn", "torch", "mmh_jax.models")
+    code = (f"import sys, {module}; "
+            f"print(sorted({{m for m in sys.modules if m.startswith({heavy!r})}}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]

@@ -12,14 +12,16 @@ so the spectra are returned for :func:`mmh_jax.lid.percentile_threshold` and
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax.numpy as jnp
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from mmh_jax.lid import JacobianRankResult, jacobian_rank
-from mmh_jax.models.stylegan2 import NoiseMode, StyleGAN2Generator
+
+if TYPE_CHECKING:  # the Flax model code is not loaded by importing mmh_jax.memorization
+    from mmh_jax.models.stylegan2 import NoiseMode, StyleGAN2Generator
 
 __all__ = ["gan_lid"]
 
