@@ -467,6 +467,15 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     params = jax.tree.map(jnp.asarray, params)
     unet = modules["unet"]
     eps = Partial(EpsModel(unet, prediction_type=prediction).bound("eps"), params["unet"], schedule)
+    scheduler = dict(scheduler)
+    if scheduler.get("steps_offset", _DDIM_KEYS["steps_offset"]) != 1:
+        # diffusers' StableDiffusionPipeline replaces it with 1 (a deprecated config, with a
+        # warning), so sampling here walks the timesteps its pipeline walks
+        warnings.warn(f"{source}: scheduler_config.json has steps_offset="
+                      f"{scheduler.get('steps_offset', 'unset (0)')}; diffusers' "
+                      "StableDiffusionPipeline treats such a config as outdated and uses "
+                      "steps_offset=1, and so does this loader", UserWarning, stacklevel=2)
+        scheduler["steps_offset"] = 1
     tokenizer = _tokenizer(tokenizer_files, source)
     text = modules["text_encoder"]
     empty = tokenize(tokenizer, [""], text.max_position_embeddings)
@@ -474,7 +483,7 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     unet_model = Pretrained(unet, params["unet"], schedule,
                             conditional_score_fn(eps, schedule, uncond))
     return StableDiffusion(unet_model, eps, text, params["text_encoder"], modules["vae"],
-                           params["vae"], tokenizer, uncond, dict(scheduler))
+                           params["vae"], tokenizer, uncond, scheduler)
 
 
 def save_stable_diffusion(path: str | os.PathLike, model: StableDiffusion,

@@ -18,6 +18,7 @@ from jax.tree_util import Partial
 from mmh_jax.convert import ConversionError
 from mmh_jax.models import load_stable_diffusion, save_stable_diffusion
 from mmh_jax.models.pretrained import EpsModel
+from mmh_jax.sampling import ddim_timesteps
 
 PROMPTS = ["a cat, the cat", "the quick brown fox"]
 
@@ -264,3 +265,29 @@ def test_scheduler_must_be_ddpm_like(sd_folder, tmp_path):
     (copy / "scheduler/scheduler_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="prediction_type"):
         load_stable_diffusion(copy)
+
+
+@pytest.mark.parametrize("offset", [0, 2, None])
+def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tmp_path, offset):
+    """diffusers' StableDiffusionPipeline rewrites steps_offset to 1 (an outdated config);
+    the loader does the same, with a warning, so both sample on one grid."""
+    from diffusers import StableDiffusionPipeline
+
+    folder, _ = sd_folder
+    copy = _copy(folder, tmp_path)
+    path = copy / "scheduler/scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.pop("steps_offset")
+    if offset is not None:
+        config["steps_offset"] = offset
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="steps_offset"):
+        sd = load_stable_diffusion(copy)
+    pipe = StableDiffusionPipeline.from_pretrained(copy, local_files_only=True,
+                                                   safety_checker=None)
+    pipe.scheduler.set_timesteps(10)
+    grid = sd.ddim_grid
+    assert grid["steps_offset"] == 1
+    ours = ddim_timesteps(sd.schedule.num_timesteps, 10, spacing=grid["spacing"],
+                          steps_offset=grid["steps_offset"])
+    np.testing.assert_array_equal(ours, pipe.scheduler.timesteps.numpy())
