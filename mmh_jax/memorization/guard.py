@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import CondEpsFn, eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.sampling import Spacing, _ddim, _ddim_alphas, _ddim_update, ddim_timesteps
@@ -489,10 +490,7 @@ def guarded_generate(
     batch = min(batch, p)
     higher = HIGHER_IS_MEMORIZED[signal]
 
-    shape = tuple(sd.latent_shape)
-    size = math.prod(shape)
-    noise_m = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), (size,)))(
-        jnp.arange(m)).reshape((m,) + shape)
+    noise_m = images_noise(key, m, sd.latent_shape)
     probe_root = jax.random.split(key)[1]
     probes_m = jax.vmap(lambda j: jax.random.fold_in(probe_root, j))(jnp.arange(m))
     noise = jnp.tile(noise_m, (batch, 1, 1, 1))

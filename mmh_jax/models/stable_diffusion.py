@@ -34,6 +34,7 @@ from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from mmh_jax._files import atomic_folder
+from mmh_jax._src.noise import images_noise
 from mmh_jax.convert.autoencoder_kl import (
     autoencoder_kl_abstract_params,
     autoencoder_kl_rename_table,
@@ -228,9 +229,10 @@ class StableDiffusion(NamedTuple):
     ) -> DDIMResult:
         """DDIM with classifier-free guidance for every prompt x image, in one compiled scan.
 
-        Image ``j`` of every prompt starts from the noise ``normal(fold_in(key, j))``, so an
-        image does not depend on the batch it is drawn in, and the images of two prompts (or of
-        a prompt before and after a change) share their starting noise. The DDIM grid follows
+        Image ``j`` of every prompt starts from the noise ``normal(fold_in(key, j))``
+        (:mod:`mmh_jax._src.noise`, the rule of every sampler), so an image does not depend on
+        the batch it is drawn in, and the images of two prompts (or of a prompt before and
+        after a change) share their starting noise. The DDIM grid follows
         the pipeline's scheduler config (``timestep_spacing``, ``steps_offset``,
         ``set_alpha_to_one``).
 
@@ -255,10 +257,7 @@ class StableDiffusion(NamedTuple):
         if images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
         shape = self.latent_shape if latent_shape is None else tuple(latent_shape)
-        size = int(np.prod(shape))  # a flat draw compiles faster on XLA:CPU; same numbers
-        noise = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), (size,)))(
-            jnp.arange(images_per_prompt)).reshape((images_per_prompt,) + shape)
-        noise = jnp.tile(noise, (cond.shape[0], 1, 1, 1))
+        noise = jnp.tile(images_noise(key, images_per_prompt, shape), (cond.shape[0], 1, 1, 1))
         cond = jnp.repeat(cond, images_per_prompt, axis=0)
         uncond = self.uncond_embedding if uncond is None else uncond
         return ddim_sample(self.eps, noise, cond, uncond, schedule=self.schedule,

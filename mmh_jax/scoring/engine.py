@@ -43,9 +43,10 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
+from mmh_jax._src.noise import image_noise
 from mmh_jax.scoring import store
 from mmh_jax.sampling import ddim_sample
-from mmh_jax.scoring.columns import Column, Inputs, column_keys, name_hash
+from mmh_jax.scoring.columns import Column, Inputs, column_keys
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import BadItem, Source, fit_image
 
@@ -239,7 +240,7 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
             batch["hi"], batch["lo"])
         context = model.embed(batch["tokens"]) if "tokens" in batch else None
         if mode == "prompts":
-            inputs = _generate(model, keys, context, generation, trajectory)
+            inputs = _generate(model, base, context, generation, trajectory)
         else:
             x = batch["x"]
             images = x if mode == "images" else None
@@ -255,13 +256,14 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
     return jax.jit(sharded)
 
 
-def _generate(model: Model, keys: Array, context: Array, generation: Generation,
-              trajectory: bool) -> Inputs:
-    """Latents from prompts: DDIM with guidance from the noise ``normal(fold_in(item key,
-    hash("generate")))`` (a flat draw, as ``StableDiffusion.sample``)."""
-    size = math.prod(model.shape)
-    noise = jax.vmap(lambda k: jax.random.normal(
-        jax.random.fold_in(k, name_hash("generate")), (size,)))(keys).reshape(-1, *model.shape)
+def _generate(model: Model, base: Array, context: Array, generation: Generation,
+               trajectory: bool) -> Inputs:
+    """Latents from prompts: DDIM with guidance from image 0's noise under the run's key
+    (:mod:`mmh_jax._src.noise`, as ``StableDiffusion.sample`` and the guarded sampler draw it:
+    one prompt and seed give one image in all three)."""
+    noise = jnp.broadcast_to(image_noise(base, 0, model.shape),
+                             (context.shape[0],) + tuple(model.shape))
+    noise = jax.lax.pcast(noise, "data", to="varying")  # each device's own batch, as context
     result = ddim_sample(model.eps_fn, noise, context, model.uncond, schedule=model.schedule,
                          guidance=generation.guidance, num_steps=generation.num_steps,
                          return_trajectory=trajectory, **dict(model.ddim_grid))

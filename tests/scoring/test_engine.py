@@ -212,13 +212,11 @@ def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
 
 
 def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
-    """A prompt file with Stable Diffusion: each prompt's latents come from DDIM with guidance
-    from the noise of the item's key; the CFG norms are read off that trajectory and equal
-    generation_cfg_norms of ddim_sample run directly."""
+    """A prompt file with Stable Diffusion: each prompt's latents are the image that
+    StableDiffusion.sample draws for it with the same seed (one noise rule for every sampler);
+    the CFG norms are read off that trajectory and equal generation_cfg_norms of it."""
     from mmh_jax.memorization import generation_cfg_norms
-    from mmh_jax.sampling import ddim_sample
     from mmh_jax.scoring import Generation, PromptFile
-    from mmh_jax.scoring.columns import name_hash
 
     prompts = ["a cat", "the cat, the cat", "cat!"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -229,14 +227,8 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     assert summary.plan.mode == "prompts" and summary.scored == 3
     table = _table(tmp_path / "out")
 
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(2), 0), i))(
-        np.arange(3))
-    size = int(np.prod(sd.latent_shape))
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, name_hash("generate")),
-                                                 (size,)))(keys).reshape(3, *sd.latent_shape)
-    result = ddim_sample(sd.eps, noise, sd.encode_prompt(prompts), sd.uncond_embedding,
-                         schedule=sd.schedule, guidance=5.0, num_steps=3, **sd.ddim_grid,
-                         return_trajectory=True)
+    result = sd.sample(sd.encode_prompt(prompts), key=jax.random.key(2), guidance=5.0,
+                       num_steps=3, return_trajectory=True)
     norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=5.0)
     np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
