@@ -127,36 +127,23 @@ def _label(value: object, where: str) -> int:
 
 def read_prompt_file(path: str | Path) -> list[Item]:
     """The prompts of a text file (one a line; blank lines skipped) or a JSON-lines file
-    (``.jsonl``: objects with a string ``caption`` and an optional ``label``).
+    (``.jsonl``: objects with a string ``caption`` and optional ``label`` and ``id``), read by
+    the scoring sources' :class:`~mmh_jax.scoring.PromptFile`.
 
     Raises:
         DemoInputError: no such file, no prompt in it, or a bad line (naming file and line).
     """
-    path = Path(path)
-    require(path.is_file(), f"prompt file {str(path)!r} does not exist")
-    items = []
+    from mmh_jax.scoring import PromptFile
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DemoInputError(f"{str(path)!r} is not UTF-8 text: {err}") from None
-    for number, line in enumerate(lines, start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DemoInputError(f"{where}: not a JSON object: {err.msg}") from None
-            require(isinstance(record, dict), f"{where}: expected a JSON object, got "
-                                              f"{type(record).__name__}")
-            caption = record.get("caption")
-            require(isinstance(caption, str), f"{where}: needs a string 'caption', got "
-                                              f"{caption!r}")
-            items.append(Item(f"line{number}", caption, _label(record.get("label"), where)))
-        else:
-            items.append(Item(f"line{number}", line.strip(), -1))
-    require(bool(items), f"prompt file {str(path)!r} holds no prompt")
+        source = PromptFile(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise DemoInputError(str(err).removeprefix("PromptFile: ")) from None
+    items = []
+    for i in range(len(source)):
+        item = source[i]
+        number, fields = source.fields(i)
+        items.append(Item(item.id, item.text, _label(fields.get("label"), f"{path}:{number}")))
     return items
 
 

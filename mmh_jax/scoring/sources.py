@@ -46,7 +46,7 @@ import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -817,15 +817,17 @@ class PromptFile:
     """Prompts, without images: a ``.txt`` with one a line, or a ``.jsonl``.
 
     ``.txt``: each non-blank line (stripped) is a prompt. ``.jsonl``: each non-blank line is
-    a JSON object with a string ``"caption"`` (or ``"prompt"``) and an optional ``"id"``.
-    The id is the ``"id"`` field as a string, else ``"line{n}"`` (1-based line number).
+    a JSON object with a string ``"caption"`` (or ``"prompt"``) and an optional ``"id"``; its
+    other fields (a ``"label"``, a URL, ...) are kept, read with :meth:`fields`. The id is the
+    ``"id"`` field as a string, else ``"line{n}"`` (1-based line number). This is the one
+    prompt-file reader of the library (``mmh-jax score``, ``sd detect``, ``sd mitigate``).
 
     Args:
         path: the ``.txt`` or ``.jsonl`` file (UTF-8).
 
     Raises:
         FileNotFoundError: no such path. ValueError: another suffix, not UTF-8, a malformed
-        line (with its number), or no prompt at all.
+        line (``file:line``), or no prompt at all.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -837,36 +839,38 @@ class PromptFile:
             lines = p.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError as e:
             raise ValueError(f"PromptFile: {p} (argument 'path') is not UTF-8: {e}") from None
-        self._ids, self._prompts = [], []
+        self._ids, self._prompts, self._lines, self._fields = [], [], [], []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            record: dict = {}
             if suffix == ".txt":
-                self._ids.append(f"line{number}")
-                self._prompts.append(line.strip())
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"PromptFile: {p} line {number}: not valid JSON ({e.msg})") from None
-            prompt = next(
-                (
-                    record[k]
-                    for k in ("caption", "prompt")
-                    if isinstance(record, dict) and isinstance(record.get(k), str)
-                ),
-                None,
-            )
-            if prompt is None:
-                raise ValueError(
-                    f"PromptFile: {p} line {number}: expected an object with a string 'caption' or 'prompt'"
-                )
+                prompt = line
+            else:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"PromptFile: {p}:{number}: not valid JSON ({e.msg})") from None
+                prompt = next((record[k] for k in ("caption", "prompt")
+                               if isinstance(record, dict) and isinstance(record.get(k), str)),
+                              None)
+                if prompt is None:
+                    raise ValueError(f"PromptFile: {p}:{number}: needs a string 'caption' (or "
+                                     f"'prompt') in a JSON object, got {line.strip()[:80]}")
             self._ids.append(f"line{number}" if record.get("id") is None else str(record["id"]))
             self._prompts.append(prompt.strip())
+            self._lines.append(number)
+            self._fields.append(record)
         if not self._prompts:
             raise ValueError(f"PromptFile: {p} (argument 'path') holds no prompt")
         self._path = p
         self._fingerprint = _fingerprint("prompts", p, len(self._prompts), [(p.name, p.stat().st_size)])
+
+    def fields(self, index: int) -> tuple[int, dict[str, Any]]:
+        """``(line number, the JSON object of the line)`` of prompt ``index`` (``{}`` for a
+        ``.txt``)."""
+        i = _position(index, len(self._prompts))
+        return self._lines[i], dict(self._fields[i])
 
     def __len__(self) -> int:
         return len(self._prompts)

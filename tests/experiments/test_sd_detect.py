@@ -106,6 +106,7 @@ def test_image_folder_and_converted_model(sd_folder, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"caption": "a cat"}\nnot json\n', "prompts.jsonl:2"),
     ('{"caption": 3}\n', "prompts.jsonl:1: needs a string 'caption'"),
+    ("[1, 2]\n", "prompts.jsonl:1: needs a string 'caption'"),
     ('{"caption": "a", "label": "yes"}\n', "label"),
     ("\n\n", "holds no prompt"),
 ])

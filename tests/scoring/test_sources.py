@@ -403,14 +403,19 @@ def test_prompt_files(tmp_path):
         ("line2", "two"),
         ("line3", "three"),
     ]
+    # the other fields of a line are kept (labels for sd detect), with its line number
+    (tmp_path / "l.jsonl").write_text('\n{"caption": "a", "label": 1, "url": "u"}\n')
+    assert PromptFile(tmp_path / "l.jsonl").fields(0) == (2, {"caption": "a", "label": 1,
+                                                              "url": "u"})
+    assert PromptFile(tmp_path / "p.txt").fields(1) == (3, {})
 
 
 def test_prompt_file_argument_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "ok"}\n\n{"caption": 3}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl line 3"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: needs a string 'caption'"):
         PromptFile(tmp_path / "bad.jsonl")
     (tmp_path / "broken.jsonl").write_text('{"caption": "ok"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"broken\.jsonl line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
         PromptFile(tmp_path / "broken.jsonl")
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match="holds no prompt"):
