@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from mmh_jax._src.images import to_uint8
+
 __all__ = ["png_length", "normalized_lid", "to_uint8_nhwc"]
 
 
@@ -50,7 +52,7 @@ def to_uint8_nhwc(images: Any) -> np.ndarray:
             x = x[None]
         if x.ndim != 4:
             raise ValueError(f"float images must be [n, c, h, w] in [-1, 1], got shape {x.shape}")
-        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        x = to_uint8(x)
     else:
         raise ValueError(f"images must be uint8 NHWC or float NCHW in [-1, 1], got {x.dtype}")
     if x.shape[-1] not in (1, 3, 4):

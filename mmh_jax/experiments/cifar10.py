@@ -42,6 +42,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mmh_jax._src.images import to_model_range
 from mmh_jax._files import atomic_path, sha256_file
 from mmh_jax.experiments._common import (
     DemoInputError,
@@ -197,11 +198,6 @@ def load_training_images(path: Path) -> np.ndarray:
 
 def _hwc(shape: tuple) -> str:
     return "x".join(str(s) for s in shape)
-
-
-def _to_float(images_u8: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [-1, 1]."""
-    return images_u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
 # --- run ----------------------------------------------------------------------------------
@@ -402,7 +398,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     require(samples_u8.shape[1:] == train_u8.shape[1:],
             f"samples are {_hwc(samples_u8.shape[1:])} but training images are "
             f"{_hwc(train_u8.shape[1:])}")
-    samples_f, train_f = _to_float(samples_u8), _to_float(train_u8)
+    samples_f, train_f = to_model_range(samples_u8), to_model_range(train_u8)
 
     # 4: retrieval
     start = time.perf_counter()

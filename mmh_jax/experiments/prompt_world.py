@@ -48,6 +48,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments._common import (
     DemoInputError,
     atomic_path,
@@ -155,11 +156,6 @@ def _read(out: Path, name: str) -> dict[str, np.ndarray]:
     return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
-def _as_float_images(images_u8: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [-1, 1] (what the judges read)."""
-    return np.transpose(np.asarray(images_u8, np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
-
-
 class _Judges:
     """The copy judge and the fidelity classifier, as the two scorers of ``mitigate``."""
 
@@ -169,12 +165,12 @@ class _Judges:
     def copies(self, images_u8: np.ndarray, _references: Any = None) -> np.ndarray:
         from mmh_jax.worlds.judge import judge_copies
 
-        return judge_copies(self.judge, _as_float_images(images_u8)).is_copy.astype(np.float64)
+        return judge_copies(self.judge, to_model_range(images_u8)).is_copy.astype(np.float64)
 
     def fidelity(self, images_u8: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         from mmh_jax.worlds.judge import fidelity
 
-        return fidelity(self.classifier, _as_float_images(images_u8), list(prompts))
+        return fidelity(self.classifier, to_model_range(images_u8), list(prompts))
 
 
 def _images_u8(sd, latents, batch: int = 256) -> np.ndarray:
@@ -190,7 +186,7 @@ def _round_trip(sd, images: np.ndarray, batch: int = 256) -> np.ndarray:
     are: the domain in which copies are judged."""
     latents = np.concatenate([np.asarray(sd.encode_image(images[i:i + batch]))
                               for i in range(0, len(images), batch)])
-    return _as_float_images(_images_u8(sd, latents, batch))
+    return to_model_range(_images_u8(sd, latents, batch))
 
 
 def _judges(sd, world, seed: int, console: Console) -> _Judges:
@@ -271,7 +267,7 @@ def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, c
                                        schedule=sd.schedule, guidance=config.guidance)
             images = _images_u8(sd, result.sample)
             keep = slice(0, (hi - lo) * n_img)
-            verdict = judge_copies(judges.judge, _as_float_images(images[keep]))
+            verdict = judge_copies(judges.judge, to_model_range(images[keep]))
             ids = np.repeat(np.arange(lo, hi), n_img)
             columns["prompt_id"] += ids.tolist()
             columns["image_index"] += np.tile(np.arange(n_img), hi - lo).tolist()

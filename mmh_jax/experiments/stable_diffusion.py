@@ -36,6 +36,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments._common import (
     DemoInputError,
     finite_float,
@@ -189,7 +190,7 @@ def _load_images(items: list[Item], size: int) -> np.ndarray:
                 pixels = fit_image(np.asarray(img.convert("RGB")), size, resize="center_crop")
         except (OSError, UnidentifiedImageError) as err:
             raise DemoInputError(f"{str(item.image)!r} is not a readable image: {err}") from None
-        out.append(pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+        out.append(to_model_range(pixels))
     return np.stack(out)
 
 

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from mmh_jax._src.images import to_model_range
 from mmh_jax.scoring import columns as cols
 
 __all__ = ["ConfigError", "Config", "read_config", "template", "SECTIONS", "COLUMNS",
@@ -324,7 +325,7 @@ def _read_reference(path: str):
         raise ConfigError(f"reference {path!r}: {bad[0].reason}")
     array = np.stack([r.image for r in rows])
     if array.dtype == np.uint8:
-        array = array.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+        array = to_model_range(array)
     return np.asarray(array, np.float32)
 
 

@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
+from mmh_jax._src.images import to_model_range, to_uint8
 from mmh_jax._src.noise import image_noise
 from mmh_jax.scoring import store
 from mmh_jax.sampling import ddim_sample
@@ -158,7 +159,7 @@ def _as_input(item, model: Model, mode: str, resize: Resize) -> tuple[np.ndarray
         fitted = fit_image(image, (h, w), resize=resize)
         if isinstance(fitted, str):
             return None, None, fitted
-        x = fitted.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+        x = to_model_range(fitted)
         return x, fitted, None
     expected = model.shape if mode == "points" else model.image_shape
     if tuple(image.shape) != tuple(expected):
@@ -166,7 +167,7 @@ def _as_input(item, model: Model, mode: str, resize: Resize) -> tuple[np.ndarray
     x = np.asarray(image, np.float32)
     pixels = None
     if x.ndim == 3 and x.shape[0] in (1, 3):  # a [-1, 1] CHW image, for host columns
-        pixels = np.clip(np.round((x.transpose(1, 2, 0) + 1) * 127.5), 0, 255).astype(np.uint8)
+        pixels = to_uint8(x)
     return x, pixels, None
 
 
