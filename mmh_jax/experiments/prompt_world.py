@@ -654,7 +654,7 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
                         kind[keep] == "verbatim", path=out / "roc_verbatim.png",
                         higher_is_positive={n: h for n, (_, h) in DETECTORS.items()},
                         title="verbatim vs held-out prompts")]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.2), width_ratios=(1, 1, 1, 1.3))
     ax = axes[0]
     colours = {"verbatim": "C3", "template": "C1", "rare": "C2", "heldout": "C0"}
     counts = np.asarray(means["count"], np.float64)
@@ -675,7 +675,7 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
                    .uniform(-0.03, 0.03, sel.sum()), s=14, c=c, label=k, alpha=0.8)
     ax.set_xlabel("conditional FLIPD of the generations")
     ax.set_ylabel("copy rate of the prompt (jittered)")
-    ax.set_title("(b) copies have low conditional LID")
+    ax.set_title("(b) copy rate against conditional FLIPD")
     ax = axes[2]
     names = [k for k in summary["attribution"] if k.endswith("verbatim")] + \
             [k for k in summary["attribution"] if k.endswith("template")]
@@ -687,17 +687,22 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
     ax.set_xticks(pos, [n.replace("/", "\n") for n in names], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("P(top token is a trigger)")
-    ax.set_title("(c) token attribution finds triggers")
+    ax.set_title("(c) is the top attributed token a trigger?")
     ax.legend(fontsize=8)
     ax = axes[3]
     mit = summary["mitigation"]
-    for name, v in mit.items():
-        marker = "*" if name == "unmitigated" else "o"
-        ax.scatter(v["fidelity"], v["copy_rate"], marker=marker, s=60 if marker == "*" else 22)
-        ax.annotate(name, (v["fidelity"], v["copy_rate"]), fontsize=6)
-    ax.axvline(summary["fidelity"].get("heldout", np.nan), ls="--", c="grey", lw=1)
-    ax.set_xlabel("prompt fidelity (dashed: held-out prompts)")
-    ax.set_ylabel("copy rate")
+    names = list(mit)[::-1]  # unmitigated on top
+    rates = [mit[n]["copy_rate"] for n in names]
+    pos = np.arange(len(names))
+    ax.barh(pos, rates, color=["grey" if n == "unmitigated" else "C0" for n in names])
+    for y, n in zip(pos, names):
+        ax.text(mit[n]["copy_rate"] + 0.005, y, f"fidelity {mit[n]['fidelity']:.2f}",
+                va="center", fontsize=6)
+    ax.set_yticks(pos, names, fontsize=7)
+    ax.axvline(mit["unmitigated"]["copy_rate"] / 2, ls="--", c="grey", lw=1)
+    ax.set_xlim(0, max(rates + [0.05]) * 1.35)
+    ax.set_xlabel("copy rate (dashed: half the unmitigated rate); held-out fidelity "
+                  f"{summary['fidelity'].get('heldout', float('nan')):.2f}")
     ax.set_title("(d) mitigation of verbatim prompts")
     fig.tight_layout()
     files.append(save_figure(fig, out / "prompt_world.png"))

@@ -83,7 +83,7 @@ class TrainSpec:
     vae_batch: int = 32
     vae_learning_rate: float = 2e-3
     kl_weight: float = 1e-6
-    steps: int = 2400
+    steps: int = 8000
     batch_size: int = 64
     learning_rate: float = 2e-3
     caption_dropout: float = 0.1
