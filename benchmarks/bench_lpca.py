@@ -108,7 +108,7 @@ def main() -> None:
     print(f"ours: first call (with compilation): {t_first:.1f} s; second call: "
           f"{t_ours:.1f} s ({t_ours / n * 1e3:.2f} ms/point)")
     print(f"ours: LID {_summary(ours)}")
-    from mmh_jax.lid._knn import build_index
+    from mmh_jax._src.knn import build_index
 
     search = build_index(Xj, k=k, exclude_self=True).proj is not None
     print(f"ours: neighbour search {'certified (projection)' if search else 'brute force'}")

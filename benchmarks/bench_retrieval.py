@@ -68,7 +68,7 @@ def main() -> None:
     import jax.numpy as jnp
     from sklearn.neighbors import NearestNeighbors
 
-    from mmh_jax.lid._knn import build_index
+    from mmh_jax._src.knn import build_index
     from mmh_jax.retrieval import nearest_neighbours
 
     print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "

@@ -328,10 +328,10 @@ def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, tex
     """Add one improved-diffusion flag; it is in the namespace only when given."""
     option = "--" + name.replace("_", "-")
     if name == "channel_mult":
-        from mmh_jax.models.iddpm import _CHANNEL_MULT
+        from mmh_jax.models.iddpm import CHANNEL_MULT
 
         shown = "improved-diffusion's for --image-size, " + "; ".join(
-            f"{size}: {','.join(map(str, mult))}" for size, mult in _CHANNEL_MULT.items())
+            f"{size}: {','.join(map(str, mult))}" for size, mult in CHANNEL_MULT.items())
     elif isinstance(default, bool):
         shown = "--" + ("" if default else "no-") + name.replace("_", "-")
     else:
@@ -342,7 +342,7 @@ def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, tex
     elif isinstance(kind, tuple):
         group.add_argument(option, choices=kind, **common)
     else:
-        from mmh_jax.experiments._common import finite_float
+        from mmh_jax.experiments.common import finite_float
 
         group.add_argument(option, type=finite_float if kind is float else kind, metavar=metavar,
                            **common)
@@ -356,7 +356,7 @@ def _described(description: str, example: str) -> dict[str, Any]:
 
 def _add_convert_parsers(commands: Any) -> None:
     """The ``convert`` command and its ``unet2d`` and ``iddpm`` subcommands."""
-    from mmh_jax.models.iddpm import _DIFFUSION_FLAGS, _MODEL_FLAGS
+    from mmh_jax.models.iddpm import DIFFUSION_FLAGS, MODEL_FLAGS
 
     convert = commands.add_parser(
         "convert",
@@ -442,7 +442,7 @@ def _add_convert_parsers(commands: Any) -> None:
     iddpm.add_argument("path", metavar="CHECKPOINT", type=Path,
                        help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)")
     iddpm.add_argument("-o", "--output", **output)
-    defaults = {**_MODEL_FLAGS, **_DIFFUSION_FLAGS}
+    defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
     for title, options in (("model flags", _IDDPM_MODEL_OPTIONS),
                            ("diffusion flags", _IDDPM_DIFFUSION_OPTIONS)):
         group = iddpm.add_argument_group(title)
@@ -459,7 +459,7 @@ def _normalise(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmh-jax`` console script; returns the exit status."""
-    from mmh_jax.experiments._common import DemoInputError
+    from mmh_jax.experiments.common import DemoInputError
 
     argv = _normalise(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
@@ -666,7 +666,7 @@ def _load_iddpm(args: argparse.Namespace) -> _Loaded:
     """Load ``convert iddpm``'s checkpoint; the model, its summary rows and its writer."""
     from mmh_jax.convert.core import ConversionError
     from mmh_jax.convert.io import save_params
-    from mmh_jax.models.iddpm import _DIFFUSION_FLAGS, _MODEL_FLAGS, load_iddpm
+    from mmh_jax.models.iddpm import DIFFUSION_FLAGS, MODEL_FLAGS, load_iddpm
 
     given = {name: getattr(args, name) for name in _IDDPM_FLAGS if hasattr(args, name)}
     try:
@@ -676,7 +676,7 @@ def _load_iddpm(args: argparse.Namespace) -> _Loaded:
                             f"see mmh-jax convert iddpm --help)", status=1) from None
     except ValueError as err:
         raise _ConvertError(_with_options(str(err))) from None
-    defaults = {**_MODEL_FLAGS, **_DIFFUSION_FLAGS}
+    defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
     flags = {name: given.get(name, defaults[name]) for name in _IDDPM_FLAGS}
     shown = {**flags, "channel_mult": ", ".join(map(str, model.module.channel_mult))}
     rows = [("architecture", "iddpm (improved-diffusion UNetModel)")] + [

@@ -19,7 +19,6 @@ evaluations the sampler already made.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Literal, NamedTuple
 
 import jax
@@ -27,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from mmh_jax.guidance import CondEpsFn, eps_pair
+from mmh_jax._src.ddim import ddim_scan
+from mmh_jax.guidance import CondEpsFn
 from mmh_jax.schedules import DDPM, Schedule, broadcast_to_event
 
 __all__ = ["sample", "ddim_timesteps", "ddim_sample", "DDIMResult", "Spacing"]
@@ -194,44 +194,9 @@ def ddim_sample(
                          f"{noise.shape}")
     steps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing=spacing,
                            steps_offset=steps_offset)
-    return _ddim(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
-                 jnp.asarray(guidance, noise.dtype), jnp.asarray(steps), schedule,
-                 num_steps=num_steps, set_alpha_to_one=set_alpha_to_one,
-                 return_trajectory=return_trajectory)
-
-
-@functools.partial(jax.jit, static_argnames=("num_steps", "set_alpha_to_one",
-                                             "return_trajectory"))
-def _ddim(eps_fn, noise, cond, uncond, guidance, steps, schedule, *, num_steps,
-          set_alpha_to_one, return_trajectory):
-    T = schedule.num_timesteps
-    a_now, a_prev = _ddim_alphas(schedule, steps, num_steps, set_alpha_to_one, noise.dtype)
-
-    def body(x, inputs):
-        step, a, a_next = inputs
-        t = jnp.full((x.shape[0],), (step + 1) / T, x.dtype)
-        eps_u, eps_c = eps_pair(eps_fn, x, t, cond, uncond)
-        eps = eps_u + guidance * (eps_c - eps_u)
-        return _ddim_update(x, eps, a, a_next), ((x, eps_u, eps_c) if return_trajectory else None)
-
-    x, trajectory = jax.lax.scan(body, noise, (steps, a_now, a_prev))
-    if return_trajectory:
-        return DDIMResult(x, steps, *trajectory)
-    return DDIMResult(x, steps)
-
-
-def _ddim_alphas(schedule: DDPM, steps: Array, num_steps: int, set_alpha_to_one: bool,
-                 dtype) -> tuple[Array, Array]:
-    """``abar`` at each DDIM timestep and at the one after it (``abar_0``, or 1 with
-    ``set_alpha_to_one``, after the last), as diffusers' ``DDIMScheduler`` reads them."""
-    abar = schedule.alphas_cumprod.astype(dtype)
-    final = jnp.ones((), dtype) if set_alpha_to_one else abar[0]
-    prev = steps - schedule.num_timesteps // num_steps
-    return abar[steps], jnp.where(prev >= 0, abar[jnp.maximum(prev, 0)], final)
-
-
-def _ddim_update(x: Array, eps: Array, a: Array, a_next: Array) -> Array:
-    """One DDIM (eta = 0) step: ``x_0 = (x - sqrt(1 - a) eps) / sqrt(a)``, then
-    ``sqrt(a') x_0 + sqrt(1 - a') eps``."""
-    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-    return jnp.sqrt(a_next) * x0 + jnp.sqrt(1 - a_next) * eps
+    steps = jnp.asarray(steps)
+    x, trajectory = ddim_scan(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
+                              jnp.asarray(guidance, noise.dtype), steps, schedule,
+                              num_steps=num_steps, set_alpha_to_one=set_alpha_to_one,
+                              return_trajectory=return_trajectory)
+    return DDIMResult(x, steps, *trajectory) if return_trajectory else DDIMResult(x, steps)

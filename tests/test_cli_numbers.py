@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from mmh_jax.cli import build_parser
-from mmh_jax.experiments._common import finite_float
+from mmh_jax.experiments.common import finite_float
 
 
 def _float_flags(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

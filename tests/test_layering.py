@@ -49,6 +49,43 @@ def _layer_violations(root: Path, package: str, forbidden: tuple[str, ...]) -> d
     return bad
 
 
+def _private_imports(root: Path) -> dict[str, str]:
+    """``{"file:line": module.name}`` of every import of a private module or name
+    (``_x``) that belongs to another package; ``mmh_jax._src`` is the shared internals'
+    home and the one exception."""
+    bad = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        own = parts[0] if len(parts) > 1 else path.stem
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                    and node.module.startswith("mmh_jax.")):
+                continue
+            modules = node.module.split(".")[1:]
+            if modules[0] in ("_src", own):
+                continue
+            names = [alias.name for alias in node.names]
+            if any(m.startswith("_") for m in modules) or any(n.startswith("_") for n in names):
+                bad[f"{path.relative_to(root.parent)}:{node.lineno}"] = node.module
+    return bad
+
+
+def test_no_module_imports_another_packages_private_names():
+    assert _private_imports(ROOT) == {}
+
+
+def test_the_private_check_sees_a_private_name_and_a_private_module(tmp_path):
+    fake = tmp_path / "mmh_jax"
+    (fake / "scoring").mkdir(parents=True)
+    (fake / "scoring" / "bad.py").write_text(
+        "from mmh_jax.lid.flipd import _flipd\n"
+        "from mmh_jax.lid._knn import knn\n"
+        "from mmh_jax._src.knn import knn\n"
+        "from mmh_jax.scoring._own import thing\n")
+    assert sorted(_private_imports(fake)) == ["mmh_jax/scoring/bad.py:1",
+                                              "mmh_jax/scoring/bad.py:2"]
+
+
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_imports_point_one_way(package):
     if not (ROOT / package).is_dir():

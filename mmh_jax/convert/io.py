@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import PyTree
 
-from mmh_jax._files import atomic_path
+from mmh_jax._src.files import atomic_path
 from mmh_jax.convert.core import ConversionError, flatten_params, unflatten_params
 
 __all__ = ["read_state_dict", "save_params", "load_params"]

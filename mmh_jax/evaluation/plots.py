@@ -3,7 +3,7 @@
 training images.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot (no global state, no display)
-and written as PNG atomically (:func:`mmh_jax._files.atomic_path`).
+and written as PNG atomically (:func:`mmh_jax._src.files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmh_jax._files import atomic_path
+from mmh_jax._src.files import atomic_path
 from mmh_jax.evaluation.complexity import to_uint8_nhwc
 from mmh_jax.evaluation.detection import auroc, roc_points
 

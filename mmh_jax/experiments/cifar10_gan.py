@@ -35,8 +35,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax._files import atomic_path, sha256_file
-from mmh_jax.experiments._common import (
+from mmh_jax._src.files import atomic_path, sha256_file
+from mmh_jax.experiments.common import (
     DemoInputError,
     finite_float,
     make_progress,

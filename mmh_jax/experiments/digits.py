@@ -26,7 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax.experiments._common import (
+from mmh_jax.experiments.common import (
     finite_float,
     make_progress,
     prepare_out_dir,

@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmh_jax._src.images import to_model_range
-from mmh_jax.experiments._common import (
+from mmh_jax.experiments.common import (
     DemoInputError,
     atomic_path,
     finite_float,

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmh_jax._src.images import to_model_range
-from mmh_jax.experiments._common import (
+from mmh_jax.experiments.common import (
     DemoInputError,
     finite_float,
     make_progress,

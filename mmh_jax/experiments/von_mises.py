@@ -32,7 +32,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax.experiments._common import (
+from mmh_jax.experiments.common import (
     DemoInputError,
     finite_float,
     make_progress,

@@ -1,7 +1,7 @@
 """Data-only LID estimators from nearest-neighbour distances: Levina-Bickel MLE and TwoNN.
 
 (Local PCA lives in :mod:`mmh_jax.lid.lpca`.)  Both use the batched exact kNN of
-:mod:`mmh_jax.lid._knn`; distances of the selected neighbours are recomputed from the
+:mod:`mmh_jax._src.knn`; distances of the selected neighbours are recomputed from the
 differences, so they are accurate also for near-duplicates.
 """
 
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from mmh_jax.lid._checks import is_concrete
-from mmh_jax.lid._knn import check_batch_size, check_data, check_k, knn
+from mmh_jax._src.checks import is_concrete
+from mmh_jax._src.knn import check_batch_size, check_data, check_k, knn
 
 __all__ = ["mle", "twonn", "mle_from_distances", "twonn_from_distances"]
 

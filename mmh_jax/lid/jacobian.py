@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax._src.linalg import singular_values
-from mmh_jax.lid._checks import as_pytree_fn, check_batch, check_int
+from mmh_jax._src.checks import as_pytree_fn, check_batch, check_int
 from mmh_jax.lid.rank import numerical_rank
 
 __all__ = ["jacobian_rank", "JacobianRankResult"]

@@ -3,7 +3,7 @@
 Every query point gets the eigen-spectrum of the covariance of its k-nearest-neighbour
 neighbourhood; the LID is the number of "significant" explained variances, decided by one of
 several rules (see :func:`lpca`).  Neighbour search and PCA run chunk by chunk of queries: the
-exact neighbour search of :mod:`mmh_jax.lid._knn` (certified through a low-dimensional
+exact neighbour search of :mod:`mmh_jax._src.knn` (certified through a low-dimensional
 projection when the data are high-dimensional), one jitted kernel for the centred k x k Gram
 matrices (or d x d scatter matrices), then a batched symmetric eigen-solve (numpy's LAPACK on
 CPU, where XLA's batched eigh/SVD of many small matrices is about 10x slower; XLA's SVD
@@ -24,8 +24,8 @@ from jaxtyping import Array, Float, Int
 from threadpoolctl import threadpool_limits
 
 from mmh_jax._src.linalg import singular_values
-from mmh_jax.lid._checks import is_concrete
-from mmh_jax.lid._knn import (
+from mmh_jax._src.checks import is_concrete
+from mmh_jax._src.knn import (
     build_index,
     check_batch_size,
     check_data,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax._src.linalg import eigvalsh_descending
-from mmh_jax.lid._checks import (
+from mmh_jax._src.checks import (
     as_pytree_fn,
     check_batch,
     check_int,

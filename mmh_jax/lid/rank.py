@@ -18,7 +18,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax.lid._checks import check_option, is_concrete
+from mmh_jax._src.checks import check_option, is_concrete
 
 __all__ = ["numerical_rank", "lid_from_singular_values", "percentile_threshold"]
 

@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from mmh_jax._src.ddim import ddim_alphas, ddim_scan, ddim_update
 from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import CondEpsFn, eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
-from mmh_jax.sampling import Spacing, _ddim, _ddim_alphas, _ddim_update, ddim_timesteps
+from mmh_jax.sampling import Spacing, ddim_timesteps
 from mmh_jax.schedules import DDPM
 
 if TYPE_CHECKING:  # only for annotations: guarded_generate duck-types the pipeline
@@ -233,7 +234,7 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
     T = schedule.num_timesteps
     b, event = noise.shape[0], noise.shape[1:]
     d = math.prod(event)
-    a_now, a_next = _ddim_alphas(schedule, steps, num_steps, set_alpha_to_one, noise.dtype)
+    a_now, a_next = ddim_alphas(schedule, steps, num_steps, set_alpha_to_one, noise.dtype)
 
     def times(step):
         return jnp.full((b,), (step + 1) / T, noise.dtype)
@@ -243,7 +244,7 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
         eps_u, eps_c = eps_pair(eps_fn, x, times(step), cond, uncond)
         eps = eps_u + guidance * (eps_c - eps_u)
         out = (_norms(eps_c - eps_u),) + ((x, eps_u, eps_c) if return_trajectory else ())
-        return _ddim_update(x, eps, a, a_n), out
+        return ddim_update(x, eps, a, a_n), out
 
     def with_flipd(x, inputs):  # the same step through one jvp, plus FLIPD at x_t
         step, a, a_n, probe_keys = inputs
@@ -257,7 +258,7 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
         lid = d - schedule.sigma(t) * vjv + jnp.sum(jnp.square(eps.reshape(b, -1)), axis=-1)
         out = (_norms(eps_c - eps_u), lid.astype(jnp.float32))
         out += (x, eps_u, eps_c) if return_trajectory else ()
-        return _ddim_update(x, eps, a, a_n), out
+        return ddim_update(x, eps, a, a_n), out
 
     n_plain = num_steps - num_flipd
     x = noise
@@ -551,7 +552,7 @@ def guarded_generate(
 
     plain_seconds = overhead = None
     if measure_overhead:
-        plain = _ddim.lower(sd.eps, noise, first_cond, uncond, g, steps, sd.schedule,
+        plain = ddim_scan.lower(sd.eps, noise, first_cond, uncond, g, steps, sd.schedule,
                             num_steps=num_steps, set_alpha_to_one=grid["set_alpha_to_one"],
                             return_trajectory=False).compile()
         start = time.perf_counter()

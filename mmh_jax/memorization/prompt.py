@@ -38,7 +38,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.guidance import CondEpsFn, broadcast_batch
-from mmh_jax.lid._checks import check_int, check_option, per_sample_keys
+from mmh_jax._src.checks import check_int, check_option, per_sample_keys
 from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.sampling import DDIMResult
 from mmh_jax.schedules import DDPM

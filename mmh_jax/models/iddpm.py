@@ -47,10 +47,10 @@ __all__ = ["IDDPMUNet", "IDDPMLayer", "iddpm_schedule", "load_iddpm", "IDDPM_FLA
 _GROUPS = 32  # improved-diffusion's GroupNorm32
 
 # create_model's channel multipliers per image size.
-_CHANNEL_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
+CHANNEL_MULT = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 
 # improved-diffusion's model_and_diffusion_defaults(), plus our channel_mult (None: create_model's).
-_MODEL_FLAGS: dict[str, Any] = {
+MODEL_FLAGS: dict[str, Any] = {
     "image_size": 64,
     "num_channels": 128,
     "num_res_blocks": 2,
@@ -64,7 +64,7 @@ _MODEL_FLAGS: dict[str, Any] = {
     "use_scale_shift_norm": True,
     "channel_mult": None,
 }
-_DIFFUSION_FLAGS: dict[str, Any] = {
+DIFFUSION_FLAGS: dict[str, Any] = {
     "diffusion_steps": 1000,
     "noise_schedule": "linear",
     "rescale_timesteps": True,
@@ -77,7 +77,7 @@ _DIFFUSION_FLAGS: dict[str, Any] = {
 }
 
 #: Every flag :func:`load_iddpm` takes (improved-diffusion's model and diffusion flags).
-IDDPM_FLAGS: tuple[str, ...] = (*_MODEL_FLAGS, *_DIFFUSION_FLAGS)
+IDDPM_FLAGS: tuple[str, ...] = (*MODEL_FLAGS, *DIFFUSION_FLAGS)
 
 
 class IDDPMLayer(NamedTuple):
@@ -318,11 +318,11 @@ class IDDPMUNet(nn.Module):
         if not _is_int(image_size) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if channel_mult is None:
-            if image_size not in _CHANNEL_MULT:
+            if image_size not in CHANNEL_MULT:
                 raise ValueError(f"image_size={image_size}: improved-diffusion defines channel "
-                                 f"multipliers only for {sorted(_CHANNEL_MULT)}; pass "
+                                 f"multipliers only for {sorted(CHANNEL_MULT)}; pass "
                                  f"channel_mult for other sizes")
-            channel_mult = _CHANNEL_MULT[image_size]
+            channel_mult = CHANNEL_MULT[image_size]
         if isinstance(attention_resolutions, str):
             try:
                 resolutions = [int(r) for r in attention_resolutions.split(",") if r.strip()]
@@ -537,17 +537,17 @@ def load_iddpm(path: str | os.PathLike, *, dtype: Any = jnp.float32, **flags: An
                     raise ValueError(f"flag {name}={value!r} contradicts {name}={saved[name]!r} "
                                      f"stored in {str(path)!r}")
             flags = {**saved, **flags}
-    unknown = sorted(set(flags) - set(_MODEL_FLAGS) - set(_DIFFUSION_FLAGS))
+    unknown = sorted(set(flags) - set(MODEL_FLAGS) - set(DIFFUSION_FLAGS))
     if unknown:
         raise TypeError(f"unknown improved-diffusion flag(s) {unknown}; known flags: "
-                        f"{sorted(_MODEL_FLAGS) + sorted(_DIFFUSION_FLAGS)}")
-    flags = {**_MODEL_FLAGS, **_DIFFUSION_FLAGS, **flags}
+                        f"{sorted(MODEL_FLAGS) + sorted(DIFFUSION_FLAGS)}")
+    flags = {**MODEL_FLAGS, **DIFFUSION_FLAGS, **flags}
     for name in ("rescale_timesteps", "predict_xstart"):
         if not isinstance(flags[name], bool):
             raise ValueError(f"{name} must be True or False, got {flags[name]!r}")
     if flags["predict_xstart"]:
         raise ValueError("predict_xstart=True: only epsilon-prediction models are supported")
-    module = IDDPMUNet.from_flags(**{name: flags[name] for name in _MODEL_FLAGS}, dtype=dtype)
+    module = IDDPMUNet.from_flags(**{name: flags[name] for name in MODEL_FLAGS}, dtype=dtype)
     schedule = iddpm_schedule(flags["diffusion_steps"], flags["noise_schedule"])
     source = repr(str(path))
     if saved_params is None:

@@ -33,7 +33,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from mmh_jax._files import atomic_folder
+from mmh_jax._src.files import atomic_folder
 from mmh_jax._src.noise import images_noise
 from mmh_jax.convert.autoencoder_kl import (
     autoencoder_kl_abstract_params,
@@ -66,7 +66,8 @@ from mmh_jax.sampling import DDIMResult, ddim_sample
 from mmh_jax.schedules import DDPM
 
 __all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
-           "save_stable_diffusion_folder", "stable_diffusion_components"]
+           "save_stable_diffusion_folder", "stable_diffusion_components", "encode_text",
+           "encode_image"]
 
 _ARCHITECTURE = "stable-diffusion"
 
@@ -182,7 +183,7 @@ class StableDiffusion(NamedTuple):
             if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] == 0:
                 raise ValueError(f"prompts must be strings or integer token ids [b, n], got "
                                  f"{type(prompts).__name__} of shape {np.shape(prompts)}")
-        return _encode_text(self.text_encoder, self.text_encoder_params, jnp.asarray(ids))
+        return encode_text(self.text_encoder, self.text_encoder_params, jnp.asarray(ids))
 
     def cfg_eps(self, z_t: Float[Array, "b c h w"], t: Float[ArrayLike, " b"],
                 cond: Array, uncond: Array, guidance: float | ArrayLike) -> Array:
@@ -209,7 +210,7 @@ class StableDiffusion(NamedTuple):
         ``(z - shift_factor) * scaling_factor`` (0.18215 for SD v1).
         """
         images = jnp.asarray(images, jnp.float32)
-        return _encode_image(self.vae, self.vae_params, images, key)
+        return encode_image(self.vae, self.vae_params, images, key)
 
     def decode(self, latents: Float[ArrayLike, "b c h w"]) -> Float[Array, "b 3 H W"]:
         """The diffusion model's latents -> images in about ``[-1, 1]`` (NCHW, float32)."""
@@ -266,7 +267,9 @@ class StableDiffusion(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_text(module: CLIPTextModel, params: PyTree, ids: Array) -> Array:
+def encode_text(module: CLIPTextModel, params: PyTree, ids: Array) -> Array:
+    """The text encoder's last hidden states of token ids ``[b, n]``, float32 ``[b, n, dim]``
+    (a prompt embedding, as the pipeline conditions on it)."""
     return module.apply({"params": params}, ids).last_hidden_state.astype(jnp.float32)
 
 
@@ -276,8 +279,10 @@ def _cfg_eps(eps_fn, z_t, t, cond, uncond, guidance):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_image(module: AutoencoderKL, params: PyTree, images: Array, key: Array | None
-                  ) -> Array:
+def encode_image(module: AutoencoderKL, params: PyTree, images: Array, key: Array | None
+                 ) -> Array:
+    """Scaled latents of images ``[b, 3, h, w]`` in ``[-1, 1]``: the posterior mean, or a draw
+    from it with ``key``."""
     posterior = module.apply({"params": params}, images, method="encode")
     z = posterior.mean if key is None else posterior.sample(key)
     return scale_latents(module, z.astype(jnp.float32))
@@ -478,7 +483,7 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     tokenizer = _tokenizer(tokenizer_files, source)
     text = modules["text_encoder"]
     empty = tokenize(tokenizer, [""], text.max_position_embeddings)
-    uncond = _encode_text(text, params["text_encoder"], jnp.asarray(empty))
+    uncond = encode_text(text, params["text_encoder"], jnp.asarray(empty))
     unet_model = Pretrained(unet, params["unet"], schedule,
                             conditional_score_fn(eps, schedule, uncond))
     return StableDiffusion(unet_model, eps, text, params["text_encoder"], modules["vae"],

@@ -4,7 +4,7 @@ Memorization is usually detected by retrieval: a generated image that lies much 
 training image than to the others is a (near-)copy (Carlini et al., "Extracting Training Data
 from Diffusion Models", USENIX Security 2023; used for the memorized samples studied in "A
 Geometric Framework for Understanding Memorization in Generative Models").  The searches here
-are exact: they reuse the batched k-nearest-neighbour search of :mod:`mmh_jax.lid._knn`
+are exact: they reuse the batched k-nearest-neighbour search of :mod:`mmh_jax._src.knn`
 (brute force, or for large high-dimensional training sets its certified projection shortcut,
 which returns the same neighbours), with a separate reference set and, on several devices, the
 queries split over a 1-D mesh with :func:`jax.shard_map` (references replicated).
@@ -22,10 +22,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax.lid._checks import check_int, check_option
-from mmh_jax.lid._knn import (
+from mmh_jax._src.checks import check_int, check_option
+from mmh_jax._src.knn import (
     NeighbourIndex,
-    _exact_sq_dists,
+    exact_sq_dists,
     as_float_array,
     build_index,
     iter_chunks,
@@ -110,7 +110,7 @@ def _unit_rows(x: Array, name: str) -> Array:
 def _local_search(index: NeighbourIndex, q: Array, *, k: int) -> tuple[Array, Array]:
     """Squared distances (exact, from the differences) and indices of the k nearest, sorted."""
     _, idx, _ = search_chunk(index, q, 0, k=k, exclude_self=False)
-    d2 = _exact_sq_dists(index.data, q, idx)
+    d2 = exact_sq_dists(index.data, q, idx)
     order = jnp.argsort(d2, axis=1, stable=True)
     return jnp.take_along_axis(d2, order, axis=1), jnp.take_along_axis(idx, order, axis=1)
 
@@ -183,7 +183,7 @@ def nearest_neighbours(
     """Exact k nearest references (e.g. training images) of every query (e.g. generated image).
 
     Items are flattened (``[n, ...] -> [n, d]``) and compared in the common floating dtype.
-    The search is :mod:`mmh_jax.lid._knn`'s: chunks of ``batch_size`` queries against all
+    The search is :mod:`mmh_jax._src.knn`'s: chunks of ``batch_size`` queries against all
     references (one jit-compiled matrix product and top-k per chunk), or, for at least 16,384
     references of dimension >= 1024 with a decaying spectrum (images), its certified projection
     shortcut, which gives the same neighbours.  The selected distances are recomputed from the
@@ -206,7 +206,7 @@ def nearest_neighbours(
             ``None``: every local device when there are several, otherwise plain ``jit``.  A
             one-device mesh runs unsharded on that device.
         projection_dim: the certified search's subspace dimension; ``None`` lets
-            :func:`mmh_jax.lid._knn.build_index` decide, ``0`` forces brute force.  The answer
+            :func:`mmh_jax._src.knn.build_index` decide, ``0`` forces brute force.  The answer
             does not depend on it, only the speed.
 
     Returns:

@@ -465,7 +465,7 @@ def write_merged(out: str | os.PathLike, *, allow_partial: bool = False) -> tupl
     """Merge a run's parts into ``scores.parquet`` and ``errors.parquet`` in its folder."""
     import pyarrow.parquet as pq
 
-    from mmh_jax._files import atomic_path
+    from mmh_jax._src.files import atomic_path
     from mmh_jax.scoring.store import merge
 
     merged = merge(out, allow_partial=allow_partial)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, PyTree
 
-from mmh_jax.models.stable_diffusion import _encode_image, _encode_text
+from mmh_jax.models.stable_diffusion import encode_image, encode_text
 from mmh_jax.schedules import Schedule
 
 __all__ = ["Model"]
@@ -155,7 +155,7 @@ class _VaeEncoder:
     module: Any
 
     def __call__(self, params: PyTree, images: Array) -> Array:
-        return _encode_image(self.module, params, images, None)
+        return encode_image(self.module, params, images, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,4 +166,4 @@ class _TextEncoder:
     module: Any
 
     def __call__(self, params: PyTree, ids: Array) -> Array:
-        return _encode_text(self.module, params, ids)
+        return encode_text(self.module, params, ids)

@@ -5,7 +5,7 @@ done when, and only when, its manifest exists. The order of writes makes that ex
 
 1. the chunk's rows go to ``parts/part-<c>.parquet`` and its bad items to
    ``errors/errors-<c>.parquet``, each written under a temporary name in the same folder,
-   fsynced, renamed (:func:`mmh_jax._files.atomic_path`);
+   fsynced, renamed (:func:`mmh_jax._src.files.atomic_path`);
 2. then ``manifest/chunk-<c>.json`` (the item ids, row and error counts, the part's SHA-256)
    is written the same way.
 
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmh_jax._files import atomic_path, sha256_file
+from mmh_jax._src.files import atomic_path, sha256_file
 
 __all__ = ["RunMismatch", "open_run", "done_chunks", "write_chunk", "merge", "Merged",
            "remove_stale_temporaries"]

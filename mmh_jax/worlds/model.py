@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jaxtyping import PyTree
 
-from mmh_jax._files import atomic_path
+from mmh_jax._src.files import atomic_path
 from mmh_jax.convert.io import load_params, save_params
 from mmh_jax.models.autoencoder_kl import AutoencoderKL, scale_latents
 from mmh_jax.models.clip import CLIPTextModel

@@ -9,7 +9,7 @@ import pytest
 
 from mmh_jax.cli import main
 from mmh_jax.experiments import von_mises
-from mmh_jax.experiments._common import atomic_path
+from mmh_jax.experiments.common import atomic_path
 
 # Small but still memorizing: with 30 training points the isolated one is 1/30 of the
 # data, which a 64-wide MLP fits within a few thousand steps.

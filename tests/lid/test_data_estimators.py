@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import skdim
 
-from mmh_jax.lid._knn import knn, masked_percentile
+from mmh_jax._src.knn import knn, masked_percentile
 from mmh_jax.lid.data import mle, twonn
 from mmh_jax.lid.lpca import lpca
 

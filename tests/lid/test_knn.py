@@ -1,4 +1,4 @@
-"""Tests of the exact neighbour search (mmh_jax.lid._knn), brute force and certified, against
+"""Tests of the exact neighbour search (mmh_jax._src.knn), brute force and certified, against
 scikit-learn's brute-force neighbours in float64."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import skdim
 from sklearn.neighbors import NearestNeighbors
 
-from mmh_jax.lid import _knn
-from mmh_jax.lid._knn import build_index, iter_chunks, knn, search_chunk
+from mmh_jax._src import knn as _knn
+from mmh_jax._src.knn import build_index, iter_chunks, knn, search_chunk
 from mmh_jax.lid.lpca import lpca
 
 

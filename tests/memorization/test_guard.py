@@ -13,7 +13,7 @@ import pytest
 
 from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd
-from mmh_jax.lid._checks import per_sample_keys
+from mmh_jax._src.checks import per_sample_keys
 from mmh_jax.memorization.guard import (
     calibrate_threshold,
     flag,

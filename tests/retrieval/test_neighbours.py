@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh
 from sklearn.neighbors import NearestNeighbors
 
-from mmh_jax.lid import _knn
+from mmh_jax._src import knn as _knn
 from mmh_jax.retrieval import CalibratedL2, Neighbours, calibrated_l2, nearest_neighbours
 
 
@@ -81,7 +81,7 @@ def test_sharded_equals_unsharded_and_tiling_equals_one_batch(data):
 
 
 def test_certified_search_sharded_matches_sklearn(x64, data):
-    """The projection shortcut of mmh_jax.lid._knn (forced: the data are small) under
+    """The projection shortcut of mmh_jax._src.knn (forced: the data are small) under
     shard_map (8 devices) gives sklearn's neighbours."""
     queries, references = data
     ref_d, ref_i = _sklearn(queries, references, 5)

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from mmh_jax._files import atomic_path
+from mmh_jax._src.files import atomic_path
 
 __all__ = [
     "DemoInputError",

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from mmh_jax.lid._checks import check_int, is_concrete
+from mmh_jax._src.checks import check_int, is_concrete
 
 __all__ = [
     "NeighbourIndex",
@@ -172,7 +172,7 @@ def _brute_chunk(data, data_sqnorm, q, rows, *, k, exclude_self):
 
 
 @jax.jit
-def _exact_sq_dists(data, q, idx):
+def exact_sq_dists(data, q, idx):
     """``||data[idx[i, j]] - q[i]||^2`` from the differences, a few queries at a time (the
     gather, subtraction and reduction fuse)."""
     def one(args):
@@ -270,7 +270,7 @@ def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bo
     num_cand = _num_candidates(k, available)
     qp = _project(q, index.mean, index.basis)
     qp_sq = jnp.sum(qp * qp, axis=1)
-    # The barrier keeps XLA:CPU from recomputing the top-k inside the loop of _exact_sq_dists
+    # The barrier keeps XLA:CPU from recomputing the top-k inside the loop of exact_sq_dists
     # when its outputs have more than one consumer (measured 5x slower without it).  qp_sq
     # rides along so that the barrier's operand is never the top-k's own result tuple: under
     # shard_map XLA:CPU's TopkDecomposer aborts on a top-k whose user is not a tuple element.
@@ -281,7 +281,7 @@ def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bo
     # lower bounds is covered by a margin relative to the squared norms involved.
     bound = qp_sq - s[:, num_cand]
     cand = cand[:, :num_cand]
-    d2c = _exact_sq_dists(index.data, q, cand)
+    d2c = exact_sq_dists(index.data, q, cand)
     neg, j = jax.lax.top_k(-d2c, k)
     d2 = -neg
     idx = jnp.take_along_axis(cand, j, axis=1)
@@ -359,7 +359,7 @@ def knn(
     for start, chunk, n_valid in iter_chunks(queries, batch_size):
         d2, idx, _ = search_chunk(index, chunk, start, k=k, exclude_self=exclude_self)
         if exact_distances:
-            d2 = _exact_sq_dists(data, chunk, idx)
+            d2 = exact_sq_dists(data, chunk, idx)
             order = jnp.argsort(d2, axis=1, stable=True)
             d2 = jnp.take_along_axis(d2, order, axis=1)
             idx = jnp.take_along_axis(idx, order, axis=1)
