@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Collection, Mapping
 
-__all__ = ["config_kwargs", "module_config", "NOT_CONFIG"]
+__all__ = ["config_kwargs", "module_config", "unsupported", "NOT_CONFIG"]
 
 #: Flax module fields that are not config keys.
 NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
@@ -82,3 +82,10 @@ def module_config(module: Any) -> dict[str, Any]:
     """A module's config keys and values, JSON-serialisable (tuples as lists)."""
     return {f.name: _thaw(getattr(module, f.name)) for f in dataclasses.fields(module)
             if f.name not in NOT_CONFIG}
+
+
+def unsupported(owner: str, module: Any, key: str, expected: str) -> ValueError:
+    """The error for a config value ``module.<key>`` that the port ``owner`` does not support
+    (bind ``owner`` and ``module`` with ``functools.partial`` for a port's checks)."""
+    return ValueError(f"{owner}: {key}={getattr(module, key)!r} is not supported; "
+                      f"expected {expected}")

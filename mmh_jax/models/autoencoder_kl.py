@@ -12,6 +12,8 @@ NHWC inside. They work on *unscaled* latents, as diffusers' ``vae.encode(x).late
 
 from __future__ import annotations
 
+import functools
+
 import numbers
 from typing import Any, Literal, Mapping, NamedTuple
 
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config
+from mmh_jax.models._config import config_kwargs, module_config, unsupported
 from mmh_jax.models.diffusers_blocks import (
     Downsample2D,
     ResnetBlock2D,
@@ -206,9 +208,7 @@ class AutoencoderKL(nn.Module):
         self._check_config()
 
     def _check_config(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"AutoencoderKL: {key}={getattr(self, key)!r} is not supported; "
-                              f"expected {expected}")
+        bad = functools.partial(unsupported, "AutoencoderKL", self)
 
         if self.act_fn not in ("silu", "swish"):
             raise bad("act_fn", "'silu' or 'swish'")

@@ -20,6 +20,8 @@ accepted in the config and ignored (inference only).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Literal, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax.models._config import config_kwargs, module_config
+from mmh_jax.models._config import config_kwargs, module_config, unsupported
 from mmh_jax.models.layers import attention
 
 __all__ = ["CLIPModel", "CLIPOutput", "CLIPTextModel", "CLIPTextOutput", "CLIPVisionModel",
@@ -95,9 +97,7 @@ def _positive_int(value: Any) -> bool:
 def _check_tower(module: Any, what: str, sizes: tuple[str, ...]):
     """Check the config keys the text and vision towers share, and ``sizes`` (positive ints);
     returns the error factory ``bad(key, expected)`` for the tower's own checks."""
-    def bad(key: str, expected: str) -> ValueError:
-        return ValueError(f"{what}: {key}={getattr(module, key)!r} is not supported; "
-                          f"expected {expected}")
+    bad = functools.partial(unsupported, what, module)
 
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 *sizes):

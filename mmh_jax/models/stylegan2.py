@@ -54,6 +54,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
+from mmh_jax.models._config import unsupported
 from mmh_jax.convert.stylegan2 import convert_stylegan2, stylegan2_abstract_params
 from mmh_jax.models.pretrained import PretrainedGenerator
 
@@ -447,9 +448,7 @@ class StyleGAN2Generator(nn.Module):
         self._check_config()
 
     def _check_config(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"StyleGAN2Generator: {key}={getattr(self, key)!r} is not "
-                              f"supported; expected {expected}")
+        bad = functools.partial(unsupported, "StyleGAN2Generator", self)
 
         def is_int(v: Any) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

@@ -12,13 +12,15 @@ it) and ignored.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config
+from mmh_jax.models._config import config_kwargs, module_config, unsupported
 from mmh_jax.models.diffusers_blocks import (
     Downsample2D,
     ResnetBlock2D,
@@ -171,9 +173,7 @@ class UNet2D(nn.Module):
         self._check_config()
 
     def _check_config(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"UNet2D: {key}={getattr(self, key)!r} is not supported; expected "
-                              f"{expected}")
+        bad = functools.partial(unsupported, "UNet2D", self)
 
         fixed = {"time_embedding_type": ("positional",), "downsample_type": ("conv",),
                  "upsample_type": ("conv",), "act_fn": ("silu", "swish"),

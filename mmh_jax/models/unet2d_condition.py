@@ -18,13 +18,15 @@ head); ``num_attention_heads`` must be None, as diffusers itself requires.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config
+from mmh_jax.models._config import config_kwargs, module_config, unsupported
 from mmh_jax.models.diffusers_blocks import Downsample2D, ResnetBlock2D, TimestepMLP, Upsample2D
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
 
@@ -308,9 +310,7 @@ class UNet2DCondition(nn.Module):
         self._check_config()
 
     def _check_config(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"UNet2DCondition: {key}={getattr(self, key)!r} is not supported; "
-                              f"expected {expected}")
+        bad = functools.partial(unsupported, "UNet2DCondition", self)
 
         def positive_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
