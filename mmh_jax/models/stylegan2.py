@@ -54,8 +54,8 @@ from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
-from mmh_jax.models._config import unsupported
 from mmh_jax.convert.stylegan2 import convert_stylegan2, stylegan2_abstract_params
+from mmh_jax.models._config import unsupported
 from mmh_jax.models.pretrained import PretrainedGenerator
 
 __all__ = ["StyleGAN2Generator", "fir_filter", "load_stylegan2", "save_stylegan2"]
