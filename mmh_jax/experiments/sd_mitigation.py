@@ -55,6 +55,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mmh_jax._src.batching import spans
 from mmh_jax.experiments.common import (
     DemoInputError,
     finite_float,
@@ -441,10 +442,6 @@ def _scores(fn: Callable | None, *args: Any, n: int, name: str) -> np.ndarray:
     return values
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(n, i + size)) for i in range(0, n, size)]
-
-
 def _row_key(key: Any, prompt_index: int, method: str, metric: str, k: int, repeat: int) -> Any:
     import jax
 
@@ -462,7 +459,7 @@ def _generate(sd: Any, conds: list, *, key: Any, num_images: int, batch_size: in
     from mmh_jax.experiments.stable_diffusion import _padded
 
     out = []
-    for lo, hi in _chunks(len(conds), batch_size):
+    for lo, hi in spans(len(conds), batch_size):
         cond = _padded(np.concatenate([np.asarray(c) for c in conds[lo:hi]]), batch_size)
         result = sd.sample(cond, key=key, images_per_prompt=num_images, guidance=guidance,
                            num_steps=num_steps)
@@ -722,7 +719,7 @@ def mitigate(
             refs = np.repeat(reference[None], num_images, axis=0)
             kind = "training"
         sims, clips = [], []
-        for lo, hi in _chunks(len(generated), batch_size):
+        for lo, hi in spans(len(generated), batch_size):
             batch = generated[lo:hi].reshape((-1,) + generated.shape[2:])
             ref_batch = np.concatenate([refs] * (hi - lo))
             n = batch.shape[0]

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from mmh_jax._src.batching import spans
 from mmh_jax._src.ddim import ddim_alphas, ddim_scan, ddim_update
 from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import CondEpsFn, eps_pair
@@ -416,10 +417,6 @@ class GuardReport(NamedTuple):
         return np.array([o.flagged for o in self.outcomes], bool)
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def guarded_generate(
     sd: StableDiffusion,
     prompts: Sequence[str],
@@ -533,7 +530,7 @@ def guarded_generate(
     def run(texts: list[str], cond: Array | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Latents ``[len(texts) * m, ...]``, per-prompt signals and the sampling seconds."""
         latents, signals, seconds = [], [], 0.0
-        for lo, hi in _chunks(len(texts), batch):
+        for lo, hi in spans(len(texts), batch):
             c = embed(texts[lo:hi]) if cond is None or lo else cond
             start = time.perf_counter()
             out = jax.block_until_ready(compiled(sd.eps, noise, c, uncond, g, steps, sd.schedule,
