@@ -1,6 +1,6 @@
 """The shapes world's model: a diffusers folder both loaders read alike, training that resumes
-exactly, a cache that is reused only for identical settings, and (slow) a quick world whose
-verbatim prompts have larger CFG norms than held-out prompts."""
+exactly, and a cache that is reused only for identical settings (the trained model of record is
+checked in ``test_trained_world.py``)."""
 
 import json
 
