@@ -230,21 +230,13 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
     method = config.lid_method
     try:
         with err_console.status(f"loading {config.model} ..."):
-            if config.arch == "stylegan2":
-                from mmh_jax.models import load_stylegan2
+            from mmh_jax.models import load_model
 
-                model = load_stylegan2(config.model)
-            elif config.arch == "iddpm":
-                from mmh_jax.models import load_iddpm
-
+            if config.arch == "iddpm":
                 require(config.model.is_file() and config.model.suffix == ".safetensors",
                         f"--model {str(config.model)!r}: --arch iddpm needs a .safetensors "
                         "file written by `mmh-jax convert iddpm`")
-                model = load_iddpm(config.model)
-            else:
-                from mmh_jax.models import load_unet2d
-
-                model = load_unet2d(config.model)
+            model = load_model(config.model, kind=config.arch)
     except (ConversionError, ValueError, TypeError, FileNotFoundError) as err:
         raise DemoInputError(f"cannot load --model {str(config.model)!r}: {err}") from None
 

@@ -3,6 +3,7 @@
 from mmh_jax.models.autoencoder_kl import AutoencoderKL
 from mmh_jax.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
 from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
+from mmh_jax.models.load import ModelKind, load_model
 from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save_unet2d
 from mmh_jax.models.pretrained import EpsModel, Pretrained, PretrainedGenerator, eps_score_fn
 from mmh_jax.models.stable_diffusion import (
@@ -33,6 +34,7 @@ __all__ = [
     "EpsModel",
     "IDDPMUNet",
     "MLPEpsNet",
+    "ModelKind",
     "Pretrained",
     "PretrainedGenerator",
     "SSCD",
@@ -44,6 +46,7 @@ __all__ = [
     "eps_score_fn",
     "iddpm_schedule",
     "load_iddpm",
+    "load_model",
     "load_sscd",
     "load_stable_diffusion",
     "load_stylegan2",

@@ -348,20 +348,14 @@ def load_model(config: Config):
             raise ConfigError(f"{config.path}: [model] factory must return a "
                               f"mmh_jax.scoring.Model, got {type(result).__name__}")
         return result
+    from mmh_jax import models
+
+    loaded = models.load_model(model["path"], kind=model["kind"], dtype=dtype,
+                               **model["options"])
     if model["kind"] == "stable-diffusion":
-        from mmh_jax.models import load_stable_diffusion
-
-        return Model.from_stable_diffusion(load_stable_diffusion(model["path"], dtype=dtype),
-                                           description=f"Stable Diffusion {model['path']}")
-    if model["kind"] == "iddpm":
-        from mmh_jax.models import load_iddpm
-
-        return Model.from_pretrained(load_iddpm(model["path"], dtype=dtype, **model["options"]),
-                                     description=f"iDDPM {model['path']}")
-    from mmh_jax.models import load_unet2d
-
-    return Model.from_pretrained(load_unet2d(model["path"], dtype=dtype),
-                                 description=f"UNet2D {model['path']}")
+        return Model.from_stable_diffusion(loaded, description=f"Stable Diffusion {model['path']}")
+    name = {"iddpm": "iDDPM", "unet2d": "UNet2D"}[model["kind"]]
+    return Model.from_pretrained(loaded, description=f"{name} {model['path']}")
 
 
 def initialize_distributed(settings: dict[str, Any]) -> None:
