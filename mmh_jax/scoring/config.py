@@ -60,6 +60,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "resize": Key(Literal["none", "center_crop"], "none",
                       "images of another size: 'none' puts them in the errors table, "
                       "'center_crop' resizes the short side (bicubic) and crops the centre"),
+        "metadata": Key(tuple[str, ...], (), "fields of each item written beside its scores "
+                                             "(labels, duplicate counts, ...): fields of the "
+                                             ".jsonl lines, Parquet columns, or 1-D arrays of "
+                                             "the .npz"),
         "options": Key(dict, {}, "options of the input's reader: key / ids_key (.npz), "
                                  "image_column / text_column / id_column (Parquet), recursive "
                                  "(folders)"),
@@ -280,7 +284,7 @@ def _check_options(path: Path, model: dict, inputs: dict) -> None:
     readers = (sources.ImageFolder, sources.ArrayFile, sources.TarShards, sources.ParquetTable,
                sources.PromptFile)
     accepted = {name for cls in readers for name, p in inspect.signature(cls).parameters.items()
-                if p.kind is p.KEYWORD_ONLY}
+                if p.kind is p.KEYWORD_ONLY} - {"metadata"}  # [input] metadata
     unknown = sorted(set(inputs["options"]) - accepted)
     if unknown:
         raise ConfigError(f"{path}: [input] options: unknown key(s) {', '.join(unknown)}; known: "
@@ -437,7 +441,8 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
 
     model = load_model(config)
     try:
-        source = open_source(config.input["path"], **config.input["options"])
+        metadata = {"metadata": list(config.input["metadata"])} if config.input["metadata"] else {}
+        source = open_source(config.input["path"], **config.input["options"], **metadata)
     except (TypeError, ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{config.path}: [input]: {err}") from None
     summary = score(

@@ -36,6 +36,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 from jax.experimental import multihost_utils
 from jaxtyping import Array
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -54,6 +55,8 @@ from mmh_jax.scoring.sources import BadItem, Source, fit_image
 __all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 
 Resize = Literal["none", "center_crop"]
+_RESERVED = ("index", "id", "image_index")
+"""Output names the engine writes itself (``image_index``: of prompt items' images)."""
 
 
 class Generation(NamedTuple):
@@ -314,6 +317,9 @@ def score(
 ) -> Summary:
     """Score every item of ``source`` with ``columns`` and write one row per item to ``out``.
 
+    A row holds the item's ``index`` and ``id``, the source's :attr:`~mmh_jax.scoring.Source.metadata`
+    of the item, then the columns' values.
+
     Call it on every process of a multi-process run (after ``jax.distributed.initialize``),
     with the same arguments. A rerun into the same folder skips finished chunks.
 
@@ -372,7 +378,7 @@ def score(
         "format": 1, "source": source.fingerprint, "num_items": num_items,
         "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
         "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
-        "names": list(names), **({"generation": generation._asdict()} if mode == "prompts" else {}),
+        "names": list(names), "metadata": list(source.metadata), **({"generation": generation._asdict()} if mode == "prompts" else {}),
         **(record or {}),
     }
     mine = [c for c in range(num_chunks) if c % processes == me]
@@ -433,7 +439,7 @@ def score(
     if dry_run:
         return _dry_run(plan, step, replicated, device_batch, items, local_batch, console)
     return _run(plan, step, replicated, device_batch, items, local_batch, out,
-                pending, dtypes, console)
+                pending, dtypes, source.metadata, console)
 
 
 def _token_width(model: Model) -> int:
@@ -461,9 +467,16 @@ def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -
     if resize not in ("none", "center_crop"):
         raise ValueError(f"resize must be 'none' or 'center_crop', got {resize!r}")
     names = tuple(n for c in columns for n in c.names)
-    reserved = {"index", "id"} & set(names)
+    reserved = set(_RESERVED) & set(names)
     if reserved or len(set(names)) != len(names):
-        raise ValueError(f"column names must be unique and not 'index' or 'id', got {list(names)}")
+        raise ValueError(f"column names must be unique and not {' or '.join(map(repr, _RESERVED))}, "
+                         f"got {list(names)}")
+    clash = sorted((set(_RESERVED) | set(names)) & set(source.metadata))
+    if clash:
+        raise ValueError(f"the input's metadata {clash} would collide with the output's "
+                         f"{'columns' if set(clash) & set(names) else 'reserved names'} "
+                         f"({', '.join(_RESERVED)}, {', '.join(names)}): choose other metadata "
+                         f"or rename them in the input")
     for column in columns:
         column.check(model)
         if column.on_host and not source.has_images:
@@ -506,7 +519,8 @@ def _progress(console: Console | None, plan: Plan) -> Progress:
 
 
 def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, out: str,
-         pending: list[int], dtypes: dict[str, np.dtype], console: Console | None) -> Summary:
+         pending: list[int], dtypes: dict[str, np.dtype], metadata: dict[str, pa.Array],
+         console: Console | None) -> Summary:
     chunk_size = plan.chunk_size
     chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items)) for c in pending}
     fetched: queue.Queue = queue.Queue(maxsize=2)
@@ -532,7 +546,7 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
     def flush() -> None:
         for c in [c for c, state in chunks.items() if state.complete]:
             state = chunks.pop(c)
-            _write(out, c, state, dtypes, plan.process_index)
+            _write(out, c, state, dtypes, metadata, plan.process_index)
             stats["written"] += 1
 
     progress = _progress(console, plan)
@@ -593,9 +607,11 @@ def _collect(items, local_batch: int, chunks: dict[int, _Chunk], chunk_size: int
     return loaded, bad, True
 
 
-def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype], process: int) -> None:
+def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype],
+           metadata: dict[str, pa.Array], process: int) -> None:
     good = sorted(state.rows)
-    values = {n: np.array([state.rows[i][n] for i in good], dtype) for n, dtype in dtypes.items()}
+    values = {n: array.take(good) for n, array in metadata.items()}
+    values.update({n: np.array([state.rows[i][n] for i in good], dtype) for n, dtype in dtypes.items()})
     rows = store.rows_table(np.array(good, np.int64), [state.ids[i] for i in good], values)
     bad = sorted(state.errors)
     errors = store.errors_table(bad, [state.ids[i] for i in bad], [state.errors[i] for i in bad])

@@ -208,8 +208,9 @@ def errors_table(index: list[int], ids: list[str], reasons: list[str]) -> pa.Tab
                      "reason": pa.array(reasons, pa.string())})
 
 
-def rows_table(index: np.ndarray, ids: list[str], values: dict[str, np.ndarray]) -> pa.Table:
+def rows_table(index: np.ndarray, ids: list[str], values: dict[str, np.ndarray | pa.Array]) -> pa.Table:
     """The scores table's layout: ``index`` (int64), ``id``, then one column per value."""
     columns = {"index": pa.array(np.asarray(index, np.int64)), "id": pa.array(ids, pa.string())}
-    columns.update({name: pa.array(np.asarray(v)) for name, v in values.items()})
+    columns.update({name: v if isinstance(v, pa.Array) else pa.array(np.asarray(v))
+                    for name, v in values.items()})
     return pa.table(columns)

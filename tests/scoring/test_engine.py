@@ -161,6 +161,52 @@ def test_a_rerun_redoes_only_missing_chunks_and_refuses_other_settings(tmp_path)
         score(model, columns, source, str(out), batch_size=8, chunk_size=4)
 
 
+def test_item_metadata_is_written_once_beside_the_scores_and_survives_a_resume(tmp_path):
+    x = toy_model.points(12)
+    x[4] = np.nan  # a bad item: in the errors table, its metadata in no row
+    memorized, duplicates = np.arange(12) % 3 == 0, np.arange(12) * 10
+    np.savez(tmp_path / "x.npz", x=x, memorized=memorized, duplicates=duplicates)
+    source = ArrayFile(tmp_path / "x.npz", metadata=["memorized", "duplicates"])
+    model, out, columns = toy_model.make(), tmp_path / "out", [Flipd(t0=0.05)]
+    score(model, columns, source, str(out), batch_size=8, chunk_size=5)
+    (out / "manifest" / "chunk-00000000.json").unlink()  # as if killed before its manifest
+    again = score(model, columns, source, str(out), batch_size=8, chunk_size=5)
+    assert (again.chunks_written, again.scored, again.errors) == (1, 4, 1)
+
+    table = merge(out).scores.to_pandas()
+    good = [i for i in range(12) if i != 4]
+    assert list(table.columns) == ["index", "id", "memorized", "duplicates", "flipd_0.05"]
+    np.testing.assert_array_equal(table["index"], good)
+    np.testing.assert_array_equal(table["memorized"], memorized[good])
+    np.testing.assert_array_equal(table["duplicates"], duplicates[good])
+    np.testing.assert_allclose(table["flipd_0.05"], toy_model.flipd_closed_form(x[good], 0.05),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(RunMismatch, match="metadata"):
+        score(model, columns, ArrayFile(tmp_path / "x.npz", metadata=["memorized"]), str(out),
+              batch_size=8, chunk_size=5)
+    for clash in ("id", "flipd_0.05", "image_index"):
+        np.savez(tmp_path / "clash.npz", x=x[:4], **{clash: np.arange(4)})
+        with pytest.raises(ValueError, match=f"metadata \\['{clash}'\\] would collide"):
+            score(model, columns, ArrayFile(tmp_path / "clash.npz", metadata=[clash]),
+                  str(tmp_path / "clash"), batch_size=8)
+    assert not (tmp_path / "clash").exists()
+
+
+def test_a_config_writes_the_metadata_it_names(tmp_path):
+    from mmh_jax.scoring.config import read_config, run
+
+    x = toy_model.points(6)
+    np.savez(tmp_path / "x.npz", x=x, label=np.array(list("abcdef")))
+    (tmp_path / "run.toml").write_text(
+        "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n"
+        "[input]\npath = 'x.npz'\nmetadata = ['label']\n[output]\ndir = 'out'\n"
+        "[run]\nbatch_size = 8\n[columns.flipd]\n")
+    run(read_config(tmp_path / "run.toml"))
+    table = pq.read_table(tmp_path / "out" / "scores.parquet")
+    assert table.column_names == ["index", "id", "label", "flipd_0.05"]
+    assert table["label"].to_pylist() == list("abcdef")
+
+
 def test_settings_are_checked_before_any_work(tmp_path):
     x = toy_model.points(4)
     np.save(tmp_path / "x.npy", x)
