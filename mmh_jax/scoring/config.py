@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import tomllib
 import types
@@ -82,7 +83,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "generate": {
         "guidance": Key(float, 7.5, "for an input of prompts alone (Stable Diffusion): the "
                                     "guidance scale of the DDIM sampler that makes each image"),
-        "num_steps": Key(int, 50, "its DDIM steps (one image per prompt)"),
+        "num_steps": Key(int, 50, "its DDIM steps"),
+        "num_images": Key(int, 1, "images per prompt, one row each (column image_index); image "
+                                  "j is StableDiffusion.sample's image j of the prompt under "
+                                  "the same seed"),
     },
     "distributed": {
         "initialize": Key(bool, False, "call jax.distributed.initialize() before anything else "
@@ -177,10 +181,23 @@ def _check_table(table: Any, spec: dict[str, tuple[Any, Any]], where: str) -> di
             out[key] = default
             continue
         value = table[key]
+        _reject_non_finite(value, f"{where} {key}")
         if not _matches(value, hint):
             raise ConfigError(f"{where}.{key} must be {_type_name(hint)}, got {value!r}")
         out[key] = tuple(value) if typing.get_origin(hint) is tuple else value
     return out
+
+
+def _reject_non_finite(value: Any, where: str) -> None:
+    """Raise on a nan or inf anywhere in ``value``: TOML allows them, no key takes one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if isinstance(value, list):
+        for element in value:
+            _reject_non_finite(element, where)
+    elif isinstance(value, dict):
+        for key, element in value.items():
+            _reject_non_finite(element, f"{where}.{key}")
 
 
 def _column_spec(name: str) -> dict[str, tuple[Any, Any]]:
@@ -262,7 +279,7 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         columns["nearest_neighbour"]["reference"] = reference
     _check_options(path, model, inputs)
     for section, key in (("output", "chunk_size"), ("run", "batch_size"), ("run", "threads"),
-                         ("generate", "num_steps")):
+                         ("generate", "num_steps"), ("generate", "num_images")):
         if sections[section][key] < 1:
             raise ConfigError(f"{path}: [{section}] {key} must be >= 1, got "
                               f"{sections[section][key]}")
@@ -449,7 +466,8 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
         model, build_columns(config), source, config.output["dir"], seed=config.run["seed"],
         batch_size=config.run["batch_size"], chunk_size=config.output["chunk_size"],
         resize=config.input["resize"], threads=config.run["threads"], dry_run=dry_run,
-        generation=Generation(float(config.generate["guidance"]), config.generate["num_steps"]),
+        generation=Generation(float(config.generate["guidance"]), config.generate["num_steps"],
+                              config.generate["num_images"]),
         console=console, record={"model_path": config.model["path"] or config.model["factory"]})
     if dry_run:
         return summary
