@@ -301,7 +301,8 @@ class _Chunk:
 
     @property
     def complete(self) -> bool:
-        return len(self.rows) + self.per_item * len(self.errors) == self.per_item * (self.stop - self.start)
+        items = self.stop - self.start
+        return len(self.rows) + self.per_item * len(self.errors) == self.per_item * items
 
 
 def score(
@@ -378,6 +379,7 @@ def score(
     num_items = len(source)
     num_chunks = -(-num_items // chunk_size)
     mode = _mode(source, model)
+    metadata = source.metadata
     device_columns = tuple(c for c in columns if not c.on_host)
     host_columns = tuple(c for c in columns if c.on_host)
     tokenize = model.tokenize if mode == "prompts" or any(c.needs_text for c in columns) else None
@@ -387,7 +389,8 @@ def score(
         "format": 1, "source": source.fingerprint, "num_items": num_items,
         "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
         "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
-        "names": list(names), "metadata": list(source.metadata), **({"generation": generation._asdict()} if mode == "prompts" else {}),
+        "names": list(names), "metadata": list(metadata),
+        **({"generation": generation._asdict()} if mode == "prompts" else {}),
         **(record or {}),
     }
     mine = [c for c in range(num_chunks) if c % processes == me]
@@ -455,7 +458,7 @@ def score(
     if dry_run:
         return _dry_run(plan, step, replicated, device_batch, slots, local_batch, console)
     return _run(plan, step, replicated, device_batch, slots, local_batch, out,
-                pending, dtypes, source.metadata, console)
+                pending, dtypes, metadata, console)
 
 
 def _token_width(model: Model) -> int:
@@ -485,8 +488,8 @@ def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -
     names = tuple(n for c in columns for n in c.names)
     reserved = set(_RESERVED) & set(names)
     if reserved or len(set(names)) != len(names):
-        raise ValueError(f"column names must be unique and not {' or '.join(map(repr, _RESERVED))}, "
-                         f"got {list(names)}")
+        raise ValueError(f"column names must be unique and not "
+                         f"{' or '.join(map(repr, _RESERVED))}, got {list(names)}")
     clash = sorted((set(_RESERVED) | set(names)) & set(source.metadata))
     if clash:
         raise ValueError(f"the input's metadata {clash} would collide with the output's "
@@ -538,8 +541,8 @@ def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, ou
          pending: list[int], dtypes: dict[str, np.dtype], metadata: dict[str, pa.Array],
          console: Console | None) -> Summary:
     chunk_size = plan.chunk_size
-    chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items), plan.images_per_item)
-              for c in pending}
+    chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items),
+                        plan.images_per_item) for c in pending}
     fetched: queue.Queue = queue.Queue(maxsize=2)
     results: queue.Queue = queue.Queue()
     done_at: list[float] = []
@@ -629,9 +632,12 @@ def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype],
            metadata: dict[str, pa.Array], plan: Plan) -> None:
     good = sorted(state.rows)
     index = [i for i, _ in good]
-    values = {"image_index": np.array([j for _, j in good], np.int32)} if plan.mode == "prompts" else {}
+    values = {}
+    if plan.mode == "prompts":
+        values["image_index"] = np.array([j for _, j in good], np.int32)
     values.update({n: array.take(index) for n, array in metadata.items()})
-    values.update({n: np.array([state.rows[key][n] for key in good], dtype) for n, dtype in dtypes.items()})
+    values.update({n: np.array([state.rows[key][n] for key in good], dtype)
+                   for n, dtype in dtypes.items()})
     rows = store.rows_table(np.array(index, np.int64), [state.ids[i] for i in index], values)
     bad = sorted(state.errors)
     errors = store.errors_table(bad, [state.ids[i] for i in bad], [state.errors[i] for i in bad])
