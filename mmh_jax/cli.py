@@ -538,7 +538,9 @@ def _print_summary(console: Any, summary: Any, *, dry_run: bool) -> None:
             ("this process: chunks / items to score", f"{plan.chunks_pending:,} / {plan.items_pending:,}"),
             ("devices / processes", f"{plan.devices} / {plan.processes}"),
             ("global batch / steps", f"{plan.global_batch} / {plan.steps:,}"),
-            ("input", plan.mode), ("columns", ", ".join(plan.columns)),
+            ("input", plan.mode + (f", {plan.images_per_item} images each"
+                                   if plan.images_per_item > 1 else "")),
+            ("columns", ", ".join(plan.columns)),
             ("compilation", f"{summary.compile_seconds:.1f} s"),
             ("seconds per step", f"{summary.seconds_per_step:.3f}")]
     if dry_run:

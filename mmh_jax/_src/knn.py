@@ -48,6 +48,7 @@ __all__ = [
     "check_k",
     "iter_chunks",
     "knn",
+    "knn_in_blocks",
     "search_chunk",
 ]
 
@@ -181,6 +182,44 @@ def exact_sq_dists(data, q, idx):
         return jnp.sum(diff * diff, axis=-1)
 
     return jax.lax.map(one, (idx, q), batch_size=4)
+
+
+def knn_in_blocks(
+    data: Float[Array, "n d"], queries: Float[Array, "b d"], *, k: int, block: int
+) -> tuple[Float[Array, "b k"], Int[Array, "b k"]]:
+    """The k nearest rows of ``data`` of each query, by brute force over ``block`` data rows at a
+    time: memory is ``b * block`` scores whatever ``n``, and it traces as one program (under
+    ``jit``, and inside ``shard_map`` with the data replicated and the queries split).
+
+    Returns:
+        ``(sq_dists, indices)``, both ``[b, k]``, sorted by increasing distance; the squared
+        distances are exact (from the differences ``x_j - q``).
+    """
+    n = data.shape[0]
+    block = min(check_int(block, "block"), n)
+    k = check_k(k, n)
+
+    def top(rows: Array, start) -> tuple[Array, Array]:
+        scores, index = _top_scores(rows, jnp.sum(rows * rows, axis=1), queries, None,
+                                    k=min(k, rows.shape[0]), exclude_self=False)
+        return scores, index + start
+
+    def merge(best: tuple[Array, Array], new: tuple[Array, Array]) -> tuple[Array, Array]:
+        scores, j = jax.lax.top_k(jnp.concatenate([best[0], new[0]], axis=1), k)
+        return scores, jnp.take_along_axis(jnp.concatenate([best[1], new[1]], axis=1), j, axis=1)
+
+    full = n // block
+    best = top(data[:block], 0)  # computed from the queries: it varies as they do in shard_map
+
+    def body(best, start):
+        return merge(best, top(jax.lax.dynamic_slice_in_dim(data, start, block), start)), None
+
+    best, _ = jax.lax.scan(body, best, block * jnp.arange(1, full, dtype=jnp.int32))
+    if n > full * block:
+        best = merge(best, top(data[full * block:], full * block))
+    d2 = exact_sq_dists(data, queries, best[1])
+    order = jnp.argsort(d2, axis=1, stable=True)
+    return jnp.take_along_axis(d2, order, axis=1), jnp.take_along_axis(best[1], order, axis=1)
 
 
 class NeighbourIndex(NamedTuple):

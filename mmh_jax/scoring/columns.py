@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from mmh_jax._src.knn import knn_in_blocks
 from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd, jacobian_rank, normal_bundle
 from mmh_jax.memorization.conditional import generation_cfg_norms, image_cfg_norms
@@ -253,37 +254,10 @@ class NearestNeighbour:
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         x = inputs.images if inputs.images is not None else inputs.points
-        sq, index = _nearest(x.reshape(x.shape[0], -1).astype(jnp.float32),
-                             self.reference.reshape(self.reference.shape[0], -1),
-                             min(self.chunk_size, self.reference.shape[0]))
-        return {"nn_l2": jnp.sqrt(jnp.maximum(sq, 0)), "nn_index": index}
-
-
-def _nearest(x: Array, reference: Array, chunk: int) -> tuple[Array, Array]:
-    """Squared distance to, and index of, the nearest row of ``reference`` for each row of ``x``,
-    a chunk of reference rows at a time (``|x|^2 - 2 x.r + |r|^2``; the winner's distance is
-    then recomputed exactly)."""
-    n = reference.shape[0]
-    num_chunks = -(-n // chunk)
-    padded = jnp.pad(reference, ((0, num_chunks * chunk - n), (0, 0))).astype(jnp.float32)
-    x_sq = jnp.sum(x * x, axis=1)
-
-    def nearest_in(start: Array) -> tuple[Array, Array]:
-        rows = jax.lax.dynamic_slice_in_dim(padded, start, chunk)
-        d = x_sq[:, None] - 2 * x @ rows.T + jnp.sum(rows * rows, axis=1)[None]
-        d = jnp.where(start + jnp.arange(chunk)[None] < n, d, jnp.inf)
-        i = jnp.argmin(d, axis=1)
-        return jnp.take_along_axis(d, i[:, None], axis=1)[:, 0], start + i
-
-    def body(best, start):
-        value, i = nearest_in(start)
-        better = value < best[0]
-        return (jnp.where(better, value, best[0]), jnp.where(better, i, best[1])), None
-
-    best = nearest_in(jnp.asarray(0))  # not a constant: its type follows x's inside shard_map
-    (_, index), _ = jax.lax.scan(body, best, jnp.arange(1, num_chunks) * chunk)
-    exact = jnp.sum((x - padded[index]) ** 2, axis=1)
-    return exact, index
+        reference = self.reference.reshape(self.reference.shape[0], -1).astype(jnp.float32)
+        sq, index = knn_in_blocks(reference, x.reshape(x.shape[0], -1).astype(jnp.float32), k=1,
+                                  block=self.chunk_size)
+        return {"nn_l2": jnp.sqrt(sq[:, 0]), "nn_index": index[:, 0]}
 
 
 @_column()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import tomllib
 import types
@@ -60,6 +61,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "resize": Key(Literal["none", "center_crop"], "none",
                       "images of another size: 'none' puts them in the errors table, "
                       "'center_crop' resizes the short side (bicubic) and crops the centre"),
+        "metadata": Key(tuple[str, ...], (), "fields of each item written beside its scores "
+                                             "(labels, duplicate counts, ...): fields of the "
+                                             ".jsonl lines, Parquet columns, or 1-D arrays of "
+                                             "the .npz"),
         "options": Key(dict, {}, "options of the input's reader: key / ids_key (.npz), "
                                  "image_column / text_column / id_column (Parquet), recursive "
                                  "(folders)"),
@@ -78,7 +83,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "generate": {
         "guidance": Key(float, 7.5, "for an input of prompts alone (Stable Diffusion): the "
                                     "guidance scale of the DDIM sampler that makes each image"),
-        "num_steps": Key(int, 50, "its DDIM steps (one image per prompt)"),
+        "num_steps": Key(int, 50, "its DDIM steps"),
+        "num_images": Key(int, 1, "images per prompt, one row each (column image_index); image "
+                                  "j is StableDiffusion.sample's image j of the prompt under "
+                                  "the same seed"),
     },
     "distributed": {
         "initialize": Key(bool, False, "call jax.distributed.initialize() before anything else "
@@ -173,10 +181,23 @@ def _check_table(table: Any, spec: dict[str, tuple[Any, Any]], where: str) -> di
             out[key] = default
             continue
         value = table[key]
+        _reject_non_finite(value, f"{where} {key}")
         if not _matches(value, hint):
             raise ConfigError(f"{where}.{key} must be {_type_name(hint)}, got {value!r}")
         out[key] = tuple(value) if typing.get_origin(hint) is tuple else value
     return out
+
+
+def _reject_non_finite(value: Any, where: str) -> None:
+    """Raise on a nan or inf anywhere in ``value``: TOML allows them, no key takes one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if isinstance(value, list):
+        for element in value:
+            _reject_non_finite(element, where)
+    elif isinstance(value, dict):
+        for key, element in value.items():
+            _reject_non_finite(element, f"{where}.{key}")
 
 
 def _column_spec(name: str) -> dict[str, tuple[Any, Any]]:
@@ -258,7 +279,7 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         columns["nearest_neighbour"]["reference"] = reference
     _check_options(path, model, inputs)
     for section, key in (("output", "chunk_size"), ("run", "batch_size"), ("run", "threads"),
-                         ("generate", "num_steps")):
+                         ("generate", "num_steps"), ("generate", "num_images")):
         if sections[section][key] < 1:
             raise ConfigError(f"{path}: [{section}] {key} must be >= 1, got "
                               f"{sections[section][key]}")
@@ -280,7 +301,7 @@ def _check_options(path: Path, model: dict, inputs: dict) -> None:
     readers = (sources.ImageFolder, sources.ArrayFile, sources.TarShards, sources.ParquetTable,
                sources.PromptFile)
     accepted = {name for cls in readers for name, p in inspect.signature(cls).parameters.items()
-                if p.kind is p.KEYWORD_ONLY}
+                if p.kind is p.KEYWORD_ONLY} - {"metadata"}  # [input] metadata
     unknown = sorted(set(inputs["options"]) - accepted)
     if unknown:
         raise ConfigError(f"{path}: [input] options: unknown key(s) {', '.join(unknown)}; known: "
@@ -431,14 +452,16 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
 
     model = load_model(config)
     try:
-        source = open_source(config.input["path"], **config.input["options"])
+        metadata = {"metadata": list(config.input["metadata"])} if config.input["metadata"] else {}
+        source = open_source(config.input["path"], **config.input["options"], **metadata)
     except (TypeError, ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{config.path}: [input]: {err}") from None
     summary = score(
         model, build_columns(config), source, config.output["dir"], seed=config.run["seed"],
         batch_size=config.run["batch_size"], chunk_size=config.output["chunk_size"],
         resize=config.input["resize"], threads=config.run["threads"], dry_run=dry_run,
-        generation=Generation(float(config.generate["guidance"]), config.generate["num_steps"]),
+        generation=Generation(float(config.generate["guidance"]), config.generate["num_steps"],
+                              config.generate["num_images"]),
         console=console, record={"model_path": config.model["path"] or config.model["factory"]})
     if dry_run:
         return summary

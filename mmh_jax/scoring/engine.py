@@ -7,9 +7,10 @@ and the step is a :func:`jax.shard_map` in which each device scores its own item
 per-sample estimators; nothing is communicated between devices. The model's and the columns'
 arrays are replicated.
 
-Randomness: item ``i`` gets the key ``fold_in(fold_in(key(seed), i // 2^32), i mod 2^32)`` and
-each column folds in its name, so every value depends only on the seed, the item and the
-column: not on the number of devices or hosts, the batch size or a restart.
+Randomness: item ``i`` gets the key ``fold_in(fold_in(key(seed), i // 2^32), i mod 2^32)`` (image
+``j`` of a prompt item: that key with ``j`` folded in) and each column folds in its name, so
+every value depends only on the seed, the item and the column: not on the number of devices or
+hosts, the batch size or a restart.
 
 Hosts: with ``P`` processes (``jax.distributed.initialize`` already called), chunk ``c`` belongs
 to process ``c mod P``. Each process reads its own chunks' items through a Grain pipeline
@@ -36,6 +37,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 from jax.experimental import multihost_utils
 from jaxtyping import Array
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -54,14 +56,19 @@ from mmh_jax.scoring.sources import BadItem, Source, fit_image
 __all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 
 Resize = Literal["none", "center_crop"]
+_RESERVED = ("index", "id", "image_index")
+"""Output names the engine writes itself (``image_index``: of prompt items' images)."""
 
 
 class Generation(NamedTuple):
     """How items that are prompts alone become latents: DDIM with classifier-free guidance on
-    the model's own grid, one image per prompt, from the noise of the item's key."""
+    the model's own grid, ``num_images`` images per prompt, image ``j`` from the noise of image
+    ``j`` under the run's seed (:mod:`mmh_jax._src.noise`): ``StableDiffusion.sample``'s image
+    ``j`` of that prompt. Each image is one row of the output, its ``image_index`` ``j``."""
 
     guidance: float = 7.5
     num_steps: int = 50
+    num_images: int = 1
 
 
 class Plan(NamedTuple):
@@ -83,6 +90,8 @@ class Plan(NamedTuple):
     """Steps every process runs (the most any process needs)."""
     columns: tuple[str, ...]
     mode: Literal["images", "points", "prompts"]
+    images_per_item: int
+    """Rows per scored item: ``Generation.num_images`` for prompts, else 1."""
 
 
 class Summary(NamedTuple):
@@ -241,7 +250,8 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
             batch["hi"], batch["lo"])
         context = model.embed(batch["tokens"]) if "tokens" in batch else None
         if mode == "prompts":
-            inputs = _generate(model, base, context, generation, trajectory)
+            keys = jax.vmap(jax.random.fold_in)(keys, batch["image"])
+            inputs = _generate(model, base, batch["image"], context, generation, trajectory)
         else:
             x = batch["x"]
             images = x if mode == "images" else None
@@ -257,14 +267,12 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
     return jax.jit(sharded)
 
 
-def _generate(model: Model, base: Array, context: Array, generation: Generation,
-               trajectory: bool) -> Inputs:
-    """Latents from prompts: DDIM with guidance from image 0's noise under the run's key
-    (:mod:`mmh_jax._src.noise`, as ``StableDiffusion.sample`` and the guarded sampler draw it:
-    one prompt and seed give one image in all three)."""
-    noise = jnp.broadcast_to(image_noise(base, 0, model.shape),
-                             (context.shape[0],) + tuple(model.shape))
-    noise = jax.lax.pcast(noise, "data", to="varying")  # each device's own batch, as context
+def _generate(model: Model, base: Array, image: Array, context: Array, generation: Generation,
+              trajectory: bool) -> Inputs:
+    """Latents from prompts: DDIM with guidance, each from the noise of its image index under
+    the run's key (:mod:`mmh_jax._src.noise`, as ``StableDiffusion.sample`` and the guarded
+    sampler draw it: one prompt, image index and seed give one image in all three)."""
+    noise = jax.vmap(lambda j: image_noise(base, j, model.shape))(image)
     result = ddim_sample(model.eps_fn, noise, context, model.uncond, schedule=model.schedule,
                          guidance=generation.guidance, num_steps=generation.num_steps,
                          return_trajectory=trajectory, **dict(model.ddim_grid))
@@ -285,13 +293,16 @@ def _local_rows(out: dict, batch: int) -> dict[str, np.ndarray]:
 class _Chunk:
     start: int
     stop: int
+    per_item: int
     ids: dict[int, str] = dataclasses.field(default_factory=dict)
-    rows: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    rows: dict[tuple[int, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Values by (item index, image index)."""
     errors: dict[int, str] = dataclasses.field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        return len(self.rows) + len(self.errors) == self.stop - self.start
+        items = self.stop - self.start
+        return len(self.rows) + self.per_item * len(self.errors) == self.per_item * items
 
 
 def score(
@@ -312,7 +323,11 @@ def score(
     console: Console | None = None,
     record: dict[str, Any] | None = None,
 ) -> Summary:
-    """Score every item of ``source`` with ``columns`` and write one row per item to ``out``.
+    """Score every item of ``source`` with ``columns`` and write one row per item to ``out``
+    (per generated image, for prompts).
+
+    A row holds the item's ``index`` and ``id``, for prompts the ``image_index`` of its image,
+    the source's :attr:`~mmh_jax.scoring.Source.metadata` of the item, then the columns' values.
 
     Call it on every process of a multi-process run (after ``jax.distributed.initialize``),
     with the same arguments. A rerun into the same folder skips finished chunks.
@@ -329,7 +344,7 @@ def score(
         resize: what to do with images of another size: refuse them (``"none"``: an error row)
             or resize the short side and centre-crop (``"center_crop"``).
         generation: for an input of prompts alone: the DDIM settings that turn each prompt
-            into the latents the columns score.
+            into the latents of the ``num_images`` images the columns score.
         threads: decoding threads per process.
         prefetch: items decoded ahead (default: two local batches, and at least a group of up to
             32 items per thread).
@@ -350,9 +365,10 @@ def score(
     columns = tuple(columns)
     names = _check(model, columns, source, batch_size=batch_size, chunk_size=chunk_size,
                    threads=threads, resize=resize)
-    if isinstance(generation.num_steps, bool) or not isinstance(generation.num_steps, int) \
-            or generation.num_steps < 1:
-        raise ValueError(f"generation.num_steps must be a positive int, got {generation.num_steps!r}")
+    for field in ("num_steps", "num_images"):
+        value = getattr(generation, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"generation.{field} must be a positive int, got {value!r}")
     mesh = data_mesh() if mesh is None else mesh
     if mesh.axis_names != ("data",):
         raise ValueError(f"mesh must have the single axis 'data', got {mesh.axis_names}")
@@ -363,6 +379,7 @@ def score(
     num_items = len(source)
     num_chunks = -(-num_items // chunk_size)
     mode = _mode(source, model)
+    metadata = source.metadata
     device_columns = tuple(c for c in columns if not c.on_host)
     host_columns = tuple(c for c in columns if c.on_host)
     tokenize = model.tokenize if mode == "prompts" or any(c.needs_text for c in columns) else None
@@ -372,7 +389,8 @@ def score(
         "format": 1, "source": source.fingerprint, "num_items": num_items,
         "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
         "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
-        "names": list(names), **({"generation": generation._asdict()} if mode == "prompts" else {}),
+        "names": list(names), "metadata": list(metadata),
+        **({"generation": generation._asdict()} if mode == "prompts" else {}),
         **(record or {}),
     }
     mine = [c for c in range(num_chunks) if c % processes == me]
@@ -384,14 +402,15 @@ def score(
         done = store.done_chunks(out)
     pending = [c for c in mine if c not in done]
     indices = _Indices(pending, chunk_size, num_items)
-    local_steps = -(-len(indices) // local_batch)
+    per_item = generation.num_images if mode == "prompts" else 1
+    local_steps = -(-len(indices) * per_item // local_batch)
     steps = local_steps
     if processes > 1:
         steps = int(np.max(multihost_utils.process_allgather(np.array([local_steps]))))
     plan = Plan(num_items=num_items, num_chunks=num_chunks, chunk_size=chunk_size,
                 chunks_done=len(done), chunks_pending=len(pending), items_pending=len(indices),
                 devices=devices, processes=processes, process_index=me, global_batch=batch_size,
-                steps=steps, columns=names, mode=mode)
+                steps=steps, columns=names, mode=mode, images_per_item=per_item)
 
     trajectory = mode == "prompts" and any(getattr(c, "reads_trajectory", False) for c in columns)
     step = _make_step(mesh, seed, mode, generation, trajectory)
@@ -399,20 +418,24 @@ def score(
     batch_sharding = NamedSharding(mesh, P("data"))
     x_shape = model.shape if mode == "points" else model.image_shape
 
-    def device_batch(loaded: list[_Loaded]) -> dict:
+    def device_batch(loaded: list[tuple[_Loaded, int]]) -> dict:
         index = np.zeros(local_batch, np.int64)
-        for j, item in enumerate(loaded):
-            index[j] = item.index
+        for k, (item, _) in enumerate(loaded):
+            index[k] = item.index
         batch = {"hi": (index >> 32).astype(np.uint32), "lo": (index & 0xFFFFFFFF).astype(np.uint32)}
-        if mode != "prompts":
+        if mode == "prompts":
+            batch["image"] = np.zeros(local_batch, np.uint32)
+            for k, (_, j) in enumerate(loaded):
+                batch["image"][k] = j
+        else:
             batch["x"] = np.zeros((local_batch, *x_shape), np.float32)
-            for j, item in enumerate(loaded):
-                batch["x"][j] = item.x
+            for k, (item, _) in enumerate(loaded):
+                batch["x"][k] = item.x
         if tokenize is not None:
-            width = loaded[0].tokens.shape[0] if loaded else _token_width(model)
+            width = loaded[0][0].tokens.shape[0] if loaded else _token_width(model)
             tokens = np.zeros((local_batch, width), np.int32)
-            for j, item in enumerate(loaded):
-                tokens[j] = item.tokens
+            for k, (item, _) in enumerate(loaded):
+                tokens[k] = item.tokens
             batch["tokens"] = tokens
         return {k: jax.make_array_from_process_local_data(batch_sharding, v,
                                                           (batch_size, *v.shape[1:]))
@@ -428,12 +451,14 @@ def score(
     read = grain.MapDataset.source(indices).map(load).batch(group, batch_fn=list).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
             threads, -(-(prefetch or 2 * local_batch) // group))))
-    items = itertools.chain.from_iterable(read)
+    # One slot of the device batch per image of a good item; a bad item passes once.
+    slots = ((item, j) for item in itertools.chain.from_iterable(read)
+             for j in range(per_item if item.error is None else 1))
 
     if dry_run:
-        return _dry_run(plan, step, replicated, device_batch, items, local_batch, console)
-    return _run(plan, step, replicated, device_batch, items, local_batch, out,
-                pending, dtypes, console)
+        return _dry_run(plan, step, replicated, device_batch, slots, local_batch, console)
+    return _run(plan, step, replicated, device_batch, slots, local_batch, out,
+                pending, dtypes, metadata, console)
 
 
 def _token_width(model: Model) -> int:
@@ -461,9 +486,16 @@ def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -
     if resize not in ("none", "center_crop"):
         raise ValueError(f"resize must be 'none' or 'center_crop', got {resize!r}")
     names = tuple(n for c in columns for n in c.names)
-    reserved = {"index", "id"} & set(names)
+    reserved = set(_RESERVED) & set(names)
     if reserved or len(set(names)) != len(names):
-        raise ValueError(f"column names must be unique and not 'index' or 'id', got {list(names)}")
+        raise ValueError(f"column names must be unique and not "
+                         f"{' or '.join(map(repr, _RESERVED))}, got {list(names)}")
+    clash = sorted((set(_RESERVED) | set(names)) & set(source.metadata))
+    if clash:
+        raise ValueError(f"the input's metadata {clash} would collide with the output's "
+                         f"{'columns' if set(clash) & set(names) else 'reserved names'} "
+                         f"({', '.join(_RESERVED)}, {', '.join(names)}): choose other metadata "
+                         f"or rename them in the input")
     for column in columns:
         column.check(model)
         if column.on_host and not source.has_images:
@@ -505,10 +537,12 @@ def _progress(console: Console | None, plan: Plan) -> Progress:
                     console=console, disable=console is None, transient=False)
 
 
-def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, out: str,
-         pending: list[int], dtypes: dict[str, np.dtype], console: Console | None) -> Summary:
+def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, out: str,
+         pending: list[int], dtypes: dict[str, np.dtype], metadata: dict[str, pa.Array],
+         console: Console | None) -> Summary:
     chunk_size = plan.chunk_size
-    chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items)) for c in pending}
+    chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items),
+                        plan.images_per_item) for c in pending}
     fetched: queue.Queue = queue.Queue(maxsize=2)
     results: queue.Queue = queue.Queue()
     done_at: list[float] = []
@@ -523,16 +557,16 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
         if isinstance(result, BaseException):
             raise result
         loaded, rows = result
-        for j, item in enumerate(loaded):
-            values = {k: v[j] for k, v in rows.items()}
+        for k, (item, j) in enumerate(loaded):
+            values = {name: v[k] for name, v in rows.items()}
             values.update(item.host)
-            chunks[item.index // chunk_size].rows[item.index] = values
-        stats["scored"] += len(loaded)
+            chunks[item.index // chunk_size].rows[item.index, j] = values
+        stats["scored"] += sum(j == plan.images_per_item - 1 for _, j in loaded)
 
     def flush() -> None:
         for c in [c for c, state in chunks.items() if state.complete]:
             state = chunks.pop(c)
-            _write(out, c, state, dtypes, plan.process_index)
+            _write(out, c, state, dtypes, metadata, plan)
             stats["written"] += 1
 
     progress = _progress(console, plan)
@@ -542,7 +576,7 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
         for k in range(plan.steps):
             loaded = []
             if not exhausted:
-                loaded, bad, exhausted = _collect(items, local_batch, chunks, chunk_size)
+                loaded, bad, exhausted = _collect(slots, local_batch, chunks, chunk_size)
                 stats["bad"] += bad
             batch = device_batch(loaded)
             dispatched_at.append(time.perf_counter())
@@ -557,7 +591,7 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
             if first_done is not None and len(done_at) > 1:
                 rate = f"{(resolved - first_resolved) / (time.perf_counter() - first_done):.1f}"
             progress.update(task, completed=min(resolved, plan.items_pending), rate=rate)
-        if next(items, None) is not None:  # cannot happen: the steps were planned for them all
+        if next(slots, None) is not None:  # cannot happen: the steps were planned for them all
             raise RuntimeError("input items left after the planned steps")
         fetched.put(None)
         while (result := results.get()) is not None:
@@ -576,32 +610,40 @@ def _run(plan: Plan, step, replicated, device_batch, items, local_batch: int, ou
     return summary
 
 
-def _collect(items, local_batch: int, chunks: dict[int, _Chunk], chunk_size: int):
-    """The next ``local_batch`` good items (fewer at the end); bad items are recorded in their
-    chunks as they pass. Returns ``(items, number of bad items, input exhausted)``."""
+def _collect(slots, local_batch: int, chunks: dict[int, _Chunk], chunk_size: int):
+    """The next ``local_batch`` slots ``(good item, image index)`` (fewer at the end); bad items
+    are recorded in their chunks as they pass. Returns ``(slots, number of bad items, input
+    exhausted)``."""
     loaded, bad = [], 0
-    for item in items:
+    for item, j in slots:
         chunk = chunks[item.index // chunk_size]
         chunk.ids[item.index] = item.id
         if item.error is not None:
             chunk.errors[item.index] = item.error
             bad += 1
             continue
-        loaded.append(item)
+        loaded.append((item, j))
         if len(loaded) == local_batch:
             return loaded, bad, False
     return loaded, bad, True
 
 
-def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype], process: int) -> None:
+def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype],
+           metadata: dict[str, pa.Array], plan: Plan) -> None:
     good = sorted(state.rows)
-    values = {n: np.array([state.rows[i][n] for i in good], dtype) for n, dtype in dtypes.items()}
-    rows = store.rows_table(np.array(good, np.int64), [state.ids[i] for i in good], values)
+    index = [i for i, _ in good]
+    values = {}
+    if plan.mode == "prompts":
+        values["image_index"] = np.array([j for _, j in good], np.int32)
+    values.update({n: array.take(index) for n, array in metadata.items()})
+    values.update({n: np.array([state.rows[key][n] for key in good], dtype)
+                   for n, dtype in dtypes.items()})
+    rows = store.rows_table(np.array(index, np.int64), [state.ids[i] for i in index], values)
     bad = sorted(state.errors)
     errors = store.errors_table(bad, [state.ids[i] for i in bad], [state.errors[i] for i in bad])
     ids = [state.ids[i] for i in range(state.start, state.stop)]
     store.write_chunk(out, c, start=state.start, stop=state.stop, rows=rows, errors=errors,
-                      ids=ids, process=process)
+                      ids=ids, process=plan.process_index)
 
 
 def _summarise(plan, stats, seconds, dispatched_at, done_at, start) -> Summary:
@@ -619,10 +661,11 @@ def _summarise(plan, stats, seconds, dispatched_at, done_at, start) -> Summary:
         device_idle=idle / steady if steady > 0 else 0.0, seconds_per_step=per_step)
 
 
-def _dry_run(plan, step, replicated, device_batch, items, local_batch, console) -> Summary:
-    chunks = {c: _Chunk(c * plan.chunk_size, min((c + 1) * plan.chunk_size, plan.num_items))
+def _dry_run(plan, step, replicated, device_batch, slots, local_batch, console) -> Summary:
+    chunks = {c: _Chunk(c * plan.chunk_size, min((c + 1) * plan.chunk_size, plan.num_items),
+                        plan.images_per_item)
               for c in range(plan.num_chunks)}
-    loaded = _collect(items, local_batch, chunks, plan.chunk_size)[0] if plan.items_pending else []
+    loaded = _collect(slots, local_batch, chunks, plan.chunk_size)[0] if plan.items_pending else []
     batch = device_batch(loaded)
     start = time.perf_counter()
     jax.block_until_ready(step(*replicated, batch))

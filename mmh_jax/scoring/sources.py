@@ -12,6 +12,10 @@ names, shards in the order given), never by the file system's listing order.
 * :class:`ParquetTable`: a parquet file or folder with encoded images and/or captions.
 * :class:`PromptFile`: prompts alone, one a line (``.txt``) or as JSON lines (``.jsonl``).
 
+Chosen fields of each item (labels such as memorized or not, duplicate counts, prompt ids)
+are a source's :attr:`~Source.metadata` (the ``metadata`` argument of :class:`ArrayFile`,
+:class:`ParquetTable` and :class:`PromptFile`); the engine writes them beside the scores.
+
 :func:`open_source` picks the class from what a path is; :func:`fit_image` brings a decoded
 image to the model's size.
 
@@ -106,6 +110,12 @@ class Source(Protocol):
     @property
     def has_text(self) -> bool: ...
 
+    @property
+    def metadata(self) -> dict[str, pa.Array]:
+        """The item fields chosen to go beside each item's scores: ``{name: one value per
+        item, in source order}`` (empty when none were chosen)."""
+        ...
+
     def describe(self) -> str:
         """One line for a human."""
         ...
@@ -163,6 +173,29 @@ def _scan(root: Path, recursive: bool) -> Iterator[tuple[str, int]]:
                         pending.append(name)
                 elif entry.is_file():
                     yield name, entry.stat().st_size
+
+
+def _metadata_names(metadata: Sequence[str], kind: str) -> list[str]:
+    """The checked names of a source's ``metadata`` argument."""
+    names = None if isinstance(metadata, (str, bytes)) else list(metadata)
+    if names is None or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{kind}: argument 'metadata' must be a list of distinct non-empty names, got {metadata!r}")
+    return names
+
+
+class _Indexed:
+    """What the sources here share: the fingerprint and the metadata their constructor sets."""
+
+    _fingerprint: str
+    _metadata: dict[str, pa.Array] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def metadata(self) -> dict[str, pa.Array]:
+        return dict(self._metadata)
 
 
 def _decode(data: bytes | Path, mode: str, what: str) -> np.ndarray | str:
@@ -232,7 +265,7 @@ def _brace_parts(pattern: str, start: int) -> tuple[list[str] | None, int]:
 # ----------------------------------------------------------------------------- sources
 
 
-class ImageFolder:
+class ImageFolder(_Indexed):
     """Image files in a folder tree, sorted by relative path, with optional captions.
 
     Files ending in .png .jpg .jpeg .webp .bmp (any case) are images; the id is the
@@ -297,13 +330,7 @@ class ImageFolder:
                 return BadItem(i, key, str(e))
         return Item(i, key, image, text)
 
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def has_images(self) -> bool:
-        return True
+    has_images = True
 
     @property
     def has_text(self) -> bool:
@@ -313,7 +340,7 @@ class ImageFolder:
         return f"image folder {self._root} ({len(self):,} images, {int(self._captioned.sum()):,} captions)"
 
 
-class ArrayFile:
+class ArrayFile(_Indexed):
     """The rows of an array stored in a ``.npy`` (memory-mapped) or ``.npz`` file.
 
     Each row ``arr[i]`` (a copy) is an item's image as stored, ``uint8`` or floating, in
@@ -325,20 +352,26 @@ class ArrayFile:
             the one named ``"images"`` or ``"x"``.
         ids_key: a 1-D array of a ``.npz`` holding one id per row; without one the ids are
             the zero-padded row numbers.
+        metadata: 1-D arrays of a ``.npz`` holding one value per row (labels, duplicate
+            counts, ...): the source's :attr:`metadata`, written beside the scores.
 
     Raises:
         FileNotFoundError: no such path. ValueError: an unreadable file, an ambiguous or
-        unknown ``key``, an array that is not ``[n >= 1, ...]`` uint8/float, bad ids.
+        unknown ``key``, an array that is not ``[n >= 1, ...]`` uint8/float, bad ids or
+        metadata.
     """
 
-    def __init__(self, path: str | os.PathLike, *, key: str | None = None, ids_key: str | None = "ids"):
+    def __init__(self, path: str | os.PathLike, *, key: str | None = None, ids_key: str | None = "ids",
+                 metadata: Sequence[str] = ()):
         p = _existing(path, "ArrayFile")
         suffix = p.suffix.lower()
         if suffix not in (".npy", ".npz"):
             raise ValueError(f"ArrayFile: {p} (argument 'path') is not a .npy or .npz file")
-        if suffix == ".npy" and key is not None:
-            raise ValueError(f"ArrayFile: argument 'key' applies to .npz files, {p} is a .npy")
-        ids = None
+        metadata = _metadata_names(metadata, "ArrayFile")
+        for argument, value in (("key", key), ("metadata", metadata)):
+            if suffix == ".npy" and value:
+                raise ValueError(f"ArrayFile: argument {argument!r} applies to .npz files, {p} is a .npy")
+        ids, columns = None, {}
         with _reading(p):
             loaded = np.load(p, mmap_mode="r" if suffix == ".npy" else None, allow_pickle=False)
         if isinstance(loaded, np.ndarray) != (suffix == ".npy"):
@@ -347,10 +380,15 @@ class ArrayFile:
             array = loaded
         else:
             with loaded as npz:
-                key = self._pick_key(npz.files, key, ids_key, p)
+                key = self._pick_key(npz.files, key, {ids_key, *metadata}, p)
+                missing = [m for m in metadata if m not in npz.files]
+                if missing:
+                    raise ValueError(f"ArrayFile: {p} has no array {missing} (argument 'metadata'); "
+                                     f"arrays: {npz.files}")
                 with _reading(p):
                     array = npz[key]
                     ids = npz[ids_key] if ids_key not in (None, key) and ids_key in npz.files else None
+                    columns = {m: npz[m] for m in metadata}
         name = f"{p}" + (f"[{key!r}]" if key is not None else "")
         if array.ndim < 2 or len(array) == 0:
             raise ValueError(
@@ -363,6 +401,11 @@ class ArrayFile:
                 f"ArrayFile: ids array {ids_key!r} of {p} has shape {ids.shape}; expected ({len(array)},) "
                 f"(argument 'ids_key')"
             )
+        for m, column in columns.items():
+            if column.shape != (len(array),):
+                raise ValueError(f"ArrayFile: metadata array {m!r} of {p} has shape {column.shape}; "
+                                 f"expected ({len(array)},) (argument 'metadata')")
+        self._metadata = {m: pa.array(column) for m, column in columns.items()}
         self._path, self._key, self._array, self._ids = p, key, array, ids
         shape = "x".join(map(str, array.shape[1:]))
         self._fingerprint = _fingerprint(
@@ -370,12 +413,12 @@ class ArrayFile:
         )
 
     @staticmethod
-    def _pick_key(names: list[str], key: str | None, ids_key: str | None, p: Path) -> str:
+    def _pick_key(names: list[str], key: str | None, others: set[str | None], p: Path) -> str:
         if key is not None:
             if key not in names:
                 raise ValueError(f"ArrayFile: {p} has no array {key!r} (argument 'key'); arrays: {names}")
             return key
-        candidates = [n for n in names if n != ids_key]
+        candidates = [n for n in names if n not in others]
         if len(candidates) == 1:
             return candidates[0]
         for default in ("images", "x"):
@@ -411,17 +454,9 @@ class ArrayFile:
             return BadItem(i, key, f"row {i} of {self._path.name} contains NaN or inf")
         return Item(i, key, row, None)
 
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
+    has_images = True
 
-    @property
-    def has_images(self) -> bool:
-        return True
-
-    @property
-    def has_text(self) -> bool:
-        return False
+    has_text = False
 
     def describe(self) -> str:
         key = f"[{self._key!r}]" if self._key is not None else ""
@@ -443,7 +478,7 @@ def _id_str(value: np.generic) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-class TarShards:
+class TarShards(_Indexed):
     """Webdataset tar shards (img2dataset's output), read by random access.
 
     A sample is the members sharing a key (the member path up to the first ``.`` of its
@@ -531,13 +566,7 @@ class TarShards:
             return BadItem(i, key, str(e))
         return Item(i, key, image, text)
 
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def has_images(self) -> bool:
-        return True
+    has_images = True
 
     @property
     def has_text(self) -> bool:
@@ -623,7 +652,7 @@ def _read_at(f: io.BufferedReader, offset: int, size: int) -> bytes:
     return data
 
 
-class ParquetTable:
+class ParquetTable(_Indexed):
     """Rows of a parquet file, or of a folder of them (sorted by name).
 
     The image column holds encoded image bytes (binary) or a struct with a binary field
@@ -639,6 +668,8 @@ class ParquetTable:
         id_column: the id column (any type castable to string); without one, or for a null
             id, the id is the zero-padded row number.
         mode: ``"RGB"`` or ``"L"``.
+        metadata: other columns (labels, duplicate counts, ...), read eagerly: the source's
+            :attr:`metadata`, written beside the scores.
 
     Raises:
         FileNotFoundError: no such path. ValueError: no parquet file, an unreadable one, an
@@ -653,8 +684,10 @@ class ParquetTable:
         text_column: str | None = "caption",
         id_column: str | None = "id",
         mode: Literal["RGB", "L"] = "RGB",
+        metadata: Sequence[str] = (),
     ):
         root = _existing(path, "ParquetTable")
+        metadata = _metadata_names(metadata, "ParquetTable")
         self._mode = _check_mode(mode, "ParquetTable")
         files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
         if not files:
@@ -705,12 +738,16 @@ class ParquetTable:
                     f"ParquetTable: column {text_col!r} (argument 'text_column') has type {t}; "
                     "expected string"
                 )
+        absent = [c for c in metadata if c not in schema.names]
+        if absent:
+            raise ValueError(f"ParquetTable: {files[0]} has no column {absent} (argument 'metadata'); "
+                             f"columns: {schema.names}")
         for f, s in zip(files, schemas):
-            missing = [c for c in (image_col, text_col, id_col) if c is not None and c not in s.names]
+            missing = [c for c in (image_col, text_col, id_col, *metadata) if c is not None and c not in s.names]
             if missing:
                 raise ValueError(f"ParquetTable: {f} (under argument 'path') lacks columns {missing}")
 
-        eager = [c for c in (id_col, text_col) if c is not None]
+        eager = list(dict.fromkeys(c for c in (id_col, text_col, *metadata) if c is not None))
         group_rows, group_file, columns = [], [], {c: [] for c in eager}
         for k, f in enumerate(files):
             pf = pq.ParquetFile(f)
@@ -730,6 +767,12 @@ class ParquetTable:
                 f"ParquetTable: column {id_col!r} (argument 'id_column') is not castable to string: {e}"
             ) from e
         self._texts = None if text_col is None else _large_strings(columns[text_col])
+        try:
+            self._metadata = {c: pa.chunked_array(columns[c], schema.field(c).type).combine_chunks()
+                              for c in metadata}
+        except pa.ArrowException as e:
+            raise ValueError(f"ParquetTable: a metadata column (argument 'metadata') has another type "
+                             f"in another file under {root}: {e}") from e
         self._root, self._files, self._image_col, self._text_col = root, files, image_col, text_col
         self._group_start = np.cumsum([0, *group_rows])[:-1]
         self._group_file = group_file
@@ -789,10 +832,6 @@ class ParquetTable:
         return local.column
 
     @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
     def has_images(self) -> bool:
         return self._image_col is not None
 
@@ -813,7 +852,7 @@ def _large_strings(chunks: list[pa.Array]) -> pa.Array:
     return pa.chunked_array(chunks).cast(pa.large_string()).combine_chunks()
 
 
-class PromptFile:
+class PromptFile(_Indexed):
     """Prompts, without images: a ``.txt`` with one a line, or a ``.jsonl``.
 
     ``.txt``: each non-blank line (stripped) is a prompt. ``.jsonl``: each non-blank line is
@@ -824,17 +863,23 @@ class PromptFile:
 
     Args:
         path: the ``.txt`` or ``.jsonl`` file (UTF-8).
+        metadata: fields of the ``.jsonl`` lines (a ``"label"``, a duplicate count, ...; null
+            where a line lacks it): the source's :attr:`metadata`, written beside the scores.
 
     Raises:
         FileNotFoundError: no such path. ValueError: another suffix, not UTF-8, a malformed
-        line (``file:line``), or no prompt at all.
+        line (``file:line``), no prompt at all, or a metadata field that no line has or that
+        has values of different types.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, metadata: Sequence[str] = ()):
         p = _existing(path, "PromptFile")
         suffix = p.suffix.lower()
         if suffix not in (".txt", ".jsonl"):
             raise ValueError(f"PromptFile: {p} (argument 'path') is not a .txt or .jsonl file")
+        metadata = _metadata_names(metadata, "PromptFile")
+        if suffix == ".txt" and metadata:
+            raise ValueError(f"PromptFile: argument 'metadata' applies to .jsonl files, {p} is a .txt")
         try:
             lines = p.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError as e:
@@ -863,6 +908,15 @@ class PromptFile:
             self._fields.append(record)
         if not self._prompts:
             raise ValueError(f"PromptFile: {p} (argument 'path') holds no prompt")
+        for name in metadata:
+            values = [record.get(name) for record in self._fields]
+            if all(v is None for v in values):
+                raise ValueError(f"PromptFile: no line of {p} has a field {name!r} (argument 'metadata')")
+            try:
+                self._metadata = {**self._metadata, name: pa.array(values)}
+            except pa.ArrowException as e:
+                raise ValueError(f"PromptFile: field {name!r} of {p} (argument 'metadata') does not "
+                                 f"have one type on every line: {e}") from e
         self._path = p
         self._fingerprint = _fingerprint("prompts", p, len(self._prompts), [(p.name, p.stat().st_size)])
 
@@ -879,17 +933,8 @@ class PromptFile:
         i = _position(index, len(self._prompts))
         return Item(i, self._ids[i], None, self._prompts[i])
 
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def has_images(self) -> bool:
-        return False
-
-    @property
-    def has_text(self) -> bool:
-        return True
+    has_images = False
+    has_text = True
 
     def describe(self) -> str:
         return f"prompt file {self._path} ({len(self):,} prompts)"

@@ -110,15 +110,18 @@ def write_chunk(out: str | os.PathLike, chunk: int, *, start: int, stop: int,
         out: the run's folder (:func:`open_run`).
         chunk: the chunk's number.
         start, stop: its item range.
-        rows: the scored items, sorted by ``index`` (columns ``index``, ``id``, values).
+        rows: the scored items, sorted by ``index`` (columns ``index``, ``id``, values); with
+            an ``image_index`` column, each item's images ``0 .. m - 1`` once each.
         errors: the bad items (``index``, ``id``, ``reason``); may be empty.
         ids: every item's id, in index order (scored and bad).
         process: the writing process (recorded).
     """
     out = Path(out)
-    if rows.num_rows + errors.num_rows != stop - start or len(ids) != stop - start:
-        raise ValueError(f"chunk {chunk} has {rows.num_rows} rows and {errors.num_rows} errors "
-                         f"for {stop - start} items")
+    scored = len(set(rows["index"].to_pylist()))
+    if scored + errors.num_rows != stop - start or len(ids) != stop - start \
+            or not _one_row_per_image(rows):
+        raise ValueError(f"chunk {chunk} has {rows.num_rows} rows of {scored} items and "
+                         f"{errors.num_rows} errors for {stop - start} items")
     part = _part(out, chunk)
     with atomic_path(part) as tmp:
         pq.write_table(rows, tmp)
@@ -185,7 +188,7 @@ def merge(out: str | os.PathLike, *, allow_partial: bool = False) -> Merged:
         if bad is not None:
             got.update(zip(bad["index"].to_pylist(), bad["id"].to_pylist()))
         expected = dict(zip(range(manifest["start"], manifest["stop"]), manifest["ids"]))
-        if got != expected or table.num_rows != manifest["rows"]:
+        if got != expected or table.num_rows != manifest["rows"] or not _one_row_per_image(table):
             raise ValueError(f"chunk {chunk}: its rows and errors do not cover its items "
                              f"exactly once")
         scores.append(table)
@@ -198,6 +201,20 @@ def merge(out: str | os.PathLike, *, allow_partial: bool = False) -> Merged:
     return Merged(scores_table, errors_table, missing)
 
 
+def _one_row_per_image(rows: pa.Table) -> bool:
+    """Whether every item of ``rows`` has the same number ``m`` of rows, one for each image
+    ``0 .. m - 1`` (column ``image_index``; without it, ``m`` is 1)."""
+    index = rows["index"].to_numpy()
+    if not len(index):
+        return True
+    image = (rows["image_index"].to_numpy() if "image_index" in rows.column_names
+             else np.zeros_like(index))
+    items = len(np.unique(index))
+    per_item = len(index) // items
+    return (len(index) == per_item * items and 0 <= image.min() and image.max() < per_item
+            and np.unique(np.stack([index, image]), axis=1).shape[1] == len(index))
+
+
 def _empty_errors() -> pa.Table:
     return errors_table([], [], [])
 
@@ -208,8 +225,9 @@ def errors_table(index: list[int], ids: list[str], reasons: list[str]) -> pa.Tab
                      "reason": pa.array(reasons, pa.string())})
 
 
-def rows_table(index: np.ndarray, ids: list[str], values: dict[str, np.ndarray]) -> pa.Table:
+def rows_table(index: np.ndarray, ids: list[str], values: dict[str, np.ndarray | pa.Array]) -> pa.Table:
     """The scores table's layout: ``index`` (int64), ``id``, then one column per value."""
     columns = {"index": pa.array(np.asarray(index, np.int64)), "id": pa.array(ids, pa.string())}
-    columns.update({name: pa.array(np.asarray(v)) for name, v in values.items()})
+    columns.update({name: v if isinstance(v, pa.Array) else pa.array(np.asarray(v))
+                    for name, v in values.items()})
     return pa.table(columns)

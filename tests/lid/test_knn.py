@@ -133,3 +133,40 @@ def test_certified_search_under_jit_and_vmap(x64):
     batched = jax.vmap(lambda d: knn(d, k=5, batch_size=64, projection_dim=2))(np.stack([x, 2 * x]))
     np.testing.assert_array_equal(np.asarray(batched[1][1]), np.asarray(eager[1]))
     np.testing.assert_allclose(np.asarray(batched[0][1]), 2 * np.asarray(eager[0]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("k, block", [(1, 4), (3, 7), (3, 50), (5, 1000)])
+def test_knn_in_blocks_matches_sklearn_under_jit_and_shard_map(x64, k, block):
+    """Blocks dividing the data or not, one block, k above the last block's rows (7 leaves 1):
+    scikit-learn's neighbours; the same inside shard_map on 8 devices (queries split)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mmh_jax._src.knn import knn_in_blocks
+    from mmh_jax.scoring import data_mesh
+
+    rng = np.random.default_rng(k + block)
+    x = rng.standard_normal((50, 6))
+    queries = np.concatenate([x[:3] + 1e-9, rng.standard_normal((13, 6))])  # near-duplicates too
+    expected_index = _sklearn(x, queries, k)[1]
+    expected_d2 = np.sum((x[expected_index] - queries[:, None]) ** 2, axis=-1)  # from differences
+    d2, index = jax.jit(lambda q: knn_in_blocks(x, q, k=k, block=block))(queries)
+    np.testing.assert_array_equal(index, expected_index)
+    np.testing.assert_allclose(d2, expected_d2, rtol=1e-12)
+    assert 0 < d2[0, 0] < 1e-16
+    mesh = data_mesh()
+    sharded = jax.jit(jax.shard_map(lambda data, q: knn_in_blocks(data, q, k=k, block=block),
+                                    mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))
+    d2_sharded, index_sharded = sharded(jax.device_put(x, NamedSharding(mesh, P())),
+                                        jax.device_put(queries, NamedSharding(mesh, P("data"))))
+    np.testing.assert_array_equal(index_sharded, expected_index)
+    np.testing.assert_allclose(d2_sharded, d2, rtol=1e-12)
+
+
+def test_knn_in_blocks_argument_errors():
+    from mmh_jax._src.knn import knn_in_blocks
+
+    x = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="block"):
+        knn_in_blocks(x, x, k=1, block=0)
+    with pytest.raises(ValueError, match="k=5 is too large"):
+        knn_in_blocks(x, x, k=5, block=2)

@@ -172,8 +172,21 @@ def test_killed_runs_resume_to_exactly_one_row_per_item(tmp_path):
      "unknown section"),
     ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
      "options = {colour = 'RGB'}\n[output]\ndir = 'o'\n[columns.flipd]\n", "options: unknown key"),
+    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+     "options = {metadata = ['label']}\n[output]\ndir = 'o'\n[columns.flipd]\n",
+     "options: unknown key.*metadata"),
+    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+     "[output]\ndir = 'o'\n[generate]\nguidance = nan\n[columns.flipd]\n",
+     r"bad\.toml: \[generate\] guidance must be a finite number, got nan"),
+    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+     "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05, -inf]\n",
+     r"bad\.toml: \[columns\.flipd\] t0 must be a finite number, got -inf"),
+    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\noptions = {scale = {a = inf}}\n"
+     "[input]\npath = 'x.npy'\n[output]\ndir = 'o'\n[columns.flipd]\n",
+     r"bad\.toml: \[model\] options\.scale\.a must be a finite number, got inf"),
 ], ids=["unknown key", "wrong type", "missing input", "t0 out of range", "model without path",
-        "unknown column", "unknown section", "unknown reader option"])
+        "unknown column", "unknown section", "unknown reader option", "metadata as an option",
+        "nan", "inf in a list", "inf in a table"])
 def test_a_bad_config_fails_before_any_work(tmp_path, body, message):
     from mmh_jax.cli import main
 

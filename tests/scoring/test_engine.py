@@ -161,6 +161,69 @@ def test_a_rerun_redoes_only_missing_chunks_and_refuses_other_settings(tmp_path)
         score(model, columns, source, str(out), batch_size=8, chunk_size=4)
 
 
+def test_item_metadata_is_written_once_beside_the_scores_and_survives_a_resume(tmp_path):
+    x = toy_model.points(12)
+    x[4] = np.nan  # a bad item: in the errors table, its metadata in no row
+    memorized, duplicates = np.arange(12) % 3 == 0, np.arange(12) * 10
+    np.savez(tmp_path / "x.npz", x=x, memorized=memorized, duplicates=duplicates)
+    source = ArrayFile(tmp_path / "x.npz", metadata=["memorized", "duplicates"])
+    model, out, columns = toy_model.make(), tmp_path / "out", [Flipd(t0=0.05)]
+    score(model, columns, source, str(out), batch_size=8, chunk_size=5)
+    (out / "manifest" / "chunk-00000000.json").unlink()  # as if killed before its manifest
+    again = score(model, columns, source, str(out), batch_size=8, chunk_size=5)
+    assert (again.chunks_written, again.scored, again.errors) == (1, 4, 1)
+
+    table = merge(out).scores.to_pandas()
+    good = [i for i in range(12) if i != 4]
+    assert list(table.columns) == ["index", "id", "memorized", "duplicates", "flipd_0.05"]
+    np.testing.assert_array_equal(table["index"], good)
+    np.testing.assert_array_equal(table["memorized"], memorized[good])
+    np.testing.assert_array_equal(table["duplicates"], duplicates[good])
+    np.testing.assert_allclose(table["flipd_0.05"], toy_model.flipd_closed_form(x[good], 0.05),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(RunMismatch, match="metadata"):
+        score(model, columns, ArrayFile(tmp_path / "x.npz", metadata=["memorized"]), str(out),
+              batch_size=8, chunk_size=5)
+    for clash in ("id", "flipd_0.05", "image_index"):
+        np.savez(tmp_path / "clash.npz", x=x[:4], **{clash: np.arange(4)})
+        with pytest.raises(ValueError, match=f"metadata \\['{clash}'\\] would collide"):
+            score(model, columns, ArrayFile(tmp_path / "clash.npz", metadata=[clash]),
+                  str(tmp_path / "clash"), batch_size=8)
+    assert not (tmp_path / "clash").exists()
+
+
+def test_a_config_writes_the_metadata_it_names(tmp_path):
+    from mmh_jax.scoring.config import read_config, run
+
+    x = toy_model.points(6)
+    np.savez(tmp_path / "x.npz", x=x, label=np.array(list("abcdef")))
+    (tmp_path / "run.toml").write_text(
+        "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n"
+        "[input]\npath = 'x.npz'\nmetadata = ['label']\n[output]\ndir = 'out'\n"
+        "[run]\nbatch_size = 8\n[columns.flipd]\n")
+    run(read_config(tmp_path / "run.toml"))
+    table = pq.read_table(tmp_path / "out" / "scores.parquet")
+    assert table.column_names == ["index", "id", "label", "flipd_0.05"]
+    assert table["label"].to_pylist() == list("abcdef")
+
+
+@pytest.mark.parametrize("index, image", [([0, 0, 1, 1], [0, 0, 0, 1]), ([0, 0, 1], [0, 1, 0]),
+                                          ([0, 0, 1, 1], [0, 2, 0, 1]), ([0, 1, 1], [0, 0, 0])])
+def test_a_part_must_hold_each_image_of_each_item_once(tmp_path, index, image):
+    from mmh_jax.scoring import store
+
+    store.open_run(tmp_path, {"run": "test"})
+    ids = ["a" if i == 0 else "b" for i in index]
+    rows = store.rows_table(np.array(index), ids, {"image_index": np.array(image, np.int32)})
+    with pytest.raises(ValueError, match="rows of 2 items"):
+        store.write_chunk(tmp_path, 0, start=0, stop=2, rows=rows, ids=["a", "b"], process=0,
+                          errors=store.errors_table([], [], []))
+    good = store.rows_table(np.array([0, 0, 1, 1]), ["a", "a", "b", "b"],
+                            {"image_index": np.array([1, 0, 0, 1], np.int32)})
+    store.write_chunk(tmp_path, 0, start=0, stop=2, rows=good, ids=["a", "b"], process=0,
+                      errors=store.errors_table([], [], []))
+
+
 def test_settings_are_checked_before_any_work(tmp_path):
     x = toy_model.points(4)
     np.save(tmp_path / "x.npy", x)
@@ -212,28 +275,42 @@ def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
 
 
 def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
-    """A prompt file with Stable Diffusion: each prompt's latents are the image that
-    StableDiffusion.sample draws for it with the same seed (one noise rule for every sampler);
-    the CFG norms are read off that trajectory and equal generation_cfg_norms of it."""
+    """A prompt file with Stable Diffusion, two images per prompt: image j of each prompt is the
+    image j that StableDiffusion.sample draws for it with the same seed (one noise rule for
+    every sampler); the CFG norms are read off that trajectory and equal generation_cfg_norms
+    of it. One row per (prompt, image), with the prompt's metadata, exactly once after a
+    resume."""
     from mmh_jax.memorization import generation_cfg_norms
     from mmh_jax.scoring import Generation, PromptFile
 
     prompts = ["a cat", "the cat, the cat", "cat!"]
-    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    model = Model.from_stable_diffusion(sd)
-    summary = score(model, [CFGNorms(guidance=5.0)], PromptFile(tmp_path / "prompts.txt"),
-                    str(tmp_path / "out"), batch_size=8, mesh=data_mesh(jax.devices()[:2]),
-                    seed=2, generation=Generation(guidance=5.0, num_steps=3))
-    assert summary.plan.mode == "prompts" and summary.scored == 3
-    table = _table(tmp_path / "out")
+    lines = [{"caption": p, "memorized": i == 1} for i, p in enumerate(prompts)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    source = PromptFile(tmp_path / "prompts.jsonl", metadata=["memorized"])
+    model, out = Model.from_stable_diffusion(sd), tmp_path / "out"
+    settings = dict(batch_size=8, chunk_size=2, mesh=data_mesh(jax.devices()[:2]), seed=2,
+                    generation=Generation(guidance=5.0, num_steps=3, num_images=2))
+    summary = score(model, [CFGNorms(guidance=5.0)], source, str(out), **settings)
+    assert summary.plan.mode == "prompts" and summary.plan.images_per_item == 2
+    assert summary.scored == 3 and summary.plan.steps == 1  # 6 images in one batch of 8
+    (out / "manifest" / "chunk-00000000.json").unlink()  # as if killed before its manifest
+    again = score(model, [CFGNorms(guidance=5.0)], source, str(out), **settings)
+    assert (again.chunks_written, again.scored) == (1, 2)
+    table = _table(out)
+    np.testing.assert_array_equal(table["index"], [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(table["image_index"], [0, 1] * 3)
+    np.testing.assert_array_equal(table["memorized"], [False, False, True, True, False, False])
 
     result = sd.sample(sd.encode_prompt(prompts), key=jax.random.key(2), guidance=5.0,
-                       num_steps=3, return_trajectory=True)
+                       num_steps=3, images_per_prompt=2, return_trajectory=True)  # prompt-major
     norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=5.0)
     np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
+    assert not np.allclose(table["cfg_score_norm"][0::2], table["cfg_score_norm"][1::2], rtol=1e-3)
     with pytest.raises(ValueError, match="needs images"):
-        score(model, [PngSize()], PromptFile(tmp_path / "prompts.txt"), str(tmp_path / "x"))
+        score(model, [PngSize()], source, str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="num_images must be a positive int"):
+        score(model, [CFGNorms()], source, str(tmp_path / "x"), generation=Generation(num_images=0))
 
 
 def test_generator_jacobian_rank(tmp_path):

@@ -196,6 +196,27 @@ def test_array_file_npz_keys_and_ids(tmp_path):
         ArrayFile(tmp_path / "bad_ids.npz")
 
 
+def test_array_file_metadata_arrays(tmp_path):
+    images = _pixels(0, 4, 8, 8).reshape(4, 8, 8, 1)
+    labels, counts = np.array([True, False, False, True]), np.array([3, 1, 1, 9])
+    np.savez(tmp_path / "m.npz", images=images, label=labels, count=counts)
+    source = ArrayFile(tmp_path / "m.npz", metadata=["label", "count"])  # key: the one left
+    assert source.metadata["label"].to_pylist() == labels.tolist()
+    assert source.metadata["count"].to_pylist() == counts.tolist()
+    assert np.array_equal(source[3].image, images[3])
+    assert ArrayFile(tmp_path / "m.npz", key="images").metadata == {}
+    with pytest.raises(ValueError, match=r"no array \['colour'\] \(argument 'metadata'\)"):
+        ArrayFile(tmp_path / "m.npz", metadata=["colour"])
+    np.savez(tmp_path / "short.npz", images=images, label=labels[:3])
+    with pytest.raises(ValueError, match=r"'label'.*\(3,\); expected \(4,\) \(argument 'metadata'\)"):
+        ArrayFile(tmp_path / "short.npz", metadata=["label"])
+    np.save(tmp_path / "m.npy", images)
+    with pytest.raises(ValueError, match="argument 'metadata' applies to .npz"):
+        ArrayFile(tmp_path / "m.npy", metadata=["label"])
+    with pytest.raises(ValueError, match="argument 'metadata' must be a list"):
+        ArrayFile(tmp_path / "m.npz", metadata="label")
+
+
 def test_array_file_argument_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="argument 'path'"):
         ArrayFile(tmp_path / "missing.npy")
@@ -361,6 +382,24 @@ def test_parquet_folder_prompt_table_and_defaults(tmp_path):
     assert not only_images.has_text and [it.id for it in _read_all(only_images)] == ["0", "1", "2"]
 
 
+def test_parquet_metadata_columns(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    pq.write_table(pa.table({"caption": ["b0", "b1"], "memorized": [True, None], "n": [5, 6]}),
+                   tmp_path / "prompts" / "b.parquet")
+    pq.write_table(pa.table({"caption": ["a0"], "memorized": [False], "n": [4]}),
+                   tmp_path / "prompts" / "a.parquet")
+    source = ParquetTable(tmp_path / "prompts", metadata=["memorized", "n", "caption"])
+    assert source.metadata["memorized"].to_pylist() == [False, True, None]  # files by name
+    assert source.metadata["n"].to_pylist() == [4, 5, 6]
+    assert source.metadata["caption"].to_pylist() == [it.text for it in _read_all(source)]
+    assert ParquetTable(tmp_path / "prompts").metadata == {}
+    with pytest.raises(ValueError, match=r"no column \['label'\] \(argument 'metadata'\)"):
+        ParquetTable(tmp_path / "prompts", metadata=["label"])
+    pq.write_table(pa.table({"caption": ["c0"], "n": [7]}), tmp_path / "prompts" / "c.parquet")
+    with pytest.raises(ValueError, match=r"c\.parquet \(under argument 'path'\) lacks columns \['memorized'\]"):
+        ParquetTable(tmp_path / "prompts", metadata=["memorized"])
+
+
 def test_parquet_argument_errors(tmp_path):
     _table(tmp_path, rows=3)
     with pytest.raises(
@@ -408,6 +447,30 @@ def test_prompt_files(tmp_path):
     assert PromptFile(tmp_path / "l.jsonl").fields(0) == (2, {"caption": "a", "label": 1,
                                                               "url": "u"})
     assert PromptFile(tmp_path / "p.txt").fields(1) == (3, {})
+
+
+def test_prompt_file_metadata_fields(tmp_path):
+    lines = [{"caption": "a", "label": "memorized", "count": 3},
+             {"caption": "b", "label": "not"},
+             {"caption": "c", "count": 1, "id": "x"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    source = PromptFile(tmp_path / "m.jsonl", metadata=["label", "count", "caption"])
+    assert list(source.metadata) == ["label", "count", "caption"]
+    assert source.metadata["label"].to_pylist() == ["memorized", "not", None]
+    assert source.metadata["count"].to_pylist() == [3, None, 1]
+    assert pa.types.is_integer(source.metadata["count"].type)
+    assert source.metadata["caption"].to_pylist() == ["a", "b", "c"]
+    assert PromptFile(tmp_path / "m.jsonl").metadata == {}
+    with pytest.raises(ValueError, match="no line of .* has a field 'url' \\(argument 'metadata'\\)"):
+        PromptFile(tmp_path / "m.jsonl", metadata=["url"])
+    (tmp_path / "mixed.jsonl").write_text('{"caption": "a", "label": 1}\n{"caption": "b", "label": "x"}\n')
+    with pytest.raises(ValueError, match="field 'label' .* one type on every line"):
+        PromptFile(tmp_path / "mixed.jsonl", metadata=["label"])
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match="argument 'metadata' applies to .jsonl"):
+        PromptFile(tmp_path / "p.txt", metadata=["label"])
+    with pytest.raises(ValueError, match="distinct"):
+        PromptFile(tmp_path / "m.jsonl", metadata=["label", "label"])
 
 
 def test_prompt_file_argument_errors(tmp_path):
