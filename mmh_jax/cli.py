@@ -435,7 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return convert.run(convert.config_from_args(args))
         if args.command == "score":
-            return _score(args, parser)
+            if args.score_command is None and args.template and args.config is not None:
+                parser.error("score --template prints the template and reads no --config")
+            if args.score_command is None and not args.template and args.config is None:
+                parser.error("score needs --config FILE.toml (or --template, or the merge tool)")
+            from mmh_jax.scoring import config as scoring_config
+
+            return scoring_config.command(args)
         if args.command == "sd":
             if args.sd_command == "attribute":
                 from mmh_jax.experiments import sd_mitigation
@@ -483,78 +489,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmh-jax: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command!r}")
-
-
-def _score(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``mmh-jax score``: run a config, print a template, or merge a run."""
-    from rich.console import Console
-
-    from mmh_jax.scoring import config as scoring_config
-
-    if args.score_command == "merge":
-        try:
-            scores, errors = scoring_config.write_merged(args.dir, allow_partial=args.allow_partial)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"mmh-jax: error: {err}", file=sys.stderr)
-            return 2
-        print(f"wrote {scores} and {errors}")
-        return 0
-    if args.template:
-        print(scoring_config.template(), end="")
-        return 0
-    if args.config is None:
-        parser.error("score needs --config FILE.toml (or --template, or the merge tool)")
-    console = Console(stderr=True)
-    try:
-        config = scoring_config.read_config(args.config)
-        flags = {"process_id": args.process_id, "num_processes": args.num_processes,
-                 "coordinator_address": args.coordinator_address}
-        for key, value in flags.items():
-            if value is not None:
-                config.distributed[key] = value
-                config.distributed["initialize"] = True
-        summary = scoring_config.run(config, dry_run=args.dry_run,
-                                     console=None if args.quiet else console)
-    except scoring_config.ConfigError as err:
-        print(f"mmh-jax: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # a setting the engine refused before any work
-        print(f"mmh-jax: error: {err}", file=sys.stderr)
-        return 2
-    _print_summary(console, summary, dry_run=args.dry_run)
-    return 0
-
-
-def _print_summary(console: Any, summary: Any, *, dry_run: bool) -> None:
-    """The plan (and, after a run, what was done) as a table."""
-    from rich.table import Table
-
-    plan = summary.plan
-    table = Table(title="dry run: the plan" if dry_run else f"process {plan.process_index}: done")
-    table.add_column("")
-    table.add_column("", justify="right")
-    rows = [("items", f"{plan.num_items:,}"), ("chunks (done / all)",
-            f"{plan.chunks_done:,} / {plan.num_chunks:,} of {plan.chunk_size:,}"),
-            ("this process: chunks / items to score", f"{plan.chunks_pending:,} / {plan.items_pending:,}"),
-            ("devices / processes", f"{plan.devices} / {plan.processes}"),
-            ("global batch / steps", f"{plan.global_batch} / {plan.steps:,}"),
-            ("input", plan.mode + (f", {plan.images_per_item} images each"
-                                   if plan.images_per_item > 1 else "")),
-            ("columns", ", ".join(plan.columns)),
-            ("compilation", f"{summary.compile_seconds:.1f} s"),
-            ("seconds per step", f"{summary.seconds_per_step:.3f}")]
-    if dry_run:
-        rows.append(("estimated time", f"{plan.steps * summary.seconds_per_step / 60:.1f} min "
-                                        f"(+ compilation)"))
-    else:
-        rows += [("scored / bad items", f"{summary.scored:,} / {summary.errors:,}"),
-                 ("chunks written", f"{summary.chunks_written:,}"),
-                 ("items/s (after compilation)", f"{summary.items_per_second:.1f}"),
-                 ("device idle", f"{100 * summary.device_idle:.1f}%"),
-                 ("wall time", f"{summary.seconds:.1f} s")]
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ is loaded, initialised or computed.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import math
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -22,7 +24,8 @@ from mmh_jax._src.images import to_model_range
 from mmh_jax.scoring import columns as cols
 
 __all__ = ["ConfigError", "Config", "read_config", "template", "SECTIONS", "COLUMNS",
-           "load_model", "build_columns", "initialize_distributed"]
+           "load_model", "build_columns", "initialize_distributed", "run", "write_merged",
+           "command"]
 
 _REQUIRED = object()
 
@@ -495,3 +498,73 @@ def write_merged(out: str | os.PathLike, *, allow_partial: bool = False) -> tupl
         with atomic_path(target) as tmp:
             pq.write_table(table, tmp)
     return paths
+
+
+def command(args: argparse.Namespace) -> int:
+    """``mmh-jax score`` with parsed arguments: merge a run, print the template, or run a config
+    (its ``[distributed]`` settings overridden by the process flags) and print a summary table;
+    the exit status (2 for a config the engine refuses, with one line on stderr)."""
+    from rich.console import Console
+
+    if args.score_command == "merge":
+        try:
+            scores, errors = write_merged(args.dir, allow_partial=args.allow_partial)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"mmh-jax: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {scores} and {errors}")
+        return 0
+    if args.template:
+        print(template(), end="")
+        return 0
+    console = Console(stderr=True)
+    try:
+        config = read_config(args.config)
+        flags = {"process_id": args.process_id, "num_processes": args.num_processes,
+                 "coordinator_address": args.coordinator_address}
+        for key, value in flags.items():
+            if value is not None:
+                config.distributed[key] = value
+                config.distributed["initialize"] = True
+        summary = run(config, dry_run=args.dry_run,
+                                     console=None if args.quiet else console)
+    except ConfigError as err:
+        print(f"mmh-jax: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # a setting the engine refused before any work
+        print(f"mmh-jax: error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(console, summary, dry_run=args.dry_run)
+    return 0
+
+
+def _print_summary(console: Any, summary: Any, *, dry_run: bool) -> None:
+    """The plan (and, after a run, what was done) as a table."""
+    from rich.table import Table
+
+    plan = summary.plan
+    table = Table(title="dry run: the plan" if dry_run else f"process {plan.process_index}: done")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [("items", f"{plan.num_items:,}"), ("chunks (done / all)",
+            f"{plan.chunks_done:,} / {plan.num_chunks:,} of {plan.chunk_size:,}"),
+            ("this process: chunks / items to score", f"{plan.chunks_pending:,} / {plan.items_pending:,}"),
+            ("devices / processes", f"{plan.devices} / {plan.processes}"),
+            ("global batch / steps", f"{plan.global_batch} / {plan.steps:,}"),
+            ("input", plan.mode + (f", {plan.images_per_item} images each"
+                                   if plan.images_per_item > 1 else "")),
+            ("columns", ", ".join(plan.columns)),
+            ("compilation", f"{summary.compile_seconds:.1f} s"),
+            ("seconds per step", f"{summary.seconds_per_step:.3f}")]
+    if dry_run:
+        rows.append(("estimated time", f"{plan.steps * summary.seconds_per_step / 60:.1f} min "
+                                        f"(+ compilation)"))
+    else:
+        rows += [("scored / bad items", f"{summary.scored:,} / {summary.errors:,}"),
+                 ("chunks written", f"{summary.chunks_written:,}"),
+                 ("items/s (after compilation)", f"{summary.items_per_second:.1f}"),
+                 ("device idle", f"{100 * summary.device_idle:.1f}%"),
+                 ("wall time", f"{summary.seconds:.1f} s")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

@@ -220,6 +220,13 @@ def test_template_lists_every_key_and_dry_run_writes_nothing(tmp_path, capsys):
     shown = capsys.readouterr().err
     assert "dry run: the plan" in shown and "estimated time" in shown
     assert not (tmp_path / "dry").exists()
+    # --template with --config: refused, not silently ignored; neither: refused
+    for argv in (["score", "--template", "--config", str(tmp_path / "run.toml")], ["score"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "reads no --config" in err and "score needs --config" in err
 
 
 DEVICES_RUNNER = """\
