@@ -21,6 +21,9 @@ from rich.table import Table
 
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_display_flags,
+    add_dtype_flag,
+    check_dtype,
     finite_float,
     make_progress,
     prepare_out_dir,
@@ -32,6 +35,12 @@ from mmh_jax.experiments.mitigation_figures import (
     plot_attributions,
     plot_mitigation_grid,
     plot_tradeoff,
+)
+from mmh_jax.experiments.stable_diffusion import (
+    Item,
+    load_pipeline,
+    read_prompt_file,
+    read_reference_images,
 )
 from mmh_jax.memorization import (
     METHODS,
@@ -63,8 +72,7 @@ __all__ = [
 def _check_common(config: Any) -> None:
     require(config.num_steps >= 1, f"--num-steps must be at least 1, got {config.num_steps}")
     require(config.guidance >= 0, f"--guidance must be >= 0, got {config.guidance}")
-    require(config.dtype in ("float32", "bfloat16"),
-            f"--dtype must be float32 or bfloat16, got {config.dtype!r}")
+    check_dtype(config.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +176,8 @@ def _common_arguments(parser: argparse.ArgumentParser, d: Any) -> None:
                         help="classifier-free guidance scale (default %(default)s)")
     parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
                         help="seed of the noise and every random choice (default %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
-                        help="compute dtype of the networks (default %(default)s)")
-    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dtype_flag(parser, d.dtype, of="the networks")
+    add_display_flags(parser)
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
@@ -281,19 +287,6 @@ def mitigate_config_from_args(args: argparse.Namespace) -> MitigateConfig:
         figure=not args.no_figure)
 
 
-def _load(config: Any, console: Console):
-    import jax.numpy as jnp
-
-    from mmh_jax.models import load_stable_diffusion
-
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    with console.status(f"loading {config.model} ..."):
-        try:
-            return load_stable_diffusion(config.model, dtype=dtype)
-        except (FileNotFoundError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
-
-
 def _attribution_table(attributions: Sequence[PromptAttribution], ids: Sequence[str]) -> dict:
     columns: dict[str, list] = {name: [] for name in (
         "id", "prompt", "metric", "value", "position", "token", "word", "score", "normalized")}
@@ -340,8 +333,6 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
     """
     import jax
 
-    from mmh_jax.experiments.stable_diffusion import Item, read_prompt_file
-
     config.validate()
     items = (read_prompt_file(config.prompts) if config.prompts is not None
              else [Item("prompt", config.prompt, -1)])
@@ -351,7 +342,7 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
     console = console or Console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
-    sd = _load(config, err_console)
+    sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     load_s = time.perf_counter() - start
     attributions: list[PromptAttribution] = []
     ids: list[str] = []
@@ -472,8 +463,6 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     """
     import jax
 
-    from mmh_jax.experiments.stable_diffusion import read_prompt_file, read_reference_images
-
     config.validate()
     items = read_prompt_file(config.prompts)
     rephraser = _rephraser(config)  # a missing key fails here, before anything loads
@@ -481,7 +470,7 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     console = console or Console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
-    sd = _load(config, err_console)
+    sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     similarity, clip_scorer = _scorers(config, err_console)
     prompts = [item.caption for item in items]
     references = (read_reference_images(config.reference_images, prompts)

@@ -41,6 +41,9 @@ from mmh_jax._src.batching import padded
 from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_display_flags,
+    add_dtype_flag,
+    check_dtype,
     finite_float,
     make_progress,
     prepare_out_dir,
@@ -54,6 +57,7 @@ __all__ = [
     "DetectConfig",
     "Item",
     "METRICS",
+    "load_pipeline",
     "read_prompt_file",
     "read_image_folder",
     "read_reference_images",
@@ -108,8 +112,7 @@ class DetectConfig:
         require(self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}")
         require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
         require(0 < self.cfg_t0 <= 1, f"--cfg-t0 must lie in (0, 1], got {self.cfg_t0}")
-        require(self.dtype in ("float32", "bfloat16"),
-                f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 class Item(NamedTuple):
@@ -127,6 +130,25 @@ def _label(value: object, where: str) -> int:
     if isinstance(value, bool) or value in (0, 1):
         return int(value)
     raise DemoInputError(f"{where}: label must be true/false or 1/0, got {value!r}")
+
+
+def load_pipeline(path: Path, *, dtype: Literal["float32", "bfloat16"], console: Console):
+    """The Stable Diffusion pipeline of ``path`` computing in ``dtype``, a status line on
+    ``console`` meanwhile (the ``sd`` commands' loader).
+
+    Raises:
+        DemoInputError: no such pipeline, or one that does not load.
+    """
+    import jax.numpy as jnp
+
+    from mmh_jax.models import load_stable_diffusion
+
+    with console.status(f"loading {path} ..."):
+        try:
+            return load_stable_diffusion(path, dtype=jnp.bfloat16 if dtype == "bfloat16"
+                                         else jnp.float32)
+        except (FileNotFoundError, ValueError) as err:
+            raise DemoInputError(str(err)) from None
 
 
 def read_prompt_file(path: str | Path) -> list[Item]:
@@ -276,17 +298,8 @@ def run(config: DetectConfig, *, console: Console | None = None):
     done = _read_done(out, items)
     todo = [item for item in items if item.id not in done]
 
-    import jax.numpy as jnp
-
-    from mmh_jax.models import load_stable_diffusion
-
     start = time.perf_counter()
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    with err_console.status(f"loading {config.model} ..."):
-        try:
-            sd = load_stable_diffusion(config.model, dtype=dtype)
-        except (FileNotFoundError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
+    sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
     rows = list(done.values())
     score = _score_prompts if config.prompts is not None else _score_images
@@ -493,10 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts (or images) per compiled batch (default %(default)s)")
     parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
                         help="seed of the starting noise and the probes (default %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
-                        help="compute dtype of the networks (default %(default)s)")
-    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dtype_flag(parser, d.dtype, of="the networks")
+    add_display_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectConfig:
