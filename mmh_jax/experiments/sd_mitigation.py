@@ -1,8 +1,9 @@
 """The command-line recipes ``mmh-jax sd attribute`` and ``mmh-jax sd mitigate`` (paper,
 Section 4.2, Appendix D.2-D.5, Figures 7, 9, 10, 11): their configs and flags, and
 :func:`run_attribute` / :func:`run_mitigate`, which read a prompt file, load the model and the
-scorers, call :func:`mmh_jax.memorization.attribute_prompts` / :func:`mmh_jax.memorization.mitigate`,
-write the tables and draw the figures (:mod:`mmh_jax.experiments.mitigation_figures`).
+scorers, call :func:`mmh_jax.memorization.attribute_prompts` /
+:func:`mmh_jax.memorization.mitigate`, write the tables and draw the figures
+(:mod:`mmh_jax.experiments.mitigation_figures`).
 """
 
 from __future__ import annotations
