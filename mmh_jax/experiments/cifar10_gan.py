@@ -38,6 +38,9 @@ from rich.table import Table
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_display_flags,
+    add_dtype_flag,
+    check_dtype,
     finite_float,
     make_progress,
     prepare_out_dir,
@@ -92,8 +95,7 @@ class GanLidConfig:
         require(self.wrt in ("z", "w"), f"--wrt must be z or w, got {self.wrt!r}")
         require(self.noise_mode in ("const", "none"), f"--noise-mode must be const or none, "
                                                       f"got {self.noise_mode!r}")
-        require(self.dtype in ("float32", "bfloat16"),
-                f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 def sample_latents(indices: np.ndarray, *, seed: int, z_dim: int, c_dim: int
@@ -426,10 +428,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "exact, reconstructive, not)")
     parser.add_argument("--num-extremes", type=int, metavar="K", default=d.num_extremes,
                         help="samples per row of lid_extremes.png (default %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
-                        help="compute dtype of the generator (default %(default)s)")
-    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dtype_flag(parser, d.dtype, of="the generator")
+    add_display_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> GanLidConfig:

@@ -27,6 +27,9 @@ from mmh_jax._src.files import atomic_path
 __all__ = [
     "DemoInputError",
     "finite_float",
+    "add_dtype_flag",
+    "add_display_flags",
+    "check_dtype",
     "prepare_out_dir",
     "atomic_path",
     "write_csv",
@@ -58,6 +61,25 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DemoInputError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise DemoInputError(message)
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser, default: str, *, of: str) -> None:
+    """Add ``--dtype float32|bfloat16``, the compute dtype of ``of`` (e.g. "the networks")."""
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=default,
+                        help=f"compute dtype of {of} (default %(default)s)")
+
+
+def check_dtype(dtype: str) -> None:
+    """Raise :class:`DemoInputError` unless ``dtype`` is one of ``--dtype``'s choices."""
+    require(dtype in ("float32", "bfloat16"),
+            f"--dtype must be float32 or bfloat16, got {dtype!r}")
+
+
+def add_display_flags(parser: Any) -> None:
+    """Add ``--no-figure`` (skip the PNG figures) and ``--quiet`` (no progress bars) to a parser
+    or an argument group."""
+    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:

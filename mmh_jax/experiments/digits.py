@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmh_jax.experiments.common import (
+    add_display_flags,
     finite_float,
     make_progress,
     prepare_out_dir,
@@ -354,8 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-threshold", type=finite_float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)")
     parser.add_argument("--calibration-k", type=int, default=d.calibration_k, help="neighbours in the calibrated l2 denominator (default %(default)s)")
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)")
-    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_display_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> DigitsConfig:

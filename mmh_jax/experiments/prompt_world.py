@@ -21,7 +21,7 @@ The recipe:
    word, against choosing tokens uniformly (``attribution.parquet``);
 5. **mitigation** (Figure 7c, Appendix D): verbatim prompts rephrased at the attributed tokens
    (k = 1, 2, 4; the world's synonym table), at uniformly chosen tokens, by random token
-   addition and by embedding optimisation (:func:`mmh_jax.experiments.sd_mitigation.mitigate`
+   addition and by embedding optimisation (:func:`mmh_jax.memorization.mitigate`
    with the copy judge and the fidelity classifier as its two scorers); copy rate and fidelity
    before and after (``mitigation.parquet``);
 6. **the guarded sampler**: the CFG-norm threshold calibrated at ``target_fpr`` on a separate
@@ -48,6 +48,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mmh_jax._src.batching import padded
 from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments.common import (
     DemoInputError,
@@ -238,7 +239,6 @@ def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, c
     import jax
     import jax.numpy as jnp
 
-    from mmh_jax.experiments.stable_diffusion import _padded
     from mmh_jax.memorization import conditional_flipd, generation_cfg_norms, image_cfg_norms
     from mmh_jax.worlds.judge import judge_copies
 
@@ -253,7 +253,7 @@ def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, c
         task = bar.add_task("detection: sampling and scoring prompts", total=len(texts))
         for lo in range(0, len(texts), b):
             hi = min(lo + b, len(texts))
-            cond = jnp.asarray(_padded(np.asarray(sd.encode_prompt(texts[lo:hi])), b))
+            cond = jnp.asarray(padded(np.asarray(sd.encode_prompt(texts[lo:hi])), b))
             result = sd.sample(cond, key=key, images_per_prompt=n_img, guidance=config.guidance,
                                num_steps=config.num_steps, return_trajectory=True)
             norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=config.guidance)
@@ -263,7 +263,7 @@ def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, c
             lids = conditional_flipd(sd.eps, result.sample, conds, uncond, schedule=sd.schedule,
                                      key=probe_keys, guidance=config.guidance, t0=config.flipd_t0)
             own = np.stack(prompts.column("image")[lo:hi])
-            at_image = image_cfg_norms(sd.eps, sd.encode_image(_padded(own, b)), cond, uncond,
+            at_image = image_cfg_norms(sd.eps, sd.encode_image(padded(own, b)), cond, uncond,
                                        schedule=sd.schedule, guidance=config.guidance)
             images = _images_u8(sd, result.sample)
             keep = slice(0, (hi - lo) * n_img)
@@ -382,12 +382,16 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     """Run the demo; returns the summary (also written to ``summary.json``)."""
     import jax
 
-    from mmh_jax.experiments.sd_mitigation import attribute_prompts, mitigate
     from mmh_jax.memorization import (
+        METHODS,
+        MitigationConfig,
         SynonymRephraser,
+        attribute_prompts,
         calibrate_threshold,
         choose_tokens,
+        expected_rows,
         guarded_generate,
+        mitigate,
         selected_words,
     )
     from mmh_jax.models import load_stable_diffusion
@@ -429,18 +433,18 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     t = time.perf_counter()
     if not _stage_done(out, "mitigation", settings):
         with make_progress(console, enabled=config.progress) as bar:
+            study = MitigationConfig(
+                methods=METHODS, metrics=_METRICS, ks=config.ks, repeats=config.repeats,
+                num_images=config.mitigation_images, num_steps=config.num_steps,
+                guidance=config.guidance, batch_size=config.batch_size,
+                vocabulary=tuple(world.fresh_words))
             # generations: the original, then every (method, metric, k, repeat) row
-            total = len(verbatim) * (1 + len(config.ks) * config.repeats * (len(_METRICS) + 2)
-                                     + len(_METRICS))
+            total = len(verbatim) + expected_rows(len(verbatim), config=study)
             task = bar.add_task("mitigation: attributing and rephrasing verbatim prompts",
                                 total=total)
-            result = mitigate(
-                sd, verbatim, methods=("attribution", "uniform", "rta", "embedding"),
-                ks=config.ks, repeats=config.repeats, metric=_METRICS, key=key,
-                rephraser=rephraser, similarity=judges.copies, clip_scorer=judges.fidelity,
-                num_images=config.mitigation_images, num_steps=config.num_steps,
-                guidance=config.guidance, vocabulary=list(world.fresh_words),
-                batch_size=config.batch_size, progress=lambda n: bar.advance(task, n))
+            result = mitigate(sd, verbatim, key=key, config=study, rephraser=rephraser,
+                              similarity=judges.copies, clip_scorer=judges.fidelity,
+                              progress=lambda n: bar.advance(task, n))
         rows = {k: np.asarray([r[k] for r in result.rows]) for k in result.rows[0]}
         _stage_write(out, "mitigation", rows, settings)
         originals = {k: np.asarray([r[k] for r in result.originals])

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -36,9 +37,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mmh_jax._src.batching import padded
 from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_display_flags,
+    add_dtype_flag,
+    check_dtype,
     finite_float,
     make_progress,
     prepare_out_dir,
@@ -52,8 +57,10 @@ __all__ = [
     "DetectConfig",
     "Item",
     "METRICS",
+    "load_pipeline",
     "read_prompt_file",
     "read_image_folder",
+    "read_reference_images",
     "detection_metrics",
     "add_arguments",
     "config_from_args",
@@ -105,8 +112,7 @@ class DetectConfig:
         require(self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}")
         require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
         require(0 < self.cfg_t0 <= 1, f"--cfg-t0 must lie in (0, 1], got {self.cfg_t0}")
-        require(self.dtype in ("float32", "bfloat16"),
-                f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 class Item(NamedTuple):
@@ -124,6 +130,25 @@ def _label(value: object, where: str) -> int:
     if isinstance(value, bool) or value in (0, 1):
         return int(value)
     raise DemoInputError(f"{where}: label must be true/false or 1/0, got {value!r}")
+
+
+def load_pipeline(path: Path, *, dtype: Literal["float32", "bfloat16"], console: Console):
+    """The Stable Diffusion pipeline of ``path`` computing in ``dtype``, a status line on
+    ``console`` meanwhile (the ``sd`` commands' loader).
+
+    Raises:
+        DemoInputError: no such pipeline, or one that does not load.
+    """
+    import jax.numpy as jnp
+
+    from mmh_jax.models import load_stable_diffusion
+
+    with console.status(f"loading {path} ..."):
+        try:
+            return load_stable_diffusion(path, dtype=jnp.bfloat16 if dtype == "bfloat16"
+                                         else jnp.float32)
+        except (FileNotFoundError, ValueError) as err:
+            raise DemoInputError(str(err)) from None
 
 
 def read_prompt_file(path: str | Path) -> list[Item]:
@@ -176,22 +201,43 @@ def read_image_folder(path: str | Path) -> list[Item]:
     return items
 
 
+def _read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 ``[h, w, 3]``; an unreadable one raises :class:`DemoInputError`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DemoInputError(f"{str(path)!r} is not a readable image: {err}") from None
+
+
+def read_reference_images(folder: str | Path, prompts: Sequence[str]
+                          ) -> list[np.ndarray | None]:
+    """The memorized training images of ``prompts`` from a folder of image-caption pairs
+    (:func:`read_image_folder`), matched by caption (surrounding whitespace ignored): the
+    references of ``mmh-jax sd mitigate``.
+
+    Returns:
+        Per prompt a uint8 ``[h, w, 3]`` image, or ``None`` when no caption matches.
+
+    Raises:
+        DemoInputError: no such folder, no image, an image without a caption or unreadable.
+    """
+    by_caption: dict[str, Path] = {}
+    for item in read_image_folder(folder):
+        by_caption.setdefault(item.caption.strip(), item.image)
+    return [None if (path := by_caption.get(p.strip())) is None else _read_rgb(path)
+            for p in prompts]
+
+
 def _load_images(items: list[Item], size: int) -> np.ndarray:
     """Images as ``[b, 3, size, size]`` in ``[-1, 1]``: the short side resized to ``size``
     (bicubic), then centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
-
     from mmh_jax.scoring.sources import fit_image
 
-    out = []
-    for item in items:
-        try:
-            with Image.open(item.image) as img:
-                pixels = fit_image(np.asarray(img.convert("RGB")), size, resize="center_crop")
-        except (OSError, UnidentifiedImageError) as err:
-            raise DemoInputError(f"{str(item.image)!r} is not a readable image: {err}") from None
-        out.append(to_model_range(pixels))
-    return np.stack(out)
+    return np.stack([to_model_range(fit_image(_read_rgb(item.image), size,
+                                              resize="center_crop")) for item in items])
 
 
 def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memorized: bool,
@@ -252,17 +298,8 @@ def run(config: DetectConfig, *, console: Console | None = None):
     done = _read_done(out, items)
     todo = [item for item in items if item.id not in done]
 
-    import jax.numpy as jnp
-
-    from mmh_jax.models import load_stable_diffusion
-
     start = time.perf_counter()
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    with err_console.status(f"loading {config.model} ..."):
-        try:
-            sd = load_stable_diffusion(config.model, dtype=dtype)
-        except (FileNotFoundError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
+    sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
     rows = list(done.values())
     score = _score_prompts if config.prompts is not None else _score_images
@@ -293,11 +330,6 @@ def run(config: DetectConfig, *, console: Console | None = None):
     return rows, summary, files
 
 
-def _padded(values: np.ndarray, size: int) -> np.ndarray:
-    """Pad a batch to ``size`` by repeating its last entry (one compiled shape for all batches)."""
-    return np.concatenate([values, np.repeat(values[-1:], size - len(values), axis=0)])
-
-
 def _probe_keys(seed: int, indices: np.ndarray):
     """One FLIPD key per scored image, from its index in the input: the values do not depend on
     the batch size or on what a resumed run had already done."""
@@ -313,13 +345,13 @@ def _score_prompts(sd, batch, indices, config) -> list[dict]:
     from mmh_jax.memorization import conditional_flipd, generation_cfg_norms
 
     n, k = len(batch), config.images_per_prompt
-    ids = _padded(sd.tokenize([item.caption for item in batch]), config.batch_size)
+    ids = padded(sd.tokenize([item.caption for item in batch]), config.batch_size)
     cond = sd.encode_prompt(ids)
     result = sd.sample(cond, key=jax.random.key(config.seed), images_per_prompt=k,
                        guidance=config.guidance, num_steps=config.num_steps,
                        return_trajectory=True)
     norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=config.guidance)
-    image_index = np.repeat(_padded(np.asarray(indices), config.batch_size), k) * k + np.tile(
+    image_index = np.repeat(padded(np.asarray(indices), config.batch_size), k) * k + np.tile(
         np.arange(k), config.batch_size)
     lid = conditional_flipd(sd.eps, result.sample, jnp.repeat(cond, k, axis=0),
                             sd.uncond_embedding, schedule=sd.schedule,
@@ -342,13 +374,13 @@ def _score_images(sd, batch, indices, config) -> list[dict]:
     n = len(batch)
     _, h, w = sd.latent_shape
     images = _load_images(batch, h * sd.vae.downscale)
-    z0 = sd.encode_image(_padded(images, config.batch_size))
-    cond = sd.encode_prompt(_padded(sd.tokenize([item.caption for item in batch]),
+    z0 = sd.encode_image(padded(images, config.batch_size))
+    cond = sd.encode_prompt(padded(sd.tokenize([item.caption for item in batch]),
                                     config.batch_size))
     norms = image_cfg_norms(sd.eps, z0, cond, sd.uncond_embedding, schedule=sd.schedule,
                             guidance=config.guidance, t0=config.cfg_t0,
                             num_steps=config.euler_steps)
-    keys = _probe_keys(config.seed, _padded(np.asarray(indices), config.batch_size))
+    keys = _probe_keys(config.seed, padded(np.asarray(indices), config.batch_size))
     lid = conditional_flipd(sd.eps, z0, cond, sd.uncond_embedding, schedule=sd.schedule,
                             key=keys, guidance=config.guidance, t0=config.flipd_t0,
                             num_probes=config.num_probes)
@@ -474,10 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts (or images) per compiled batch (default %(default)s)")
     parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
                         help="seed of the starting noise and the probes (default %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
-                        help="compute dtype of the networks (default %(default)s)")
-    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dtype_flag(parser, d.dtype, of="the networks")
+    add_display_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectConfig:

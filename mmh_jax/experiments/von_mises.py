@@ -34,6 +34,7 @@ from rich.table import Table
 
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_display_flags,
     finite_float,
     make_progress,
     prepare_out_dir,
@@ -433,8 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "100 (1 - mean LID_* / d) = 60 (default %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, default=d.out, help="output folder for figure4.png, samples.csv/.parquet, training_set.csv (default ./%(default)s/)")
-    g.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_display_flags(g)
 
 
 def config_from_args(args: argparse.Namespace) -> VonMisesConfig:

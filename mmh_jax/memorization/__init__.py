@@ -1,7 +1,17 @@
 """Memorization labels from LID estimates (the manifold memorization hypothesis), the
 memorization metrics of text-conditional diffusion models, their differentiable prompt versions
-with token attributions and mitigation, and the Jacobian-rank LID of GAN samples."""
+with token attributions and mitigation (Stable Diffusion prompts: :mod:`.attribution`,
+:mod:`.mitigation`), and the Jacobian-rank LID of GAN samples."""
 
+from mmh_jax.memorization.attribution import (
+    METRICS,
+    PromptAttribution,
+    attribute_prompt,
+    attribute_prompts,
+    default_attribution_images,
+    default_attribution_steps,
+    metric_label,
+)
 from mmh_jax.memorization.classify import (
     DD_MEM,
     LABEL_NAMES,
@@ -28,6 +38,20 @@ from mmh_jax.memorization.guard import (
     flag,
     guarded_ddim_sample,
     guarded_generate,
+)
+from mmh_jax.memorization.mitigation import (
+    METHODS,
+    ClipScorer,
+    EmbeddingSettings,
+    Method,
+    MitigationConfig,
+    MitigationResult,
+    Similarity,
+    embedding_defaults,
+    expected_rows,
+    method_label,
+    mitigate,
+    summarise_mitigation,
 )
 from mmh_jax.memorization.prompt import (
     EmbeddingOptimization,
@@ -92,6 +116,25 @@ __all__ = [
     "selected_words",
     "random_token_addition",
     "clip_vocabulary_words",
+    "METRICS",
+    "PromptAttribution",
+    "attribute_prompt",
+    "attribute_prompts",
+    "default_attribution_images",
+    "default_attribution_steps",
+    "metric_label",
+    "Method",
+    "METHODS",
+    "Similarity",
+    "ClipScorer",
+    "EmbeddingSettings",
+    "MitigationConfig",
+    "MitigationResult",
+    "embedding_defaults",
+    "mitigate",
+    "method_label",
+    "expected_rows",
+    "summarise_mitigation",
     "Signal",
     "GuardedSample",
     "GuardReport",

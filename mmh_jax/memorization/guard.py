@@ -28,14 +28,14 @@ the update of :func:`mmh_jax.sampling.ddim_sample`: the sample is that sampler's
 :func:`calibrate_threshold` picks the threshold from signals of prompts known not to be
 memorized so that a chosen fraction of new non-memorized prompts is flagged (the conformal rule,
 below); :func:`flag` applies it; :func:`guarded_generate` does all of it for a list of prompts
-on a Stable Diffusion pipeline and reports per prompt and the time spent.
+on a Stable Diffusion pipeline and reports per prompt. Nothing here times itself: the sampler's
+cost against plain DDIM is measured by ``benchmarks/bench_guarded.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import TYPE_CHECKING, Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -44,7 +44,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from mmh_jax._src.batching import spans
-from mmh_jax._src.ddim import ddim_alphas, ddim_scan, ddim_update
+from mmh_jax._src.ddim import ddim_alphas, ddim_update
 from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import CondEpsFn, eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
@@ -399,17 +399,6 @@ class GuardReport(NamedTuple):
     """The threshold used."""
     higher_is_memorized: bool
     """The signal's direction."""
-    compile_seconds: float
-    """Compiling the sampler (once per batch shape)."""
-    sampling_seconds: float
-    """The first pass over all prompts, compilation excluded."""
-    resampling_seconds: float
-    """Encoding and sampling the mitigated prompts (0 if none)."""
-    plain_seconds: float | None
-    """``measure_overhead``: plain ``ddim_sample`` on the first batch, compilation excluded."""
-    overhead: float | None
-    """``measure_overhead``: the guarded sampler's time on that batch over ``plain_seconds``,
-    minus 1 (one run each: a rough figure; ``benchmarks/bench_guarded.py`` measures it)."""
 
     @property
     def flagged(self) -> np.ndarray:
@@ -431,7 +420,6 @@ def guarded_generate(
     signal_steps: int = 5,
     norm_steps: tuple[int, int] | None = None,
     batch_size: int | None = None,
-    measure_overhead: bool = False,
 ) -> GuardReport:
     """Sample every prompt with :func:`guarded_ddim_sample`, flag it, and resample the flagged
     ones with ``mitigate(prompt)``.
@@ -461,7 +449,6 @@ def guarded_generate(
         guidance, num_steps, signal_steps, norm_steps: as for :func:`guarded_ddim_sample`.
         batch_size: prompts per sampler call (default: all at once); the last batch is padded,
             so one compiled program serves every call.
-        measure_overhead: also time plain ``ddim_sample`` on the first batch.
 
     Returns:
         :class:`GuardReport`.
@@ -520,45 +507,22 @@ def guarded_generate(
             cond = jnp.concatenate([cond, jnp.repeat(cond[-1:], pad, axis=0)])
         return jnp.repeat(cond, m, axis=0)
 
-    t0 = time.perf_counter()
-    first_cond = embed(prompts[:batch])
-    # compiled ahead of time to keep compilation out of the timings (jit shares the program)
-    compiled = _guarded.lower(sd.eps, noise, first_cond, uncond, g, steps, sd.schedule, probes,
-                              window, **statics).compile()
-    compile_seconds = time.perf_counter() - t0
-
-    def run(texts: list[str], cond: Array | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-        """Latents ``[len(texts) * m, ...]``, per-prompt signals and the sampling seconds."""
-        latents, signals, seconds = [], [], 0.0
+    def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Latents ``[len(texts) * m, ...]`` and per-prompt signals."""
+        latents, signals = [], []
         for lo, hi in spans(len(texts), batch):
-            c = embed(texts[lo:hi]) if cond is None or lo else cond
-            start = time.perf_counter()
-            out = jax.block_until_ready(compiled(sd.eps, noise, c, uncond, g, steps, sd.schedule,
-                                                 probes, window))
-            seconds += time.perf_counter() - start
+            out = _guarded(sd.eps, noise, embed(texts[lo:hi]), uncond, g, steps, sd.schedule,
+                           probes, window, **statics)
             k = (hi - lo) * m
             latents.append(np.asarray(out.sample[:k]))
             signals.append(np.asarray(out.signal[:k]).reshape(hi - lo, m).mean(axis=1))
-        return np.concatenate(latents), np.concatenate(signals), seconds
+        return np.concatenate(latents), np.concatenate(signals)
 
-    latents, signals, sampling_seconds = run(prompts, first_cond)
+    latents, signals = run(prompts)
     if not np.all(np.isfinite(signals)):
         bad = [prompts[i] for i in np.flatnonzero(~np.isfinite(signals))[:3]]
         raise FloatingPointError(f"the sampler gave non-finite signals (e.g. for {bad})")
     flagged = flag(signals, threshold, higher_is_memorized=higher)
-
-    plain_seconds = overhead = None
-    if measure_overhead:
-        plain = ddim_scan.lower(sd.eps, noise, first_cond, uncond, g, steps, sd.schedule,
-                            num_steps=num_steps, set_alpha_to_one=grid["set_alpha_to_one"],
-                            return_trajectory=False).compile()
-        start = time.perf_counter()
-        jax.block_until_ready(plain(sd.eps, noise, first_cond, uncond, g, steps, sd.schedule))
-        plain_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(sd.eps, noise, first_cond, uncond, g, steps, sd.schedule,
-                                       probes, window))
-        overhead = (time.perf_counter() - start) / plain_seconds - 1
 
     final_prompts, errors = list(prompts), [None] * p
     redo = []
@@ -574,11 +538,8 @@ def guarded_generate(
             final_prompts[i] = new
             redo.append(int(i))
     final_latents, final_signals = latents.copy(), signals.copy()
-    resampling_seconds = 0.0
     if redo:
-        start = time.perf_counter()
-        new_latents, new_signals, _ = run([final_prompts[i] for i in redo])
-        resampling_seconds = time.perf_counter() - start
+        new_latents, new_signals = run([final_prompts[i] for i in redo])
         for j, i in enumerate(redo):
             final_latents[i * m:(i + 1) * m] = new_latents[j * m:(j + 1) * m]
             final_signals[i] = new_signals[j]
@@ -586,6 +547,4 @@ def guarded_generate(
     outcomes = [PromptOutcome(prompts[i], float(signals[i]), bool(flagged[i]), final_prompts[i],
                               i in redo, float(final_signals[i]), bool(final_flagged[i]),
                               errors[i]) for i in range(p)]
-    return GuardReport(outcomes, final_latents, latents, signal, float(threshold), higher,
-                       compile_seconds, sampling_seconds, resampling_seconds, plain_seconds,
-                       overhead)
+    return GuardReport(outcomes, final_latents, latents, signal, float(threshold), higher)

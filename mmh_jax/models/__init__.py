@@ -13,7 +13,7 @@ from mmh_jax.models.stable_diffusion import (
     save_stable_diffusion_folder,
     stable_diffusion_components,
 )
-from mmh_jax.models.sscd import SSCD, load_sscd, save_sscd, sscd_preprocess
+from mmh_jax.models.sscd import SSCD, load_sscd, save_sscd, sscd_preprocess, sscd_similarity
 from mmh_jax.models.stylegan2 import StyleGAN2Generator, load_stylegan2, save_stylegan2
 from mmh_jax.models.toy import (
     ConvEpsNet,
@@ -57,6 +57,7 @@ __all__ = [
     "save_stylegan2",
     "save_unet2d",
     "sscd_preprocess",
+    "sscd_similarity",
     "stable_diffusion_components",
     "time_features",
 ]

@@ -36,7 +36,8 @@ from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.sscd import convert_sscd, sscd_abstract_params
 from mmh_jax.convert.torchscript import is_torchscript_archive, read_torchscript_archive
 
-__all__ = ["SSCD", "PretrainedSSCD", "sscd_preprocess", "load_sscd", "save_sscd"]
+__all__ = ["SSCD", "PretrainedSSCD", "sscd_preprocess", "sscd_similarity", "load_sscd",
+           "save_sscd"]
 
 Arch = Literal["resnet50", "resnext101_32x4d"]
 #: arch -> (bottlenecks per stage, groups of the 3x3 convolutions, width per group)
@@ -311,6 +312,41 @@ def load_sscd(path: str | os.PathLike, *, arch: Arch = "resnext101_32x4d",
     module = SSCD(arch=arch, embedding_dim=embedding_dim, dtype=dtype)
     params = jax.tree.map(jnp.asarray, convert_sscd(state_dict, module, source=source))
     return PretrainedSSCD(module, params, _embed_fn(module, params))
+
+
+def sscd_similarity(model: PretrainedSSCD, images_a: ArrayLike, images_b: ArrayLike, *,
+                    mode: PreprocessMode = "memorization", batch_size: int = 32
+                    ) -> np.ndarray:
+    """The memorization papers' image similarity: the inner product of the SSCD descriptors of
+    image ``i`` of two batches (Pizzi et al. 2022; Somepalli et al. count a copy above 0.5).
+    ``Partial(sscd_similarity, model)`` is the ``similarity`` scorer of
+    :func:`mmh_jax.memorization.mitigate`.
+
+    Args:
+        model: from :func:`load_sscd`.
+        images_a, images_b: ``[b, h, w, 3]`` batches as :func:`sscd_preprocess` takes them
+            (each batch of one size; the two may differ).
+        mode: the preprocessing (:func:`sscd_preprocess`; ``"memorization"``: resize 256,
+            centre crop 224, as Somepalli et al. and Wen et al.).
+        batch_size: images per SSCD call.
+
+    Returns:
+        float64 ``[b]``: ``<embed(a_i), embed(b_i)>``.
+
+    Raises:
+        ValueError: batches of different lengths.
+    """
+    if len(images_a) != len(images_b):
+        raise ValueError(f"sscd_similarity pairs image i of two batches: got {len(images_a)} "
+                         f"and {len(images_b)} images")
+
+    def embed(images: ArrayLike) -> np.ndarray:
+        x = np.asarray(images)
+        return np.concatenate([np.asarray(model.embed(sscd_preprocess(x[i:i + batch_size],
+                                                                      mode=mode)))
+                               for i in range(0, len(x), batch_size)]).astype(np.float64)
+
+    return np.sum(embed(images_a) * embed(images_b), axis=-1)
 
 
 def save_sscd(path: str | os.PathLike, model: PretrainedSSCD) -> Path:

@@ -222,13 +222,11 @@ def test_guarded_generate_resamples_flagged_prompts(sd):
         return prompt + " the"
 
     report = guarded_generate(sd, prompts, key=key, threshold=threshold, mitigate=mitigate,
-                              measure_overhead=True, **kwargs)
+                              **kwargs)
     np.testing.assert_array_equal(report.flagged, flagged)
     np.testing.assert_allclose([o.signal for o in report.outcomes], signals, rtol=1e-6)
     np.testing.assert_allclose(report.initial_latents, first.latents, rtol=1e-6, atol=1e-6)
     assert report.signal == "cfg_norm" and report.higher_is_memorized
-    assert report.sampling_seconds > 0 and report.plain_seconds > 0
-    assert report.overhead is not None and report.resampling_seconds > 0
     resampled = [o for o in report.outcomes if o.resampled]
     assert len(resampled) == 2
     again = sd.sample(sd.encode_prompt([o.final_prompt for o in resampled]), key=key,

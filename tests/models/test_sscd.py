@@ -25,7 +25,14 @@ F = torch.nn.functional
 from mmh_jax.convert import ConversionError, UnsafePickleError  # noqa: E402
 from mmh_jax.convert.sscd import convert_sscd  # noqa: E402
 from mmh_jax.convert.torchscript import read_torchscript_archive  # noqa: E402
-from mmh_jax.models import SSCD, load_sscd, save_sscd, sscd_preprocess  # noqa: E402
+from mmh_jax.models import (  # noqa: E402
+    SSCD,
+    load_sscd,
+    save_sscd,
+    sscd_preprocess,
+    sscd_similarity,
+)
+from mmh_jax.models.sscd import PretrainedSSCD  # noqa: E402
 
 
 class _RefBottleneck(nn.Module):
@@ -262,6 +269,27 @@ def test_preprocess_memorization_values():
     out = np.asarray(sscd_preprocess(img, mode="memorization"))
     want = (img[:, 16:240, 38:262].astype(np.float32) / 255 - 0.5) / 0.5
     np.testing.assert_allclose(out, want.transpose(0, 3, 1, 2), atol=1e-6)
+
+
+def test_similarity_is_the_inner_product_of_descriptors():
+    """On a stand-in descriptor (the normalised mean colour of the preprocessed image): image
+    i of one batch against image i of the other, in SSCD calls of ``batch_size`` images."""
+    def embed(x):
+        v = jnp.mean(x, axis=(2, 3)) + 2.0
+        return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+    model = PretrainedSSCD(None, None, embed)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (5, 300, 260, 3), dtype=np.uint8)  # another size
+    want = np.sum(np.asarray(embed(sscd_preprocess(a))) * np.asarray(embed(sscd_preprocess(b))),
+                  axis=-1)
+    got = sscd_similarity(model, a, b, batch_size=2)
+    assert got.dtype == np.float64 and got.shape == (5,)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(sscd_similarity(model, a, a), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="pairs image i"):
+        sscd_similarity(model, a, b[:3])
 
 
 def test_preprocess_sscd_modes():
