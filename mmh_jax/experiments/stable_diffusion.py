@@ -16,11 +16,13 @@ Inputs:
 * a folder of pairs ``KEY.png|jpg|jpeg|webp`` + ``KEY.txt`` (the caption), with an optional
   ``KEY.json`` holding ``{"label": ...}`` (img2dataset writes such folders).
 
-Outputs in ``--out``: ``results.parquet`` and ``results.csv`` (one row per prompt or image; both
-rewritten atomically after every batch, so an interrupted run resumes where it stopped, prompt by
-prompt), ``histograms.png`` (density histograms of every metric by label, Figure 6),
-``cfg_scatter.png`` (CFG-adjusted score norm against CFG vector norm, Figure 3) and, with labels,
-the AUROC and TPR at 1% FPR of every metric in the summary and ``detection.csv``.
+Outputs in ``--out``: ``scores/`` (the run of :func:`mmh_jax.scoring.score`: one row per
+generated or given image, sharded over the devices, written exactly once, so an interrupted run
+resumes where it stopped; ``mmh-jax score merge`` reads it), ``results.parquet`` and
+``results.csv`` (one row per prompt or image: the means over its images), ``histograms.png``
+(density histograms of every metric by label, Figure 6), ``cfg_scatter.png`` (CFG-adjusted score
+norm against CFG vector norm, Figure 3) and, with labels, the AUROC and TPR at 1% FPR of every
+metric in the summary and ``detection.csv``.
 """
 
 from __future__ import annotations
@@ -37,15 +39,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax._src.batching import padded
-from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
     check_dtype,
     finite_float,
-    make_progress,
     prepare_out_dir,
     require,
     save_figure,
@@ -67,7 +66,7 @@ __all__ = [
     "run",
 ]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # ImageFolder's
 
 #: (column, description, larger means memorized)
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -231,15 +230,6 @@ def read_reference_images(folder: str | Path, prompts: Sequence[str]
             for p in prompts]
 
 
-def _load_images(items: list[Item], size: int) -> np.ndarray:
-    """Images as ``[b, 3, size, size]`` in ``[-1, 1]``: the short side resized to ``size``
-    (bicubic), then centre-cropped."""
-    from mmh_jax.scoring.sources import fit_image
-
-    return np.stack([to_model_range(fit_image(_read_rgb(item.image), size,
-                                              resize="center_crop")) for item in items])
-
-
 def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memorized: bool,
                       fpr: float = 0.01) -> tuple[float, float]:
     """AUROC and TPR at ``fpr`` false-positive rate of a score for the label "memorized"
@@ -255,28 +245,6 @@ def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memor
             tpr_at_fpr(scores, labels, fpr, higher_is_positive=higher_is_memorized))
 
 
-def _read_done(out: Path, items: list[Item]) -> dict[str, dict]:
-    """Rows of a previous run in ``out`` (for resuming), checked against the input."""
-    path = out / "results.parquet"
-    if not path.is_file():
-        return {}
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several kinds
-        raise DemoInputError(f"{str(path)!r} exists but is not readable ({err}); remove it or "
-                             "choose another --out") from None
-    captions = {item.id: item.caption for item in items}
-    done = {}
-    for row in rows:
-        if captions.get(row.get("id")) != row.get("caption"):
-            raise DemoInputError(f"{str(path)!r} holds results of other inputs (row "
-                                 f"{row.get('id')!r}); choose another --out")
-        done[row["id"]] = row
-    return done
-
-
 def _write_results(rows: list[dict], out: Path) -> list[Path]:
     table = {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
     return [write_parquet(table, out / "results.parquet"), write_csv(table, out / "results.csv")]
@@ -285,39 +253,54 @@ def _write_results(rows: list[dict], out: Path) -> list[Path]:
 def run(config: DetectConfig, *, console: Console | None = None):
     """Score every prompt or image-caption pair; returns ``(rows, summary, files)``.
 
+    A recipe over :func:`mmh_jax.scoring.score`: the per-image rows go to ``OUT/scores/``
+    (sharded over the devices, written exactly once, resumed after an interruption); the
+    per-item means, tables, figures and detection metrics are then read from its Parquet.
+
     Raises:
         DemoInputError: bad settings or input (naming the file and line), an unwritable output
-            folder.
+            folder, or one that holds a run of other inputs or settings.
     """
+    import jax
+
+    from mmh_jax import scoring
+
     config.validate()
-    items = (read_prompt_file(config.prompts) if config.prompts is not None
-             else read_image_folder(config.images))
+    prompts = config.prompts is not None
+    items = read_prompt_file(config.prompts) if prompts else read_image_folder(config.images)
     out = prepare_out_dir(config.out)
     console = console or Console()
     err_console = Console(stderr=True)
-    done = _read_done(out, items)
-    todo = [item for item in items if item.id not in done]
-
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
-    rows = list(done.values())
-    score = _score_prompts if config.prompts is not None else _score_images
+    source = (scoring.PromptFile(config.prompts) if prompts
+              else scoring.ImageFolder(config.images, recursive=False))
+    flipd = dict(t0=config.flipd_t0, num_probes=config.num_probes)
+    columns = [scoring.CFGNorms(guidance=config.guidance, t0=config.cfg_t0,
+                                num_steps=config.euler_steps),
+               scoring.Flipd(**flipd),
+               scoring.Flipd(**flipd, conditional=True, guidance=config.guidance)]
+    per_item = config.images_per_prompt if prompts else 1
+    # the engine's batch is of images, shared by every device: rounded up to a multiple of them
+    batch = -(-config.batch_size * per_item // jax.device_count()) * jax.device_count()
     start = time.perf_counter()
-    with make_progress(err_console, enabled=config.progress) as progress:
-        what = "prompts" if config.prompts is not None else "images"
-        task = progress.add_task(f"scoring {what}", total=len(items), completed=len(done))
-        order = {item.id: i for i, item in enumerate(items)}
-        for first in range(0, len(todo), config.batch_size):
-            batch = todo[first:first + config.batch_size]
-            rows.extend(score(sd, batch, [order[item.id] for item in batch], config))
-            rows.sort(key=lambda row: order[row["id"]])
-            files = _write_results(rows, out)
-            progress.advance(task, len(batch))
+    try:
+        done = scoring.score(
+            scoring.Model.from_stable_diffusion(sd), columns, source, str(out / "scores"),
+            seed=config.seed, batch_size=batch, resize="center_crop",
+            generation=scoring.Generation(guidance=config.guidance, num_steps=config.num_steps,
+                                          num_images=per_item),
+            console=err_console if config.progress else None)
+    except scoring.RunMismatch as err:
+        raise DemoInputError(f"{str(out / 'scores')!r} holds results of other inputs or "
+                             f"settings ({err}); choose another --out") from None
     timings["score_s"] = time.perf_counter() - start
-    if not todo:  # everything was resumed: the table on disk is complete
-        files = [out / "results.parquet", out / "results.csv"]
-    summary = _summarise(rows, timings, len(todo))
+    merged = scoring.merge(out / "scores")
+    rows = _item_rows(merged.scores, items, columns)
+    bad = merged.errors.to_pylist()
+    files = _write_results(rows, out)
+    summary = _summarise(rows, timings, done.scored)
     if config.figure and rows:
         files.append(save_figure(_histograms(rows), out / "histograms.png"))
         files.append(save_figure(_scatter(rows), out / "cfg_scatter.png"))
@@ -327,68 +310,28 @@ def run(config: DetectConfig, *, console: Console | None = None):
                "tpr_at_1pct_fpr": [v[1] for v in summary["detection"].values()]}
         files.append(write_csv(det, out / "detection.csv"))
     _print_summary(console, summary, config, files)
+    for row in bad:
+        err_console.print(f"not scored: {row['id']!r}: {row['error']}")
     return rows, summary, files
 
 
-def _probe_keys(seed: int, indices: np.ndarray):
-    """One FLIPD key per scored image, from its index in the input: the values do not depend on
-    the batch size or on what a resumed run had already done."""
-    import jax
-
-    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed + 1), i))(indices)
-
-
-def _score_prompts(sd, batch, indices, config) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
-
-    from mmh_jax.memorization import conditional_flipd, generation_cfg_norms
-
-    n, k = len(batch), config.images_per_prompt
-    ids = padded(sd.tokenize([item.caption for item in batch]), config.batch_size)
-    cond = sd.encode_prompt(ids)
-    result = sd.sample(cond, key=jax.random.key(config.seed), images_per_prompt=k,
-                       guidance=config.guidance, num_steps=config.num_steps,
-                       return_trajectory=True)
-    norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=config.guidance)
-    image_index = np.repeat(padded(np.asarray(indices), config.batch_size), k) * k + np.tile(
-        np.arange(k), config.batch_size)
-    lid = conditional_flipd(sd.eps, result.sample, jnp.repeat(cond, k, axis=0),
-                            sd.uncond_embedding, schedule=sd.schedule,
-                            key=_probe_keys(config.seed, image_index),
-                            guidance=config.guidance, t0=config.flipd_t0,
-                            num_probes=config.num_probes)
-    per_prompt = {name: np.asarray(values, np.float64).reshape(config.batch_size, k).mean(1)
-                  for name, values in (("cfg_vector_norm", norms.cfg_vector),
-                                       ("cfg_score_norm", norms.cfg_score),
-                                       ("flipd_uncond", lid.unconditional),
-                                       ("flipd_cond", lid.conditional))}
-    return [dict(id=item.id, caption=item.caption, label=item.label,
-                 **{name: float(per_prompt[name][i]) for name in per_prompt})
-            for i, item in enumerate(batch[:n])]
-
-
-def _score_images(sd, batch, indices, config) -> list[dict]:
-    from mmh_jax.memorization import conditional_flipd, image_cfg_norms
-
-    n = len(batch)
-    _, h, w = sd.latent_shape
-    images = _load_images(batch, h * sd.vae.downscale)
-    z0 = sd.encode_image(padded(images, config.batch_size))
-    cond = sd.encode_prompt(padded(sd.tokenize([item.caption for item in batch]),
-                                    config.batch_size))
-    norms = image_cfg_norms(sd.eps, z0, cond, sd.uncond_embedding, schedule=sd.schedule,
-                            guidance=config.guidance, t0=config.cfg_t0,
-                            num_steps=config.euler_steps)
-    keys = _probe_keys(config.seed, padded(np.asarray(indices), config.batch_size))
-    lid = conditional_flipd(sd.eps, z0, cond, sd.uncond_embedding, schedule=sd.schedule,
-                            key=keys, guidance=config.guidance, t0=config.flipd_t0,
-                            num_probes=config.num_probes)
-    values = {"cfg_vector_norm": norms.cfg_vector, "cfg_score_norm": norms.cfg_score,
-              "flipd_uncond": lid.unconditional, "flipd_cond": lid.conditional}
-    return [dict(id=item.id, caption=item.caption, label=item.label,
-                 **{name: float(v[i]) for name, v in values.items()})
-            for i, item in enumerate(batch[:n])]
+def _item_rows(scores, items: list[Item], columns: list) -> list[dict]:
+    """One row per scored item: its id, caption and label and the mean of every metric over
+    the item's images (the engine's ``scores`` table has a row per image)."""
+    cfg, flipd, flipd_cond = (c.names for c in columns)
+    names = dict(zip(("cfg_vector_norm", "cfg_score_norm"), cfg))
+    names.update(flipd_uncond=flipd[0], flipd_cond=flipd_cond[0])
+    index = scores["index"].to_numpy()
+    ids = scores["id"].to_numpy(zero_copy_only=False)
+    if any(ids[i] != items[j].id for i, j in enumerate(index)):  # the same reader on both sides
+        raise RuntimeError("the scoring run's item ids differ from the input's")
+    scored = np.unique(index)
+    counts = np.bincount(index)[scored]
+    means = {name: np.bincount(index, weights=scores[column].to_numpy().astype(np.float64))[scored]
+             / counts for name, column in names.items()}
+    return [dict(id=items[j].id, caption=items[j].caption, label=items[j].label,
+                 **{name: float(means[name][k]) for name in names})
+            for k, j in enumerate(scored)]
 
 
 def _summarise(rows: list[dict], timings: dict, scored: int) -> dict:
@@ -503,7 +446,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--images: Euler steps of the PF-ODE to --cfg-t0 (default "
                         "%(default)s)")
     parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
-                        help="prompts (or images) per compiled batch (default %(default)s)")
+                        help="prompts (or images) per compiled batch, its images rounded up to a "
+                        "multiple of the devices (default %(default)s)")
     parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
                         help="seed of the starting noise and the probes (default %(default)s)")
     add_dtype_flag(parser, d.dtype, of="the networks")

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from mmh_jax.cli import main
 from mmh_jax.experiments.stable_diffusion import detection_metrics
+from mmh_jax.scoring import merge
 
 PROMPTS = [("a cat, the cat", True), ("the fox", False), ("a tea cat", True), ("the sea", False),
            ("cats at the sea", False)]
@@ -51,23 +52,30 @@ def test_prompt_file_gives_table_figures_and_detection(detected):
     assert row["auroc"] == pytest.approx(roc_auc_score(labels, -table["flipd_cond"]))
 
 
-def test_resuming_scores_only_new_prompts_with_the_same_values(detected, sd_folder):
-    folder, root, _ = detected
+def test_a_rerun_resumes_and_values_do_not_depend_on_batch_or_input_length(detected, sd_folder,
+                                                                        capsys):
+    folder, root, prompts = detected
     before = pd.read_parquet(root / "out/results.parquet")
-    longer = _write_jsonl(root / "prompts.jsonl", PROMPTS)  # one prompt more, same first lines
-    mtime = (root / "out/results.parquet").stat().st_mtime_ns
-    assert main(["sd", "detect", str(folder), "--prompts", str(longer), "-o", str(root / "out"),
+    # the same input again: the engine's finished chunks are reused, nothing is scored anew
+    assert main(["sd", "detect", str(folder), "--prompts", str(prompts), "-o", str(root / "out"),
                  *FAST, "--no-figure"]) == 0
-    after = pd.read_parquet(root / "out/results.parquet")
-    assert (root / "out/results.parquet").stat().st_mtime_ns != mtime
-    pd.testing.assert_frame_equal(after.iloc[:4], before)
-    # a fresh run, one prompt per batch, gives the same numbers: nothing depends on the batch
+    assert "scored 0 now (4 resumed)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(root / "out/results.parquet"), before)
+    # one prompt more, three per batch, a fresh folder: the first four prompts' numbers agree
+    longer = _write_jsonl(root / "longer.jsonl", PROMPTS)
     fresh = root / "fresh"
     assert main(["sd", "detect", str(folder), "--prompts", str(longer), "-o", str(fresh),
                  *FAST[:-3], "--batch-size", "3", "--quiet", "--no-figure"]) == 0
     again = pd.read_parquet(fresh / "results.parquet")
     numbers = ["cfg_vector_norm", "cfg_score_norm", "flipd_uncond", "flipd_cond"]
-    np.testing.assert_allclose(again[numbers], after[numbers], rtol=1e-3)
+    assert len(again) == 5
+    np.testing.assert_allclose(again[numbers].iloc[:4], before[numbers], rtol=1e-3)
+    # the engine's per-image rows are the source of the per-prompt means
+    images = merge(fresh / "scores").scores.to_pandas()
+    assert sorted(set(zip(images["index"], images["image_index"]))) == [
+        (i, j) for i in range(5) for j in range(2)]
+    np.testing.assert_allclose(images.groupby("index")["cfg_vector_norm"].mean(),
+                               again["cfg_vector_norm"], rtol=1e-6)
 
 
 def test_other_inputs_in_the_output_folder_are_refused(detected, tmp_path, capsys):
