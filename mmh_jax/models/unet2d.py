@@ -21,13 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models._config import config_kwargs, module_config, unsupported
-from mmh_jax.models.diffusers_blocks import (
-    Downsample2D,
-    ResnetBlock2D,
-    SpatialAttention,
-    TimestepMLP,
-    Upsample2D,
-)
+from mmh_jax.models.diffusers_blocks import SpatialAttention, TimestepMLP, UNetBlock, UNetMidBlock
 from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
 
 __all__ = ["DDPM_CIFAR10_CONFIG", "UNet2D"]
@@ -54,71 +48,6 @@ _BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 _MUST_BE_NONE = ("class_embed_type", "num_class_embeds")
 # Read by diffusers only for time_embedding_type="learned", which this port rejects.
 _UNUSED = ("num_train_timesteps",)
-
-
-class _Block(nn.Module):
-    """A down block (``DownBlock2D``/``AttnDownBlock2D``) or an up block (``UpBlock2D``/
-    ``AttnUpBlock2D``): resnets, each optionally followed by attention, then a resampler."""
-
-    channels: int
-    num_layers: int
-    attention: bool
-    head_dim: int
-    resample: bool
-    groups: int
-    eps: float
-    scale_shift: bool
-    dtype: Any
-    param_dtype: Any
-    downsample_padding: int | None = None  # None: an up block
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array, skips: list[Array] | None = None
-                 ) -> tuple[Array, list[Array]]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        outputs = []
-        for j in range(self.num_layers):
-            if skips is not None:
-                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
-                             name=f"resnets_{j}", **kw)(x, emb)
-            if self.attention:
-                x = SpatialAttention(self.head_dim, self.groups, self.eps, name=f"attentions_{j}",
-                               **kw)(x)
-            outputs.append(x)
-        if self.resample and self.downsample_padding is not None:
-            x = Downsample2D(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
-            outputs.append(x)
-        elif self.resample:
-            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
-        return x, outputs
-
-
-class _MidBlock(nn.Module):
-    """diffusers' ``UNetMidBlock2D``: resnet, optional attention, resnet."""
-
-    channels: int
-    attention: bool
-    head_dim: int
-    attention_groups: int | None
-    groups: int
-    eps: float
-    scale_shift: bool
-    output_scale_factor: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
-                      output_scale_factor=self.output_scale_factor, **kw)
-        x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
-        if self.attention:
-            x = SpatialAttention(self.head_dim, self.attention_groups, self.eps,
-                           rescale_output_factor=self.output_scale_factor, name="attentions_0",
-                           **kw)(x)
-        return ResnetBlock2D(self.channels, name="resnets_1", **resnet)(x, emb)
 
 
 class UNet2D(nn.Module):
@@ -288,23 +217,30 @@ class UNet2D(nn.Module):
                            **kw)(emb)
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
 
+        def attention(c: int, groups: int | None = self.norm_num_groups, rescale: float = 1.0
+                      ) -> functools.partial:
+            return functools.partial(SpatialAttention, self.attention_head_dim or c, groups,
+                                     self.norm_eps, rescale, **kw)
+
         skips = [x]
         for i, (kind, c) in enumerate(zip(self.down_block_types, channels)):
-            x, outputs = _Block(c, self.layers_per_block, kind == "AttnDownBlock2D",
-                                self.attention_head_dim or c, resample=i < levels,
-                                downsample_padding=self.downsample_padding,
-                                name=f"down_blocks_{i}", **common)(x, emb)
+            x, outputs = UNetBlock(
+                c, self.layers_per_block, "down" if i < levels else None,
+                attention=attention(c) if kind == "AttnDownBlock2D" else None,
+                downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
+                **common)(x, emb)
             skips.extend(outputs)
         if self.mid_block_type is not None:
-            x = _MidBlock(channels[-1], self.add_attention,
-                          self.attention_head_dim or channels[-1], self.mid_attention_groups,
-                          output_scale_factor=self.mid_block_scale_factor, name="mid_block",
-                          **common)(x, emb)
+            mid = attention(channels[-1], self.mid_attention_groups, self.mid_block_scale_factor)
+            x = UNetMidBlock(channels[-1], output_scale_factor=self.mid_block_scale_factor,
+                             attention=mid if self.add_attention else None, name="mid_block",
+                             **common)(x, emb)
         n = self.layers_per_block + 1
         for i, (kind, c) in enumerate(zip(self.up_block_types, reversed(channels))):
             skips, block_skips = skips[:-n], skips[-n:]
-            x, _ = _Block(c, n, kind == "AttnUpBlock2D", self.attention_head_dim or c,
-                          resample=i < levels, name=f"up_blocks_{i}", **common)(x, emb, block_skips)
+            x, _ = UNetBlock(c, n, "up" if i < levels else None,
+                             attention=attention(c) if kind == "AttnUpBlock2D" else None,
+                             name=f"up_blocks_{i}", **common)(x, emb, skips=block_skips)
 
         x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
                               **kw)(x))

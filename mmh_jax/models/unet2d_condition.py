@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models._config import config_kwargs, module_config, unsupported
-from mmh_jax.models.diffusers_blocks import Downsample2D, ResnetBlock2D, TimestepMLP, Upsample2D
+from mmh_jax.models.diffusers_blocks import TimestepMLP, UNetBlock, UNetMidBlock
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
 
 __all__ = ["SD15_UNET_CONFIG", "UNet2DCondition"]
@@ -182,70 +182,6 @@ class _Transformer2D(nn.Module):
                                        **kw)(h, context)
         h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, height, width, c)
         return h + x
-
-
-class _Block(nn.Module):
-    """A down block (``DownBlock2D``/``CrossAttnDownBlock2D``) or an up block (``UpBlock2D``/
-    ``CrossAttnUpBlock2D``): resnets, each followed by a transformer in the cross-attention
-    kinds, then a resampler."""
-
-    channels: int
-    num_layers: int
-    cross_attention: bool
-    heads: int
-    transformer_layers: int
-    resample: bool
-    groups: int
-    eps: float
-    scale_shift: bool
-    dtype: Any
-    param_dtype: Any
-    downsample_padding: int | None = None  # None: an up block
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array, context: Array, skips: list[Array] | None = None
-                 ) -> tuple[Array, list[Array]]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        outputs = []
-        for j in range(self.num_layers):
-            if skips is not None:
-                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
-                              name=f"resnets_{j}", **kw)(x, emb)
-            if self.cross_attention:
-                x = _Transformer2D(self.heads, self.transformer_layers, self.groups,
-                                   name=f"attentions_{j}", **kw)(x, context)
-            outputs.append(x)
-        if self.resample and self.downsample_padding is not None:
-            x = Downsample2D(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
-            outputs.append(x)
-        elif self.resample:
-            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
-        return x, outputs
-
-
-class _MidBlock(nn.Module):
-    """diffusers' ``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet."""
-
-    channels: int
-    heads: int
-    transformer_layers: int
-    groups: int
-    eps: float
-    scale_shift: bool
-    output_scale_factor: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array, context: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
-                      output_scale_factor=self.output_scale_factor, **kw)
-        x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
-        x = _Transformer2D(self.heads, self.transformer_layers, self.groups, name="attentions_0",
-                           **kw)(x, context)
-        return ResnetBlock2D(self.channels, name="resnets_1", **resnet)(x, emb)
 
 
 class UNet2DCondition(nn.Module):
@@ -452,24 +388,29 @@ class UNet2DCondition(nn.Module):
         x = conv2d(channels[0], self.conv_in_kernel, padding=(self.conv_in_kernel - 1) // 2,
                    name="conv_in", **kw)(x)
 
+        def transformer(i: int) -> functools.partial:
+            return functools.partial(_Transformer2D, heads[i], transformer_layers[i],
+                                     self.norm_num_groups, **kw)
+
         skips = [x]
         for i, kind in enumerate(self.down_block_types):
-            x, outputs = _Block(channels[i], layers[i], kind == "CrossAttnDownBlock2D", heads[i],
-                                transformer_layers[i], resample=i < levels,
-                                downsample_padding=self.downsample_padding,
-                                name=f"down_blocks_{i}", **common)(x, emb, context)
+            x, outputs = UNetBlock(
+                channels[i], layers[i], "down" if i < levels else None,
+                attention=transformer(i) if kind == "CrossAttnDownBlock2D" else None,
+                downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
+                **common)(x, emb, context)
             skips.extend(outputs)
         if self.mid_block_type is not None:
-            x = _MidBlock(channels[-1], heads[-1], transformer_layers[-1],
-                          output_scale_factor=self.mid_block_scale_factor, name="mid_block",
-                          **common)(x, emb, context)
+            x = UNetMidBlock(channels[-1], output_scale_factor=self.mid_block_scale_factor,
+                             attention=transformer(-1), name="mid_block",
+                             **common)(x, emb, context)
         for i, kind in enumerate(self.up_block_types):
             r = n_blocks - 1 - i  # the down block this up block mirrors
             n = layers[r] + 1
             skips, block_skips = skips[:-n], skips[-n:]
-            x, _ = _Block(channels[r], n, kind == "CrossAttnUpBlock2D", heads[r],
-                          transformer_layers[r], resample=i < levels, name=f"up_blocks_{i}",
-                          **common)(x, emb, context, block_skips)
+            x, _ = UNetBlock(channels[r], n, "up" if i < levels else None,
+                             attention=transformer(r) if kind == "CrossAttnUpBlock2D" else None,
+                             name=f"up_blocks_{i}", **common)(x, emb, context, skips=block_skips)
 
         x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
                               **kw)(x))
