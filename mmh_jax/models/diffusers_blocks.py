@@ -13,12 +13,48 @@ from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, upsample_nearest_2x
 
 __all__ = ["TimestepMLP", "ResnetBlock2D", "SpatialAttention", "Downsample2D", "Upsample2D",
-           "UNetBlock", "UNetMidBlock"]
+           "UNetBlock", "UNetMidBlock", "unet_inputs"]
+
+
+def unet_inputs(sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"], *,
+                in_channels: int, levels: int, center: bool
+                ) -> tuple[Float[Array, "b h w c"], Float[Array, " b"]]:
+    """A diffusers UNet's call arguments, checked: the sample in NHWC (``2 * sample - 1`` with
+    ``center_input_sample``) and the timesteps of shape ``[b]``.
+
+    Args:
+        sample: NCHW, ``in_channels`` channels, height and width divisible by ``2 ** levels``.
+        timesteps: shape ``[b]``, or a scalar for the whole batch.
+        in_channels: the UNet's ``in_channels``.
+        levels: how many times the UNet halves the resolution.
+        center: the UNet's ``center_input_sample``.
+
+    Returns:
+        ``(sample [b, h, w, c], timesteps [b])``.
+
+    Raises:
+        ValueError: naming the argument of the wrong shape.
+    """
+    sample = jnp.asarray(sample)
+    if sample.ndim != 4 or sample.shape[1] != in_channels:
+        raise ValueError(f"sample must have shape [b, {in_channels}, h, w], got {sample.shape}")
+    if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
+        raise ValueError(f"sample height and width must be divisible by {2**levels}, "
+                         f"got {sample.shape[2:]}")
+    batch = sample.shape[0]
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim == 0:
+        timesteps = jnp.broadcast_to(timesteps, (batch,))
+    if timesteps.shape != (batch,):
+        raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+    if center:
+        sample = 2 * sample - 1.0
+    return jnp.transpose(sample, (0, 2, 3, 1)), timesteps
 
 
 class TimestepMLP(nn.Module):

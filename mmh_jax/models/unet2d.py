@@ -21,7 +21,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models._config import config_kwargs, module_config, unsupported
-from mmh_jax.models.diffusers_blocks import SpatialAttention, TimestepMLP, UNetBlock, UNetMidBlock
+from mmh_jax.models.diffusers_blocks import (
+    SpatialAttention,
+    TimestepMLP,
+    UNetBlock,
+    UNetMidBlock,
+    unet_inputs,
+)
 from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
 
 __all__ = ["DDPM_CIFAR10_CONFIG", "UNet2D"]
@@ -189,28 +195,14 @@ class UNet2D(nn.Module):
         Returns:
             ``[b, out_channels, h, w]`` in the compute dtype.
         """
-        sample = jnp.asarray(sample)
-        levels = len(self.block_out_channels) - 1
-        if sample.ndim != 4 or sample.shape[1] != self.in_channels:
-            raise ValueError(f"sample must have shape [b, {self.in_channels}, h, w], "
-                             f"got {sample.shape}")
-        if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
-            raise ValueError(f"sample height and width must be divisible by {2**levels}, "
-                             f"got {sample.shape[2:]}")
-        batch = sample.shape[0]
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim == 0:
-            timesteps = jnp.broadcast_to(timesteps, (batch,))
-        if timesteps.shape != (batch,):
-            raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+        channels = self.block_out_channels
+        levels = len(channels) - 1
+        x, timesteps = unet_inputs(sample, timesteps, in_channels=self.in_channels, levels=levels,
+                                   center=self.center_input_sample)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
                       scale_shift=self.resnet_time_scale_shift == "scale_shift", **kw)
-        channels = self.block_out_channels
 
-        if self.center_input_sample:
-            sample = 2 * sample - 1.0
-        x = jnp.transpose(sample, (0, 2, 3, 1))
         emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
                                  freq_shift=self.freq_shift)
         emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models._config import config_kwargs, module_config, unsupported
-from mmh_jax.models.diffusers_blocks import TimestepMLP, UNetBlock, UNetMidBlock
+from mmh_jax.models.diffusers_blocks import TimestepMLP, UNetBlock, UNetMidBlock, unet_inputs
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
 
 __all__ = ["SD15_UNET_CONFIG", "UNet2DCondition"]
@@ -348,22 +348,12 @@ class UNet2DCondition(nn.Module):
         Returns:
             ``[b, out_channels, h, w]`` in the compute dtype.
         """
-        sample = jnp.asarray(sample)
         channels = self.block_out_channels
         n_blocks = len(channels)
         levels = n_blocks - 1
-        if sample.ndim != 4 or sample.shape[1] != self.in_channels:
-            raise ValueError(f"sample must have shape [b, {self.in_channels}, h, w], "
-                             f"got {sample.shape}")
-        if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
-            raise ValueError(f"sample height and width must be divisible by {2**levels}, "
-                             f"got {sample.shape[2:]}")
-        batch = sample.shape[0]
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim == 0:
-            timesteps = jnp.broadcast_to(timesteps, (batch,))
-        if timesteps.shape != (batch,):
-            raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+        x, timesteps = unet_inputs(sample, timesteps, in_channels=self.in_channels, levels=levels,
+                                   center=self.center_input_sample)
+        batch = x.shape[0]
         context = jnp.asarray(encoder_hidden_states)
         if (context.ndim != 3 or context.shape[0] != batch
                 or context.shape[2] != self.cross_attention_dim):
@@ -378,9 +368,6 @@ class UNet2DCondition(nn.Module):
         transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks)
         heads = _per_block(self.attention_head_dim, n_blocks)
 
-        if self.center_input_sample:
-            sample = 2 * sample - 1.0
-        x = jnp.transpose(sample, (0, 2, 3, 1))
         emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
                                  freq_shift=self.freq_shift)
         emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
