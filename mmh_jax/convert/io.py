@@ -17,20 +17,12 @@ from typing import Any
 import numpy as np
 from jaxtyping import PyTree
 
-from mmh_jax._src.files import atomic_path
+from mmh_jax._src.files import atomic_path, require_file
 from mmh_jax.convert.core import ConversionError, flatten_params, unflatten_params
 
 __all__ = ["read_state_dict", "save_params", "load_params"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def _require_file(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"{what} {str(path)!r} {reason}")
-    return path
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -61,7 +53,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         FileNotFoundError: no such file.
         ConversionError: truncated or corrupt file, or a pickle that needs arbitrary code.
     """
-    path = _require_file(path, "checkpoint")
+    path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)[0]
     if path.suffix not in _TORCH_SUFFIXES:
@@ -125,7 +117,7 @@ def save_params(
 
 def load_params(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """Read what :func:`save_params` wrote: ``(params, metadata)``."""
-    path = _require_file(path, "parameter file")
+    path = require_file(path, "parameter file")
     tensors, meta = _read_safetensors(path)
     params = unflatten_params({tuple(k.split("/")): v for k, v in tensors.items()})
     try:

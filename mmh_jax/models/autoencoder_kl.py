@@ -146,9 +146,6 @@ class AutoencoderKL(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "AutoencoderKL", self)
 
         if self.act_fn not in ("silu", "swish"):

@@ -246,9 +246,6 @@ class CLIPTextModel(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = _check_tower(self, "CLIPTextModel", ("vocab_size", "max_position_embeddings"))
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
             raise bad("eos_token_id", "an int (it selects the pooled position)")

@@ -31,6 +31,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax._src.files import require_file
 from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.sscd import convert_sscd, sscd_abstract_params
@@ -272,10 +273,7 @@ def load_sscd(path: str | os.PathLike, *, arch: Arch = "resnext101_32x4d",
             archive naming a global outside the reader's allow-list
             (:class:`~mmh_jax.convert.safe_pickle.UnsafePickleError`).
     """
-    path = Path(path)
-    if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"SSCD checkpoint {str(path)!r} {reason}")
+    path = require_file(path, "SSCD checkpoint")
     source = repr(str(path))
     stored = None
     if path.suffix == ".safetensors":

@@ -105,9 +105,6 @@ class UNet2D(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "UNet2D", self)
 
         fixed = {"time_embedding_type": ("positional",), "downsample_type": ("conv",),

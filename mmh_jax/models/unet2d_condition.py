@@ -243,9 +243,6 @@ class UNet2DCondition(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "UNet2DCondition", self)
 
         def positive_int(value: Any) -> bool:
