@@ -96,20 +96,25 @@ def save_params(
     """Write a Flax params tree (nested dicts of arrays) to a safetensors file, atomically.
 
     Args:
-        path: target file (``.safetensors``).
+        path: target file; must end in ``.safetensors``.
         params: nested dicts of arrays; keys are joined with ``/``.
         metadata: JSON-serialisable values stored in the file header (e.g. the architecture
             name and its config).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: if ``path`` does not end in ``.safetensors``.
     """
     from safetensors.numpy import save_file
 
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     flat = {"/".join(p): np.asarray(v, order="C") for p, v in
             flatten_params(params).items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    path = Path(path)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
     return path

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple, Self
 
 import flax.linen as nn
 import jax
@@ -112,6 +112,46 @@ def _check_tower(module: Any, what: str, sizes: tuple[str, ...]):
     if not isinstance(module.layer_norm_eps, (int, float)) or not module.layer_norm_eps > 0:
         raise bad("layer_norm_eps", "a positive number")
     return bad
+
+
+class _Tower(nn.Module):
+    """What the text and the vision tower share: reading and writing their transformers config,
+    whose ``model_type`` is :attr:`MODEL_TYPE`."""
+
+    MODEL_TYPE: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> Self:
+        """The module a transformers config of this tower describes, read strictly.
+
+        Args:
+            config: the parsed ``config.json`` (or ``CLIPTextConfig.to_dict()`` /
+                ``CLIPVisionConfig.to_dict()``, a ``CLIPModel`` config's ``text_config`` /
+                ``vision_config``). Absent keys take transformers' defaults; ``model_type``
+                must be :attr:`MODEL_TYPE` if present; keys that do not change the inference
+                forward pass (file bookkeeping, initialisation, dropout, output-format and
+                generation settings) are skipped, and ``pruned_heads`` must be empty.
+            dtype: compute dtype.
+            param_dtype: parameter dtype.
+
+        Returns:
+            The (unbound) module.
+
+        Raises:
+            TypeError: if ``config`` is not a mapping.
+            ValueError: naming the first key this port does not know or whose value it does
+                not support.
+        """
+        kwargs = config_kwargs(cls, config, what=cls.__name__,
+                               kind=("model_type", cls.MODEL_TYPE), skip=_BOOKKEEPING,
+                               fixed={"pruned_heads": ({},)},
+                               hints={"pruned_heads": "pruned heads change the layer shapes"})
+        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+
+    def to_config(self) -> dict[str, Any]:
+        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
+        return {"model_type": self.MODEL_TYPE, **module_config(self)}
 
 
 class _SelfAttention(nn.Module):
@@ -208,7 +248,7 @@ class _Embeddings(nn.Module):
         return tokens(input_ids) + positions(jnp.arange(input_ids.shape[1]))[None]
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(_Tower):
     """transformers' ``CLIPTextModel`` (the text tower of CLIP), in Flax.
 
     Attributes are transformers' ``CLIPTextConfig`` keys (same names, same defaults);
@@ -244,6 +284,8 @@ class CLIPTextModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    MODEL_TYPE: ClassVar[str] = "clip_text_model"
+
     def __post_init__(self):
         super().__post_init__()
         bad = _check_tower(self, "CLIPTextModel", ("vocab_size", "max_position_embeddings"))
@@ -253,38 +295,6 @@ class CLIPTextModel(nn.Module):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(key, "None or an int")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "CLIPTextModel":
-        """The module a transformers ``CLIPTextModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or ``CLIPTextConfig.to_dict()``). Absent keys
-                take transformers' defaults; ``model_type`` must be ``"clip_text_model"`` if
-                present; keys that do not change the inference forward pass (file bookkeeping,
-                initialisation, dropout, output-format and generation settings) are skipped,
-                and ``pruned_heads`` must be empty.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            TypeError: if ``config`` is not a mapping.
-            ValueError: naming the first key this port does not know or whose value it does
-                not support.
-        """
-        kwargs = config_kwargs(cls, config, what="CLIPTextModel",
-                               kind=("model_type", "clip_text_model"), skip=_BOOKKEEPING,
-                               fixed={"pruned_heads": ({},)},
-                               hints={"pruned_heads": "pruned heads change the layer shapes"})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {"model_type": "clip_text_model", **module_config(self)}
 
     @nn.compact
     def __call__(self, input_ids: Int[ArrayLike, "b n"]) -> CLIPTextOutput:
@@ -368,7 +378,7 @@ class _VisionEmbeddings(nn.Module):
         return h + positions(jnp.arange(self.num_positions))[None]
 
 
-class CLIPVisionModel(nn.Module):
+class CLIPVisionModel(_Tower):
     """transformers' ``CLIPVisionModel`` (the ViT image tower of CLIP), in Flax.
 
     Attributes are transformers' ``CLIPVisionConfig`` keys (same names, same defaults);
@@ -400,6 +410,8 @@ class CLIPVisionModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    MODEL_TYPE: ClassVar[str] = "clip_vision_model"
+
     def __post_init__(self):
         super().__post_init__()
         bad = _check_tower(self, "CLIPVisionModel", ("num_channels", "image_size", "patch_size"))
@@ -410,31 +422,6 @@ class CLIPVisionModel(nn.Module):
     def num_positions(self) -> int:
         """The class token plus ``(image_size / patch_size) ** 2`` patches."""
         return (self.image_size // self.patch_size) ** 2 + 1
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "CLIPVisionModel":
-        """The module a transformers ``CLIPVisionModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or ``CLIPVisionConfig.to_dict()``, a
-                ``CLIPModel`` config's ``vision_config``). Absent keys take transformers'
-                defaults; ``model_type`` must be ``"clip_vision_model"`` if present; keys that do
-                not change the inference forward pass are skipped.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Raises:
-            TypeError: if ``config`` is not a mapping.
-            ValueError: naming the first key this port does not know or does not support.
-        """
-        kwargs = config_kwargs(cls, config, what="CLIPVisionModel",
-                               kind=("model_type", "clip_vision_model"), skip=_BOOKKEEPING)
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {"model_type": "clip_vision_model", **module_config(self)}
 
     @nn.compact
     def __call__(self, pixel_values: Float[ArrayLike, "b c h w"]) -> CLIPVisionOutput:

@@ -322,9 +322,6 @@ def save_sscd(path: str | os.PathLike, model: PretrainedSSCD) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if not isinstance(model.module, SSCD):
         raise TypeError(f"model.module must be an SSCD, got {type(model.module).__name__}")
     metadata = {"architecture": _ARCHITECTURE, "config": model.module.config()}

@@ -861,9 +861,6 @@ def save_stylegan2(path: str | os.PathLike, model: PretrainedGenerator) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if not isinstance(model.module, StyleGAN2Generator):
         raise TypeError(f"model.module must be a StyleGAN2Generator, got "
                         f"{type(model.module).__name__}")
