@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 
 import numbers
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
+from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
 from mmh_jax.models.diffusers_blocks import SpatialAttention, UNetBlock, UNetMidBlock
 from mmh_jax.models.layers import GroupNorm, conv2d
 
@@ -31,8 +31,6 @@ __all__ = ["AutoencoderKL", "LatentDistribution", "scale_latents", "unscale_late
 # diffusers hard-codes these in its Encoder, Decoder and their blocks.
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
-# Keys diffusers keeps about the file rather than the model.
-_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # Per-channel latent statistics (some SDXL-family VAEs): supported only when absent.
 _MUST_BE_NONE = ("latents_mean", "latents_std")
 
@@ -102,7 +100,7 @@ def _nhwc_to_nchw(x: Array) -> Array:
     return jnp.transpose(x, (0, 3, 1, 2))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(ConfigPort):
     """diffusers' ``AutoencoderKL`` (the Stable Diffusion VAE), in Flax.
 
     Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the compute
@@ -143,6 +141,9 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    KIND: ClassVar[tuple[str, str]] = ("_class_name", "AutoencoderKL")
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING
 
     def __post_init__(self):
         super().__post_init__()
@@ -188,34 +189,6 @@ class AutoencoderKL(nn.Module):
     def downscale(self) -> int:
         """How much smaller the latents are than the images, per side: ``2 ** (L - 1)``."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "AutoencoderKL":
-        """The module a diffusers ``AutoencoderKL`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or a diffusers model's ``config``). Absent keys
-                take diffusers' defaults; the bookkeeping keys ``_class_name`` (which must be
-                ``"AutoencoderKL"``), ``_diffusers_version``, ``_name_or_path`` and
-                ``_use_default_values`` are skipped.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            ValueError: naming the first key this port does not know or whose value it does not
-                support.
-        """
-        kwargs = config_kwargs(cls, config, what="AutoencoderKL",
-                               kind=("_class_name", "AutoencoderKL"), skip=_BOOKKEEPING)
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return module_config(self)
 
     def setup(self):
         kw = dict(block_out_channels=self.block_out_channels,

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, ClassVar, Literal, Mapping, NamedTuple, Self
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
+from mmh_jax.models._config import ConfigPort, config_kwargs, module_config, unsupported
 from mmh_jax.models.layers import attention
 
 __all__ = ["CLIPModel", "CLIPOutput", "CLIPTextModel", "CLIPTextOutput", "CLIPVisionModel",
@@ -114,44 +114,20 @@ def _check_tower(module: Any, what: str, sizes: tuple[str, ...]):
     return bad
 
 
-class _Tower(nn.Module):
-    """What the text and the vision tower share: reading and writing their transformers config,
-    whose ``model_type`` is :attr:`MODEL_TYPE`."""
+class _Tower(ConfigPort):
+    """What the text and the vision tower share: their transformers config, ``model_type``
+    ``KIND[1]``, read by :meth:`from_config` (the keys that do not change the inference forward
+    pass skipped, ``pruned_heads`` empty) and written by :meth:`to_config`."""
 
-    MODEL_TYPE: ClassVar[str]
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> Self:
-        """The module a transformers config of this tower describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or ``CLIPTextConfig.to_dict()`` /
-                ``CLIPVisionConfig.to_dict()``, a ``CLIPModel`` config's ``text_config`` /
-                ``vision_config``). Absent keys take transformers' defaults; ``model_type``
-                must be :attr:`MODEL_TYPE` if present; keys that do not change the inference
-                forward pass (file bookkeeping, initialisation, dropout, output-format and
-                generation settings) are skipped, and ``pruned_heads`` must be empty.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            TypeError: if ``config`` is not a mapping.
-            ValueError: naming the first key this port does not know or whose value it does
-                not support.
-        """
-        kwargs = config_kwargs(cls, config, what=cls.__name__,
-                               kind=("model_type", cls.MODEL_TYPE), skip=_BOOKKEEPING,
-                               fixed={"pruned_heads": ({},)},
-                               hints={"pruned_heads": "pruned heads change the layer shapes"})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = _BOOKKEEPING
+    FIXED_KEYS: ClassVar[Mapping[str, tuple]] = {"pruned_heads": ({},)}
+    KEY_HINTS: ClassVar[Mapping[str, str]] = {
+        "pruned_heads": "pruned heads change the layer shapes"}
 
     def to_config(self) -> dict[str, Any]:
-        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {"model_type": self.MODEL_TYPE, **module_config(self)}
+        """The transformers config (JSON-serialisable, with its ``model_type``) that
+        :meth:`from_config` reads back."""
+        return {"model_type": self.KIND[1], **module_config(self)}
 
 
 class _SelfAttention(nn.Module):
@@ -284,7 +260,7 @@ class CLIPTextModel(_Tower):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    MODEL_TYPE: ClassVar[str] = "clip_text_model"
+    KIND: ClassVar[tuple[str, str]] = ("model_type", "clip_text_model")
 
     def __post_init__(self):
         super().__post_init__()
@@ -410,7 +386,7 @@ class CLIPVisionModel(_Tower):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    MODEL_TYPE: ClassVar[str] = "clip_vision_model"
+    KIND: ClassVar[tuple[str, str]] = ("model_type", "clip_vision_model")
 
     def __post_init__(self):
         super().__post_init__()

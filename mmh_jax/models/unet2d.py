@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
+from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
 from mmh_jax.models.diffusers_blocks import (
     SpatialAttention,
     TimestepMLP,
@@ -47,16 +47,11 @@ UpBlockType = Literal["UpBlock2D", "AttnUpBlock2D"]
 
 _DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
-# Keys diffusers keeps about the file rather than the model (``_use_default_values`` is in a
-# loaded model's ``config`` but not in ``config.json``).
-_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # Class conditioning: supported only when absent.
 _MUST_BE_NONE = ("class_embed_type", "num_class_embeds")
-# Read by diffusers only for time_embedding_type="learned", which this port rejects.
-_UNUSED = ("num_train_timesteps",)
 
 
-class UNet2D(nn.Module):
+class UNet2D(ConfigPort):
     """diffusers' ``UNet2DModel`` for unconditional DDPM-style UNets, in Flax.
 
     Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the
@@ -103,6 +98,12 @@ class UNet2D(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("_class_name", "UNet2DModel")
+    # read by diffusers only for time_embedding_type="learned", which this port rejects
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING + ("num_train_timesteps",)
+    FIXED_KEYS: ClassVar[Mapping[str, tuple]] = {key: (None,) for key in _MUST_BE_NONE}
+    KEY_HINTS: ClassVar[Mapping[str, str]] = {key: "class conditioning" for key in _MUST_BE_NONE}
+
     def __post_init__(self):
         super().__post_init__()
         bad = functools.partial(unsupported, "UNet2D", self)
@@ -146,37 +147,6 @@ class UNet2D(nn.Module):
         if self.attn_norm_num_groups is not None:
             return self.attn_norm_num_groups
         return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "UNet2D":
-        """The module a diffusers ``UNet2DModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json``. Absent keys take diffusers' defaults; the
-                bookkeeping keys ``_class_name`` (which must be ``"UNet2DModel"``),
-                ``_diffusers_version``, ``_name_or_path`` and ``_use_default_values`` are
-                skipped, and so is ``num_train_timesteps`` (used only by learned time
-                embeddings).
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            ValueError: naming the first key this port does not know or whose value it does not
-                support (class conditioning, Fourier time embeddings, other block types, ...).
-        """
-        kwargs = config_kwargs(cls, config, what="UNet2D", kind=("_class_name", "UNet2DModel"),
-                               skip=_BOOKKEEPING + _UNUSED,
-                               fixed={key: (None,) for key in _MUST_BE_NONE},
-                               hints={key: "class conditioning" for key in _MUST_BE_NONE})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return module_config(self)
 
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]

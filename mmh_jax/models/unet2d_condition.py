@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
+from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
 from mmh_jax.models.diffusers_blocks import TimestepMLP, UNetBlock, UNetMidBlock, unet_inputs
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
 
@@ -46,8 +46,6 @@ UpBlockType = Literal["UpBlock2D", "CrossAttnUpBlock2D"]
 
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
-# Keys diffusers keeps about the file rather than the model.
-_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # diffusers keys that select features this port does not have: each must keep the value given
 # (any of the listed values), which is diffusers' default or equivalent to it.
 _FIXED: dict[str, tuple] = {
@@ -69,8 +67,6 @@ _FIXED: dict[str, tuple] = {
     "resnet_out_scale_factor": (1.0,),
     "reverse_transformer_layers_per_block": (None,),
 }
-# Read by diffusers only for an addition_embed_type this port refuses.
-_UNUSED = ("addition_embed_type_num_heads",)
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -184,7 +180,7 @@ class _Transformer2D(nn.Module):
         return h + x
 
 
-class UNet2DCondition(nn.Module):
+class UNet2DCondition(ConfigPort):
     """diffusers' ``UNet2DConditionModel`` for Stable Diffusion v1.x / v2.x, in Flax.
 
     Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the
@@ -241,6 +237,15 @@ class UNet2DCondition(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("_class_name", "UNet2DConditionModel")
+    # read by diffusers only for an addition_embed_type this port refuses
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING + (
+        "addition_embed_type_num_heads",)
+    FIXED_KEYS: ClassVar[Mapping[str, tuple]] = _FIXED
+    KEY_HINTS: ClassVar[Mapping[str, str]] = {
+        "addition_embed_type": "added conditioning such as SDXL's text_time; SDXL is not "
+                               "supported"}
+
     def __post_init__(self):
         super().__post_init__()
         bad = functools.partial(unsupported, "UNet2DCondition", self)
@@ -294,40 +299,6 @@ class UNet2DCondition(nn.Module):
                           f"{channels} (block {i}: {h} heads for {c} channels)")
         if not isinstance(self.downsample_padding, int) or self.downsample_padding < 0:
             raise bad("downsample_padding", "an int >= 0")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "UNet2DCondition":
-        """The module a diffusers ``UNet2DConditionModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or a loaded model's ``config``). Absent keys
-                take diffusers' defaults; the bookkeeping keys ``_class_name`` (which must be
-                ``"UNet2DConditionModel"``), ``_diffusers_version``, ``_name_or_path`` and
-                ``_use_default_values`` are skipped, and so is ``addition_embed_type_num_heads``
-                (read only with added conditioning, which is refused).
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            ValueError: naming the first key this port does not know or whose value it does not
-                support (SDXL's text-time conditioning, class conditioning, other block types,
-                ...), with the value expected.
-        """
-        kwargs = config_kwargs(
-            cls, config, what="UNet2DCondition", kind=("_class_name", "UNet2DConditionModel"),
-            skip=_BOOKKEEPING + _UNUSED, fixed=_FIXED,
-            hints={"addition_embed_type": "added conditioning such as SDXL's text_time; SDXL "
-                                          "is not supported"})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back and
-        ``diffusers.UNet2DConditionModel(**config)`` builds."""
-        return module_config(self)
 
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"],
