@@ -200,6 +200,17 @@ class UNetBlock(nn.Module):
     def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None,
                  *attention_inputs: Array, skips: list[Array] | None = None
                  ) -> tuple[Float[Array, "b h2 w2 channels"], list[Array]]:
+        """Apply the block.
+
+        Args:
+            x: NHWC input.
+            emb: the time embedding the resnets add (None: resnets without one, the VAE's).
+            *attention_inputs: further inputs of each attention (a transformer's context).
+            skips: an up block's skip connections; the last is read by the first resnet.
+
+        Returns:
+            ``(output, [each layer's output, then the downsampler's])``.
+        """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         outputs = []
         for j in range(self.num_layers):
@@ -235,6 +246,8 @@ class UNetMidBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None,
                  *attention_inputs: Array) -> Float[Array, "b h w c"]:
+        """Apply the block to NHWC ``x`` with the time embedding ``emb`` (None: none) and the
+        attention's further inputs."""
         resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
                       output_scale_factor=self.output_scale_factor, dtype=self.dtype,
                       param_dtype=self.param_dtype)
