@@ -1,5 +1,5 @@
-"""Atomic file output and file digests shared by the command line, the converters, the
-experiments and the scoring engine."""
+"""Atomic file output, file digests and the existence check of input files, shared by the command
+line, the converters, the model loaders, the experiments and the scoring engine."""
 
 from __future__ import annotations
 
@@ -12,7 +12,20 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_folder", "atomic_path", "sha256_file"]
+__all__ = ["atomic_folder", "atomic_path", "require_file", "sha256_file"]
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, checked to be a file.
+
+    Raises:
+        FileNotFoundError: ``"{what} '{path}' does not exist"`` (or ``is a folder``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} {str(path)!r} {reason}")
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -14,6 +14,7 @@ This module reads the Flax module only through its config attributes (it does no
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -68,14 +69,13 @@ def _require_config(module: Any) -> None:
     require_attributes(module, _CONFIG_ATTRIBUTES, "AutoencoderKL")
 
 
-def _mid_block(table: DiffusersTable, path: str, channels: int, attention: bool) -> None:
-    table.resnet(f"{path}.resnets.0", channels, channels, time_embedding=False)
-    if attention:
-        table.attention(f"{path}.attentions.0", group_norm=True)
-        for name in table.attention_names.values():  # also as 1x1 convolutions
-            key = f"{path}.attentions.0.{name}.weight"
-            table.entries[key] = Rename(table.entries[key].path, linear_or_conv1x1_kernel)
-    table.resnet(f"{path}.resnets.1", channels, channels, time_embedding=False)
+def _mid_attention(table: DiffusersTable, path: str) -> None:
+    """The mid block's one-head attention, its q/k/v/out weights stored as ``Linear`` or (older
+    checkpoints) 1x1 convolution weights."""
+    table.attention(path, group_norm=True)
+    for name in table.attention_names.values():
+        key = f"{path}.{name}.weight"
+        table.entries[key] = Rename(table.entries[key].path, linear_or_conv1x1_kernel)
 
 
 def autoencoder_kl_rename_table(module: Any, *, legacy_attention: bool = False
@@ -97,16 +97,16 @@ def autoencoder_kl_rename_table(module: Any, *, legacy_attention: bool = False
     layers = module.layers_per_block
     last = len(channels) - 1
 
+    mid = dict(attention=functools.partial(_mid_attention, table)
+               if module.mid_block_add_attention else None, time_embedding=False)
+
     table.conv("encoder.conv_in")
     out = channels[0]
     for i in range(len(channels)):
-        prefix, cin, out = f"encoder.down_blocks.{i}", out, channels[i]
-        for j in range(layers):
-            table.resnet(f"{prefix}.resnets.{j}", cin if j == 0 else out, out,
-                         time_embedding=False)
-        if i < last:
-            table.conv(f"{prefix}.downsamplers.0.conv")
-    _mid_block(table, "encoder.mid_block", channels[-1], module.mid_block_add_attention)
+        cin, out = out, channels[i]
+        table.block(f"encoder.down_blocks.{i}", [cin] + [out] * (layers - 1), out,
+                    resample="down" if i < last else None, time_embedding=False)
+    table.mid_block("encoder.mid_block", channels[-1], **mid)
     table.norm("encoder.conv_norm_out")
     table.conv("encoder.conv_out")
     if module.use_quant_conv:
@@ -115,16 +115,12 @@ def autoencoder_kl_rename_table(module: Any, *, legacy_attention: bool = False
     if module.use_post_quant_conv:
         table.conv("post_quant_conv")
     table.conv("decoder.conv_in")
-    _mid_block(table, "decoder.mid_block", channels[-1], module.mid_block_add_attention)
-    reversed_channels = channels[::-1]
-    out = reversed_channels[0]
+    table.mid_block("decoder.mid_block", channels[-1], **mid)
+    out = channels[-1]
     for i in range(len(channels)):
-        prefix, cin, out = f"decoder.up_blocks.{i}", out, reversed_channels[i]
-        for j in range(layers + 1):
-            table.resnet(f"{prefix}.resnets.{j}", cin if j == 0 else out, out,
-                         time_embedding=False)
-        if i < last:
-            table.conv(f"{prefix}.upsamplers.0.conv")
+        cin, out = out, channels[last - i]
+        table.block(f"decoder.up_blocks.{i}", [cin] + [out] * layers, out,
+                    resample="up" if i < last else None, time_embedding=False)
     table.norm("decoder.conv_norm_out")
     table.conv("decoder.conv_out")
     return table.entries

@@ -153,6 +153,13 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
+def _raise_problems(what: str, problems: dict[str, list[str]]) -> None:
+    """Raise a :class:`ConversionError` ``"{what}:"`` listing every non-empty ``{title: items}``."""
+    listed = [_listing(title, items) for title, items in problems.items() if items]
+    if listed:
+        raise ConversionError(f"{what}:\n" + "\n".join(listed))
+
+
 def convert_state_dict(
     state_dict: Mapping[str, Any],
     table: Mapping[str, Rename],
@@ -204,21 +211,12 @@ def convert_state_dict(
             continue
         flat[rule.path] = value.astype(dtype)
     missing = sorted("/".join(p) for p in expected_flat if p not in targets)
-    problems = []
-    if not_in_checkpoint:
-        problems.append(_listing("missing from the checkpoint", not_in_checkpoint))
-    if missing:
-        problems.append(_listing("model parameters with no rule", missing))
-    if unexpected:
-        problems.append(_listing("unexpected keys in the checkpoint", unexpected))
-    if wrong_shape:
-        problems.append(_listing("wrong shapes", wrong_shape))
-    if bad_target:
-        problems.append(_listing("rules naming no model parameter", bad_target))
-    if problems:
-        raise ConversionError(
-            f"{source} does not match the model architecture:\n" + "\n".join(problems)
-        )
+    _raise_problems(f"{source} does not match the model architecture", {
+        "missing from the checkpoint": not_in_checkpoint,
+        "model parameters with no rule": missing,
+        "unexpected keys in the checkpoint": unexpected,
+        "wrong shapes": wrong_shape,
+        "rules naming no model parameter": bad_target})
     return unflatten_params(flat)
 
 
@@ -265,17 +263,11 @@ def export_state_dict(params: PyTree, table: Mapping[str, Rename], *, source: st
             state_dict[key] = np.ascontiguousarray(inverse(leaf), dtype=dtype)
         except ValueError as err:
             failed.append(f"{key} <- {'/'.join(rule.path)} {tuple(leaf.shape)}: {err}")
-    problems = []
-    if no_parameter:
-        problems.append(_listing("table entries whose parameter is missing", no_parameter))
-    if not_exported:
-        problems.append(_listing("parameters no table entry names", not_exported))
-    if no_inverse:
-        problems.append(_listing("transforms without an inverse", no_inverse))
-    if failed:
-        problems.append(_listing("wrong shapes", failed))
-    if problems:
-        raise ConversionError(f"{source} does not match the rename table:\n" + "\n".join(problems))
+    _raise_problems(f"{source} does not match the rename table", {
+        "table entries whose parameter is missing": no_parameter,
+        "parameters no table entry names": not_exported,
+        "transforms without an inverse": no_inverse,
+        "wrong shapes": failed})
     return state_dict
 
 

@@ -17,20 +17,12 @@ from typing import Any
 import numpy as np
 from jaxtyping import PyTree
 
-from mmh_jax._src.files import atomic_path
+from mmh_jax._src.files import atomic_path, require_file
 from mmh_jax.convert.core import ConversionError, flatten_params, unflatten_params
 
 __all__ = ["read_state_dict", "save_params", "load_params"]
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def _require_file(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"{what} {str(path)!r} {reason}")
-    return path
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -61,7 +53,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         FileNotFoundError: no such file.
         ConversionError: truncated or corrupt file, or a pickle that needs arbitrary code.
     """
-    path = _require_file(path, "checkpoint")
+    path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)[0]
     if path.suffix not in _TORCH_SUFFIXES:
@@ -104,20 +96,25 @@ def save_params(
     """Write a Flax params tree (nested dicts of arrays) to a safetensors file, atomically.
 
     Args:
-        path: target file (``.safetensors``).
+        path: target file; must end in ``.safetensors``.
         params: nested dicts of arrays; keys are joined with ``/``.
         metadata: JSON-serialisable values stored in the file header (e.g. the architecture
             name and its config).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: if ``path`` does not end in ``.safetensors``.
     """
     from safetensors.numpy import save_file
 
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     flat = {"/".join(p): np.asarray(v, order="C") for p, v in
             flatten_params(params).items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    path = Path(path)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
     return path
@@ -125,7 +122,7 @@ def save_params(
 
 def load_params(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """Read what :func:`save_params` wrote: ``(params, metadata)``."""
-    path = _require_file(path, "parameter file")
+    path = require_file(path, "parameter file")
     tensors, meta = _read_safetensors(path)
     params = unflatten_params({tuple(k.split("/")): v for k, v in tensors.items()})
     try:

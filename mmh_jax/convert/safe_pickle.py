@@ -29,8 +29,8 @@ from typing import Any, Callable, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from mmh_jax._src.files import require_file
 from mmh_jax.convert.core import ConversionError
-from mmh_jax.convert.io import _require_file
 
 __all__ = ["TorchModuleRecord", "UnsafePickleError", "read_network_pickle"]
 
@@ -496,7 +496,7 @@ def read_network_pickle(path: str | os.PathLike) -> Any:
             truncated or corrupt, or a persistent object that is not a torch module in
             stylegan2-ada-pytorch's persistence format.
     """
-    path = _require_file(path, "network pickle")
+    path = require_file(path, "network pickle")
     where = f"network pickle {str(path)!r}"
     with open(path, "rb") as f:
         head = f.read(16)

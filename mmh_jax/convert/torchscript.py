@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from mmh_jax._src.files import require_file
 from mmh_jax.convert.core import ConversionError
-from mmh_jax.convert.io import _require_file
 from mmh_jax.convert.safe_pickle import (
     _STORAGE_TYPES,
     _UNPICKLE_ERRORS,
@@ -141,7 +141,7 @@ def read_torchscript_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
             file, which lacks ``code/`` and ``constants.pkl``), a missing or truncated storage,
             or a corrupt pickle.
     """
-    path = _require_file(path, "TorchScript archive")
+    path = require_file(path, "TorchScript archive")
     where = f"TorchScript archive {str(path)!r}"
     try:
         z = zipfile.ZipFile(path)

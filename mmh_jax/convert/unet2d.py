@@ -11,6 +11,7 @@ the Flax module's config attributes and asks the module itself for its parameter
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -44,45 +45,17 @@ def unet2d_rename_table(module: Any, *, legacy_attention: bool = False) -> dict[
     """
     _require_unet2d(module)
     table = DiffusersTable(legacy_attention)
-    channels = module.block_out_channels
-    layers = module.layers_per_block
-    last = len(channels) - 1
-    table.conv("conv_in")
-    table.linear("time_embedding.linear_1")
-    table.linear("time_embedding.linear_2")
-
-    out = channels[0]
-    for i, kind in enumerate(module.down_block_types):
-        prefix, cin, out = f"down_blocks.{i}", out, channels[i]
-        for j in range(layers):
-            table.resnet(f"{prefix}.resnets.{j}", cin if j == 0 else out, out)
-            if kind == "AttnDownBlock2D":
-                table.attention(f"{prefix}.attentions.{j}", group_norm=True)
-        if i < last:
-            table.conv(f"{prefix}.downsamplers.0.conv")
-
-    if module.mid_block_type is not None:
-        table.resnet("mid_block.resnets.0", channels[-1], channels[-1])
-        if module.add_attention:
-            table.attention("mid_block.attentions.0",
-                            group_norm=module.mid_attention_groups is not None)
-        table.resnet("mid_block.resnets.1", channels[-1], channels[-1])
-
-    reversed_channels = channels[::-1]
-    out = reversed_channels[0]
-    for i, kind in enumerate(module.up_block_types):
-        prefix, previous, out = f"up_blocks.{i}", out, reversed_channels[i]
-        skip_in = reversed_channels[min(i + 1, last)]
-        for j in range(layers + 1):
-            skip = skip_in if j == layers else out
-            table.resnet(f"{prefix}.resnets.{j}", (previous if j == 0 else out) + skip, out)
-            if kind == "AttnUpBlock2D":
-                table.attention(f"{prefix}.attentions.{j}", group_norm=True)
-        if i < last:
-            table.conv(f"{prefix}.upsamplers.0.conv")
-
-    table.norm("conv_norm_out")
-    table.conv("conv_out")
+    n = len(module.block_out_channels)
+    attention = functools.partial(table.attention, group_norm=True)
+    mid_attention = functools.partial(table.attention,
+                                      group_norm=module.mid_attention_groups is not None)
+    table.unet(module.block_out_channels, (module.layers_per_block,) * n,
+               down_attention=[attention if kind == "AttnDownBlock2D" else None
+                               for kind in module.down_block_types],
+               up_attention=[attention if kind == "AttnUpBlock2D" else None
+                             for kind in module.up_block_types],
+               mid_block=module.mid_block_type is not None,
+               mid_attention=mid_attention if module.add_attention else None)
     return table.entries
 
 

@@ -13,6 +13,7 @@ the config attributes of the module it is given.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -72,49 +73,20 @@ def unet2d_condition_rename_table(module: Any) -> dict[str, Rename]:
     """
     _require_unet2d_condition(module)
     table = DiffusersTable()
-    channels = tuple(module.block_out_channels)
-    n = len(channels)
+    n = len(module.block_out_channels)
     last = n - 1
-    layers = _per_block(module.layers_per_block, n)
     transformer_layers = _per_block(module.transformer_layers_per_block, n)
-    linear_projection = bool(module.use_linear_projection)
-    table.conv("conv_in")
-    table.linear("time_embedding.linear_1")
-    table.linear("time_embedding.linear_2")
 
-    out = channels[0]
-    for i, kind in enumerate(module.down_block_types):
-        prefix, cin, out = f"down_blocks.{i}", out, channels[i]
-        for j in range(layers[i]):
-            table.resnet(f"{prefix}.resnets.{j}", cin if j == 0 else out, out)
-            if kind == "CrossAttnDownBlock2D":
-                _transformer(table, f"{prefix}.attentions.{j}", transformer_layers[i],
-                             linear_projection)
-        if i < last:
-            table.conv(f"{prefix}.downsamplers.0.conv")
+    def transformer(i: int) -> functools.partial:
+        return functools.partial(_transformer, table, num_layers=transformer_layers[i],
+                                 linear_projection=bool(module.use_linear_projection))
 
-    if module.mid_block_type is not None:
-        table.resnet("mid_block.resnets.0", channels[-1], channels[-1])
-        _transformer(table, "mid_block.attentions.0", transformer_layers[-1], linear_projection)
-        table.resnet("mid_block.resnets.1", channels[-1], channels[-1])
-
-    reversed_channels = channels[::-1]
-    out = reversed_channels[0]
-    for i, kind in enumerate(module.up_block_types):
-        prefix, previous, out = f"up_blocks.{i}", out, reversed_channels[i]
-        skip_in = reversed_channels[min(i + 1, last)]
-        num_layers = layers[last - i] + 1
-        for j in range(num_layers):
-            skip = skip_in if j == num_layers - 1 else out
-            table.resnet(f"{prefix}.resnets.{j}", (previous if j == 0 else out) + skip, out)
-            if kind == "CrossAttnUpBlock2D":
-                _transformer(table, f"{prefix}.attentions.{j}", transformer_layers[last - i],
-                             linear_projection)
-        if i < last:
-            table.conv(f"{prefix}.upsamplers.0.conv")
-
-    table.norm("conv_norm_out")
-    table.conv("conv_out")
+    table.unet(module.block_out_channels, _per_block(module.layers_per_block, n),
+               down_attention=[transformer(i) if kind == "CrossAttnDownBlock2D" else None
+                               for i, kind in enumerate(module.down_block_types)],
+               up_attention=[transformer(last - i) if kind == "CrossAttnUpBlock2D" else None
+                             for i, kind in enumerate(module.up_block_types)],
+               mid_block=module.mid_block_type is not None, mid_attention=transformer(-1))
     return table.entries
 
 

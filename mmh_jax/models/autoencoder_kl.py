@@ -15,20 +15,15 @@ from __future__ import annotations
 import functools
 
 import numbers
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
-from mmh_jax.models.diffusers_blocks import (
-    Downsample2D,
-    ResnetBlock2D,
-    SpatialAttention,
-    Upsample2D,
-)
+from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
+from mmh_jax.models.diffusers_blocks import SpatialAttention, UNetBlock, UNetMidBlock
 from mmh_jax.models.layers import GroupNorm, conv2d
 
 __all__ = ["AutoencoderKL", "LatentDistribution", "scale_latents", "unscale_latents"]
@@ -36,8 +31,6 @@ __all__ = ["AutoencoderKL", "LatentDistribution", "scale_latents", "unscale_late
 # diffusers hard-codes these in its Encoder, Decoder and their blocks.
 _EPS = 1e-6
 _LOGVAR_RANGE = (-30.0, 20.0)
-# Keys diffusers keeps about the file rather than the model.
-_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # Per-channel latent statistics (some SDXL-family VAEs): supported only when absent.
 _MUST_BE_NONE = ("latents_mean", "latents_std")
 
@@ -61,94 +54,40 @@ class LatentDistribution(NamedTuple):
         return (self.mean + self.std * noise).astype(self.mean.dtype)
 
 
-class _MidBlock(nn.Module):
-    """diffusers' ``UNetMidBlock2D`` as the VAE builds it: resnet, optional one-head
-    attention with group norm, resnet; no time embedding, eps 1e-6."""
-
-    channels: int
-    attention: bool
-    groups: int
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kw = dict(groups=self.groups, eps=_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = ResnetBlock2D(self.channels, name="resnets_0", **kw)(x)
-        if self.attention:
-            x = SpatialAttention(self.channels, name="attentions_0", **kw)(x)
-        return ResnetBlock2D(self.channels, name="resnets_1", **kw)(x)
-
-
-class _Block(nn.Module):
-    """``DownEncoderBlock2D`` (resnets, then a pad-right-bottom ``Downsample2D``) or
-    ``UpDecoderBlock2D`` (resnets, then an ``Upsample2D``); the resampler is optional."""
-
-    channels: int
-    num_layers: int
-    resample: Literal["down", "up"] | None
-    groups: int
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.channels, self.groups, _EPS, name=f"resnets_{j}", **kw)(x)
-        if self.resample == "down":
-            x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **kw)(x)
-        elif self.resample == "up":
-            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
-        return x
-
-
-class _Encoder(nn.Module):
-    """diffusers' VAE ``Encoder`` with ``double_z=True``: NHWC image -> NHWC moments."""
+class _Coder(nn.Module):
+    """diffusers' VAE ``Encoder`` with ``double_z=True`` (NHWC image -> NHWC moments: the down
+    blocks, then the mid block) or ``Decoder`` with group norms (NHWC latents -> NHWC image: the
+    mid block, then the up blocks, which have one resnet more), between ``conv_in`` and
+    ``conv_norm_out``, SiLU, ``conv_out``."""
 
     block_out_channels: tuple[int, ...]
     layers_per_block: int
     out_channels: int
     groups: int
     mid_attention: bool
+    decoder: bool
     dtype: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        channels = self.block_out_channels
+        channels = self.block_out_channels[::-1] if self.decoder else self.block_out_channels
+        kind = "up" if self.decoder else "down"
+        inner = self.block_out_channels[-1]  # the mid block's width; one attention head
+        attention = functools.partial(SpatialAttention, inner, self.groups, _EPS, **kw)
+        mid = UNetMidBlock(inner, self.groups, _EPS,
+                           attention=attention if self.mid_attention else None, name="mid_block",
+                           **kw)
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
+        if self.decoder:
+            x = mid(x)
         for i, c in enumerate(channels):
-            resample = "down" if i < len(channels) - 1 else None
-            x = _Block(c, self.layers_per_block, resample, self.groups, name=f"down_blocks_{i}",
-                       **kw)(x)
-        x = _MidBlock(channels[-1], self.mid_attention, self.groups, name="mid_block", **kw)(x)
-        x = nn.silu(GroupNorm(self.groups, _EPS, name="conv_norm_out", **kw)(x))
-        return conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
-
-
-class _Decoder(nn.Module):
-    """diffusers' VAE ``Decoder`` (group norms): NHWC latents -> NHWC image."""
-
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int
-    out_channels: int
-    groups: int
-    mid_attention: bool
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, z: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        channels = self.block_out_channels[::-1]
-        x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(z)
-        x = _MidBlock(channels[0], self.mid_attention, self.groups, name="mid_block", **kw)(x)
-        for i, c in enumerate(channels):
-            resample = "up" if i < len(channels) - 1 else None
-            x = _Block(c, self.layers_per_block + 1, resample, self.groups, name=f"up_blocks_{i}",
-                       **kw)(x)
+            x, _ = UNetBlock(c, self.layers_per_block + self.decoder,
+                             kind if i < len(channels) - 1 else None, self.groups, _EPS,
+                             downsample_padding=0, name=f"{kind}_blocks_{i}", **kw)(x)
+        if not self.decoder:
+            x = mid(x)
         x = nn.silu(GroupNorm(self.groups, _EPS, name="conv_norm_out", **kw)(x))
         return conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
 
@@ -161,7 +100,7 @@ def _nhwc_to_nchw(x: Array) -> Array:
     return jnp.transpose(x, (0, 3, 1, 2))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(ConfigPort):
     """diffusers' ``AutoencoderKL`` (the Stable Diffusion VAE), in Flax.
 
     Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the compute
@@ -203,11 +142,11 @@ class AutoencoderKL(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("_class_name", "AutoencoderKL")
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING
+
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "AutoencoderKL", self)
 
         if self.act_fn not in ("silu", "swish"):
@@ -251,41 +190,13 @@ class AutoencoderKL(nn.Module):
         """How much smaller the latents are than the images, per side: ``2 ** (L - 1)``."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "AutoencoderKL":
-        """The module a diffusers ``AutoencoderKL`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or a diffusers model's ``config``). Absent keys
-                take diffusers' defaults; the bookkeeping keys ``_class_name`` (which must be
-                ``"AutoencoderKL"``), ``_diffusers_version``, ``_name_or_path`` and
-                ``_use_default_values`` are skipped.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            ValueError: naming the first key this port does not know or whose value it does not
-                support.
-        """
-        kwargs = config_kwargs(cls, config, what="AutoencoderKL",
-                               kind=("_class_name", "AutoencoderKL"), skip=_BOOKKEEPING)
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return module_config(self)
-
     def setup(self):
         kw = dict(block_out_channels=self.block_out_channels,
                   layers_per_block=self.layers_per_block, groups=self.norm_num_groups,
                   mid_attention=self.mid_block_add_attention, dtype=self.dtype,
                   param_dtype=self.param_dtype)
-        self.encoder = _Encoder(out_channels=2 * self.latent_channels, **kw)
-        self.decoder = _Decoder(out_channels=self.out_channels, **kw)
+        self.encoder = _Coder(out_channels=2 * self.latent_channels, decoder=False, **kw)
+        self.decoder = _Coder(out_channels=self.out_channels, decoder=True, **kw)
         conv = dict(kernel_size=(1, 1), padding="VALID", dtype=self.dtype,
                     param_dtype=self.param_dtype)
         if self.use_quant_conv:

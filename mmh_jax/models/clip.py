@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
+from mmh_jax.models._config import ConfigPort, config_kwargs, module_config, unsupported
 from mmh_jax.models.layers import attention
 
 __all__ = ["CLIPModel", "CLIPOutput", "CLIPTextModel", "CLIPTextOutput", "CLIPVisionModel",
@@ -112,6 +112,22 @@ def _check_tower(module: Any, what: str, sizes: tuple[str, ...]):
     if not isinstance(module.layer_norm_eps, (int, float)) or not module.layer_norm_eps > 0:
         raise bad("layer_norm_eps", "a positive number")
     return bad
+
+
+class _Tower(ConfigPort):
+    """What the text and the vision tower share: their transformers config, ``model_type``
+    ``KIND[1]``, read by :meth:`from_config` (the keys that do not change the inference forward
+    pass skipped, ``pruned_heads`` empty) and written by :meth:`to_config`."""
+
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = _BOOKKEEPING
+    FIXED_KEYS: ClassVar[Mapping[str, tuple]] = {"pruned_heads": ({},)}
+    KEY_HINTS: ClassVar[Mapping[str, str]] = {
+        "pruned_heads": "pruned heads change the layer shapes"}
+
+    def to_config(self) -> dict[str, Any]:
+        """The transformers config (JSON-serialisable, with its ``model_type``) that
+        :meth:`from_config` reads back."""
+        return {"model_type": self.KIND[1], **module_config(self)}
 
 
 class _SelfAttention(nn.Module):
@@ -208,7 +224,7 @@ class _Embeddings(nn.Module):
         return tokens(input_ids) + positions(jnp.arange(input_ids.shape[1]))[None]
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(_Tower):
     """transformers' ``CLIPTextModel`` (the text tower of CLIP), in Flax.
 
     Attributes are transformers' ``CLIPTextConfig`` keys (same names, same defaults);
@@ -244,11 +260,10 @@ class CLIPTextModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("model_type", "clip_text_model")
+
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = _check_tower(self, "CLIPTextModel", ("vocab_size", "max_position_embeddings"))
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
             raise bad("eos_token_id", "an int (it selects the pooled position)")
@@ -256,38 +271,6 @@ class CLIPTextModel(nn.Module):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(key, "None or an int")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "CLIPTextModel":
-        """The module a transformers ``CLIPTextModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or ``CLIPTextConfig.to_dict()``). Absent keys
-                take transformers' defaults; ``model_type`` must be ``"clip_text_model"`` if
-                present; keys that do not change the inference forward pass (file bookkeeping,
-                initialisation, dropout, output-format and generation settings) are skipped,
-                and ``pruned_heads`` must be empty.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            TypeError: if ``config`` is not a mapping.
-            ValueError: naming the first key this port does not know or whose value it does
-                not support.
-        """
-        kwargs = config_kwargs(cls, config, what="CLIPTextModel",
-                               kind=("model_type", "clip_text_model"), skip=_BOOKKEEPING,
-                               fixed={"pruned_heads": ({},)},
-                               hints={"pruned_heads": "pruned heads change the layer shapes"})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {"model_type": "clip_text_model", **module_config(self)}
 
     @nn.compact
     def __call__(self, input_ids: Int[ArrayLike, "b n"]) -> CLIPTextOutput:
@@ -371,7 +354,7 @@ class _VisionEmbeddings(nn.Module):
         return h + positions(jnp.arange(self.num_positions))[None]
 
 
-class CLIPVisionModel(nn.Module):
+class CLIPVisionModel(_Tower):
     """transformers' ``CLIPVisionModel`` (the ViT image tower of CLIP), in Flax.
 
     Attributes are transformers' ``CLIPVisionConfig`` keys (same names, same defaults);
@@ -403,6 +386,8 @@ class CLIPVisionModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("model_type", "clip_vision_model")
+
     def __post_init__(self):
         super().__post_init__()
         bad = _check_tower(self, "CLIPVisionModel", ("num_channels", "image_size", "patch_size"))
@@ -413,31 +398,6 @@ class CLIPVisionModel(nn.Module):
     def num_positions(self) -> int:
         """The class token plus ``(image_size / patch_size) ** 2`` patches."""
         return (self.image_size // self.patch_size) ** 2 + 1
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "CLIPVisionModel":
-        """The module a transformers ``CLIPVisionModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or ``CLIPVisionConfig.to_dict()``, a
-                ``CLIPModel`` config's ``vision_config``). Absent keys take transformers'
-                defaults; ``model_type`` must be ``"clip_vision_model"`` if present; keys that do
-                not change the inference forward pass are skipped.
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Raises:
-            TypeError: if ``config`` is not a mapping.
-            ValueError: naming the first key this port does not know or does not support.
-        """
-        kwargs = config_kwargs(cls, config, what="CLIPVisionModel",
-                               kind=("model_type", "clip_vision_model"), skip=_BOOKKEEPING)
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The transformers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return {"model_type": "clip_vision_model", **module_config(self)}
 
     @nn.compact
     def __call__(self, pixel_values: Float[ArrayLike, "b c h w"]) -> CLIPVisionOutput:

@@ -1,5 +1,6 @@
 """diffusers building blocks shared by the Flax ports of ``UNet2DModel``, ``UNet2DConditionModel``
-and ``AutoencoderKL``.
+and ``AutoencoderKL``: the pieces (resnet, attention, resamplers) and the blocks made of them,
+which take the attention that differs between the three as a module factory.
 
 All of them compute on channels-last (NHWC) arrays. Parameter scopes follow the PyTorch module
 names (``resnets_0/norm1`` for ``resnets.0.norm1``), which :class:`mmh_jax.convert.diffusers.DiffusersTable`
@@ -8,15 +9,52 @@ maps key by key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, upsample_nearest_2x
 
-__all__ = ["TimestepMLP", "ResnetBlock2D", "SpatialAttention", "Downsample2D", "Upsample2D"]
+__all__ = ["TimestepMLP", "ResnetBlock2D", "SpatialAttention", "Downsample2D", "Upsample2D",
+           "UNetBlock", "UNetMidBlock", "unet_inputs"]
+
+
+def unet_inputs(sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"], *,
+                in_channels: int, levels: int, center: bool
+                ) -> tuple[Float[Array, "b h w c"], Float[Array, " b"]]:
+    """A diffusers UNet's call arguments, checked: the sample in NHWC (``2 * sample - 1`` with
+    ``center_input_sample``) and the timesteps of shape ``[b]``.
+
+    Args:
+        sample: NCHW, ``in_channels`` channels, height and width divisible by ``2 ** levels``.
+        timesteps: shape ``[b]``, or a scalar for the whole batch.
+        in_channels: the UNet's ``in_channels``.
+        levels: how many times the UNet halves the resolution.
+        center: the UNet's ``center_input_sample``.
+
+    Returns:
+        ``(sample [b, h, w, c], timesteps [b])``.
+
+    Raises:
+        ValueError: naming the argument of the wrong shape.
+    """
+    sample = jnp.asarray(sample)
+    if sample.ndim != 4 or sample.shape[1] != in_channels:
+        raise ValueError(f"sample must have shape [b, {in_channels}, h, w], got {sample.shape}")
+    if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
+        raise ValueError(f"sample height and width must be divisible by {2**levels}, "
+                         f"got {sample.shape[2:]}")
+    batch = sample.shape[0]
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim == 0:
+        timesteps = jnp.broadcast_to(timesteps, (batch,))
+    if timesteps.shape != (batch,):
+        raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+    if center:
+        sample = 2 * sample - 1.0
+    return jnp.transpose(sample, (0, 2, 3, 1)), timesteps
 
 
 class TimestepMLP(nn.Module):
@@ -130,3 +168,90 @@ class Upsample2D(nn.Module):
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w channels"]:
         return conv2d(self.channels, 3, padding=1, name="conv", dtype=self.dtype,
                       param_dtype=self.param_dtype)(upsample_nearest_2x(x))
+
+
+class UNetBlock(nn.Module):
+    """A diffusers down or up block: ``num_layers`` resnets, each followed by ``attention`` when
+    it is given, then an optional resampler.
+
+    The down blocks (``DownBlock2D``, ``AttnDownBlock2D``, ``CrossAttnDownBlock2D``,
+    ``DownEncoderBlock2D``) end in a :class:`Downsample2D`, the up blocks (``UpBlock2D``,
+    ``AttnUpBlock2D``, ``CrossAttnUpBlock2D``, ``UpDecoderBlock2D``) in an :class:`Upsample2D`
+    and concatenate a UNet skip connection to the input of each resnet when ``skips`` are given.
+
+    ``attention`` builds the module after each resnet from its scope name (``attentions_{j}``),
+    e.g. ``functools.partial(SpatialAttention, head_dim, groups, eps)``; it is applied to
+    ``(x, *attention_inputs)``. The call returns the block's output and the output of every
+    layer and of the downsampler (the skips a UNet's up blocks read back).
+    """
+
+    channels: int
+    num_layers: int
+    resample: Literal["down", "up"] | None
+    groups: int
+    eps: float
+    scale_shift: bool = False
+    attention: Callable[..., nn.Module] | None = None
+    downsample_padding: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None,
+                 *attention_inputs: Array, skips: list[Array] | None = None
+                 ) -> tuple[Float[Array, "b h2 w2 channels"], list[Array]]:
+        """Apply the block.
+
+        Args:
+            x: NHWC input.
+            emb: the time embedding the resnets add (None: resnets without one, the VAE's).
+            *attention_inputs: further inputs of each attention (a transformer's context).
+            skips: an up block's skip connections; the last is read by the first resnet.
+
+        Returns:
+            ``(output, [each layer's output, then the downsampler's])``.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        outputs = []
+        for j in range(self.num_layers):
+            if skips is not None:
+                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
+            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
+                              name=f"resnets_{j}", **kw)(x, emb)
+            if self.attention is not None:
+                x = self.attention(name=f"attentions_{j}")(x, *attention_inputs)
+            outputs.append(x)
+        if self.resample == "down":
+            x = Downsample2D(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
+            outputs.append(x)
+        elif self.resample == "up":
+            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
+        return x, outputs
+
+
+class UNetMidBlock(nn.Module):
+    """diffusers' ``UNetMidBlock2D`` / ``UNetMidBlock2DCrossAttn``: resnet, ``attention`` (when
+    given, built as in :class:`UNetBlock` and applied to ``(x, *attention_inputs)``), resnet;
+    both resnets divide their output by ``output_scale_factor``."""
+
+    channels: int
+    groups: int
+    eps: float
+    scale_shift: bool = False
+    output_scale_factor: float = 1.0
+    attention: Callable[..., nn.Module] | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None,
+                 *attention_inputs: Array) -> Float[Array, "b h w c"]:
+        """Apply the block to NHWC ``x`` with the time embedding ``emb`` (None: none) and the
+        attention's further inputs."""
+        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
+                      output_scale_factor=self.output_scale_factor, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
+        x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
+        if self.attention is not None:
+            x = self.attention(name="attentions_0")(x, *attention_inputs)
+        return ResnetBlock2D(self.channels, name="resnets_1", **resnet)(x, emb)

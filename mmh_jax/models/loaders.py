@@ -220,9 +220,6 @@ def save_unet2d(path: str | os.PathLike, model: Pretrained) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if not isinstance(model.module, UNet2D):
         raise TypeError(f"model.module must be a UNet2D, got {type(model.module).__name__}")
     metadata = {

@@ -31,6 +31,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax._src.files import require_file
 from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.sscd import convert_sscd, sscd_abstract_params
@@ -273,10 +274,7 @@ def load_sscd(path: str | os.PathLike, *, arch: Arch = "resnext101_32x4d",
             archive naming a global outside the reader's allow-list
             (:class:`~mmh_jax.convert.safe_pickle.UnsafePickleError`).
     """
-    path = Path(path)
-    if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"SSCD checkpoint {str(path)!r} {reason}")
+    path = require_file(path, "SSCD checkpoint")
     source = repr(str(path))
     stored = None
     if path.suffix == ".safetensors":
@@ -360,9 +358,6 @@ def save_sscd(path: str | os.PathLike, model: PretrainedSSCD) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if not isinstance(model.module, SSCD):
         raise TypeError(f"model.module must be an SSCD, got {type(model.module).__name__}")
     metadata = {"architecture": _ARCHITECTURE, "config": model.module.config()}

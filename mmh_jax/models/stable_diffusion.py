@@ -505,9 +505,6 @@ def save_stable_diffusion(path: str | os.PathLike, model: StableDiffusion,
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if tokenizer_files is None:
         tokenizer_files = _tokenizer_files(model.tokenizer)
     metadata = {

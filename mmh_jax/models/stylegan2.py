@@ -52,6 +52,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax._src.files import require_file
 from mmh_jax.convert.core import ConversionError, check_params
 from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.stylegan2 import convert_stylegan2, stylegan2_abstract_params
@@ -445,9 +446,6 @@ class StyleGAN2Generator(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "StyleGAN2Generator", self)
 
         def is_int(v: Any) -> bool:
@@ -806,10 +804,7 @@ def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = 
 
     if network not in _NETWORKS:
         raise ValueError(f"network must be 'G' or 'G_ema', got {network!r}")
-    path = Path(path)
-    if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"StyleGAN2 checkpoint {str(path)!r} {reason}")
+    path = require_file(path, "StyleGAN2 checkpoint")
     source = repr(str(path))
     stored = None
     if path.suffix == ".pkl":
@@ -866,9 +861,6 @@ def save_stylegan2(path: str | os.PathLike, model: PretrainedGenerator) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     if not isinstance(model.module, StyleGAN2Generator):
         raise TypeError(f"model.module must be a StyleGAN2Generator, got "
                         f"{type(model.module).__name__}")

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
+from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
 from mmh_jax.models.diffusers_blocks import (
-    Downsample2D,
-    ResnetBlock2D,
     SpatialAttention,
     TimestepMLP,
-    Upsample2D,
+    UNetBlock,
+    UNetMidBlock,
+    unet_inputs,
 )
 from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
 
@@ -47,81 +47,11 @@ UpBlockType = Literal["UpBlock2D", "AttnUpBlock2D"]
 
 _DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
-# Keys diffusers keeps about the file rather than the model (``_use_default_values`` is in a
-# loaded model's ``config`` but not in ``config.json``).
-_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # Class conditioning: supported only when absent.
 _MUST_BE_NONE = ("class_embed_type", "num_class_embeds")
-# Read by diffusers only for time_embedding_type="learned", which this port rejects.
-_UNUSED = ("num_train_timesteps",)
 
 
-class _Block(nn.Module):
-    """A down block (``DownBlock2D``/``AttnDownBlock2D``) or an up block (``UpBlock2D``/
-    ``AttnUpBlock2D``): resnets, each optionally followed by attention, then a resampler."""
-
-    channels: int
-    num_layers: int
-    attention: bool
-    head_dim: int
-    resample: bool
-    groups: int
-    eps: float
-    scale_shift: bool
-    dtype: Any
-    param_dtype: Any
-    downsample_padding: int | None = None  # None: an up block
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array, skips: list[Array] | None = None
-                 ) -> tuple[Array, list[Array]]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        outputs = []
-        for j in range(self.num_layers):
-            if skips is not None:
-                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
-                             name=f"resnets_{j}", **kw)(x, emb)
-            if self.attention:
-                x = SpatialAttention(self.head_dim, self.groups, self.eps, name=f"attentions_{j}",
-                               **kw)(x)
-            outputs.append(x)
-        if self.resample and self.downsample_padding is not None:
-            x = Downsample2D(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
-            outputs.append(x)
-        elif self.resample:
-            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
-        return x, outputs
-
-
-class _MidBlock(nn.Module):
-    """diffusers' ``UNetMidBlock2D``: resnet, optional attention, resnet."""
-
-    channels: int
-    attention: bool
-    head_dim: int
-    attention_groups: int | None
-    groups: int
-    eps: float
-    scale_shift: bool
-    output_scale_factor: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
-                      output_scale_factor=self.output_scale_factor, **kw)
-        x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
-        if self.attention:
-            x = SpatialAttention(self.head_dim, self.attention_groups, self.eps,
-                           rescale_output_factor=self.output_scale_factor, name="attentions_0",
-                           **kw)(x)
-        return ResnetBlock2D(self.channels, name="resnets_1", **resnet)(x, emb)
-
-
-class UNet2D(nn.Module):
+class UNet2D(ConfigPort):
     """diffusers' ``UNet2DModel`` for unconditional DDPM-style UNets, in Flax.
 
     Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the
@@ -168,11 +98,14 @@ class UNet2D(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("_class_name", "UNet2DModel")
+    # read by diffusers only for time_embedding_type="learned", which this port rejects
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING + ("num_train_timesteps",)
+    FIXED_KEYS: ClassVar[Mapping[str, tuple]] = {key: (None,) for key in _MUST_BE_NONE}
+    KEY_HINTS: ClassVar[Mapping[str, str]] = {key: "class conditioning" for key in _MUST_BE_NONE}
+
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "UNet2D", self)
 
         fixed = {"time_embedding_type": ("positional",), "downsample_type": ("conv",),
@@ -215,37 +148,6 @@ class UNet2D(nn.Module):
             return self.attn_norm_num_groups
         return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "UNet2D":
-        """The module a diffusers ``UNet2DModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json``. Absent keys take diffusers' defaults; the
-                bookkeeping keys ``_class_name`` (which must be ``"UNet2DModel"``),
-                ``_diffusers_version``, ``_name_or_path`` and ``_use_default_values`` are
-                skipped, and so is ``num_train_timesteps`` (used only by learned time
-                embeddings).
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            ValueError: naming the first key this port does not know or whose value it does not
-                support (class conditioning, Fourier time embeddings, other block types, ...).
-        """
-        kwargs = config_kwargs(cls, config, what="UNet2D", kind=("_class_name", "UNet2DModel"),
-                               skip=_BOOKKEEPING + _UNUSED,
-                               fixed={key: (None,) for key in _MUST_BE_NONE},
-                               hints={key: "class conditioning" for key in _MUST_BE_NONE})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back."""
-        return module_config(self)
-
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]
                  ) -> Float[Array, "b c_out h w"]:
@@ -260,51 +162,44 @@ class UNet2D(nn.Module):
         Returns:
             ``[b, out_channels, h, w]`` in the compute dtype.
         """
-        sample = jnp.asarray(sample)
-        levels = len(self.block_out_channels) - 1
-        if sample.ndim != 4 or sample.shape[1] != self.in_channels:
-            raise ValueError(f"sample must have shape [b, {self.in_channels}, h, w], "
-                             f"got {sample.shape}")
-        if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
-            raise ValueError(f"sample height and width must be divisible by {2**levels}, "
-                             f"got {sample.shape[2:]}")
-        batch = sample.shape[0]
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim == 0:
-            timesteps = jnp.broadcast_to(timesteps, (batch,))
-        if timesteps.shape != (batch,):
-            raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+        channels = self.block_out_channels
+        levels = len(channels) - 1
+        x, timesteps = unet_inputs(sample, timesteps, in_channels=self.in_channels, levels=levels,
+                                   center=self.center_input_sample)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
                       scale_shift=self.resnet_time_scale_shift == "scale_shift", **kw)
-        channels = self.block_out_channels
 
-        if self.center_input_sample:
-            sample = 2 * sample - 1.0
-        x = jnp.transpose(sample, (0, 2, 3, 1))
         emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
                                  freq_shift=self.freq_shift)
         emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
                            **kw)(emb)
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
 
+        def attention(c: int, groups: int | None = self.norm_num_groups, rescale: float = 1.0
+                      ) -> functools.partial:
+            return functools.partial(SpatialAttention, self.attention_head_dim or c, groups,
+                                     self.norm_eps, rescale, **kw)
+
         skips = [x]
         for i, (kind, c) in enumerate(zip(self.down_block_types, channels)):
-            x, outputs = _Block(c, self.layers_per_block, kind == "AttnDownBlock2D",
-                                self.attention_head_dim or c, resample=i < levels,
-                                downsample_padding=self.downsample_padding,
-                                name=f"down_blocks_{i}", **common)(x, emb)
+            x, outputs = UNetBlock(
+                c, self.layers_per_block, "down" if i < levels else None,
+                attention=attention(c) if kind == "AttnDownBlock2D" else None,
+                downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
+                **common)(x, emb)
             skips.extend(outputs)
         if self.mid_block_type is not None:
-            x = _MidBlock(channels[-1], self.add_attention,
-                          self.attention_head_dim or channels[-1], self.mid_attention_groups,
-                          output_scale_factor=self.mid_block_scale_factor, name="mid_block",
-                          **common)(x, emb)
+            mid = attention(channels[-1], self.mid_attention_groups, self.mid_block_scale_factor)
+            x = UNetMidBlock(channels[-1], output_scale_factor=self.mid_block_scale_factor,
+                             attention=mid if self.add_attention else None, name="mid_block",
+                             **common)(x, emb)
         n = self.layers_per_block + 1
         for i, (kind, c) in enumerate(zip(self.up_block_types, reversed(channels))):
             skips, block_skips = skips[:-n], skips[-n:]
-            x, _ = _Block(c, n, kind == "AttnUpBlock2D", self.attention_head_dim or c,
-                          resample=i < levels, name=f"up_blocks_{i}", **common)(x, emb, block_skips)
+            x, _ = UNetBlock(c, n, "up" if i < levels else None,
+                             attention=attention(c) if kind == "AttnUpBlock2D" else None,
+                             name=f"up_blocks_{i}", **common)(x, emb, skips=block_skips)
 
         x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
                               **kw)(x))

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models._config import config_kwargs, module_config, unsupported
-from mmh_jax.models.diffusers_blocks import Downsample2D, ResnetBlock2D, TimestepMLP, Upsample2D
+from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
+from mmh_jax.models.diffusers_blocks import TimestepMLP, UNetBlock, UNetMidBlock, unet_inputs
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
 
 __all__ = ["SD15_UNET_CONFIG", "UNet2DCondition"]
@@ -46,8 +46,6 @@ UpBlockType = Literal["UpBlock2D", "CrossAttnUpBlock2D"]
 
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
-# Keys diffusers keeps about the file rather than the model.
-_BOOKKEEPING = ("_diffusers_version", "_name_or_path", "_use_default_values")
 # diffusers keys that select features this port does not have: each must keep the value given
 # (any of the listed values), which is diffusers' default or equivalent to it.
 _FIXED: dict[str, tuple] = {
@@ -69,8 +67,6 @@ _FIXED: dict[str, tuple] = {
     "resnet_out_scale_factor": (1.0,),
     "reverse_transformer_layers_per_block": (None,),
 }
-# Read by diffusers only for an addition_embed_type this port refuses.
-_UNUSED = ("addition_embed_type_num_heads",)
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -184,71 +180,7 @@ class _Transformer2D(nn.Module):
         return h + x
 
 
-class _Block(nn.Module):
-    """A down block (``DownBlock2D``/``CrossAttnDownBlock2D``) or an up block (``UpBlock2D``/
-    ``CrossAttnUpBlock2D``): resnets, each followed by a transformer in the cross-attention
-    kinds, then a resampler."""
-
-    channels: int
-    num_layers: int
-    cross_attention: bool
-    heads: int
-    transformer_layers: int
-    resample: bool
-    groups: int
-    eps: float
-    scale_shift: bool
-    dtype: Any
-    param_dtype: Any
-    downsample_padding: int | None = None  # None: an up block
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array, context: Array, skips: list[Array] | None = None
-                 ) -> tuple[Array, list[Array]]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        outputs = []
-        for j in range(self.num_layers):
-            if skips is not None:
-                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
-                              name=f"resnets_{j}", **kw)(x, emb)
-            if self.cross_attention:
-                x = _Transformer2D(self.heads, self.transformer_layers, self.groups,
-                                   name=f"attentions_{j}", **kw)(x, context)
-            outputs.append(x)
-        if self.resample and self.downsample_padding is not None:
-            x = Downsample2D(self.channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
-            outputs.append(x)
-        elif self.resample:
-            x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
-        return x, outputs
-
-
-class _MidBlock(nn.Module):
-    """diffusers' ``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet."""
-
-    channels: int
-    heads: int
-    transformer_layers: int
-    groups: int
-    eps: float
-    scale_shift: bool
-    output_scale_factor: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array, emb: Array, context: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
-                      output_scale_factor=self.output_scale_factor, **kw)
-        x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
-        x = _Transformer2D(self.heads, self.transformer_layers, self.groups, name="attentions_0",
-                           **kw)(x, context)
-        return ResnetBlock2D(self.channels, name="resnets_1", **resnet)(x, emb)
-
-
-class UNet2DCondition(nn.Module):
+class UNet2DCondition(ConfigPort):
     """diffusers' ``UNet2DConditionModel`` for Stable Diffusion v1.x / v2.x, in Flax.
 
     Attributes are diffusers' config keys (same names, same defaults); ``dtype`` is the
@@ -305,11 +237,17 @@ class UNet2DCondition(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    KIND: ClassVar[tuple[str, str]] = ("_class_name", "UNet2DConditionModel")
+    # read by diffusers only for an addition_embed_type this port refuses
+    SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING + (
+        "addition_embed_type_num_heads",)
+    FIXED_KEYS: ClassVar[Mapping[str, tuple]] = _FIXED
+    KEY_HINTS: ClassVar[Mapping[str, str]] = {
+        "addition_embed_type": "added conditioning such as SDXL's text_time; SDXL is not "
+                               "supported"}
+
     def __post_init__(self):
         super().__post_init__()
-        self._check_config()
-
-    def _check_config(self) -> None:
         bad = functools.partial(unsupported, "UNet2DCondition", self)
 
         def positive_int(value: Any) -> bool:
@@ -362,40 +300,6 @@ class UNet2DCondition(nn.Module):
         if not isinstance(self.downsample_padding, int) or self.downsample_padding < 0:
             raise bad("downsample_padding", "an int >= 0")
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "UNet2DCondition":
-        """The module a diffusers ``UNet2DConditionModel`` config describes, read strictly.
-
-        Args:
-            config: the parsed ``config.json`` (or a loaded model's ``config``). Absent keys
-                take diffusers' defaults; the bookkeeping keys ``_class_name`` (which must be
-                ``"UNet2DConditionModel"``), ``_diffusers_version``, ``_name_or_path`` and
-                ``_use_default_values`` are skipped, and so is ``addition_embed_type_num_heads``
-                (read only with added conditioning, which is refused).
-            dtype: compute dtype.
-            param_dtype: parameter dtype.
-
-        Returns:
-            The (unbound) module.
-
-        Raises:
-            ValueError: naming the first key this port does not know or whose value it does not
-                support (SDXL's text-time conditioning, class conditioning, other block types,
-                ...), with the value expected.
-        """
-        kwargs = config_kwargs(
-            cls, config, what="UNet2DCondition", kind=("_class_name", "UNet2DConditionModel"),
-            skip=_BOOKKEEPING + _UNUSED, fixed=_FIXED,
-            hints={"addition_embed_type": "added conditioning such as SDXL's text_time; SDXL "
-                                          "is not supported"})
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
-
-    def to_config(self) -> dict[str, Any]:
-        """The diffusers config (JSON-serialisable) that :meth:`from_config` reads back and
-        ``diffusers.UNet2DConditionModel(**config)`` builds."""
-        return module_config(self)
-
     @nn.compact
     def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"],
                  encoder_hidden_states: Float[ArrayLike, "b n d"]) -> Float[Array, "b c_out h w"]:
@@ -412,22 +316,12 @@ class UNet2DCondition(nn.Module):
         Returns:
             ``[b, out_channels, h, w]`` in the compute dtype.
         """
-        sample = jnp.asarray(sample)
         channels = self.block_out_channels
         n_blocks = len(channels)
         levels = n_blocks - 1
-        if sample.ndim != 4 or sample.shape[1] != self.in_channels:
-            raise ValueError(f"sample must have shape [b, {self.in_channels}, h, w], "
-                             f"got {sample.shape}")
-        if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
-            raise ValueError(f"sample height and width must be divisible by {2**levels}, "
-                             f"got {sample.shape[2:]}")
-        batch = sample.shape[0]
-        timesteps = jnp.asarray(timesteps)
-        if timesteps.ndim == 0:
-            timesteps = jnp.broadcast_to(timesteps, (batch,))
-        if timesteps.shape != (batch,):
-            raise ValueError(f"timesteps must have shape [{batch}] or [], got {timesteps.shape}")
+        x, timesteps = unet_inputs(sample, timesteps, in_channels=self.in_channels, levels=levels,
+                                   center=self.center_input_sample)
+        batch = x.shape[0]
         context = jnp.asarray(encoder_hidden_states)
         if (context.ndim != 3 or context.shape[0] != batch
                 or context.shape[2] != self.cross_attention_dim):
@@ -442,9 +336,6 @@ class UNet2DCondition(nn.Module):
         transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks)
         heads = _per_block(self.attention_head_dim, n_blocks)
 
-        if self.center_input_sample:
-            sample = 2 * sample - 1.0
-        x = jnp.transpose(sample, (0, 2, 3, 1))
         emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
                                  freq_shift=self.freq_shift)
         emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
@@ -452,24 +343,29 @@ class UNet2DCondition(nn.Module):
         x = conv2d(channels[0], self.conv_in_kernel, padding=(self.conv_in_kernel - 1) // 2,
                    name="conv_in", **kw)(x)
 
+        def transformer(i: int) -> functools.partial:
+            return functools.partial(_Transformer2D, heads[i], transformer_layers[i],
+                                     self.norm_num_groups, **kw)
+
         skips = [x]
         for i, kind in enumerate(self.down_block_types):
-            x, outputs = _Block(channels[i], layers[i], kind == "CrossAttnDownBlock2D", heads[i],
-                                transformer_layers[i], resample=i < levels,
-                                downsample_padding=self.downsample_padding,
-                                name=f"down_blocks_{i}", **common)(x, emb, context)
+            x, outputs = UNetBlock(
+                channels[i], layers[i], "down" if i < levels else None,
+                attention=transformer(i) if kind == "CrossAttnDownBlock2D" else None,
+                downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
+                **common)(x, emb, context)
             skips.extend(outputs)
         if self.mid_block_type is not None:
-            x = _MidBlock(channels[-1], heads[-1], transformer_layers[-1],
-                          output_scale_factor=self.mid_block_scale_factor, name="mid_block",
-                          **common)(x, emb, context)
+            x = UNetMidBlock(channels[-1], output_scale_factor=self.mid_block_scale_factor,
+                             attention=transformer(-1), name="mid_block",
+                             **common)(x, emb, context)
         for i, kind in enumerate(self.up_block_types):
             r = n_blocks - 1 - i  # the down block this up block mirrors
             n = layers[r] + 1
             skips, block_skips = skips[:-n], skips[-n:]
-            x, _ = _Block(channels[r], n, kind == "CrossAttnUpBlock2D", heads[r],
-                          transformer_layers[r], resample=i < levels, name=f"up_blocks_{i}",
-                          **common)(x, emb, context, block_skips)
+            x, _ = UNetBlock(channels[r], n, "up" if i < levels else None,
+                             attention=transformer(r) if kind == "CrossAttnUpBlock2D" else None,
+                             name=f"up_blocks_{i}", **common)(x, emb, context, skips=block_skips)
 
         x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
                               **kw)(x))
