@@ -66,7 +66,7 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
     # The truth: FLIPD (Eq. 6) of s^CFG at the clean point x_t / psi(t), which evaluates the
     # score at x_t (paper, Eqs. 14, 26), through mmh_jax.lid.flipd; the probe of FLIPD step j
     # is flipd's draw from the per-image keys fold_in(keys[i], j).
-    score = cfg_score_fn(sd.eps, sd.schedule, cond, sd.uncond_embedding, G)
+    score = cfg_score_fn(sd.eps, cond, sd.uncond_embedding, schedule=sd.schedule, guidance=G)
     T = sd.schedule.num_timesteps
     truth = []
     for j in range(K):
@@ -74,9 +74,9 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
         t = jnp.full((2,), (int(ref.timesteps[i]) + 1) / T)
         x = ref.latents[i] / sd.schedule.psi(t)[:, None, None, None]
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
-        truth.append(flipd(score, x, t, schedule=sd.schedule, key=step_keys))
+        truth.append(flipd(score, x, t0=t, schedule=sd.schedule, key=step_keys))
         if j == 0:  # the probe matters: another draw gives another number
-            other = flipd(score, x, t, schedule=sd.schedule,
+            other = flipd(score, x, t0=t, schedule=sd.schedule,
                           key=jax.random.split(jax.random.key(99), 2))
     truth = np.asarray(truth)
     np.testing.assert_allclose(out.flipd, truth, rtol=2e-4)

@@ -122,9 +122,9 @@ def test_flipd_metric_is_lid_flipd_of_the_cfg_score_at_the_noisy_point(sd, traje
     key = jax.random.key(7)
     ours = metric_values(sd.eps, points, cond, sd.uncond_embedding, metric="flipd",
                          schedule=sd.schedule, guidance=GUIDANCE, key=key)
-    score = cfg_score_fn(sd.eps, sd.schedule, cond, sd.uncond_embedding, GUIDANCE)
+    score = cfg_score_fn(sd.eps, cond, sd.uncond_embedding, schedule=sd.schedule, guidance=GUIDANCE)
     psi = sd.schedule.psi(points.t).reshape(-1, 1, 1, 1)
-    truth = flipd(score, points.latents / psi, points.t, schedule=sd.schedule, key=key)
+    truth = flipd(score, points.latents / psi, t0=points.t, schedule=sd.schedule, key=key)
     np.testing.assert_allclose(ours, truth, rtol=1e-4, atol=1e-3)
     # the unconditional branch's trace matters: guidance 1 is the conditional model alone
     cond_only = metric_values(sd.eps, points, cond, sd.uncond_embedding, metric="flipd",
