@@ -87,7 +87,7 @@ class SubspaceGaussianMixture:
         return x, comp
 
     def log_prob_t(self, y: Float[Array, " d"], t: Array, *, schedule: Schedule) -> Array:
-        """``log p_t(y)`` of the noised mixture, ``x_t = psi(t) x_0 + sigma(t) eps`` (paper, Eq. 5)."""
+        """``log p_t(y)`` of the noised mixture, ``x_t = psi(t) x_0 + sigma(t) eps`` (Eq. 5)."""
         psi, sigma2 = schedule.psi(t), schedule.sigma(t) ** 2
         d = y.shape[0]
         lam = (psi * self.scales) ** 2  # [m, r] variances along the basis after scaling
@@ -108,7 +108,7 @@ class SubspaceGaussianMixture:
         return self.means.shape[1]
 
 
-
-def _mixture_score(mix: SubspaceGaussianMixture, x_t: Array, t: Array, *, schedule: Schedule) -> Array:
+def _mixture_score(mix: SubspaceGaussianMixture, x_t: Array, t: Array, *,
+                   schedule: Schedule) -> Array:
     log_prob = functools.partial(mix.log_prob_t, schedule=schedule)
     return jax.vmap(jax.grad(log_prob))(x_t, t)

@@ -31,6 +31,7 @@ __all__ = [
     "conditional_score_fn",
 ]
 
+
 def _times(t: ArrayLike, x_t: Array) -> Array:
     return jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (x_t.shape[0],))
 
@@ -61,13 +62,15 @@ def eps_pair(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLik
     """
     b = x_t.shape[0]
     t = _times(t, x_t)
-    context = jnp.concatenate([broadcast_batch(uncond, b, name="uncond"), broadcast_batch(cond, b, name="cond")])
+    context = jnp.concatenate([broadcast_batch(uncond, b, name="uncond"),
+                               broadcast_batch(cond, b, name="cond")])
     both = eps_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), context)
     return both[:b], both[b:]
 
 
 def cfg_eps(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLike, " b"],
-            cond: Array, uncond: Array, *, guidance: Float[ArrayLike, ""]) -> Float[Array, "b *event"]:
+            cond: Array, uncond: Array, *,
+            guidance: Float[ArrayLike, ""]) -> Float[Array, "b *event"]:
     """The guided noise prediction ``eps_u + guidance (eps_c - eps_u)`` (paper, Eq. 2)."""
     eps_u, eps_c = eps_pair(eps_fn, x_t, t, cond, uncond)
     return eps_u + jnp.asarray(guidance, eps_u.dtype) * (eps_c - eps_u)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.schedules import Schedule
 
 

@@ -91,4 +91,5 @@ def jacobian_rank(
     if threshold is None:
         eps = jnp.finfo(singular_values.dtype).eps
         threshold = singular_values[:, 0] * max(math.prod(out.shape[1:]), d_latent) * eps
-    return JacobianRankResult(lid=numerical_rank(singular_values, threshold=threshold), singular_values=singular_values)
+    return JacobianRankResult(lid=numerical_rank(singular_values, threshold=threshold),
+                              singular_values=singular_values)

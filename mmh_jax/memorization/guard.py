@@ -338,14 +338,15 @@ def calibrate_threshold(signals: Float[ArrayLike, " n"], *, target_fpr: float,
     return float(ordered[n - m] if higher_is_memorized else ordered[m - 1])
 
 
-def flag(signals: Float[ArrayLike, " n"], threshold: float, *,
+def flag(signals: Float[ArrayLike, " n"], *, threshold: float,
          higher_is_memorized: bool) -> Bool[np.ndarray, " n"]:
     """``signals > threshold`` (``higher_is_memorized``) or ``signals < threshold``.
 
     Args:
         signals: ``[n]`` finite signals.
         threshold: from :func:`calibrate_threshold`.
-        higher_is_memorized: the signal's direction (:func:`~mmh_jax.memorization.memorized_when_high`).
+        higher_is_memorized: the signal's direction
+            (:func:`~mmh_jax.memorization.memorized_when_high`).
 
     Returns:
         Boolean ``[n]``: ``True`` = flagged as memorized.
@@ -543,7 +544,7 @@ def guarded_generate(
     if not np.all(np.isfinite(signals)):
         bad = [prompts[i] for i in np.flatnonzero(~np.isfinite(signals))[:3]]
         raise FloatingPointError(f"the sampler gave non-finite signals (e.g. for {bad})")
-    flagged = flag(signals, threshold, higher_is_memorized=higher)
+    flagged = flag(signals, threshold=threshold, higher_is_memorized=higher)
 
     plain_seconds = overhead = None
     if measure_overhead:
@@ -580,7 +581,7 @@ def guarded_generate(
         for j, i in enumerate(redo):
             final_latents[i * m:(i + 1) * m] = new_latents[j * m:(j + 1) * m]
             final_signals[i] = new_signals[j]
-    final_flagged = flag(final_signals, threshold, higher_is_memorized=higher)
+    final_flagged = flag(final_signals, threshold=threshold, higher_is_memorized=higher)
     outcomes = [PromptOutcome(prompts[i], float(signals[i]), bool(flagged[i]), final_prompts[i],
                               i in redo, float(final_signals[i]), bool(final_flagged[i]),
                               errors[i]) for i in range(p)]

@@ -209,7 +209,8 @@ def _point_values(eps_fn, x, t, cond, uncond, probes, guidance, schedule, metric
 def _probes(keys: Array, shape: tuple[int, ...], num_probes: int, dtype) -> Array:
     """Rademacher probes ``[p, n, *shape]`` drawn as :func:`mmh_jax.lid.flipd` draws them
     (probe ``i`` of a point from ``fold_in(point key, i)``)."""
-    return jnp.stack([hutchinson_probe(keys, i, event_shape=shape, dtype=dtype) for i in range(num_probes)])
+    return jnp.stack([hutchinson_probe(keys, i, event_shape=shape, dtype=dtype)
+                      for i in range(num_probes)])
 
 
 def _check_points(points: MetricPoints) -> MetricPoints:
@@ -277,7 +278,8 @@ def _metric_values(eps_fn, points, cond, uncond, keys, guidance, schedule, *, me
     n = x.shape[0]
     probes = None if keys is None else _probes(keys, x.shape[1:], num_probes, x.dtype)
     return _point_values(eps_fn, x, t, broadcast_batch(cond, n, name="cond"),
-                         broadcast_batch(uncond, n, name="uncond"), probes, guidance, schedule, metric)
+                         broadcast_batch(uncond, n, name="uncond"), probes, guidance, schedule,
+                         metric)
 
 
 def prompt_metric(

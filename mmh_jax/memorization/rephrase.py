@@ -455,8 +455,8 @@ class SynonymRephraser:
             forms); default: the shipped table (:func:`load_synonyms`).
         key: ``None`` (default) takes the first synonym; a PRNG key picks among the synonyms by
             a hash of ``(key, prompt, word)`` (the key's data read as one integer: ``seed`` for
-            ``jax.random.key(seed)``), so a call is reproducible and different
-            keys give different rephrasings (the paper draws five per prompt and ``k``).
+            ``jax.random.key(seed)``), so a call is reproducible and different keys give
+            different rephrasings (the paper draws five per prompt and ``k``).
         punctuation: ``"drop"`` or ``"keep"`` for selected punctuation (see above).
     """
 

@@ -135,7 +135,8 @@ class Flipd:
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         score_fn = model.score_fn
         if self.conditional:
-            score_fn = cfg_score_fn(model.eps_fn, inputs.context, model.uncond, schedule=model.schedule, guidance=self.guidance)
+            score_fn = cfg_score_fn(model.eps_fn, inputs.context, model.uncond,
+                                    schedule=model.schedule, guidance=self.guidance)
         return {name: flipd(score_fn, inputs.points, t0=t, schedule=model.schedule, key=keys,
                             num_probes=self.num_probes, probe=self.probe)
                 for name, t in zip(self.names, self.t0)}

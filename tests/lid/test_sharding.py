@@ -57,7 +57,7 @@ def problem():
     odd = np.arange(BATCH) % 2 == 1
     return dict(
         schedule=schedule, mix=mix, comp=comp, odd=odd,
-        score=mix.score(schedule=schedule),  # one closure for the whole file: the estimators' caches hit
+        score=mix.score(schedule=schedule),  # one score function for the whole file: the estimators' caches hit
         gen=lambda z: jnp.tanh(0.3 * z @ w.T),
         args=dict(
             x=jnp.asarray(x),

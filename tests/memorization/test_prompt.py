@@ -14,7 +14,6 @@ from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd
 from mmh_jax.memorization.prompt import (
     MetricPoints,
-    memorized_when_high,
     metric_values,
     noised_points,
     optimize_embedding,
@@ -89,8 +88,6 @@ def test_metrics_equal_their_closed_forms(x64):
                                               metric="cfg", schedule=SCHEDULE)
     expected = np.mean(sigma**2 * 2 * (m_c - m_u) * size) / cond.size
     np.testing.assert_allclose(grad, np.full(cond.shape, expected), rtol=1e-5)
-    assert memorized_when_high("cfg") and memorized_when_high("cfg_score")
-    assert not memorized_when_high("flipd")
 
 
 @pytest.fixture(scope="module")

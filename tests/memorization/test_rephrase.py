@@ -124,8 +124,9 @@ def test_choose_tokens_distinct_reproducible_and_keyed():
     (([0.1, 0.2], 1.5), "k must be an integer"),
 ])
 def test_choose_tokens_errors(args, match):
+    attributions, k = args
     with pytest.raises(ValueError, match=match):
-        choose_tokens(*args, key=KEY)
+        choose_tokens(attributions, k=k, key=KEY)
 
 
 def test_choose_tokens_setting_errors():

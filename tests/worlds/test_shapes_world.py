@@ -333,6 +333,6 @@ def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh
     with pytest.raises(ValueError, match="images"):
         attribute_probabilities(classifier, images[:, :, :16])
     with pytest.raises(ValueError, match="learning_rate"):
-        train_attribute_classifier(learning_rate=0.0)
+        train_attribute_classifier(key=jax.random.key(0), learning_rate=0.0)
     with pytest.raises(TypeError, match="steps"):
-        train_attribute_classifier(steps=2.5)
+        train_attribute_classifier(key=jax.random.key(0), steps=2.5)
