@@ -75,7 +75,7 @@ def main() -> None:
     key = jax.random.key(1)
 
     def score_for(p):
-        return score_from_eps(lambda x, t: eps_net(p, x, t), schedule)
+        return score_from_eps(lambda x, t: eps_net(p, x, t), schedule=schedule)
 
     @jax.jit
     def forward(p, x):
@@ -91,15 +91,15 @@ def main() -> None:
 
     @jax.jit
     def flipd_1(p, x, key):
-        return flipd(score_for(p), x, 0.05, schedule=schedule, key=key)
+        return flipd(score_for(p), x, t0=0.05, schedule=schedule, key=key)
 
     @jax.jit
     def flipd_exact(p, x):
-        return flipd(score_for(p), x, 0.05, schedule=schedule, trace="exact", chunk_size=64)
+        return flipd(score_for(p), x, t0=0.05, schedule=schedule, trace="exact", chunk_size=64)
 
     @jax.jit
     def nb(p, x, key):
-        return normal_bundle(score_for(p), x, 0.05, schedule=schedule, key=key, chunk_size=64)
+        return normal_bundle(score_for(p), x, t0=0.05, schedule=schedule, key=key, chunk_size=64)
 
     x = jax.random.normal(key, (args.batch, 3, args.size, args.size))
     t_fwd = timed(lambda: forward(params, x), args.repeats, jax.block_until_ready)

@@ -100,7 +100,7 @@ def main() -> None:
     def bare_step(score_fn, x, index):
         base = jax.random.key(0)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, 0), i))(index)
-        return flipd(score_fn, x, 0.05, schedule=model.schedule, key=column_keys(keys, column))
+        return flipd(score_fn, x, t0=0.05, schedule=model.schedule, key=column_keys(keys, column))
 
     batches = [(jax.device_put(x_all[s:s + args.batch], sharding),
                 jax.device_put(np.arange(s, s + args.batch, dtype=np.uint32), sharding))
@@ -141,7 +141,7 @@ def _stand_in_score(params, schedule, x, t):
 
     from mmh_jax.schedules import score_from_eps
 
-    return score_from_eps(lambda y, s: eps_net(params, y, s), schedule)(x, t)
+    return score_from_eps(lambda y, s: eps_net(params, y, s), schedule=schedule)(x, t)
 
 
 def _ddpm_unet():

@@ -79,12 +79,12 @@ def main() -> None:
           f"guidance {args.guidance}")
 
     sync = jax.block_until_ready
-    guided = jax.jit(lambda f, z, t: cfg_eps(f, z, t, cond, uncond, args.guidance))
-    score = cfg_score_fn(eps_fn, schedule, cond, uncond, args.guidance)
+    guided = jax.jit(lambda f, z, t: cfg_eps(f, z, t, cond, uncond, guidance=args.guidance))
+    score = cfg_score_fn(eps_fn, cond, uncond, schedule=schedule, guidance=args.guidance)
     key = jax.random.key(1)
     fns = {
         "jax_cfg_eval": lambda: guided(eps_fn, z, t),
-        "jax_flipd": lambda: flipd(score, z, args.t0, schedule=schedule, key=key),
+        "jax_flipd": lambda: flipd(score, z, t0=args.t0, schedule=schedule, key=key),
     }
     lid_jax = float(np.asarray(fns["jax_flipd"]())[0])
 

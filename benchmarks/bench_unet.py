@@ -69,7 +69,7 @@ def main() -> None:
     module = UNet2D.from_config(model.config)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     params = jax.tree.map(jnp.asarray, convert_unet2d(state, module))
-    schedule = DDPM.linear(1000)
+    schedule = DDPM.linear(T=1000)
     score_fn = eps_score_fn(module, params, schedule)
     b = args.batch
     rng = np.random.default_rng(0)
@@ -84,9 +84,9 @@ def main() -> None:
     apply = jax.jit(module.apply)
     t_fwd = timed(lambda: apply({"params": params}, x, steps), args.repeats, sync_jax)
     key = jax.random.key(1)
-    t_flipd = timed(lambda: flipd(score_fn, x, args.t0, schedule=schedule, key=key),
+    t_flipd = timed(lambda: flipd(score_fn, x, t0=args.t0, schedule=schedule, key=key),
                     args.repeats, sync_jax)
-    lid_jax = np.asarray(flipd(score_fn, x, args.t0, schedule=schedule, key=key))
+    lid_jax = np.asarray(flipd(score_fn, x, t0=args.t0, schedule=schedule, key=key))
     print(f"jax: forward {t_fwd:.3f} s ({b / t_fwd:.1f} img/s); FLIPD 1 probe {t_flipd:.3f} s "
           f"({b / t_flipd:.1f} img/s); FLIPD / forward = {t_flipd / t_fwd:.2f}x")
     if args.bf16:
@@ -94,7 +94,7 @@ def main() -> None:
         score16 = eps_score_fn(mod16, params, schedule)
         apply16 = jax.jit(mod16.apply)
         t_fwd16 = timed(lambda: apply16({"params": params}, x, steps), args.repeats, sync_jax)
-        t_flipd16 = timed(lambda: flipd(score16, x, args.t0, schedule=schedule, key=key),
+        t_flipd16 = timed(lambda: flipd(score16, x, t0=args.t0, schedule=schedule, key=key),
                           args.repeats, sync_jax)
         print(f"jax bf16: forward {t_fwd16:.3f} s; FLIPD {t_flipd16:.3f} s "
               f"({b / t_flipd16:.1f} img/s; {t_flipd / t_flipd16:.2f}x the fp32 rate)")
@@ -144,13 +144,13 @@ def main() -> None:
         def trivial(z, s):
             return -z
 
-        t_rest = timed(lambda: normal_bundle(trivial, x1, args.t0, schedule=schedule, key=key,
+        t_rest = timed(lambda: normal_bundle(trivial, x1, t0=args.t0, schedule=schedule, key=key,
                                              chunk_size=chunk).lid, 1, sync_jax)
         k_small = args.nb_scores
-        t_small = timed(lambda: normal_bundle(score_fn, x1, args.t0, schedule=schedule, key=key,
+        t_small = timed(lambda: normal_bundle(score_fn, x1, t0=args.t0, schedule=schedule, key=key,
                                               num_scores=k_small, chunk_size=chunk).lid,
                         1, sync_jax)
-        t_rest_small = timed(lambda: normal_bundle(trivial, x1, args.t0, schedule=schedule,
+        t_rest_small = timed(lambda: normal_bundle(trivial, x1, t0=args.t0, schedule=schedule,
                                                    key=key, num_scores=k_small,
                                                    chunk_size=chunk).lid, 1, sync_jax)
         print(f"normal bundle, 1 image, K = 4d = {K}: score evaluations {t_score * 1e3:.1f} ms each "

@@ -10,10 +10,12 @@ experiments on OD-Mem/DD-Mem.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 from jaxtyping import Array, Float, Int
 
 from mmh_jax.schedules import Schedule
@@ -42,8 +44,8 @@ class SubspaceGaussianMixture:
     @classmethod
     def random(
         cls,
-        key: Array,
         *,
+        key: Array,
         ambient_dim: int,
         dims: Sequence[int],
         separation: float = 10.0,
@@ -76,7 +78,7 @@ class SubspaceGaussianMixture:
         """Intrinsic dimension of each component."""
         return jnp.sum(self.scales > 0, axis=-1)
 
-    def sample(self, key: Array, n: int) -> tuple[Float[Array, "n d"], Int[Array, " n"]]:
+    def sample(self, n: int, *, key: Array) -> tuple[Float[Array, "n d"], Int[Array, " n"]]:
         """``n`` samples and the index of the component each came from."""
         k_comp, k_z = jax.random.split(key)
         comp = jax.random.choice(k_comp, self.weights.shape[0], (n,), p=self.weights)
@@ -84,8 +86,8 @@ class SubspaceGaussianMixture:
         x = self.means[comp] + jnp.einsum("ndr,nr->nd", self.bases[comp], z)
         return x, comp
 
-    def log_prob_t(self, y: Float[Array, " d"], t: Array, schedule: Schedule) -> Array:
-        """``log p_t(y)`` of the noised mixture, ``x_t = psi(t) x_0 + sigma(t) eps``."""
+    def log_prob_t(self, y: Float[Array, " d"], t: Array, *, schedule: Schedule) -> Array:
+        """``log p_t(y)`` of the noised mixture, ``x_t = psi(t) x_0 + sigma(t) eps`` (Eq. 5)."""
         psi, sigma2 = schedule.psi(t), schedule.sigma(t) ** 2
         d = y.shape[0]
         lam = (psi * self.scales) ** 2  # [m, r] variances along the basis after scaling
@@ -96,15 +98,17 @@ class SubspaceGaussianMixture:
         log_comp = -0.5 * (quad + logdet + d * jnp.log(2 * jnp.pi))
         return jax.nn.logsumexp(log_comp, b=self.weights)
 
-    def score(self, schedule: Schedule) -> Callable[[Array, Array], Array]:
-        """Exact score ``score_fn(x_t [b, d], t [b]) -> grad log p_t(x_t)`` under ``schedule``."""
-
-        def score_fn(x_t: Array, t: Array) -> Array:
-            return jax.vmap(jax.grad(self.log_prob_t), in_axes=(0, 0, None))(x_t, t, schedule)
-
-        return score_fn
+    def score(self, *, schedule: Schedule) -> Partial:
+        """Exact score ``score_fn(x_t [b, d], t [b]) -> grad log p_t(x_t)`` under ``schedule``:
+        a :class:`~jax.tree_util.Partial` over the mixture and the schedule."""
+        return Partial(_mixture_score, self, schedule=schedule)
 
     @property
     def ambient_dim(self) -> int:
         return self.means.shape[1]
 
+
+def _mixture_score(mix: SubspaceGaussianMixture, x_t: Array, t: Array, *,
+                   schedule: Schedule) -> Array:
+    log_prob = functools.partial(mix.log_prob_t, schedule=schedule)
+    return jax.vmap(jax.grad(log_prob))(x_t, t)

@@ -19,7 +19,7 @@ evaluations the sampler already made.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +27,13 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from mmh_jax._src.ddim import ddim_scan
-from mmh_jax.guidance import CondEpsFn
 from mmh_jax.schedules import DDPM, Schedule, broadcast_to_event
+from mmh_jax.types import CondEpsFn, ScoreFn
 
 __all__ = ["sample", "ddim_timesteps", "ddim_sample", "DDIMResult", "Spacing"]
 
 Spacing = Literal["leading", "trailing", "linspace"]
 
-ScoreFn = Callable[[Array, Array], Array]
 
 
 def sample(
@@ -98,7 +97,7 @@ def sample(
     return x
 
 
-def ddim_timesteps(num_train_timesteps: int, num_steps: int, *, spacing: Spacing = "leading",
+def ddim_timesteps(num_train_timesteps: int, *, num_steps: int, spacing: Spacing = "leading",
                    steps_offset: int = 0) -> np.ndarray:
     """The 0-based network timesteps DDIM visits, in decreasing order (diffusers' grids).
 
@@ -192,7 +191,7 @@ def ddim_sample(
     if noise.ndim < 2 or not jnp.issubdtype(noise.dtype, jnp.floating):
         raise ValueError(f"noise must be a floating array [b, *event], got {noise.dtype} "
                          f"{noise.shape}")
-    steps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing=spacing,
+    steps = ddim_timesteps(schedule.num_timesteps, num_steps=num_steps, spacing=spacing,
                            steps_offset=steps_offset)
     steps = jnp.asarray(steps)
     x, trajectory = ddim_scan(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from jaxtyping import Array, ArrayLike, Float
+
+from mmh_jax._src.partial import as_pytree_fn
+from mmh_jax.types import EpsFn, ScoreFn
 
 __all__ = [
     "Schedule",
@@ -34,9 +36,6 @@ __all__ = [
     "eps_from_score",
     "broadcast_to_event",
 ]
-
-ScoreFn = Callable[[Array, Array], Array]
-
 
 def broadcast_to_event(values: Float[Array, " b"], like: Array) -> Array:
     """Reshape per-sample ``values`` of shape ``[b]`` to broadcast against ``like`` ``[b, ...]``."""
@@ -144,17 +143,17 @@ class DDPM(Schedule):
         return cls(jnp.asarray(np.exp(log_abar), dtype), jnp.asarray(log_abar, dtype))
 
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DDPM":
+    def linear(cls, *, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DDPM":
         """Ho et al.'s linear betas (diffusers' ``"linear"``)."""
         return cls.from_betas(np.linspace(beta_start, beta_end, T, dtype=np.float64))
 
     @classmethod
-    def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> "DDPM":
+    def scaled_linear(cls, *, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> "DDPM":
         """Stable Diffusion's betas, linear in ``sqrt(beta)`` (diffusers' ``"scaled_linear"``)."""
         return cls.from_betas(np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2)
 
     @classmethod
-    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DDPM":
+    def cosine(cls, *, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DDPM":
         """Nichol & Dhariwal's cosine schedule (diffusers' ``"squaredcos_cap_v2"``)."""
 
         def abar(u):
@@ -233,24 +232,40 @@ class EDM(Schedule):
         return (jnp.asarray(sigma) ** (1 / self.rho) - lo) / (hi - lo)
 
 
-def score_from_eps(eps_fn: ScoreFn, schedule: Schedule) -> ScoreFn:
+def _score_of_eps(eps_fn: EpsFn, x_t: Array, t: Array, *, schedule: Schedule) -> Array:
+    return -eps_fn(x_t, t) / broadcast_to_event(schedule.sigma(t), x_t)
+
+
+def _eps_of_score(score_fn: ScoreFn, x_t: Array, t: Array, *, schedule: Schedule) -> Array:
+    return -broadcast_to_event(schedule.sigma(t), x_t) * score_fn(x_t, t)
+
+
+def score_from_eps(eps_fn: EpsFn, *, schedule: Schedule) -> Partial:
     """Wrap a noise-prediction network as a score function.
 
     ``score(x_t, t) = -eps(x_t, t) / sigma(t)`` (paper, Eq. 10). ``eps_fn(x_t, t)`` takes
     continuous ``t`` of shape ``[b]``; for a discrete-time network compose it with
     ``schedule.timestep`` first, e.g. ``lambda x, t: unet(x, schedule.timestep(t))``.
+
+    Args:
+        eps_fn: the noise predictor (best a :class:`~jax.tree_util.Partial` over its
+            parameters).
+        schedule: its noise schedule.
+
+    Returns:
+        ``score_fn(x_t, t)``, a :class:`~jax.tree_util.Partial` over ``(eps_fn, schedule)``.
     """
-
-    def score_fn(x_t: Array, t: Array) -> Array:
-        return -eps_fn(x_t, t) / broadcast_to_event(schedule.sigma(t), x_t)
-
-    return score_fn
+    return Partial(_score_of_eps, as_pytree_fn(eps_fn), schedule=schedule)
 
 
-def eps_from_score(score_fn: ScoreFn, schedule: Schedule) -> ScoreFn:
-    """Inverse of :func:`score_from_eps`: ``eps(x_t, t) = -sigma(t) score(x_t, t)``."""
+def eps_from_score(score_fn: ScoreFn, *, schedule: Schedule) -> Partial:
+    """Inverse of :func:`score_from_eps`: ``eps(x_t, t) = -sigma(t) score(x_t, t)`` (paper, Eq. 10).
 
-    def eps_fn(x_t: Array, t: Array) -> Array:
-        return -broadcast_to_event(schedule.sigma(t), x_t) * score_fn(x_t, t)
+    Args:
+        score_fn: the score function.
+        schedule: its noise schedule.
 
-    return eps_fn
+    Returns:
+        ``eps_fn(x_t, t)``, a :class:`~jax.tree_util.Partial` over ``(score_fn, schedule)``.
+    """
+    return Partial(_eps_of_score, as_pytree_fn(score_fn), schedule=schedule)

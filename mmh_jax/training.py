@@ -21,10 +21,10 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from mmh_jax.schedules import Schedule, broadcast_to_event
+from mmh_jax.types import EpsApply
 
 __all__ = ["TrainResult", "dsm_loss", "train_eps"]
 
-EpsApply = Callable[[PyTree, Array, Array], Array]
 TimeSampling = Literal["log-uniform", "mixed"]
 
 

@@ -46,7 +46,7 @@ def test_ddpm_matches_ho_et_al(x64):
     T = 1000
     betas = np.linspace(1e-4, 0.02, T)
     abar = np.cumprod(1 - betas)
-    s = DDPM.linear(T)
+    s = DDPM.linear(T=T)
     i = np.array([1, 2, 10, 500, 1000])
     np.testing.assert_allclose(s.psi(i / T) ** 2, abar[i - 1], rtol=1e-12)
     np.testing.assert_allclose(s.sigma(i / T) ** 2, 1 - abar[i - 1], rtol=1e-10)
@@ -69,7 +69,7 @@ def test_ddpm_scaled_linear_and_cosine(x64):
 
 
 def test_schedules_are_pytrees_through_jit_and_vmap(x64):
-    for s in [VP(), DDPM.linear(10), VE(), EDM()]:
+    for s in [VP(), DDPM.linear(T=10), VE(), EDM()]:
         t = jnp.array([0.2, 0.7])
         out = jax.jit(lambda sched, t: sched.sigma(t) * sched.psi(t))(s, t)
         np.testing.assert_allclose(out, s.sigma(t) * s.psi(t), rtol=1e-12)
@@ -82,11 +82,11 @@ def test_eps_score_round_trip(x64):
     # Data N(0, I) under VP stays N(0, I): score(x) = -x, eps = sigma x.
     s = VP()
     score = lambda x, t: -x  # noqa: E731
-    eps = eps_from_score(score, s)
+    eps = eps_from_score(score, schedule=s)
     x = jax.random.normal(jax.random.key(0), (3, 2, 4))
     t = jnp.array([0.1, 0.5, 0.9])
     np.testing.assert_allclose(eps(x, t), s.sigma(t)[:, None, None] * x, rtol=1e-12)
-    np.testing.assert_allclose(score_from_eps(eps, s)(x, t), -x, rtol=1e-12)
+    np.testing.assert_allclose(score_from_eps(eps, schedule=s)(x, t), -x, rtol=1e-12)
 
 
 def test_ddpm_rejects_bad_alphas():
@@ -105,5 +105,5 @@ def test_ddpm_sigma_keeps_relative_precision_near_zero_in_float32():
     f = [math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2 for u in range(3)]
     for i in (1, 2):
         one_minus_abar = 1 - np.prod([1 - min(1 - f[j + 1] / f[j], 0.999) for j in range(i)])
-        sigma = float(DDPM.cosine(T).sigma(jnp.float32(i / T)))
+        sigma = float(DDPM.cosine(T=T).sigma(jnp.float32(i / T)))
         assert abs(sigma / math.sqrt(one_minus_abar) - 1) < 1e-6

@@ -14,9 +14,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 from jaxtyping import Array
 
+from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.schedules import Schedule
 
 
@@ -104,13 +104,6 @@ def _output_aval(treedef, avals, x_aval, t_aval):
 
     structs = [jax.ShapeDtypeStruct(*a) for a in avals]
     return jax.eval_shape(call, structs, jax.ShapeDtypeStruct(*x_aval), jax.ShapeDtypeStruct(*t_aval))
-
-
-def as_pytree_fn(fn: Callable) -> Partial:
-    """``fn`` as a :class:`jax.tree_util.Partial`, so that a jitted estimator takes it as an
-    argument: the arrays a ``Partial`` holds (e.g. network weights) are traced inputs, not
-    compile-time constants, and a plain function is keyed by identity, as a static argument."""
-    return fn if isinstance(fn, Partial) else Partial(fn)
 
 
 def per_sample_keys(key: Any, batch: int, name: str = "key") -> Array:

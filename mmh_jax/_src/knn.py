@@ -38,6 +38,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from mmh_jax._src.checks import check_int, is_concrete
+from mmh_jax._src.rng import numpy_generator
 
 __all__ = [
     "NeighbourIndex",
@@ -408,15 +409,18 @@ def knn(
 
 
 def pairwise_distance_percentile(
-    data: Float[Array, "n d"], q: float, *, max_points: int, seed: int
+    data: Float[Array, "n d"], *, q: float, max_points: int, key: Array | None
 ) -> Array:
     """The ``q``-th percentile (linear interpolation, as ``numpy.percentile``) of the distances
     ``||x_i - x_j||`` over all pairs ``i < j``; exact when ``n <= max_points``, otherwise over all
-    pairs of a uniform random subset of ``max_points`` points (seeded): an unbiased U-statistic
-    estimate of the pair-distance distribution."""
+    pairs of a uniform random subset of ``max_points`` points drawn under ``key`` (then required):
+    an unbiased U-statistic estimate of the pair-distance distribution."""
     n = data.shape[0]
     if n > max_points:
-        sel = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+        if key is None:
+            raise ValueError(f"key is required to draw {max_points} of the {n} points for the "
+                             "distance percentile: pass key=jax.random.key(seed)")
+        sel = np.sort(numpy_generator(key).choice(n, size=max_points, replace=False))
         data = data[jnp.asarray(sel)]
     return _pairwise_percentile(data, jnp.asarray(q, dtype=data.dtype))
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Mapping, NamedTuple, Sequence
 
+import jax
 import numpy as np
+
+from mmh_jax._src.rng import numpy_generator
 
 __all__ = [
     "auroc",
@@ -131,7 +134,7 @@ def auroc(scores: Any, labels: Any, *, higher_is_positive: bool = True) -> float
     return _auroc(*_prepare(scores, labels, higher_is_positive))
 
 
-def tpr_at_fpr(scores: Any, labels: Any, fpr: float = 0.01, *,
+def tpr_at_fpr(scores: Any, labels: Any, *, fpr: float = 0.01,
                higher_is_positive: bool = True) -> float:
     """The largest TPR on the ROC curve at a false-positive rate of at most ``fpr``.
 
@@ -218,15 +221,15 @@ def detection_report(
     fpr: float = 0.01,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
-    seed: int = 0,
+    key: jax.Array | None = None,
 ) -> dict[str, DetectionMetrics]:
     """AUROC, TPR at ``fpr`` and average precision of several signals, with bootstrap CIs.
 
     The intervals are percentile-bootstrap intervals over items, stratified by label: each
     resample draws ``n_positive`` positives and ``n_negative`` negatives with replacement
     from their own class, so every resample has both classes. The resamples come from
-    ``numpy.random.default_rng(seed)`` and are the same for every signal, so the signals'
-    intervals are comparable (and the report is deterministic for a given ``seed``).
+    one NumPy generator made from ``key`` and are the same for every signal, so the signals'
+    intervals are comparable (and the report is deterministic for a given ``key``).
 
     Args:
         scores: Signal name -> one score per item, each of shape ``[n]``; no NaN.
@@ -237,7 +240,7 @@ def detection_report(
         n_bootstrap: The number of bootstrap resamples; 0 gives degenerate intervals at
             the point estimate.
         confidence: The intervals' coverage, in ``(0, 1)``.
-        seed: The seed of the resampling generator.
+        key: PRNG key of the resamples; required when ``n_bootstrap > 0``.
 
     Returns:
         Signal name -> :class:`DetectionMetrics`, in the order of ``scores``.
@@ -245,7 +248,8 @@ def detection_report(
     Raises:
         ValueError: No signals, a signal with NaN scores or of the wrong length (naming it),
             labels that are not 0/1 or of a single class, an orientation for an unknown
-            signal, or ``fpr``/``n_bootstrap``/``confidence`` out of range.
+            signal, ``fpr``/``n_bootstrap``/``confidence`` out of range, or no ``key`` for
+            the resamples.
     """
     if not scores:
         raise ValueError("no signals to evaluate")
@@ -257,6 +261,9 @@ def detection_report(
     fpr = _check_fpr(fpr)
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    if n_bootstrap and key is None:
+        raise ValueError("key is required for the bootstrap resamples: pass "
+                         "key=jax.random.key(seed), or n_bootstrap=0")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
@@ -274,7 +281,7 @@ def detection_report(
 
     point = {name: metrics(s, y) for name, s in oriented.items()}
     boot = {name: np.empty((n_bootstrap, 3)) for name in oriented}
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(key) if n_bootstrap else None
     y_boot = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
     for b in range(n_bootstrap):
         idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]

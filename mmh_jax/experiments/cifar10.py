@@ -285,9 +285,9 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
             noise_root, lid_root = jax.random.split(root)
             keys_of = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
             estimate = jax.jit(
-                lambda s, x, k: flipd(s, x, config.lid_t0, schedule=schedule, key=k)
+                lambda s, x, k: flipd(s, x, t0=config.lid_t0, schedule=schedule, key=k)
                 if method == "flipd" else
-                normal_bundle(s, x, config.lid_t0, schedule=schedule, key=k,
+                normal_bundle(s, x, t0=config.lid_t0, schedule=schedule, key=k,
                               num_scores=config.nb_scores).singular_values)
             spectra_list = []
             for idx, pad in batches():
@@ -318,10 +318,10 @@ def _lid_from_spectra(method: str, spectra: np.ndarray, percentile: float) -> np
     bundle's rank."""
     from mmh_jax.lid import lid_from_singular_values, numerical_rank, percentile_threshold
 
-    threshold = percentile_threshold(spectra, percentile)
+    threshold = percentile_threshold(spectra, q=percentile)
     if method == "jacobian_rank":
-        return np.asarray(numerical_rank(spectra, threshold))
-    return np.asarray(lid_from_singular_values(spectra, threshold, space="normal"))
+        return np.asarray(numerical_rank(spectra, threshold=threshold))
+    return np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="normal"))
 
 
 def _eps_of_score(score_fn, schedule, x, t, context):
@@ -381,6 +381,8 @@ def run(config: Cifar10Config, *, console: Console | None = None):
         with atomic_path(record) as tmp:
             tmp.write_text(json.dumps(settings, indent=2) + "\n")
     timings["generate_lid_s"] = time.perf_counter() - start
+
+    import jax
 
     from mmh_jax.evaluation import normalized_lid, pair_grid, png_length, to_uint8_nhwc
     from mmh_jax.lid import lpca
@@ -460,7 +462,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     if lid_star_train is None:
         with err_console.status(f"local PCA on {len(train_f)} training images ..."):
             lid_star_train = np.asarray(lpca(train_f.reshape(len(train_f), -1), k=config.lpca_k,
-                                             method="paper", seed=config.seed))
+                                             method="paper", key=jax.random.key(config.seed)))
         with atomic_path(star_file) as tmp, open(tmp, "wb") as f:
             np.save(f, lid_star_train)
         with atomic_path(star_record) as tmp:
@@ -583,6 +585,8 @@ def report(config: ReportConfig, *, console: Console | None = None):
     table = _read_results(config.out)
     labels = _read_labels(config.labels)
 
+    import jax
+
     from mmh_jax.evaluation import density_histograms, detection_report, label_join, roc_curves
 
     ids = table["id"].astype(np.int64).tolist()
@@ -603,7 +607,8 @@ def report(config: ReportConfig, *, console: Console | None = None):
     orientation = {s: False for s in signals}
     try:
         metrics = detection_report(scores, memorized, higher_is_positive=orientation,
-                                   n_bootstrap=config.n_bootstrap, seed=config.seed)
+                                   n_bootstrap=config.n_bootstrap,
+                                   key=jax.random.key(config.seed))
     except ValueError as err:
         raise DemoInputError(str(err)) from None
     out = config.out

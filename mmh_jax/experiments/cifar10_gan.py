@@ -254,8 +254,8 @@ def run(config: GanLidConfig, *, console: Console | None = None):
                 spectra = np.empty((config.num_samples, part["spectra"].shape[1]), np.float32)
             spectra[first:last + 1] = part["spectra"]
             png_bytes[first:last + 1] = part["png_bytes"]
-    threshold = float(percentile_threshold(spectra, config.percentile))  # the pooled rule
-    lid = np.asarray(lid_from_singular_values(spectra, threshold, space="tangent"))
+    threshold = float(percentile_threshold(spectra, q=config.percentile))  # the pooled rule
+    lid = np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="tangent"))
     indices = np.arange(config.num_samples)
     classes = indices % module.c_dim if module.c_dim else np.full(config.num_samples, -1)
     table = {"index": indices, "seed": config.seed + indices, "class": classes, "lid": lid,

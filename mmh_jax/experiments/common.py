@@ -197,4 +197,5 @@ def train_with_progress(
     trained = train_eps(net.apply, params, data, schedule=schedule, key=key, steps=steps,
                         chunk=chunk, progress=lambda n: progress.advance(task, n), **train_kwargs)
     seconds = time.perf_counter() - start
-    return trained, score_from_eps(functools.partial(net.apply, trained.params), schedule), seconds
+    score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule=schedule)
+    return trained, score_fn, seconds

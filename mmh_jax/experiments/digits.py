@@ -211,7 +211,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         progress.advance(est)
         t = time.perf_counter()
         fl = np.asarray(jax.jit(lambda x, k: flipd(
-            score_fn, x, config.t0, schedule=schedule, key=k, trace="exact", chunk_size=16
+            score_fn, x, t0=config.t0, schedule=schedule, key=k, trace="exact", chunk_size=16
         ))(jnp.asarray(samples), k_fl))
         timings["flipd_s"] = time.perf_counter() - t
         progress.advance(est)

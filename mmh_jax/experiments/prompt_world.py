@@ -192,6 +192,8 @@ def _round_trip(sd, images: np.ndarray, batch: int = 256) -> np.ndarray:
 
 def _judges(sd, world, seed: int, console: Console) -> _Judges:
     from mmh_jax.worlds import render
+    import jax
+
     from mmh_jax.worlds.judge import fit_copy_judge, train_attribute_classifier
 
     t = time.perf_counter()
@@ -199,7 +201,7 @@ def _judges(sd, world, seed: int, console: Console) -> _Judges:
                         for s in world.heldout_scenes(512, split=2)])
     judge = fit_copy_judge(_round_trip(sd, world.images), _round_trip(sd, heldout),
                            quantile=0.01)
-    classifier = train_attribute_classifier(seed=seed)
+    classifier = train_attribute_classifier(key=jax.random.key(seed))
     console.print(f"judges ready in {time.perf_counter() - t:.0f} s (copy threshold "
                   f"{judge.threshold:.3f}, calibrated l2)")
     return _Judges(judge, classifier)
@@ -307,6 +309,8 @@ def _prompt_means(table: dict) -> dict[str, np.ndarray]:
 def _detection_reports(means: dict, seed: int) -> dict[str, dict]:
     """``{group: {detector: DetectionMetrics}}`` for each memorized kind and all of them,
     against the held-out prompts."""
+    import jax
+
     from mmh_jax.evaluation import detection_report
 
     kind = np.asarray(means["kind"])
@@ -320,7 +324,7 @@ def _detection_reports(means: dict, seed: int) -> dict[str, dict]:
         reports[group] = detection_report(
             {name: np.asarray(means[col])[keep] for name, (col, _) in DETECTORS.items()},
             labels, higher_is_positive={n: hi for n, (_, hi) in DETECTORS.items()},
-            fpr=0.01, seed=seed)
+            fpr=0.01, key=jax.random.key(seed))
     return reports
 
 
@@ -428,7 +432,7 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     kind_of = dict(zip(prompts.column("prompt"), prompts.column("kind")))
     verbatim = [r["prompt"] for r in prompts.rows if r["kind"] == "verbatim"]
     template = [r["prompt"] for r in prompts.rows if r["kind"] == "template"]
-    rephraser = SynonymRephraser(table=synonym_table(world), seed=config.seed)
+    rephraser = SynonymRephraser(table=synonym_table(world), key=jax.random.key(config.seed))
 
     t = time.perf_counter()
     if not _stage_done(out, "mitigation", settings):
@@ -476,7 +480,7 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
             k = jax.random.fold_in(key, 20_000 + texts.index(prompt))
             a = attribute_prompts(sd, prompt, metrics=["cfg"], key=k, num_images=1,
                                   num_steps=config.num_steps, guidance=config.guidance)[0]
-            words = selected_words(a.tokens, choose_tokens(a.scores, 1, key=k))
+            words = selected_words(a.tokens, choose_tokens(a.scores, k=1, key=k))
             return rephraser(prompt, words)
 
         report = guarded_generate(sd, texts, key=jax.random.key(config.seed), threshold=threshold,

@@ -380,10 +380,12 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
 
 
 def _rephraser(config: MitigateConfig):
+    import jax
+
     from mmh_jax.memorization.rephrase import ChatRephraser, SynonymRephraser
 
     if config.rephraser == "synonyms":
-        return SynonymRephraser(seed=config.seed)
+        return SynonymRephraser(key=jax.random.key(config.seed))
     key = os.environ.get(config.chat_key_env)
     require(bool(key), f"--rephraser chat needs the endpoint's key in ${config.chat_key_env} "
                        "(set it, or pick another variable with --chat-key-env)")

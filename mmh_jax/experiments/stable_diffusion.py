@@ -242,7 +242,7 @@ def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memor
         return float("nan"), float("nan")
     scores = np.asarray(scores, np.float64)
     return (auroc(scores, labels, higher_is_positive=higher_is_memorized),
-            tpr_at_fpr(scores, labels, fpr, higher_is_positive=higher_is_memorized))
+            tpr_at_fpr(scores, labels, fpr=fpr, higher_is_positive=higher_is_memorized))
 
 
 def _write_results(rows: list[dict], out: Path) -> list[Path]:

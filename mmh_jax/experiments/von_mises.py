@@ -239,10 +239,10 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
 
         t = time.perf_counter()
         fl = np.asarray(
-            jax.jit(lambda x: flipd(score_fn, x, config.t0, schedule=schedule, trace="exact"))(jnp.asarray(samples))
+            jax.jit(lambda x: flipd(score_fn, x, t0=config.t0, schedule=schedule, trace="exact"))(jnp.asarray(samples))
         )
         progress.advance(est)
-        nb = jax.jit(lambda x, k: normal_bundle(score_fn, x, config.t0, schedule=schedule, key=k))(
+        nb = jax.jit(lambda x, k: normal_bundle(score_fn, x, t0=config.t0, schedule=schedule, key=k))(
             jnp.asarray(samples), k_nb
         )
         nb_lid = np.asarray(nb.lid)

@@ -77,7 +77,7 @@ def mle(
 
 @partial(jax.jit, static_argnames=("method",))
 def twonn_from_distances(
-    r1: Float[Array, " n"], r2: Float[Array, " n"], n_keep, *, method: str = "linear"
+    r1: Float[Array, " n"], r2: Float[Array, " n"], *, n_keep, method: str = "linear"
 ) -> Float[Array, ""]:
     """TwoNN estimate from first and second nearest-neighbour distances (see :func:`twonn`);
     ``n_keep`` is the number of smallest finite ratios kept."""
@@ -145,7 +145,7 @@ def twonn(
     n_finite = jnp.sum(jnp.isfinite(r2 / r1))
     n_keep = jnp.floor(n_finite * (1.0 - float(discard_fraction))).astype(n_finite.dtype)  # as skdim
     if not is_concrete(n_keep):  # under jit: the checks below need values
-        return twonn_from_distances(r1, r2, n_keep, method=method)
+        return twonn_from_distances(r1, r2, n_keep=n_keep, method=method)
     if n_keep < 2:
         raise ValueError(f"twonn needs at least 2 finite ratios r2/r1 to keep, got {int(n_keep)}")
     if method == "linear" and n_keep >= n_finite:
@@ -153,4 +153,4 @@ def twonn(
             "method='linear' needs discard_fraction large enough to drop at least one ratio "
             "(the largest has -log(1 - F) = inf); use method='mle' for discard_fraction=0"
         )
-    return twonn_from_distances(r1, r2, n_keep, method=method)
+    return twonn_from_distances(r1, r2, n_keep=n_keep, method=method)

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax._src.checks import (
-    as_pytree_fn,
     check_batch,
     check_int,
     check_option,
@@ -32,16 +31,17 @@ from mmh_jax._src.checks import (
     is_concrete,
     per_sample_keys,
 )
+from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.schedules import Schedule, broadcast_to_event
+from mmh_jax.types import ScoreFn
 
 __all__ = ["flipd", "flipd_curve", "flipd_knee", "FlipdKnee"]
 
-ScoreFn = Callable[[Array, Array], Array]
 Trace = Literal["hutchinson", "exact"]
 Probe = Literal["rademacher", "gaussian"]
 
 
-def hutchinson_probe(keys: Array, index: int | Array, event_shape: tuple[int, ...], dtype,
+def hutchinson_probe(keys: Array, index: int | Array, *, event_shape: tuple[int, ...], dtype,
                      probe: Probe = "rademacher") -> Array:
     """Probe ``index`` of every sample, ``draw(fold_in(keys[s], index))`` ``[b, *event_shape]``:
     the probes :func:`flipd` uses (``keys`` one per sample), so other FLIPD computations (the
@@ -116,7 +116,7 @@ def _flipd(
         num = num_probes
 
         def tangent_at(i: Array) -> Array:
-            return hutchinson_probe(keys, i, event_shape, x.dtype, probe)
+            return hutchinson_probe(keys, i, event_shape=event_shape, dtype=x.dtype, probe=probe)
 
     chunk = min(num, 32) if chunk_size is None else min(num, chunk_size)
     score, vjv = _sum_vjv(lambda y: score_fn(y, t), psi * x, tangent_at, num, chunk)
@@ -142,8 +142,8 @@ def _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_siz
 def flipd(
     score_fn: ScoreFn,
     x: Float[Array, "b *event"],
-    t0: float | Float[ArrayLike, " b"],
     *,
+    t0: float | Float[ArrayLike, " b"],
     schedule: Schedule,
     key: Array | None = None,
     trace: Trace = "hutchinson",
@@ -183,8 +183,8 @@ def flipd(
 def flipd_curve(
     score_fn: ScoreFn,
     x: Float[Array, "b *event"],
-    ts: Float[ArrayLike, " n"],
     *,
+    ts: Float[ArrayLike, " n"],
     schedule: Schedule,
     key: Array | None = None,
     trace: Trace = "hutchinson",

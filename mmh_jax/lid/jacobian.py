@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax._src.linalg import singular_values
-from mmh_jax._src.checks import as_pytree_fn, check_batch, check_int
+from mmh_jax._src.checks import check_batch, check_int
+from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.lid.rank import numerical_rank
+from mmh_jax.types import GeneratorFn
 
 __all__ = ["jacobian_rank", "JacobianRankResult"]
 
@@ -52,7 +54,7 @@ def _jacobian_singular_values(fn, z, *, chunk):
 
 
 def jacobian_rank(
-    fn: Callable[[Array], Array],
+    fn: GeneratorFn,
     z: Float[Array, "b *latent"],
     *,
     threshold: float | Float[ArrayLike, " b"] | None = None,
@@ -89,4 +91,5 @@ def jacobian_rank(
     if threshold is None:
         eps = jnp.finfo(singular_values.dtype).eps
         threshold = singular_values[:, 0] * max(math.prod(out.shape[1:]), d_latent) * eps
-    return JacobianRankResult(lid=numerical_rank(singular_values, threshold), singular_values=singular_values)
+    return JacobianRankResult(lid=numerical_rank(singular_values, threshold=threshold),
+                              singular_values=singular_values)

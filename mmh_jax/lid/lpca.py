@@ -254,7 +254,7 @@ def lpca(
     distance_q: float = 10.0,
     batch_size: int = 256,
     distance_max_points: int = 2048,
-    seed: int = 0,
+    key: Array | None = None,
     rtol: float | None = None,
     eig_backend: Literal["auto", "host", "xla"] = "auto",
 ) -> Int[Array, " m"]:
@@ -302,8 +302,8 @@ def lpca(
     * Neighbourhoods of different sizes are handled with 0/1 weights on the k nearest
       neighbours (static shapes under jit), not ragged arrays.
     * ``rho`` is exact when ``n <= distance_max_points``; otherwise it is estimated from all pairs
-      among ``distance_max_points`` data points drawn uniformly without replacement with
-      ``seed`` (about 2 million pairs by default; the kNN distances alone cannot give it, since
+      among ``distance_max_points`` data points drawn uniformly without replacement under
+      ``key`` (about 2 million pairs by default; the kNN distances alone cannot give it, since
       for ``k << n`` the percentile usually lies beyond the k-th neighbour).
     * ``tau`` is computed over the data's neighbourhoods even when ``queries`` are given (one
       extra pass over the data).  If every variance is 0, ``tau = 0`` and every point reads 0.
@@ -328,7 +328,7 @@ def lpca(
         batch_size: query points per chunk (memory ``O(batch_size (n + k d))``).
         distance_max_points: "paper": above this many data points, ``rho`` is estimated on a
             random subset of this size.
-        seed: "paper": seed of that subset.
+        key: "paper": PRNG key of that subset; required when ``n > distance_max_points``.
         rtol: relative zero floor for eigenvalues; default ``max(k', d) * eps(dtype)``.
         eig_backend: how the batched eigenvalues are computed, see :func:`local_spectra`.
 
@@ -356,8 +356,8 @@ def lpca(
         return _count(ev, m, jnp.asarray(alpha, dtype), jnp.asarray(ratio, dtype), zero,
                       method=method, d=d)
 
-    rho = pairwise_distance_percentile(data, distance_q, max_points=int(distance_max_points),
-                                       seed=seed)
+    rho = pairwise_distance_percentile(data, q=distance_q, max_points=int(distance_max_points),
+                                       key=key)
     common = dict(k=k, radius=rho, include_self=True, batch_size=batch_size, rtol=rtol,
                   eig_backend=eig_backend)
     ev_data, m_data = local_spectra(data, None, **common)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,6 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax._src.linalg import eigvalsh_descending
 from mmh_jax._src.checks import (
-    as_pytree_fn,
     check_batch,
     check_int,
     check_schedule,
@@ -36,12 +35,13 @@ from mmh_jax._src.checks import (
     check_times,
     per_sample_keys,
 )
+from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.lid.rank import numerical_rank
 from mmh_jax.schedules import Schedule, broadcast_to_event
+from mmh_jax.types import ScoreFn
 
 __all__ = ["normal_bundle", "NormalBundleResult"]
 
-ScoreFn = Callable[[Array, Array], Array]
 
 
 class NormalBundleResult(NamedTuple):
@@ -115,8 +115,8 @@ def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
 def normal_bundle(
     score_fn: ScoreFn,
     x: Float[Array, "b *event"],
-    t0: float | Float[ArrayLike, " b"],
     *,
+    t0: float | Float[ArrayLike, " b"],
     schedule: Schedule,
     key: Array,
     num_scores: int | None = None,
@@ -175,5 +175,5 @@ def normal_bundle(
         floor = (1 - math.sqrt(d / num_scores)) / 2 if num_scores > d else None
         rank = _gap_rank(singular_values, floor)
     else:
-        rank = numerical_rank(singular_values, threshold)
+        rank = numerical_rank(singular_values, threshold=threshold)
     return NormalBundleResult(lid=d - rank, singular_values=singular_values)

@@ -6,9 +6,9 @@ spectrum on its own: it takes one threshold for the whole dataset, the 10th
 percentile of all singular values. Estimators return their spectra so that this
 can be done afterwards::
 
-    result = normal_bundle(score_fn, x, t0, schedule=s, key=key)   # per batch
+    result = normal_bundle(score_fn, x, t0=t0, schedule=s, key=key)   # per batch
     tau = percentile_threshold(all_singular_values, q=10)          # whole dataset
-    lid = lid_from_singular_values(all_singular_values, tau, space="normal")
+    lid = lid_from_singular_values(all_singular_values, threshold=tau, space="normal")
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def _check_spectrum(singular_values: ArrayLike) -> Array:
     return s
 
 
-def numerical_rank(singular_values: Float[ArrayLike, "*b n"], threshold: float | Float[ArrayLike, "*b"]) -> Int[Array, "*b"]:
+def numerical_rank(singular_values: Float[ArrayLike, "*b n"], *,
+                   threshold: float | Float[ArrayLike, "*b"]) -> Int[Array, "*b"]:
     """Number of singular values strictly above ``threshold``.
 
     Args:
@@ -53,8 +54,8 @@ def numerical_rank(singular_values: Float[ArrayLike, "*b n"], threshold: float |
 
 def lid_from_singular_values(
     singular_values: Float[ArrayLike, "*b n"],
-    threshold: float | Float[ArrayLike, "*b"],
     *,
+    threshold: float | Float[ArrayLike, "*b"],
     space: Space,
 ) -> Int[Array, "*b"]:
     """LID from spectra and a threshold, e.g. one from :func:`percentile_threshold`.
@@ -70,11 +71,11 @@ def lid_from_singular_values(
         Integer LID per spectrum.
     """
     check_option(space, "space", ("normal", "tangent"))
-    rank = numerical_rank(singular_values, threshold)
+    rank = numerical_rank(singular_values, threshold=threshold)
     return jnp.shape(singular_values)[-1] - rank if space == "normal" else rank
 
 
-def percentile_threshold(singular_values: Float[ArrayLike, "..."], q: float = 10.0) -> Array:
+def percentile_threshold(singular_values: Float[ArrayLike, "..."], *, q: float = 10.0) -> Array:
     """The ``q``-th percentile of all singular values given (pooled over every spectrum).
 
     The memorization paper thresholds normal-bundle and GAN-Jacobian spectra at the

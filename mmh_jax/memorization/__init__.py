@@ -58,7 +58,6 @@ from mmh_jax.memorization.prompt import (
     Metric,
     MetricPoints,
     TokenAttribution,
-    memorized_when_high,
     metric_values,
     noised_points,
     optimize_embedding,
@@ -79,6 +78,7 @@ from mmh_jax.memorization.rephrase import (
     token_probabilities,
     uniform_tokens,
 )
+from mmh_jax.memorization.signals import memorized_when_high
 
 __all__ = [
     "classify",

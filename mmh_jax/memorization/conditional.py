@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.guidance import CondEpsFn, cfg_score_fn, conditional_score_fn, eps_pair
+from mmh_jax.guidance import cfg_score_fn, conditional_score_fn, eps_pair
 from mmh_jax.lid import flipd
 from mmh_jax.sampling import DDIMResult
 from mmh_jax.schedules import DDPM, broadcast_to_event
+from mmh_jax.types import CondEpsFn
 
 __all__ = [
     "CFGNorms",
@@ -146,7 +147,7 @@ def image_cfg_norms(
 
 @functools.partial(jax.jit, static_argnames=("num_steps",))
 def _image_cfg_norms(eps_fn, z0, cond, uncond, schedule, guidance, t0, *, num_steps):
-    score_c = conditional_score_fn(eps_fn, schedule, cond)
+    score_c = conditional_score_fn(eps_fn, cond, schedule=schedule)
     ts = jnp.linspace(1.0 / schedule.num_timesteps, t0, num_steps + 1).astype(z0.dtype)
 
     def euler(z, i):
@@ -195,8 +196,8 @@ def conditional_flipd(
     Returns:
         :class:`ConditionalFlipd`, each ``[b]``.
     """
-    uncond_score = conditional_score_fn(eps_fn, schedule, uncond)
-    guided_score = cfg_score_fn(eps_fn, schedule, cond, uncond, guidance)
+    uncond_score = conditional_score_fn(eps_fn, uncond, schedule=schedule)
+    guided_score = cfg_score_fn(eps_fn, cond, uncond, schedule=schedule, guidance=guidance)
     kwargs = dict(schedule=schedule, key=key, num_probes=num_probes)
-    return ConditionalFlipd(flipd(uncond_score, z0, t0, **kwargs),
-                            flipd(guided_score, z0, t0, **kwargs))
+    return ConditionalFlipd(flipd(uncond_score, z0, t0=t0, **kwargs),
+                            flipd(guided_score, z0, t0=t0, **kwargs))

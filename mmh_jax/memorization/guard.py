@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Callable, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, NamedTuple, Sequence, get_args
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +46,18 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from mmh_jax._src.batching import spans
 from mmh_jax._src.ddim import ddim_alphas, ddim_update
 from mmh_jax._src.noise import images_noise
-from mmh_jax.guidance import CondEpsFn, eps_pair
+from mmh_jax.guidance import eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
+from mmh_jax.memorization.signals import memorized_when_high
 from mmh_jax.sampling import Spacing, ddim_timesteps
 from mmh_jax.schedules import DDPM
+from mmh_jax.types import CondEpsFn
 
 if TYPE_CHECKING:  # only for annotations: guarded_generate duck-types the pipeline
     from mmh_jax.models.stable_diffusion import StableDiffusion
 
 __all__ = [
     "Signal",
-    "HIGHER_IS_MEMORIZED",
     "GuardedSample",
     "guarded_ddim_sample",
     "step_probe_keys",
@@ -68,10 +69,6 @@ __all__ = [
 ]
 
 Signal = Literal["cfg_norm", "flipd"]
-
-#: Which way each signal points: a large CFG norm, a small FLIPD means memorized.
-HIGHER_IS_MEMORIZED: dict[str, bool] = {"cfg_norm": True, "flipd": False}
-
 
 class GuardedSample(NamedTuple):
     """What :func:`guarded_ddim_sample` returns (``n`` DDIM steps, batch ``b``, ``k`` FLIPD
@@ -191,9 +188,9 @@ def guarded_ddim_sample(
     if noise.ndim < 2 or noise.shape[0] == 0 or not jnp.issubdtype(noise.dtype, jnp.floating):
         raise ValueError(f"noise must be a floating array [b, *event] with b >= 1, got "
                          f"{noise.dtype} {noise.shape}")
-    if signal not in HIGHER_IS_MEMORIZED:
+    if signal not in get_args(Signal):
         raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
-    steps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing=spacing,
+    steps = ddim_timesteps(schedule.num_timesteps, num_steps=num_steps, spacing=spacing,
                            steps_offset=steps_offset)
     b = noise.shape[0]
     if signal == "flipd":
@@ -250,7 +247,7 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
     def with_flipd(x, inputs):  # the same step through one jvp, plus FLIPD at x_t
         step, a, a_n, probe_keys = inputs
         t = times(step)
-        v = hutchinson_probe(probe_keys, 0, event, x.dtype)
+        v = hutchinson_probe(probe_keys, 0, event_shape=event, dtype=x.dtype)
         (eps_u, eps_c), (jv_u, jv_c) = jax.jvp(
             lambda y: eps_pair(eps_fn, y, t, cond, uncond), (x,), (v,))
         eps = eps_u + guidance * (eps_c - eps_u)
@@ -317,7 +314,7 @@ def calibrate_threshold(signals: Float[ArrayLike, " n"], *, target_fpr: float,
             prompt's images first).
         target_fpr: the false-positive rate, in ``(0, 1)``.
         higher_is_memorized: ``True`` for the CFG norm, ``False`` for FLIPD
-            (:data:`HIGHER_IS_MEMORIZED`).
+            (:func:`~mmh_jax.memorization.memorized_when_high`).
 
     Returns:
         The threshold, a float (one of the calibration signals).
@@ -341,14 +338,15 @@ def calibrate_threshold(signals: Float[ArrayLike, " n"], *, target_fpr: float,
     return float(ordered[n - m] if higher_is_memorized else ordered[m - 1])
 
 
-def flag(signals: Float[ArrayLike, " n"], threshold: float, *,
+def flag(signals: Float[ArrayLike, " n"], *, threshold: float,
          higher_is_memorized: bool) -> Bool[np.ndarray, " n"]:
     """``signals > threshold`` (``higher_is_memorized``) or ``signals < threshold``.
 
     Args:
         signals: ``[n]`` finite signals.
         threshold: from :func:`calibrate_threshold`.
-        higher_is_memorized: the signal's direction (:data:`HIGHER_IS_MEMORIZED`).
+        higher_is_memorized: the signal's direction
+            (:func:`~mmh_jax.memorization.memorized_when_high`).
 
     Returns:
         Boolean ``[n]``: ``True`` = flagged as memorized.
@@ -442,7 +440,8 @@ def guarded_generate(
         prompts: the prompts (non-empty).
         key: PRNG key of the starting noise and the probes.
         threshold: from :func:`calibrate_threshold` on the same signal and settings.
-        signal: ``"cfg_norm"`` or ``"flipd"``; its direction is :data:`HIGHER_IS_MEMORIZED`.
+        signal: ``"cfg_norm"`` or ``"flipd"``; its direction is
+            :func:`~mmh_jax.memorization.memorized_when_high`.
         mitigate: ``prompt -> new prompt`` for flagged prompts (e.g. a rephraser); ``None``:
             flag only.
         images_per_prompt: images per prompt.
@@ -459,7 +458,7 @@ def guarded_generate(
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}")
-    if signal not in HIGHER_IS_MEMORIZED:
+    if signal not in get_args(Signal):
         raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
     if not isinstance(threshold, (int, float, np.floating)) or not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
@@ -473,7 +472,7 @@ def guarded_generate(
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch = min(batch, p)
-    higher = HIGHER_IS_MEMORIZED[signal]
+    higher = memorized_when_high(signal)
 
     noise_m = images_noise(key, m, sd.latent_shape)
     probe_root = jax.random.split(key)[1]
@@ -482,7 +481,7 @@ def guarded_generate(
     probes = jnp.tile(probes_m, (batch,))
     uncond = jnp.asarray(sd.uncond_embedding)
     grid = sd.ddim_grid
-    steps = ddim_timesteps(sd.schedule.num_timesteps, num_steps, spacing=grid["spacing"],
+    steps = ddim_timesteps(sd.schedule.num_timesteps, num_steps=num_steps, spacing=grid["spacing"],
                            steps_offset=grid["steps_offset"])
     if signal == "flipd":
         if not 1 <= signal_steps <= num_steps:
@@ -522,7 +521,7 @@ def guarded_generate(
     if not np.all(np.isfinite(signals)):
         bad = [prompts[i] for i in np.flatnonzero(~np.isfinite(signals))[:3]]
         raise FloatingPointError(f"the sampler gave non-finite signals (e.g. for {bad})")
-    flagged = flag(signals, threshold, higher_is_memorized=higher)
+    flagged = flag(signals, threshold=threshold, higher_is_memorized=higher)
 
     final_prompts, errors = list(prompts), [None] * p
     redo = []
@@ -543,7 +542,7 @@ def guarded_generate(
         for j, i in enumerate(redo):
             final_latents[i * m:(i + 1) * m] = new_latents[j * m:(j + 1) * m]
             final_signals[i] = new_signals[j]
-    final_flagged = flag(final_signals, threshold, higher_is_memorized=higher)
+    final_flagged = flag(final_signals, threshold=threshold, higher_is_memorized=higher)
     outcomes = [PromptOutcome(prompts[i], float(signals[i]), bool(flagged[i]), final_prompts[i],
                               i in redo, float(final_signals[i]), bool(final_flagged[i]),
                               errors[i]) for i in range(p)]

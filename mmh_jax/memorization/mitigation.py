@@ -474,15 +474,15 @@ def mitigate(
                         row_key = _row_key(key, index, method, m, k, r)
                         words: list[str] = []
                         if method == "rta":
-                            new = random_token_addition(prompt, k, key=row_key,
+                            new = random_token_addition(prompt, k=k, key=row_key,
                                                         vocabulary=vocabulary)
                             outcome = RephraseOutcome(new, new != prompt, None)
                         else:
-                            chosen = (choose_tokens(attr[m], k, key=row_key,
+                            chosen = (choose_tokens(attr[m], k=k, key=row_key,
                                                     temperature=config.temperature,
                                                     smoothing=config.smoothing)
                                       if method == "attribution"
-                                      else uniform_tokens(len(pt.tokens), k, key=row_key))
+                                      else uniform_tokens(len(pt.tokens), k=k, key=row_key))
                             words = selected_words(pt.tokens, chosen)
                             outcome = rephrase(rephraser, prompt, words,
                                                timeout=config.rephrase_timeout)

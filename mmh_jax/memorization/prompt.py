@@ -37,18 +37,19 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.guidance import CondEpsFn, broadcast_batch
+from mmh_jax.guidance import broadcast_batch
 from mmh_jax._src.checks import check_int, check_option, per_sample_keys
 from mmh_jax.lid.flipd import hutchinson_probe
+from mmh_jax.memorization.signals import memorized_when_high
 from mmh_jax.sampling import DDIMResult
 from mmh_jax.schedules import DDPM
+from mmh_jax.types import CondEpsFn
 
 __all__ = [
     "Metric",
     "MetricPoints",
     "TokenAttribution",
     "EmbeddingOptimization",
-    "memorized_when_high",
     "trajectory_points",
     "noised_points",
     "metric_values",
@@ -59,13 +60,6 @@ __all__ = [
 
 Metric = Literal["cfg", "cfg_score", "flipd"]
 _METRICS = ("cfg", "cfg_score", "flipd")
-
-
-def memorized_when_high(metric: Metric) -> bool:
-    """Whether large values of ``metric`` signal memorization (``"cfg"``, ``"cfg_score"``) or
-    small ones (``"flipd"``: a low local intrinsic dimension)."""
-    check_option(metric, "metric", _METRICS)
-    return metric != "flipd"
 
 
 class MetricPoints(NamedTuple):
@@ -215,7 +209,8 @@ def _point_values(eps_fn, x, t, cond, uncond, probes, guidance, schedule, metric
 def _probes(keys: Array, shape: tuple[int, ...], num_probes: int, dtype) -> Array:
     """Rademacher probes ``[p, n, *shape]`` drawn as :func:`mmh_jax.lid.flipd` draws them
     (probe ``i`` of a point from ``fold_in(point key, i)``)."""
-    return jnp.stack([hutchinson_probe(keys, i, shape, dtype) for i in range(num_probes)])
+    return jnp.stack([hutchinson_probe(keys, i, event_shape=shape, dtype=dtype)
+                      for i in range(num_probes)])
 
 
 def _check_points(points: MetricPoints) -> MetricPoints:
@@ -234,8 +229,8 @@ def _prepare(points, cond, uncond, metric, key, num_probes):
     points = _check_points(points)
     n = points.latents.shape[0]
     cond, uncond = jnp.asarray(cond), jnp.asarray(uncond)
-    broadcast_batch(cond, n, "cond")  # shape checks with the argument's name
-    broadcast_batch(uncond, n, "uncond")
+    broadcast_batch(cond, n, name="cond")  # shape checks with the argument's name
+    broadcast_batch(uncond, n, name="uncond")
     num_probes = check_int(num_probes, "num_probes")
     keys = per_sample_keys(key, n) if metric == "flipd" else None
     return points, cond, uncond, keys, num_probes
@@ -282,8 +277,9 @@ def _metric_values(eps_fn, points, cond, uncond, keys, guidance, schedule, *, me
     x, t = jax.lax.stop_gradient(points.latents), points.t
     n = x.shape[0]
     probes = None if keys is None else _probes(keys, x.shape[1:], num_probes, x.dtype)
-    return _point_values(eps_fn, x, t, broadcast_batch(cond, n, "cond"),
-                         broadcast_batch(uncond, n, "uncond"), probes, guidance, schedule, metric)
+    return _point_values(eps_fn, x, t, broadcast_batch(cond, n, name="cond"),
+                         broadcast_batch(uncond, n, name="uncond"), probes, guidance, schedule,
+                         metric)
 
 
 def prompt_metric(

@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmh_jax._src.rng import key_seed, numpy_generator
+
 __all__ = [
     "choose_tokens",
     "token_probabilities",
@@ -168,8 +170,8 @@ def _gumbel_order(key: jax.Array, log_p: jax.Array) -> jax.Array:
 
 def choose_tokens(
     attributions: Any,
-    k: int,
     *,
+    k: int,
     key: jax.Array,
     temperature: float = 0.1,
     smoothing: float = 1e-3,
@@ -212,7 +214,7 @@ def choose_tokens(
     return np.asarray(_gumbel_order(key, log_p.astype(np.float32)), dtype=np.int64)[:k]
 
 
-def uniform_tokens(num_tokens: int, k: int, *, key: jax.Array) -> np.ndarray:
+def uniform_tokens(num_tokens: int, *, k: int, key: jax.Array) -> np.ndarray:
     """``k`` distinct token positions drawn uniformly (the paper's ablation that ignores the
     attributions; Section 4.2, Figure 7a).
 
@@ -451,8 +453,9 @@ class SynonymRephraser:
     Args:
         table: ``{lower-case word: [synonyms, closest first]}``, matched exactly (no inflected
             forms); default: the shipped table (:func:`load_synonyms`).
-        seed: ``None`` (default) takes the first synonym; an integer picks among the synonyms by a
-            hash of ``(seed, prompt, word)``, so a call is reproducible and different seeds give
+        key: ``None`` (default) takes the first synonym; a PRNG key picks among the synonyms by
+            a hash of ``(key, prompt, word)`` (the key's data read as one integer: ``seed`` for
+            ``jax.random.key(seed)``), so a call is reproducible and different keys give
             different rephrasings (the paper draws five per prompt and ``k``).
         punctuation: ``"drop"`` or ``"keep"`` for selected punctuation (see above).
     """
@@ -461,7 +464,7 @@ class SynonymRephraser:
         self,
         *,
         table: Mapping[str, Sequence[str]] | None = None,
-        seed: int | None = None,
+        key: jax.Array | None = None,
         punctuation: Literal["drop", "keep"] = "drop",
     ) -> None:
         if table is None:
@@ -469,15 +472,14 @@ class SynonymRephraser:
             self.table = dict(shipped)  # a copy: the cached table stays pristine
         else:
             self.table, self._takes_s = _check_table(table, "table"), frozenset()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         if punctuation not in ("drop", "keep"):
             raise ValueError(f"punctuation must be 'drop' or 'keep', got {punctuation!r}")
-        self.seed = seed
+        self._seed = None if key is None else key_seed(key)
         self.punctuation = punctuation
 
     def __repr__(self) -> str:
-        return (f"SynonymRephraser(table=<{len(self.table)} words>, seed={self.seed!r}, "
+        key = "None" if self._seed is None else f"<seed {self._seed}>"
+        return (f"SynonymRephraser(table=<{len(self.table)} words>, key={key}, "
                 f"punctuation={self.punctuation!r})")
 
     def synonym(self, word: str, *, prompt: str = "") -> str | None:
@@ -485,7 +487,7 @@ class SynonymRephraser:
 
         Args:
             word: a word, any case.
-            prompt: the prompt it comes from (mixed into the choice when ``seed`` is set).
+            prompt: the prompt it comes from (mixed into the choice when ``key`` is set).
 
         Returns:
             A synonym in lower case (pluralised for a plural of a table word), or ``None`` when
@@ -502,10 +504,10 @@ class SynonymRephraser:
                     break
         if not options:
             return None
-        if self.seed is None:
+        if self._seed is None:
             choice = options[0]
         else:
-            digest = hashlib.sha256(f"{self.seed}\0{prompt}\0{w}".encode()).digest()
+            digest = hashlib.sha256(f"{self._seed}\0{prompt}\0{w}".encode()).digest()
             choice = options[int.from_bytes(digest[:8], "little") % len(options)]
         return _plural(choice) if plural else choice
 
@@ -820,13 +822,7 @@ def rephrase(
 # --------------------------------------------------------------------------------------------
 
 
-def _numpy_generator(key: jax.Array) -> np.random.Generator:
-    # 128 random bits drawn with the key seed a NumPy generator: one small fixed-shape JAX
-    # program whatever the sizes (no recompilation per k), the key still the only source.
-    return np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
-
-
-def random_token_addition(prompt: str, k: int, *, key: jax.Array,
+def random_token_addition(prompt: str, *, k: int, key: jax.Array,
                           vocabulary: Sequence[str]) -> str:
     """Insert ``k`` random vocabulary words at random word positions (RTA; Somepalli et al.,
     2023a; paper, Appendix D.4 and Figure 10).
@@ -860,7 +856,7 @@ def random_token_addition(prompt: str, k: int, *, key: jax.Array,
             raise ValueError(f"vocabulary entries must be non-empty words without spaces, "
                              f"got {w!r}")
     spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", prompt)]
-    rng = _numpy_generator(key)
+    rng = numpy_generator(key)
     picks = rng.integers(0, len(vocabulary), size=int(k))
     gaps = rng.integers(0, len(spans) + 1, size=int(k))
     inserted: dict[int, list[str]] = {}

@@ -470,9 +470,9 @@ def iddpm_schedule(diffusion_steps: int, noise_schedule: str) -> DDPM:
         raise ValueError(f"diffusion_steps must be an int >= 2, got {diffusion_steps!r}")
     if noise_schedule == "linear":
         scale = 1000 / diffusion_steps
-        return DDPM.linear(diffusion_steps, scale * 0.0001, scale * 0.02)
+        return DDPM.linear(T=diffusion_steps, beta_start=scale * 0.0001, beta_end=scale * 0.02)
     if noise_schedule == "cosine":
-        return DDPM.cosine(diffusion_steps, s=0.008, max_beta=0.999)
+        return DDPM.cosine(T=diffusion_steps, s=0.008, max_beta=0.999)
     raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {noise_schedule!r}")
 
 

@@ -70,11 +70,11 @@ def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
     kind = config.get("beta_schedule", "linear")
     start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
     if kind == "linear":
-        return DDPM.linear(steps, start, end)
+        return DDPM.linear(T=steps, beta_start=start, beta_end=end)
     if kind == "scaled_linear":
-        return DDPM.scaled_linear(steps, start, end)
+        return DDPM.scaled_linear(T=steps, beta_start=start, beta_end=end)
     if kind == "squaredcos_cap_v2":
-        return DDPM.cosine(steps)
+        return DDPM.cosine(T=steps)
     raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported; expected one of "
                      f"{_BETA_SCHEDULES} or trained_betas")
 

@@ -193,14 +193,14 @@ class StableDiffusion(NamedTuple):
     def score(self, context: Array) -> Partial:
         """``score_fn(z_t, t) = s(z_t; t, context)`` for :mod:`mmh_jax.lid` (the model
         conditioned on one embedding; ``uncond_embedding``: the unconditional model)."""
-        return conditional_score_fn(self.eps, self.schedule, context)
+        return conditional_score_fn(self.eps, context, schedule=self.schedule)
 
     def cfg_score(self, cond: Array, uncond: Array | None = None,
                   guidance: float = 7.5) -> Partial:
         """``score_fn(z_t, t) = s^CFG(z_t; t, c)`` (paper, Eq. 2) for :mod:`mmh_jax.lid`;
         ``uncond`` defaults to the empty prompt's embedding."""
         uncond = self.uncond_embedding if uncond is None else uncond
-        return cfg_score_fn(self.eps, self.schedule, cond, uncond, guidance)
+        return cfg_score_fn(self.eps, cond, uncond, schedule=self.schedule, guidance=guidance)
 
     def encode_image(self, images: Float[ArrayLike, "b 3 H W"], *, key: Array | None = None
                      ) -> Float[Array, "b c h w"]:
@@ -275,7 +275,7 @@ def encode_text(module: CLIPTextModel, params: PyTree, ids: Array) -> Array:
 
 @jax.jit
 def _cfg_eps(eps_fn, z_t, t, cond, uncond, guidance):
-    return cfg_eps(eps_fn, z_t, t, cond, uncond, guidance)
+    return cfg_eps(eps_fn, z_t, t, cond, uncond, guidance=guidance)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -485,7 +485,7 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     empty = tokenize(tokenizer, [""], text.max_position_embeddings)
     uncond = encode_text(text, params["text_encoder"], jnp.asarray(empty))
     unet_model = Pretrained(unet, params["unet"], schedule,
-                            conditional_score_fn(eps, schedule, uncond))
+                            conditional_score_fn(eps, uncond, schedule=schedule))
     return StableDiffusion(unet_model, eps, text, params["text_encoder"], modules["vae"],
                            params["vae"], tokenizer, uncond, scheduler)
 

@@ -136,9 +136,9 @@ class Flipd:
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         score_fn = model.score_fn
         if self.conditional:
-            score_fn = cfg_score_fn(model.eps_fn, model.schedule, inputs.context, model.uncond,
-                                    self.guidance)
-        return {name: flipd(score_fn, inputs.points, t, schedule=model.schedule, key=keys,
+            score_fn = cfg_score_fn(model.eps_fn, inputs.context, model.uncond,
+                                    schedule=model.schedule, guidance=self.guidance)
+        return {name: flipd(score_fn, inputs.points, t0=t, schedule=model.schedule, key=keys,
                             num_probes=self.num_probes, probe=self.probe)
                 for name, t in zip(self.names, self.t0)}
 
@@ -165,7 +165,7 @@ class NormalBundle:
         _require(model.score_fn is not None, "normal_bundle", "a diffusion model's score function")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        return {name: normal_bundle(model.score_fn, inputs.points, t, schedule=model.schedule,
+        return {name: normal_bundle(model.score_fn, inputs.points, t0=t, schedule=model.schedule,
                                     key=keys, num_scores=self.num_scores,
                                     threshold=self.threshold).lid
                 for name, t in zip(self.names, self.t0)}

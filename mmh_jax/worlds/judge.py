@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from mmh_jax._src.rng import numpy_generator
 from mmh_jax.retrieval import calibrated_l2
 from mmh_jax.worlds.shapes import COLOURS, SHAPES, Scene, draw_scene, parse_caption, render
 
@@ -354,18 +355,17 @@ _step_jit = jax.jit(_step, static_argnames=("learning_rate", "steps", "batch_siz
 
 def train_attribute_classifier(
     *,
-    seed: int = 0,
+    key: PRNGKeyArray,
     num_images: int = 4000,
     steps: int = 2000,
     batch_size: int = 64,
     learning_rate: float = 3e-3,
     two_object_fraction: float = 0.7,
-    key: PRNGKeyArray | None = None,
 ) -> AttributeClassifier:
     """Train the (colour, shape) presence classifier on fresh random 32x32 world renders.
 
-    The scenes come from :func:`~mmh_jax.worlds.shapes.draw_scene` under a numpy stream of
-    ``seed`` that no world uses, rendered with :func:`~mmh_jax.worlds.shapes.render`. A small
+    The scenes come from :func:`~mmh_jax.worlds.shapes.draw_scene` under a NumPy stream of
+    ``key`` that no world uses, rendered with :func:`~mmh_jax.worlds.shapes.render`. A small
     convolutional network classifies 20x20 windows: whether an object is centred in the window
     (within 1.5 pixels), and the colour and shape of the object nearest its centre. It is
     trained with Adam on windows cut from the renders (three quarters near an object, the rest
@@ -376,14 +376,13 @@ def train_attribute_classifier(
     windows where the objectness peaks.
 
     Args:
-        seed: seed of the scenes (and of ``key`` when it is not given).
+        key: PRNG key of the scenes (a NumPy stream of it), the initialisation, the windows
+            and the augmentation.
         num_images: training renders.
         steps: Adam steps.
         batch_size: windows per step.
         learning_rate: peak learning rate (cosine decay to 5% of it).
         two_object_fraction: probability that a training scene has two objects.
-        key: PRNG key of the initialisation, windows and augmentation; ``None``:
-            ``jax.random.key(seed)``.
 
     Returns:
         The trained :class:`AttributeClassifier`.
@@ -392,7 +391,6 @@ def train_attribute_classifier(
         ValueError, TypeError: a non-integer or too small count, a learning rate that is not
             > 0, a fraction outside ``[0, 1]``.
     """
-    seed = _check_count(seed, "seed", minimum=0)
     num_images = _check_count(num_images, "num_images", minimum=1)
     steps = _check_count(steps, "steps", minimum=1)
     batch_size = _check_count(batch_size, "batch_size", minimum=1)
@@ -401,14 +399,13 @@ def train_attribute_classifier(
         raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
     if not 0.0 <= float(two_object_fraction) <= 1.0:
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction!r}")
-    rng = np.random.default_rng([seed, _CLASSIFIER_STREAM])
+    rng = numpy_generator(key, _CLASSIFIER_STREAM)
     scenes = [draw_scene(rng, two_objects=bool(rng.random() < two_object_fraction))
               for _ in range(num_images)]
     images = np.stack([render(scene, _SIZE) for scene in scenes])
     pad = _PAD + _BLUR_REACH
     padded = jnp.asarray(np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge"))
     objects = _objects(scenes)
-    key = jax.random.key(seed) if key is None else key
     k_init, k_noise, k_train = jax.random.split(key, 3)
     params = _NET.init(k_init, padded[:1, :, :_WINDOW, :_WINDOW])
     noise = jax.random.normal(k_noise, (_NOISE_BANK, 3, _WINDOW, _WINDOW))

@@ -44,7 +44,10 @@ import json
 import re
 from typing import Literal, NamedTuple, Sequence
 
+import jax
 import numpy as np
+
+from mmh_jax._src.rng import numpy_generator
 
 __all__ = [
     "SHAPES",
@@ -352,10 +355,10 @@ def _meaning(caption: str) -> frozenset:
     return frozenset({(d.objects, d.relation), (d.objects[::-1], _FLIP[d.relation])})
 
 
-def made_up_words(n: int, *, seed: int) -> list[str]:
+def made_up_words(n: int, *, key: jax.Array) -> list[str]:
     """``n`` distinct pronounceable made-up words (consonant-vowel syllables), none of them an
-    English word of the grammar; deterministic in ``seed``."""
-    rng = np.random.default_rng([seed, 7])
+    English word of the grammar; deterministic in the PRNG ``key``."""
+    rng = numpy_generator(key, 7)
     consonants, vowels = "bdfgklmnprstvz", "aeiou"
     words: list[str] = []
     seen = set(GRAMMAR_WORDS)
@@ -449,7 +452,7 @@ class ShapesWorld:
             return len(scenes) - 1
 
         n_words = 2 * len(spec.verbatim_counts) + spec.num_template + spec.num_rare
-        made_up = made_up_words(n_words + _NUM_FRESH, seed=spec.seed)
+        made_up = made_up_words(n_words + _NUM_FRESH, key=jax.random.key(spec.seed))
         words = iter(made_up[_NUM_FRESH:])
         for i, count in enumerate(spec.verbatim_counts):
             sid = new_scene()

@@ -3,6 +3,7 @@ the stratified, seeded bootstrap, and the label checks."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -16,6 +17,9 @@ from mmh_jax.evaluation import (
     roc_points,
     tpr_at_fpr,
 )
+
+
+KEY = jax.random.key(0)
 
 
 def _data(n, seed, *, ties, frac=0.3):
@@ -40,7 +44,7 @@ def test_metrics_match_sklearn(seed, ties):
     assert abs(auroc(s, y) - roc_auc_score(y, s)) < 1e-9
     assert abs(average_precision(s, y) - average_precision_score(y, s)) < 1e-9
     for fpr in (0.0, 0.01, 0.05, 0.1, 0.5, 1.0):
-        assert abs(tpr_at_fpr(s, y, fpr) - _sk_tpr(s, y, fpr)) < 1e-9
+        assert abs(tpr_at_fpr(s, y, fpr=fpr) - _sk_tpr(s, y, fpr)) < 1e-9
     # the orientation flag is negation; 0/1 ints are labels too
     assert abs(auroc(s, y.astype(int), higher_is_positive=False) - roc_auc_score(y, -s)) < 1e-9
     assert abs(average_precision(s, y, higher_is_positive=False)
@@ -56,7 +60,7 @@ def test_all_tied_scores():
     s = np.zeros(5)
     assert auroc(s, y) == pytest.approx(roc_auc_score(y, s)) == pytest.approx(0.5)
     assert average_precision(s, y) == pytest.approx(average_precision_score(y, s))
-    assert tpr_at_fpr(s, y, 0.5) == 0.0 and tpr_at_fpr(s, y, 1.0) == 1.0
+    assert tpr_at_fpr(s, y, fpr=0.5) == 0.0 and tpr_at_fpr(s, y, fpr=1.0) == 1.0
 
 
 def test_report_ci_contains_point_and_is_seeded():
@@ -64,7 +68,7 @@ def test_report_ci_contains_point_and_is_seeded():
     noise = np.random.default_rng(5).standard_normal(400)
     scores = {"signal": s, "lid": -s + 0.1 * noise, "noise": noise}
     kw = dict(higher_is_positive={"lid": False}, n_bootstrap=200, fpr=0.05)
-    report = detection_report(scores, y, seed=3, **kw)
+    report = detection_report(scores, y, key=jax.random.key(3), **kw)
     assert list(report) == ["signal", "lid", "noise"]
     for name, m in report.items():
         assert isinstance(m, DetectionMetrics)
@@ -74,13 +78,13 @@ def test_report_ci_contains_point_and_is_seeded():
             assert hi > lo
     assert report["signal"].auroc == pytest.approx(roc_auc_score(y, s))
     assert report["lid"].auroc > 0.7 and abs(report["noise"].auroc - 0.5) < 0.1
-    assert detection_report(scores, y, seed=3, **kw) == report
-    assert detection_report(scores, y, seed=4, **kw) != report
+    assert detection_report(scores, y, key=jax.random.key(3), **kw) == report
+    assert detection_report(scores, y, key=jax.random.key(4), **kw) != report
     # the same resamples for every signal: a copied signal gets identical intervals
-    twin = detection_report({"a": s, "b": s.copy()}, y, n_bootstrap=50)
+    twin = detection_report({"a": s, "b": s.copy()}, y, n_bootstrap=50, key=KEY)
     assert twin["a"] == twin["b"]
     # a lower confidence gives a nested, narrower interval
-    narrow = detection_report(scores, y, seed=3, confidence=0.5, **kw)["signal"].auroc_ci
+    narrow = detection_report(scores, y, key=jax.random.key(3), confidence=0.5, **kw)["signal"].auroc_ci
     wide = report["signal"].auroc_ci
     assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
 
@@ -91,7 +95,7 @@ def test_bootstrap_is_stratified():
     y = np.zeros(50, bool)
     y[7] = True
     s = np.arange(50.0)  # the positive ranks 8th of 50: AUROC = 7/49
-    m = detection_report({"x": s}, y, n_bootstrap=100)["x"]
+    m = detection_report({"x": s}, y, n_bootstrap=100, key=KEY)["x"]
     assert m.n_positive == 1
     assert m.auroc == pytest.approx(7 / 49)
     assert 0.0 <= m.auroc_ci[0] <= m.auroc_ci[1] <= 1.0
@@ -108,13 +112,13 @@ def test_errors():
     bad = s.copy()
     bad[3] = np.nan
     with pytest.raises(ValueError, match=r"signal 'flipd'.*NaN"):
-        detection_report({"ok": s, "flipd": bad}, y)
+        detection_report({"ok": s, "flipd": bad}, y, key=KEY)
     with pytest.raises(ValueError, match=r"50 values but labels has 49"):
-        detection_report({"s": s}, y[:-1])
+        detection_report({"s": s}, y[:-1], key=KEY)
     with pytest.raises(ValueError, match=r"50 values but labels has 51"):
         auroc(s, np.r_[y, True])
     with pytest.raises(ValueError, match="single class"):
-        detection_report({"s": s}, np.ones(50, bool))
+        detection_report({"s": s}, np.ones(50, bool), key=KEY)
     with pytest.raises(ValueError, match="single class"):
         tpr_at_fpr(s, np.zeros(50))
     with pytest.raises(ValueError, match="bool or 0/1"):
@@ -122,13 +126,15 @@ def test_errors():
     with pytest.raises(ValueError, match="bool or 0/1"):
         auroc(s, np.where(y, "exact", "not"))
     with pytest.raises(ValueError, match="unknown signal"):
-        detection_report({"s": s}, y, higher_is_positive={"lid": False})
+        detection_report({"s": s}, y, higher_is_positive={"lid": False}, key=KEY)
     with pytest.raises(ValueError, match="fpr"):
-        tpr_at_fpr(s, y, 1.5)
+        tpr_at_fpr(s, y, fpr=1.5)
     with pytest.raises(ValueError, match="confidence"):
-        detection_report({"s": s}, y, confidence=1.0)
+        detection_report({"s": s}, y, confidence=1.0, key=KEY)
     with pytest.raises(ValueError, match="no signals"):
-        detection_report({}, y)
+        detection_report({}, y, key=KEY)
+    with pytest.raises(ValueError, match="key is required"):
+        detection_report({"s": s}, y)
 
 
 def test_label_join():

@@ -31,16 +31,16 @@ def test_nonlinear_generator_with_image_output(x64):
     for i in range(3):
         jac = (1 - np.tanh(0.1 * zf[i] @ np.asarray(w).T) ** 2)[:, None] * 0.1 * np.asarray(w)
         np.testing.assert_allclose(res.singular_values[i], np.linalg.svd(jac, compute_uv=False), atol=1e-10)
-    np.testing.assert_array_equal(lid_from_singular_values(res.singular_values, 1e-8, space="tangent"), 4)
+    np.testing.assert_array_equal(lid_from_singular_values(res.singular_values, threshold=1e-8, space="tangent"), 4)
 
 
 def test_numerical_rank_thresholds():
     s = jnp.array([[3.0, 2.0, 1.0], [3.0, 0.5, 0.1]])
-    np.testing.assert_array_equal(numerical_rank(s, 1.0), [2, 1])
-    np.testing.assert_array_equal(numerical_rank(s, jnp.array([0.5, 0.05])), [3, 3])
-    np.testing.assert_array_equal(lid_from_singular_values(s, 1.0, space="normal"), [1, 2])
+    np.testing.assert_array_equal(numerical_rank(s, threshold=1.0), [2, 1])
+    np.testing.assert_array_equal(numerical_rank(s, threshold=jnp.array([0.5, 0.05])), [3, 3])
+    np.testing.assert_array_equal(lid_from_singular_values(s, threshold=1.0, space="normal"), [1, 2])
     with pytest.raises(ValueError, match="threshold must be a scalar"):
-        numerical_rank(s, jnp.ones(3))
+        numerical_rank(s, threshold=jnp.ones(3))
 
 
 def test_bad_input():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,9 +106,12 @@ def test_paper_duplicates_read_zero_and_manifold_dimension_elsewhere(x64):
 
 def test_paper_float32_and_sampled_distance_percentile():
     x = _plane_with_duplicates().astype(np.float32)
-    got = np.asarray(lpca(x, k=100, method="paper", distance_max_points=300))
+    got = np.asarray(lpca(x, k=100, method="paper", distance_max_points=300,
+                          key=jax.random.key(0)))
     np.testing.assert_array_equal(got[-20:], 0)
     np.testing.assert_array_equal(got[:-20], 2)
+    with pytest.raises(ValueError, match="key is required"):
+        lpca(x, k=100, method="paper", distance_max_points=300)
 
 
 def test_paper_single_copy_and_external_queries(x64):

@@ -57,7 +57,7 @@ def problem():
     odd = np.arange(BATCH) % 2 == 1
     return dict(
         schedule=schedule, mix=mix, comp=comp, odd=odd,
-        score=mix.score(schedule),  # one closure for the whole file: the estimators' caches hit
+        score=mix.score(schedule=schedule),  # one score function for the whole file: the estimators' caches hit
         gen=lambda z: jnp.tanh(0.3 * z @ w.T),
         args=dict(
             x=jnp.asarray(x),
@@ -76,10 +76,10 @@ def estimate(args):
     p = problem()
     score, schedule, x, keys = p["score"], p["schedule"], args["x"], args["keys"]
     return dict(
-        flipd_exact=flipd(score, x, T0, schedule=schedule, trace="exact"),
-        flipd_hutchinson=flipd(score, x, T0, schedule=schedule, key=keys, num_probes=3),
-        normal_bundle_gap=normal_bundle(score, x, T0, schedule=schedule, key=keys),
-        normal_bundle_threshold=normal_bundle(score, x, T0, schedule=schedule, key=keys,
+        flipd_exact=flipd(score, x, t0=T0, schedule=schedule, trace="exact"),
+        flipd_hutchinson=flipd(score, x, t0=T0, schedule=schedule, key=keys, num_probes=3),
+        normal_bundle_gap=normal_bundle(score, x, t0=T0, schedule=schedule, key=keys),
+        normal_bundle_threshold=normal_bundle(score, x, t0=T0, schedule=schedule, key=keys,
                                               threshold=args["nb_threshold"]).lid,
         jacobian_rank=jacobian_rank(p["gen"], args["z"], threshold=args["jac_threshold"]),
     )

@@ -68,8 +68,8 @@ def test_cfg_flipd_of_a_bfloat16_network_is_accumulated_in_float32(sd, sd16):
     # 3 probes, as test_cfg_flipd_traces_both_branches_like_pytorch: the float32 FLIPD below is
     # then the program conditional_flipd compiled there
     kwargs = dict(schedule=sd.schedule, key=jax.random.key(0), num_probes=3)
-    ours16 = flipd(score16, z, T0, **kwargs)
-    ours32 = flipd(sd.cfg_score(sd.encode_prompt(["a cat", "the fox"])), z, T0, **kwargs)
+    ours16 = flipd(score16, z, t0=T0, **kwargs)
+    ours32 = flipd(sd.cfg_score(sd.encode_prompt(["a cat", "the fox"])), z, t0=T0, **kwargs)
     assert ours16.dtype == jnp.float32
     # FLIPD = d + sigma^2 (trace + |s|^2): the bfloat16 network's own rounding (about 1% of its
     # outputs) moves it by a few percent of d

@@ -84,9 +84,9 @@ def test_paper_threshold_over_a_sample_set(generator):
     module, params, z, c = generator
     spectra = np.concatenate([gan_lid(module, params, z[i:i + 2], c[i:i + 2]).singular_values
                               for i in (0, 2)])
-    tau = float(percentile_threshold(spectra, 10))
+    tau = float(percentile_threshold(spectra, q=10))
     assert tau == pytest.approx(np.percentile(spectra, 10), rel=1e-6)
-    lid = lid_from_singular_values(spectra, tau, space="tangent")
+    lid = lid_from_singular_values(spectra, threshold=tau, space="tangent")
     np.testing.assert_array_equal(lid, (spectra > tau).sum(1))
     np.testing.assert_array_equal(gan_lid(module, params, z, c, threshold=tau).lid, lid)
 

@@ -66,7 +66,7 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
     # The truth: FLIPD (Eq. 6) of s^CFG at the clean point x_t / psi(t), which evaluates the
     # score at x_t (paper, Eqs. 14, 26), through mmh_jax.lid.flipd; the probe of FLIPD step j
     # is flipd's draw from the per-image keys fold_in(keys[i], j).
-    score = cfg_score_fn(sd.eps, sd.schedule, cond, sd.uncond_embedding, G)
+    score = cfg_score_fn(sd.eps, cond, sd.uncond_embedding, schedule=sd.schedule, guidance=G)
     T = sd.schedule.num_timesteps
     truth = []
     for j in range(K):
@@ -74,9 +74,9 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
         t = jnp.full((2,), (int(ref.timesteps[i]) + 1) / T)
         x = ref.latents[i] / sd.schedule.psi(t)[:, None, None, None]
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
-        truth.append(flipd(score, x, t, schedule=sd.schedule, key=step_keys))
+        truth.append(flipd(score, x, t0=t, schedule=sd.schedule, key=step_keys))
         if j == 0:  # the probe matters: another draw gives another number
-            other = flipd(score, x, t, schedule=sd.schedule,
+            other = flipd(score, x, t0=t, schedule=sd.schedule,
                           key=jax.random.split(jax.random.key(99), 2))
     truth = np.asarray(truth)
     np.testing.assert_allclose(out.flipd, truth, rtol=2e-4)
@@ -151,8 +151,8 @@ def test_false_positive_rate_on_held_out_prompts_matches_the_target(calibration_
     higher = signal == "cfg_norm"
     threshold = calibrate_threshold(signals[:n], target_fpr=target, higher_is_memorized=higher)
     m = math.floor(target * (n + 1))
-    assert flag(signals[:n], threshold, higher_is_memorized=higher).sum() == m - 1
-    fpr = flag(signals[n:], threshold, higher_is_memorized=higher).mean()
+    assert flag(signals[:n], threshold=threshold, higher_is_memorized=higher).sum() == m - 1
+    fpr = flag(signals[n:], threshold=threshold, higher_is_memorized=higher).mean()
     # held-out rate: Beta(m, n + 1 - m) given the calibration set, then binomial over n
     # held-out prompts: standard deviation about sqrt(p (1 - p) (1/n + 1/n)); a 3-sigma band
     sd_rate = math.sqrt(target * (1 - target) * 2 / n)
@@ -166,9 +166,9 @@ def test_calibrate_threshold_is_the_conformal_order_statistic():
     hi = calibrate_threshold(s, target_fpr=0.1, higher_is_memorized=True)
     lo = calibrate_threshold(s, target_fpr=0.1, higher_is_memorized=False)
     assert hi == np.sort(s)[57 - m] and lo == np.sort(s)[m - 1]
-    assert flag(s, hi, higher_is_memorized=True).sum() == m - 1
-    assert flag(s, lo, higher_is_memorized=False).sum() == m - 1
-    np.testing.assert_array_equal(flag(s, hi, higher_is_memorized=True), s > hi)
+    assert flag(s, threshold=hi, higher_is_memorized=True).sum() == m - 1
+    assert flag(s, threshold=lo, higher_is_memorized=False).sum() == m - 1
+    np.testing.assert_array_equal(flag(s, threshold=hi, higher_is_memorized=True), s > hi)
     # the guarantee: over calibration and test draws the flagged rate is m / (n + 1) exactly
     n, trials = 19, 40_000  # target 0.1: m = 2, rate 2 / 20 = 0.1
     cal = rng.random((trials, n))
@@ -196,9 +196,9 @@ def test_calibrate_threshold_errors(signals, target, match):
 
 def test_flag_errors():
     with pytest.raises(ValueError, match="threshold"):
-        flag([1.0], float("nan"), higher_is_memorized=True)
+        flag([1.0], threshold=float("nan"), higher_is_memorized=True)
     with pytest.raises(ValueError, match="non-finite"):
-        flag([1.0, np.inf], 0.0, higher_is_memorized=False)
+        flag([1.0, np.inf], threshold=0.0, higher_is_memorized=False)
 
 
 def test_guarded_generate_resamples_flagged_prompts(sd):

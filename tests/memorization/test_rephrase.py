@@ -79,7 +79,7 @@ def test_choose_tokens_draws_follow_the_sequential_categorical():
     a = np.array([0.20, 0.15, 0.10, 0.05, 0.0])
     p = token_probabilities(a)
     n = 2000
-    draws = np.stack([choose_tokens(a, 2, key=k) for k in _keys(n)])
+    draws = np.stack([choose_tokens(a, k=2, key=k) for k in _keys(n)])
     assert draws.shape == (n, 2) and draws.dtype == np.int64
     assert np.all(draws[:, 0] != draws[:, 1])
     first = np.bincount(draws[:, 0], minlength=5) / n
@@ -95,22 +95,22 @@ def test_choose_tokens_draws_follow_the_sequential_categorical():
 
 def test_choose_tokens_picks_a_dominant_token_almost_always():
     a = [0.1, 0.2, 5.0, 0.1, 0.3, 0.0]
-    first = [int(choose_tokens(a, 1, key=k)[0]) for k in _keys(400, seed=1)]
+    first = [int(choose_tokens(a, k=1, key=k)[0]) for k in _keys(400, seed=1)]
     assert np.mean(np.array(first) == 2) >= 0.98  # p = 0.995 here
 
 
 def test_choose_tokens_distinct_reproducible_and_keyed():
     a = np.random.default_rng(0).uniform(0, 0.5, size=12)
     for k in (1, 3, 8, 12):
-        out = choose_tokens(a, k, key=KEY)
+        out = choose_tokens(a, k=k, key=KEY)
         assert out.shape == (k,) and len(set(out.tolist())) == k
         assert out.min() >= 0 and out.max() < 12
-    assert sorted(choose_tokens(a, 12, key=KEY).tolist()) == list(range(12))
-    np.testing.assert_array_equal(choose_tokens(a, 4, key=KEY), choose_tokens(a, 4, key=KEY))
-    outs = {tuple(choose_tokens(a, 4, key=k).tolist()) for k in _keys(10)}
+    assert sorted(choose_tokens(a, k=12, key=KEY).tolist()) == list(range(12))
+    np.testing.assert_array_equal(choose_tokens(a, k=4, key=KEY), choose_tokens(a, k=4, key=KEY))
+    outs = {tuple(choose_tokens(a, k=4, key=k).tolist()) for k in _keys(10)}
     assert len(outs) > 1
     # raw uint32 keys work as well
-    assert choose_tokens(a, 2, key=jax.random.PRNGKey(3)).shape == (2,)
+    assert choose_tokens(a, k=2, key=jax.random.PRNGKey(3)).shape == (2,)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -124,35 +124,36 @@ def test_choose_tokens_distinct_reproducible_and_keyed():
     (([0.1, 0.2], 1.5), "k must be an integer"),
 ])
 def test_choose_tokens_errors(args, match):
+    attributions, k = args
     with pytest.raises(ValueError, match=match):
-        choose_tokens(*args, key=KEY)
+        choose_tokens(attributions, k=k, key=KEY)
 
 
 def test_choose_tokens_setting_errors():
     with pytest.raises(ValueError, match="temperature"):
-        choose_tokens([0.1, 0.2], 1, key=KEY, temperature=0.0)
+        choose_tokens([0.1, 0.2], k=1, key=KEY, temperature=0.0)
     with pytest.raises(ValueError, match="smoothing"):
-        choose_tokens([0.1, 0.2], 1, key=KEY, smoothing=-1e-3)
+        choose_tokens([0.1, 0.2], k=1, key=KEY, smoothing=-1e-3)
     with pytest.raises(ValueError, match="normalize"):
-        choose_tokens([0.1, 0.2], 1, key=KEY, normalize="softmax")
+        choose_tokens([0.1, 0.2], k=1, key=KEY, normalize="softmax")
     # without smoothing, underflowed tokens cannot be drawn
     with pytest.raises(ValueError, match="nonzero probability"):
-        choose_tokens([100.0, 0.0, 0.0], 2, key=KEY, smoothing=0.0)
-    assert choose_tokens([100.0, 0.0, 0.0], 1, key=KEY, smoothing=0.0).tolist() == [0]
+        choose_tokens([100.0, 0.0, 0.0], k=2, key=KEY, smoothing=0.0)
+    assert choose_tokens([100.0, 0.0, 0.0], k=1, key=KEY, smoothing=0.0).tolist() == [0]
 
 
 def test_uniform_tokens():
     n = 1500
-    draws = np.stack([uniform_tokens(4, 2, key=k) for k in _keys(n, seed=2)])
+    draws = np.stack([uniform_tokens(4, k=2, key=k) for k in _keys(n, seed=2)])
     assert np.all(draws[:, 0] != draws[:, 1])
     assert _within(np.bincount(draws[:, 0], minlength=4) / n, np.full(4, 0.25), n)
-    assert sorted(uniform_tokens(7, 7, key=KEY).tolist()) == list(range(7))
+    assert sorted(uniform_tokens(7, k=7, key=KEY).tolist()) == list(range(7))
     with pytest.raises(ValueError, match="k larger than the number of tokens"):
-        uniform_tokens(3, 4, key=KEY)
+        uniform_tokens(3, k=4, key=KEY)
     with pytest.raises(ValueError, match="num_tokens"):
-        uniform_tokens(0, 1, key=KEY)
+        uniform_tokens(0, k=1, key=KEY)
     with pytest.raises(ValueError, match="k must be at least 1"):
-        uniform_tokens(3, 0, key=KEY)
+        uniform_tokens(3, k=0, key=KEY)
 
 
 # ------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_synonym_rephraser_changes_only_the_chosen_words():
     for i in changed:
         assert after[i] in table[before[i]]
     for seed in range(8):  # other seeds pick other synonyms, still only there
-        out = SynonymRephraser(seed=seed)(prompt, ["painting", "dog", "garden"])
+        out = SynonymRephraser(key=jax.random.key(seed))(prompt, ["painting", "dog", "garden"])
         after = out.split(" ")
         assert [i for i, (b, a) in enumerate(zip(before, after)) if b != a] == [1, 4, 10]
         assert all(after[i] in table[before[i]] for i in (1, 4, 10))
@@ -307,18 +308,21 @@ def test_synonym_rephraser_inflections_and_seed():
     assert r("bigs today", ["bigs"]) == "bigs today"  # "big" is an adjective: no -s form
     assert r("news today", ["news"]) == "tidings today"  # its own entry
     prompt = "a beautiful dress"
-    picks = {SynonymRephraser(seed=s)(prompt, ["beautiful"]) for s in range(20)}
+    picks = {SynonymRephraser(key=jax.random.key(s))(prompt, ["beautiful"]) for s in range(20)}
     assert len(picks) >= 3
     assert all(p.split(" ")[1] in table["beautiful"] for p in picks)
-    again = SynonymRephraser(seed=7)
-    assert again(prompt, ["beautiful"]) == SynonymRephraser(seed=7)(prompt, ["beautiful"])
+    again = SynonymRephraser(key=jax.random.key(7))
+    assert again(prompt, ["beautiful"]) == SynonymRephraser(key=jax.random.key(7))(prompt, ["beautiful"])
+    # the choices integer seeds gave before the rephraser took a key (the prompt world's runs)
+    assert again(prompt, ["beautiful"]) == "a lovely dress"
+    assert SynonymRephraser(key=jax.random.key(11))(prompt, ["beautiful"]) == "a pretty dress"
 
 
 def test_synonym_rephraser_errors():
     with pytest.raises(ValueError, match="punctuation"):
         SynonymRephraser(punctuation="remove")
-    with pytest.raises(ValueError, match="seed"):
-        SynonymRephraser(seed=1.5)
+    with pytest.raises(TypeError, match="key"):
+        SynonymRephraser(key=1.5)
     with pytest.raises(ValueError, match="table"):
         SynonymRephraser(table={"Dog": ["hound"]})
     with pytest.raises(ValueError, match="table"):
@@ -518,7 +522,7 @@ def test_random_token_addition_adds_k_words_and_keeps_the_prompt():
     prompt = "Talks on the  Precepts and Buddhist Ethics"
     gaps, picks = set(), set()
     for k, key in zip([1, 2, 4, 8] * 25, _keys(100, seed=3)):
-        out = random_token_addition(prompt, k, key=key, vocabulary=VOCAB)
+        out = random_token_addition(prompt, k=k, key=key, vocabulary=VOCAB)
         words = out.split()
         added = [w for w in words if w in VOCAB]
         assert len(added) == k and len(words) == len(prompt.split()) + k
@@ -537,16 +541,16 @@ def test_random_token_addition_adds_k_words_and_keeps_the_prompt():
                 before += 1
     assert picks == set(VOCAB)
     assert gaps == set(range(len(prompt.split()) + 1))  # every gap, both ends included
-    np.testing.assert_equal(random_token_addition(prompt, 3, key=KEY, vocabulary=VOCAB),
-                            random_token_addition(prompt, 3, key=KEY, vocabulary=VOCAB))
+    np.testing.assert_equal(random_token_addition(prompt, k=3, key=KEY, vocabulary=VOCAB),
+                            random_token_addition(prompt, k=3, key=KEY, vocabulary=VOCAB))
 
 
 def test_random_token_addition_errors():
     with pytest.raises(ValueError, match="prompt"):
-        random_token_addition("   ", 1, key=KEY, vocabulary=VOCAB)
+        random_token_addition("   ", k=1, key=KEY, vocabulary=VOCAB)
     with pytest.raises(ValueError, match="k"):
-        random_token_addition("a dog", 0, key=KEY, vocabulary=VOCAB)
+        random_token_addition("a dog", k=0, key=KEY, vocabulary=VOCAB)
     with pytest.raises(ValueError, match="vocabulary"):
-        random_token_addition("a dog", 1, key=KEY, vocabulary=[])
+        random_token_addition("a dog", k=1, key=KEY, vocabulary=[])
     with pytest.raises(ValueError, match="vocabulary"):
-        random_token_addition("a dog", 1, key=KEY, vocabulary=["two words"])
+        random_token_addition("a dog", k=1, key=KEY, vocabulary=["two words"])

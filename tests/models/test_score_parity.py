@@ -34,7 +34,7 @@ def models():
     module = UNet2D.from_config(model.config)
     params = jax.tree.map(jnp.asarray, convert_unet2d(
         {k: v.numpy() for k, v in model.state_dict().items()}, module))
-    schedule = DDPM.linear(1000)
+    schedule = DDPM.linear(T=1000)
     abar = torch.as_tensor(np.exp(np.asarray(schedule.log_alphas_cumprod, np.float64)))
     torch_score = eps_score_fn_torch(lambda z, s: model(z, s).sample, abar)
     return eps_score_fn(module, params, schedule), torch_score, schedule
@@ -55,7 +55,7 @@ def test_flipd_hutchinson_matches_pytorch(models):
     b, num_probes = 3, 4
     x, xt, tt = _inputs(b)
     key = jax.random.key(7)
-    ours = np.asarray(flipd(score_fn, x, T0, schedule=schedule, key=key, num_probes=num_probes))
+    ours = np.asarray(flipd(score_fn, x, t0=T0, schedule=schedule, key=key, num_probes=num_probes))
     # flipd's probes: Rademacher draws from fold_in(per-sample key, probe index)
     keys = jax.random.split(key, b)
     probes = np.stack([np.asarray(jax.vmap(lambda k, i=i: jax.random.rademacher(
@@ -72,7 +72,7 @@ def test_flipd_exact_trace_matches_pytorch(models):
     b = 2
     d = math.prod(EVENT)
     x, xt, tt = _inputs(b)
-    ours = np.asarray(flipd(score_fn, x, T0, schedule=schedule, trace="exact"))
+    ours = np.asarray(flipd(score_fn, x, t0=T0, schedule=schedule, trace="exact"))
     # the mean of (sqrt(d) e_i)^T J (sqrt(d) e_i) over the d basis vectors is the trace
     basis = np.sqrt(d) * np.eye(d, dtype=np.float32).reshape((d, 1) + EVENT)
     psi, sigma = _psi_sigma(schedule, b)
@@ -88,7 +88,7 @@ def test_normal_bundle_matches_pytorch(models):
     K = 4 * d
     x, xt, tt = _inputs(b)
     key = jax.random.key(3)
-    ours = normal_bundle(score_fn, x, T0, schedule=schedule, key=key)
+    ours = normal_bundle(score_fn, x, t0=T0, schedule=schedule, key=key)
     # normal_bundle's noise: standard normal draws from fold_in(per-sample key, score index)
     keys = jax.random.split(key, b)
     noise = np.asarray(jax.vmap(lambda k: jax.vmap(lambda i: jax.random.normal(

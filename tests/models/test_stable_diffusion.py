@@ -288,6 +288,6 @@ def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tm
     pipe.scheduler.set_timesteps(10)
     grid = sd.ddim_grid
     assert grid["steps_offset"] == 1
-    ours = ddim_timesteps(sd.schedule.num_timesteps, 10, spacing=grid["spacing"],
+    ours = ddim_timesteps(sd.schedule.num_timesteps, num_steps=10, spacing=grid["spacing"],
                           steps_offset=grid["steps_offset"])
     np.testing.assert_array_equal(ours, pipe.scheduler.timesteps.numpy())

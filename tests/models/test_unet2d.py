@@ -314,6 +314,6 @@ def test_missing_things_are_named(saved, tmp_path):
     torch_unet(TINY).save_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="schedule="):
         load_unet2d(folder)
-    assert load_unet2d(folder, schedule=DDPM.cosine(100)).schedule.num_timesteps == 100
+    assert load_unet2d(folder, schedule=DDPM.cosine(T=100)).schedule.num_timesteps == 100
     with pytest.raises(TypeError, match="schedule"):
         load_unet2d(folder, schedule="linear")

@@ -84,7 +84,7 @@ def test_item_keys_follow_the_documented_rule(tmp_path):
           batch_size=8)
     base = jax.random.key(7)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, 0), i))(np.arange(10))
-    expected = normal_bundle(model.score_fn, x, 0.3, schedule=model.schedule, num_scores=8,
+    expected = normal_bundle(model.score_fn, x, t0=0.3, schedule=model.schedule, num_scores=8,
                              threshold=0.5, key=column_keys(keys, column)).lid
     got = _table(tmp_path / "out")["normal_bundle_0.3"]
     np.testing.assert_array_equal(got, expected)

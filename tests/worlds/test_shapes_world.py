@@ -7,6 +7,7 @@ import json
 import math
 from collections import Counter, defaultdict
 
+import jax
 import numpy as np
 import pytest
 from transformers import CLIPTokenizer
@@ -24,6 +25,7 @@ from mmh_jax.worlds import (
     fidelity,
     fit_copy_judge,
     judge_copies,
+    made_up_words,
     parse_caption,
     render,
     tokenizer_files,
@@ -54,6 +56,16 @@ def _meaning(caption):
 
 # --- the world -----------------------------------------------------------------------------------
 
+
+def test_a_spec_seed_keeps_the_words_and_captions_it_always_gave(world):
+    """Recorded before the worlds took PRNG keys: the committed world model was trained on
+    these, so a spec's integer seed must keep giving them."""
+    assert made_up_words(6, key=jax.random.key(3)) == [
+        "rupenok", "zoges", "tiseboz", "rapat", "tamukud", "seradub"]
+    assert world.captions[:3] == [
+        "tukokit sibif a little white box",
+        "a little green box above ropid a nobekug little purple hoop",
+        "a dapomos large violet hoop right selupis of a small crimson box"]
 
 def test_the_world_is_a_function_of_its_spec(world):
     again = ShapesWorld(WorldSpec(seed=3, num_normal=50))
@@ -269,7 +281,7 @@ def test_copy_judge_refuses_bad_arguments(world):
 
 @pytest.fixture(scope="module")
 def classifier():
-    return train_attribute_classifier(seed=0, num_images=2000, steps=700)
+    return train_attribute_classifier(key=jax.random.key(0), num_images=2000, steps=700)
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +320,8 @@ def test_fidelity_is_high_for_true_captions_and_low_for_false_ones(classifier, f
 
 def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh):
     _, images = fresh
-    a = train_attribute_classifier(seed=1, num_images=20, steps=3)
-    b = train_attribute_classifier(seed=1, num_images=20, steps=3)
+    a = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)
+    b = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)
     np.testing.assert_array_equal(attribute_probabilities(a, images[:4]),
                                   attribute_probabilities(b, images[:4]))
     probs = attribute_probabilities(classifier, images[:4])
@@ -321,6 +333,6 @@ def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh
     with pytest.raises(ValueError, match="images"):
         attribute_probabilities(classifier, images[:, :, :16])
     with pytest.raises(ValueError, match="learning_rate"):
-        train_attribute_classifier(learning_rate=0.0)
+        train_attribute_classifier(key=jax.random.key(0), learning_rate=0.0)
     with pytest.raises(TypeError, match="steps"):
-        train_attribute_classifier(steps=2.5)
+        train_attribute_classifier(key=jax.random.key(0), steps=2.5)
