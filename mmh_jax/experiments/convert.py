@@ -79,9 +79,10 @@ class ConvertConfig:
 
 def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     """The :class:`ConvertConfig` of parsed ``mmh-jax convert`` arguments."""
+    stylegan2 = {name: getattr(args, name) for name in ("network", "init_kwargs")
+                 if hasattr(args, name)}  # only `convert stylegan2` has them
     return ConvertConfig(
-        architecture=args.architecture, path=args.path, output=args.output,
-        network=getattr(args, "network", "G_ema"), init_kwargs=getattr(args, "init_kwargs", None),
+        architecture=args.architecture, path=args.path, output=args.output, **stylegan2,
         iddpm_flags={name: getattr(args, name) for name in _IDDPM_NAMES if hasattr(args, name)})
 
 

@@ -158,6 +158,11 @@ def read_prompt_file(path: str | Path) -> list[Item]:
     Raises:
         DemoInputError: no such file, no prompt in it, or a bad line (naming file and line).
     """
+    return _open_prompt_file(path)[1]
+
+
+def _open_prompt_file(path: str | Path):
+    """The :class:`~mmh_jax.scoring.PromptFile` of ``path`` and its items (labels checked)."""
     from mmh_jax.scoring import PromptFile
 
     try:
@@ -169,7 +174,7 @@ def read_prompt_file(path: str | Path) -> list[Item]:
         item = source[i]
         number, fields = source.fields(i)
         items.append(Item(item.id, item.text, _label(fields.get("label"), f"{path}:{number}")))
-    return items
+    return source, items
 
 
 def read_image_folder(path: str | Path) -> list[Item]:
@@ -267,15 +272,17 @@ def run(config: DetectConfig, *, console: Console | None = None):
 
     config.validate()
     prompts = config.prompts is not None
-    items = read_prompt_file(config.prompts) if prompts else read_image_folder(config.images)
+    if prompts:
+        source, items = _open_prompt_file(config.prompts)
+    else:
+        items = read_image_folder(config.images)
+        source = scoring.ImageFolder(config.images, recursive=False)
     out = prepare_out_dir(config.out)
     console = console or Console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
-    source = (scoring.PromptFile(config.prompts) if prompts
-              else scoring.ImageFolder(config.images, recursive=False))
     flipd = dict(t0=config.flipd_t0, num_probes=config.num_probes)
     columns = [scoring.CFGNorms(guidance=config.guidance, t0=config.cfg_t0,
                                 num_steps=config.euler_steps),

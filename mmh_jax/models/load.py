@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
@@ -41,13 +41,12 @@ def load_model(path: str | os.PathLike, *, kind: ModelKind, dtype: Any = jnp.flo
     Raises:
         ValueError: an unknown ``kind``, or options the kind does not take.
     """
+    if kind not in get_args(ModelKind):
+        raise ValueError(f"kind must be one of {', '.join(get_args(ModelKind))}; got {kind!r}")
     if kind == "iddpm":
         return load_iddpm(path, dtype=dtype, **options)
     if kind == "stylegan2":
         return load_stylegan2(path, dtype=dtype, **options)
-    if kind not in ("unet2d", "stable-diffusion"):
-        raise ValueError(f"kind must be one of unet2d, iddpm, stable-diffusion, stylegan2; "
-                         f"got {kind!r}")
     if options:
         raise ValueError(f"kind {kind!r} takes no options, got {', '.join(sorted(options))}")
     if kind == "unet2d":
