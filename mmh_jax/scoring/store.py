@@ -226,8 +226,19 @@ def errors_table(index: list[int], ids: list[str], reasons: list[str]) -> pa.Tab
 
 
 def rows_table(index: np.ndarray, ids: list[str], values: dict[str, np.ndarray | pa.Array]) -> pa.Table:
-    """The scores table's layout: ``index`` (int64), ``id``, then one column per value."""
+    """The scores table's layout: ``index`` (int64), ``id``, then one column per value; a value
+    of shape ``[rows, k]`` (a vector per row, e.g. a spectrum) is a ``fixed_size_list`` of ``k``."""
     columns = {"index": pa.array(np.asarray(index, np.int64)), "id": pa.array(ids, pa.string())}
-    columns.update({name: v if isinstance(v, pa.Array) else pa.array(np.asarray(v))
+    columns.update({name: v if isinstance(v, pa.Array) else _arrow(np.asarray(v), name)
                     for name, v in values.items()})
     return pa.table(columns)
+
+
+def _arrow(v: np.ndarray, name: str) -> pa.Array:
+    if v.ndim == 1:
+        return pa.array(v)
+    if v.ndim != 2:
+        raise ValueError(f"column {name!r}: a value per row must be a scalar or a vector, got "
+                         f"shape {v.shape[1:]}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1)),
+                                             v.shape[1])

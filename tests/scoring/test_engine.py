@@ -328,3 +328,33 @@ def test_generator_jacobian_rank(tmp_path):
                     str(tmp_path / "out"), batch_size=8)
     assert summary.plan.mode == "points"
     np.testing.assert_array_equal(_table(tmp_path / "out")["jacobian_rank"], 2)
+
+
+def test_a_vector_per_item_is_written_as_a_fixed_size_list(tmp_path):
+    """A column may give a vector per item (a spectrum): the Parquet holds it unchanged."""
+    import dataclasses
+    import functools
+
+    from jax.tree_util import Partial
+
+    @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=[])
+    @dataclasses.dataclass(frozen=True)
+    class Doubled:
+        on_host = False
+        needs_text = False
+        names = ("doubled",)
+
+        def check(self, model):
+            pass
+
+        def __call__(self, model, inputs, keys):
+            return {"doubled": 2 * inputs.points}
+
+    z = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    model = Model.from_generator(Partial(lambda z: z), (3,))
+    score(model, [Doubled()], ArrayFile(tmp_path / "z.npy"), str(tmp_path / "out"), batch_size=8,
+          chunk_size=4)
+    column = merge(tmp_path / "out").scores["doubled"]
+    assert column.type.list_size == 3
+    np.testing.assert_array_equal(np.stack(column.to_pylist()), 2 * z)
