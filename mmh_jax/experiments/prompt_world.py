@@ -201,7 +201,9 @@ def _judges(sd, world, seed: int, console: Console) -> _Judges:
                         for s in world.heldout_scenes(512, split=2)])
     judge = fit_copy_judge(_round_trip(sd, world.images), _round_trip(sd, heldout),
                            quantile=0.01)
-    classifier = train_attribute_classifier(key=jax.random.key(seed))
+    # trained on VAE round trips of its renders: the domain of the generations it judges
+    classifier = train_attribute_classifier(key=jax.random.key(seed),
+                                            preprocess=lambda x: _round_trip(sd, x))
     console.print(f"judges ready in {time.perf_counter() - t:.0f} s (copy threshold "
                   f"{judge.threshold:.3f}, calibrated l2)")
     return _Judges(judge, classifier)

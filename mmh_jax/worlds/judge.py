@@ -16,7 +16,7 @@ Two questions are asked of a generated image:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -361,6 +361,7 @@ def train_attribute_classifier(
     batch_size: int = 64,
     learning_rate: float = 3e-3,
     two_object_fraction: float = 0.7,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> AttributeClassifier:
     """Train the (colour, shape) presence classifier on fresh random 32x32 world renders.
 
@@ -383,6 +384,10 @@ def train_attribute_classifier(
         batch_size: windows per step.
         learning_rate: peak learning rate (cosine decay to 5% of it).
         two_object_fraction: probability that a training scene has two objects.
+        preprocess: ``preprocess(renders [n, 3, 32, 32] in [-1, 1]) -> images`` of the same
+            shape and range, applied before windows are cut: the domain the classifier will
+            read, e.g. the world model's VAE round trip (encode, decode, uint8), so that it reads
+            generations, which pass through the same decoder, as well as it reads renders.
 
     Returns:
         The trained :class:`AttributeClassifier`.
@@ -403,6 +408,12 @@ def train_attribute_classifier(
     scenes = [draw_scene(rng, two_objects=bool(rng.random() < two_object_fraction))
               for _ in range(num_images)]
     images = np.stack([render(scene, _SIZE) for scene in scenes])
+    if preprocess is not None:
+        processed = np.asarray(preprocess(images), np.float32)
+        if processed.shape != images.shape or not np.all(np.isfinite(processed)):
+            raise ValueError(f"preprocess must return finite images of shape {images.shape}, "
+                             f"got shape {processed.shape}")
+        images = processed
     pad = _PAD + _BLUR_REACH
     padded = jnp.asarray(np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge"))
     objects = _objects(scenes)

@@ -336,3 +336,21 @@ def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh
         train_attribute_classifier(key=jax.random.key(0), learning_rate=0.0)
     with pytest.raises(TypeError, match="steps"):
         train_attribute_classifier(key=jax.random.key(0), steps=2.5)
+
+
+def test_the_classifier_trains_on_the_preprocessed_renders(fresh):
+    """``preprocess`` is the domain the windows are cut from: the identity changes nothing, an
+    inversion of the colours another classifier; a wrong shape is refused."""
+    _, images = fresh
+    base = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)
+    same = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3,
+                                      preprocess=lambda x: x.copy())
+    other = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3,
+                                       preprocess=lambda x: -x)
+    np.testing.assert_array_equal(attribute_probabilities(base, images[:4]),
+                                  attribute_probabilities(same, images[:4]))
+    assert not np.allclose(attribute_probabilities(base, images[:4]),
+                           attribute_probabilities(other, images[:4]))
+    with pytest.raises(ValueError, match="preprocess"):
+        train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3,
+                                   preprocess=lambda x: x[:, :, :16])
