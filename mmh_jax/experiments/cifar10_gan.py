@@ -51,7 +51,8 @@ from mmh_jax.experiments.common import (
     write_parquet,
 )
 
-__all__ = ["GanLidConfig", "sample_latents", "add_arguments", "config_from_args", "run"]
+__all__ = ["GanLidConfig", "sample_latents", "write_latents", "vectors", "add_arguments",
+           "config_from_args", "run"]
 
 #: The label of not-memorized samples in a ``--labels`` file.
 NOT_MEMORIZED = "not"
@@ -180,7 +181,8 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     module = model.module
     timings = {"load_s": time.perf_counter() - start}
 
-    latents = _write_latents(out / "latents.npz", config, module.z_dim, module.c_dim)
+    latents = write_latents(out / "latents.npz", num_samples=config.num_samples,
+                            seed=config.seed, z_dim=module.z_dim, c_dim=module.c_dim)
     fns = stylegan2_fns(module, model.params, wrt=config.wrt,
                         truncation_psi=config.truncation_psi, noise_mode=config.noise_mode)
     generator = scoring.Model.from_generator(
@@ -210,9 +212,9 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     merged = scoring.merge(out / "scores")
     require(merged.errors.num_rows == 0, f"samples not scored: {merged.errors.to_pylist()}")
     scores = merged.scores
-    spectra = _vectors(scores, "jacobian_singular_values").astype(np.float32)
+    spectra = vectors(scores, "jacobian_singular_values").astype(np.float32)
     size, channels = module.img_resolution, module.img_channels
-    images = _vectors(scores, "pixels").reshape(len(scores), size, size, channels)
+    images = vectors(scores, "pixels").reshape(len(scores), size, size, channels)
     png_bytes = png_length(images, level=9).astype(np.float64)
     threshold = float(percentile_threshold(spectra, q=config.percentile))  # the pooled rule
     lid = np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="tangent"))
@@ -234,17 +236,19 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     return table, summary, files
 
 
-def _write_latents(path: Path, config: GanLidConfig, z_dim: int, c_dim: int) -> Path:
-    """The engine's input: ``z`` ``[n, z_dim]`` of every sample (:func:`sample_latents`), its
-    ``class`` and its official ``seed``, derived from the settings (rewritten on every run)."""
-    indices = np.arange(config.num_samples)
-    z, classes = sample_latents(indices, seed=config.seed, z_dim=z_dim, c_dim=c_dim)
+def write_latents(path: Path, *, num_samples: int, seed: int, z_dim: int, c_dim: int) -> Path:
+    """The scoring engine's input for samples ``0 .. num_samples - 1`` of a StyleGAN2: an
+    ``.npz`` with ``z`` ``[n, z_dim]`` (:func:`sample_latents`), each sample's ``class`` and its
+    official ``seed`` (read it with ``scoring.ArrayFile(path, key="z", ids_key=None,
+    metadata=("class", "seed"))``). Derived from the settings alone: rewritten on every run."""
+    indices = np.arange(num_samples)
+    z, classes = sample_latents(indices, seed=seed, z_dim=z_dim, c_dim=c_dim)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, z=z, **{"class": classes, "seed": config.seed + indices})
+        np.savez(f, z=z, **{"class": classes, "seed": seed + indices})
     return path
 
 
-def _vectors(scores, name: str) -> np.ndarray:
+def vectors(scores, name: str) -> np.ndarray:
     """A vector-valued column of the engine's Parquet (a fixed_size_list) as ``[rows, k]``."""
     column = scores[name].combine_chunks()
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
