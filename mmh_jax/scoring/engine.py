@@ -198,7 +198,8 @@ def _mode(source: Source, model: Model) -> Literal["images", "points", "prompts"
             return "samples"
         if not (source.has_text and model.eps_fn is not None and model.ddim_grid is not None):
             raise ValueError("the input holds no images or arrays; prompts alone need a "
-                             "text-conditional model to generate from (Stable Diffusion)")
+                             "text-conditional model to generate from (Stable Diffusion), "
+                             "sample numbers alone an unconditional pixel-space diffusion model")
         return "prompts"
     if model.image_shape is None:
         return "points"

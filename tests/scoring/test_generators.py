@@ -89,6 +89,8 @@ def test_class_labels_are_checked(tmp_path):
     plain = Model.from_generator(Partial(lambda z: z), (2,))
     with pytest.raises(ValueError, match="class-conditional"):
         score(plain, [JacobianRank()], source, out, batch_size=8, labels="label")
+    with pytest.raises(ValueError, match="sample numbers alone an unconditional"):
+        score(plain, [JacobianRank()], Seeds(3), out, batch_size=8)
 
 
 def test_stylegan2_columns_are_the_same_on_one_and_two_devices(tmp_path):
