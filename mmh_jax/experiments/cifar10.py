@@ -7,7 +7,9 @@ Appendix C.2 Figure 8, Appendix F) on user-supplied training images and checkpoi
    uint8 array ``x`` in NHWC or NCHW), all of one size;
 2. generates ``-n`` samples: DDIM (eta = 0, :func:`mmh_jax.sampling.ddim_sample`, ``--steps``)
    for a diffusion model (``iddpm``: a file written by ``mmh-jax convert iddpm``; ``unet2d``: a
-   diffusers folder or a file written by ``mmh-jax convert unet2d``), class-balanced latents
+   diffusers folder or a file written by ``mmh-jax convert unet2d``), sample ``i`` from the
+   noise of index ``i`` under ``--seed`` (:mod:`mmh_jax._src.noise`, the rule of every sampler
+   of the library), rounded to uint8; class-balanced latents
    (:func:`mmh_jax.experiments.cifar10_gan.sample_latents`) for StyleGAN2-ADA;
 3. LID_theta of every sample: FLIPD (Hutchinson, one probe, ``t0`` = 0.05 as the paper and the
    library's demos) or the normal bundle (``t0`` = 0.1, singular values thresholded at their
@@ -21,6 +23,13 @@ Appendix C.2 Figure 8, Appendix F) on user-supplied training images and checkpoi
    normalised LIDs (LID / PNG bytes, Appendix C.2);
 7. writes ``results.parquet``/``.csv``, ``pairs_<distance>.png`` (the ``--top-k`` closest pairs
    by each distance) and ``to_label.csv`` for hand labelling (exact / reconstructive / not).
+
+Steps 2-3 are a run of :func:`mmh_jax.scoring.score` into ``OUT/scores/`` (every sample's LID
+or spectrum and its uint8 image, sharded over the devices, written exactly once, so an
+interrupted run resumes where it stopped; StyleGAN latents go to ``OUT/latents.npz``, the
+engine's input); steps 4-7 read its Parquet. A rerun into the same folder with other model
+settings or another number of samples is refused; one with other training images or
+``--percentile`` reuses the scored samples.
 
 ``mmh-jax cifar10 report OUT --labels LABELS.csv`` joins the hand labels (columns ``id`` and
 ``label``) with ``OUT/results.parquet`` and writes ``histograms.png`` (Figure 5 / 8 style),
@@ -47,7 +56,6 @@ from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     DemoInputError,
     finite_float,
-    make_progress,
     prepare_out_dir,
     require,
     write_csv,
@@ -88,6 +96,8 @@ class Cifar10Config:
     lpca_k: int = 100
     calibration_n: int = 50
     progress: bool = True
+    part_size: int = 1024
+    """Samples per Parquet part of ``OUT/scores/`` (the unit of resumption; not a flag)."""
 
     @property
     def lid_method(self) -> str:
@@ -115,6 +125,7 @@ class Cifar10Config:
         require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         require(self.lpca_k >= 1, f"--lpca-k must be at least 1, got {self.lpca_k}")
+        require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
         require(self.calibration_n >= 1,
                 f"--calibration-n must be at least 1, got {self.calibration_n}")
         require(self.nb_scores is None or self.nb_scores >= 2,
@@ -202,12 +213,6 @@ def _hwc(shape: tuple) -> str:
 
 # --- run ----------------------------------------------------------------------------------
 
-def _settings(config: Cifar10Config, model_sha: str, train_sha: str) -> dict:
-    return {"model_sha256": model_sha, "train_sha256": train_sha, "arch": config.arch,
-            "lid": config.lid_method, "t0": config.lid_t0, "nb_scores": config.nb_scores,
-            "steps": config.steps, "seed": config.seed, "percentile": config.percentile}
-
-
 def _fingerprint(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
@@ -215,19 +220,15 @@ def _fingerprint(path: Path) -> str:
     return json.dumps([[str(p.relative_to(path)), p.stat().st_size] for p in files])
 
 
-def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Console
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Samples (float NCHW in [-1, 1]), LID_theta, and the spectra (None for FLIPD)."""
+def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console: Console):
+    """Steps 2-3 as a run of :func:`mmh_jax.scoring.score` into ``out/scores``: the model, the
+    input (sample numbers, or StyleGAN latents written to ``out/latents.npz``) and the columns
+    (LID_theta, or its spectrum, and the uint8 image). Returns the engine's summary."""
     import jax
-    import jax.numpy as jnp
 
+    from mmh_jax import scoring
     from mmh_jax.convert import ConversionError
 
-    n, bs = config.num_samples, config.batch_size
-    images = np.empty((n, *shape_chw), np.float32)
-    lid = np.empty(n, np.float64)
-    spectra = None
-    method = config.lid_method
     try:
         with err_console.status(f"loading {config.model} ..."):
             from mmh_jax.models import load_model
@@ -240,76 +241,64 @@ def _generate_and_score(config: Cifar10Config, shape_chw: tuple, err_console: Co
     except (ConversionError, ValueError, TypeError, FileNotFoundError) as err:
         raise DemoInputError(f"cannot load --model {str(config.model)!r}: {err}") from None
 
-    def batches():
-        for first in range(0, n, bs):
-            idx = np.arange(first, min(first + bs, n))
-            pad = np.concatenate([idx, np.repeat(idx[-1:], bs - len(idx))])
-            yield idx, pad
+    method = config.lid_method
+    if config.arch == "stylegan2":
+        from mmh_jax.experiments.cifar10_gan import write_latents
+        from mmh_jax.memorization import stylegan2_fns
 
-    with make_progress(err_console, enabled=config.progress) as progress:
-        task = progress.add_task(f"sampling + {method}", total=n)
-        if config.arch == "stylegan2":
-            from mmh_jax.experiments.cifar10_gan import sample_latents
-            from mmh_jax.memorization import gan_lid
+        module = model.module
+        got = (module.img_channels, module.img_resolution, module.img_resolution)
+        require(got == tuple(shape_chw), f"the generator makes {_hwc(got[1:] + got[:1])} "
+                f"images but the training images are {_hwc(shape_chw[1:] + shape_chw[:1])}")
+        latents = write_latents(out / "latents.npz", num_samples=config.num_samples,
+                                seed=config.seed, z_dim=module.z_dim, c_dim=module.c_dim)
+        source = scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed"))
+        fns = stylegan2_fns(module, model.params)
+        scored = scoring.Model.from_generator(fns.generate, (module.z_dim,),
+                                              num_classes=module.c_dim, description="StyleGAN2")
+        columns = [scoring.JacobianRank(spectrum=True)]
+        labels = "class" if module.c_dim else None
+    else:
+        schedule = model.schedule
+        require(config.steps <= schedule.num_timesteps,
+                f"--steps must be at most the model's {schedule.num_timesteps} timesteps")
+        scored = scoring.Model.from_pretrained(model, description=config.arch)
+        require(scored.shape == tuple(shape_chw),
+                f"samples are {_hwc(scored.shape[1:] + scored.shape[:1])} but training images "
+                f"are {_hwc(shape_chw[1:] + shape_chw[:1])}")
+        # the DDIM grid of the paper's CIFAR-10 models: timesteps from 0, alpha 1 after the last
+        scored = dataclasses.replace(scored, ddim_grid=(("set_alpha_to_one", True),
+                                                        ("steps_offset", 0)))
+        source = scoring.Seeds(config.num_samples)
+        columns = [scoring.Flipd(t0=config.lid_t0) if method == "flipd" else
+                   scoring.NormalBundle(t0=config.lid_t0, num_scores=config.nb_scores,
+                                        spectrum=True)]
+        labels = None
+    devices = jax.device_count()
+    try:
+        return scoring.score(
+            scored, [*columns, scoring.Pixels()], source, str(out / "scores"), seed=config.seed,
+            batch_size=-(-config.batch_size // devices) * devices, chunk_size=config.part_size,
+            generation=scoring.Generation(num_steps=config.steps), labels=labels,
+            record={"model_sha256": _fingerprint(config.model), "arch": config.arch},
+            console=err_console if config.progress else None)
+    except scoring.RunMismatch as err:
+        raise DemoInputError(f"{str(out / 'scores')!r} holds a run with other settings ({err}); "
+                             "choose another --out") from None
 
-            module = model.module
-            got = (module.img_channels, module.img_resolution, module.img_resolution)
-            require(got == tuple(shape_chw), f"the generator makes {_hwc(got[1:] + got[:1])} "
-                    f"images but the training images are {_hwc(shape_chw[1:] + shape_chw[:1])}")
-            generate = jax.jit(lambda g, z, c: g(z, c, noise_mode="const"))
-            spectra_list = []
-            for idx, pad in batches():
-                z, classes = sample_latents(pad, seed=config.seed, z_dim=module.z_dim,
-                                            c_dim=module.c_dim)
-                c = jnp.asarray(classes) if module.c_dim else None
-                result = gan_lid(module, model.params, jnp.asarray(z), c)
-                spectra_list.append(np.asarray(result.singular_values, np.float32)[:len(idx)])
-                out = np.asarray(generate(model.generate, jnp.asarray(z), c), np.float32)
-                images[idx] = out[:len(idx)]
-                progress.advance(task, len(idx))
-            spectra = np.concatenate(spectra_list)
-            lid[:] = _lid_from_spectra(method, spectra, config.percentile)
-        else:
-            from mmh_jax.lid import flipd, normal_bundle
-            from mmh_jax.sampling import ddim_sample
 
-            schedule, score_fn = model.schedule, model.score_fn
-            require(config.steps <= schedule.num_timesteps,
-                    f"--steps must be at most the model's {schedule.num_timesteps} timesteps")
+def _lid_theta(config: Cifar10Config, scores) -> np.ndarray:
+    """LID_theta of every sample from the engine's table: FLIPD as scored, or the spectra
+    thresholded at their pooled percentile."""
+    from mmh_jax.experiments.cifar10_gan import vectors
 
-            from jax.tree_util import Partial
-
-            eps_fn = Partial(_eps_of_score, score_fn, schedule)
-            dummy = jnp.zeros((1, 1), jnp.float32)
-            root = jax.random.PRNGKey(config.seed)
-            noise_root, lid_root = jax.random.split(root)
-            keys_of = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-            estimate = jax.jit(
-                lambda s, x, k: flipd(s, x, t0=config.lid_t0, schedule=schedule, key=k)
-                if method == "flipd" else
-                normal_bundle(s, x, t0=config.lid_t0, schedule=schedule, key=k,
-                              num_scores=config.nb_scores).singular_values)
-            spectra_list = []
-            for idx, pad in batches():
-                noise = jax.vmap(lambda k: jax.random.normal(k, shape_chw))(
-                    keys_of(noise_root, jnp.asarray(pad, jnp.uint32)))
-                x = ddim_sample(eps_fn, noise, dummy, dummy, schedule=schedule, guidance=0.0,
-                                num_steps=config.steps, steps_offset=0,
-                                set_alpha_to_one=True).sample
-                x = jnp.clip(x, -1.0, 1.0)
-                # LID of the image as saved (rounded to uint8), so every signal sees one image
-                x = jnp.round((x + 1) * 127.5) / 127.5 - 1
-                value = np.asarray(estimate(score_fn, x, keys_of(lid_root, jnp.asarray(pad, jnp.uint32))))
-                images[idx] = np.asarray(x, np.float32)[:len(idx)]
-                if method == "flipd":
-                    lid[idx] = value[:len(idx)]
-                else:
-                    spectra_list.append(value[:len(idx)].astype(np.float32))
-                progress.advance(task, len(idx))
-            if method == "normal_bundle":
-                spectra = np.concatenate(spectra_list)
-                lid[:] = _lid_from_spectra(method, spectra, config.percentile)
-    return images, lid, spectra
+    t0 = f"{config.lid_t0:g}" if config.lid_t0 is not None else ""
+    if config.lid_method == "flipd":
+        return scores[f"flipd_{t0}"].to_numpy().astype(np.float64)
+    name = ("jacobian_singular_values" if config.lid_method == "jacobian_rank"
+            else f"normal_bundle_sv_{t0}")
+    spectra = vectors(scores, name).astype(np.float32)
+    return _lid_from_spectra(config.lid_method, spectra, config.percentile).astype(np.float64)
 
 
 def _lid_from_spectra(method: str, spectra: np.ndarray, percentile: float) -> np.ndarray:
@@ -322,14 +311,6 @@ def _lid_from_spectra(method: str, spectra: np.ndarray, percentile: float) -> np
     if method == "jacobian_rank":
         return np.asarray(numerical_rank(spectra, threshold=threshold))
     return np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="normal"))
-
-
-def _eps_of_score(score_fn, schedule, x, t, context):
-    """The noise prediction ``-sigma(t) score(x, t)`` of an unconditional model, in
-    :func:`mmh_jax.sampling.ddim_sample`'s ``eps_fn(x_t, t, context)`` form (context ignored)."""
-    from mmh_jax.schedules import broadcast_to_event
-
-    return -broadcast_to_event(schedule.sigma(t), x) * score_fn(x, t)
 
 
 def run(config: Cifar10Config, *, console: Console | None = None):
@@ -350,48 +331,25 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     out = prepare_out_dir(config.out)
     timings = {}
 
-    # 2-3: samples and LID_theta, cached in samples.npz for reruns with the same settings
-    settings = _settings(config, _fingerprint(config.model), _fingerprint(config.train))
-    cache = out / "samples.npz"
-    record = out / "run.json"
-    images = lid_theta = None
-    if cache.is_file() and record.is_file():
-        try:
-            same = json.loads(record.read_text()) == settings
-        except json.JSONDecodeError:
-            same = False
-        if same:
-            with np.load(cache) as data:
-                if len(data["lid_theta"]) >= config.num_samples:
-                    images = data["images"][:config.num_samples]
-                    lid_theta = data["lid_theta"][:config.num_samples]
-                    if "spectra" in data.files:
-                        # the threshold is pooled over this run's samples only, as in a
-                        # fresh run (the cache may hold more)
-                        spectra = data["spectra"][:config.num_samples]
-                        lid_theta = _lid_from_spectra(config.lid_method, spectra,
-                                                      config.percentile).astype(np.float64)
+    # 2-3: samples and LID_theta: a run of the scoring engine (resumed after an interruption)
     start = time.perf_counter()
-    if images is None:
-        shape_chw = (train_u8.shape[3], train_u8.shape[1], train_u8.shape[2])
-        images, lid_theta, spectra = _generate_and_score(config, shape_chw, err_console)
-        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=images, lid_theta=lid_theta,
-                     **({} if spectra is None else {"spectra": spectra}))
-        with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    shape_chw = (train_u8.shape[3], train_u8.shape[1], train_u8.shape[2])
+    _scoring_run(config, shape_chw, out, err_console)
     timings["generate_lid_s"] = time.perf_counter() - start
 
     import jax
 
-    from mmh_jax.evaluation import normalized_lid, pair_grid, png_length, to_uint8_nhwc
+    from mmh_jax import scoring
+    from mmh_jax.evaluation import normalized_lid, pair_grid, png_length
+    from mmh_jax.experiments.cifar10_gan import vectors
     from mmh_jax.lid import lpca
     from mmh_jax.retrieval import calibrated_l2, nearest_neighbours
 
-    samples_u8 = to_uint8_nhwc(images)
-    require(samples_u8.shape[1:] == train_u8.shape[1:],
-            f"samples are {_hwc(samples_u8.shape[1:])} but training images are "
-            f"{_hwc(train_u8.shape[1:])}")
+    merged = scoring.merge(out / "scores")
+    require(merged.errors.num_rows == 0, f"samples not scored: {merged.errors.to_pylist()}")
+    lid_theta = _lid_theta(config, merged.scores)
+    samples_u8 = vectors(merged.scores, "pixels").reshape(config.num_samples,
+                                                          *train_u8.shape[1:])
     samples_f, train_f = to_model_range(samples_u8), to_model_range(train_u8)
 
     # 4: retrieval
@@ -450,7 +408,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     # 5: LID_* of the nearest training images (local PCA over the training set, cached)
     start = time.perf_counter()
     star_file = out / "lid_star_train.npy"
-    star_settings = {"train_sha256": settings["train_sha256"], "k": config.lpca_k}
+    star_settings = {"train_sha256": _fingerprint(config.train), "k": config.lpca_k}
     star_record = out / "lid_star_train.json"
     lid_star_train = None
     if star_file.is_file() and star_record.is_file():

@@ -10,13 +10,16 @@ pooled ``--percentile`` (the paper: the 10th) and counts the singular values abo
 (``z = RandomState(seed).randn(z_dim)``) with class ``i mod c_dim``, so a sample can be matched
 with the official code's image of that seed and class.
 
-Outputs in ``--out``: ``results.parquet`` and ``results.csv`` (one row per sample: index, seed,
+Outputs in ``--out``: ``latents.npz`` (every sample's ``z``, class and seed: the input of
+:func:`mmh_jax.scoring.score`), ``scores/`` (its run: every sample's Jacobian spectrum and uint8
+image, sharded over the devices, written exactly once, so an interrupted run resumes where it
+stopped; ``mmh-jax score merge`` reads it; a rerun with other settings or another number of
+samples into the same folder is refused), ``results.parquet`` and ``results.csv`` (one row per
+sample: index, seed,
 class, LID, the largest and smallest singular value, the PNG length of the image at compression
 level 9 and the LID per PNG kilobyte, Appendix E), ``spectra.npy`` (all singular values
 ``[N, min(d, d')]``), ``lid_histogram.png`` (Figure 5b; by label with ``--labels``) and
-``lid_extremes.png`` (the lowest- and highest-LID samples, Figure 5a). Spectra are written batch
-by batch under ``parts/``: an interrupted run resumes there, and a rerun with more samples adds
-only the new ones. ``--labels`` reads a CSV with columns ``index`` and ``label`` (e.g. human
+``lid_extremes.png`` (the lowest- and highest-LID samples, Figure 5a). ``--labels`` reads a CSV with columns ``index`` and ``label`` (e.g. human
 labels ``exact``, ``reconstructive``, ``not``); the summary then gives the median LID per label
 and the AUROC of ``-LID`` for every label against ``not``.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -42,7 +44,6 @@ from mmh_jax.experiments.common import (
     add_dtype_flag,
     check_dtype,
     finite_float,
-    make_progress,
     prepare_out_dir,
     require,
     save_figure,
@@ -50,7 +51,8 @@ from mmh_jax.experiments.common import (
     write_parquet,
 )
 
-__all__ = ["GanLidConfig", "sample_latents", "add_arguments", "config_from_args", "run"]
+__all__ = ["GanLidConfig", "sample_latents", "write_latents", "vectors", "add_arguments",
+           "config_from_args", "run"]
 
 #: The label of not-memorized samples in a ``--labels`` file.
 NOT_MEMORIZED = "not"
@@ -76,12 +78,15 @@ class GanLidConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True
     figure: bool = True
+    part_size: int = 1024
+    """Samples per Parquet part of ``OUT/scores/`` (the unit of resumption; not a flag)."""
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` naming the first bad setting."""
         require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}")
+        require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
         require(self.num_extremes >= 1, f"--num-extremes must be at least 1, got "
                                         f"{self.num_extremes}")
         require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
@@ -112,39 +117,6 @@ def sample_latents(indices: np.ndarray, *, seed: int, z_dim: int, c_dim: int
     return z.astype(np.float32), classes.astype(np.int64)
 
 
-def _settings(config: GanLidConfig, fingerprint: str) -> dict:
-    """What a resumed run must share with the parts already on disk."""
-    return {"model_sha256": fingerprint, "network": config.network, "seed": config.seed,
-            "wrt": config.wrt, "truncation_psi": config.truncation_psi,
-            "noise_mode": config.noise_mode, "dtype": config.dtype}
-
-
-def _check_run(out: Path, settings: dict) -> None:
-    record = out / "run.json"
-    if record.is_file():
-        try:
-            previous = json.loads(record.read_text())
-        except json.JSONDecodeError:
-            raise DemoInputError(f"{str(record)!r} is not JSON; remove it or choose another "
-                                 "--out") from None
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        require(not changed, f"{str(out)!r} holds a run with other settings "
-                             f"({', '.join(changed)}); choose another --out")
-        return
-    with atomic_path(record) as tmp:
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def _done_parts(out: Path, num_samples: int) -> dict[int, Path]:
-    """``{first index: part file}`` of the parts already written, within the first samples."""
-    parts = {}
-    for path in sorted((out / "parts").glob("*.npz")):
-        first, last = (int(v) for v in path.stem.split("-"))
-        if last < num_samples:
-            parts[first] = path
-    return parts
-
-
 def _read_labels(path: Path, num_samples: int) -> np.ndarray:
     """``--labels``: a CSV with ``index`` and ``label`` columns -> one label string per sample
     (``""`` where the file gives none)."""
@@ -170,8 +142,15 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     """Generate, compute the Jacobian spectra, threshold, write; returns ``(table, summary,
     files)``.
 
+    A recipe over :func:`mmh_jax.scoring.score`: the latents of the samples go to
+    ``OUT/latents.npz`` (the engine's input, with each sample's class and seed), each sample's
+    spectrum and image to ``OUT/scores/`` (sharded over the devices, written exactly once,
+    resumed after an interruption); the pooled threshold, tables and figures are then computed
+    from its Parquet.
+
     Raises:
-        DemoInputError: bad settings or input, an unreadable model, an unwritable output folder.
+        DemoInputError: bad settings or input, an unreadable model, an unwritable output folder,
+            or one that holds a run of other settings.
     """
     config.validate()
     console = console or Console()
@@ -184,10 +163,11 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     import jax
     import jax.numpy as jnp
 
+    from mmh_jax import scoring
     from mmh_jax.convert import ConversionError
     from mmh_jax.evaluation import png_length
     from mmh_jax.lid import lid_from_singular_values, percentile_threshold
-    from mmh_jax.memorization import gan_lid
+    from mmh_jax.memorization import stylegan2_fns
     from mmh_jax.models import load_stylegan2
 
     start = time.perf_counter()
@@ -198,68 +178,49 @@ def run(config: GanLidConfig, *, console: Console | None = None):
         except (ConversionError, ValueError) as err:
             raise DemoInputError(str(err)) from None
         fingerprint = sha256_file(config.model)
-    _check_run(out, _settings(config, fingerprint))
-    module, params = model.module, model.params
+    module = model.module
     timings = {"load_s": time.perf_counter() - start}
 
-    generate = jax.jit(lambda g, z, c: g(z, c, truncation_psi=config.truncation_psi,
-                                         noise_mode=config.noise_mode))
-
-    def images_of(z: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        c = jnp.asarray(classes) if module.c_dim else None
-        return _to_uint8(np.asarray(generate(model.generate, jnp.asarray(z), c)))
-
-    def batch_spectra(z: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        keep, padded = len(z), config.batch_size - len(z)
-        z = np.concatenate([z, np.repeat(z[-1:], padded, 0)])
-        classes = np.concatenate([classes, np.repeat(classes[-1:], padded, 0)])
-        c = jnp.asarray(classes) if module.c_dim else None
-        result = gan_lid(module, params, jnp.asarray(z), c, wrt=config.wrt,
-                         truncation_psi=config.truncation_psi, noise_mode=config.noise_mode,
-                         chunk_size=config.chunk_size)
-        spectra = np.asarray(result.singular_values, np.float32)
-        return spectra[:keep], images_of(z, classes)[:keep]
-
-    parts = _done_parts(out, config.num_samples)
-    done = np.zeros(config.num_samples, bool)
-    for first, path in parts.items():
-        done[first:int(path.stem.split("-")[1]) + 1] = True
-    todo = np.flatnonzero(~done)
-    (out / "parts").mkdir(exist_ok=True)
+    latents = write_latents(out / "latents.npz", num_samples=config.num_samples,
+                            seed=config.seed, z_dim=module.z_dim, c_dim=module.c_dim)
+    fns = stylegan2_fns(module, model.params, wrt=config.wrt,
+                        truncation_psi=config.truncation_psi, noise_mode=config.noise_mode)
+    generator = scoring.Model.from_generator(
+        fns.generate, (module.z_dim,), num_classes=module.c_dim, mapping=fns.mapping,
+        description=f"StyleGAN2-ADA {config.network} (w.r.t. {config.wrt})")
+    columns = [scoring.JacobianRank(spectrum=True, chunk_size=config.chunk_size),
+               scoring.Pixels()]
+    devices = jax.device_count()
     start = time.perf_counter()
-    with make_progress(err_console, enabled=config.progress) as progress:
-        task = progress.add_task("Jacobian spectra", total=config.num_samples,
-                                 completed=int(done.sum()))
-        for run_start, run_stop in _runs(todo):
-            for first in range(run_start, run_stop, config.batch_size):
-                indices = np.arange(first, min(first + config.batch_size, run_stop))
-                z, classes = sample_latents(indices, seed=config.seed, z_dim=module.z_dim,
-                                            c_dim=module.c_dim)
-                spectra, images = batch_spectra(z, classes)
-                png = png_length(images, level=9).astype(np.float64)
-                target = out / "parts" / f"{indices[0]:08d}-{indices[-1]:08d}.npz"
-                with atomic_path(target) as tmp, open(tmp, "wb") as f:
-                    np.savez(f, spectra=spectra, png_bytes=png)
-                parts[int(indices[0])] = target
-                progress.advance(task, len(indices))
+    try:
+        done = scoring.score(
+            generator, columns,
+            scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed")),
+            str(out / "scores"), seed=config.seed,
+            batch_size=-(-config.batch_size // devices) * devices, chunk_size=config.part_size,
+            labels="class" if module.c_dim else None,
+            record={"model_sha256": fingerprint, "network": config.network, "wrt": config.wrt,
+                    "truncation_psi": config.truncation_psi, "noise_mode": config.noise_mode,
+                    "dtype": config.dtype},
+            console=err_console if config.progress else None)
+    except scoring.RunMismatch as err:
+        raise DemoInputError(f"{str(out / 'scores')!r} holds a run with other settings ({err}); "
+                             "choose another --out") from None
     timings["spectra_s"] = time.perf_counter() - start
-    timings["scored_now"] = len(todo)
+    timings["scored_now"] = done.scored
 
-    spectra = np.empty((config.num_samples, 0), np.float32)
-    png_bytes = np.empty(config.num_samples)
-    for first in sorted(parts):
-        last = int(parts[first].stem.split("-")[1])
-        with np.load(parts[first]) as part:
-            if spectra.shape[1] == 0:
-                spectra = np.empty((config.num_samples, part["spectra"].shape[1]), np.float32)
-            spectra[first:last + 1] = part["spectra"]
-            png_bytes[first:last + 1] = part["png_bytes"]
+    merged = scoring.merge(out / "scores")
+    require(merged.errors.num_rows == 0, f"samples not scored: {merged.errors.to_pylist()}")
+    scores = merged.scores
+    spectra = vectors(scores, "jacobian_singular_values").astype(np.float32)
+    size, channels = module.img_resolution, module.img_channels
+    images = vectors(scores, "pixels").reshape(len(scores), size, size, channels)
+    png_bytes = png_length(images, level=9).astype(np.float64)
     threshold = float(percentile_threshold(spectra, q=config.percentile))  # the pooled rule
     lid = np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="tangent"))
-    indices = np.arange(config.num_samples)
-    classes = indices % module.c_dim if module.c_dim else np.full(config.num_samples, -1)
-    table = {"index": indices, "seed": config.seed + indices, "class": classes, "lid": lid,
-             "sv_max": spectra[:, 0], "sv_min": spectra[:, -1], "png_bytes": png_bytes,
+    table = {"index": scores["index"].to_numpy(), "seed": scores["seed"].to_numpy(),
+             "class": scores["class"].to_numpy(), "lid": lid, "sv_max": spectra[:, 0],
+             "sv_min": spectra[:, -1], "png_bytes": png_bytes,
              "lid_per_png_kb": lid / (png_bytes / 1000)}
     if labels is not None:
         table["label"] = labels.astype(str)
@@ -270,25 +231,27 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     summary = _summarise(table, threshold, config, timings)
     if config.figure:
         files.append(save_figure(_histogram(table, threshold, config), out / "lid_histogram.png"))
-        files.append(save_figure(_extremes(table, config, module, images_of),
-                                 out / "lid_extremes.png"))
+        files.append(save_figure(_extremes(table, config, images), out / "lid_extremes.png"))
     _print_summary(console, summary, config, files)
     return table, summary, files
 
 
-def _runs(todo: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive stretches ``[start, stop)`` of the sorted indices ``todo``."""
-    if not len(todo):
-        return []
-    breaks = np.flatnonzero(np.diff(todo) != 1)
-    starts = np.concatenate([todo[:1], todo[breaks + 1]])
-    stops = np.concatenate([todo[breaks], todo[-1:]]) + 1
-    return list(zip(starts.tolist(), stops.tolist()))
+def write_latents(path: Path, *, num_samples: int, seed: int, z_dim: int, c_dim: int) -> Path:
+    """The scoring engine's input for samples ``0 .. num_samples - 1`` of a StyleGAN2: an
+    ``.npz`` with ``z`` ``[n, z_dim]`` (:func:`sample_latents`), each sample's ``class`` and its
+    official ``seed`` (read it with ``scoring.ArrayFile(path, key="z", ids_key=None,
+    metadata=("class", "seed"))``). Derived from the settings alone: rewritten on every run."""
+    indices = np.arange(num_samples)
+    z, classes = sample_latents(indices, seed=seed, z_dim=z_dim, c_dim=c_dim)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, z=z, **{"class": classes, "seed": seed + indices})
+    return path
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """NCHW images in about [-1, 1] -> uint8 NHWC, as the official ``generate.py`` rounds."""
-    return np.clip(images.transpose(0, 2, 3, 1) * 127.5 + 128, 0, 255).astype(np.uint8)
+def vectors(scores, name: str) -> np.ndarray:
+    """A vector-valued column of the engine's Parquet (a fixed_size_list) as ``[rows, k]``."""
+    column = scores[name].combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
 def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:
@@ -367,8 +330,9 @@ def _histogram(table: dict, threshold: float, config: GanLidConfig):
     return fig
 
 
-def _extremes(table: dict, config: GanLidConfig, module, images_of):
-    """Figure 5a: the ``--num-extremes`` samples of lowest and of highest LID, regenerated."""
+def _extremes(table: dict, config: GanLidConfig, images: np.ndarray):
+    """Figure 5a: the ``--num-extremes`` samples of lowest and of highest LID (uint8 NHWC
+    ``images``, as the engine wrote them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,13 +343,12 @@ def _extremes(table: dict, config: GanLidConfig, module, images_of):
     rows = [("lowest LID", order[:k]), ("highest LID", order[::-1][:k])]
     fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.2), squeeze=False)
     for r, (title, chosen) in enumerate(rows):
-        images = images_of(*sample_latents(chosen, seed=config.seed, z_dim=module.z_dim,
-                                           c_dim=module.c_dim))
         for j, ax in enumerate(axes[r]):
             ax.axis("off")
             if j < len(chosen):
-                ax.imshow(images[j, ..., 0] if images.shape[-1] == 1 else images[j],
-                          cmap="gray" if images.shape[-1] == 1 else None)
+                image = images[chosen[j]]
+                ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+                          cmap="gray" if image.shape[-1] == 1 else None)
                 ax.set_title(f"#{chosen[j]}: {table['lid'][chosen[j]]}", fontsize=7)
         axes[r][0].text(-0.1, 0.5, title, transform=axes[r][0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=8)

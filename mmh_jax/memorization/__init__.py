@@ -21,7 +21,7 @@ from mmh_jax.memorization.classify import (
     classify,
     label_names,
 )
-from mmh_jax.memorization.gan import gan_lid
+from mmh_jax.memorization.gan import StyleGAN2Fns, gan_lid, stylegan2_fns
 from mmh_jax.memorization.conditional import (
     CFGNorms,
     ConditionalFlipd,
@@ -94,6 +94,8 @@ __all__ = [
     "generation_cfg_norms",
     "image_cfg_norms",
     "gan_lid",
+    "stylegan2_fns",
+    "StyleGAN2Fns",
     "Metric",
     "MetricPoints",
     "TokenAttribution",

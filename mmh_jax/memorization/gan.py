@@ -12,7 +12,7 @@ so the spectra are returned for :func:`mmh_jax.lid.percentile_threshold` and
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import jax.numpy as jnp
 from jax.tree_util import Partial
@@ -23,7 +23,7 @@ from mmh_jax.lid import JacobianRankResult, jacobian_rank
 if TYPE_CHECKING:  # the Flax model code is not loaded by importing mmh_jax.memorization
     from mmh_jax.models.stylegan2 import NoiseMode, StyleGAN2Generator
 
-__all__ = ["gan_lid"]
+__all__ = ["gan_lid", "stylegan2_fns", "StyleGAN2Fns"]
 
 
 @functools.cache
@@ -103,3 +103,56 @@ def gan_lid(
         latent = generator.apply({"params": params}, z, c, method="mapping")[:, 0]
     return jacobian_rank(Partial(fn, params, c, psi, key), latent, threshold=threshold,
                          chunk_size=chunk_size)
+
+
+class StyleGAN2Fns(NamedTuple):
+    """A StyleGAN2 generator as functions of its latent, for :class:`mmh_jax.scoring.Model`
+    (``Model.from_generator(fns.generate, (z_dim,), num_classes=c_dim, mapping=fns.mapping)``)."""
+
+    generate: Partial
+    """``generate(latent, labels=None) -> images [b, c, R, R]``: from ``z``, or from ``w``
+    with ``wrt="w"``; integer class labels ``[b]`` for a conditional generator."""
+    mapping: Partial | None
+    """``mapping(z, labels) -> w [b, w_dim]`` with ``wrt="w"`` (``None`` with ``wrt="z"``)."""
+
+
+@functools.cache
+def _labelled_of(module: StyleGAN2Generator, wrt: str, truncation_cutoff: int | None,
+                 noise_mode: str):
+    """``(generate(params, psi, latent, labels), mapping(params, z, labels))`` for one module
+    and static settings: :func:`gan_lid`'s generator, with integer labels."""
+    fn = _generator_of(module, wrt, truncation_cutoff, noise_mode)
+
+    def generate(params, psi, latent, labels=None):
+        return fn(params, module.class_vectors(labels, latent.shape[0]), psi, None, latent)
+
+    def mapping(params, z, labels):
+        c = module.class_vectors(labels, z.shape[0])
+        return module.apply({"params": params}, z, c, method="mapping")[:, 0]
+
+    return generate, mapping
+
+
+def stylegan2_fns(
+    generator: StyleGAN2Generator,
+    params: PyTree,
+    *,
+    wrt: Literal["z", "w"] = "z",
+    truncation_psi: float = 1.0,
+    truncation_cutoff: int | None = None,
+    noise_mode: Literal["const", "none"] = "const",
+) -> StyleGAN2Fns:
+    """The generator of :func:`gan_lid` as ``Partial``\\ s over ``params``: its Jacobian with
+    respect to the latent (``z``, or ``w = mapping(z, c)``) is the one :func:`gan_lid` takes.
+
+    Raises:
+        ValueError: ``wrt`` or ``noise_mode`` not one of the options.
+    """
+    if wrt not in ("z", "w"):
+        raise ValueError(f"wrt must be 'z' or 'w', got {wrt!r}")
+    if noise_mode not in ("const", "none"):
+        raise ValueError(f"noise_mode must be 'const' or 'none', got {noise_mode!r}")
+    generate, mapping = _labelled_of(generator, wrt, truncation_cutoff, noise_mode)
+    psi = jnp.asarray(truncation_psi, jnp.float32)
+    return StyleGAN2Fns(Partial(generate, params, psi),
+                        Partial(mapping, params) if wrt == "w" else None)

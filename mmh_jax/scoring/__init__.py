@@ -13,6 +13,7 @@ from mmh_jax.scoring.columns import (
     JacobianRank,
     NearestNeighbour,
     NormalBundle,
+    Pixels,
     PngSize,
 )
 from mmh_jax.scoring.engine import Generation, Plan, Summary, data_mesh, score
@@ -24,6 +25,7 @@ from mmh_jax.scoring.sources import (
     Item,
     ParquetTable,
     PromptFile,
+    Seeds,
     Source,
     TarShards,
     open_source,
@@ -47,9 +49,11 @@ __all__ = [
     "NormalBundle",
     "ParquetTable",
     "Plan",
+    "Pixels",
     "PngSize",
     "PromptFile",
     "RunMismatch",
+    "Seeds",
     "Source",
     "Summary",
     "TarShards",

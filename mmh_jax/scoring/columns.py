@@ -8,9 +8,10 @@ specific to the column), so its values depend only on the item and the seed. A h
 | column | values | paper |
 | --- | --- | --- |
 | :class:`Flipd` | ``flipd_<t0>`` (``flipd_cond_<t0>`` under the caption's CFG score) | Eq. 6, Eq. 26 |
-| :class:`NormalBundle` | ``normal_bundle_<t0>`` | Eqs. 7-8 |
+| :class:`NormalBundle` | ``normal_bundle_<t0>`` (and its spectrum) | Eqs. 7-8, App. C.1 |
 | :class:`CFGNorms` | ``cfg_vector_norm``, ``cfg_score_norm`` of image-caption pairs | Sec. 3.2, App. C |
-| :class:`JacobianRank` | ``jacobian_rank`` of a generator at the latent | App. B.3 |
+| :class:`JacobianRank` | ``jacobian_rank`` of a generator at the latent (and its spectrum) | App. B.3, C.1 |
+| :class:`Pixels` | ``pixels``: the item's (generated) image, uint8 ``h*w*c`` | Sec. 4 |
 | :class:`NearestNeighbour` | ``nn_l2``, ``nn_index``: the closest reference item | Sec. 4 |
 | :class:`PngSize` | ``png_bytes``: PNG length at compression level 9 (image complexity) | App. E |
 """
@@ -25,7 +26,8 @@ from typing import ClassVar, Literal, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jax.tree_util import Partial
+from jaxtyping import Array, Float, Int
 
 from mmh_jax._src.knn import knn_in_blocks
 from mmh_jax.guidance import cfg_score_fn
@@ -43,6 +45,7 @@ __all__ = [
     "JacobianRank",
     "NearestNeighbour",
     "PngSize",
+    "Pixels",
 ]
 
 
@@ -57,6 +60,8 @@ class Inputs(NamedTuple):
     """The captions' embeddings (``None`` without captions)."""
     trajectory: DDIMResult | None = None
     """For items generated from prompts: the DDIM trajectory that made ``points``."""
+    labels: Int[Array, " b"] | None = None
+    """The items' classes, for a class-conditional generator (``None`` otherwise)."""
 
 
 class Column(Protocol):
@@ -145,11 +150,14 @@ class Flipd:
 
 @_column()
 class NormalBundle:
-    """The normal-bundle LID (paper, Eqs. 7-8) at each ``t0``."""
+    """The normal-bundle LID (paper, Eqs. 7-8) at each ``t0``; with ``spectrum=True`` also its
+    singular values per item (``normal_bundle_sv_<t0>``, descending), for a threshold pooled
+    over all items afterwards (App. C.1, :func:`mmh_jax.lid.percentile_threshold`)."""
 
     t0: float | tuple[float, ...] = (0.05,)
     num_scores: int | None = None
     threshold: Literal["gap"] | float = "gap"
+    spectrum: bool = False
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
@@ -159,16 +167,23 @@ class NormalBundle:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(f"normal_bundle_{t:g}" for t in self.t0)
+        names = tuple(f"normal_bundle_{t:g}" for t in self.t0)
+        if self.spectrum:
+            names += tuple(f"normal_bundle_sv_{t:g}" for t in self.t0)
+        return names
 
     def check(self, model: Model) -> None:
         _require(model.score_fn is not None, "normal_bundle", "a diffusion model's score function")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        return {name: normal_bundle(model.score_fn, inputs.points, t0=t, schedule=model.schedule,
-                                    key=keys, num_scores=self.num_scores,
-                                    threshold=self.threshold).lid
-                for name, t in zip(self.names, self.t0)}
+        out = {}
+        for t in self.t0:
+            result = normal_bundle(model.score_fn, inputs.points, t0=t, schedule=model.schedule,
+                                   key=keys, num_scores=self.num_scores, threshold=self.threshold)
+            out[f"normal_bundle_{t:g}"] = result.lid
+            if self.spectrum:
+                out[f"normal_bundle_sv_{t:g}"] = result.singular_values
+        return out
 
 
 @_column()
@@ -209,23 +224,78 @@ class CFGNorms:
 
 @_column()
 class JacobianRank:
-    """LID of a generator at the latent: the numerical rank of its Jacobian (App. B.3)."""
+    """LID of a generator at the latent: the numerical rank of its Jacobian (App. B.3), with
+    respect to the latent only (a class-conditional generator's class is held fixed); with
+    ``spectrum=True`` also the singular values per item (``jacobian_singular_values``,
+    descending), for a threshold pooled over all items afterwards (App. C.1,
+    :func:`mmh_jax.lid.percentile_threshold`)."""
 
     threshold: float = 1e-3
+    spectrum: bool = False
+    chunk_size: int | None = None
+    """Latent directions per batched ``jvp`` (:func:`mmh_jax.lid.jacobian_rank`)."""
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
 
     @property
     def names(self) -> tuple[str, ...]:
-        return ("jacobian_rank",)
+        return ("jacobian_rank", "jacobian_singular_values") if self.spectrum else ("jacobian_rank",)
 
     def check(self, model: Model) -> None:
         _require(model.generator is not None, "jacobian_rank", "a generator (Model.from_generator)")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        return {"jacobian_rank": jacobian_rank(model.generator, inputs.points,
-                                               threshold=self.threshold).lid}
+        fn, latent = _generator_at(model, inputs)
+        result = jacobian_rank(fn, latent, threshold=self.threshold, chunk_size=self.chunk_size)
+        out = {"jacobian_rank": result.lid}
+        if self.spectrum:
+            out["jacobian_singular_values"] = result.singular_values
+        return out
+
+
+def _labelled(generator, labels: Array, latent: Array) -> Array:
+    return generator(latent, labels)
+
+
+def _generator_at(model: Model, inputs: Inputs) -> tuple[Partial, Array]:
+    """``(fn, latent)``: the model's generator as a function of the latent alone (the items'
+    classes held fixed) and the latent it is evaluated at (``mapping(z, labels)``, or ``z``)."""
+    latent = inputs.points
+    if model.mapping is not None:
+        latent = model.mapping(inputs.points, inputs.labels)
+    if model.num_classes:
+        return Partial(_labelled, model.generator, inputs.labels), latent
+    return model.generator, latent
+
+
+@_column()
+class Pixels:
+    """The item's image as uint8 ``[h, w, c]``, flattened to a vector (``pixels``): a
+    generator's output at the item's latent, or the item's (generated) pixel image, each
+    converted from ``[-1, 1]`` by the one rule ``clip(round((x + 1) 127.5), 0, 255)``
+    (:mod:`mmh_jax._src.images`). Later stages (retrieval, PNG length, figures) read the
+    images from the Parquet instead of generating them again."""
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("pixels",)
+
+    def check(self, model: Model) -> None:
+        _require(model.generator is not None or (model.encode is None and len(model.shape) == 3),
+                 "pixels", "a generator or a pixel-space model")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        if model.generator is not None:
+            fn, latent = _generator_at(model, inputs)
+            x = fn(latent)
+        else:
+            x = inputs.images if inputs.images is not None else inputs.points
+        u = jnp.clip(jnp.round((jnp.moveaxis(x.astype(jnp.float32), 1, -1) + 1.0) * 127.5), 0, 255)
+        return {"pixels": u.astype(jnp.uint8).reshape(x.shape[0], -1)}
 
 
 @_column("reference")

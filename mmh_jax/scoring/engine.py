@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 from jax.experimental import multihost_utils
+from jax.tree_util import Partial
 from jaxtyping import Array
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from rich.console import Console
@@ -52,6 +53,7 @@ from mmh_jax.sampling import ddim_sample
 from mmh_jax.scoring.columns import Column, Inputs, column_keys
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import BadItem, Source, fit_image
+from mmh_jax.schedules import broadcast_to_event
 
 __all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 
@@ -64,7 +66,13 @@ class Generation(NamedTuple):
     """How items that are prompts alone become latents: DDIM with classifier-free guidance on
     the model's own grid, ``num_images`` images per prompt, image ``j`` from the noise of image
     ``j`` under the run's seed (:mod:`mmh_jax._src.noise`): ``StableDiffusion.sample``'s image
-    ``j`` of that prompt. Each image is one row of the output, its ``image_index`` ``j``."""
+    ``j`` of that prompt. Each image is one row of the output, its ``image_index`` ``j``.
+
+    Items that are sample numbers alone (:class:`~mmh_jax.scoring.Seeds`) and an unconditional
+    pixel-space diffusion model: sample ``i`` is DDIM (``num_steps``, on the model's
+    ``ddim_grid`` or :func:`~mmh_jax.sampling.ddim_sample`'s default grid) from the noise of
+    index ``i``, rounded to the uint8 grid (the image as saved); ``guidance`` and
+    ``num_images`` do not apply."""
 
     guidance: float = 7.5
     num_steps: int = 50
@@ -89,7 +97,7 @@ class Plan(NamedTuple):
     steps: int
     """Steps every process runs (the most any process needs)."""
     columns: tuple[str, ...]
-    mode: Literal["images", "points", "prompts"]
+    mode: Literal["images", "points", "prompts", "samples"]
     images_per_item: int
     """Rows per scored item: ``Generation.num_images`` for prompts, else 1."""
 
@@ -180,14 +188,18 @@ def _as_input(item, model: Model, mode: str, resize: Resize) -> tuple[np.ndarray
     return x, pixels, None
 
 
-def _mode(source: Source, model: Model) -> Literal["images", "points", "prompts"]:
+def _mode(source: Source, model: Model) -> Literal["images", "points", "prompts", "samples"]:
     """Whether the run feeds images (encoded on the device if the model has an encoder),
-    points, or prompts to generate from: decided by the input and its first readable item, the
-    same on every process."""
+    points, prompts to generate from, or sample numbers to generate from unconditionally:
+    decided by the input and its first readable item, the same on every process."""
     if not source.has_images:
+        if (not source.has_text and model.score_fn is not None and model.encode is None
+                and model.image_shape == model.shape):
+            return "samples"
         if not (source.has_text and model.eps_fn is not None and model.ddim_grid is not None):
             raise ValueError("the input holds no images or arrays; prompts alone need a "
-                             "text-conditional model to generate from (Stable Diffusion)")
+                             "text-conditional model to generate from (Stable Diffusion), "
+                             "sample numbers alone an unconditional pixel-space diffusion model")
         return "prompts"
     if model.image_shape is None:
         return "points"
@@ -206,7 +218,7 @@ def _load(source: Source, model: Model, mode: str, resize: Resize, host_columns,
         item = source[index]
         if isinstance(item, BadItem):
             return _Loaded(index, item.id, None, None, {}, item.reason)
-        x, pixels, error = (None, None, None) if mode == "prompts" else _as_input(
+        x, pixels, error = (None, None, None) if mode in ("prompts", "samples") else _as_input(
             item, model, mode, resize)
         tokens, host = None, {}
         if error is None and tokenize is not None:
@@ -252,11 +264,15 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
         if mode == "prompts":
             keys = jax.vmap(jax.random.fold_in)(keys, batch["image"])
             inputs = _generate(model, base, batch["image"], context, generation, trajectory)
+        elif mode == "samples":
+            inputs = _sample(model, base, batch["lo"], generation)
         else:
             x = batch["x"]
             images = x if mode == "images" else None
             points = model.encode(x) if images is not None and model.encode is not None else x
             inputs = Inputs(points=points, images=images, context=context)
+        if "labels" in batch:
+            inputs = inputs._replace(labels=batch["labels"])
         out = {}
         for column in columns:
             values = column(model, inputs, column_keys(keys, column))
@@ -278,6 +294,25 @@ def _generate(model: Model, base: Array, image: Array, context: Array, generatio
                          return_trajectory=trajectory, **dict(model.ddim_grid))
     return Inputs(points=result.sample, images=None, context=context,
                   trajectory=result if trajectory else None)
+
+
+def _eps_of_score(score_fn, schedule, x: Array, t: Array, context: Array) -> Array:
+    """The noise prediction ``-sigma(t) score(x, t)`` of an unconditional model, in
+    :func:`~mmh_jax.sampling.ddim_sample`'s ``eps_fn(x_t, t, context)`` form (context ignored)."""
+    return -broadcast_to_event(schedule.sigma(t), x) * score_fn(x, t)
+
+
+def _sample(model: Model, base: Array, index: Array, generation: Generation) -> Inputs:
+    """Images of an unconditional pixel-space model: sample ``i`` by DDIM (guidance 0) from the
+    noise of index ``i`` under the run's key (:mod:`mmh_jax._src.noise`), clipped and rounded to
+    the uint8 grid, so every column sees the image as saved."""
+    noise = jax.vmap(lambda i: image_noise(base, i, model.shape))(index)
+    none = jnp.zeros((1, 1), jnp.float32)
+    x = ddim_sample(Partial(_eps_of_score, model.score_fn, model.schedule), noise, none, none,
+                    schedule=model.schedule, guidance=0.0, num_steps=generation.num_steps,
+                    **dict(model.ddim_grid or ())).sample
+    x = jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
+    return Inputs(points=x, images=x, context=None)
 
 
 def _local_rows(out: dict, batch: int) -> dict[str, np.ndarray]:
@@ -322,6 +357,7 @@ def score(
     dry_run: bool = False,
     console: Console | None = None,
     record: dict[str, Any] | None = None,
+    labels: str | None = None,
 ) -> Summary:
     """Score every item of ``source`` with ``columns`` and write one row per item to ``out``
     (per generated image, for prompts).
@@ -353,6 +389,8 @@ def score(
         console: where progress and messages go (``None``: silent).
         record: extra settings to keep in ``run.json`` (e.g. the model's path); a resumed run
             must match them.
+        labels: for a class-conditional model (``Model.num_classes``): the source's metadata
+            field holding each item's integer class in ``[0, num_classes)``.
 
     Returns:
         :class:`Summary` of this process's work (its plan included).
@@ -380,6 +418,7 @@ def score(
     num_chunks = -(-num_items // chunk_size)
     mode = _mode(source, model)
     metadata = source.metadata
+    classes = _classes(model, metadata, labels)
     device_columns = tuple(c for c in columns if not c.on_host)
     host_columns = tuple(c for c in columns if c.on_host)
     tokenize = model.tokenize if mode == "prompts" or any(c.needs_text for c in columns) else None
@@ -391,6 +430,8 @@ def score(
         "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
         "names": list(names), "metadata": list(metadata),
         **({"generation": generation._asdict()} if mode == "prompts" else {}),
+        **({"generation": {"num_steps": generation.num_steps}} if mode == "samples" else {}),
+        **({"labels": labels} if labels is not None else {}),
         **(record or {}),
     }
     mine = [c for c in range(num_chunks) if c % processes == me]
@@ -427,10 +468,14 @@ def score(
             batch["image"] = np.zeros(local_batch, np.uint32)
             for k, (_, j) in enumerate(loaded):
                 batch["image"][k] = j
-        else:
+        elif mode != "samples":
             batch["x"] = np.zeros((local_batch, *x_shape), np.float32)
             for k, (item, _) in enumerate(loaded):
                 batch["x"][k] = item.x
+        if classes is not None:
+            batch["labels"] = np.zeros(local_batch, np.int32)
+            for k, (item, _) in enumerate(loaded):
+                batch["labels"][k] = classes[item.index]
         if tokenize is not None:
             width = loaded[0][0].tokens.shape[0] if loaded else _token_width(model)
             tokens = np.zeros((local_batch, width), np.int32)
@@ -459,6 +504,30 @@ def score(
         return _dry_run(plan, step, replicated, device_batch, slots, local_batch, console)
     return _run(plan, step, replicated, device_batch, slots, local_batch, out,
                 pending, dtypes, metadata, console)
+
+
+def _classes(model: Model, metadata: dict[str, pa.Array], labels: str | None) -> np.ndarray | None:
+    """The items' classes for a class-conditional model (``None`` for another), checked."""
+    if not model.num_classes:
+        if labels is not None:
+            raise ValueError(f"labels={labels!r} applies to a class-conditional model "
+                             f"(Model num_classes > 0)")
+        return None
+    if labels is None:
+        raise ValueError(f"the model is class-conditional ({model.num_classes} classes): name "
+                         f"the input's metadata field holding each item's class with labels=")
+    if labels not in metadata:
+        raise ValueError(f"labels={labels!r} is not a metadata field of the input "
+                         f"({sorted(metadata)})")
+    column = metadata[labels]
+    if column.null_count or not pa.types.is_integer(column.type):
+        raise ValueError(f"labels={labels!r}: the classes must be integers without nulls, got "
+                         f"{column.type}")
+    classes = column.to_numpy()
+    if len(classes) and not (classes.min() >= 0 and classes.max() < model.num_classes):
+        raise ValueError(f"labels={labels!r}: classes must lie in [0, {model.num_classes}), got "
+                         f"[{classes.min()}, {classes.max()}]")
+    return classes.astype(np.int32)
 
 
 def _token_width(model: Model) -> int:

@@ -26,8 +26,9 @@ __all__ = ["Model"]
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["score_fn", "schedule", "encode", "eps_fn", "embed", "uncond", "generator"],
-    meta_fields=["shape", "image_shape", "tokenize", "ddim_grid", "description"],
+    data_fields=["score_fn", "schedule", "encode", "eps_fn", "embed", "uncond", "generator",
+                 "mapping"],
+    meta_fields=["shape", "image_shape", "tokenize", "ddim_grid", "description", "num_classes"],
 )
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -48,11 +49,17 @@ class Model:
         eps_fn: the conditional noise predictor ``eps_fn(x_t, t, context)`` (text-conditional).
         embed: ``embed(token_ids [b, n]) -> context [b, n, dim]`` (the text encoder).
         uncond: the empty prompt's context ``[1, n, dim]``.
-        generator: ``generator(z [b, *shape]) -> x`` (a GAN or decoder, for the Jacobian rank).
+        generator: ``generator(z [b, *shape]) -> x`` (a GAN or decoder, for the Jacobian rank);
+            with ``num_classes``, ``generator(latent, labels [b]) -> x``.
         tokenize: host-side ``tokenize(list of str) -> int token ids [b, n]``.
         ddim_grid: the DDIM grid settings (``spacing``, ``steps_offset``, ``set_alpha_to_one``)
             as ``(name, value)`` pairs, for generating from prompts (text-conditional models).
         description: one line naming the model, for the run record and the plan.
+        num_classes: classes of a class-conditional generator (``0``: unconditional); each
+            item's integer class reaches it from the source's metadata (``score(labels=...)``)
+            and the Jacobian is taken with respect to the latent only.
+        mapping: ``mapping(z, labels) -> latent`` (e.g. StyleGAN's ``w``): the generator then
+            maps that latent and its Jacobian is taken there; ``None``: at ``z`` itself.
     """
 
     shape: tuple[int, ...]
@@ -67,6 +74,8 @@ class Model:
     tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
     ddim_grid: tuple[tuple[str, Any], ...] | None = None
     description: str = "model"
+    num_classes: int = 0
+    mapping: Partial | None = None
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -84,6 +93,11 @@ class Model:
                                  f"{image_shape} must equal shape {shape}")
         if (self.score_fn is None) != (self.schedule is None):
             raise ValueError("score_fn and schedule go together: give both or neither")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if (self.num_classes or self.mapping is not None) and self.generator is None:
+            raise ValueError("num_classes and mapping apply to a generator")
 
     @classmethod
     def from_score_fn(cls, score_fn: Callable, schedule: Schedule, shape: Sequence[int], *,
@@ -141,10 +155,23 @@ class Model:
 
     @classmethod
     def from_generator(cls, generator: Callable, latent_shape: Sequence[int], *,
+                       num_classes: int = 0, mapping: Callable | None = None,
                        description: str = "generator") -> Model:
-        """A generator (GAN, decoder) ``x = generator(z)``: items are latents ``z``."""
+        """A generator (GAN, decoder) ``x = generator(z)``: items are latents ``z``.
+
+        Args:
+            generator: ``generator(z)``; with ``num_classes``, ``generator(latent, labels)``
+                with integer labels ``[b]``.
+            latent_shape: the shape of one item's latent ``z``.
+            num_classes: a class-conditional generator's number of classes (``0``: none).
+            mapping: ``mapping(z, labels) -> latent`` at which the generator is differentiated
+                (e.g. StyleGAN's ``w``); ``None``: at ``z``.
+        """
         generator = generator if isinstance(generator, Partial) else Partial(generator)
-        return cls(shape=tuple(latent_shape), generator=generator, description=description)
+        if mapping is not None and not isinstance(mapping, Partial):
+            mapping = Partial(mapping)
+        return cls(shape=tuple(latent_shape), generator=generator, num_classes=num_classes,
+                   mapping=mapping, description=description)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,7 @@ __all__ = [
     "TarShards",
     "ParquetTable",
     "PromptFile",
+    "Seeds",
     "open_source",
     "fit_image",
 ]
@@ -950,6 +951,40 @@ _BY_SUFFIX: dict[str, type] = {
     ".txt": PromptFile,
     ".jsonl": PromptFile,
 }
+
+
+class Seeds(_Indexed):
+    """Items that are sample numbers alone, for a model that generates from them: item ``i``
+    is sample ``i`` of a run (an unconditional diffusion model starts it from the noise of
+    index ``i`` under the run's seed, :mod:`mmh_jax._src.noise`). No image, no text.
+
+    Args:
+        count: the number of samples (at most ``2^32``).
+
+    Raises:
+        ValueError: ``count`` not an int in ``[1, 2^32]``.
+    """
+
+    def __init__(self, count: int):
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
+                or not 1 <= count <= 2**32:
+            raise ValueError(f"Seeds: argument 'count' must be an int in [1, 2^32], got {count!r}")
+        self._count = int(count)
+        self._fingerprint = f"seeds {self._count}"
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> Item | BadItem:
+        i = _position(index, self._count)
+        return Item(i, _row_id(i, self._count), None, None)
+
+    has_images = False
+
+    has_text = False
+
+    def describe(self) -> str:
+        return f"{self._count:,} samples"
 
 
 def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], **options) -> Source:

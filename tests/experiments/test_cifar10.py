@@ -43,10 +43,25 @@ def _table(out: Path) -> dict:
     return pq.read_table(out / "results.parquet").to_pydict()
 
 
+def _samples(out: Path) -> np.ndarray:
+    """The samples as the scoring engine wrote them to ``out/scores``: uint8 NHWC."""
+    from mmh_jax.experiments.cifar10_gan import vectors
+    from mmh_jax.scoring import merge
+
+    pixels = vectors(merge(out / "scores").scores, "pixels")
+    return pixels.reshape(len(pixels), 8, 8, 3)
+
+
+def _scores(out: Path):
+    from mmh_jax.scoring import merge
+
+    return merge(out / "scores").scores
+
+
 def test_run_writes_files_and_columns(run_dir):
     out = run_dir / "out"
     for name in ("results.parquet", "results.csv", "pairs_calibrated_l2.png", "to_label.csv",
-                 "samples.npz", "lid_star_train.npy"):
+                 "scores/run.json", "latents.npz", "lid_star_train.npy"):
         assert (out / name).is_file(), name
     table = _table(out)
     assert list(table) == ["id", "train_index", "calibrated_l2", "l2", "lid_theta", "lid_star",
@@ -65,11 +80,8 @@ def test_run_writes_files_and_columns(run_dir):
 
 
 def test_nearest_is_bruteforce_argmin(run_dir):
-    from mmh_jax.evaluation import to_uint8_nhwc
-
     table = _table(run_dir / "out")
-    with np.load(run_dir / "out" / "samples.npz") as data:
-        samples = to_uint8_nhwc(data["images"]).astype(np.float64) / 127.5 - 1
+    samples = _samples(run_dir / "out").astype(np.float64) / 127.5 - 1
     train = _digits().astype(np.float64) / 127.5 - 1
     d = np.linalg.norm(samples.reshape(N, 1, -1) - train.reshape(1, len(train), -1), axis=-1)
     assert table["train_index"] == d.argmin(1).tolist()
@@ -77,10 +89,7 @@ def test_nearest_is_bruteforce_argmin(run_dir):
 
 
 def test_planted_copy_gets_smallest_calibrated_l2(run_dir):
-    from mmh_jax.evaluation import to_uint8_nhwc
-
-    with np.load(run_dir / "out" / "samples.npz") as data:
-        copy = to_uint8_nhwc(data["images"][3:4])
+    copy = _samples(run_dir / "out")[3:4]
     train = np.concatenate([_digits(), copy])
     np.savez(run_dir / "planted.npz", x=train)
     assert _run(run_dir / "planted.npz", run_dir / "planted") == 0
@@ -198,26 +207,27 @@ def _pooled_normal_lid(spectra: np.ndarray, q: float = 10.0) -> np.ndarray:
 def test_diffusion_normal_bundle(tmp_path):
     """``--lid normal_bundle``: spectra of d = 192 singular values per sample, LID_theta their
     count below the pooled 10th percentile (Appendix C.1), recomputed here with numpy; a rerun
-    with fewer samples reuses the cache but pools the threshold over its own samples only, as
-    a fresh run would."""
+    with another ``--percentile`` reuses the scored samples (nothing rescored) and pools its
+    own threshold; a rerun with fewer samples in the same folder is refused."""
+    from mmh_jax.experiments.cifar10_gan import vectors
+
     model = _save_unet2d(tmp_path / "unet.safetensors")
     np.savez(tmp_path / "train.npz", x=_digits(40))
     out = tmp_path / "out"
     args = ("--lid", "normal_bundle", "--nb-scores", "256", "--batch-size", "2")
     assert _unet_run(tmp_path / "train.npz", model, out, 4, *args) == 0
-    with np.load(out / "samples.npz") as data:
-        spectra, cached_lid = data["spectra"], data["lid_theta"]
+    spectra = vectors(_scores(out), "normal_bundle_sv_0.1")
     assert spectra.shape == (4, 192) and np.all(np.isfinite(spectra))
     assert np.all(spectra > 0) and np.all(np.diff(spectra, axis=1) <= 0)  # K > d, descending
     table = _table(out)
     np.testing.assert_array_equal(table["lid_theta"], _pooled_normal_lid(spectra))
-    np.testing.assert_array_equal(cached_lid, _pooled_normal_lid(spectra))
     np.testing.assert_allclose(table["lid_theta_normalised"],
                                np.array(table["lid_theta"]) / np.array(table["png_length"]))
-    assert _unet_run(tmp_path / "train.npz", model, out, 3, *args) == 0
-    with np.load(out / "samples.npz") as data:  # the cache was reused, not rewritten
-        np.testing.assert_array_equal(data["spectra"], spectra)
-    np.testing.assert_array_equal(_table(out)["lid_theta"], _pooled_normal_lid(spectra[:3]))
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "scores" / "parts").iterdir()}
+    assert _unet_run(tmp_path / "train.npz", model, out, 4, *args, "--percentile", "30") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "scores" / "parts").iterdir()} == parts
+    np.testing.assert_array_equal(_table(out)["lid_theta"], _pooled_normal_lid(spectra, 30.0))
+    assert _unet_run(tmp_path / "train.npz", model, out, 3, *args) == 2
 
 
 def _random_sscd_state_dict(seed: int = 0) -> dict:
@@ -255,7 +265,6 @@ def test_sscd_retrieval(tmp_path):
     argmax and max of the cosine similarities of the descriptors computed here."""
     from safetensors.numpy import save_file
 
-    from mmh_jax.evaluation import to_uint8_nhwc
     from mmh_jax.models import load_sscd, sscd_preprocess
 
     model = _save_unet2d(tmp_path / "unet.safetensors")
@@ -264,8 +273,7 @@ def test_sscd_retrieval(tmp_path):
     np.savez(tmp_path / "train.npz", x=_digits(12))
     # the samples depend on the model and seed only: generate them once, then plant a copy
     assert _unet_run(tmp_path / "train.npz", model, tmp_path / "first", 3) == 0
-    with np.load(tmp_path / "first" / "samples.npz") as data:
-        samples = to_uint8_nhwc(data["images"])
+    samples = _samples(tmp_path / "first")
     train = np.concatenate([_digits(12), samples[1:2]])
     np.savez(tmp_path / "planted.npz", x=train)
     out = tmp_path / "out"

@@ -47,21 +47,56 @@ def test_table_equals_gan_lid_with_the_pooled_percentile(scored):
         assert (scored / figure).stat().st_size > 1000
 
 
-def test_resume_adds_only_new_samples_and_refuses_other_settings(scored, capsys):
-    parts = sorted(p.name for p in (scored / "parts").iterdir())
-    stamps = {p.name: p.stat().st_mtime_ns for p in (scored / "parts").iterdir()}
-    before = np.load(scored / "spectra.npy")
-    assert main(["gan", "lid", str(PICKLE), "-n", "10", "-o", str(scored), "--seed", "5",
-                 *FAST, "--no-figure"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (scored / "parts").iterdir()
-            if p.name in stamps} == stamps
-    assert sorted(p.name for p in (scored / "parts").iterdir()) == sorted(
-        parts + ["00000007-00000009.npz"])
-    after = np.load(scored / "spectra.npy")
-    np.testing.assert_array_equal(after[:7], before)
-    assert main(["gan", "lid", str(PICKLE), "-n", "10", "-o", str(scored), "--seed", "6",
+def _run(out, *extra, seed="5", n="7"):
+    return main(["gan", "lid", str(PICKLE), "-n", n, "-o", str(out), "--seed", seed, *FAST,
+                 *extra])
+
+
+def test_rerun_reuses_the_parts_and_refuses_other_settings(scored, capsys):
+    """A finished run's rerun rescored nothing (the engine's chunks are reused, untouched) and
+    gives the same table; another seed or sample count in the same folder is refused."""
+    parts = {p.name: p.stat().st_mtime_ns for p in (scored / "scores" / "parts").iterdir()}
+    before = pd.read_parquet(scored / "results.parquet")
+    assert _run(scored, "--no-figure") == 0
+    assert "samples now / resumed" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns
+            for p in (scored / "scores" / "parts").iterdir()} == parts
+    pd.testing.assert_frame_equal(pd.read_parquet(scored / "results.parquet"), before)
+    for extra in (("--seed", "6"), ("-n", "10")):
+        argv = ["gan", "lid", str(PICKLE), "-n", "7", "-o", str(scored), "--seed", "5", *FAST]
+        argv[argv.index(extra[0]) + 1] = extra[1]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "choose another --out" in err and "Traceback" not in err
+    assert main(["gan", "lid", str(PICKLE), "-n", "7", "-o", str(scored), "--seed", "6",
                  *FAST]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_without_losing_or_doubling_a_row(scored, tmp_path):
+    """A run killed after some of its chunks (simulated: the manifest of chunks 0 and 2 of
+    4 removed, with a leftover temporary part) resumes: only those chunks are scored again and
+    the table equals the uninterrupted run's."""
+    from mmh_jax.experiments.cifar10_gan import GanLidConfig, run
+
+    config = GanLidConfig(model=PICKLE, out=tmp_path / "out", num_samples=7, seed=5,
+                          batch_size=2, chunk_size=8, num_extremes=3, progress=False,
+                          figure=False, part_size=2)
+    run(config)
+    scores = tmp_path / "out" / "scores"
+    for chunk in (0, 2):
+        (scores / "manifest" / f"chunk-{chunk:08d}.json").unlink()
+    (scores / "parts" / ".part-00000002.parquet.part").write_bytes(b"half a part")
+    kept = {p.name: p.stat().st_mtime_ns for p in (scores / "parts").iterdir()
+            if p.name.endswith(("1.parquet", "3.parquet"))}
+    table, summary, _ = run(config)
+    assert summary["timings"]["scored_now"] == 4  # chunks 0 and 2: samples 0, 1, 4, 5
+    assert {p.name: p.stat().st_mtime_ns for p in (scores / "parts").iterdir()
+            if p.name in kept} == kept
+    assert not list((scores / "parts").glob(".*"))
+    resumed = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(resumed["index"]) == list(range(7))
+    pd.testing.assert_frame_equal(resumed, pd.read_parquet(scored / "results.parquet"))
 
 
 def test_labels_give_medians_and_auroc(scored, tmp_path, capsys):
