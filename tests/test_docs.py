@@ -25,8 +25,6 @@ API = DOCS / "api"
 KNOWN_UNDOCUMENTED = frozenset({
     "mmh_jax.experiments.cifar10.run_config_from_args",
     "mmh_jax.experiments.cifar10.report_config_from_args",
-    "mmh_jax.experiments.convert.IDDPM_MODEL_OPTIONS",
-    "mmh_jax.experiments.convert.IDDPM_DIFFUSION_OPTIONS",
     "mmh_jax.experiments.prompt_world.DETECTORS",
     "mmh_jax.experiments.stable_diffusion.METRICS",
     "mmh_jax.memorization.attribution.METRICS",
