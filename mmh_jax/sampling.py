@@ -33,6 +33,8 @@ from mmh_jax.types import CondEpsFn, ScoreFn
 __all__ = ["sample", "ddim_timesteps", "ddim_sample", "DDIMResult", "Spacing"]
 
 Spacing = Literal["leading", "trailing", "linspace"]
+"""How DDIM spreads its steps over the training timesteps, as diffusers' schedulers
+(``timestep_spacing``): ``"leading"``, ``"trailing"`` or ``"linspace"``."""
 
 
 

@@ -50,11 +50,12 @@ __all__ = ["PREFIX", "VISION_PREFIX", "clip_abstract_params", "clip_rename_table
            "clip_vision_rename_table", "convert_clip", "convert_clip_text",
            "convert_clip_vision"]
 
-#: The key prefix of transformers 4's files; transformers 5 writes the keys without it.
 PREFIX = "text_model."
-#: The vision tower's prefix (CLIPModel, CLIPVisionModelWithProjection, transformers 4's
-#: CLIPVisionModel); transformers 5's CLIPVisionModel writes its keys without it.
+"""The key prefix of the text tower in transformers 4's files; transformers 5 writes the keys
+without it."""
 VISION_PREFIX = "vision_model."
+"""The vision tower's key prefix (CLIPModel, CLIPVisionModelWithProjection, transformers 4's
+CLIPVisionModel); transformers 5's CLIPVisionModel writes its keys without it."""
 _POSITION_IDS = "embeddings.position_ids"  # after the prefix, if any
 # Parameters of CLIPModel / CLIPTextModelWithProjection outside the text transformer.
 _PROJECTION_KEYS = ("text_projection.weight", "text_projection.bias")

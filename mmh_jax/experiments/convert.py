@@ -31,9 +31,6 @@ def int_list(text: str) -> tuple[int, ...]:
                                          f"got {text!r}") from None
 
 
-# `convert iddpm` options: load_iddpm's keyword arguments (improved-diffusion's flags) as
-# (name, argparse type (bool: --flag/--no-flag; a tuple: the choices), metavar, help); their
-# defaults, shown in --help, are load_iddpm's.
 IDDPM_MODEL_OPTIONS: tuple[tuple[str, Any, str | None, str], ...] = (
     ("image_size", int, "SIZE", "height and width of the images"),
     ("num_channels", int, "N", "base channel count"),
@@ -48,11 +45,15 @@ IDDPM_MODEL_OPTIONS: tuple[tuple[str, Any, str | None, str], ...] = (
     ("use_scale_shift_norm", bool, None, "FiLM conditioning of the ResBlocks"),
     ("dropout", float, "P", "training dropout rate (recorded only)"),
 )
+"""The model flags of ``convert iddpm`` (``load_iddpm``'s keyword arguments, named as
+improved-diffusion's flags), each ``(name, argparse type, metavar, help)``: a ``bool`` type gives
+``--flag/--no-flag``, a tuple the choices; the defaults shown in ``--help`` are ``load_iddpm``'s."""
 IDDPM_DIFFUSION_OPTIONS: tuple[tuple[str, Any, str | None, str], ...] = (
     ("diffusion_steps", int, "T", "number of diffusion steps"),
     ("noise_schedule", ("linear", "cosine"), None, "beta schedule"),
     ("rescale_timesteps", bool, None, "the network saw step i as i * 1000 / T"),
 )
+"""The diffusion flags of ``convert iddpm``, in the layout of :data:`IDDPM_MODEL_OPTIONS`."""
 _IDDPM_NAMES = tuple(option[0] for option in IDDPM_MODEL_OPTIONS + IDDPM_DIFFUSION_OPTIONS)
 
 

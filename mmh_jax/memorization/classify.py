@@ -37,9 +37,14 @@ __all__ = [
 ]
 
 NOT_MEMORIZED = 0
+"""Label of :func:`classify`: the point is not memorized."""
 OD_MEM = 1
+"""Label of :func:`classify`: overfitting-driven memorization (``LID_theta`` well below
+``LID_*``)."""
 DD_MEM = 2
+"""Label of :func:`classify`: data-driven memorization (``LID_*`` itself low)."""
 LABEL_NAMES: tuple[str, str, str] = ("not-memorized", "od-mem", "dd-mem")
+"""The names of the labels, indexed by label: ``LABEL_NAMES[OD_MEM] == "od-mem"``."""
 
 
 class Classification(NamedTuple):

@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 Signal = Literal["cfg_norm", "flipd"]
+"""The guarded sampler's memorization signal: the CFG norm of its own DDIM steps (``"cfg_norm"``,
+high when memorized) or FLIPD of its last steps (``"flipd"``, low when memorized)."""
 
 class GuardedSample(NamedTuple):
     """What :func:`guarded_ddim_sample` returns (``n`` DDIM steps, batch ``b``, ``k`` FLIPD

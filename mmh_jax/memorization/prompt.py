@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 Metric = Literal["cfg", "cfg_score", "flipd"]
+"""A differentiable metric of a prompt embedding (paper Appendix D.2): ``"cfg"`` (Wen et al.'s
+``||eps_c - eps_u||^2``), ``"cfg_score"`` (the squared norm of the CFG-adjusted noise) or
+``"flipd"`` (FLIPD of the CFG-adjusted score, ``A^FLIPD``)."""
 _METRICS = ("cfg", "cfg_score", "flipd")
 
 

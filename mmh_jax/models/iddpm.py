@@ -76,8 +76,8 @@ DIFFUSION_FLAGS: dict[str, Any] = {
     "rescale_learned_sigmas": True,
 }
 
-#: Every flag :func:`load_iddpm` takes (improved-diffusion's model and diffusion flags).
 IDDPM_FLAGS: tuple[str, ...] = (*MODEL_FLAGS, *DIFFUSION_FLAGS)
+"""Every flag :func:`load_iddpm` takes (improved-diffusion's model and diffusion flags)."""
 
 
 class IDDPMLayer(NamedTuple):

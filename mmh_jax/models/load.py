@@ -15,8 +15,8 @@ from mmh_jax.models.stylegan2 import load_stylegan2
 
 __all__ = ["ModelKind", "load_model"]
 
-#: the architectures :func:`load_model` reads
 ModelKind = Literal["unet2d", "iddpm", "stable-diffusion", "stylegan2"]
+"""The architectures :func:`load_model` reads."""
 
 
 def load_model(path: str | os.PathLike, *, kind: ModelKind, dtype: Any = jnp.float32,

@@ -26,9 +26,9 @@ from mmh_jax.schedules import DDPM, broadcast_to_event
 
 __all__ = ["Pretrained", "PretrainedGenerator", "Prediction", "eps_score_fn", "EpsModel"]
 
-#: What a network predicts: the noise (``"epsilon"``) or ``v = psi eps - sigma x_0``
-#: (``"v_prediction"``, Salimans & Ho 2022; Stable Diffusion 2.x at 768 px).
 Prediction = Literal["epsilon", "v_prediction"]
+"""What a network predicts: the noise (``"epsilon"``) or ``v = psi eps - sigma x_0``
+(``"v_prediction"``, Salimans & Ho 2022; Stable Diffusion 2.x at 768 px)."""
 
 
 class Pretrained(NamedTuple):

@@ -32,8 +32,6 @@ from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
 
 __all__ = ["DDPM_CIFAR10_CONFIG", "UNet2D"]
 
-#: The diffusers ``UNet2DModel`` config of Ho et al.'s DDPM CIFAR-10 model (google/ddpm-cifar10-32,
-#: 35,746,307 parameters; one attention head per attention block, as in the original DDPM).
 DDPM_CIFAR10_CONFIG: dict = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -41,6 +39,9 @@ DDPM_CIFAR10_CONFIG: dict = dict(
     norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
     attention_head_dim=None, act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
     time_embedding_type="positional")
+"""The diffusers ``UNet2DModel`` config of Ho et al.'s DDPM CIFAR-10 model
+(google/ddpm-cifar10-32, 35,746,307 parameters; one attention head per attention block, as
+in the original DDPM)."""
 
 DownBlockType = Literal["DownBlock2D", "AttnDownBlock2D"]
 UpBlockType = Literal["UpBlock2D", "AttnUpBlock2D"]

@@ -32,7 +32,6 @@ from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embeddi
 
 __all__ = ["SD15_UNET_CONFIG", "UNet2DCondition"]
 
-#: The diffusers ``UNet2DConditionModel`` config of Stable Diffusion v1.5 (859,520,964 parameters).
 SD15_UNET_CONFIG: dict = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -40,6 +39,8 @@ SD15_UNET_CONFIG: dict = dict(
     attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5,
     flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
     act_fn="silu", center_input_sample=False)
+"""The diffusers ``UNet2DConditionModel`` config of Stable Diffusion v1.5 (859,520,964
+parameters)."""
 
 DownBlockType = Literal["CrossAttnDownBlock2D", "DownBlock2D"]
 UpBlockType = Literal["UpBlock2D", "CrossAttnUpBlock2D"]

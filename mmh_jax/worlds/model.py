@@ -46,13 +46,13 @@ from mmh_jax.worlds.shapes import ShapesWorld, WorldSpec, tokenizer_files
 __all__ = ["TrainSpec", "WorldModelFolder", "train_world_model", "world_modules",
            "SCHEDULER_CONFIG"]
 
-#: Stable Diffusion v1's DDIM scheduler settings
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
     "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+"""Stable Diffusion v1's DDIM scheduler settings."""
 _FORMAT = 2  # bumped when the training recipe changes what a given spec produces
 
 

@@ -73,29 +73,33 @@ __all__ = [
 ]
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
+"""The shape words of the world, in the order of their class index."""
 COLOURS = {
     "red": (0.86, 0.16, 0.16), "green": (0.16, 0.71, 0.24), "blue": (0.2, 0.31, 0.86),
     "yellow": (0.9, 0.82, 0.16), "purple": (0.59, 0.24, 0.75), "orange": (0.94, 0.51, 0.12),
     "white": (0.92, 0.92, 0.92), "cyan": (0.16, 0.78, 0.82),
 }
-#: radius range of each size class, as a fraction of the image side
+"""Colour word -> RGB in [0, 1]."""
 SIZES = {"small": (0.08, 0.12), "large": (0.16, 0.21)}
-#: relation word(s) -> the direction from the second object to the first (image y grows down)
+"""Radius range of each size class, as a fraction of the image side."""
 RELATIONS = {"above": (0.0, -1.0), "below": (0.0, 1.0), "left of": (-1.0, 0.0),
              "right of": (1.0, 0.0)}
+"""Relation word(s) -> the direction from the second object to the first (image y grows down)."""
 _NUM_FRESH = 16  # made-up words that no training caption holds
 _FLIP = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
-#: every attribute word has one synonym; training captions use either, so the model knows both
-#: and a rephrasing that swaps them keeps the meaning
 SYNONYMS = {
     "circle": "disc", "square": "box", "triangle": "wedge", "cross": "plus", "ring": "hoop",
     "red": "crimson", "green": "emerald", "blue": "azure", "yellow": "golden",
     "purple": "violet", "orange": "amber", "white": "ivory", "cyan": "teal",
     "small": "little", "large": "big", "above": "over", "below": "under",
 }
+"""Every attribute word has one synonym; training captions use either, so the model knows both
+and a rephrasing that swaps them keeps the meaning."""
 _CANONICAL = {**{w: w for w in SYNONYMS}, **{s: w for w, s in SYNONYMS.items()}}
 
 Kind = Literal["normal", "verbatim", "template", "rare"]
+"""The kind of a training pair: ``"normal"``, or the planted memorization ``"verbatim"``,
+``"template"`` or ``"rare"`` (Webster's 2023 kinds)."""
 KINDS: tuple[str, ...] = ("normal", "verbatim", "template", "rare")
 
 
@@ -317,8 +321,8 @@ def _grammar_words() -> set[str]:
     return words
 
 
-#: the words of grammar captions (synonyms included)
 GRAMMAR_WORDS = frozenset(_grammar_words())
+"""The words of grammar captions (synonyms included)."""
 
 
 def parse_caption(caption: str) -> Description:
