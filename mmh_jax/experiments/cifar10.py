@@ -290,7 +290,7 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
 def _lid_theta(config: Cifar10Config, scores) -> np.ndarray:
     """LID_theta of every sample from the engine's table: FLIPD as scored, or the spectra
     thresholded at their pooled percentile."""
-    from mmh_jax.experiments.cifar10_gan import vectors
+    from mmh_jax.scoring import vectors
 
     t0 = f"{config.lid_t0:g}" if config.lid_t0 is not None else ""
     if config.lid_method == "flipd":
@@ -341,7 +341,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
 
     from mmh_jax import scoring
     from mmh_jax.evaluation import normalized_lid, pair_grid, png_length
-    from mmh_jax.experiments.cifar10_gan import vectors
+    from mmh_jax.scoring import vectors
     from mmh_jax.lid import lpca
     from mmh_jax.retrieval import calibrated_l2, nearest_neighbours
 
@@ -669,6 +669,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config_from_args(args: argparse.Namespace) -> Cifar10Config:
+    """The config of parsed ``cifar10 run`` flags."""
     return Cifar10Config(
         train=args.train, model=args.model, arch=args.arch, out=args.out,
         num_samples=args.num_samples, lid=args.lid, t0=args.t0, nb_scores=args.nb_scores,
@@ -678,5 +679,6 @@ def run_config_from_args(args: argparse.Namespace) -> Cifar10Config:
 
 
 def report_config_from_args(args: argparse.Namespace) -> ReportConfig:
+    """The config of parsed ``cifar10 report`` flags."""
     return ReportConfig(out=args.out, labels=args.labels, unlabelled=args.unlabelled,
                         n_bootstrap=args.bootstrap, seed=args.seed)

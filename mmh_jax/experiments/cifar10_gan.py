@@ -51,7 +51,7 @@ from mmh_jax.experiments.common import (
     write_parquet,
 )
 
-__all__ = ["GanLidConfig", "sample_latents", "write_latents", "vectors", "add_arguments",
+__all__ = ["GanLidConfig", "sample_latents", "write_latents", "add_arguments",
            "config_from_args", "run"]
 
 #: The label of not-memorized samples in a ``--labels`` file.
@@ -212,9 +212,9 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     merged = scoring.merge(out / "scores")
     require(merged.errors.num_rows == 0, f"samples not scored: {merged.errors.to_pylist()}")
     scores = merged.scores
-    spectra = vectors(scores, "jacobian_singular_values").astype(np.float32)
+    spectra = scoring.vectors(scores, "jacobian_singular_values").astype(np.float32)
     size, channels = module.img_resolution, module.img_channels
-    images = vectors(scores, "pixels").reshape(len(scores), size, size, channels)
+    images = scoring.vectors(scores, "pixels").reshape(len(scores), size, size, channels)
     png_bytes = png_length(images, level=9).astype(np.float64)
     threshold = float(percentile_threshold(spectra, q=config.percentile))  # the pooled rule
     lid = np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="tangent"))
@@ -247,11 +247,6 @@ def write_latents(path: Path, *, num_samples: int, seed: int, z_dim: int, c_dim:
         np.savez(f, z=z, **{"class": classes, "seed": seed + indices})
     return path
 
-
-def vectors(scores, name: str) -> np.ndarray:
-    """A vector-valued column of the engine's Parquet (a fixed_size_list) as ``[rows, k]``."""
-    column = scores[name].combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
 def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:

@@ -30,7 +30,7 @@ from mmh_jax.scoring.sources import (
     TarShards,
     open_source,
 )
-from mmh_jax.scoring.store import Merged, RunMismatch, merge
+from mmh_jax.scoring.store import Merged, RunMismatch, merge, vectors
 
 __all__ = [
     "ArrayFile",
@@ -61,4 +61,5 @@ __all__ = [
     "merge",
     "open_source",
     "score",
+    "vectors",
 ]

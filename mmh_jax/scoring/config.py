@@ -103,6 +103,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
                                                      "one per local rank)"),
     },
 }
+"""The sections and keys of a scoring config, each with its type, default and meaning (what
+``mmh-jax score --template`` prints)."""
 
 COLUMNS: dict[str, tuple[type, dict[str, Any], dict[str, str]]] = {
     "flipd": (cols.Flipd, {"conditional": False, "guidance": 7.5}, {
@@ -125,6 +127,8 @@ COLUMNS: dict[str, tuple[type, dict[str, Any], dict[str, str]]] = {
         "chunk_size": "reference rows per distance block"}),
     "png_size": (cols.PngSize, {}, {}),
 }
+"""The columns a config may name: ``name -> (class, fixed settings, {key: meaning})``; every
+key of a ``[columns.NAME]`` table is one of these keys."""
 
 
 class Config(NamedTuple):

@@ -279,8 +279,9 @@ class ImageFolder(_Indexed):
         recursive: include sub-folders.
 
     Raises:
-        FileNotFoundError: no such path. ValueError: no image in it, or two images whose
-        ids would be the same (``a.png`` and ``a.jpg``).
+        FileNotFoundError: no such path.
+        ValueError: no image in it, or two images whose ids would be the same (``a.png``
+            and ``a.jpg``).
     """
 
     def __init__(self, path: str | os.PathLike, *, mode: Literal["RGB", "L"] = "RGB", recursive: bool = True):
@@ -357,9 +358,9 @@ class ArrayFile(_Indexed):
             counts, ...): the source's :attr:`metadata`, written beside the scores.
 
     Raises:
-        FileNotFoundError: no such path. ValueError: an unreadable file, an ambiguous or
-        unknown ``key``, an array that is not ``[n >= 1, ...]`` uint8/float, bad ids or
-        metadata.
+        FileNotFoundError: no such path.
+        ValueError: an unreadable file, an ambiguous or unknown ``key``, an array that is not
+            ``[n >= 1, ...]`` uint8/float, bad ids or metadata.
     """
 
     def __init__(self, path: str | os.PathLike, *, key: str | None = None, ids_key: str | None = "ids",
@@ -496,8 +497,8 @@ class TarShards(_Indexed):
         mode: ``"RGB"`` or ``"L"``.
 
     Raises:
-        FileNotFoundError: a path or pattern matching nothing. ValueError: a folder without
-        ``*.tar``, or a key found in two shards.
+        FileNotFoundError: a path or pattern matching nothing.
+        ValueError: a folder without ``*.tar``, or a key found in two shards.
     """
 
     def __init__(
@@ -673,8 +674,9 @@ class ParquetTable(_Indexed):
             :attr:`metadata`, written beside the scores.
 
     Raises:
-        FileNotFoundError: no such path. ValueError: no parquet file, an unreadable one, an
-        absent or ill-typed column that was asked for, no image nor text, no rows.
+        FileNotFoundError: no such path.
+        ValueError: no parquet file, an unreadable one, an absent or ill-typed column that
+            was asked for, no image nor text, no rows.
     """
 
     def __init__(
@@ -868,9 +870,9 @@ class PromptFile(_Indexed):
             where a line lacks it): the source's :attr:`metadata`, written beside the scores.
 
     Raises:
-        FileNotFoundError: no such path. ValueError: another suffix, not UTF-8, a malformed
-        line (``file:line``), no prompt at all, or a metadata field that no line has or that
-        has values of different types.
+        FileNotFoundError: no such path.
+        ValueError: another suffix, not UTF-8, a malformed line (``file:line``), no prompt at
+            all, or a metadata field that no line has or that has values of different types.
     """
 
     def __init__(self, path: str | os.PathLike, *, metadata: Sequence[str] = ()):
@@ -1004,8 +1006,9 @@ def open_source(path: str | os.PathLike | Sequence[str | os.PathLike], **options
         The source.
 
     Raises:
-        TypeError: an option the chosen class does not take. ValueError: a file of
-        another kind. FileNotFoundError: no such path.
+        TypeError: an option the chosen class does not take.
+        ValueError: a file of another kind.
+        FileNotFoundError: no such path.
     """
     cls = _source_class(path)
     accepted = [n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY]

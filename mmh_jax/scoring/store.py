@@ -242,3 +242,20 @@ def _arrow(v: np.ndarray, name: str) -> pa.Array:
                          f"shape {v.shape[1:]}")
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1)),
                                              v.shape[1])
+
+
+def vectors(table: pa.Table, name: str) -> np.ndarray:
+    """A column that holds a vector per row (a ``fixed_size_list``, e.g. a spectrum or an
+    image) as a ``[rows, k]`` NumPy array.
+
+    Args:
+        table: a scores table (:attr:`Merged.scores`).
+        name: the column's name.
+
+    Returns:
+        The rows' vectors, one per row, in the table's order.
+    """
+    column = table[name].combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        raise ValueError(f"column {name!r} holds {column.type}, not a vector per row")
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)

@@ -25,6 +25,7 @@ from mmh_jax.scoring import (
     data_mesh,
     merge,
     score,
+    vectors,
 )
 
 
@@ -355,6 +356,9 @@ def test_a_vector_per_item_is_written_as_a_fixed_size_list(tmp_path):
     model = Model.from_generator(Partial(lambda z: z), (3,))
     score(model, [Doubled()], ArrayFile(tmp_path / "z.npy"), str(tmp_path / "out"), batch_size=8,
           chunk_size=4)
-    column = merge(tmp_path / "out").scores["doubled"]
-    assert column.type.list_size == 3
-    np.testing.assert_array_equal(np.stack(column.to_pylist()), 2 * z)
+    scores = merge(tmp_path / "out").scores
+    assert scores["doubled"].type.list_size == 3
+    np.testing.assert_array_equal(np.stack(scores["doubled"].to_pylist()), 2 * z)
+    np.testing.assert_array_equal(vectors(scores, "doubled"), 2 * z)
+    with pytest.raises(ValueError, match="'index' holds int64, not a vector"):
+        vectors(scores, "index")
