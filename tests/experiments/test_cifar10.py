@@ -45,7 +45,7 @@ def _table(out: Path) -> dict:
 
 def _samples(out: Path) -> np.ndarray:
     """The samples as the scoring engine wrote them to ``out/scores``: uint8 NHWC."""
-    from mmh_jax.experiments.cifar10_gan import vectors
+    from mmh_jax.scoring import vectors
     from mmh_jax.scoring import merge
 
     pixels = vectors(merge(out / "scores").scores, "pixels")
@@ -209,7 +209,7 @@ def test_diffusion_normal_bundle(tmp_path):
     count below the pooled 10th percentile (Appendix C.1), recomputed here with numpy; a rerun
     with another ``--percentile`` reuses the scored samples (nothing rescored) and pools its
     own threshold; a rerun with fewer samples in the same folder is refused."""
-    from mmh_jax.experiments.cifar10_gan import vectors
+    from mmh_jax.scoring import vectors
 
     model = _save_unet2d(tmp_path / "unet.safetensors")
     np.savez(tmp_path / "train.npz", x=_digits(40))
