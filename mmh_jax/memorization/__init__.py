@@ -51,6 +51,7 @@ from mmh_jax.memorization.mitigation import (
     expected_rows,
     method_label,
     mitigate,
+    new_prompts,
     summarise_mitigation,
 )
 from mmh_jax.memorization.prompt import (
@@ -132,6 +133,7 @@ __all__ = [
     "MitigationResult",
     "embedding_defaults",
     "mitigate",
+    "new_prompts",
     "method_label",
     "expected_rows",
     "summarise_mitigation",

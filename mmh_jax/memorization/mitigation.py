@@ -73,6 +73,7 @@ __all__ = [
     "MitigationResult",
     "embedding_defaults",
     "mitigate",
+    "new_prompts",
     "method_label",
     "expected_rows",
     "summarise_mitigation",
@@ -351,6 +352,69 @@ def _similarity_and_clip(generated: np.ndarray, refs: np.ndarray, prompt: str, *
             np.concatenate(clips).reshape(g, m).mean(axis=1))
 
 
+def new_prompts(
+    prompt: str,
+    tokens: Sequence[str],
+    *,
+    index: int,
+    key: Any,
+    config: MitigationConfig,
+    attributions: Mapping[str, np.ndarray],
+    rephraser: Callable[[str, Sequence[str]], str],
+    vocabulary: Sequence[str] | None,
+) -> list[dict]:
+    """The changed prompts of the text methods for one prompt (paper, Section 4.2, Appendix
+    D.4-D.5): per method (``"attribution"`` once per metric), ``k`` and repeat, ``k`` tokens
+    drawn from the softmax of the attributions (``"attribution"``) or uniformly (``"uniform"``)
+    and rephrased, or ``k`` random vocabulary words inserted (``"rta"``). The draws of row
+    ``(index, method, metric, k, repeat)`` depend on ``key`` and those values only.
+
+    Args:
+        prompt: the prompt.
+        tokens: its raw CLIP BPE tokens (start, end and padding excluded).
+        index: the prompt's position in the run (enters the draws).
+        key: the run's PRNG key.
+        config: the methods, metrics, ``ks``, repeats and draw settings.
+        attributions: metric -> the attribution of each token (``[len(tokens)]``), for
+            ``"attribution"``.
+        rephraser: ``(prompt, words) -> new prompt``; one that raises, times out or answers
+            nonsense keeps the prompt and the row reports the error.
+        vocabulary: the words of ``"rta"``.
+
+    Returns:
+        One dict per row, in the order method, metric, ``k``, repeat: ``prompt_index``,
+        ``prompt``, ``method``, ``metric``, ``k``, ``repeat``, ``words`` (joined by ``" | "``),
+        ``new_prompt``, ``changed``, ``error``, ``metric_before``, ``metric_after`` (NaN) and
+        ``updates`` (-1).
+    """
+    rows = []
+    for method in config.text_methods:
+        for m in (config.metrics if method == "attribution" else [""]):
+            for k in config.ks:
+                for r in range(config.repeats):
+                    row_key = _row_key(key, index, method, m, k, r)
+                    words: list[str] = []
+                    if method == "rta":
+                        new = random_token_addition(prompt, k=k, key=row_key,
+                                                    vocabulary=vocabulary)
+                        outcome = RephraseOutcome(new, new != prompt, None)
+                    else:
+                        chosen = (choose_tokens(attributions[m], k=k, key=row_key,
+                                                temperature=config.temperature,
+                                                smoothing=config.smoothing)
+                                  if method == "attribution"
+                                  else uniform_tokens(len(tokens), k=k, key=row_key))
+                        words = selected_words(list(tokens), chosen)
+                        outcome = rephrase(rephraser, prompt, words,
+                                           timeout=config.rephrase_timeout)
+                    rows.append(dict(prompt_index=index, prompt=prompt, method=method, metric=m,
+                                     k=k, repeat=r, words=" | ".join(words),
+                                     new_prompt=outcome.prompt, changed=bool(outcome.changed),
+                                     error=outcome.error or "", metric_before=math.nan,
+                                     metric_after=math.nan, updates=-1))
+    return rows
+
+
 def mitigate(
     sd: Any,
     prompts: Sequence[str],
@@ -467,32 +531,11 @@ def mitigate(
 
         jobs: list[tuple[dict, Any]] = []  # (row, embedding [1, n, dim])
         base = dict(prompt_index=index, prompt=prompt)
-        for method in config.text_methods:
-            for m in (metrics if method == "attribution" else [""]):
-                for k in ks:
-                    for r in range(config.repeats):
-                        row_key = _row_key(key, index, method, m, k, r)
-                        words: list[str] = []
-                        if method == "rta":
-                            new = random_token_addition(prompt, k=k, key=row_key,
-                                                        vocabulary=vocabulary)
-                            outcome = RephraseOutcome(new, new != prompt, None)
-                        else:
-                            chosen = (choose_tokens(attr[m], k=k, key=row_key,
-                                                    temperature=config.temperature,
-                                                    smoothing=config.smoothing)
-                                      if method == "attribution"
-                                      else uniform_tokens(len(pt.tokens), k=k, key=row_key))
-                            words = selected_words(pt.tokens, chosen)
-                            outcome = rephrase(rephraser, prompt, words,
-                                               timeout=config.rephrase_timeout)
-                        row = dict(base, method=method, metric=m, k=k, repeat=r,
-                                   words=" | ".join(words), new_prompt=outcome.prompt,
-                                   changed=bool(outcome.changed), error=outcome.error or "",
-                                   metric_before=math.nan, metric_after=math.nan, updates=-1)
-                        new_cond = (cond if not outcome.changed
-                                    else sd.encode_prompt(sd.tokenize([outcome.prompt])))
-                        jobs.append((row, new_cond))
+        for row in new_prompts(prompt, pt.tokens, index=index, key=key, config=config,
+                               attributions=attr, rephraser=rephraser, vocabulary=vocabulary):
+            new_cond = (cond if not row["changed"]
+                        else sd.encode_prompt(sd.tokenize([row["new_prompt"]])))
+            jobs.append((row, new_cond))
         if "embedding" in methods:
             for j, m in enumerate(metrics):
                 s = config.embedding_settings(m)
