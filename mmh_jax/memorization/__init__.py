@@ -51,6 +51,7 @@ from mmh_jax.memorization.mitigation import (
     expected_rows,
     method_label,
     mitigate,
+    check_prompt_tokens,
     new_prompts,
     summarise_mitigation,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "MitigationResult",
     "embedding_defaults",
     "mitigate",
+    "check_prompt_tokens",
     "new_prompts",
     "method_label",
     "expected_rows",

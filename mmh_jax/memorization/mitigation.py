@@ -73,6 +73,7 @@ __all__ = [
     "MitigationResult",
     "embedding_defaults",
     "mitigate",
+    "check_prompt_tokens",
     "new_prompts",
     "method_label",
     "expected_rows",
@@ -352,6 +353,34 @@ def _similarity_and_clip(generated: np.ndarray, refs: np.ndarray, prompt: str, *
             np.concatenate(clips).reshape(g, m).mean(axis=1))
 
 
+def check_prompt_tokens(sd: Any, prompts: Sequence[str], *, config: MitigationConfig,
+                        names: Sequence[str] | None = None) -> list[Any]:
+    """The tokens of every prompt, checked for :func:`mitigate` and :func:`new_prompts`: per
+    prompt ``ids`` (``[1, max_length]``, padded), ``tokens`` (the raw CLIP BPE tokens, start,
+    end and padding excluded) and ``words`` (each token as display text).
+
+    Args:
+        sd: a :class:`~mmh_jax.models.stable_diffusion.StableDiffusion` (its tokenizer).
+        prompts: the prompts.
+        config: the run's settings (its ``ks`` and methods).
+        names: how errors name each prompt (default ``prompts[i]``).
+
+    Raises:
+        ValueError: an empty prompt (no tokens), or ``k`` larger than a prompt's number of
+            tokens for ``"attribution"`` or ``"uniform"``.
+    """
+    names = [f"prompts[{i}]" for i in range(len(prompts))] if names is None else list(names)
+    tokens = [_prompt_tokens(sd, p, where=n) for p, n in zip(prompts, names)]
+    if any(m in config.methods for m in ("attribution", "uniform")):
+        for name, p, pt in zip(names, prompts, tokens):
+            too_big = [k for k in config.ks if k > len(pt.tokens)]
+            if too_big:
+                raise ValueError(f"k={max(too_big)} is larger than the number of tokens of "
+                                 f"{name} ({len(pt.tokens)} tokens: {p!r}); lower the ks or "
+                                 "drop the prompt")
+    return tokens
+
+
 def new_prompts(
     prompt: str,
     tokens: Sequence[str],
@@ -473,15 +502,8 @@ def mitigate(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty")
-    methods, metrics, ks = config.methods, config.metrics, config.ks
-    tokens = [_prompt_tokens(sd, p, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
-    if any(m in methods for m in ("attribution", "uniform")):
-        for i, (p, pt) in enumerate(zip(prompts, tokens)):
-            too_big = [k for k in ks if k > len(pt.tokens)]
-            if too_big:
-                raise ValueError(f"k={max(too_big)} is larger than the number of tokens of "
-                                 f"prompts[{i}] ({len(pt.tokens)} tokens: {p!r}); lower the "
-                                 "ks or drop the prompt")
+    methods, metrics = config.methods, config.metrics
+    tokens = check_prompt_tokens(sd, prompts, config=config)
     if reference_images is not None:
         reference_images = list(reference_images)
         if len(reference_images) != len(prompts):
@@ -505,7 +527,7 @@ def mitigate(
     attributions: list[PromptAttribution] = []
     labels = config.labels()
     images: dict[str, list[np.ndarray]] = {"original": [], **{label: [] for label in labels}}
-    new_prompts: dict[str, list[str]] = {label: [] for label in images}
+    grid_prompts: dict[str, list[str]] = {label: [] for label in images}
 
     for index, (prompt, pt) in enumerate(zip(prompts, tokens)):
         prompt_key = jax.random.fold_in(key, index)
@@ -570,16 +592,16 @@ def mitigate(
             rows.append(row)
 
         images["original"].append(generated[0, 0])
-        new_prompts["original"].append(prompt)
+        grid_prompts["original"].append(prompt)
         for label in labels:
             pick = next(i for i, (row, _) in enumerate(jobs, start=1)
                         if method_label(row["method"], row["metric"]) == label
                         and row["k"] in (grid_k, 0) and row["repeat"] == 0)
             images[label].append(generated[pick, 0])
-            new_prompts[label].append(jobs[pick - 1][0]["new_prompt"])
+            grid_prompts[label].append(jobs[pick - 1][0]["new_prompt"])
         if on_prompt is not None:
-            on_prompt(MitigationResult(rows, originals, attributions, images, new_prompts))
-    return MitigationResult(rows, originals, attributions, images, new_prompts)
+            on_prompt(MitigationResult(rows, originals, attributions, images, grid_prompts))
+    return MitigationResult(rows, originals, attributions, images, grid_prompts)
 
 
 def summarise_mitigation(rows: Sequence[dict]) -> list[dict]:
