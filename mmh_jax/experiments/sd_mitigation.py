@@ -499,12 +499,13 @@ def _per_item_means(scores, names: Sequence[str], *, images: int | None = None) 
     index = scores["index"].to_numpy()
     keep = np.ones(len(index), bool) if images is None else (
         scores["image_index"].to_numpy() < images)
-    out: dict[int, dict[str, float]] = {}
-    for name in names:
-        values = scores[name].to_numpy(zero_copy_only=False).astype(np.float64)
-        for i in np.unique(index[keep]):
-            out.setdefault(int(i), {})[name] = float(values[keep & (index == i)].mean())
-    return out
+    index = index[keep]
+    items = np.unique(index)
+    counts = np.bincount(index)[items]
+    means = {name: np.bincount(index, weights=scores[name].to_numpy(zero_copy_only=False)
+                               .astype(np.float64)[keep])[items] / counts for name in names}
+    return {int(i): {name: float(means[name][k]) for name in names}
+            for k, i in enumerate(items)}
 
 
 def _attributions(scores, prompts: Sequence[str], tokens: Sequence[Any],
