@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
+import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -39,6 +43,7 @@ from mmh_jax.experiments.mitigation_figures import (
 )
 from mmh_jax.experiments.stable_diffusion import (
     Item,
+    _open_prompt_file,
     load_pipeline,
     read_prompt_file,
     read_reference_images,
@@ -52,9 +57,7 @@ from mmh_jax.memorization import (
     PromptAttribution,
     Similarity,
     attribute_prompts,
-    expected_rows,
     metric_label,
-    mitigate,
     summarise_mitigation,
 )
 
@@ -115,7 +118,7 @@ class MitigateConfig:
     model: Path
     prompts: Path
     out: Path = Path("mmh-sd-mitigate")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ("attribution", "uniform", "rta")
     metrics: tuple[str, ...] = ("flipd",)
     ks: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     repeats: int = 5
@@ -137,12 +140,19 @@ class MitigateConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True
     figure: bool = True
+    chunk_size: int = 32
+    """Prompts (stage 1) or new prompts (stage 3) per written chunk: the unit of resumption."""
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings (before the model loads)."""
         require(bool(self.methods) and all(m in METHODS for m in self.methods),
                 f"--methods must be among {', '.join(METHODS)}, got {list(self.methods)}")
         require(len(set(self.methods)) == len(self.methods), "--methods lists a method twice")
+        require("embedding" not in self.methods,
+                "--methods embedding is not available in `sd mitigate`: its stages run (and "
+                "resume) through the scoring engine, which does not optimise prompt embeddings "
+                "yet; call mmh_jax.memorization.mitigate for it")
+        require(self.chunk_size >= 1, f"chunk_size must be at least 1, got {self.chunk_size}")
         require(bool(self.metrics) and all(m in METRICS for m in self.metrics)
                 and len(set(self.metrics)) == len(self.metrics),
                 f"--metric must be distinct names among {', '.join(METRICS)}, got "
@@ -217,12 +227,13 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the memorized prompts: one a line, or JSON lines (.jsonl) with "
                         "'caption'")
     parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder (default ./%(default)s/); a rerun starts over")
+                        help="output folder; a rerun resumes there (default ./%(default)s/)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods),
                         metavar="METHOD",
                         help="attribution (rephrase k tokens drawn from the attributions), "
                         "uniform (k tokens drawn uniformly), rta (k random vocabulary words "
-                        "added), embedding (AdamW on the prompt embedding) (default: all)")
+                        "added) (default: all three; embedding, the AdamW optimisation of the "
+                        "prompt embedding, is mmh_jax.memorization.mitigate's only)")
     parser.add_argument("--metric", dest="metrics", nargs="+", choices=METRICS,
                         default=list(d.metrics), metavar="METRIC",
                         help="metric(s) of the attributions and the embedding optimisation "
@@ -449,79 +460,312 @@ def _rows_table(rows: Sequence[dict]) -> dict:
     return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
-def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
-    """``mmh-jax sd mitigate``: :func:`~mmh_jax.memorization.mitigate` on a prompt file;
-    returns ``(result, summary, files)``.
+_NEW_PROMPT_FIELDS = ("prompt_index", "prompt", "method", "metric", "k", "repeat", "words",
+                      "changed", "error")
+"""The columns of ``new_prompts.parquet`` besides ``id`` and ``new_prompt``, carried by the
+``mitigated`` stage into its Parquet."""
+_STAGE_KEY = b"mmh_jax.sd_mitigate"
 
-    Writes ``results.parquet`` / ``.csv`` (:attr:`~mmh_jax.memorization.MitigationResult.rows`,
-    rewritten after every prompt), ``originals.csv``, ``summary.csv``
-    (:func:`~mmh_jax.memorization.summarise_mitigation`),
+
+def _digest(arrays: Sequence[np.ndarray | None]) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(b"none" if a is None else np.ascontiguousarray(a).tobytes()
+                      + str(a.shape).encode())
+    return digest.hexdigest()[:16]
+
+
+def _score(stage: Path, source, columns: list, generation, config: MitigateConfig,
+           record: dict, err_console: Console, model):
+    """One engine stage of ``sd mitigate`` into ``stage`` (a rerun resumes it)."""
+    import jax
+
+    from mmh_jax import scoring
+
+    per_item = generation.num_images
+    batch = -(-config.batch_size * per_item // jax.device_count()) * jax.device_count()
+    try:
+        return scoring.score(model, columns, source, str(stage), seed=config.seed,
+                             batch_size=batch, chunk_size=config.chunk_size,
+                             generation=generation, record=record,
+                             console=err_console if config.progress else None)
+    except scoring.RunMismatch as err:
+        raise DemoInputError(f"{str(stage)!r} holds results of other inputs or settings "
+                             f"({err}); choose another --out") from None
+
+
+def _per_item_means(scores, names: Sequence[str], *, images: int | None = None) -> dict:
+    """Per item index: the mean of each column over its images (``image_index < images``)."""
+    index = scores["index"].to_numpy()
+    keep = np.ones(len(index), bool) if images is None else (
+        scores["image_index"].to_numpy() < images)
+    index = index[keep]
+    items = np.unique(index)
+    counts = np.bincount(index)[items]
+    means = {name: np.bincount(index, weights=scores[name].to_numpy(zero_copy_only=False)
+                               .astype(np.float64)[keep])[items] / counts for name in names}
+    return {int(i): {name: float(means[name][k]) for name in names}
+            for k, i in enumerate(items)}
+
+
+def _attributions(scores, prompts: Sequence[str], tokens: Sequence[Any],
+                  settings: MitigationConfig) -> list[PromptAttribution]:
+    """Per prompt and metric, the attribution of its tokens: the mean of its images' vectors
+    over the images the metric uses (prompt-major, as :func:`mitigate` returns them)."""
+    from mmh_jax.memorization import default_attribution_images
+
+    index = scores["index"].to_numpy()
+    image = scores["image_index"].to_numpy()
+    found = []
+    for p, (prompt, pt) in enumerate(zip(prompts, tokens)):
+        n_tokens = len(pt.tokens)
+        for m in settings.metrics:
+            n = settings.attribution_images or default_attribution_images(m)
+            rows = (index == p) & (image < n)
+            vectors = np.stack(scores[f"attribution_{m}"].filter(rows).to_pylist())
+            values = scores[f"attribution_value_{m}"].to_numpy()[rows]
+            found.append(PromptAttribution(
+                prompt, m, list(pt.tokens), list(pt.words),
+                vectors.astype(np.float64).mean(axis=0)[1:1 + n_tokens],
+                float(values.astype(np.float64).mean())))
+    return found
+
+
+def _new_prompt_table(path: Path, record: dict, make) -> None:
+    """``new_prompts.parquet``: made by ``make()`` and written atomically with ``record`` in its
+    metadata, or, when it exists with the same record, kept (a rerun does not rephrase again).
+
+    Raises:
+        DemoInputError: the file holds new prompts of other settings.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmh_jax._src.files import atomic_path
+
+    wanted = json.loads(json.dumps(record))
+    if path.is_file():
+        old = json.loads((pq.read_schema(path).metadata or {}).get(_STAGE_KEY, b"{}"))
+        if old == wanted:
+            return
+        keys = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        raise DemoInputError(f"{str(path)!r} holds new prompts of other inputs or settings "
+                             f"({', '.join(keys) or 'unreadable record'} differ); choose "
+                             "another --out")
+    rows = make()
+    table = pa.table({"id": [r["id"] for r in rows], "new_prompt": [r["new_prompt"] for r in rows],
+                      **{name: [r[name] for r in rows] for name in _NEW_PROMPT_FIELDS}})
+    table = table.replace_schema_metadata({_STAGE_KEY: json.dumps(wanted, sort_keys=True)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.uint8)
+
+
+def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
+    """``mmh-jax sd mitigate``: sample-time mitigation of a prompt file (paper, Section 4.2,
+    Appendix D.3-D.5, Figures 7c, 9, 10), as three stages over :func:`mmh_jax.scoring.score`;
+    returns ``(result, summary, files)`` (``result`` a
+    :class:`~mmh_jax.memorization.MitigationResult`).
+
+    1. ``originals/`` (engine): every prompt's images (``--num-images``, more if the
+       attributions need them), their token attributions (``attribution``), similarity to the
+       reference and CLIP score; the images are kept as ``originals/images/INDEX-J.png``.
+    2. ``new_prompts.parquet`` (host): every changed prompt
+       (:func:`~mmh_jax.memorization.new_prompts`, drawn from the seed) with its prompt index,
+       method, metric, ``k`` and repeat; kept on a rerun with the same settings.
+    3. ``mitigated/`` (engine): the new prompts' images from the same starting noise, their
+       similarity to the reference (the training image, else the original generation) and
+       CLIP score against the original prompt; the grid's images are kept as PNGs.
+
+    Each stage resumes where a killed run stopped; a rerun with other prompts or settings is
+    refused. The tables and figures are then read from the stages' Parquet: ``results.parquet``
+    / ``.csv`` (:attr:`~mmh_jax.memorization.MitigationResult.rows`), ``originals.csv``,
+    ``summary.csv`` (:func:`~mmh_jax.memorization.summarise_mitigation`),
     ``attributions.csv`` (when ``attribution`` runs) and the figures ``grid.png`` (Figure 10;
     ``grid-N.png`` pages of 6 prompts), ``tradeoff.png`` (Figure 7c, when both a similarity and
     a CLIP score are computed) and ``attributions.png``.
 
     Raises:
         DemoInputError: bad settings or input (a chat rephraser without a key, k larger than a
-            prompt's tokens, ...), an unloadable scorer, an unwritable output folder.
+            prompt's tokens, ...), an unloadable scorer, an unwritable output folder, or one
+            holding a run of other prompts or settings.
     """
     import jax
 
+    from mmh_jax import scoring
+    from mmh_jax.memorization import (
+        check_prompt_tokens,
+        default_attribution_images,
+        method_label,
+        new_prompts,
+    )
+    from mmh_jax.memorization.rephrase import clip_vocabulary_words
+
     config.validate()
-    items = read_prompt_file(config.prompts)
+    source, items = _open_prompt_file(config.prompts)
     rephraser = _rephraser(config)  # a missing key fails here, before anything loads
     out = prepare_out_dir(config.out)
     console = console or Console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
-    similarity, clip_scorer = _scorers(config, err_console)
-    prompts = [item.caption for item in items]
-    references = (read_reference_images(config.reference_images, prompts)
-                  if config.reference_images is not None else None)
-    load_s = time.perf_counter() - start
-
-    files: list[Path] = []
-
-    def save(result: MitigationResult) -> None:
-        files[:] = [write_parquet(_rows_table(result.rows), out / "results.parquet"),
-                    write_csv(_rows_table(result.rows), out / "results.csv")]
-
     settings = _mitigation_config(config)
-    images_total = len(items) + expected_rows(len(items), config=settings)
+    prompts = [item.caption for item in items]
+    try:
+        tokens = check_prompt_tokens(sd, prompts, config=settings,
+                                     names=[f"{config.prompts}: prompt {item.id}"
+                                            for item in items])
+    except ValueError as err:
+        raise DemoInputError(str(err)) from None
+    similarity, clip_scorer = _scorers(config, err_console)
+    references = (read_reference_images(config.reference_images, prompts)
+                  if config.reference_images is not None else [None] * len(prompts))
+    model = scoring.Model.from_stable_diffusion(sd)
+    load_s = time.perf_counter() - start
+    record = {"model": str(config.model), "dtype": config.dtype}
+    scorers = {"similarity": f"{config.sscd} to {_digest(references)}",
+               "clip_score": str(config.clip)}
+
+    def scorer_columns(reference, prompt) -> list:
+        columns = []
+        if similarity is not None:
+            columns.append(scoring.ImageSimilarity(similarity, reference, scorers["similarity"]))
+        if clip_scorer is not None:
+            columns.append(scoring.ClipScore(clip_scorer, prompt, scorers["clip_score"]))
+        return columns
+
+    # ---- stage 1: the original prompts
     start = time.perf_counter()
-    with make_progress(err_console, enabled=config.progress) as progress:
-        task = progress.add_task("generating", total=images_total)
-        try:
-            result = mitigate(sd, prompts, key=jax.random.key(config.seed), config=settings,
-                              rephraser=rephraser, similarity=similarity,
-                              clip_scorer=clip_scorer, reference_images=references,
-                              progress=lambda n: progress.advance(task, n), on_prompt=save)
-        except ValueError as err:
-            raise DemoInputError(str(err)) from None
+    m = config.num_images
+    attribution = "attribution" in settings.methods
+    needed = [m] + ([settings.attribution_images or default_attribution_images(x)
+                     for x in settings.metrics] if attribution else [])
+    columns = [scoring.TokenAttributions(metric=x, guidance=config.guidance)
+               for x in (settings.metrics if attribution else ())]
+    columns += scorer_columns(lambda i, j: references[i], lambda i: prompts[i])
+    originals_dir = out / "originals"
+    columns.append(scoring.SavedImage(str(originals_dir / "images"), lambda i, j: j < m,
+                                      f"image_index < {m}"))
+    generation = scoring.Generation(guidance=config.guidance, num_steps=config.num_steps,
+                                    num_images=max(needed))
+    _score(originals_dir, source, columns, generation, config, record, err_console, model)
+    first = scoring.merge(originals_dir).scores
+    attributions = _attributions(first, prompts, tokens, settings) if attribution else []
+
+    # ---- stage 2: the new prompts (host, drawn from the seed)
+    table = out / "new_prompts.parquet"
+    vocabulary = (clip_vocabulary_words(sd.tokenizer) if "rta" in settings.methods
+                  and settings.vocabulary is None else settings.vocabulary)
+
+    def make() -> list[dict]:
+        attr = {(a.prompt, a.metric): a.scores for a in attributions}
+        rows = []
+        key = jax.random.key(config.seed)
+        for i, (item, pt) in enumerate(zip(items, tokens)):
+            for row in new_prompts(item.caption, pt.tokens, index=i, key=key, config=settings,
+                                   attributions={x: attr.get((item.caption, x))
+                                                 for x in settings.metrics},
+                                   rephraser=rephraser, vocabulary=vocabulary):
+                tag = f"{row['method']}-{row['metric']}" if row["metric"] else row["method"]
+                rows.append(dict(row, id=f"{item.id}/{tag}/k{row['k']}/r{row['repeat']}"))
+        return rows
+
+    stage_record = {
+        "prompts": source.fingerprint, "seed": config.seed, "methods": list(settings.methods),
+        "metrics": list(settings.metrics), "ks": list(settings.ks),
+        "repeats": settings.repeats, "temperature": settings.temperature,
+        "smoothing": settings.smoothing, "rephraser": config.rephraser,
+        **({"chat": [config.chat_url, config.chat_model]} if config.rephraser == "chat" else {}),
+        "originals": json.loads((originals_dir / "run.json").read_text())}
+    _new_prompt_table(table, stage_record, make)
+
+    # ---- stage 3: the new prompts' images from the same noise
+    new = scoring.ParquetTable(table, image_column=None, text_column="new_prompt",
+                               metadata=_NEW_PROMPT_FIELDS)
+    meta = {name: new.metadata[name].to_pylist() for name in ("prompt_index", "k", "repeat")}
+    shown = settings.shown_k
+
+    @functools.lru_cache(maxsize=256)
+    def original_image(p: int, j: int) -> np.ndarray:
+        return _read_png(scoring.saved_image_path(originals_dir / "images", p, j))
+
+    def reference(i: int, j: int) -> np.ndarray:
+        p = meta["prompt_index"][i]
+        return original_image(p, j) if references[p] is None else references[p]
+
+    mitigated_dir = out / "mitigated"
+    columns = scorer_columns(reference, lambda i: prompts[meta["prompt_index"][i]])
+    columns.append(scoring.SavedImage(
+        str(mitigated_dir / "images"),
+        lambda i, j: j == 0 and meta["k"][i] == shown and meta["repeat"][i] == 0,
+        f"image 0 of k = {shown}, repeat 0"))
+    _score(mitigated_dir, new, columns, generation._replace(num_images=m), config, record,
+           err_console, model)
+    second = scoring.merge(mitigated_dir).scores
     mitigate_s = time.perf_counter() - start
-    summary = summarise_mitigation(result.rows)
-    files.append(write_csv(_rows_table(result.originals), out / "originals.csv"))
-    files.append(write_csv(_rows_table(summary), out / "summary.csv"))
-    if result.attributions:
-        ids = [items[prompts.index(a.prompt)].id for a in result.attributions]
-        files.append(write_csv(_attribution_table(result.attributions, ids),
-                               out / "attributions.csv"))
+
+    # ---- tables and figures from the Parquet
+    values = [n for n in ("similarity", "clip_score") if n in first.column_names]
+    before = _per_item_means(first, values, images=m)
+    after = _per_item_means(second, values)
+    kinds = ["generation" if r is None else "training" for r in references]
+    nan = {n: math.nan for n in ("similarity", "clip_score")}
+    originals = [dict(prompt_index=i, prompt=p, num_tokens=len(tokens[i].tokens), reference=kinds[i],
+                      **{**nan, **before.get(i, {})}) for i, p in enumerate(prompts)]
+    rows = []
+    for i, row in enumerate(new.metadata["prompt_index"].to_pylist()):
+        fields = {name: new.metadata[name][i].as_py() for name in _NEW_PROMPT_FIELDS}
+        rows.append(dict(fields, new_prompt=new[i].text, metric_before=math.nan,
+                         metric_after=math.nan, updates=-1, reference=kinds[row],
+                         **{**nan, **after.get(i, {})}))
+    rows = [{name: r[name] for name in (
+        "prompt_index", "prompt", "method", "metric", "k", "repeat", "words", "new_prompt",
+        "changed", "error", "metric_before", "metric_after", "updates", "similarity",
+        "clip_score", "reference")} for r in rows]
+    images: dict[str, list[np.ndarray]] = {"original": []}
+    grid_prompts: dict[str, list[str]] = {"original": []}
+    for p, prompt in enumerate(prompts):
+        images["original"].append(original_image(p, 0))
+        grid_prompts["original"].append(prompt)
+        for i, r in enumerate(rows):
+            label = method_label(r["method"], r["metric"])
+            if (r["prompt_index"] == p and r["k"] == shown and r["repeat"] == 0
+                    and len(images.setdefault(label, [])) == p):
+                images[label].append(_read_png(
+                    scoring.saved_image_path(mitigated_dir / "images", i, 0)))
+                grid_prompts.setdefault(label, []).append(r["new_prompt"])
+    result = MitigationResult(rows, originals, attributions, images, grid_prompts)
+
+    summary = summarise_mitigation(rows)
+    files = [write_parquet(_rows_table(rows), out / "results.parquet"),
+             write_csv(_rows_table(rows), out / "results.csv"),
+             write_csv(_rows_table(originals), out / "originals.csv"),
+             write_csv(_rows_table(summary), out / "summary.csv")]
+    if attributions:
+        ids = [items[prompts.index(a.prompt)].id for a in attributions]
+        files.append(write_csv(_attribution_table(attributions, ids), out / "attributions.csv"))
     if config.figure:
-        if result.attributions:
-            files += _attribution_figures(result.attributions, out, "attributions", per_page=8)
+        if attributions:
+            files += _attribution_figures(attributions, out, "attributions", per_page=8)
         per_page = 6
         for p, lo in enumerate(range(0, len(prompts), per_page), start=1):
             name = "grid.png" if len(prompts) <= per_page else f"grid-{p}.png"
             files.append(plot_mitigation_grid(
-                {k: v[lo:lo + per_page] for k, v in result.images.items()},
-                {k: v[lo:lo + per_page] for k, v in result.new_prompts.items()}, out / name))
+                {k: v[lo:lo + per_page] for k, v in images.items()},
+                {k: v[lo:lo + per_page] for k, v in grid_prompts.items()}, out / name))
         if similarity is not None and clip_scorer is not None:
-            trained = references is not None and all(r is not None for r in references)
+            trained = all(r is not None for r in references)
             x_label = ("SSCD similarity to the memorized image (lower is better)" if trained
                        else "SSCD similarity to the reference (training image or original "
                        "generation; lower is better)")
-            files.append(plot_tradeoff(result.rows, out / "tradeoff.png",
-                                       originals=result.originals, x_label=x_label))
+            files.append(plot_tradeoff(rows, out / "tradeoff.png", originals=originals,
+                                       x_label=x_label))
     _print_mitigation(console, summary, result, config, files, load_s, mitigate_s)
     return result, summary, files
 

@@ -51,6 +51,8 @@ from mmh_jax.memorization.mitigation import (
     expected_rows,
     method_label,
     mitigate,
+    check_prompt_tokens,
+    new_prompts,
     summarise_mitigation,
 )
 from mmh_jax.memorization.prompt import (
@@ -134,6 +136,8 @@ __all__ = [
     "MitigationResult",
     "embedding_defaults",
     "mitigate",
+    "check_prompt_tokens",
+    "new_prompts",
     "method_label",
     "expected_rows",
     "summarise_mitigation",

@@ -73,6 +73,8 @@ __all__ = [
     "MitigationResult",
     "embedding_defaults",
     "mitigate",
+    "check_prompt_tokens",
+    "new_prompts",
     "method_label",
     "expected_rows",
     "summarise_mitigation",
@@ -351,6 +353,97 @@ def _similarity_and_clip(generated: np.ndarray, refs: np.ndarray, prompt: str, *
             np.concatenate(clips).reshape(g, m).mean(axis=1))
 
 
+def check_prompt_tokens(sd: Any, prompts: Sequence[str], *, config: MitigationConfig,
+                        names: Sequence[str] | None = None) -> list[Any]:
+    """The tokens of every prompt, checked for :func:`mitigate` and :func:`new_prompts`: per
+    prompt ``ids`` (``[1, max_length]``, padded), ``tokens`` (the raw CLIP BPE tokens, start,
+    end and padding excluded) and ``words`` (each token as display text).
+
+    Args:
+        sd: a :class:`~mmh_jax.models.stable_diffusion.StableDiffusion` (its tokenizer).
+        prompts: the prompts.
+        config: the run's settings (its ``ks`` and methods).
+        names: how errors name each prompt (default ``prompts[i]``).
+
+    Raises:
+        ValueError: an empty prompt (no tokens), or ``k`` larger than a prompt's number of
+            tokens for ``"attribution"`` or ``"uniform"``.
+    """
+    names = [f"prompts[{i}]" for i in range(len(prompts))] if names is None else list(names)
+    tokens = [_prompt_tokens(sd, p, where=n) for p, n in zip(prompts, names)]
+    if any(m in config.methods for m in ("attribution", "uniform")):
+        for name, p, pt in zip(names, prompts, tokens):
+            too_big = [k for k in config.ks if k > len(pt.tokens)]
+            if too_big:
+                raise ValueError(f"k={max(too_big)} is larger than the number of tokens of "
+                                 f"{name} ({len(pt.tokens)} tokens: {p!r}); lower the ks or "
+                                 "drop the prompt")
+    return tokens
+
+
+def new_prompts(
+    prompt: str,
+    tokens: Sequence[str],
+    *,
+    index: int,
+    key: Any,
+    config: MitigationConfig,
+    attributions: Mapping[str, np.ndarray],
+    rephraser: Callable[[str, Sequence[str]], str],
+    vocabulary: Sequence[str] | None,
+) -> list[dict]:
+    """The changed prompts of the text methods for one prompt (paper, Section 4.2, Appendix
+    D.4-D.5): per method (``"attribution"`` once per metric), ``k`` and repeat, ``k`` tokens
+    drawn from the softmax of the attributions (``"attribution"``) or uniformly (``"uniform"``)
+    and rephrased, or ``k`` random vocabulary words inserted (``"rta"``). The draws of row
+    ``(index, method, metric, k, repeat)`` depend on ``key`` and those values only.
+
+    Args:
+        prompt: the prompt.
+        tokens: its raw CLIP BPE tokens (start, end and padding excluded).
+        index: the prompt's position in the run (enters the draws).
+        key: the run's PRNG key.
+        config: the methods, metrics, ``ks``, repeats and draw settings.
+        attributions: metric -> the attribution of each token (``[len(tokens)]``), for
+            ``"attribution"``.
+        rephraser: ``(prompt, words) -> new prompt``; one that raises, times out or answers
+            nonsense keeps the prompt and the row reports the error.
+        vocabulary: the words of ``"rta"``.
+
+    Returns:
+        One dict per row, in the order method, metric, ``k``, repeat: ``prompt_index``,
+        ``prompt``, ``method``, ``metric``, ``k``, ``repeat``, ``words`` (joined by ``" | "``),
+        ``new_prompt``, ``changed``, ``error``, ``metric_before``, ``metric_after`` (NaN) and
+        ``updates`` (-1).
+    """
+    rows = []
+    for method in config.text_methods:
+        for m in (config.metrics if method == "attribution" else [""]):
+            for k in config.ks:
+                for r in range(config.repeats):
+                    row_key = _row_key(key, index, method, m, k, r)
+                    words: list[str] = []
+                    if method == "rta":
+                        new = random_token_addition(prompt, k=k, key=row_key,
+                                                    vocabulary=vocabulary)
+                        outcome = RephraseOutcome(new, new != prompt, None)
+                    else:
+                        chosen = (choose_tokens(attributions[m], k=k, key=row_key,
+                                                temperature=config.temperature,
+                                                smoothing=config.smoothing)
+                                  if method == "attribution"
+                                  else uniform_tokens(len(tokens), k=k, key=row_key))
+                        words = selected_words(list(tokens), chosen)
+                        outcome = rephrase(rephraser, prompt, words,
+                                           timeout=config.rephrase_timeout)
+                    rows.append(dict(prompt_index=index, prompt=prompt, method=method, metric=m,
+                                     k=k, repeat=r, words=" | ".join(words),
+                                     new_prompt=outcome.prompt, changed=bool(outcome.changed),
+                                     error=outcome.error or "", metric_before=math.nan,
+                                     metric_after=math.nan, updates=-1))
+    return rows
+
+
 def mitigate(
     sd: Any,
     prompts: Sequence[str],
@@ -409,15 +502,8 @@ def mitigate(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty")
-    methods, metrics, ks = config.methods, config.metrics, config.ks
-    tokens = [_prompt_tokens(sd, p, where=f"prompts[{i}]") for i, p in enumerate(prompts)]
-    if any(m in methods for m in ("attribution", "uniform")):
-        for i, (p, pt) in enumerate(zip(prompts, tokens)):
-            too_big = [k for k in ks if k > len(pt.tokens)]
-            if too_big:
-                raise ValueError(f"k={max(too_big)} is larger than the number of tokens of "
-                                 f"prompts[{i}] ({len(pt.tokens)} tokens: {p!r}); lower the "
-                                 "ks or drop the prompt")
+    methods, metrics = config.methods, config.metrics
+    tokens = check_prompt_tokens(sd, prompts, config=config)
     if reference_images is not None:
         reference_images = list(reference_images)
         if len(reference_images) != len(prompts):
@@ -441,7 +527,7 @@ def mitigate(
     attributions: list[PromptAttribution] = []
     labels = config.labels()
     images: dict[str, list[np.ndarray]] = {"original": [], **{label: [] for label in labels}}
-    new_prompts: dict[str, list[str]] = {label: [] for label in images}
+    grid_prompts: dict[str, list[str]] = {label: [] for label in images}
 
     for index, (prompt, pt) in enumerate(zip(prompts, tokens)):
         prompt_key = jax.random.fold_in(key, index)
@@ -467,32 +553,11 @@ def mitigate(
 
         jobs: list[tuple[dict, Any]] = []  # (row, embedding [1, n, dim])
         base = dict(prompt_index=index, prompt=prompt)
-        for method in config.text_methods:
-            for m in (metrics if method == "attribution" else [""]):
-                for k in ks:
-                    for r in range(config.repeats):
-                        row_key = _row_key(key, index, method, m, k, r)
-                        words: list[str] = []
-                        if method == "rta":
-                            new = random_token_addition(prompt, k=k, key=row_key,
-                                                        vocabulary=vocabulary)
-                            outcome = RephraseOutcome(new, new != prompt, None)
-                        else:
-                            chosen = (choose_tokens(attr[m], k=k, key=row_key,
-                                                    temperature=config.temperature,
-                                                    smoothing=config.smoothing)
-                                      if method == "attribution"
-                                      else uniform_tokens(len(pt.tokens), k=k, key=row_key))
-                            words = selected_words(pt.tokens, chosen)
-                            outcome = rephrase(rephraser, prompt, words,
-                                               timeout=config.rephrase_timeout)
-                        row = dict(base, method=method, metric=m, k=k, repeat=r,
-                                   words=" | ".join(words), new_prompt=outcome.prompt,
-                                   changed=bool(outcome.changed), error=outcome.error or "",
-                                   metric_before=math.nan, metric_after=math.nan, updates=-1)
-                        new_cond = (cond if not outcome.changed
-                                    else sd.encode_prompt(sd.tokenize([outcome.prompt])))
-                        jobs.append((row, new_cond))
+        for row in new_prompts(prompt, pt.tokens, index=index, key=key, config=config,
+                               attributions=attr, rephraser=rephraser, vocabulary=vocabulary):
+            new_cond = (cond if not row["changed"]
+                        else sd.encode_prompt(sd.tokenize([row["new_prompt"]])))
+            jobs.append((row, new_cond))
         if "embedding" in methods:
             for j, m in enumerate(metrics):
                 s = config.embedding_settings(m)
@@ -527,16 +592,16 @@ def mitigate(
             rows.append(row)
 
         images["original"].append(generated[0, 0])
-        new_prompts["original"].append(prompt)
+        grid_prompts["original"].append(prompt)
         for label in labels:
             pick = next(i for i, (row, _) in enumerate(jobs, start=1)
                         if method_label(row["method"], row["metric"]) == label
                         and row["k"] in (grid_k, 0) and row["repeat"] == 0)
             images[label].append(generated[pick, 0])
-            new_prompts[label].append(jobs[pick - 1][0]["new_prompt"])
+            grid_prompts[label].append(jobs[pick - 1][0]["new_prompt"])
         if on_prompt is not None:
-            on_prompt(MitigationResult(rows, originals, attributions, images, new_prompts))
-    return MitigationResult(rows, originals, attributions, images, new_prompts)
+            on_prompt(MitigationResult(rows, originals, attributions, images, grid_prompts))
+    return MitigationResult(rows, originals, attributions, images, grid_prompts)
 
 
 def summarise_mitigation(rows: Sequence[dict]) -> list[dict]:

@@ -375,7 +375,10 @@ def _token_attributions(eps_fn, points, cond, uncond, keys, guidance, schedule, 
         return (carry[0] + norms, carry[1] + v), None
 
     acc = jax.eval_shape(value, cond, x_all[:1], points.t[:1], keys[0]).dtype
-    init = (jnp.zeros(cond.shape[1], acc), jnp.zeros((), acc))
+    # zeros shaped like the sums, and (inside a shard_map, as the scoring engine's columns) of
+    # the inputs' varying type, as the scan's carry must be
+    like = cond[0, :, 0] + x_all.reshape(-1)[0]
+    init = (jnp.zeros_like(like, acc), jnp.zeros_like(like[0], acc))
     (total, value_sum), _ = jax.lax.scan(one, init, (x_all, points.t, keys))
     n = x_all.shape[0]
     return TokenAttribution(total / n, value_sum / n)

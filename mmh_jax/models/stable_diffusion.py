@@ -67,7 +67,7 @@ from mmh_jax.schedules import DDPM
 
 __all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
            "save_stable_diffusion_folder", "stable_diffusion_components", "encode_text",
-           "encode_image"]
+           "encode_image", "decode_latents"]
 
 _ARCHITECTURE = "stable-diffusion"
 
@@ -214,7 +214,7 @@ class StableDiffusion(NamedTuple):
 
     def decode(self, latents: Float[ArrayLike, "b c h w"]) -> Float[Array, "b 3 H W"]:
         """The diffusion model's latents -> images in about ``[-1, 1]`` (NCHW, float32)."""
-        return _decode(self.vae, self.vae_params, jnp.asarray(latents, jnp.float32))
+        return decode_latents(self.vae, self.vae_params, jnp.asarray(latents, jnp.float32))
 
     def sample(
         self,
@@ -289,7 +289,8 @@ def encode_image(module: AutoencoderKL, params: PyTree, images: Array, key: Arra
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode(module: AutoencoderKL, params: PyTree, latents: Array) -> Array:
+def decode_latents(module: AutoencoderKL, params: PyTree, latents: Array) -> Array:
+    """Images ``[b, 3, H, W]`` in about ``[-1, 1]`` (float32) of scaled latents ``[b, c, h, w]``."""
     images = module.apply({"params": params}, unscale_latents(module, latents), method="decode")
     return images.astype(jnp.float32)
 

@@ -18,6 +18,13 @@ from mmh_jax.scoring.columns import (
 )
 from mmh_jax.scoring.engine import Generation, Plan, Summary, data_mesh, score
 from mmh_jax.scoring.model import Model
+from mmh_jax.scoring.prompt_columns import (
+    ClipScore,
+    ImageSimilarity,
+    SavedImage,
+    TokenAttributions,
+    saved_image_path,
+)
 from mmh_jax.scoring.sources import (
     ArrayFile,
     BadItem,
@@ -36,10 +43,12 @@ __all__ = [
     "ArrayFile",
     "BadItem",
     "CFGNorms",
+    "ClipScore",
     "Column",
     "Flipd",
     "Generation",
     "ImageFolder",
+    "ImageSimilarity",
     "Inputs",
     "Item",
     "JacobianRank",
@@ -53,13 +62,16 @@ __all__ = [
     "PngSize",
     "PromptFile",
     "RunMismatch",
+    "SavedImage",
     "Seeds",
     "Source",
     "Summary",
     "TarShards",
+    "TokenAttributions",
     "data_mesh",
     "merge",
     "open_source",
+    "saved_image_path",
     "score",
     "vectors",
 ]

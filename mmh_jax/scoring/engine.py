@@ -60,6 +60,9 @@ __all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 Resize = Literal["none", "center_crop"]
 _RESERVED = ("index", "id", "image_index")
 """Output names the engine writes itself (``image_index``: of prompt items' images)."""
+_PIXELS = "__pixels"
+"""The step's output of the generated images (uint8 ``[b, h, w, c]``) that host columns read
+for prompt items; never written."""
 
 
 class Generation(NamedTuple):
@@ -226,15 +229,24 @@ def _load(source: Source, model: Model, mode: str, resize: Resize, host_columns,
                 error = "no caption, and a column needs one"
             else:
                 tokens = np.asarray(tokenize([item.text])[0], np.int32)
-        if error is None and host_columns:
+        if error is None and host_columns and mode != "prompts":
             if pixels is None:
                 error = "a host column needs an image"
             else:
                 for column in host_columns:
-                    host.update(column.host(pixels))
+                    host.update(_host_values(column, pixels, index, 0))
         return _Loaded(index, item.id, x if error is None else None, tokens, host, error)
 
     return load
+
+
+def _host_values(column: Column, image: np.ndarray, index: int, image_index: int) -> dict:
+    """A host column's values of one image (uint8 ``[h, w, c]``): ``column.host(image)``, or
+    with ``per_item = True`` ``column.host(image, index=, image_index=)`` (a column whose value
+    depends on the item, e.g. a reference image per item)."""
+    if getattr(column, "per_item", False):
+        return column.host(image, index=index, image_index=image_index)
+    return column.host(image)
 
 
 def _replicate(tree: Any, mesh: Mesh) -> Any:
@@ -252,7 +264,8 @@ def _replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, trajectory: bool):
+def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, trajectory: bool,
+               pixels: bool = False):
     """The jitted step ``(model, columns, batch) -> {name: [global batch]}``; cached, so a second
     run with the same model and columns reuses the compiled program."""
 
@@ -277,6 +290,9 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
         for column in columns:
             values = column(model, inputs, column_keys(keys, column))
             out.update({name: jnp.asarray(v) for name, v in values.items()})
+        if pixels:  # the generated images, for host columns (to_uint8's rule)
+            x = jnp.moveaxis(model.decode(inputs.points), -3, -1)
+            out[_PIXELS] = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
         return out
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data"))
@@ -454,7 +470,8 @@ def score(
                 steps=steps, columns=names, mode=mode, images_per_item=per_item)
 
     trajectory = mode == "prompts" and any(getattr(c, "reads_trajectory", False) for c in columns)
-    step = _make_step(mesh, seed, mode, generation, trajectory)
+    pixels = mode == "prompts" and bool(host_columns)
+    step = _make_step(mesh, seed, mode, generation, trajectory, pixels)
     replicated = _replicate((model, device_columns), mesh)
     batch_sharding = NamedSharding(mesh, P("data"))
     x_shape = model.shape if mode == "points" else model.image_shape
@@ -503,7 +520,7 @@ def score(
     if dry_run:
         return _dry_run(plan, step, replicated, device_batch, slots, local_batch, console)
     return _run(plan, step, replicated, device_batch, slots, local_batch, out,
-                pending, dtypes, metadata, console)
+                pending, dtypes, metadata, console, host_columns if pixels else ())
 
 
 def _classes(model: Model, metadata: dict[str, pa.Array], labels: str | None) -> np.ndarray | None:
@@ -537,6 +554,8 @@ def _token_width(model: Model) -> int:
 def _describe(column: Column) -> dict[str, Any]:
     """A column's settings for ``run.json`` (arrays by shape and a checksum)."""
     described = {"column": type(column).__name__}
+    if hasattr(column, "describe"):  # a column holding a callable or data describes itself
+        return {**described, **column.describe()}
     for field in dataclasses.fields(column):
         value = getattr(column, field.name)
         if isinstance(value, (np.ndarray, jax.Array)):
@@ -567,7 +586,7 @@ def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -
                          f"or rename them in the input")
     for column in columns:
         column.check(model)
-        if column.on_host and not source.has_images:
+        if column.on_host and not source.has_images and model.decode is None:
             raise ValueError(f"{type(column).__name__} needs images, and the input has none")
         if column.needs_text:
             if model.tokenize is None:
@@ -608,7 +627,7 @@ def _progress(console: Console | None, plan: Plan) -> Progress:
 
 def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, out: str,
          pending: list[int], dtypes: dict[str, np.dtype], metadata: dict[str, pa.Array],
-         console: Console | None) -> Summary:
+         console: Console | None, generated_columns: tuple = ()) -> Summary:
     chunk_size = plan.chunk_size
     chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items),
                         plan.images_per_item) for c in pending}
@@ -626,9 +645,12 @@ def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, ou
         if isinstance(result, BaseException):
             raise result
         loaded, rows = result
+        images = rows.pop(_PIXELS, None)
         for k, (item, j) in enumerate(loaded):
             values = {name: v[k] for name, v in rows.items()}
             values.update(item.host)
+            for column in generated_columns:  # host columns of a generated image
+                values.update(_host_values(column, images[k], item.index, j))
             chunks[item.index // chunk_size].rows[item.index, j] = values
         stats["scored"] += sum(j == plan.images_per_item - 1 for _, j in loaded)
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, PyTree
 
-from mmh_jax.models.stable_diffusion import encode_image, encode_text
+from mmh_jax.models.stable_diffusion import decode_latents, encode_image, encode_text
 from mmh_jax.schedules import Schedule
 
 __all__ = ["Model"]
@@ -27,7 +27,7 @@ __all__ = ["Model"]
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["score_fn", "schedule", "encode", "eps_fn", "embed", "uncond", "generator",
-                 "mapping"],
+                 "mapping", "decode"],
     meta_fields=["shape", "image_shape", "tokenize", "ddim_grid", "description", "num_classes"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,8 @@ class Model:
         uncond: the empty prompt's context ``[1, n, dim]``.
         generator: ``generator(z [b, *shape]) -> x`` (a GAN or decoder, for the Jacobian rank);
             with ``num_classes``, ``generator(latent, labels [b]) -> x``.
+        decode: ``decode(points) -> images [b, *image_shape]`` in ``[-1, 1]`` (a VAE decoder):
+            images generated from prompts are decoded for the host columns.
         tokenize: host-side ``tokenize(list of str) -> int token ids [b, n]``.
         ddim_grid: the DDIM grid settings (``spacing``, ``steps_offset``, ``set_alpha_to_one``)
             as ``(name, value)`` pairs, for generating from prompts (text-conditional models).
@@ -71,6 +73,7 @@ class Model:
     embed: Partial | None = None
     uncond: Array | None = None
     generator: Partial | None = None
+    decode: Partial | None = None
     tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
     ddim_grid: tuple[tuple[str, Any], ...] | None = None
     description: str = "model"
@@ -147,6 +150,7 @@ class Model:
             shape=(c, h, w), image_shape=(3, h * factor, w * factor),
             score_fn=sd.unet.score_fn, schedule=sd.schedule,
             encode=Partial(_VaeEncoder(sd.vae), sd.vae_params),
+            decode=Partial(_VaeDecoder(sd.vae), sd.vae_params),
             eps_fn=sd.eps,
             embed=Partial(_TextEncoder(sd.text_encoder), sd.text_encoder_params),
             uncond=sd.uncond_embedding, tokenize=sd.tokenize,
@@ -183,6 +187,17 @@ class _VaeEncoder:
 
     def __call__(self, params: PyTree, images: Array) -> Array:
         return encode_image(self.module, params, images, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VaeDecoder:
+    """Scaled latents -> images in about ``[-1, 1]``, float32: ``StableDiffusion.decode``'s
+    computation, as a hashable function for a ``Partial`` over the weights."""
+
+    module: Any
+
+    def __call__(self, params: PyTree, latents: Array) -> Array:
+        return decode_latents(self.module, params, latents)
 
 
 @dataclasses.dataclass(frozen=True)

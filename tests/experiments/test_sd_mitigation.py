@@ -119,3 +119,99 @@ def test_cli_mitigate_end_to_end(sd_folder, tmp_path, monkeypatch, capsys):
     assert main(["sd", "mitigate", *common, "--methods", "uniform", "--ks", "9",
                  "-o", str(tmp_path / "big")]) == 2
     assert "k=9" in capsys.readouterr().err
+
+
+def _simple_scorers(calls):
+    """A pixel similarity and a brightness "CLIP score": numpy truths the test recomputes."""
+    def similarity(a, b):
+        calls.append("similarity")
+        return 1.0 - np.abs(a.astype(np.float64) - b.astype(np.float64)).mean(axis=(1, 2, 3)) / 255
+
+    def clip_scorer(images, prompts):
+        calls.append(list(prompts))
+        return images.astype(np.float64).mean(axis=(1, 2, 3)) / 2.55 + len(prompts[0])
+
+    return similarity, clip_scorer
+
+
+def _staged(sd_folder, tmp_path, monkeypatch, out, calls=None, **changes):
+    from mmh_jax.experiments import sd_mitigation
+
+    folder, _ = sd_folder
+    prompts = tmp_path / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text("\n".join(PROMPTS) + "\n")
+    scorers = _simple_scorers([] if calls is None else calls)
+    monkeypatch.setattr(sd_mitigation, "_scorers", lambda config, console: scorers)
+    settings = dict(model=folder, prompts=prompts, out=out, methods=("uniform", "rta"),
+                    ks=(1,), repeats=2, num_steps=STEPS, chunk_size=3, progress=False,
+                    figure=False, seed=5)
+    config = sd_mitigation.MitigateConfig(**{**settings, **changes})
+    return sd_mitigation.run_mitigate(config)
+
+
+def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, monkeypatch):
+    from mmh_jax import scoring
+    from mmh_jax.experiments.common import DemoInputError
+
+    result, _, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "a")
+    whole = pd.read_parquet(tmp_path / "a" / "results.parquet")
+    assert len(whole) == 2 * 2 * 2  # prompts x (uniform, rta) x repeats
+    assert not whole.duplicated(["prompt_index", "method", "k", "repeat"]).any()
+
+    # a run killed in stage 1 and in stage 3 (in both, a chunk whose manifest was not yet
+    # written), before the tables: the rerun scores only what is missing
+    out = tmp_path / "b"
+    _staged(sd_folder, tmp_path, monkeypatch, out)
+    (out / "originals" / "manifest" / "chunk-00000000.json").unlink()
+    (out / "mitigated" / "manifest" / "chunk-00000001.json").unlink()
+    for name in ("results.parquet", "results.csv"):
+        (out / name).unlink()
+    scored = []
+    real_score = scoring.score
+
+    def counting(*args, **kwargs):
+        summary = real_score(*args, **kwargs)
+        scored.append(summary.scored)
+        return summary
+
+    monkeypatch.setattr(scoring, "score", counting)
+    _staged(sd_folder, tmp_path, monkeypatch, out)
+    assert scored == [2, 3]  # the originals' one chunk of 2 prompts, one of 3 new prompts
+    again = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(again, whole)
+
+    # another setting into the same folder is refused, naming what differs
+    with pytest.raises(DemoInputError, match="new prompts of other inputs or settings.*ks"):
+        _staged(sd_folder, tmp_path, monkeypatch, out, ks=(2,))
+    with pytest.raises(DemoInputError, match="other inputs or settings"):
+        _staged(sd_folder, tmp_path, monkeypatch, out, num_steps=STEPS + 1)
+
+
+def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_path,
+                                                             monkeypatch):
+    """Truth: the new prompt's image from StableDiffusion.sample with the run's seed (image j
+    starts from the same noise as the original's), scored by the same numpy functions."""
+    import jax
+
+    from mmh_jax.evaluation import to_uint8_nhwc
+
+    calls = []
+    result, _, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "c", calls)
+    similarity, clip_scorer = _simple_scorers([])
+
+    def image(prompt):
+        cond = sd.encode_prompt(sd.tokenize([prompt]))
+        out = sd.sample(cond, key=jax.random.key(5), guidance=7.5, num_steps=STEPS)
+        return to_uint8_nhwc(np.asarray(sd.decode(out.sample)))
+
+    for row in [r for r in result.rows if r["method"] == "rta"][:2]:
+        new, original = image(row["new_prompt"]), image(row["prompt"])
+        np.testing.assert_allclose(row["similarity"], similarity(new, original)[0], atol=2e-3)
+        np.testing.assert_allclose(row["clip_score"], clip_scorer(new, [row["prompt"]])[0],
+                                   atol=0.2)
+        assert row["new_prompt"] != row["prompt"] and row["reference"] == "generation"
+    first = result.originals[0]
+    assert abs(first["similarity"] - 1.0) < 1e-12  # the reference is the original itself
+    # the CLIP score is always against the ORIGINAL prompt
+    assert all(c == [PROMPTS[0]] or c == [PROMPTS[1]] for c in calls if c != "similarity")

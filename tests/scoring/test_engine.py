@@ -308,8 +308,19 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
     assert not np.allclose(table["cfg_score_norm"][0::2], table["cfg_score_norm"][1::2], rtol=1e-3)
+    # a host column reads the generated image (decoded as StableDiffusion.decode does); a
+    # model that cannot decode has no image for it
+    import dataclasses
+
+    from mmh_jax.evaluation import png_length, to_uint8_nhwc
+
+    score(model, [PngSize()], source, str(tmp_path / "png"), **settings)
+    pixels = to_uint8_nhwc(np.asarray(sd.decode(result.sample)))
+    truth = [png_length(image[None], level=9)[0] for image in pixels]
+    np.testing.assert_allclose(_table(tmp_path / "png")["png_bytes"], truth, rtol=0.02)
     with pytest.raises(ValueError, match="needs images"):
-        score(model, [PngSize()], source, str(tmp_path / "x"))
+        score(dataclasses.replace(model, decode=None), [PngSize()], source,
+              str(tmp_path / "x"))
     with pytest.raises(ValueError, match="num_images must be a positive int"):
         score(model, [CFGNorms()], source, str(tmp_path / "x"), generation=Generation(num_images=0))
 
