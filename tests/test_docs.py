@@ -25,9 +25,6 @@ API = DOCS / "api"
 KNOWN_UNDOCUMENTED = frozenset({
     "mmh_jax.experiments.prompt_world.DETECTORS",
     "mmh_jax.experiments.stable_diffusion.METRICS",
-    "mmh_jax.memorization.attribution.METRICS",
-    "mmh_jax.memorization.mitigation.METHODS",
-    "mmh_jax.memorization.mitigation.Method",
 })
 
 

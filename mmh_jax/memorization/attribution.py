@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 METRICS: tuple[str, ...] = get_args(Metric)
+"""The prompt metrics tokens can be attributed by (``cfg``, ``cfg_score``, ``flipd``)."""
 _METRIC_LABELS = {"cfg": "A^CFG", "cfg_score": "A^sCFG", "flipd": "A^FLIPD"}
 _END_OF_WORD = "</w>"
 

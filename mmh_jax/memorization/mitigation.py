@@ -81,7 +81,10 @@ __all__ = [
 ]
 
 Method = Literal["attribution", "uniform", "rta", "embedding"]
+"""A mitigation: rephrase attributed tokens, rephrase uniformly drawn tokens, add random tokens
+(RTA), or optimise the prompt embedding."""
 METHODS: tuple[str, ...] = get_args(Method)
+"""Every :data:`Method`, in order."""
 _TEXT_METHODS = ("attribution", "uniform", "rta")
 
 Similarity = Callable[[np.ndarray, np.ndarray], Any]
