@@ -30,6 +30,7 @@ from jax.tree_util import Partial
 from jaxtyping import Array, Float, Int
 
 from mmh_jax._src.knn import knn_in_blocks
+from mmh_jax._src.images import to_uint8
 from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd, jacobian_rank, normal_bundle
 from mmh_jax.memorization.conditional import generation_cfg_norms, image_cfg_norms
@@ -274,7 +275,7 @@ class Pixels:
     """The item's image as uint8 ``[h, w, c]``, flattened to a vector (``pixels``): a
     generator's output at the item's latent, or the item's (generated) pixel image, each
     converted from ``[-1, 1]`` by the one rule ``clip(round((x + 1) 127.5), 0, 255)``
-    (:mod:`mmh_jax._src.images`). Later stages (retrieval, PNG length, figures) read the
+    (``mmh_jax._src.images.to_uint8``). Later stages (retrieval, PNG length, figures) read the
     images from the Parquet instead of generating them again."""
 
     on_host: ClassVar[bool] = False
@@ -294,8 +295,7 @@ class Pixels:
             x = fn(latent)
         else:
             x = inputs.images if inputs.images is not None else inputs.points
-        u = jnp.clip(jnp.round((jnp.moveaxis(x.astype(jnp.float32), 1, -1) + 1.0) * 127.5), 0, 255)
-        return {"pixels": u.astype(jnp.uint8).reshape(x.shape[0], -1)}
+        return {"pixels": to_uint8(x.astype(jnp.float32)).reshape(x.shape[0], -1)}
 
 
 @_column("reference")

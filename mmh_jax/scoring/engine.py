@@ -290,9 +290,8 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
         for column in columns:
             values = column(model, inputs, column_keys(keys, column))
             out.update({name: jnp.asarray(v) for name, v in values.items()})
-        if pixels:  # the generated images, for host columns (to_uint8's rule)
-            x = jnp.moveaxis(model.decode(inputs.points), -3, -1)
-            out[_PIXELS] = jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        if pixels:  # the generated images, for host columns
+            out[_PIXELS] = to_uint8(model.decode(inputs.points))
         return out
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data"))
