@@ -53,7 +53,7 @@ from mmh_jax.sampling import ddim_sample
 from mmh_jax.scoring.columns import Column, Inputs, column_keys
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import BadItem, Source, fit_image
-from mmh_jax.schedules import broadcast_to_event
+from mmh_jax.schedules import eps_from_score
 
 __all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 
@@ -311,10 +311,10 @@ def _generate(model: Model, base: Array, image: Array, context: Array, generatio
                   trajectory=result if trajectory else None)
 
 
-def _eps_of_score(score_fn, schedule, x: Array, t: Array, context: Array) -> Array:
-    """The noise prediction ``-sigma(t) score(x, t)`` of an unconditional model, in
-    :func:`~mmh_jax.sampling.ddim_sample`'s ``eps_fn(x_t, t, context)`` form (context ignored)."""
-    return -broadcast_to_event(schedule.sigma(t), x) * score_fn(x, t)
+def _without_context(eps_fn, x: Array, t: Array, context: Array) -> Array:
+    """An unconditional ``eps_fn(x_t, t)`` in :func:`~mmh_jax.sampling.ddim_sample`'s
+    ``eps_fn(x_t, t, context)`` form (context ignored)."""
+    return eps_fn(x, t)
 
 
 def _sample(model: Model, base: Array, index: Array, generation: Generation) -> Inputs:
@@ -323,7 +323,8 @@ def _sample(model: Model, base: Array, index: Array, generation: Generation) -> 
     the uint8 grid, so every column sees the image as saved."""
     noise = jax.vmap(lambda i: image_noise(base, i, model.shape))(index)
     none = jnp.zeros((1, 1), jnp.float32)
-    x = ddim_sample(Partial(_eps_of_score, model.score_fn, model.schedule), noise, none, none,
+    eps_fn = Partial(_without_context, eps_from_score(model.score_fn, schedule=model.schedule))
+    x = ddim_sample(eps_fn, noise, none, none,
                     schedule=model.schedule, guidance=0.0, num_steps=generation.num_steps,
                     **dict(model.ddim_grid or ())).sample
     x = jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
