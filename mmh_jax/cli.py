@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     demo = commands.add_parser(
         "demo",
-        help="run a self-contained CPU demo (default: the von Mises mixture)",
-        description="Run a self-contained demo. `mmh-jax demo` runs the von Mises mixture demo; "
-        "`mmh-jax demo digits --help` and `mmh-jax demo prompts --help` describe the others.",
+        help=f"run a self-contained CPU demo: {', '.join(DEMOS)} (default: {DEMOS[0]})",
+        description=f"Run a self-contained demo, one of {', '.join(DEMOS)}. `mmh-jax demo` (or "
+        f"`mmh-jax demo --seed 1 ...`) runs {DEMOS[0]}; `mmh-jax demo DEMO --help` lists a demo's "
+        "flags.",
     )
     which = demo.add_subparsers(dest="demo", metavar="DEMO", parser_class=_Parser)
     vm = which.add_parser(
@@ -416,9 +417,11 @@ def _add_convert_parsers(commands: Any) -> None:
 
 
 def _normalise(argv: list[str]) -> list[str]:
-    """Make ``demo`` without a demo name mean ``demo von-mises``."""
-    if argv and argv[0] == "demo" and (len(argv) == 1 or argv[1] not in DEMOS):
-        return ["demo", "von-mises", *argv[1:]]
+    """Make ``demo`` without a demo name (nothing, or the von Mises demo's flags) mean ``demo
+    von-mises``; ``demo --help`` lists the demos and an unknown name is answered with them."""
+    if argv and argv[0] == "demo" and (
+            len(argv) == 1 or (argv[1].startswith("-") and argv[1] not in ("-h", "--help"))):
+        return ["demo", DEMOS[0], *argv[1:]]
     return argv
 
 

@@ -117,15 +117,32 @@ def test_cli_unwritable_out(capsys, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err
 
 
+def _help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
 def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["demo", "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
+    out = _help(["demo", "von-mises", "--help"], capsys)
     assert "--t0" in out and "--seed" in out and "--num-train" in out and "--out" in out
+    assert "--steps" in _help(["demo", "digits", "--help"], capsys)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]])
+def test_cli_help_lists_every_demo(argv, capsys):
+    out = _help(argv, capsys)
+    for name in ("von-mises", "digits", "prompts"):
+        assert name in out, (argv, name)
+
+
+def test_cli_unknown_demo_lists_the_demos(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "digits", "--help"])
-    assert exc.value.code == 0
+        main(["demo", "vonmises"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "'vonmises'" in err and all(name in err for name in ("von-mises", "digits", "prompts"))
 
 
 def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):
