@@ -56,6 +56,7 @@ from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     DemoInputError,
     finite_float,
+    output_console,
     prepare_out_dir,
     require,
     write_csv,
@@ -320,7 +321,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
         DemoInputError: bad settings or input, an unreadable model, an unwritable folder.
     """
     config.validate()
-    console = console or Console()
+    console = console or output_console()
     err_console = Console(stderr=True)
     require(config.model.exists(), f"--model {str(config.model)!r} does not exist")
     require(config.sscd is None or config.sscd.is_file(),
@@ -539,7 +540,7 @@ def report(config: ReportConfig, *, console: Console | None = None):
         ``(metrics, files)``: signal name -> :class:`~mmh_jax.evaluation.DetectionMetrics`.
     """
     config.validate()
-    console = console or Console()
+    console = console or output_console()
     table = _read_results(config.out)
     labels = _read_labels(config.labels)
 

@@ -39,11 +39,12 @@ from rich.table import Table
 
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
-    DemoInputError,
     add_display_flags,
     add_dtype_flag,
     check_dtype,
+    DemoInputError,
     finite_float,
+    output_console,
     prepare_out_dir,
     require,
     save_figure,
@@ -153,7 +154,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
             or one that holds a run of other settings.
     """
     config.validate()
-    console = console or Console()
+    console = console or output_console()
     err_console = Console(stderr=True)
     require(config.model.is_file(), f"model {str(config.model)!r} does not exist or is a folder")
     labels = (_read_labels(config.labels, config.num_samples) if config.labels is not None

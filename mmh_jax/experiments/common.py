@@ -36,6 +36,7 @@ __all__ = [
     "write_parquet",
     "save_figure",
     "make_progress",
+    "output_console",
     "require",
     "train_with_progress",
 ]
@@ -145,6 +146,23 @@ def save_figure(fig: Any, target: str | os.PathLike, *, dpi: int = 130) -> Path:
     finally:
         plt.close(fig)
     return Path(target)
+
+
+PIPED_WIDTH = 200
+"""Width of :func:`output_console` when stdout is not a terminal (and ``COLUMNS`` is unset)."""
+
+
+def output_console() -> Console:
+    """The console a command prints its tables and summary on (stdout).
+
+    On a terminal it has the terminal's width. Piped or redirected, rich would assume 80
+    columns and squeeze wide tables (``isolat…``); there the width is :data:`PIPED_WIDTH`
+    unless ``COLUMNS`` says otherwise, so tables print in full.
+    """
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
 
 
 def make_progress(console: Console, *, enabled: bool) -> Progress:

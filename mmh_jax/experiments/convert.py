@@ -242,13 +242,13 @@ def run(config: ConvertConfig) -> int:
     status 1.
     """
     import jax
-    from rich.console import Console
     from rich.filesize import decimal
     from rich.table import Table
 
     from mmh_jax.convert.core import ConversionError
+    from mmh_jax.experiments.common import output_console
 
-    console = Console()
+    console = output_console()
     start = time.perf_counter()
     path, output = Path(config.path), Path(config.output)
     try:

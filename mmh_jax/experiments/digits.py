@@ -30,6 +30,7 @@ from mmh_jax.experiments.common import (
     add_display_flags,
     finite_float,
     make_progress,
+    output_console,
     prepare_out_dir,
     require,
     save_figure,
@@ -166,7 +167,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     """
     config.validate()
     out = prepare_out_dir(config.out)
-    console = console or Console()
+    console = console or output_console()
     err_console = Console(stderr=True)
 
     import jax

@@ -404,7 +404,9 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     from mmh_jax.worlds import ShapesWorld, synonym_table
 
     config.validate()
-    console = console or Console()
+    from mmh_jax.experiments.common import output_console
+
+    console = console or output_console()
     out = prepare_out_dir(config.out)
     timings: dict[str, float] = {}
     t = time.perf_counter()

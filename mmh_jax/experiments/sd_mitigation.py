@@ -351,7 +351,9 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
     for item in items:
         require(bool(item.caption.strip()), f"{item.id}: empty prompt, nothing to attribute")
     out = prepare_out_dir(config.out)
-    console = console or Console()
+    from mmh_jax.experiments.common import output_console
+
+    console = console or output_console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
@@ -611,7 +613,9 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     source, items = _open_prompt_file(config.prompts)
     rephraser = _rephraser(config)  # a missing key fails here, before anything loads
     out = prepare_out_dir(config.out)
-    console = console or Console()
+    from mmh_jax.experiments.common import output_console
+
+    console = console or output_console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)

@@ -278,7 +278,9 @@ def run(config: DetectConfig, *, console: Console | None = None):
         items = read_image_folder(config.images)
         source = scoring.ImageFolder(config.images, recursive=False)
     out = prepare_out_dir(config.out)
-    console = console or Console()
+    from mmh_jax.experiments.common import output_console
+
+    console = console or output_console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)

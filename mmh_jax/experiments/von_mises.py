@@ -33,10 +33,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mmh_jax.experiments.common import (
-    DemoInputError,
     add_display_flags,
+    DemoInputError,
     finite_float,
     make_progress,
+    output_console,
     prepare_out_dir,
     require,
     save_figure,
@@ -193,7 +194,7 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     """
     config.validate()
     out = prepare_out_dir(config.out)
-    console = console or Console()
+    console = console or output_console()
     err_console = Console(stderr=True)
 
     import jax

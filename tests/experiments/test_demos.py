@@ -244,3 +244,31 @@ def test_cli_digits_non_number_flag(capsys, tmp_path):
         main(["demo", "digits", "--steps", "lots", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "--steps" in err
+
+
+def test_tables_print_in_full_when_piped(capsys, monkeypatch):
+    from rich.table import Table
+
+    from mmh_jax.experiments.common import output_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    table = Table()
+    for name in ("region", "samples", "FLIPD median", "NB median", "LID_* (lpca)", "od-mem",
+                 "dd-mem", "not-memorized"):
+        table.add_column(name)
+    table.add_row("isolated", "12", "0.05 [0.01, 0.09]", "0", "1", "11", "0", "1")
+    output_console().print(table)
+    out = capsys.readouterr().out
+    assert "…" not in out and "isolated" in out and "not-memorized" in out
+    assert max(map(len, out.splitlines())) > 80  # wider than rich's default for a pipe
+
+
+def test_every_command_prints_on_the_output_console():
+    from pathlib import Path
+
+    import mmh_jax.experiments
+
+    folder = Path(mmh_jax.experiments.__file__).parent
+    plain = [p.name for p in folder.glob("*.py")
+             if p.name != "common.py" and "Console()" in p.read_text()]
+    assert plain == []  # a bare Console() squeezes tables to 80 columns when piped
