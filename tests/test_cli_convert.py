@@ -259,3 +259,63 @@ def test_stylegan2_refuses_code_in_the_pickle(tmp_path, capsys):
     assert code == 1
     _one_line_error(err, "system")
     assert not marker.exists() and not out.exists()
+
+
+def test_stylegan2_text_file_is_not_called_a_state_dict(tmp_path, capsys):
+    source = tmp_path / "generator.txt"
+    source.write_text("hello")
+    code, _, err = _run(["convert", "stylegan2", str(source), "-o", str(tmp_path / "o.safetensors")],
+                        capsys)
+    assert code == 1
+    _one_line_error(err, "generator.txt", ".pkl", "'.txt'")
+    assert "plain state dict" not in err
+
+
+@pytest.mark.parametrize("name, content", [("model.txt", b"hello"), ("model.pt", b"hello"),
+                                           ("model.safetensors", FIXTURE.read_bytes()[:100])],
+                         ids=["text", "not-torch", "truncated"])
+def test_iddpm_unreadable_file_has_no_flags_hint(name, content, tmp_path, capsys):
+    source = tmp_path / name
+    source.write_bytes(content)
+    code, _, err = _run(["convert", "iddpm", str(source), "-o", str(tmp_path / "o.safetensors")],
+                        capsys)
+    assert code == 1
+    _one_line_error(err, name)
+    assert "flags" not in err
+
+
+@pytest.fixture
+def plain_iddpm(iddpm_tiny, tmp_path):
+    """The iddpm_tiny state dict as a plain (unconverted) .safetensors file."""
+    path, _, flags = iddpm_tiny
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.numpy() for k, v in torch.load(path).items()}, str(plain))
+    return plain, flags
+
+
+def test_plain_iddpm_safetensors_suggests_convert(plain_iddpm):
+    from mmh_jax.convert import ConversionError
+
+    plain, _ = plain_iddpm
+    with pytest.raises(ConversionError, match="mmh-jax convert iddpm") as err:
+        load_iddpm(plain)  # improved-diffusion's default flags: not this network
+    assert "does not match" in str(err.value)
+
+
+@pytest.mark.parametrize("loader, command", [("load_unet2d", "mmh-jax convert unet2d"),
+                                             ("load_stable_diffusion",
+                                              "mmh-jax convert stable-diffusion")])
+def test_unconverted_file_names_the_command(plain_iddpm, loader, command):
+    import mmh_jax.models
+    from mmh_jax.convert import ConversionError
+
+    plain, _ = plain_iddpm
+    with pytest.raises(ConversionError) as err:
+        getattr(mmh_jax.models, loader)(plain)
+    message = str(err.value)
+    assert command in message and "save_" not in message and "None" not in message
+    other = plain.with_suffix(".pt")
+    other.write_bytes(b"x")
+    with pytest.raises(ConversionError) as err:
+        getattr(mmh_jax.models, loader)(other)
+    assert command in str(err.value) and "save_" not in str(err.value)

@@ -48,7 +48,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     after it, so a file that exists under its final name survives a crash whole.
     """
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    prefix = f".{target.name}."
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".part")
+    except OSError as err:
+        raise _about(err, str(target.parent / prefix), target) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -59,6 +63,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         _fsync(tmp_path)
         os.replace(tmp_path, target)
         _fsync(target.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise _about(err, str(tmp_path), target) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
@@ -80,7 +88,11 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise FileExistsError(f"{str(target)!r} already exists and is not an empty folder")
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
+    prefix = f".{target.name}."
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".part"))
+    except OSError as err:
+        raise _about(err, str(target.parent / prefix), target) from None
     try:
         yield tmp
         umask = os.umask(0)
@@ -99,9 +111,30 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
             raise FileExistsError(f"{str(target)!r} already exists and is not an empty "
                                   "folder") from None
         _fsync(target.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _about(err, str(tmp), target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _about(err: OSError, temporary: str, target: Path) -> OSError:
+    """``err`` about ``target`` where it names the temporary file or folder (a path starting
+    with ``temporary``), so that a failed write names the output the user asked for; ``err``
+    itself where it is about another file."""
+    named = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    if not any(n.startswith(temporary) for n in named) and temporary not in str(err):
+        return err
+    inner = ""
+    for name in named:
+        if name.startswith(temporary) and name != temporary:
+            inner = name[len(temporary):].partition(os.sep)[2]  # a file inside the folder
+    where = str(target / inner) if inner else str(target)
+    reason = err.strerror or str(err)
+    if temporary in reason:
+        reason = reason.replace(temporary, str(target))
+    return OSError(reason) if err.errno is None else OSError(err.errno, reason, where)
 
 
 def _fsync(path: Path) -> None:

@@ -128,5 +128,6 @@ def load_params(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     try:
         metadata = {k: json.loads(v) for k, v in meta.items()}
     except json.JSONDecodeError:
-        raise ConversionError(f"{str(path)!r}: metadata is not what save_params writes") from None
+        raise ConversionError(f"{str(path)!r}: its metadata is not JSON, so it was not "
+                              "written by mmh-jax convert (or save_params)") from None
     return params, metadata

@@ -171,8 +171,7 @@ def _load_iddpm(config: ConvertConfig) -> _Loaded:
     try:
         model = load_iddpm(config.path, **given)
     except ConversionError as err:
-        raise _ConvertError(f"{err}\n(the flags must be those the checkpoint was trained with; "
-                            f"see mmh-jax convert iddpm --help)", status=1) from None
+        raise _ConvertError(str(err), status=1) from None
     except ValueError as err:
         raise _ConvertError(_with_options(str(err))) from None
     defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}

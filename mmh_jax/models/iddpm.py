@@ -551,7 +551,14 @@ def load_iddpm(path: str | os.PathLike, *, dtype: Any = jnp.float32, **flags: An
     schedule = iddpm_schedule(flags["diffusion_steps"], flags["noise_schedule"])
     source = repr(str(path))
     if saved_params is None:
-        params = convert_iddpm(read_state_dict(path), module, source=source)
+        state_dict = read_state_dict(path)  # an unreadable file is reported as such
+        try:
+            params = convert_iddpm(state_dict, module, source=source)
+        except ConversionError as err:
+            raise ConversionError(
+                f"{err}\n(a plain improved-diffusion state dict needs the flags it was trained "
+                "with; `mmh-jax convert iddpm CHECKPOINT -o OUT.safetensors --image-size ...` "
+                "takes them (see its --help) and writes a file that needs none)") from None
     else:
         params = check_params(saved_params, iddpm_expected_params(module), source=source)
     params = jax.tree.map(jnp.asarray, params)

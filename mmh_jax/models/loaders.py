@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _ARCHITECTURE = "unet2d"
+_CONVERT = "`mmh-jax convert unet2d FOLDER -o OUT.safetensors`"
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _PREDICTIONS = ("epsilon", "v_prediction")
@@ -134,15 +135,15 @@ def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
 
 def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Prediction]:
     if path.suffix != ".safetensors":
-        raise ConversionError(f"{str(path)!r}: expected a .safetensors file written by save_unet2d "
-                              "or a diffusers folder (with config.json)")
+        raise ConversionError(f"{str(path)!r}: expected a diffusers folder (with config.json) "
+                              f"or a .safetensors file written by {_CONVERT}")
     params, metadata = load_params(path)
     if metadata.get("architecture") != _ARCHITECTURE:
-        raise ConversionError(
-            f"{str(path)!r} was not written by save_unet2d (architecture "
-            f"{metadata.get('architecture')!r}, expected {_ARCHITECTURE!r}); for a diffusers "
-            "checkpoint pass its folder (with config.json)"
-        )
+        held = metadata.get("architecture")
+        held = (f"holds a {held!r} model, not a diffusers UNet2DModel" if held
+                else "is not a converted diffusers UNet2DModel (it has no mmh-jax metadata)")
+        raise ConversionError(f"{str(path)!r} {held}: pass the diffusers folder (with "
+                              f"config.json), or convert it with {_CONVERT}")
     try:
         module = UNet2D.from_config(metadata["config"], dtype=dtype)
         stored = metadata["schedule"]

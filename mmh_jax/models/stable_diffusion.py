@@ -70,6 +70,7 @@ __all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
            "encode_image", "decode_latents"]
 
 _ARCHITECTURE = "stable-diffusion"
+_CONVERT = "`mmh-jax convert stable-diffusion FOLDER -o OUT.safetensors`"
 
 
 class _Port(NamedTuple):
@@ -393,11 +394,14 @@ def _from_folder(root: Path, dtype: Any):
 def _from_converted(path: Path, dtype: Any):
     if path.suffix != ".safetensors":
         raise ConversionError(f"{str(path)!r}: expected a pipeline folder (with model_index.json) "
-                              "or a .safetensors file written by save_stable_diffusion")
+                              f"or a .safetensors file written by {_CONVERT}")
     stored, metadata = load_params(path)
     if metadata.get("architecture") != _ARCHITECTURE:
-        raise ConversionError(f"{str(path)!r} was not written by save_stable_diffusion "
-                              f"(architecture {metadata.get('architecture')!r})")
+        held = metadata.get("architecture")
+        held = (f"holds a {held!r} model, not a Stable Diffusion pipeline" if held
+                else "is not a converted Stable Diffusion pipeline (it has no mmh-jax metadata)")
+        raise ConversionError(f"{str(path)!r} {held}: pass the pipeline folder (with "
+                              f"model_index.json), or convert it with {_CONVERT}")
     try:
         configs, scheduler = metadata["configs"], metadata["scheduler"]
         tokenizer_files = metadata["tokenizer"]

@@ -806,6 +806,10 @@ def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = 
         raise ValueError(f"network must be 'G' or 'G_ema', got {network!r}")
     path = require_file(path, "StyleGAN2 checkpoint")
     source = repr(str(path))
+    if path.suffix not in (".pkl", ".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        raise ConversionError(f"StyleGAN2 checkpoint {source}: expected an official network "
+                              "pickle (.pkl), a .safetensors file or a torch.save state dict "
+                              f"(.pt, .pth, .bin, .ckpt), got suffix {path.suffix!r}")
     stored = None
     if path.suffix == ".pkl":
         top = read_network_pickle(path)
@@ -832,10 +836,12 @@ def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = 
             init_kwargs = metadata.get("init_kwargs")
         else:
             stored = None
+    if stored is None and path.suffix != ".pkl":
+        state_dict = read_state_dict(path)  # an unreadable file is reported as such
     if init_kwargs is None:
         raise ValueError(f"{source} is a plain state dict: pass the generator's init_kwargs "
                          "(z_dim, c_dim, w_dim, img_resolution, img_channels, mapping_kwargs, "
-                         "synthesis_kwargs)")
+                         "synthesis_kwargs; on the command line --init-kwargs FILE.json)")
     try:
         module = StyleGAN2Generator.from_init_kwargs(init_kwargs, dtype=dtype)
     except (TypeError, ValueError) as err:
@@ -843,8 +849,6 @@ def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = 
     if stored is not None:
         params = check_params(stored, stylegan2_abstract_params(module), source=source)
     else:
-        if path.suffix != ".pkl":
-            state_dict = read_state_dict(path)
         params = convert_stylegan2(state_dict, module, source=source)
     params = jax.tree.map(jnp.asarray, params)
     return PretrainedGenerator(module, params, Partial(_generate_fn(module), params))

@@ -272,3 +272,28 @@ def test_every_command_prints_on_the_output_console():
     plain = [p.name for p in folder.glob("*.py")
              if p.name != "common.py" and "Console()" in p.read_text()]
     assert plain == []  # a bare Console() squeezes tables to 80 columns when piped
+
+
+def test_failed_write_names_the_output_not_the_temporary_file(tmp_path):
+    import errno
+
+    from mmh_jax._src.files import atomic_folder
+    from mmh_jax.experiments.common import write_csv
+
+    with pytest.raises(FileNotFoundError) as err:  # the folder is missing
+        write_csv({"a": [1]}, tmp_path / "nowhere" / "table.csv")
+    assert err.value.filename == str(tmp_path / "nowhere" / "table.csv")
+    target = tmp_path / "table.csv"
+    with pytest.raises(OSError) as err:
+        with atomic_path(target) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    with pytest.raises(OSError) as err:
+        with atomic_folder(tmp_path / "figures") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "a.png"))
+    assert err.value.filename == str(tmp_path / "figures" / "a.png")
+    with pytest.raises(FileNotFoundError) as err:  # about another file: unchanged
+        with atomic_path(target):
+            open(tmp_path / "input.csv")
+    assert err.value.filename == str(tmp_path / "input.csv")
+    assert list(tmp_path.iterdir()) == []
