@@ -123,6 +123,9 @@ class Flipd:
 
     def __post_init__(self):
         object.__setattr__(self, "t0", _times(self.t0, "flipd t0"))
+        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) \
+                or self.num_probes < 1:
+            raise ValueError(f"flipd num_probes must be an integer >= 1, got {self.num_probes!r}")
 
     @property
     def needs_text(self) -> bool:

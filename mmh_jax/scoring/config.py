@@ -51,7 +51,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
                              "factory); relative paths are relative to the config file"),
         "dtype": Key(Literal["float32", "bfloat16"], "float32",
                      "compute dtype of the networks (estimates stay float32)"),
-        "factory": Key(str, "", "for kind = factory: 'package.module:function'"),
+        "factory": Key(str, "", "for kind = factory: 'package.module:function', the module on the "
+                       "Python path or beside the config file"),
         "options": Key(dict, {}, "keyword arguments: improved-diffusion's flags for iddpm "
                                  "(image_size, num_channels, ...), or the factory's"),
     },
@@ -367,6 +368,9 @@ def load_model(config: Config):
     dtype = jnp.bfloat16 if model["dtype"] == "bfloat16" else jnp.float32
     if model["kind"] == "factory":
         module_name, _, function = model["factory"].partition(":")
+        folder = str(config.path.parent.resolve())
+        if folder not in sys.path:  # a module beside the config, as relative paths are
+            sys.path.append(folder)
         try:
             factory = getattr(importlib.import_module(module_name), function)
         except (ImportError, AttributeError) as err:

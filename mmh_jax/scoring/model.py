@@ -104,17 +104,21 @@ class Model:
 
     @classmethod
     def from_score_fn(cls, score_fn: Callable, schedule: Schedule, shape: Sequence[int], *,
-                      images: bool = True, description: str = "score function") -> Model:
+                      images: bool | None = None, description: str = "score function") -> Model:
         """A diffusion model given by its score function on points of ``shape``.
 
         Args:
             score_fn: ``score_fn(x_t, t)`` (wrapped in a ``Partial`` if it is not one).
             schedule: its schedule.
-            shape: one point's shape; with ``images=True`` it must be ``(c, h, w)`` with ``c``
-                1 or 3 and image items are read as pixels in ``[-1, 1]``.
-            images: whether image items can be scored (else only float array items).
+            shape: one point's shape; image items (read as pixels in ``[-1, 1]``) need
+                ``(c, h, w)`` with ``c`` 1 or 3.
+            images: whether image items can be scored besides float array items. By default
+                (``None``) read off ``shape``: yes for an image shape ``(1 or 3, h, w)``, no
+                otherwise (``(6,)``: points only). ``True`` with another shape is an error.
         """
         shape = tuple(shape)
+        if images is None:
+            images = len(shape) == 3 and shape[0] in (1, 3)
         score_fn = score_fn if isinstance(score_fn, Partial) else Partial(score_fn)
         return cls(shape=shape, image_shape=shape if images else None, score_fn=score_fn,
                    schedule=schedule, description=description)

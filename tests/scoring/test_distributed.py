@@ -184,9 +184,12 @@ def test_killed_runs_resume_to_exactly_one_row_per_item(tmp_path):
     ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\noptions = {scale = {a = inf}}\n"
      "[input]\npath = 'x.npy'\n[output]\ndir = 'o'\n[columns.flipd]\n",
      r"bad\.toml: \[model\] options\.scale\.a must be a finite number, got inf"),
+    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+     "[output]\ndir = 'o'\n[columns.flipd]\nnum_probes = 0\n",
+     r"bad\.toml: \[columns\]: flipd num_probes must be an integer >= 1, got 0"),
 ], ids=["unknown key", "wrong type", "missing input", "t0 out of range", "model without path",
         "unknown column", "unknown section", "unknown reader option", "metadata as an option",
-        "nan", "inf in a list", "inf in a table"])
+        "nan", "inf in a list", "inf in a table", "no probes"])
 def test_a_bad_config_fails_before_any_work(tmp_path, body, message):
     from mmh_jax.cli import main
 

@@ -373,3 +373,35 @@ def test_a_vector_per_item_is_written_as_a_fixed_size_list(tmp_path):
     np.testing.assert_array_equal(vectors(scores, "doubled"), 2 * z)
     with pytest.raises(ValueError, match="'index' holds int64, not a vector"):
         vectors(scores, "index")
+
+
+def test_a_factory_module_beside_the_config_is_found(tmp_path, capsys):
+    from mmh_jax.cli import main
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "model_beside_the_config.py").write_text(
+        "import toy_model\n\n\ndef build(rank):\n    return toy_model.make(rank=rank)\n")
+    x = toy_model.points(6)
+    np.save(folder / "x.npy", x)
+    (folder / "run.toml").write_text(
+        "[model]\nkind = 'factory'\nfactory = 'model_beside_the_config:build'\n"
+        "options = {rank = 2}\n[input]\npath = 'x.npy'\n[output]\ndir = 'out'\n"
+        "[columns.flipd]\nt0 = 0.05\n")
+    assert main(["score", "--config", str(folder / "run.toml"), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    np.testing.assert_allclose(_table(folder / "out")["flipd_0.05"],
+                               toy_model.flipd_closed_form(x, 0.05), rtol=1e-4, atol=1e-4)
+
+
+def test_from_score_fn_reads_images_off_the_shape():
+    from jax.tree_util import Partial
+
+    from mmh_jax.schedules import VP
+
+    score_fn = Partial(toy_model._score, 1.0)
+    assert Model.from_score_fn(score_fn, VP(), (6,)).image_shape is None  # points
+    assert Model.from_score_fn(score_fn, VP(), (3, 4, 4)).image_shape == (3, 4, 4)
+    assert Model.from_score_fn(score_fn, VP(), (3, 4, 4), images=False).image_shape is None
+    with pytest.raises(ValueError, match="image_shape"):
+        Model.from_score_fn(score_fn, VP(), (6,), images=True)
