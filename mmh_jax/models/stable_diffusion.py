@@ -309,7 +309,8 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
-    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    # verbose=False: transformers' own too-long warning would stand beside the one below
+    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     for i, ids in enumerate(full):
         if len(ids) > max_length:
             short = prompts[i] if len(prompts[i]) <= 60 else prompts[i][:57] + "..."

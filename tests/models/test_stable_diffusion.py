@@ -291,3 +291,15 @@ def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tm
     ours = ddim_timesteps(sd.schedule.num_timesteps, num_steps=10, spacing=grid["spacing"],
                           steps_offset=grid["steps_offset"])
     np.testing.assert_array_equal(ours, pipe.scheduler.timesteps.numpy())
+
+
+def test_only_our_truncation_warning_is_shown(capfd):
+    from conftest import _tiny_tokenizer_files
+
+    from mmh_jax.models.stable_diffusion import _tokenizer, tokenize
+
+    tokenizer = _tokenizer(_tiny_tokenizer_files(), "tiny")  # fresh: transformers warns once each
+    with pytest.warns(UserWarning, match="last 5 were dropped"):
+        tokenize(tokenizer, [" ".join(["cat"] * 80)], 77)
+    captured = capfd.readouterr()
+    assert "sequence length" not in captured.err + captured.out  # transformers' own warning
