@@ -363,14 +363,17 @@ def _summarise(rows: list[dict], timings: dict, scored: int) -> dict:
 def _print_summary(console: Console, s: dict, config: DetectConfig, files: list) -> None:
     what = "prompts" if config.prompts is not None else "image-caption pairs"
     table = Table(title=f"Stable Diffusion memorization metrics of {s['rows']} {what}")
-    for column in ("metric", "median (memorized)", "median (not)", "median (all)", "AUROC",
-                   "TPR @ 1% FPR"):
+    # a label group no row is in, and detection without both labels, are left out (not nan)
+    groups = [(f"median ({short})", group) for short, group in (
+        ("memorized", "memorized"), ("not", "not memorized"), ("all", "all"))
+        if any(np.isfinite(med[group]) for med in s["medians"].values())]
+    detection = ["AUROC", "TPR @ 1% FPR"] if s["detection"] else []
+    for column in ("metric", *(header for header, _ in groups), *detection):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for name, description, _ in METRICS:
-        med = s["medians"][name]
-        auroc, tpr = s["detection"].get(name, (float("nan"), float("nan")))
-        table.add_row(description, *(f"{v:.4g}" for v in (med["memorized"], med["not memorized"],
-                                                           med["all"], auroc, tpr)))
+        values = [s["medians"][name][group] for _, group in groups]
+        values += list(s["detection"].get(name, (float("nan"),) * 2))[:len(detection)]
+        table.add_row(description, *(f"{v:.4g}" for v in values))
     console.print(table)
     t = s["timings"]
     console.print(f"scored {s['scored_now']} now ({s['rows'] - s['scored_now']} resumed); load "

@@ -78,6 +78,17 @@ def test_a_rerun_resumes_and_values_do_not_depend_on_batch_or_input_length(detec
                                again["cfg_vector_norm"], rtol=1e-6)
 
 
+def test_without_labels_the_summary_has_no_nan_columns(sd_folder, tmp_path, capsys):
+    folder, _ = sd_folder
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat, the cat\nthe fox\n")  # no labels
+    assert main(["sd", "detect", str(folder), "--prompts", str(prompts), "-o",
+                 str(tmp_path / "out"), *FAST, "--no-figure"]) == 0
+    out = capsys.readouterr().out
+    assert "median (all)" in out and "CFG" in out
+    assert "nan" not in out and "AUROC" not in out and "median (memorized)" not in out
+
+
 def test_other_inputs_in_the_output_folder_are_refused(detected, tmp_path, capsys):
     folder, root, _ = detected
     other = tmp_path / "other.txt"
