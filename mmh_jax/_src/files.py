@@ -131,9 +131,7 @@ def _about(err: OSError, temporary: str, target: Path) -> OSError:
         if name.startswith(temporary) and name != temporary:
             inner = name[len(temporary):].partition(os.sep)[2]  # a file inside the folder
     where = str(target / inner) if inner else str(target)
-    reason = err.strerror or str(err)
-    if temporary in reason:
-        reason = reason.replace(temporary, str(target))
+    reason = (err.strerror or str(err)).replace(temporary, str(target))
     return OSError(reason) if err.errno is None else OSError(err.errno, reason, where)
 
 
