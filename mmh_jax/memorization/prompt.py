@@ -468,9 +468,10 @@ def optimize_embedding_traced(
     ``num_steps``, ``num_probes`` and whether there is a target are static.
 
     Args:
-        eps_fn, cond, uncond, points, metric, schedule, guidance, learning_rate, num_steps,
-            target, weight_decay, key, num_probes: as :func:`optimize_embedding` (no checks
-            of the traced values).
+        eps_fn, cond, uncond, points, metric, schedule: as :func:`optimize_embedding`.
+        guidance, learning_rate, target, weight_decay: as :func:`optimize_embedding`;
+            may be traced (and are then not checked).
+        num_steps, key, num_probes: as :func:`optimize_embedding`.
 
     Returns:
         :class:`EmbeddingOptimization` with fixed shapes: ``values`` has ``num_steps + 1``
