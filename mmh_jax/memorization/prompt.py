@@ -527,7 +527,7 @@ _optimize_jit = jax.jit(_optimize_loop, static_argnames=("metric", "num_steps", 
 
 
 def _embedding_update(cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *,
-                    metric, num_probes):
+                      metric, num_probes):
     """One AdamW update of ``sign * A(cond)``, the start token's row frozen; the value before."""
     learning_rate, weight_decay, sign = hyper[0], hyper[1], hyper[2]
     optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
