@@ -56,6 +56,7 @@ __all__ = [
     "prompt_metric",
     "token_attributions",
     "optimize_embedding",
+    "optimize_embedding_traced",
 ]
 
 Metric = Literal["cfg", "cfg_score", "flipd"]
@@ -432,29 +433,101 @@ def optimize_embedding(
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key,
                                                       num_probes)
-    # minimise sign * A(c); the hyper-parameters are traced: one compilation for all prompts
+    # the hyper-parameters are traced: one compilation for all prompts and targets
+    hyper = jnp.asarray([learning_rate, weight_decay, jnp.nan if target is None else target],
+                        cond.dtype)
+    out = _optimize_jit(eps_fn, cond, uncond, points, keys, hyper,
+                        jnp.asarray(guidance, jnp.float32), schedule, metric=metric,
+                        num_steps=num_steps, num_probes=num_probes, has_target=target is not None)
+    taken = int(out.steps_taken)
+    return EmbeddingOptimization(out.embedding, out.values[:taken + 1], taken)
+
+
+def optimize_embedding_traced(
+    eps_fn: CondEpsFn,
+    cond: Float[ArrayLike, "1 n_ctx dim"],
+    uncond: Float[ArrayLike, "1 n_ctx dim"],
+    points: MetricPoints,
+    *,
+    metric: Metric,
+    schedule: DDPM,
+    guidance: float | Array = 7.5,
+    learning_rate: float | Array = 0.05,
+    num_steps: int = 10,
+    target: float | Array | None = None,
+    weight_decay: float | Array = 0.01,
+    key: Array | None = None,
+    num_probes: int = 1,
+) -> EmbeddingOptimization:
+    """:func:`optimize_embedding` as one traceable loop (``lax.while_loop``), for use under
+    ``jit`` (e.g. inside the scoring engine); :func:`optimize_embedding` calls it.
+
+    Same optimisation (paper, Appendix D.3; Wen et al.): AdamW on ``sign * A(c)``, the start
+    token's row frozen, stopping before an update once ``A(c)`` reaches ``target``. The
+    learning rate, weight decay, guidance and target may be traced; ``metric``,
+    ``num_steps``, ``num_probes`` and whether there is a target are static.
+
+    Args:
+        eps_fn, cond, uncond, points, metric, schedule: as :func:`optimize_embedding`.
+        guidance, learning_rate, target, weight_decay: as :func:`optimize_embedding`;
+            may be traced (and are then not checked).
+        num_steps, key, num_probes: as :func:`optimize_embedding`.
+
+    Returns:
+        :class:`EmbeddingOptimization` with fixed shapes: ``values`` has ``num_steps + 1``
+        entries, the first ``steps_taken + 1`` meaningful, the rest NaN; ``steps_taken`` is
+        a traced integer.
+    """
+    num_steps = check_int(num_steps, "num_steps")
+    points, cond, uncond, keys, num_probes = _prepare(points, jnp.asarray(cond), uncond, metric,
+                                                      key, num_probes)
+    hyper = jnp.stack([jnp.asarray(learning_rate, cond.dtype),
+                       jnp.asarray(weight_decay, cond.dtype),
+                       jnp.asarray(jnp.nan if target is None else target, cond.dtype)])
+    return _optimize_loop(eps_fn, cond, uncond, points, keys, hyper,
+                          jnp.asarray(guidance, jnp.float32), schedule, metric=metric,
+                          num_steps=num_steps, num_probes=num_probes,
+                          has_target=target is not None)
+
+
+def _optimize_loop(eps_fn, cond, uncond, points, keys, hyper, guidance, schedule, *, metric,
+                   num_steps, num_probes, has_target):
+    """The loop of :func:`optimize_embedding_traced`; ``hyper`` = (lr, weight decay, target)."""
     sign = 1.0 if memorized_when_high(metric) else -1.0
-    hyper = jnp.asarray([learning_rate, weight_decay, sign], jnp.float32)
-    guidance = jnp.asarray(guidance, jnp.float32)
+    step_hyper = jnp.stack([hyper[0], hyper[1], jnp.asarray(sign, hyper.dtype)])
     args = (eps_fn, points, uncond, keys, guidance, schedule)
     static = dict(metric=metric, num_probes=num_probes)
-    state = optax.adamw(learning_rate, weight_decay=weight_decay).init(cond)
-    values, taken = [], 0
-    for _ in range(num_steps):
-        new, new_state, value = _embedding_step(cond, state, hyper, *args, **static)
-        values.append(float(value))
-        if target is not None and sign * (values[-1] - target) <= 0:
-            break
-        cond, state, taken = new, new_state, taken + 1
-    else:
-        values.append(float(jnp.mean(_metric_values(eps_fn, points, cond, uncond, keys, guidance,
-                                                    schedule, **static))))
-    return EmbeddingOptimization(cond, jnp.asarray(values, jnp.float32), taken)
+    state = optax.adamw(hyper[0], weight_decay=hyper[1]).init(cond)
+    values = jnp.full(num_steps + 1, jnp.nan, jnp.float32)
+
+    def running(carry):
+        i, done = carry[0], carry[4]
+        return (i < num_steps) & ~done
+
+    def body(carry):
+        i, c, s, vals, _ = carry
+        new, new_state, value = _embedding_update(c, s, step_hyper, *args, **static)
+        vals = vals.at[i].set(value.astype(jnp.float32))
+        reached = (sign * (value - hyper[2]) <= 0) if has_target else jnp.asarray(False)
+        keep = functools.partial(jnp.where, reached)
+        return (i + 1, keep(c, new), jax.tree_util.tree_map(keep, s, new_state), vals, reached)
+
+    i, cond, _, values, done = jax.lax.while_loop(
+        running, body, (jnp.asarray(0), cond, state, values, jnp.asarray(False)))
+    last = jax.lax.cond(
+        done, lambda c: jnp.asarray(jnp.nan, jnp.float32),
+        lambda c: jnp.mean(_metric_values(eps_fn, points, c, uncond, keys, guidance, schedule,
+                                          **static)).astype(jnp.float32), cond)
+    values = jnp.where(done, values, values.at[num_steps].set(last))
+    return EmbeddingOptimization(cond, values, i - done.astype(i.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
-def _embedding_step(cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *,
-                    metric, num_probes):
+_optimize_jit = jax.jit(_optimize_loop, static_argnames=("metric", "num_steps", "num_probes",
+                                                         "has_target"))
+
+
+def _embedding_update(cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *,
+                      metric, num_probes):
     """One AdamW update of ``sign * A(cond)``, the start token's row frozen; the value before."""
     learning_rate, weight_decay, sign = hyper[0], hyper[1], hyper[2]
     optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)

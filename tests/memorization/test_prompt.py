@@ -17,6 +17,7 @@ from mmh_jax.memorization.prompt import (
     metric_values,
     noised_points,
     optimize_embedding,
+    optimize_embedding_traced,
     prompt_metric,
     token_attributions,
     trajectory_points,
@@ -221,6 +222,51 @@ def test_embedding_optimisation_lowers_the_cfg_metric_and_stops_at_the_target(x6
                                  target=0.8 * values[0], **kwargs)
     assert stopped.steps_taken < 20 and stopped.values[-1] <= 0.8 * values[0]
     assert np.all(np.asarray(stopped.values[:-1]) > 0.8 * values[0])
+
+
+def test_traced_embedding_optimisation_under_jit_is_adamw_on_the_metric(x64):
+    import optax
+
+    x = np.random.default_rng(1).standard_normal((3, 2, 2, 2))
+    points = MetricPoints(jnp.asarray(x), jnp.full((3,), 0.5))
+    cond = jnp.asarray(np.random.default_rng(2).uniform(0.5, 1.5, (1, 4, 3)))
+    uncond = jnp.zeros((1, 4, 3))
+    eps_fn = Partial(_gaussian_eps)
+    kwargs = dict(metric="cfg", schedule=SCHEDULE)
+
+    def loss(c):
+        return jnp.mean(metric_values(eps_fn, points, c, uncond, **kwargs))
+
+    # the reference: a plain optax loop, the start token's row masked out
+    optimizer = optax.adamw(0.05, weight_decay=0.01)
+    mask = jnp.ones((1, 4, 1)).at[0, 0].set(0)
+    c, state, values = cond, optimizer.init(cond), []
+    for _ in range(6):
+        value, grad = jax.value_and_grad(loss)(c)
+        values.append(float(value))
+        updates, state = optimizer.update(grad * mask, state, c)
+        c = optax.apply_updates(c, updates * mask)
+    values.append(float(loss(c)))
+
+    @jax.jit
+    def run(cond, learning_rate, target):
+        return optimize_embedding_traced(eps_fn, cond, uncond, points, num_steps=6,
+                                         learning_rate=learning_rate, target=target, **kwargs)
+
+    out = run(cond, 0.05, -1.0)  # a target the CFG norm never reaches
+    assert int(out.steps_taken) == 6
+    np.testing.assert_allclose(out.values, values, rtol=1e-6)  # values are kept in float32
+    np.testing.assert_allclose(out.embedding, c, rtol=1e-10)
+    # stops before the update that would follow the first value at or below the target
+    target = (values[2] + values[3]) / 2
+    stopped = run(cond, 0.05, target)
+    assert int(stopped.steps_taken) == 3
+    np.testing.assert_allclose(stopped.values[:4], values[:4], rtol=1e-6)
+    assert np.isnan(stopped.values[4:]).all()
+    public = optimize_embedding(eps_fn, cond, uncond, points, num_steps=6, learning_rate=0.05,
+                                target=target, **kwargs)
+    assert public.steps_taken == 3
+    np.testing.assert_allclose(public.embedding, stopped.embedding, rtol=1e-12)
 
 
 def test_embedding_optimisation_raises_flipd(x64):
