@@ -228,6 +228,7 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
 
     from mmh_jax import scoring
     from mmh_jax.convert import ConversionError
+    from mmh_jax.sampling import DDIMGrid
 
     try:
         with err_console.status(f"loading {config.model} ..."):
@@ -267,8 +268,8 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
                 f"samples are {_hwc(scored.shape[1:] + scored.shape[:1])} but training images "
                 f"are {_hwc(shape_chw[1:] + shape_chw[:1])}")
         # the DDIM grid of the paper's CIFAR-10 models: timesteps from 0, alpha 1 after the last
-        scored = dataclasses.replace(scored, ddim_grid=(("set_alpha_to_one", True),
-                                                        ("steps_offset", 0)))
+        scored = dataclasses.replace(scored, ddim_grid=DDIMGrid(steps_offset=0,
+                                                                set_alpha_to_one=True))
         source = scoring.Seeds(config.num_samples)
         columns = [scoring.Flipd(t0=config.lid_t0) if method == "flipd" else
                    scoring.NormalBundle(t0=config.lid_t0, num_scores=config.nb_scores,

@@ -49,7 +49,7 @@ from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.memorization.signals import memorized_when_high
-from mmh_jax.sampling import Spacing, ddim_timesteps
+from mmh_jax.sampling import DDIMGrid
 from mmh_jax.schedules import DDPM
 from mmh_jax.types import CondEpsFn
 
@@ -135,9 +135,7 @@ def guarded_ddim_sample(
     schedule: DDPM,
     guidance: float | ArrayLike = 7.5,
     num_steps: int = 50,
-    spacing: Spacing = "leading",
-    steps_offset: int = 1,
-    set_alpha_to_one: bool = False,
+    grid: DDIMGrid = DDIMGrid(),
     signal: Signal = "cfg_norm",
     signal_steps: int = 5,
     norm_steps: tuple[int, int] | None = None,
@@ -172,7 +170,7 @@ def guarded_ddim_sample(
         schedule: the model's DDPM schedule.
         guidance: the guidance scale (traced: a new value does not recompile).
         num_steps: number of DDIM steps.
-        spacing, steps_offset, set_alpha_to_one: the DDIM grid, as for ``ddim_sample``.
+        grid: the model's DDIM timestep grid (:class:`~mmh_jax.sampling.DDIMGrid`).
         signal: ``"cfg_norm"`` or ``"flipd"``.
         signal_steps: ``"flipd"``: how many of the last steps carry FLIPD (1..``num_steps``);
             ignored for ``"cfg_norm"``.
@@ -192,8 +190,7 @@ def guarded_ddim_sample(
                          f"{noise.dtype} {noise.shape}")
     if signal not in get_args(Signal):
         raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
-    steps = ddim_timesteps(schedule.num_timesteps, num_steps=num_steps, spacing=spacing,
-                           steps_offset=steps_offset)
+    steps = grid.timesteps(schedule.num_timesteps, num_steps)
     b = noise.shape[0]
     if signal == "flipd":
         if isinstance(signal_steps, bool) or not isinstance(signal_steps, (int, np.integer)) \
@@ -208,7 +205,7 @@ def guarded_ddim_sample(
     return _guarded(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
                     jnp.asarray(guidance, noise.dtype), jnp.asarray(steps), schedule, keys,
                     jnp.asarray(window), num_steps=num_steps, num_flipd=num_flipd,
-                    set_alpha_to_one=set_alpha_to_one, return_trajectory=return_trajectory)
+                    set_alpha_to_one=grid.set_alpha_to_one, return_trajectory=return_trajectory)
 
 
 def _check_range(norm_steps, num_steps: int) -> tuple[int, int]:
@@ -483,8 +480,7 @@ def guarded_generate(
     probes = jnp.tile(probes_m, (batch,))
     uncond = jnp.asarray(sd.uncond_embedding)
     grid = sd.ddim_grid
-    steps = ddim_timesteps(sd.schedule.num_timesteps, num_steps=num_steps, spacing=grid["spacing"],
-                           steps_offset=grid["steps_offset"])
+    steps = grid.timesteps(sd.schedule.num_timesteps, num_steps)
     if signal == "flipd":
         if not 1 <= signal_steps <= num_steps:
             raise ValueError(f"signal_steps must lie in 1..num_steps={num_steps}, got "
@@ -496,7 +492,7 @@ def guarded_generate(
         window = _check_range(norm_steps, num_steps)
         probes = None
     window = jnp.asarray(window)
-    statics.update(num_steps=num_steps, set_alpha_to_one=grid["set_alpha_to_one"],
+    statics.update(num_steps=num_steps, set_alpha_to_one=grid.set_alpha_to_one,
                    return_trajectory=False)
     g = jnp.asarray(guidance, noise.dtype)
     steps = jnp.asarray(steps)
