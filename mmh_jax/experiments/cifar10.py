@@ -55,6 +55,8 @@ from mmh_jax._src.images import to_model_range
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_percentile_flag,
+    check_percentile,
     finite_float,
     prepare_out_dir,
     require,
@@ -132,8 +134,7 @@ class Cifar10Config:
                 f"--nb-scores must be at least 2, got {self.nb_scores}")
         require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
                 f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
-        require(0 <= self.percentile < 100,
-                f"--percentile must lie in [0, 100), got {self.percentile}")
+        check_percentile(self.percentile)
         require(self.t0 is None or 0 < self.t0 <= 1, f"--t0 must lie in (0, 1], got {self.t0}")
 
 
@@ -643,9 +644,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "class i mod c_dim; default %(default)s)")
     parser.add_argument("--batch-size", type=int, metavar="B", default=d.batch_size,
                         help="samples per compiled batch (default %(default)s)")
-    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=d.percentile,
-                        help="pooled singular-value percentile threshold of the Jacobian rank "
-                        "and the normal bundle (default %(default)s)")
+    add_percentile_flag(parser, d.percentile, of="the Jacobian rank and the normal bundle")
     parser.add_argument("--lpca-k", type=int, metavar="K", default=d.lpca_k,
                         help="neighbours of local PCA for LID_* (default %(default)s)")
     parser.add_argument("--calibration-n", type=int, metavar="N", default=d.calibration_n,

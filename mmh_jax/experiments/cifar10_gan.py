@@ -42,7 +42,9 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
+    add_percentile_flag,
     check_dtype,
+    check_percentile,
     finite_float,
     prepare_out_dir,
     require,
@@ -91,8 +93,7 @@ class GanLidConfig:
                                         f"{self.num_extremes}")
         require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
                 f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
-        require(0 <= self.percentile < 100, f"--percentile must lie in [0, 100), got "
-                                            f"{self.percentile}")
+        check_percentile(self.percentile)
         require(0 <= self.truncation_psi <= 1, f"--truncation-psi must lie in [0, 1], got "
                                                f"{self.truncation_psi}")
         require(self.network in ("G", "G_ema"), f"--network must be G or G_ema, got "
@@ -374,9 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="truncation (default %(default)s: none)")
     parser.add_argument("--noise-mode", choices=("const", "none"), default=d.noise_mode,
                         help="the synthesis noise (default %(default)s, as generate.py)")
-    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=d.percentile,
-                        help="threshold: the Q-th percentile of all singular values (default "
-                        "%(default)s, Appendix C.1)")
+    add_percentile_flag(parser, d.percentile, of="the Jacobian rank")
     parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
                         help="samples per compiled batch (default %(default)s)")
     parser.add_argument("--chunk-size", type=int, metavar="N", default=d.chunk_size,

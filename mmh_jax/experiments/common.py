@@ -30,6 +30,8 @@ __all__ = [
     "add_dtype_flag",
     "add_display_flags",
     "check_dtype",
+    "add_percentile_flag",
+    "check_percentile",
     "prepare_out_dir",
     "atomic_path",
     "write_csv",
@@ -73,6 +75,19 @@ def check_dtype(dtype: str) -> None:
     """Raise :class:`DemoInputError` unless ``dtype`` is one of ``--dtype``'s choices."""
     require(dtype in ("float32", "bfloat16"),
             f"--dtype must be float32 or bfloat16, got {dtype!r}")
+
+
+def add_percentile_flag(parser: argparse.ArgumentParser, default: float, *, of: str) -> None:
+    """Add ``--percentile Q``: the pooled singular-value percentile threshold (Appendix C.1) of
+    ``of`` (e.g. "the Jacobian rank")."""
+    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=default,
+                        help=f"threshold of {of}: the Q-th percentile of all singular values, "
+                        "pooled over the samples (default %(default)s, Appendix C.1)")
+
+
+def check_percentile(percentile: float) -> None:
+    """Raise :class:`DemoInputError` unless ``--percentile`` lies in ``[0, 100)``."""
+    require(0 <= percentile < 100, f"--percentile must lie in [0, 100), got {percentile}")
 
 
 def add_display_flags(parser: Any) -> None:
