@@ -57,6 +57,7 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_percentile_flag,
     check_percentile,
+    config_from_flags,
     finite_float,
     prepare_out_dir,
     require,
@@ -670,15 +671,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_config_from_args(args: argparse.Namespace) -> Cifar10Config:
     """The config of parsed ``cifar10 run`` flags."""
-    return Cifar10Config(
-        train=args.train, model=args.model, arch=args.arch, out=args.out,
-        num_samples=args.num_samples, lid=args.lid, t0=args.t0, nb_scores=args.nb_scores,
-        steps=args.steps, sscd=args.sscd, top_k=args.top_k, seed=args.seed,
-        batch_size=args.batch_size, percentile=args.percentile, lpca_k=args.lpca_k,
-        calibration_n=args.calibration_n, progress=not args.quiet)
+    return config_from_flags(Cifar10Config, args)
 
 
 def report_config_from_args(args: argparse.Namespace) -> ReportConfig:
     """The config of parsed ``cifar10 report`` flags."""
-    return ReportConfig(out=args.out, labels=args.labels, unlabelled=args.unlabelled,
-                        n_bootstrap=args.bootstrap, seed=args.seed)
+    return config_from_flags(ReportConfig, args, n_bootstrap=args.bootstrap)

@@ -45,6 +45,7 @@ from mmh_jax.experiments.common import (
     add_percentile_flag,
     check_dtype,
     check_percentile,
+    config_from_flags,
     finite_float,
     prepare_out_dir,
     require,
@@ -391,9 +392,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GanLidConfig:
     """Build a :class:`GanLidConfig` from parsed flags."""
-    return GanLidConfig(
-        model=args.model, out=args.out, network=args.network, num_samples=args.num_samples,
-        seed=args.seed, wrt=args.wrt, truncation_psi=args.truncation_psi,
-        noise_mode=args.noise_mode, percentile=args.percentile, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, labels=args.labels, num_extremes=args.num_extremes,
-        dtype=args.dtype, progress=not args.quiet, figure=not args.no_figure)
+    return config_from_flags(GanLidConfig, args)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -29,6 +30,7 @@ __all__ = [
     "finite_float",
     "add_dtype_flag",
     "add_display_flags",
+    "config_from_flags",
     "check_dtype",
     "add_percentile_flag",
     "check_percentile",
@@ -95,6 +97,32 @@ def add_display_flags(parser: Any) -> None:
     or an argument group."""
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from_flags(config_type: type[_Config], args: argparse.Namespace,
+                      **values: Any) -> _Config:
+    """A demo's config dataclass from its parsed flags: each field from the flag of the same
+    name (``--num-steps`` sets ``num_steps``), ``progress`` from ``--quiet`` and ``figure`` from
+    ``--no-figure`` (:func:`add_display_flags`); a field without a flag keeps its default.
+
+    Args:
+        config_type: the config dataclass.
+        args: the parsed flags.
+        values: fields whose flag is named otherwise (e.g. ``n_bootstrap=args.bootstrap``).
+
+    Returns:
+        ``config_type(**fields)``.
+    """
+    flags = dict(vars(args), **values)
+    if "quiet" in flags:
+        flags.setdefault("progress", not flags["quiet"])
+    if "no_figure" in flags:
+        flags.setdefault("figure", not flags["no_figure"])
+    return config_type(**{f.name: flags[f.name] for f in dataclasses.fields(config_type)
+                          if f.init and f.name in flags})
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
