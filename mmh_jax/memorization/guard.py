@@ -44,6 +44,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from mmh_jax._src.batching import spans
+from mmh_jax._src.checks import check_option
 from mmh_jax._src.ddim import ddim_alphas, ddim_update
 from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import eps_pair
@@ -188,8 +189,7 @@ def guarded_ddim_sample(
     if noise.ndim < 2 or noise.shape[0] == 0 or not jnp.issubdtype(noise.dtype, jnp.floating):
         raise ValueError(f"noise must be a floating array [b, *event] with b >= 1, got "
                          f"{noise.dtype} {noise.shape}")
-    if signal not in get_args(Signal):
-        raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
+    check_option(signal, "signal", get_args(Signal))
     steps = grid.timesteps(schedule.num_timesteps, num_steps)
     b = noise.shape[0]
     if signal == "flipd":
@@ -457,8 +457,7 @@ def guarded_generate(
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}")
-    if signal not in get_args(Signal):
-        raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
+    check_option(signal, "signal", get_args(Signal))
     if not isinstance(threshold, (int, float, np.floating)) or not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     if images_per_prompt < 1:
