@@ -149,7 +149,7 @@ def main() -> None:
 
     from mmh_jax.memorization.guard import guarded_ddim_sample
     from mmh_jax.models import SD15_UNET_CONFIG
-    from mmh_jax.sampling import ddim_sample
+    from mmh_jax.sampling import DDIMGrid, ddim_sample
 
     print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
           f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
@@ -160,8 +160,7 @@ def main() -> None:
     cond = jnp.asarray(rng.standard_normal((1, 77, 768)).astype(np.float32))
     uncond = jnp.asarray(rng.standard_normal((1, 77, 768)).astype(np.float32))
     n, k = args.steps, args.flipd_steps
-    grid = dict(guidance=args.guidance, num_steps=n, spacing="leading", steps_offset=1,
-                set_alpha_to_one=False)
+    sampler = dict(guidance=args.guidance, num_steps=n, grid=DDIMGrid())  # SD v1.5's grid
 
     if not args.skip_end_to_end or args.step_repeats:
         w = args.width
@@ -174,12 +173,12 @@ def main() -> None:
         key = jax.random.key(1)
         fns = {
             "plain": lambda: ddim_sample(eps_fn, z, cond, uncond, schedule=schedule,
-                                         **grid).sample,
+                                         **sampler).sample,
             "cfg_norm": lambda: guarded_ddim_sample(eps_fn, z, cond, uncond, schedule=schedule,
-                                                    signal="cfg_norm", **grid).sample,
+                                                    signal="cfg_norm", **sampler).sample,
             "flipd": lambda: guarded_ddim_sample(eps_fn, z, cond, uncond, schedule=schedule,
                                                  signal="flipd", signal_steps=k, key=key,
-                                                 **grid).sample,
+                                                 **sampler).sample,
         }
         outs = {}
         for name, fn in fns.items():  # compile + first run (the warm-up)

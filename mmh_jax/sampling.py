@@ -30,7 +30,7 @@ from mmh_jax._src.ddim import ddim_scan
 from mmh_jax.schedules import DDPM, Schedule, broadcast_to_event
 from mmh_jax.types import CondEpsFn, ScoreFn
 
-__all__ = ["sample", "ddim_timesteps", "ddim_sample", "DDIMResult", "Spacing"]
+__all__ = ["sample", "ddim_timesteps", "ddim_sample", "DDIMGrid", "DDIMResult", "Spacing"]
 
 Spacing = Literal["leading", "trailing", "linspace"]
 """How DDIM spreads its steps over the training timesteps, as diffusers' schedulers
@@ -132,6 +132,33 @@ def ddim_timesteps(num_train_timesteps: int, *, num_steps: int, spacing: Spacing
     return steps.copy()
 
 
+class DDIMGrid(NamedTuple):
+    """Where DDIM's steps fall and where its last step lands: what a model's scheduler config
+    fixes (diffusers' ``DDIMScheduler``: ``timestep_spacing``, ``steps_offset``,
+    ``set_alpha_to_one``), as against the number of steps, a choice of each run. The defaults are
+    Stable Diffusion v1's scheduler config; ``StableDiffusion.ddim_grid`` reads a pipeline's."""
+
+    spacing: Spacing = "leading"
+    """How the steps spread over the training timesteps (:func:`ddim_timesteps`)."""
+    steps_offset: int = 1
+    """Added to the ``"leading"`` grid."""
+    set_alpha_to_one: bool = False
+    """The ``abar`` after the last step is 1 (else ``abar_0``)."""
+
+    def timesteps(self, num_train_timesteps: int, num_steps: int) -> np.ndarray:
+        """:func:`ddim_timesteps` on this grid: the 0-based network timesteps, decreasing.
+
+        Args:
+            num_train_timesteps: ``T`` of the schedule.
+            num_steps: number of sampling steps, at most ``T``.
+
+        Returns:
+            int64 array ``[num_steps]``.
+        """
+        return ddim_timesteps(num_train_timesteps, num_steps=num_steps, spacing=self.spacing,
+                              steps_offset=self.steps_offset)
+
+
 class DDIMResult(NamedTuple):
     """What :func:`ddim_sample` returns.
 
@@ -160,15 +187,13 @@ def ddim_sample(
     schedule: DDPM,
     guidance: float | ArrayLike = 7.5,
     num_steps: int = 50,
-    spacing: Spacing = "leading",
-    steps_offset: int = 1,
-    set_alpha_to_one: bool = False,
+    grid: DDIMGrid = DDIMGrid(),
     return_trajectory: bool = False,
 ) -> DDIMResult:
     """DDIM (eta = 0) with classifier-free guidance, one ``lax.scan`` over the steps.
 
     At timestep ``i`` with ``a = abar_i`` and ``a' = abar`` of the next timestep (``abar_0``, or 1
-    with ``set_alpha_to_one``, after the last), ``eps = eps_u + guidance (eps_c - eps_u)``,
+    with ``grid.set_alpha_to_one``, after the last), ``eps = eps_u + guidance (eps_c - eps_u)``,
     ``x_0 = (x - sqrt(1 - a) eps) / sqrt(a)`` and ``x <- sqrt(a') x_0 + sqrt(1 - a') eps``: the
     update of diffusers' ``DDIMScheduler`` (paper, Appendix D.1). Both branches are one call of
     ``eps_fn`` on the doubled batch.
@@ -181,9 +206,8 @@ def ddim_sample(
         schedule: the model's DDPM schedule.
         guidance: the guidance scale (a scalar; traced, so a new value does not recompile).
         num_steps: number of DDIM steps.
-        spacing, steps_offset: the timestep grid (:func:`ddim_timesteps`); the defaults are
-            Stable Diffusion v1's scheduler config.
-        set_alpha_to_one: the ``abar`` after the last step is 1 (else ``abar_0``).
+        grid: the model's timestep grid (:class:`DDIMGrid`; the default is Stable Diffusion
+            v1's scheduler config).
         return_trajectory: also return the latents and both noise predictions of every step.
 
     Returns:
@@ -193,11 +217,9 @@ def ddim_sample(
     if noise.ndim < 2 or not jnp.issubdtype(noise.dtype, jnp.floating):
         raise ValueError(f"noise must be a floating array [b, *event], got {noise.dtype} "
                          f"{noise.shape}")
-    steps = ddim_timesteps(schedule.num_timesteps, num_steps=num_steps, spacing=spacing,
-                           steps_offset=steps_offset)
-    steps = jnp.asarray(steps)
+    steps = jnp.asarray(grid.timesteps(schedule.num_timesteps, num_steps))
     x, trajectory = ddim_scan(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
                               jnp.asarray(guidance, noise.dtype), steps, schedule,
-                              num_steps=num_steps, set_alpha_to_one=set_alpha_to_one,
+                              num_steps=num_steps, set_alpha_to_one=grid.set_alpha_to_one,
                               return_trajectory=return_trajectory)
     return DDIMResult(x, steps, *trajectory) if return_trajectory else DDIMResult(x, steps)

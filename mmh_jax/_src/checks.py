@@ -124,3 +124,30 @@ def per_sample_keys(key: Any, batch: int, name: str = "key") -> Array:
     if key.shape == (batch,):
         return key
     raise ValueError(f"{name} must be a single key or one key per sample, shape ({batch},); got {key.shape}")
+
+
+def check_strings(values: Any, name: str, *, what: str = "strings",
+                  allow_empty: bool = False) -> list:
+    """``values`` as a list: a sequence of ``what``, never one string (which would iterate as
+    characters), and not empty unless ``allow_empty``. The items are the caller's to check."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of {what}, not one string")
+    values = list(values)
+    if not values and not allow_empty:
+        raise ValueError(f"{name} is empty")
+    return values
+
+
+def trajectory_steps(steps: Sequence[int] | None, *trajectory: Any) -> np.ndarray:
+    """Indices ``steps`` into the ``n`` steps of a DDIM trajectory (``trajectory``: the arrays of
+    a ``DDIMResult`` the caller reads, ``[n, ...]`` each), every step when ``None``; negative
+    indices count from the end. Host integers, so the check also runs under ``jit``."""
+    if any(a is None for a in trajectory):
+        raise ValueError("result must hold the trajectory: call ddim_sample(..., "
+                         "return_trajectory=True)")
+    n = trajectory[0].shape[0]
+    index = np.arange(n) if steps is None else np.asarray(list(steps), np.int64)
+    if index.ndim != 1 or index.size == 0 or np.any((index < -n) | (index >= n)):
+        raise ValueError(f"steps must be a non-empty sequence of step indices in 0..{n - 1}, "
+                         f"got {None if steps is None else list(steps)}")
+    return index

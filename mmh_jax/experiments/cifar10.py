@@ -55,6 +55,9 @@ from mmh_jax._src.images import to_model_range
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     DemoInputError,
+    add_percentile_flag,
+    check_percentile,
+    config_from_flags,
     finite_float,
     output_console,
     prepare_out_dir,
@@ -133,8 +136,7 @@ class Cifar10Config:
                 f"--nb-scores must be at least 2, got {self.nb_scores}")
         require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
                 f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
-        require(0 <= self.percentile < 100,
-                f"--percentile must lie in [0, 100), got {self.percentile}")
+        check_percentile(self.percentile)
         require(self.t0 is None or 0 < self.t0 <= 1, f"--t0 must lie in (0, 1], got {self.t0}")
 
 
@@ -229,6 +231,7 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
 
     from mmh_jax import scoring
     from mmh_jax.convert import ConversionError
+    from mmh_jax.sampling import DDIMGrid
 
     try:
         with err_console.status(f"loading {config.model} ..."):
@@ -268,8 +271,8 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
                 f"samples are {_hwc(scored.shape[1:] + scored.shape[:1])} but training images "
                 f"are {_hwc(shape_chw[1:] + shape_chw[:1])}")
         # the DDIM grid of the paper's CIFAR-10 models: timesteps from 0, alpha 1 after the last
-        scored = dataclasses.replace(scored, ddim_grid=(("set_alpha_to_one", True),
-                                                        ("steps_offset", 0)))
+        scored = dataclasses.replace(scored, ddim_grid=DDIMGrid(steps_offset=0,
+                                                                set_alpha_to_one=True))
         source = scoring.Seeds(config.num_samples)
         columns = [scoring.Flipd(t0=config.lid_t0) if method == "flipd" else
                    scoring.NormalBundle(t0=config.lid_t0, num_scores=config.nb_scores,
@@ -643,9 +646,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "class i mod c_dim; default %(default)s)")
     parser.add_argument("--batch-size", type=int, metavar="B", default=d.batch_size,
                         help="samples per compiled batch (default %(default)s)")
-    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=d.percentile,
-                        help="pooled singular-value percentile threshold of the Jacobian rank "
-                        "and the normal bundle (default %(default)s)")
+    add_percentile_flag(parser, d.percentile, of="the Jacobian rank and the normal bundle")
     parser.add_argument("--lpca-k", type=int, metavar="K", default=d.lpca_k,
                         help="neighbours of local PCA for LID_* (default %(default)s)")
     parser.add_argument("--calibration-n", type=int, metavar="N", default=d.calibration_n,
@@ -671,15 +672,9 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_config_from_args(args: argparse.Namespace) -> Cifar10Config:
     """The config of parsed ``cifar10 run`` flags."""
-    return Cifar10Config(
-        train=args.train, model=args.model, arch=args.arch, out=args.out,
-        num_samples=args.num_samples, lid=args.lid, t0=args.t0, nb_scores=args.nb_scores,
-        steps=args.steps, sscd=args.sscd, top_k=args.top_k, seed=args.seed,
-        batch_size=args.batch_size, percentile=args.percentile, lpca_k=args.lpca_k,
-        calibration_n=args.calibration_n, progress=not args.quiet)
+    return config_from_flags(Cifar10Config, args)
 
 
 def report_config_from_args(args: argparse.Namespace) -> ReportConfig:
     """The config of parsed ``cifar10 report`` flags."""
-    return ReportConfig(out=args.out, labels=args.labels, unlabelled=args.unlabelled,
-                        n_bootstrap=args.bootstrap, seed=args.seed)
+    return config_from_flags(ReportConfig, args, n_bootstrap=args.bootstrap)

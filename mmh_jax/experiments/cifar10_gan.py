@@ -41,8 +41,11 @@ from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     add_display_flags,
     add_dtype_flag,
+    add_percentile_flag,
     check_dtype,
     DemoInputError,
+    check_percentile,
+    config_from_flags,
     finite_float,
     output_console,
     prepare_out_dir,
@@ -92,8 +95,7 @@ class GanLidConfig:
                                         f"{self.num_extremes}")
         require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
                 f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
-        require(0 <= self.percentile < 100, f"--percentile must lie in [0, 100), got "
-                                            f"{self.percentile}")
+        check_percentile(self.percentile)
         require(0 <= self.truncation_psi <= 1, f"--truncation-psi must lie in [0, 1], got "
                                                f"{self.truncation_psi}")
         require(self.network in ("G", "G_ema"), f"--network must be G or G_ema, got "
@@ -375,9 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="truncation (default %(default)s: none)")
     parser.add_argument("--noise-mode", choices=("const", "none"), default=d.noise_mode,
                         help="the synthesis noise (default %(default)s, as generate.py)")
-    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=d.percentile,
-                        help="threshold: the Q-th percentile of all singular values (default "
-                        "%(default)s, Appendix C.1)")
+    add_percentile_flag(parser, d.percentile, of="the Jacobian rank")
     parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
                         help="samples per compiled batch (default %(default)s)")
     parser.add_argument("--chunk-size", type=int, metavar="N", default=d.chunk_size,
@@ -393,9 +393,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GanLidConfig:
     """Build a :class:`GanLidConfig` from parsed flags."""
-    return GanLidConfig(
-        model=args.model, out=args.out, network=args.network, num_samples=args.num_samples,
-        seed=args.seed, wrt=args.wrt, truncation_psi=args.truncation_psi,
-        noise_mode=args.noise_mode, percentile=args.percentile, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, labels=args.labels, num_extremes=args.num_extremes,
-        dtype=args.dtype, progress=not args.quiet, figure=not args.no_figure)
+    return config_from_flags(GanLidConfig, args)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -29,7 +30,10 @@ __all__ = [
     "finite_float",
     "add_dtype_flag",
     "add_display_flags",
+    "config_from_flags",
     "check_dtype",
+    "add_percentile_flag",
+    "check_percentile",
     "prepare_out_dir",
     "atomic_path",
     "write_csv",
@@ -76,11 +80,50 @@ def check_dtype(dtype: str) -> None:
             f"--dtype must be float32 or bfloat16, got {dtype!r}")
 
 
+def add_percentile_flag(parser: argparse.ArgumentParser, default: float, *, of: str) -> None:
+    """Add ``--percentile Q``: the pooled singular-value percentile threshold (Appendix C.1) of
+    ``of`` (e.g. "the Jacobian rank")."""
+    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=default,
+                        help=f"threshold of {of}: the Q-th percentile of all singular values, "
+                        "pooled over the samples (default %(default)s, Appendix C.1)")
+
+
+def check_percentile(percentile: float) -> None:
+    """Raise :class:`DemoInputError` unless ``--percentile`` lies in ``[0, 100)``."""
+    require(0 <= percentile < 100, f"--percentile must lie in [0, 100), got {percentile}")
+
+
 def add_display_flags(parser: Any) -> None:
     """Add ``--no-figure`` (skip the PNG figures) and ``--quiet`` (no progress bars) to a parser
     or an argument group."""
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from_flags(config_type: type[_Config], args: argparse.Namespace,
+                      **values: Any) -> _Config:
+    """A demo's config dataclass from its parsed flags: each field from the flag of the same
+    name (``--num-steps`` sets ``num_steps``), ``progress`` from ``--quiet`` and ``figure`` from
+    ``--no-figure`` (:func:`add_display_flags`); a field without a flag keeps its default.
+
+    Args:
+        config_type: the config dataclass.
+        args: the parsed flags.
+        values: fields whose flag is named otherwise (e.g. ``n_bootstrap=args.bootstrap``).
+
+    Returns:
+        ``config_type(**fields)``.
+    """
+    flags = dict(vars(args), **values)
+    if "quiet" in flags:
+        flags.setdefault("progress", not flags["quiet"])
+    if "no_figure" in flags:
+        flags.setdefault("figure", not flags["no_figure"])
+    return config_type(**{f.name: flags[f.name] for f in dataclasses.fields(config_type)
+                          if f.init and f.name in flags})
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:

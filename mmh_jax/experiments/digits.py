@@ -28,6 +28,7 @@ from rich.table import Table
 
 from mmh_jax.experiments.common import (
     add_display_flags,
+    config_from_flags,
     finite_float,
     make_progress,
     output_console,
@@ -361,11 +362,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DigitsConfig:
     """Build a :class:`DigitsConfig` from parsed flags."""
-    return DigitsConfig(
-        seed=args.seed, common_per_class=args.common_per_class, num_duplicated=args.num_duplicated, copies=args.copies,
-        rare_per_class=args.rare_per_class, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, channels=args.channels, mlp_width=args.mlp_width, num_samples=args.num_samples,
-        sample_steps=args.sample_steps, t0=args.t0, mem_threshold=args.mem_threshold,
-        calibration_k=args.calibration_k, out=args.out,
-        progress=not args.quiet, figure=not args.no_figure,
-    )
+    return config_from_flags(DigitsConfig, args)

@@ -35,6 +35,7 @@ from rich.table import Table
 from mmh_jax.experiments.common import (
     add_display_flags,
     DemoInputError,
+    config_from_flags,
     finite_float,
     make_progress,
     output_console,
@@ -440,25 +441,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> VonMisesConfig:
     """Build a :class:`VonMisesConfig` from parsed flags."""
-    return VonMisesConfig(
-        seed=args.seed,
-        num_train=args.num_train,
-        origin_weight=args.origin_weight,
-        kappa=args.kappa,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        width=args.width,
-        num_samples=args.num_samples,
-        sample_steps=args.sample_steps,
-        t0=args.t0,
-        od_gap=args.od_gap,
-        dd_max_lid=args.dd_max_lid,
-        lpca_q=args.lpca_q,
-        out=args.out,
-        progress=not args.quiet,
-        figure=not args.no_figure,
-    )
+    return config_from_flags(VonMisesConfig, args)
 
 
 __all__ += ["DemoInputError"]

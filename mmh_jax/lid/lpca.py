@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from threadpoolctl import threadpool_limits
 
 from mmh_jax._src.linalg import singular_values
-from mmh_jax._src.checks import is_concrete
+from mmh_jax._src.checks import check_option, is_concrete
 from mmh_jax._src.knn import (
     build_index,
     check_batch_size,
@@ -335,8 +335,7 @@ def lpca(
     Returns:
         Integer LID estimates, shape ``[m]`` (``m = n`` when ``queries`` is None).
     """
-    if not isinstance(method, str) or method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_option(method, "method", _METHODS)
     alpha = _check_float(alpha, "alpha", 0.0, 1.0, lo_open=True, hi_open=True)
     ratio = _check_float(ratio, "ratio", 0.0, 1.0, lo_open=True, hi_open=False)
     q = _check_float(q, "q", 0.0, 100.0, lo_open=False, hi_open=False)

@@ -3,6 +3,14 @@ memorization metrics of text-conditional diffusion models, their differentiable 
 with token attributions and mitigation (Stable Diffusion prompts: :mod:`.attribution`,
 :mod:`.mitigation`), and the Jacobian-rank LID of GAN samples."""
 
+# The modules first: `classify` is then rebound to the function of that name.
+import mmh_jax.memorization.classify as _classify
+import mmh_jax.memorization.conditional as _conditional
+import mmh_jax.memorization.gan as _gan
+import mmh_jax.memorization.prompt as _prompt
+import mmh_jax.memorization.signals as _signals
+import mmh_jax.memorization.attribution as _attribution
+import mmh_jax.memorization.mitigation as _mitigation
 from mmh_jax.memorization.attribution import (
     METRICS,
     PromptAttribution,
@@ -83,34 +91,16 @@ from mmh_jax.memorization.rephrase import (
 )
 from mmh_jax.memorization.signals import memorized_when_high
 
+# Each module's public names, and those of guard and rephrase that are not helpers of theirs
+# (``step_probe_keys``, ``load_synonyms``, ``chat_instruction`` stay in their module).
 __all__ = [
-    "classify",
-    "Classification",
-    "label_names",
-    "LABEL_NAMES",
-    "NOT_MEMORIZED",
-    "OD_MEM",
-    "DD_MEM",
-    "CFGNorms",
-    "ConditionalFlipd",
-    "conditional_flipd",
-    "generation_cfg_norms",
-    "image_cfg_norms",
-    "gan_lid",
-    "stylegan2_fns",
-    "StyleGAN2Fns",
-    "Metric",
-    "MetricPoints",
-    "TokenAttribution",
-    "EmbeddingOptimization",
-    "memorized_when_high",
-    "trajectory_points",
-    "noised_points",
-    "metric_values",
-    "prompt_metric",
-    "token_attributions",
-    "optimize_embedding",
-    "optimize_embedding_traced",
+    *_classify.__all__,
+    *_conditional.__all__,
+    *_gan.__all__,
+    *_prompt.__all__,
+    *_signals.__all__,
+    *_attribution.__all__,
+    *_mitigation.__all__,
     "Rephraser",
     "RephraseOutcome",
     "SynonymRephraser",
@@ -122,27 +112,6 @@ __all__ = [
     "selected_words",
     "random_token_addition",
     "clip_vocabulary_words",
-    "METRICS",
-    "PromptAttribution",
-    "attribute_prompt",
-    "attribute_prompts",
-    "default_attribution_images",
-    "default_attribution_steps",
-    "metric_label",
-    "Method",
-    "METHODS",
-    "Similarity",
-    "ClipScorer",
-    "EmbeddingSettings",
-    "MitigationConfig",
-    "MitigationResult",
-    "embedding_defaults",
-    "mitigate",
-    "check_prompt_tokens",
-    "new_prompts",
-    "method_label",
-    "expected_rows",
-    "summarise_mitigation",
     "Signal",
     "GuardedSample",
     "GuardReport",

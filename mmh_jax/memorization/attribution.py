@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, get_args
 import jax
 import numpy as np
 
+from mmh_jax._src.checks import check_option
 from mmh_jax.memorization.prompt import Metric, token_attributions, trajectory_points
 from mmh_jax.memorization.rephrase import _decode_word
 
@@ -62,8 +63,7 @@ def metric_label(metric: str) -> str:
 
 
 def _check_metric(metric: Any) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(map(repr, METRICS))}, got {metric!r}")
+    check_option(metric, "metric", METRICS)
     return metric
 
 

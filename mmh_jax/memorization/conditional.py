@@ -21,9 +21,9 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from mmh_jax._src.checks import trajectory_steps
 from mmh_jax.guidance import cfg_score_fn, conditional_score_fn, eps_pair
 from mmh_jax.lid import flipd
 from mmh_jax.sampling import DDIMResult
@@ -84,15 +84,7 @@ def generation_cfg_norms(
     Returns:
         :class:`CFGNorms`, each ``[b]`` (float32).
     """
-    if result.eps_cond is None or result.eps_uncond is None:
-        raise ValueError("result must hold the trajectory: call ddim_sample(..., "
-                         "return_trajectory=True)")
-    n = result.eps_cond.shape[0]
-    # The step indices are host numbers (numpy), so the check also works under jit.
-    index = np.arange(n) if steps is None else np.asarray(list(steps), np.int64)
-    if index.ndim != 1 or index.size == 0 or np.any((index < -n) | (index >= n)):
-        raise ValueError(f"steps must be a non-empty sequence of step indices in 0..{n - 1}, "
-                         f"got {list(steps) if steps is not None else None}")
+    index = trajectory_steps(steps, result.eps_cond, result.eps_uncond)
     eps_u, eps_c = result.eps_uncond[index], result.eps_cond[index]
     t = (result.timesteps[index] + 1) / schedule.num_timesteps
     sigma = schedule.sigma(t.astype(jnp.float32))[:, None]

@@ -44,12 +44,13 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from mmh_jax._src.batching import spans
+from mmh_jax._src.checks import check_option
 from mmh_jax._src.ddim import ddim_alphas, ddim_update
 from mmh_jax._src.noise import images_noise
 from mmh_jax.guidance import eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.memorization.signals import memorized_when_high
-from mmh_jax.sampling import Spacing, ddim_timesteps
+from mmh_jax.sampling import DDIMGrid
 from mmh_jax.schedules import DDPM
 from mmh_jax.types import CondEpsFn
 
@@ -135,9 +136,7 @@ def guarded_ddim_sample(
     schedule: DDPM,
     guidance: float | ArrayLike = 7.5,
     num_steps: int = 50,
-    spacing: Spacing = "leading",
-    steps_offset: int = 1,
-    set_alpha_to_one: bool = False,
+    grid: DDIMGrid = DDIMGrid(),
     signal: Signal = "cfg_norm",
     signal_steps: int = 5,
     norm_steps: tuple[int, int] | None = None,
@@ -172,7 +171,7 @@ def guarded_ddim_sample(
         schedule: the model's DDPM schedule.
         guidance: the guidance scale (traced: a new value does not recompile).
         num_steps: number of DDIM steps.
-        spacing, steps_offset, set_alpha_to_one: the DDIM grid, as for ``ddim_sample``.
+        grid: the model's DDIM timestep grid (:class:`~mmh_jax.sampling.DDIMGrid`).
         signal: ``"cfg_norm"`` or ``"flipd"``.
         signal_steps: ``"flipd"``: how many of the last steps carry FLIPD (1..``num_steps``);
             ignored for ``"cfg_norm"``.
@@ -190,10 +189,8 @@ def guarded_ddim_sample(
     if noise.ndim < 2 or noise.shape[0] == 0 or not jnp.issubdtype(noise.dtype, jnp.floating):
         raise ValueError(f"noise must be a floating array [b, *event] with b >= 1, got "
                          f"{noise.dtype} {noise.shape}")
-    if signal not in get_args(Signal):
-        raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
-    steps = ddim_timesteps(schedule.num_timesteps, num_steps=num_steps, spacing=spacing,
-                           steps_offset=steps_offset)
+    check_option(signal, "signal", get_args(Signal))
+    steps = grid.timesteps(schedule.num_timesteps, num_steps)
     b = noise.shape[0]
     if signal == "flipd":
         if isinstance(signal_steps, bool) or not isinstance(signal_steps, (int, np.integer)) \
@@ -208,7 +205,7 @@ def guarded_ddim_sample(
     return _guarded(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
                     jnp.asarray(guidance, noise.dtype), jnp.asarray(steps), schedule, keys,
                     jnp.asarray(window), num_steps=num_steps, num_flipd=num_flipd,
-                    set_alpha_to_one=set_alpha_to_one, return_trajectory=return_trajectory)
+                    set_alpha_to_one=grid.set_alpha_to_one, return_trajectory=return_trajectory)
 
 
 def _check_range(norm_steps, num_steps: int) -> tuple[int, int]:
@@ -460,8 +457,7 @@ def guarded_generate(
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}")
-    if signal not in get_args(Signal):
-        raise ValueError(f"signal must be 'cfg_norm' or 'flipd', got {signal!r}")
+    check_option(signal, "signal", get_args(Signal))
     if not isinstance(threshold, (int, float, np.floating)) or not np.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     if images_per_prompt < 1:
@@ -483,8 +479,7 @@ def guarded_generate(
     probes = jnp.tile(probes_m, (batch,))
     uncond = jnp.asarray(sd.uncond_embedding)
     grid = sd.ddim_grid
-    steps = ddim_timesteps(sd.schedule.num_timesteps, num_steps=num_steps, spacing=grid["spacing"],
-                           steps_offset=grid["steps_offset"])
+    steps = grid.timesteps(sd.schedule.num_timesteps, num_steps)
     if signal == "flipd":
         if not 1 <= signal_steps <= num_steps:
             raise ValueError(f"signal_steps must lie in 1..num_steps={num_steps}, got "
@@ -496,7 +491,7 @@ def guarded_generate(
         window = _check_range(norm_steps, num_steps)
         probes = None
     window = jnp.asarray(window)
-    statics.update(num_steps=num_steps, set_alpha_to_one=grid["set_alpha_to_one"],
+    statics.update(num_steps=num_steps, set_alpha_to_one=grid.set_alpha_to_one,
                    return_trajectory=False)
     g = jnp.asarray(guidance, noise.dtype)
     steps = jnp.asarray(steps)

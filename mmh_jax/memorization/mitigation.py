@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from mmh_jax._src.batching import padded, spans
+from mmh_jax._src.checks import check_strings
 from mmh_jax.memorization.attribution import (
     METRICS,
     PromptAttribution,
@@ -500,11 +501,7 @@ def mitigate(
     # ---- checks, all before any computation
     if not isinstance(config, MitigationConfig):
         raise ValueError(f"config must be a MitigationConfig, got {type(config).__name__}")
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a sequence of prompts, not one string")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty")
+    prompts = check_strings(prompts, "prompts", what="prompts")
     methods, metrics = config.methods, config.metrics
     tokens = check_prompt_tokens(sd, prompts, config=config)
     if reference_images is not None:

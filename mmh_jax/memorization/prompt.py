@@ -33,12 +33,11 @@ from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.guidance import broadcast_batch
-from mmh_jax._src.checks import check_int, check_option, per_sample_keys
+from mmh_jax._src.checks import check_int, check_option, per_sample_keys, trajectory_steps
 from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.memorization.signals import memorized_when_high
 from mmh_jax.sampling import DDIMResult
@@ -111,14 +110,7 @@ def trajectory_points(result: DDIMResult, *, schedule: DDPM,
     Returns:
         :class:`MetricPoints` of ``len(steps) * b`` points, step-major.
     """
-    if result.latents is None:
-        raise ValueError("result must hold the trajectory: call ddim_sample(..., "
-                         "return_trajectory=True)")
-    n = result.latents.shape[0]
-    index = np.arange(n) if steps is None else np.asarray(list(steps), np.int64)
-    if index.ndim != 1 or index.size == 0 or np.any((index < -n) | (index >= n)):
-        raise ValueError(f"steps must be a non-empty sequence of step indices in 0..{n - 1}, "
-                         f"got {None if steps is None else list(steps)}")
+    index = trajectory_steps(steps, result.latents)
     latents = jax.lax.stop_gradient(result.latents[index])
     b = latents.shape[1]
     t = schedule.time(result.timesteps[index]).astype(latents.dtype)

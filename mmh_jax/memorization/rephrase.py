@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmh_jax._src.checks import check_strings
 from mmh_jax._src.rng import key_seed, numpy_generator
 
 __all__ = [
@@ -285,9 +286,7 @@ def selected_words(tokens: Sequence[str], chosen: Sequence[int]) -> list[str]:
         The distinct words holding a chosen token, in prompt order (a word chosen through several
         of its pieces, or twice in the prompt, is listed once).
     """
-    if isinstance(tokens, str):
-        raise ValueError("tokens must be a sequence of token strings, not one string")
-    tokens = list(tokens)
+    tokens = check_strings(tokens, "tokens", what="token strings", allow_empty=True)
     for t in tokens:
         if not isinstance(t, str) or not t:
             raise ValueError(f"tokens must be non-empty strings, got {t!r}")
@@ -523,8 +522,7 @@ class SynonymRephraser:
         """
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if isinstance(words, str):
-            raise ValueError("words must be a sequence of words, not one string")
+        words = check_strings(words, "words", what="words", allow_empty=True)
         targets = {w.lower() for w in words if isinstance(w, str) and _LETTERS.fullmatch(w)}
         puncts = {w for w in words if isinstance(w, str) and _PUNCT.fullmatch(w)}
         chunks = [(m.start(), m.end()) for m in re.finditer(r"\S+", prompt)]
@@ -846,11 +844,7 @@ def random_token_addition(prompt: str, *, k: int, key: jax.Array,
         raise ValueError("prompt must be a non-empty string")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if isinstance(vocabulary, str):
-        raise ValueError("vocabulary must be a sequence of words, not one string")
-    vocabulary = list(vocabulary)
-    if not vocabulary:
-        raise ValueError("vocabulary is empty")
+    vocabulary = check_strings(vocabulary, "vocabulary", what="words")
     for w in vocabulary:
         if not isinstance(w, str) or not w or any(c.isspace() for c in w):
             raise ValueError(f"vocabulary entries must be non-empty words without spaces, "

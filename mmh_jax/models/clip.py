@@ -164,24 +164,33 @@ class _MLP(nn.Module):
         return nn.Dense(x.shape[-1], name="fc2", **kw)(_activation(self.hidden_act, h))
 
 
-class _EncoderLayer(nn.Module):
-    """transformers' ``CLIPEncoderLayer``: pre-LayerNorm attention and MLP, each residual."""
+class _LayerSettings(NamedTuple):
+    """The hyper-parameters of every encoder layer of a tower (its transformers config keys:
+    ``num_attention_heads``, ``intermediate_size``, ``hidden_act``, ``layer_norm_eps``);
+    ``causal`` for the text tower's mask."""
 
     heads: int
     intermediate_size: int
     hidden_act: str
     eps: float
     causal: bool
+
+
+class _EncoderLayer(nn.Module):
+    """transformers' ``CLIPEncoderLayer``: pre-LayerNorm attention and MLP, each residual."""
+
+    settings: _LayerSettings
     dtype: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, h: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = h + _SelfAttention(self.heads, self.causal, name="self_attn", **kw)(
-            _layer_norm(self.eps, "layer_norm1", **kw)(h))
-        return h + _MLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(
-            _layer_norm(self.eps, "layer_norm2", **kw)(h))
+        s = self.settings
+        h = h + _SelfAttention(s.heads, s.causal, name="self_attn", **kw)(
+            _layer_norm(s.eps, "layer_norm1", **kw)(h))
+        return h + _MLP(s.intermediate_size, s.hidden_act, name="mlp", **kw)(
+            _layer_norm(s.eps, "layer_norm2", **kw)(h))
 
 
 class _Encoder(nn.Module):
@@ -189,21 +198,24 @@ class _Encoder(nn.Module):
     the text tower (``causal=True``) and the vision tower (``causal=False``)."""
 
     num_layers: int
-    heads: int
-    intermediate_size: int
-    hidden_act: str
-    eps: float
-    causal: bool
+    settings: _LayerSettings
     dtype: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, h: Array) -> Array:
         for i in range(self.num_layers):
-            h = _EncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps,
-                              self.causal, name=f"layers_{i}", dtype=self.dtype,
+            h = _EncoderLayer(self.settings, name=f"layers_{i}", dtype=self.dtype,
                               param_dtype=self.param_dtype)(h)
         return h
+
+
+def _encoder(tower: _Tower, *, causal: bool, **kw) -> _Encoder:
+    """A tower's encoder (scope ``encoder``), its layers' settings read off the tower's config;
+    called inside the tower's ``__call__``."""
+    layer = _LayerSettings(tower.num_attention_heads, tower.intermediate_size, tower.hidden_act,
+                           tower.layer_norm_eps, causal)
+    return _Encoder(tower.num_hidden_layers, layer, name="encoder", **kw)
 
 
 class _Embeddings(nn.Module):
@@ -299,8 +311,7 @@ class CLIPTextModel(_Tower):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = _Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                         name="embeddings", **kw)(input_ids)
-        h = _Encoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                     self.hidden_act, self.layer_norm_eps, True, name="encoder", **kw)(h)
+        h = _encoder(self, causal=True, **kw)(h)
         h = _layer_norm(self.layer_norm_eps, "final_layer_norm", **kw)(h)
         if self.eos_token_id == 2:  # legacy configs: the end token is the largest id
             eos = jnp.argmax(input_ids, axis=-1)
@@ -428,8 +439,7 @@ class CLIPVisionModel(_Tower):
         h = _VisionEmbeddings(self.hidden_size, self.patch_size, self.num_positions,
                               name="embeddings", **kw)(pixels)
         h = _layer_norm(self.layer_norm_eps, "pre_layrnorm", **kw)(h)
-        h = _Encoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                     self.hidden_act, self.layer_norm_eps, False, name="encoder", **kw)(h)
+        h = _encoder(self, causal=False, **kw)(h)
         pooled = _layer_norm(self.layer_norm_eps, "post_layernorm", **kw)(h[:, 0])
         return CLIPVisionOutput(h, pooled)
 

@@ -62,7 +62,7 @@ from mmh_jax.models.loaders import (
 )
 from mmh_jax.models.pretrained import EpsModel, Pretrained
 from mmh_jax.models.unet2d_condition import UNet2DCondition
-from mmh_jax.sampling import DDIMResult, ddim_sample
+from mmh_jax.sampling import DDIMGrid, DDIMResult, ddim_sample
 from mmh_jax.schedules import DDPM
 
 __all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
@@ -153,13 +153,12 @@ class StableDiffusion(NamedTuple):
         return (self.unet.module.in_channels, h, w)
 
     @property
-    def ddim_grid(self) -> dict[str, Any]:
-        """The DDIM grid settings of the pipeline's scheduler config, as
-        :func:`~mmh_jax.sampling.ddim_sample` takes them (``spacing``, ``steps_offset``,
-        ``set_alpha_to_one``)."""
+    def ddim_grid(self) -> DDIMGrid:
+        """The DDIM grid of the pipeline's scheduler config (``timestep_spacing``,
+        ``steps_offset``, ``set_alpha_to_one``), as :func:`~mmh_jax.sampling.ddim_sample`
+        takes it."""
         grid = {k: self.scheduler_config.get(k, v) for k, v in _DDIM_KEYS.items()}
-        return {"spacing": grid["timestep_spacing"], "steps_offset": grid["steps_offset"],
-                "set_alpha_to_one": grid["set_alpha_to_one"]}
+        return DDIMGrid(grid["timestep_spacing"], grid["steps_offset"], grid["set_alpha_to_one"])
 
     def tokenize(self, prompts: str | Sequence[str]) -> Int[np.ndarray, "b n"]:
         """Token ids ``[b, max_length]`` (77 for CLIP), padded as the pipeline pads them.
@@ -263,7 +262,7 @@ class StableDiffusion(NamedTuple):
         cond = jnp.repeat(cond, images_per_prompt, axis=0)
         uncond = self.uncond_embedding if uncond is None else uncond
         return ddim_sample(self.eps, noise, cond, uncond, schedule=self.schedule,
-                           guidance=guidance, num_steps=num_steps, **self.ddim_grid,
+                           guidance=guidance, num_steps=num_steps, grid=self.ddim_grid,
                            return_trajectory=return_trajectory)
 
 

@@ -43,7 +43,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -218,6 +218,16 @@ class _Mapping(nn.Module):
         return jnp.where(keep, truncated, ws)
 
 
+class _SynthesisOptions(NamedTuple):
+    """The original's ``synthesis_kwargs`` that reach every block and layer."""
+
+    architecture: str
+    resample_filter: tuple[float, ...]
+    conv_clamp: float | None
+    use_noise: bool
+    activation: str
+
+
 class _SynthesisLayer(nn.Module):
     """The original's ``SynthesisLayer``: modulated 3x3 convolution (up-sampling by 2 when
     ``up``), demodulation, noise, bias, activation, gain and clamp."""
@@ -225,10 +235,7 @@ class _SynthesisLayer(nn.Module):
     features: int
     resolution: int
     up: bool
-    use_noise: bool
-    activation: str
-    resample_filter: tuple[float, ...]
-    conv_clamp: float | None
+    options: _SynthesisOptions
     dtype: Any
 
     @nn.compact
@@ -238,7 +245,7 @@ class _SynthesisLayer(nn.Module):
         styles = _FullyConnected(cin, bias_init=1.0, name="affine")(w)  # [b, in], float32
         kernel = self.param("kernel", nn.initializers.normal(1.0), (k, k, cin, self.features),
                             jnp.float32)
-        if self.use_noise:
+        if self.options.use_noise:
             noise_const = self.param("noise_const", nn.initializers.normal(1.0),
                                      (self.resolution, self.resolution), jnp.float32)
             strength = self.param("noise_strength", nn.initializers.zeros, (), jnp.float32)
@@ -254,20 +261,20 @@ class _SynthesisLayer(nn.Module):
             x = jax.lax.conv_general_dilated(
                 x, kernel[::-1, ::-1].astype(self.dtype), (1, 1), ((k - 1, k - 1),) * 2,
                 lhs_dilation=(2, 2), dimension_numbers=dn)
-            n = len(self.resample_filter)
+            n = len(self.options.resample_filter)
             pad = (k // 2 + (n + 1) // 2 - (k - 1), k // 2 + (n - 2) // 2 - (k - 2))
-            x = _fir(x, self.resample_filter, pad, gain=4.0)
+            x = _fir(x, self.options.resample_filter, pad, gain=4.0)
         else:
             x = jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (1, 1),
                                              ((k // 2, k // 2),) * 2, dimension_numbers=dn)
         x = x * dcoefs.astype(self.dtype)[:, None, None, :]
-        if self.use_noise and noise_mode == "const":
+        if self.options.use_noise and noise_mode == "const":
             x = x + (noise_const * strength).astype(self.dtype)[None, :, :, None]
-        elif self.use_noise and noise_mode == "random":
+        elif self.options.use_noise and noise_mode == "random":
             noise = jax.random.normal(key, (x.shape[0], self.resolution, self.resolution, 1))
             x = x + (noise * strength).astype(self.dtype)
-        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return _bias_act(x, bias, self.activation, gain, clamp)
+        clamp = self.options.conv_clamp * gain if self.options.conv_clamp is not None else None
+        return _bias_act(x, bias, self.options.activation, gain, clamp)
 
 
 class _ToRGB(nn.Module):
@@ -316,19 +323,14 @@ class _Block(nn.Module):
     resolution: int
     img_channels: int
     is_last: bool
-    architecture: str
-    resample_filter: tuple[float, ...]
-    conv_clamp: float | None
-    use_noise: bool
-    activation: str
+    options: _SynthesisOptions
     dtype: Any
 
     @nn.compact
     def __call__(self, x: Array | None, img: Array | None, ws: Array, noise_mode: str,
                  key: Array | None) -> tuple[Array, Array | None]:
-        layer = dict(use_noise=self.use_noise, activation=self.activation,
-                     resample_filter=self.resample_filter, conv_clamp=self.conv_clamp,
-                     dtype=self.dtype)
+        o = self.options
+        layer = dict(options=o, dtype=self.dtype)
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         r, c = self.resolution, self.out_channels
         if self.in_channels == 0:
@@ -339,9 +341,9 @@ class _Block(nn.Module):
             i = 1
         else:
             x = x.astype(self.dtype)
-            gain = np.sqrt(0.5) if self.architecture == "resnet" else 1.0
-            y = (_Skip(c, self.resample_filter, self.dtype, name="skip")(x)
-                 if self.architecture == "resnet" else None)
+            gain = np.sqrt(0.5) if o.architecture == "resnet" else 1.0
+            y = (_Skip(c, o.resample_filter, self.dtype, name="skip")(x)
+                 if o.architecture == "resnet" else None)
             x = _SynthesisLayer(c, r, True, name="conv0", **layer)(x, ws[:, 0], noise_mode,
                                                                     keys[0])
             x = _SynthesisLayer(c, r, False, name="conv1", **layer)(x, ws[:, 1], noise_mode,
@@ -350,9 +352,9 @@ class _Block(nn.Module):
                 x = y + x
             i = 2
         if img is not None:
-            img = _upsample2d(img, self.resample_filter)
-        if self.is_last or self.architecture == "skip":
-            y = _ToRGB(self.img_channels, self.conv_clamp, self.dtype, name="torgb")(x, ws[:, i])
+            img = _upsample2d(img, o.resample_filter)
+        if self.is_last or o.architecture == "skip":
+            y = _ToRGB(self.img_channels, o.conv_clamp, self.dtype, name="torgb")(x, ws[:, i])
             y = y.astype(jnp.float32)
             img = y if img is None else img + y
         return x, img
@@ -366,11 +368,7 @@ class _Synthesis(nn.Module):
     img_channels: int
     channel_base: int
     channel_max: int
-    architecture: str
-    resample_filter: tuple[float, ...]
-    conv_clamp: float | None
-    use_noise: bool
-    activation: str
+    options: _SynthesisOptions
     dtype: Any
 
     @nn.compact
@@ -383,12 +381,10 @@ class _Synthesis(nn.Module):
             cin = _channels(self.channel_base, self.channel_max, res // 2) if res > 4 else 0
             is_last = res == self.img_resolution
             num_conv = 1 if res == 4 else 2
-            num_torgb = 1 if is_last or self.architecture == "skip" else 0
+            num_torgb = 1 if is_last or self.options.architecture == "skip" else 0
             block_key = None if key is None else jax.random.fold_in(key, res)
             block = _Block(cin, _channels(self.channel_base, self.channel_max, res), res,
-                           self.img_channels, is_last, self.architecture, self.resample_filter,
-                           self.conv_clamp, self.use_noise, self.activation, self.dtype,
-                           name=f"b{res}")
+                           self.img_channels, is_last, self.options, self.dtype, name=f"b{res}")
             x, img = block(x, img, ws[:, w_idx:w_idx + num_conv + num_torgb], noise_mode,
                            block_key)
             w_idx += num_conv
@@ -588,10 +584,11 @@ class StyleGAN2Generator(nn.Module):
         self._mapping = _Mapping(self.z_dim, self.c_dim, self.w_dim, self.num_ws,
                                  self.num_layers, self.embed_features, self.layer_features,
                                  self.mapping_activation, self.lr_multiplier, name="mapping")
+        options = _SynthesisOptions(self.architecture, self.resample_filter, self.conv_clamp,
+                                    self.use_noise, self.activation)
         self._synthesis = _Synthesis(self.w_dim, self.img_resolution, self.img_channels,
-                                     self.channel_base, self.channel_max, self.architecture,
-                                     self.resample_filter, self.conv_clamp, self.use_noise,
-                                     self.activation, self.dtype, name="synthesis")
+                                     self.channel_base, self.channel_max, options, self.dtype,
+                                     name="synthesis")
 
     def class_vectors(self, c: ArrayLike | None, batch: int) -> Array | None:
         """The conditioning the mapping network takes, checked: ``c`` as float32

@@ -49,7 +49,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from mmh_jax._src.images import to_model_range, to_uint8
 from mmh_jax._src.noise import image_noise
 from mmh_jax.scoring import store
-from mmh_jax.sampling import ddim_sample
+from mmh_jax.sampling import DDIMGrid, ddim_sample
 from mmh_jax.scoring.columns import Column, Inputs, column_keys
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import BadItem, Source, fit_image
@@ -306,7 +306,7 @@ def _generate(model: Model, base: Array, image: Array, context: Array, generatio
     noise = jax.vmap(lambda j: image_noise(base, j, model.shape))(image)
     result = ddim_sample(model.eps_fn, noise, context, model.uncond, schedule=model.schedule,
                          guidance=generation.guidance, num_steps=generation.num_steps,
-                         return_trajectory=trajectory, **dict(model.ddim_grid))
+                         grid=model.ddim_grid, return_trajectory=trajectory)
     return Inputs(points=result.sample, images=None, context=context,
                   trajectory=result if trajectory else None)
 
@@ -326,7 +326,7 @@ def _sample(model: Model, base: Array, index: Array, generation: Generation) -> 
     eps_fn = Partial(_without_context, eps_from_score(model.score_fn, schedule=model.schedule))
     x = ddim_sample(eps_fn, noise, none, none,
                     schedule=model.schedule, guidance=0.0, num_steps=generation.num_steps,
-                    **dict(model.ddim_grid or ())).sample
+                    grid=model.ddim_grid or DDIMGrid()).sample
     x = jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
     return Inputs(points=x, images=x, context=None)
 

@@ -19,6 +19,7 @@ from jax.tree_util import Partial
 from jaxtyping import Array, PyTree
 
 from mmh_jax.models.stable_diffusion import decode_latents, encode_image, encode_text
+from mmh_jax.sampling import DDIMGrid
 from mmh_jax.schedules import Schedule
 
 __all__ = ["Model"]
@@ -54,8 +55,9 @@ class Model:
         decode: ``decode(points) -> images [b, *image_shape]`` in ``[-1, 1]`` (a VAE decoder):
             images generated from prompts are decoded for the host columns.
         tokenize: host-side ``tokenize(list of str) -> int token ids [b, n]``.
-        ddim_grid: the DDIM grid settings (``spacing``, ``steps_offset``, ``set_alpha_to_one``)
-            as ``(name, value)`` pairs, for generating from prompts (text-conditional models).
+        ddim_grid: the model's DDIM timestep grid (:class:`~mmh_jax.sampling.DDIMGrid`), for
+            generating from prompts (text-conditional models) or with DDIM (``None``: the
+            default grid).
         description: one line naming the model, for the run record and the plan.
         num_classes: classes of a class-conditional generator (``0``: unconditional); each
             item's integer class reaches it from the source's metadata (``score(labels=...)``)
@@ -75,7 +77,7 @@ class Model:
     generator: Partial | None = None
     decode: Partial | None = None
     tokenize: Callable[[Sequence[str]], np.ndarray] | None = None
-    ddim_grid: tuple[tuple[str, Any], ...] | None = None
+    ddim_grid: DDIMGrid | None = None
     description: str = "model"
     num_classes: int = 0
     mapping: Partial | None = None
@@ -158,7 +160,7 @@ class Model:
             eps_fn=sd.eps,
             embed=Partial(_TextEncoder(sd.text_encoder), sd.text_encoder_params),
             uncond=sd.uncond_embedding, tokenize=sd.tokenize,
-            ddim_grid=tuple(sorted(sd.ddim_grid.items())),
+            ddim_grid=sd.ddim_grid,
             description=f"{description}, latents {(c, h, w)}")
 
     @classmethod

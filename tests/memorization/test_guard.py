@@ -30,7 +30,7 @@ STEPS, K, G = 4, 2, 7.5  # DDIM steps, FLIPD steps, guidance
 def setting(sd):
     cond = sd.encode_prompt(["a cat", "the fox"])
     noise = jax.random.normal(jax.random.key(3), (2,) + sd.latent_shape)
-    kwargs = dict(schedule=sd.schedule, guidance=G, num_steps=STEPS, **sd.ddim_grid)
+    kwargs = dict(schedule=sd.schedule, guidance=G, num_steps=STEPS, grid=sd.ddim_grid)
     ref = ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, return_trajectory=True, **kwargs)
     return cond, noise, kwargs, ref
 
@@ -138,7 +138,7 @@ def calibration_run(sd):
     noise = jax.random.normal(jax.random.key(1), (n,) + sd.latent_shape)
     out = guarded_ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, schedule=sd.schedule,
                               num_steps=2, signal="flipd", signal_steps=1, key=jax.random.key(2),
-                              **sd.ddim_grid)
+                              grid=sd.ddim_grid)
     return {"flipd": np.asarray(out.signal), "cfg_norm": np.asarray(out.cfg_norms).mean(0)}
 
 

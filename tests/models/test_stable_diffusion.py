@@ -18,7 +18,6 @@ from jax.tree_util import Partial
 from mmh_jax.convert import ConversionError
 from mmh_jax.models import load_stable_diffusion, save_stable_diffusion
 from mmh_jax.models.pretrained import EpsModel
-from mmh_jax.sampling import ddim_timesteps
 
 PROMPTS = ["a cat, the cat", "the quick brown fox"]
 
@@ -287,9 +286,8 @@ def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tm
                                                    safety_checker=None)
     pipe.scheduler.set_timesteps(10)
     grid = sd.ddim_grid
-    assert grid["steps_offset"] == 1
-    ours = ddim_timesteps(sd.schedule.num_timesteps, num_steps=10, spacing=grid["spacing"],
-                          steps_offset=grid["steps_offset"])
+    assert grid.steps_offset == 1
+    ours = grid.timesteps(sd.schedule.num_timesteps, 10)
     np.testing.assert_array_equal(ours, pipe.scheduler.timesteps.numpy())
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
+from mmh_jax.sampling import DDIMGrid
 from mmh_jax.scoring import (
     ArrayFile,
     Flipd,
@@ -152,7 +153,7 @@ def test_unconditional_samples_from_seeds(tmp_path):
     variance = np.zeros(shape, np.float32)
     variance.reshape(-1)[:2] = 0.5
     score_fn = Partial(_ddpm_score, jnp.asarray(variance), schedule)
-    grid = (("set_alpha_to_one", True), ("steps_offset", 0))
+    grid = DDIMGrid(steps_offset=0, set_alpha_to_one=True)
     model = Model(shape=shape, image_shape=shape, score_fn=score_fn, schedule=schedule,
                   ddim_grid=grid)
     for devices in (1, 2):
@@ -165,7 +166,7 @@ def test_unconditional_samples_from_seeds(tmp_path):
 
     none = jnp.zeros((1, 1))
     x = ddim_sample(Partial(_eps, score_fn, schedule), images_noise(jax.random.key(7), 5, shape), none, none,
-                    schedule=schedule, guidance=0.0, num_steps=3, **dict(grid)).sample
+                    schedule=schedule, guidance=0.0, num_steps=3, grid=grid).sample
     expected = np.clip(np.round((np.asarray(x).transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)
     pixels = _vectors(tmp_path / "on1", "pixels").reshape(expected.shape)
     assert np.abs(pixels.astype(int) - expected).max() <= 1
