@@ -73,7 +73,7 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
         i = STEPS - K + j
         t = jnp.full((2,), (int(ref.timesteps[i]) + 1) / T)
         x = ref.latents[i] / sd.schedule.psi(t)[:, None, None, None]
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, j)
         truth.append(flipd(score, x, t0=t, schedule=sd.schedule, key=step_keys))
         if j == 0:  # the probe matters: another draw gives another number
             other = flipd(score, x, t0=t, schedule=sd.schedule,
