@@ -78,6 +78,7 @@ def _one_line_error(err, *fragments):
         assert fragment in err, err
 
 
+@pytest.mark.slow
 def test_unet2d_matches_diffusers(diffusers_folder, tmp_path, capsys):
     folder, model = diffusers_folder
     out = tmp_path / "unet.safetensors"

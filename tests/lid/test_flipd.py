@@ -43,6 +43,7 @@ def test_exact_flipd_equals_hand_computed_formula(x64, name):
     np.testing.assert_allclose(est, single_gaussian_flipd(mix, x, t0, schedule), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_hutchinson_is_unbiased_with_known_variance_and_converges(x64):
     # For symmetric J, a Rademacher probe has Var(v^T J v) = 2 (||J||_F^2 - sum_i J_ii^2).
     schedule = VP()

@@ -102,6 +102,7 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(_knn, "_MIN_POINTS", 2048)
 
 
+@pytest.mark.slow
 def test_lpca_on_high_dimensional_data_takes_the_certified_search(x64, small_thresholds):
     """d >= 1024: lpca's default search is the certified one, and its answers equal
     scikit-dimension's on scikit-learn's neighbours."""

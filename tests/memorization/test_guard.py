@@ -53,6 +53,7 @@ def test_cfg_norm_sample_and_signal_are_the_trajectorys(sd, setting):
     np.testing.assert_array_equal(late.sample, ref.sample)
 
 
+@pytest.mark.slow
 def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
     cond, noise, kwargs, ref = setting
     # one key per image (then an image's signal does not depend on its batch); the program
@@ -142,6 +143,7 @@ def calibration_run(sd):
     return {"flipd": np.asarray(out.signal), "cfg_norm": np.asarray(out.cfg_norms).mean(0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal", ["cfg_norm", "flipd"])
 def test_false_positive_rate_on_held_out_prompts_matches_the_target(calibration_run, signal):
     # the conformal threshold at target 0.1 flags about 10% of the held-out prompts

@@ -94,6 +94,7 @@ def test_matches_diffusers(name):
     assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_matches_diffusers_ddpm_cifar10():
     model = torch_unet(DDPM_CIFAR10_CONFIG)
     module = UNet2D.from_config(model.config)
@@ -243,6 +244,7 @@ def saved(tmp_path_factory):
     return root, model, scheduler
 
 
+@pytest.mark.slow
 def test_load_pipeline_and_score_matches_torch(saved):
     root, model, scheduler = saved
     loaded = load_unet2d(root)
@@ -275,6 +277,7 @@ def test_load_layouts(saved, tmp_path):
         chex.assert_trees_all_equal(loaded.params, reference)
 
 
+@pytest.mark.slow
 def test_converted_file_round_trip(saved, tmp_path):
     root, _, _ = saved
     loaded = load_unet2d(root)
