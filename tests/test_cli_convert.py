@@ -221,6 +221,7 @@ def test_stylegan2_pickle_matches_original(tmp_path, capsys, network, outputs):
     assert np.max(np.abs(np.asarray(got) - ref[outputs])) <= 1e-4
 
 
+@pytest.mark.slow
 def test_stylegan2_state_dict_needs_init_kwargs(tmp_path, capsys):
     from mmh_jax.convert.safe_pickle import read_network_pickle
 

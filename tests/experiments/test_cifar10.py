@@ -58,6 +58,7 @@ def _scores(out: Path):
     return merge(out / "scores").scores
 
 
+@pytest.mark.slow
 def test_run_writes_files_and_columns(run_dir):
     out = run_dir / "out"
     for name in ("results.parquet", "results.csv", "pairs_calibrated_l2.png", "to_label.csv",

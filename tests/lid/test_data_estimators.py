@@ -124,6 +124,7 @@ def test_bad_inputs():
         mle(x, np.zeros((2, 4)), k=5)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_agree_with_eager():
     rng = np.random.default_rng(0)
     x = np.hstack([rng.standard_normal((200, 3)), 1e-4 * rng.standard_normal((200, 2))]).astype(np.float32)

@@ -102,6 +102,7 @@ def test_image_shaped_events(x64):
     np.testing.assert_allclose(est, 5.0, atol=0.05)
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_new_shapes(dtype):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(0), ambient_dim=4, dims=[1], dtype=jnp.dtype(dtype))
@@ -122,6 +123,7 @@ def test_jit_vmap_and_new_shapes(dtype):
     np.testing.assert_allclose(batched, 1.0, atol=0.05)
 
 
+@pytest.mark.slow
 def test_curve_and_knee(x64):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(2), ambient_dim=8, dims=[0, 2, 5])

@@ -78,6 +78,7 @@ def test_cfg_flipd_of_a_bfloat16_network_is_accumulated_in_float32(sd, sd16):
     np.testing.assert_allclose(ours16, ours32, atol=0.05 * np.prod(EVENT))
 
 
+@pytest.mark.slow
 def test_generation_norms_are_the_trajectory_formulas(sd):
     cond = sd.encode_prompt(["a cat", "the fox"])
     result = sd.sample(cond, key=jax.random.key(0), num_steps=4, return_trajectory=True)

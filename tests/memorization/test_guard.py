@@ -35,6 +35,7 @@ def setting(sd):
     return cond, noise, kwargs, ref
 
 
+@pytest.mark.slow
 def test_cfg_norm_sample_and_signal_are_the_trajectorys(sd, setting):
     cond, noise, kwargs, ref = setting
     # (without the trajectory: the program guarded_generate's test runs too)

@@ -98,6 +98,7 @@ def trajectory(sd):
     return cond, result
 
 
+@pytest.mark.slow
 def test_trajectory_points_are_the_sampler_latents(sd, trajectory):
     _, result = trajectory
     points = trajectory_points(result, schedule=sd.schedule, steps=[1, -1])

@@ -273,6 +273,7 @@ def test_preprocess_memorization_values():
     np.testing.assert_allclose(out, want.transpose(0, 3, 1, 2), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_similarity_is_the_inner_product_of_descriptors():
     """On a stand-in descriptor (the normalised mean colour of the preprocessed image): image
     i of one batch against image i of the other, in SSCD calls of ``batch_size`` images."""

@@ -118,6 +118,7 @@ def test_ddim_sampling_matches_diffusers_pipeline(sd, sd_folder):
         pipe, z, steps, np.repeat(emb[2:], 4, 0)), atol=2e-4)
 
 
+@pytest.mark.slow
 def test_vae_encode_decode_match_torch(sd, sd_folder):
     _, pipe = sd_folder
     images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)

@@ -81,6 +81,7 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift, scale):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_diffusers(name):
     config = CONFIGS[name]
@@ -109,6 +110,7 @@ def test_matches_diffusers_ddpm_cifar10():
         assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_bfloat16_close_to_float32():
     # one level: XLA:CPU compiles bfloat16 programs slowly
     model = torch_unet(dict(TINY, block_out_channels=(32,), down_block_types=("AttnDownBlock2D",),
@@ -307,6 +309,7 @@ def test_truncated_files_are_named(saved, tmp_path):
         load_unet2d(folder, schedule=DDPM.linear())
 
 
+@pytest.mark.slow
 def test_missing_things_are_named(saved, tmp_path):
     root, _, _ = saved
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -135,6 +135,7 @@ def test_k1_takes_the_certified_search_and_matches_sklearn(x64, low_rank, monkey
         np.testing.assert_allclose(np.asarray(got.distances), exact, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_calibrated_l2_matches_numpy(x64, data):
     queries, references = data
     queries = queries.copy()

@@ -72,6 +72,7 @@ def test_values_match_the_closed_form_on_any_mesh_and_batch(tmp_path):
                                        rtol=1e-5, err_msg=f"{name}: {column}")
 
 
+@pytest.mark.slow
 def test_item_keys_follow_the_documented_rule(tmp_path):
     """Item i's key is fold_in(fold_in(key(seed), i >> 32), i & 0xffffffff), then the column's
     name: the engine equals the plain estimator called with those keys."""

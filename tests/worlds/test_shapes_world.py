@@ -257,6 +257,7 @@ def test_new_images_are_copies_at_about_the_quantile(world, copy_judge):
     assert abs(rate - QUANTILE) < 3 * sd, rate
 
 
+@pytest.mark.slow
 def test_copy_judge_refuses_bad_arguments(world):
     held = _renders(world.heldout_scenes(120, split=0))
     with pytest.raises(ValueError, match="quantile"):
