@@ -12,6 +12,7 @@ Example: python benchmarks/bench_linalg.py --repeats 7
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 
@@ -46,8 +47,8 @@ def main() -> None:
             ours = jax.jit(singular_values)
             theirs = jax.jit(lambda m: jnp.linalg.svd(m, compute_uv=False))
         np.testing.assert_allclose(ours(a), theirs(a), rtol=1e-3, atol=1e-3 * float(theirs(a).max()))
-        times = interleaved({"ours": lambda: ours(a), "batched": lambda: theirs(a)},
-                            args.repeats, sync=jax.block_until_ready)
+        times = interleaved({"ours": functools.partial(ours, a),
+                             "batched": functools.partial(theirs, a)}, args.repeats, sync=jax.block_until_ready)
         ms = {k: (1e3 * min(v), 1e3 * statistics.median(v)) for k, v in times.items()}
         print(f"| {kind} | {'x'.join(map(str, shape))} | {ms['ours'][0]:.1f} / {ms['ours'][1]:.1f} "
               f"| {ms['batched'][0]:.1f} / {ms['batched'][1]:.1f} "

@@ -86,12 +86,12 @@ def main() -> None:
         certified = build_index(rj, k=k, exclude_self=False).proj is not None
         results = {}
 
-        def ours(k=k):
+        def ours(k=k, results=results):
             out = nearest_neighbours(qj, rj, k=k, batch_size=args.batch_size)
             results["ours"] = out
             return out
 
-        def sk(k=k):
+        def sk(k=k, results=results):
             nn = NearestNeighbors(n_neighbors=k, algorithm="brute", n_jobs=-1).fit(refs)
             out = nn.kneighbors(queries)
             results["sklearn"] = out

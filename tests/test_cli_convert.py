@@ -78,6 +78,7 @@ def _one_line_error(err, *fragments):
         assert fragment in err, err
 
 
+@pytest.mark.slow
 def test_unet2d_matches_diffusers(diffusers_folder, tmp_path, capsys):
     folder, model = diffusers_folder
     out = tmp_path / "unet.safetensors"
@@ -220,6 +221,7 @@ def test_stylegan2_pickle_matches_original(tmp_path, capsys, network, outputs):
     assert np.max(np.abs(np.asarray(got) - ref[outputs])) <= 1e-4
 
 
+@pytest.mark.slow
 def test_stylegan2_state_dict_needs_init_kwargs(tmp_path, capsys):
     from mmh_jax.convert.safe_pickle import read_network_pickle
 

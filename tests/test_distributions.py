@@ -1,12 +1,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from mmh_jax.distributions import SubspaceGaussianMixture
 from mmh_jax.schedules import VP
 
 
+@pytest.mark.slow
 def test_log_prob_matches_scipy_mixture(x64):
     mix = SubspaceGaussianMixture.random(key=jax.random.key(0), ambient_dim=4, dims=[2, 4, 0], separation=3.0)
     s, t = VP(), 0.3
@@ -21,6 +23,7 @@ def test_log_prob_matches_scipy_mixture(x64):
     np.testing.assert_allclose(ours, np.log(dens), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_samples_lie_on_their_subspaces(x64):
     mix = SubspaceGaussianMixture.random(key=jax.random.key(0), ambient_dim=6, dims=[1, 3])
     x, comp = mix.sample(200, key=jax.random.key(2))

@@ -158,6 +158,7 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- site build
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs build needs mkdocs (pip install -e '.[docs]')")
     pytest.importorskip("mkdocstrings_handlers.python",

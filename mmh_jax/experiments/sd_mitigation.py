@@ -244,7 +244,7 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rephrasings per prompt, method and k (default %(default)s)")
     parser.add_argument("--rephraser", choices=("synonyms", "chat"), default=d.rephraser,
                         help="synonyms: offline synonym substitution (default); chat: an "
-                        "OpenAI-compatible endpoint (--chat-url, key in $%s)" % d.chat_key_env)
+                        f"OpenAI-compatible endpoint (--chat-url, key in ${d.chat_key_env})")
     parser.add_argument("--chat-url", metavar="URL",
                         help="chat endpoint base, e.g. https://api.openai.com/v1")
     parser.add_argument("--chat-model", metavar="M", default=d.chat_model,

@@ -424,7 +424,7 @@ def template() -> str:
                 lines.append(f"# {key} = {_toml(spec.default)}")
         lines.append("")
     lines.append("# Columns: one table per kind; give the table (even empty) to compute it.")
-    for name, (cls, fixed, docs) in COLUMNS.items():
+    for name, (_, _, docs) in COLUMNS.items():
         lines.append(f"# [columns.{name}]")
         for key, (hint, default) in _column_spec(name).items():
             shown = '"train.npy"' if default is _REQUIRED else _toml(default)

@@ -664,7 +664,7 @@ def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, ou
     with progress:
         task = progress.add_task("score", total=plan.items_pending, rate="-")
         exhausted = False
-        for k in range(plan.steps):
+        for _ in range(plan.steps):
             loaded = []
             if not exhausted:
                 loaded, bad, exhausted = _collect(slots, local_batch, chunks, chunk_size)

@@ -58,6 +58,7 @@ def _scores(out: Path):
     return merge(out / "scores").scores
 
 
+@pytest.mark.slow
 def test_run_writes_files_and_columns(run_dir):
     out = run_dir / "out"
     for name in ("results.parquet", "results.csv", "pairs_calibrated_l2.png", "to_label.csv",
@@ -180,6 +181,7 @@ def _save_unet2d(path: Path) -> Path:
     return save_unet2d(path, Pretrained(m, params, s, eps_score_fn(m, params, s)))
 
 
+@pytest.mark.slow
 def test_diffusion_unet2d_flipd(tmp_path):
     """A tiny random diffusers-style UNet2D written by save_unet2d: DDIM + FLIPD end to end."""
     _save_unet2d(tmp_path / "unet.safetensors")
@@ -204,6 +206,7 @@ def _pooled_normal_lid(spectra: np.ndarray, q: float = 10.0) -> np.ndarray:
     return spectra.shape[1] - np.sum(spectra > threshold, axis=1)
 
 
+@pytest.mark.slow
 def test_diffusion_normal_bundle(tmp_path):
     """``--lid normal_bundle``: spectra of d = 192 singular values per sample, LID_theta their
     count below the pooled 10th percentile (Appendix C.1), recomputed here with numpy; a rerun
@@ -257,6 +260,7 @@ def _random_sscd_state_dict(seed: int = 0) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_sscd_retrieval(tmp_path):
     """``--sscd`` with a random ResNet-50 SSCD saved as a plain torchvision-named state dict
     (no architecture recorded: the ResNeXt-101 reading fails, the ResNet-50 one is used).  A

@@ -38,6 +38,7 @@ def test_training_set_has_isolated_point_by_construction():
     np.testing.assert_array_equal(a.points, b.points)
 
 
+@pytest.mark.slow
 def test_von_mises_files(vm_run):
     cfg, res = vm_run
     names = {p.name for p in res.files}
@@ -193,6 +194,7 @@ def test_digits_training_set_common_per_class():
     assert (full.unique_kind == "common").sum() > 1400
 
 
+@pytest.mark.slow
 def test_digits_fast_run_files(tmp_path):
     cfg = digits.DigitsConfig(seed=0, out=tmp_path, **FAST_DIGITS)
     table, summary, files = digits.run(cfg)

@@ -35,6 +35,7 @@ def detected(sd_folder, tmp_path_factory):
     return folder, root, prompts
 
 
+@pytest.mark.slow
 def test_prompt_file_gives_table_figures_and_detection(detected):
     _, root, _ = detected
     table = pd.read_parquet(root / "out/results.parquet")
@@ -52,6 +53,7 @@ def test_prompt_file_gives_table_figures_and_detection(detected):
     assert row["auroc"] == pytest.approx(roc_auc_score(labels, -table["flipd_cond"]))
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_and_values_do_not_depend_on_batch_or_input_length(detected, sd_folder,
                                                                         capsys):
     folder, root, prompts = detected
@@ -98,6 +100,7 @@ def test_other_inputs_in_the_output_folder_are_refused(detected, tmp_path, capsy
     assert "other inputs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_image_folder_and_converted_model(sd_folder, tmp_path):
     folder, _ = sd_folder
     converted = tmp_path / "sd.safetensors"

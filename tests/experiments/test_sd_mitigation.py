@@ -78,6 +78,7 @@ def _clip_folder(root):
     return root
 
 
+@pytest.mark.slow
 def test_cli_attribute_writes_tables_and_figure(sd_folder, tmp_path):
     folder, _ = sd_folder
     out = tmp_path / "attr"
@@ -92,6 +93,7 @@ def test_cli_attribute_writes_tables_and_figure(sd_folder, tmp_path):
     assert (out / "attributions.png").stat().st_size > 2000
 
 
+@pytest.mark.slow
 def test_cli_mitigate_end_to_end(sd_folder, tmp_path, monkeypatch, capsys):
     folder, _ = sd_folder
     prompts = tmp_path / "prompts.txt"
@@ -150,6 +152,7 @@ def _staged(sd_folder, tmp_path, monkeypatch, out, calls=None, **changes):
     return sd_mitigation.run_mitigate(config)
 
 
+@pytest.mark.slow
 def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, monkeypatch):
     from mmh_jax import scoring
     from mmh_jax.experiments.common import DemoInputError
@@ -188,6 +191,7 @@ def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, m
         _staged(sd_folder, tmp_path, monkeypatch, out, num_steps=STEPS + 1)
 
 
+@pytest.mark.slow
 def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_path,
                                                              monkeypatch):
     """Truth: the new prompt's image from StableDiffusion.sample with the run's seed (image j

@@ -43,6 +43,7 @@ def test_exact_flipd_equals_hand_computed_formula(x64, name):
     np.testing.assert_allclose(est, single_gaussian_flipd(mix, x, t0, schedule), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_hutchinson_is_unbiased_with_known_variance_and_converges(x64):
     # For symmetric J, a Rademacher probe has Var(v^T J v) = 2 (||J||_F^2 - sum_i J_ii^2).
     schedule = VP()
@@ -101,6 +102,7 @@ def test_image_shaped_events(x64):
     np.testing.assert_allclose(est, 5.0, atol=0.05)
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_new_shapes(dtype):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(0), ambient_dim=4, dims=[1], dtype=jnp.dtype(dtype))
@@ -121,6 +123,7 @@ def test_jit_vmap_and_new_shapes(dtype):
     np.testing.assert_allclose(batched, 1.0, atol=0.05)
 
 
+@pytest.mark.slow
 def test_curve_and_knee(x64):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(2), ambient_dim=8, dims=[0, 2, 5])

@@ -102,6 +102,7 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(_knn, "_MIN_POINTS", 2048)
 
 
+@pytest.mark.slow
 def test_lpca_on_high_dimensional_data_takes_the_certified_search(x64, small_thresholds):
     """d >= 1024: lpca's default search is the certified one, and its answers equal
     scikit-dimension's on scikit-learn's neighbours."""
@@ -124,6 +125,7 @@ def test_probe_falls_back_to_brute_force_when_few_queries_are_certified(x64, sma
     assert build_index(x[:, :1000], k=10, exclude_self=True).proj is None  # d < 1024
 
 
+@pytest.mark.slow
 def test_certified_search_under_jit_and_vmap(x64):
     x = _curved(300, 40, 3, noise=1e-1)
     eager = knn(x, k=5, batch_size=64, projection_dim=2)  # some queries need the repair loop

@@ -114,6 +114,7 @@ def test_paper_float32_and_sampled_distance_percentile():
         lpca(x, k=100, method="paper", distance_max_points=300)
 
 
+@pytest.mark.slow
 def test_paper_single_copy_and_external_queries(x64):
     x = _plane_with_duplicates(n_copies=2)
     got = np.asarray(lpca(x, k=50, method="paper"))

@@ -24,6 +24,7 @@ def test_returns_exactly_k(x64, name, d, dims):
     assert bool(jnp.all(jnp.diff(result.singular_values, axis=1) <= 0))
 
 
+@pytest.mark.slow
 def test_singular_values_are_on_the_noise_scale(x64):
     # Normal directions read ~1 (sigma * score is unit noise); a tangent direction with
     # variance lam reads ~sigma^2 / (psi^2 lam + sigma^2).
@@ -49,6 +50,7 @@ def test_centering_keeps_the_dimension_an_uncentred_matrix_loses(x64):
     assert int(normal_bundle(mix.score(schedule=schedule), x, t0=1e-3, center=True, **kw).lid[0]) == 2
 
 
+@pytest.mark.slow
 def test_global_percentile_threshold(x64):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(5), ambient_dim=8, dims=[1, 6])
@@ -64,6 +66,7 @@ def test_global_percentile_threshold(x64):
     np.testing.assert_array_equal(lid_from_singular_values(res.singular_values, threshold=tau, space="normal"), mix.dims[comp])
 
 
+@pytest.mark.slow
 def test_chunking_and_batch_do_not_change_a_point(x64):
     schedule = DDPM.linear()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(8), ambient_dim=4, dims=[2])

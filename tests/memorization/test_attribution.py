@@ -29,6 +29,7 @@ def test_defaults_follow_the_public_code():
         default_attribution_images("lid")
 
 
+@pytest.mark.slow
 def test_attribute_prompt_scores_each_prompt_token(sd):
     prompt = "a cat, the cat"
     attr = attribute_prompt(sd, prompt, metric="cfg", key=jax.random.key(0), **SMALL)

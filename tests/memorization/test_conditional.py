@@ -24,6 +24,7 @@ def _probes(key, b, num_probes):
         jax.random.fold_in(k, i), EVENT, jnp.float32))(keys)) for i in range(num_probes)])
 
 
+@pytest.mark.slow
 def test_cfg_flipd_traces_both_branches_like_pytorch(sd, sd_folder):
     _, pipe = sd_folder
     b, num_probes, guidance = 2, 3, 7.5
@@ -55,6 +56,7 @@ def test_cfg_flipd_traces_both_branches_like_pytorch(sd, sd_folder):
                                rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_cfg_flipd_of_a_bfloat16_network_is_accumulated_in_float32(sd, sd16):
     # The network computes in bfloat16; the guided score and its jvp leave it in float32, so the
     # probe products and the trace sum are float32 (the public code ran all of it under fp16).
@@ -76,6 +78,7 @@ def test_cfg_flipd_of_a_bfloat16_network_is_accumulated_in_float32(sd, sd16):
     np.testing.assert_allclose(ours16, ours32, atol=0.05 * np.prod(EVENT))
 
 
+@pytest.mark.slow
 def test_generation_norms_are_the_trajectory_formulas(sd):
     cond = sd.encode_prompt(["a cat", "the fox"])
     result = sd.sample(cond, key=jax.random.key(0), num_steps=4, return_trajectory=True)
@@ -130,6 +133,7 @@ def test_image_cfg_norms_follow_the_closed_form_ode(x64):
         image_cfg_norms(eps_fn, z0, cond, uncond, schedule=SCHEDULE, t0=0.0005)
 
 
+@pytest.mark.slow
 def test_image_cfg_norms_on_the_pipeline_use_real_steps(sd, jit_call):
     images = np.random.default_rng(3).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     z0 = sd.encode_image(images)

@@ -36,6 +36,7 @@ def _with(params, path, update):
     return jax.tree.unflatten(jax.tree.structure(params), new)
 
 
+@pytest.mark.slow
 def test_spectra_equal_the_full_jacobian(generator):
     module, params, z, c = generator
     result = gan_lid(module, params, z, c, truncation_psi=0.7, chunk_size=5)

@@ -35,6 +35,7 @@ def setting(sd):
     return cond, noise, kwargs, ref
 
 
+@pytest.mark.slow
 def test_cfg_norm_sample_and_signal_are_the_trajectorys(sd, setting):
     cond, noise, kwargs, ref = setting
     # (without the trajectory: the program guarded_generate's test runs too)
@@ -53,6 +54,7 @@ def test_cfg_norm_sample_and_signal_are_the_trajectorys(sd, setting):
     np.testing.assert_array_equal(late.sample, ref.sample)
 
 
+@pytest.mark.slow
 def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
     cond, noise, kwargs, ref = setting
     # one key per image (then an image's signal does not depend on its batch); the program
@@ -73,7 +75,7 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
         i = STEPS - K + j
         t = jnp.full((2,), (int(ref.timesteps[i]) + 1) / T)
         x = ref.latents[i] / sd.schedule.psi(t)[:, None, None, None]
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, j)
         truth.append(flipd(score, x, t0=t, schedule=sd.schedule, key=step_keys))
         if j == 0:  # the probe matters: another draw gives another number
             other = flipd(score, x, t0=t, schedule=sd.schedule,
@@ -142,6 +144,7 @@ def calibration_run(sd):
     return {"flipd": np.asarray(out.signal), "cfg_norm": np.asarray(out.cfg_norms).mean(0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal", ["cfg_norm", "flipd"])
 def test_false_positive_rate_on_held_out_prompts_matches_the_target(calibration_run, signal):
     # the conformal threshold at target 0.1 flags about 10% of the held-out prompts

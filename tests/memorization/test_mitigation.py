@@ -91,6 +91,7 @@ def mitigated(sd):
     return result, sims, clips
 
 
+@pytest.mark.slow
 def test_mitigate_gives_one_row_per_prompt_method_k_and_repeat(mitigated):
     result, sims, clips = mitigated
     rows = pd.DataFrame(result.rows)

@@ -99,6 +99,7 @@ def trajectory(sd):
     return cond, result
 
 
+@pytest.mark.slow
 def test_trajectory_points_are_the_sampler_latents(sd, trajectory):
     _, result = trajectory
     points = trajectory_points(result, schedule=sd.schedule, steps=[1, -1])
@@ -111,6 +112,7 @@ def test_trajectory_points_are_the_sampler_latents(sd, trajectory):
         trajectory_points(result, schedule=sd.schedule, steps=[5])
 
 
+@pytest.mark.slow
 def test_flipd_metric_is_lid_flipd_of_the_cfg_score_at_the_noisy_point(sd, trajectory):
     # Eq. 26 at x_t equals FLIPD (Eq. 6) of the guided score at the clean point x_t / psi(t):
     # mmh_jax.lid.flipd evaluates s^CFG through the doubled batch of both branches, with the
@@ -174,6 +176,7 @@ def _weighted_context_eps(eps_fn, weights, x, t, context):
     return eps_fn(x, t, context * weights)
 
 
+@pytest.mark.slow
 def test_a_planted_token_gets_the_largest_attribution(sd, trajectory):
     # The tiny UNet sees position 3 at full strength and every other position at 2%: that token
     # alone drives the conditional output, so it must get the largest attribution.

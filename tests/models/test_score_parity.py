@@ -50,6 +50,7 @@ def _psi_sigma(schedule, b):
     return torch.tensor(np.asarray(schedule.psi(t))), torch.tensor(np.asarray(schedule.sigma(t)))
 
 
+@pytest.mark.slow
 def test_flipd_hutchinson_matches_pytorch(models):
     score_fn, torch_score, schedule = models
     b, num_probes = 3, 4
@@ -67,6 +68,7 @@ def test_flipd_hutchinson_matches_pytorch(models):
     assert not np.allclose(ours, ours[0])  # the points differ, so the check is not vacuous
 
 
+@pytest.mark.slow
 def test_flipd_exact_trace_matches_pytorch(models):
     score_fn, torch_score, schedule = models
     b = 2
@@ -81,6 +83,7 @@ def test_flipd_exact_trace_matches_pytorch(models):
     np.testing.assert_allclose(ours, ref, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_normal_bundle_matches_pytorch(models):
     score_fn, torch_score, schedule = models
     b = 2

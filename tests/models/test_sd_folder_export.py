@@ -131,6 +131,7 @@ def test_diffusers_reads_the_folder_as_the_original_pipeline(exported, sd_folder
     assert loaded.scheduler.config.steps_offset == pipe.scheduler.config.steps_offset
 
 
+@pytest.mark.slow
 def test_our_loader_reads_the_folder_back_identically(exported, sd):
     back = load_stable_diffusion(exported)
     for got, expected in ((back.unet.params, sd.unet.params), (back.vae_params, sd.vae_params),

@@ -130,6 +130,7 @@ def _torch_out(model, x):
         return model(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.slow
 def test_resnet50_parity(r50, x_small):
     model, _, params, apply = r50
     ref = _torch_out(model, x_small)
@@ -159,6 +160,7 @@ def _traced_archive(model, path, head="fc"):
     return flat
 
 
+@pytest.mark.slow
 def test_torchscript_archive_converts_to_same_params(r50, x_small, tmp_path):
     model, module, params, apply = r50
     path = tmp_path / "sscd_disc_mixup.torchscript.pt"
@@ -271,6 +273,7 @@ def test_preprocess_memorization_values():
     np.testing.assert_allclose(out, want.transpose(0, 3, 1, 2), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_similarity_is_the_inner_product_of_descriptors():
     """On a stand-in descriptor (the normalised mean colour of the preprocessed image): image
     i of one batch against image i of the other, in SSCD calls of ``batch_size`` images."""
@@ -308,6 +311,7 @@ def test_preprocess_sscd_modes():
         sscd_preprocess(img.transpose(0, 3, 1, 2))
 
 
+@pytest.mark.slow
 def test_resnext101_32x4d_parity():
     torch.manual_seed(0)
     model = _randomise_bn(_TorchSSCD(_RefTrunk((3, 4, 23, 3), 32, 4), 1024), 2)

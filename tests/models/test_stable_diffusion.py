@@ -52,6 +52,7 @@ def test_schedule_and_prompt_encoding_match_the_pipeline(sd, sd_folder):
     np.testing.assert_allclose(sd.encode_prompt(ids), got, atol=1e-6)  # token ids work too
 
 
+@pytest.mark.slow
 def test_eps_and_cfg_slots_match_torch(sd, sd_folder, jit_call):
     _, pipe = sd_folder
     _, emb = _torch_embedding(pipe, PROMPTS + [""])
@@ -71,6 +72,7 @@ def test_eps_and_cfg_slots_match_torch(sd, sd_folder, jit_call):
     assert np.abs(np.asarray(swapped) - (eps_u + 7.5 * (eps_c - eps_u))).max() > 0.1
 
 
+@pytest.mark.slow
 def test_scores_are_minus_eps_over_sigma(sd, sd_folder, jit_call):
     _, pipe = sd_folder
     _, emb = _torch_embedding(pipe, PROMPTS[:1] + [""])
@@ -88,6 +90,7 @@ def test_scores_are_minus_eps_over_sigma(sd, sd_folder, jit_call):
                                rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_ddim_sampling_matches_diffusers_pipeline(sd, sd_folder):
     _, pipe = sd_folder
     images = 2
@@ -114,6 +117,7 @@ def test_ddim_sampling_matches_diffusers_pipeline(sd, sd_folder):
         pipe, z, steps, np.repeat(emb[2:], 4, 0)), atol=2e-4)
 
 
+@pytest.mark.slow
 def test_vae_encode_decode_match_torch(sd, sd_folder):
     _, pipe = sd_folder
     images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
@@ -130,6 +134,7 @@ def test_vae_encode_decode_match_torch(sd, sd_folder):
     assert 0 < np.abs(np.asarray(sampled) - expected_z).max() < 6 * std.max()
 
 
+@pytest.mark.slow
 def test_bfloat16_pipeline_keeps_float32_interfaces(sd, sd16, jit_call):
     z, t = _latents(2), np.array([0.3, 0.9], np.float32)
     emb = sd.encode_prompt(PROMPTS)
@@ -143,6 +148,7 @@ def test_bfloat16_pipeline_keeps_float32_interfaces(sd, sd16, jit_call):
     assert np.abs(np.asarray(score16 - score)).max() <= 0.05 * np.abs(np.asarray(score)).max()
 
 
+@pytest.mark.slow
 def test_converted_file_round_trip(sd, sd_folder, tmp_path, jit_call):
     file = save_stable_diffusion(tmp_path / "sd.safetensors", sd)
     again = load_stable_diffusion(file)

@@ -81,6 +81,7 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift, scale):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_diffusers(name):
     config = CONFIGS[name]
@@ -94,6 +95,7 @@ def test_matches_diffusers(name):
     assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_matches_diffusers_ddpm_cifar10():
     model = torch_unet(DDPM_CIFAR10_CONFIG)
     module = UNet2D.from_config(model.config)
@@ -108,6 +110,7 @@ def test_matches_diffusers_ddpm_cifar10():
         assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_bfloat16_close_to_float32():
     # one level: XLA:CPU compiles bfloat16 programs slowly
     model = torch_unet(dict(TINY, block_out_channels=(32,), down_block_types=("AttnDownBlock2D",),
@@ -243,6 +246,7 @@ def saved(tmp_path_factory):
     return root, model, scheduler
 
 
+@pytest.mark.slow
 def test_load_pipeline_and_score_matches_torch(saved):
     root, model, scheduler = saved
     loaded = load_unet2d(root)
@@ -275,6 +279,7 @@ def test_load_layouts(saved, tmp_path):
         chex.assert_trees_all_equal(loaded.params, reference)
 
 
+@pytest.mark.slow
 def test_converted_file_round_trip(saved, tmp_path):
     root, _, _ = saved
     loaded = load_unet2d(root)
@@ -304,6 +309,7 @@ def test_truncated_files_are_named(saved, tmp_path):
         load_unet2d(folder, schedule=DDPM.linear())
 
 
+@pytest.mark.slow
 def test_missing_things_are_named(saved, tmp_path):
     root, _, _ = saved
     with pytest.raises(FileNotFoundError, match="nowhere"):

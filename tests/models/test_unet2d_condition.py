@@ -97,6 +97,7 @@ def flax_forward(module: UNet2DCondition, params, x, t, context) -> np.ndarray:
     return np.asarray(jax.jit(module.apply)({"params": params}, x, t, context))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_diffusers(name):
     config = CONFIGS[name]
@@ -110,6 +111,7 @@ def test_matches_diffusers(name):
     assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_bfloat16_close_to_float32_torch():
     # one level: XLA:CPU compiles bfloat16 programs slowly
     config = dict(TINY, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
@@ -144,6 +146,7 @@ def random_sd15_unet(seed: int = 0) -> UNet2DConditionModel:
     return model
 
 
+@pytest.mark.slow
 def test_matches_diffusers_sd15_full_size():
     """The full SD v1.5 UNet at batch 1, 64x64x4 latents and a 77x768 context, in float32.
 

@@ -109,6 +109,7 @@ def low_rank():
     return queries, references
 
 
+@pytest.mark.slow
 def test_k1_takes_the_certified_search_and_matches_sklearn(x64, low_rank, monkeypatch):
     """k = 1 on image-like data with the default rule scaled down (subspace dimension 32 from
     128 features and 2,048 references instead of 256, 1,024 and 16,384): the probe accepts the
@@ -134,6 +135,7 @@ def test_k1_takes_the_certified_search_and_matches_sklearn(x64, low_rank, monkey
         np.testing.assert_allclose(np.asarray(got.distances), exact, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_calibrated_l2_matches_numpy(x64, data):
     queries, references = data
     queries = queries.copy()

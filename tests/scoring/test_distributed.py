@@ -56,6 +56,7 @@ num_scores = 16
 """
 
 
+@pytest.mark.slow
 def test_two_processes_score_one_input_together(tmp_path):
     x = toy_model.points(40, seed=2)
     np.save(tmp_path / "x.npy", x)
@@ -119,6 +120,7 @@ def _check_consistent(out: Path) -> None:
         merge(out, allow_partial=True)
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_exactly_one_row_per_item(tmp_path):
     x = toy_model.points(36, seed=3)
     np.save(tmp_path / "x.npy", x)
@@ -259,6 +261,7 @@ print(len(jax.devices()), "devices")
 """
 
 
+@pytest.mark.slow
 def test_every_column_gives_the_values_of_one_device_on_four(tmp_path):
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, size=(32, 8, 8, 3), dtype=np.uint8)  # [n, h, w, c]

@@ -34,6 +34,7 @@ def _table(out) -> dict[str, np.ndarray]:
     return {name: merged.scores[name].to_numpy() for name in merged.scores.column_names}
 
 
+@pytest.mark.slow
 def test_values_match_the_closed_form_on_any_mesh_and_batch(tmp_path):
     x = toy_model.points(30)
     np.save(tmp_path / "x.npy", x)
@@ -71,6 +72,7 @@ def test_values_match_the_closed_form_on_any_mesh_and_batch(tmp_path):
                                        rtol=1e-5, err_msg=f"{name}: {column}")
 
 
+@pytest.mark.slow
 def test_item_keys_follow_the_documented_rule(tmp_path):
     """Item i's key is fold_in(fold_in(key(seed), i >> 32), i & 0xffffffff), then the column's
     name: the engine equals the plain estimator called with those keys."""
@@ -244,6 +246,7 @@ def test_settings_are_checked_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
     """Image-caption pairs through Model.from_stable_diffusion (images encoded by the VAE and
     captions by the text encoder, on the devices): the engine's CFG norms equal image_cfg_norms
@@ -275,6 +278,7 @@ def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     """A prompt file with Stable Diffusion, two images per prompt: image j of each prompt is the
     image j that StableDiffusion.sample draws for it with the same seed (one noise rule for

@@ -94,6 +94,7 @@ def test_class_labels_are_checked(tmp_path):
         score(plain, [JacobianRank()], Seeds(3), out, batch_size=8)
 
 
+@pytest.mark.slow
 def test_stylegan2_columns_are_the_same_on_one_and_two_devices(tmp_path):
     """The conditional StyleGAN2 fixture with w.r.t. w: spectra and images equal on a 1- and a
     2-device mesh, the spectra equal gan_lid's on the same latents and classes, the images the
@@ -139,6 +140,7 @@ def _eps(score_fn, schedule, x, t, context):
     return -schedule.sigma(t).reshape(-1, 1, 1, 1) * score_fn(x, t)
 
 
+@pytest.mark.slow
 def test_unconditional_samples_from_seeds(tmp_path):
     """Sample numbers alone with an unconditional pixel model: sample i is DDIM from the noise
     of index i under the run's seed (the one item-noise rule), rounded to uint8, the same on 1

@@ -257,6 +257,7 @@ def test_new_images_are_copies_at_about_the_quantile(world, copy_judge):
     assert abs(rate - QUANTILE) < 3 * sd, rate
 
 
+@pytest.mark.slow
 def test_copy_judge_refuses_bad_arguments(world):
     held = _renders(world.heldout_scenes(120, split=0))
     with pytest.raises(ValueError, match="quantile"):
@@ -305,6 +306,7 @@ def _other_objects(scene):
     return scene._replace(objects=tuple(objects))
 
 
+@pytest.mark.slow
 def test_fidelity_is_high_for_true_captions_and_low_for_false_ones(classifier, fresh):
     scenes, images = fresh
     rng = np.random.default_rng(0)
@@ -318,6 +320,7 @@ def test_fidelity_is_high_for_true_captions_and_low_for_false_ones(classifier, f
                                   fidelity(classifier, images, [caption_of(s) for s in scenes]))
 
 
+@pytest.mark.slow
 def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh):
     _, images = fresh
     a = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)

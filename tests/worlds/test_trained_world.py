@@ -41,6 +41,7 @@ def trained():
     return sd, prompts, images, labels
 
 
+@pytest.mark.slow
 def test_cfg_norm_at_the_training_image_separates_verbatim_prompts(trained):
     sd, prompts, images, labels = trained
     cond = sd.encode_prompt(prompts)
@@ -54,6 +55,7 @@ def test_cfg_norm_at_the_training_image_separates_verbatim_prompts(trained):
     assert roc_auc_score(labels, values) >= 0.9
 
 
+@pytest.mark.slow
 def test_cfg_norm_of_generations_is_larger_for_verbatim_prompts(trained):
     sd, prompts, _, labels = trained
     result = sd.sample(sd.encode_prompt(prompts), key=jax.random.key(0), images_per_prompt=2,

@@ -27,6 +27,7 @@ def tiny_model(tmp_path_factory):
     return root, pipeline, calls
 
 
+@pytest.mark.slow
 def test_folder_loads_alike_in_jax_and_diffusers(tiny_model):
     torch = pytest.importorskip("torch")
     from diffusers import StableDiffusionPipeline
@@ -64,6 +65,7 @@ def test_folder_loads_alike_in_jax_and_diffusers(tiny_model):
     np.testing.assert_allclose(np.asarray(sd.decode(z[:1])), image_torch, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_training_resumes_to_the_same_weights(tiny_model, tmp_path):
     root, folder, calls = tiny_model
     stages = [c[0] for c in calls if c[1] == c[2]]
