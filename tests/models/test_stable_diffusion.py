@@ -291,3 +291,25 @@ def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tm
     ours = ddim_timesteps(sd.schedule.num_timesteps, num_steps=10, spacing=grid["spacing"],
                           steps_offset=grid["steps_offset"])
     np.testing.assert_array_equal(ours, pipe.scheduler.timesteps.numpy())
+
+
+def test_tokenize_is_safe_from_many_threads(sd):
+    # the engine decodes items in threads; transformers' tokenizer keeps its padding and
+    # truncation settings between the calls, so unguarded concurrent calls lose their padding
+    # (ragged ids); the serial results are diffusers' (test above)
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = ("cat", "the", "a", "quick")
+    prompts = [[" ".join(words[j % 4] for j in range(i % 11 + 1))] + ["a cat"] * (i % 3)
+               for i in range(64)]
+    serial = [sd.tokenize(p) for p in prompts]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as 8 busy decoding threads do
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            for _ in range(10):
+                for want, got in zip(serial, pool.map(sd.tokenize, prompts)):
+                    np.testing.assert_array_equal(got, want)
+    finally:
+        sys.setswitchinterval(interval)
