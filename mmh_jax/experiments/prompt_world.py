@@ -34,8 +34,9 @@ The recipe:
    realised FPR, detection rate, copy rate with and without the guard (``guard.parquet``).
 
 Everything random is fixed by ``seed`` and the world's spec; the figures and ``summary.json``
-are read back from the Parquet files. Every stage's file is reused when it exists for the same
-settings (``settings.json``), so a killed run resumes at the stage it was in.
+are read back from the Parquet files. The detection runs resume where a killed run stopped
+(exactly once, per chunk) and refuse an output folder holding other prompts or settings; the
+later stages' files are reused when they exist for the same settings (``settings.json``).
 """
 
 from __future__ import annotations
