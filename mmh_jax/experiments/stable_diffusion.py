@@ -268,8 +268,6 @@ def run(config: DetectConfig, *, console: Console | None = None):
         DemoInputError: bad settings or input (naming the file and line), an unwritable output
             folder, or one that holds a run of other inputs or settings.
     """
-    import jax
-
     from mmh_jax import scoring
 
     config.validate()
