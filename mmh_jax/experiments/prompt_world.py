@@ -13,9 +13,13 @@ The recipe:
    grammar prompts) is sampled ``images_per_prompt`` times with DDIM and CFG; per image the CFG
    norm and the CFG-adjusted score norm of the trajectory, the CFG norm at the prompt's own image
    (the training image; for a held-out prompt the scene it was written for), conditional and
-   unconditional FLIPD of the generation, its copy verdict and fidelity
-   (``detection.parquet``); AUROC and TPR at 1% FPR with bootstrap CIs of prompt means,
-   memorized vs held-out, per kind;
+   unconditional FLIPD of the generation, its copy verdict and fidelity: ``sd detect``'s columns
+   (:func:`~mmh_jax.experiments.stable_diffusion.detection_columns`) and two host columns
+   (:class:`~mmh_jax.scoring.ImageSimilarity` with the copy judge,
+   :class:`~mmh_jax.scoring.ClipScore` with the fidelity classifier) in two runs of the scoring
+   engine, ``detection/`` (the generations of ``prompts.jsonl``) and ``detection_image/`` (the
+   prompts' own images with their captions, ``prompt_images.npz``); AUROC and TPR at 1% FPR
+   with bootstrap CIs of prompt means, memorized vs held-out, per kind;
 4. **attribution** (Figures 7a, 11): for verbatim and template prompts the token attributions of
    ``A^CFG``, ``A^sCFG`` and ``A^FLIPD``; how often the top-1 and top-3 tokens hold a trigger
    word, against choosing tokens uniformly (``attribution.parquet``);
@@ -30,8 +34,9 @@ The recipe:
    realised FPR, detection rate, copy rate with and without the guard (``guard.parquet``).
 
 Everything random is fixed by ``seed`` and the world's spec; the figures and ``summary.json``
-are read back from the Parquet files. Every stage's file is reused when it exists for the same
-settings (``settings.json``), so a killed run resumes at the stage it was in.
+are read back from the Parquet files. The detection runs resume where a killed run stopped
+(exactly once, per chunk) and refuse an output folder holding other prompts or settings; the
+later stages' files are reused when they exist for the same settings (``settings.json``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import argparse
 import dataclasses
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,7 +54,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax._src.batching import padded
 from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments.common import (
     DemoInputError,
@@ -63,7 +68,7 @@ from mmh_jax.experiments.common import (
 
 __all__ = ["PromptWorldConfig", "run", "add_arguments", "config_from_args", "DETECTORS"]
 
-#: detection signals: name -> (column of detection.parquet, higher means memorized)
+#: detection signals: name -> (column of the per-image detection table, higher means memorized)
 DETECTORS = {
     "CFG norm (generation)": ("cfg_norm", True),
     "CFG norm (training image)": ("cfg_norm_image", True),
@@ -158,20 +163,30 @@ def _read(out: Path, name: str) -> dict[str, np.ndarray]:
 
 
 class _Judges:
-    """The copy judge and the fidelity classifier, as the two scorers of ``mitigate``."""
+    """The copy judge and the fidelity classifier, as the scorers of the engine's host columns
+    and of ``mitigate``; fitted on first use (under a lock: the engine calls host columns from
+    its threads), so a resumed run whose stages are done fits neither."""
 
-    def __init__(self, judge, classifier):
-        self.judge, self.classifier = judge, classifier
+    def __init__(self, sd, world, seed: int, console: Console):
+        self._args = (sd, world, seed, console)
+        self._lock = threading.Lock()
+        self._fitted: tuple | None = None
+
+    def _get(self) -> tuple:
+        with self._lock:
+            if self._fitted is None:
+                self._fitted = _fit_judges(*self._args)
+            return self._fitted
 
     def copies(self, images_u8: np.ndarray, _references: Any = None) -> np.ndarray:
         from mmh_jax.worlds.judge import judge_copies
 
-        return judge_copies(self.judge, to_model_range(images_u8)).is_copy.astype(np.float64)
+        return judge_copies(self._get()[0], to_model_range(images_u8)).is_copy.astype(np.float64)
 
     def fidelity(self, images_u8: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         from mmh_jax.worlds.judge import fidelity
 
-        return fidelity(self.classifier, to_model_range(images_u8), list(prompts))
+        return fidelity(self._get()[1], to_model_range(images_u8), list(prompts))
 
 
 def _images_u8(sd, latents, batch: int = 256) -> np.ndarray:
@@ -190,7 +205,7 @@ def _round_trip(sd, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return to_model_range(_images_u8(sd, latents, batch))
 
 
-def _judges(sd, world, seed: int, console: Console) -> _Judges:
+def _fit_judges(sd, world, seed: int, console: Console) -> tuple:
     from mmh_jax.worlds import render
     import jax
 
@@ -206,7 +221,7 @@ def _judges(sd, world, seed: int, console: Console) -> _Judges:
                                             preprocess=lambda x: _round_trip(sd, x))
     console.print(f"judges ready in {time.perf_counter() - t:.0f} s (copy threshold "
                   f"{judge.threshold:.3f}, calibrated l2)")
-    return _Judges(judge, classifier)
+    return judge, classifier
 
 
 # --- detection ---------------------------------------------------------------------------------
@@ -238,59 +253,58 @@ class _Prompts:
         return [r[name] for r in self.rows]
 
 
-def _detect(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, console: Console
-            ) -> dict:
-    import jax
-    import jax.numpy as jnp
+def _detection(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, out: Path,
+               record: dict, console: Console) -> dict[str, np.ndarray]:
+    """The detection stage as two runs of ``sd detect``'s columns through the scoring engine
+    (each resumed where it stopped): ``detection/``, the generations of every prompt (CFG norms
+    of the trajectory, FLIPD, and the host columns judging copies and fidelity), and
+    ``detection_image/``, the prompt's own image with its caption (the CFG norm at the training
+    image). Returns the per-image table (prompt order) read back from their Parquet."""
+    from mmh_jax import scoring
+    from mmh_jax.experiments.stable_diffusion import detection_columns, score_pipeline
 
-    from mmh_jax.memorization import conditional_flipd, generation_cfg_norms, image_cfg_norms
-    from mmh_jax.worlds.judge import judge_copies
-
-    n_img, b = config.images_per_prompt, config.batch_size
-    key = jax.random.key(config.seed)
     texts = prompts.column("prompt")
-    columns: dict[str, list] = {c: [] for c in (
-        "prompt_id", "image_index", "cfg_norm", "cfg_score", "cfg_norm_image", "flipd_cond",
-        "flipd_uncond", "is_copy", "nearest", "copy_score", "fidelity")}
-    uncond = sd.uncond_embedding
-    with make_progress(console, enabled=config.progress) as bar:
-        task = bar.add_task("detection: sampling and scoring prompts", total=len(texts))
-        for lo in range(0, len(texts), b):
-            hi = min(lo + b, len(texts))
-            cond = jnp.asarray(padded(np.asarray(sd.encode_prompt(texts[lo:hi])), b))
-            result = sd.sample(cond, key=key, images_per_prompt=n_img, guidance=config.guidance,
-                               num_steps=config.num_steps, return_trajectory=True)
-            norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=config.guidance)
-            conds = jnp.repeat(cond, n_img, axis=0)
-            probe_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(
-                jnp.arange(lo * n_img, lo * n_img + b * n_img))
-            lids = conditional_flipd(sd.eps, result.sample, conds, uncond, schedule=sd.schedule,
-                                     key=probe_keys, guidance=config.guidance, t0=config.flipd_t0)
-            own = np.stack(prompts.column("image")[lo:hi])
-            at_image = image_cfg_norms(sd.eps, sd.encode_image(padded(own, b)), cond, uncond,
-                                       schedule=sd.schedule, guidance=config.guidance)
-            images = _images_u8(sd, result.sample)
-            keep = slice(0, (hi - lo) * n_img)
-            verdict = judge_copies(judges.judge, to_model_range(images[keep]))
-            ids = np.repeat(np.arange(lo, hi), n_img)
-            columns["prompt_id"] += ids.tolist()
-            columns["image_index"] += np.tile(np.arange(n_img), hi - lo).tolist()
-            columns["cfg_norm"] += np.asarray(norms.cfg_vector)[keep].tolist()
-            columns["cfg_score"] += np.asarray(norms.cfg_score)[keep].tolist()
-            columns["cfg_norm_image"] += np.repeat(
-                np.asarray(at_image.cfg_vector)[:hi - lo], n_img).tolist()
-            columns["flipd_cond"] += np.asarray(lids.conditional)[keep].tolist()
-            columns["flipd_uncond"] += np.asarray(lids.unconditional)[keep].tolist()
-            columns["is_copy"] += np.asarray(verdict.is_copy).tolist()
-            columns["nearest"] += np.asarray(verdict.nearest).tolist()
-            columns["copy_score"] += np.asarray(verdict.score).tolist()
-            columns["fidelity"] += judges.fidelity(images[keep], [texts[i] for i in ids]).tolist()
-            bar.advance(task, hi - lo)
-    ids = np.asarray(columns["prompt_id"])
-    table = {k: np.asarray(v) for k, v in columns.items()}
+    with atomic_path(out / "prompts.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps({"id": str(i), "caption": t}) + "\n"
+                               for i, t in enumerate(texts)))
+    with atomic_path(out / "prompt_images.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=np.stack(prompts.column("image")).astype(np.float32),
+                 captions=np.asarray(texts), ids=np.asarray([str(i) for i in range(len(texts))]))
+    columns = detection_columns(guidance=config.guidance, flipd_t0=config.flipd_t0)
+    host = [scoring.ImageSimilarity(similarity=judges.copies, reference=_no_reference,
+                                    label="the world's copy judge (1: a copy)"),
+            scoring.ClipScore(clip_scorer=judges.fidelity, prompt=texts.__getitem__,
+                              label="the world's fidelity classifier")]
+    engine_console = console if config.progress else None
+    n_img = config.images_per_prompt
+    score_pipeline(sd, columns + host, scoring.PromptFile(out / "prompts.jsonl"),
+                   out / "detection", seed=config.seed, batch_size=config.batch_size * n_img,
+                   images_per_prompt=n_img, guidance=config.guidance,
+                   num_steps=config.num_steps, console=engine_console, record=record)
+    score_pipeline(sd, columns[:1], scoring.ArrayFile(out / "prompt_images.npz",
+                                                      captions_key="captions"),
+                   out / "detection_image", seed=config.seed, batch_size=config.batch_size,
+                   guidance=config.guidance, console=engine_console, record=record)
+    rows = scoring.merge(out / "detection").scores
+    at_image = scoring.merge(out / "detection_image").scores
+    image_norm = np.full(len(texts), np.nan)
+    image_norm[at_image["index"].to_numpy()] = at_image["cfg_vector_norm"].to_numpy()
+    ids, image_index = rows["index"].to_numpy(), rows["image_index"].to_numpy()
+    order = np.lexsort((image_index, ids))
+    names = {"cfg_norm": "cfg_vector_norm", "cfg_score": "cfg_score_norm",
+             "flipd_uncond": columns[1].names[0], "flipd_cond": columns[2].names[0],
+             "is_copy": "similarity", "fidelity": "clip_score"}
+    table = {"prompt_id": ids[order], "image_index": image_index[order],
+             "cfg_norm_image": image_norm[ids[order]]}
+    table.update({k: rows[c].to_numpy()[order] for k, c in names.items()})
     for name in ("prompt", "kind", "count", "triggers"):
-        table[name] = np.asarray(prompts.column(name))[ids]
+        table[name] = np.asarray(prompts.column(name))[ids[order]]
     return table
+
+
+def _no_reference(_index: int, _image_index: int) -> None:
+    """No reference image: the copy judge compares with the whole training set."""
+    return None
 
 
 def _prompt_means(table: dict) -> dict[str, np.ndarray]:
@@ -420,15 +434,12 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
                    for k, v in dataclasses.asdict(config).items()
                    if k not in ("out", "model", "progress")}}
     prompts = _Prompts(world, config)
-    stages = ("detection", "mitigation", "guard")
-    judges = (None if all(_stage_done(out, name, settings) for name in stages)
-              else _judges(sd, world, config.seed, console))
+    judges = _Judges(sd, world, config.seed, console)
 
     t = time.perf_counter()
-    if not _stage_done(out, "detection", settings):
-        _stage_write(out, "detection", _detect(sd, prompts, judges, config, console), settings)
+    record = {"demo prompts": {k: settings[k] for k in ("world", "train")}}
+    means = _prompt_means(_detection(sd, prompts, judges, config, out, record, console))
     timings["detection"] = time.perf_counter() - t
-    means = _prompt_means(_read(out, "detection"))
     reports = _detection_reports(means, config.seed)
 
     key = jax.random.key(config.seed + 1)

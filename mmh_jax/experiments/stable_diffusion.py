@@ -61,6 +61,8 @@ __all__ = [
     "read_image_folder",
     "read_reference_images",
     "detection_metrics",
+    "detection_columns",
+    "score_pipeline",
     "add_arguments",
     "config_from_args",
     "run",
@@ -266,8 +268,6 @@ def run(config: DetectConfig, *, console: Console | None = None):
         DemoInputError: bad settings or input (naming the file and line), an unwritable output
             folder, or one that holds a run of other inputs or settings.
     """
-    import jax
-
     from mmh_jax import scoring
 
     config.validate()
@@ -285,25 +285,15 @@ def run(config: DetectConfig, *, console: Console | None = None):
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
-    flipd = dict(t0=config.flipd_t0, num_probes=config.num_probes)
-    columns = [scoring.CFGNorms(guidance=config.guidance, t0=config.cfg_t0,
-                                num_steps=config.euler_steps),
-               scoring.Flipd(**flipd),
-               scoring.Flipd(**flipd, conditional=True, guidance=config.guidance)]
+    columns = detection_columns(guidance=config.guidance, flipd_t0=config.flipd_t0,
+                                num_probes=config.num_probes, cfg_t0=config.cfg_t0,
+                                euler_steps=config.euler_steps)
     per_item = config.images_per_prompt if prompts else 1
-    # the engine's batch is of images, shared by every device: rounded up to a multiple of them
-    batch = -(-config.batch_size * per_item // jax.device_count()) * jax.device_count()
     start = time.perf_counter()
-    try:
-        done = scoring.score(
-            scoring.Model.from_stable_diffusion(sd), columns, source, str(out / "scores"),
-            seed=config.seed, batch_size=batch, resize="center_crop",
-            generation=scoring.Generation(guidance=config.guidance, num_steps=config.num_steps,
-                                          num_images=per_item),
-            console=err_console if config.progress else None)
-    except scoring.RunMismatch as err:
-        raise DemoInputError(f"{str(out / 'scores')!r} holds results of other inputs or "
-                             f"settings ({err}); choose another --out") from None
+    done = score_pipeline(sd, columns, source, out / "scores", seed=config.seed,
+                          batch_size=config.batch_size * per_item, images_per_prompt=per_item,
+                          guidance=config.guidance, num_steps=config.num_steps,
+                          console=err_console if config.progress else None)
     timings["score_s"] = time.perf_counter() - start
     merged = scoring.merge(out / "scores")
     rows = _item_rows(merged.scores, items, columns)
@@ -322,6 +312,82 @@ def run(config: DetectConfig, *, console: Console | None = None):
     for row in bad:
         err_console.print(f"not scored: {row['id']!r}: {row['error']}")
     return rows, summary, files
+
+
+def detection_columns(*, guidance: float, flipd_t0: float = 0.05, num_probes: int = 1,
+                      cfg_t0: float = 0.01, euler_steps: int = 3) -> list:
+    """The columns of ``sd detect``: the CFG vector and CFG-adjusted score norms
+    (:class:`~mmh_jax.scoring.CFGNorms`: of a generation, over the sampler's own steps; of an
+    image-caption pair, after ``euler_steps`` Euler steps to ``cfg_t0``), unconditional FLIPD
+    and conditional FLIPD at ``guidance`` (:class:`~mmh_jax.scoring.Flipd`; paper, Section 3.2,
+    Eqs. 6 and 26).
+
+    Args:
+        guidance: the classifier-free guidance weight of the CFG norms and conditional FLIPD.
+        flipd_t0: FLIPD's time.
+        num_probes: Hutchinson probes per FLIPD estimate.
+        cfg_t0: where the CFG norms of given images are read (Appendix C).
+        euler_steps: Euler steps of the conditional PF-ODE to ``cfg_t0``.
+
+    Returns:
+        ``[CFGNorms, Flipd, Flipd(conditional=True)]``: output columns ``cfg_vector_norm``,
+        ``cfg_score_norm``, ``flipd_<t0>``, ``flipd_cond_<t0>``.
+    """
+    from mmh_jax import scoring
+
+    flipd = dict(t0=flipd_t0, num_probes=num_probes)
+    return [scoring.CFGNorms(guidance=guidance, t0=cfg_t0, num_steps=euler_steps),
+            scoring.Flipd(**flipd),
+            scoring.Flipd(**flipd, conditional=True, guidance=guidance)]
+
+
+def score_pipeline(sd, columns: Sequence, source, out: str | Path, *, seed: int, batch_size: int,
+                   images_per_prompt: int = 1, guidance: float = 7.5, num_steps: int = 50,
+                   console: Console | None = None, record: dict | None = None):
+    """Score ``source`` with ``columns`` on a Stable Diffusion pipeline through
+    :func:`mmh_jax.scoring.score` into ``out`` (one row per image, exactly once, resumed
+    after an interruption): the one scoring step of the ``sd`` commands and ``demo prompts``.
+
+    Prompts alone are generated with DDIM and guidance (``images_per_prompt`` images of
+    ``num_steps`` steps each, noise from ``seed``); images are centre-cropped to the model's
+    size and encoded by the VAE; arrays of the image's shape (``[3, H, W]`` in ``[-1, 1]``) are
+    encoded as they are.
+
+    Args:
+        sd: the pipeline (:class:`~mmh_jax.models.StableDiffusion`).
+        columns: the columns (:func:`detection_columns`, :mod:`mmh_jax.scoring.prompt_columns`).
+        source: the items (:mod:`mmh_jax.scoring.sources`).
+        out: the run's folder.
+        seed: the run's seed (sampling noise, probes).
+        batch_size: images per step over all devices (rounded up to a multiple of them).
+        images_per_prompt: images generated per prompt.
+        guidance: the sampler's guidance weight.
+        num_steps: the sampler's DDIM steps.
+        console: where the engine's progress goes (``None``: no progress).
+        record: extra settings kept in the run's ``run.json`` (a resumed run must match them).
+
+    Returns:
+        The engine's :class:`~mmh_jax.scoring.Summary`.
+
+    Raises:
+        DemoInputError: ``out`` holds a run of other inputs or settings.
+    """
+    import jax
+
+    from mmh_jax import scoring
+
+    # the engine's batch is of images, shared by every device: rounded up to a multiple of them
+    batch = -(-batch_size // jax.device_count()) * jax.device_count()
+    try:
+        return scoring.score(
+            scoring.Model.from_stable_diffusion(sd), columns, source, str(out), seed=seed,
+            batch_size=batch, resize="center_crop",
+            generation=scoring.Generation(guidance=guidance, num_steps=num_steps,
+                                          num_images=images_per_prompt),
+            console=console, record=record)
+    except scoring.RunMismatch as err:
+        raise DemoInputError(f"{str(out)!r} holds results of other inputs or settings "
+                             f"({err}); choose another --out") from None
 
 
 def _item_rows(scores, items: list[Item], columns: list) -> list[dict]:

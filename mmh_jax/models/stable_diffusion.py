@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -295,11 +296,18 @@ def decode_latents(module: AutoencoderKL, params: PyTree, latents: Array) -> Arr
     return images.astype(jnp.float32)
 
 
+#: transformers' fast tokenizers set padding and truncation on their shared Rust backend before
+#: each call, so two threads tokenizing at once (the engine's decoding threads) can read each
+#: other's settings (a prompt loses its padding); every call here holds this lock.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
              ) -> Int[np.ndarray, "b n"]:
     """Token ids ``[b, max_length]`` (int32) of ``prompts``, padded and truncated to
     ``max_length`` as Stable Diffusion's pipeline does; truncation warns, naming the prompt and
-    the number of tokens dropped."""
+    the number of tokens dropped. Safe to call from several threads at once (the tokenizer is
+    not: its calls are serialised by a lock)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -308,16 +316,17 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
-    # verbose=False: transformers' own too-long warning would stand beside the one below
-    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
-    for i, ids in enumerate(full):
-        if len(ids) > max_length:
+    with _TOKENIZER_LOCK:
+        # verbose=False: transformers' own too-long warning would stand beside the one below
+        full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="np")["input_ids"]
+    for i, row in enumerate(full):
+        if len(row) > max_length:
             short = prompts[i] if len(prompts[i]) <= 60 else prompts[i][:57] + "..."
-            warnings.warn(f"prompt {i} ({short!r}) has {len(ids)} tokens with its start and end "
+            warnings.warn(f"prompt {i} ({short!r}) has {len(row)} tokens with its start and end "
                           f"tokens; the text encoder reads {max_length}, so the last "
-                          f"{len(ids) - max_length} were dropped", stacklevel=3)
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="np")["input_ids"]
+                          f"{len(row) - max_length} were dropped", stacklevel=3)
     return ids.astype(np.int32)
 
 

@@ -356,24 +356,26 @@ class ArrayFile(_Indexed):
             the zero-padded row numbers.
         metadata: 1-D arrays of a ``.npz`` holding one value per row (labels, duplicate
             counts, ...): the source's :attr:`metadata`, written beside the scores.
+        captions_key: a 1-D string array of a ``.npz`` holding each row's caption (image-caption
+            pairs as arrays, for the columns that read text); none by default.
 
     Raises:
         FileNotFoundError: no such path.
         ValueError: an unreadable file, an ambiguous or unknown ``key``, an array that is not
-            ``[n >= 1, ...]`` uint8/float, bad ids or metadata.
+            ``[n >= 1, ...]`` uint8/float, bad ids, metadata or captions.
     """
 
     def __init__(self, path: str | os.PathLike, *, key: str | None = None, ids_key: str | None = "ids",
-                 metadata: Sequence[str] = ()):
+                 metadata: Sequence[str] = (), captions_key: str | None = None):
         p = _existing(path, "ArrayFile")
         suffix = p.suffix.lower()
         if suffix not in (".npy", ".npz"):
             raise ValueError(f"ArrayFile: {p} (argument 'path') is not a .npy or .npz file")
         metadata = _metadata_names(metadata, "ArrayFile")
-        for argument, value in (("key", key), ("metadata", metadata)):
+        for argument, value in (("key", key), ("metadata", metadata), ("captions_key", captions_key)):
             if suffix == ".npy" and value:
                 raise ValueError(f"ArrayFile: argument {argument!r} applies to .npz files, {p} is a .npy")
-        ids, columns = None, {}
+        ids, columns, captions = None, {}, None
         with _reading(p):
             loaded = np.load(p, mmap_mode="r" if suffix == ".npy" else None, allow_pickle=False)
         if isinstance(loaded, np.ndarray) != (suffix == ".npy"):
@@ -382,7 +384,10 @@ class ArrayFile(_Indexed):
             array = loaded
         else:
             with loaded as npz:
-                key = self._pick_key(npz.files, key, {ids_key, *metadata}, p)
+                key = self._pick_key(npz.files, key, {ids_key, captions_key, *metadata}, p)
+                if captions_key is not None and captions_key not in npz.files:
+                    raise ValueError(f"ArrayFile: {p} has no array {captions_key!r} (argument "
+                                     f"'captions_key'); arrays: {npz.files}")
                 missing = [m for m in metadata if m not in npz.files]
                 if missing:
                     raise ValueError(f"ArrayFile: {p} has no array {missing} (argument 'metadata'); "
@@ -391,6 +396,7 @@ class ArrayFile(_Indexed):
                     array = npz[key]
                     ids = npz[ids_key] if ids_key not in (None, key) and ids_key in npz.files else None
                     columns = {m: npz[m] for m in metadata}
+                    captions = npz[captions_key] if captions_key is not None else None
         name = f"{p}" + (f"[{key!r}]" if key is not None else "")
         if array.ndim < 2 or len(array) == 0:
             raise ValueError(
@@ -407,11 +413,18 @@ class ArrayFile(_Indexed):
             if column.shape != (len(array),):
                 raise ValueError(f"ArrayFile: metadata array {m!r} of {p} has shape {column.shape}; "
                                  f"expected ({len(array)},) (argument 'metadata')")
+        if captions is not None and (captions.shape != (len(array),) or captions.dtype.kind != "U"):
+            raise ValueError(f"ArrayFile: captions array {captions_key!r} of {p} has shape "
+                             f"{captions.shape} and dtype {captions.dtype}; expected ({len(array)},) "
+                             f"strings (argument 'captions_key')")
         self._metadata = {m: pa.array(column) for m, column in columns.items()}
         self._path, self._key, self._array, self._ids = p, key, array, ids
+        self._captions = captions
+        self.has_text = captions is not None
         shape = "x".join(map(str, array.shape[1:]))
         self._fingerprint = _fingerprint(
-            "array", p, len(array), [(p.name, p.stat().st_size)], f"key={key}", f"{shape} {array.dtype}"
+            "array", p, len(array), [(p.name, p.stat().st_size)], f"key={key}", f"{shape} {array.dtype}",
+            *((f"captions={captions_key}",) if captions_key is not None else ()),
         )
 
     @staticmethod
@@ -454,11 +467,12 @@ class ArrayFile(_Indexed):
         row = np.array(self._array[i])
         if row.dtype != np.uint8 and not np.isfinite(row).all():
             return BadItem(i, key, f"row {i} of {self._path.name} contains NaN or inf")
-        return Item(i, key, row, None)
+        return Item(i, key, row, None if self._captions is None else str(self._captions[i]))
 
     has_images = True
 
     has_text = False
+    """Whether the rows have captions (``captions_key``)."""
 
     def describe(self) -> str:
         key = f"[{self._key!r}]" if self._key is not None else ""

@@ -307,3 +307,25 @@ def test_only_our_truncation_warning_is_shown(capfd):
         tokenize(tokenizer, [" ".join(["cat"] * 80)], 77)
     captured = capfd.readouterr()
     assert "sequence length" not in captured.err + captured.out  # transformers' own warning
+
+
+def test_tokenize_is_safe_from_many_threads(sd):
+    # the engine decodes items in threads; transformers' tokenizer keeps its padding and
+    # truncation settings between the calls, so unguarded concurrent calls lose their padding
+    # (ragged ids); the serial results are diffusers' (test above)
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = ("cat", "the", "a", "quick")
+    prompts = [[" ".join(words[j % 4] for j in range(i % 11 + 1))] + ["a cat"] * (i % 3)
+               for i in range(64)]
+    serial = [sd.tokenize(p) for p in prompts]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as 8 busy decoding threads do
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            for _ in range(10):
+                for want, got in zip(serial, pool.map(sd.tokenize, prompts)):
+                    np.testing.assert_array_equal(got, want)
+    finally:
+        sys.setswitchinterval(interval)

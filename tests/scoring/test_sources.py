@@ -217,6 +217,27 @@ def test_array_file_metadata_arrays(tmp_path):
         ArrayFile(tmp_path / "m.npz", metadata="label")
 
 
+def test_array_file_captions(tmp_path):
+    images = _pixels(0, 3, 8, 8).reshape(3, 8, 8, 1)
+    captions = np.array(["a red cat", "", "two blue squares"])
+    np.savez(tmp_path / "c.npz", images=images, captions=captions)
+    plain, pairs = ArrayFile(tmp_path / "c.npz", key="images"), ArrayFile(
+        tmp_path / "c.npz", captions_key="captions")  # key: the one left
+    assert not plain.has_text and plain[0].text is None
+    assert pairs.has_text and [pairs[i].text for i in range(3)] == captions.tolist()
+    assert np.array_equal(pairs[2].image, images[2])
+    assert pickle.loads(pickle.dumps(pairs))[0].text == "a red cat"
+    assert pairs.fingerprint != plain.fingerprint
+    with pytest.raises(ValueError, match=r"no array 'text' \(argument 'captions_key'\)"):
+        ArrayFile(tmp_path / "c.npz", captions_key="text")
+    np.savez(tmp_path / "n.npz", images=images, captions=np.arange(3))
+    with pytest.raises(ValueError, match="captions_key"):
+        ArrayFile(tmp_path / "n.npz", captions_key="captions")
+    np.save(tmp_path / "x.npy", images)
+    with pytest.raises(ValueError, match="'captions_key' applies to .npz"):
+        ArrayFile(tmp_path / "x.npy", captions_key="captions")
+
+
 def test_array_file_argument_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="argument 'path'"):
         ArrayFile(tmp_path / "missing.npy")
