@@ -48,6 +48,7 @@ from jaxtyping import Array, ArrayLike, Float
 from mmh_jax._src.checks import per_sample_keys
 from mmh_jax._src.ddim import ddim_alphas, ddim_update
 from mmh_jax._src.noise import images_noise
+from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax._src.trace import sum_vjv
 from mmh_jax.guidance import cfg_score_fn, eps_pair
 from mmh_jax.lid.flipd import hutchinson_probe
@@ -74,8 +75,6 @@ __all__ = [
     "DETECTOR_DIRECTIONS",
 ]
 
-#: ``{result name: True when memorized prompts read high}``, the direction of every number the
-#: detectors return (as the papers report it).
 DETECTOR_DIRECTIONS: dict[str, bool] = {
     "attention_entropy": True,
     "begin_token_attention": False,
@@ -87,6 +86,8 @@ DETECTOR_DIRECTIONS: dict[str, bool] = {
     "edge_consistency": True,
     "generation_clusters": True,
 }
+"""``{result name: True when memorized prompts read high}``: the direction of every number the
+detectors return, as the papers report it."""
 
 _CROSS_ATTENTION = "attn2"  # diffusers' name of BasicTransformerBlock's cross-attention
 _PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -467,7 +468,7 @@ def score_jacobian_trace(score_fn: Any, x_t: Float[Array, "b *event"],
     x_t = jnp.asarray(x_t)
     t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (x_t.shape[0],))
     keys = None if exact else per_sample_keys(key, x_t.shape[0])
-    return _jacobian_trace(score_fn, x_t, t, keys,
+    return _jacobian_trace(as_pytree_fn(score_fn), x_t, t, keys,
                            num_probes=_check_count(num_probes, "num_probes"), exact=exact)
 
 
