@@ -73,6 +73,12 @@ __all__ = [
     "edge_consistency",
     "generation_clusters",
     "DETECTOR_DIRECTIONS",
+    "end_positions",
+    "token_attention",
+    "token_statistics",
+    "end_token_map",
+    "edge_agreement",
+    "cluster_score",
 ]
 
 DETECTOR_DIRECTIONS: dict[str, bool] = {
@@ -170,10 +176,44 @@ def _prompt_inputs(sd: StableDiffusion, prompts: Sequence[str]) -> tuple[Array, 
         raise ValueError("prompts must be a non-empty list of strings, got "
                          f"{type(prompts).__name__}")
     ids = sd.tokenize(list(prompts))
-    eos = sd.tokenizer.eos_token_id
-    is_eos = ids == eos
-    end = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), ids.shape[1] - 1)
-    return sd.encode_prompt(ids), end
+    return sd.encode_prompt(ids), np.asarray(end_positions(ids))
+
+
+def end_positions(tokens: Any) -> Any:
+    """The position of each prompt's end token: the first position holding the row's last
+    token (Stable Diffusion v1 pads with the end token, so that is the end token itself).
+
+    Args:
+        tokens: token ids ``[b, n]`` (NumPy or JAX).
+
+    Returns:
+        ``[b]`` positions.
+    """
+    xp = jnp if isinstance(tokens, jax.Array) else np
+    return xp.argmax(tokens == tokens[:, -1:], axis=1)
+
+
+def token_attention(maps: Sequence[Float[Array, "b n m"]]) -> Float[Array, "b m"]:
+    """The attention on each token averaged over the pixels and the layers, from the
+    head-averaged cross-attention ``[b, pixels, tokens]`` of each layer."""
+    return jnp.mean(jnp.stack([m.mean(axis=1) for m in maps]), axis=0)
+
+
+def token_statistics(a: Float[Array, "b m"], end: Any) -> AttentionEntropy:
+    """Ren et al.'s statistics of the token attention ``a`` (:func:`token_attention`): the
+    entropy ``-sum_j a_j log a_j``, ``a_0`` and the attention on the end token and after it."""
+    entropy = -jnp.sum(jnp.where(a > 0, a * jnp.log(jnp.where(a > 0, a, 1.0)), 0.0), axis=-1)
+    after_end = jnp.arange(a.shape[1])[None, :] >= jnp.asarray(end)[:, None]
+    return AttentionEntropy(entropy, a[:, 0], jnp.sum(jnp.where(after_end, a, 0.0), axis=-1))
+
+
+def end_token_map(maps: Sequence[Float[Array, "b n m"]], end: Any,
+                  shape: tuple[int, int]) -> Float[Array, "b h w"]:
+    """The attention each pixel pays to the end token, averaged over the layers, each layer's
+    map upsampled (nearest) to ``shape``, the latents' ``(h, w)``."""
+    rows = jnp.asarray(end)[:, None, None]
+    return jnp.mean(jnp.stack([_upsample_map(jnp.take_along_axis(m, rows, axis=2)[..., 0], shape)
+                               for m in maps]), axis=0)
 
 
 def _check_count(value: int, name: str, low: int = 1) -> int:
@@ -279,12 +319,8 @@ def attention_entropy(sd: StableDiffusion, prompts: Sequence[str], *, key: Array
     cond, end = _prompt_inputs(sd, prompts)
     maps = _attention_along_ddim(sd, cond, key=key, images_per_prompt=k, num_steps=num_steps,
                                  guidance=guidance, capture=set(range(early)))
-    per_step = [jnp.mean(jnp.stack([m.mean(axis=1) for m in layers]), axis=0)
-                for layers in maps.values()]
-    a = jnp.mean(jnp.stack(per_step), axis=0).reshape(len(prompts), k, -1).mean(axis=1)
-    entropy = -jnp.sum(jnp.where(a > 0, a * jnp.log(jnp.where(a > 0, a, 1.0)), 0.0), axis=-1)
-    after_end = jnp.arange(a.shape[1])[None, :] >= jnp.asarray(end)[:, None]
-    return AttentionEntropy(entropy, a[:, 0], jnp.sum(jnp.where(after_end, a, 0.0), axis=-1))
+    a = jnp.mean(jnp.stack([token_attention(layers) for layers in maps.values()]), axis=0)
+    return token_statistics(a.reshape(len(prompts), k, -1).mean(axis=1), end)
 
 
 def _upsample_map(m: Array, shape: tuple[int, int]) -> Array:
@@ -338,11 +374,8 @@ def bright_ending(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
     cond, end = _prompt_inputs(sd, prompts)
     maps = _attention_along_ddim(sd, cond, key=key, images_per_prompt=k, num_steps=num_steps,
                                  guidance=guidance, capture={num_steps - 1})[num_steps - 1]
-    end_rows = jnp.repeat(jnp.asarray(end), k)
     shape = sd.latent_shape[1:]
-    per_layer = [_upsample_map(jnp.take_along_axis(m, end_rows[:, None, None], axis=2)[..., 0],
-                               shape) for m in maps]
-    be = jnp.mean(jnp.stack(per_layer), axis=0)
+    be = end_token_map(maps, jnp.repeat(jnp.asarray(end), k), shape)
     be = be.reshape(len(prompts), k, *shape).mean(axis=1)
     return BrightEnding(be.mean(axis=(1, 2)), be)
 
@@ -566,10 +599,17 @@ def edge_consistency(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
     t = jnp.full((x.shape[0],), (steps[0] + 1) / sd.schedule.num_timesteps, jnp.float32)
     images = sd.decode(_one_step_x0(sd.eps, x, t, a[0], jnp.repeat(cond, k, axis=0),
                                     sd.uncond_embedding, jnp.float32(guidance)))
-    edges = _sobel(images.mean(axis=1)).reshape(p, k, -1)
-    norms = jnp.linalg.norm(edges, axis=-1)
-    return jnp.linalg.norm(edges.mean(axis=1), axis=-1) / jnp.maximum(
-        norms.mean(axis=1), jnp.finfo(jnp.float32).tiny)
+    return jax.vmap(edge_agreement)(images.reshape(p, k, *images.shape[1:]))
+
+
+def edge_agreement(images: Float[ArrayLike, "k c h w"]) -> Float[Array, ""]:
+    """``||mean_i E_i|| / mean_i ||E_i||`` of the Sobel magnitudes ``E_i`` of the images'
+    grey levels (the channel mean): 1 when all edge maps coincide (Webster's one-step test,
+    :func:`edge_consistency`)."""
+    images = jnp.asarray(images, jnp.float32)
+    edges = _sobel(images.mean(axis=1)).reshape(images.shape[0], -1)
+    return jnp.linalg.norm(edges.mean(axis=0)) / jnp.maximum(
+        jnp.linalg.norm(edges, axis=-1).mean(), jnp.finfo(jnp.float32).tiny)
 
 
 def generation_clusters(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
@@ -611,6 +651,19 @@ def generation_clusters(sd: StableDiffusion, prompts: Sequence[str], *, key: Arr
                         num_steps=_check_count(num_steps, "num_steps")).sample
     items = sd.decode(latents) if space == "pixels" else latents
     items = items.reshape(cond.shape[0], k, -1)
-    scale = math.sqrt(items.shape[-1])
-    radii = [nearest_neighbours(g, g, k=size).distances[:, -1].min() / scale for g in items]
-    return -jnp.stack(radii)
+    return jnp.stack([cluster_score(g, cluster_size=size) for g in items])
+
+
+def cluster_score(items: Float[ArrayLike, "k *item"], *, cluster_size: int = 10
+                  ) -> Float[Array, ""]:
+    """Minus the radius of the tightest ``cluster_size``-cluster of one prompt's generations:
+    the smallest, over the items, root-mean-square distance to the ``cluster_size - 1``-th
+    nearest other item (:func:`mmh_jax.retrieval.nearest_neighbours`; Carlini et al.'s
+    test, :func:`generation_clusters`)."""
+    items = jnp.asarray(items, jnp.float32)
+    items = items.reshape(items.shape[0], -1)
+    size = _check_count(cluster_size, "cluster_size", low=2)
+    if size > items.shape[0]:
+        raise ValueError(f"cluster_size={size} exceeds the {items.shape[0]} items")
+    radius = nearest_neighbours(items, items, k=size).distances[:, -1].min()
+    return -radius / math.sqrt(items.shape[1])
