@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -70,6 +71,8 @@ __all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
            "encode_image", "decode_latents"]
 
 _ARCHITECTURE = "stable-diffusion"
+# transformers' tokenizers are not thread-safe (the scoring engine tokenizes in loader threads)
+_TOKENIZER_LOCK = threading.Lock()
 
 
 class _Port(NamedTuple):
@@ -308,15 +311,16 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
-    full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
-    for i, ids in enumerate(full):
-        if len(ids) > max_length:
+    with _TOKENIZER_LOCK:  # the tokenizer keeps its padding settings as state between calls
+        full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="np")["input_ids"]
+    for i, row in enumerate(full):
+        if len(row) > max_length:
             short = prompts[i] if len(prompts[i]) <= 60 else prompts[i][:57] + "..."
-            warnings.warn(f"prompt {i} ({short!r}) has {len(ids)} tokens with its start and end "
+            warnings.warn(f"prompt {i} ({short!r}) has {len(row)} tokens with its start and end "
                           f"tokens; the text encoder reads {max_length}, so the last "
-                          f"{len(ids) - max_length} were dropped", stacklevel=3)
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="np")["input_ids"]
+                          f"{len(row) - max_length} were dropped", stacklevel=3)
     return ids.astype(np.int32)
 
 
