@@ -3,8 +3,8 @@ paper's metrics on one labelled prompt file, scored by the same evaluation code.
 
 Each detector group is one run of :func:`mmh_jax.scoring.score` on the same prompts, seed and
 generation settings (so the same images), in its own folder under ``OUT/scores/``; its wall time
-is its cost, next to the run of the CFG norms, which costs one guided DDIM generation and
-nothing more. The prompt-level tests then combine a prompt's images: Webster's edge agreement of
+is its cost (NaN for a group resumed from an earlier run), next to the run of the CFG norms,
+which costs one guided DDIM generation and nothing more. The prompt-level tests then combine a prompt's images: Webster's edge agreement of
 the one-step predictions, Carlini et al.'s cluster score of the generations, and NeMo's z-scores
 of the value activations against the clean prompts (each clean prompt against the other clean
 prompts, leave one out). AUROC and TPR at 1% FPR with stratified bootstrap CIs
@@ -198,13 +198,15 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
     for group in GROUPS:
         start = time.perf_counter()
         try:
-            scoring.score(model, _columns(config, group), source, str(out / "scores" / group),
-                          seed=config.seed, batch_size=batch, generation=generation,
-                          console=err if config.progress else None)
+            done = scoring.score(model, _columns(config, group), source,
+                                 str(out / "scores" / group),
+                                 seed=config.seed, batch_size=batch, generation=generation,
+                                 console=err if config.progress else None)
         except scoring.RunMismatch as e:
             raise DemoInputError(f"{str(out / 'scores' / group)!r} holds results of other "
                                  f"inputs or settings ({e}); choose another --out") from None
-        seconds[group] = (time.perf_counter() - start) / n
+        # a group resumed from an earlier run has no cost to report
+        seconds[group] = (time.perf_counter() - start) / n if done.scored == n else float("nan")
         merged[group] = scoring.merge(out / "scores" / group).scores
 
     signals = {
