@@ -31,6 +31,9 @@ direction; :data:`DETECTOR_DIRECTIONS`):
   across seeds for template copies (high).
 - :func:`generation_clusters` (Carlini et al., 2023): many generations of a memorized prompt
   fall into one tight cluster (high; the expensive black-box reference).
+
+Where a paper leaves a rule open, the choice here is stated in the function's docstring (NeMo's
+threshold, Webster's agreement score, a threshold-free form of Carlini et al.'s cliques).
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ DETECTOR_DIRECTIONS: dict[str, bool] = {
     "generation_clusters": True,
 }
 """``{result name: True when memorized prompts read high}``: the direction of every number the
-detectors return, as the papers report it."""
+detectors return, as this library reads the papers (not checked against their code; on the prompt
+world's toy model Ren et al.'s and Chen et al.'s statistics read the other way,
+``benchmarks/RESULTS.md``)."""
 
 _CROSS_ATTENTION = "attn2"  # diffusers' name of BasicTransformerBlock's cross-attention
 _PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -297,8 +302,8 @@ def attention_entropy(sd: StableDiffusion, prompts: Sequence[str], *, key: Array
     layers, the first ``early_steps`` DDIM steps and the images, the statistic is the entropy
     ``E = -sum_j a_j log a_j`` over the ``m`` context tokens (``log m`` for uniform attention).
     Memorized prompts pull attention off the beginning token onto their trigger tokens: their
-    entropy is higher and ``a_0`` lower at the first steps (the paper's default reads the first
-    step). Cost: ``2 * early_steps * images_per_prompt`` UNet evaluations per prompt.
+    entropy is higher and ``a_0`` lower at the first steps (``early_steps=1``: the first step
+    alone). Cost: ``2 * early_steps * images_per_prompt`` UNet evaluations per prompt.
 
     Args:
         sd: the pipeline.
