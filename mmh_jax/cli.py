@@ -160,7 +160,7 @@ def _add_score_parsers(commands: Any) -> None:
 
 def _add_sd_parsers(commands: Any) -> None:
     """The ``sd`` command and its ``detect``, ``attribute`` and ``mitigate`` subcommands."""
-    from mmh_jax.experiments import sd_mitigation, stable_diffusion
+    from mmh_jax.experiments import detector_benchmark, sd_mitigation, stable_diffusion
 
     sd = commands.add_parser(
         "sd", help="Stable Diffusion: memorization detection, token attribution, mitigation",
@@ -222,6 +222,23 @@ def _add_sd_parsers(commands: Any) -> None:
             "./laion-memorized -o sd-mitigate"),
     )
     sd_mitigation.add_mitigate_arguments(mitigate)
+    benchmark = tools.add_parser(
+        "benchmark-detectors",
+        help="compare the memorization detectors of the literature on labelled prompts",
+        **_described(
+            "Run every memorization detector of the literature (Ren et al.'s cross-attention "
+            "entropy and beginning/end-token attention, Chen et al.'s bright ending, "
+            "Hintersdorf et al.'s NeMo value-neuron outliers, Jeon et al.'s sharpness, "
+            "Webster's one-step edge agreement, Carlini et al.'s generation clusters) and the "
+            "paper's metrics (CFG norm, CFG-adjusted score norm, conditional FLIPD) on one "
+            "labelled prompt file; report AUROC and TPR at 1% FPR with bootstrap CIs, per "
+            "memorization kind when the file has a 'kind' field, and the cost of each (UNet "
+            "evaluations and seconds per prompt, and relative to the generation). Writes "
+            "detectors.csv/.md, prompts.csv and roc.png.",
+            "mmh-jax sd benchmark-detectors ./stable-diffusion-v1-5 --prompts labelled.jsonl "
+            "-o sd-benchmark"),
+    )
+    detector_benchmark.add_arguments(benchmark)
 
 
 def _add_gan_parsers(commands: Any) -> None:
@@ -450,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from mmh_jax.experiments import sd_mitigation
 
                 sd_mitigation.run_attribute(sd_mitigation.attribute_config_from_args(args))
+                return 0
+            if args.sd_command == "benchmark-detectors":
+                from mmh_jax.experiments import detector_benchmark
+
+                detector_benchmark.run(detector_benchmark.config_from_args(args))
                 return 0
             if args.sd_command == "mitigate":
                 from mmh_jax.experiments import sd_mitigation

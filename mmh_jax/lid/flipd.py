@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from mmh_jax._src.checks import (
     per_sample_keys,
 )
 from mmh_jax._src.partial import as_pytree_fn
+from mmh_jax._src.trace import sum_vjv
 from mmh_jax.schedules import Schedule, broadcast_to_event
 from mmh_jax.types import ScoreFn
 
@@ -48,43 +49,6 @@ def hutchinson_probe(keys: Array, index: int | Array, *, event_shape: tuple[int,
     prompt metrics, the guarded sampler) can reproduce them exactly."""
     draw = jax.random.rademacher if probe == "rademacher" else jax.random.normal
     return jax.vmap(lambda k: draw(jax.random.fold_in(k, index), event_shape, dtype))(keys)
-
-
-def _sum_vjv(
-    fn: Callable[[Array], Array],
-    y: Array,
-    tangent_at: Callable[[Array], Array],
-    num: int,
-    chunk_size: int,
-) -> tuple[Array, Array]:
-    """``fn(y)`` and ``sum_{i < num} <v_i, J_fn(y) v_i>`` per sample, ``v_i = tangent_at(i)``.
-
-    ``fn`` maps ``[b, ...]`` to ``[b, ...]`` sample by sample. Tangents go through
-    ``jax.jvp`` ``chunk_size`` at a time (vmapped over the chunk); only the first
-    chunk keeps the primal output.
-    """
-    b = y.shape[0]
-    num_chunks = -(-num // chunk_size)
-
-    def chunk(start: Array) -> tuple[Array, Array]:
-        idx = start + jnp.arange(chunk_size)
-        v = jax.vmap(tangent_at)(idx)
-        if chunk_size == 1:  # a plain jvp: vmapping over one tangent costs a few percent
-            out, jv = jax.jvp(fn, (y,), (v[0],))
-            jv = jv[None]
-        else:
-            out, jv = jax.vmap(lambda v: jax.jvp(fn, (y,), (v,)), out_axes=(None, 0))(v)
-        q = jnp.sum((v * jv).reshape(chunk_size, b, -1), axis=-1)
-        return out, jnp.sum(jnp.where((idx < num)[:, None], q, 0), axis=0)
-
-    out, total = chunk(jnp.asarray(0))
-    if num_chunks > 1:
-        def body(acc, start):
-            return acc + chunk(start)[1], None
-
-        starts = jnp.arange(1, num_chunks) * chunk_size
-        total, _ = jax.lax.scan(body, total, starts)
-    return out, total
 
 
 @functools.partial(jax.jit, static_argnames=("trace", "num_probes", "probe", "chunk_size"))
@@ -119,7 +83,7 @@ def _flipd(
             return hutchinson_probe(keys, i, event_shape=event_shape, dtype=x.dtype, probe=probe)
 
     chunk = min(num, 32) if chunk_size is None else min(num, chunk_size)
-    score, vjv = _sum_vjv(lambda y: score_fn(y, t), psi * x, tangent_at, num, chunk)
+    score, vjv = sum_vjv(lambda y: score_fn(y, t), psi * x, tangent_at, num, chunk)
     trace_estimate = vjv if trace == "exact" else vjv / num_probes
     squared_norm = jnp.sum(score.reshape(score.shape[0], -1) ** 2, axis=-1)
     return d + sigma2 * (trace_estimate + squared_norm)

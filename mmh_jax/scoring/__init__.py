@@ -16,6 +16,12 @@ from mmh_jax.scoring.columns import (
     Pixels,
     PngSize,
 )
+from mmh_jax.scoring.detector_columns import (
+    CrossAttentionStats,
+    DetectorImages,
+    Sharpness,
+    ValueActivations,
+)
 from mmh_jax.scoring.engine import Generation, Plan, Summary, data_mesh, score
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.prompt_columns import (
@@ -45,6 +51,8 @@ __all__ = [
     "CFGNorms",
     "ClipScore",
     "Column",
+    "CrossAttentionStats",
+    "DetectorImages",
     "Flipd",
     "Generation",
     "ImageFolder",
@@ -64,10 +72,12 @@ __all__ = [
     "RunMismatch",
     "SavedImage",
     "Seeds",
+    "Sharpness",
     "Source",
     "Summary",
     "TarShards",
     "TokenAttributions",
+    "ValueActivations",
     "data_mesh",
     "merge",
     "open_source",

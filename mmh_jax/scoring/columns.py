@@ -63,6 +63,8 @@ class Inputs(NamedTuple):
     """For items generated from prompts: the DDIM trajectory that made ``points``."""
     labels: Int[Array, " b"] | None = None
     """The items' classes, for a class-conditional generator (``None`` otherwise)."""
+    tokens: Int[Array, "b n"] | None = None
+    """The captions' token ids (``None`` without captions)."""
 
 
 class Column(Protocol):

@@ -286,6 +286,8 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
             inputs = Inputs(points=points, images=images, context=context)
         if "labels" in batch:
             inputs = inputs._replace(labels=batch["labels"])
+        if "tokens" in batch:
+            inputs = inputs._replace(tokens=batch["tokens"])
         out = {}
         for column in columns:
             values = column(model, inputs, column_keys(keys, column))

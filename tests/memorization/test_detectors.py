@@ -1,0 +1,204 @@
+"""The memorization detectors on the tiny random SD folder (tests/conftest.py's ``sd_folder``):
+shapes, determinism, independence from the rest of the batch, closed forms (uniform attention,
+Gaussian scores) and a PyTorch reading of the same diffusers UNet (attention processors)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmh_jax.memorization import detectors as D
+
+PROMPTS = ["a cat, the cat", "the fox", "the sea"]
+KEY = jax.random.key(3)
+
+
+def _torch_reading(pipe, z, timestep, context):
+    """diffusers' own attention probabilities (``Attention.get_attention_scores``) and value
+    projections of every cross-attention layer, in call order, through a recording processor."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+
+    probs, values = [], []
+
+    class Recording(AttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
+            if encoder_hidden_states is not None:
+                b = hidden_states.shape[0]
+                q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+                p = attn.get_attention_scores(q, k, None)
+                probs.append(p.reshape(b, attn.heads, *p.shape[1:]).numpy())
+                values.append(attn.to_v(encoder_hidden_states).numpy())
+            return super().__call__(attn, hidden_states, encoder_hidden_states, **kwargs)
+
+    unet = pipe.unet
+    unet.set_attn_processor(Recording())
+    with torch.no_grad():
+        unet(torch.from_numpy(np.array(z)), timestep,
+             encoder_hidden_states=torch.from_numpy(np.array(context)))
+    return probs, values
+
+
+def test_cross_attention_matches_diffusers_processors(sd, sd_folder):
+    _, pipe = sd_folder
+    z = jax.random.normal(jax.random.key(0), (2, *sd.latent_shape))
+    context = sd.encode_prompt(PROMPTS[:2])
+    read = jax.jit(D.cross_attention)(sd.eps, z, jnp.float32(501 / 1000), context)
+    probs, values = _torch_reading(pipe, z, 500, context)
+    assert len(read.probs) == len(probs) == 4  # down 1, mid 1, up 2 cross-attentions
+    for ours, theirs in zip(read.probs, probs):
+        np.testing.assert_allclose(ours, theirs, atol=2e-5)
+        np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
+    for ours, theirs in zip(read.values, values):
+        np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def _first_step_reference(sd, pipe, prompts, images):
+    """The conditional branch's attention at the first DDIM step (50-step grid), in PyTorch."""
+    from mmh_jax._src.noise import images_noise
+    from mmh_jax.sampling import ddim_timesteps
+
+    step = int(ddim_timesteps(1000, num_steps=50, steps_offset=1)[0])
+    noise = np.tile(np.asarray(images_noise(KEY, images, sd.latent_shape)),
+                    (len(prompts), 1, 1, 1))
+    context = np.repeat(np.asarray(sd.encode_prompt(prompts)), images, axis=0)
+    probs, _ = _torch_reading(pipe, noise, step, context)
+    return probs
+
+
+def test_attention_entropy_matches_a_pytorch_reimplementation(sd, sd_folder):
+    _, pipe = sd_folder
+    got = D.attention_entropy(sd, PROMPTS, key=KEY, images_per_prompt=2, num_steps=50)
+    probs = _first_step_reference(sd, pipe, PROMPTS, 2)
+    a = np.mean([p.mean(axis=(1, 2)) for p in probs], axis=0)  # [p * k, tokens]
+    a = a.reshape(len(PROMPTS), 2, -1).mean(axis=1)
+    ids = sd.tokenize(PROMPTS)
+    end = (ids == sd.tokenizer.eos_token_id).argmax(axis=1)
+    np.testing.assert_allclose(got.entropy, -(a * np.log(a)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(got.begin, a[:, 0], rtol=1e-4)
+    np.testing.assert_allclose(got.end, [row[e:].sum() for row, e in zip(a, end)], rtol=1e-4)
+
+
+def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
+    _, pipe = sd_folder
+    # with a one-step grid the final step is the first: its latents are the starting noise
+    got = D.bright_ending(sd, PROMPTS[:2], key=KEY, images_per_prompt=1, num_steps=1)
+    from mmh_jax._src.noise import images_noise
+    from mmh_jax.sampling import ddim_timesteps
+
+    step = int(ddim_timesteps(1000, num_steps=1, steps_offset=1)[0])
+    noise = np.tile(np.asarray(images_noise(KEY, 1, sd.latent_shape)), (2, 1, 1, 1))
+    probs, _ = _torch_reading(pipe, noise, step, sd.encode_prompt(PROMPTS[:2]))
+    end = (sd.tokenize(PROMPTS[:2]) == sd.tokenizer.eos_token_id).argmax(axis=1)
+    h, w = sd.latent_shape[1:]
+    maps = []
+    for p in probs:
+        m = p.mean(axis=1)[np.arange(2), :, end]  # [b, pixels]
+        f = math.isqrt(h * w // m.shape[1])
+        maps.append(np.kron(m.reshape(2, h // f, w // f), np.ones((1, f, f))))
+    expected = np.mean(maps, axis=0)
+    assert got.map.shape == (2, h, w)
+    np.testing.assert_allclose(got.map, expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.score, expected.mean(axis=(1, 2)), rtol=1e-4)
+
+
+def test_value_activations_match_pytorch_and_nemo_z_scores(sd, sd_folder):
+    _, pipe = sd_folder
+    got = D.value_activations(sd, PROMPTS)
+    _, values = _torch_reading(pipe, np.zeros((3, *sd.latent_shape), np.float32), 999,
+                               sd.encode_prompt(PROMPTS))
+    expected = np.concatenate([np.abs(v).mean(axis=1) for v in values], axis=-1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    ref = D.nemo_reference(expected[:2])
+    out = D.nemo_outliers(expected, ref, threshold=3.0)
+    z = np.abs(expected - expected[:2].mean(0)) / expected[:2].std(0, ddof=1)
+    np.testing.assert_allclose(out.max_z, z.max(axis=1), rtol=1e-4)
+    np.testing.assert_array_equal(out.count, (z > 3.0).sum(axis=1))
+    with pytest.raises(ValueError, match="activations must be"):
+        D.nemo_outliers(expected[:, :5], ref)
+    with pytest.raises(ValueError, match="n >= 2"):
+        D.nemo_reference(expected[:1])
+
+
+def test_uniform_attention_has_entropy_log_n(sd):
+    # a text encoder with all weights zero gives every token the same embedding: the keys are
+    # equal, every pixel attends uniformly to the 77 tokens
+    zero = sd._replace(text_encoder_params=jax.tree.map(jnp.zeros_like, sd.text_encoder_params))
+    got = D.attention_entropy(zero, PROMPTS[:2], key=KEY, num_steps=5)
+    np.testing.assert_allclose(got.entropy, math.log(77), rtol=1e-6)
+    np.testing.assert_allclose(got.begin, 1 / 77, rtol=1e-5)
+    end = (zero.tokenize(PROMPTS[:2]) == zero.tokenizer.eos_token_id).argmax(axis=1)
+    np.testing.assert_allclose(got.end, (77 - end) / 77, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_jacobian_trace_of_a_gaussian_score(exact, x64):
+    # s(x) = -A^{-1} (x - mu): the trace is -tr(A^{-1}) exactly, and Rademacher probes are exact
+    # on a diagonal Jacobian
+    rng = np.random.default_rng(0)
+    var = rng.uniform(0.5, 2.0, size=(3, 4))
+    mu = rng.normal(size=(3, 4))
+    inv = jnp.asarray(1 / var)
+
+    def score(x, t):
+        return -(x - mu) * inv
+
+    x = jnp.asarray(rng.normal(size=(5, 3, 4)))
+    got = D.score_jacobian_trace(score, x, 0.5, key=None if exact else KEY, num_probes=3,
+                                 exact=exact)
+    np.testing.assert_allclose(got, -np.sum(1 / var), rtol=1e-12)
+
+
+def test_jacobian_trace_of_a_full_covariance_score_exact(x64):
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(6, 6))
+    precision = jnp.asarray(m @ m.T + np.eye(6))
+
+    def score(x, t):
+        return -x @ precision
+
+    x = jnp.asarray(rng.normal(size=(2, 6)))
+    np.testing.assert_allclose(D.score_jacobian_trace(score, x, 0.3, exact=True),
+                               -np.trace(np.asarray(precision)), rtol=1e-12)
+    with pytest.raises(ValueError, match="key"):
+        D.score_jacobian_trace(score, x, 0.3)
+
+
+@pytest.mark.slow
+def test_detectors_are_deterministic_and_independent_of_the_batch(sd):
+    fast = dict(key=KEY, num_steps=3)
+    runs = {
+        "entropy": lambda p: D.attention_entropy(sd, p, early_steps=2, **fast).entropy,
+        "bright": lambda p: D.bright_ending(sd, p, **fast).score,
+        "sharpness": lambda p: D.sharpness(sd, p, **fast),
+        "edges": lambda p: D.edge_consistency(sd, p, images_per_prompt=2, **fast),
+        "clusters": lambda p: D.generation_clusters(sd, p, images_per_prompt=3,
+                                                    cluster_size=2, space="latents", **fast),
+        "nemo": lambda p: D.value_activations(sd, p),
+    }
+    for name, run in runs.items():
+        full = np.asarray(run(PROMPTS))
+        assert full.shape[0] == 3 and np.all(np.isfinite(full)), name
+        np.testing.assert_array_equal(run(PROMPTS), full, err_msg=name)
+        np.testing.assert_allclose(run(PROMPTS[1:2]), full[1:2], rtol=2e-5, atol=1e-6,
+                                   err_msg=name)
+    assert np.all((0 <= runs["edges"](PROMPTS)) & (runs["edges"](PROMPTS) <= 1 + 1e-6))
+
+
+def test_bad_input_is_refused_clearly(sd):
+    def no_attention(x, t, context):  # a network without cross-attention layers
+        return x
+
+    with pytest.raises(ValueError, match="no readable cross-attention"):
+        D.cross_attention(no_attention, jnp.zeros((1, 4, 8, 8)), 0.5, jnp.zeros((1, 77, 32)))
+    with pytest.raises(ValueError, match="prompts must be"):
+        D.attention_entropy(sd, "a cat", key=KEY)
+    with pytest.raises(ValueError, match="early_steps"):
+        D.attention_entropy(sd, PROMPTS, key=KEY, num_steps=2, early_steps=3)
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        D.edge_consistency(sd, PROMPTS, key=KEY, images_per_prompt=1)
+    with pytest.raises(ValueError, match="cluster_size"):
+        D.generation_clusters(sd, PROMPTS, key=KEY, images_per_prompt=3, cluster_size=4)
