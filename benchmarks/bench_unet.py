@@ -93,7 +93,7 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
 
     # The same probes as flipd draws: Rademacher from fold_in(per-sample key, probe index).
     keys = jax.random.split(key, b)
-    probes = torch.as_tensor(np.asarray(jax.vmap(lambda k: jax.random.rademacher(
+    probes = torch.as_tensor(np.array(jax.vmap(lambda k: jax.random.rademacher(
         jax.random.fold_in(k, 0), (3, s, s), jnp.float32))(keys))[None])
     ac = torch.as_tensor(np.asarray(schedule.alphas_cumprod), dtype=torch.float64)
     tscore = eps_score_fn_torch(lambda z, u: model(z, u).sample, ac)
