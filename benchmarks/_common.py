@@ -144,10 +144,8 @@ def write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
