@@ -1,11 +1,41 @@
-"""Helpers shared by the benchmark scripts (run them from the repository root)."""
+"""The one way the benchmarks time things, and the record they write.
+
+Every benchmark compares *sides* (ours against a reference, or an estimator against the
+forward pass it builds on). :func:`interleaved` runs each side once to warm up (compilation),
+then ``repeats`` rounds in which every side runs once, in turn (A B A B ...): load drift on a
+shared machine then hits all sides alike, and ratios are taken round by round.
+:func:`case_record` turns one such measurement into the JSON record ``python -m benchmarks``
+writes (min and median of the rounds, the warm-up times apart, the order the calls ran in).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import tempfile
 import time
-from typing import Any, Callable
+from importlib import metadata
+from typing import Any, Callable, NamedTuple
+
+#: Distributions whose versions every run file records (absent ones are recorded as null).
+LIBRARIES = ("jax", "jaxlib", "numpy", "scipy", "torch", "diffusers", "scikit-learn",
+             "scikit-dimension", "grain", "flax")
+
+
+class Timings(NamedTuple):
+    """Wall times of an interleaved measurement.
+
+    Attributes:
+        warmup: seconds of each side's first (compiling) call.
+        times: each side's seconds per round, in round order.
+        order: the side of every timed call, in the order they ran (``A B A B ...``).
+    """
+
+    warmup: dict[str, float]
+    times: dict[str, list[float]]
+    order: list[str]
 
 
 def cpu_model() -> str:
@@ -20,35 +50,112 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def timed(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = lambda out: out) -> float:
-    """Median wall time of ``repeats`` calls of ``fn()`` after one warm-up (compiling) call;
-    ``sync`` waits for the result (``jax.block_until_ready`` for JAX)."""
-    sync(fn())
-    times = []
-    for _ in range(repeats):
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                sync: Callable[[Any], Any] = lambda out: out) -> Timings:
+    """Time ``fns`` in ``repeats`` interleaved rounds after one warm-up call each.
+
+    Args:
+        fns: the sides, name to a call of no arguments; run in this order every round.
+        repeats: timed rounds (at least 1).
+        sync: waits for a result (``jax.block_until_ready`` for JAX).
+
+    Returns:
+        :class:`Timings`: warm-up seconds per side, seconds per side and round, call order.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    warmup = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
         sync(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                sync: Callable[[Any], Any] = lambda out: out) -> dict[str, list[float]]:
-    """Wall times of ``repeats`` rounds in which every ``fns[name]()`` runs once, in turn (after
-    one warm-up call each): load drift on a shared machine then hits all sides alike, and their
-    ratios are taken round by round. ``sync`` waits for a result (``jax.block_until_ready``)."""
-    for fn in fns.values():
-        sync(fn())
+        warmup[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = []
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             sync(fn())
             times[name].append(time.perf_counter() - start)
-    return times
+            order.append(name)
+    return Timings(warmup, times, order)
+
+
+def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, Any]:
+    """Round-by-round ratios of two series: ``{"median", "min", "max", "rounds"}``."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": ratios}
 
 
 def ratio_summary(numerator: list[float], denominator: list[float]) -> str:
-    """``median (min-max)`` of the round-by-round ratios of two :func:`interleaved` series."""
-    ratios = [a / b for a, b in zip(numerator, denominator)]
-    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    """``median (min-max)`` of the round-by-round ratios of two series."""
+    r = ratio_stats(numerator, denominator)
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def case_record(name: str, timings: Timings, *, ratios: dict[str, tuple[str, str]],
+                derived: dict[str, list[float]] | None = None,
+                notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON record of one measured comparison.
+
+    Args:
+        name: what was compared (a line of the table).
+        timings: the :func:`interleaved` measurement.
+        ratios: label to ``(numerator, denominator)`` side names (measured or derived).
+        derived: per-round series computed from the measured ones (an extrapolated total),
+            reported like sides but marked ``derived``.
+        notes: anything else to keep (agreement of the answers, search path, sizes).
+
+    Returns:
+        ``{"name", "order", "sides": {side: {"warmup_s", "times_s", "min_s", "median_s",
+        "derived"}}, "ratios": {label: {...}}, "notes"}``.
+    """
+    series = dict(timings.times, **(derived or {}))
+    sides = {side: {"warmup_s": timings.warmup.get(side), "times_s": values,
+                    "min_s": min(values), "median_s": statistics.median(values),
+                    "derived": side not in timings.times}
+             for side, values in series.items()}
+    return {"name": name, "order": timings.order, "sides": sides,
+            "ratios": {label: dict(ratio_stats(series[a], series[b]), numerator=a, denominator=b)
+                       for label, (a, b) in ratios.items()},
+            "notes": notes or {}}
+
+
+def machine() -> dict[str, Any]:
+    """The machine and software a run happened on: CPU model, cores, Python, library versions."""
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` atomically (a temporary file in the same folder, then ``os.replace``), so
+    a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would outlive the rename
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -13,7 +13,7 @@ The UNet is ``UNet2DCondition(**SD15_UNET_CONFIG)`` (859.5M parameters) with ran
 (N(0, 0.02^2) biases and kernels; the values do not change the cost); latents 4 x 64 x 64, context
 77 x 768, float32.
 
-Example: python benchmarks/bench_attribution.py --points 2 --metrics cfg flipd
+Example: python -m benchmarks.bench_attribution --points 2 --metrics cfg flipd
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import resource
 import time
 
-from _common import cpu_model
+from benchmarks._common import cpu_model
 
 
 def main() -> None:

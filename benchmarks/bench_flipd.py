@@ -2,7 +2,7 @@
 
 A CIFAR-shaped convolutional epsilon-network (residual blocks with GroupNorm, SiLU and
 a time embedding, NCHW, pure JAX) stands in for a diffusion UNet. Everything is timed
-in one run, jit-compiled, after a warm-up, as the median of several repeats:
+in one run, jit-compiled, in interleaved rounds after a warm-up (``benchmarks._common.interleaved``):
 
 - forward: one evaluation of the score network on the batch;
 - FLIPD with one Hutchinson probe (one batched jvp; target: at most 2.0x forward);
@@ -10,17 +10,19 @@ in one run, jit-compiled, after a warm-up, as the median of several repeats:
   single-probe cost);
 - the normal bundle's share of time spent in score evaluations.
 
-Usage: python benchmarks/bench_flipd.py [--batch 64] [--channels 64] [--blocks 4]
+Usage (from the repository root): python -m benchmarks.bench_flipd [--batch 64] [--channels 64] [--blocks 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
-from _common import cpu_model, timed
+
+from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 from mmh_jax.lid import flipd, normal_bundle
 from mmh_jax.schedules import DDPM, score_from_eps
@@ -101,37 +103,45 @@ def main() -> None:
     def nb(p, x, key):
         return normal_bundle(score_for(p), x, t0=0.05, schedule=schedule, key=key, chunk_size=64)
 
+    sync = jax.block_until_ready
     x = jax.random.normal(key, (args.batch, 3, args.size, args.size))
-    t_fwd = timed(lambda: forward(params, x), args.repeats, jax.block_until_ready)
-    t_flipd = timed(lambda: flipd_1(params, x, key), args.repeats, jax.block_until_ready)
     v = jax.random.rademacher(key, x.shape, x.dtype)
-    t_jvp = timed(lambda: plain_jvp(params, x, v), args.repeats, jax.block_until_ready)
-    t_two = timed(lambda: two_forwards(params, x, v), args.repeats, jax.block_until_ready)
+    big = interleaved({"forward": lambda: forward(params, x), "flipd": lambda: flipd_1(params, x, key),
+                       "jvp": lambda: plain_jvp(params, x, v), "two": lambda: two_forwards(params, x, v)},
+                      args.repeats, sync).times
+    t_fwd, t_flipd, t_jvp, t_two = (statistics.median(big[k]) for k in ("forward", "flipd", "jvp", "two"))
 
     xs = jax.random.normal(key, (args.batch, 3, args.exact_size, args.exact_size))
     d_small = xs[0].size
-    t_fwd_small = timed(lambda: forward(params, xs), args.repeats, jax.block_until_ready)
-    t_flipd_small = timed(lambda: flipd_1(params, xs, key), args.repeats, jax.block_until_ready)
-    t_exact = timed(lambda: flipd_exact(params, xs), max(1, args.repeats // 2), jax.block_until_ready)
+    small = interleaved({"forward": lambda: forward(params, xs), "flipd": lambda: flipd_1(params, xs, key),
+                         "exact": lambda: flipd_exact(params, xs)}, max(1, args.repeats // 2), sync).times
+    t_fwd_small, t_flipd_small, t_exact = (statistics.median(small[k]) for k in ("forward", "flipd", "exact"))
 
     xn = xs[:2]
     k_scores = 4 * d_small
-    t_nb = timed(lambda: nb(params, xn, key), max(1, args.repeats // 2), jax.block_until_ready)
     xn_big = jax.random.normal(key, (2 * 64,) + xs.shape[1:])
-    t_score_calls = timed(lambda: forward(params, xn_big), args.repeats, jax.block_until_ready) * (k_scores / 64)
+    nbt = interleaved({"nb": lambda: nb(params, xn, key), "scores": lambda: forward(params, xn_big)},
+                      max(1, args.repeats // 2), sync).times
+    t_nb = statistics.median(nbt["nb"])
+    t_score_calls = statistics.median(nbt["scores"]) * (k_scores / 64)
 
     print(f"machine: {cpu_model()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print(f"network: {args.blocks} residual blocks x {args.channels} channels, batch {args.batch}, float32")
+    print(f"network: {args.blocks} residual blocks x {args.channels} channels, batch {args.batch}, float32; "
+          f"medians of interleaved rounds")
     print(f"forward, 3x{args.size}x{args.size}:                 {t_fwd * 1e3:9.1f} ms")
-    print(f"FLIPD 1 Hutchinson probe:               {t_flipd * 1e3:9.1f} ms  = {t_flipd / t_fwd:5.2f} x forward")
-    print(f"plain jax.jvp of the score:             {t_jvp * 1e3:9.1f} ms  = {t_jvp / t_fwd:5.2f} x forward")
-    print(f"two forwards stacked in one batch:      {t_two * 1e3:9.1f} ms  = {t_two / t_fwd:5.2f} x forward")
+    print(f"FLIPD 1 Hutchinson probe:               {t_flipd * 1e3:9.1f} ms  = "
+          f"{ratio_summary(big['flipd'], big['forward'])} forward")
+    print(f"plain jax.jvp of the score:             {t_jvp * 1e3:9.1f} ms  = "
+          f"{ratio_summary(big['jvp'], big['forward'])} forward")
+    print(f"two forwards stacked in one batch:      {t_two * 1e3:9.1f} ms  = "
+          f"{ratio_summary(big['two'], big['forward'])} forward")
     print(f"forward, 3x{args.exact_size}x{args.exact_size} (d = {d_small}):          {t_fwd_small * 1e3:9.1f} ms")
-    print(f"FLIPD 1 probe, d = {d_small}:                  {t_flipd_small * 1e3:9.1f} ms  = {t_flipd_small / t_fwd_small:5.2f} x forward")
-    print(f"FLIPD exact trace, d = {d_small}:              {t_exact * 1e3:9.1f} ms  = {t_exact / t_flipd_small:7.1f} x one-probe FLIPD (d = {d_small})")
+    print(f"FLIPD 1 probe, d = {d_small}:                  {t_flipd_small * 1e3:9.1f} ms  = "
+          f"{ratio_summary(small['flipd'], small['forward'])} forward")
+    print(f"FLIPD exact trace, d = {d_small}:              {t_exact * 1e3:9.1f} ms  = "
+          f"{ratio_summary(small['exact'], small['flipd'])} one-probe FLIPD (d = {d_small})")
     print(f"normal bundle, 2 points x {k_scores} scores:   {t_nb * 1e3:9.1f} ms; score evaluations alone {t_score_calls * 1e3:.1f} ms"
           f" = {100 * t_score_calls / t_nb:.0f}% of it")
-
 
 if __name__ == "__main__":
     main()

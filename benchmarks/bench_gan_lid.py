@@ -14,7 +14,7 @@ timed in interleaved rounds (after one compiling call each) so that load drift h
 Reported: the median (min-max) of the round-by-round ratios gan_lid / (jvp x 512) (target:
 at most 1.2) and gan_lid / forward, and samples per second of gan_lid.
 
-Example: python benchmarks/bench_gan_lid.py --rounds 3 --channel-max 128
+Example: python -m benchmarks.bench_gan_lid --rounds 3 --channel-max 128
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import argparse
 import os
 import statistics
 
-from _common import cpu_model, interleaved, ratio_summary
+from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
     fns = {"gan_lid": lambda: gan_lid(module, params, z, c, chunk_size=args.chunk),
            "jvp x 512": bare,
            "forward": lambda: forward(params, z, c)}
-    times = interleaved(fns, args.rounds, sync=jax.block_until_ready)
+    times = interleaved(fns, args.rounds, sync=jax.block_until_ready).times
     for name, series in times.items():
         print(f"{name:>10}: median {statistics.median(series):.3f} s "
               f"(min {min(series):.3f}, max {max(series):.3f}) over {args.rounds} rounds")

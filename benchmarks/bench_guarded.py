@@ -9,7 +9,7 @@ steps run one ``jax.jvp`` of the guided noise instead of one forward pass).
 (a) End to end, on a reduced-width UNet of Stable Diffusion's layout: ``SD15_UNET_CONFIG`` with
     ``block_out_channels = (w, 2w, 4w, 4w)`` (``--width``; SD v1.5 is w = 320), random weights
     from Flax's ``init`` (seeded). Plain, cfg_norm and flipd run once per round, rounds
-    interleaved (``_common.interleaved``), ratios round by round: median (min-max). The same
+    interleaved (``benchmarks._common.interleaved``), ratios round by round: median (min-max). The same
     network's single CFG step (one UNet call on the batch of 2) and its ``jvp`` step are timed
     too, and the 50-step ratio they imply, ``((n - k) F + k J) / (n F)``, is printed beside the
     measured one.
@@ -19,7 +19,7 @@ steps run one ``jax.jvp`` of the guided noise instead of one forward pass).
     10 GB of free memory; skipped with a message otherwise.
 
 Example (from the repository root):
-    python benchmarks/bench_guarded.py --width 64 --repeats 3 --full --full-repeats 2
+    python -m benchmarks.bench_guarded --width 64 --repeats 3 --full --full-repeats 2
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_model, interleaved, ratio_summary  # noqa: E402
+from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
 def _mem_available_gb() -> float:
@@ -171,32 +169,32 @@ def main() -> None:
         eps_fn, schedule, _ = _unet(config, args.size, seed=0)
     if not args.skip_end_to_end:
         key = jax.random.key(1)
-        fns = {
-            "plain": lambda: ddim_sample(eps_fn, z, cond, uncond, schedule=schedule,
-                                         **sampler).sample,
-            "cfg_norm": lambda: guarded_ddim_sample(eps_fn, z, cond, uncond, schedule=schedule,
-                                                    signal="cfg_norm", **sampler).sample,
-            "flipd": lambda: guarded_ddim_sample(eps_fn, z, cond, uncond, schedule=schedule,
-                                                 signal="flipd", signal_steps=k, key=key,
-                                                 **sampler).sample,
-        }
         outs = {}
-        for name, fn in fns.items():  # compile + first run (the warm-up)
-            start = time.perf_counter()
-            outs[name] = np.asarray(fn())
-            print(f"  {name}: compile + first run {time.perf_counter() - start:.1f} s", flush=True)
+
+        def keep(name, fn):  # the last output of each side, compared below
+            def call():
+                outs[name] = fn()
+                return outs[name]
+            return call
+
+        fns = {
+            "plain": keep("plain", lambda: ddim_sample(eps_fn, z, cond, uncond,
+                                                       schedule=schedule, **sampler).sample),
+            "cfg_norm": keep("cfg_norm", lambda: guarded_ddim_sample(
+                eps_fn, z, cond, uncond, schedule=schedule, signal="cfg_norm", **sampler).sample),
+            "flipd": keep("flipd", lambda: guarded_ddim_sample(
+                eps_fn, z, cond, uncond, schedule=schedule, signal="flipd", signal_steps=k,
+                key=key, **sampler).sample),
+        }
+        timings = interleaved(fns, args.repeats, sync)
+        times = timings.times
+        print("  compile + first run: " + ", ".join(f"{name} {s:.1f} s"
+                                                    for name, s in timings.warmup.items()))
+        outs = {name: np.asarray(out) for name, out in outs.items()}
         scale = np.abs(outs["plain"]).max()
         print(f"  max |guarded - plain| / max |plain|: cfg_norm "
               f"{np.abs(outs['cfg_norm'] - outs['plain']).max() / scale:.1e}, flipd "
               f"{np.abs(outs['flipd'] - outs['plain']).max() / scale:.1e}", flush=True)
-        times = {name: [] for name in fns}  # _common.interleaved without a second warm-up
-        for r in range(args.repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                sync(fn())
-                times[name].append(time.perf_counter() - start)
-            print(f"  round {r + 1}: " + ", ".join(f"{name} {v[-1]:.2f} s"
-                                                   for name, v in times.items()), flush=True)
         for name, values in times.items():
             print(f"  {name}: {_summary(values)}", flush=True)
         print(f"  cfg_norm / plain = {ratio_summary(times['cfg_norm'], times['plain'])} "
@@ -206,7 +204,7 @@ def main() -> None:
         del fns, outs
     if args.step_repeats:
         steps = interleaved(_step_fns(eps_fn, schedule, cond, uncond, z, args.guidance),
-                            args.step_repeats, sync)
+                            args.step_repeats, sync).times
         for name, values in steps.items():
             print(f"  {name}: {_summary(values)}", flush=True)
         print(f"  same UNet, per step: {_implied(steps, n, k)}", flush=True)
@@ -226,7 +224,7 @@ def main() -> None:
             sync(fn())
         print(f"  compile + first run of the three: {time.perf_counter() - start:.1f} s",
               flush=True)
-        times = interleaved(fns, args.full_repeats, sync)
+        times = interleaved(fns, args.full_repeats, sync).times
         for name, values in times.items():
             print(f"  {name}: {_summary(values)}", flush=True)
         print(f"  IMPLIED (per-step timings, no 50-step run): {_implied(times, n, k)}",

@@ -6,7 +6,7 @@ Shapes: the normal bundle's Gram matrices (``[b, d, d]``, eigvalsh) at d = 192 (
 d = 768 (16x16 RGB); a GAN Jacobian (``[b, 3072, 64]``, singular values) as ``gan lid`` takes
 it at 32x32 RGB and a 64-dimensional latent slice; local PCA's covariances (``[b, 100, 100]``).
 
-Example: python benchmarks/bench_linalg.py --repeats 7
+Example: python -m benchmarks.bench_linalg --repeats 7
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import cpu_model, interleaved, ratio_summary
+from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 from mmh_jax._src.linalg import eigvalsh_descending, singular_values
 
@@ -47,8 +47,8 @@ def main() -> None:
             ours = jax.jit(singular_values)
             theirs = jax.jit(lambda m: jnp.linalg.svd(m, compute_uv=False))
         np.testing.assert_allclose(ours(a), theirs(a), rtol=1e-3, atol=1e-3 * float(theirs(a).max()))
-        times = interleaved({"ours": functools.partial(ours, a),
-                             "batched": functools.partial(theirs, a)}, args.repeats, sync=jax.block_until_ready)
+        times = interleaved({"ours": functools.partial(ours, a), "batched": functools.partial(theirs, a)},
+                            args.repeats, sync=jax.block_until_ready).times
         ms = {k: (1e3 * min(v), 1e3 * statistics.median(v)) for k, v in times.items()}
         print(f"| {kind} | {'x'.join(map(str, shape))} | {ms['ours'][0]:.1f} / {ms['ours'][1]:.1f} "
               f"| {ms['batched'][0]:.1f} / {ms['batched'][1]:.1f} "

@@ -1,30 +1,54 @@
 """Benchmark: mmh_jax.lid.lpca versus scikit-dimension's pointwise lPCA on the same data.
 
-Data (float32, seeded): by default a ``--manifold-dim``-dimensional nonlinear manifold in R^d,
+Run it through the runner: ``python -m benchmarks run lpca [--set lpca.n=50000 ...]``.
+
+Data (float32, seeded): by default a ``manifold_dim``-dimensional nonlinear manifold in R^d,
 ``x = sin(z W + b) + noise * N(0, I)`` with ``z ~ U[0, 1]^m``, ``W ~ N(0, 1)^(m x d)``,
-``b ~ U[0, 2 pi]^d``; with ``--data patches``, random 32 x 32 RGB patches of scikit-image's
+``b ~ U[0, 2 pi]^d``; with ``data="patches"``, random 32 x 32 RGB patches of scikit-image's
 colour images (d = 3072; needs scikit-image).
 
-Timings reported:
-* ours: a first call of ``lpca`` (compiling its chunk kernels) and a second, identical call;
-* scikit-dimension, ``lPCA(ver="FO").fit_pw(X, n_neighbors=k, n_jobs=1)``: its kNN step
-  (``skdim._commonfuncs.get_nn``, what fit_pw calls) on the full data, plus its per-point PCA,
-  timed on ``--skdim-subset`` random points (fit_pw with those rows of the kNN indices as
-  ``precomputed_knn``, i.e. the same loop fit_pw runs; best of 3) and extrapolated linearly to all points
-  unless ``--skdim-subset`` is 0 or >= n (then fit_pw runs on everything).
-Agreement: fraction of the timed skdim points where both answers are equal.
+Sides, interleaved round by round after one warm-up call each (the first call of ``lpca``
+compiles its chunk kernels; it is reported as the warm-up):
 
-Example: python benchmarks/bench_lpca.py --n 50000 --d 3072 --k 100 --skdim-subset 200
+* ``ours``: ``lpca(X, k=k, method="fo")``;
+* ``skdim_knn``: scikit-dimension's kNN step (``skdim._commonfuncs.get_nn``, what
+  ``lPCA(ver="FO").fit_pw(X, n_neighbors=k, n_jobs=1)`` calls) on all points;
+* ``skdim_pca_subset``: its per-point PCA on ``skdim_subset`` random points (``fit_pw`` with
+  those rows of the kNN indices as ``precomputed_knn``: the loop ``fit_pw`` runs), or on all
+  points when ``skdim_subset`` is 0 or >= n;
+* ``skdim`` (derived, per round): kNN + the PCA time scaled linearly to all n points (the
+  per-point cost is one SVD of a k x d neighbourhood: it does not depend on n).
+
+Ratio of record: ``skdim / ours``. Notes: the agreement of the LIDs on the PCA subset, the
+search path of ``lpca`` (certified projection or brute force), and our LIDs' histogram.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import time
+import dataclasses
+from typing import Any, Literal
 
 import numpy as np
-from _common import cpu_model
+
+from benchmarks._common import case_record, interleaved
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of the lpca benchmark (defaults: the default run; RESULTS.md's record is n = 50000)."""
+
+    data: Literal["manifold", "patches"] = "manifold"
+    n: int = 5000
+    d: int = 3072
+    k: int = 100
+    manifold_dim: int = 10
+    noise: float = 1e-3
+    batch_size: int = 256
+    skdim_subset: int = 100
+    seed: int = 0
+
+
+TINY = Config(n=300, d=64, k=10, manifold_dim=3, batch_size=64, skdim_subset=20)
 
 
 def make_data(n: int, d: int, m: int, noise: float, seed: int) -> np.ndarray:
@@ -43,7 +67,7 @@ def image_patches(n: int, seed: int) -> np.ndarray:
     try:
         import skimage.data as images
     except ImportError as err:
-        raise SystemExit("--data patches needs scikit-image: pip install scikit-image") from err
+        raise SystemExit("data='patches' needs scikit-image: pip install scikit-image") from err
     pics = [images.astronaut(), images.coffee(), images.chelsea(), images.rocket(), images.cat()]
     rng = np.random.default_rng(seed)
     out = np.empty((n, 32 * 32 * 3), np.float32)
@@ -54,99 +78,54 @@ def image_patches(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def _summary(lid: np.ndarray) -> str:
+def _histogram(lid: np.ndarray) -> dict[str, int]:
     values, counts = np.unique(lid, return_counts=True)
-    if len(values) <= 8:
-        return "histogram " + ", ".join(f"{v}: {c}" for v, c in zip(values, counts))
-    q = np.percentile(lid, [10, 50, 90])
-    return f"10/50/90th percentiles {q[0]:g}/{q[1]:g}/{q[2]:g} (range {lid.min()}-{lid.max()})"
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=("manifold", "patches"), default="manifold",
-                   help="the synthetic manifold (default) or natural image patches (d = 3072)")
-    p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--d", type=int, default=3072)
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--manifold-dim", type=int, default=10)
-    p.add_argument("--noise", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--skdim-subset", type=int, default=200,
-                   help="points on which skdim's per-point PCA is timed (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-skdim", action="store_true")
-    args = p.parse_args()
-
-    import jax
+def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
+    """Measure ``lpca`` against scikit-dimension (see the module docstring); one case."""
     import jax.numpy as jnp
-
-    from mmh_jax.lid import lpca
-
-    n, d, k = args.n, args.d, args.k
-    print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-          f"backend={jax.default_backend()}")
-    t = time.perf_counter()
-    if args.data == "patches":
-        X = image_patches(n, args.seed)
-        d = X.shape[1]
-        desc = "scikit-image 32x32 RGB patches"
-    else:
-        X = make_data(n, d, args.manifold_dim, args.noise, args.seed)
-        desc = f"manifold_dim={args.manifold_dim} noise={args.noise}"
-    print(f"data: n={n} d={d} k={k} {desc} float32 ({X.nbytes / 2**30:.2f} GiB), "
-          f"generated in {time.perf_counter() - t:.1f} s")
-
-    # --- ours: a first call (compiles the chunk kernels), then the same call again
-    Xj = jnp.asarray(X)
-    t = time.perf_counter()
-    np.asarray(lpca(Xj, k=k, method="fo", batch_size=args.batch_size))
-    t_first = time.perf_counter() - t
-    t = time.perf_counter()
-    ours = np.asarray(lpca(Xj, k=k, method="fo", batch_size=args.batch_size))
-    t_ours = time.perf_counter() - t
-    print(f"ours: first call (with compilation): {t_first:.1f} s; second call: "
-          f"{t_ours:.1f} s ({t_ours / n * 1e3:.2f} ms/point)")
-    print(f"ours: LID {_summary(ours)}")
-    from mmh_jax._src.knn import build_index
-
-    search = build_index(Xj, k=k, exclude_self=True).proj is not None
-    print(f"ours: neighbour search {'certified (projection)' if search else 'brute force'}")
-    if args.skip_skdim:
-        return
-
-    # --- scikit-dimension
     import skdim
     from skdim._commonfuncs import get_nn
 
-    t = time.perf_counter()
-    _, knnidx = get_nn(X, k=k, n_jobs=1)
-    t_knn = time.perf_counter() - t
-    sub = args.skdim_subset
-    if sub <= 0 or sub >= n:
+    from mmh_jax._src.knn import build_index
+    from mmh_jax.lid import lpca
+
+    c = config
+    X = image_patches(c.n, c.seed) if c.data == "patches" else \
+        make_data(c.n, c.d, c.manifold_dim, c.noise, c.seed)
+    n = X.shape[0]
+    Xj = jnp.asarray(X)
+    if c.skdim_subset <= 0 or c.skdim_subset >= n:
         sel = np.arange(n)
     else:
-        sel = np.sort(np.random.default_rng(args.seed + 1).choice(n, size=sub, replace=False))
+        sel = np.sort(np.random.default_rng(c.seed + 1).choice(n, size=c.skdim_subset,
+                                                                replace=False))
+    knn = get_nn(X, k=c.k, n_jobs=1)[1]  # the PCA side's input, computed once outside the timing
     est = skdim.id.lPCA(ver="FO", alphaFO=0.05)
-    t_pca_sub = float("inf")
-    for _ in range(3):  # best of 3: per-point timings of skdim vary 2x on a shared machine
-        t = time.perf_counter()
-        est.fit_pw(X, precomputed_knn=knnidx[sel], n_neighbors=k, n_jobs=1)
-        t_pca_sub = min(t_pca_sub, time.perf_counter() - t)
-    ref = est.dimension_pw_
-    t_pca = t_pca_sub * n / len(sel)
-    t_skdim = t_knn + t_pca
-    extrap = len(sel) < n
-    agree = float(np.mean(ref == ours[sel]))
-    print(f"skdim: kNN on all {n} points: {t_knn:.1f} s; per-point PCA on {len(sel)} points: "
-          f"{t_pca_sub:.1f} s, best of 3 ({t_pca_sub / len(sel) * 1e3:.1f} ms/point)"
-          + (f", extrapolated linearly to {n} points: {t_pca:.1f} s" if extrap else ""))
-    print(f"skdim total{' (kNN measured + PCA extrapolated)' if extrap else ''}: {t_skdim:.1f} s")
-    print(f"agreement: {agree * 100:.2f}% of the {len(sel)} compared points give the same LID "
-          f"(skdim {_summary(ref)})")
-    print(f"speed-up (skdim total / ours, second call): {t_skdim / t_ours:.1f}x; "
-          f"first call: {t_skdim / t_first:.1f}x")
+    answers = {}
 
+    def ours():
+        answers["ours"] = np.asarray(lpca(Xj, k=c.k, method="fo", batch_size=c.batch_size))
 
-if __name__ == "__main__":
-    main()
+    def skdim_knn():
+        get_nn(X, k=c.k, n_jobs=1)
+
+    def skdim_pca_subset():
+        est.fit_pw(X, precomputed_knn=knn[sel], n_neighbors=c.k, n_jobs=1)
+        answers["skdim"] = est.dimension_pw_
+
+    timings = interleaved({"ours": ours, "skdim_knn": skdim_knn,
+                           "skdim_pca_subset": skdim_pca_subset}, repeats)
+    scale = n / len(sel)
+    total = [a + scale * b for a, b in zip(timings.times["skdim_knn"],
+                                           timings.times["skdim_pca_subset"])]
+    certified = build_index(Xj, k=c.k, exclude_self=True).proj is not None
+    agree = float(np.mean(answers["skdim"] == answers["ours"][sel]))
+    notes = {"points_compared": len(sel), "agreement": agree,
+             "search": "certified projection" if certified else "brute force",
+             "pca_extrapolated": bool(len(sel) < n), "ours_lid_histogram": _histogram(answers["ours"])}
+    return [case_record(f"n={n} d={X.shape[1]} k={c.k}", timings,
+                        ratios={"skdim / ours": ("skdim", "ours")}, derived={"skdim": total},
+                        notes=notes)]

@@ -5,7 +5,7 @@ The UNet is diffusers' ``UNet2DConditionModel(**SD15_UNET_CONFIG)`` (859.5M para
 weights (seeded), converted with ``mmh_jax.convert.unet2d_condition``; latents 4 x 64 x 64, text
 embeddings 77 x 768 (random: the text encoder does not enter these timings). One latent, so one
 CFG evaluation is one UNet call on a batch of 2 (unconditional and conditional). Every timed
-function runs once per round, rounds interleaved (``_common.interleaved``); ratios are taken
+function runs once per round, rounds interleaved (``benchmarks._common.interleaved``); ratios are taken
 round by round and reported as median (min-max).
 
 Reported:
@@ -18,7 +18,7 @@ Reported:
   the same probe); the JAX / PyTorch images-per-second ratios of FLIPD (target: JAX no slower)
   and of the forward pass; the relative difference of the two FLIPD values.
 
-Example: python benchmarks/bench_sd.py --repeats 3
+Example: python -m benchmarks.bench_sd --repeats 3
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import statistics
 
 import numpy as np
-from _common import cpu_model, interleaved, ratio_summary
+from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
 def main() -> None:
@@ -116,7 +116,7 @@ def main() -> None:
         print(f"FLIPD values: JAX {lid_jax:.2f}, PyTorch {lid_torch:.2f}, relative difference "
               f"{abs(lid_jax - lid_torch) / abs(lid_torch):.1e} (d = {4 * args.size ** 2})")
 
-    times = interleaved(fns, args.repeats, sync)
+    times = interleaved(fns, args.repeats, sync).times
     for name, values in times.items():
         print(f"{name}: median {statistics.median(values):.2f} s "
               f"({', '.join(f'{v:.2f}' for v in values)})")

@@ -9,7 +9,7 @@ torch). Timings: ``--repeats`` interleaved rounds (JAX, torch, JAX, torch, ...) 
 warm-up call each, so load drift on a shared machine hits both alike; the JAX / torch ratio is
 taken round by round.
 
-Example: python benchmarks/bench_sscd.py --batch 32 --repeats 5
+Example: python -m benchmarks.bench_sscd --batch 32 --repeats 5
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import statistics
 
 import numpy as np
-from _common import cpu_model, interleaved, ratio_summary
+from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
 def _torch_model(dim: int):
@@ -133,7 +133,7 @@ def main() -> None:
 
     diff = np.max(np.abs(np.asarray(apply({"params": params}, x)) - run_torch().numpy()))
     times = interleaved({"jax": lambda: apply({"params": params}, x), "torch": run_torch},
-                        args.repeats, sync)
+                        args.repeats, sync).times
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name}: median {med:.3f} s/batch ({b / med:.1f} img/s; rounds "
