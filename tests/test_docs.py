@@ -22,12 +22,6 @@ API = DOCS / "api"
 
 # Public names without a docstring that this branch could not fix: they live in files other work
 # was editing at the time. Remove a name here once its docstring is written.
-KNOWN_UNDOCUMENTED = frozenset({
-    "mmh_jax.experiments.prompt_world.DETECTORS",
-    "mmh_jax.experiments.stable_diffusion.METRICS",
-})
-
-
 # ----------------------------------------------------------------------------- public names
 
 
@@ -111,8 +105,7 @@ def test_every_public_name_has_a_docstring():
     for canonical in set(public_names().values()):
         if not _griffe_object(canonical).docstring:
             undocumented.add(canonical)
-    assert undocumented <= KNOWN_UNDOCUMENTED, (
-        "public names without a docstring:\n" + "\n".join(sorted(undocumented - KNOWN_UNDOCUMENTED)))
+    assert not undocumented, "public names without a docstring:\n" + "\n".join(sorted(undocumented))
 
 
 # ----------------------------------------------------------------------------- code blocks

@@ -68,7 +68,6 @@ from mmh_jax.experiments.common import (
 
 __all__ = ["PromptWorldConfig", "run", "add_arguments", "config_from_args", "DETECTORS"]
 
-#: detection signals: name -> (column of the per-image detection table, higher means memorized)
 DETECTORS = {
     "CFG norm (generation)": ("cfg_norm", True),
     "CFG norm (training image)": ("cfg_norm_image", True),
@@ -76,6 +75,8 @@ DETECTORS = {
     "conditional FLIPD": ("flipd_cond", False),
     "unconditional FLIPD": ("flipd_uncond", False),
 }
+"""The demo's detection signals: name -> (column of the per-image detection table, whether
+a higher value means memorized)."""
 _KINDS = ("verbatim", "template", "rare")
 _METRICS = ("cfg", "cfg_score", "flipd")
 

@@ -70,13 +70,14 @@ __all__ = [
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # ImageFolder's
 
-#: (column, description, larger means memorized)
 METRICS: tuple[tuple[str, str, bool], ...] = (
     ("cfg_vector_norm", "CFG vector norm ||eps_c - eps_u||", True),
     ("cfg_score_norm", "CFG-adjusted score norm ||s^CFG||", True),
     ("flipd_uncond", "FLIPD, unconditional LID_theta(z)", False),
     ("flipd_cond", "FLIPD, conditional LID_theta(z | c)", False),
 )
+"""The per-image signals of ``sd detect``: (column, description, whether a larger value
+means memorized)."""
 
 
 @dataclasses.dataclass(frozen=True)
