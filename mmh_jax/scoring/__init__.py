@@ -20,6 +20,7 @@ from mmh_jax.scoring.engine import Generation, Plan, Summary, data_mesh, score
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.prompt_columns import (
     ClipScore,
+    EmbeddingMitigation,
     ImageSimilarity,
     SavedImage,
     TokenAttributions,
@@ -45,6 +46,7 @@ __all__ = [
     "CFGNorms",
     "ClipScore",
     "Column",
+    "EmbeddingMitigation",
     "Flipd",
     "Generation",
     "ImageFolder",
