@@ -269,16 +269,17 @@ def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path,
     from mmh_jax import scoring
     from mmh_jax.experiments.common import DemoInputError
 
-    settings = dict(methods=("rta", "embedding"), repeats=1, chunk_size=1)
+    settings = dict(methods=("rta", "embedding"), metrics=("cfg_score",), repeats=1,
+                    chunk_size=1)
     _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "a", **settings)
     whole = pd.read_parquet(tmp_path / "a" / "results.parquet")
     assert len(whole) == 2 * 2 and list(whole["method"]) == ["rta", "embedding"] * 2
     emb = whole[whole["method"] == "embedding"]
-    assert (emb["updates"] == 20).all() and (emb["metric_after"] > emb["metric_before"]).all()
+    assert (emb["updates"] == 10).all() and (emb["metric_after"] < emb["metric_before"]).all()
 
     out = tmp_path / "b"
     _staged(sd_folder, tmp_path, monkeypatch, out, **settings)
-    (out / "embedding" / "flipd" / "manifest" / "chunk-00000001.json").unlink()
+    (out / "embedding" / "cfg_score" / "manifest" / "chunk-00000001.json").unlink()
     (out / "results.parquet").unlink()
     scored = []
     real_score = scoring.score
