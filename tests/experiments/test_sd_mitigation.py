@@ -265,6 +265,7 @@ def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 2, label
 
 
+@pytest.mark.slow
 def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path, monkeypatch):
     from mmh_jax import scoring
     from mmh_jax.experiments.common import DemoInputError
