@@ -232,6 +232,7 @@ class _RunNoise:
         return getattr(self._sd, name)
 
 
+@pytest.mark.slow
 def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
     """Truth: mitigate() with the embedding method on the same noise (the CFG metrics draw no
     probes, so the optimisation is the same), scored by the same numpy functions."""
@@ -239,7 +240,7 @@ def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
 
     from mmh_jax.memorization import MitigationConfig, mitigate
 
-    metrics = ("cfg_score", "cfg")
+    metrics = ("cfg_score",)
     result, summary, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "e",
                                  methods=("embedding",), metrics=metrics)
     similarity, clip_scorer = _simple_scorers([])
@@ -257,8 +258,7 @@ def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
                                    [want["metric_before"], want["metric_after"]], rtol=1e-4)
         np.testing.assert_allclose(row["similarity"], want["similarity"], atol=2e-3)
         np.testing.assert_allclose(row["clip_score"], want["clip_score"], atol=0.2)
-    assert [s["label"] for s in summary] == ["embedding (A^sCFG)", "embedding (A^CFG)"] or all(
-        s["method"] == "embedding" and s["k"] == 0 for s in summary)
+    assert [(s["label"], s["k"], s["rows"]) for s in summary] == [("embedding (A^sCFG)", 0, 2)]
     for label, images in truth.images.items():
         assert len(result.images[label]) == len(images)
         for got, want in zip(result.images[label], images):
