@@ -185,7 +185,7 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
             "clean prompts")
     kinds = _kinds(Path(config.prompts), len(items))
     out = prepare_out_dir(config.out)
-    console = console or Console()
+    console = console or output_console()
     err = Console(stderr=True)
     sd = load_pipeline(config.model, dtype=config.dtype, console=err)
     model = scoring.Model.from_stable_diffusion(sd)

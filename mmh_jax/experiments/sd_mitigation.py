@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from rich.console import Console
@@ -148,10 +148,10 @@ class MitigateConfig:
         require(bool(self.methods) and all(m in METHODS for m in self.methods),
                 f"--methods must be among {', '.join(METHODS)}, got {list(self.methods)}")
         require(len(set(self.methods)) == len(self.methods), "--methods lists a method twice")
-        require("embedding" not in self.methods,
-                "--methods embedding is not available in `sd mitigate`: its stages run (and "
-                "resume) through the scoring engine, which does not optimise prompt embeddings "
-                "yet; call mmh_jax.memorization.mitigate for it")
+        require("embedding" not in self.methods or self.num_images == 1,
+                "--methods embedding takes --num-images 1 in `sd mitigate` (its engine stage "
+                "optimises each image's embedding on that image alone; "
+                "mmh_jax.memorization.mitigate optimises on several images jointly)")
         require(self.chunk_size >= 1, f"chunk_size must be at least 1, got {self.chunk_size}")
         require(bool(self.metrics) and all(m in METRICS for m in self.metrics)
                 and len(set(self.metrics)) == len(self.metrics),
@@ -232,8 +232,8 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="METHOD",
                         help="attribution (rephrase k tokens drawn from the attributions), "
                         "uniform (k tokens drawn uniformly), rta (k random vocabulary words "
-                        "added) (default: all three; embedding, the AdamW optimisation of the "
-                        "prompt embedding, is mmh_jax.memorization.mitigate's only)")
+                        "added), embedding (AdamW on the prompt embedding, one row per prompt "
+                        "and metric; with --num-images 1) (default: the first three)")
     parser.add_argument("--metric", dest="metrics", nargs="+", choices=METRICS,
                         default=list(d.metrics), metavar="METRIC",
                         help="metric(s) of the attributions and the embedding optimisation "
@@ -571,7 +571,7 @@ def _read_png(path: Path) -> np.ndarray:
 
 def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     """``mmh-jax sd mitigate``: sample-time mitigation of a prompt file (paper, Section 4.2,
-    Appendix D.3-D.5, Figures 7c, 9, 10), as three stages over :func:`mmh_jax.scoring.score`;
+    Appendix D.3-D.5, Figures 7c, 9, 10), as four stages over :func:`mmh_jax.scoring.score`;
     returns ``(result, summary, files)`` (``result`` a
     :class:`~mmh_jax.memorization.MitigationResult`).
 
@@ -584,6 +584,10 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     3. ``mitigated/`` (engine): the new prompts' images from the same starting noise, their
        similarity to the reference (the training image, else the original generation) and
        CLIP score against the original prompt; the grid's images are kept as PNGs.
+    4. ``embedding/METRIC/`` (engine, with ``embedding``): per metric, every prompt's embedding
+       optimised by AdamW (:class:`~mmh_jax.scoring.EmbeddingMitigation`, the settings of
+       :func:`~mmh_jax.memorization.embedding_defaults`), its image from the same noise, the
+       same scores, and ``A(c)`` before and after.
 
     Each stage resumes where a killed run stopped; a rerun with other prompts or settings is
     refused. The tables and figures are then read from the stages' Parquet: ``results.parquet``
@@ -690,9 +694,11 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     _new_prompt_table(table, stage_record, make)
 
     # ---- stage 3: the new prompts' images from the same noise
-    new = scoring.ParquetTable(table, image_column=None, text_column="new_prompt",
-                               metadata=_NEW_PROMPT_FIELDS)
-    meta = {name: new.metadata[name].to_pylist() for name in ("prompt_index", "k", "repeat")}
+    new = (scoring.ParquetTable(table, image_column=None, text_column="new_prompt",
+                                metadata=_NEW_PROMPT_FIELDS)
+           if settings.text_methods else None)  # embedding alone: no new prompt
+    meta = {name: new.metadata[name].to_pylist() if new else []
+            for name in ("prompt_index", "k", "repeat")}
     shown = settings.shown_k
 
     @functools.lru_cache(maxsize=256)
@@ -709,21 +715,30 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
         str(mitigated_dir / "images"),
         lambda i, j: j == 0 and meta["k"][i] == shown and meta["repeat"][i] == 0,
         f"image 0 of k = {shown}, repeat 0"))
-    _score(mitigated_dir, new, columns, generation._replace(num_images=m), config, record,
-           err_console, model)
-    second = scoring.merge(mitigated_dir).scores
+    if new is not None:
+        _score(mitigated_dir, new, columns, generation._replace(num_images=m), config, record,
+               err_console, model)
+    second = scoring.merge(mitigated_dir).scores if new is not None else None
+
+    # ---- stage 4: the optimised embeddings' images (a function of its own)
+    embedding = (_embedding_stage(
+        out / "embedding", source, prompts, settings=settings, config=config,
+        generation=generation._replace(num_images=m), record=record, err_console=err_console,
+        model=model, scorer_columns=scorer_columns,
+        reference=lambda p, j: original_image(p, j) if references[p] is None else references[p])
+        if "embedding" in settings.methods else None)
     mitigate_s = time.perf_counter() - start
 
     # ---- tables and figures from the Parquet
     values = [n for n in ("similarity", "clip_score") if n in first.column_names]
     before = _per_item_means(first, values, images=m)
-    after = _per_item_means(second, values)
+    after = _per_item_means(second, values) if second is not None else {}
     kinds = ["generation" if r is None else "training" for r in references]
     nan = {n: math.nan for n in ("similarity", "clip_score")}
     originals = [dict(prompt_index=i, prompt=p, num_tokens=len(tokens[i].tokens), reference=kinds[i],
                       **{**nan, **before.get(i, {})}) for i, p in enumerate(prompts)]
     rows = []
-    for i, row in enumerate(new.metadata["prompt_index"].to_pylist()):
+    for i, row in enumerate(new.metadata["prompt_index"].to_pylist() if new else []):
         fields = {name: new.metadata[name][i].as_py() for name in _NEW_PROMPT_FIELDS}
         rows.append(dict(fields, new_prompt=new[i].text, metric_before=math.nan,
                          metric_after=math.nan, updates=-1, reference=kinds[row],
@@ -744,6 +759,8 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
                 images[label].append(_read_png(
                     scoring.saved_image_path(mitigated_dir / "images", i, 0)))
                 grid_prompts.setdefault(label, []).append(r["new_prompt"])
+    if embedding is not None:
+        rows = _with_embedding_rows(rows, embedding, kinds, images, grid_prompts)
     result = MitigationResult(rows, originals, attributions, images, grid_prompts)
 
     summary = summarise_mitigation(rows)
@@ -800,3 +817,69 @@ def _print_mitigation(console: Console, summary: list[dict], result: MitigationR
         console.print("no trade-off figure: it needs both --sscd and --clip")
     console.print(f"load {load_s:.1f} s, mitigation {mitigate_s:.1f} s; wrote "
                   f"{', '.join(str(f) for f in files)}")
+
+
+class _EmbeddingStage(NamedTuple):
+    """What :func:`_embedding_stage` read back: per metric, per prompt index, the columns'
+    means over the prompt's images, and the folder of its saved images."""
+
+    values: dict[str, dict[int, dict[str, float]]]
+    folders: dict[str, Path]
+
+
+def _embedding_stage(out: Path, source, prompts: Sequence[str], *,
+                     settings: MitigationConfig, config: MitigateConfig, generation, record: dict,
+                     err_console: Console, model, scorer_columns, reference) -> _EmbeddingStage:
+    """Stage 4 of ``sd mitigate``: one engine run per metric into ``out/METRIC/`` over the
+    prompt file itself; each prompt's embedding is optimised on its own image's trajectory
+    (:class:`~mmh_jax.scoring.EmbeddingMitigation`, as :func:`~mmh_jax.memorization.mitigate`)
+    and the image of the optimised embedding (from the prompt's noise) is scored against
+    ``reference(prompt index, image index)`` and the prompt; image 0 is kept as a PNG. A rerun
+    resumes, and one with other settings is refused (:func:`_score`)."""
+    from mmh_jax import scoring
+
+    values, folders = {}, {}
+    for metric in settings.metrics:
+        s = settings.embedding_settings(metric)
+        stage = out / metric
+        columns = [scoring.EmbeddingMitigation(
+            metric=metric, step=s.step, learning_rate=s.learning_rate,
+            num_updates=s.num_updates, target=s.target, guidance=config.guidance)]
+        columns += scorer_columns(reference, lambda i: prompts[i])
+        columns.append(scoring.SavedImage(str(stage / "images"), lambda i, j: j == 0,
+                                          "image_index == 0"))
+        _score(stage, source, columns, generation, config, record, err_console, model)
+        scores = scoring.merge(stage).scores
+        names = [n for n in ("metric_before", "metric_after", "updates", "similarity",
+                             "clip_score") if n in scores.column_names]
+        values[metric] = _per_item_means(scores, names)
+        folders[metric] = stage / "images"
+    return _EmbeddingStage(values, folders)
+
+
+def _with_embedding_rows(rows: list[dict], stage: _EmbeddingStage, kinds: Sequence[str],
+                         images: dict[str, list[np.ndarray]],
+                         grid_prompts: dict[str, list[str]]) -> list[dict]:
+    """``rows`` with the embedding rows of ``stage`` (one per prompt and metric, ``k = 0``,
+    :func:`~mmh_jax.memorization.mitigate`'s fields) after each prompt's text rows, and the
+    grid's images of each ``embedding (A^...)`` line added to ``images`` / ``grid_prompts``."""
+    from mmh_jax import scoring
+    from mmh_jax.memorization import method_label
+
+    added = []
+    for metric, per_item in stage.values.items():
+        label = method_label("embedding", metric)
+        for p in sorted(per_item):
+            v = {"similarity": math.nan, "clip_score": math.nan, **per_item[p]}
+            prompt = grid_prompts["original"][p]
+            added.append(dict(
+                prompt_index=p, prompt=prompt, method="embedding", metric=metric, k=0,
+                repeat=0, words="", new_prompt=prompt, changed=v["updates"] > 0, error="",
+                metric_before=v["metric_before"], metric_after=v["metric_after"],
+                updates=int(v["updates"]), similarity=v["similarity"],
+                clip_score=v["clip_score"], reference=kinds[p]))
+            images.setdefault(label, []).append(
+                _read_png(scoring.saved_image_path(stage.folders[metric], p, 0)))
+            grid_prompts.setdefault(label, []).append(prompt)
+    return sorted(rows + added, key=lambda r: r["prompt_index"])
+

@@ -489,8 +489,15 @@ def _optimize_loop(eps_fn, cond, uncond, points, keys, hyper, guidance, schedule
     step_hyper = jnp.stack([hyper[0], hyper[1], jnp.asarray(sign, hyper.dtype)])
     args = (eps_fn, points, uncond, keys, guidance, schedule)
     static = dict(metric=metric, num_probes=num_probes)
-    state = optax.adamw(hyper[0], weight_decay=hyper[1]).init(cond)
-    values = jnp.full(num_steps + 1, jnp.nan, jnp.float32)
+    # the carry takes the inputs' varying type (inside shard_map, e.g. the scoring engine), as
+    # the loop's outputs have it
+    like = cond.reshape(-1)[0] + points.latents.reshape(-1)[0].astype(cond.dtype)
+
+    def vary(a):
+        return a + jnp.zeros_like(like, a.dtype)
+
+    state = jax.tree_util.tree_map(vary, optax.adamw(hyper[0], weight_decay=hyper[1]).init(cond))
+    values = vary(jnp.full(num_steps + 1, jnp.nan, jnp.float32))
 
     def running(carry):
         i, done = carry[0], carry[4]
@@ -500,14 +507,14 @@ def _optimize_loop(eps_fn, cond, uncond, points, keys, hyper, guidance, schedule
         i, c, s, vals, _ = carry
         new, new_state, value = _embedding_update(c, s, step_hyper, *args, **static)
         vals = vals.at[i].set(value.astype(jnp.float32))
-        reached = (sign * (value - hyper[2]) <= 0) if has_target else jnp.asarray(False)
+        reached = (sign * (value - hyper[2]) <= 0) if has_target else vary(jnp.asarray(False))
         keep = functools.partial(jnp.where, reached)
         return (i + 1, keep(c, new), jax.tree_util.tree_map(keep, s, new_state), vals, reached)
 
     i, cond, _, values, done = jax.lax.while_loop(
-        running, body, (jnp.asarray(0), cond, state, values, jnp.asarray(False)))
+        running, body, (vary(jnp.asarray(0)), cond, state, values, vary(jnp.asarray(False))))
     last = jax.lax.cond(
-        done, lambda c: jnp.asarray(jnp.nan, jnp.float32),
+        done, lambda c: vary(jnp.asarray(jnp.nan, jnp.float32)),
         lambda c: jnp.mean(_metric_values(eps_fn, points, c, uncond, keys, guidance, schedule,
                                           **static)).astype(jnp.float32), cond)
     values = jnp.where(done, values, values.at[num_steps].set(last))

@@ -26,6 +26,7 @@ from mmh_jax.scoring.engine import Generation, Plan, Summary, data_mesh, score
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.prompt_columns import (
     ClipScore,
+    EmbeddingMitigation,
     ImageSimilarity,
     SavedImage,
     TokenAttributions,
@@ -53,6 +54,7 @@ __all__ = [
     "Column",
     "CrossAttentionStats",
     "DetectorImages",
+    "EmbeddingMitigation",
     "Flipd",
     "Generation",
     "ImageFolder",

@@ -65,10 +65,20 @@ class Inputs(NamedTuple):
     """The items' classes, for a class-conditional generator (``None`` otherwise)."""
     tokens: Int[Array, "b n"] | None = None
     """The captions' token ids (``None`` without captions)."""
+    noise: Float[Array, "b *shape"] | None = None
+    """For items generated from prompts: each image's starting noise (image ``j`` of every
+    prompt starts from the same noise, :mod:`mmh_jax._src.noise`), for a column that generates
+    again from it (``makes_points``)."""
 
 
 class Column(Protocol):
-    """What the engine asks of a column."""
+    """What the engine asks of a column.
+
+    A device column of images generated from prompts may set ``makes_points = True``: it then
+    returns, besides its values, ``"points"`` (``[b, *shape]``), which replace
+    :attr:`Inputs.points` for the columns after it and for the images the host columns read
+    (e.g. the image of a mitigated prompt embedding, from the same starting noise).
+    """
 
     on_host: ClassVar[bool]
     needs_text: ClassVar[bool]

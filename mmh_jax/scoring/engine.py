@@ -290,7 +290,9 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
             inputs = inputs._replace(tokens=batch["tokens"])
         out = {}
         for column in columns:
-            values = column(model, inputs, column_keys(keys, column))
+            values = dict(column(model, inputs, column_keys(keys, column)))
+            if getattr(column, "makes_points", False):  # later columns see its images
+                inputs = inputs._replace(points=values.pop("points"), trajectory=None)
             out.update({name: jnp.asarray(v) for name, v in values.items()})
         if pixels:  # the generated images, for host columns
             out[_PIXELS] = to_uint8(model.decode(inputs.points))
@@ -310,7 +312,7 @@ def _generate(model: Model, base: Array, image: Array, context: Array, generatio
                          guidance=generation.guidance, num_steps=generation.num_steps,
                          grid=model.ddim_grid, return_trajectory=trajectory)
     return Inputs(points=result.sample, images=None, context=context,
-                  trajectory=result if trajectory else None)
+                  trajectory=result if trajectory else None, noise=noise)
 
 
 def _without_context(eps_fn, x: Array, t: Array, context: Array) -> Array:
@@ -437,6 +439,9 @@ def score(
     mode = _mode(source, model)
     metadata = source.metadata
     classes = _classes(model, metadata, labels)
+    if mode != "prompts" and any(getattr(c, "makes_points", False) for c in columns):
+        raise ValueError("a column that makes points (makes_points) needs an input of prompts "
+                         "alone to generate from")
     device_columns = tuple(c for c in columns if not c.on_host)
     host_columns = tuple(c for c in columns if c.on_host)
     tokenize = model.tokenize if mode == "prompts" or any(c.needs_text for c in columns) else None

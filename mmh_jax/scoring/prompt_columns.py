@@ -11,6 +11,7 @@ are built from them (paper, Section 4.2, Appendix D.2-D.5).
 | :class:`ImageSimilarity` | ``similarity`` to the item's reference image | Sec. 4.2, Fig. 7c |
 | :class:`ClipScore` | ``clip_score`` against the item's prompt | Sec. 4.2, Fig. 7c |
 | :class:`SavedImage` | ``saved``: 1 where the image was written as a PNG | Fig. 10 |
+| :class:`EmbeddingMitigation` | ``metric_before``, ``metric_after``, ``updates``; the image becomes the mitigated one | App. D.3, Fig. 9 |
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ from jaxtyping import Array
 
 from mmh_jax._src.files import atomic_path
 from mmh_jax.memorization.attribution import default_attribution_steps
-from mmh_jax.memorization.prompt import token_attributions, trajectory_points
+from mmh_jax.memorization.prompt import (
+    optimize_embedding_traced,
+    token_attributions,
+    trajectory_points,
+)
+from mmh_jax.sampling import ddim_sample
 from mmh_jax.scoring.columns import Inputs, _column, _require
 from mmh_jax.scoring.model import Model
 
-__all__ = ["TokenAttributions", "ImageSimilarity", "ClipScore", "SavedImage"]
+__all__ = ["TokenAttributions", "EmbeddingMitigation", "ImageSimilarity", "ClipScore",
+           "SavedImage"]
 
 
 @_column()
@@ -88,6 +95,88 @@ class TokenAttributions:
         scores, values = jax.lax.map(one, (jnp.moveaxis(trajectory.latents, 1, 0),
                                            inputs.context, keys))
         return dict(zip(self.names, (scores, values)))
+
+
+@_column()
+class EmbeddingMitigation:
+    """The embedding mitigation of a generated image (Wen et al.; paper, Appendix D.3, Figure
+    9): the prompt's embedding optimised by AdamW on ``metric`` at the latents of DDIM step
+    ``step`` of the image's own trajectory
+    (:func:`~mmh_jax.memorization.prompt.optimize_embedding_traced`, as
+    :func:`~mmh_jax.memorization.mitigate` does), then the image sampled again from the same
+    starting noise with the optimised embedding. That image replaces the generated one
+    (``makes_points``): the columns after it, the host columns included (similarity, CLIP
+    score, saved PNG), see the mitigated image.
+
+    Values per image: ``metric_before`` and ``metric_after`` (``A(c)`` before the first update
+    and after the last), ``updates`` (AdamW updates made; fewer than ``num_updates`` when
+    ``target`` was reached). The settings are
+    :class:`~mmh_jax.memorization.EmbeddingSettings`' (default
+    :func:`~mmh_jax.memorization.embedding_defaults`); ``guidance`` is the sampler's, used by
+    the metric and the new sample. Each image is optimised on its own points, with its own
+    probe key: for one image per prompt, :func:`~mmh_jax.memorization.mitigate`'s optimisation.
+    """
+
+    metric: Literal["cfg", "cfg_score", "flipd"] = "flipd"
+    step: int = 40
+    learning_rate: float = 0.05
+    num_updates: int = 20
+    target: float | None = None
+    guidance: float = 7.5
+    num_probes: int = 1
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = True
+    reads_trajectory: ClassVar[bool] = True
+    makes_points: ClassVar[bool] = True
+    names: ClassVar[tuple[str, ...]] = ("metric_before", "metric_after", "updates")
+
+    def __post_init__(self):
+        if self.metric not in ("cfg", "cfg_score", "flipd"):
+            raise ValueError(f"embedding_mitigation metric must be cfg, cfg_score or flipd, "
+                             f"got {self.metric!r}")
+        for name in ("num_updates", "num_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"embedding_mitigation {name} must be an integer >= 1, got "
+                                 f"{value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"embedding_mitigation learning_rate must be > 0, got "
+                             f"{self.learning_rate!r}")
+
+    def check(self, model: Model) -> None:
+        _require(model.eps_fn is not None and model.embed is not None
+                 and model.ddim_grid is not None, "embedding_mitigation",
+                 "a text-conditional model (Stable Diffusion)")
+
+    def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
+        trajectory = inputs.trajectory
+        if trajectory is None or inputs.noise is None:
+            raise ValueError("embedding_mitigation needs images generated from prompts")
+        num_steps = trajectory.latents.shape[0]
+        if not -num_steps <= self.step < num_steps:
+            raise ValueError(f"embedding_mitigation step {self.step} out of range for "
+                             f"{num_steps} DDIM steps")
+
+        def one(args):
+            latents, noise, cond, key = args
+            points = trajectory_points(trajectory._replace(latents=latents[:, None]),
+                                       schedule=model.schedule, steps=[self.step])
+            opt = optimize_embedding_traced(
+                model.eps_fn, cond[None], model.uncond, points, metric=self.metric,
+                schedule=model.schedule, guidance=self.guidance,
+                learning_rate=self.learning_rate, num_steps=self.num_updates,
+                target=self.target, key=key, num_probes=self.num_probes)
+            sample = ddim_sample(model.eps_fn, noise[None], opt.embedding, model.uncond,
+                                 schedule=model.schedule, guidance=self.guidance,
+                                 num_steps=num_steps, **dict(model.ddim_grid)).sample
+            return (opt.values[0], opt.values[opt.steps_taken], opt.steps_taken,
+                    sample[0].astype(inputs.points.dtype))
+
+        before, after, updates, points = jax.lax.map(
+            one, (jnp.moveaxis(trajectory.latents, 1, 0), inputs.noise, inputs.context, keys))
+        return {"metric_before": before, "metric_after": after, "updates": updates,
+                "points": points}
 
 
 def _one_value(values: Any, name: str) -> float:

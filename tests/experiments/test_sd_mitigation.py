@@ -219,3 +219,93 @@ def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_
     assert abs(first["similarity"] - 1.0) < 1e-12  # the reference is the original itself
     # the CLIP score is always against the ORIGINAL prompt
     assert all(c == [PROMPTS[0]] or c == [PROMPTS[1]] for c in calls if c != "similarity")
+
+
+class _RunNoise:
+    """``sd`` whose sampler starts every prompt from the run's noise (image ``j`` from
+    ``fold_in(key, j)``, the one item-noise rule the staged command follows), where
+    :func:`~mmh_jax.memorization.mitigate` folds the prompt index into its key first."""
+
+    def __init__(self, sd, key):
+        self._sd, self._key = sd, key
+
+    def sample(self, cond, *, key, **kwargs):
+        return self._sd.sample(cond, key=self._key, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._sd, name)
+
+
+@pytest.mark.slow
+def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
+    """Truth: mitigate() with the embedding method on the same noise (the CFG metrics draw no
+    probes, so the optimisation is the same), scored by the same numpy functions."""
+    import jax
+
+    from mmh_jax.memorization import MitigationConfig, mitigate
+
+    metrics = ("cfg_score",)
+    result, summary, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "e",
+                                 methods=("embedding",), metrics=metrics)
+    similarity, clip_scorer = _simple_scorers([])
+    truth = mitigate(_RunNoise(sd, jax.random.key(5)), PROMPTS, key=jax.random.key(5),
+                     config=MitigationConfig(methods="embedding", metrics=metrics,
+                                             num_steps=STEPS),
+                     similarity=similarity, clip_scorer=clip_scorer)
+    assert len(result.rows) == len(truth.rows) == 2 * len(metrics)
+    assert any(r["updates"] > 0 for r in truth.rows)
+    for row, want in zip(result.rows, truth.rows):
+        for name in ("prompt_index", "prompt", "method", "metric", "k", "repeat", "new_prompt",
+                     "changed", "updates", "reference"):
+            assert row[name] == want[name], name
+        np.testing.assert_allclose([row["metric_before"], row["metric_after"]],
+                                   [want["metric_before"], want["metric_after"]], rtol=1e-4)
+        np.testing.assert_allclose(row["similarity"], want["similarity"], atol=2e-3)
+        np.testing.assert_allclose(row["clip_score"], want["clip_score"], atol=0.2)
+    assert [(s["label"], s["k"], s["rows"]) for s in summary] == [("embedding (A^sCFG)", 0, 2)]
+    for label, images in truth.images.items():
+        assert len(result.images[label]) == len(images)
+        for got, want in zip(result.images[label], images):
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 2, label
+
+
+@pytest.mark.slow
+def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path, monkeypatch):
+    from mmh_jax import scoring
+    from mmh_jax.experiments.common import DemoInputError
+
+    settings = dict(methods=("rta", "embedding"), metrics=("cfg_score",), repeats=1,
+                    chunk_size=1)
+    _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "a", **settings)
+    whole = pd.read_parquet(tmp_path / "a" / "results.parquet")
+    assert len(whole) == 2 * 2 and list(whole["method"]) == ["rta", "embedding"] * 2
+    emb = whole[whole["method"] == "embedding"]
+    assert (emb["updates"] == 10).all() and (emb["metric_after"] < emb["metric_before"]).all()
+
+    out = tmp_path / "b"
+    _staged(sd_folder, tmp_path, monkeypatch, out, **settings)
+    (out / "embedding" / "cfg_score" / "manifest" / "chunk-00000001.json").unlink()
+    (out / "results.parquet").unlink()
+    scored = []
+    real_score = scoring.score
+
+    def counting(*args, **kwargs):
+        summary = real_score(*args, **kwargs)
+        scored.append(summary.scored)
+        return summary
+
+    monkeypatch.setattr(scoring, "score", counting)
+    _staged(sd_folder, tmp_path, monkeypatch, out, **settings)
+    assert scored == [0, 0, 1]  # originals, mitigated, then the one embedding chunk
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), whole)
+
+    # the embedding stage itself refuses a rerun of other settings (the earlier stages gone)
+    import shutil
+
+    shutil.rmtree(out / "originals")
+    shutil.rmtree(out / "mitigated")
+    (out / "new_prompts.parquet").unlink()
+    with pytest.raises(DemoInputError, match="embedding.*other inputs or settings"):
+        _staged(sd_folder, tmp_path, monkeypatch, out, **dict(settings, num_steps=STEPS + 1))
+    with pytest.raises(DemoInputError, match="--num-images 1"):
+        _staged(sd_folder, tmp_path, monkeypatch, out, **dict(settings, num_images=2))
