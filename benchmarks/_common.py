@@ -16,12 +16,23 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 #: Distributions whose versions every run file records (absent ones are recorded as null).
-LIBRARIES = ("jax", "jaxlib", "numpy", "scipy", "torch", "diffusers", "scikit-learn",
-             "scikit-dimension", "grain", "flax")
+LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "numpy",
+    "scipy",
+    "torch",
+    "diffusers",
+    "scikit-learn",
+    "scikit-dimension",
+    "grain",
+    "flax",
+)
 
 
 class Timings(NamedTuple):
@@ -50,8 +61,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                sync: Callable[[Any], Any] = lambda out: out) -> Timings:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[Any], Any] = lambda out: out
+) -> Timings:
     """Time ``fns`` in ``repeats`` interleaved rounds after one warm-up call each.
 
     Args:
@@ -83,8 +95,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
 def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, Any]:
     """Round-by-round ratios of two series: ``{"median", "min", "max", "rounds"}``."""
     ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "rounds": ratios}
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": ratios,
+    }
 
 
 def ratio_summary(numerator: list[float], denominator: list[float]) -> str:
@@ -93,9 +109,14 @@ def ratio_summary(numerator: list[float], denominator: list[float]) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
-def case_record(name: str, timings: Timings, *, ratios: dict[str, tuple[str, str]],
-                derived: dict[str, list[float]] | None = None,
-                notes: dict[str, Any] | None = None) -> dict[str, Any]:
+def case_record(
+    name: str,
+    timings: Timings,
+    *,
+    ratios: dict[str, tuple[str, str]],
+    derived: dict[str, list[float]] | None = None,
+    notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The JSON record of one measured comparison.
 
     Args:
@@ -111,14 +132,26 @@ def case_record(name: str, timings: Timings, *, ratios: dict[str, tuple[str, str
         "derived"}}, "ratios": {label: {...}}, "notes"}``.
     """
     series = dict(timings.times, **(derived or {}))
-    sides = {side: {"warmup_s": timings.warmup.get(side), "times_s": values,
-                    "min_s": min(values), "median_s": statistics.median(values),
-                    "derived": side not in timings.times}
-             for side, values in series.items()}
-    return {"name": name, "order": timings.order, "sides": sides,
-            "ratios": {label: dict(ratio_stats(series[a], series[b]), numerator=a, denominator=b)
-                       for label, (a, b) in ratios.items()},
-            "notes": notes or {}}
+    sides = {
+        side: {
+            "warmup_s": timings.warmup.get(side),
+            "times_s": values,
+            "min_s": min(values),
+            "median_s": statistics.median(values),
+            "derived": side not in timings.times,
+        }
+        for side, values in series.items()
+    }
+    return {
+        "name": name,
+        "order": timings.order,
+        "sides": sides,
+        "ratios": {
+            label: dict(ratio_stats(series[a], series[b]), numerator=a, denominator=b)
+            for label, (a, b) in ratios.items()
+        },
+        "notes": notes or {},
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -129,8 +162,13 @@ def machine() -> dict[str, Any]:
             versions[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
             versions[lib] = None
-    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def load_average() -> list[float]:

@@ -9,8 +9,9 @@ from typing import Any
 
 from benchmarks._common import write_text
 
-_BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)",
-                    re.DOTALL)
+_BLOCK = re.compile(
+    r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.DOTALL
+)
 
 
 def _seconds(value: float | None) -> str:
@@ -20,8 +21,9 @@ def _seconds(value: float | None) -> str:
 
 
 def _config(config: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in config.items())
+    return ", ".join(
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in config.items()
+    )
 
 
 def _note(value: Any) -> str:
@@ -39,29 +41,44 @@ def render(name: str, path: str, run: dict[str, Any]) -> str:
     entry = run["benchmarks"][name]
     m = run["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    lines = [f"From `{path}` ({entry['started_utc'][:16].replace('T', ' ')} UTC, "
-             f"{entry['wall_s']:.0f} s): {m['cpu_model']}, {m['cores']} cores"
-             f"{', ' + m['jax_devices'] if m.get('jax_devices') else ''}; **load average "
-             f"(1/5/15 min) {'/'.join(map(str, entry['load_before']))} before, "
-             f"{'/'.join(map(str, entry['load_after']))} after**; {versions}. "
-             f"{run['repeats']} interleaved rounds after one warm-up call per side"
-             f"{' (TINY sizes)' if run['tiny'] else ''}; config: {_config(entry['config'])}.",
-             "", "| case | side | warm-up (s) | min (s) | median (s) |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"From `{path}` ({entry['started_utc'][:16].replace('T', ' ')} UTC, "
+        f"{entry['wall_s']:.0f} s): {m['cpu_model']}, {m['cores']} cores"
+        f"{', ' + m['jax_devices'] if m.get('jax_devices') else ''}; **load average "
+        f"(1/5/15 min) {'/'.join(map(str, entry['load_before']))} before, "
+        f"{'/'.join(map(str, entry['load_after']))} after**; {versions}. "
+        f"{run['repeats']} interleaved rounds after one warm-up call per side"
+        f"{' (TINY sizes)' if run['tiny'] else ''}; config: {_config(entry['config'])}.",
+        "",
+        "| case | side | warm-up (s) | min (s) | median (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for case in entry["cases"]:
         for i, (side, s) in enumerate(case["sides"].items()):
             label = f"{side} (derived)" if s["derived"] else side
-            lines.append(f"| {case['name'] if i == 0 else ''} | {label} | {_seconds(s['warmup_s'])} "
-                         f"| {_seconds(s['min_s'])} | {_seconds(s['median_s'])} |")
-    lines += ["", "| case | ratio (round by round) | median | min-max |", "| --- | --- | --- | --- |"]
+            lines.append(
+                f"| {case['name'] if i == 0 else ''} | {label} | {_seconds(s['warmup_s'])} "
+                f"| {_seconds(s['min_s'])} | {_seconds(s['median_s'])} |"
+            )
+    lines += [
+        "",
+        "| case | ratio (round by round) | median | min-max |",
+        "| --- | --- | --- | --- |",
+    ]
     for case in entry["cases"]:
         for i, (label, r) in enumerate(case["ratios"].items()):
-            lines.append(f"| {case['name'] if i == 0 else ''} | {label} | **{r['median']:.2f}x** "
-                         f"| {r['min']:.2f}-{r['max']:.2f} |")
+            lines.append(
+                f"| {case['name'] if i == 0 else ''} | {label} | **{r['median']:.2f}x** "
+                f"| {r['min']:.2f}-{r['max']:.2f} |"
+            )
     lines.append("")
     for case in entry["cases"]:
         if case["notes"]:
-            lines.append(f"Notes, {case['name']}: "
-                         + "; ".join(f"{k} {_note(v)}" for k, v in case["notes"].items()) + ".")
+            lines.append(
+                f"Notes, {case['name']}: "
+                + "; ".join(f"{k} {_note(v)}" for k, v in case["notes"].items())
+                + "."
+            )
             lines.append("")
     return "\n".join(lines)
 
@@ -86,8 +103,10 @@ def update_results(results: str, paths: list[str]) -> list[str]:
     wanted = {name for _, run in runs for name in run["benchmarks"]}
     missing = sorted(wanted - present)
     if missing:
-        raise SystemExit(f"{results} has no block <!-- bench:NAME --> ... <!-- /bench:NAME --> "
-                         f"for {', '.join(missing)}")
+        raise SystemExit(
+            f"{results} has no block <!-- bench:NAME --> ... <!-- /bench:NAME --> "
+            f"for {', '.join(missing)}"
+        )
     done = []
 
     def replace(m: re.Match) -> str:

@@ -27,11 +27,16 @@ from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=1, help="samples per gan_lid call")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="latent directions per batched jvp (default: gan_lid's)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="latent directions per batched jvp (default: gan_lid's)",
+    )
     p.add_argument("--channel-max", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
@@ -42,20 +47,31 @@ def main() -> None:
     from mmh_jax.memorization import gan_lid
     from mmh_jax.models import StyleGAN2Generator
 
-    kwargs = dict(z_dim=512, c_dim=10, w_dim=512, img_resolution=32, img_channels=3,
-                  mapping_kwargs=dict(num_layers=2),
-                  synthesis_kwargs=dict(channel_base=32768, channel_max=args.channel_max,
-                                        num_fp16_res=4, conv_clamp=256))
+    kwargs = dict(
+        z_dim=512,
+        c_dim=10,
+        w_dim=512,
+        img_resolution=32,
+        img_channels=3,
+        mapping_kwargs=dict(num_layers=2),
+        synthesis_kwargs=dict(
+            channel_base=32768, channel_max=args.channel_max, num_fp16_res=4, conv_clamp=256
+        ),
+    )
     module = StyleGAN2Generator.from_init_kwargs(kwargs)
     z = jax.random.normal(jax.random.key(1), (args.batch, 512))
     c = jnp.arange(args.batch) % 10
     params = jax.jit(module.init)(jax.random.key(0), z, c)["params"]
     n_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     dev = jax.devices()[0]
-    print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-          f"device={dev.platform}:{dev.device_kind}")
-    print(f"generator: CIFAR-10 config, channel_max={args.channel_max}, {n_params:,} params "
-          f"(w_avg and noise_const included), batch={args.batch}, chunk={args.chunk}")
+    print(
+        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
+        f"device={dev.platform}:{dev.device_kind}"
+    )
+    print(
+        f"generator: CIFAR-10 config, channel_max={args.channel_max}, {n_params:,} params "
+        f"(w_avg and noise_const included), batch={args.batch}, chunk={args.chunk}"
+    )
 
     @jax.jit
     def forward(params, z, c):
@@ -68,15 +84,19 @@ def main() -> None:
         return jax.vmap(lambda t: jax.jvp(fn, (z1,), (t,))[1])(basis)
 
     def bare():
-        return [jvp_all(params, z[i:i + 1], c[i:i + 1]) for i in range(args.batch)]
+        return [jvp_all(params, z[i : i + 1], c[i : i + 1]) for i in range(args.batch)]
 
-    fns = {"gan_lid": lambda: gan_lid(module, params, z, c, chunk_size=args.chunk),
-           "jvp x 512": bare,
-           "forward": lambda: forward(params, z, c)}
+    fns = {
+        "gan_lid": lambda: gan_lid(module, params, z, c, chunk_size=args.chunk),
+        "jvp x 512": bare,
+        "forward": lambda: forward(params, z, c),
+    }
     times = interleaved(fns, args.rounds, sync=jax.block_until_ready).times
     for name, series in times.items():
-        print(f"{name:>10}: median {statistics.median(series):.3f} s "
-              f"(min {min(series):.3f}, max {max(series):.3f}) over {args.rounds} rounds")
+        print(
+            f"{name:>10}: median {statistics.median(series):.3f} s "
+            f"(min {min(series):.3f}, max {max(series):.3f}) over {args.rounds} rounds"
+        )
     print(f"gan_lid / jvp x 512: {ratio_summary(times['gan_lid'], times['jvp x 512'])}")
     print(f"gan_lid / forward:   {ratio_summary(times['gan_lid'], times['forward'])}")
     print(f"gan_lid samples/s:   {args.batch / statistics.median(times['gan_lid']):.3f}")

@@ -44,19 +44,17 @@ def _mem_available_gb() -> float:
 
 
 def _summary(values: list[float]) -> str:
-    return (f"median {statistics.median(values):.3f} s "
-            f"({', '.join(f'{v:.3f}' for v in values)})")
+    return f"median {statistics.median(values):.3f} s ({', '.join(f'{v:.3f}' for v in values)})"
 
 
 def _unet(config: dict, size: int, seed: int):
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from jax.tree_util import Partial
 
     from mmh_jax.models import EpsModel, UNet2DCondition
     from mmh_jax.schedules import DDPM
-
-    import numpy as np
 
     module = UNet2DCondition.from_config(config)
     x = jnp.zeros((1, 4, size, size))
@@ -110,32 +108,41 @@ def _step_fns(eps_fn, schedule, cond, uncond, z, guidance, timestep=20):
         jv = ju + guidance * (jc - ju)
         return eps, jnp.sum(v * jv)
 
-    return {"step_forward": lambda: forward(eps_fn, z),
-            "step_forward_norm": lambda: forward_norm(eps_fn, z),
-            "step_jvp": lambda: jvp(eps_fn, z)}
+    return {
+        "step_forward": lambda: forward(eps_fn, z),
+        "step_forward_norm": lambda: forward_norm(eps_fn, z),
+        "step_jvp": lambda: jvp(eps_fn, z),
+    }
 
 
 def _implied(times: dict[str, list[float]], n: int, k: int) -> str:
     f, j = statistics.median(times["step_forward"]), statistics.median(times["step_jvp"])
     g = statistics.median(times["step_forward_norm"])
-    return (f"jvp step / forward step = {ratio_summary(times['step_jvp'], times['step_forward'])}"
-            f"; (forward + norm) / forward = "
-            f"{ratio_summary(times['step_forward_norm'], times['step_forward'])}; implied "
-            f"{n}-step ratios: cfg_norm {g / f:.3f}x, flipd at the last {k}: "
-            f"{((n - k) * f + k * j) / (n * f):.3f}x")
+    return (
+        f"jvp step / forward step = {ratio_summary(times['step_jvp'], times['step_forward'])}"
+        f"; (forward + norm) / forward = "
+        f"{ratio_summary(times['step_forward_norm'], times['step_forward'])}; implied "
+        f"{n}-step ratios: cfg_norm {g / f:.3f}x, flipd at the last {k}: "
+        f"{((n - k) * f + k * j) / (n * f):.3f}x"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--width", type=int, default=64, help="first level's channels (SD: 320)")
     p.add_argument("--size", type=int, default=64, help="latent height and width")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--flipd-steps", type=int, default=5)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--step-repeats", type=int, default=5,
-                   help="rounds of the per-step timings on the reduced UNet")
+    p.add_argument(
+        "--step-repeats",
+        type=int,
+        default=5,
+        help="rounds of the per-step timings on the reduced UNet",
+    )
     p.add_argument("--full", action="store_true", help="(b): per-step costs at SD v1.5 shapes")
     p.add_argument("--full-repeats", type=int, default=2)
     p.add_argument("--skip-end-to-end", action="store_true")
@@ -149,9 +156,12 @@ def main() -> None:
     from mmh_jax.models import SD15_UNET_CONFIG
     from mmh_jax.sampling import DDIMGrid, ddim_sample
 
-    print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-          f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
-          f"load={os.getloadavg()} mem_available={_mem_available_gb():.1f} GB", flush=True)
+    print(
+        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
+        f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
+        f"load={os.getloadavg()} mem_available={_mem_available_gb():.1f} GB",
+        flush=True,
+    )
     sync = jax.block_until_ready
     rng = np.random.default_rng(0)
     z = jnp.asarray(rng.standard_normal((1, 4, args.size, args.size)).astype(np.float32))
@@ -163,9 +173,12 @@ def main() -> None:
     if not args.skip_end_to_end or args.step_repeats:
         w = args.width
         config = dict(SD15_UNET_CONFIG, block_out_channels=(w, 2 * w, 4 * w, 4 * w))
-        print(f"(a) reduced-width SD-layout UNet: block_out_channels {config['block_out_channels']}"
-              f", latents 1 x 4 x {args.size} x {args.size}, context 77 x 768, DDIM-{n}, "
-              f"guidance {args.guidance}, fp32", flush=True)
+        print(
+            f"(a) reduced-width SD-layout UNet: block_out_channels {config['block_out_channels']}"
+            f", latents 1 x 4 x {args.size} x {args.size}, context 77 x 768, DDIM-{n}, "
+            f"guidance {args.guidance}, fp32",
+            flush=True,
+        )
         eps_fn, schedule, _ = _unet(config, args.size, seed=0)
     if not args.skip_end_to_end:
         key = jax.random.key(1)
@@ -175,36 +188,70 @@ def main() -> None:
             def call():
                 outs[name] = fn()
                 return outs[name]
+
             return call
 
         fns = {
-            "plain": keep("plain", lambda: ddim_sample(eps_fn, z, cond, uncond,
-                                                       schedule=schedule, **sampler).sample),
-            "cfg_norm": keep("cfg_norm", lambda: guarded_ddim_sample(
-                eps_fn, z, cond, uncond, schedule=schedule, signal="cfg_norm", **sampler).sample),
-            "flipd": keep("flipd", lambda: guarded_ddim_sample(
-                eps_fn, z, cond, uncond, schedule=schedule, signal="flipd", signal_steps=k,
-                key=key, **sampler).sample),
+            "plain": keep(
+                "plain",
+                lambda: ddim_sample(eps_fn, z, cond, uncond, schedule=schedule, **sampler).sample,
+            ),
+            "cfg_norm": keep(
+                "cfg_norm",
+                lambda: (
+                    guarded_ddim_sample(
+                        eps_fn, z, cond, uncond, schedule=schedule, signal="cfg_norm", **sampler
+                    ).sample
+                ),
+            ),
+            "flipd": keep(
+                "flipd",
+                lambda: (
+                    guarded_ddim_sample(
+                        eps_fn,
+                        z,
+                        cond,
+                        uncond,
+                        schedule=schedule,
+                        signal="flipd",
+                        signal_steps=k,
+                        key=key,
+                        **sampler,
+                    ).sample
+                ),
+            ),
         }
         timings = interleaved(fns, args.repeats, sync)
         times = timings.times
-        print("  compile + first run: " + ", ".join(f"{name} {s:.1f} s"
-                                                    for name, s in timings.warmup.items()))
+        print(
+            "  compile + first run: "
+            + ", ".join(f"{name} {s:.1f} s" for name, s in timings.warmup.items())
+        )
         outs = {name: np.asarray(out) for name, out in outs.items()}
         scale = np.abs(outs["plain"]).max()
-        print(f"  max |guarded - plain| / max |plain|: cfg_norm "
-              f"{np.abs(outs['cfg_norm'] - outs['plain']).max() / scale:.1e}, flipd "
-              f"{np.abs(outs['flipd'] - outs['plain']).max() / scale:.1e}", flush=True)
+        print(
+            f"  max |guarded - plain| / max |plain|: cfg_norm "
+            f"{np.abs(outs['cfg_norm'] - outs['plain']).max() / scale:.1e}, flipd "
+            f"{np.abs(outs['flipd'] - outs['plain']).max() / scale:.1e}",
+            flush=True,
+        )
         for name, values in times.items():
             print(f"  {name}: {_summary(values)}", flush=True)
-        print(f"  cfg_norm / plain = {ratio_summary(times['cfg_norm'], times['plain'])} "
-              f"(target <= 1.02x)", flush=True)
-        print(f"  flipd (last {k} of {n}) / plain = {ratio_summary(times['flipd'], times['plain'])}"
-              f" (target <= 1.25x)", flush=True)
+        print(
+            f"  cfg_norm / plain = {ratio_summary(times['cfg_norm'], times['plain'])} "
+            f"(target <= 1.02x)",
+            flush=True,
+        )
+        print(
+            f"  flipd (last {k} of {n}) / plain = {ratio_summary(times['flipd'], times['plain'])}"
+            f" (target <= 1.25x)",
+            flush=True,
+        )
         del fns, outs
     if args.step_repeats:
-        steps = interleaved(_step_fns(eps_fn, schedule, cond, uncond, z, args.guidance),
-                            args.step_repeats, sync).times
+        steps = interleaved(
+            _step_fns(eps_fn, schedule, cond, uncond, z, args.guidance), args.step_repeats, sync
+        ).times
         for name, values in steps.items():
             print(f"  {name}: {_summary(values)}", flush=True)
         print(f"  same UNet, per step: {_implied(steps, n, k)}", flush=True)
@@ -215,20 +262,23 @@ def main() -> None:
         if not free >= 10:
             print(f"(b) skipped: {free:.1f} GB of memory available, about 10 GB needed")
             return
-        print(f"(b) SD v1.5 UNet (SD15_UNET_CONFIG), latents 1 x 4 x {args.size} x {args.size}, "
-              f"per-step costs, {args.full_repeats} interleaved rounds", flush=True)
+        print(
+            f"(b) SD v1.5 UNet (SD15_UNET_CONFIG), latents 1 x 4 x {args.size} x {args.size}, "
+            f"per-step costs, {args.full_repeats} interleaved rounds",
+            flush=True,
+        )
         eps_fn, schedule, _ = _unet(SD15_UNET_CONFIG, args.size, seed=0)
         fns = _step_fns(eps_fn, schedule, cond, uncond, z, args.guidance)
         start = time.perf_counter()
         for fn in fns.values():
             sync(fn())
-        print(f"  compile + first run of the three: {time.perf_counter() - start:.1f} s",
-              flush=True)
+        print(
+            f"  compile + first run of the three: {time.perf_counter() - start:.1f} s", flush=True
+        )
         times = interleaved(fns, args.full_repeats, sync).times
         for name, values in times.items():
             print(f"  {name}: {_summary(values)}", flush=True)
-        print(f"  IMPLIED (per-step timings, no 50-step run): {_implied(times, n, k)}",
-              flush=True)
+        print(f"  IMPLIED (per-step timings, no 50-step run): {_implied(times, n, k)}", flush=True)
     print(f"end load={os.getloadavg()}")
 
 

@@ -74,7 +74,7 @@ def image_patches(n: int, seed: int) -> np.ndarray:
     for i in range(n):
         pic = pics[i % len(pics)]
         y, x = rng.integers(0, pic.shape[0] - 32), rng.integers(0, pic.shape[1] - 32)
-        out[i] = pic[y:y + 32, x:x + 32, :3].reshape(-1) / 255.0
+        out[i] = pic[y : y + 32, x : x + 32, :3].reshape(-1) / 255.0
     return out
 
 
@@ -93,15 +93,19 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     from mmh_jax.lid import lpca
 
     c = config
-    X = image_patches(c.n, c.seed) if c.data == "patches" else \
-        make_data(c.n, c.d, c.manifold_dim, c.noise, c.seed)
+    X = (
+        image_patches(c.n, c.seed)
+        if c.data == "patches"
+        else make_data(c.n, c.d, c.manifold_dim, c.noise, c.seed)
+    )
     n = X.shape[0]
     Xj = jnp.asarray(X)
     if c.skdim_subset <= 0 or c.skdim_subset >= n:
         sel = np.arange(n)
     else:
-        sel = np.sort(np.random.default_rng(c.seed + 1).choice(n, size=c.skdim_subset,
-                                                                replace=False))
+        sel = np.sort(
+            np.random.default_rng(c.seed + 1).choice(n, size=c.skdim_subset, replace=False)
+        )
     knn = get_nn(X, k=c.k, n_jobs=1)[1]  # the PCA side's input, computed once outside the timing
     est = skdim.id.lPCA(ver="FO", alphaFO=0.05)
     answers = {}
@@ -116,16 +120,28 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
         est.fit_pw(X, precomputed_knn=knn[sel], n_neighbors=c.k, n_jobs=1)
         answers["skdim"] = est.dimension_pw_
 
-    timings = interleaved({"ours": ours, "skdim_knn": skdim_knn,
-                           "skdim_pca_subset": skdim_pca_subset}, repeats)
+    timings = interleaved(
+        {"ours": ours, "skdim_knn": skdim_knn, "skdim_pca_subset": skdim_pca_subset}, repeats
+    )
     scale = n / len(sel)
-    total = [a + scale * b for a, b in zip(timings.times["skdim_knn"],
-                                           timings.times["skdim_pca_subset"])]
+    total = [
+        a + scale * b for a, b in zip(timings.times["skdim_knn"], timings.times["skdim_pca_subset"])
+    ]
     certified = build_index(Xj, k=c.k, exclude_self=True).proj is not None
     agree = float(np.mean(answers["skdim"] == answers["ours"][sel]))
-    notes = {"points_compared": len(sel), "agreement": agree,
-             "search": "certified projection" if certified else "brute force",
-             "pca_extrapolated": bool(len(sel) < n), "ours_lid_histogram": _histogram(answers["ours"])}
-    return [case_record(f"n={n} d={X.shape[1]} k={c.k}", timings,
-                        ratios={"skdim / ours": ("skdim", "ours")}, derived={"skdim": total},
-                        notes=notes)]
+    notes = {
+        "points_compared": len(sel),
+        "agreement": agree,
+        "search": "certified projection" if certified else "brute force",
+        "pca_extrapolated": bool(len(sel) < n),
+        "ours_lid_histogram": _histogram(answers["ours"]),
+    }
+    return [
+        case_record(
+            f"n={n} d={X.shape[1]} k={c.k}",
+            timings,
+            ratios={"skdim / ours": ("skdim", "ours")},
+            derived={"skdim": total},
+            notes=notes,
+        )
+    ]

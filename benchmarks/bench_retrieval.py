@@ -50,8 +50,9 @@ class Config:
 TINY = Config(n_queries=200, n_refs=300, d=32, rank=8, ks=(1, 5), batch_size=64)
 
 
-def make_data(n_queries: int, n_refs: int, d: int, rank: int, decay: float, noise: float,
-              seed: int):
+def make_data(
+    n_queries: int, n_refs: int, d: int, rank: int, decay: float, noise: float, seed: int
+):
     rng = np.random.default_rng(seed)
     w, _ = np.linalg.qr(rng.standard_normal((d, rank)).astype(np.float32))
     scale = np.arange(1, rank + 1, dtype=np.float32) ** -decay
@@ -63,8 +64,9 @@ def make_data(n_queries: int, n_refs: int, d: int, rank: int, decay: float, nois
     refs = sample(n_refs)
     queries = sample(n_queries)
     copies = rng.choice(n_queries, size=n_queries // 10, replace=False)
-    queries[copies] = refs[rng.choice(n_refs, size=copies.size)] + 0.1 * noise * \
-        rng.standard_normal((copies.size, d), dtype=np.float32)
+    queries[copies] = refs[
+        rng.choice(n_refs, size=copies.size)
+    ] + 0.1 * noise * rng.standard_normal((copies.size, d), dtype=np.float32)
     return queries.astype(np.float32), refs.astype(np.float32)
 
 
@@ -97,8 +99,16 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
         timings = interleaved({"ours": ours, "sklearn": sk}, repeats, sync=jax.block_until_ready)
         ours_i = np.sort(np.asarray(results["ours"].indices), axis=1)
         sk_i = np.sort(results["sklearn"][1], axis=1)
-        notes = {"same_neighbour_sets": float(np.mean(np.all(ours_i == sk_i, axis=1))),
-                 "search": "certified projection" if certified else "brute force"}
-        cases.append(case_record(f"{c.n_queries} x {c.n_refs}, d={c.d}, k={k}", timings,
-                                 ratios={"sklearn / ours": ("sklearn", "ours")}, notes=notes))
+        notes = {
+            "same_neighbour_sets": float(np.mean(np.all(ours_i == sk_i, axis=1))),
+            "search": "certified projection" if certified else "brute force",
+        }
+        cases.append(
+            case_record(
+                f"{c.n_queries} x {c.n_refs}, d={c.d}, k={k}",
+                timings,
+                ratios={"sklearn / ours": ("sklearn", "ours")},
+                notes=notes,
+            )
+        )
     return cases

@@ -65,7 +65,8 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
 
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     from jax.tree_util import Partial
     from PIL import Image
 
@@ -81,8 +82,12 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     else:
         schedule = DDPM.linear()
         params = init_net(jax.random.key(0), 3, c.channels, c.blocks)
-        model = Model.from_score_fn(Partial(_stand_in_score, params, schedule), schedule,
-                                    (3, 32, 32), description="stand-in eps-net")
+        model = Model.from_score_fn(
+            Partial(_stand_in_score, params, schedule),
+            schedule,
+            (3, 32, 32),
+            description="stand-in eps-net",
+        )
     mesh = data_mesh()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
     try:
@@ -98,24 +103,40 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
         def engine():
             out = tmp / "out"
             shutil.rmtree(out, ignore_errors=True)
-            summaries.append(score(model, [column], source, str(out), batch_size=c.batch,
-                                   chunk_size=512, threads=c.threads, mesh=mesh))
+            summaries.append(
+                score(
+                    model,
+                    [column],
+                    source,
+                    str(out),
+                    batch_size=c.batch,
+                    chunk_size=512,
+                    threads=c.threads,
+                    mesh=mesh,
+                )
+            )
 
         sharding = NamedSharding(mesh, P("data"))
         x_all = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
         @jax.jit
-        @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                           out_specs=P("data"))
+        @functools.partial(
+            jax.shard_map, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data")
+        )
         def bare_step(score_fn, x, index):
             base = jax.random.key(0)
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, 0), i))(index)
-            return flipd(score_fn, x, t0=0.05, schedule=model.schedule,
-                         key=column_keys(keys, column))
+            return flipd(
+                score_fn, x, t0=0.05, schedule=model.schedule, key=column_keys(keys, column)
+            )
 
-        batches = [(jax.device_put(x_all[s:s + c.batch], sharding),
-                    jax.device_put(np.arange(s, s + c.batch, dtype=np.uint32), sharding))
-                   for s in range(0, c.items - c.batch + 1, c.batch)]
+        batches = [
+            (
+                jax.device_put(x_all[s : s + c.batch], sharding),
+                jax.device_put(np.arange(s, s + c.batch, dtype=np.uint32), sharding),
+            )
+            for s in range(0, c.items - c.batch + 1, c.batch)
+        ]
         score_fn = jax.device_put(model.score_fn, NamedSharding(mesh, P()))
 
         def bare():
@@ -129,23 +150,37 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
                 start = time.process_time()
                 fn()
                 cpu[name].append(time.process_time() - start)
+
             return timed_fn
 
-        timings = interleaved({name: with_cpu_time(name, fn)
-                               for name, fn in (("engine", engine), ("bare", bare))}, repeats)
+        timings = interleaved(
+            {name: with_cpu_time(name, fn) for name, fn in (("engine", engine), ("bare", bare))},
+            repeats,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     measured = summaries[1:]  # the first was the warm-up (compilation)
-    notes = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
-             "model": model.description, "items_per_round": len(batches) * c.batch,
-             "engine_items_per_s": statistics.median(s.items_per_second for s in measured),
-             "device_idle": [s.device_idle for s in measured]}
-    return [case_record(f"{c.items} items, global batch {c.batch}, {jax.device_count()} "
-                        f"{jax.devices()[0].platform} devices", timings,
-                        ratios={"engine / bare, wall": ("engine", "bare"),
-                                "engine / bare, CPU time": ("engine_cpu", "bare_cpu")},
-                        derived={"engine_cpu": cpu["engine"][1:], "bare_cpu": cpu["bare"][1:]},
-                        notes=notes)]
+    notes = {
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "model": model.description,
+        "items_per_round": len(batches) * c.batch,
+        "engine_items_per_s": statistics.median(s.items_per_second for s in measured),
+        "device_idle": [s.device_idle for s in measured],
+    }
+    return [
+        case_record(
+            f"{c.items} items, global batch {c.batch}, {jax.device_count()} "
+            f"{jax.devices()[0].platform} devices",
+            timings,
+            ratios={
+                "engine / bare, wall": ("engine", "bare"),
+                "engine / bare, CPU time": ("engine_cpu", "bare_cpu"),
+            },
+            derived={"engine_cpu": cpu["engine"][1:], "bare_cpu": cpu["bare"][1:]},
+            notes=notes,
+        )
+    ]
 
 
 def _stand_in_score(params, schedule, x, t):
@@ -168,8 +203,9 @@ def _ddpm_unet():
     torch.manual_seed(0)
     torch_model = UNet2DModel(**DDPM_CIFAR10_CONFIG).eval()
     module = UNet2D.from_config(torch_model.config)
-    params = convert_unet2d({k: v.detach().numpy() for k, v in torch_model.state_dict().items()},
-                            module)
+    params = convert_unet2d(
+        {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, module
+    )
     schedule = DDPM.linear()
     pretrained = Pretrained(module, params, schedule, eps_score_fn(module, params, schedule))
     return Model.from_pretrained(pretrained, description="DDPM CIFAR-10 UNet (random weights)")

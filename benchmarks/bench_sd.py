@@ -28,12 +28,14 @@ import os
 import statistics
 
 import numpy as np
+
 from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, default=64, help="latent height and width")
     p.add_argument("--t0", type=float, default=0.05, help="a multiple of 1/1000")
@@ -55,17 +57,23 @@ def main() -> None:
     from mmh_jax.reference.torch_lid import cfg_score_fn_torch, flipd_torch
     from mmh_jax.schedules import DDPM
 
-    print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-          f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
-          f"torch={torch.__version__} torch_threads={torch.get_num_threads()} "
-          f"load={os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
+        f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
+        f"torch={torch.__version__} torch_threads={torch.get_num_threads()} "
+        f"load={os.getloadavg()[0]:.2f}"
+    )
     torch.manual_seed(0)
     model = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
     model.set_attn_processor(AttnProcessor())  # forward-mode-friendly, like the public code
     n_params = sum(q.numel() for q in model.parameters())
     module = UNet2DCondition.from_config(model.config)
-    params = jax.tree.map(jnp.asarray, convert_unet2d_condition(
-        {k: v.detach().numpy() for k, v in model.state_dict().items()}, module))
+    params = jax.tree.map(
+        jnp.asarray,
+        convert_unet2d_condition(
+            {k: v.detach().numpy() for k, v in model.state_dict().items()}, module
+        ),
+    )
     schedule = DDPM.scaled_linear()
     eps_fn = Partial(EpsModel(module).eps, params, schedule)
     rng = np.random.default_rng(0)
@@ -74,9 +82,11 @@ def main() -> None:
     uncond_np = rng.standard_normal((1, 77, 768)).astype(np.float32)
     z, cond, uncond = jnp.asarray(z_np), jnp.asarray(cond_np), jnp.asarray(uncond_np)
     t = jnp.full((1,), args.t0, jnp.float32)
-    print(f"model: UNet2DConditionModel, SD v1.5 config, {n_params:,} parameters; latents "
-          f"1 x 4 x {args.size} x {args.size}, context 77 x 768, fp32, t0={args.t0}, "
-          f"guidance {args.guidance}")
+    print(
+        f"model: UNet2DConditionModel, SD v1.5 config, {n_params:,} parameters; latents "
+        f"1 x 4 x {args.size} x {args.size}, context 77 x 768, fp32, t0={args.t0}, "
+        f"guidance {args.guidance}"
+    )
 
     sync = jax.block_until_ready
     guided = jax.jit(lambda f, z, t: cfg_eps(f, z, t, cond, uncond, guidance=args.guidance))
@@ -89,12 +99,18 @@ def main() -> None:
     lid_jax = float(np.asarray(fns["jax_flipd"]())[0])
 
     if not args.skip_torch:
-        probe = np.asarray(jax.random.rademacher(jax.random.fold_in(jax.random.split(key, 1)[0], 0),
-                                                 (4, args.size, args.size), jnp.float32))
+        probe = np.asarray(
+            jax.random.rademacher(
+                jax.random.fold_in(jax.random.split(key, 1)[0], 0),
+                (4, args.size, args.size),
+                jnp.float32,
+            )
+        )
         ac = torch.as_tensor(np.asarray(schedule.alphas_cumprod), dtype=torch.float64)
         unet = lambda x, s, c: model(x, s, encoder_hidden_states=c).sample  # noqa: E731
-        tscore = cfg_score_fn_torch(unet, ac, torch.as_tensor(cond_np),
-                                    torch.as_tensor(uncond_np), args.guidance)
+        tscore = cfg_score_fn_torch(
+            unet, ac, torch.as_tensor(cond_np), torch.as_tensor(uncond_np), args.guidance
+        )
         zt, tt = torch.as_tensor(z_np), torch.full((1,), args.t0)
         psi = torch.as_tensor(np.asarray(schedule.psi(t)))
         sigma = torch.as_tensor(np.asarray(schedule.sigma(t)))
@@ -113,22 +129,34 @@ def main() -> None:
         fns["torch_cfg_eval"] = torch_cfg_eval
         fns["torch_flipd"] = torch_flipd
         lid_torch = float(torch_flipd()[0])
-        print(f"FLIPD values: JAX {lid_jax:.2f}, PyTorch {lid_torch:.2f}, relative difference "
-              f"{abs(lid_jax - lid_torch) / abs(lid_torch):.1e} (d = {4 * args.size ** 2})")
+        print(
+            f"FLIPD values: JAX {lid_jax:.2f}, PyTorch {lid_torch:.2f}, relative difference "
+            f"{abs(lid_jax - lid_torch) / abs(lid_torch):.1e} (d = {4 * args.size**2})"
+        )
 
     times = interleaved(fns, args.repeats, sync).times
     for name, values in times.items():
-        print(f"{name}: median {statistics.median(values):.2f} s "
-              f"({', '.join(f'{v:.2f}' for v in values)})")
-    print(f"JAX FLIPD / JAX CFG evaluation = "
-          f"{ratio_summary(times['jax_flipd'], times['jax_cfg_eval'])} (target <= 2.2x)")
+        print(
+            f"{name}: median {statistics.median(values):.2f} s "
+            f"({', '.join(f'{v:.2f}' for v in values)})"
+        )
+    print(
+        f"JAX FLIPD / JAX CFG evaluation = "
+        f"{ratio_summary(times['jax_flipd'], times['jax_cfg_eval'])} (target <= 2.2x)"
+    )
     if not args.skip_torch:
-        print(f"PyTorch FLIPD / PyTorch CFG evaluation = "
-              f"{ratio_summary(times['torch_flipd'], times['torch_cfg_eval'])}")
-        print(f"JAX / PyTorch images/s, FLIPD = "
-              f"{ratio_summary(times['torch_flipd'], times['jax_flipd'])} (target >= 1)")
-        print(f"JAX / PyTorch images/s, CFG evaluation = "
-              f"{ratio_summary(times['torch_cfg_eval'], times['jax_cfg_eval'])}")
+        print(
+            f"PyTorch FLIPD / PyTorch CFG evaluation = "
+            f"{ratio_summary(times['torch_flipd'], times['torch_cfg_eval'])}"
+        )
+        print(
+            f"JAX / PyTorch images/s, FLIPD = "
+            f"{ratio_summary(times['torch_flipd'], times['jax_flipd'])} (target >= 1)"
+        )
+        print(
+            f"JAX / PyTorch images/s, CFG evaluation = "
+            f"{ratio_summary(times['torch_cfg_eval'], times['jax_cfg_eval'])}"
+        )
 
 
 if __name__ == "__main__":

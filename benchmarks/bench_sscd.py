@@ -19,6 +19,7 @@ import os
 import statistics
 
 import numpy as np
+
 from benchmarks._common import cpu_model, interleaved, ratio_summary
 
 
@@ -47,7 +48,8 @@ def _torch_model(dim: int):
             self.downsample = None
             if stride != 1 or inp != planes * 4:
                 self.downsample = nn.Sequential(
-                    nn.Conv2d(inp, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+                    nn.Conv2d(inp, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+                )
 
         def forward(self, x):
             out = F.relu(self.bn1(self.conv1(x)))
@@ -96,8 +98,9 @@ def _torch_model(dim: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
@@ -111,9 +114,11 @@ def main() -> None:
     from mmh_jax.models.sscd import SSCD
 
     dev = jax.devices()[0]
-    print(f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-          f"backend={jax.default_backend()} device='{dev.device_kind}' torch={torch.__version__} "
-          f"torch_threads={torch.get_num_threads()}")
+    print(
+        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
+        f"backend={jax.default_backend()} device='{dev.device_kind}' torch={torch.__version__} "
+        f"torch_threads={torch.get_num_threads()}"
+    )
     model, trunk, source = _torch_model(512)
     state = {k: v.detach().numpy() for k, v in trunk.state_dict().items()}
     module = SSCD(arch="resnet50", embedding_dim=512)
@@ -132,14 +137,19 @@ def main() -> None:
         return jax.block_until_ready(out) if isinstance(out, jax.Array) else out
 
     diff = np.max(np.abs(np.asarray(apply({"params": params}, x)) - run_torch().numpy()))
-    times = interleaved({"jax": lambda: apply({"params": params}, x), "torch": run_torch},
-                        args.repeats, sync).times
+    times = interleaved(
+        {"jax": lambda: apply({"params": params}, x), "torch": run_torch}, args.repeats, sync
+    ).times
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name}: median {med:.3f} s/batch ({b / med:.1f} img/s; rounds "
-              f"{', '.join(f'{t:.2f}' for t in ts)})")
-    print(f"JAX / torch images/s, round by round: {ratio_summary(times['torch'], times['jax'])}; "
-          f"max |JAX - torch| of the descriptors {diff:.1e}")
+        print(
+            f"{name}: median {med:.3f} s/batch ({b / med:.1f} img/s; rounds "
+            f"{', '.join(f'{t:.2f}' for t in ts)})"
+        )
+    print(
+        f"JAX / torch images/s, round by round: {ratio_summary(times['torch'], times['jax'])}; "
+        f"max |JAX - torch| of the descriptors {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -71,9 +71,14 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     c = config
     w = c.width
     torch.manual_seed(0)
-    model = UNet2DModel(**dict(DDPM_CIFAR10_CONFIG, sample_size=c.size,
-                               block_out_channels=(w, 2 * w, 2 * w, 2 * w),
-                               layers_per_block=c.layers_per_block)).eval()
+    model = UNet2DModel(
+        **dict(
+            DDPM_CIFAR10_CONFIG,
+            sample_size=c.size,
+            block_out_channels=(w, 2 * w, 2 * w, 2 * w),
+            layers_per_block=c.layers_per_block,
+        )
+    ).eval()
     for m in model.modules():  # UNet2DModel has no set_attn_processor; set it per layer
         if isinstance(m, Attention):
             m.set_processor(AttnProcessor())
@@ -93,8 +98,13 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
 
     # The same probes as flipd draws: Rademacher from fold_in(per-sample key, probe index).
     keys = jax.random.split(key, b)
-    probes = torch.as_tensor(np.array(jax.vmap(lambda k: jax.random.rademacher(
-        jax.random.fold_in(k, 0), (3, s, s), jnp.float32))(keys))[None])
+    probes = torch.as_tensor(
+        np.array(
+            jax.vmap(
+                lambda k: jax.random.rademacher(jax.random.fold_in(k, 0), (3, s, s), jnp.float32)
+            )(keys)
+        )[None]
+    )
     ac = torch.as_tensor(np.asarray(schedule.alphas_cumprod), dtype=torch.float64)
     tscore = eps_score_fn_torch(lambda z, u: model(z, u).sample, ac)
     xt, tt = torch.as_tensor(x_np), torch.full((b,), c.t0)
@@ -108,21 +118,31 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     def torch_flipd(mode="reverse"):
         return flipd_torch(tscore, xt, tt, psi=psi, sigma=sigma, probes=probes, mode=mode)
 
-    notes: dict[str, Any] = {"parameters": n_params, "torch_threads": torch.get_num_threads(),
-                             "timestep": float(steps[0])}
+    notes: dict[str, Any] = {
+        "parameters": n_params,
+        "torch_threads": torch.get_num_threads(),
+        "timestep": float(steps[0]),
+    }
     try:
         torch_flipd("forward")
         notes["torch_forward_mode"] = "works (not timed)"
     except Exception as err:  # forward-mode AD is missing for some CPU kernels
-        notes["torch_forward_mode"] = f"fails: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        notes["torch_forward_mode"] = (
+            f"fails: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        )
 
-    sides = {"jax_forward": lambda: apply({"params": params}, x, steps),
-             "jax_flipd": lambda: flipd(score_fn, x, t0=c.t0, schedule=schedule, key=key),
-             "torch_forward": torch_forward, "torch_flipd": torch_flipd}
-    ratios = {"JAX FLIPD / forward": ("jax_flipd", "jax_forward"),
-              "PyTorch FLIPD / forward": ("torch_flipd", "torch_forward"),
-              "JAX / PyTorch images/s, FLIPD": ("torch_flipd", "jax_flipd"),
-              "JAX / PyTorch images/s, forward": ("torch_forward", "jax_forward")}
+    sides = {
+        "jax_forward": lambda: apply({"params": params}, x, steps),
+        "jax_flipd": lambda: flipd(score_fn, x, t0=c.t0, schedule=schedule, key=key),
+        "torch_forward": torch_forward,
+        "torch_flipd": torch_flipd,
+    }
+    ratios = {
+        "JAX FLIPD / forward": ("jax_flipd", "jax_forward"),
+        "PyTorch FLIPD / forward": ("torch_flipd", "torch_forward"),
+        "JAX / PyTorch images/s, FLIPD": ("torch_flipd", "jax_flipd"),
+        "JAX / PyTorch images/s, forward": ("torch_forward", "jax_forward"),
+    }
     if c.bf16:
         mod16 = UNet2D.from_config(model.config, dtype=jnp.bfloat16)
         score16 = eps_score_fn(mod16, params, schedule)
@@ -137,10 +157,17 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     timings = interleaved(sides, repeats, sync)
     lid_jax = np.asarray(sides["jax_flipd"]())
     lid_torch = torch_flipd().numpy()
-    notes["flipd_max_relative_difference"] = float(np.max(np.abs(lid_jax - lid_torch)
-                                                          / np.abs(lid_torch)))
-    cases = [case_record(f"FLIPD, batch {b}, 3x{s}x{s}, {n_params / 1e6:.1f}M parameters",
-                         timings, ratios=ratios, notes=notes)]
+    notes["flipd_max_relative_difference"] = float(
+        np.max(np.abs(lid_jax - lid_torch) / np.abs(lid_torch))
+    )
+    cases = [
+        case_record(
+            f"FLIPD, batch {b}, 3x{s}x{s}, {n_params / 1e6:.1f}M parameters",
+            timings,
+            ratios=ratios,
+            notes=notes,
+        )
+    ]
     if c.normal_bundle:
         cases.append(_normal_bundle(c, score_fn, x[:1], schedule, key, repeats, normal_bundle))
     return cases
@@ -160,23 +187,44 @@ def _normal_bundle(c: Config, score_fn, x1, schedule, key, repeats, normal_bundl
         return -z
 
     def nb(f, num_scores):
-        return lambda: normal_bundle(f, x1, t0=c.t0, schedule=schedule, key=key,
-                                     num_scores=num_scores, chunk_size=c.nb_chunk).lid
+        return lambda: (
+            normal_bundle(
+                f,
+                x1,
+                t0=c.t0,
+                schedule=schedule,
+                key=key,
+                num_scores=num_scores,
+                chunk_size=c.nb_chunk,
+            ).lid
+        )
 
-    timings = interleaved({"score_chunk": lambda: score_jit(score_fn, xs, ts),
-                           "rest_full_k": nb(trivial, K),
-                           "nb_small_k": nb(score_fn, c.nb_scores),
-                           "rest_small_k": nb(trivial, c.nb_scores)}, repeats,
-                          jax.block_until_ready)
+    timings = interleaved(
+        {
+            "score_chunk": lambda: score_jit(score_fn, xs, ts),
+            "rest_full_k": nb(trivial, K),
+            "nb_small_k": nb(score_fn, c.nb_scores),
+            "rest_small_k": nb(trivial, c.nb_scores),
+        },
+        repeats,
+        jax.block_until_ready,
+    )
     per_score = [v / c.nb_chunk for v in timings.times["score_chunk"]]
     scores_full = [p * K for p in per_score]
-    derived = {"scores_full_k": scores_full,
-               "nb_full_k_estimated": [a + r for a, r in zip(scores_full,
-                                                             timings.times["rest_full_k"])],
-               "nb_small_k_predicted": [p * c.nb_scores + r for p, r in
-                                        zip(per_score, timings.times["rest_small_k"])]}
-    return case_record(f"normal bundle, 1 image, K = 4d = {K}", timings,
-                       ratios={"share in score evaluations": ("scores_full_k", "nb_full_k_estimated"),
-                               "measured / predicted at small K": ("nb_small_k",
-                                                                   "nb_small_k_predicted")},
-                       derived=derived, notes={"gram_mib": d * d * 4 / 2**20, "K": K})
+    derived = {
+        "scores_full_k": scores_full,
+        "nb_full_k_estimated": [a + r for a, r in zip(scores_full, timings.times["rest_full_k"])],
+        "nb_small_k_predicted": [
+            p * c.nb_scores + r for p, r in zip(per_score, timings.times["rest_small_k"])
+        ],
+    }
+    return case_record(
+        f"normal bundle, 1 image, K = 4d = {K}",
+        timings,
+        ratios={
+            "share in score evaluations": ("scores_full_k", "nb_full_k_estimated"),
+            "measured / predicted at small K": ("nb_small_k", "nb_small_k_predicted"),
+        },
+        derived=derived,
+        notes={"gram_mib": d * d * 4 / 2**20, "K": K},
+    )

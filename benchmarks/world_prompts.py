@@ -26,8 +26,11 @@ def main() -> None:
     args = parser.parse_args()
     spec = WorldSpec.from_dict(json.loads(args.world_json.read_text())["world"])
     world = ShapesWorld(spec)
-    rows = [dict(caption=p.caption, label=True, kind=kind)
-            for kind in KINDS for p in world.memorized_prompts(kind)]
+    rows = [
+        dict(caption=p.caption, label=True, kind=kind)
+        for kind in KINDS
+        for p in world.memorized_prompts(kind)
+    ]
     rows += [dict(caption=c, label=False) for c in world.heldout_prompts(args.heldout, split=1)]
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -47,8 +47,9 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_score_parsers(commands: Any) -> None:
     """The ``score`` command (``--config``) and its ``merge`` subcommand."""
     score = commands.add_parser(
-        "score", help="score many items on every device and host (FLIPD, normal bundle, CFG "
+        "score",
+        help="score many items on every device and host (FLIPD, normal bundle, CFG "
         "norms, ...) into resumable Parquet parts",
         **_described(
             "Compute the columns a TOML config names (FLIPD at several t0, normal bundle, CFG "
@@ -135,27 +137,51 @@ def _add_score_parsers(commands: Any) -> None:
             "configs for TPU pods, multi-GPU nodes and Slurm.",
             "mmh-jax score --config scores.toml --dry-run\n"
             "mmh-jax score --config scores.toml\n"
-            "mmh-jax score merge scores/"))
+            "mmh-jax score merge scores/",
+        ),
+    )
     score.add_argument("--config", type=Path, metavar="FILE.toml", help="the run's config")
-    score.add_argument("--dry-run", action="store_true",
-                       help="show the plan and an estimated time from a short warm-up; write nothing")
-    score.add_argument("--template", action="store_true",
-                       help="print every config key with its default and meaning, and exit")
-    score.add_argument("--process-id", type=int, metavar="N",
-                       help="this process's index (sets [distributed] initialize and process_id)")
-    score.add_argument("--num-processes", type=int, metavar="N",
-                       help="number of processes (sets [distributed] num_processes)")
-    score.add_argument("--coordinator-address", metavar="HOST:PORT",
-                       help="process 0's address (sets [distributed] coordinator_address)")
+    score.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the plan and an estimated time from a short warm-up; write nothing",
+    )
+    score.add_argument(
+        "--template",
+        action="store_true",
+        help="print every config key with its default and meaning, and exit",
+    )
+    score.add_argument(
+        "--process-id",
+        type=int,
+        metavar="N",
+        help="this process's index (sets [distributed] initialize and process_id)",
+    )
+    score.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="number of processes (sets [distributed] num_processes)",
+    )
+    score.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        help="process 0's address (sets [distributed] coordinator_address)",
+    )
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     tools = score.add_subparsers(dest="score_command", metavar="TOOL", parser_class=_Parser)
     merge = tools.add_parser(
-        "merge", help="merge a run's parts into scores.parquet and errors.parquet",
+        "merge",
+        help="merge a run's parts into scores.parquet and errors.parquet",
         description="Check every part against its manifest and write DIR/scores.parquet and "
-        "DIR/errors.parquet (rows sorted by item index).")
+        "DIR/errors.parquet (rows sorted by item index).",
+    )
     merge.add_argument("dir", type=Path, metavar="DIR", help="the run's output folder")
-    merge.add_argument("--allow-partial", action="store_true",
-                       help="merge the finished chunks even if some are missing")
+    merge.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="merge the finished chunks even if some are missing",
+    )
 
 
 def _add_sd_parsers(commands: Any) -> None:
@@ -163,9 +189,11 @@ def _add_sd_parsers(commands: Any) -> None:
     from mmh_jax.experiments import detector_benchmark, sd_mitigation, stable_diffusion
 
     sd = commands.add_parser(
-        "sd", help="Stable Diffusion: memorization detection, token attribution, mitigation",
+        "sd",
+        help="Stable Diffusion: memorization detection, token attribution, mitigation",
         description="Memorization tools for Stable Diffusion (v1.x, 2.x) from a local diffusers "
-        "pipeline folder or a converted file; nothing is downloaded.")
+        "pipeline folder or a converted file; nothing is downloaded.",
+    )
     tools = sd.add_subparsers(dest="sd_command", metavar="TOOL", parser_class=_Parser)
     tools.required = True
     detect = tools.add_parser(
@@ -180,7 +208,8 @@ def _add_sd_parsers(commands: Any) -> None:
             "same --out skips what is done), density histograms by label (Figure 6), the "
             "CFG-adjusted score vs CFG vector scatter (Figure 3), and with labels the AUROC and "
             "TPR at 1% FPR of every metric.",
-            "mmh-jax sd detect ./stable-diffusion-v1-5 --prompts memorized.jsonl -o sd-detect"),
+            "mmh-jax sd detect ./stable-diffusion-v1-5 --prompts memorized.jsonl -o sd-detect",
+        ),
     )
     stable_diffusion.add_arguments(detect)
     attribute = tools.add_parser(
@@ -195,8 +224,9 @@ def _add_sd_parsers(commands: Any) -> None:
             "public code's defaults: 4 images x all steps for the CFG metrics, 1 image x steps "
             "10-49 of 50 for FLIPD). Writes attributions.parquet/.csv (one row per prompt, "
             "metric and token) and attributions.png (the tokens coloured by attribution).",
-            "mmh-jax sd attribute ./stable-diffusion-v1-5 --prompt \"The Great Wave off "
-            "Kanagawa by Katsushika Hokusai\" --metric flipd cfg -o sd-attribute"),
+            'mmh-jax sd attribute ./stable-diffusion-v1-5 --prompt "The Great Wave off '
+            'Kanagawa by Katsushika Hokusai" --metric flipd cfg -o sd-attribute',
+        ),
     )
     sd_mitigation.add_attribute_arguments(attribute)
     mitigate = tools.add_parser(
@@ -219,7 +249,8 @@ def _add_sd_parsers(commands: Any) -> None:
             "--sscd and --clip, tradeoff.png (Figure 7c).",
             "mmh-jax sd mitigate ./stable-diffusion-v1-5 --prompts memorized.jsonl --sscd "
             "sscd_disc_large.torchscript.pt --clip ./clip-vit-large-patch14 --reference-images "
-            "./laion-memorized -o sd-mitigate"),
+            "./laion-memorized -o sd-mitigate",
+        ),
     )
     sd_mitigation.add_mitigate_arguments(mitigate)
     benchmark = tools.add_parser(
@@ -236,7 +267,8 @@ def _add_sd_parsers(commands: Any) -> None:
             "evaluations and seconds per prompt, and relative to the generation). Writes "
             "detectors.csv/.md, prompts.csv and roc.png.",
             "mmh-jax sd benchmark-detectors ./stable-diffusion-v1-5 --prompts labelled.jsonl "
-            "-o sd-benchmark"),
+            "-o sd-benchmark",
+        ),
     )
     detector_benchmark.add_arguments(benchmark)
 
@@ -246,9 +278,11 @@ def _add_gan_parsers(commands: Any) -> None:
     from mmh_jax.experiments import cifar10_gan
 
     gan = commands.add_parser(
-        "gan", help="GANs (StyleGAN2-ADA): Jacobian-rank LID of samples",
+        "gan",
+        help="GANs (StyleGAN2-ADA): Jacobian-rank LID of samples",
         description="Memorization tools for StyleGAN2-ADA generators from an official .pkl "
-        "(read as data, never executed) or a converted file; nothing is downloaded.")
+        "(read as data, never executed) or a converted file; nothing is downloaded.",
+    )
     tools = gan.add_subparsers(dest="gan_command", metavar="TOOL", parser_class=_Parser)
     tools.required = True
     lid = tools.add_parser(
@@ -262,7 +296,8 @@ def _add_gan_parsers(commands: Any) -> None:
             "estimate. Writes results.parquet/.csv, spectra.npy, the histogram of Figure 5b "
             "and the lowest- and highest-LID samples (Figure 5a); resumable: a rerun with the "
             "same --out computes only what is missing.",
-            "mmh-jax gan lid cifar10.pkl -n 50000 -o cifar10-gan-lid"),
+            "mmh-jax gan lid cifar10.pkl -n 50000 -o cifar10-gan-lid",
+        ),
     )
     cifar10_gan.add_arguments(lid)
 
@@ -272,14 +307,17 @@ def _add_cifar10_parsers(commands: Any) -> None:
     from mmh_jax.experiments import cifar10
 
     group = commands.add_parser(
-        "cifar10", help="the paper's CIFAR-10 memorization analysis (Figure 5, Figure 8)",
+        "cifar10",
+        help="the paper's CIFAR-10 memorization analysis (Figure 5, Figure 8)",
         description="The paper's CIFAR-10 analysis on your training images and checkpoint "
         "(iDDPM, diffusers UNet2D or StyleGAN2-ADA): sample, LID_theta, nearest training "
-        "images, LID_*, PNG complexity; then detection metrics from hand labels.")
+        "images, LID_*, PNG complexity; then detection metrics from hand labels.",
+    )
     tools = group.add_subparsers(dest="cifar10_command", metavar="TOOL", parser_class=_Parser)
     tools.required = True
     run = tools.add_parser(
-        "run", help="generate, estimate LID_theta and LID_*, retrieve nearest training images",
+        "run",
+        help="generate, estimate LID_theta and LID_*, retrieve nearest training images",
         **_described(
             "Generate samples (DDIM for diffusion models, class-balanced latents for "
             "StyleGAN2-ADA), estimate LID_theta (FLIPD t0=0.05 or the normal bundle t0=0.1 "
@@ -290,30 +328,35 @@ def _add_cifar10_parsers(commands: Any) -> None:
             "only converted .safetensors files (or, for unet2d, diffusers folders), which "
             "carry their own flags.",
             "mmh-jax cifar10 run --train cifar10-train/ --model cifar10.pkl --arch stylegan2 "
-            "-n 50000 -o cifar10-gan"),
+            "-n 50000 -o cifar10-gan",
+        ),
     )
     cifar10.add_run_arguments(run)
     rep = tools.add_parser(
-        "report", help="detection metrics and figures from hand labels of a run",
+        "report",
+        help="detection metrics and figures from hand labels of a run",
         **_described(
             "Join hand labels (exact / reconstructive / not) with a run's results and write "
             "histograms.png (Figure 5 / 8), roc.png and detection.csv: AUROC, TPR at 1% FPR "
             "and AP with bootstrap 95% CIs of LID_theta, LID_* and their PNG-normalised "
             "variants (memorized = exact or reconstructive; small LID = memorized).",
-            "mmh-jax cifar10 report cifar10-gan --labels cifar10-gan/to_label.csv"),
+            "mmh-jax cifar10 report cifar10-gan --labels cifar10-gan/to_label.csv",
+        ),
     )
     cifar10.add_report_arguments(rep)
 
 
-def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, text: str,
-                      default: Any) -> None:
+def _add_iddpm_option(
+    group: Any, name: str, kind: Any, metavar: str | None, text: str, default: Any
+) -> None:
     """Add one improved-diffusion flag; it is in the namespace only when given."""
     option = "--" + name.replace("_", "-")
     if name == "channel_mult":
         from mmh_jax.models.iddpm import CHANNEL_MULT
 
         shown = "improved-diffusion's for --image-size, " + "; ".join(
-            f"{size}: {','.join(map(str, mult))}" for size, mult in CHANNEL_MULT.items())
+            f"{size}: {','.join(map(str, mult))}" for size, mult in CHANNEL_MULT.items()
+        )
     elif isinstance(default, bool):
         shown = "--" + ("" if default else "no-") + name.replace("_", "-")
     else:
@@ -326,14 +369,18 @@ def _add_iddpm_option(group: Any, name: str, kind: Any, metavar: str | None, tex
     else:
         from mmh_jax.experiments.common import finite_float
 
-        group.add_argument(option, type=finite_float if kind is float else kind, metavar=metavar,
-                           **common)
+        group.add_argument(
+            option, type=finite_float if kind is float else kind, metavar=metavar, **common
+        )
 
 
 def _described(description: str, example: str) -> dict[str, Any]:
     """``add_parser`` arguments for a description wrapped as usual and a verbatim example."""
-    return dict(description=textwrap.fill(description, 79), epilog=f"example: {example}",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return dict(
+        description=textwrap.fill(description, 79),
+        epilog=f"example: {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _add_convert_parsers(commands: Any) -> None:
@@ -351,11 +398,16 @@ def _add_convert_parsers(commands: Any) -> None:
         "read back without torch. The conversion is strict: a checkpoint that does not match its architecture is refused with a listing of "
         "the missing, unexpected and misshapen tensors. Nothing is downloaded.",
     )
-    kinds = convert.add_subparsers(dest="architecture", metavar="ARCHITECTURE", parser_class=_Parser)
+    kinds = convert.add_subparsers(
+        dest="architecture", metavar="ARCHITECTURE", parser_class=_Parser
+    )
     kinds.required = True
-    output = dict(metavar="OUT.safetensors", type=Path, required=True,
-                  help="the file to write (atomically; an existing file is replaced); its folder "
-                  "must exist")
+    output = dict(
+        metavar="OUT.safetensors",
+        type=Path,
+        required=True,
+        help="the file to write (atomically; an existing file is replaced); its folder must exist",
+    )
     unet = kinds.add_parser(
         "unet2d",
         help="a diffusers UNet2DModel folder (or a pipeline folder with unet/)",
@@ -366,10 +418,12 @@ def _add_convert_parsers(commands: Any) -> None:
             "scheduler_config.json saved beside the model (in the folder, its scheduler/ child, "
             "or the pipeline's scheduler/). The output holds the parameters, the config and the "
             "schedule: load_unet2d(OUT) needs neither torch nor the folder.",
-            "mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors"),
+            "mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors",
+        ),
     )
-    unet.add_argument("path", metavar="FOLDER", type=Path,
-                      help="the diffusers model or pipeline folder")
+    unet.add_argument(
+        "path", metavar="FOLDER", type=Path, help="the diffusers model or pipeline folder"
+    )
     unet.add_argument("-o", "--output", **output)
     iddpm = kinds.add_parser(
         "iddpm",
@@ -385,7 +439,8 @@ def _add_convert_parsers(commands: Any) -> None:
             "the CIFAR-10 L_hybrid model of improved-diffusion's README\n"
             "  mmh-jax convert iddpm cifar10_uncond_50M_500K.pt -o cifar10_uncond.safetensors \\\n"
             "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
-            "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine"),
+            "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine",
+        ),
     )
     sd = kinds.add_parser(
         "stable-diffusion",
@@ -396,7 +451,8 @@ def _add_convert_parsers(commands: Any) -> None:
             ".bin, which needs torch) into one file holding the three networks' parameters, "
             "their configs, the scheduler config and the tokenizer: "
             "load_stable_diffusion(OUT) needs neither torch nor the folder.",
-            "mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors"),
+            "mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors",
+        ),
     )
     sd.add_argument("path", metavar="FOLDER", type=Path, help="the pipeline folder")
     sd.add_argument("-o", "--output", **output)
@@ -411,23 +467,42 @@ def _add_convert_parsers(commands: Any) -> None:
             "(.safetensors, or .pt/.pth read with weights_only=True) with --init-kwargs; or a "
             "converted file. The output holds the parameters and the generator's constructor "
             "arguments: load_stylegan2(OUT) needs neither torch nor the pickle.",
-            "mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors"),
+            "mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors",
+        ),
     )
-    gan.add_argument("path", metavar="CHECKPOINT", type=Path,
-                     help="the .pkl (or a state dict, or a converted .safetensors file)")
+    gan.add_argument(
+        "path",
+        metavar="CHECKPOINT",
+        type=Path,
+        help="the .pkl (or a state dict, or a converted .safetensors file)",
+    )
     gan.add_argument("-o", "--output", **output)
-    gan.add_argument("--network", choices=("G", "G_ema"), default="G_ema",
-                     help="which generator of a training snapshot (default %(default)s)")
-    gan.add_argument("--init-kwargs", metavar="JSON", type=Path,
-                     help="for a plain state dict: a JSON file with the Generator's constructor "
-                     "arguments (z_dim, c_dim, w_dim, img_resolution, img_channels, "
-                     "mapping_kwargs, synthesis_kwargs)")
-    iddpm.add_argument("path", metavar="CHECKPOINT", type=Path,
-                       help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)")
+    gan.add_argument(
+        "--network",
+        choices=("G", "G_ema"),
+        default="G_ema",
+        help="which generator of a training snapshot (default %(default)s)",
+    )
+    gan.add_argument(
+        "--init-kwargs",
+        metavar="JSON",
+        type=Path,
+        help="for a plain state dict: a JSON file with the Generator's constructor "
+        "arguments (z_dim, c_dim, w_dim, img_resolution, img_channels, "
+        "mapping_kwargs, synthesis_kwargs)",
+    )
+    iddpm.add_argument(
+        "path",
+        metavar="CHECKPOINT",
+        type=Path,
+        help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)",
+    )
     iddpm.add_argument("-o", "--output", **output)
     defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
-    for title, options in (("model flags", IDDPM_MODEL_OPTIONS),
-                           ("diffusion flags", IDDPM_DIFFUSION_OPTIONS)):
+    for title, options in (
+        ("model flags", IDDPM_MODEL_OPTIONS),
+        ("diffusion flags", IDDPM_DIFFUSION_OPTIONS),
+    ):
         group = iddpm.add_argument_group(title)
         for name, kind, metavar, text in options:
             _add_iddpm_option(group, name, kind, metavar, text, defaults[name])
@@ -436,8 +511,11 @@ def _add_convert_parsers(commands: Any) -> None:
 def _normalise(argv: list[str]) -> list[str]:
     """Make ``demo`` without a demo name (nothing, or the von Mises demo's flags) mean ``demo
     von-mises``; ``demo --help`` lists the demos and an unknown name is answered with them."""
-    if argv and argv[0] == "demo" and (
-            len(argv) == 1 or (argv[1].startswith("-") and argv[1] not in ("-h", "--help"))):
+    if (
+        argv
+        and argv[0] == "demo"
+        and (len(argv) == 1 or (argv[1].startswith("-") and argv[1] not in ("-h", "--help")))
+    ):
         return ["demo", DEMOS[0], *argv[1:]]
     return argv
 
@@ -511,7 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mmh-jax: interrupted; no partial output files were left behind", file=sys.stderr)
         return 130
     except OSError as err:
-        print(f"mmh-jax: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})", file=sys.stderr)
+        print(
+            f"mmh-jax: error: {err.strerror or err} ({getattr(err, 'filename', '') or ''})",
+            file=sys.stderr,
+        )
         return 1
     parser.error(f"unknown command {args.command!r}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +108,8 @@ class SubspaceGaussianMixture:
         return self.means.shape[1]
 
 
-def _mixture_score(mix: SubspaceGaussianMixture, x_t: Array, t: Array, *,
-                   schedule: Schedule) -> Array:
+def _mixture_score(
+    mix: SubspaceGaussianMixture, x_t: Array, t: Array, *, schedule: Schedule
+) -> Array:
     log_prob = functools.partial(mix.log_prob_t, schedule=schedule)
     return jax.vmap(jax.grad(log_prob))(x_t, t)

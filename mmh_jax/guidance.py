@@ -41,13 +41,19 @@ def broadcast_batch(context: ArrayLike, batch: int, *, name: str = "context") ->
     naming it)."""
     context = jnp.asarray(context)
     if context.ndim < 1 or context.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have batch 1 or {batch} (that of x_t), got shape "
-                         f"{context.shape}")
+        raise ValueError(
+            f"{name} must have batch 1 or {batch} (that of x_t), got shape {context.shape}"
+        )
     return jnp.broadcast_to(context, (batch,) + context.shape[1:])
 
 
-def eps_pair(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLike, " b"],
-             cond: Array, uncond: Array) -> tuple[Array, Array]:
+def eps_pair(
+    eps_fn: CondEpsFn,
+    x_t: Float[Array, "b *event"],
+    t: Float[ArrayLike, " b"],
+    cond: Array,
+    uncond: Array,
+) -> tuple[Array, Array]:
     """``(eps(x_t, t, uncond), eps(x_t, t, cond))`` from one call of ``eps_fn`` on ``2b`` points.
 
     Args:
@@ -62,30 +68,50 @@ def eps_pair(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLik
     """
     b = x_t.shape[0]
     t = _times(t, x_t)
-    context = jnp.concatenate([broadcast_batch(uncond, b, name="uncond"),
-                               broadcast_batch(cond, b, name="cond")])
+    context = jnp.concatenate(
+        [broadcast_batch(uncond, b, name="uncond"), broadcast_batch(cond, b, name="cond")]
+    )
     both = eps_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), context)
     return both[:b], both[b:]
 
 
-def cfg_eps(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLike, " b"],
-            cond: Array, uncond: Array, *,
-            guidance: Float[ArrayLike, ""]) -> Float[Array, "b *event"]:
+def cfg_eps(
+    eps_fn: CondEpsFn,
+    x_t: Float[Array, "b *event"],
+    t: Float[ArrayLike, " b"],
+    cond: Array,
+    uncond: Array,
+    *,
+    guidance: Float[ArrayLike, ""],
+) -> Float[Array, "b *event"]:
     """The guided noise prediction ``eps_u + guidance (eps_c - eps_u)`` (paper, Eq. 2)."""
     eps_u, eps_c = eps_pair(eps_fn, x_t, t, cond, uncond)
     return eps_u + jnp.asarray(guidance, eps_u.dtype) * (eps_c - eps_u)
 
 
-def cfg_score(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLike, " b"],
-              cond: Array, uncond: Array, *, schedule: Schedule,
-              guidance: Float[ArrayLike, ""]) -> Float[Array, "b *event"]:
+def cfg_score(
+    eps_fn: CondEpsFn,
+    x_t: Float[Array, "b *event"],
+    t: Float[ArrayLike, " b"],
+    cond: Array,
+    uncond: Array,
+    *,
+    schedule: Schedule,
+    guidance: Float[ArrayLike, ""],
+) -> Float[Array, "b *event"]:
     """The CFG-adjusted score ``s^CFG(x_t; t, c) = -eps^CFG / sigma(t)`` (paper, Eqs. 2, 10)."""
     sigma = broadcast_to_event(schedule.sigma(_times(t, x_t)), x_t)
     return -cfg_eps(eps_fn, x_t, t, cond, uncond, guidance=guidance) / sigma
 
 
-def _conditional_score(eps_fn: CondEpsFn, x_t: Float[Array, "b *event"], t: Float[ArrayLike, " b"],
-                       *, context: Array, schedule: Schedule) -> Array:
+def _conditional_score(
+    eps_fn: CondEpsFn,
+    x_t: Float[Array, "b *event"],
+    t: Float[ArrayLike, " b"],
+    *,
+    context: Array,
+    schedule: Schedule,
+) -> Array:
     t = _times(t, x_t)
     eps = eps_fn(x_t, t, broadcast_batch(context, x_t.shape[0]))
     return -eps / broadcast_to_event(schedule.sigma(t), x_t)
@@ -105,12 +131,19 @@ def conditional_score_fn(eps_fn: CondEpsFn, context: ArrayLike, *, schedule: Sch
     Returns:
         A :class:`~jax.tree_util.Partial` over ``(eps_fn, context, schedule)``.
     """
-    return Partial(_conditional_score, as_pytree_fn(eps_fn), context=jnp.asarray(context),
-                   schedule=schedule)
+    return Partial(
+        _conditional_score, as_pytree_fn(eps_fn), context=jnp.asarray(context), schedule=schedule
+    )
 
 
-def cfg_score_fn(eps_fn: CondEpsFn, cond: ArrayLike, uncond: ArrayLike, *, schedule: Schedule,
-                 guidance: float | ArrayLike) -> Partial:
+def cfg_score_fn(
+    eps_fn: CondEpsFn,
+    cond: ArrayLike,
+    uncond: ArrayLike,
+    *,
+    schedule: Schedule,
+    guidance: float | ArrayLike,
+) -> Partial:
     """``score_fn(x_t, t) = s^CFG(x_t; t, c)`` (paper, Eq. 2) for :mod:`mmh_jax.lid`.
 
     Args:
@@ -125,6 +158,11 @@ def cfg_score_fn(eps_fn: CondEpsFn, cond: ArrayLike, uncond: ArrayLike, *, sched
         the embeddings and the guidance are traced arguments, so a new prompt or scale does not
         recompile an estimator.
     """
-    return Partial(cfg_score, as_pytree_fn(eps_fn), cond=jnp.asarray(cond),
-                   uncond=jnp.asarray(uncond), schedule=schedule,
-                   guidance=jnp.asarray(guidance, jnp.result_type(float)))
+    return Partial(
+        cfg_score,
+        as_pytree_fn(eps_fn),
+        cond=jnp.asarray(cond),
+        uncond=jnp.asarray(uncond),
+        schedule=schedule,
+        guidance=jnp.asarray(guidance, jnp.result_type(float)),
+    )

@@ -37,7 +37,6 @@ Spacing = Literal["leading", "trailing", "linspace"]
 (``timestep_spacing``): ``"leading"``, ``"trailing"`` or ``"linspace"``."""
 
 
-
 def sample(
     score_fn: ScoreFn,
     shape: tuple[int, ...],
@@ -99,8 +98,9 @@ def sample(
     return x
 
 
-def ddim_timesteps(num_train_timesteps: int, *, num_steps: int, spacing: Spacing = "leading",
-                   steps_offset: int = 0) -> np.ndarray:
+def ddim_timesteps(
+    num_train_timesteps: int, *, num_steps: int, spacing: Spacing = "leading", steps_offset: int = 0
+) -> np.ndarray:
     """The 0-based network timesteps DDIM visits, in decreasing order (diffusers' grids).
 
     Args:
@@ -127,8 +127,9 @@ def ddim_timesteps(num_train_timesteps: int, *, num_steps: int, spacing: Spacing
         raise ValueError(f"spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
     steps = steps.astype(np.int64)
     if steps.min() < 0 or steps.max() >= num_train_timesteps:
-        raise ValueError(f"steps_offset={steps_offset} puts DDIM timesteps outside "
-                         f"0..{num_train_timesteps - 1}")
+        raise ValueError(
+            f"steps_offset={steps_offset} puts DDIM timesteps outside 0..{num_train_timesteps - 1}"
+        )
     return steps.copy()
 
 
@@ -155,8 +156,12 @@ class DDIMGrid(NamedTuple):
         Returns:
             int64 array ``[num_steps]``.
         """
-        return ddim_timesteps(num_train_timesteps, num_steps=num_steps, spacing=self.spacing,
-                              steps_offset=self.steps_offset)
+        return ddim_timesteps(
+            num_train_timesteps,
+            num_steps=num_steps,
+            spacing=self.spacing,
+            steps_offset=self.steps_offset,
+        )
 
 
 class DDIMResult(NamedTuple):
@@ -215,11 +220,20 @@ def ddim_sample(
     """
     noise = jnp.asarray(noise)
     if noise.ndim < 2 or not jnp.issubdtype(noise.dtype, jnp.floating):
-        raise ValueError(f"noise must be a floating array [b, *event], got {noise.dtype} "
-                         f"{noise.shape}")
+        raise ValueError(
+            f"noise must be a floating array [b, *event], got {noise.dtype} {noise.shape}"
+        )
     steps = jnp.asarray(grid.timesteps(schedule.num_timesteps, num_steps))
-    x, trajectory = ddim_scan(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
-                              jnp.asarray(guidance, noise.dtype), steps, schedule,
-                              num_steps=num_steps, set_alpha_to_one=grid.set_alpha_to_one,
-                              return_trajectory=return_trajectory)
+    x, trajectory = ddim_scan(
+        eps_fn,
+        noise,
+        jnp.asarray(cond),
+        jnp.asarray(uncond),
+        jnp.asarray(guidance, noise.dtype),
+        steps,
+        schedule,
+        num_steps=num_steps,
+        set_alpha_to_one=grid.set_alpha_to_one,
+        return_trajectory=return_trajectory,
+    )
     return DDIMResult(x, steps, *trajectory) if return_trajectory else DDIMResult(x, steps)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "eps_from_score",
     "broadcast_to_event",
 ]
+
 
 def broadcast_to_event(values: Float[Array, " b"], like: Array) -> Array:
     """Reshape per-sample ``values`` of shape ``[b]`` to broadcast against ``like`` ``[b, ...]``."""
@@ -120,7 +122,9 @@ class DDPM(Schedule):
         ):
             a = np.asarray(a, dtype=np.float64)
             if a.ndim != 1 or a.size < 2:
-                raise ValueError(f"alphas_cumprod must be a 1-D array of length >= 2, got shape {a.shape}")
+                raise ValueError(
+                    f"alphas_cumprod must be a 1-D array of length >= 2, got shape {a.shape}"
+                )
             if not (np.all(a > 0) and np.all(a <= 1) and np.all(np.diff(a) <= 0)):
                 raise ValueError("alphas_cumprod must be non-increasing and lie in (0, 1]")
             if self.log_alphas_cumprod is None:
@@ -148,7 +152,9 @@ class DDPM(Schedule):
         return cls.from_betas(np.linspace(beta_start, beta_end, T, dtype=np.float64))
 
     @classmethod
-    def scaled_linear(cls, *, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> "DDPM":
+    def scaled_linear(
+        cls, *, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> "DDPM":
         """Stable Diffusion's betas, linear in ``sqrt(beta)`` (diffusers' ``"scaled_linear"``)."""
         return cls.from_betas(np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2)
 

@@ -12,7 +12,8 @@ used by FLIPD and the normal bundle are well covered.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,10 @@ def dsm_loss(
     elif time_sampling != "log-uniform":
         raise ValueError(f"time_sampling must be 'log-uniform' or 'mixed', got {time_sampling!r}")
     eps = jax.random.normal(ke, x0.shape, x0.dtype)
-    x_t = broadcast_to_event(schedule.psi(t), x0) * x0 + broadcast_to_event(schedule.sigma(t), x0) * eps
+    x_t = (
+        broadcast_to_event(schedule.psi(t), x0) * x0
+        + broadcast_to_event(schedule.sigma(t), x0) * eps
+    )
     return jnp.mean((apply(params, x_t, t) - eps) ** 2)
 
 
@@ -147,7 +151,15 @@ def train_eps(
         # gradient signal instead of a Poisson-distributed one.
         idx = order[(jnp.arange(batch_size) + jax.random.randint(kb, (), 0, n)) % n]
         loss, grads = jax.value_and_grad(
-            lambda q: dsm_loss(apply, q, data[idx], schedule=schedule, key=kl, t_min=t_min, time_sampling=time_sampling)
+            lambda q: dsm_loss(
+                apply,
+                q,
+                data[idx],
+                schedule=schedule,
+                key=kl,
+                t_min=t_min,
+                time_sampling=time_sampling,
+            )
         )(p)
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), loss

@@ -11,7 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when jax is imported (chex
 # semantics (no fast math) are the same. XLA_FLAGS naming --xla_backend_optimization_level wins.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+    ).strip()
 
 import chex  # noqa: E402
 
@@ -67,14 +68,19 @@ def _tiny_tokenizer_files() -> dict[str, str]:
     merges = ["c a", "ca t</w>", "t h", "th e</w>"]
     for token in ("ca", "cat</w>", "th", "the</w>"):
         vocab[token] = len(vocab)
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
     return {
         "vocab.json": json.dumps(vocab),
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
         "special_tokens_map.json": json.dumps(special),
-        "tokenizer_config.json": json.dumps({**special, "model_max_length": 77,
-                                             "tokenizer_class": "CLIPTokenizer"}),
+        "tokenizer_config.json": json.dumps(
+            {**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+        ),
     }
 
 
@@ -84,40 +90,78 @@ def sd_folder(tmp_path_factory):
     (UNet 2 levels with cross-attention, 2-level VAE, 2-layer CLIP text encoder, a tiny BPE
     tokenizer, SD v1's DDIM scheduler config); 16x16 images, 4x8x8 latents. No network."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, norm_num_groups=8).eval()
-    vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                        latent_channels=4, sample_size=16,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=70, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1)).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=70,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
     with torch.no_grad():  # biases and norm scales off their default 0 and 1
         for model in (unet, vae, text):
             for p in model.parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     root = tmp_path_factory.mktemp("sd")
     tokenizer_dir = root / "tokenizer_src"
     tokenizer_dir.mkdir()
     for name, text_ in _tiny_tokenizer_files().items():
         (tokenizer_dir / name).write_text(text_)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     folder = root / "pipeline"
     pipe.save_pretrained(folder)
     for path in (folder / "tokenizer").iterdir():  # SD v1's tokenizer layout, not transformers 5's

@@ -13,8 +13,19 @@ pytest.importorskip("sklearn")
 @pytest.fixture(scope="module")
 def run_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run.json"
-    main(["run", "retrieval", "--tiny", "--repeats", "3", "--set", "retrieval.ks=2",
-          "--out", str(out)])
+    main(
+        [
+            "run",
+            "retrieval",
+            "--tiny",
+            "--repeats",
+            "3",
+            "--set",
+            "retrieval.ks=2",
+            "--out",
+            str(out),
+        ]
+    )
     return out
 
 

@@ -22,9 +22,14 @@ FIXTURE = Path(__file__).parent / "models" / "fixtures" / "iddpm_tiny.safetensor
 def diffusers_folder(tmp_path_factory):
     """A tiny random diffusers UNet2DModel and a DDPM scheduler saved in one folder."""
     torch.manual_seed(0)
-    model = UNet2DModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+    model = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()
     with torch.no_grad():  # biases and norm scales off their default 0 and 1
         for p in model.parameters():
             if p.ndim == 1:
@@ -42,8 +47,11 @@ def iddpm_tiny(tmp_path_factory):
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     io = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("fixture/")}
-    state_dict = {k: torch.from_numpy(v.astype(np.float32) * np.float32(2.0 ** -meta["exponents"][k]))
-                  for k, v in tensors.items() if not k.startswith("fixture/")}
+    state_dict = {
+        k: torch.from_numpy(v.astype(np.float32) * np.float32(2.0 ** -meta["exponents"][k]))
+        for k, v in tensors.items()
+        if not k.startswith("fixture/")
+    }
     path = tmp_path_factory.mktemp("iddpm") / "tiny.pt"
     torch.save(state_dict, path)
     return path, io, meta["flags"]
@@ -94,15 +102,17 @@ def test_unet2d_matches_diffusers(diffusers_folder, tmp_path, capsys):
         ref = model(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
     got = np.asarray(jax.jit(loaded.module.apply)({"params": loaded.params}, x, t))
     assert np.max(np.abs(got - ref)) <= 1e-4
-    np.testing.assert_allclose(loaded.schedule.alphas_cumprod,
-                               DDPMScheduler().alphas_cumprod.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.schedule.alphas_cumprod, DDPMScheduler().alphas_cumprod.numpy(), rtol=1e-6
+    )
 
 
 def test_iddpm_matches_original(iddpm_tiny, tmp_path, capsys):
     path, io, flags = iddpm_tiny
     out = tmp_path / "iddpm.safetensors"
-    code, stdout, err = _run(["convert", "iddpm", str(path), "-o", str(out), *_options(flags)],
-                             capsys)
+    code, stdout, err = _run(
+        ["convert", "iddpm", str(path), "-o", str(out), *_options(flags)], capsys
+    )
     assert code == 0, err
     loaded = load_iddpm(out)  # the flags come from the file
     n = sum(leaf.size for leaf in jax.tree.leaves(loaded.params))
@@ -122,17 +132,21 @@ def test_iddpm_wrong_flags_lists_the_mismatch(iddpm_tiny, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("options, fragments", [
-    (["--num-heads", "3"], ["--num-heads"]),  # 3 heads do not divide 32 channels
-    (["--noise-schedule", "quadratic"], ["--noise-schedule"]),  # argparse's choices
-    (["--channel-mult", "1,x"], ["--channel-mult"]),
-    (["--image-size", "big"], ["--image-size"]),
-])
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--num-heads", "3"], ["--num-heads"]),  # 3 heads do not divide 32 channels
+        (["--noise-schedule", "quadratic"], ["--noise-schedule"]),  # argparse's choices
+        (["--channel-mult", "1,x"], ["--channel-mult"]),
+        (["--image-size", "big"], ["--image-size"]),
+    ],
+)
 def test_iddpm_bad_flag_values(iddpm_tiny, tmp_path, capsys, options, fragments):
     path, _, flags = iddpm_tiny
     out = tmp_path / "iddpm.safetensors"
-    code, _, err = _run(["convert", "iddpm", str(path), "-o", str(out), *_options(flags),
-                         *options], capsys)
+    code, _, err = _run(
+        ["convert", "iddpm", str(path), "-o", str(out), *_options(flags), *options], capsys
+    )
     assert code == 2
     _one_line_error(err, *fragments)
     assert list(tmp_path.iterdir()) == []
@@ -141,17 +155,21 @@ def test_iddpm_bad_flag_values(iddpm_tiny, tmp_path, capsys, options, fragments)
 @pytest.mark.parametrize("architecture", ["unet2d", "iddpm"])
 def test_missing_input(architecture, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
-    code, _, err = _run(["convert", architecture, str(tmp_path / "nowhere.pt"), "-o", str(out)],
-                        capsys)
+    code, _, err = _run(
+        ["convert", architecture, str(tmp_path / "nowhere.pt"), "-o", str(out)], capsys
+    )
     assert code == 2
     _one_line_error(err, "nowhere.pt", "does not exist")
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("output, fragment", [
-    ("unet.pt", ".safetensors"),
-    ("no-such-folder/unet.safetensors", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "output, fragment",
+    [
+        ("unet.pt", ".safetensors"),
+        ("no-such-folder/unet.safetensors", "does not exist"),
+    ],
+)
 def test_bad_output_path(diffusers_folder, tmp_path, capsys, output, fragment):
     folder, _ = diffusers_folder
     code, _, err = _run(["convert", "unet2d", str(folder), "-o", str(tmp_path / output)], capsys)
@@ -186,13 +204,23 @@ def test_unet2d_without_scheduler_config(diffusers_folder, tmp_path, capsys):
 def test_help(capsys):
     for argv, fragments in [
         (["convert", "--help"], ["unet2d", "iddpm", "stylegan2"]),
-        (["convert", "stylegan2", "--help"], ["--network", "G_ema", "--init-kwargs",
-                                              "never imports or executes"]),
+        (
+            ["convert", "stylegan2", "--help"],
+            ["--network", "G_ema", "--init-kwargs", "never imports or executes"],
+        ),
         (["gan", "lid", "--help"], ["--num-samples", "--wrt", "--percentile", "--labels"]),
         (["convert", "unet2d", "--help"], ["FOLDER", "--output", "scheduler_config.json"]),
-        (["convert", "iddpm", "--help"], ["--learn-sigma", "--no-learn-sigma", "--channel-mult",
-                                          "--noise-schedule", "(default: 1000)",
-                                          "(default: linear)"]),
+        (
+            ["convert", "iddpm", "--help"],
+            [
+                "--learn-sigma",
+                "--no-learn-sigma",
+                "--channel-mult",
+                "--noise-schedule",
+                "(default: 1000)",
+                "(default: linear)",
+            ],
+        ),
     ]:
         code, stdout, _ = _run(argv, capsys)
         assert code == 0
@@ -206,8 +234,18 @@ STYLEGAN2 = Path(__file__).parent / "models" / "fixtures" / "stylegan2"
 @pytest.mark.parametrize("network, outputs", [("G_ema", "img_const"), ("G", "G_img_const")])
 def test_stylegan2_pickle_matches_original(tmp_path, capsys, network, outputs):
     out = tmp_path / "g.safetensors"
-    code, stdout, err = _run(["convert", "stylegan2", str(STYLEGAN2 / "skip_cond.pkl"), "-o",
-                              str(out), "--network", network], capsys)
+    code, stdout, err = _run(
+        [
+            "convert",
+            "stylegan2",
+            str(STYLEGAN2 / "skip_cond.pkl"),
+            "-o",
+            str(out),
+            "--network",
+            network,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "skip" in stdout and "16 / 16 / 3" in stdout and "num_ws" in stdout
     assert "schedule" not in stdout
@@ -234,8 +272,9 @@ def test_stylegan2_state_dict_needs_init_kwargs(tmp_path, capsys):
     _one_line_error(err, "plain state dict", "init_kwargs")
     kwargs = tmp_path / "kwargs.json"
     kwargs.write_text(json.dumps(record.init_kwargs))
-    code, _, err = _run(["convert", "stylegan2", str(source), "-o", str(out), "--init-kwargs",
-                         str(kwargs)], capsys)
+    code, _, err = _run(
+        ["convert", "stylegan2", str(source), "-o", str(out), "--init-kwargs", str(kwargs)], capsys
+    )
     assert code == 0, err
     ref = np.load(STYLEGAN2 / "orig.npz")
     from mmh_jax.models import load_stylegan2
@@ -266,21 +305,29 @@ def test_stylegan2_refuses_code_in_the_pickle(tmp_path, capsys):
 def test_stylegan2_text_file_is_not_called_a_state_dict(tmp_path, capsys):
     source = tmp_path / "generator.txt"
     source.write_text("hello")
-    code, _, err = _run(["convert", "stylegan2", str(source), "-o", str(tmp_path / "o.safetensors")],
-                        capsys)
+    code, _, err = _run(
+        ["convert", "stylegan2", str(source), "-o", str(tmp_path / "o.safetensors")], capsys
+    )
     assert code == 1
     _one_line_error(err, "generator.txt", ".pkl", "'.txt'")
     assert "plain state dict" not in err
 
 
-@pytest.mark.parametrize("name, content", [("model.txt", b"hello"), ("model.pt", b"hello"),
-                                           ("model.safetensors", FIXTURE.read_bytes()[:100])],
-                         ids=["text", "not-torch", "truncated"])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("model.txt", b"hello"),
+        ("model.pt", b"hello"),
+        ("model.safetensors", FIXTURE.read_bytes()[:100]),
+    ],
+    ids=["text", "not-torch", "truncated"],
+)
 def test_iddpm_unreadable_file_has_no_flags_hint(name, content, tmp_path, capsys):
     source = tmp_path / name
     source.write_bytes(content)
-    code, _, err = _run(["convert", "iddpm", str(source), "-o", str(tmp_path / "o.safetensors")],
-                        capsys)
+    code, _, err = _run(
+        ["convert", "iddpm", str(source), "-o", str(tmp_path / "o.safetensors")], capsys
+    )
     assert code == 1
     _one_line_error(err, name)
     assert "flags" not in err
@@ -304,9 +351,13 @@ def test_plain_iddpm_safetensors_suggests_convert(plain_iddpm):
     assert "does not match" in str(err.value)
 
 
-@pytest.mark.parametrize("loader, command", [("load_unet2d", "mmh-jax convert unet2d"),
-                                             ("load_stable_diffusion",
-                                              "mmh-jax convert stable-diffusion")])
+@pytest.mark.parametrize(
+    "loader, command",
+    [
+        ("load_unet2d", "mmh-jax convert unet2d"),
+        ("load_stable_diffusion", "mmh-jax convert stable-diffusion"),
+    ],
+)
 def test_unconverted_file_names_the_command(plain_iddpm, loader, command):
     import mmh_jax.models
     from mmh_jax.convert import ConversionError

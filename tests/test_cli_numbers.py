@@ -25,13 +25,19 @@ FLAGS = list(_float_flags(build_parser()))
 def test_every_float_flag_is_finite_checked():
     commands = {path for path, _, _ in FLAGS}
     # the commands with number flags named in the issue are all walked
-    assert {("sd", "detect"), ("sd", "mitigate"), ("demo", "digits"), ("cifar10", "run"),
-            ("gan", "lid")} <= commands
+    assert {
+        ("sd", "detect"),
+        ("sd", "mitigate"),
+        ("demo", "digits"),
+        ("cifar10", "run"),
+        ("gan", "lid"),
+    } <= commands
     assert [(p, f) for p, f, t in FLAGS if t is float] == []
 
 
-@pytest.mark.parametrize("path, flag", [(p, f) for p, f, _ in FLAGS],
-                         ids=[" ".join(p) + " " + f for p, f, _ in FLAGS])
+@pytest.mark.parametrize(
+    "path, flag", [(p, f) for p, f, _ in FLAGS], ids=[" ".join(p) + " " + f for p, f, _ in FLAGS]
+)
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "seven"])
 def test_non_finite_numbers_are_refused_at_parse_time(path, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -10,7 +10,9 @@ from mmh_jax.schedules import VP
 
 @pytest.mark.slow
 def test_log_prob_matches_scipy_mixture(x64):
-    mix = SubspaceGaussianMixture.random(key=jax.random.key(0), ambient_dim=4, dims=[2, 4, 0], separation=3.0)
+    mix = SubspaceGaussianMixture.random(
+        key=jax.random.key(0), ambient_dim=4, dims=[2, 4, 0], separation=3.0
+    )
     s, t = VP(), 0.3
     psi, sigma = float(s.psi(t)), float(s.sigma(t))
     y = np.asarray(jax.random.normal(jax.random.key(1), (5, 4)))
@@ -18,7 +20,9 @@ def test_log_prob_matches_scipy_mixture(x64):
     for j in range(3):
         u, sc = np.asarray(mix.bases[j]), np.asarray(mix.scales[j])
         cov = psi**2 * (u * sc**2) @ u.T + sigma**2 * np.eye(4)
-        dens = dens + np.asarray(mix.weights[j]) * stats.multivariate_normal(psi * np.asarray(mix.means[j]), cov).pdf(y)
+        dens = dens + np.asarray(mix.weights[j]) * stats.multivariate_normal(
+            psi * np.asarray(mix.means[j]), cov
+        ).pdf(y)
     ours = jax.vmap(lambda v: mix.log_prob_t(v, t, schedule=s))(jnp.asarray(y))
     np.testing.assert_allclose(ours, np.log(dens), rtol=1e-10)
 

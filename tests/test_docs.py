@@ -36,10 +36,12 @@ def public_modules() -> list[str]:
 
 @functools.cache
 def _griffe_package():
-    griffe = pytest.importorskip("griffe", reason="griffe comes with mkdocstrings[python] "
-                                                  "(the test extra)")
-    return griffe.load("mmh_jax", search_paths=[str(ROOT)], resolve_aliases=True,
-                       resolve_external=False)
+    griffe = pytest.importorskip(
+        "griffe", reason="griffe comes with mkdocstrings[python] (the test extra)"
+    )
+    return griffe.load(
+        "mmh_jax", search_paths=[str(ROOT)], resolve_aliases=True, resolve_external=False
+    )
 
 
 def _griffe_object(path: str):
@@ -94,9 +96,11 @@ def test_every_public_name_is_in_the_api_reference():
             documented[canonical_path(module, name) or ident] = ident
         except (ImportError, AttributeError) as err:
             pytest.fail(f"docs/api: `::: {ident}` names nothing importable ({err})")
-    missing = sorted(f"{public} (add `::: {canonical}` to a page of docs/api/)"
-                     for public, canonical in public_names().items()
-                     if canonical not in documented)
+    missing = sorted(
+        f"{public} (add `::: {canonical}` to a page of docs/api/)"
+        for public, canonical in public_names().items()
+        if canonical not in documented
+    )
     assert not missing, "public names missing from the API reference:\n" + "\n".join(missing)
 
 
@@ -111,8 +115,9 @@ def test_every_public_name_has_a_docstring():
 # ----------------------------------------------------------------------------- code blocks
 
 
-FENCE = re.compile(r"^(?P<skip><!-- skip -->\s*\n)?```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$",
-                   flags=re.M | re.S)
+FENCE = re.compile(
+    r"^(?P<skip><!-- skip -->\s*\n)?```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$", flags=re.M | re.S
+)
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -126,8 +131,10 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 
 def test_fence_parser_finds_and_skips_blocks():
-    text = ("a\n```python\nx = 1\n```\n<!-- skip -->\n```python\nraise SystemExit\n```\n"
-            "```bash\nexit 1\n```\n```python\ny = x + 1\n```\n")
+    text = (
+        "a\n```python\nx = 1\n```\n<!-- skip -->\n```python\nraise SystemExit\n```\n"
+        "```bash\nexit 1\n```\n```python\ny = x + 1\n```\n"
+    )
     assert python_blocks(text) == [(3, "x = 1\n"), (13, "y = x + 1\n")]
 
 
@@ -144,8 +151,9 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
         try:
             exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
         except Exception as err:
-            raise AssertionError(f"{page.relative_to(ROOT)}, the block at line {line} "
-                                 f"failed: {err!r}") from err
+            raise AssertionError(
+                f"{page.relative_to(ROOT)}, the block at line {line} failed: {err!r}"
+            ) from err
 
 
 # ----------------------------------------------------------------------------- site build
@@ -154,11 +162,16 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs build needs mkdocs (pip install -e '.[docs]')")
-    pytest.importorskip("mkdocstrings_handlers.python",
-                        reason="the docs build needs mkdocstrings[python]")
+    pytest.importorskip(
+        "mkdocstrings_handlers.python", reason="the docs build needs mkdocstrings[python]"
+    )
     pytest.importorskip("material", reason="the docs build needs mkdocs-material")
-    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
-                          str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
     assert (tmp_path / "site" / "api" / "lid" / "index.html").exists()

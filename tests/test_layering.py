@@ -14,10 +14,26 @@ ROOT = Path(mmh_jax.__file__).parent
 
 #: package -> the mmh_jax packages it must never import (directly or lazily).
 FORBIDDEN = {
-    "convert": ("models", "lid", "memorization", "retrieval", "evaluation", "scoring",
-                "experiments", "cli"),
-    "lid": ("models", "convert", "memorization", "retrieval", "evaluation", "scoring",
-            "experiments", "cli"),
+    "convert": (
+        "models",
+        "lid",
+        "memorization",
+        "retrieval",
+        "evaluation",
+        "scoring",
+        "experiments",
+        "cli",
+    ),
+    "lid": (
+        "models",
+        "convert",
+        "memorization",
+        "retrieval",
+        "evaluation",
+        "scoring",
+        "experiments",
+        "cli",
+    ),
     "models": ("lid", "memorization", "retrieval", "evaluation", "scoring", "experiments", "cli"),
     "memorization": ("scoring", "experiments", "cli"),
     "retrieval": ("memorization", "evaluation", "scoring", "experiments", "cli"),
@@ -58,8 +74,12 @@ def _private_imports(root: Path) -> dict[str, str]:
         parts = path.relative_to(root).parts
         own = parts[0] if len(parts) > 1 else path.stem
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
-                    and node.module.startswith("mmh_jax.")):
+            if not (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module.startswith("mmh_jax.")
+            ):
                 continue
             modules = node.module.split(".")[1:]
             if modules[0] in ("_src", own):
@@ -81,9 +101,12 @@ def test_the_private_check_sees_a_private_name_and_a_private_module(tmp_path):
         "from mmh_jax.lid.flipd import _flipd\n"
         "from mmh_jax.lid._knn import knn\n"
         "from mmh_jax._src.knn import knn\n"
-        "from mmh_jax.scoring._own import thing\n")
-    assert sorted(_private_imports(fake)) == ["mmh_jax/scoring/bad.py:1",
-                                              "mmh_jax/scoring/bad.py:2"]
+        "from mmh_jax.scoring._own import thing\n"
+    )
+    assert sorted(_private_imports(fake)) == [
+        "mmh_jax/scoring/bad.py:1",
+        "mmh_jax/scoring/bad.py:2",
+    ]
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -101,7 +124,8 @@ def test_the_check_sees_lazy_and_type_checking_imports(tmp_path):
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from mmh_jax.models.unet2d import UNet2D\n"
         "def f():\n    import mmh_jax.models.iddpm\n"
-        "from mmh_jax import models\n")
+        "from mmh_jax import models\n"
+    )
     found = _layer_violations(fake, "convert", ("models",))
     assert sorted(found) == [f"mmh_jax/convert/bad.py:{line}" for line in (3, 5, 6)]
 
@@ -114,7 +138,9 @@ def test_importing_the_estimators_loads_no_model_plotting_or_data_code(module):
     import sys
 
     heavy = ("flax", "matplotlib", "grain", "cv2", "sklearn", "torch", "mmh_jax.models")
-    code = (f"import sys, {module}; "
-            f"print(sorted({{m for m in sys.modules if m.startswith({heavy!r})}}))")
+    code = (
+        f"import sys, {module}; "
+        f"print(sorted({{m for m in sys.modules if m.startswith({heavy!r})}}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout[:500]

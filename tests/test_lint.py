@@ -10,14 +10,19 @@ PATHS = ["mmh_jax", "tests", "benchmarks", "experiments"]
 
 
 def _ruff(*args):
-    return subprocess.run([sys.executable, "-m", "ruff", *args, "--no-cache", *PATHS], cwd=ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args, "--no-cache", *PATHS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_ruff_check():
     out = _ruff("check", "--output-format", "concise")
-    assert out.returncode == 0, (f"`ruff check --fix {' '.join(PATHS)}` fixes most of these:\n"
-                                 f"{out.stdout}{out.stderr}")
+    assert out.returncode == 0, (
+        f"`ruff check --fix {' '.join(PATHS)}` fixes most of these:\n{out.stdout}{out.stderr}"
+    )
 
 
 def test_ruff_format():

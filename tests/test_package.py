@@ -47,24 +47,51 @@ def test_wheel_installs_and_runs_outside_the_tree(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "mmh_jax", src / "mmh_jax",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "mmh_jax", src / "mmh_jax", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     wheels = tmp_path / "wheels"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(wheels), str(src)], cwd=tmp_path, env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(src),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     (wheel,) = wheels.glob("mmh_jax-*.whl")
 
     target = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-          str(wheel)], cwd=tmp_path, env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
 
     # the dependencies come from this environment; mmh_jax only from the wheel's files
     env["PYTHONPATH"] = str(target)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    help_text = _run([sys.executable, "-m", "mmh_jax.cli", "demo", "--help"], cwd=outside,
-                     env=env)
+    help_text = _run([sys.executable, "-m", "mmh_jax.cli", "demo", "--help"], cwd=outside, env=env)
     assert "digits" in help_text
     script = target / "bin" / "mmh-jax"
     assert script.is_file()

@@ -14,10 +14,13 @@ def test_a_key_from_a_seed_gives_numpys_stream_of_that_seed(seed):
     key = jax.random.key(seed)
     assert key_seed(key) == seed
     assert key_seed(jax.random.PRNGKey(seed)) == seed
-    np.testing.assert_array_equal(numpy_generator(key).random(4),
-                                  np.random.default_rng(seed).random(4))
-    np.testing.assert_array_equal(numpy_generator(key, 1, 7).integers(0, 100, 5),
-                                  np.random.default_rng([seed, 1, 7]).integers(0, 100, 5))
+    np.testing.assert_array_equal(
+        numpy_generator(key).random(4), np.random.default_rng(seed).random(4)
+    )
+    np.testing.assert_array_equal(
+        numpy_generator(key, 1, 7).integers(0, 100, 5),
+        np.random.default_rng([seed, 1, 7]).integers(0, 100, 5),
+    )
 
 
 def test_split_keys_and_streams_differ_and_bad_keys_are_refused():

@@ -32,7 +32,9 @@ def test_ve_and_edm(x64):
     np.testing.assert_allclose(ve.sigma(T_GRID), 0.01 * 5000.0**T_GRID, rtol=1e-12)
     np.testing.assert_allclose(ve.psi(T_GRID), 1.0)
     np.testing.assert_allclose(ve.f(T_GRID), 0.0, atol=1e-14)
-    np.testing.assert_allclose(ve.g2(T_GRID), 2 * ve.sigma(T_GRID) ** 2 * math.log(5000.0), rtol=1e-10)
+    np.testing.assert_allclose(
+        ve.g2(T_GRID), 2 * ve.sigma(T_GRID) ** 2 * math.log(5000.0), rtol=1e-10
+    )
 
     edm = EDM()
     # EDM's sampler grid: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho.
@@ -75,7 +77,9 @@ def test_schedules_are_pytrees_through_jit_and_vmap(x64):
         np.testing.assert_allclose(out, s.sigma(t) * s.psi(t), rtol=1e-12)
     stacked = jax.tree.map(lambda *a: jnp.stack(a), VP(0.1, 20.0), VP(0.2, 10.0))
     sig = jax.vmap(lambda s: s.sigma(0.5))(stacked)
-    np.testing.assert_allclose(sig, [VP(0.1, 20.0).sigma(0.5), VP(0.2, 10.0).sigma(0.5)], rtol=1e-12)
+    np.testing.assert_allclose(
+        sig, [VP(0.1, 20.0).sigma(0.5), VP(0.2, 10.0).sigma(0.5)], rtol=1e-12
+    )
 
 
 def test_eps_score_round_trip(x64):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,11 @@ def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
 def check_schedule(schedule: Any, name: str = "schedule") -> None:
     """``schedule`` must be a :class:`mmh_jax.schedules.Schedule` (VP, DDPM, VE, EDM, ...)."""
     if not isinstance(schedule, Schedule):
-        raise TypeError(f"{name} must be a mmh_jax.schedules.Schedule (e.g. VP(), DDPM(...), VE(), "
-                        f"EDM()), the forward process the score belongs to; got "
-                        f"{type(schedule).__name__}")
+        raise TypeError(
+            f"{name} must be a mmh_jax.schedules.Schedule (e.g. VP(), DDPM(...), VE(), "
+            f"EDM()), the forward process the score belongs to; got "
+            f"{type(schedule).__name__}"
+        )
 
 
 def check_batch(x: Any, name: str = "x", *, min_event_dims: int = 1) -> Array:
@@ -94,7 +97,9 @@ def check_score_fn(score_fn: Callable, x: Array, t: Array, name: str = "score_fn
         out = _output_aval(treedef, avals, (x.shape, x.dtype), (t.shape, t.dtype))
     if not hasattr(out, "shape") or out.shape != x.shape:
         got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(f"{name}(x_t, t) must return an array of shape {x.shape} like x_t, got {got}")
+        raise ValueError(
+            f"{name}(x_t, t) must return an array of shape {x.shape} like x_t, got {got}"
+        )
 
 
 @functools.lru_cache(maxsize=512)
@@ -103,7 +108,9 @@ def _output_aval(treedef, avals, x_aval, t_aval):
         return jax.tree_util.tree_unflatten(treedef, leaves)(x, t)
 
     structs = [jax.ShapeDtypeStruct(*a) for a in avals]
-    return jax.eval_shape(call, structs, jax.ShapeDtypeStruct(*x_aval), jax.ShapeDtypeStruct(*t_aval))
+    return jax.eval_shape(
+        call, structs, jax.ShapeDtypeStruct(*x_aval), jax.ShapeDtypeStruct(*t_aval)
+    )
 
 
 def per_sample_keys(key: Any, batch: int, name: str = "key") -> Array:
@@ -113,21 +120,28 @@ def per_sample_keys(key: Any, batch: int, name: str = "key") -> Array:
     sample (used as is, so a sample's randomness does not depend on its batch).
     """
     if key is None:
-        raise ValueError(f"{name} is required for this randomised estimator: pass key=jax.random.key(seed)")
+        raise ValueError(
+            f"{name} is required for this randomised estimator: pass key=jax.random.key(seed)"
+        )
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
-            raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key), got dtype {key.dtype}")
+            raise TypeError(
+                f"{name} must be a JAX PRNG key (jax.random.key), got dtype {key.dtype}"
+            )
         key = jax.random.wrap_key_data(key)
     if key.shape == ():
         return jax.random.split(key, batch)
     if key.shape == (batch,):
         return key
-    raise ValueError(f"{name} must be a single key or one key per sample, shape ({batch},); got {key.shape}")
+    raise ValueError(
+        f"{name} must be a single key or one key per sample, shape ({batch},); got {key.shape}"
+    )
 
 
-def check_strings(values: Any, name: str, *, what: str = "strings",
-                  allow_empty: bool = False) -> list:
+def check_strings(
+    values: Any, name: str, *, what: str = "strings", allow_empty: bool = False
+) -> list:
     """``values`` as a list: a sequence of ``what``, never one string (which would iterate as
     characters), and not empty unless ``allow_empty``. The items are the caller's to check."""
     if isinstance(values, (str, bytes)):
@@ -143,11 +157,14 @@ def trajectory_steps(steps: Sequence[int] | None, *trajectory: Any) -> np.ndarra
     a ``DDIMResult`` the caller reads, ``[n, ...]`` each), every step when ``None``; negative
     indices count from the end. Host integers, so the check also runs under ``jit``."""
     if any(a is None for a in trajectory):
-        raise ValueError("result must hold the trajectory: call ddim_sample(..., "
-                         "return_trajectory=True)")
+        raise ValueError(
+            "result must hold the trajectory: call ddim_sample(..., return_trajectory=True)"
+        )
     n = trajectory[0].shape[0]
     index = np.arange(n) if steps is None else np.asarray(list(steps), np.int64)
     if index.ndim != 1 or index.size == 0 or np.any((index < -n) | (index >= n)):
-        raise ValueError(f"steps must be a non-empty sequence of step indices in 0..{n - 1}, "
-                         f"got {None if steps is None else list(steps)}")
+        raise ValueError(
+            f"steps must be a non-empty sequence of step indices in 0..{n - 1}, "
+            f"got {None if steps is None else list(steps)}"
+        )
     return index

@@ -15,8 +15,9 @@ from mmh_jax.schedules import DDPM
 __all__ = ["ddim_alphas", "ddim_update", "ddim_scan"]
 
 
-def ddim_alphas(schedule: DDPM, steps: Array, num_steps: int, set_alpha_to_one: bool,
-                dtype) -> tuple[Array, Array]:
+def ddim_alphas(
+    schedule: DDPM, steps: Array, num_steps: int, set_alpha_to_one: bool, dtype
+) -> tuple[Array, Array]:
     """``abar`` at each DDIM timestep and at the one after it (``abar_0``, or 1 with
     ``set_alpha_to_one``, after the last), as diffusers' ``DDIMScheduler`` reads them."""
     abar = schedule.alphas_cumprod.astype(dtype)
@@ -32,10 +33,20 @@ def ddim_update(x: Array, eps: Array, a: Array, a_next: Array) -> Array:
     return jnp.sqrt(a_next) * x0 + jnp.sqrt(1 - a_next) * eps
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "set_alpha_to_one",
-                                             "return_trajectory"))
-def ddim_scan(eps_fn, noise, cond, uncond, guidance, steps, schedule, *, num_steps,
-              set_alpha_to_one, return_trajectory):
+@functools.partial(jax.jit, static_argnames=("num_steps", "set_alpha_to_one", "return_trajectory"))
+def ddim_scan(
+    eps_fn,
+    noise,
+    cond,
+    uncond,
+    guidance,
+    steps,
+    schedule,
+    *,
+    num_steps,
+    set_alpha_to_one,
+    return_trajectory,
+):
     """DDIM with guidance from ``noise`` over the 0-based timesteps ``steps``: ``(x_0, None)``,
     or ``(x_0, (latents, eps_uncond, eps_cond))`` of every step with ``return_trajectory``."""
     T = schedule.num_timesteps

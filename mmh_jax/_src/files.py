@@ -9,8 +9,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["atomic_folder", "atomic_path", "require_file", "sha256_file"]
 
@@ -108,8 +108,9 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise
             # filled, or made a file, since the check
-            raise FileExistsError(f"{str(target)!r} already exists and is not an empty "
-                                  "folder") from None
+            raise FileExistsError(
+                f"{str(target)!r} already exists and is not an empty folder"
+            ) from None
         _fsync(target.parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +130,7 @@ def _about(err: OSError, temporary: str, target: Path) -> OSError:
     inner = ""
     for name in named:
         if name.startswith(temporary) and name != temporary:
-            inner = name[len(temporary):].partition(os.sep)[2]  # a file inside the folder
+            inner = name[len(temporary) :].partition(os.sep)[2]  # a file inside the folder
     where = str(target / inner) if inner else str(target)
     reason = (err.strerror or str(err)).replace(temporary, str(target))
     return OSError(reason) if err.errno is None else OSError(err.errno, reason, where)

@@ -86,8 +86,11 @@ def as_float_array(x, name: str) -> Array:
         arr = jnp.asarray(x)
     except TypeError as err:  # e.g. strings, objects
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}") from err
-    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
-            or arr.dtype == jnp.bool_):
+    if not (
+        jnp.issubdtype(arr.dtype, jnp.floating)
+        or jnp.issubdtype(arr.dtype, jnp.integer)
+        or arr.dtype == jnp.bool_
+    ):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
@@ -144,7 +147,7 @@ def iter_chunks(queries: Array, batch_size: int):
     m = queries.shape[0]
     b = min(batch_size, m)
     for start in range(0, m, b):
-        chunk = queries[start:start + b]
+        chunk = queries[start : start + b]
         n_valid = chunk.shape[0]
         if n_valid < b:
             chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], b - n_valid, axis=0)], axis=0)
@@ -177,6 +180,7 @@ def _brute_chunk(data, data_sqnorm, q, rows, *, k, exclude_self):
 def exact_sq_dists(data, q, idx):
     """``||data[idx[i, j]] - q[i]||^2`` from the differences, a few queries at a time (the
     gather, subtraction and reduction fuse)."""
+
     def one(args):
         i, qi = args
         diff = data[i] - qi
@@ -201,8 +205,14 @@ def knn_in_blocks(
     k = check_k(k, n)
 
     def top(rows: Array, start) -> tuple[Array, Array]:
-        scores, index = _top_scores(rows, jnp.sum(rows * rows, axis=1), queries, None,
-                                    k=min(k, rows.shape[0]), exclude_self=False)
+        scores, index = _top_scores(
+            rows,
+            jnp.sum(rows * rows, axis=1),
+            queries,
+            None,
+            k=min(k, rows.shape[0]),
+            exclude_self=False,
+        )
         return scores, index + start
 
     def merge(best: tuple[Array, Array], new: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -217,7 +227,7 @@ def knn_in_blocks(
 
     best, _ = jax.lax.scan(body, best, block * jnp.arange(1, full, dtype=jnp.int32))
     if n > full * block:
-        best = merge(best, top(data[full * block:], full * block))
+        best = merge(best, top(data[full * block :], full * block))
     d2 = exact_sq_dists(data, queries, best[1])
     order = jnp.argsort(d2, axis=1, stable=True)
     return jnp.take_along_axis(d2, order, axis=1), jnp.take_along_axis(best[1], order, axis=1)
@@ -261,8 +271,9 @@ def _project(x: Array, mean: Array, basis: Array) -> Array:
 
 
 def _project_rows(x: Array, mean: Array, basis: Array, block: int = 4096) -> Array:
-    return jnp.concatenate([_project(x[i:i + block], mean, basis)
-                            for i in range(0, x.shape[0], block)])
+    return jnp.concatenate(
+        [_project(x[i : i + block], mean, basis) for i in range(0, x.shape[0], block)]
+    )
 
 
 def build_index(
@@ -315,8 +326,13 @@ def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bo
     # rides along so that the barrier's operand is never the top-k's own result tuple: under
     # shard_map XLA:CPU's TopkDecomposer aborts on a top-k whose user is not a tuple element.
     s, cand, qp_sq = jax.lax.optimization_barrier(
-        (*_top_scores(index.proj, index.proj_sqnorm, qp, rows, k=num_cand + 1,
-                      exclude_self=exclude_self), qp_sq))
+        (
+            *_top_scores(
+                index.proj, index.proj_sqnorm, qp, rows, k=num_cand + 1, exclude_self=exclude_self
+            ),
+            qp_sq,
+        )
+    )
     # Every point outside the candidates has lower bound >= bound; rounding of the float
     # lower bounds is covered by a margin relative to the squared norms involved.
     bound = qp_sq - s[:, num_cand]
@@ -337,12 +353,14 @@ def _certified_chunk(index: NeighbourIndex, q, rows, *, k: int, exclude_self: bo
         i, d2, idx = carry
         # (The last group may be shifted back to fit; it then redoes certified rows too.)
         sel = jax.lax.dynamic_slice_in_dim(order, i * group, group)
-        d2r, idxr = _brute_chunk(index.data, index.data_sqnorm, q[sel], rows[sel], k=k,
-                                 exclude_self=exclude_self)
+        d2r, idxr = _brute_chunk(
+            index.data, index.data_sqnorm, q[sel], rows[sel], k=k, exclude_self=exclude_self
+        )
         return i + 1, d2.at[sel].set(d2r), idx.at[sel].set(idxr)
 
-    _, d2, idx = jax.lax.while_loop(lambda c: c[0] * group < n_bad, repair,
-                                    (jnp.zeros((), jnp.int32), d2, idx))
+    _, d2, idx = jax.lax.while_loop(
+        lambda c: c[0] * group < n_bad, repair, (jnp.zeros((), jnp.int32), d2, idx)
+    )
     return d2, idx, n_bad
 
 
@@ -418,8 +436,10 @@ def pairwise_distance_percentile(
     n = data.shape[0]
     if n > max_points:
         if key is None:
-            raise ValueError(f"key is required to draw {max_points} of the {n} points for the "
-                             "distance percentile: pass key=jax.random.key(seed)")
+            raise ValueError(
+                f"key is required to draw {max_points} of the {n} points for the "
+                "distance percentile: pass key=jax.random.key(seed)"
+            )
         sel = np.sort(numpy_generator(key).choice(n, size=max_points, replace=False))
         data = data[jnp.asarray(sel)]
     return _pairwise_percentile(data, jnp.asarray(q, dtype=data.dtype))

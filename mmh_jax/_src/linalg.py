@@ -11,7 +11,7 @@ one matrix per call (``lax.map``), which runs inline; on GPU and TPU they stay b
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ three.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ from jaxtyping import Array, Float, Int
 __all__ = ["image_noise", "images_noise"]
 
 
-def image_noise(key: Array, index: int | Int[Array, ""], shape: Sequence[int]) -> Float[Array, "*shape"]:
+def image_noise(
+    key: Array, index: int | Int[Array, ""], shape: Sequence[int]
+) -> Float[Array, "*shape"]:
     """The starting noise ``normal(fold_in(key, index))`` of image ``index``, shaped ``shape``."""
     shape = tuple(shape)
     return jax.random.normal(jax.random.fold_in(key, index), (math.prod(shape),)).reshape(shape)

@@ -4,7 +4,7 @@ chunks. FLIPD (:mod:`mmh_jax.lid.flipd`) and the sharpness detector
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ def sum_vjv(
 
     out, total = chunk(jnp.asarray(0))
     if num_chunks > 1:
+
         def body(acc, start):
             return acc + chunk(start)[1], None
 

@@ -15,7 +15,8 @@ This module reads the Flax module only through its config attributes (it does no
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +40,15 @@ __all__ = [
     "linear_or_conv1x1_kernel",
 ]
 
-_CONFIG_ATTRIBUTES = ("in_channels", "block_out_channels", "layers_per_block", "latent_channels",
-                      "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+_CONFIG_ATTRIBUTES = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+)
 
 # Key prefixes that mark a checkpoint as another model family (first match wins).
 _OTHER_FAMILIES = (
@@ -60,8 +68,10 @@ def linear_or_conv1x1_kernel(w: np.ndarray) -> np.ndarray:
     weight ``[out, in, 1(, 1)]`` (old VAE checkpoints) -> ``Dense`` kernel ``[in, out]``; its
     inverse writes the ``Linear`` layout, as diffusers >= 0.14 does."""
     if w.ndim < 2 or any(s != 1 for s in w.shape[2:]):
-        raise ValueError(f"expected a Linear weight [out, in] or a 1x1 convolution weight "
-                         f"[out, in, 1, 1], got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"expected a Linear weight [out, in] or a 1x1 convolution weight "
+            f"[out, in, 1, 1], got shape {tuple(w.shape)}"
+        )
     return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1]).T)
 
 
@@ -78,8 +88,9 @@ def _mid_attention(table: DiffusersTable, path: str) -> None:
         table.entries[key] = Rename(table.entries[key].path, linear_or_conv1x1_kernel)
 
 
-def autoencoder_kl_rename_table(module: Any, *, legacy_attention: bool = False
-                                ) -> dict[str, Rename]:
+def autoencoder_kl_rename_table(
+    module: Any, *, legacy_attention: bool = False
+) -> dict[str, Rename]:
     """The explicit ``torch key -> Rename(flax path, transform)`` table of an ``AutoencoderKL``.
 
     Args:
@@ -97,15 +108,24 @@ def autoencoder_kl_rename_table(module: Any, *, legacy_attention: bool = False
     layers = module.layers_per_block
     last = len(channels) - 1
 
-    mid = dict(attention=functools.partial(_mid_attention, table)
-               if module.mid_block_add_attention else None, time_embedding=False)
+    mid = dict(
+        attention=functools.partial(_mid_attention, table)
+        if module.mid_block_add_attention
+        else None,
+        time_embedding=False,
+    )
 
     table.conv("encoder.conv_in")
     out = channels[0]
     for i in range(len(channels)):
         cin, out = out, channels[i]
-        table.block(f"encoder.down_blocks.{i}", [cin] + [out] * (layers - 1), out,
-                    resample="down" if i < last else None, time_embedding=False)
+        table.block(
+            f"encoder.down_blocks.{i}",
+            [cin] + [out] * (layers - 1),
+            out,
+            resample="down" if i < last else None,
+            time_embedding=False,
+        )
     table.mid_block("encoder.mid_block", channels[-1], **mid)
     table.norm("encoder.conv_norm_out")
     table.conv("encoder.conv_out")
@@ -119,8 +139,13 @@ def autoencoder_kl_rename_table(module: Any, *, legacy_attention: bool = False
     out = channels[-1]
     for i in range(len(channels)):
         cin, out = out, channels[last - i]
-        table.block(f"decoder.up_blocks.{i}", [cin] + [out] * layers, out,
-                    resample="up" if i < last else None, time_embedding=False)
+        table.block(
+            f"decoder.up_blocks.{i}",
+            [cin] + [out] * layers,
+            out,
+            resample="up" if i < last else None,
+            time_embedding=False,
+        )
     table.norm("decoder.conv_norm_out")
     table.conv("decoder.conv_out")
     return table.entries
@@ -139,17 +164,22 @@ def _check_family(state_dict: Mapping[str, Any], source: str) -> None:
     keys = list(state_dict)
     for prefix, family in _OTHER_FAMILIES:
         if any(key.startswith(prefix) for key in keys):
-            raise ConversionError(f"{source} is not an AutoencoderKL checkpoint: its key "
-                                  f"prefix {prefix!r} marks {family}")
+            raise ConversionError(
+                f"{source} is not an AutoencoderKL checkpoint: its key "
+                f"prefix {prefix!r} marks {family}"
+            )
     if not any(key.startswith(("encoder.", "decoder.")) for key in keys):
         shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        raise ConversionError(f"{source} is not an AutoencoderKL checkpoint: none of its "
-                              f"{len(keys)} keys ({shown}) starts with 'encoder.' or "
-                              "'decoder.' (a UNet or another model?)")
+        raise ConversionError(
+            f"{source} is not an AutoencoderKL checkpoint: none of its "
+            f"{len(keys)} keys ({shown}) starts with 'encoder.' or "
+            "'decoder.' (a UNet or another model?)"
+        )
 
 
-def convert_autoencoder_kl(state_dict: Mapping[str, Any], module: Any, *,
-                           source: str = "state dict") -> dict:
+def convert_autoencoder_kl(
+    state_dict: Mapping[str, Any], module: Any, *, source: str = "state dict"
+) -> dict:
     """Convert a diffusers ``AutoencoderKL`` state dict into ``module``'s parameters, strictly.
 
     Args:
@@ -169,5 +199,10 @@ def convert_autoencoder_kl(state_dict: Mapping[str, Any], module: Any, *,
     """
     _check_family(state_dict, source)
     table = autoencoder_kl_rename_table(module, legacy_attention=uses_legacy_attention(state_dict))
-    return convert_state_dict(state_dict, table, autoencoder_kl_abstract_params(module),
-                              source=source, dtype=module.param_dtype)
+    return convert_state_dict(
+        state_dict,
+        table,
+        autoencoder_kl_abstract_params(module),
+        source=source,
+        dtype=module.param_dtype,
+    )

@@ -28,7 +28,8 @@ the attributes the module has and asks the module itself for its parameter shape
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,10 +46,19 @@ from mmh_jax.convert.core import (
     require_attributes,
 )
 
-__all__ = ["PREFIX", "VISION_PREFIX", "clip_abstract_params", "clip_rename_table",
-           "clip_text_abstract_params", "clip_text_rename_table", "clip_vision_abstract_params",
-           "clip_vision_rename_table", "convert_clip", "convert_clip_text",
-           "convert_clip_vision"]
+__all__ = [
+    "PREFIX",
+    "VISION_PREFIX",
+    "clip_abstract_params",
+    "clip_rename_table",
+    "clip_text_abstract_params",
+    "clip_text_rename_table",
+    "clip_vision_abstract_params",
+    "clip_vision_rename_table",
+    "convert_clip",
+    "convert_clip_text",
+    "convert_clip_vision",
+]
 
 PREFIX = "text_model."
 """The key prefix of the text tower in transformers 4's files; transformers 5 writes the keys
@@ -73,16 +83,20 @@ class _TextEncoder(Protocol):
 
 
 def _require_text_encoder(module: Any) -> None:
-    require_attributes(module, ("num_hidden_layers", "max_position_embeddings", "param_dtype",
-                                "init"), "CLIPTextModel")
+    require_attributes(
+        module,
+        ("num_hidden_layers", "max_position_embeddings", "param_dtype", "init"),
+        "CLIPTextModel",
+    )
 
 
 def _adder(table: dict[str, Rename], prefix: str, scope: tuple[str, ...] = ()):
     """``add(torch module, flax scope, weight name, transform)``: the ``.weight`` entry and,
     unless the weight is an embedding or ``bias=False``, the ``.bias`` entry of one module."""
 
-    def add(torch_module: str, flax_scope: tuple[str, ...], weight: str, transform, *,
-            bias: bool = True) -> None:
+    def add(
+        torch_module: str, flax_scope: tuple[str, ...], weight: str, transform, *, bias: bool = True
+    ) -> None:
         path = scope + flax_scope
         table[f"{prefix}{torch_module}.weight"] = Rename(path + (weight,), transform)
         if bias and weight != "embedding":
@@ -96,16 +110,19 @@ def _add_encoder(add, num_layers: int) -> None:
     for i in range(num_layers):
         torch_layer, layer = f"encoder.layers.{i}", ("encoder", f"layers_{i}")
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            add(f"{torch_layer}.self_attn.{name}", layer + ("self_attn", name), "kernel",
-                linear_kernel)
+            add(
+                f"{torch_layer}.self_attn.{name}",
+                layer + ("self_attn", name),
+                "kernel",
+                linear_kernel,
+            )
         for name in ("fc1", "fc2"):
             add(f"{torch_layer}.mlp.{name}", layer + ("mlp", name), "kernel", linear_kernel)
         for name in ("layer_norm1", "layer_norm2"):
             add(f"{torch_layer}.{name}", layer + (name,), "scale", identity)
 
 
-def clip_text_rename_table(module: _TextEncoder, *, prefix: str = PREFIX
-                           ) -> dict[str, Rename]:
+def clip_text_rename_table(module: _TextEncoder, *, prefix: str = PREFIX) -> dict[str, Rename]:
     """The explicit ``torch key -> Rename(flax path, transform)`` table of a ``CLIPTextModel``.
 
     Args:
@@ -147,12 +164,16 @@ def clip_text_abstract_params(module: _TextEncoder) -> PyTree:
 def _checkpoint_kind(keys: set[str]) -> str | None:
     """A description of the checkpoint if it is a known relative of ``CLIPTextModel``."""
     if any(k.startswith("vision_model.") for k in keys) or keys & set(_CLIP_MODEL_KEYS):
-        return ("a CLIPModel (text and vision towers) checkpoint; convert only its text tower, "
-                "the 'text_model.*' keys (and load a CLIPTextModel config, the CLIPModel "
-                "config's text_config)")
+        return (
+            "a CLIPModel (text and vision towers) checkpoint; convert only its text tower, "
+            "the 'text_model.*' keys (and load a CLIPTextModel config, the CLIPModel "
+            "config's text_config)"
+        )
     if keys & set(_PROJECTION_KEYS):
-        return ("a CLIPTextModelWithProjection checkpoint (it has 'text_projection.weight'); "
-                "this port is CLIPTextModel, without the projection")
+        return (
+            "a CLIPTextModelWithProjection checkpoint (it has 'text_projection.weight'); "
+            "this port is CLIPTextModel, without the projection"
+        )
     return None
 
 
@@ -161,8 +182,9 @@ def _key_prefix(keys: set[str]) -> str:
     return PREFIX if not keys or any(k.startswith(PREFIX) for k in keys) else ""
 
 
-def _drop_position_ids(state_dict: Mapping[str, Any], key: str, n: int, what: str,
-                       source: str) -> Mapping[str, Any]:
+def _drop_position_ids(
+    state_dict: Mapping[str, Any], key: str, n: int, what: str, source: str
+) -> Mapping[str, Any]:
     """``state_dict`` without the ``position_ids`` buffer ``key``, after checking it is
     ``arange(n)`` of shape ``[1, n]`` (``what`` names ``n`` in the error)."""
     if key not in state_dict:
@@ -175,12 +197,14 @@ def _drop_position_ids(state_dict: Mapping[str, Any], key: str, n: int, what: st
             f"{source}: the buffer {key} must be 0 .. {n - 1} ({what}) with shape "
             f"{expected.shape}; got shape {value.shape} and values {shown}"
             f"{' ...' if value.size > 8 else ''} (transformers ignores the stored buffer; "
-            f"remove the key to use positions 0 .. n-1 as it does)")
+            f"remove the key to use positions 0 .. n-1 as it does)"
+        )
     return {k: v for k, v in state_dict.items() if k != key}
 
 
-def convert_clip_text(state_dict: Mapping[str, Any], module: _TextEncoder, *,
-                      source: str = "state dict") -> dict:
+def convert_clip_text(
+    state_dict: Mapping[str, Any], module: _TextEncoder, *, source: str = "state dict"
+) -> dict:
     """Convert a transformers ``CLIPTextModel`` state dict into ``module``'s parameters, strictly.
 
     Args:
@@ -203,17 +227,23 @@ def convert_clip_text(state_dict: Mapping[str, Any], module: _TextEncoder, *,
     """
     _require_text_encoder(module)
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of torch keys to arrays, got "
-                        f"{type(state_dict).__name__}")
+        raise TypeError(
+            f"state_dict must be a mapping of torch keys to arrays, got {type(state_dict).__name__}"
+        )
     prefix = _key_prefix(set(state_dict))
     table = clip_text_rename_table(module, prefix=prefix)
     expected = clip_text_abstract_params(module)
     try:
-        state_dict = _drop_position_ids(state_dict, prefix + _POSITION_IDS,
-                                        module.max_position_embeddings,
-                                        "max_position_embeddings", source)
-        return convert_state_dict(state_dict, table, expected, source=source,
-                                  dtype=module.param_dtype)
+        state_dict = _drop_position_ids(
+            state_dict,
+            prefix + _POSITION_IDS,
+            module.max_position_embeddings,
+            "max_position_embeddings",
+            source,
+        )
+        return convert_state_dict(
+            state_dict, table, expected, source=source, dtype=module.param_dtype
+        )
     except ConversionError as err:
         kind = _checkpoint_kind(set(state_dict))
         if kind is None:
@@ -246,8 +276,14 @@ class _TwoTowers(Protocol):
     def init(self, rngs: Any, *args: Any, **kwargs: Any) -> Any: ...
 
 
-_VISION_ATTRIBUTES = ("num_hidden_layers", "num_channels", "image_size", "patch_size",
-                      "param_dtype", "init")
+_VISION_ATTRIBUTES = (
+    "num_hidden_layers",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "param_dtype",
+    "init",
+)
 _VISION_HEAD_KEYS = ("visual_projection.weight", "logit_scale")
 
 
@@ -256,8 +292,7 @@ def _require_vision_encoder(module: Any) -> None:
 
 
 def _require_clip_model(module: Any) -> None:
-    require_attributes(module, ("text_model", "vision_model", "param_dtype", "init"),
-                       "CLIPModel")
+    require_attributes(module, ("text_model", "vision_model", "param_dtype", "init"), "CLIPModel")
     _require_text_encoder(module.text_model)
     _require_vision_encoder(module.vision_model)
 
@@ -267,17 +302,24 @@ def _num_positions(module: _VisionEncoder) -> int:
 
 
 def _add_vision(add, num_layers: int) -> None:
-    add("embeddings.patch_embedding", ("embeddings", "patch_embedding"), "kernel", conv_kernel,
-        bias=False)
-    add("embeddings.position_embedding", ("embeddings", "position_embedding"), "embedding",
-        identity)
+    add(
+        "embeddings.patch_embedding",
+        ("embeddings", "patch_embedding"),
+        "kernel",
+        conv_kernel,
+        bias=False,
+    )
+    add(
+        "embeddings.position_embedding", ("embeddings", "position_embedding"), "embedding", identity
+    )
     add("pre_layrnorm", ("pre_layrnorm",), "scale", identity)
     _add_encoder(add, num_layers)
     add("post_layernorm", ("post_layernorm",), "scale", identity)
 
 
-def clip_vision_rename_table(module: _VisionEncoder, *, prefix: str = VISION_PREFIX
-                             ) -> dict[str, Rename]:
+def clip_vision_rename_table(
+    module: _VisionEncoder, *, prefix: str = VISION_PREFIX
+) -> dict[str, Rename]:
     """The explicit ``torch key -> Rename(flax path, transform)`` table of a ``CLIPVisionModel``.
 
     Args:
@@ -293,15 +335,15 @@ def clip_vision_rename_table(module: _VisionEncoder, *, prefix: str = VISION_PRE
     _require_vision_encoder(module)
     if prefix not in (VISION_PREFIX, ""):
         raise ValueError(f"prefix must be {VISION_PREFIX!r} or '', got {prefix!r}")
-    table = {f"{prefix}embeddings.class_embedding":
-             Rename(("embeddings", "class_embedding"), identity)}
+    table = {
+        f"{prefix}embeddings.class_embedding": Rename(("embeddings", "class_embedding"), identity)
+    }
     _add_vision(_adder(table, prefix), module.num_hidden_layers)
     return table
 
 
 def _vision_pixels(module: _VisionEncoder):
-    return jnp.zeros((1, module.num_channels, module.image_size, module.image_size),
-                     jnp.float32)
+    return jnp.zeros((1, module.num_channels, module.image_size, module.image_size), jnp.float32)
 
 
 def clip_vision_abstract_params(module: _VisionEncoder) -> PyTree:
@@ -313,12 +355,14 @@ def clip_vision_abstract_params(module: _VisionEncoder) -> PyTree:
 
 def _check_mapping(state_dict: Any) -> None:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of torch keys to arrays, got "
-                        f"{type(state_dict).__name__}")
+        raise TypeError(
+            f"state_dict must be a mapping of torch keys to arrays, got {type(state_dict).__name__}"
+        )
 
 
-def convert_clip_vision(state_dict: Mapping[str, Any], module: _VisionEncoder, *,
-                        source: str = "state dict") -> dict:
+def convert_clip_vision(
+    state_dict: Mapping[str, Any], module: _VisionEncoder, *, source: str = "state dict"
+) -> dict:
     """Convert a transformers ``CLIPVisionModel`` state dict into ``module``'s parameters.
 
     Args:
@@ -342,17 +386,24 @@ def convert_clip_vision(state_dict: Mapping[str, Any], module: _VisionEncoder, *
     keys = set(state_dict)
     prefix = VISION_PREFIX if not keys or any(k.startswith(VISION_PREFIX) for k in keys) else ""
     try:
-        state_dict = _drop_position_ids(state_dict, prefix + _POSITION_IDS,
-                                        _num_positions(module), "1 + patches", source)
-        return convert_state_dict(state_dict, clip_vision_rename_table(module, prefix=prefix),
-                                  clip_vision_abstract_params(module), source=source,
-                                  dtype=module.param_dtype)
+        state_dict = _drop_position_ids(
+            state_dict, prefix + _POSITION_IDS, _num_positions(module), "1 + patches", source
+        )
+        return convert_state_dict(
+            state_dict,
+            clip_vision_rename_table(module, prefix=prefix),
+            clip_vision_abstract_params(module),
+            source=source,
+            dtype=module.param_dtype,
+        )
     except ConversionError as err:
         if any(k.startswith(PREFIX) for k in keys):
             kind = "a CLIPModel (text and vision towers) checkpoint; use convert_clip"
         elif keys & set(_VISION_HEAD_KEYS):
-            kind = ("a CLIPVisionModelWithProjection checkpoint (it has "
-                    "'visual_projection.weight'); this port is CLIPVisionModel")
+            kind = (
+                "a CLIPVisionModelWithProjection checkpoint (it has "
+                "'visual_projection.weight'); this port is CLIPVisionModel"
+            )
         else:
             raise
         raise ConversionError(f"{source} looks like {kind}.\n{err}") from err
@@ -372,10 +423,14 @@ def clip_rename_table(module: _TwoTowers) -> dict[str, Rename]:
     _require_clip_model(module)
     table: dict[str, Rename] = {
         f"{PREFIX}{k}": Rename(("text_model",) + rule.path, rule.transform)
-        for k, rule in clip_text_rename_table(module.text_model, prefix="").items()}
-    table.update({
-        f"{VISION_PREFIX}{k}": Rename(("vision_model",) + rule.path, rule.transform)
-        for k, rule in clip_vision_rename_table(module.vision_model, prefix="").items()})
+        for k, rule in clip_text_rename_table(module.text_model, prefix="").items()
+    }
+    table.update(
+        {
+            f"{VISION_PREFIX}{k}": Rename(("vision_model",) + rule.path, rule.transform)
+            for k, rule in clip_vision_rename_table(module.vision_model, prefix="").items()
+        }
+    )
     add = _adder(table, "")
     for name in ("visual_projection", "text_projection"):
         add(name, (name,), "kernel", linear_kernel, bias=False)
@@ -390,8 +445,9 @@ def clip_abstract_params(module: _TwoTowers) -> PyTree:
     return abstract_params(lambda key: module.init(key, pixels, ids)["params"])
 
 
-def convert_clip(state_dict: Mapping[str, Any], module: _TwoTowers, *,
-                 source: str = "state dict") -> dict:
+def convert_clip(
+    state_dict: Mapping[str, Any], module: _TwoTowers, *, source: str = "state dict"
+) -> dict:
     """Convert a transformers ``CLIPModel`` state dict into ``module``'s parameters, strictly.
 
     Args:
@@ -414,15 +470,27 @@ def convert_clip(state_dict: Mapping[str, Any], module: _TwoTowers, *,
     _check_mapping(state_dict)
     keys = set(state_dict)
     try:
-        state_dict = _drop_position_ids(state_dict, PREFIX + _POSITION_IDS,
-                                        module.text_model.max_position_embeddings,
-                                        "text max_position_embeddings", source)
-        state_dict = _drop_position_ids(state_dict, VISION_PREFIX + _POSITION_IDS,
-                                        _num_positions(module.vision_model),
-                                        "1 + vision patches", source)
-        return convert_state_dict(state_dict, clip_rename_table(module),
-                                  clip_abstract_params(module), source=source,
-                                  dtype=module.param_dtype)
+        state_dict = _drop_position_ids(
+            state_dict,
+            PREFIX + _POSITION_IDS,
+            module.text_model.max_position_embeddings,
+            "text max_position_embeddings",
+            source,
+        )
+        state_dict = _drop_position_ids(
+            state_dict,
+            VISION_PREFIX + _POSITION_IDS,
+            _num_positions(module.vision_model),
+            "1 + vision patches",
+            source,
+        )
+        return convert_state_dict(
+            state_dict,
+            clip_rename_table(module),
+            clip_abstract_params(module),
+            source=source,
+            dtype=module.param_dtype,
+        )
     except ConversionError as err:
         if not any(k.startswith(VISION_PREFIX) for k in keys):
             kind = "a text-only checkpoint (no 'vision_model.*' keys), not a CLIPModel's"

@@ -16,7 +16,8 @@ them to write a Flax params tree back as the PyTorch state dict the same table r
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import numpy as np
@@ -47,8 +48,7 @@ class ConversionError(ValueError):
 _Transform = TypeVar("_Transform", bound=Callable[[np.ndarray], np.ndarray])
 
 
-def with_inverse(inverse: Callable[[np.ndarray], np.ndarray]
-                 ) -> Callable[[_Transform], _Transform]:
+def with_inverse(inverse: Callable[[np.ndarray], np.ndarray]) -> Callable[[_Transform], _Transform]:
     """Decorator: record ``inverse`` as the decorated transform's ``inverse`` attribute.
 
     Args:
@@ -189,8 +189,9 @@ def convert_state_dict(
     targets = {rule.path for rule in table.values()}
     unexpected = sorted(k for k in state_dict if k not in table)
     not_in_checkpoint = sorted(k for k in table if k not in state_dict)
-    bad_target = sorted(f"{k} -> {'/'.join(r.path)}" for k, r in table.items()
-                        if r.path not in expected_flat)
+    bad_target = sorted(
+        f"{k} -> {'/'.join(r.path)}" for k, r in table.items() if r.path not in expected_flat
+    )
     flat: dict[tuple[str, ...], np.ndarray] = {}
     wrong_shape = []
     for key, rule in table.items():
@@ -211,17 +212,26 @@ def convert_state_dict(
             continue
         flat[rule.path] = value.astype(dtype)
     missing = sorted("/".join(p) for p in expected_flat if p not in targets)
-    _raise_problems(f"{source} does not match the model architecture", {
-        "missing from the checkpoint": not_in_checkpoint,
-        "model parameters with no rule": missing,
-        "unexpected keys in the checkpoint": unexpected,
-        "wrong shapes": wrong_shape,
-        "rules naming no model parameter": bad_target})
+    _raise_problems(
+        f"{source} does not match the model architecture",
+        {
+            "missing from the checkpoint": not_in_checkpoint,
+            "model parameters with no rule": missing,
+            "unexpected keys in the checkpoint": unexpected,
+            "wrong shapes": wrong_shape,
+            "rules naming no model parameter": bad_target,
+        },
+    )
     return unflatten_params(flat)
 
 
-def export_state_dict(params: PyTree, table: Mapping[str, Rename], *, source: str = "params tree",
-                      dtype: Any = np.float32) -> dict[str, np.ndarray]:
+def export_state_dict(
+    params: PyTree,
+    table: Mapping[str, Rename],
+    *,
+    source: str = "params tree",
+    dtype: Any = np.float32,
+) -> dict[str, np.ndarray]:
     """Write a Flax ``params`` tree back as the PyTorch state dict ``table`` converts, strictly.
 
     The inverse of :func:`convert_state_dict`: every entry ``torch key -> Rename(flax path,
@@ -245,8 +255,9 @@ def export_state_dict(params: PyTree, table: Mapping[str, Rename], *, source: st
     """
     flat = flatten_params(params)
     used = {rule.path for rule in table.values()}
-    no_parameter = sorted(f"{k} <- {'/'.join(r.path)}" for k, r in table.items()
-                          if r.path not in flat)
+    no_parameter = sorted(
+        f"{k} <- {'/'.join(r.path)}" for k, r in table.items() if r.path not in flat
+    )
     not_exported = sorted("/".join(p) for p in flat if p not in used)
     no_inverse, failed = [], []
     state_dict: dict[str, np.ndarray] = {}
@@ -263,11 +274,15 @@ def export_state_dict(params: PyTree, table: Mapping[str, Rename], *, source: st
             state_dict[key] = np.ascontiguousarray(inverse(leaf), dtype=dtype)
         except ValueError as err:
             failed.append(f"{key} <- {'/'.join(rule.path)} {tuple(leaf.shape)}: {err}")
-    _raise_problems(f"{source} does not match the rename table", {
-        "table entries whose parameter is missing": no_parameter,
-        "parameters no table entry names": not_exported,
-        "transforms without an inverse": no_inverse,
-        "wrong shapes": failed})
+    _raise_problems(
+        f"{source} does not match the rename table",
+        {
+            "table entries whose parameter is missing": no_parameter,
+            "parameters no table entry names": not_exported,
+            "transforms without an inverse": no_inverse,
+            "wrong shapes": failed,
+        },
+    )
     return state_dict
 
 
@@ -281,8 +296,9 @@ def require_attributes(module: Any, names: tuple[str, ...], expected: str) -> No
     """
     missing = [name for name in names if not hasattr(module, name)]
     if missing:
-        raise TypeError(f"module must be a {expected}; {type(module).__name__} lacks "
-                        f"{', '.join(missing)}")
+        raise TypeError(
+            f"module must be a {expected}; {type(module).__name__} lacks {', '.join(missing)}"
+        )
 
 
 def abstract_params(init: Callable[[jax.Array], PyTree]) -> PyTree:

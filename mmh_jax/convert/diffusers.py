@@ -13,7 +13,8 @@ renamed its attention layers (``query``, ``key``, ``value``, ``proj_attn`` inste
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 from mmh_jax.convert.core import Rename, conv1x1_kernel, conv_kernel, identity, linear_kernel
 
@@ -49,8 +50,14 @@ class DiffusersTable:
         self.entries: dict[str, Rename] = {}
         self.attention_names = _LEGACY_ATTENTION if legacy_attention else _ATTENTION
 
-    def _add(self, torch_module: str, flax_scope: tuple[str, ...], weight: str, transform,
-             bias: bool = True) -> None:
+    def _add(
+        self,
+        torch_module: str,
+        flax_scope: tuple[str, ...],
+        weight: str,
+        transform,
+        bias: bool = True,
+    ) -> None:
         self.entries[f"{torch_module}.weight"] = Rename(flax_scope + (weight,), transform)
         if bias:
             self.entries[f"{torch_module}.bias"] = Rename(flax_scope + ("bias",), identity)
@@ -71,8 +78,9 @@ class DiffusersTable:
         """A ``GroupNorm`` or ``LayerNorm`` (``scale`` and ``bias``)."""
         self._add(path, scope(path), "scale", identity)
 
-    def resnet(self, path: str, in_channels: int, out_channels: int, *,
-               time_embedding: bool = True) -> None:
+    def resnet(
+        self, path: str, in_channels: int, out_channels: int, *, time_embedding: bool = True
+    ) -> None:
         """A ``ResnetBlock2D`` (with ``time_emb_proj`` unless it takes no embedding)."""
         self.norm(f"{path}.norm1")
         self.conv(f"{path}.conv1")
@@ -90,9 +98,16 @@ class DiffusersTable:
         for flax_name, torch_name in self.attention_names.items():
             self.linear(f"{path}.{flax_name}", f"{path}.{torch_name}")
 
-    def block(self, path: str, in_channels: Sequence[int], out_channels: int, *,
-              resample: Literal["down", "up"] | None, attention: AddAttention | None = None,
-              time_embedding: bool = True) -> None:
+    def block(
+        self,
+        path: str,
+        in_channels: Sequence[int],
+        out_channels: int,
+        *,
+        resample: Literal["down", "up"] | None,
+        attention: AddAttention | None = None,
+        time_embedding: bool = True,
+    ) -> None:
         """A down or up block: one resnet per entry of ``in_channels`` (its input width, skip
         connection included), each followed by ``attention`` when given, then the resampler."""
         for j, cin in enumerate(in_channels):
@@ -102,18 +117,30 @@ class DiffusersTable:
         if resample is not None:
             self.conv(f"{path}.{resample}samplers.0.conv")
 
-    def mid_block(self, path: str, channels: int, *, attention: AddAttention | None = None,
-                  time_embedding: bool = True) -> None:
+    def mid_block(
+        self,
+        path: str,
+        channels: int,
+        *,
+        attention: AddAttention | None = None,
+        time_embedding: bool = True,
+    ) -> None:
         """A mid block: resnet, ``attention`` when given, resnet."""
         self.resnet(f"{path}.resnets.0", channels, channels, time_embedding=time_embedding)
         if attention is not None:
             attention(f"{path}.attentions.0")
         self.resnet(f"{path}.resnets.1", channels, channels, time_embedding=time_embedding)
 
-    def unet(self, channels: Sequence[int], layers: Sequence[int], *,
-             down_attention: Sequence[AddAttention | None],
-             up_attention: Sequence[AddAttention | None], mid_block: bool,
-             mid_attention: AddAttention | None) -> None:
+    def unet(
+        self,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        *,
+        down_attention: Sequence[AddAttention | None],
+        up_attention: Sequence[AddAttention | None],
+        mid_block: bool,
+        mid_attention: AddAttention | None,
+    ) -> None:
         """A diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``): ``conv_in``, the time
         embedding, the down blocks (``layers[i]`` resnets, ``down_attention[i]``), the mid block
         if any, the up blocks (up block ``i`` mirrors down block ``r = len - 1 - i``: ``layers[r]
@@ -126,15 +153,25 @@ class DiffusersTable:
         out = channels[0]
         for i, attention in enumerate(down_attention):
             cin, out = out, channels[i]
-            self.block(f"down_blocks.{i}", [cin] + [out] * (layers[i] - 1), out,
-                       resample="down" if i < last else None, attention=attention)
+            self.block(
+                f"down_blocks.{i}",
+                [cin] + [out] * (layers[i] - 1),
+                out,
+                resample="down" if i < last else None,
+                attention=attention,
+            )
         if mid_block:
             self.mid_block("mid_block", channels[-1], attention=mid_attention)
         for i, attention in enumerate(up_attention):
             r = last - i
             previous, out, skip = out, channels[r], channels[max(r - 1, 0)]
             in_channels = [previous + out] + [2 * out] * (layers[r] - 1) + [out + skip]
-            self.block(f"up_blocks.{i}", in_channels, out, resample="up" if i < last else None,
-                       attention=attention)
+            self.block(
+                f"up_blocks.{i}",
+                in_channels,
+                out,
+                resample="up" if i < last else None,
+                attention=attention,
+            )
         self.norm("conv_norm_out")
         self.conv("conv_out")

@@ -25,7 +25,8 @@ itself for its parameter shapes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -43,16 +44,19 @@ from mmh_jax.convert.core import (
 __all__ = ["iddpm_rename_table", "iddpm_expected_params", "convert_iddpm"]
 
 
-def _affine(table: dict[str, Rename], torch: str, flax: tuple[str, ...],
-            transform: Callable[[np.ndarray], np.ndarray]) -> None:
+def _affine(
+    table: dict[str, Rename],
+    torch: str,
+    flax: tuple[str, ...],
+    transform: Callable[[np.ndarray], np.ndarray],
+) -> None:
     """A layer with ``weight`` and ``bias``: Dense/Conv kernels, or norm scales."""
     weight = "scale" if transform is identity else "kernel"
     table[f"{torch}.weight"] = Rename(flax + (weight,), transform)
     table[f"{torch}.bias"] = Rename(flax + ("bias",))
 
 
-def _layer_rules(table: dict[str, Rename], torch: str, flax: tuple[str, ...],
-                 layer: Any) -> None:
+def _layer_rules(table: dict[str, Rename], torch: str, flax: tuple[str, ...], layer: Any) -> None:
     if layer.kind == "conv":
         _affine(table, torch, flax, conv_kernel)
     elif layer.kind == "res":
@@ -83,8 +87,9 @@ def iddpm_rename_table(module: Any) -> dict[str, Rename]:
         ``{torch key: Rename(flax path, transform)}``, one entry per parameter.
     """
     if not callable(getattr(module, "layout", None)):
-        raise TypeError(f"module must be an IDDPMUNet (with a layout() method), got "
-                        f"{type(module).__name__}")
+        raise TypeError(
+            f"module must be an IDDPMUNet (with a layout() method), got {type(module).__name__}"
+        )
     table: dict[str, Rename] = {}
     _affine(table, "time_embed.0", ("time_embed_0",), linear_kernel)
     _affine(table, "time_embed.2", ("time_embed_2",), linear_kernel)
@@ -125,5 +130,6 @@ def convert_iddpm(
     Raises:
         ConversionError: listing every missing, unexpected and mis-shaped key.
     """
-    return convert_state_dict(state_dict, iddpm_rename_table(module),
-                              iddpm_expected_params(module), source=source)
+    return convert_state_dict(
+        state_dict, iddpm_rename_table(module), iddpm_expected_params(module), source=source
+    )

@@ -33,8 +33,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConversionError(f"{str(path)!r} is not a readable safetensors file "
-                              f"(truncated or corrupt?): {err}") from None
+        raise ConversionError(
+            f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
     return tensors, metadata
 
 
@@ -112,8 +113,7 @@ def save_params(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
-    flat = {"/".join(p): np.asarray(v, order="C") for p, v in
-            flatten_params(params).items()}
+    flat = {"/".join(p): np.asarray(v, order="C") for p, v in flatten_params(params).items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
@@ -128,6 +128,8 @@ def load_params(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     try:
         metadata = {k: json.loads(v) for k, v in meta.items()}
     except json.JSONDecodeError:
-        raise ConversionError(f"{str(path)!r}: its metadata is not JSON, so it was not "
-                              "written by mmh-jax convert (or save_params)") from None
+        raise ConversionError(
+            f"{str(path)!r}: its metadata is not JSON, so it was not "
+            "written by mmh-jax convert (or save_params)"
+        ) from None
     return params, metadata

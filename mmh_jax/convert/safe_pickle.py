@@ -24,7 +24,8 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -94,15 +95,23 @@ class _EasyDict(dict):
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict):
-            raise ConversionError(f"EasyDict: unexpected BUILD state of type "
-                                  f"{type(state).__name__}")
+            raise ConversionError(
+                f"EasyDict: unexpected BUILD state of type {type(state).__name__}"
+            )
         self.update(state)
 
 
 _PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of stylegan2-ada-pytorch
 _META_KEYS = {"type", "version", "module_src", "class_name", "state"}
-_MODULE_BOOKKEEPING = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-                       "_init_args", "_init_kwargs", "training"}
+_MODULE_BOOKKEEPING = {
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_non_persistent_buffers_set",
+    "_init_args",
+    "_init_kwargs",
+    "training",
+}
 
 
 def _is_hook_field(name: str) -> bool:
@@ -129,40 +138,52 @@ def _reconstruct_persistent_obj(meta: Any) -> _PendingModule:
     """``torch_utils.persistence._reconstruct_persistent_obj``: the module (source dropped)."""
     if not isinstance(meta, dict) or set(meta) != _META_KEYS:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise ConversionError(f"persistent object: expected meta keys {sorted(_META_KEYS)}, "
-                              f"got {keys}")
+        raise ConversionError(
+            f"persistent object: expected meta keys {sorted(_META_KEYS)}, got {keys}"
+        )
     if meta["type"] != "class":
-        raise ConversionError(f"persistent object of type {meta['type']!r}: only 'class' is "
-                              "supported")
+        raise ConversionError(
+            f"persistent object of type {meta['type']!r}: only 'class' is supported"
+        )
     if meta["version"] != _PERSISTENCE_VERSION:
-        raise ConversionError(f"persistent object version {meta['version']!r}: only version "
-                              f"{_PERSISTENCE_VERSION} (stylegan2-ada-pytorch) is supported")
+        raise ConversionError(
+            f"persistent object version {meta['version']!r}: only version "
+            f"{_PERSISTENCE_VERSION} (stylegan2-ada-pytorch) is supported"
+        )
     class_name, state = meta["class_name"], meta["state"]
     if not isinstance(class_name, str):
         raise ConversionError(f"persistent object: class_name is a {type(class_name).__name__}")
     if not isinstance(state, dict) or not all(
-            isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")):
-        raise ConversionError(f"persistent class {class_name!r}: its state does not have the "
-                              "torch.nn.Module layout (_parameters, _buffers, _modules dicts)")
+        isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules")
+    ):
+        raise ConversionError(
+            f"persistent class {class_name!r}: its state does not have the "
+            "torch.nn.Module layout (_parameters, _buffers, _modules dicts)"
+        )
 
     def entries(field: str, kind: type) -> dict[str, Any]:
         items = state[field]
         for name, value in items.items():
             if not isinstance(name, str) or not (value is None or isinstance(value, kind)):
-                raise ConversionError(f"persistent class {class_name!r}: {field}[{name!r}] is a "
-                                      f"{type(value).__name__}")
+                raise ConversionError(
+                    f"persistent class {class_name!r}: {field}[{name!r}] is a "
+                    f"{type(value).__name__}"
+                )
         return dict(items)
 
     non_persistent = state.get("_non_persistent_buffers_set", set())
     if not isinstance(non_persistent, set | frozenset) or not all(
-            isinstance(n, str) for n in non_persistent):
-        raise ConversionError(f"persistent class {class_name!r}: _non_persistent_buffers_set "
-                              "is not a set of names")
+        isinstance(n, str) for n in non_persistent
+    ):
+        raise ConversionError(
+            f"persistent class {class_name!r}: _non_persistent_buffers_set is not a set of names"
+        )
     init_args = state.get("_init_args", ())
     init_kwargs = state.get("_init_kwargs", {})
     if not isinstance(init_args, tuple) or not isinstance(init_kwargs, dict):
-        raise ConversionError(f"persistent class {class_name!r}: _init_args/_init_kwargs are not "
-                              "a tuple and a dict")
+        raise ConversionError(
+            f"persistent class {class_name!r}: _init_args/_init_kwargs are not a tuple and a dict"
+        )
     return _PendingModule(
         class_name=class_name,
         init_args=init_args,
@@ -171,8 +192,9 @@ def _reconstruct_persistent_obj(meta: Any) -> _PendingModule:
         buffers=entries("_buffers", np.ndarray),
         non_persistent_buffers=frozenset(non_persistent),
         modules=entries("_modules", _PendingModule),
-        attributes={k: v for k, v in state.items()
-                    if k not in _MODULE_BOOKKEEPING and not _is_hook_field(k)},
+        attributes={
+            k: v for k, v in state.items() if k not in _MODULE_BOOKKEEPING and not _is_hook_field(k)
+        },
     )
 
 
@@ -212,30 +234,47 @@ class _Storage(NamedTuple):
     data: np.ndarray
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any, backward_hooks: Any,
-                       metadata: Any = None) -> np.ndarray:
+def _rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    metadata: Any = None,
+) -> np.ndarray:
     """``torch._utils._rebuild_tensor_v2``: the strided view of a storage, as a contiguous copy."""
     if not isinstance(storage, _Storage):
         raise ConversionError(f"tensor: expected a storage, got a {type(storage).__name__}")
     if metadata:
-        raise ConversionError(f"tensor: metadata {metadata!r} (conjugate/negative bits) is not "
-                              "supported")
+        raise ConversionError(
+            f"tensor: metadata {metadata!r} (conjugate/negative bits) is not supported"
+        )
     dims = (storage_offset, *size, *stride)
-    if (not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride)
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)):
-        raise ConversionError(f"tensor: invalid offset {storage_offset!r}, size {size!r}, "
-                              f"stride {stride!r}")
+    if (
+        not isinstance(size, tuple)
+        or not isinstance(stride, tuple)
+        or len(size) != len(stride)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+    ):
+        raise ConversionError(
+            f"tensor: invalid offset {storage_offset!r}, size {size!r}, stride {stride!r}"
+        )
     flat = storage.data
     if 0 in size:
         return np.zeros(size, flat.dtype)
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= flat.size:
-        raise ConversionError(f"tensor of size {size} and stride {stride} at offset "
-                              f"{storage_offset} reaches past its storage of {flat.size} elements")
+        raise ConversionError(
+            f"tensor of size {size} and stride {stride} at offset "
+            f"{storage_offset} reaches past its storage of {flat.size} elements"
+        )
     view = np.lib.stride_tricks.as_strided(
-        flat[storage_offset:], shape=size, strides=[s * flat.itemsize for s in stride],
-        writeable=False)
+        flat[storage_offset:],
+        shape=size,
+        strides=[s * flat.itemsize for s in stride],
+        writeable=False,
+    )
     return np.array(view, order="C")
 
 
@@ -246,8 +285,9 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> np
     return data
 
 
-def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any,
-                                  state: Any) -> np.ndarray:
+def _rebuild_parameter_with_state(
+    data: Any, requires_grad: Any, backward_hooks: Any, state: Any
+) -> np.ndarray:
     """``torch._utils._rebuild_parameter_with_state``: the tensor (Python attributes dropped)."""
     return _rebuild_parameter(data, requires_grad, backward_hooks)
 
@@ -255,8 +295,10 @@ def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks:
 def _codecs_encode(text: Any, encoding: Any) -> bytes:
     """``_codecs.encode(str, 'latin1')``: how protocol 2 writes ``bytes``."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise ConversionError(f"_codecs.encode: only (str, 'latin1') is supported, got "
-                              f"({type(text).__name__}, {encoding!r})")
+        raise ConversionError(
+            f"_codecs.encode: only (str, 'latin1') is supported, got "
+            f"({type(text).__name__}, {encoding!r})"
+        )
     return text.encode("latin1")
 
 
@@ -273,16 +315,19 @@ def _numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
         raise ConversionError(f"numpy.dtype: expected a type string, got a {type(spec).__name__}")
     dtype = np.dtype(spec, align=bool(align), copy=True)
     if dtype.kind not in _NUMERIC_KINDS:
-        raise UnsafePickleError(f"numpy.dtype {spec!r} refused: only bool, integer, float and "
-                                "complex dtypes are read")
+        raise UnsafePickleError(
+            f"numpy.dtype {spec!r} refused: only bool, integer, float and complex dtypes are read"
+        )
     return dtype
 
 
 def _numpy_scalar(dtype: Any, data: Any) -> np.generic:
     """``numpy.core.multiarray.scalar``: a bool, integer, float or complex scalar from its bytes."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS or dtype.hasobject:
-        raise UnsafePickleError(f"numpy scalar of dtype {dtype!r} refused: only bool, integer, "
-                                "float and complex scalars are read")
+        raise UnsafePickleError(
+            f"numpy scalar of dtype {dtype!r} refused: only bool, integer, "
+            "float and complex scalars are read"
+        )
     if not isinstance(data, bytes) or len(data) != dtype.itemsize:
         raise ConversionError(f"numpy scalar of dtype {dtype}: expected {dtype.itemsize} bytes")
     return np.frombuffer(data, dtype)[0]
@@ -342,15 +387,22 @@ def _load_from_bytes(data: Any) -> _Storage:
         raise ConversionError(f"{where}: format version {version!r}, expected {_LEGACY_VERSION}")
     sys_info = _load_part(stream, where, {})
     if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
-        raise ConversionError(f"{where}: only little-endian streams are supported (sys info "
-                              f"{sys_info!r})")
+        raise ConversionError(
+            f"{where}: only little-endian streams are supported (sys info {sys_info!r})"
+        )
 
     records: list[_StorageRecord] = []
 
     def storage_id(pid: Any) -> _StorageRecord:
-        if (not isinstance(pid, tuple) or len(pid) != 6 or pid[0] != "storage"
-                or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-                or not isinstance(pid[4], int) or pid[4] < 0):
+        if (
+            not isinstance(pid, tuple)
+            or len(pid) != 6
+            or pid[0] != "storage"
+            or not isinstance(pid[1], _StorageType)
+            or not isinstance(pid[2], str)
+            or not isinstance(pid[4], int)
+            or pid[4] < 0
+        ):
             raise UnsafePickleError(f"{where}: persistent id {pid!r} is not a storage record")
         if pid[5] is not None:
             raise ConversionError(f"{where}: storage views are not supported")
@@ -368,16 +420,18 @@ def _load_from_bytes(data: Any) -> _Storage:
         raise ConversionError(f"{where}: truncated before the element count")
     (count,) = struct.unpack_from("<q", data, offset)
     if count != record.numel:
-        raise ConversionError(f"{where}: corrupt: {count} elements stored, {record.numel} "
-                              "declared")
+        raise ConversionError(f"{where}: corrupt: {count} elements stored, {record.numel} declared")
     offset += 8
     nbytes = count * record.dtype.itemsize
     if offset + nbytes > len(data):
-        raise ConversionError(f"{where}: truncated: {count} elements ({nbytes} bytes) declared, "
-                              f"{len(data) - offset} bytes present")
+        raise ConversionError(
+            f"{where}: truncated: {count} elements ({nbytes} bytes) declared, "
+            f"{len(data) - offset} bytes present"
+        )
     if offset + nbytes != len(data):
-        raise ConversionError(f"{where}: corrupt: {len(data) - offset - nbytes} bytes after the "
-                              "storage data")
+        raise ConversionError(
+            f"{where}: corrupt: {len(data) - offset - nbytes} bytes after the storage data"
+        )
     return _Storage(np.frombuffer(data, record.dtype, count, offset))
 
 
@@ -421,15 +475,30 @@ class _Global:
 
 
 _PROTOCOLS = range(2, 6)
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-                    IndexError, AttributeError, struct.error, OverflowError, RecursionError)
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    struct.error,
+    OverflowError,
+    RecursionError,
+)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Globals only from ``allowed``; no persistent ids unless ``persistent_load`` is given."""
 
-    def __init__(self, file: Any, where: str, allowed: dict[tuple[str, str], Any],
-                 persistent_load: Callable[[Any], Any] | None = None):
+    def __init__(
+        self,
+        file: Any,
+        where: str,
+        allowed: dict[tuple[str, str], Any],
+        persistent_load: Callable[[Any], Any] | None = None,
+    ):
         super().__init__(file)
         self._where = f"{where}: " if where else ""
         self._allowed = allowed
@@ -438,10 +507,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         target = self._allowed.get((module, name))
         if target is None:
-            hint = ("; a TensorFlow StyleGAN/StyleGAN2 pickle? Only the PyTorch StyleGAN2-ADA "
-                    "format is read" if module.startswith("dnnlib.tflib") else "")
-            raise UnsafePickleError(f"{self._where}global {module}.{name} is not on the "
-                                    f"allow-list; refused without importing it{hint}")
+            hint = (
+                "; a TensorFlow StyleGAN/StyleGAN2 pickle? Only the PyTorch StyleGAN2-ADA "
+                "format is read"
+                if module.startswith("dnnlib.tflib")
+                else ""
+            )
+            raise UnsafePickleError(
+                f"{self._where}global {module}.{name} is not on the "
+                f"allow-list; refused without importing it{hint}"
+            )
         if isinstance(target, np.dtype):
             return _StorageType(name, target)
         if isinstance(target, type):  # EasyDict (for NEWOBJ), dict, set
@@ -450,8 +525,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent_load is None:
-            raise UnsafePickleError(f"{self._where}persistent id {pid!r} refused (this stream "
-                                    "may not have any)")
+            raise UnsafePickleError(
+                f"{self._where}persistent id {pid!r} refused (this stream may not have any)"
+            )
         return self._persistent_load(pid)
 
 
@@ -460,8 +536,12 @@ def _check_protocol(head: bytes, where: str) -> None:
         raise ConversionError(f"{where}: not a pickle of protocol 2-5 (truncated or corrupt?)")
 
 
-def _load_part(stream: io.BytesIO, where: str, allowed: dict[tuple[str, str], Any],
-               persistent_load: Callable[[Any], Any] | None = None) -> Any:
+def _load_part(
+    stream: io.BytesIO,
+    where: str,
+    allowed: dict[tuple[str, str], Any],
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> Any:
     """The next pickle of an embedded stream, read with the restrictions."""
     _check_protocol(stream.read(2), where)
     stream.seek(-2, io.SEEK_CUR)
@@ -470,8 +550,9 @@ def _load_part(stream: io.BytesIO, where: str, allowed: dict[tuple[str, str], An
     except ConversionError:
         raise
     except _UNPICKLE_ERRORS as err:
-        raise ConversionError(f"{where}: truncated or corrupt ({type(err).__name__}: {err})"
-                              ) from None
+        raise ConversionError(
+            f"{where}: truncated or corrupt ({type(err).__name__}: {err})"
+        ) from None
 
 
 def read_network_pickle(path: str | os.PathLike) -> Any:
@@ -501,8 +582,9 @@ def read_network_pickle(path: str | os.PathLike) -> Any:
     with open(path, "rb") as f:
         head = f.read(16)
         if head.startswith(b"PK\x03\x04"):
-            raise ConversionError(f"{where} is a zip archive (e.g. a torch.save file in the zip "
-                                  "format), not a pickle")
+            raise ConversionError(
+                f"{where} is a zip archive (e.g. a torch.save file in the zip format), not a pickle"
+            )
         if head[:1] != pickle.PROTO and head[8:9] == b"{":
             raise ConversionError(f"{where} looks like a safetensors file, not a pickle")
         _check_protocol(head, where)
@@ -512,8 +594,10 @@ def read_network_pickle(path: str | os.PathLike) -> Any:
         except ConversionError as err:
             raise type(err)(f"{where}: {err}") from None
         except _UNPICKLE_ERRORS as err:
-            raise ConversionError(f"{where}: truncated or corrupt pickle "
-                                  f"({type(err).__name__}: {err})") from None
+            raise ConversionError(
+                f"{where}: truncated or corrupt pickle ({type(err).__name__}: {err})"
+            ) from None
         except MemoryError:  # a corrupt length or memo index asks for an absurd allocation
-            raise ConversionError(f"{where}: corrupt pickle, or too large for memory "
-                                  "(MemoryError while reading)") from None
+            raise ConversionError(
+                f"{where}: corrupt pickle, or too large for memory (MemoryError while reading)"
+            ) from None

@@ -28,7 +28,8 @@ This module does not import :mod:`mmh_jax.models`: it reads the module's ``block
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -68,12 +69,14 @@ def sscd_rename_table(module: Any, *, head: str = "fc") -> dict[str, Rename]:
         for j in range(count):
             torch, flax = f"layer{i}.{j}", (f"layer{i}_{j}",)
             for k in (1, 2, 3):
-                table[f"{torch}.conv{k}.weight"] = Rename(flax + (f"conv{k}", "kernel"),
-                                                          conv_kernel)
+                table[f"{torch}.conv{k}.weight"] = Rename(
+                    flax + (f"conv{k}", "kernel"), conv_kernel
+                )
                 _bn(table, f"{torch}.bn{k}", flax + (f"bn{k}",))
             if j == 0:  # every stage's first bottleneck changes width (and stride): projection
                 table[f"{torch}.downsample.0.weight"] = Rename(
-                    flax + ("downsample_conv", "kernel"), conv_kernel)
+                    flax + ("downsample_conv", "kernel"), conv_kernel
+                )
                 _bn(table, f"{torch}.downsample.1", flax + ("downsample_bn",))
     table[f"{head}.weight"] = Rename(("fc", "kernel"), linear_kernel)
     table[f"{head}.bias"] = Rename(("fc", "bias"))
@@ -93,8 +96,13 @@ def sscd_abstract_params(module: Any) -> dict:
     return _SHAPES[key]
 
 
-def convert_sscd(state_dict: Mapping[str, Any], module: Any, *, source: str = "state dict",
-                 head: str | None = None) -> dict:
+def convert_sscd(
+    state_dict: Mapping[str, Any],
+    module: Any,
+    *,
+    source: str = "state dict",
+    head: str | None = None,
+) -> dict:
     """Convert a torchvision-layout SSCD state dict into ``module``'s params, strictly.
 
     Args:
@@ -116,13 +124,19 @@ def convert_sscd(state_dict: Mapping[str, Any], module: Any, *, source: str = "s
     """
     require_attributes(module, _ATTRIBUTES, "mmh_jax.models.SSCD")
     if head is None:
-        head = "embeddings" if ("embeddings.weight" in state_dict
-                                and "fc.weight" not in state_dict) else "fc"
+        head = (
+            "embeddings"
+            if ("embeddings.weight" in state_dict and "fc.weight" not in state_dict)
+            else "fc"
+        )
     sd = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
     if "avgpool.p" in sd:
         p = np.asarray(sd.pop("avgpool.p"), np.float64).ravel()
         if p.size != 1 or abs(float(p[0]) - float(module.gem_p)) > 1e-6:
-            raise ConversionError(f"{source}: GeM exponent avgpool.p = {p.tolist()}, the "
-                                  f"module has gem_p = {module.gem_p}")
-    return convert_state_dict(sd, sscd_rename_table(module, head=head),
-                              sscd_abstract_params(module), source=source)
+            raise ConversionError(
+                f"{source}: GeM exponent avgpool.p = {p.tolist()}, the "
+                f"module has gem_p = {module.gem_p}"
+            )
+    return convert_state_dict(
+        sd, sscd_rename_table(module, head=head), sscd_abstract_params(module), source=source
+    )

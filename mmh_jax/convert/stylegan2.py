@@ -18,7 +18,8 @@ This module reads the Flax module only through its attributes (it does not impor
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,12 +36,29 @@ from mmh_jax.convert.core import (
     require_attributes,
 )
 
-__all__ = ["stylegan2_rename_table", "stylegan2_abstract_params", "convert_stylegan2",
-           "const_layout"]
+__all__ = [
+    "stylegan2_rename_table",
+    "stylegan2_abstract_params",
+    "convert_stylegan2",
+    "const_layout",
+]
 
-_CONFIG_ATTRIBUTES = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels",
-                      "num_layers", "embed_features", "layer_features", "channel_base",
-                      "channel_max", "architecture", "use_noise", "resample_filter", "init")
+_CONFIG_ATTRIBUTES = (
+    "z_dim",
+    "c_dim",
+    "w_dim",
+    "img_resolution",
+    "img_channels",
+    "num_layers",
+    "embed_features",
+    "layer_features",
+    "channel_base",
+    "channel_max",
+    "architecture",
+    "use_noise",
+    "resample_filter",
+    "init",
+)
 _FILTER = "resample_filter"
 
 
@@ -56,7 +74,7 @@ def _require_config(module: Any) -> None:
 
 
 def _block_resolutions(module: Any) -> list[int]:
-    return [2 ** i for i in range(2, int(np.log2(module.img_resolution)) + 1)]
+    return [2**i for i in range(2, int(np.log2(module.img_resolution)) + 1)]
 
 
 def _fc(table: dict[str, Rename], key: str, path: tuple[str, ...]) -> None:
@@ -126,19 +144,25 @@ def _check_filters(state_dict: Mapping[str, Any], module: Any, source: str) -> d
             continue
         value = np.asarray(value, np.float32)
         want = expected.get(value.ndim)
-        if want is None or value.shape != want.shape or not np.allclose(value, want, rtol=1e-6,
-                                                                         atol=1e-7):
+        if (
+            want is None
+            or value.shape != want.shape
+            or not np.allclose(value, want, rtol=1e-6, atol=1e-7)
+        ):
             wrong.append(key)
     if wrong:
         shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise ConversionError(f"{source}: the resampling filter {shown} differs from the "
-                              f"module's resample_filter={tuple(module.resample_filter)} "
-                              f"(normalised outer product {expected[2].tolist()})")
+        raise ConversionError(
+            f"{source}: the resampling filter {shown} differs from the "
+            f"module's resample_filter={tuple(module.resample_filter)} "
+            f"(normalised outer product {expected[2].tolist()})"
+        )
     return rest
 
 
-def convert_stylegan2(state_dict: Mapping[str, Any], module: Any, *,
-                      source: str = "state dict") -> dict:
+def convert_stylegan2(
+    state_dict: Mapping[str, Any], module: Any, *, source: str = "state dict"
+) -> dict:
     """Convert an original StyleGAN2-ADA generator state dict into ``module``'s parameters.
 
     Args:
@@ -156,5 +180,6 @@ def convert_stylegan2(state_dict: Mapping[str, Any], module: Any, *,
     """
     _require_config(module)
     rest = _check_filters(state_dict, module, source)
-    return convert_state_dict(rest, stylegan2_rename_table(module),
-                              stylegan2_abstract_params(module), source=source)
+    return convert_state_dict(
+        rest, stylegan2_rename_table(module), stylegan2_abstract_params(module), source=source
+    )

@@ -53,8 +53,9 @@ class ScriptModuleRecord:
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise ConversionError(f"{self.qualname}: expected an attribute dict, got a "
-                                  f"{type(state).__name__}")
+            raise ConversionError(
+                f"{self.qualname}: expected an attribute dict, got a {type(state).__name__}"
+            )
         if hasattr(self, "attributes"):
             raise UnsafePickleError(f"{self.qualname}: a second BUILD refused")
         self.attributes = dict(state)
@@ -77,26 +78,35 @@ class _ScriptUnpickler(_RestrictedUnpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__torch__" or module.startswith("__torch__."):
-            return type("ScriptModule", (ScriptModuleRecord,),
-                        {"__slots__": (), "qualname": f"{module}.{name}"})
+            return type(
+                "ScriptModule",
+                (ScriptModuleRecord,),
+                {"__slots__": (), "qualname": f"{module}.{name}"},
+            )
         return super().find_class(module, name)
 
 
 def _archive_root(names: list[str], where: str) -> str:
     tops = {n.split("/", 1)[0] for n in names}
     if len(tops) != 1 or not all("/" in n for n in names):
-        raise ConversionError(f"{where}: not a TorchScript archive (expected one top folder, "
-                              f"found {sorted(tops)[:5]})")
+        raise ConversionError(
+            f"{where}: not a TorchScript archive (expected one top folder, "
+            f"found {sorted(tops)[:5]})"
+        )
     top = tops.pop()
     needed = [f"{top}/data.pkl", f"{top}/constants.pkl", f"{top}/version"]
     missing = [n.split("/", 1)[1] for n in needed if n not in names]
     has_code = any(n.startswith(f"{top}/code/") for n in names)
     if missing or not has_code:
         lack = missing + ([] if has_code else ["code/"])
-        hint = (" (a torch.save file? those are read with torch.load(weights_only=True))"
-                if f"{top}/data.pkl" in names else "")
-        raise ConversionError(f"{where}: not a TorchScript archive: it lacks "
-                              f"{', '.join(lack)}{hint}")
+        hint = (
+            " (a torch.save file? those are read with torch.load(weights_only=True))"
+            if f"{top}/data.pkl" in names
+            else ""
+        )
+        raise ConversionError(
+            f"{where}: not a TorchScript archive: it lacks {', '.join(lack)}{hint}"
+        )
     return top
 
 
@@ -153,9 +163,15 @@ def read_torchscript_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
         storages: dict[str, _Storage] = {}
 
         def storage(pid: Any) -> _Storage:
-            if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-                    or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-                    or not isinstance(pid[4], int) or pid[4] < 0):
+            if (
+                not isinstance(pid, tuple)
+                or len(pid) != 5
+                or pid[0] != "storage"
+                or not isinstance(pid[1], _StorageType)
+                or not isinstance(pid[2], str)
+                or not isinstance(pid[4], int)
+                or pid[4] < 0
+            ):
                 raise UnsafePickleError(f"persistent id {pid!r} is not a storage record")
             key, dtype, numel = pid[2], pid[1].dtype, pid[4]
             if key not in storages:
@@ -164,8 +180,9 @@ def read_torchscript_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     raise ConversionError(f"storage {key!r}: no data/{key} in the archive")
                 raw = z.read(member)
                 if len(raw) != numel * dtype.itemsize:
-                    raise ConversionError(f"storage {key!r}: {len(raw)} bytes, {numel} "
-                                          f"{dtype} elements declared")
+                    raise ConversionError(
+                        f"storage {key!r}: {len(raw)} bytes, {numel} {dtype} elements declared"
+                    )
                 storages[key] = _Storage(np.frombuffer(raw, dtype, numel))
             if storages[key].data.dtype != dtype:
                 raise ConversionError(f"storage {key!r} read as two dtypes")
@@ -178,14 +195,15 @@ def read_torchscript_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except ConversionError as err:
             raise type(err)(f"{where}: data.pkl: {err}") from None
         except _UNPICKLE_ERRORS as err:
-            raise ConversionError(f"{where}: data.pkl truncated or corrupt "
-                                  f"({type(err).__name__}: {err})") from None
+            raise ConversionError(
+                f"{where}: data.pkl truncated or corrupt ({type(err).__name__}: {err})"
+            ) from None
         except (MemoryError, pickle.PickleError) as err:
             raise ConversionError(f"{where}: corrupt data.pkl ({type(err).__name__})") from None
     if not isinstance(root, ScriptModuleRecord):
-        raise ConversionError(f"{where}: data.pkl holds a {type(root).__name__}, not a "
-                              "scripted module")
+        raise ConversionError(
+            f"{where}: data.pkl holds a {type(root).__name__}, not a scripted module"
+        )
     out: dict[str, np.ndarray] = {}
     _state_dict(root, "", out, set())
     return out
-

@@ -12,7 +12,8 @@ the Flax module's config attributes and asks the module itself for its parameter
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import PyTree
@@ -23,9 +24,18 @@ from mmh_jax.convert.diffusers import DiffusersTable, uses_legacy_attention
 __all__ = ["unet2d_rename_table", "unet2d_abstract_params", "convert_unet2d"]
 
 
-_CONFIG_ATTRIBUTES = ("block_out_channels", "layers_per_block", "down_block_types",
-                      "up_block_types", "mid_block_type", "add_attention",
-                      "mid_attention_groups", "in_channels", "param_dtype", "init")
+_CONFIG_ATTRIBUTES = (
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_type",
+    "add_attention",
+    "mid_attention_groups",
+    "in_channels",
+    "param_dtype",
+    "init",
+)
 
 
 def _require_unet2d(module: Any) -> None:
@@ -47,15 +57,21 @@ def unet2d_rename_table(module: Any, *, legacy_attention: bool = False) -> dict[
     table = DiffusersTable(legacy_attention)
     n = len(module.block_out_channels)
     attention = functools.partial(table.attention, group_norm=True)
-    mid_attention = functools.partial(table.attention,
-                                      group_norm=module.mid_attention_groups is not None)
-    table.unet(module.block_out_channels, (module.layers_per_block,) * n,
-               down_attention=[attention if kind == "AttnDownBlock2D" else None
-                               for kind in module.down_block_types],
-               up_attention=[attention if kind == "AttnUpBlock2D" else None
-                             for kind in module.up_block_types],
-               mid_block=module.mid_block_type is not None,
-               mid_attention=mid_attention if module.add_attention else None)
+    mid_attention = functools.partial(
+        table.attention, group_norm=module.mid_attention_groups is not None
+    )
+    table.unet(
+        module.block_out_channels,
+        (module.layers_per_block,) * n,
+        down_attention=[
+            attention if kind == "AttnDownBlock2D" else None for kind in module.down_block_types
+        ],
+        up_attention=[
+            attention if kind == "AttnUpBlock2D" else None for kind in module.up_block_types
+        ],
+        mid_block=module.mid_block_type is not None,
+        mid_attention=mid_attention if module.add_attention else None,
+    )
     return table.entries
 
 
@@ -67,8 +83,9 @@ def unet2d_abstract_params(module: Any) -> PyTree:
     return abstract_params(lambda key: module.init(key, sample, jnp.zeros((1,)))["params"])
 
 
-def convert_unet2d(state_dict: Mapping[str, Any], module: Any, *,
-                   source: str = "state dict") -> dict:
+def convert_unet2d(
+    state_dict: Mapping[str, Any], module: Any, *, source: str = "state dict"
+) -> dict:
     """Convert a diffusers ``UNet2DModel`` state dict into ``module``'s parameters, strictly.
 
     Args:
@@ -85,5 +102,6 @@ def convert_unet2d(state_dict: Mapping[str, Any], module: Any, *,
         ConversionError: listing every missing, unexpected and mis-shaped key.
     """
     table = unet2d_rename_table(module, legacy_attention=uses_legacy_attention(state_dict))
-    return convert_state_dict(state_dict, table, unet2d_abstract_params(module), source=source,
-                              dtype=module.param_dtype)
+    return convert_state_dict(
+        state_dict, table, unet2d_abstract_params(module), source=source, dtype=module.param_dtype
+    )

@@ -14,7 +14,8 @@ the config attributes of the module it is given.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import PyTree
@@ -29,9 +30,19 @@ __all__ = [
 ]
 
 # The config attributes the table is built from.
-_ATTRIBUTES = ("block_out_channels", "down_block_types", "up_block_types", "mid_block_type",
-               "layers_per_block", "transformer_layers_per_block", "use_linear_projection",
-               "in_channels", "cross_attention_dim", "param_dtype", "init")
+_ATTRIBUTES = (
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_type",
+    "layers_per_block",
+    "transformer_layers_per_block",
+    "use_linear_projection",
+    "in_channels",
+    "cross_attention_dim",
+    "param_dtype",
+    "init",
+)
 
 
 def _require_unet2d_condition(module: Any) -> None:
@@ -42,8 +53,9 @@ def _per_block(value: Any, n: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
 
-def _transformer(table: DiffusersTable, path: str, num_layers: int, linear_projection: bool
-                 ) -> None:
+def _transformer(
+    table: DiffusersTable, path: str, num_layers: int, linear_projection: bool
+) -> None:
     """A ``Transformer2DModel`` (continuous input) of ``num_layers`` transformer blocks."""
     project = table.linear if linear_projection else table.conv1x1_as_dense
     table.norm(f"{path}.norm")
@@ -78,15 +90,27 @@ def unet2d_condition_rename_table(module: Any) -> dict[str, Rename]:
     transformer_layers = _per_block(module.transformer_layers_per_block, n)
 
     def transformer(i: int) -> functools.partial:
-        return functools.partial(_transformer, table, num_layers=transformer_layers[i],
-                                 linear_projection=bool(module.use_linear_projection))
+        return functools.partial(
+            _transformer,
+            table,
+            num_layers=transformer_layers[i],
+            linear_projection=bool(module.use_linear_projection),
+        )
 
-    table.unet(module.block_out_channels, _per_block(module.layers_per_block, n),
-               down_attention=[transformer(i) if kind == "CrossAttnDownBlock2D" else None
-                               for i, kind in enumerate(module.down_block_types)],
-               up_attention=[transformer(last - i) if kind == "CrossAttnUpBlock2D" else None
-                             for i, kind in enumerate(module.up_block_types)],
-               mid_block=module.mid_block_type is not None, mid_attention=transformer(-1))
+    table.unet(
+        module.block_out_channels,
+        _per_block(module.layers_per_block, n),
+        down_attention=[
+            transformer(i) if kind == "CrossAttnDownBlock2D" else None
+            for i, kind in enumerate(module.down_block_types)
+        ],
+        up_attention=[
+            transformer(last - i) if kind == "CrossAttnUpBlock2D" else None
+            for i, kind in enumerate(module.up_block_types)
+        ],
+        mid_block=module.mid_block_type is not None,
+        mid_attention=transformer(-1),
+    )
     return table.entries
 
 
@@ -96,12 +120,12 @@ def unet2d_condition_abstract_params(module: Any) -> PyTree:
     side = 2 ** (len(module.block_out_channels) - 1)
     sample = jnp.zeros((1, module.in_channels, side, side), jnp.float32)
     context = jnp.zeros((1, 1, module.cross_attention_dim), jnp.float32)
-    return abstract_params(
-        lambda key: module.init(key, sample, jnp.zeros((1,)), context)["params"])
+    return abstract_params(lambda key: module.init(key, sample, jnp.zeros((1,)), context)["params"])
 
 
-def convert_unet2d_condition(state_dict: Mapping[str, Any], module: Any, *,
-                             source: str = "state dict") -> dict:
+def convert_unet2d_condition(
+    state_dict: Mapping[str, Any], module: Any, *, source: str = "state dict"
+) -> dict:
     """Convert a diffusers ``UNet2DConditionModel`` state dict into ``module``'s parameters,
     strictly.
 
@@ -117,5 +141,10 @@ def convert_unet2d_condition(state_dict: Mapping[str, Any], module: Any, *,
         ConversionError: listing every missing, unexpected and mis-shaped key.
     """
     table = unet2d_condition_rename_table(module)
-    return convert_state_dict(state_dict, table, unet2d_condition_abstract_params(module),
-                              source=source, dtype=module.param_dtype)
+    return convert_state_dict(
+        state_dict,
+        table,
+        unet2d_condition_abstract_params(module),
+        source=source,
+        dtype=module.param_dtype,
+    )

@@ -3,9 +3,9 @@ figures, and image complexity (PNG length) for complexity-normalised LID."""
 
 # The modules first: `clip_score` is then rebound to the function of that name.
 import mmh_jax.evaluation.clip_score as _clip_score
+import mmh_jax.evaluation.complexity as _complexity
 import mmh_jax.evaluation.detection as _detection
 import mmh_jax.evaluation.plots as _plots
-import mmh_jax.evaluation.complexity as _complexity
 from mmh_jax.evaluation.clip_score import CLIP, clip_preprocess, clip_score, load_clip
 from mmh_jax.evaluation.complexity import normalized_lid, png_length, to_uint8_nhwc
 from mmh_jax.evaluation.detection import (

@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +36,25 @@ __all__ = ["CLIP", "clip_preprocess", "clip_score", "load_clip"]
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 # preprocessor_config.json keys that name the class or do not change the pixels of RGB images
-_PROCESSOR_SKIP = ("image_processor_type", "feature_extractor_type", "processor_class",
-                   "do_convert_rgb", "_processor_class")
-_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-                   "rescale_factor", "do_normalize", "image_mean", "image_std")
+_PROCESSOR_SKIP = (
+    "image_processor_type",
+    "feature_extractor_type",
+    "processor_class",
+    "do_convert_rgb",
+    "_processor_class",
+)
+_PROCESSOR_KEYS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+)
 
 
 class CLIP(NamedTuple):
@@ -65,8 +81,9 @@ class CLIP(NamedTuple):
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist (expected a transformers "
-                                "CLIPModel folder)")
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist (expected a transformers CLIPModel folder)"
+        )
     with open(path) as f:
         value = json.load(f)
     if not isinstance(value, dict):
@@ -86,37 +103,51 @@ def _size_dict(value: Any, key: str, source: str, *, square: bool) -> dict[str, 
         if set(value) == {"height", "width"} and all(map(positive, value.values())):
             return dict(value)
     allowed = "{'height', 'width'}" if square else "{'shortest_edge'} or {'height', 'width'}"
-    raise ValueError(f"{source}: {key}={value!r} is not supported; expected a positive int or "
-                     f"a dict with keys {allowed}")
+    raise ValueError(
+        f"{source}: {key}={value!r} is not supported; expected a positive int or "
+        f"a dict with keys {allowed}"
+    )
 
 
 def _read_preprocessor(config: dict, source: str) -> dict:
     """The image-processor settings of a ``preprocessor_config.json``, checked strictly."""
     unknown = sorted(set(config) - set(_PROCESSOR_KEYS) - set(_PROCESSOR_SKIP))
     if unknown:
-        raise ValueError(f"{source}: unknown image-processor keys {unknown} (this port "
-                         f"reproduces CLIPImageProcessor: {', '.join(_PROCESSOR_KEYS)})")
+        raise ValueError(
+            f"{source}: unknown image-processor keys {unknown} (this port "
+            f"reproduces CLIPImageProcessor: {', '.join(_PROCESSOR_KEYS)})"
+        )
     kind = config.get("image_processor_type", config.get("feature_extractor_type"))
     if kind is not None and not str(kind).startswith("CLIP"):
         raise ValueError(f"{source}: image processor {kind!r}, expected CLIPImageProcessor")
-    out = {"do_resize": bool(config.get("do_resize", True)),
-           "do_center_crop": bool(config.get("do_center_crop", True)),
-           "do_rescale": bool(config.get("do_rescale", True)),
-           "rescale_factor": float(config.get("rescale_factor", 1 / 255)),
-           "do_normalize": bool(config.get("do_normalize", True))}
-    out["size"] = _size_dict(config.get("size", {"shortest_edge": 224}), "size", source,
-                             square=False)
-    out["crop_size"] = _size_dict(config.get("crop_size", {"height": 224, "width": 224}),
-                                  "crop_size", source, square=True)
+    out = {
+        "do_resize": bool(config.get("do_resize", True)),
+        "do_center_crop": bool(config.get("do_center_crop", True)),
+        "do_rescale": bool(config.get("do_rescale", True)),
+        "rescale_factor": float(config.get("rescale_factor", 1 / 255)),
+        "do_normalize": bool(config.get("do_normalize", True)),
+    }
+    out["size"] = _size_dict(
+        config.get("size", {"shortest_edge": 224}), "size", source, square=False
+    )
+    out["crop_size"] = _size_dict(
+        config.get("crop_size", {"height": 224, "width": 224}), "crop_size", source, square=True
+    )
     if config.get("resample", _BICUBIC) != _BICUBIC:
-        raise ValueError(f"{source}: resample={config['resample']!r} is not supported; "
-                         f"expected {_BICUBIC} (bicubic)")
-    for key, default in (("image_mean", (0.48145466, 0.4578275, 0.40821073)),
-                         ("image_std", (0.26862954, 0.26130258, 0.27577711))):
+        raise ValueError(
+            f"{source}: resample={config['resample']!r} is not supported; "
+            f"expected {_BICUBIC} (bicubic)"
+        )
+    for key, default in (
+        ("image_mean", (0.48145466, 0.4578275, 0.40821073)),
+        ("image_std", (0.26862954, 0.26130258, 0.27577711)),
+    ):
         value = np.asarray(config.get(key, default), np.float64).reshape(-1)
         if value.shape not in ((1,), (3,)) or (key == "image_std" and np.any(value <= 0)):
-            raise ValueError(f"{source}: {key}={config.get(key)!r} is not supported; expected "
-                             "3 (or 1) numbers" + (", all positive" if key == "image_std" else ""))
+            raise ValueError(
+                f"{source}: {key}={config.get(key)!r} is not supported; expected "
+                "3 (or 1) numbers" + (", all positive" if key == "image_std" else "")
+            )
         out[key] = tuple(float(v) for v in np.broadcast_to(value, (3,)))
     return out
 
@@ -142,15 +173,21 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> CLIP:
     """
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"{str(root)!r} is not a folder (expected a transformers "
-                                "CLIPModel folder)")
+        raise FileNotFoundError(
+            f"{str(root)!r} is not a folder (expected a transformers CLIPModel folder)"
+        )
     config_file = root / "config.json"
     config = _read_json(config_file)
     if config.get("model_type") != "clip":
-        found = (f"_class_name={config['_class_name']!r}" if "_class_name" in config
-                 else f"model_type={config.get('model_type')!r}")
-        raise ValueError(f"{str(config_file)!r} describes {found}, not a transformers CLIPModel "
-                         "(model_type 'clip'); give the folder of a CLIPModel")
+        found = (
+            f"_class_name={config['_class_name']!r}"
+            if "_class_name" in config
+            else f"model_type={config.get('model_type')!r}"
+        )
+        raise ValueError(
+            f"{str(config_file)!r} describes {found}, not a transformers CLIPModel "
+            "(model_type 'clip'); give the folder of a CLIPModel"
+        )
     try:
         module = CLIPModel.from_config(config, dtype=dtype)
     except (ValueError, TypeError) as err:
@@ -160,16 +197,20 @@ def load_clip(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> CLIP:
     crop = preprocessor["crop_size"]
     size = module.vision_model.image_size
     if preprocessor["do_center_crop"] and (crop["height"], crop["width"]) != (size, size):
-        raise ValueError(f"{str(preprocessor_file)!r}: crop_size {crop} does not match the "
-                         f"vision tower's image_size={size}")
+        raise ValueError(
+            f"{str(preprocessor_file)!r}: crop_size {crop} does not match the "
+            f"vision tower's image_size={size}"
+        )
     found = [root / name for name in _WEIGHTS if (root / name).is_file()]
     if not found:
         raise FileNotFoundError(f"{str(root)!r} holds none of {', '.join(_WEIGHTS)}")
     params = convert_clip(read_state_dict(found[0]), module, source=repr(str(found[0])))
     if not (root / "tokenizer.json").is_file() and not (
-            (root / "vocab.json").is_file() and (root / "merges.txt").is_file()):
-        raise FileNotFoundError(f"{str(root)!r}: no tokenizer (neither tokenizer.json nor "
-                                "vocab.json and merges.txt)")
+        (root / "vocab.json").is_file() and (root / "merges.txt").is_file()
+    ):
+        raise FileNotFoundError(
+            f"{str(root)!r}: no tokenizer (neither tokenizer.json nor vocab.json and merges.txt)"
+        )
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(root, local_files_only=True)
@@ -229,13 +270,16 @@ def _as_nhwc(images: Any, layout: str | None) -> tuple[np.ndarray, bool]:
             raise ValueError("images is empty")
         for i, item in enumerate(items):
             if item.ndim != 3:
-                raise ValueError(f"images[{i}] must be one image [h, w, 3] or [3, h, w], got "
-                                 f"shape {item.shape}")
+                raise ValueError(
+                    f"images[{i}] must be one image [h, w, 3] or [3, h, w], got shape {item.shape}"
+                )
     else:
         batch = np.asarray(images)
         if batch.ndim != 4:
-            raise ValueError(f"images must be [b, h, w, 3] or [b, 3, h, w] (or a list of "
-                             f"images), got shape {batch.shape}")
+            raise ValueError(
+                f"images must be [b, h, w, 3] or [b, 3, h, w] (or a list of "
+                f"images), got shape {batch.shape}"
+            )
         items = list(batch)
     channels_first = []
     for i, item in enumerate(items):
@@ -246,30 +290,39 @@ def _as_nhwc(images: Any, layout: str | None) -> tuple[np.ndarray, bool]:
         elif item.shape[0] == 3 and item.shape[-1] != 3:
             first = True
         elif item.shape[0] == 3:
-            raise ValueError(f"images[{i}] has shape {item.shape}: both axis 0 and the last "
-                             "axis could be channels; pass layout='NHWC' or 'NCHW'")
+            raise ValueError(
+                f"images[{i}] has shape {item.shape}: both axis 0 and the last "
+                "axis could be channels; pass layout='NHWC' or 'NCHW'"
+            )
         else:
-            raise ValueError(f"images[{i}] has shape {item.shape}: expected 3 (RGB) channels "
-                             "first or last")
+            raise ValueError(
+                f"images[{i}] has shape {item.shape}: expected 3 (RGB) channels first or last"
+            )
         if (item.shape[0] if first else item.shape[-1]) != 3:
-            raise ValueError(f"images[{i}] has shape {item.shape}, not 3 (RGB) channels in "
-                             f"layout {layout}")
+            raise ValueError(
+                f"images[{i}] has shape {item.shape}, not 3 (RGB) channels in layout {layout}"
+            )
         channels_first.append(first)
     items = [np.moveaxis(x, 0, -1) if first else x for x, first in zip(items, channels_first)]
     for i, item in enumerate(items):
         if item.shape != items[0].shape:
-            raise ValueError(f"images[{i}] is {item.shape[0]}x{item.shape[1]} but images[0] is "
-                             f"{items[0].shape[0]}x{items[0].shape[1]} (height x width); "
-                             "clip_score takes one image size per call")
+            raise ValueError(
+                f"images[{i}] is {item.shape[0]}x{item.shape[1]} but images[0] is "
+                f"{items[0].shape[0]}x{items[0].shape[1]} (height x width); "
+                "clip_score takes one image size per call"
+            )
         if item.dtype != items[0].dtype:
             raise TypeError(f"images[{i}] has dtype {item.dtype} but images[0] {items[0].dtype}")
     return np.stack(items), items[0].dtype == np.uint8
 
 
-def clip_preprocess(preprocessor: dict, images: Any, *,
-                    value_range: tuple[float, float] | None = None,
-                    layout: Literal["NHWC", "NCHW"] | None = None
-                    ) -> Float[np.ndarray, "b 3 h w"]:
+def clip_preprocess(
+    preprocessor: dict,
+    images: Any,
+    *,
+    value_range: tuple[float, float] | None = None,
+    layout: Literal["NHWC", "NCHW"] | None = None,
+) -> Float[np.ndarray, "b 3 h w"]:
     """The model's pixel values ``[b, 3, crop, crop]`` (NCHW, float32) of ``images``.
 
     Args:
@@ -294,16 +347,22 @@ def clip_preprocess(preprocessor: dict, images: Any, *,
         x = x.astype(np.float64)
     elif np.issubdtype(x.dtype, np.floating):
         if value_range is None or tuple(value_range) not in ((0, 1), (-1, 1)):
-            raise ValueError(f"float images need value_range=(0, 1) or (-1, 1), got "
-                             f"{value_range!r}")
+            raise ValueError(
+                f"float images need value_range=(0, 1) or (-1, 1), got {value_range!r}"
+            )
         lo, hi = value_range
         x = x.astype(np.float64)
-        bad = np.flatnonzero((x.min(axis=(1, 2, 3)) < lo) | (x.max(axis=(1, 2, 3)) > hi)
-                             | ~np.isfinite(x).all(axis=(1, 2, 3)))
+        bad = np.flatnonzero(
+            (x.min(axis=(1, 2, 3)) < lo)
+            | (x.max(axis=(1, 2, 3)) > hi)
+            | ~np.isfinite(x).all(axis=(1, 2, 3))
+        )
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"images[{i}] has values in [{x[i].min()}, {x[i].max()}], outside "
-                             f"value_range={tuple(value_range)}")
+            raise ValueError(
+                f"images[{i}] has values in [{x[i].min()}, {x[i].max()}], outside "
+                f"value_range={tuple(value_range)}"
+            )
         x = (x - lo) / (hi - lo) * 255.0
     else:
         raise TypeError(f"images must be uint8 or floating point, got dtype {x.dtype}")
@@ -323,10 +382,12 @@ def clip_preprocess(preprocessor: dict, images: Any, *,
         ch, cw = p["crop_size"]["height"], p["crop_size"]["width"]
         h, w = x.shape[1:3]
         if ch > h or cw > w:
-            raise ValueError(f"the images are {h}x{w} after resizing, smaller than crop_size "
-                             f"{ch}x{cw} (padding is not supported)")
+            raise ValueError(
+                f"the images are {h}x{w} after resizing, smaller than crop_size "
+                f"{ch}x{cw} (padding is not supported)"
+            )
         top, left = (h - ch) // 2, (w - cw) // 2
-        x = x[:, top:top + ch, left:left + cw]
+        x = x[:, top : top + ch, left : left + cw]
     if p["do_rescale"]:
         x = x * p["rescale_factor"]
     if p["do_normalize"]:
@@ -344,9 +405,14 @@ def _scores(module: CLIPModel, params: PyTree, pixels: Array, ids: Array) -> Arr
     return 100.0 * jnp.maximum(jnp.sum(image * text, axis=-1), 0.0)
 
 
-def clip_score(model: CLIP, images: Any, prompts: str | Sequence[str], *,
-               value_range: tuple[float, float] | None = None,
-               layout: Literal["NHWC", "NCHW"] | None = None) -> Float[Array, "b"]:
+def clip_score(
+    model: CLIP,
+    images: Any,
+    prompts: str | Sequence[str],
+    *,
+    value_range: tuple[float, float] | None = None,
+    layout: Literal["NHWC", "NCHW"] | None = None,
+) -> Float[Array, "b"]:
     """torchmetrics' CLIP score of each image with its prompt: ``100 * max(cos, 0)``.
 
     Args:
@@ -370,7 +436,9 @@ def clip_score(model: CLIP, images: Any, prompts: str | Sequence[str], *,
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     pixels = clip_preprocess(model.preprocessor, images, value_range=value_range, layout=layout)
     if len(prompts) != pixels.shape[0]:
-        raise ValueError(f"got {pixels.shape[0]} images but {len(prompts)} prompts; "
-                         "clip_score pairs image i with prompt i")
+        raise ValueError(
+            f"got {pixels.shape[0]} images but {len(prompts)} prompts; "
+            "clip_score pairs image i with prompt i"
+        )
     ids = tokenize(model.tokenizer, prompts, model.module.text_model.max_position_embeddings)
     return _scores(model.module, model.params, jnp.asarray(pixels), jnp.asarray(ids))

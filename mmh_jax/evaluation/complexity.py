@@ -20,8 +20,7 @@ def _cv2() -> Any:
     try:
         import cv2
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "png_length needs OpenCV: pip install opencv-python-headless") from err
+        raise ImportError("png_length needs OpenCV: pip install opencv-python-headless") from err
     return cv2
 
 

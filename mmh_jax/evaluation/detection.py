@@ -9,7 +9,8 @@ point, ties included. Scores are oriented so that *higher means positive* (memor
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, NamedTuple, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -43,7 +44,8 @@ def _check_labels(labels: Any, n: int | None = None, *, name: str = "scores") ->
     if y.all() or not y.any():
         raise ValueError(
             f"labels have a single class ({int(y.sum())} positive, {int((~y).sum())} negative);"
-            " detection metrics need both")
+            " detection metrics need both"
+        )
     return y
 
 
@@ -55,12 +57,14 @@ def _check_scores(scores: Any, name: str = "scores") -> np.ndarray:
     nan = np.isnan(s)
     if nan.any():
         raise ValueError(
-            f"{name} has {int(nan.sum())} NaN value(s) (first at index {int(np.argmax(nan))})")
+            f"{name} has {int(nan.sum())} NaN value(s) (first at index {int(np.argmax(nan))})"
+        )
     return s
 
 
-def _prepare(scores: Any, labels: Any, higher_is_positive: bool,
-             name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+def _prepare(
+    scores: Any, labels: Any, higher_is_positive: bool, name: str = "scores"
+) -> tuple[np.ndarray, np.ndarray]:
     s = _check_scores(scores, name)
     y = _check_labels(labels, s.shape[0], name=name)
     return (s if higher_is_positive else -s), y
@@ -134,8 +138,9 @@ def auroc(scores: Any, labels: Any, *, higher_is_positive: bool = True) -> float
     return _auroc(*_prepare(scores, labels, higher_is_positive))
 
 
-def tpr_at_fpr(scores: Any, labels: Any, *, fpr: float = 0.01,
-               higher_is_positive: bool = True) -> float:
+def tpr_at_fpr(
+    scores: Any, labels: Any, *, fpr: float = 0.01, higher_is_positive: bool = True
+) -> float:
     """The largest TPR on the ROC curve at a false-positive rate of at most ``fpr``.
 
     No interpolation (the step convention of Wen et al.): the value is the TPR of the
@@ -179,8 +184,9 @@ def average_precision(scores: Any, labels: Any, *, higher_is_positive: bool = Tr
     return _average_precision(*_prepare(scores, labels, higher_is_positive))
 
 
-def roc_points(scores: Any, labels: Any, *,
-               higher_is_positive: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(
+    scores: Any, labels: Any, *, higher_is_positive: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Every point of the empirical ROC curve, starting at ``(0, 0)``.
 
     Args:
@@ -256,14 +262,17 @@ def detection_report(
     orientation = dict(higher_is_positive or {})
     unknown = sorted(set(orientation) - set(scores))
     if unknown:
-        raise ValueError(f"higher_is_positive names unknown signal(s) {unknown}; "
-                         f"signals are {list(scores)}")
+        raise ValueError(
+            f"higher_is_positive names unknown signal(s) {unknown}; signals are {list(scores)}"
+        )
     fpr = _check_fpr(fpr)
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     if n_bootstrap and key is None:
-        raise ValueError("key is required for the bootstrap resamples: pass "
-                         "key=jax.random.key(seed), or n_bootstrap=0")
+        raise ValueError(
+            "key is required for the bootstrap resamples: pass "
+            "key=jax.random.key(seed), or n_bootstrap=0"
+        )
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
@@ -296,10 +305,15 @@ def detection_report(
         else:
             low = high = np.array([a, t, ap])
         report[name] = DetectionMetrics(
-            auroc=a, auroc_ci=(float(low[0]), float(high[0])),
-            tpr=t, tpr_ci=(float(low[1]), float(high[1])),
-            ap=ap, ap_ci=(float(low[2]), float(high[2])),
-            n_positive=int(pos.size), n_negative=int(neg.size))
+            auroc=a,
+            auroc_ci=(float(low[0]), float(high[0])),
+            tpr=t,
+            tpr_ci=(float(low[1]), float(high[1])),
+            ap=ap,
+            ap_ci=(float(low[2]), float(high[2])),
+            n_positive=int(pos.size),
+            n_negative=int(neg.size),
+        )
     return report
 
 
@@ -334,8 +348,11 @@ def label_join(
         KeyError: A labelled id not in the table (the first one is named).
         ValueError: Duplicate ids in the table, or no labels.
     """
-    ids = list(np.asarray(table_ids, dtype=object).tolist()
-               if isinstance(table_ids, np.ndarray) else table_ids)
+    ids = list(
+        np.asarray(table_ids, dtype=object).tolist()
+        if isinstance(table_ids, np.ndarray)
+        else table_ids
+    )
     row_of: dict[Hashable, int] = {}
     for row, item in enumerate(ids):
         if item in row_of:
@@ -345,8 +362,10 @@ def label_join(
         raise ValueError("no labels to join")
     for item in labels:
         if item not in row_of:
-            raise KeyError(f"labelled id {item!r} is not in the table's ids "
-                           f"({len(row_of)} ids, e.g. {ids[:3]!r})")
+            raise KeyError(
+                f"labelled id {item!r} is not in the table's ids "
+                f"({len(row_of)} ids, e.g. {ids[:3]!r})"
+            )
     rows = np.sort(np.array([row_of[item] for item in labels], dtype=np.int64))
     values = np.array([labels[ids[r]] for r in rows], dtype=object)
     if positive is not None:

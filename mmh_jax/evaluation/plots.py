@@ -9,8 +9,9 @@ and written as PNG atomically (:func:`mmh_jax._src.files.atomic_path`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +89,9 @@ def density_histograms(
     for i, (ax, name) in enumerate(zip(axes, columns)):
         values = _column(table_or_columns, name).astype(np.float64)
         if values.shape != y.shape:
-            raise ValueError(f"column {name!r} has {values.shape[0]} values but labels has "
-                             f"{y.shape[0]}")
+            raise ValueError(
+                f"column {name!r} has {values.shape[0]} values but labels has {y.shape[0]}"
+            )
         finite = np.isfinite(values)
         edges = np.histogram_bin_edges(values[finite], bins=bins) if finite.any() else bins
         for cls in classes:
@@ -167,8 +169,10 @@ def _images(images: Any, what: str) -> list[np.ndarray]:
     if not isinstance(images, (list, tuple)):
         arr = np.asarray(images)
         if arr.ndim != 4:
-            raise ValueError(f"{what} images must be a batch [n, ...] or a sequence of "
-                             f"images, got shape {arr.shape}")
+            raise ValueError(
+                f"{what} images must be a batch [n, ...] or a sequence of "
+                f"images, got shape {arr.shape}"
+            )
         try:
             return list(to_uint8_nhwc(arr))
         except ValueError as err:
@@ -226,8 +230,10 @@ def pair_grid(
     for i, (a, b) in enumerate(zip(q, m)):
         if a.shape != b.shape:
             name = titles[i] if titles is not None else i
-            raise ValueError(f"item {name}: query is {'x'.join(map(str, a.shape))} but its "
-                             f"match is {'x'.join(map(str, b.shape))}")
+            raise ValueError(
+                f"item {name}: query is {'x'.join(map(str, a.shape))} but its "
+                f"match is {'x'.join(map(str, b.shape))}"
+            )
     n = len(q)
     cols = max(1, min(ncols, n))
     rows = -(-n // cols)
@@ -239,8 +245,13 @@ def pair_grid(
         r, c = divmod(i, cols)
         top, bottom = axes[2 * r, c], axes[2 * r + 1, c]
         for ax, img in ((top, q[i]), (bottom, m[i])):
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0,
-                      vmax=255, interpolation="nearest")
+            ax.imshow(
+                img[..., 0] if img.shape[-1] == 1 else img,
+                cmap="gray",
+                vmin=0,
+                vmax=255,
+                interpolation="nearest",
+            )
         top.set_title(str(titles[i] if titles is not None else i), fontsize="small")
         bottom.set_title(f"d={d[i]:.3g}", fontsize="small")
     fig.tight_layout()

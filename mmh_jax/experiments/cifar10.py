@@ -51,8 +51,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mmh_jax._src.images import to_model_range
 from mmh_jax._src.files import atomic_path, sha256_file
+from mmh_jax._src.images import to_model_range
 from mmh_jax.experiments.common import (
     DemoInputError,
     add_percentile_flag,
@@ -66,9 +66,17 @@ from mmh_jax.experiments.common import (
     write_parquet,
 )
 
-__all__ = ["Cifar10Config", "ReportConfig", "load_training_images", "run", "report",
-           "add_run_arguments", "add_report_arguments", "run_config_from_args",
-           "report_config_from_args"]
+__all__ = [
+    "Cifar10Config",
+    "ReportConfig",
+    "load_training_images",
+    "run",
+    "report",
+    "add_run_arguments",
+    "add_report_arguments",
+    "run_config_from_args",
+    "report_config_from_args",
+]
 
 ARCHS = ("iddpm", "unet2d", "stylegan2")
 LID_METHODS = ("flipd", "normal_bundle", "jacobian_rank")
@@ -118,24 +126,33 @@ class Cifar10Config:
     def validate(self) -> None:
         """Raise :class:`DemoInputError` naming the first bad setting."""
         require(self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        require(self.lid is None or self.lid in LID_METHODS,
-                f"--lid must be one of {', '.join(LID_METHODS)}, got {self.lid!r}")
+        require(
+            self.lid is None or self.lid in LID_METHODS,
+            f"--lid must be one of {', '.join(LID_METHODS)}, got {self.lid!r}",
+        )
         gan = self.arch == "stylegan2"
-        require(gan == (self.lid_method == "jacobian_rank"),
-                f"--lid {self.lid_method} does not apply to --arch {self.arch} (StyleGAN2: "
-                "jacobian_rank; diffusion models: flipd or normal_bundle)")
+        require(
+            gan == (self.lid_method == "jacobian_rank"),
+            f"--lid {self.lid_method} does not apply to --arch {self.arch} (StyleGAN2: "
+            "jacobian_rank; diffusion models: flipd or normal_bundle)",
+        )
         require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         require(self.lpca_k >= 1, f"--lpca-k must be at least 1, got {self.lpca_k}")
         require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
-        require(self.calibration_n >= 1,
-                f"--calibration-n must be at least 1, got {self.calibration_n}")
-        require(self.nb_scores is None or self.nb_scores >= 2,
-                f"--nb-scores must be at least 2, got {self.nb_scores}")
-        require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
-                f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
+        require(
+            self.calibration_n >= 1, f"--calibration-n must be at least 1, got {self.calibration_n}"
+        )
+        require(
+            self.nb_scores is None or self.nb_scores >= 2,
+            f"--nb-scores must be at least 2, got {self.nb_scores}",
+        )
+        require(
+            0 <= self.seed and self.seed + self.num_samples <= 2**32,
+            f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}",
+        )
         check_percentile(self.percentile)
         require(self.t0 is None or 0 < self.t0 <= 1, f"--t0 must lie in (0, 1], got {self.t0}")
 
@@ -151,12 +168,15 @@ class ReportConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        require(self.unlabelled in ("not", "drop"),
-                f"--unlabelled must be not or drop, got {self.unlabelled!r}")
+        require(
+            self.unlabelled in ("not", "drop"),
+            f"--unlabelled must be not or drop, got {self.unlabelled!r}",
+        )
         require(self.n_bootstrap >= 0, f"--bootstrap must be >= 0, got {self.n_bootstrap}")
 
 
 # --- input --------------------------------------------------------------------------------
+
 
 def load_training_images(path: Path) -> np.ndarray:
     """Training images as uint8 NHWC (gray images get one channel).
@@ -188,11 +208,14 @@ def load_training_images(path: Path) -> np.ndarray:
             if images and array.shape != images[0].shape:
                 raise DemoInputError(
                     f"training image {str(file)!r} has size {_hwc(array.shape)}, but "
-                    f"{str(files[0])!r} has {_hwc(images[0].shape)}; all must be the same size")
+                    f"{str(files[0])!r} has {_hwc(images[0].shape)}; all must be the same size"
+                )
             images.append(array)
         return np.stack(images)
-    require(path.suffix == ".npz", f"--train must be a folder of images or an .npz file, got "
-                                   f"{str(path)!r}")
+    require(
+        path.suffix == ".npz",
+        f"--train must be a folder of images or an .npz file, got {str(path)!r}",
+    )
     from mmh_jax.scoring import ArrayFile  # the one .npz reader, and its errors
 
     try:
@@ -200,12 +223,16 @@ def load_training_images(path: Path) -> np.ndarray:
     except ValueError as err:
         raise DemoInputError(f"--train: {err}") from None
     require(x.dtype == np.uint8, f"--train {str(path)!r}: x must be uint8, got {x.dtype}")
-    require(x.ndim == 4, f"--train {str(path)!r}: x must be [n, h, w, c] or [n, c, h, w], "
-                         f"got shape {x.shape}")
+    require(
+        x.ndim == 4,
+        f"--train {str(path)!r}: x must be [n, h, w, c] or [n, c, h, w], got shape {x.shape}",
+    )
     if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
         x = x.transpose(0, 2, 3, 1)
-    require(x.shape[-1] in (1, 3), f"--train {str(path)!r}: images need 1 or 3 channels, got "
-                                   f"shape {x.shape}")
+    require(
+        x.shape[-1] in (1, 3),
+        f"--train {str(path)!r}: images need 1 or 3 channels, got shape {x.shape}",
+    )
     require(len(x) >= 2, f"--train {str(path)!r}: need at least 2 training images")
     return np.ascontiguousarray(x)
 
@@ -215,6 +242,7 @@ def _hwc(shape: tuple) -> str:
 
 
 # --- run ----------------------------------------------------------------------------------
+
 
 def _fingerprint(path: Path) -> str:
     if path.is_file():
@@ -238,9 +266,11 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
             from mmh_jax.models import load_model
 
             if config.arch == "iddpm":
-                require(config.model.is_file() and config.model.suffix == ".safetensors",
-                        f"--model {str(config.model)!r}: --arch iddpm needs a .safetensors "
-                        "file written by `mmh-jax convert iddpm`")
+                require(
+                    config.model.is_file() and config.model.suffix == ".safetensors",
+                    f"--model {str(config.model)!r}: --arch iddpm needs a .safetensors "
+                    "file written by `mmh-jax convert iddpm`",
+                )
             model = load_model(config.model, kind=config.arch)
     except (ConversionError, ValueError, TypeError, FileNotFoundError) as err:
         raise DemoInputError(f"cannot load --model {str(config.model)!r}: {err}") from None
@@ -252,43 +282,67 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
 
         module = model.module
         got = (module.img_channels, module.img_resolution, module.img_resolution)
-        require(got == tuple(shape_chw), f"the generator makes {_hwc(got[1:] + got[:1])} "
-                f"images but the training images are {_hwc(shape_chw[1:] + shape_chw[:1])}")
-        latents = write_latents(out / "latents.npz", num_samples=config.num_samples,
-                                seed=config.seed, z_dim=module.z_dim, c_dim=module.c_dim)
+        require(
+            got == tuple(shape_chw),
+            f"the generator makes {_hwc(got[1:] + got[:1])} "
+            f"images but the training images are {_hwc(shape_chw[1:] + shape_chw[:1])}",
+        )
+        latents = write_latents(
+            out / "latents.npz",
+            num_samples=config.num_samples,
+            seed=config.seed,
+            z_dim=module.z_dim,
+            c_dim=module.c_dim,
+        )
         source = scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed"))
         fns = stylegan2_fns(module, model.params)
-        scored = scoring.Model.from_generator(fns.generate, (module.z_dim,),
-                                              num_classes=module.c_dim, description="StyleGAN2")
+        scored = scoring.Model.from_generator(
+            fns.generate, (module.z_dim,), num_classes=module.c_dim, description="StyleGAN2"
+        )
         columns = [scoring.JacobianRank(spectrum=True)]
         labels = "class" if module.c_dim else None
     else:
         schedule = model.schedule
-        require(config.steps <= schedule.num_timesteps,
-                f"--steps must be at most the model's {schedule.num_timesteps} timesteps")
+        require(
+            config.steps <= schedule.num_timesteps,
+            f"--steps must be at most the model's {schedule.num_timesteps} timesteps",
+        )
         scored = scoring.Model.from_pretrained(model, description=config.arch)
-        require(scored.shape == tuple(shape_chw),
-                f"samples are {_hwc(scored.shape[1:] + scored.shape[:1])} but training images "
-                f"are {_hwc(shape_chw[1:] + shape_chw[:1])}")
+        require(
+            scored.shape == tuple(shape_chw),
+            f"samples are {_hwc(scored.shape[1:] + scored.shape[:1])} but training images "
+            f"are {_hwc(shape_chw[1:] + shape_chw[:1])}",
+        )
         # the DDIM grid of the paper's CIFAR-10 models: timesteps from 0, alpha 1 after the last
-        scored = dataclasses.replace(scored, ddim_grid=DDIMGrid(steps_offset=0,
-                                                                set_alpha_to_one=True))
+        scored = dataclasses.replace(
+            scored, ddim_grid=DDIMGrid(steps_offset=0, set_alpha_to_one=True)
+        )
         source = scoring.Seeds(config.num_samples)
-        columns = [scoring.Flipd(t0=config.lid_t0) if method == "flipd" else
-                   scoring.NormalBundle(t0=config.lid_t0, num_scores=config.nb_scores,
-                                        spectrum=True)]
+        columns = [
+            scoring.Flipd(t0=config.lid_t0)
+            if method == "flipd"
+            else scoring.NormalBundle(t0=config.lid_t0, num_scores=config.nb_scores, spectrum=True)
+        ]
         labels = None
     devices = jax.device_count()
     try:
         return scoring.score(
-            scored, [*columns, scoring.Pixels()], source, str(out / "scores"), seed=config.seed,
-            batch_size=-(-config.batch_size // devices) * devices, chunk_size=config.part_size,
-            generation=scoring.Generation(num_steps=config.steps), labels=labels,
+            scored,
+            [*columns, scoring.Pixels()],
+            source,
+            str(out / "scores"),
+            seed=config.seed,
+            batch_size=-(-config.batch_size // devices) * devices,
+            chunk_size=config.part_size,
+            generation=scoring.Generation(num_steps=config.steps),
+            labels=labels,
             record={"model_sha256": _fingerprint(config.model), "arch": config.arch},
-            console=err_console if config.progress else None)
+            console=err_console if config.progress else None,
+        )
     except scoring.RunMismatch as err:
-        raise DemoInputError(f"{str(out / 'scores')!r} holds a run with other settings ({err}); "
-                             "choose another --out") from None
+        raise DemoInputError(
+            f"{str(out / 'scores')!r} holds a run with other settings ({err}); choose another --out"
+        ) from None
 
 
 def _lid_theta(config: Cifar10Config, scores) -> np.ndarray:
@@ -299,8 +353,11 @@ def _lid_theta(config: Cifar10Config, scores) -> np.ndarray:
     t0 = f"{config.lid_t0:g}" if config.lid_t0 is not None else ""
     if config.lid_method == "flipd":
         return scores[f"flipd_{t0}"].to_numpy().astype(np.float64)
-    name = ("jacobian_singular_values" if config.lid_method == "jacobian_rank"
-            else f"normal_bundle_sv_{t0}")
+    name = (
+        "jacobian_singular_values"
+        if config.lid_method == "jacobian_rank"
+        else f"normal_bundle_sv_{t0}"
+    )
     spectra = vectors(scores, name).astype(np.float32)
     return _lid_from_spectra(config.lid_method, spectra, config.percentile).astype(np.float64)
 
@@ -327,11 +384,15 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     console = console or output_console()
     err_console = Console(stderr=True)
     require(config.model.exists(), f"--model {str(config.model)!r} does not exist")
-    require(config.sscd is None or config.sscd.is_file(),
-            f"--sscd {str(config.sscd)!r} does not exist or is a folder")
+    require(
+        config.sscd is None or config.sscd.is_file(),
+        f"--sscd {str(config.sscd)!r} does not exist or is a folder",
+    )
     train_u8 = load_training_images(config.train)
-    require(config.lpca_k < len(train_u8), f"--lpca-k ({config.lpca_k}) must be below the "
-                                           f"number of training images ({len(train_u8)})")
+    require(
+        config.lpca_k < len(train_u8),
+        f"--lpca-k ({config.lpca_k}) must be below the number of training images ({len(train_u8)})",
+    )
     out = prepare_out_dir(config.out)
     timings = {}
 
@@ -345,15 +406,14 @@ def run(config: Cifar10Config, *, console: Console | None = None):
 
     from mmh_jax import scoring
     from mmh_jax.evaluation import normalized_lid, pair_grid, png_length
-    from mmh_jax.scoring import vectors
     from mmh_jax.lid import lpca
     from mmh_jax.retrieval import calibrated_l2, nearest_neighbours
+    from mmh_jax.scoring import vectors
 
     merged = scoring.merge(out / "scores")
     require(merged.errors.num_rows == 0, f"samples not scored: {merged.errors.to_pylist()}")
     lid_theta = _lid_theta(config, merged.scores)
-    samples_u8 = vectors(merged.scores, "pixels").reshape(config.num_samples,
-                                                          *train_u8.shape[1:])
+    samples_u8 = vectors(merged.scores, "pixels").reshape(config.num_samples, *train_u8.shape[1:])
     samples_f, train_f = to_model_range(samples_u8), to_model_range(train_u8)
 
     # 4: retrieval
@@ -361,9 +421,12 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     with err_console.status("retrieval ..."):
         cal = calibrated_l2(samples_f, train_f, n=min(config.calibration_n, len(train_f)))
     nearest = np.asarray(cal.nearest, np.int64)
-    table = {"id": np.arange(config.num_samples), "train_index": nearest,
-             "calibrated_l2": np.asarray(cal.score, np.float64),
-             "l2": np.asarray(cal.distances, np.float64)[:, 0]}
+    table = {
+        "id": np.arange(config.num_samples),
+        "train_index": nearest,
+        "calibrated_l2": np.asarray(cal.score, np.float64),
+        "l2": np.asarray(cal.distances, np.float64)[:, 0],
+    }
     if config.sscd is not None:
         from mmh_jax.convert import ConversionError, UnsafePickleError
         from mmh_jax.models import load_sscd, sscd_preprocess
@@ -385,8 +448,9 @@ def run(config: Cifar10Config, *, console: Console | None = None):
                 errors = [str(err)]
                 break
         if sscd is None:
-            raise DemoInputError(f"cannot load --sscd {str(config.sscd)!r}: "
-                                 + "; ".join(errors)) from None
+            raise DemoInputError(
+                f"cannot load --sscd {str(config.sscd)!r}: " + "; ".join(errors)
+            ) from None
 
         # Every batch padded (by repetition) to one size: one compilation of the trunk for
         # samples and training images alike.
@@ -396,11 +460,11 @@ def run(config: Cifar10Config, *, console: Console | None = None):
             rgb = np.repeat(u8, 3, axis=-1) if u8.shape[-1] == 1 else u8
             out = []
             for i in range(0, len(rgb), sscd_batch):
-                chunk = rgb[i:i + sscd_batch]
+                chunk = rgb[i : i + sscd_batch]
                 pad = sscd_batch - len(chunk)
                 if pad:
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-                out.append(np.asarray(sscd.embed(sscd_preprocess(chunk)))[:len(chunk) - pad])
+                out.append(np.asarray(sscd.embed(sscd_preprocess(chunk)))[: len(chunk) - pad])
             return np.concatenate(out)
 
         with err_console.status("SSCD embeddings ..."):
@@ -423,8 +487,14 @@ def run(config: Cifar10Config, *, console: Console | None = None):
             lid_star_train = None
     if lid_star_train is None:
         with err_console.status(f"local PCA on {len(train_f)} training images ..."):
-            lid_star_train = np.asarray(lpca(train_f.reshape(len(train_f), -1), k=config.lpca_k,
-                                             method="paper", key=jax.random.key(config.seed)))
+            lid_star_train = np.asarray(
+                lpca(
+                    train_f.reshape(len(train_f), -1),
+                    k=config.lpca_k,
+                    method="paper",
+                    key=jax.random.key(config.seed),
+                )
+            )
         with atomic_path(star_file) as tmp, open(tmp, "wb") as f:
             np.save(f, lid_star_train)
         with atomic_path(star_record) as tmp:
@@ -444,16 +514,34 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     # 7: outputs
     files = [write_parquet(table, out / "results.parquet"), write_csv(table, out / "results.csv")]
     k = min(config.top_k, config.num_samples)
-    distances = [("calibrated_l2", np.argsort(table["calibrated_l2"], kind="stable")[:k],
-                  table["train_index"], table["calibrated_l2"])]
+    distances = [
+        (
+            "calibrated_l2",
+            np.argsort(table["calibrated_l2"], kind="stable")[:k],
+            table["train_index"],
+            table["calibrated_l2"],
+        )
+    ]
     if "sscd_similarity" in table:
-        distances.append(("sscd", np.argsort(-table["sscd_similarity"], kind="stable")[:k],
-                          table["sscd_train_index"], table["sscd_similarity"]))
+        distances.append(
+            (
+                "sscd",
+                np.argsort(-table["sscd_similarity"], kind="stable")[:k],
+                table["sscd_train_index"],
+                table["sscd_similarity"],
+            )
+        )
     to_label = {"id": [], "train_index": [], "distance": [], "value": [], "label": []}
     for name, order, index, value in distances:
-        files.append(pair_grid(samples_u8[order], train_u8[index[order]], value[order],
-                               path=out / f"pairs_{name}.png",
-                               titles=[f"#{i}" for i in order]))
+        files.append(
+            pair_grid(
+                samples_u8[order],
+                train_u8[index[order]],
+                value[order],
+                path=out / f"pairs_{name}.png",
+                titles=[f"#{i}" for i in order],
+            )
+        )
         for i in order:
             to_label["id"].append(int(i))
             to_label["train_index"].append(int(index[i]))
@@ -465,19 +553,26 @@ def run(config: Cifar10Config, *, console: Console | None = None):
     return table, files
 
 
-def _print_run(console: Console, table: dict, config: Cifar10Config, timings: dict,
-               files: list) -> None:
-    t = Table(title=f"CIFAR-10 analysis: {config.num_samples} samples of {config.arch}",
-              show_header=False)
+def _print_run(
+    console: Console, table: dict, config: Cifar10Config, timings: dict, files: list
+) -> None:
+    t = Table(
+        title=f"CIFAR-10 analysis: {config.num_samples} samples of {config.arch}", show_header=False
+    )
     t.add_column("", style="bold")
     t.add_column("", justify="right")
-    lid_name = config.lid_method + (f" (t0 = {config.lid_t0:g})" if config.lid_t0 else
-                                    f" ({config.percentile:g}th-percentile threshold)")
-    rows = [("LID_theta", lid_name),
-            ("LID_theta median [min, max]", _spread(table["lid_theta"])),
-            ("LID_* (lpca, paper) median [min, max]", _spread(table["lid_star"])),
-            ("calibrated l2 median [min, max]", _spread(table["calibrated_l2"])),
-            ("PNG bytes median [min, max]", _spread(table["png_length"]))]
+    lid_name = config.lid_method + (
+        f" (t0 = {config.lid_t0:g})"
+        if config.lid_t0
+        else f" ({config.percentile:g}th-percentile threshold)"
+    )
+    rows = [
+        ("LID_theta", lid_name),
+        ("LID_theta median [min, max]", _spread(table["lid_theta"])),
+        ("LID_* (lpca, paper) median [min, max]", _spread(table["lid_star"])),
+        ("calibrated l2 median [min, max]", _spread(table["calibrated_l2"])),
+        ("PNG bytes median [min, max]", _spread(table["png_length"])),
+    ]
     if "sscd_similarity" in table:
         rows.append(("SSCD similarity median [min, max]", _spread(table["sscd_similarity"])))
     rows.append(("time", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items())))
@@ -515,22 +610,28 @@ def _read_labels(path: Path) -> dict[int, str]:
     labels: dict[int, str] = {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        require(reader.fieldnames is not None and {"id", "label"} <= set(reader.fieldnames),
-                f"--labels {str(path)!r} must have the columns id and label")
+        require(
+            reader.fieldnames is not None and {"id", "label"} <= set(reader.fieldnames),
+            f"--labels {str(path)!r} must have the columns id and label",
+        )
         for line, row in enumerate(reader, start=2):
             label = (row["label"] or "").strip().lower()
             if not label:
                 continue
-            require(label in LABELS, f"{path}:{line}: label must be one of "
-                                     f"{', '.join(LABELS)}, got {row['label']!r}")
+            require(
+                label in LABELS,
+                f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {row['label']!r}",
+            )
             try:
                 item = int(row["id"])
             except ValueError:
-                raise DemoInputError(f"{path}:{line}: id must be an integer, got "
-                                     f"{row['id']!r}") from None
-            require(labels.get(item, label) == label,
-                    f"{path}:{line}: id {item} is labelled both {labels.get(item)!r} and "
-                    f"{label!r}")
+                raise DemoInputError(
+                    f"{path}:{line}: id must be an integer, got {row['id']!r}"
+                ) from None
+            require(
+                labels.get(item, label) == label,
+                f"{path}:{line}: id {item} is labelled both {labels.get(item)!r} and {label!r}",
+            )
             labels[item] = label
     require(bool(labels), f"--labels {str(path)!r} has no labelled rows")
     return labels
@@ -561,44 +662,102 @@ def report(config: ReportConfig, *, console: Console | None = None):
     rows = np.flatnonzero(names != "")
     names = names[rows].astype(str)
     memorized = np.isin(names, MEMORIZED)
-    require(memorized.any() and not memorized.all(),
-            f"need both memorized (exact/reconstructive) and not-memorized samples, got "
-            f"{int(memorized.sum())} and {int((~memorized).sum())}")
+    require(
+        memorized.any() and not memorized.all(),
+        f"need both memorized (exact/reconstructive) and not-memorized samples, got "
+        f"{int(memorized.sum())} and {int((~memorized).sum())}",
+    )
     signals = [s for s in SIGNALS if s in table]
     scores = {s: np.asarray(table[s], np.float64)[rows] for s in signals}
     orientation = {s: False for s in signals}
     try:
-        metrics = detection_report(scores, memorized, higher_is_positive=orientation,
-                                   n_bootstrap=config.n_bootstrap,
-                                   key=jax.random.key(config.seed))
+        metrics = detection_report(
+            scores,
+            memorized,
+            higher_is_positive=orientation,
+            n_bootstrap=config.n_bootstrap,
+            key=jax.random.key(config.seed),
+        )
     except ValueError as err:
         raise DemoInputError(str(err)) from None
     out = config.out
-    detection = {"signal": list(metrics), **{k: [] for k in (
-        "auroc", "auroc_low", "auroc_high", "tpr_at_1pct_fpr", "tpr_low", "tpr_high", "ap",
-        "ap_low", "ap_high", "n_memorized", "n_not")}}
+    detection = {
+        "signal": list(metrics),
+        **{
+            k: []
+            for k in (
+                "auroc",
+                "auroc_low",
+                "auroc_high",
+                "tpr_at_1pct_fpr",
+                "tpr_low",
+                "tpr_high",
+                "ap",
+                "ap_low",
+                "ap_high",
+                "n_memorized",
+                "n_not",
+            )
+        },
+    }
     for m in metrics.values():
-        for key, value in (("auroc", m.auroc), ("auroc_low", m.auroc_ci[0]),
-                           ("auroc_high", m.auroc_ci[1]), ("tpr_at_1pct_fpr", m.tpr),
-                           ("tpr_low", m.tpr_ci[0]), ("tpr_high", m.tpr_ci[1]), ("ap", m.ap),
-                           ("ap_low", m.ap_ci[0]), ("ap_high", m.ap_ci[1]),
-                           ("n_memorized", m.n_positive), ("n_not", m.n_negative)):
+        for key, value in (
+            ("auroc", m.auroc),
+            ("auroc_low", m.auroc_ci[0]),
+            ("auroc_high", m.auroc_ci[1]),
+            ("tpr_at_1pct_fpr", m.tpr),
+            ("tpr_low", m.tpr_ci[0]),
+            ("tpr_high", m.tpr_ci[1]),
+            ("ap", m.ap),
+            ("ap_low", m.ap_ci[0]),
+            ("ap_high", m.ap_ci[1]),
+            ("n_memorized", m.n_positive),
+            ("n_not", m.n_negative),
+        ):
             detection[key].append(value)
     files = [write_csv(detection, out / "detection.csv")]
-    columns = [c for c in ("lid_theta", "lid_star", "lid_theta_normalised", "calibrated_l2",
-                           "sscd_similarity") if c in table]
-    files.append(density_histograms({c: np.asarray(table[c], np.float64)[rows]
-                                     for c in columns}, columns, names,
-                                    path=out / "histograms.png"))
-    files.append(roc_curves(scores, memorized, higher_is_positive=orientation,
-                            path=out / "roc.png", title="memorized (exact or reconstructive)"))
-    t = Table(title=f"Detecting memorized samples ({int(memorized.sum())} memorized, "
-                    f"{int((~memorized).sum())} not; small value = memorized)")
+    columns = [
+        c
+        for c in (
+            "lid_theta",
+            "lid_star",
+            "lid_theta_normalised",
+            "calibrated_l2",
+            "sscd_similarity",
+        )
+        if c in table
+    ]
+    files.append(
+        density_histograms(
+            {c: np.asarray(table[c], np.float64)[rows] for c in columns},
+            columns,
+            names,
+            path=out / "histograms.png",
+        )
+    )
+    files.append(
+        roc_curves(
+            scores,
+            memorized,
+            higher_is_positive=orientation,
+            path=out / "roc.png",
+            title="memorized (exact or reconstructive)",
+        )
+    )
+    t = Table(
+        title=f"Detecting memorized samples ({int(memorized.sum())} memorized, "
+        f"{int((~memorized).sum())} not; small value = memorized)"
+    )
     for col in ("signal", "AUROC [95% CI]", "TPR@1%FPR [95% CI]", "AP [95% CI]"):
         t.add_column(col, justify="left" if col == "signal" else "right")
     for name, m in metrics.items():
-        t.add_row(name, *(f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, (lo, hi) in
-                          ((m.auroc, m.auroc_ci), (m.tpr, m.tpr_ci), (m.ap, m.ap_ci))))
+        t.add_row(
+            name,
+            *(
+                f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+                for v, (lo, hi) in ((m.auroc, m.auroc_ci), (m.tpr, m.tpr_ci), (m.ap, m.ap_ci))
+            ),
+        )
     console.print(t)
     console.print(f"wrote {', '.join(str(f) for f in files)}")
     return metrics, files
@@ -606,67 +765,144 @@ def report(config: ReportConfig, *, console: Console | None = None):
 
 # --- command line -------------------------------------------------------------------------
 
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``cifar10 run``'s flags to ``parser``."""
     d = Cifar10Config(train=Path("."), model=Path("."), arch="stylegan2")
-    parser.add_argument("--train", type=Path, required=True, metavar="DATA",
-                        help="training images: a folder of PNG/JPEG files (sorted by name; the "
-                        "index is the position) or an .npz with a uint8 array x (NHWC or NCHW)")
-    parser.add_argument("--model", type=Path, required=True, metavar="CKPT",
-                        help="iddpm: a .safetensors written by `mmh-jax convert iddpm` (it "
-                        "carries its flags); unet2d: a diffusers folder or a file written by "
-                        "`mmh-jax convert unet2d`; stylegan2: an official .pkl or a file "
-                        "written by `mmh-jax convert stylegan2`")
+    parser.add_argument(
+        "--train",
+        type=Path,
+        required=True,
+        metavar="DATA",
+        help="training images: a folder of PNG/JPEG files (sorted by name; the "
+        "index is the position) or an .npz with a uint8 array x (NHWC or NCHW)",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="CKPT",
+        help="iddpm: a .safetensors written by `mmh-jax convert iddpm` (it "
+        "carries its flags); unet2d: a diffusers folder or a file written by "
+        "`mmh-jax convert unet2d`; stylegan2: an official .pkl or a file "
+        "written by `mmh-jax convert stylegan2`",
+    )
     parser.add_argument("--arch", choices=ARCHS, required=True, help="the model's architecture")
-    parser.add_argument("-n", "--num-samples", type=int, metavar="N", default=d.num_samples,
-                        help="samples to generate (default %(default)s; the paper: 50000)")
-    parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder (default ./%(default)s/); samples and LIDs are "
-                        "reused by a rerun with the same settings")
-    parser.add_argument("--lid", choices=LID_METHODS,
-                        help="LID_theta estimator (default: flipd for diffusion models, "
-                        "jacobian_rank for stylegan2)")
-    parser.add_argument("--t0", type=finite_float,
-                        help="diffusion time of FLIPD (default 0.05) or the normal bundle "
-                        "(default 0.1), as in the paper (Appendix C.1)")
-    parser.add_argument("--nb-scores", type=int, metavar="K",
-                        help="normal bundle: perturbed copies per sample (default 4 d)")
-    parser.add_argument("--steps", type=int, default=d.steps,
-                        help="DDIM steps of diffusion models (default %(default)s)")
-    parser.add_argument("--sscd", type=Path, metavar="FILE",
-                        help="an SSCD checkpoint (see `mmh_jax.models.load_sscd`; a state dict "
-                        "or TorchScript archive is read as sscd_disc_large, ResNeXt-101, or "
-                        "else as sscd_disc_mixup, ResNet-50): also retrieve by SSCD cosine "
-                        "similarity")
-    parser.add_argument("--top-k", type=int, metavar="K", default=d.top_k,
-                        help="closest pairs per distance in pairs_*.png and to_label.csv "
-                        "(default %(default)s; the paper: 250-300)")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="sampling seed (StyleGAN: sample i is generate.py's seed SEED + i, "
-                        "class i mod c_dim; default %(default)s)")
-    parser.add_argument("--batch-size", type=int, metavar="B", default=d.batch_size,
-                        help="samples per compiled batch (default %(default)s)")
+    parser.add_argument(
+        "-n",
+        "--num-samples",
+        type=int,
+        metavar="N",
+        default=d.num_samples,
+        help="samples to generate (default %(default)s; the paper: 50000)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=d.out,
+        help="output folder (default ./%(default)s/); samples and LIDs are "
+        "reused by a rerun with the same settings",
+    )
+    parser.add_argument(
+        "--lid",
+        choices=LID_METHODS,
+        help="LID_theta estimator (default: flipd for diffusion models, "
+        "jacobian_rank for stylegan2)",
+    )
+    parser.add_argument(
+        "--t0",
+        type=finite_float,
+        help="diffusion time of FLIPD (default 0.05) or the normal bundle "
+        "(default 0.1), as in the paper (Appendix C.1)",
+    )
+    parser.add_argument(
+        "--nb-scores",
+        type=int,
+        metavar="K",
+        help="normal bundle: perturbed copies per sample (default 4 d)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=d.steps,
+        help="DDIM steps of diffusion models (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sscd",
+        type=Path,
+        metavar="FILE",
+        help="an SSCD checkpoint (see `mmh_jax.models.load_sscd`; a state dict "
+        "or TorchScript archive is read as sscd_disc_large, ResNeXt-101, or "
+        "else as sscd_disc_mixup, ResNet-50): also retrieve by SSCD cosine "
+        "similarity",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        metavar="K",
+        default=d.top_k,
+        help="closest pairs per distance in pairs_*.png and to_label.csv "
+        "(default %(default)s; the paper: 250-300)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="sampling seed (StyleGAN: sample i is generate.py's seed SEED + i, "
+        "class i mod c_dim; default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        default=d.batch_size,
+        help="samples per compiled batch (default %(default)s)",
+    )
     add_percentile_flag(parser, d.percentile, of="the Jacobian rank and the normal bundle")
-    parser.add_argument("--lpca-k", type=int, metavar="K", default=d.lpca_k,
-                        help="neighbours of local PCA for LID_* (default %(default)s)")
-    parser.add_argument("--calibration-n", type=int, metavar="N", default=d.calibration_n,
-                        help="neighbours averaged by the calibrated l2 (default %(default)s, "
-                        "Carlini et al.)")
+    parser.add_argument(
+        "--lpca-k",
+        type=int,
+        metavar="K",
+        default=d.lpca_k,
+        help="neighbours of local PCA for LID_* (default %(default)s)",
+    )
+    parser.add_argument(
+        "--calibration-n",
+        type=int,
+        metavar="N",
+        default=d.calibration_n,
+        help="neighbours averaged by the calibrated l2 (default %(default)s, Carlini et al.)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``cifar10 report``'s arguments to ``parser``."""
     parser.add_argument("out", type=Path, metavar="OUT", help="the folder of `cifar10 run`")
-    parser.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv",
-                        help="hand labels: a CSV with columns id and label (exact, "
-                        "reconstructive, not; empty labels are skipped), e.g. a filled-in "
-                        "to_label.csv")
-    parser.add_argument("--unlabelled", choices=("not", "drop"), default="not",
-                        help="samples without a label: count them as not memorized (default, "
-                        "as the paper: they have a low chance of being memorized) or drop them")
-    parser.add_argument("--bootstrap", type=int, metavar="N", default=1000,
-                        help="bootstrap resamples of the 95%% CIs (default %(default)s)")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        metavar="LABELS.csv",
+        help="hand labels: a CSV with columns id and label (exact, "
+        "reconstructive, not; empty labels are skipped), e.g. a filled-in "
+        "to_label.csv",
+    )
+    parser.add_argument(
+        "--unlabelled",
+        choices=("not", "drop"),
+        default="not",
+        help="samples without a label: count them as not memorized (default, "
+        "as the paper: they have a low chance of being memorized) or drop them",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        metavar="N",
+        default=1000,
+        help="bootstrap resamples of the 95%% CIs (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
 

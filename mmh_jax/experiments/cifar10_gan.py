@@ -39,11 +39,11 @@ from rich.table import Table
 
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
+    DemoInputError,
     add_display_flags,
     add_dtype_flag,
     add_percentile_flag,
     check_dtype,
-    DemoInputError,
     check_percentile,
     config_from_flags,
     finite_float,
@@ -55,8 +55,14 @@ from mmh_jax.experiments.common import (
     write_parquet,
 )
 
-__all__ = ["GanLidConfig", "sample_latents", "write_latents", "add_arguments",
-           "config_from_args", "run"]
+__all__ = [
+    "GanLidConfig",
+    "sample_latents",
+    "write_latents",
+    "add_arguments",
+    "config_from_args",
+    "run",
+]
 
 #: The label of not-memorized samples in a ``--labels`` file.
 NOT_MEMORIZED = "not"
@@ -91,23 +97,32 @@ class GanLidConfig:
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}")
         require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
-        require(self.num_extremes >= 1, f"--num-extremes must be at least 1, got "
-                                        f"{self.num_extremes}")
-        require(0 <= self.seed and self.seed + self.num_samples <= 2**32,
-                f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}")
+        require(
+            self.num_extremes >= 1, f"--num-extremes must be at least 1, got {self.num_extremes}"
+        )
+        require(
+            0 <= self.seed and self.seed + self.num_samples <= 2**32,
+            f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}",
+        )
         check_percentile(self.percentile)
-        require(0 <= self.truncation_psi <= 1, f"--truncation-psi must lie in [0, 1], got "
-                                               f"{self.truncation_psi}")
-        require(self.network in ("G", "G_ema"), f"--network must be G or G_ema, got "
-                                                f"{self.network!r}")
+        require(
+            0 <= self.truncation_psi <= 1,
+            f"--truncation-psi must lie in [0, 1], got {self.truncation_psi}",
+        )
+        require(
+            self.network in ("G", "G_ema"), f"--network must be G or G_ema, got {self.network!r}"
+        )
         require(self.wrt in ("z", "w"), f"--wrt must be z or w, got {self.wrt!r}")
-        require(self.noise_mode in ("const", "none"), f"--noise-mode must be const or none, "
-                                                      f"got {self.noise_mode!r}")
+        require(
+            self.noise_mode in ("const", "none"),
+            f"--noise-mode must be const or none, got {self.noise_mode!r}",
+        )
         check_dtype(self.dtype)
 
 
-def sample_latents(indices: np.ndarray, *, seed: int, z_dim: int, c_dim: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def sample_latents(
+    indices: np.ndarray, *, seed: int, z_dim: int, c_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Latents and classes of samples ``indices``: ``z_i`` as the official ``generate.py``
     draws seed ``seed + i`` (``np.random.RandomState(seed + i).randn(z_dim)``), class
     ``i mod c_dim`` (``-1`` for an unconditional generator).
@@ -127,16 +142,21 @@ def _read_labels(path: Path, num_samples: int) -> np.ndarray:
     labels = np.full(num_samples, "", dtype=object)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        require(reader.fieldnames is not None and {"index", "label"} <= set(reader.fieldnames),
-                f"--labels {str(path)!r} must have the columns index and label")
+        require(
+            reader.fieldnames is not None and {"index", "label"} <= set(reader.fieldnames),
+            f"--labels {str(path)!r} must have the columns index and label",
+        )
         for line, row in enumerate(reader, start=2):
             try:
                 index = int(row["index"])
             except ValueError:
-                raise DemoInputError(f"{path}:{line}: index must be an integer, got "
-                                     f"{row['index']!r}") from None
-            require(0 <= index < num_samples, f"{path}:{line}: index {index} is not a sample "
-                                              f"(0 .. {num_samples - 1})")
+                raise DemoInputError(
+                    f"{path}:{line}: index must be an integer, got {row['index']!r}"
+                ) from None
+            require(
+                0 <= index < num_samples,
+                f"{path}:{line}: index {index} is not a sample (0 .. {num_samples - 1})",
+            )
             labels[index] = row["label"].strip()
     return labels
 
@@ -159,8 +179,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     console = console or output_console()
     err_console = Console(stderr=True)
     require(config.model.is_file(), f"model {str(config.model)!r} does not exist or is a folder")
-    labels = (_read_labels(config.labels, config.num_samples) if config.labels is not None
-              else None)
+    labels = _read_labels(config.labels, config.num_samples) if config.labels is not None else None
     out = prepare_out_dir(config.out)
 
     import jax
@@ -184,31 +203,54 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     module = model.module
     timings = {"load_s": time.perf_counter() - start}
 
-    latents = write_latents(out / "latents.npz", num_samples=config.num_samples,
-                            seed=config.seed, z_dim=module.z_dim, c_dim=module.c_dim)
-    fns = stylegan2_fns(module, model.params, wrt=config.wrt,
-                        truncation_psi=config.truncation_psi, noise_mode=config.noise_mode)
+    latents = write_latents(
+        out / "latents.npz",
+        num_samples=config.num_samples,
+        seed=config.seed,
+        z_dim=module.z_dim,
+        c_dim=module.c_dim,
+    )
+    fns = stylegan2_fns(
+        module,
+        model.params,
+        wrt=config.wrt,
+        truncation_psi=config.truncation_psi,
+        noise_mode=config.noise_mode,
+    )
     generator = scoring.Model.from_generator(
-        fns.generate, (module.z_dim,), num_classes=module.c_dim, mapping=fns.mapping,
-        description=f"StyleGAN2-ADA {config.network} (w.r.t. {config.wrt})")
-    columns = [scoring.JacobianRank(spectrum=True, chunk_size=config.chunk_size),
-               scoring.Pixels()]
+        fns.generate,
+        (module.z_dim,),
+        num_classes=module.c_dim,
+        mapping=fns.mapping,
+        description=f"StyleGAN2-ADA {config.network} (w.r.t. {config.wrt})",
+    )
+    columns = [scoring.JacobianRank(spectrum=True, chunk_size=config.chunk_size), scoring.Pixels()]
     devices = jax.device_count()
     start = time.perf_counter()
     try:
         done = scoring.score(
-            generator, columns,
+            generator,
+            columns,
             scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed")),
-            str(out / "scores"), seed=config.seed,
-            batch_size=-(-config.batch_size // devices) * devices, chunk_size=config.part_size,
+            str(out / "scores"),
+            seed=config.seed,
+            batch_size=-(-config.batch_size // devices) * devices,
+            chunk_size=config.part_size,
             labels="class" if module.c_dim else None,
-            record={"model_sha256": fingerprint, "network": config.network, "wrt": config.wrt,
-                    "truncation_psi": config.truncation_psi, "noise_mode": config.noise_mode,
-                    "dtype": config.dtype},
-            console=err_console if config.progress else None)
+            record={
+                "model_sha256": fingerprint,
+                "network": config.network,
+                "wrt": config.wrt,
+                "truncation_psi": config.truncation_psi,
+                "noise_mode": config.noise_mode,
+                "dtype": config.dtype,
+            },
+            console=err_console if config.progress else None,
+        )
     except scoring.RunMismatch as err:
-        raise DemoInputError(f"{str(out / 'scores')!r} holds a run with other settings ({err}); "
-                             "choose another --out") from None
+        raise DemoInputError(
+            f"{str(out / 'scores')!r} holds a run with other settings ({err}); choose another --out"
+        ) from None
     timings["spectra_s"] = time.perf_counter() - start
     timings["scored_now"] = done.scored
 
@@ -221,10 +263,16 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     png_bytes = png_length(images, level=9).astype(np.float64)
     threshold = float(percentile_threshold(spectra, q=config.percentile))  # the pooled rule
     lid = np.asarray(lid_from_singular_values(spectra, threshold=threshold, space="tangent"))
-    table = {"index": scores["index"].to_numpy(), "seed": scores["seed"].to_numpy(),
-             "class": scores["class"].to_numpy(), "lid": lid, "sv_max": spectra[:, 0],
-             "sv_min": spectra[:, -1], "png_bytes": png_bytes,
-             "lid_per_png_kb": lid / (png_bytes / 1000)}
+    table = {
+        "index": scores["index"].to_numpy(),
+        "seed": scores["seed"].to_numpy(),
+        "class": scores["class"].to_numpy(),
+        "lid": lid,
+        "sv_max": spectra[:, 0],
+        "sv_min": spectra[:, -1],
+        "png_bytes": png_bytes,
+        "lid_per_png_kb": lid / (png_bytes / 1000),
+    }
     if labels is not None:
         table["label"] = labels.astype(str)
     files = [write_parquet(table, out / "results.parquet"), write_csv(table, out / "results.csv")]
@@ -251,15 +299,26 @@ def write_latents(path: Path, *, num_samples: int, seed: int, z_dim: int, c_dim:
     return path
 
 
-
 def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:
     lid = table["lid"]
-    summary = {"samples": len(lid), "threshold": threshold, "percentile": config.percentile,
-               "lid": {"mean": float(lid.mean()), "median": float(np.median(lid)),
-                       "min": int(lid.min()), "max": int(lid.max())},
-               "per_class": {int(c): float(np.median(lid[table["class"] == c]))
-                             for c in np.unique(table["class"]) if c >= 0},
-               "per_label": {}, "timings": timings}
+    summary = {
+        "samples": len(lid),
+        "threshold": threshold,
+        "percentile": config.percentile,
+        "lid": {
+            "mean": float(lid.mean()),
+            "median": float(np.median(lid)),
+            "min": int(lid.min()),
+            "max": int(lid.max()),
+        },
+        "per_class": {
+            int(c): float(np.median(lid[table["class"] == c]))
+            for c in np.unique(table["class"])
+            if c >= 0
+        },
+        "per_label": {},
+        "timings": timings,
+    }
     if "label" in table:
         from mmh_jax.evaluation import auroc
 
@@ -268,33 +327,53 @@ def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dic
         for name in sorted(set(labels.tolist()) - {""}):
             mask = labels == name
             both = mask | not_mem
-            score = (auroc(lid[both], mask[both], higher_is_positive=False)
-                     if name != NOT_MEMORIZED and not_mem.any() else float("nan"))
+            score = (
+                auroc(lid[both], mask[both], higher_is_positive=False)
+                if name != NOT_MEMORIZED and not_mem.any()
+                else float("nan")
+            )
             summary["per_label"][name] = (int(mask.sum()), float(np.median(lid[mask])), score)
     return summary
 
 
 def _print_summary(console: Console, s: dict, config: GanLidConfig, files: list) -> None:
-    table = Table(title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})",
-                  show_header=False)
+    table = Table(
+        title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})",
+        show_header=False,
+    )
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     lid = s["lid"]
     t = s["timings"]
-    rows = [("threshold", f"{s['threshold']:.4g} (the {s['percentile']:g}th percentile of all "
-                          "singular values)"),
-            ("LID mean / median", f"{lid['mean']:.1f} / {lid['median']:.0f}"),
-            ("LID min / max", f"{lid['min']} / {lid['max']}")]
+    rows = [
+        (
+            "threshold",
+            f"{s['threshold']:.4g} (the {s['percentile']:g}th percentile of all singular values)",
+        ),
+        ("LID mean / median", f"{lid['mean']:.1f} / {lid['median']:.0f}"),
+        ("LID min / max", f"{lid['min']} / {lid['max']}"),
+    ]
     if s["per_class"]:
-        rows.append(("median LID per class", ", ".join(f"{c}: {v:.0f}"
-                                                       for c, v in s["per_class"].items())))
+        rows.append(
+            ("median LID per class", ", ".join(f"{c}: {v:.0f}" for c, v in s["per_class"].items()))
+        )
     for name, (count, median, auroc) in s["per_label"].items():
-        rows.append((f"label {name!r} ({count})", f"median LID {median:.0f}"
-                     + ("" if np.isnan(auroc) else f", AUROC of -LID vs 'not' {auroc:.3f}")))
+        rows.append(
+            (
+                f"label {name!r} ({count})",
+                f"median LID {median:.0f}"
+                + ("" if np.isnan(auroc) else f", AUROC of -LID vs 'not' {auroc:.3f}"),
+            )
+        )
     rate = t["scored_now"] / t["spectra_s"] if t["scored_now"] and t["spectra_s"] else 0.0
-    rows += [("samples now / resumed", f"{t['scored_now']} / {s['samples'] - t['scored_now']}"),
-             ("time", f"load {t['load_s']:.1f} s, spectra {t['spectra_s']:.1f} s "
-                      f"({rate:.2f} samples/s, with compilation)")]
+    rows += [
+        ("samples now / resumed", f"{t['scored_now']} / {s['samples'] - t['scored_now']}"),
+        (
+            "time",
+            f"load {t['load_s']:.1f} s, spectra {t['spectra_s']:.1f} s "
+            f"({rate:.2f} samples/s, with compilation)",
+        ),
+    ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -315,8 +394,9 @@ def _histogram(table: dict, threshold: float, config: GanLidConfig):
         bins = np.histogram_bin_edges(lid, bins=60)
     groups = [("all", np.ones(len(lid), bool))]
     if "label" in table:
-        groups = [(name, table["label"] == name)
-                  for name in sorted(set(table["label"].tolist()) - {""})]
+        groups = [
+            (name, table["label"] == name) for name in sorted(set(table["label"].tolist()) - {""})
+        ]
     for name, mask in groups:
         ax.hist(lid[mask], bins=bins, density=True, alpha=0.55, label=f"{name} ({mask.sum()})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -345,11 +425,21 @@ def _extremes(table: dict, config: GanLidConfig, images: np.ndarray):
             ax.axis("off")
             if j < len(chosen):
                 image = images[chosen[j]]
-                ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
-                          cmap="gray" if image.shape[-1] == 1 else None)
+                ax.imshow(
+                    image[..., 0] if image.shape[-1] == 1 else image,
+                    cmap="gray" if image.shape[-1] == 1 else None,
+                )
                 ax.set_title(f"#{chosen[j]}: {table['lid'][chosen[j]]}", fontsize=7)
-        axes[r][0].text(-0.1, 0.5, title, transform=axes[r][0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=8)
+        axes[r][0].text(
+            -0.1,
+            0.5,
+            title,
+            transform=axes[r][0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=8,
+        )
     fig.suptitle("Figure 5a: samples with the lowest and highest LID estimates", fontsize=9)
     fig.tight_layout()
     return fig
@@ -358,35 +448,89 @@ def _extremes(table: dict, config: GanLidConfig, images: np.ndarray):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``gan lid``'s arguments and flags to ``parser``."""
     d = GanLidConfig(model=Path("."))
-    parser.add_argument("model", type=Path, metavar="MODEL",
-                        help="an official StyleGAN2-ADA .pkl (read without running its code), "
-                        "or a file written by `mmh-jax convert stylegan2`")
-    parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder; a rerun resumes there (default ./%(default)s/)")
-    parser.add_argument("--network", choices=("G", "G_ema"), default=d.network,
-                        help="which generator of a training snapshot (default %(default)s)")
-    parser.add_argument("-n", "--num-samples", type=int, metavar="N", default=d.num_samples,
-                        help="samples, class-balanced (default %(default)s; the paper: 50000)")
-    parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
-                        help="sample i is the official generate.py's seed SEED + i (default "
-                        "%(default)s)")
-    parser.add_argument("--wrt", choices=("z", "w"), default=d.wrt,
-                        help="the latent the Jacobian is taken with respect to (default "
-                        "%(default)s, the paper's)")
-    parser.add_argument("--truncation-psi", type=finite_float, metavar="PSI", default=d.truncation_psi,
-                        help="truncation (default %(default)s: none)")
-    parser.add_argument("--noise-mode", choices=("const", "none"), default=d.noise_mode,
-                        help="the synthesis noise (default %(default)s, as generate.py)")
+    parser.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="an official StyleGAN2-ADA .pkl (read without running its code), "
+        "or a file written by `mmh-jax convert stylegan2`",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=d.out,
+        help="output folder; a rerun resumes there (default ./%(default)s/)",
+    )
+    parser.add_argument(
+        "--network",
+        choices=("G", "G_ema"),
+        default=d.network,
+        help="which generator of a training snapshot (default %(default)s)",
+    )
+    parser.add_argument(
+        "-n",
+        "--num-samples",
+        type=int,
+        metavar="N",
+        default=d.num_samples,
+        help="samples, class-balanced (default %(default)s; the paper: 50000)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=d.seed,
+        help="sample i is the official generate.py's seed SEED + i (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wrt",
+        choices=("z", "w"),
+        default=d.wrt,
+        help="the latent the Jacobian is taken with respect to (default %(default)s, the paper's)",
+    )
+    parser.add_argument(
+        "--truncation-psi",
+        type=finite_float,
+        metavar="PSI",
+        default=d.truncation_psi,
+        help="truncation (default %(default)s: none)",
+    )
+    parser.add_argument(
+        "--noise-mode",
+        choices=("const", "none"),
+        default=d.noise_mode,
+        help="the synthesis noise (default %(default)s, as generate.py)",
+    )
     add_percentile_flag(parser, d.percentile, of="the Jacobian rank")
-    parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
-                        help="samples per compiled batch (default %(default)s)")
-    parser.add_argument("--chunk-size", type=int, metavar="N", default=d.chunk_size,
-                        help="latent directions per batched jvp (default %(default)s)")
-    parser.add_argument("--labels", type=Path, metavar="CSV",
-                        help="labels of samples: a CSV with columns index and label (e.g. "
-                        "exact, reconstructive, not)")
-    parser.add_argument("--num-extremes", type=int, metavar="K", default=d.num_extremes,
-                        help="samples per row of lid_extremes.png (default %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=d.batch_size,
+        help="samples per compiled batch (default %(default)s)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="N",
+        default=d.chunk_size,
+        help="latent directions per batched jvp (default %(default)s)",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="CSV",
+        help="labels of samples: a CSV with columns index and label (e.g. "
+        "exact, reconstructive, not)",
+    )
+    parser.add_argument(
+        "--num-extremes",
+        type=int,
+        metavar="K",
+        default=d.num_extremes,
+        help="samples per row of lid_extremes.png (default %(default)s)",
+    )
     add_dtype_flag(parser, d.dtype, of="the generator")
     add_display_flags(parser)
 

@@ -10,8 +10,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -70,22 +71,30 @@ def require(condition: bool, message: str) -> None:
 
 def add_dtype_flag(parser: argparse.ArgumentParser, default: str, *, of: str) -> None:
     """Add ``--dtype float32|bfloat16``, the compute dtype of ``of`` (e.g. "the networks")."""
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=default,
-                        help=f"compute dtype of {of} (default %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=default,
+        help=f"compute dtype of {of} (default %(default)s)",
+    )
 
 
 def check_dtype(dtype: str) -> None:
     """Raise :class:`DemoInputError` unless ``dtype`` is one of ``--dtype``'s choices."""
-    require(dtype in ("float32", "bfloat16"),
-            f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    require(dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def add_percentile_flag(parser: argparse.ArgumentParser, default: float, *, of: str) -> None:
     """Add ``--percentile Q``: the pooled singular-value percentile threshold (Appendix C.1) of
     ``of`` (e.g. "the Jacobian rank")."""
-    parser.add_argument("--percentile", type=finite_float, metavar="Q", default=default,
-                        help=f"threshold of {of}: the Q-th percentile of all singular values, "
-                        "pooled over the samples (default %(default)s, Appendix C.1)")
+    parser.add_argument(
+        "--percentile",
+        type=finite_float,
+        metavar="Q",
+        default=default,
+        help=f"threshold of {of}: the Q-th percentile of all singular values, "
+        "pooled over the samples (default %(default)s, Appendix C.1)",
+    )
 
 
 def check_percentile(percentile: float) -> None:
@@ -103,8 +112,9 @@ def add_display_flags(parser: Any) -> None:
 _Config = TypeVar("_Config")
 
 
-def config_from_flags(config_type: type[_Config], args: argparse.Namespace,
-                      **values: Any) -> _Config:
+def config_from_flags(
+    config_type: type[_Config], args: argparse.Namespace, **values: Any
+) -> _Config:
     """A demo's config dataclass from its parsed flags: each field from the flag of the same
     name (``--num-steps`` sets ``num_steps``), ``progress`` from ``--quiet`` and ``figure`` from
     ``--no-figure`` (:func:`add_display_flags`); a field without a flag keeps its default.
@@ -122,8 +132,13 @@ def config_from_flags(config_type: type[_Config], args: argparse.Namespace,
         flags.setdefault("progress", not flags["quiet"])
     if "no_figure" in flags:
         flags.setdefault("figure", not flags["no_figure"])
-    return config_type(**{f.name: flags[f.name] for f in dataclasses.fields(config_type)
-                          if f.init and f.name in flags})
+    return config_type(
+        **{
+            f.name: flags[f.name]
+            for f in dataclasses.fields(config_type)
+            if f.init and f.name in flags
+        }
+    )
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -164,7 +179,9 @@ def write_csv(table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.
     return Path(target)
 
 
-def write_parquet(table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.PathLike) -> Path:
+def write_parquet(
+    table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.PathLike
+) -> Path:
     """Write a column table as Parquet atomically (needs ``pyarrow``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -255,8 +272,17 @@ def train_with_progress(
 
     task = progress.add_task("training", total=-(-steps // chunk) * chunk)
     start = time.perf_counter()
-    trained = train_eps(net.apply, params, data, schedule=schedule, key=key, steps=steps,
-                        chunk=chunk, progress=lambda n: progress.advance(task, n), **train_kwargs)
+    trained = train_eps(
+        net.apply,
+        params,
+        data,
+        schedule=schedule,
+        key=key,
+        steps=steps,
+        chunk=chunk,
+        progress=lambda n: progress.advance(task, n),
+        **train_kwargs,
+    )
     seconds = time.perf_counter() - start
     score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule=schedule)
     return trained, score_fn, seconds

@@ -13,11 +13,18 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-__all__ = ["ConvertConfig", "IDDPM_MODEL_OPTIONS", "IDDPM_DIFFUSION_OPTIONS", "int_list",
-           "config_from_args", "run"]
+__all__ = [
+    "ConvertConfig",
+    "IDDPM_MODEL_OPTIONS",
+    "IDDPM_DIFFUSION_OPTIONS",
+    "int_list",
+    "config_from_args",
+    "run",
+]
 
 Architecture = Literal["unet2d", "iddpm", "stable-diffusion", "stylegan2"]
 
@@ -27,17 +34,23 @@ def int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 1,2,2,2, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints such as 1,2,2,2, got {text!r}"
+        ) from None
 
 
 IDDPM_MODEL_OPTIONS: tuple[tuple[str, Any, str | None, str], ...] = (
     ("image_size", int, "SIZE", "height and width of the images"),
     ("num_channels", int, "N", "base channel count"),
     ("num_res_blocks", int, "N", "ResBlocks per resolution level"),
-    ("channel_mult", int_list, "M1,M2,...", "channel multipliers per resolution level (not a "
-                                             "flag of improved-diffusion, which derives them "
-                                             "from the image size)"),
+    (
+        "channel_mult",
+        int_list,
+        "M1,M2,...",
+        "channel multipliers per resolution level (not a "
+        "flag of improved-diffusion, which derives them "
+        "from the image size)",
+    ),
     ("learn_sigma", bool, None, "the model also outputs variances (6 output channels)"),
     ("attention_resolutions", str, "R1,R2,...", "resolutions whose blocks have attention"),
     ("num_heads", int, "N", "attention heads"),
@@ -80,11 +93,16 @@ class ConvertConfig:
 
 def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     """The :class:`ConvertConfig` of parsed ``mmh-jax convert`` arguments."""
-    stylegan2 = {name: getattr(args, name) for name in ("network", "init_kwargs")
-                 if hasattr(args, name)}  # only `convert stylegan2` has them
+    stylegan2 = {
+        name: getattr(args, name) for name in ("network", "init_kwargs") if hasattr(args, name)
+    }  # only `convert stylegan2` has them
     return ConvertConfig(
-        architecture=args.architecture, path=args.path, output=args.output, **stylegan2,
-        iddpm_flags={name: getattr(args, name) for name in _IDDPM_NAMES if hasattr(args, name)})
+        architecture=args.architecture,
+        path=args.path,
+        output=args.output,
+        **stylegan2,
+        iddpm_flags={name: getattr(args, name) for name in _IDDPM_NAMES if hasattr(args, name)},
+    )
 
 
 class _ConvertError(Exception):
@@ -105,15 +123,18 @@ def _schedule_row(schedule: Any) -> tuple[str, str]:
     import numpy as np
 
     abar = np.asarray(schedule.alphas_cumprod)
-    return ("schedule", f"T = {schedule.num_timesteps}, alphas_cumprod from {abar[0]:.6g} to "
-                        f"{abar[-1]:.6g}")
+    return (
+        "schedule",
+        f"T = {schedule.num_timesteps}, alphas_cumprod from {abar[0]:.6g} to {abar[-1]:.6g}",
+    )
 
 
 def _check_output(out: Path, source: Path) -> None:
     """Refuse an output path that cannot receive a .safetensors file, before any work."""
     if out.exists() and source.exists() and out.samefile(source):
-        raise _ConvertError(f"-o/--output {str(out)!r} is the checkpoint itself; write the "
-                            f"converted file elsewhere")
+        raise _ConvertError(
+            f"-o/--output {str(out)!r} is the checkpoint itself; write the converted file elsewhere"
+        )
     if out.suffix != ".safetensors":
         raise _ConvertError(f"-o/--output {str(out)!r} must end in .safetensors")
     if out.is_dir():
@@ -124,8 +145,9 @@ def _check_output(out: Path, source: Path) -> None:
 
 def _with_options(message: str) -> str:
     """A ValueError from ``load_iddpm`` with the command-line options of the flags it names."""
-    named = [f"--{name.replace('_', '-')}" for name in _IDDPM_NAMES
-             if re.search(rf"\b{name}\b", message)]
+    named = [
+        f"--{name.replace('_', '-')}" for name in _IDDPM_NAMES if re.search(rf"\b{name}\b", message)
+    ]
     if not named:
         return message
     return f"{message} (option{'s' if len(named) > 1 else ''} {', '.join(named)})"
@@ -140,9 +162,11 @@ def _load_unet2d(config: ConvertConfig) -> _Loaded:
     except FileNotFoundError as err:
         message = str(err)
         if message.startswith("no scheduler config"):  # its hint names the Python API
-            message = (message.split("; pass schedule=")[0] + "; save the scheduler with the "
-                       "model (scheduler.save_pretrained(FOLDER)) or copy its "
-                       "scheduler_config.json there")
+            message = (
+                message.split("; pass schedule=")[0] + "; save the scheduler with the "
+                "model (scheduler.save_pretrained(FOLDER)) or copy its "
+                "scheduler_config.json there"
+            )
         raise _ConvertError(message) from None
     module = model.module
     heads = module.attention_head_dim
@@ -179,7 +203,9 @@ def _load_iddpm(config: ConvertConfig) -> _Loaded:
     shown = {**flags, "channel_mult": ", ".join(map(str, model.module.channel_mult))}
     rows = [("architecture", "iddpm (improved-diffusion UNetModel)")] + [
         (name, f"{value}" + ("" if name in given else " (default)"))
-        for name, value in shown.items() if name != "diffusion_steps"]  # in the schedule row
+        for name, value in shown.items()
+        if name != "diffusion_steps"
+    ]  # in the schedule row
     rows.append(_schedule_row(model.schedule))
     metadata = {"architecture": "iddpm", "flags": flags}
     return model.params, rows, lambda out: save_params(out, model.params, metadata=metadata)
@@ -196,14 +222,20 @@ def _load_stable_diffusion(config: ConvertConfig) -> _Loaded:
         ("latents", " x ".join(map(str, model.latent_shape))),
         ("block_out_channels", ", ".join(map(str, unet.block_out_channels))),
         ("cross_attention_dim", str(unet.cross_attention_dim)),
-        ("text encoder", f"{model.text_encoder.num_hidden_layers} layers, width "
-                         f"{model.text_encoder.hidden_size}, {model.text_encoder.hidden_act}"),
+        (
+            "text encoder",
+            f"{model.text_encoder.num_hidden_layers} layers, width "
+            f"{model.text_encoder.hidden_size}, {model.text_encoder.hidden_act}",
+        ),
         ("VAE scaling_factor", str(model.vae.scaling_factor)),
         ("prediction_type", model.scheduler_config.get("prediction_type", "epsilon")),
         _schedule_row(model.unet.schedule),
     ]
-    every = {"unet": model.unet.params, "vae": model.vae_params,
-             "text_encoder": model.text_encoder_params}  # all three in the parameter count
+    every = {
+        "unet": model.unet.params,
+        "vae": model.vae_params,
+        "text_encoder": model.text_encoder_params,
+    }  # all three in the parameter count
     return every, rows, lambda out: save_stable_diffusion(out, model)
 
 
@@ -252,9 +284,12 @@ def run(config: ConvertConfig) -> int:
     path, output = Path(config.path), Path(config.output)
     try:
         _check_output(output, path)
-        load = {"unet2d": _load_unet2d, "iddpm": _load_iddpm,
-                "stable-diffusion": _load_stable_diffusion,
-                "stylegan2": _load_stylegan2}[config.architecture]
+        load = {
+            "unet2d": _load_unet2d,
+            "iddpm": _load_iddpm,
+            "stable-diffusion": _load_stable_diffusion,
+            "stylegan2": _load_stylegan2,
+        }[config.architecture]
         with console.status(f"converting {path} ..."):
             params, rows, write = load(config)
             written = write(output)

@@ -30,6 +30,7 @@ from mmh_jax.experiments.common import (
     add_dtype_flag,
     check_dtype,
     finite_float,
+    output_console,
     prepare_out_dir,
     require,
     save_figure,
@@ -68,13 +69,17 @@ class BenchmarkConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` naming the first bad setting."""
-        for name in ("images_per_prompt", "num_steps", "num_probes", "early_steps",
-                     "batch_size"):
+        for name in ("images_per_prompt", "num_steps", "num_probes", "early_steps", "batch_size"):
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        require(self.images_per_prompt >= 2, "--images-per-prompt must be >= 2 (Webster's and "
-                "Carlini et al.'s tests compare a prompt's images)")
-        require(2 <= self.cluster_size <= self.images_per_prompt,
-                f"--cluster-size must lie in 2..--images-per-prompt ({self.images_per_prompt})")
+        require(
+            self.images_per_prompt >= 2,
+            "--images-per-prompt must be >= 2 (Webster's and "
+            "Carlini et al.'s tests compare a prompt's images)",
+        )
+        require(
+            2 <= self.cluster_size <= self.images_per_prompt,
+            f"--cluster-size must lie in 2..--images-per-prompt ({self.images_per_prompt})",
+        )
         require(self.early_steps <= self.num_steps, "--early-steps must be <= --num-steps")
         require(0 < self.flipd_t0 <= 1, "--flipd-t0 must lie in (0, 1]")
         require(self.n_bootstrap >= 0, "--n-bootstrap must be >= 0")
@@ -95,8 +100,11 @@ def _columns(config: BenchmarkConfig, group: str) -> list:
     g = config.guidance
     return {
         "cfg_norms": lambda: [scoring.CFGNorms(guidance=g)],
-        "flipd_cond": lambda: [scoring.Flipd(t0=config.flipd_t0, num_probes=config.num_probes,
-                                             conditional=True, guidance=g)],
+        "flipd_cond": lambda: [
+            scoring.Flipd(
+                t0=config.flipd_t0, num_probes=config.num_probes, conditional=True, guidance=g
+            )
+        ],
         "cross_attention": lambda: [scoring.CrossAttentionStats(early_steps=config.early_steps)],
         "nemo": lambda: [scoring.ValueActivations()],
         "sharpness": lambda: [scoring.Sharpness(guidance=g, num_probes=config.num_probes)],
@@ -109,17 +117,25 @@ def _unet_evals(config: BenchmarkConfig) -> dict[str, float]:
     included where the detector reads it (a ``jvp`` counted as two). NeMo reads the prompt
     alone: its run compiles without the generation, which XLA drops as unused."""
     k, gen = config.images_per_prompt, 2 * config.num_steps
-    return {"cfg_norms": k * gen, "flipd_cond": k * (gen + 4 * config.num_probes),
-            "cross_attention": k * (gen + config.early_steps + 1), "nemo": k,
-            "sharpness": k * (gen + 4 * config.num_probes), "images": k * gen}
+    return {
+        "cfg_norms": k * gen,
+        "flipd_cond": k * (gen + 4 * config.num_probes),
+        "cross_attention": k * (gen + config.early_steps + 1),
+        "nemo": k,
+        "sharpness": k * (gen + 4 * config.num_probes),
+        "images": k * gen,
+    }
 
 
 def _per_prompt(scores, name: str, n: int) -> np.ndarray:
     """The mean of a column over each prompt's images (vectors: the mean vector)."""
     index = scores["index"].to_numpy()
     values = scores[name].to_numpy(zero_copy_only=False)
-    values = np.stack([np.asarray(v, np.float64) for v in values]) if values.dtype == object \
+    values = (
+        np.stack([np.asarray(v, np.float64) for v in values])
+        if values.dtype == object
         else values.astype(np.float64)
+    )
     out = np.zeros((n, *values.shape[1:]))
     np.add.at(out, index, values)
     return out / np.bincount(index, minlength=n).reshape(-1, *([1] * (values.ndim - 1)))
@@ -132,8 +148,7 @@ def _images_of(scores, name: str, n: int, shape: tuple[int, int, int]) -> list[n
     c, h, w = shape
     images = [[] for _ in range(n)]
     for i, v in zip(index, values):
-        images[i].append(np.asarray(v, np.float32).reshape(h, w, c).transpose(2, 0, 1)
-                         / 127.5 - 1)
+        images[i].append(np.asarray(v, np.float32).reshape(h, w, c).transpose(2, 0, 1) / 127.5 - 1)
     return [np.stack(x) for x in images]
 
 
@@ -148,7 +163,7 @@ def _nemo_scores(activations: np.ndarray, labels: np.ndarray, threshold: float) 
     max_z[:], count[:] = everyone.max_z, everyone.count
     for i in clean:
         ref = nemo_reference(activations[clean[clean != i]])
-        one = nemo_outliers(activations[i:i + 1], ref, threshold=threshold)
+        one = nemo_outliers(activations[i : i + 1], ref, threshold=threshold)
         max_z[i], count[i] = float(one.max_z[0]), float(one.count[0])
     return {"nemo_max_z": max_z, "nemo_outliers": count}
 
@@ -175,36 +190,56 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
     config.validate()
     source, items = _open_prompt_file(config.prompts)
     labels = np.array([-1 if it.label is None else it.label for it in items])
-    require(np.all(labels >= 0), f"{config.prompts}: every prompt needs a 'label' (true: "
-            "memorized) to benchmark detectors")
-    require(np.any(labels == 1), f"{config.prompts}: no memorized prompt (label true): AUROC "
-            "and TPR are undefined without positives")
-    require(np.any(labels == 0), f"{config.prompts}: no clean prompt (label false): AUROC and "
-            "TPR are undefined without negatives")
-    require(np.sum(labels == 0) >= 3, f"{config.prompts}: NeMo's reference needs at least 3 "
-            "clean prompts")
+    require(
+        np.all(labels >= 0),
+        f"{config.prompts}: every prompt needs a 'label' (true: memorized) to benchmark detectors",
+    )
+    require(
+        np.any(labels == 1),
+        f"{config.prompts}: no memorized prompt (label true): AUROC "
+        "and TPR are undefined without positives",
+    )
+    require(
+        np.any(labels == 0),
+        f"{config.prompts}: no clean prompt (label false): AUROC and "
+        "TPR are undefined without negatives",
+    )
+    require(
+        np.sum(labels == 0) >= 3,
+        f"{config.prompts}: NeMo's reference needs at least 3 clean prompts",
+    )
     kinds = _kinds(Path(config.prompts), len(items))
     out = prepare_out_dir(config.out)
     console = console or output_console()
     err = Console(stderr=True)
     sd = load_pipeline(config.model, dtype=config.dtype, console=err)
     model = scoring.Model.from_stable_diffusion(sd)
-    batch = -(-config.batch_size * config.images_per_prompt // jax.device_count()) \
-        * jax.device_count()
-    generation = scoring.Generation(guidance=config.guidance, num_steps=config.num_steps,
-                                    num_images=config.images_per_prompt)
+    batch = (
+        -(-config.batch_size * config.images_per_prompt // jax.device_count()) * jax.device_count()
+    )
+    generation = scoring.Generation(
+        guidance=config.guidance, num_steps=config.num_steps, num_images=config.images_per_prompt
+    )
     n = len(items)
     seconds, merged = {}, {}
     for group in GROUPS:
         start = time.perf_counter()
         try:
-            done = scoring.score(model, _columns(config, group), source,
-                                 str(out / "scores" / group),
-                                 seed=config.seed, batch_size=batch, generation=generation,
-                                 console=err if config.progress else None)
+            done = scoring.score(
+                model,
+                _columns(config, group),
+                source,
+                str(out / "scores" / group),
+                seed=config.seed,
+                batch_size=batch,
+                generation=generation,
+                console=err if config.progress else None,
+            )
         except scoring.RunMismatch as e:
-            raise DemoInputError(f"{str(out / 'scores' / group)!r} holds results of other "
-                                 f"inputs or settings ({e}); choose another --out") from None
+            raise DemoInputError(
+                f"{str(out / 'scores' / group)!r} holds results of other "
+                f"inputs or settings ({e}); choose another --out"
+            ) from None
         # a group resumed from an earlier run has no cost to report
         seconds[group] = (time.perf_counter() - start) / n if done.scored == n else float("nan")
         merged[group] = scoring.merge(out / "scores" / group).scores
@@ -213,54 +248,100 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
         "cfg_vector_norm": _per_prompt(merged["cfg_norms"], "cfg_vector_norm", n),
         "cfg_score_norm": _per_prompt(merged["cfg_norms"], "cfg_score_norm", n),
         f"flipd_cond_{config.flipd_t0:g}": _per_prompt(
-            merged["flipd_cond"], f"flipd_cond_{config.flipd_t0:g}", n),
+            merged["flipd_cond"], f"flipd_cond_{config.flipd_t0:g}", n
+        ),
         "attention_entropy": _per_prompt(merged["cross_attention"], "ren_entropy", n),
         "begin_token_attention": _per_prompt(merged["cross_attention"], "ren_begin", n),
         "end_token_attention": _per_prompt(merged["cross_attention"], "ren_end", n),
         "bright_ending": _per_prompt(merged["cross_attention"], "bright_ending", n),
-        **_nemo_scores(_per_prompt(merged["nemo"], "value_activations", n), labels,
-                       config.nemo_threshold),
+        **_nemo_scores(
+            _per_prompt(merged["nemo"], "value_activations", n), labels, config.nemo_threshold
+        ),
         "sharpness": _per_prompt(merged["sharpness"], "sharpness", n),
-        "edge_consistency": np.array([float(edge_agreement(x)) for x in _images_of(
-            merged["images"], "one_step_pixels", n, model.image_shape)]),
-        "generation_clusters": np.array([float(cluster_score(x, cluster_size=config.cluster_size))
-                                         for x in _images_of(merged["images"], "final_pixels", n,
-                                                             model.image_shape)]),
+        "edge_consistency": np.array(
+            [
+                float(edge_agreement(x))
+                for x in _images_of(merged["images"], "one_step_pixels", n, model.image_shape)
+            ]
+        ),
+        "generation_clusters": np.array(
+            [
+                float(cluster_score(x, cluster_size=config.cluster_size))
+                for x in _images_of(merged["images"], "final_pixels", n, model.image_shape)
+            ]
+        ),
     }
-    group_of = {"cfg_vector_norm": "cfg_norms", "cfg_score_norm": "cfg_norms",
-                "attention_entropy": "cross_attention", "begin_token_attention": "cross_attention",
-                "end_token_attention": "cross_attention", "bright_ending": "cross_attention",
-                "nemo_max_z": "nemo", "nemo_outliers": "nemo", "sharpness": "sharpness",
-                "edge_consistency": "images", "generation_clusters": "images"}
+    group_of = {
+        "cfg_vector_norm": "cfg_norms",
+        "cfg_score_norm": "cfg_norms",
+        "attention_entropy": "cross_attention",
+        "begin_token_attention": "cross_attention",
+        "end_token_attention": "cross_attention",
+        "bright_ending": "cross_attention",
+        "nemo_max_z": "nemo",
+        "nemo_outliers": "nemo",
+        "sharpness": "sharpness",
+        "edge_consistency": "images",
+        "generation_clusters": "images",
+    }
     group_of[f"flipd_cond_{config.flipd_t0:g}"] = "flipd_cond"
-    direction = {"cfg_vector_norm": memorized_when_high("cfg"),
-                 "cfg_score_norm": memorized_when_high("cfg_score"),
-                 f"flipd_cond_{config.flipd_t0:g}": memorized_when_high("flipd"),
-                 **{name: DETECTOR_DIRECTIONS[name] for name in signals if name in group_of
-                    and name in DETECTOR_DIRECTIONS}}
+    direction = {
+        "cfg_vector_norm": memorized_when_high("cfg"),
+        "cfg_score_norm": memorized_when_high("cfg_score"),
+        f"flipd_cond_{config.flipd_t0:g}": memorized_when_high("flipd"),
+        **{
+            name: DETECTOR_DIRECTIONS[name]
+            for name in signals
+            if name in group_of and name in DETECTOR_DIRECTIONS
+        },
+    }
     evals = _unet_evals(config)
     subsets = [("all", np.ones(n, bool))]
     for kind in sorted({k for k, y in zip(kinds, labels) if y == 1 and k is not None}):
         subsets.append((kind, (labels == 0) | (np.array(kinds, dtype=object) == kind)))
     rows = []
     for subset, mask in subsets:
-        report = detection_report({k: v[mask] for k, v in signals.items()}, labels[mask],
-                                  higher_is_positive=direction, n_bootstrap=config.n_bootstrap,
-                                  key=jax.random.key(config.seed))
+        report = detection_report(
+            {k: v[mask] for k, v in signals.items()},
+            labels[mask],
+            higher_is_positive=direction,
+            n_bootstrap=config.n_bootstrap,
+            key=jax.random.key(config.seed),
+        )
         for name, m in report.items():
             g = group_of[name]
-            rows.append(dict(
-                subset=subset, signal=name, memorized_when_high=direction[name],
-                auroc=m.auroc, auroc_lo=m.auroc_ci[0], auroc_hi=m.auroc_ci[1],
-                tpr_at_1pct_fpr=m.tpr, tpr_lo=m.tpr_ci[0], tpr_hi=m.tpr_ci[1],
-                n_memorized=m.n_positive, n_clean=m.n_negative, unet_evals_per_prompt=evals[g],
-                seconds_per_prompt=seconds[g],
-                cost_vs_generation=seconds[g] / seconds["cfg_norms"]))
+            rows.append(
+                dict(
+                    subset=subset,
+                    signal=name,
+                    memorized_when_high=direction[name],
+                    auroc=m.auroc,
+                    auroc_lo=m.auroc_ci[0],
+                    auroc_hi=m.auroc_ci[1],
+                    tpr_at_1pct_fpr=m.tpr,
+                    tpr_lo=m.tpr_ci[0],
+                    tpr_hi=m.tpr_ci[1],
+                    n_memorized=m.n_positive,
+                    n_clean=m.n_negative,
+                    unet_evals_per_prompt=evals[g],
+                    seconds_per_prompt=seconds[g],
+                    cost_vs_generation=seconds[g] / seconds["cfg_norms"],
+                )
+            )
     table = {k: [r[k] for r in rows] for k in rows[0]}
-    files = [write_csv(table, out / "detectors.csv"),
-             write_csv({"id": [it.id for it in items], "caption": [it.caption for it in items],
-                        "label": labels, "kind": [k or "" for k in kinds],
-                        **{k: v for k, v in signals.items()}}, out / "prompts.csv")]
+    files = [
+        write_csv(table, out / "detectors.csv"),
+        write_csv(
+            {
+                "id": [it.id for it in items],
+                "caption": [it.caption for it in items],
+                "label": labels,
+                "kind": [k or "" for k in kinds],
+                **{k: v for k, v in signals.items()},
+            },
+            out / "prompts.csv",
+        ),
+    ]
     (out / "detectors.md").write_text(_markdown(rows))
     files.append(out / "detectors.md")
     if config.figure:
@@ -273,14 +354,18 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
 
 def _markdown(rows: list[dict]) -> str:
     """The table as Markdown: one line per subset and signal."""
-    lines = ["| subset | signal | AUROC [95% CI] | TPR@1%FPR [95% CI] | UNet evals / prompt | "
-             "s / prompt | x generation |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| subset | signal | AUROC [95% CI] | TPR@1%FPR [95% CI] | UNet evals / prompt | "
+        "s / prompt | x generation |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(
             f"| {r['subset']} | {r['signal']} | {r['auroc']:.3f} [{r['auroc_lo']:.3f}, "
             f"{r['auroc_hi']:.3f}] | {r['tpr_at_1pct_fpr']:.3f} [{r['tpr_lo']:.3f}, "
             f"{r['tpr_hi']:.3f}] | {r['unet_evals_per_prompt']:g} | "
-            f"{r['seconds_per_prompt']:.3g} | {r['cost_vs_generation']:.2f} |")
+            f"{r['seconds_per_prompt']:.3g} | {r['cost_vs_generation']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -298,8 +383,9 @@ def _roc_figure(signals: dict, labels: np.ndarray, direction: dict):
         fpr, tpr = roc_points(values, labels == 1, higher_is_positive=direction[name])
         ax.plot(fpr, tpr, label=name, drawstyle="steps-post")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title="memorization detectors")
+    ax.set(
+        xlabel="false positive rate", ylabel="true positive rate", title="memorization detectors"
+    )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
@@ -308,28 +394,47 @@ def _roc_figure(signals: dict, labels: np.ndarray, direction: dict):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd benchmark-detectors``' arguments and flags to ``parser``."""
     d = BenchmarkConfig(model=Path("."), prompts=Path("."))
-    parser.add_argument("model", type=Path, metavar="MODEL",
-                        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
-                        "`mmh-jax convert stable-diffusion`")
-    parser.add_argument("--prompts", type=Path, metavar="FILE", required=True,
-                        help="JSON lines (.jsonl) with 'caption', 'label' (true: memorized) and "
-                        "an optional 'kind' (memorization kind, reported separately)")
-    parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder; a rerun resumes there (default ./%(default)s/)")
+    parser.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
+        "`mmh-jax convert stable-diffusion`",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        required=True,
+        help="JSON lines (.jsonl) with 'caption', 'label' (true: memorized) and "
+        "an optional 'kind' (memorization kind, reported separately)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=d.out,
+        help="output folder; a rerun resumes there (default ./%(default)s/)",
+    )
     for flag, kind, help_ in (
-            ("images-per-prompt", int, "images generated per prompt"),
-            ("num-steps", int, "DDIM steps"),
-            ("guidance", finite_float, "classifier-free guidance scale"),
-            ("flipd-t0", finite_float, "conditional FLIPD time"),
-            ("num-probes", int, "Hutchinson probes of FLIPD and the sharpness"),
-            ("early-steps", int, "first steps of Ren et al.'s attention statistics"),
-            ("cluster-size", int, "clique size of Carlini et al.'s test"),
-            ("nemo-threshold", finite_float, "NeMo's z-score threshold"),
-            ("n-bootstrap", int, "bootstrap resamples of the CIs"),
-            ("batch-size", int, "prompts per compiled batch"),
-            ("seed", int, "seed of the starting noise, the probes and the bootstrap")):
-        parser.add_argument(f"--{flag}", type=kind, default=getattr(d, flag.replace("-", "_")),
-                            help=f"{help_} (default %(default)s)")
+        ("images-per-prompt", int, "images generated per prompt"),
+        ("num-steps", int, "DDIM steps"),
+        ("guidance", finite_float, "classifier-free guidance scale"),
+        ("flipd-t0", finite_float, "conditional FLIPD time"),
+        ("num-probes", int, "Hutchinson probes of FLIPD and the sharpness"),
+        ("early-steps", int, "first steps of Ren et al.'s attention statistics"),
+        ("cluster-size", int, "clique size of Carlini et al.'s test"),
+        ("nemo-threshold", finite_float, "NeMo's z-score threshold"),
+        ("n-bootstrap", int, "bootstrap resamples of the CIs"),
+        ("batch-size", int, "prompts per compiled batch"),
+        ("seed", int, "seed of the starting noise, the probes and the bootstrap"),
+    ):
+        parser.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=getattr(d, flag.replace("-", "_")),
+            help=f"{help_} (default %(default)s)",
+        )
     add_dtype_flag(parser, d.dtype, of="the networks")
     add_display_flags(parser)
 
@@ -337,10 +442,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     """Build a :class:`BenchmarkConfig` from parsed flags."""
     return BenchmarkConfig(
-        model=args.model, prompts=args.prompts, out=args.out,
-        images_per_prompt=args.images_per_prompt, num_steps=args.num_steps,
-        guidance=args.guidance, flipd_t0=args.flipd_t0, num_probes=args.num_probes,
-        early_steps=args.early_steps, cluster_size=args.cluster_size,
-        nemo_threshold=args.nemo_threshold, n_bootstrap=args.n_bootstrap,
-        batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-        progress=not args.quiet, figure=not args.no_figure)
+        model=args.model,
+        prompts=args.prompts,
+        out=args.out,
+        images_per_prompt=args.images_per_prompt,
+        num_steps=args.num_steps,
+        guidance=args.guidance,
+        flipd_t0=args.flipd_t0,
+        num_probes=args.num_probes,
+        early_steps=args.early_steps,
+        cluster_size=args.cluster_size,
+        nemo_threshold=args.nemo_threshold,
+        n_bootstrap=args.n_bootstrap,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        figure=not args.no_figure,
+    )

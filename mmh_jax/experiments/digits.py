@@ -40,8 +40,14 @@ from mmh_jax.experiments.common import (
     write_parquet,
 )
 
-__all__ = ["DigitsConfig", "DigitsData", "make_digits_training_set", "add_arguments",
-           "config_from_args", "run"]
+__all__ = [
+    "DigitsConfig",
+    "DigitsData",
+    "make_digits_training_set",
+    "add_arguments",
+    "config_from_args",
+    "run",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,25 +78,47 @@ class DigitsConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
-        require(self.common_per_class is None or self.common_per_class >= 1,
-                f"--common-per-class must be at least 1, got {self.common_per_class}")
-        require(self.num_duplicated >= 0, f"--num-duplicated must be non-negative, got {self.num_duplicated}")
+        require(
+            self.common_per_class is None or self.common_per_class >= 1,
+            f"--common-per-class must be at least 1, got {self.common_per_class}",
+        )
+        require(
+            self.num_duplicated >= 0,
+            f"--num-duplicated must be non-negative, got {self.num_duplicated}",
+        )
         require(self.copies >= 1, f"--copies must be at least 1, got {self.copies}")
         require(all(0 <= c <= 9 for c in self.rare_classes), "--rare-classes must be digits 0-9")
-        require(len(set(self.rare_classes)) < 10, "--rare-classes must leave at least one common class")
-        require(self.rare_per_class >= 1, f"--rare-per-class must be at least 1, got {self.rare_per_class}")
+        require(
+            len(set(self.rare_classes)) < 10, "--rare-classes must leave at least one common class"
+        )
+        require(
+            self.rare_per_class >= 1,
+            f"--rare-per-class must be at least 1, got {self.rare_per_class}",
+        )
         require(self.steps > 0, f"--steps must be positive, got {self.steps}")
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
+        require(
+            self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"
+        )
         require(self.channels > 0, f"--channels must be positive, got {self.channels}")
         require(self.mlp_width >= 0, f"--mlp-width must be non-negative, got {self.mlp_width}")
         require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
         require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
-        require(self.mem_threshold > 0, f"--mem-threshold must be positive, got {self.mem_threshold}")
-        require(self.calibration_k >= 1, f"--calibration-k must be at least 1, got {self.calibration_k}")
-        require(self.train_t_min > 0 and self.train_t_min < 1, f"train_t_min must lie in (0, 1), got {self.train_t_min}")
-        require(self.time_sampling in ("log-uniform", "mixed"), f"time_sampling must be 'log-uniform' or 'mixed', got {self.time_sampling!r}")
+        require(
+            self.mem_threshold > 0, f"--mem-threshold must be positive, got {self.mem_threshold}"
+        )
+        require(
+            self.calibration_k >= 1, f"--calibration-k must be at least 1, got {self.calibration_k}"
+        )
+        require(
+            self.train_t_min > 0 and self.train_t_min < 1,
+            f"train_t_min must lie in (0, 1), got {self.train_t_min}",
+        )
+        require(
+            self.time_sampling in ("log-uniform", "mixed"),
+            f"time_sampling must be 'log-uniform' or 'mixed', got {self.time_sampling!r}",
+        )
 
 
 class DigitsData(NamedTuple):
@@ -137,20 +165,34 @@ def make_digits_training_set(
     from sklearn.datasets import load_digits
 
     ds = load_digits()
-    x = (ds.images.astype(np.float32) / 8.0 - 1.0)
+    x = ds.images.astype(np.float32) / 8.0 - 1.0
     y = ds.target
     rng = np.random.default_rng(seed)
     rare = np.isin(y, rare_classes)
     if common_per_class is None:
         common_idx = np.flatnonzero(~rare)
     else:
-        common_idx = np.concatenate([
-            rng.choice(np.flatnonzero(y == c), min(common_per_class, int((y == c).sum())), replace=False)
-            for c in range(10) if c not in rare_classes
-        ])
-    rare_idx = np.concatenate(
-        [rng.choice(np.flatnonzero(y == c), rare_per_class, replace=False) for c in rare_classes]
-    ) if len(rare_classes) else np.zeros((0,), int)
+        common_idx = np.concatenate(
+            [
+                rng.choice(
+                    np.flatnonzero(y == c),
+                    min(common_per_class, int((y == c).sum())),
+                    replace=False,
+                )
+                for c in range(10)
+                if c not in rare_classes
+            ]
+        )
+    rare_idx = (
+        np.concatenate(
+            [
+                rng.choice(np.flatnonzero(y == c), rare_per_class, replace=False)
+                for c in rare_classes
+            ]
+        )
+        if len(rare_classes)
+        else np.zeros((0,), int)
+    )
     dup_idx = rng.choice(common_idx, num_duplicated, replace=False)
     kind = np.array(["common"] * len(common_idx) + ["rare"] * len(rare_idx), dtype=object)
     uidx = np.concatenate([common_idx, rare_idx])
@@ -190,39 +232,70 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         rare_per_class=config.rare_per_class,
         common_per_class=config.common_per_class,
     )
-    require(config.calibration_k <= len(data.unique_images),
-            f"--calibration-k must be at most the number of distinct training images, "
-            f"{len(data.unique_images)}, got {config.calibration_k}")
+    require(
+        config.calibration_k <= len(data.unique_images),
+        f"--calibration-k must be at most the number of distinct training images, "
+        f"{len(data.unique_images)}, got {config.calibration_k}",
+    )
     schedule = VP()
     net = ConvEpsNet(channels=config.channels, mlp_width=config.mlp_width, schedule=schedule)
     k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
     timings = {}
     with make_progress(err_console, enabled=config.progress) as progress:
         trained, score_fn, timings["train_s"] = train_with_progress(
-            progress, net, net.init(k_init), jnp.asarray(data.images), schedule=schedule,
-            key=k_train, steps=config.steps, chunk=min(50, config.steps),
-            batch_size=config.batch_size, learning_rate=config.learning_rate,
-            t_min=config.train_t_min, time_sampling=config.time_sampling,
+            progress,
+            net,
+            net.init(k_init),
+            jnp.asarray(data.images),
+            schedule=schedule,
+            key=k_train,
+            steps=config.steps,
+            chunk=min(50, config.steps),
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            t_min=config.train_t_min,
+            time_sampling=config.time_sampling,
         )
         est = progress.add_task("sampling + FLIPD", total=2)
         t = time.perf_counter()
-        samples = np.asarray(jax.jit(lambda k: sample(
-            score_fn, (config.num_samples, 8, 8), schedule=schedule, key=k, num_steps=config.sample_steps
-        ))(k_sample))
+        samples = np.asarray(
+            jax.jit(
+                lambda k: sample(
+                    score_fn,
+                    (config.num_samples, 8, 8),
+                    schedule=schedule,
+                    key=k,
+                    num_steps=config.sample_steps,
+                )
+            )(k_sample)
+        )
         timings["sample_s"] = time.perf_counter() - t
         progress.advance(est)
         t = time.perf_counter()
-        fl = np.asarray(jax.jit(lambda x, k: flipd(
-            score_fn, x, t0=config.t0, schedule=schedule, key=k, trace="exact", chunk_size=16
-        ))(jnp.asarray(samples), k_fl))
+        fl = np.asarray(
+            jax.jit(
+                lambda x, k: flipd(
+                    score_fn,
+                    x,
+                    t0=config.t0,
+                    schedule=schedule,
+                    key=k,
+                    trace="exact",
+                    chunk_size=16,
+                )
+            )(jnp.asarray(samples), k_fl)
+        )
         timings["flipd_s"] = time.perf_counter() - t
         progress.advance(est)
 
     # the ratio of the nearest distance to the mean of the k nearest: Carlini et al.'s
     # calibrated l2 with alpha = 1
     match = calibrated_l2(samples, data.unique_images, n=config.calibration_k, alpha=1.0)
-    nearest, l2, cal = (np.asarray(match.nearest), np.asarray(match.distances[:, 0], np.float64),
-                        np.asarray(match.score, np.float64))
+    nearest, l2, cal = (
+        np.asarray(match.nearest),
+        np.asarray(match.distances[:, 0], np.float64),
+        np.asarray(match.score, np.float64),
+    )
     memorized = cal < config.mem_threshold
     kind = data.unique_kind[nearest]
     # undefined (None) unless both classes occur
@@ -253,11 +326,20 @@ def run(config: DigitsConfig, *, console: Console | None = None):
             "flipd_median": float(np.median(fl[m])) if m.any() else None,
         }
     summary["flipd_median_memorized"] = float(np.median(fl[memorized])) if memorized.any() else None
-    summary["flipd_median_not_memorized"] = float(np.median(fl[~memorized])) if (~memorized).any() else None
+    summary["flipd_median_not_memorized"] = (
+        float(np.median(fl[~memorized])) if (~memorized).any() else None
+    )
 
-    files = [write_csv(table, out / "digits_samples.csv"), write_parquet(table, out / "digits_samples.parquet")]
+    files = [
+        write_csv(table, out / "digits_samples.csv"),
+        write_parquet(table, out / "digits_samples.parquet"),
+    ]
     if config.figure:
-        files.append(save_figure(_grid(samples, data, nearest, fl, cal), out / "digits_lowest_highest_flipd.png"))
+        files.append(
+            save_figure(
+                _grid(samples, data, nearest, fl, cal), out / "digits_lowest_highest_flipd.png"
+            )
+        )
         files.append(save_figure(_hist(fl, memorized, kind), out / "digits_flipd_histograms.png"))
     timings["total_s"] = time.perf_counter() - t_start
     summary["timings"] = timings
@@ -266,24 +348,34 @@ def run(config: DigitsConfig, *, console: Console | None = None):
 
 
 def _print_summary(console: Console, s: dict, config: DigitsConfig, files: list) -> None:
-    tab = Table(title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples")
+    tab = Table(
+        title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples"
+    )
     for c in ("nearest training image", "samples", "memorized", "FLIPD median"):
         tab.add_column(c, justify="left" if c.startswith("nearest") else "right")
     for kd, e in s["by_kind"].items():
-        tab.add_row(kd, str(e["n"]), str(e["memorized"]), "-" if e["flipd_median"] is None else f"{e['flipd_median']:.1f}")
+        tab.add_row(
+            kd,
+            str(e["n"]),
+            str(e["memorized"]),
+            "-" if e["flipd_median"] is None else f"{e['flipd_median']:.1f}",
+        )
     console.print(tab)
     if s["auroc_neg_flipd"] is not None:
         auroc = f"{s['auroc_neg_flipd']:.3f}"
     else:
-        auroc = ("undefined: " + ("no" if s["num_memorized"] == 0 else "every")
-                 + " sample is memorized")
+        auroc = (
+            "undefined: " + ("no" if s["num_memorized"] == 0 else "every") + " sample is memorized"
+        )
     console.print(
         f"memorized (calibrated l2 < {config.mem_threshold:.3g}): {s['num_memorized']} / {s['num_samples']}; "
         f"AUROC of -FLIPD for memorized: {auroc}"
     )
     t = s["timings"]
-    console.print(f"train {t['train_s']:.1f} s, sample {t['sample_s']:.1f} s, FLIPD {t['flipd_s']:.1f} s; "
-                  f"wrote {', '.join(str(f) for f in files)}")
+    console.print(
+        f"train {t['train_s']:.1f} s, sample {t['sample_s']:.1f} s, FLIPD {t['flipd_s']:.1f} s; "
+        f"wrote {', '.join(str(f) for f in files)}"
+    )
 
 
 def _grid(samples, data, nearest, fl, cal, n: int = 8):
@@ -307,7 +399,9 @@ def _grid(samples, data, nearest, fl, cal, n: int = 8):
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Samples (FLIPD above) and nearest training images (calibrated l2 above)", fontsize=9)
+    fig.suptitle(
+        "Samples (FLIPD above) and nearest training images (calibrated l2 above)", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
@@ -341,22 +435,93 @@ def _hist(fl, memorized, kind):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the digits demo's flags to ``parser``."""
     d = DigitsConfig()
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of data selection, training, sampling (default %(default)s)")
-    parser.add_argument("--common-per-class", type=int, default=d.common_per_class, help="images kept of each common class 0-7 (default %(default)s)")
-    parser.add_argument("--num-duplicated", type=int, default=d.num_duplicated, help="training images repeated --copies times (DD-Mem) (default %(default)s)")
-    parser.add_argument("--copies", type=int, default=d.copies, help="copies of each duplicated image (default %(default)s)")
-    parser.add_argument("--rare-per-class", type=int, default=d.rare_per_class, help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
-    parser.add_argument("--learning-rate", type=finite_float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
-    parser.add_argument("--channels", type=int, default=d.channels, help="feature maps of the conv net (default %(default)s)")
-    parser.add_argument("--mlp-width", type=int, default=d.mlp_width, help="width of the dense layer after the conv blocks; 0: none (default %(default)s)")
-    parser.add_argument("--num-samples", type=int, default=d.num_samples, help="generated samples (default %(default)s)")
-    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="reverse-SDE steps (default %(default)s)")
-    parser.add_argument("--t0", type=finite_float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)")
-    parser.add_argument("--mem-threshold", type=finite_float, default=d.mem_threshold, help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)")
-    parser.add_argument("--calibration-k", type=int, default=d.calibration_k, help="neighbours in the calibrated l2 denominator (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of data selection, training, sampling (default %(default)s)",
+    )
+    parser.add_argument(
+        "--common-per-class",
+        type=int,
+        default=d.common_per_class,
+        help="images kept of each common class 0-7 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-duplicated",
+        type=int,
+        default=d.num_duplicated,
+        help="training images repeated --copies times (DD-Mem) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=d.copies,
+        help="copies of each duplicated image (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rare-per-class",
+        type=int,
+        default=d.rare_per_class,
+        help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="training batch size (default %(default)s)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=finite_float,
+        default=d.learning_rate,
+        help="peak learning rate (default %(default)s)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=d.channels,
+        help="feature maps of the conv net (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mlp-width",
+        type=int,
+        default=d.mlp_width,
+        help="width of the dense layer after the conv blocks; 0: none (default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=d.num_samples,
+        help="generated samples (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=d.sample_steps,
+        help="reverse-SDE steps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--t0", type=finite_float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)"
+    )
+    parser.add_argument(
+        "--mem-threshold",
+        type=finite_float,
+        default=d.mem_threshold,
+        help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)",
+    )
+    parser.add_argument(
+        "--calibration-k",
+        type=int,
+        default=d.calibration_k,
+        help="neighbours in the calibrated l2 denominator (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)"
+    )
     add_display_flags(parser)
 
 

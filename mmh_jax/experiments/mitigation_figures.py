@@ -30,8 +30,14 @@ def _pyplot():
     return plt
 
 
-def plot_attributions(attributions: Sequence[PromptAttribution], path: str | os.PathLike, *,
-                      line_chars: int = 64, cmap: str = "Reds", dpi: int = 130) -> Path:
+def plot_attributions(
+    attributions: Sequence[PromptAttribution],
+    path: str | os.PathLike,
+    *,
+    line_chars: int = 64,
+    cmap: str = "Reds",
+    dpi: int = 130,
+) -> Path:
     """The prompts' tokens laid out as text, each on a background coloured by its attribution
     normalised by the row's largest (paper, Figures 7a and 11); one row per attribution, grouped
     by prompt (a prompt's metrics one under the other, headed by the prompt).
@@ -66,8 +72,7 @@ def plot_attributions(attributions: Sequence[PromptAttribution], path: str | os.
             previous = a.prompt
         top = float(np.max(a.scores)) if len(a.scores) else 0.0
         norm = a.scores / top if top > 0 else np.zeros_like(a.scores)
-        items.append(("label", -label_chars, line,
-                      f"{metric_label(a.metric)} {a.value:.3g}", 0.0))
+        items.append(("label", -label_chars, line, f"{metric_label(a.metric)} {a.value:.3g}", 0.0))
         x = 0.0
         for token, word, v in zip(a.tokens, a.words, norm):
             width = max(1, len(word))
@@ -86,20 +91,45 @@ def plot_attributions(attributions: Sequence[PromptAttribution], path: str | os.
         if kind == "header":
             ax.text(x, y, text, ha="left", va="center", fontsize=9, fontweight="bold")
         elif kind == "label":
-            ax.text(x, y, text, ha="left", va="center", fontsize=8, family="monospace",
-                    color="0.25")
+            ax.text(
+                x, y, text, ha="left", va="center", fontsize=8, family="monospace", color="0.25"
+            )
         else:  # colour holds the normalised attribution; light text on dark backgrounds
-            ax.text(x, y, text, ha="left", va="center", fontsize=11, family="monospace",
-                    color="white" if colour > 0.6 else "black",
-                    bbox=dict(boxstyle="square,pad=0.12", facecolor=colours(0.05 + 0.9 * colour),
-                              edgecolor="none"))
-    ax.text(-label_chars, line + 0.1, "colour: attribution / largest attribution of the row "
-            "(gradient norm of the metric per token)", fontsize=7, color="0.4", va="center")
+            ax.text(
+                x,
+                y,
+                text,
+                ha="left",
+                va="center",
+                fontsize=11,
+                family="monospace",
+                color="white" if colour > 0.6 else "black",
+                bbox=dict(
+                    boxstyle="square,pad=0.12",
+                    facecolor=colours(0.05 + 0.9 * colour),
+                    edgecolor="none",
+                ),
+            )
+    ax.text(
+        -label_chars,
+        line + 0.1,
+        "colour: attribution / largest attribution of the row "
+        "(gradient norm of the metric per token)",
+        fontsize=7,
+        color="0.4",
+        va="center",
+    )
     return save_figure(fig, path, dpi=dpi)
 
 
-def plot_mitigation_grid(images: dict[str, list[np.ndarray]], new_prompts: dict[str, list[str]],
-                         path: str | os.PathLike, *, dpi: int = 130, wrap: int = 30) -> Path:
+def plot_mitigation_grid(
+    images: dict[str, list[np.ndarray]],
+    new_prompts: dict[str, list[str]],
+    path: str | os.PathLike,
+    *,
+    dpi: int = 130,
+    wrap: int = 30,
+) -> Path:
     """Images before and after mitigation (paper, Figure 10): one row per prompt, columns the
     original generation and each method, every image titled with its prompt.
 
@@ -118,8 +148,7 @@ def plot_mitigation_grid(images: dict[str, list[np.ndarray]], new_prompts: dict[
         raise ValueError("no images to plot")
     n = len(images[columns[0]])
     plt = _pyplot()
-    fig, axes = plt.subplots(n, len(columns), figsize=(2.3 * len(columns), 2.9 * n),
-                             squeeze=False)
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.3 * len(columns), 2.9 * n), squeeze=False)
     for c, name in enumerate(columns):
         for r in range(n):
             ax = axes[r, c]
@@ -127,20 +156,25 @@ def plot_mitigation_grid(images: dict[str, list[np.ndarray]], new_prompts: dict[
             ax.set_xticks([])
             ax.set_yticks([])
             text = new_prompts[name][r]
-            text = text if len(text) <= 3 * wrap else text[:3 * wrap - 3] + "..."
+            text = text if len(text) <= 3 * wrap else text[: 3 * wrap - 3] + "..."
             ax.set_xlabel(textwrap.fill(text, wrap), fontsize=6)
             if r == 0:
-                ax.set_title(name if name != "original" else "original prompt", fontsize=8,
-                             fontweight="bold")
+                ax.set_title(
+                    name if name != "original" else "original prompt", fontsize=8, fontweight="bold"
+                )
     fig.tight_layout()
     return save_figure(fig, path, dpi=dpi)
 
 
-def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike, *,
-                  originals: Sequence[dict] | None = None,
-                  x_label: str = "SSCD similarity to the memorized image (lower is better)",
-                  y_label: str = "CLIP score with the original prompt (higher is better)",
-                  dpi: int = 130) -> Path:
+def plot_tradeoff(
+    rows: Sequence[dict],
+    path: str | os.PathLike,
+    *,
+    originals: Sequence[dict] | None = None,
+    x_label: str = "SSCD similarity to the memorized image (lower is better)",
+    y_label: str = "CLIP score with the original prompt (higher is better)",
+    dpi: int = 130,
+) -> Path:
     """The paper's Figure 7c: mean CLIP score against mean similarity to the memorized image,
     one line per method (and metric) through its ``k`` values, each point annotated with ``k``
     (means over prompts and repeats); the embedding method is a single point, the original
@@ -161,8 +195,11 @@ def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike, *,
     Raises:
         ValueError: no row with both scores.
     """
-    points = [s for s in summarise_mitigation(rows)
-              if np.isfinite(s["similarity"]) and np.isfinite(s["clip_score"])]
+    points = [
+        s
+        for s in summarise_mitigation(rows)
+        if np.isfinite(s["similarity"]) and np.isfinite(s["clip_score"])
+    ]
     if not points:
         raise ValueError("no row has both a similarity and a CLIP score to plot")
     plt = _pyplot()
@@ -178,14 +215,26 @@ def plot_tradeoff(rows: Sequence[dict], path: str | os.PathLike, *,
         ax.plot(x, y, marker=marker, markersize=4, label=label)
         for s in members:
             if s["method"] != "embedding":
-                ax.annotate(f"k={s['k']}", (s["similarity"], s["clip_score"]), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.annotate(
+                    f"k={s['k']}",
+                    (s["similarity"], s["clip_score"]),
+                    fontsize=6,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
     if originals:
         sim = np.array([o["similarity"] for o in originals], np.float64)
         clip = np.array([o["clip_score"] for o in originals], np.float64)
         if np.isfinite(sim).any() and np.isfinite(clip).any():
-            ax.plot([np.nanmean(sim)], [np.nanmean(clip)], marker="*", markersize=11,
-                    color="black", linestyle="none", label="original prompt")
+            ax.plot(
+                [np.nanmean(sim)],
+                [np.nanmean(clip)],
+                marker="*",
+                markersize=11,
+                color="black",
+                linestyle="none",
+                label="original prompt",
+            )
     ax.set_xlabel(x_label, fontsize=8)
     ax.set_ylabel(y_label, fontsize=8)
     ax.set_title("Figure 7c: mitigation trade-off (mean over prompts and repeats)", fontsize=8)

@@ -47,8 +47,9 @@ import json
 import math
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -105,16 +106,20 @@ class PromptWorldConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
-        require(self.train_steps is None or self.train_steps >= 1,
-                "--train-steps must be at least 1")
+        require(
+            self.train_steps is None or self.train_steps >= 1, "--train-steps must be at least 1"
+        )
         require(self.images_per_prompt >= 1, "--images-per-prompt must be at least 1")
         require(self.num_steps >= 2, "--num-steps must be at least 2")
         require(self.guidance > 1, f"--guidance must be > 1, got {self.guidance}")
         require(self.num_heldout >= 2, "--num-heldout must be at least 2")
         require(0 < self.target_fpr < 1, f"--target-fpr must lie in (0, 1), got {self.target_fpr}")
         need = math.ceil(1 / self.target_fpr) - 1
-        require(self.num_calibration >= need, f"--num-calibration must be at least {need} for "
-                f"--target-fpr {self.target_fpr} (conformal rule)")
+        require(
+            self.num_calibration >= need,
+            f"--num-calibration must be at least {need} for "
+            f"--target-fpr {self.target_fpr} (conformal rule)",
+        )
         require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
         require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "--ks must be positive")
         require(self.repeats >= 1, "--repeats must be at least 1")
@@ -131,8 +136,13 @@ def specs(quick: bool, train_steps: int | None = None):
     if not quick:
         world, train = WorldSpec(), TrainSpec()
     else:
-        world = WorldSpec(num_normal=400, verbatim_counts=(16, 32, 64) * 2, num_template=2,
-                          template_captions=4, num_rare=4)
+        world = WorldSpec(
+            num_normal=400,
+            verbatim_counts=(16, 32, 64) * 2,
+            num_template=2,
+            template_captions=4,
+            num_rare=4,
+        )
         train = TrainSpec(vae_steps=80, vae_batch=32, steps=160, batch_size=64, chunk=40)
     if train_steps is not None:
         train = dataclasses.replace(train, steps=train_steps)
@@ -145,8 +155,11 @@ def specs(quick: bool, train_steps: int | None = None):
 def _stage_done(out: Path, name: str, settings: dict) -> bool:
     table, stamp = out / f"{name}.parquet", out / f".{name}.settings.json"
     # compared as JSON reads them back (tuples become lists)
-    return (table.is_file() and stamp.is_file()
-            and json.loads(stamp.read_text()) == json.loads(json.dumps(settings)))
+    return (
+        table.is_file()
+        and stamp.is_file()
+        and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))
+    )
 
 
 def _stage_write(out: Path, name: str, table: dict, settings: dict) -> Path:
@@ -194,34 +207,42 @@ def _images_u8(sd, latents, batch: int = 256) -> np.ndarray:
     """Latents decoded by the VAE, as uint8 NHWC images (what the judges and scorers read)."""
     from mmh_jax.evaluation import to_uint8_nhwc
 
-    return np.concatenate([to_uint8_nhwc(np.asarray(sd.decode(latents[i:i + batch])))
-                           for i in range(0, len(latents), batch)])
+    return np.concatenate(
+        [
+            to_uint8_nhwc(np.asarray(sd.decode(latents[i : i + batch])))
+            for i in range(0, len(latents), batch)
+        ]
+    )
 
 
 def _round_trip(sd, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Images through the VAE (encode to the posterior mean, decode) and uint8, as generations
     are: the domain in which copies are judged."""
-    latents = np.concatenate([np.asarray(sd.encode_image(images[i:i + batch]))
-                              for i in range(0, len(images), batch)])
+    latents = np.concatenate(
+        [np.asarray(sd.encode_image(images[i : i + batch])) for i in range(0, len(images), batch)]
+    )
     return to_model_range(_images_u8(sd, latents, batch))
 
 
 def _fit_judges(sd, world, seed: int, console: Console) -> tuple:
-    from mmh_jax.worlds import render
     import jax
 
+    from mmh_jax.worlds import render
     from mmh_jax.worlds.judge import fit_copy_judge, train_attribute_classifier
 
     t = time.perf_counter()
-    heldout = np.stack([render(s, world.spec.image_size)
-                        for s in world.heldout_scenes(512, split=2)])
-    judge = fit_copy_judge(_round_trip(sd, world.images), _round_trip(sd, heldout),
-                           quantile=0.01)
+    heldout = np.stack(
+        [render(s, world.spec.image_size) for s in world.heldout_scenes(512, split=2)]
+    )
+    judge = fit_copy_judge(_round_trip(sd, world.images), _round_trip(sd, heldout), quantile=0.01)
     # trained on VAE round trips of its renders: the domain of the generations it judges
-    classifier = train_attribute_classifier(key=jax.random.key(seed),
-                                            preprocess=lambda x: _round_trip(sd, x))
-    console.print(f"judges ready in {time.perf_counter() - t:.0f} s (copy threshold "
-                  f"{judge.threshold:.3f}, calibrated l2)")
+    classifier = train_attribute_classifier(
+        key=jax.random.key(seed), preprocess=lambda x: _round_trip(sd, x)
+    )
+    console.print(
+        f"judges ready in {time.perf_counter() - t:.0f} s (copy threshold "
+        f"{judge.threshold:.3f}, calibrated l2)"
+    )
     return judge, classifier
 
 
@@ -237,14 +258,31 @@ class _Prompts:
         rows: list[dict] = []
         for kind in _KINDS:
             for p in world.memorized_prompts(kind):
-                rows.append(dict(prompt=p.caption, kind=kind, count=p.count,
-                                 triggers=" ".join(p.triggers), image=world.images[p.image_id]))
-        for split, kind, n in ((1, "heldout", config.num_heldout),
-                               (0, "calibration", config.num_calibration)):
-            for scene, text in zip(world.heldout_scenes(n, split=split),
-                                   world.heldout_prompts(n, split=split)):
-                rows.append(dict(prompt=text, kind=kind, count=0, triggers="",
-                                 image=render(scene, world.spec.image_size)))
+                rows.append(
+                    dict(
+                        prompt=p.caption,
+                        kind=kind,
+                        count=p.count,
+                        triggers=" ".join(p.triggers),
+                        image=world.images[p.image_id],
+                    )
+                )
+        for split, kind, n in (
+            (1, "heldout", config.num_heldout),
+            (0, "calibration", config.num_calibration),
+        ):
+            for scene, text in zip(
+                world.heldout_scenes(n, split=split), world.heldout_prompts(n, split=split)
+            ):
+                rows.append(
+                    dict(
+                        prompt=text,
+                        kind=kind,
+                        count=0,
+                        triggers="",
+                        image=render(scene, world.spec.image_size),
+                    )
+                )
         self.rows = rows
 
     def __len__(self) -> int:
@@ -254,8 +292,15 @@ class _Prompts:
         return [r[name] for r in self.rows]
 
 
-def _detection(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig, out: Path,
-               record: dict, console: Console) -> dict[str, np.ndarray]:
+def _detection(
+    sd,
+    prompts: _Prompts,
+    judges: _Judges,
+    config: PromptWorldConfig,
+    out: Path,
+    record: dict,
+    console: Console,
+) -> dict[str, np.ndarray]:
     """The detection stage as two runs of ``sd detect``'s columns through the scoring engine
     (each resumed where it stopped): ``detection/``, the generations of every prompt (CFG norms
     of the trajectory, FLIPD, and the host columns judging copies and fidelity), and
@@ -266,37 +311,74 @@ def _detection(sd, prompts: _Prompts, judges: _Judges, config: PromptWorldConfig
 
     texts = prompts.column("prompt")
     with atomic_path(out / "prompts.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps({"id": str(i), "caption": t}) + "\n"
-                               for i, t in enumerate(texts)))
+        tmp.write_text(
+            "".join(json.dumps({"id": str(i), "caption": t}) + "\n" for i, t in enumerate(texts))
+        )
     with atomic_path(out / "prompt_images.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=np.stack(prompts.column("image")).astype(np.float32),
-                 captions=np.asarray(texts), ids=np.asarray([str(i) for i in range(len(texts))]))
+        np.savez(
+            f,
+            images=np.stack(prompts.column("image")).astype(np.float32),
+            captions=np.asarray(texts),
+            ids=np.asarray([str(i) for i in range(len(texts))]),
+        )
     columns = detection_columns(guidance=config.guidance, flipd_t0=config.flipd_t0)
-    host = [scoring.ImageSimilarity(similarity=judges.copies, reference=_no_reference,
-                                    label="the world's copy judge (1: a copy)"),
-            scoring.ClipScore(clip_scorer=judges.fidelity, prompt=texts.__getitem__,
-                              label="the world's fidelity classifier")]
+    host = [
+        scoring.ImageSimilarity(
+            similarity=judges.copies,
+            reference=_no_reference,
+            label="the world's copy judge (1: a copy)",
+        ),
+        scoring.ClipScore(
+            clip_scorer=judges.fidelity,
+            prompt=texts.__getitem__,
+            label="the world's fidelity classifier",
+        ),
+    ]
     engine_console = console if config.progress else None
     n_img = config.images_per_prompt
-    score_pipeline(sd, columns + host, scoring.PromptFile(out / "prompts.jsonl"),
-                   out / "detection", seed=config.seed, batch_size=config.batch_size * n_img,
-                   images_per_prompt=n_img, guidance=config.guidance,
-                   num_steps=config.num_steps, console=engine_console, record=record)
-    score_pipeline(sd, columns[:1], scoring.ArrayFile(out / "prompt_images.npz",
-                                                      captions_key="captions"),
-                   out / "detection_image", seed=config.seed, batch_size=config.batch_size,
-                   guidance=config.guidance, console=engine_console, record=record)
+    score_pipeline(
+        sd,
+        columns + host,
+        scoring.PromptFile(out / "prompts.jsonl"),
+        out / "detection",
+        seed=config.seed,
+        batch_size=config.batch_size * n_img,
+        images_per_prompt=n_img,
+        guidance=config.guidance,
+        num_steps=config.num_steps,
+        console=engine_console,
+        record=record,
+    )
+    score_pipeline(
+        sd,
+        columns[:1],
+        scoring.ArrayFile(out / "prompt_images.npz", captions_key="captions"),
+        out / "detection_image",
+        seed=config.seed,
+        batch_size=config.batch_size,
+        guidance=config.guidance,
+        console=engine_console,
+        record=record,
+    )
     rows = scoring.merge(out / "detection").scores
     at_image = scoring.merge(out / "detection_image").scores
     image_norm = np.full(len(texts), np.nan)
     image_norm[at_image["index"].to_numpy()] = at_image["cfg_vector_norm"].to_numpy()
     ids, image_index = rows["index"].to_numpy(), rows["image_index"].to_numpy()
     order = np.lexsort((image_index, ids))
-    names = {"cfg_norm": "cfg_vector_norm", "cfg_score": "cfg_score_norm",
-             "flipd_uncond": columns[1].names[0], "flipd_cond": columns[2].names[0],
-             "is_copy": "similarity", "fidelity": "clip_score"}
-    table = {"prompt_id": ids[order], "image_index": image_index[order],
-             "cfg_norm_image": image_norm[ids[order]]}
+    names = {
+        "cfg_norm": "cfg_vector_norm",
+        "cfg_score": "cfg_score_norm",
+        "flipd_uncond": columns[1].names[0],
+        "flipd_cond": columns[2].names[0],
+        "is_copy": "similarity",
+        "fidelity": "clip_score",
+    }
+    table = {
+        "prompt_id": ids[order],
+        "image_index": image_index[order],
+        "cfg_norm_image": image_norm[ids[order]],
+    }
     table.update({k: rows[c].to_numpy()[order] for k, c in names.items()})
     for name in ("prompt", "kind", "count", "triggers"):
         table[name] = np.asarray(prompts.column(name))[ids[order]]
@@ -317,8 +399,15 @@ def _prompt_means(table: dict) -> dict[str, np.ndarray]:
     for name in ("prompt", "kind", "count", "triggers"):
         out[name] = np.asarray(table[name])[first]
     counts = np.bincount(ids)[order]
-    for name in ("cfg_norm", "cfg_score", "cfg_norm_image", "flipd_cond", "flipd_uncond",
-                 "is_copy", "fidelity"):
+    for name in (
+        "cfg_norm",
+        "cfg_score",
+        "cfg_norm_image",
+        "flipd_cond",
+        "flipd_uncond",
+        "is_copy",
+        "fidelity",
+    ):
         out[name] = np.bincount(ids, weights=np.asarray(table[name], np.float64))[order] / counts
     return out
 
@@ -332,24 +421,32 @@ def _detection_reports(means: dict, seed: int) -> dict[str, dict]:
 
     kind = np.asarray(means["kind"])
     reports = {}
-    for group, members in (("verbatim", ("verbatim",)), ("template", ("template",)),
-                           ("rare", ("rare",)), ("all memorized", _KINDS)):
+    for group, members in (
+        ("verbatim", ("verbatim",)),
+        ("template", ("template",)),
+        ("rare", ("rare",)),
+        ("all memorized", _KINDS),
+    ):
         keep = np.isin(kind, members + ("heldout",))
         if not np.any(np.isin(kind, members)):
             continue
         labels = np.isin(kind[keep], members)
         reports[group] = detection_report(
             {name: np.asarray(means[col])[keep] for name, (col, _) in DETECTORS.items()},
-            labels, higher_is_positive={n: hi for n, (_, hi) in DETECTORS.items()},
-            fpr=0.01, key=jax.random.key(seed))
+            labels,
+            higher_is_positive={n: hi for n, (_, hi) in DETECTORS.items()},
+            fpr=0.01,
+            key=jax.random.key(seed),
+        )
     return reports
 
 
 # --- attribution -------------------------------------------------------------------------------
 
 
-def _hits(scores: np.ndarray, words: Sequence[str], triggers: set[str], k: int
-          ) -> tuple[float, float]:
+def _hits(
+    scores: np.ndarray, words: Sequence[str], triggers: set[str], k: int
+) -> tuple[float, float]:
     """Whether one of the top-``k`` tokens is a trigger word, and the chance of that for ``k``
     tokens chosen uniformly without replacement."""
     is_trigger = np.asarray([w in triggers for w in words])
@@ -359,19 +456,36 @@ def _hits(scores: np.ndarray, words: Sequence[str], triggers: set[str], k: int
     return float(np.any(is_trigger[top])), baseline
 
 
-def _attribution_rows(attributions, triggers_of: dict[str, str], kind_of: dict[str, str]
-                      ) -> dict:
-    rows: dict[str, list] = {c: [] for c in ("prompt", "kind", "metric", "words", "scores",
-                                             "top1", "top1_uniform", "top3", "top3_uniform")}
+def _attribution_rows(attributions, triggers_of: dict[str, str], kind_of: dict[str, str]) -> dict:
+    rows: dict[str, list] = {
+        c: []
+        for c in (
+            "prompt",
+            "kind",
+            "metric",
+            "words",
+            "scores",
+            "top1",
+            "top1_uniform",
+            "top3",
+            "top3_uniform",
+        )
+    }
     for a in attributions:
         triggers = set(triggers_of[a.prompt].split())
         top1, base1 = _hits(a.scores, a.words, triggers, 1)
         top3, base3 = _hits(a.scores, a.words, triggers, 3)
-        for name, value in (("prompt", a.prompt), ("kind", kind_of[a.prompt]),
-                            ("metric", a.metric), ("words", " ".join(a.words)),
-                            ("scores", json.dumps([round(float(s), 6) for s in a.scores])),
-                            ("top1", top1), ("top1_uniform", base1), ("top3", top3),
-                            ("top3_uniform", base3)):
+        for name, value in (
+            ("prompt", a.prompt),
+            ("kind", kind_of[a.prompt]),
+            ("metric", a.metric),
+            ("words", " ".join(a.words)),
+            ("scores", json.dumps([round(float(s), 6) for s in a.scores])),
+            ("top1", top1),
+            ("top1_uniform", base1),
+            ("top3", top3),
+            ("top3_uniform", base3),
+        ):
             rows[name].append(value)
     return rows
 
@@ -430,10 +544,15 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     world_spec, train_spec = specs(config.quick, config.train_steps)
     world = ShapesWorld(world_spec)
     sd = load_stable_diffusion(pipeline)
-    settings = {"world": world_spec.to_dict(), "train": train_spec.to_dict(),
-                **{k: (str(v) if isinstance(v, Path) else v)
-                   for k, v in dataclasses.asdict(config).items()
-                   if k not in ("out", "model", "progress")}}
+    settings = {
+        "world": world_spec.to_dict(),
+        "train": train_spec.to_dict(),
+        **{
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(config).items()
+            if k not in ("out", "model", "progress")
+        },
+    }
     prompts = _Prompts(world, config)
     judges = _Judges(sd, world, config.seed, console)
 
@@ -454,55 +573,94 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     if not _stage_done(out, "mitigation", settings):
         with make_progress(console, enabled=config.progress) as bar:
             study = MitigationConfig(
-                methods=METHODS, metrics=_METRICS, ks=config.ks, repeats=config.repeats,
-                num_images=config.mitigation_images, num_steps=config.num_steps,
-                guidance=config.guidance, batch_size=config.batch_size,
-                vocabulary=tuple(world.fresh_words))
+                methods=METHODS,
+                metrics=_METRICS,
+                ks=config.ks,
+                repeats=config.repeats,
+                num_images=config.mitigation_images,
+                num_steps=config.num_steps,
+                guidance=config.guidance,
+                batch_size=config.batch_size,
+                vocabulary=tuple(world.fresh_words),
+            )
             # generations: the original, then every (method, metric, k, repeat) row
             total = len(verbatim) + expected_rows(len(verbatim), config=study)
-            task = bar.add_task("mitigation: attributing and rephrasing verbatim prompts",
-                                total=total)
-            result = mitigate(sd, verbatim, key=key, config=study, rephraser=rephraser,
-                              similarity=judges.copies, clip_scorer=judges.fidelity,
-                              progress=lambda n: bar.advance(task, n))
+            task = bar.add_task(
+                "mitigation: attributing and rephrasing verbatim prompts", total=total
+            )
+            result = mitigate(
+                sd,
+                verbatim,
+                key=key,
+                config=study,
+                rephraser=rephraser,
+                similarity=judges.copies,
+                clip_scorer=judges.fidelity,
+                progress=lambda n: bar.advance(task, n),
+            )
         rows = {k: np.asarray([r[k] for r in result.rows]) for k in result.rows[0]}
         _stage_write(out, "mitigation", rows, settings)
-        originals = {k: np.asarray([r[k] for r in result.originals])
-                     for k in result.originals[0]}
+        originals = {k: np.asarray([r[k] for r in result.originals]) for k in result.originals[0]}
         _stage_write(out, "mitigation_originals", originals, settings)
         attribution = _attribution_rows(result.attributions, triggers_of, kind_of)
         with make_progress(console, enabled=config.progress) as bar:
             task = bar.add_task("attribution: template prompts", total=len(template))
             extra = []
             for i, prompt in enumerate(template):
-                extra += attribute_prompts(sd, prompt, metrics=_METRICS,
-                                           key=jax.random.fold_in(key, 10_000 + i),
-                                           num_steps=config.num_steps, guidance=config.guidance)
+                extra += attribute_prompts(
+                    sd,
+                    prompt,
+                    metrics=_METRICS,
+                    key=jax.random.fold_in(key, 10_000 + i),
+                    num_steps=config.num_steps,
+                    guidance=config.guidance,
+                )
                 bar.advance(task)
         more = _attribution_rows(extra, triggers_of, kind_of)
-        _stage_write(out, "attribution", {k: np.asarray(v + more[k])
-                                          for k, v in attribution.items()}, settings)
+        _stage_write(
+            out,
+            "attribution",
+            {k: np.asarray(v + more[k]) for k, v in attribution.items()},
+            settings,
+        )
     timings["attribution and mitigation"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if not _stage_done(out, "guard", settings):
         kinds = np.asarray(means["kind"])
-        threshold = calibrate_threshold(np.asarray(means["cfg_norm"])[kinds == "calibration"],
-                                        target_fpr=config.target_fpr, higher_is_memorized=True)
+        threshold = calibrate_threshold(
+            np.asarray(means["cfg_norm"])[kinds == "calibration"],
+            target_fpr=config.target_fpr,
+            higher_is_memorized=True,
+        )
         chosen = [i for i, k in enumerate(kinds) if k != "calibration"]
         texts = [str(means["prompt"][i]) for i in chosen]
 
         def mitigate_one(prompt: str) -> str:
             k = jax.random.fold_in(key, 20_000 + texts.index(prompt))
-            a = attribute_prompts(sd, prompt, metrics=["cfg"], key=k, num_images=1,
-                                  num_steps=config.num_steps, guidance=config.guidance)[0]
+            a = attribute_prompts(
+                sd,
+                prompt,
+                metrics=["cfg"],
+                key=k,
+                num_images=1,
+                num_steps=config.num_steps,
+                guidance=config.guidance,
+            )[0]
             words = selected_words(a.tokens, choose_tokens(a.scores, k=1, key=k))
             return rephraser(prompt, words)
 
-        report = guarded_generate(sd, texts, key=jax.random.key(config.seed), threshold=threshold,
-                                  mitigate=mitigate_one, images_per_prompt=config.images_per_prompt,
-                                  guidance=config.guidance, num_steps=config.num_steps,
-                                  batch_size=config.batch_size)
+        report = guarded_generate(
+            sd,
+            texts,
+            key=jax.random.key(config.seed),
+            threshold=threshold,
+            mitigate=mitigate_one,
+            images_per_prompt=config.images_per_prompt,
+            guidance=config.guidance,
+            num_steps=config.num_steps,
+            batch_size=config.batch_size,
+        )
         n_img = config.images_per_prompt
         before = _images_u8(sd, report.initial_latents)
         after = _images_u8(sd, report.latents)
@@ -510,14 +668,23 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
         copy_after = judges.copies(after).reshape(-1, n_img).mean(1)
         final_prompts = [o.final_prompt for o in report.outcomes]
         fid_after = judges.fidelity(after, np.repeat(texts, n_img)).reshape(-1, n_img).mean(1)
-        _stage_write(out, "guard", {
-            "prompt": np.asarray(texts), "kind": kinds[chosen],
-            "signal": np.asarray([o.signal for o in report.outcomes]),
-            "threshold": np.full(len(texts), report.threshold),
-            "flagged": report.flagged, "final_prompt": np.asarray(final_prompts),
-            "resampled": np.asarray([o.resampled for o in report.outcomes]),
-            "copy_rate_unguarded": copy_before, "copy_rate_guarded": copy_after,
-            "fidelity_guarded": fid_after}, settings)
+        _stage_write(
+            out,
+            "guard",
+            {
+                "prompt": np.asarray(texts),
+                "kind": kinds[chosen],
+                "signal": np.asarray([o.signal for o in report.outcomes]),
+                "threshold": np.full(len(texts), report.threshold),
+                "flagged": report.flagged,
+                "final_prompt": np.asarray(final_prompts),
+                "resampled": np.asarray([o.resampled for o in report.outcomes]),
+                "copy_rate_unguarded": copy_before,
+                "copy_rate_guarded": copy_after,
+                "fidelity_guarded": fid_after,
+            },
+            settings,
+        )
     timings["guarded sampler"] = time.perf_counter() - t
 
     summary = _summarise(out, means, reports, config, timings)
@@ -541,27 +708,44 @@ def _binomial_ci(successes: float, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def _summarise(out: Path, means: dict, reports: dict, config: PromptWorldConfig,
-               timings: dict) -> dict:
+def _summarise(
+    out: Path, means: dict, reports: dict, config: PromptWorldConfig, timings: dict
+) -> dict:
     kind = np.asarray(means["kind"])
     summary: dict[str, Any] = {"quick": config.quick, "timings_s": timings}
-    summary["copy_rate"] = {k: float(np.mean(means["is_copy"][kind == k]))
-                            for k in (*_KINDS, "heldout", "calibration") if np.any(kind == k)}
-    summary["fidelity"] = {k: float(np.mean(means["fidelity"][kind == k]))
-                           for k in (*_KINDS, "heldout") if np.any(kind == k)}
+    summary["copy_rate"] = {
+        k: float(np.mean(means["is_copy"][kind == k]))
+        for k in (*_KINDS, "heldout", "calibration")
+        if np.any(kind == k)
+    }
+    summary["fidelity"] = {
+        k: float(np.mean(means["fidelity"][kind == k]))
+        for k in (*_KINDS, "heldout")
+        if np.any(kind == k)
+    }
     summary["detection"] = {
-        group: {name: {"auroc": m.auroc, "auroc_ci": list(m.auroc_ci), "tpr_at_1pct_fpr": m.tpr,
-                       "tpr_ci": list(m.tpr_ci), "n_memorized": m.n_positive,
-                       "n_heldout": m.n_negative} for name, m in rep.items()}
-        for group, rep in reports.items()}
+        group: {
+            name: {
+                "auroc": m.auroc,
+                "auroc_ci": list(m.auroc_ci),
+                "tpr_at_1pct_fpr": m.tpr,
+                "tpr_ci": list(m.tpr_ci),
+                "n_memorized": m.n_positive,
+                "n_heldout": m.n_negative,
+            }
+            for name, m in rep.items()
+        }
+        for group, rep in reports.items()
+    }
     counts = np.asarray(means["count"])
     summary["by_count"] = {
-        int(c): {"cfg_norm": float(np.mean(means["cfg_norm"][(kind == "verbatim") & (counts == c)])),
-                 "flipd_cond": float(np.mean(means["flipd_cond"][(kind == "verbatim")
-                                                                 & (counts == c)])),
-                 "copy_rate": float(np.mean(means["is_copy"][(kind == "verbatim")
-                                                             & (counts == c)]))}
-        for c in np.unique(counts[kind == "verbatim"])}
+        int(c): {
+            "cfg_norm": float(np.mean(means["cfg_norm"][(kind == "verbatim") & (counts == c)])),
+            "flipd_cond": float(np.mean(means["flipd_cond"][(kind == "verbatim") & (counts == c)])),
+            "copy_rate": float(np.mean(means["is_copy"][(kind == "verbatim") & (counts == c)])),
+        }
+        for c in np.unique(counts[kind == "verbatim"])
+    }
     att = _read(out, "attribution")
     summary["attribution"] = {}
     for metric in _METRICS:
@@ -575,34 +759,55 @@ def _summarise(out: Path, means: dict, reports: dict, config: PromptWorldConfig,
                 "top1_ci": list(_binomial_ci(float(np.sum(att["top1"][keep])), n)),
                 "top1_uniform": float(np.mean(att["top1_uniform"][keep])),
                 "top3": float(np.mean(att["top3"][keep])),
-                "top3_uniform": float(np.mean(att["top3_uniform"][keep])), "n": n}
+                "top3_uniform": float(np.mean(att["top3_uniform"][keep])),
+                "n": n,
+            }
     mit, orig = _read(out, "mitigation"), _read(out, "mitigation_originals")
-    summary["mitigation"] = {"unmitigated": {"copy_rate": float(np.mean(orig["similarity"])),
-                                             "fidelity": float(np.mean(orig["clip_score"]))}}
-    label = np.asarray([f"{m} ({x})" if x else str(m) for m, x in zip(mit["method"],
-                                                                      mit["metric"])])
+    summary["mitigation"] = {
+        "unmitigated": {
+            "copy_rate": float(np.mean(orig["similarity"])),
+            "fidelity": float(np.mean(orig["clip_score"])),
+        }
+    }
+    label = np.asarray(
+        [f"{m} ({x})" if x else str(m) for m, x in zip(mit["method"], mit["metric"])]
+    )
     for name in dict.fromkeys(label):
         for k in np.unique(mit["k"][label == name]):
             keep = (label == name) & (mit["k"] == k)
             summary["mitigation"][f"{name}, k={int(k)}" if k else name] = {
                 "copy_rate": float(np.mean(mit["similarity"][keep])),
                 "fidelity": float(np.mean(mit["clip_score"][keep])),
-                "changed": float(np.mean(mit["changed"][keep]))}
+                "changed": float(np.mean(mit["changed"][keep])),
+            }
     guard = _read(out, "guard")
     held = guard["kind"] == "heldout"
     memorized = np.isin(guard["kind"], _KINDS)
     summary["guard"] = {
-        "target_fpr": config.target_fpr, "threshold": float(guard["threshold"][0]),
+        "target_fpr": config.target_fpr,
+        "threshold": float(guard["threshold"][0]),
         "realised_fpr": float(np.mean(guard["flagged"][held])),
-        "realised_fpr_ci": list(_binomial_ci(float(np.sum(guard["flagged"][held])),
-                                             int(held.sum()))),
-        "detection_rate": {k: float(np.mean(guard["flagged"][guard["kind"] == k]))
-                           for k in _KINDS if np.any(guard["kind"] == k)},
-        "copy_rate_unguarded": {k: float(np.mean(guard["copy_rate_unguarded"][guard["kind"] == k]))
-                                for k in (*_KINDS, "heldout") if np.any(guard["kind"] == k)},
-        "copy_rate_guarded": {k: float(np.mean(guard["copy_rate_guarded"][guard["kind"] == k]))
-                              for k in (*_KINDS, "heldout") if np.any(guard["kind"] == k)},
-        "n_heldout": int(held.sum()), "n_memorized": int(memorized.sum())}
+        "realised_fpr_ci": list(
+            _binomial_ci(float(np.sum(guard["flagged"][held])), int(held.sum()))
+        ),
+        "detection_rate": {
+            k: float(np.mean(guard["flagged"][guard["kind"] == k]))
+            for k in _KINDS
+            if np.any(guard["kind"] == k)
+        },
+        "copy_rate_unguarded": {
+            k: float(np.mean(guard["copy_rate_unguarded"][guard["kind"] == k]))
+            for k in (*_KINDS, "heldout")
+            if np.any(guard["kind"] == k)
+        },
+        "copy_rate_guarded": {
+            k: float(np.mean(guard["copy_rate_guarded"][guard["kind"] == k]))
+            for k in (*_KINDS, "heldout")
+            if np.any(guard["kind"] == k)
+        },
+        "n_heldout": int(held.sum()),
+        "n_memorized": int(memorized.sum()),
+    }
     return summary
 
 
@@ -613,51 +818,93 @@ def _ci(v: dict, key: str) -> str:
 
 def results_markdown(s: dict) -> str:
     """The tables of ``summary.json`` in Markdown (what ``benchmarks/RESULTS.md`` shows)."""
-    lines = ["Detection, memorized vs held-out prompts: AUROC [95% CI] / TPR at 1% FPR [95% CI] "
-             "(prompt means)", ""]
+    lines = [
+        "Detection, memorized vs held-out prompts: AUROC [95% CI] / TPR at 1% FPR [95% CI] "
+        "(prompt means)",
+        "",
+    ]
     groups = list(s["detection"])
-    lines += ["| detector | " + " | ".join(groups) + " |",
-              "| --- |" + " --- |" * len(groups)]
+    lines += ["| detector | " + " | ".join(groups) + " |", "| --- |" + " --- |" * len(groups)]
     for name in DETECTORS:
-        cells = [f"{s['detection'][g][name]['auroc']:.3f} {_ci(s['detection'][g][name], 'auroc_ci')}"
-                 f" / {s['detection'][g][name]['tpr_at_1pct_fpr']:.2f} "
-                 f"{_ci(s['detection'][g][name], 'tpr_ci')}" for g in groups]
+        cells = [
+            f"{s['detection'][g][name]['auroc']:.3f} {_ci(s['detection'][g][name], 'auroc_ci')}"
+            f" / {s['detection'][g][name]['tpr_at_1pct_fpr']:.2f} "
+            f"{_ci(s['detection'][g][name], 'tpr_ci')}"
+            for g in groups
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    n = {g: (s["detection"][g][next(iter(DETECTORS))]["n_memorized"],
-             s["detection"][g][next(iter(DETECTORS))]["n_heldout"]) for g in groups}
-    lines += ["", "Prompts (memorized / held-out): " + ", ".join(f"{g} {a} / {b}"
-                                                              for g, (a, b) in n.items()), ""]
-    lines += ["Copy rate and fidelity per kind (generations of the prompt):", "",
-              "| kind | copy rate | fidelity |", "| --- | --- | --- |"]
+    n = {
+        g: (
+            s["detection"][g][next(iter(DETECTORS))]["n_memorized"],
+            s["detection"][g][next(iter(DETECTORS))]["n_heldout"],
+        )
+        for g in groups
+    }
+    lines += [
+        "",
+        "Prompts (memorized / held-out): " + ", ".join(f"{g} {a} / {b}" for g, (a, b) in n.items()),
+        "",
+    ]
+    lines += [
+        "Copy rate and fidelity per kind (generations of the prompt):",
+        "",
+        "| kind | copy rate | fidelity |",
+        "| --- | --- | --- |",
+    ]
     for k, v in s["copy_rate"].items():
         lines.append(f"| {k} | {v:.3f} | {s['fidelity'].get(k, float('nan')):.3f} |")
-    lines += ["", "Verbatim prompts by duplicate count:", "",
-              "| count | CFG norm | conditional FLIPD | copy rate |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Verbatim prompts by duplicate count:",
+        "",
+        "| count | CFG norm | conditional FLIPD | copy rate |",
+        "| --- | --- | --- | --- |",
+    ]
     for c, v in s["by_count"].items():
-        lines.append(f"| {c} | {v['cfg_norm']:.3f} | {v['flipd_cond']:.1f} | "
-                     f"{v['copy_rate']:.2f} |")
-    lines += ["", "Attribution: the top-ranked token is a trigger word (95% CI), against a "
-              "uniform choice:", "",
-              "| metric / prompts | n | top-1 | uniform | top-3 | uniform |",
-              "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {c} | {v['cfg_norm']:.3f} | {v['flipd_cond']:.1f} | {v['copy_rate']:.2f} |"
+        )
+    lines += [
+        "",
+        "Attribution: the top-ranked token is a trigger word (95% CI), against a uniform choice:",
+        "",
+        "| metric / prompts | n | top-1 | uniform | top-3 | uniform |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, v in s["attribution"].items():
-        lines.append(f"| {name} | {v['n']} | {v['top1']:.2f} {_ci(v, 'top1_ci')} | "
-                     f"{v['top1_uniform']:.2f} | {v['top3']:.2f} | {v['top3_uniform']:.2f} |")
-    lines += ["", "Mitigation of verbatim prompts (copy rate, fidelity against the original "
-              "caption):", "", "| method | copy rate | fidelity |", "| --- | --- | --- |"]
+        lines.append(
+            f"| {name} | {v['n']} | {v['top1']:.2f} {_ci(v, 'top1_ci')} | "
+            f"{v['top1_uniform']:.2f} | {v['top3']:.2f} | {v['top3_uniform']:.2f} |"
+        )
+    lines += [
+        "",
+        "Mitigation of verbatim prompts (copy rate, fidelity against the original caption):",
+        "",
+        "| method | copy rate | fidelity |",
+        "| --- | --- | --- |",
+    ]
     for name, v in s["mitigation"].items():
         lines.append(f"| {name} | {v['copy_rate']:.3f} | {v['fidelity']:.3f} |")
     g = s["guard"]
-    lines += ["", f"Guarded sampler (CFG norm, threshold {g['threshold']:.4f} calibrated at "
-              f"{g['target_fpr']:.0%} FPR): realised FPR {g['realised_fpr']:.3f} "
-              f"{_ci(g, 'realised_fpr_ci')} on {g['n_heldout']} held-out prompts; detection "
-              "rate " + ", ".join(f"{k} {v:.2f}" for k, v in g["detection_rate"].items()), "",
-              "| kind | copy rate without the guard | with the guard |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        f"Guarded sampler (CFG norm, threshold {g['threshold']:.4f} calibrated at "
+        f"{g['target_fpr']:.0%} FPR): realised FPR {g['realised_fpr']:.3f} "
+        f"{_ci(g, 'realised_fpr_ci')} on {g['n_heldout']} held-out prompts; detection "
+        "rate " + ", ".join(f"{k} {v:.2f}" for k, v in g["detection_rate"].items()),
+        "",
+        "| kind | copy rate without the guard | with the guard |",
+        "| --- | --- | --- |",
+    ]
     for k in g["copy_rate_unguarded"]:
-        lines.append(f"| {k} | {g['copy_rate_unguarded'][k]:.3f} | "
-                     f"{g['copy_rate_guarded'][k]:.3f} |")
-    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}"
-                                                  for k, v in s["timings_s"].items()), ""]
+        lines.append(
+            f"| {k} | {g['copy_rate_unguarded'][k]:.3f} | {g['copy_rate_guarded'][k]:.3f} |"
+        )
+    lines += [
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -674,18 +921,26 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
 
     kind = np.asarray(means["kind"])
     keep = np.isin(kind, ("verbatim", "heldout"))
-    files = [roc_curves({n: np.asarray(means[c])[keep] for n, (c, _) in DETECTORS.items()},
-                        kind[keep] == "verbatim", path=out / "roc_verbatim.png",
-                        higher_is_positive={n: h for n, (_, h) in DETECTORS.items()},
-                        title="verbatim vs held-out prompts")]
+    files = [
+        roc_curves(
+            {n: np.asarray(means[c])[keep] for n, (c, _) in DETECTORS.items()},
+            kind[keep] == "verbatim",
+            path=out / "roc_verbatim.png",
+            higher_is_positive={n: h for n, (_, h) in DETECTORS.items()},
+            title="verbatim vs held-out prompts",
+        )
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(22, 5.2), width_ratios=(1, 1, 1, 1.3))
     ax = axes[0]
     colours = {"verbatim": "C3", "template": "C1", "rare": "C2", "heldout": "C0"}
     counts = np.asarray(means["count"], np.float64)
     for k, c in colours.items():
         sel = kind == k
-        x = counts[sel] if k == "verbatim" else np.full(sel.sum(), {"template": 96, "rare": 1,
-                                                                      "heldout": 0.5}[k])
+        x = (
+            counts[sel]
+            if k == "verbatim"
+            else np.full(sel.sum(), {"template": 96, "rare": 1, "heldout": 0.5}[k])
+        )
         ax.scatter(x, means["cfg_norm"][sel], s=14, c=c, label=k, alpha=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("duplicate count (held-out at 1/2, template at 96)")
@@ -695,14 +950,21 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
     ax = axes[1]
     for k, c in colours.items():
         sel = kind == k
-        ax.scatter(means["flipd_cond"][sel], means["is_copy"][sel] + np.random.default_rng(0)
-                   .uniform(-0.03, 0.03, sel.sum()), s=14, c=c, label=k, alpha=0.8)
+        ax.scatter(
+            means["flipd_cond"][sel],
+            means["is_copy"][sel] + np.random.default_rng(0).uniform(-0.03, 0.03, sel.sum()),
+            s=14,
+            c=c,
+            label=k,
+            alpha=0.8,
+        )
     ax.set_xlabel("conditional FLIPD of the generations")
     ax.set_ylabel("copy rate of the prompt (jittered)")
     ax.set_title("(b) copy rate against conditional FLIPD")
     ax = axes[2]
-    names = [k for k in summary["attribution"] if k.endswith("verbatim")] + \
-            [k for k in summary["attribution"] if k.endswith("template")]
+    names = [k for k in summary["attribution"] if k.endswith("verbatim")] + [
+        k for k in summary["attribution"] if k.endswith("template")
+    ]
     top1 = [summary["attribution"][n]["top1"] for n in names]
     base = [summary["attribution"][n]["top1_uniform"] for n in names]
     pos = np.arange(len(names))
@@ -720,13 +982,20 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
     pos = np.arange(len(names))
     ax.barh(pos, rates, color=["grey" if n == "unmitigated" else "C0" for n in names])
     for y, n in zip(pos, names):
-        ax.text(mit[n]["copy_rate"] + 0.005, y, f"fidelity {mit[n]['fidelity']:.2f}",
-                va="center", fontsize=6)
+        ax.text(
+            mit[n]["copy_rate"] + 0.005,
+            y,
+            f"fidelity {mit[n]['fidelity']:.2f}",
+            va="center",
+            fontsize=6,
+        )
     ax.set_yticks(pos, names, fontsize=7)
     ax.axvline(mit["unmitigated"]["copy_rate"] / 2, ls="--", c="grey", lw=1)
     ax.set_xlim(0, max(rates + [0.05]) * 1.35)
-    ax.set_xlabel("copy rate (dashed: half the unmitigated rate); held-out fidelity "
-                  f"{summary['fidelity'].get('heldout', float('nan')):.2f}")
+    ax.set_xlabel(
+        "copy rate (dashed: half the unmitigated rate); held-out fidelity "
+        f"{summary['fidelity'].get('heldout', float('nan')):.2f}"
+    )
     ax.set_title("(d) mitigation of verbatim prompts")
     fig.tight_layout()
     files.append(save_figure(fig, out / "prompt_world.png"))
@@ -735,8 +1004,9 @@ def _figures(out: Path, means: dict, summary: dict) -> list[Path]:
 
 
 def _print_summary(console: Console, s: dict, files: list[Path]) -> None:
-    table = Table(title="Detection: memorized prompts vs held-out prompts (AUROC [95% CI], "
-                        "TPR at 1% FPR)")
+    table = Table(
+        title="Detection: memorized prompts vs held-out prompts (AUROC [95% CI], TPR at 1% FPR)"
+    )
     table.add_column("detector")
     groups = list(s["detection"])
     for g in groups:
@@ -745,18 +1015,26 @@ def _print_summary(console: Console, s: dict, files: list[Path]) -> None:
         cells = []
         for g in groups:
             m = s["detection"][g][name]
-            cells.append(f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]"
-                         f"  {m['tpr_at_1pct_fpr']:.2f}")
+            cells.append(
+                f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]"
+                f"  {m['tpr_at_1pct_fpr']:.2f}"
+            )
         table.add_row(name, *cells)
     console.print(table)
-    console.print("copy rate per kind: " + ", ".join(f"{k} {v:.2f}"
-                                                     for k, v in s["copy_rate"].items()))
+    console.print(
+        "copy rate per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in s["copy_rate"].items())
+    )
     att = Table(title="Attribution: the top token is a trigger word")
     for c in ("metric / prompts", "top-1", "uniform", "top-3", "uniform "):
         att.add_column(c)
     for name, v in s["attribution"].items():
-        att.add_row(name, f"{v['top1']:.2f}", f"{v['top1_uniform']:.2f}", f"{v['top3']:.2f}",
-                    f"{v['top3_uniform']:.2f}")
+        att.add_row(
+            name,
+            f"{v['top1']:.2f}",
+            f"{v['top1_uniform']:.2f}",
+            f"{v['top3']:.2f}",
+            f"{v['top3_uniform']:.2f}",
+        )
     console.print(att)
     mit = Table(title="Mitigation of verbatim prompts")
     for c in ("method", "copy rate", "fidelity"):
@@ -765,14 +1043,19 @@ def _print_summary(console: Console, s: dict, files: list[Path]) -> None:
         mit.add_row(name, f"{v['copy_rate']:.2f}", f"{v['fidelity']:.2f}")
     console.print(mit)
     g = s["guard"]
-    console.print(f"guarded sampler: target FPR {g['target_fpr']:.2f}, realised "
-                  f"{g['realised_fpr']:.3f} [{g['realised_fpr_ci'][0]:.3f}, "
-                  f"{g['realised_fpr_ci'][1]:.3f}] on {g['n_heldout']} held-out prompts; "
-                  "detection rate " + ", ".join(f"{k} {v:.2f}"
-                                                for k, v in g["detection_rate"].items()))
-    console.print("copy rate without / with the guard: " + ", ".join(
-        f"{k} {g['copy_rate_unguarded'][k]:.2f} / {g['copy_rate_guarded'][k]:.2f}"
-        for k in g["copy_rate_unguarded"]))
+    console.print(
+        f"guarded sampler: target FPR {g['target_fpr']:.2f}, realised "
+        f"{g['realised_fpr']:.3f} [{g['realised_fpr_ci'][0]:.3f}, "
+        f"{g['realised_fpr_ci'][1]:.3f}] on {g['n_heldout']} held-out prompts; "
+        "detection rate " + ", ".join(f"{k} {v:.2f}" for k, v in g["detection_rate"].items())
+    )
+    console.print(
+        "copy rate without / with the guard: "
+        + ", ".join(
+            f"{k} {g['copy_rate_unguarded'][k]:.2f} / {g['copy_rate_guarded'][k]:.2f}"
+            for k in g["copy_rate_unguarded"]
+        )
+    )
     console.print("wrote " + ", ".join(str(f) for f in files))
 
 
@@ -783,34 +1066,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``mmh-jax demo prompts``."""
     d = PromptWorldConfig()
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (%(default)s)")
-    parser.add_argument("--model", type=Path, default=None, metavar="DIR",
-                        help="the world model's folder (default OUT/model; trained there on the "
-                             "first run, resumed if interrupted, reused afterwards)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small world and model (about a minute of training) for a smoke "
-                             "test; its numbers are not the demo's")
-    parser.add_argument("--train-steps", type=int, default=None, metavar="N",
-                        help="UNet and text-encoder training steps (default: the recipe's); "
-                             "another value is another model, so give it its own --out or "
-                             "--model")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the sampling noise, "
-                        "probes and token draws (%(default)s)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the world model's folder (default OUT/model; trained there on the "
+        "first run, resumed if interrupted, reused afterwards)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small world and model (about a minute of training) for a smoke "
+        "test; its numbers are not the demo's",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="UNet and text-encoder training steps (default: the recipe's); "
+        "another value is another model, so give it its own --out or "
+        "--model",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the sampling noise, probes and token draws (%(default)s)",
+    )
     parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, metavar="N")
-    parser.add_argument("--num-steps", type=int, default=d.num_steps, metavar="N",
-                        help="DDIM steps (%(default)s)")
+    parser.add_argument(
+        "--num-steps", type=int, default=d.num_steps, metavar="N", help="DDIM steps (%(default)s)"
+    )
     parser.add_argument("--guidance", type=finite_float, default=d.guidance, metavar="W")
-    parser.add_argument("--num-heldout", type=int, default=d.num_heldout, metavar="N",
-                        help="held-out prompts of the detection and guard evaluation")
-    parser.add_argument("--num-calibration", type=int, default=d.num_calibration, metavar="N",
-                        help="held-out prompts that calibrate the guard's threshold")
+    parser.add_argument(
+        "--num-heldout",
+        type=int,
+        default=d.num_heldout,
+        metavar="N",
+        help="held-out prompts of the detection and guard evaluation",
+    )
+    parser.add_argument(
+        "--num-calibration",
+        type=int,
+        default=d.num_calibration,
+        metavar="N",
+        help="held-out prompts that calibrate the guard's threshold",
+    )
     parser.add_argument("--flipd-t0", type=finite_float, default=d.flipd_t0, metavar="T")
-    parser.add_argument("--ks", type=int, nargs="+", default=list(d.ks), metavar="K",
-                        help="tokens changed by the text mitigations (%(default)s)")
+    parser.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=list(d.ks),
+        metavar="K",
+        help="tokens changed by the text mitigations (%(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=d.repeats, metavar="N")
-    parser.add_argument("--mitigation-images", type=int, default=d.mitigation_images,
-                        metavar="N")
-    parser.add_argument("--target-fpr", type=finite_float, default=d.target_fpr, metavar="P",
-                        help="the guard's false-positive rate (%(default)s)")
+    parser.add_argument("--mitigation-images", type=int, default=d.mitigation_images, metavar="N")
+    parser.add_argument(
+        "--target-fpr",
+        type=finite_float,
+        default=d.target_fpr,
+        metavar="P",
+        help="the guard's false-positive rate (%(default)s)",
+    )
     parser.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -818,10 +1139,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PromptWorldConfig:
     """The config of parsed ``demo prompts`` flags."""
     return PromptWorldConfig(
-        out=args.out, model=args.model, quick=args.quick, train_steps=args.train_steps,
+        out=args.out,
+        model=args.model,
+        quick=args.quick,
+        train_steps=args.train_steps,
         seed=args.seed,
-        images_per_prompt=args.images_per_prompt, num_steps=args.num_steps,
-        guidance=args.guidance, num_heldout=args.num_heldout,
-        num_calibration=args.num_calibration, flipd_t0=args.flipd_t0, ks=tuple(args.ks),
-        repeats=args.repeats, mitigation_images=args.mitigation_images,
-        target_fpr=args.target_fpr, batch_size=args.batch_size, progress=args.progress)
+        images_per_prompt=args.images_per_prompt,
+        num_steps=args.num_steps,
+        guidance=args.guidance,
+        num_heldout=args.num_heldout,
+        num_calibration=args.num_calibration,
+        flipd_t0=args.flipd_t0,
+        ks=tuple(args.ks),
+        repeats=args.repeats,
+        mitigation_images=args.mitigation_images,
+        target_fpr=args.target_fpr,
+        batch_size=args.batch_size,
+        progress=args.progress,
+    )

@@ -99,14 +99,22 @@ class AttributeConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
-        require((self.prompt is None) != (self.prompts is None),
-                "give exactly one of --prompt TEXT and --prompts FILE")
-        require(self.prompt is None or bool(self.prompt.strip()),
-                "--prompt is empty: there are no tokens to attribute")
-        require(bool(self.metrics) and all(m in METRICS for m in self.metrics),
-                f"--metric must be among {', '.join(METRICS)}, got {list(self.metrics)}")
-        require(self.num_images is None or self.num_images >= 1,
-                f"--num-images must be at least 1, got {self.num_images}")
+        require(
+            (self.prompt is None) != (self.prompts is None),
+            "give exactly one of --prompt TEXT and --prompts FILE",
+        )
+        require(
+            self.prompt is None or bool(self.prompt.strip()),
+            "--prompt is empty: there are no tokens to attribute",
+        )
+        require(
+            bool(self.metrics) and all(m in METRICS for m in self.metrics),
+            f"--metric must be among {', '.join(METRICS)}, got {list(self.metrics)}",
+        )
+        require(
+            self.num_images is None or self.num_images >= 1,
+            f"--num-images must be at least 1, got {self.num_images}",
+        )
         require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
         _check_common(self)
 
@@ -145,56 +153,96 @@ class MitigateConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings (before the model loads)."""
-        require(bool(self.methods) and all(m in METHODS for m in self.methods),
-                f"--methods must be among {', '.join(METHODS)}, got {list(self.methods)}")
+        require(
+            bool(self.methods) and all(m in METHODS for m in self.methods),
+            f"--methods must be among {', '.join(METHODS)}, got {list(self.methods)}",
+        )
         require(len(set(self.methods)) == len(self.methods), "--methods lists a method twice")
-        require("embedding" not in self.methods or self.num_images == 1,
-                "--methods embedding takes --num-images 1 in `sd mitigate` (its engine stage "
-                "optimises each image's embedding on that image alone; "
-                "mmh_jax.memorization.mitigate optimises on several images jointly)")
+        require(
+            "embedding" not in self.methods or self.num_images == 1,
+            "--methods embedding takes --num-images 1 in `sd mitigate` (its engine stage "
+            "optimises each image's embedding on that image alone; "
+            "mmh_jax.memorization.mitigate optimises on several images jointly)",
+        )
         require(self.chunk_size >= 1, f"chunk_size must be at least 1, got {self.chunk_size}")
-        require(bool(self.metrics) and all(m in METRICS for m in self.metrics)
-                and len(set(self.metrics)) == len(self.metrics),
-                f"--metric must be distinct names among {', '.join(METRICS)}, got "
-                f"{list(self.metrics)}")
-        require(bool(self.ks) and all(k >= 1 for k in self.ks) and len(set(self.ks)) == len(
-            self.ks), f"--ks must be distinct integers >= 1, got {list(self.ks)}")
-        require(self.grid_k is None or self.grid_k in self.ks,
-                f"--grid-k {self.grid_k} is not one of --ks {list(self.ks)}")
+        require(
+            bool(self.metrics)
+            and all(m in METRICS for m in self.metrics)
+            and len(set(self.metrics)) == len(self.metrics),
+            f"--metric must be distinct names among {', '.join(METRICS)}, got {list(self.metrics)}",
+        )
+        require(
+            bool(self.ks) and all(k >= 1 for k in self.ks) and len(set(self.ks)) == len(self.ks),
+            f"--ks must be distinct integers >= 1, got {list(self.ks)}",
+        )
+        require(
+            self.grid_k is None or self.grid_k in self.ks,
+            f"--grid-k {self.grid_k} is not one of --ks {list(self.ks)}",
+        )
         require(self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}")
         require(self.num_images >= 1, f"--num-images must be at least 1, got {self.num_images}")
-        require(self.attribution_images is None or self.attribution_images >= 1,
-                f"--attribution-images must be at least 1, got {self.attribution_images}")
+        require(
+            self.attribution_images is None or self.attribution_images >= 1,
+            f"--attribution-images must be at least 1, got {self.attribution_images}",
+        )
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.rephraser in ("synonyms", "chat"),
-                f"--rephraser must be synonyms or chat, got {self.rephraser!r}")
-        require(self.rephraser != "chat" or self.chat_url is not None,
-                "--rephraser chat needs --chat-url URL (an OpenAI-compatible endpoint)")
+        require(
+            self.rephraser in ("synonyms", "chat"),
+            f"--rephraser must be synonyms or chat, got {self.rephraser!r}",
+        )
+        require(
+            self.rephraser != "chat" or self.chat_url is not None,
+            "--rephraser chat needs --chat-url URL (an OpenAI-compatible endpoint)",
+        )
         require(self.chat_timeout > 0, f"--chat-timeout must be > 0, got {self.chat_timeout}")
-        require(self.sscd is None or self.sscd.is_file(),
-                f"--sscd {str(self.sscd)!r} does not exist or is a folder")
-        require(self.clip is None or self.clip.is_dir(),
-                f"--clip {str(self.clip)!r} is not a folder")
-        require(self.reference_images is None or self.reference_images.is_dir(),
-                f"--reference-images {str(self.reference_images)!r} is not a folder")
+        require(
+            self.sscd is None or self.sscd.is_file(),
+            f"--sscd {str(self.sscd)!r} does not exist or is a folder",
+        )
+        require(
+            self.clip is None or self.clip.is_dir(), f"--clip {str(self.clip)!r} is not a folder"
+        )
+        require(
+            self.reference_images is None or self.reference_images.is_dir(),
+            f"--reference-images {str(self.reference_images)!r} is not a folder",
+        )
         _check_common(self)
 
 
 def _common_arguments(parser: argparse.ArgumentParser, d: Any) -> None:
-    parser.add_argument("--num-steps", type=int, metavar="N", default=d.num_steps,
-                        help="DDIM steps (default %(default)s)")
-    parser.add_argument("--guidance", type=finite_float, metavar="LAMBDA", default=d.guidance,
-                        help="classifier-free guidance scale (default %(default)s)")
-    parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
-                        help="seed of the noise and every random choice (default %(default)s)")
+    parser.add_argument(
+        "--num-steps",
+        type=int,
+        metavar="N",
+        default=d.num_steps,
+        help="DDIM steps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=finite_float,
+        metavar="LAMBDA",
+        default=d.guidance,
+        help="classifier-free guidance scale (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=d.seed,
+        help="seed of the noise and every random choice (default %(default)s)",
+    )
     add_dtype_flag(parser, d.dtype, of="the networks")
     add_display_flags(parser)
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, metavar="MODEL",
-                        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
-                        "`mmh-jax convert stable-diffusion`")
+    parser.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
+        "`mmh-jax convert stable-diffusion`",
+    )
 
 
 def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,19 +251,40 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     _model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="one prompt")
-    source.add_argument("--prompts", type=Path, metavar="FILE",
-                        help="prompts: one a line, or JSON lines (.jsonl) with 'caption'")
-    parser.add_argument("--metric", dest="metrics", nargs="+", choices=METRICS,
-                        default=list(d.metrics), metavar="METRIC",
-                        help="metrics to attribute with: cfg (Wen et al.'s A^CFG), cfg_score "
-                        "(A^sCFG), flipd (A^FLIPD) (default: all three, as Figure 11)")
-    parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder (default ./%(default)s/)")
-    parser.add_argument("--num-images", type=int, metavar="N", default=None,
-                        help="trajectories per prompt (default: 4 for the CFG metrics, 1 for "
-                        "FLIPD, as the public code)")
-    parser.add_argument("--num-probes", type=int, metavar="N", default=d.num_probes,
-                        help="Hutchinson probes of A^FLIPD (default %(default)s)")
+    source.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="prompts: one a line, or JSON lines (.jsonl) with 'caption'",
+    )
+    parser.add_argument(
+        "--metric",
+        dest="metrics",
+        nargs="+",
+        choices=METRICS,
+        default=list(d.metrics),
+        metavar="METRIC",
+        help="metrics to attribute with: cfg (Wen et al.'s A^CFG), cfg_score "
+        "(A^sCFG), flipd (A^FLIPD) (default: all three, as Figure 11)",
+    )
+    parser.add_argument(
+        "-o", "--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)"
+    )
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        metavar="N",
+        default=None,
+        help="trajectories per prompt (default: 4 for the CFG metrics, 1 for "
+        "FLIPD, as the public code)",
+    )
+    parser.add_argument(
+        "--num-probes",
+        type=int,
+        metavar="N",
+        default=d.num_probes,
+        help="Hutchinson probes of A^FLIPD (default %(default)s)",
+    )
     _common_arguments(parser, d)
 
 
@@ -223,101 +292,225 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd mitigate``'s arguments and flags to ``parser``."""
     d = MitigateConfig(model=Path("."), prompts=Path("."))
     _model_argument(parser)
-    parser.add_argument("--prompts", type=Path, metavar="FILE", required=True,
-                        help="the memorized prompts: one a line, or JSON lines (.jsonl) with "
-                        "'caption'")
-    parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder; a rerun resumes there (default ./%(default)s/)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods),
-                        metavar="METHOD",
-                        help="attribution (rephrase k tokens drawn from the attributions), "
-                        "uniform (k tokens drawn uniformly), rta (k random vocabulary words "
-                        "added), embedding (AdamW on the prompt embedding, one row per prompt "
-                        "and metric; with --num-images 1) (default: the first three)")
-    parser.add_argument("--metric", dest="metrics", nargs="+", choices=METRICS,
-                        default=list(d.metrics), metavar="METRIC",
-                        help="metric(s) of the attributions and the embedding optimisation "
-                        "(default: flipd); several give one line each")
-    parser.add_argument("--ks", nargs="+", type=int, default=list(d.ks), metavar="K",
-                        help="numbers of tokens to perturb (default: 1 2 3 4 6 8)")
-    parser.add_argument("--repeats", type=int, metavar="N", default=d.repeats,
-                        help="rephrasings per prompt, method and k (default %(default)s)")
-    parser.add_argument("--rephraser", choices=("synonyms", "chat"), default=d.rephraser,
-                        help="synonyms: offline synonym substitution (default); chat: an "
-                        f"OpenAI-compatible endpoint (--chat-url, key in ${d.chat_key_env})")
-    parser.add_argument("--chat-url", metavar="URL",
-                        help="chat endpoint base, e.g. https://api.openai.com/v1")
-    parser.add_argument("--chat-model", metavar="M", default=d.chat_model,
-                        help="chat model name (default %(default)s)")
-    parser.add_argument("--chat-key-env", metavar="VAR", default=d.chat_key_env,
-                        help="environment variable holding the endpoint's key (default "
-                        "%(default)s)")
-    parser.add_argument("--chat-timeout", type=finite_float, metavar="S", default=d.chat_timeout,
-                        help="seconds to wait for each rephrasing (default %(default)s)")
-    parser.add_argument("--sscd", type=Path, metavar="FILE",
-                        help="SSCD checkpoint for the similarity to the memorized image")
-    parser.add_argument("--clip", type=Path, metavar="FOLDER",
-                        help="transformers CLIPModel folder for the CLIP score")
-    parser.add_argument("--reference-images", type=Path, metavar="FOLDER",
-                        help="memorized training images: KEY.png|jpg + KEY.txt (the caption, "
-                        "matched to the prompts); default reference: the original generation")
-    parser.add_argument("--num-images", type=int, metavar="N", default=d.num_images,
-                        help="images per (new) prompt, all from the prompt's noise (default "
-                        "%(default)s)")
-    parser.add_argument("--attribution-images", type=int, metavar="N", default=None,
-                        help="trajectories of the attributions (default: 4 for the CFG "
-                        "metrics, 1 for FLIPD, as the public code)")
-    parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
-                        help="new prompts sampled per compiled batch (default %(default)s)")
-    parser.add_argument("--grid-k", type=int, metavar="K", default=None,
-                        help="k shown in the image grid (default: the one of --ks closest to "
-                        "4, as Figure 10)")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        required=True,
+        help="the memorized prompts: one a line, or JSON lines (.jsonl) with 'caption'",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=d.out,
+        help="output folder; a rerun resumes there (default ./%(default)s/)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(d.methods),
+        metavar="METHOD",
+        help="attribution (rephrase k tokens drawn from the attributions), "
+        "uniform (k tokens drawn uniformly), rta (k random vocabulary words "
+        "added), embedding (AdamW on the prompt embedding, one row per prompt "
+        "and metric; with --num-images 1) (default: the first three)",
+    )
+    parser.add_argument(
+        "--metric",
+        dest="metrics",
+        nargs="+",
+        choices=METRICS,
+        default=list(d.metrics),
+        metavar="METRIC",
+        help="metric(s) of the attributions and the embedding optimisation "
+        "(default: flipd); several give one line each",
+    )
+    parser.add_argument(
+        "--ks",
+        nargs="+",
+        type=int,
+        default=list(d.ks),
+        metavar="K",
+        help="numbers of tokens to perturb (default: 1 2 3 4 6 8)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        default=d.repeats,
+        help="rephrasings per prompt, method and k (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rephraser",
+        choices=("synonyms", "chat"),
+        default=d.rephraser,
+        help="synonyms: offline synonym substitution (default); chat: an "
+        f"OpenAI-compatible endpoint (--chat-url, key in ${d.chat_key_env})",
+    )
+    parser.add_argument(
+        "--chat-url", metavar="URL", help="chat endpoint base, e.g. https://api.openai.com/v1"
+    )
+    parser.add_argument(
+        "--chat-model",
+        metavar="M",
+        default=d.chat_model,
+        help="chat model name (default %(default)s)",
+    )
+    parser.add_argument(
+        "--chat-key-env",
+        metavar="VAR",
+        default=d.chat_key_env,
+        help="environment variable holding the endpoint's key (default %(default)s)",
+    )
+    parser.add_argument(
+        "--chat-timeout",
+        type=finite_float,
+        metavar="S",
+        default=d.chat_timeout,
+        help="seconds to wait for each rephrasing (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sscd",
+        type=Path,
+        metavar="FILE",
+        help="SSCD checkpoint for the similarity to the memorized image",
+    )
+    parser.add_argument(
+        "--clip",
+        type=Path,
+        metavar="FOLDER",
+        help="transformers CLIPModel folder for the CLIP score",
+    )
+    parser.add_argument(
+        "--reference-images",
+        type=Path,
+        metavar="FOLDER",
+        help="memorized training images: KEY.png|jpg + KEY.txt (the caption, "
+        "matched to the prompts); default reference: the original generation",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        metavar="N",
+        default=d.num_images,
+        help="images per (new) prompt, all from the prompt's noise (default %(default)s)",
+    )
+    parser.add_argument(
+        "--attribution-images",
+        type=int,
+        metavar="N",
+        default=None,
+        help="trajectories of the attributions (default: 4 for the CFG "
+        "metrics, 1 for FLIPD, as the public code)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=d.batch_size,
+        help="new prompts sampled per compiled batch (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grid-k",
+        type=int,
+        metavar="K",
+        default=None,
+        help="k shown in the image grid (default: the one of --ks closest to 4, as Figure 10)",
+    )
     _common_arguments(parser, d)
 
 
 def attribute_config_from_args(args: argparse.Namespace) -> AttributeConfig:
     """Build an :class:`AttributeConfig` from parsed flags."""
     return AttributeConfig(
-        model=args.model, prompt=args.prompt, prompts=args.prompts, out=args.out,
-        metrics=tuple(dict.fromkeys(args.metrics)), num_images=args.num_images,
-        num_steps=args.num_steps, guidance=args.guidance, num_probes=args.num_probes,
-        seed=args.seed, dtype=args.dtype, progress=not args.quiet,
-        figure=not args.no_figure)
+        model=args.model,
+        prompt=args.prompt,
+        prompts=args.prompts,
+        out=args.out,
+        metrics=tuple(dict.fromkeys(args.metrics)),
+        num_images=args.num_images,
+        num_steps=args.num_steps,
+        guidance=args.guidance,
+        num_probes=args.num_probes,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        figure=not args.no_figure,
+    )
 
 
 def mitigate_config_from_args(args: argparse.Namespace) -> MitigateConfig:
     """Build a :class:`MitigateConfig` from parsed flags."""
     return MitigateConfig(
-        model=args.model, prompts=args.prompts, out=args.out, methods=tuple(args.methods),
-        metrics=tuple(args.metrics), ks=tuple(args.ks), repeats=args.repeats,
-        rephraser=args.rephraser, chat_url=args.chat_url, chat_model=args.chat_model,
-        chat_key_env=args.chat_key_env, chat_timeout=args.chat_timeout, sscd=args.sscd,
-        clip=args.clip, reference_images=args.reference_images, num_images=args.num_images,
-        attribution_images=args.attribution_images, num_steps=args.num_steps,
-        guidance=args.guidance, batch_size=args.batch_size,
-        grid_k=args.grid_k, seed=args.seed, dtype=args.dtype, progress=not args.quiet,
-        figure=not args.no_figure)
+        model=args.model,
+        prompts=args.prompts,
+        out=args.out,
+        methods=tuple(args.methods),
+        metrics=tuple(args.metrics),
+        ks=tuple(args.ks),
+        repeats=args.repeats,
+        rephraser=args.rephraser,
+        chat_url=args.chat_url,
+        chat_model=args.chat_model,
+        chat_key_env=args.chat_key_env,
+        chat_timeout=args.chat_timeout,
+        sscd=args.sscd,
+        clip=args.clip,
+        reference_images=args.reference_images,
+        num_images=args.num_images,
+        attribution_images=args.attribution_images,
+        num_steps=args.num_steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        grid_k=args.grid_k,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        figure=not args.no_figure,
+    )
 
 
 def _attribution_table(attributions: Sequence[PromptAttribution], ids: Sequence[str]) -> dict:
-    columns: dict[str, list] = {name: [] for name in (
-        "id", "prompt", "metric", "value", "position", "token", "word", "score", "normalized")}
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            "id",
+            "prompt",
+            "metric",
+            "value",
+            "position",
+            "token",
+            "word",
+            "score",
+            "normalized",
+        )
+    }
     for pid, a in zip(ids, attributions):
         top = float(np.max(a.scores)) if len(a.scores) else 0.0
         for i, (token, word, score) in enumerate(zip(a.tokens, a.words, a.scores)):
-            for name, v in (("id", pid), ("prompt", a.prompt), ("metric", a.metric),
-                            ("value", a.value), ("position", i), ("token", token),
-                            ("word", word), ("score", float(score)),
-                            ("normalized", float(score) / top if top > 0 else 0.0)):
+            for name, v in (
+                ("id", pid),
+                ("prompt", a.prompt),
+                ("metric", a.metric),
+                ("value", a.value),
+                ("position", i),
+                ("token", token),
+                ("word", word),
+                ("score", float(score)),
+                ("normalized", float(score) / top if top > 0 else 0.0),
+            ):
                 columns[name].append(v)
     return columns
 
 
-def _attribution_figures(attributions: list[PromptAttribution], out: Path, stem: str,
-                         per_page: int) -> list[Path]:
+def _attribution_figures(
+    attributions: list[PromptAttribution], out: Path, stem: str, per_page: int
+) -> list[Path]:
     """One PNG per ``per_page`` prompts (``stem.png`` when one page is enough)."""
     prompts = list(dict.fromkeys(a.prompt for a in attributions))
-    pages = [prompts[i:i + per_page] for i in range(0, len(prompts), per_page)]
+    pages = [prompts[i : i + per_page] for i in range(0, len(prompts), per_page)]
     files = []
     for p, page in enumerate(pages, start=1):
         name = f"{stem}.png" if len(pages) == 1 else f"{stem}-{p}.png"
@@ -346,8 +539,11 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
     import jax
 
     config.validate()
-    items = (read_prompt_file(config.prompts) if config.prompts is not None
-             else [Item("prompt", config.prompt, -1)])
+    items = (
+        read_prompt_file(config.prompts)
+        if config.prompts is not None
+        else [Item("prompt", config.prompt, -1)]
+    )
     for item in items:
         require(bool(item.caption.strip()), f"{item.id}: empty prompt, nothing to attribute")
     out = prepare_out_dir(config.out)
@@ -366,10 +562,15 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
         for n, item in enumerate(items):
             try:
                 found = attribute_prompts(
-                    sd, item.caption, metrics=config.metrics,
+                    sd,
+                    item.caption,
+                    metrics=config.metrics,
                     key=jax.random.fold_in(jax.random.key(config.seed), n),
-                    num_images=config.num_images, num_steps=config.num_steps,
-                    guidance=config.guidance, num_probes=config.num_probes)
+                    num_images=config.num_images,
+                    num_steps=config.num_steps,
+                    guidance=config.guidance,
+                    num_probes=config.num_probes,
+                )
             except ValueError as err:
                 raise DemoInputError(f"{item.id}: {err}") from None
             attributions.extend(found)
@@ -377,8 +578,10 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
             progress.advance(task)
     attribute_s = time.perf_counter() - start
     table = _attribution_table(attributions, ids)
-    files = [write_parquet(table, out / "attributions.parquet"),
-             write_csv(table, out / "attributions.csv")]
+    files = [
+        write_parquet(table, out / "attributions.parquet"),
+        write_csv(table, out / "attributions.csv"),
+    ]
     if config.figure:
         files += _attribution_figures(attributions, out, "attributions", per_page=8)
     summary = Table(title=f"Token attributions of {len(items)} prompt(s)")
@@ -387,8 +590,10 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
     for pid, a in zip(ids, attributions):
         summary.add_row(pid, metric_label(a.metric), f"{a.value:.4g}", _top_tokens(a))
     console.print(summary)
-    console.print(f"load {load_s:.1f} s, attribution {attribute_s:.1f} s; wrote "
-                  f"{', '.join(str(f) for f in files)}")
+    console.print(
+        f"load {load_s:.1f} s, attribution {attribute_s:.1f} s; wrote "
+        f"{', '.join(str(f) for f in files)}"
+    )
     return attributions, files
 
 
@@ -400,11 +605,15 @@ def _rephraser(config: MitigateConfig):
     if config.rephraser == "synonyms":
         return SynonymRephraser(key=jax.random.key(config.seed))
     key = os.environ.get(config.chat_key_env)
-    require(bool(key), f"--rephraser chat needs the endpoint's key in ${config.chat_key_env} "
-                       "(set it, or pick another variable with --chat-key-env)")
+    require(
+        bool(key),
+        f"--rephraser chat needs the endpoint's key in ${config.chat_key_env} "
+        "(set it, or pick another variable with --chat-key-env)",
+    )
     try:
-        return ChatRephraser(config.chat_url, api_key=key, model=config.chat_model,
-                             timeout=config.chat_timeout)
+        return ChatRephraser(
+            config.chat_url, api_key=key, model=config.chat_model, timeout=config.chat_timeout
+        )
     except ValueError as err:
         raise DemoInputError(f"--rephraser chat: {err}") from None
 
@@ -413,10 +622,17 @@ def _mitigation_config(config: MitigateConfig) -> MitigationConfig:
     """The library settings of the run (``ks`` only matter to the text methods)."""
     try:
         return MitigationConfig(
-            methods=config.methods, metrics=config.metrics, ks=config.ks,
-            repeats=config.repeats, num_images=config.num_images, num_steps=config.num_steps,
-            guidance=config.guidance, batch_size=config.batch_size,
-            attribution_images=config.attribution_images, grid_k=config.grid_k)
+            methods=config.methods,
+            metrics=config.metrics,
+            ks=config.ks,
+            repeats=config.repeats,
+            num_images=config.num_images,
+            num_steps=config.num_steps,
+            guidance=config.guidance,
+            batch_size=config.batch_size,
+            attribution_images=config.attribution_images,
+            grid_k=config.grid_k,
+        )
     except ValueError as err:
         raise DemoInputError(str(err)) from None
 
@@ -438,8 +654,9 @@ def _load_sscd(path: Path) -> Similarity:
     raise DemoInputError(f"cannot load SSCD from {str(path)!r}: " + "; ".join(errors))
 
 
-def _scorers(config: MitigateConfig, console: Console
-             ) -> tuple[Similarity | None, ClipScorer | None]:
+def _scorers(
+    config: MitigateConfig, console: Console
+) -> tuple[Similarity | None, ClipScorer | None]:
     """The SSCD similarity and the CLIP score of ``--sscd`` and ``--clip`` (``None`` without)."""
     from jax.tree_util import Partial
 
@@ -462,8 +679,17 @@ def _rows_table(rows: Sequence[dict]) -> dict:
     return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
-_NEW_PROMPT_FIELDS = ("prompt_index", "prompt", "method", "metric", "k", "repeat", "words",
-                      "changed", "error")
+_NEW_PROMPT_FIELDS = (
+    "prompt_index",
+    "prompt",
+    "method",
+    "metric",
+    "k",
+    "repeat",
+    "words",
+    "changed",
+    "error",
+)
 """The columns of ``new_prompts.parquet`` besides ``id`` and ``new_prompt``, carried by the
 ``mitigated`` stage into its Parquet."""
 _STAGE_KEY = b"mmh_jax.sd_mitigate"
@@ -472,13 +698,22 @@ _STAGE_KEY = b"mmh_jax.sd_mitigate"
 def _digest(arrays: Sequence[np.ndarray | None]) -> str:
     digest = hashlib.sha256()
     for a in arrays:
-        digest.update(b"none" if a is None else np.ascontiguousarray(a).tobytes()
-                      + str(a.shape).encode())
+        digest.update(
+            b"none" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode()
+        )
     return digest.hexdigest()[:16]
 
 
-def _score(stage: Path, source, columns: list, generation, config: MitigateConfig,
-           record: dict, err_console: Console, model):
+def _score(
+    stage: Path,
+    source,
+    columns: list,
+    generation,
+    config: MitigateConfig,
+    record: dict,
+    err_console: Console,
+    model,
+):
     """One engine stage of ``sd mitigate`` into ``stage`` (a rerun resumes it)."""
     import jax
 
@@ -487,31 +722,47 @@ def _score(stage: Path, source, columns: list, generation, config: MitigateConfi
     per_item = generation.num_images
     batch = -(-config.batch_size * per_item // jax.device_count()) * jax.device_count()
     try:
-        return scoring.score(model, columns, source, str(stage), seed=config.seed,
-                             batch_size=batch, chunk_size=config.chunk_size,
-                             generation=generation, record=record,
-                             console=err_console if config.progress else None)
+        return scoring.score(
+            model,
+            columns,
+            source,
+            str(stage),
+            seed=config.seed,
+            batch_size=batch,
+            chunk_size=config.chunk_size,
+            generation=generation,
+            record=record,
+            console=err_console if config.progress else None,
+        )
     except scoring.RunMismatch as err:
-        raise DemoInputError(f"{str(stage)!r} holds results of other inputs or settings "
-                             f"({err}); choose another --out") from None
+        raise DemoInputError(
+            f"{str(stage)!r} holds results of other inputs or settings "
+            f"({err}); choose another --out"
+        ) from None
 
 
 def _per_item_means(scores, names: Sequence[str], *, images: int | None = None) -> dict:
     """Per item index: the mean of each column over its images (``image_index < images``)."""
     index = scores["index"].to_numpy()
-    keep = np.ones(len(index), bool) if images is None else (
-        scores["image_index"].to_numpy() < images)
+    keep = (
+        np.ones(len(index), bool) if images is None else (scores["image_index"].to_numpy() < images)
+    )
     index = index[keep]
     items = np.unique(index)
     counts = np.bincount(index)[items]
-    means = {name: np.bincount(index, weights=scores[name].to_numpy(zero_copy_only=False)
-                               .astype(np.float64)[keep])[items] / counts for name in names}
-    return {int(i): {name: float(means[name][k]) for name in names}
-            for k, i in enumerate(items)}
+    means = {
+        name: np.bincount(
+            index, weights=scores[name].to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+        )[items]
+        / counts
+        for name in names
+    }
+    return {int(i): {name: float(means[name][k]) for name in names} for k, i in enumerate(items)}
 
 
-def _attributions(scores, prompts: Sequence[str], tokens: Sequence[Any],
-                  settings: MitigationConfig) -> list[PromptAttribution]:
+def _attributions(
+    scores, prompts: Sequence[str], tokens: Sequence[Any], settings: MitigationConfig
+) -> list[PromptAttribution]:
     """Per prompt and metric, the attribution of its tokens: the mean of its images' vectors
     over the images the metric uses (prompt-major, as :func:`mitigate` returns them)."""
     from mmh_jax.memorization import default_attribution_images
@@ -526,10 +777,16 @@ def _attributions(scores, prompts: Sequence[str], tokens: Sequence[Any],
             rows = (index == p) & (image < n)
             vectors = np.stack(scores[f"attribution_{m}"].filter(rows).to_pylist())
             values = scores[f"attribution_value_{m}"].to_numpy()[rows]
-            found.append(PromptAttribution(
-                prompt, m, list(pt.tokens), list(pt.words),
-                vectors.astype(np.float64).mean(axis=0)[1:1 + n_tokens],
-                float(values.astype(np.float64).mean())))
+            found.append(
+                PromptAttribution(
+                    prompt,
+                    m,
+                    list(pt.tokens),
+                    list(pt.words),
+                    vectors.astype(np.float64).mean(axis=0)[1 : 1 + n_tokens],
+                    float(values.astype(np.float64).mean()),
+                )
+            )
     return found
 
 
@@ -551,12 +808,19 @@ def _new_prompt_table(path: Path, record: dict, make) -> None:
         if old == wanted:
             return
         keys = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-        raise DemoInputError(f"{str(path)!r} holds new prompts of other inputs or settings "
-                             f"({', '.join(keys) or 'unreadable record'} differ); choose "
-                             "another --out")
+        raise DemoInputError(
+            f"{str(path)!r} holds new prompts of other inputs or settings "
+            f"({', '.join(keys) or 'unreadable record'} differ); choose "
+            "another --out"
+        )
     rows = make()
-    table = pa.table({"id": [r["id"] for r in rows], "new_prompt": [r["new_prompt"] for r in rows],
-                      **{name: [r[name] for r in rows] for name in _NEW_PROMPT_FIELDS}})
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "new_prompt": [r["new_prompt"] for r in rows],
+            **{name: [r[name] for r in rows] for name in _NEW_PROMPT_FIELDS},
+        }
+    )
     table = table.replace_schema_metadata({_STAGE_KEY: json.dumps(wanted, sort_keys=True)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -626,19 +890,27 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     settings = _mitigation_config(config)
     prompts = [item.caption for item in items]
     try:
-        tokens = check_prompt_tokens(sd, prompts, config=settings,
-                                     names=[f"{config.prompts}: prompt {item.id}"
-                                            for item in items])
+        tokens = check_prompt_tokens(
+            sd,
+            prompts,
+            config=settings,
+            names=[f"{config.prompts}: prompt {item.id}" for item in items],
+        )
     except ValueError as err:
         raise DemoInputError(str(err)) from None
     similarity, clip_scorer = _scorers(config, err_console)
-    references = (read_reference_images(config.reference_images, prompts)
-                  if config.reference_images is not None else [None] * len(prompts))
+    references = (
+        read_reference_images(config.reference_images, prompts)
+        if config.reference_images is not None
+        else [None] * len(prompts)
+    )
     model = scoring.Model.from_stable_diffusion(sd)
     load_s = time.perf_counter() - start
     record = {"model": str(config.model), "dtype": config.dtype}
-    scorers = {"similarity": f"{config.sscd} to {_digest(references)}",
-               "clip_score": str(config.clip)}
+    scorers = {
+        "similarity": f"{config.sscd} to {_digest(references)}",
+        "clip_score": str(config.clip),
+    }
 
     def scorer_columns(reference, prompt) -> list:
         columns = []
@@ -652,53 +924,81 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     start = time.perf_counter()
     m = config.num_images
     attribution = "attribution" in settings.methods
-    needed = [m] + ([settings.attribution_images or default_attribution_images(x)
-                     for x in settings.metrics] if attribution else [])
-    columns = [scoring.TokenAttributions(metric=x, guidance=config.guidance)
-               for x in (settings.metrics if attribution else ())]
+    needed = [m] + (
+        [settings.attribution_images or default_attribution_images(x) for x in settings.metrics]
+        if attribution
+        else []
+    )
+    columns = [
+        scoring.TokenAttributions(metric=x, guidance=config.guidance)
+        for x in (settings.metrics if attribution else ())
+    ]
     columns += scorer_columns(lambda i, j: references[i], lambda i: prompts[i])
     originals_dir = out / "originals"
-    columns.append(scoring.SavedImage(str(originals_dir / "images"), lambda i, j: j < m,
-                                      f"image_index < {m}"))
-    generation = scoring.Generation(guidance=config.guidance, num_steps=config.num_steps,
-                                    num_images=max(needed))
+    columns.append(
+        scoring.SavedImage(str(originals_dir / "images"), lambda i, j: j < m, f"image_index < {m}")
+    )
+    generation = scoring.Generation(
+        guidance=config.guidance, num_steps=config.num_steps, num_images=max(needed)
+    )
     _score(originals_dir, source, columns, generation, config, record, err_console, model)
     first = scoring.merge(originals_dir).scores
     attributions = _attributions(first, prompts, tokens, settings) if attribution else []
 
     # ---- stage 2: the new prompts (host, drawn from the seed)
     table = out / "new_prompts.parquet"
-    vocabulary = (clip_vocabulary_words(sd.tokenizer) if "rta" in settings.methods
-                  and settings.vocabulary is None else settings.vocabulary)
+    vocabulary = (
+        clip_vocabulary_words(sd.tokenizer)
+        if "rta" in settings.methods and settings.vocabulary is None
+        else settings.vocabulary
+    )
 
     def make() -> list[dict]:
         attr = {(a.prompt, a.metric): a.scores for a in attributions}
         rows = []
         key = jax.random.key(config.seed)
         for i, (item, pt) in enumerate(zip(items, tokens)):
-            for row in new_prompts(item.caption, pt.tokens, index=i, key=key, config=settings,
-                                   attributions={x: attr.get((item.caption, x))
-                                                 for x in settings.metrics},
-                                   rephraser=rephraser, vocabulary=vocabulary):
+            for row in new_prompts(
+                item.caption,
+                pt.tokens,
+                index=i,
+                key=key,
+                config=settings,
+                attributions={x: attr.get((item.caption, x)) for x in settings.metrics},
+                rephraser=rephraser,
+                vocabulary=vocabulary,
+            ):
                 tag = f"{row['method']}-{row['metric']}" if row["metric"] else row["method"]
                 rows.append(dict(row, id=f"{item.id}/{tag}/k{row['k']}/r{row['repeat']}"))
         return rows
 
     stage_record = {
-        "prompts": source.fingerprint, "seed": config.seed, "methods": list(settings.methods),
-        "metrics": list(settings.metrics), "ks": list(settings.ks),
-        "repeats": settings.repeats, "temperature": settings.temperature,
-        "smoothing": settings.smoothing, "rephraser": config.rephraser,
+        "prompts": source.fingerprint,
+        "seed": config.seed,
+        "methods": list(settings.methods),
+        "metrics": list(settings.metrics),
+        "ks": list(settings.ks),
+        "repeats": settings.repeats,
+        "temperature": settings.temperature,
+        "smoothing": settings.smoothing,
+        "rephraser": config.rephraser,
         **({"chat": [config.chat_url, config.chat_model]} if config.rephraser == "chat" else {}),
-        "originals": json.loads((originals_dir / "run.json").read_text())}
+        "originals": json.loads((originals_dir / "run.json").read_text()),
+    }
     _new_prompt_table(table, stage_record, make)
 
     # ---- stage 3: the new prompts' images from the same noise
-    new = (scoring.ParquetTable(table, image_column=None, text_column="new_prompt",
-                                metadata=_NEW_PROMPT_FIELDS)
-           if settings.text_methods else None)  # embedding alone: no new prompt
-    meta = {name: new.metadata[name].to_pylist() if new else []
-            for name in ("prompt_index", "k", "repeat")}
+    new = (
+        scoring.ParquetTable(
+            table, image_column=None, text_column="new_prompt", metadata=_NEW_PROMPT_FIELDS
+        )
+        if settings.text_methods
+        else None
+    )  # embedding alone: no new prompt
+    meta = {
+        name: new.metadata[name].to_pylist() if new else []
+        for name in ("prompt_index", "k", "repeat")
+    }
     shown = settings.shown_k
 
     @functools.lru_cache(maxsize=256)
@@ -711,22 +1011,44 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
 
     mitigated_dir = out / "mitigated"
     columns = scorer_columns(reference, lambda i: prompts[meta["prompt_index"][i]])
-    columns.append(scoring.SavedImage(
-        str(mitigated_dir / "images"),
-        lambda i, j: j == 0 and meta["k"][i] == shown and meta["repeat"][i] == 0,
-        f"image 0 of k = {shown}, repeat 0"))
+    columns.append(
+        scoring.SavedImage(
+            str(mitigated_dir / "images"),
+            lambda i, j: j == 0 and meta["k"][i] == shown and meta["repeat"][i] == 0,
+            f"image 0 of k = {shown}, repeat 0",
+        )
+    )
     if new is not None:
-        _score(mitigated_dir, new, columns, generation._replace(num_images=m), config, record,
-               err_console, model)
+        _score(
+            mitigated_dir,
+            new,
+            columns,
+            generation._replace(num_images=m),
+            config,
+            record,
+            err_console,
+            model,
+        )
     second = scoring.merge(mitigated_dir).scores if new is not None else None
 
     # ---- stage 4: the optimised embeddings' images (a function of its own)
-    embedding = (_embedding_stage(
-        out / "embedding", source, prompts, settings=settings, config=config,
-        generation=generation._replace(num_images=m), record=record, err_console=err_console,
-        model=model, scorer_columns=scorer_columns,
-        reference=lambda p, j: original_image(p, j) if references[p] is None else references[p])
-        if "embedding" in settings.methods else None)
+    embedding = (
+        _embedding_stage(
+            out / "embedding",
+            source,
+            prompts,
+            settings=settings,
+            config=config,
+            generation=generation._replace(num_images=m),
+            record=record,
+            err_console=err_console,
+            model=model,
+            scorer_columns=scorer_columns,
+            reference=lambda p, j: original_image(p, j) if references[p] is None else references[p],
+        )
+        if "embedding" in settings.methods
+        else None
+    )
     mitigate_s = time.perf_counter() - start
 
     # ---- tables and figures from the Parquet
@@ -735,18 +1057,54 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     after = _per_item_means(second, values) if second is not None else {}
     kinds = ["generation" if r is None else "training" for r in references]
     nan = {n: math.nan for n in ("similarity", "clip_score")}
-    originals = [dict(prompt_index=i, prompt=p, num_tokens=len(tokens[i].tokens), reference=kinds[i],
-                      **{**nan, **before.get(i, {})}) for i, p in enumerate(prompts)]
+    originals = [
+        dict(
+            prompt_index=i,
+            prompt=p,
+            num_tokens=len(tokens[i].tokens),
+            reference=kinds[i],
+            **{**nan, **before.get(i, {})},
+        )
+        for i, p in enumerate(prompts)
+    ]
     rows = []
     for i, row in enumerate(new.metadata["prompt_index"].to_pylist() if new else []):
         fields = {name: new.metadata[name][i].as_py() for name in _NEW_PROMPT_FIELDS}
-        rows.append(dict(fields, new_prompt=new[i].text, metric_before=math.nan,
-                         metric_after=math.nan, updates=-1, reference=kinds[row],
-                         **{**nan, **after.get(i, {})}))
-    rows = [{name: r[name] for name in (
-        "prompt_index", "prompt", "method", "metric", "k", "repeat", "words", "new_prompt",
-        "changed", "error", "metric_before", "metric_after", "updates", "similarity",
-        "clip_score", "reference")} for r in rows]
+        rows.append(
+            dict(
+                fields,
+                new_prompt=new[i].text,
+                metric_before=math.nan,
+                metric_after=math.nan,
+                updates=-1,
+                reference=kinds[row],
+                **{**nan, **after.get(i, {})},
+            )
+        )
+    rows = [
+        {
+            name: r[name]
+            for name in (
+                "prompt_index",
+                "prompt",
+                "method",
+                "metric",
+                "k",
+                "repeat",
+                "words",
+                "new_prompt",
+                "changed",
+                "error",
+                "metric_before",
+                "metric_after",
+                "updates",
+                "similarity",
+                "clip_score",
+                "reference",
+            )
+        }
+        for r in rows
+    ]
     images: dict[str, list[np.ndarray]] = {"original": []}
     grid_prompts: dict[str, list[str]] = {"original": []}
     for p, prompt in enumerate(prompts):
@@ -754,20 +1112,27 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
         grid_prompts["original"].append(prompt)
         for i, r in enumerate(rows):
             label = method_label(r["method"], r["metric"])
-            if (r["prompt_index"] == p and r["k"] == shown and r["repeat"] == 0
-                    and len(images.setdefault(label, [])) == p):
-                images[label].append(_read_png(
-                    scoring.saved_image_path(mitigated_dir / "images", i, 0)))
+            if (
+                r["prompt_index"] == p
+                and r["k"] == shown
+                and r["repeat"] == 0
+                and len(images.setdefault(label, [])) == p
+            ):
+                images[label].append(
+                    _read_png(scoring.saved_image_path(mitigated_dir / "images", i, 0))
+                )
                 grid_prompts.setdefault(label, []).append(r["new_prompt"])
     if embedding is not None:
         rows = _with_embedding_rows(rows, embedding, kinds, images, grid_prompts)
     result = MitigationResult(rows, originals, attributions, images, grid_prompts)
 
     summary = summarise_mitigation(rows)
-    files = [write_parquet(_rows_table(rows), out / "results.parquet"),
-             write_csv(_rows_table(rows), out / "results.csv"),
-             write_csv(_rows_table(originals), out / "originals.csv"),
-             write_csv(_rows_table(summary), out / "summary.csv")]
+    files = [
+        write_parquet(_rows_table(rows), out / "results.parquet"),
+        write_csv(_rows_table(rows), out / "results.csv"),
+        write_csv(_rows_table(originals), out / "originals.csv"),
+        write_csv(_rows_table(summary), out / "summary.csv"),
+    ]
     if attributions:
         ids = [items[prompts.index(a.prompt)].id for a in attributions]
         files.append(write_csv(_attribution_table(attributions, ids), out / "attributions.csv"))
@@ -777,46 +1142,77 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
         per_page = 6
         for p, lo in enumerate(range(0, len(prompts), per_page), start=1):
             name = "grid.png" if len(prompts) <= per_page else f"grid-{p}.png"
-            files.append(plot_mitigation_grid(
-                {k: v[lo:lo + per_page] for k, v in images.items()},
-                {k: v[lo:lo + per_page] for k, v in grid_prompts.items()}, out / name))
+            files.append(
+                plot_mitigation_grid(
+                    {k: v[lo : lo + per_page] for k, v in images.items()},
+                    {k: v[lo : lo + per_page] for k, v in grid_prompts.items()},
+                    out / name,
+                )
+            )
         if similarity is not None and clip_scorer is not None:
             trained = all(r is not None for r in references)
-            x_label = ("SSCD similarity to the memorized image (lower is better)" if trained
-                       else "SSCD similarity to the reference (training image or original "
-                       "generation; lower is better)")
-            files.append(plot_tradeoff(rows, out / "tradeoff.png", originals=originals,
-                                       x_label=x_label))
+            x_label = (
+                "SSCD similarity to the memorized image (lower is better)"
+                if trained
+                else "SSCD similarity to the reference (training image or original "
+                "generation; lower is better)"
+            )
+            files.append(
+                plot_tradeoff(rows, out / "tradeoff.png", originals=originals, x_label=x_label)
+            )
     _print_mitigation(console, summary, result, config, files, load_s, mitigate_s)
     return result, summary, files
 
 
-def _print_mitigation(console: Console, summary: list[dict], result: MitigationResult,
-                      config: MitigateConfig, files: list[Path], load_s: float,
-                      mitigate_s: float) -> None:
-    table = Table(title=f"Mitigation of {len(result.originals)} prompt(s): means over prompts "
-                        f"and {config.repeats} repeat(s)")
+def _print_mitigation(
+    console: Console,
+    summary: list[dict],
+    result: MitigationResult,
+    config: MitigateConfig,
+    files: list[Path],
+    load_s: float,
+    mitigate_s: float,
+) -> None:
+    table = Table(
+        title=f"Mitigation of {len(result.originals)} prompt(s): means over prompts "
+        f"and {config.repeats} repeat(s)"
+    )
     for column in ("method", "k", "rows", "similarity", "CLIP score", "changed", "errors"):
         table.add_column(column, justify="left" if column == "method" else "right")
     sim = np.array([o["similarity"] for o in result.originals], np.float64)
     clip = np.array([o["clip_score"] for o in result.originals], np.float64)
-    table.add_row("original prompt", "-", str(len(result.originals)),
-                  f"{np.nanmean(sim):.4g}" if np.isfinite(sim).any() else "n/a",
-                  f"{np.nanmean(clip):.4g}" if np.isfinite(clip).any() else "n/a", "-", "-")
+    table.add_row(
+        "original prompt",
+        "-",
+        str(len(result.originals)),
+        f"{np.nanmean(sim):.4g}" if np.isfinite(sim).any() else "n/a",
+        f"{np.nanmean(clip):.4g}" if np.isfinite(clip).any() else "n/a",
+        "-",
+        "-",
+    )
     for s in summary:
-        table.add_row(s["label"], str(s["k"]) if s["method"] != "embedding" else "-",
-                      str(s["rows"]), f"{s['similarity']:.4g}", f"{s['clip_score']:.4g}",
-                      f"{100 * s['changed']:.0f}%", str(s["errors"]))
+        table.add_row(
+            s["label"],
+            str(s["k"]) if s["method"] != "embedding" else "-",
+            str(s["rows"]),
+            f"{s['similarity']:.4g}",
+            f"{s['clip_score']:.4g}",
+            f"{100 * s['changed']:.0f}%",
+            str(s["errors"]),
+        )
     console.print(table)
     errors = sum(s["errors"] for s in summary)
     if errors:
         first = next(r["error"] for r in result.rows if r["error"])
-        console.print(f"[yellow]{errors} rephrasing(s) failed and kept their prompt; first: "
-                      f"{first}[/yellow]")
+        console.print(
+            f"[yellow]{errors} rephrasing(s) failed and kept their prompt; first: {first}[/yellow]"
+        )
     if config.sscd is None or config.clip is None:
         console.print("no trade-off figure: it needs both --sscd and --clip")
-    console.print(f"load {load_s:.1f} s, mitigation {mitigate_s:.1f} s; wrote "
-                  f"{', '.join(str(f) for f in files)}")
+    console.print(
+        f"load {load_s:.1f} s, mitigation {mitigate_s:.1f} s; wrote "
+        f"{', '.join(str(f) for f in files)}"
+    )
 
 
 class _EmbeddingStage(NamedTuple):
@@ -827,9 +1223,20 @@ class _EmbeddingStage(NamedTuple):
     folders: dict[str, Path]
 
 
-def _embedding_stage(out: Path, source, prompts: Sequence[str], *,
-                     settings: MitigationConfig, config: MitigateConfig, generation, record: dict,
-                     err_console: Console, model, scorer_columns, reference) -> _EmbeddingStage:
+def _embedding_stage(
+    out: Path,
+    source,
+    prompts: Sequence[str],
+    *,
+    settings: MitigationConfig,
+    config: MitigateConfig,
+    generation,
+    record: dict,
+    err_console: Console,
+    model,
+    scorer_columns,
+    reference,
+) -> _EmbeddingStage:
     """Stage 4 of ``sd mitigate``: one engine run per metric into ``out/METRIC/`` over the
     prompt file itself; each prompt's embedding is optimised on its own image's trajectory
     (:class:`~mmh_jax.scoring.EmbeddingMitigation`, as :func:`~mmh_jax.memorization.mitigate`)
@@ -842,24 +1249,39 @@ def _embedding_stage(out: Path, source, prompts: Sequence[str], *,
     for metric in settings.metrics:
         s = settings.embedding_settings(metric)
         stage = out / metric
-        columns = [scoring.EmbeddingMitigation(
-            metric=metric, step=s.step, learning_rate=s.learning_rate,
-            num_updates=s.num_updates, target=s.target, guidance=config.guidance)]
+        columns = [
+            scoring.EmbeddingMitigation(
+                metric=metric,
+                step=s.step,
+                learning_rate=s.learning_rate,
+                num_updates=s.num_updates,
+                target=s.target,
+                guidance=config.guidance,
+            )
+        ]
         columns += scorer_columns(reference, lambda i: prompts[i])
-        columns.append(scoring.SavedImage(str(stage / "images"), lambda i, j: j == 0,
-                                          "image_index == 0"))
+        columns.append(
+            scoring.SavedImage(str(stage / "images"), lambda i, j: j == 0, "image_index == 0")
+        )
         _score(stage, source, columns, generation, config, record, err_console, model)
         scores = scoring.merge(stage).scores
-        names = [n for n in ("metric_before", "metric_after", "updates", "similarity",
-                             "clip_score") if n in scores.column_names]
+        names = [
+            n
+            for n in ("metric_before", "metric_after", "updates", "similarity", "clip_score")
+            if n in scores.column_names
+        ]
         values[metric] = _per_item_means(scores, names)
         folders[metric] = stage / "images"
     return _EmbeddingStage(values, folders)
 
 
-def _with_embedding_rows(rows: list[dict], stage: _EmbeddingStage, kinds: Sequence[str],
-                         images: dict[str, list[np.ndarray]],
-                         grid_prompts: dict[str, list[str]]) -> list[dict]:
+def _with_embedding_rows(
+    rows: list[dict],
+    stage: _EmbeddingStage,
+    kinds: Sequence[str],
+    images: dict[str, list[np.ndarray]],
+    grid_prompts: dict[str, list[str]],
+) -> list[dict]:
     """``rows`` with the embedding rows of ``stage`` (one per prompt and metric, ``k = 0``,
     :func:`~mmh_jax.memorization.mitigate`'s fields) after each prompt's text rows, and the
     grid's images of each ``embedding (A^...)`` line added to ``images`` / ``grid_prompts``."""
@@ -872,14 +1294,28 @@ def _with_embedding_rows(rows: list[dict], stage: _EmbeddingStage, kinds: Sequen
         for p in sorted(per_item):
             v = {"similarity": math.nan, "clip_score": math.nan, **per_item[p]}
             prompt = grid_prompts["original"][p]
-            added.append(dict(
-                prompt_index=p, prompt=prompt, method="embedding", metric=metric, k=0,
-                repeat=0, words="", new_prompt=prompt, changed=v["updates"] > 0, error="",
-                metric_before=v["metric_before"], metric_after=v["metric_after"],
-                updates=int(v["updates"]), similarity=v["similarity"],
-                clip_score=v["clip_score"], reference=kinds[p]))
+            added.append(
+                dict(
+                    prompt_index=p,
+                    prompt=prompt,
+                    method="embedding",
+                    metric=metric,
+                    k=0,
+                    repeat=0,
+                    words="",
+                    new_prompt=prompt,
+                    changed=v["updates"] > 0,
+                    error="",
+                    metric_before=v["metric_before"],
+                    metric_after=v["metric_after"],
+                    updates=int(v["updates"]),
+                    similarity=v["similarity"],
+                    clip_score=v["clip_score"],
+                    reference=kinds[p],
+                )
+            )
             images.setdefault(label, []).append(
-                _read_png(scoring.saved_image_path(stage.folders[metric], p, 0)))
+                _read_png(scoring.saved_image_path(stage.folders[metric], p, 0))
+            )
             grid_prompts.setdefault(label, []).append(prompt)
     return sorted(rows + added, key=lambda r: r["prompt_index"])
-

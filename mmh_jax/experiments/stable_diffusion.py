@@ -103,10 +103,14 @@ class DetectConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
-        require((self.prompts is None) != (self.images is None),
-                "give exactly one of --prompts FILE and --images FOLDER")
-        require(self.images_per_prompt >= 1,
-                f"--images-per-prompt must be at least 1, got {self.images_per_prompt}")
+        require(
+            (self.prompts is None) != (self.images is None),
+            "give exactly one of --prompts FILE and --images FOLDER",
+        )
+        require(
+            self.images_per_prompt >= 1,
+            f"--images-per-prompt must be at least 1, got {self.images_per_prompt}",
+        )
         require(self.num_steps >= 1, f"--num-steps must be at least 1, got {self.num_steps}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
@@ -147,8 +151,9 @@ def load_pipeline(path: Path, *, dtype: Literal["float32", "bfloat16"], console:
 
     with console.status(f"loading {path} ..."):
         try:
-            return load_stable_diffusion(path, dtype=jnp.bfloat16 if dtype == "bfloat16"
-                                         else jnp.float32)
+            return load_stable_diffusion(
+                path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+            )
         except (FileNotFoundError, ValueError) as err:
             raise DemoInputError(str(err)) from None
 
@@ -193,8 +198,7 @@ def read_image_folder(path: str | Path) -> list[Item]:
     items = []
     for image in sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
         caption_file = image.with_suffix(".txt")
-        require(caption_file.is_file(), f"{str(image)!r} has no caption file "
-                                        f"{caption_file.name!r}")
+        require(caption_file.is_file(), f"{str(image)!r} has no caption file {caption_file.name!r}")
         label, meta = -1, image.with_suffix(".json")
         if meta.is_file():
             try:
@@ -219,8 +223,7 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise DemoInputError(f"{str(path)!r} is not a readable image: {err}") from None
 
 
-def read_reference_images(folder: str | Path, prompts: Sequence[str]
-                          ) -> list[np.ndarray | None]:
+def read_reference_images(folder: str | Path, prompts: Sequence[str]) -> list[np.ndarray | None]:
     """The memorized training images of ``prompts`` from a folder of image-caption pairs
     (:func:`read_image_folder`), matched by caption (surrounding whitespace ignored): the
     references of ``mmh-jax sd mitigate``.
@@ -234,12 +237,14 @@ def read_reference_images(folder: str | Path, prompts: Sequence[str]
     by_caption: dict[str, Path] = {}
     for item in read_image_folder(folder):
         by_caption.setdefault(item.caption.strip(), item.image)
-    return [None if (path := by_caption.get(p.strip())) is None else _read_rgb(path)
-            for p in prompts]
+    return [
+        None if (path := by_caption.get(p.strip())) is None else _read_rgb(path) for p in prompts
+    ]
 
 
-def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memorized: bool,
-                      fpr: float = 0.01) -> tuple[float, float]:
+def detection_metrics(
+    scores: np.ndarray, labels: np.ndarray, *, higher_is_memorized: bool, fpr: float = 0.01
+) -> tuple[float, float]:
     """AUROC and TPR at ``fpr`` false-positive rate of a score for the label "memorized"
     (:func:`mmh_jax.evaluation.auroc` and :func:`mmh_jax.evaluation.tpr_at_fpr`); NaN without
     both classes."""
@@ -249,8 +254,10 @@ def detection_metrics(scores: np.ndarray, labels: np.ndarray, *, higher_is_memor
     if labels.all() or not labels.any():
         return float("nan"), float("nan")
     scores = np.asarray(scores, np.float64)
-    return (auroc(scores, labels, higher_is_positive=higher_is_memorized),
-            tpr_at_fpr(scores, labels, fpr=fpr, higher_is_positive=higher_is_memorized))
+    return (
+        auroc(scores, labels, higher_is_positive=higher_is_memorized),
+        tpr_at_fpr(scores, labels, fpr=fpr, higher_is_positive=higher_is_memorized),
+    )
 
 
 def _write_results(rows: list[dict], out: Path) -> list[Path]:
@@ -286,15 +293,27 @@ def run(config: DetectConfig, *, console: Console | None = None):
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
-    columns = detection_columns(guidance=config.guidance, flipd_t0=config.flipd_t0,
-                                num_probes=config.num_probes, cfg_t0=config.cfg_t0,
-                                euler_steps=config.euler_steps)
+    columns = detection_columns(
+        guidance=config.guidance,
+        flipd_t0=config.flipd_t0,
+        num_probes=config.num_probes,
+        cfg_t0=config.cfg_t0,
+        euler_steps=config.euler_steps,
+    )
     per_item = config.images_per_prompt if prompts else 1
     start = time.perf_counter()
-    done = score_pipeline(sd, columns, source, out / "scores", seed=config.seed,
-                          batch_size=config.batch_size * per_item, images_per_prompt=per_item,
-                          guidance=config.guidance, num_steps=config.num_steps,
-                          console=err_console if config.progress else None)
+    done = score_pipeline(
+        sd,
+        columns,
+        source,
+        out / "scores",
+        seed=config.seed,
+        batch_size=config.batch_size * per_item,
+        images_per_prompt=per_item,
+        guidance=config.guidance,
+        num_steps=config.num_steps,
+        console=err_console if config.progress else None,
+    )
     timings["score_s"] = time.perf_counter() - start
     merged = scoring.merge(out / "scores")
     rows = _item_rows(merged.scores, items, columns)
@@ -305,9 +324,11 @@ def run(config: DetectConfig, *, console: Console | None = None):
         files.append(save_figure(_histograms(rows), out / "histograms.png"))
         files.append(save_figure(_scatter(rows), out / "cfg_scatter.png"))
     if summary["detection"]:
-        det = {"metric": list(summary["detection"]),
-               "auroc": [v[0] for v in summary["detection"].values()],
-               "tpr_at_1pct_fpr": [v[1] for v in summary["detection"].values()]}
+        det = {
+            "metric": list(summary["detection"]),
+            "auroc": [v[0] for v in summary["detection"].values()],
+            "tpr_at_1pct_fpr": [v[1] for v in summary["detection"].values()],
+        }
         files.append(write_csv(det, out / "detection.csv"))
     _print_summary(console, summary, config, files)
     for row in bad:
@@ -315,8 +336,14 @@ def run(config: DetectConfig, *, console: Console | None = None):
     return rows, summary, files
 
 
-def detection_columns(*, guidance: float, flipd_t0: float = 0.05, num_probes: int = 1,
-                      cfg_t0: float = 0.01, euler_steps: int = 3) -> list:
+def detection_columns(
+    *,
+    guidance: float,
+    flipd_t0: float = 0.05,
+    num_probes: int = 1,
+    cfg_t0: float = 0.01,
+    euler_steps: int = 3,
+) -> list:
     """The columns of ``sd detect``: the CFG vector and CFG-adjusted score norms
     (:class:`~mmh_jax.scoring.CFGNorms`: of a generation, over the sampler's own steps; of an
     image-caption pair, after ``euler_steps`` Euler steps to ``cfg_t0``), unconditional FLIPD
@@ -337,14 +364,27 @@ def detection_columns(*, guidance: float, flipd_t0: float = 0.05, num_probes: in
     from mmh_jax import scoring
 
     flipd = dict(t0=flipd_t0, num_probes=num_probes)
-    return [scoring.CFGNorms(guidance=guidance, t0=cfg_t0, num_steps=euler_steps),
-            scoring.Flipd(**flipd),
-            scoring.Flipd(**flipd, conditional=True, guidance=guidance)]
+    return [
+        scoring.CFGNorms(guidance=guidance, t0=cfg_t0, num_steps=euler_steps),
+        scoring.Flipd(**flipd),
+        scoring.Flipd(**flipd, conditional=True, guidance=guidance),
+    ]
 
 
-def score_pipeline(sd, columns: Sequence, source, out: str | Path, *, seed: int, batch_size: int,
-                   images_per_prompt: int = 1, guidance: float = 7.5, num_steps: int = 50,
-                   console: Console | None = None, record: dict | None = None):
+def score_pipeline(
+    sd,
+    columns: Sequence,
+    source,
+    out: str | Path,
+    *,
+    seed: int,
+    batch_size: int,
+    images_per_prompt: int = 1,
+    guidance: float = 7.5,
+    num_steps: int = 50,
+    console: Console | None = None,
+    record: dict | None = None,
+):
     """Score ``source`` with ``columns`` on a Stable Diffusion pipeline through
     :func:`mmh_jax.scoring.score` into ``out`` (one row per image, exactly once, resumed
     after an interruption): the one scoring step of the ``sd`` commands and ``demo prompts``.
@@ -381,14 +421,23 @@ def score_pipeline(sd, columns: Sequence, source, out: str | Path, *, seed: int,
     batch = -(-batch_size // jax.device_count()) * jax.device_count()
     try:
         return scoring.score(
-            scoring.Model.from_stable_diffusion(sd), columns, source, str(out), seed=seed,
-            batch_size=batch, resize="center_crop",
-            generation=scoring.Generation(guidance=guidance, num_steps=num_steps,
-                                          num_images=images_per_prompt),
-            console=console, record=record)
+            scoring.Model.from_stable_diffusion(sd),
+            columns,
+            source,
+            str(out),
+            seed=seed,
+            batch_size=batch,
+            resize="center_crop",
+            generation=scoring.Generation(
+                guidance=guidance, num_steps=num_steps, num_images=images_per_prompt
+            ),
+            console=console,
+            record=record,
+        )
     except scoring.RunMismatch as err:
-        raise DemoInputError(f"{str(out)!r} holds results of other inputs or settings "
-                             f"({err}); choose another --out") from None
+        raise DemoInputError(
+            f"{str(out)!r} holds results of other inputs or settings ({err}); choose another --out"
+        ) from None
 
 
 def _item_rows(scores, items: list[Item], columns: list) -> list[dict]:
@@ -403,27 +452,46 @@ def _item_rows(scores, items: list[Item], columns: list) -> list[dict]:
         raise RuntimeError("the scoring run's item ids differ from the input's")
     scored = np.unique(index)
     counts = np.bincount(index)[scored]
-    means = {name: np.bincount(index, weights=scores[column].to_numpy().astype(np.float64))[scored]
-             / counts for name, column in names.items()}
-    return [dict(id=items[j].id, caption=items[j].caption, label=items[j].label,
-                 **{name: float(means[name][k]) for name in names})
-            for k, j in enumerate(scored)]
+    means = {
+        name: np.bincount(index, weights=scores[column].to_numpy().astype(np.float64))[scored]
+        / counts
+        for name, column in names.items()
+    }
+    return [
+        dict(
+            id=items[j].id,
+            caption=items[j].caption,
+            label=items[j].label,
+            **{name: float(means[name][k]) for name in names},
+        )
+        for k, j in enumerate(scored)
+    ]
 
 
 def _summarise(rows: list[dict], timings: dict, scored: int) -> dict:
     labels = np.array([row["label"] for row in rows])
     known = labels >= 0
-    summary = {"rows": len(rows), "scored_now": scored, "timings": timings, "medians": {},
-               "detection": {}}
+    summary = {
+        "rows": len(rows),
+        "scored_now": scored,
+        "timings": timings,
+        "medians": {},
+        "detection": {},
+    }
     for name, _, higher in METRICS:
         values = np.array([row[name] for row in rows])
         summary["medians"][name] = {
             group: float(np.median(values[mask])) if mask.any() else float("nan")
-            for group, mask in (("memorized", labels == 1), ("not memorized", labels == 0),
-                                ("all", np.ones_like(known)))}
+            for group, mask in (
+                ("memorized", labels == 1),
+                ("not memorized", labels == 0),
+                ("all", np.ones_like(known)),
+            )
+        }
         if known.any() and 0 < labels[known].sum() < known.sum():
-            summary["detection"][name] = detection_metrics(values[known], labels[known],
-                                                           higher_is_memorized=higher)
+            summary["detection"][name] = detection_metrics(
+                values[known], labels[known], higher_is_memorized=higher
+            )
     return summary
 
 
@@ -431,27 +499,34 @@ def _print_summary(console: Console, s: dict, config: DetectConfig, files: list)
     what = "prompts" if config.prompts is not None else "image-caption pairs"
     table = Table(title=f"Stable Diffusion memorization metrics of {s['rows']} {what}")
     # a label group no row is in, and detection without both labels, are left out (not nan)
-    groups = [(f"median ({short})", group) for short, group in (
-        ("memorized", "memorized"), ("not", "not memorized"), ("all", "all"))
-        if any(np.isfinite(med[group]) for med in s["medians"].values())]
+    groups = [
+        (f"median ({short})", group)
+        for short, group in (("memorized", "memorized"), ("not", "not memorized"), ("all", "all"))
+        if any(np.isfinite(med[group]) for med in s["medians"].values())
+    ]
     detection = ["AUROC", "TPR @ 1% FPR"] if s["detection"] else []
     for column in ("metric", *(header for header, _ in groups), *detection):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for name, description, _ in METRICS:
         values = [s["medians"][name][group] for _, group in groups]
-        values += list(s["detection"].get(name, (float("nan"),) * 2))[:len(detection)]
+        values += list(s["detection"].get(name, (float("nan"),) * 2))[: len(detection)]
         table.add_row(description, *(f"{v:.4g}" for v in values))
     console.print(table)
     t = s["timings"]
-    console.print(f"scored {s['scored_now']} now ({s['rows'] - s['scored_now']} resumed); load "
-                  f"{t['load_s']:.1f} s, scoring {t['score_s']:.1f} s; wrote "
-                  f"{', '.join(str(f) for f in files)}")
+    console.print(
+        f"scored {s['scored_now']} now ({s['rows'] - s['scored_now']} resumed); load "
+        f"{t['load_s']:.1f} s, scoring {t['score_s']:.1f} s; wrote "
+        f"{', '.join(str(f) for f in files)}"
+    )
 
 
 def _groups(rows: list[dict]) -> list[tuple[str, np.ndarray]]:
     labels = np.array([row["label"] for row in rows])
-    groups = [("memorized", labels == 1), ("not memorized", labels == 0),
-              ("unlabelled", labels < 0)]
+    groups = [
+        ("memorized", labels == 1),
+        ("not memorized", labels == 0),
+        ("unlabelled", labels < 0),
+    ]
     return [(name, mask) for name, mask in groups if mask.any()]
 
 
@@ -466,8 +541,9 @@ def _histograms(rows: list[dict]):
         values = np.array([row[name] for row in rows])
         bins = np.histogram_bin_edges(values, bins=min(30, max(5, len(values) // 3)))
         for group, mask in _groups(rows):
-            ax.hist(values[mask], bins=bins, density=True, alpha=0.55,
-                    label=f"{group} ({mask.sum()})")
+            ax.hist(
+                values[mask], bins=bins, density=True, alpha=0.55, label=f"{group} ({mask.sum()})"
+            )
         ax.set_xlabel(description)
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
@@ -497,38 +573,98 @@ def _scatter(rows: list[dict]):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd detect``'s arguments and flags to ``parser``."""
     d = DetectConfig(model=Path("."))
-    parser.add_argument("model", type=Path, metavar="MODEL",
-                        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
-                        "`mmh-jax convert stable-diffusion`")
+    parser.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
+        "`mmh-jax convert stable-diffusion`",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", type=Path, metavar="FILE",
-                        help="prompts: one a line, or JSON lines (.jsonl) with 'caption' and an "
-                        "optional 'label' (true: memorized)")
-    source.add_argument("--images", type=Path, metavar="FOLDER",
-                        help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')")
-    parser.add_argument("-o", "--out", type=Path, default=d.out,
-                        help="output folder; a rerun resumes there (default ./%(default)s/)")
-    parser.add_argument("--images-per-prompt", type=int, metavar="N", default=d.images_per_prompt,
-                        help="images generated per prompt (default %(default)s)")
-    parser.add_argument("--num-steps", type=int, metavar="N", default=d.num_steps,
-                        help="DDIM steps (default %(default)s)")
-    parser.add_argument("--guidance", type=finite_float, metavar="LAMBDA", default=d.guidance,
-                        help="classifier-free guidance scale (default %(default)s)")
-    parser.add_argument("--flipd-t0", type=finite_float, metavar="T", default=d.flipd_t0,
-                        help="FLIPD time (default %(default)s, the paper's)")
-    parser.add_argument("--num-probes", type=int, metavar="N", default=d.num_probes,
-                        help="Hutchinson probes of FLIPD (default %(default)s)")
-    parser.add_argument("--cfg-t0", type=finite_float, metavar="T", default=d.cfg_t0,
-                        help="--images: time at which the CFG norms are read (default "
-                        "%(default)s, Appendix C)")
-    parser.add_argument("--euler-steps", type=int, metavar="N", default=d.euler_steps,
-                        help="--images: Euler steps of the PF-ODE to --cfg-t0 (default "
-                        "%(default)s)")
-    parser.add_argument("--batch-size", type=int, metavar="N", default=d.batch_size,
-                        help="prompts (or images) per compiled batch, its images rounded up to a "
-                        "multiple of the devices (default %(default)s)")
-    parser.add_argument("--seed", type=int, metavar="N", default=d.seed,
-                        help="seed of the starting noise and the probes (default %(default)s)")
+    source.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="prompts: one a line, or JSON lines (.jsonl) with 'caption' and an "
+        "optional 'label' (true: memorized)",
+    )
+    source.add_argument(
+        "--images",
+        type=Path,
+        metavar="FOLDER",
+        help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=d.out,
+        help="output folder; a rerun resumes there (default ./%(default)s/)",
+    )
+    parser.add_argument(
+        "--images-per-prompt",
+        type=int,
+        metavar="N",
+        default=d.images_per_prompt,
+        help="images generated per prompt (default %(default)s)",
+    )
+    parser.add_argument(
+        "--num-steps",
+        type=int,
+        metavar="N",
+        default=d.num_steps,
+        help="DDIM steps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=finite_float,
+        metavar="LAMBDA",
+        default=d.guidance,
+        help="classifier-free guidance scale (default %(default)s)",
+    )
+    parser.add_argument(
+        "--flipd-t0",
+        type=finite_float,
+        metavar="T",
+        default=d.flipd_t0,
+        help="FLIPD time (default %(default)s, the paper's)",
+    )
+    parser.add_argument(
+        "--num-probes",
+        type=int,
+        metavar="N",
+        default=d.num_probes,
+        help="Hutchinson probes of FLIPD (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cfg-t0",
+        type=finite_float,
+        metavar="T",
+        default=d.cfg_t0,
+        help="--images: time at which the CFG norms are read (default %(default)s, Appendix C)",
+    )
+    parser.add_argument(
+        "--euler-steps",
+        type=int,
+        metavar="N",
+        default=d.euler_steps,
+        help="--images: Euler steps of the PF-ODE to --cfg-t0 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=d.batch_size,
+        help="prompts (or images) per compiled batch, its images rounded up to a "
+        "multiple of the devices (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=d.seed,
+        help="seed of the starting noise and the probes (default %(default)s)",
+    )
     add_dtype_flag(parser, d.dtype, of="the networks")
     add_display_flags(parser)
 
@@ -536,8 +672,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> DetectConfig:
     """Build a :class:`DetectConfig` from parsed flags."""
     return DetectConfig(
-        model=args.model, prompts=args.prompts, images=args.images, out=args.out,
-        images_per_prompt=args.images_per_prompt, num_steps=args.num_steps,
-        guidance=args.guidance, flipd_t0=args.flipd_t0, num_probes=args.num_probes,
-        cfg_t0=args.cfg_t0, euler_steps=args.euler_steps, batch_size=args.batch_size,
-        seed=args.seed, dtype=args.dtype, progress=not args.quiet, figure=not args.no_figure)
+        model=args.model,
+        prompts=args.prompts,
+        images=args.images,
+        out=args.out,
+        images_per_prompt=args.images_per_prompt,
+        num_steps=args.num_steps,
+        guidance=args.guidance,
+        flipd_t0=args.flipd_t0,
+        num_probes=args.num_probes,
+        cfg_t0=args.cfg_t0,
+        euler_steps=args.euler_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        figure=not args.no_figure,
+    )

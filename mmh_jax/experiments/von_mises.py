@@ -33,8 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mmh_jax.experiments.common import (
-    add_display_flags,
     DemoInputError,
+    add_display_flags,
     config_from_flags,
     finite_float,
     make_progress,
@@ -90,17 +90,25 @@ class VonMisesConfig:
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
         require(self.num_train >= 3, f"--num-train must be at least 3, got {self.num_train}")
-        require(0.0 <= self.origin_weight < 1.0, f"--origin-weight must lie in [0, 1), got {self.origin_weight}")
+        require(
+            0.0 <= self.origin_weight < 1.0,
+            f"--origin-weight must lie in [0, 1), got {self.origin_weight}",
+        )
         n_origin = round(self.origin_weight * self.num_train)
         require(
             self.num_train - n_origin - 1 >= 1,
             "--num-train too small for --origin-weight: no room for von Mises points",
         )
         require(self.kappa > 0, f"--kappa must be positive, got {self.kappa}")
-        require(0.0 <= self.isolation < math.pi, f"--isolation must lie in [0, pi), got {self.isolation}")
+        require(
+            0.0 <= self.isolation < math.pi,
+            f"--isolation must lie in [0, pi), got {self.isolation}",
+        )
         require(self.steps > 0, f"--steps must be positive, got {self.steps}")
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
+        require(
+            self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"
+        )
         require(self.width > 0 and self.depth > 0, "--width and --depth must be positive")
         require(self.num_samples > 0, f"--num-samples must be positive, got {self.num_samples}")
         require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
@@ -129,7 +137,12 @@ class TrainingSet(NamedTuple):
 
 
 def make_training_set(
-    *, seed: int, num_train: int = 100, origin_weight: float = 0.2, kappa: float = 4.0, isolation: float = 0.8
+    *,
+    seed: int,
+    num_train: int = 100,
+    origin_weight: float = 0.2,
+    kappa: float = 4.0,
+    isolation: float = 0.8,
 ) -> TrainingSet:
     """Draw the von Mises mixture training set with one isolated point by construction.
 
@@ -222,9 +235,16 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
 
     with make_progress(err_console, enabled=config.progress) as progress:
         trained, score_fn, timings["train_s"] = train_with_progress(
-            progress, net, net.init(k_init), jnp.asarray(train.points), schedule=schedule,
-            key=k_train, steps=config.steps, chunk=min(100, config.steps),
-            batch_size=config.batch_size, learning_rate=config.learning_rate,
+            progress,
+            net,
+            net.init(k_init),
+            jnp.asarray(train.points),
+            schedule=schedule,
+            key=k_train,
+            steps=config.steps,
+            chunk=min(100, config.steps),
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
             t_min=config.train_t_min,
         )
 
@@ -232,7 +252,11 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
         t = time.perf_counter()
         samples = jax.jit(
             lambda k: sample(
-                score_fn, (config.num_samples, 2), schedule=schedule, key=k, num_steps=config.sample_steps
+                score_fn,
+                (config.num_samples, 2),
+                schedule=schedule,
+                key=k,
+                num_steps=config.sample_steps,
             )
         )(k_sample)
         samples = np.asarray(samples)
@@ -241,17 +265,24 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
 
         t = time.perf_counter()
         fl = np.asarray(
-            jax.jit(lambda x: flipd(score_fn, x, t0=config.t0, schedule=schedule, trace="exact"))(jnp.asarray(samples))
+            jax.jit(lambda x: flipd(score_fn, x, t0=config.t0, schedule=schedule, trace="exact"))(
+                jnp.asarray(samples)
+            )
         )
         progress.advance(est)
-        nb = jax.jit(lambda x, k: normal_bundle(score_fn, x, t0=config.t0, schedule=schedule, key=k))(
-            jnp.asarray(samples), k_nb
-        )
+        nb = jax.jit(
+            lambda x, k: normal_bundle(score_fn, x, t0=config.t0, schedule=schedule, key=k)
+        )(jnp.asarray(samples), k_nb)
         nb_lid = np.asarray(nb.lid)
         progress.advance(est)
         # LID_* of every training point (paper's local PCA), read at each sample's nearest one.
         lid_star_train = np.asarray(
-            lpca(jnp.asarray(train.points), k=min(config.lpca_k, config.num_train - 1), method="paper", q=config.lpca_q)
+            lpca(
+                jnp.asarray(train.points),
+                k=min(config.lpca_k, config.num_train - 1),
+                method="paper",
+                q=config.lpca_q,
+            )
         )
         d2 = ((samples[:, None, :] - train.points[None, :, :]) ** 2).sum(-1)
         nearest = d2.argmin(1)
@@ -264,7 +295,9 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     cls_nb = classify(nb_lid, lid_star, od_gap=config.od_gap, dd_max_lid=config.dd_max_lid)
     labels = np.asarray(cls.labels)
     region = _region(samples, train, config.copy_radius)
-    lid_true = np.select([region == "origin", region == "isolated", region == "circle"], [0.0, 1.0, 1.0], np.nan)
+    lid_true = np.select(
+        [region == "origin", region == "isolated", region == "circle"], [0.0, 1.0, 1.0], np.nan
+    )
     table = {
         "x": samples[:, 0].astype(np.float64),
         "y": samples[:, 1].astype(np.float64),
@@ -300,7 +333,9 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
             entry["labels"] = {name: int((table["label"][m] == name).sum()) for name in LABEL_NAMES}
         summary["regions"][reg] = entry
     summary["lid_star_isolated_point"] = float(lid_star_train[train.isolated_index])
-    summary["lid_star_origin"] = float(lid_star_train[train.origin_indices[0]]) if len(train.origin_indices) else None
+    summary["lid_star_origin"] = (
+        float(lid_star_train[train.origin_indices[0]]) if len(train.origin_indices) else None
+    )
     summary["final_loss"] = float(trained.losses[-1])
 
     files = []
@@ -335,7 +370,16 @@ def _print_summary(console: Console, summary: dict, config: VonMisesConfig, file
         caption=f"isolated training point at ({iso[0]:.2f}, {iso[1]:.2f}); "
         f"labels from FLIPD vs. local-PCA LID_* (od_gap {config.od_gap}, dd_max_lid {config.dd_max_lid})",
     )
-    for col in ("region", "samples", "FLIPD median [min, max]", "NB median", "LID_* (lpca)", "od-mem", "dd-mem", "not-mem"):
+    for col in (
+        "region",
+        "samples",
+        "FLIPD median [min, max]",
+        "NB median",
+        "LID_* (lpca)",
+        "od-mem",
+        "dd-mem",
+        "not-mem",
+    ):
         tab.add_column(col, justify="right" if col != "region" else "left")
     for reg in REGIONS:
         e = summary["regions"][reg]
@@ -354,7 +398,16 @@ def _print_summary(console: Console, summary: dict, config: VonMisesConfig, file
             str(lab["not-memorized"]),
         )
     c = summary["counts"]
-    tab.add_row("all", str(config.num_samples), "", "", "", str(c["od-mem"]), str(c["dd-mem"]), str(c["not-memorized"]))
+    tab.add_row(
+        "all",
+        str(config.num_samples),
+        "",
+        "",
+        "",
+        str(c["od-mem"]),
+        str(c["dd-mem"]),
+        str(c["not-memorized"]),
+    )
     console.print(tab)
     t = summary["timings"]
     console.print(
@@ -381,23 +434,58 @@ def _figure(train: TrainingSet, table: dict, config: VonMisesConfig):
     top.add_collection(lc)
     top.scatter([0], [0], s=260, c="0.2", marker="o", alpha=0.35, label="point mass (LID* = 0)")
     p = train.points
-    top.scatter(p[:, 0], p[:, 1], s=14, c="tab:blue", label=f"training data (n = {len(p)})", zorder=3)
+    top.scatter(
+        p[:, 0], p[:, 1], s=14, c="tab:blue", label=f"training data (n = {len(p)})", zorder=3
+    )
     iso = p[train.isolated_index]
-    top.scatter([iso[0]], [iso[1]], s=120, facecolors="none", edgecolors="tab:red", linewidths=1.8, zorder=4)
-    top.annotate("isolated point", iso, xytext=(iso[0] + 0.15, iso[1] + 0.35), color="tab:red",
-                 arrowprops=dict(arrowstyle="->", color="tab:red"))
+    top.scatter(
+        [iso[0]], [iso[1]], s=120, facecolors="none", edgecolors="tab:red", linewidths=1.8, zorder=4
+    )
+    top.annotate(
+        "isolated point",
+        iso,
+        xytext=(iso[0] + 0.15, iso[1] + 0.35),
+        color="tab:red",
+        arrowprops=dict(arrowstyle="->", color="tab:red"),
+    )
     top.set_title("Ground truth: von Mises on the circle (LID* = 1) + point mass")
     top.legend(loc="lower right", fontsize=8)
     # Bottom: samples coloured by FLIPD; memorized ones marked.
     x, y, fl = table["x"], table["y"], table["flipd"]
-    sc = bottom.scatter(x, y, c=np.clip(fl, -0.25, 2.25), cmap="viridis", vmin=-0.25, vmax=2.25, s=10, zorder=3)
+    sc = bottom.scatter(
+        x, y, c=np.clip(fl, -0.25, 2.25), cmap="viridis", vmin=-0.25, vmax=2.25, s=10, zorder=3
+    )
     od = table["label"] == "od-mem"
     dd = table["label"] == "dd-mem"
-    bottom.scatter(x[od], y[od], s=70, facecolors="none", edgecolors="tab:red", linewidths=1.2,
-                   label=f"OD-Mem ({od.sum()})", zorder=4)
-    bottom.scatter(x[dd], y[dd], s=70, marker="s", facecolors="none", edgecolors="k", linewidths=1.0,
-                   label=f"DD-Mem ({dd.sum()})", zorder=4)
-    fig.colorbar(sc, ax=bottom, orientation="horizontal", fraction=0.05, pad=0.08, label="FLIPD estimate of LID_theta")
+    bottom.scatter(
+        x[od],
+        y[od],
+        s=70,
+        facecolors="none",
+        edgecolors="tab:red",
+        linewidths=1.2,
+        label=f"OD-Mem ({od.sum()})",
+        zorder=4,
+    )
+    bottom.scatter(
+        x[dd],
+        y[dd],
+        s=70,
+        marker="s",
+        facecolors="none",
+        edgecolors="k",
+        linewidths=1.0,
+        label=f"DD-Mem ({dd.sum()})",
+        zorder=4,
+    )
+    fig.colorbar(
+        sc,
+        ax=bottom,
+        orientation="horizontal",
+        fraction=0.05,
+        pad=0.08,
+        label="FLIPD estimate of LID_theta",
+    )
     bottom.set_title(f"{len(x)} model samples coloured by FLIPD (t0 = {config.t0})")
     bottom.legend(loc="lower right", fontsize=8)
     for ax in (top, bottom):
@@ -414,28 +502,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the von Mises demo's flags to ``parser``."""
     d = VonMisesConfig()
     g = parser.add_argument_group("data")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of data, training, sampling and estimation (default %(default)s)")
-    g.add_argument("--num-train", type=int, default=d.num_train,
-                   help="training points: round(w n) origin copies, 1 isolated point, rest von Mises (default %(default)s)")
-    g.add_argument("--origin-weight", type=finite_float, default=d.origin_weight, help="mixture weight w of the point mass at the origin (default %(default)s)")
-    g.add_argument("--kappa", type=finite_float, default=d.kappa, help="von Mises concentration (default %(default)s)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of data, training, sampling and estimation (default %(default)s)",
+    )
+    g.add_argument(
+        "--num-train",
+        type=int,
+        default=d.num_train,
+        help="training points: round(w n) origin copies, 1 isolated point, rest von Mises (default %(default)s)",
+    )
+    g.add_argument(
+        "--origin-weight",
+        type=finite_float,
+        default=d.origin_weight,
+        help="mixture weight w of the point mass at the origin (default %(default)s)",
+    )
+    g.add_argument(
+        "--kappa",
+        type=finite_float,
+        default=d.kappa,
+        help="von Mises concentration (default %(default)s)",
+    )
     g = parser.add_argument_group("model and training")
-    g.add_argument("--steps", type=int, default=d.steps, help="Adam steps; too few and the model is too smooth to memorize the isolated point (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
-    g.add_argument("--learning-rate", type=finite_float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
-    g.add_argument("--width", type=int, default=d.width, help="hidden width of the MLP (default %(default)s)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=d.steps,
+        help="Adam steps; too few and the model is too smooth to memorize the isolated point (default %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="training batch size (default %(default)s)",
+    )
+    g.add_argument(
+        "--learning-rate",
+        type=finite_float,
+        default=d.learning_rate,
+        help="peak learning rate (default %(default)s)",
+    )
+    g.add_argument(
+        "--width", type=int, default=d.width, help="hidden width of the MLP (default %(default)s)"
+    )
     g = parser.add_argument_group("sampling and LID")
-    g.add_argument("--num-samples", type=int, default=d.num_samples, help="samples drawn with the reverse SDE (default %(default)s)")
-    g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Euler-Maruyama steps of the sampler (default %(default)s)")
-    g.add_argument("--t0", type=finite_float, default=d.t0, help="diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, sigma ~ 0.08)")
-    g.add_argument("--od-gap", type=finite_float, default=d.od_gap, help="OD-Mem when LID_* - LID_theta >= this (default %(default)s)")
-    g.add_argument("--dd-max-lid", type=finite_float, default=d.dd_max_lid, help="DD-Mem when LID_* and LID_theta are both <= this (default %(default)s)")
-    g.add_argument("--lpca-q", type=finite_float, default=d.lpca_q,
-                   help="percentile of all local explained variances used as the local-PCA threshold for LID_* "
-                   "(paper, App. C.1, uses 10); it must exceed the share of off-manifold variances, here "
-                   "100 (1 - mean LID_* / d) = 60 (default %(default)s)")
+    g.add_argument(
+        "--num-samples",
+        type=int,
+        default=d.num_samples,
+        help="samples drawn with the reverse SDE (default %(default)s)",
+    )
+    g.add_argument(
+        "--sample-steps",
+        type=int,
+        default=d.sample_steps,
+        help="Euler-Maruyama steps of the sampler (default %(default)s)",
+    )
+    g.add_argument(
+        "--t0",
+        type=finite_float,
+        default=d.t0,
+        help="diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, sigma ~ 0.08)",
+    )
+    g.add_argument(
+        "--od-gap",
+        type=finite_float,
+        default=d.od_gap,
+        help="OD-Mem when LID_* - LID_theta >= this (default %(default)s)",
+    )
+    g.add_argument(
+        "--dd-max-lid",
+        type=finite_float,
+        default=d.dd_max_lid,
+        help="DD-Mem when LID_* and LID_theta are both <= this (default %(default)s)",
+    )
+    g.add_argument(
+        "--lpca-q",
+        type=finite_float,
+        default=d.lpca_q,
+        help="percentile of all local explained variances used as the local-PCA threshold for LID_* "
+        "(paper, App. C.1, uses 10); it must exceed the share of off-manifold variances, here "
+        "100 (1 - mean LID_* / d) = 60 (default %(default)s)",
+    )
     g = parser.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=d.out, help="output folder for figure4.png, samples.csv/.parquet, training_set.csv (default ./%(default)s/)")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=d.out,
+        help="output folder for figure4.png, samples.csv/.parquet, training_set.csv (default ./%(default)s/)",
+    )
     add_display_flags(g)
 
 

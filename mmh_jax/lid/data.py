@@ -135,15 +135,20 @@ def twonn(
     """
     if method not in ("linear", "mle"):
         raise ValueError(f"method must be 'linear' or 'mle', got {method!r}")
-    if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, numbers.Real) \
-            or not 0.0 <= float(discard_fraction) < 1.0:
+    if (
+        isinstance(discard_fraction, bool)
+        or not isinstance(discard_fraction, numbers.Real)
+        or not 0.0 <= float(discard_fraction) < 1.0
+    ):
         raise ValueError(f"discard_fraction must be a float in [0, 1), got {discard_fraction!r}")
     data, _ = check_data(data, None, min_points=3)
     batch_size = check_batch_size(batch_size)
     dists, _ = knn(data, None, k=2, batch_size=batch_size)
     r1, r2 = dists[:, 0], dists[:, 1]
     n_finite = jnp.sum(jnp.isfinite(r2 / r1))
-    n_keep = jnp.floor(n_finite * (1.0 - float(discard_fraction))).astype(n_finite.dtype)  # as skdim
+    n_keep = jnp.floor(n_finite * (1.0 - float(discard_fraction))).astype(
+        n_finite.dtype
+    )  # as skdim
     if not is_concrete(n_keep):  # under jit: the checks below need values
         return twonn_from_distances(r1, r2, n_keep=n_keep, method=method)
     if n_keep < 2:

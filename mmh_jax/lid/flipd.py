@@ -42,8 +42,14 @@ Trace = Literal["hutchinson", "exact"]
 Probe = Literal["rademacher", "gaussian"]
 
 
-def hutchinson_probe(keys: Array, index: int | Array, *, event_shape: tuple[int, ...], dtype,
-                     probe: Probe = "rademacher") -> Array:
+def hutchinson_probe(
+    keys: Array,
+    index: int | Array,
+    *,
+    event_shape: tuple[int, ...],
+    dtype,
+    probe: Probe = "rademacher",
+) -> Array:
     """Probe ``index`` of every sample, ``draw(fold_in(keys[s], index))`` ``[b, *event_shape]``:
     the probes :func:`flipd` uses (``keys`` one per sample), so other FLIPD computations (the
     prompt metrics, the guarded sampler) can reproduce them exactly."""
@@ -136,11 +142,20 @@ def flipd(
     Returns:
         FLIPD per point, shape ``[b]``, in ``x.dtype``.
     """
-    x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_size, key)
+    x, num_probes, chunk_size, keys = _check_flipd_args(
+        score_fn, x, schedule, trace, num_probes, probe, chunk_size, key
+    )
     t = check_times(t0, x.shape[0], x.dtype)
     return _flipd(
-        as_pytree_fn(score_fn), x, t, schedule=schedule, keys=keys, trace=trace,
-        num_probes=num_probes, probe=probe, chunk_size=chunk_size,
+        as_pytree_fn(score_fn),
+        x,
+        t,
+        schedule=schedule,
+        keys=keys,
+        trace=trace,
+        num_probes=num_probes,
+        probe=probe,
+        chunk_size=chunk_size,
     )
 
 
@@ -168,15 +183,24 @@ def flipd_curve(
     Returns:
         ``[b, n]`` FLIPD values.
     """
-    x, num_probes, chunk_size, keys = _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_size, key)
+    x, num_probes, chunk_size, keys = _check_flipd_args(
+        score_fn, x, schedule, trace, num_probes, probe, chunk_size, key
+    )
     ts = jnp.asarray(ts, dtype=x.dtype)
     if ts.ndim != 1 or ts.shape[0] < 1:
         raise ValueError(f"ts must be a 1-D array of diffusion times, got shape {ts.shape}")
     check_times(ts, ts.shape[0], x.dtype, name="ts")
 
     return _flipd_curve(
-        as_pytree_fn(score_fn), x, ts, schedule=schedule, keys=keys, trace=trace,
-        num_probes=num_probes, probe=probe, chunk_size=chunk_size,
+        as_pytree_fn(score_fn),
+        x,
+        ts,
+        schedule=schedule,
+        keys=keys,
+        trace=trace,
+        num_probes=num_probes,
+        probe=probe,
+        chunk_size=chunk_size,
     )
 
 
@@ -185,8 +209,15 @@ def _flipd_curve(score_fn, x, ts, *, schedule, keys, trace, num_probes, probe, c
     def at(t0: Array) -> Array:
         t = jnp.broadcast_to(t0, (x.shape[0],))
         return _flipd(
-            score_fn, x, t, schedule=schedule, keys=keys, trace=trace,
-            num_probes=num_probes, probe=probe, chunk_size=chunk_size,
+            score_fn,
+            x,
+            t,
+            schedule=schedule,
+            keys=keys,
+            trace=trace,
+            num_probes=num_probes,
+            probe=probe,
+            chunk_size=chunk_size,
         )
 
     return jax.lax.map(at, ts).T
@@ -203,7 +234,9 @@ class FlipdKnee(NamedTuple):
     """Index in ``ts`` where the flattest window starts."""
 
 
-def flipd_knee(ts: Float[ArrayLike, " n"], curve: Float[ArrayLike, "b n"], *, window: int = 3) -> FlipdKnee:
+def flipd_knee(
+    ts: Float[ArrayLike, " n"], curve: Float[ArrayLike, "b n"], *, window: int = 3
+) -> FlipdKnee:
     """Choose ``t0`` where each FLIPD curve settles onto its plateau.
 
     The FLIPD paper reads LID at the knee of the curve ``t0 -> FLIPD(x, t0)``: at very
@@ -228,7 +261,9 @@ def flipd_knee(ts: Float[ArrayLike, " n"], curve: Float[ArrayLike, "b n"], *, wi
     ts = jnp.asarray(ts)
     curve = jnp.asarray(curve)
     if ts.ndim != 1 or ts.shape[0] < window + 1:
-        raise ValueError(f"ts must be 1-D with at least window + 1 = {window + 1} times, got shape {ts.shape}")
+        raise ValueError(
+            f"ts must be 1-D with at least window + 1 = {window + 1} times, got shape {ts.shape}"
+        )
     if curve.ndim != 2 or curve.shape[1] != ts.shape[0]:
         raise ValueError(f"curve must have shape [b, {ts.shape[0]}] to match ts, got {curve.shape}")
     if is_concrete(ts) and not bool(jnp.all((jnp.diff(ts) > 0) & (ts[1:] <= 1)) and ts[0] > 0):

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax._src.linalg import singular_values
 from mmh_jax._src.checks import check_batch, check_int
+from mmh_jax._src.linalg import singular_values
 from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.lid.rank import numerical_rank
 from mmh_jax.types import GeneratorFn
@@ -49,7 +49,9 @@ def _jacobian_singular_values(fn, z, *, chunk):
         return cols.reshape(chunk, b, -1)
 
     cols = jax.lax.map(columns, jnp.arange(num_chunks) * chunk)  # [chunks, chunk, b, d_out]
-    jac = jnp.moveaxis(cols.reshape(num_chunks * chunk, b, -1)[:d_latent], 0, -1)  # [b, d_out, d_latent]
+    jac = jnp.moveaxis(
+        cols.reshape(num_chunks * chunk, b, -1)[:d_latent], 0, -1
+    )  # [b, d_out, d_latent]
     return singular_values(jac)
 
 
@@ -85,11 +87,14 @@ def jacobian_rank(
     d_latent = math.prod(latent_shape)
     out = jax.eval_shape(fn, z)
     if not hasattr(out, "shape") or out.ndim < 1 or out.shape[0] != b:
-        raise ValueError(f"fn(z) must return an array of shape [{b}, ...], got {getattr(out, 'shape', out)}")
+        raise ValueError(
+            f"fn(z) must return an array of shape [{b}, ...], got {getattr(out, 'shape', out)}"
+        )
     chunk = min(d_latent, 32 if chunk_size is None else check_int(chunk_size, "chunk_size"))
     singular_values = _jacobian_singular_values(as_pytree_fn(fn), z, chunk=chunk)
     if threshold is None:
         eps = jnp.finfo(singular_values.dtype).eps
         threshold = singular_values[:, 0] * max(math.prod(out.shape[1:]), d_latent) * eps
-    return JacobianRankResult(lid=numerical_rank(singular_values, threshold=threshold),
-                              singular_values=singular_values)
+    return JacobianRankResult(
+        lid=numerical_rank(singular_values, threshold=threshold), singular_values=singular_values
+    )

@@ -23,7 +23,6 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from threadpoolctl import threadpool_limits
 
-from mmh_jax._src.linalg import singular_values
 from mmh_jax._src.checks import check_option, is_concrete
 from mmh_jax._src.knn import (
     build_index,
@@ -36,6 +35,7 @@ from mmh_jax._src.knn import (
     pairwise_distance_percentile,
     search_chunk,
 )
+from mmh_jax._src.linalg import singular_values
 
 __all__ = ["lpca", "local_spectra"]
 
@@ -138,8 +138,9 @@ def _count(ev, m, alpha, ratio, tau, *, method: str, d: int) -> Int[Array, " b"]
         dim = jnp.sum(frac < ratio, axis=1) + 1
     elif method == "maxgap":
         num, den = ev[:, :-1], ev[:, 1:]
-        gaps = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0),
-                         jnp.where(num > 0, jnp.inf, -jnp.inf))  # x/0 = inf, 0/0 ignored
+        gaps = jnp.where(
+            den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num > 0, jnp.inf, -jnp.inf)
+        )  # x/0 = inf, 0/0 ignored
         gaps = jnp.where(valid[:, 1:], gaps, -jnp.inf)
         if gaps.shape[1] == 0:
             dim = jnp.ones(ev.shape[0], jnp.int32)
@@ -233,8 +234,9 @@ def local_spectra(
             # Dispatch (asynchronously) the next chunk before the host eigenvalues of the
             # previous one, so that XLA's matrix products and LAPACK overlap.
             _, idx, _ = search_chunk(index, chunk, start, k=k, exclude_self=exclude_self)
-            mat, m = _neighbourhood_matrices(data, chunk, idx, rad, include_self=include_self,
-                                             use_gram=kk < d)
+            mat, m = _neighbourhood_matrices(
+                data, chunk, idx, rad, include_self=include_self, use_gram=kk < d
+            )
             if pending is not None:
                 finish(pending)
             pending = (mat, m, n_valid)
@@ -340,8 +342,11 @@ def lpca(
     ratio = _check_float(ratio, "ratio", 0.0, 1.0, lo_open=True, hi_open=False)
     q = _check_float(q, "q", 0.0, 100.0, lo_open=False, hi_open=False)
     distance_q = _check_float(distance_q, "distance_q", 0.0, 100.0, lo_open=False, hi_open=False)
-    if isinstance(distance_max_points, bool) or not isinstance(distance_max_points, numbers.Integral) \
-            or distance_max_points < 2:
+    if (
+        isinstance(distance_max_points, bool)
+        or not isinstance(distance_max_points, numbers.Integral)
+        or distance_max_points < 2
+    ):
         raise ValueError(f"distance_max_points must be an int >= 2, got {distance_max_points!r}")
     data, queries_ = check_data(data, queries)
     n, d = data.shape
@@ -350,15 +355,24 @@ def lpca(
     zero = jnp.zeros((), dtype)
 
     if method != "paper":
-        ev, m = local_spectra(data, queries_, k=k, batch_size=batch_size, rtol=rtol,
-                              eig_backend=eig_backend)
-        return _count(ev, m, jnp.asarray(alpha, dtype), jnp.asarray(ratio, dtype), zero,
-                      method=method, d=d)
+        ev, m = local_spectra(
+            data, queries_, k=k, batch_size=batch_size, rtol=rtol, eig_backend=eig_backend
+        )
+        return _count(
+            ev, m, jnp.asarray(alpha, dtype), jnp.asarray(ratio, dtype), zero, method=method, d=d
+        )
 
-    rho = pairwise_distance_percentile(data, q=distance_q, max_points=int(distance_max_points),
-                                       key=key)
-    common = dict(k=k, radius=rho, include_self=True, batch_size=batch_size, rtol=rtol,
-                  eig_backend=eig_backend)
+    rho = pairwise_distance_percentile(
+        data, q=distance_q, max_points=int(distance_max_points), key=key
+    )
+    common = dict(
+        k=k,
+        radius=rho,
+        include_self=True,
+        batch_size=batch_size,
+        rtol=rtol,
+        eig_backend=eig_backend,
+    )
     ev_data, m_data = local_spectra(data, None, **common)
     tau = masked_percentile(ev_data, _valid_mask(ev_data, m_data, d), q)
     if queries_ is None:

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from mmh_jax._src.linalg import eigvalsh_descending
 from mmh_jax._src.checks import (
     check_batch,
     check_int,
@@ -35,13 +34,13 @@ from mmh_jax._src.checks import (
     check_times,
     per_sample_keys,
 )
+from mmh_jax._src.linalg import eigvalsh_descending
 from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax.lid.rank import numerical_rank
 from mmh_jax.schedules import Schedule, broadcast_to_event
 from mmh_jax.types import ScoreFn
 
 __all__ = ["normal_bundle", "NormalBundleResult"]
-
 
 
 class NormalBundleResult(NamedTuple):
@@ -67,7 +66,11 @@ def _gap_rank(s: Float[Array, "b d"], noise_floor: float | None) -> Int[Array, "
     d = s.shape[-1]
     resolution = jnp.sqrt(d * jnp.finfo(s.dtype).eps) * s[:, :1]
     log_s = jnp.log(jnp.maximum(s, jnp.maximum(resolution, jnp.finfo(s.dtype).tiny)))
-    rank = jnp.argmax(log_s[:, :-1] - log_s[:, 1:], axis=-1) + 1 if d > 1 else jnp.ones(s.shape[:1], jnp.int32)
+    rank = (
+        jnp.argmax(log_s[:, :-1] - log_s[:, 1:], axis=-1) + 1
+        if d > 1
+        else jnp.ones(s.shape[:1], jnp.int32)
+    )
     if noise_floor is None:
         return rank
     rank = jnp.where(jnp.all(s >= noise_floor, axis=-1), d, rank)
@@ -87,7 +90,9 @@ def _spectrum(score_fn, x, t, *, schedule, keys, num_scores, center, chunk):
     def terms(start: Array) -> tuple[Array, Array]:
         idx = start + jnp.arange(chunk)
         noise = jax.vmap(
-            lambda k: jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), event_shape, x.dtype))(idx)
+            lambda k: jax.vmap(
+                lambda i: jax.random.normal(jax.random.fold_in(k, i), event_shape, x.dtype)
+            )(idx)
         )(keys)
         x_t = (psi_x + sigma_b * noise).reshape((b * chunk,) + event_shape)
         scores = score_fn(x_t, t_rep).reshape(b, chunk, d) * sigma[:, None, None]
@@ -168,7 +173,14 @@ def normal_bundle(
     check_score_fn(score_fn, x, t)
 
     singular_values = _spectrum(
-        as_pytree_fn(score_fn), x, t, schedule=schedule, keys=keys, num_scores=num_scores, center=center, chunk=chunk
+        as_pytree_fn(score_fn),
+        x,
+        t,
+        schedule=schedule,
+        keys=keys,
+        num_scores=num_scores,
+        center=center,
+        chunk=chunk,
     )
 
     if isinstance(threshold, str):

@@ -34,8 +34,9 @@ def _check_spectrum(singular_values: ArrayLike) -> Array:
     return s
 
 
-def numerical_rank(singular_values: Float[ArrayLike, "*b n"], *,
-                   threshold: float | Float[ArrayLike, "*b"]) -> Int[Array, "*b"]:
+def numerical_rank(
+    singular_values: Float[ArrayLike, "*b n"], *, threshold: float | Float[ArrayLike, "*b"]
+) -> Int[Array, "*b"]:
     """Number of singular values strictly above ``threshold``.
 
     Args:
@@ -48,7 +49,9 @@ def numerical_rank(singular_values: Float[ArrayLike, "*b n"], *,
     s = _check_spectrum(singular_values)
     tau = jnp.asarray(threshold, dtype=s.dtype)
     if tau.ndim and tau.shape != s.shape[:-1]:
-        raise ValueError(f"threshold must be a scalar or have shape {s.shape[:-1]}, got {tau.shape}")
+        raise ValueError(
+            f"threshold must be a scalar or have shape {s.shape[:-1]}, got {tau.shape}"
+        )
     return jnp.sum(s > tau[..., None], axis=-1)
 
 

@@ -4,13 +4,13 @@ with token attributions and mitigation (Stable Diffusion prompts: :mod:`.attribu
 :mod:`.mitigation`), and the Jacobian-rank LID of GAN samples."""
 
 # The modules first: `classify` is then rebound to the function of that name.
+import mmh_jax.memorization.attribution as _attribution
 import mmh_jax.memorization.classify as _classify
 import mmh_jax.memorization.conditional as _conditional
 import mmh_jax.memorization.gan as _gan
+import mmh_jax.memorization.mitigation as _mitigation
 import mmh_jax.memorization.prompt as _prompt
 import mmh_jax.memorization.signals as _signals
-import mmh_jax.memorization.attribution as _attribution
-import mmh_jax.memorization.mitigation as _mitigation
 from mmh_jax.memorization.attribution import (
     METRICS,
     PromptAttribution,
@@ -29,7 +29,6 @@ from mmh_jax.memorization.classify import (
     classify,
     label_names,
 )
-from mmh_jax.memorization.gan import StyleGAN2Fns, gan_lid, stylegan2_fns
 from mmh_jax.memorization.conditional import (
     CFGNorms,
     ConditionalFlipd,
@@ -37,6 +36,7 @@ from mmh_jax.memorization.conditional import (
     generation_cfg_norms,
     image_cfg_norms,
 )
+from mmh_jax.memorization.gan import StyleGAN2Fns, gan_lid, stylegan2_fns
 from mmh_jax.memorization.guard import (
     GuardedSample,
     GuardReport,
@@ -55,11 +55,11 @@ from mmh_jax.memorization.mitigation import (
     MitigationConfig,
     MitigationResult,
     Similarity,
+    check_prompt_tokens,
     embedding_defaults,
     expected_rows,
     method_label,
     mitigate,
-    check_prompt_tokens,
     new_prompts,
     summarise_mitigation,
 )

@@ -136,25 +136,43 @@ def _prompt_tokens(sd: Any, prompt: Any, *, where: str = "prompt") -> _PromptTok
     end = 1 + int(ends[0]) if ends.size else row.size
     content = row[1:end].tolist()
     if not content:
-        raise ValueError(f"{where} {prompt!r} has no tokens (an empty prompt has nothing to "
-                         "attribute or perturb)")
+        raise ValueError(
+            f"{where} {prompt!r} has no tokens (an empty prompt has nothing to "
+            "attribute or perturb)"
+        )
     tokens = list(sd.tokenizer.convert_ids_to_tokens(content))
     return _PromptTokens(ids, tokens, [_decode_word(t.removesuffix(_END_OF_WORD)) for t in tokens])
 
 
 def _first_images(result: Any, n: int) -> Any:
     """A DDIM result (with its trajectory) restricted to its first ``n`` images (one prompt)."""
+
     def cut(x):
         return None if x is None else x[:, :n]
 
-    return result._replace(sample=result.sample[:n], latents=cut(result.latents),
-                           eps_uncond=cut(result.eps_uncond), eps_cond=cut(result.eps_cond))
+    return result._replace(
+        sample=result.sample[:n],
+        latents=cut(result.latents),
+        eps_uncond=cut(result.eps_uncond),
+        eps_cond=cut(result.eps_cond),
+    )
 
 
-def _attributions_on(sd: Any, prompt: str, tokens: _PromptTokens, cond: Any, result: Any, *,
-                    metrics: Sequence[str], key: Any, num_images: int | None, num_steps: int,
-                    steps: Sequence[int] | None = None, guidance: float = 7.5,
-                    num_probes: int = 1) -> list[PromptAttribution]:
+def _attributions_on(
+    sd: Any,
+    prompt: str,
+    tokens: _PromptTokens,
+    cond: Any,
+    result: Any,
+    *,
+    metrics: Sequence[str],
+    key: Any,
+    num_images: int | None,
+    num_steps: int,
+    steps: Sequence[int] | None = None,
+    guidance: float = 7.5,
+    num_probes: int = 1,
+) -> list[PromptAttribution]:
     """Attributions of one prompt for several metrics on one given DDIM trajectory set
     (``result``, sampled from ``cond`` with ``return_trajectory=True``); each metric uses the
     first images it needs. The other arguments are :func:`attribute_prompts`'.
@@ -168,12 +186,23 @@ def _attributions_on(sd: Any, prompt: str, tokens: _PromptTokens, cond: Any, res
         n = default_attribution_images(metric) if num_images is None else num_images
         chosen = default_attribution_steps(metric, num_steps) if steps is None else steps
         points = trajectory_points(_first_images(result, n), schedule=sd.schedule, steps=chosen)
-        attr = token_attributions(sd.eps, cond, sd.uncond_embedding, points, metric=metric,
-                                  schedule=sd.schedule, guidance=guidance,
-                                  key=jax.random.fold_in(key, i), num_probes=num_probes)
-        scores = np.asarray(attr.scores, np.float64)[1:1 + n_tokens]
-        out.append(PromptAttribution(prompt, metric, list(tokens.tokens), list(tokens.words),
-                                     scores, float(attr.value)))
+        attr = token_attributions(
+            sd.eps,
+            cond,
+            sd.uncond_embedding,
+            points,
+            metric=metric,
+            schedule=sd.schedule,
+            guidance=guidance,
+            key=jax.random.fold_in(key, i),
+            num_probes=num_probes,
+        )
+        scores = np.asarray(attr.scores, np.float64)[1 : 1 + n_tokens]
+        out.append(
+            PromptAttribution(
+                prompt, metric, list(tokens.tokens), list(tokens.words), scores, float(attr.value)
+            )
+        )
     return out
 
 
@@ -210,14 +239,32 @@ def attribute_prompts(
     num_probes = _check_count(num_probes, "num_probes")
     tokens = _prompt_tokens(sd, prompt)
     cond = sd.encode_prompt(tokens.ids)
-    needed = max(default_attribution_images(m) if num_images is None else num_images
-                 for m in metrics)
+    needed = max(
+        default_attribution_images(m) if num_images is None else num_images for m in metrics
+    )
     k_noise, k_probe = jax.random.split(key)
-    result = sd.sample(cond, key=k_noise, images_per_prompt=needed, guidance=guidance,
-                       num_steps=num_steps, return_trajectory=True)
-    return _attributions_on(sd, prompt, tokens, cond, result, metrics=metrics, key=k_probe,
-                           num_images=num_images, num_steps=num_steps, steps=steps,
-                           guidance=guidance, num_probes=num_probes)
+    result = sd.sample(
+        cond,
+        key=k_noise,
+        images_per_prompt=needed,
+        guidance=guidance,
+        num_steps=num_steps,
+        return_trajectory=True,
+    )
+    return _attributions_on(
+        sd,
+        prompt,
+        tokens,
+        cond,
+        result,
+        metrics=metrics,
+        key=k_probe,
+        num_images=num_images,
+        num_steps=num_steps,
+        steps=steps,
+        guidance=guidance,
+        num_probes=num_probes,
+    )
 
 
 def attribute_prompt(
@@ -263,6 +310,14 @@ def attribute_prompt(
     Raises:
         ValueError: an empty prompt (no tokens), a bad metric or count.
     """
-    return attribute_prompts(sd, prompt, metrics=[_check_metric(metric)], key=key,
-                             num_images=num_images, num_steps=num_steps, steps=steps,
-                             guidance=guidance, num_probes=num_probes)[0]
+    return attribute_prompts(
+        sd,
+        prompt,
+        metrics=[_check_metric(metric)],
+        key=key,
+        num_images=num_images,
+        num_steps=num_steps,
+        steps=steps,
+        guidance=guidance,
+        num_probes=num_probes,
+    )[0]

@@ -17,7 +17,8 @@ average over the images of a prompt as the experiment needs.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +59,9 @@ class ConditionalFlipd(NamedTuple):
 
 
 def _norms(x: Array) -> Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[:-3] + (-1,)).astype(jnp.float32)),
-                            axis=-1))
+    return jnp.sqrt(
+        jnp.sum(jnp.square(x.reshape(x.shape[:-3] + (-1,)).astype(jnp.float32)), axis=-1)
+    )
 
 
 def generation_cfg_norms(
@@ -132,9 +134,16 @@ def image_cfg_norms(
         raise ValueError(f"t0 must lie in (1/T, 1] = ({1 / schedule.num_timesteps}, 1], got {t0}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return _image_cfg_norms(eps_fn, z0, jnp.asarray(cond), jnp.asarray(uncond), schedule,
-                            jnp.asarray(guidance, z0.dtype), jnp.asarray(t0, z0.dtype),
-                            num_steps=num_steps)
+    return _image_cfg_norms(
+        eps_fn,
+        z0,
+        jnp.asarray(cond),
+        jnp.asarray(uncond),
+        schedule,
+        jnp.asarray(guidance, z0.dtype),
+        jnp.asarray(t0, z0.dtype),
+        num_steps=num_steps,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",))
@@ -191,5 +200,6 @@ def conditional_flipd(
     uncond_score = conditional_score_fn(eps_fn, uncond, schedule=schedule)
     guided_score = cfg_score_fn(eps_fn, cond, uncond, schedule=schedule, guidance=guidance)
     kwargs = dict(schedule=schedule, key=key, num_probes=num_probes)
-    return ConditionalFlipd(flipd(uncond_score, z0, t0=t0, **kwargs),
-                            flipd(guided_score, z0, t0=t0, **kwargs))
+    return ConditionalFlipd(
+        flipd(uncond_score, z0, t0=t0, **kwargs), flipd(guided_score, z0, t0=t0, **kwargs)
+    )

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -118,8 +119,12 @@ class CrossAttention(NamedTuple):
     values: tuple[Float[Array, "b m inner"], ...]
 
 
-def cross_attention(eps_fn: Any, z_t: Float[Array, "b c h w"], t: Float[ArrayLike, " b"],
-                    context: Float[Array, "b m e"]) -> CrossAttention:
+def cross_attention(
+    eps_fn: Any,
+    z_t: Float[Array, "b c h w"],
+    t: Float[ArrayLike, " b"],
+    context: Float[Array, "b m e"],
+) -> CrossAttention:
     """Run ``eps_fn(z_t, t, context)`` and record its cross-attention by Flax interception.
 
     Every ``to_q``/``to_k``/``to_v`` call of a module named ``attn2`` (diffusers'
@@ -148,11 +153,15 @@ def cross_attention(eps_fn: Any, z_t: Float[Array, "b c h w"], t: Float[ArrayLik
         out = next_fun(*args, **kwargs)
         module = ctx.module
         parent = module.parent
-        if (ctx.method_name == "__call__" and module.name in found
-                and isinstance(parent, nn.Module) and parent.name == _CROSS_ATTENTION):
+        if (
+            ctx.method_name == "__call__"
+            and module.name in found
+            and isinstance(parent, nn.Module)
+            and parent.name == _CROSS_ATTENTION
+        ):
             found[module.name].append(out)
             if module.name == "to_q":
-                heads.append(int(getattr(parent, "heads")))
+                heads.append(int(parent.heads))
         return out
 
     with nn.intercept_methods(interceptor):
@@ -163,14 +172,15 @@ def cross_attention(eps_fn: Any, z_t: Float[Array, "b c h w"], t: Float[ArrayLik
             "eps_fn's network has no readable cross-attention: the attention detectors need "
             f"'{_CROSS_ATTENTION}' modules with separate to_q/to_k/to_v projections (diffusers' "
             f"BasicTransformerBlock as mmh_jax's UNet2DCondition ports it); found {counts}. A "
-            "model with fused or absent attention cannot be read this way.")
+            "model with fused or absent attention cannot be read this way."
+        )
     probs = []
     for q, k, h in zip(found["to_q"], found["to_k"], heads):
         b, n, inner = q.shape
         d = inner // h
         qh = q.reshape(b, n, h, d).astype(jnp.float32)
         kh = k.reshape(b, k.shape[1], h, d).astype(jnp.float32)
-        logits = jnp.einsum("bnhd,bmhd->bhnm", qh, kh) * d ** -0.5
+        logits = jnp.einsum("bnhd,bmhd->bhnm", qh, kh) * d**-0.5
         probs.append(jax.nn.softmax(logits, axis=-1))
     return CrossAttention(eps, tuple(probs), tuple(found["to_v"]))
 
@@ -178,8 +188,9 @@ def cross_attention(eps_fn: Any, z_t: Float[Array, "b c h w"], t: Float[ArrayLik
 def _prompt_inputs(sd: StableDiffusion, prompts: Sequence[str]) -> tuple[Array, np.ndarray]:
     """Prompt embeddings ``[p, m, dim]`` and the position of each prompt's end token ``[p]``."""
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings, got "
-                         f"{type(prompts).__name__}")
+        raise ValueError(
+            f"prompts must be a non-empty list of strings, got {type(prompts).__name__}"
+        )
     ids = sd.tokenize(list(prompts))
     return sd.encode_prompt(ids), np.asarray(end_positions(ids))
 
@@ -212,13 +223,18 @@ def token_statistics(a: Float[Array, "b m"], end: Any) -> AttentionEntropy:
     return AttentionEntropy(entropy, a[:, 0], jnp.sum(jnp.where(after_end, a, 0.0), axis=-1))
 
 
-def end_token_map(maps: Sequence[Float[Array, "b n m"]], end: Any,
-                  shape: tuple[int, int]) -> Float[Array, "b h w"]:
+def end_token_map(
+    maps: Sequence[Float[Array, "b n m"]], end: Any, shape: tuple[int, int]
+) -> Float[Array, "b h w"]:
     """The attention each pixel pays to the end token, averaged over the layers, each layer's
     map upsampled (nearest) to ``shape``, the latents' ``(h, w)``."""
     rows = jnp.asarray(end)[:, None, None]
-    return jnp.mean(jnp.stack([_upsample_map(jnp.take_along_axis(m, rows, axis=2)[..., 0], shape)
-                               for m in maps]), axis=0)
+    return jnp.mean(
+        jnp.stack(
+            [_upsample_map(jnp.take_along_axis(m, rows, axis=2)[..., 0], shape) for m in maps]
+        ),
+        axis=0,
+    )
 
 
 def _check_count(value: int, name: str, low: int = 1) -> int:
@@ -229,10 +245,15 @@ def _check_count(value: int, name: str, low: int = 1) -> int:
 
 def _grid(sd: StableDiffusion, num_steps: int) -> tuple[np.ndarray, Array, Array]:
     grid = sd.ddim_grid
-    steps = ddim_timesteps(sd.schedule.num_timesteps, num_steps=num_steps,
-                           spacing=grid["spacing"], steps_offset=grid["steps_offset"])
-    a, a_next = ddim_alphas(sd.schedule, jnp.asarray(steps), num_steps,
-                            grid["set_alpha_to_one"], jnp.float32)
+    steps = ddim_timesteps(
+        sd.schedule.num_timesteps,
+        num_steps=num_steps,
+        spacing=grid.spacing,
+        steps_offset=grid.steps_offset,
+    )
+    a, a_next = ddim_alphas(
+        sd.schedule, jnp.asarray(steps), num_steps, grid.set_alpha_to_one, jnp.float32
+    )
     return steps, a, a_next
 
 
@@ -269,8 +290,17 @@ def _attention_along_ddim(sd, cond, *, key, images_per_prompt, num_steps, guidan
     out = {}
     for i in range(max(capture) + 1):
         t = jnp.full((x.shape[0],), (steps[i] + 1) / T, x.dtype)
-        x, maps = _guided_step(sd.eps, x, t, a[i], a_next[i], cond, sd.uncond_embedding,
-                               jnp.float32(guidance), capture=i in capture)
+        x, maps = _guided_step(
+            sd.eps,
+            x,
+            t,
+            a[i],
+            a_next[i],
+            cond,
+            sd.uncond_embedding,
+            jnp.float32(guidance),
+            capture=i in capture,
+        )
         if i in capture:
             out[i] = maps
     return out
@@ -291,9 +321,16 @@ class AttentionEntropy(NamedTuple):
     end: Float[Array, " p"]
 
 
-def attention_entropy(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
-                      images_per_prompt: int = 1, num_steps: int = 50, early_steps: int = 1,
-                      guidance: float = 7.5) -> AttentionEntropy:
+def attention_entropy(
+    sd: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    key: Array,
+    images_per_prompt: int = 1,
+    num_steps: int = 50,
+    early_steps: int = 1,
+    guidance: float = 7.5,
+) -> AttentionEntropy:
     """Cross-attention entropy and beginning/end-token attention at the first denoising steps
     (Ren et al., "Unveiling and Mitigating Memorization in Text-to-image Diffusion Models
     through Cross Attention", ECCV 2024).
@@ -322,8 +359,15 @@ def attention_entropy(sd: StableDiffusion, prompts: Sequence[str], *, key: Array
     if early > _check_count(num_steps, "num_steps"):
         raise ValueError(f"early_steps={early} exceeds num_steps={num_steps}")
     cond, end = _prompt_inputs(sd, prompts)
-    maps = _attention_along_ddim(sd, cond, key=key, images_per_prompt=k, num_steps=num_steps,
-                                 guidance=guidance, capture=set(range(early)))
+    maps = _attention_along_ddim(
+        sd,
+        cond,
+        key=key,
+        images_per_prompt=k,
+        num_steps=num_steps,
+        guidance=guidance,
+        capture=set(range(early)),
+    )
     a = jnp.mean(jnp.stack([token_attention(layers) for layers in maps.values()]), axis=0)
     return token_statistics(a.reshape(len(prompts), k, -1).mean(axis=1), end)
 
@@ -350,9 +394,15 @@ class BrightEnding(NamedTuple):
     map: Float[Array, "p h w"]
 
 
-def bright_ending(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
-                  images_per_prompt: int = 1, num_steps: int = 50,
-                  guidance: float = 7.5) -> BrightEnding:
+def bright_ending(
+    sd: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    key: Array,
+    images_per_prompt: int = 1,
+    num_steps: int = 50,
+    guidance: float = 7.5,
+) -> BrightEnding:
     """The end token's cross-attention at the final denoising step (Chen et al., "Exploring
     Local Memorization in Diffusion Models via Bright Ending Attention", ICLR 2025).
 
@@ -377,8 +427,15 @@ def bright_ending(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
     k = _check_count(images_per_prompt, "images_per_prompt")
     num_steps = _check_count(num_steps, "num_steps")
     cond, end = _prompt_inputs(sd, prompts)
-    maps = _attention_along_ddim(sd, cond, key=key, images_per_prompt=k, num_steps=num_steps,
-                                 guidance=guidance, capture={num_steps - 1})[num_steps - 1]
+    maps = _attention_along_ddim(
+        sd,
+        cond,
+        key=key,
+        images_per_prompt=k,
+        num_steps=num_steps,
+        guidance=guidance,
+        capture={num_steps - 1},
+    )[num_steps - 1]
     shape = sd.latent_shape[1:]
     be = end_token_map(maps, jnp.repeat(jnp.asarray(end), k), shape)
     be = be.reshape(len(prompts), k, *shape).mean(axis=1)
@@ -388,8 +445,9 @@ def bright_ending(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
 @jax.jit
 def _value_activations(eps_fn, z, t, context):
     values = cross_attention(eps_fn, z, t, context).values
-    return jnp.concatenate([jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=1) for v in values],
-                           axis=-1)
+    return jnp.concatenate(
+        [jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=1) for v in values], axis=-1
+    )
 
 
 def value_activations(sd: StableDiffusion, prompts: Sequence[str]) -> Float[Array, "p neurons"]:
@@ -446,8 +504,9 @@ class NemoOutliers(NamedTuple):
     count: Float[Array, " p"]
 
 
-def nemo_outliers(activations: Float[ArrayLike, "p neurons"], reference: NemoReference, *,
-                  threshold: float = 3.0) -> NemoOutliers:
+def nemo_outliers(
+    activations: Float[ArrayLike, "p neurons"], reference: NemoReference, *, threshold: float = 3.0
+) -> NemoOutliers:
     """NeMo's z-score rule: ``z_i = (a_i - mu_i) / sigma_i`` of every neuron against the
     non-memorized prompts' statistics; neurons with ``|z_i| > threshold`` are out of
     distribution, and memorized prompts have many and large ones.
@@ -462,8 +521,10 @@ def nemo_outliers(activations: Float[ArrayLike, "p neurons"], reference: NemoRef
     """
     a = jnp.asarray(activations, jnp.float32)
     if a.ndim != 2 or a.shape[1] != reference.mean.shape[0]:
-        raise ValueError(f"activations must be [p, {reference.mean.shape[0]}] (the reference's "
-                         f"neurons), got shape {a.shape}")
+        raise ValueError(
+            f"activations must be [p, {reference.mean.shape[0]}] (the reference's "
+            f"neurons), got shape {a.shape}"
+        )
     z = jnp.abs(a - reference.mean) / jnp.maximum(reference.std, jnp.finfo(jnp.float32).tiny)
     return NemoOutliers(z.max(axis=1), jnp.sum(z > threshold, axis=1).astype(jnp.float32))
 
@@ -473,20 +534,30 @@ def _jacobian_trace(score_fn, x, t, keys, *, num_probes, exact):
     event = x.shape[1:]
     d = math.prod(event)
     if exact:
+
         def tangent_at(i):
             return jnp.broadcast_to(jax.nn.one_hot(i, d, dtype=x.dtype).reshape(event), x.shape)
+
         num = d
     else:
+
         def tangent_at(i):
             return hutchinson_probe(keys, i, event_shape=event, dtype=x.dtype)
+
         num = num_probes
     _, total = sum_vjv(lambda y: score_fn(y, t), x, tangent_at, num, min(num, 32))
     return total if exact else total / num_probes
 
 
-def score_jacobian_trace(score_fn: Any, x_t: Float[Array, "b *event"],
-                         t: Float[ArrayLike, " b"], *, key: Array | None = None,
-                         num_probes: int = 1, exact: bool = False) -> Float[Array, " b"]:
+def score_jacobian_trace(
+    score_fn: Any,
+    x_t: Float[Array, "b *event"],
+    t: Float[ArrayLike, " b"],
+    *,
+    key: Array | None = None,
+    num_probes: int = 1,
+    exact: bool = False,
+) -> Float[Array, " b"]:
     """``tr grad_x s(x_t, t)``, the trace of the score's Jacobian (the Laplacian of
     ``log p_t``, the sum of its Hessian's eigenvalues), through the library's FLIPD trace kernel
     (forward-mode ``jvp``; Hutchinson with Rademacher probes, or exact).
@@ -506,8 +577,14 @@ def score_jacobian_trace(score_fn: Any, x_t: Float[Array, "b *event"],
     x_t = jnp.asarray(x_t)
     t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (x_t.shape[0],))
     keys = None if exact else per_sample_keys(key, x_t.shape[0])
-    return _jacobian_trace(as_pytree_fn(score_fn), x_t, t, keys,
-                           num_probes=_check_count(num_probes, "num_probes"), exact=exact)
+    return _jacobian_trace(
+        as_pytree_fn(score_fn),
+        x_t,
+        t,
+        keys,
+        num_probes=_check_count(num_probes, "num_probes"),
+        exact=exact,
+    )
 
 
 def _image_keys(key: Array, prompts: int, images: int) -> Array:
@@ -516,9 +593,16 @@ def _image_keys(key: Array, prompts: int, images: int) -> Array:
     return jnp.tile(keys, prompts)
 
 
-def sharpness(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
-              images_per_prompt: int = 1, num_steps: int = 50, guidance: float = 7.5,
-              num_probes: int = 1) -> Float[Array, " p"]:
+def sharpness(
+    sd: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    key: Array,
+    images_per_prompt: int = 1,
+    num_steps: int = 50,
+    guidance: float = 7.5,
+    num_probes: int = 1,
+) -> Float[Array, " p"]:
     """Sharpness of the guided density at the start of sampling (Jeon et al., "Understanding
     Memorization in Generative Models via Sharpness in Probability Landscapes", 2025).
 
@@ -546,8 +630,13 @@ def sharpness(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
     steps, _, _ = _grid(sd, _check_count(num_steps, "num_steps"))
     p = cond.shape[0]
     x = jnp.tile(images_noise(key, k, sd.latent_shape), (p, 1, 1, 1))
-    score_fn = cfg_score_fn(sd.eps, jnp.repeat(cond, k, axis=0), sd.uncond_embedding,
-                            schedule=sd.schedule, guidance=guidance)
+    score_fn = cfg_score_fn(
+        sd.eps,
+        jnp.repeat(cond, k, axis=0),
+        sd.uncond_embedding,
+        schedule=sd.schedule,
+        guidance=guidance,
+    )
     t = jnp.float32((steps[0] + 1) / sd.schedule.num_timesteps)
     probe_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(_image_keys(key, p, k))
     trace = score_jacobian_trace(score_fn, x, t, key=probe_keys, num_probes=num_probes)
@@ -564,16 +653,34 @@ def _one_step_x0(eps_fn, x, t, a, cond, uncond, guidance):
 def _sobel(gray: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
     """Sobel gradient magnitude (edge replicated at the border)."""
     g = jnp.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    gx = (g[:, :-2, 2:] + 2 * g[:, 1:-1, 2:] + g[:, 2:, 2:]
-          - g[:, :-2, :-2] - 2 * g[:, 1:-1, :-2] - g[:, 2:, :-2])
-    gy = (g[:, 2:, :-2] + 2 * g[:, 2:, 1:-1] + g[:, 2:, 2:]
-          - g[:, :-2, :-2] - 2 * g[:, :-2, 1:-1] - g[:, :-2, 2:])
-    return jnp.sqrt(gx ** 2 + gy ** 2)
+    gx = (
+        g[:, :-2, 2:]
+        + 2 * g[:, 1:-1, 2:]
+        + g[:, 2:, 2:]
+        - g[:, :-2, :-2]
+        - 2 * g[:, 1:-1, :-2]
+        - g[:, 2:, :-2]
+    )
+    gy = (
+        g[:, 2:, :-2]
+        + 2 * g[:, 2:, 1:-1]
+        + g[:, 2:, 2:]
+        - g[:, :-2, :-2]
+        - 2 * g[:, :-2, 1:-1]
+        - g[:, :-2, 2:]
+    )
+    return jnp.sqrt(gx**2 + gy**2)
 
 
-def edge_consistency(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
-                     images_per_prompt: int = 4, num_steps: int = 50,
-                     guidance: float = 7.5) -> Float[Array, " p"]:
+def edge_consistency(
+    sd: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    key: Array,
+    images_per_prompt: int = 4,
+    num_steps: int = 50,
+    guidance: float = 7.5,
+) -> Float[Array, " p"]:
     """Webster's one-step white-box test for template copies (Webster, "A Reproducible
     Extraction of Training Images from Diffusion Models", 2023).
 
@@ -602,8 +709,17 @@ def edge_consistency(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
     p = cond.shape[0]
     x = jnp.tile(images_noise(key, k, sd.latent_shape), (p, 1, 1, 1))
     t = jnp.full((x.shape[0],), (steps[0] + 1) / sd.schedule.num_timesteps, jnp.float32)
-    images = sd.decode(_one_step_x0(sd.eps, x, t, a[0], jnp.repeat(cond, k, axis=0),
-                                    sd.uncond_embedding, jnp.float32(guidance)))
+    images = sd.decode(
+        _one_step_x0(
+            sd.eps,
+            x,
+            t,
+            a[0],
+            jnp.repeat(cond, k, axis=0),
+            sd.uncond_embedding,
+            jnp.float32(guidance),
+        )
+    )
     return jax.vmap(edge_agreement)(images.reshape(p, k, *images.shape[1:]))
 
 
@@ -614,13 +730,21 @@ def edge_agreement(images: Float[ArrayLike, "k c h w"]) -> Float[Array, ""]:
     images = jnp.asarray(images, jnp.float32)
     edges = _sobel(images.mean(axis=1)).reshape(images.shape[0], -1)
     return jnp.linalg.norm(edges.mean(axis=0)) / jnp.maximum(
-        jnp.linalg.norm(edges, axis=-1).mean(), jnp.finfo(jnp.float32).tiny)
+        jnp.linalg.norm(edges, axis=-1).mean(), jnp.finfo(jnp.float32).tiny
+    )
 
 
-def generation_clusters(sd: StableDiffusion, prompts: Sequence[str], *, key: Array,
-                        images_per_prompt: int = 16, cluster_size: int = 10,
-                        num_steps: int = 50, guidance: float = 7.5,
-                        space: Literal["pixels", "latents"] = "pixels") -> Float[Array, " p"]:
+def generation_clusters(
+    sd: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    key: Array,
+    images_per_prompt: int = 16,
+    cluster_size: int = 10,
+    num_steps: int = 50,
+    guidance: float = 7.5,
+    space: Literal["pixels", "latents"] = "pixels",
+) -> Float[Array, " p"]:
     """Carlini et al.'s generate-many-and-cluster black-box test ("Extracting Training Data
     from Diffusion Models", USENIX Security 2023).
 
@@ -652,15 +776,21 @@ def generation_clusters(sd: StableDiffusion, prompts: Sequence[str], *, key: Arr
     if space not in ("pixels", "latents"):
         raise ValueError(f"space must be 'pixels' or 'latents', got {space!r}")
     cond, _ = _prompt_inputs(sd, prompts)
-    latents = sd.sample(cond, key=key, images_per_prompt=k, guidance=guidance,
-                        num_steps=_check_count(num_steps, "num_steps")).sample
+    latents = sd.sample(
+        cond,
+        key=key,
+        images_per_prompt=k,
+        guidance=guidance,
+        num_steps=_check_count(num_steps, "num_steps"),
+    ).sample
     items = sd.decode(latents) if space == "pixels" else latents
     items = items.reshape(cond.shape[0], k, -1)
     return jnp.stack([cluster_score(g, cluster_size=size) for g in items])
 
 
-def cluster_score(items: Float[ArrayLike, "k *item"], *, cluster_size: int = 10
-                  ) -> Float[Array, ""]:
+def cluster_score(
+    items: Float[ArrayLike, "k *item"], *, cluster_size: int = 10
+) -> Float[Array, ""]:
     """Minus the radius of the tightest ``cluster_size``-cluster of one prompt's generations:
     the smallest, over the items, root-mean-square distance to the ``cluster_size - 1``-th
     nearest other item (:func:`mmh_jax.retrieval.nearest_neighbours`; Carlini et al.'s

@@ -27,20 +27,34 @@ __all__ = ["gan_lid", "stylegan2_fns", "StyleGAN2Fns"]
 
 
 @functools.cache
-def _generator_of(module: StyleGAN2Generator, wrt: str, truncation_cutoff: int | None,
-                  noise_mode: str):
+def _generator_of(
+    module: StyleGAN2Generator, wrt: str, truncation_cutoff: int | None, noise_mode: str
+):
     """``fn(params, c, psi, key, latent) -> images`` for one module and static settings (one
     object per setting, so equal calls share their compiled programs)."""
 
     def from_z(params, c, psi, key, z):
-        return module.apply({"params": params}, z, c, truncation_psi=psi,
-                            truncation_cutoff=truncation_cutoff, noise_mode=noise_mode, key=key)
+        return module.apply(
+            {"params": params},
+            z,
+            c,
+            truncation_psi=psi,
+            truncation_cutoff=truncation_cutoff,
+            noise_mode=noise_mode,
+            key=key,
+        )
 
     def from_w(params, c, psi, key, w):
-        ws = module.apply({"params": params}, w, truncation_psi=psi,
-                          truncation_cutoff=truncation_cutoff, method="broadcast_w")
-        return module.apply({"params": params}, ws, noise_mode=noise_mode, key=key,
-                            method="synthesis")
+        ws = module.apply(
+            {"params": params},
+            w,
+            truncation_psi=psi,
+            truncation_cutoff=truncation_cutoff,
+            method="broadcast_w",
+        )
+        return module.apply(
+            {"params": params}, ws, noise_mode=noise_mode, key=key, method="synthesis"
+        )
 
     return from_z if wrt == "z" else from_w
 
@@ -101,8 +115,9 @@ def gan_lid(
     latent = z
     if wrt == "w":
         latent = generator.apply({"params": params}, z, c, method="mapping")[:, 0]
-    return jacobian_rank(Partial(fn, params, c, psi, key), latent, threshold=threshold,
-                         chunk_size=chunk_size)
+    return jacobian_rank(
+        Partial(fn, params, c, psi, key), latent, threshold=threshold, chunk_size=chunk_size
+    )
 
 
 class StyleGAN2Fns(NamedTuple):
@@ -117,8 +132,9 @@ class StyleGAN2Fns(NamedTuple):
 
 
 @functools.cache
-def _labelled_of(module: StyleGAN2Generator, wrt: str, truncation_cutoff: int | None,
-                 noise_mode: str):
+def _labelled_of(
+    module: StyleGAN2Generator, wrt: str, truncation_cutoff: int | None, noise_mode: str
+):
     """``(generate(params, psi, latent, labels), mapping(params, z, labels))`` for one module
     and static settings: :func:`gan_lid`'s generator, with integer labels."""
     fn = _generator_of(module, wrt, truncation_cutoff, noise_mode)
@@ -154,5 +170,6 @@ def stylegan2_fns(
         raise ValueError(f"noise_mode must be 'const' or 'none', got {noise_mode!r}")
     generate, mapping = _labelled_of(generator, wrt, truncation_cutoff, noise_mode)
     psi = jnp.asarray(truncation_psi, jnp.float32)
-    return StyleGAN2Fns(Partial(generate, params, psi),
-                        Partial(mapping, params) if wrt == "w" else None)
+    return StyleGAN2Fns(
+        Partial(generate, params, psi), Partial(mapping, params) if wrt == "w" else None
+    )

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Callable, Literal, NamedTuple, Sequence, get_args
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ Signal = Literal["cfg_norm", "flipd"]
 """The guarded sampler's memorization signal: the CFG norm of its own DDIM steps (``"cfg_norm"``,
 high when memorized) or FLIPD of its last steps (``"flipd"``, low when memorized)."""
 
+
 class GuardedSample(NamedTuple):
     """What :func:`guarded_ddim_sample` returns (``n`` DDIM steps, batch ``b``, ``k`` FLIPD
     steps)."""
@@ -104,8 +106,10 @@ def _norms(x: Array) -> Array:
 def _as_keys(key, b: int) -> Array:
     """A typed PRNG key, scalar or ``[b]``; else a ValueError naming ``key``."""
     if key is None:
-        raise ValueError("key is required for signal='flipd' (the Hutchinson probes): pass "
-                         "key=jax.random.key(seed)")
+        raise ValueError(
+            "key is required for signal='flipd' (the Hutchinson probes): pass "
+            "key=jax.random.key(seed)"
+        )
     key = key if isinstance(key, jax.Array) else jnp.asarray(key)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
@@ -187,25 +191,42 @@ def guarded_ddim_sample(
     """
     noise = jnp.asarray(noise)
     if noise.ndim < 2 or noise.shape[0] == 0 or not jnp.issubdtype(noise.dtype, jnp.floating):
-        raise ValueError(f"noise must be a floating array [b, *event] with b >= 1, got "
-                         f"{noise.dtype} {noise.shape}")
+        raise ValueError(
+            f"noise must be a floating array [b, *event] with b >= 1, got "
+            f"{noise.dtype} {noise.shape}"
+        )
     check_option(signal, "signal", get_args(Signal))
     steps = grid.timesteps(schedule.num_timesteps, num_steps)
     b = noise.shape[0]
     if signal == "flipd":
-        if isinstance(signal_steps, bool) or not isinstance(signal_steps, (int, np.integer)) \
-                or not 1 <= signal_steps <= num_steps:
-            raise ValueError(f"signal_steps must be an int in 1..num_steps={num_steps}, got "
-                             f"{signal_steps!r}")
+        if (
+            isinstance(signal_steps, bool)
+            or not isinstance(signal_steps, (int, np.integer))
+            or not 1 <= signal_steps <= num_steps
+        ):
+            raise ValueError(
+                f"signal_steps must be an int in 1..num_steps={num_steps}, got {signal_steps!r}"
+            )
         num_flipd, keys = int(signal_steps), _as_keys(key, b)
         window = (num_steps - num_flipd, num_steps)
     else:
         num_flipd, keys = 0, None
         window = _check_range(norm_steps, num_steps)
-    return _guarded(eps_fn, noise, jnp.asarray(cond), jnp.asarray(uncond),
-                    jnp.asarray(guidance, noise.dtype), jnp.asarray(steps), schedule, keys,
-                    jnp.asarray(window), num_steps=num_steps, num_flipd=num_flipd,
-                    set_alpha_to_one=grid.set_alpha_to_one, return_trajectory=return_trajectory)
+    return _guarded(
+        eps_fn,
+        noise,
+        jnp.asarray(cond),
+        jnp.asarray(uncond),
+        jnp.asarray(guidance, noise.dtype),
+        jnp.asarray(steps),
+        schedule,
+        keys,
+        jnp.asarray(window),
+        num_steps=num_steps,
+        num_flipd=num_flipd,
+        set_alpha_to_one=grid.set_alpha_to_one,
+        return_trajectory=return_trajectory,
+    )
 
 
 def _check_range(norm_steps, num_steps: int) -> tuple[int, int]:
@@ -214,18 +235,36 @@ def _check_range(norm_steps, num_steps: int) -> tuple[int, int]:
     try:
         start, stop = (int(i) for i in norm_steps)
     except (TypeError, ValueError):
-        raise ValueError(f"norm_steps must be a pair (start, stop) of step indices, got "
-                         f"{norm_steps!r}") from None
+        raise ValueError(
+            f"norm_steps must be a pair (start, stop) of step indices, got {norm_steps!r}"
+        ) from None
     if not 0 <= start < stop <= num_steps:
-        raise ValueError(f"norm_steps must satisfy 0 <= start < stop <= num_steps={num_steps}, "
-                         f"got {norm_steps!r}")
+        raise ValueError(
+            f"norm_steps must satisfy 0 <= start < stop <= num_steps={num_steps}, "
+            f"got {norm_steps!r}"
+        )
     return (start, stop)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "num_flipd", "set_alpha_to_one",
-                                             "return_trajectory"))
-def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, window, *,
-             num_steps, num_flipd, set_alpha_to_one, return_trajectory):
+@functools.partial(
+    jax.jit, static_argnames=("num_steps", "num_flipd", "set_alpha_to_one", "return_trajectory")
+)
+def _guarded(
+    eps_fn,
+    noise,
+    cond,
+    uncond,
+    guidance,
+    steps,
+    schedule,
+    keys,
+    window,
+    *,
+    num_steps,
+    num_flipd,
+    set_alpha_to_one,
+    return_trajectory,
+):
     """The sampler; ``window = [start, stop)`` of the CFG-norm average (traced: a new range does
     not recompile)."""
     T = schedule.num_timesteps
@@ -248,7 +287,8 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
         t = times(step)
         v = hutchinson_probe(probe_keys, 0, event_shape=event, dtype=x.dtype)
         (eps_u, eps_c), (jv_u, jv_c) = jax.jvp(
-            lambda y: eps_pair(eps_fn, y, t, cond, uncond), (x,), (v,))
+            lambda y: eps_pair(eps_fn, y, t, cond, uncond), (x,), (v,)
+        )
         eps = eps_u + guidance * (eps_c - eps_u)
         jv = jv_u + guidance * (jv_c - jv_u)
         vjv = jnp.sum((v * jv).reshape(b, -1), axis=-1)
@@ -266,8 +306,9 @@ def _guarded(eps_fn, noise, cond, uncond, guidance, steps, schedule, keys, windo
     flipd = None
     if num_flipd:
         probe_keys = jax.vmap(lambda j: step_probe_keys(keys, j, b))(jnp.arange(num_flipd))
-        x, out = jax.lax.scan(with_flipd, x, (steps[n_plain:], a_now[n_plain:],
-                                              a_next[n_plain:], probe_keys))
+        x, out = jax.lax.scan(
+            with_flipd, x, (steps[n_plain:], a_now[n_plain:], a_next[n_plain:], probe_keys)
+        )
         flipd, out = out[1], (out[0],) + out[2:]
         outs.append(out)
     cfg_norms, *trajectory = (jnp.concatenate(parts) for parts in zip(*outs))
@@ -288,13 +329,15 @@ def _signals(signals: ArrayLike, name: str = "signals") -> np.ndarray:
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {s.shape}")
     if not np.all(np.isfinite(s)):
-        raise ValueError(f"{name} holds {int(np.sum(~np.isfinite(s)))} non-finite value(s) "
-                         "(NaN or inf)")
+        raise ValueError(
+            f"{name} holds {int(np.sum(~np.isfinite(s)))} non-finite value(s) (NaN or inf)"
+        )
     return s
 
 
-def calibrate_threshold(signals: Float[ArrayLike, " n"], *, target_fpr: float,
-                        higher_is_memorized: bool) -> float:
+def calibrate_threshold(
+    signals: Float[ArrayLike, " n"], *, target_fpr: float, higher_is_memorized: bool
+) -> float:
     """The threshold that flags a fraction ``target_fpr`` of non-memorized prompts.
 
     ``signals`` are the signals of ``n`` calibration prompts known not to be memorized. The rule
@@ -324,21 +367,27 @@ def calibrate_threshold(signals: Float[ArrayLike, " n"], *, target_fpr: float,
             held-out prompt at that rate).
     """
     s = _signals(signals)
-    if not isinstance(target_fpr, (float, int, np.floating)) or isinstance(target_fpr, bool) \
-            or not 0 < target_fpr < 1:
+    if (
+        not isinstance(target_fpr, (float, int, np.floating))
+        or isinstance(target_fpr, bool)
+        or not 0 < target_fpr < 1
+    ):
         raise ValueError(f"target_fpr must be a number in (0, 1), got {target_fpr!r}")
     n = s.size
     m = math.floor(target_fpr * (n + 1) + 1e-9)  # guard 0.1 * 200 -> 20.099999
     if m < 1:
         need = math.ceil(1 / target_fpr - 1e-9) - 1
-        raise ValueError(f"signals holds {n} calibration value(s); target_fpr={target_fpr} needs "
-                         f"at least {need} (conformal rule: floor(target_fpr (n + 1)) >= 1)")
+        raise ValueError(
+            f"signals holds {n} calibration value(s); target_fpr={target_fpr} needs "
+            f"at least {need} (conformal rule: floor(target_fpr (n + 1)) >= 1)"
+        )
     ordered = np.sort(s)
     return float(ordered[n - m] if higher_is_memorized else ordered[m - 1])
 
 
-def flag(signals: Float[ArrayLike, " n"], *, threshold: float,
-         higher_is_memorized: bool) -> Bool[np.ndarray, " n"]:
+def flag(
+    signals: Float[ArrayLike, " n"], *, threshold: float, higher_is_memorized: bool
+) -> Bool[np.ndarray, " n"]:
     """``signals > threshold`` (``higher_is_memorized``) or ``signals < threshold``.
 
     Args:
@@ -463,8 +512,9 @@ def guarded_generate(
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     if mitigate is not None and not callable(mitigate):
-        raise TypeError(f"mitigate must be callable (prompt -> prompt), got "
-                        f"{type(mitigate).__name__}")
+        raise TypeError(
+            f"mitigate must be callable (prompt -> prompt), got {type(mitigate).__name__}"
+        )
     p, m = len(prompts), images_per_prompt
     batch = p if batch_size is None else int(batch_size)
     if batch < 1:
@@ -482,8 +532,9 @@ def guarded_generate(
     steps = grid.timesteps(sd.schedule.num_timesteps, num_steps)
     if signal == "flipd":
         if not 1 <= signal_steps <= num_steps:
-            raise ValueError(f"signal_steps must lie in 1..num_steps={num_steps}, got "
-                             f"{signal_steps}")
+            raise ValueError(
+                f"signal_steps must lie in 1..num_steps={num_steps}, got {signal_steps}"
+            )
         statics = dict(num_flipd=int(signal_steps))
         window = (num_steps - signal_steps, num_steps)
     else:
@@ -491,8 +542,9 @@ def guarded_generate(
         window = _check_range(norm_steps, num_steps)
         probes = None
     window = jnp.asarray(window)
-    statics.update(num_steps=num_steps, set_alpha_to_one=grid.set_alpha_to_one,
-                   return_trajectory=False)
+    statics.update(
+        num_steps=num_steps, set_alpha_to_one=grid.set_alpha_to_one, return_trajectory=False
+    )
     g = jnp.asarray(guidance, noise.dtype)
     steps = jnp.asarray(steps)
 
@@ -507,8 +559,18 @@ def guarded_generate(
         """Latents ``[len(texts) * m, ...]`` and per-prompt signals."""
         latents, signals = [], []
         for lo, hi in spans(len(texts), batch):
-            out = _guarded(sd.eps, noise, embed(texts[lo:hi]), uncond, g, steps, sd.schedule,
-                           probes, window, **statics)
+            out = _guarded(
+                sd.eps,
+                noise,
+                embed(texts[lo:hi]),
+                uncond,
+                g,
+                steps,
+                sd.schedule,
+                probes,
+                window,
+                **statics,
+            )
             k = (hi - lo) * m
             latents.append(np.asarray(out.sample[:k]))
             signals.append(np.asarray(out.signal[:k]).reshape(hi - lo, m).mean(axis=1))
@@ -537,10 +599,20 @@ def guarded_generate(
     if redo:
         new_latents, new_signals = run([final_prompts[i] for i in redo])
         for j, i in enumerate(redo):
-            final_latents[i * m:(i + 1) * m] = new_latents[j * m:(j + 1) * m]
+            final_latents[i * m : (i + 1) * m] = new_latents[j * m : (j + 1) * m]
             final_signals[i] = new_signals[j]
     final_flagged = flag(final_signals, threshold=threshold, higher_is_memorized=higher)
-    outcomes = [PromptOutcome(prompts[i], float(signals[i]), bool(flagged[i]), final_prompts[i],
-                              i in redo, float(final_signals[i]), bool(final_flagged[i]),
-                              errors[i]) for i in range(p)]
+    outcomes = [
+        PromptOutcome(
+            prompts[i],
+            float(signals[i]),
+            bool(flagged[i]),
+            final_prompts[i],
+            i in redo,
+            float(final_signals[i]),
+            bool(final_flagged[i]),
+            errors[i],
+        )
+        for i in range(p)
+    ]
     return GuardReport(outcomes, final_latents, latents, signal, float(threshold), higher)

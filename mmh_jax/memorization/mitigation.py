@@ -190,16 +190,22 @@ class MitigationConfig:
             object.__setattr__(self, name, value)
 
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        if (not methods or any(m not in METHODS for m in methods)
-                or len(set(methods)) != len(methods)):
-            raise ValueError(f"methods must be distinct names among {', '.join(METHODS)}, got "
-                             f"{list(methods)}")
+        if (
+            not methods
+            or any(m not in METHODS for m in methods)
+            or len(set(methods)) != len(methods)
+        ):
+            raise ValueError(
+                f"methods must be distinct names among {', '.join(METHODS)}, got {list(methods)}"
+            )
         store("methods", tuple(m for m in METHODS if m in methods))
         store("metrics", _metric_list(self.metrics))
         for name in ("repeats", "num_images", "num_steps", "batch_size"):
             store(name, _check_count(getattr(self, name), name))
-        store("attribution_images",
-              _check_count(self.attribution_images, "attribution_images", allow_none=True))
+        store(
+            "attribution_images",
+            _check_count(self.attribution_images, "attribution_images", allow_none=True),
+        )
         ks = (self.ks,) if isinstance(self.ks, (int, np.integer)) else tuple(self.ks)
         if self.text_methods:
             if not ks:
@@ -216,8 +222,10 @@ class MitigationConfig:
             for m in self.metrics:
                 s = self.embedding_settings(m)
                 if not -self.num_steps <= s.step < self.num_steps:
-                    raise ValueError(f"embedding step {s.step} (metric {m}) out of range for "
-                                     f"num_steps={self.num_steps} DDIM steps")
+                    raise ValueError(
+                        f"embedding step {s.step} (metric {m}) out of range for "
+                        f"num_steps={self.num_steps} DDIM steps"
+                    )
         if self.vocabulary is not None:
             if isinstance(self.vocabulary, str) or not tuple(self.vocabulary):
                 raise ValueError("vocabulary must be a non-empty sequence of words")
@@ -239,16 +247,20 @@ class MitigationConfig:
     def embedding_settings(self, metric: str) -> EmbeddingSettings:
         """The embedding mitigation's settings for ``metric`` (``embedding``, else
         :func:`embedding_defaults`)."""
-        given = self.embedding.get(metric) if isinstance(self.embedding, Mapping) else (
-            self.embedding)
+        given = (
+            self.embedding.get(metric) if isinstance(self.embedding, Mapping) else (self.embedding)
+        )
         if given is None:
             return embedding_defaults(metric, self.num_steps)
         return EmbeddingSettings(*given)
 
     def labels(self) -> list[str]:
         """The method labels (:func:`method_label`) of the run, one per line of Figure 7c."""
-        return [method_label(m, x) for m in self.methods
-                for x in (self.metrics if m in ("attribution", "embedding") else [""])]
+        return [
+            method_label(m, x)
+            for m in self.methods
+            for x in (self.metrics if m in ("attribution", "embedding") else [""])
+        ]
 
 
 class MitigationResult(NamedTuple):
@@ -320,26 +332,39 @@ def _row_key(key: Any, prompt_index: int, method: str, metric: str, k: int, repe
     return key
 
 
-def _generate(sd: Any, conds: list, *, key: Any, config: MitigationConfig,
-              progress: Callable[[int], None] | None) -> np.ndarray:
+def _generate(
+    sd: Any,
+    conds: list,
+    *,
+    key: Any,
+    config: MitigationConfig,
+    progress: Callable[[int], None] | None,
+) -> np.ndarray:
     """Images of several embeddings ``[1, n, dim]`` from one starting noise, in padded batches
     of ``batch_size`` (one compiled shape): uint8 ``[len(conds), num_images, h, w, 3]``."""
     out = []
     b, m = config.batch_size, config.num_images
     for lo, hi in spans(len(conds), b):
         cond = padded(np.concatenate([np.asarray(c) for c in conds[lo:hi]]), b)
-        result = sd.sample(cond, key=key, images_per_prompt=m, guidance=config.guidance,
-                           num_steps=config.num_steps)
+        result = sd.sample(
+            cond, key=key, images_per_prompt=m, guidance=config.guidance, num_steps=config.num_steps
+        )
         images = _to_uint8(sd.decode(result.sample))
-        out.append(images.reshape((b, m) + images.shape[1:])[:hi - lo])
+        out.append(images.reshape((b, m) + images.shape[1:])[: hi - lo])
         if progress is not None:
             progress(hi - lo)
     return np.concatenate(out)
 
 
-def _similarity_and_clip(generated: np.ndarray, refs: np.ndarray, prompt: str, *,
-                         similarity: Similarity | None, clip_scorer: ClipScorer | None,
-                         batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _similarity_and_clip(
+    generated: np.ndarray,
+    refs: np.ndarray,
+    prompt: str,
+    *,
+    similarity: Similarity | None,
+    clip_scorer: ClipScorer | None,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per generation (``[g, m, h, w, 3]``) the mean over its ``m`` images of the similarity to
     ``refs`` (``[m, ...]``) and of the CLIP score against ``prompt``; the scorers see padded
     batches of one shape."""
@@ -351,14 +376,16 @@ def _similarity_and_clip(generated: np.ndarray, refs: np.ndarray, prompt: str, *
         ref_batch = padded(np.concatenate([refs] * (hi - lo)), batch_size * m)
         total = batch_size * m
         sims.append(_scores(similarity, batch, ref_batch, n=total, name="similarity")[:n])
-        clips.append(_scores(clip_scorer, batch, [prompt] * total, n=total,
-                             name="clip_scorer")[:n])
-    return (np.concatenate(sims).reshape(g, m).mean(axis=1),
-            np.concatenate(clips).reshape(g, m).mean(axis=1))
+        clips.append(_scores(clip_scorer, batch, [prompt] * total, n=total, name="clip_scorer")[:n])
+    return (
+        np.concatenate(sims).reshape(g, m).mean(axis=1),
+        np.concatenate(clips).reshape(g, m).mean(axis=1),
+    )
 
 
-def check_prompt_tokens(sd: Any, prompts: Sequence[str], *, config: MitigationConfig,
-                        names: Sequence[str] | None = None) -> list[Any]:
+def check_prompt_tokens(
+    sd: Any, prompts: Sequence[str], *, config: MitigationConfig, names: Sequence[str] | None = None
+) -> list[Any]:
     """The tokens of every prompt, checked for :func:`mitigate` and :func:`new_prompts`: per
     prompt ``ids`` (``[1, max_length]``, padded), ``tokens`` (the raw CLIP BPE tokens, start,
     end and padding excluded) and ``words`` (each token as display text).
@@ -379,9 +406,11 @@ def check_prompt_tokens(sd: Any, prompts: Sequence[str], *, config: MitigationCo
         for name, p, pt in zip(names, prompts, tokens):
             too_big = [k for k in config.ks if k > len(pt.tokens)]
             if too_big:
-                raise ValueError(f"k={max(too_big)} is larger than the number of tokens of "
-                                 f"{name} ({len(pt.tokens)} tokens: {p!r}); lower the ks or "
-                                 "drop the prompt")
+                raise ValueError(
+                    f"k={max(too_big)} is larger than the number of tokens of "
+                    f"{name} ({len(pt.tokens)} tokens: {p!r}); lower the ks or "
+                    "drop the prompt"
+                )
     return tokens
 
 
@@ -422,29 +451,47 @@ def new_prompts(
     """
     rows = []
     for method in config.text_methods:
-        for m in (config.metrics if method == "attribution" else [""]):
+        for m in config.metrics if method == "attribution" else [""]:
             for k in config.ks:
                 for r in range(config.repeats):
                     row_key = _row_key(key, index, method, m, k, r)
                     words: list[str] = []
                     if method == "rta":
-                        new = random_token_addition(prompt, k=k, key=row_key,
-                                                    vocabulary=vocabulary)
+                        new = random_token_addition(prompt, k=k, key=row_key, vocabulary=vocabulary)
                         outcome = RephraseOutcome(new, new != prompt, None)
                     else:
-                        chosen = (choose_tokens(attributions[m], k=k, key=row_key,
-                                                temperature=config.temperature,
-                                                smoothing=config.smoothing)
-                                  if method == "attribution"
-                                  else uniform_tokens(len(tokens), k=k, key=row_key))
+                        chosen = (
+                            choose_tokens(
+                                attributions[m],
+                                k=k,
+                                key=row_key,
+                                temperature=config.temperature,
+                                smoothing=config.smoothing,
+                            )
+                            if method == "attribution"
+                            else uniform_tokens(len(tokens), k=k, key=row_key)
+                        )
                         words = selected_words(list(tokens), chosen)
-                        outcome = rephrase(rephraser, prompt, words,
-                                           timeout=config.rephrase_timeout)
-                    rows.append(dict(prompt_index=index, prompt=prompt, method=method, metric=m,
-                                     k=k, repeat=r, words=" | ".join(words),
-                                     new_prompt=outcome.prompt, changed=bool(outcome.changed),
-                                     error=outcome.error or "", metric_before=math.nan,
-                                     metric_after=math.nan, updates=-1))
+                        outcome = rephrase(
+                            rephraser, prompt, words, timeout=config.rephrase_timeout
+                        )
+                    rows.append(
+                        dict(
+                            prompt_index=index,
+                            prompt=prompt,
+                            method=method,
+                            metric=m,
+                            k=k,
+                            repeat=r,
+                            words=" | ".join(words),
+                            new_prompt=outcome.prompt,
+                            changed=bool(outcome.changed),
+                            error=outcome.error or "",
+                            metric_before=math.nan,
+                            metric_after=math.nan,
+                            updates=-1,
+                        )
+                    )
     return rows
 
 
@@ -507,10 +554,14 @@ def mitigate(
     if reference_images is not None:
         reference_images = list(reference_images)
         if len(reference_images) != len(prompts):
-            raise ValueError(f"reference_images has {len(reference_images)} entries for "
-                             f"{len(prompts)} prompts (use None for a prompt without one)")
-        reference_images = [None if r is None else _check_image(r, f"reference_images[{i}]")
-                            for i, r in enumerate(reference_images)]
+            raise ValueError(
+                f"reference_images has {len(reference_images)} entries for "
+                f"{len(prompts)} prompts (use None for a prompt without one)"
+            )
+        reference_images = [
+            None if r is None else _check_image(r, f"reference_images[{i}]")
+            for i, r in enumerate(reference_images)
+        ]
     if similarity is not None and not callable(similarity):
         raise ValueError("similarity must be a callable (images_a, images_b) -> [b]")
     if clip_scorer is not None and not callable(clip_scorer):
@@ -538,55 +589,111 @@ def mitigate(
         if "attribution" in methods or "embedding" in methods:
             needed = [num_images] if "embedding" in methods else []
             if "attribution" in methods:
-                needed += [config.attribution_images or default_attribution_images(m)
-                           for m in metrics]
-            trajectory = sd.sample(cond, key=noise_key, images_per_prompt=max(needed),
-                                   guidance=config.guidance, num_steps=config.num_steps,
-                                   return_trajectory=True)
+                needed += [
+                    config.attribution_images or default_attribution_images(m) for m in metrics
+                ]
+            trajectory = sd.sample(
+                cond,
+                key=noise_key,
+                images_per_prompt=max(needed),
+                guidance=config.guidance,
+                num_steps=config.num_steps,
+                return_trajectory=True,
+            )
         if "attribution" in methods:
-            found = _attributions_on(sd, prompt, pt, cond, trajectory, metrics=metrics,
-                                     key=jax.random.fold_in(prompt_key, 1),
-                                     num_images=config.attribution_images,
-                                     num_steps=config.num_steps, guidance=config.guidance)
+            found = _attributions_on(
+                sd,
+                prompt,
+                pt,
+                cond,
+                trajectory,
+                metrics=metrics,
+                key=jax.random.fold_in(prompt_key, 1),
+                num_images=config.attribution_images,
+                num_steps=config.num_steps,
+                guidance=config.guidance,
+            )
             attributions.extend(found)
             attr = {a.metric: a.scores for a in found}
 
         jobs: list[tuple[dict, Any]] = []  # (row, embedding [1, n, dim])
         base = dict(prompt_index=index, prompt=prompt)
-        for row in new_prompts(prompt, pt.tokens, index=index, key=key, config=config,
-                               attributions=attr, rephraser=rephraser, vocabulary=vocabulary):
-            new_cond = (cond if not row["changed"]
-                        else sd.encode_prompt(sd.tokenize([row["new_prompt"]])))
+        for row in new_prompts(
+            prompt,
+            pt.tokens,
+            index=index,
+            key=key,
+            config=config,
+            attributions=attr,
+            rephraser=rephraser,
+            vocabulary=vocabulary,
+        ):
+            new_cond = (
+                cond if not row["changed"] else sd.encode_prompt(sd.tokenize([row["new_prompt"]]))
+            )
             jobs.append((row, new_cond))
         if "embedding" in methods:
             for j, m in enumerate(metrics):
                 s = config.embedding_settings(m)
-                points = trajectory_points(_first_images(trajectory, num_images),
-                                           schedule=sd.schedule, steps=[s.step])
-                opt = optimize_embedding(sd.eps, cond, sd.uncond_embedding, points, metric=m,
-                                         schedule=sd.schedule, guidance=config.guidance,
-                                         learning_rate=s.learning_rate,
-                                         num_steps=s.num_updates, target=s.target,
-                                         key=jax.random.fold_in(prompt_key, 2 + j))
+                points = trajectory_points(
+                    _first_images(trajectory, num_images), schedule=sd.schedule, steps=[s.step]
+                )
+                opt = optimize_embedding(
+                    sd.eps,
+                    cond,
+                    sd.uncond_embedding,
+                    points,
+                    metric=m,
+                    schedule=sd.schedule,
+                    guidance=config.guidance,
+                    learning_rate=s.learning_rate,
+                    num_steps=s.num_updates,
+                    target=s.target,
+                    key=jax.random.fold_in(prompt_key, 2 + j),
+                )
                 values = np.asarray(opt.values, np.float64)
-                row = dict(base, method="embedding", metric=m, k=0, repeat=0, words="",
-                           new_prompt=prompt, changed=opt.steps_taken > 0, error="",
-                           metric_before=float(values[0]), metric_after=float(values[-1]),
-                           updates=int(opt.steps_taken))
+                row = dict(
+                    base,
+                    method="embedding",
+                    metric=m,
+                    k=0,
+                    repeat=0,
+                    words="",
+                    new_prompt=prompt,
+                    changed=opt.steps_taken > 0,
+                    error="",
+                    metric_before=float(values[0]),
+                    metric_after=float(values[-1]),
+                    updates=int(opt.steps_taken),
+                )
                 jobs.append((row, opt.embedding))
 
         # the original first, then every row: one starting noise, one compiled batch shape
-        generated = _generate(sd, [cond] + [c for _, c in jobs], key=noise_key, config=config,
-                              progress=progress)
+        generated = _generate(
+            sd, [cond] + [c for _, c in jobs], key=noise_key, config=config, progress=progress
+        )
         reference = None if reference_images is None else reference_images[index]
         if reference is None:
             refs, kind = generated[0], "generation"
         else:
             refs, kind = np.repeat(reference[None], num_images, axis=0), "training"
-        sim, clip = _similarity_and_clip(generated, refs, prompt, similarity=similarity,
-                                         clip_scorer=clip_scorer, batch_size=config.batch_size)
-        originals.append(dict(base, num_tokens=len(pt.tokens), reference=kind,
-                              similarity=float(sim[0]), clip_score=float(clip[0])))
+        sim, clip = _similarity_and_clip(
+            generated,
+            refs,
+            prompt,
+            similarity=similarity,
+            clip_scorer=clip_scorer,
+            batch_size=config.batch_size,
+        )
+        originals.append(
+            dict(
+                base,
+                num_tokens=len(pt.tokens),
+                reference=kind,
+                similarity=float(sim[0]),
+                clip_score=float(clip[0]),
+            )
+        )
         for i, (row, _) in enumerate(jobs, start=1):
             row.update(similarity=float(sim[i]), clip_score=float(clip[i]), reference=kind)
             rows.append(row)
@@ -594,9 +701,13 @@ def mitigate(
         images["original"].append(generated[0, 0])
         grid_prompts["original"].append(prompt)
         for label in labels:
-            pick = next(i for i, (row, _) in enumerate(jobs, start=1)
-                        if method_label(row["method"], row["metric"]) == label
-                        and row["k"] in (grid_k, 0) and row["repeat"] == 0)
+            pick = next(
+                i
+                for i, (row, _) in enumerate(jobs, start=1)
+                if method_label(row["method"], row["metric"]) == label
+                and row["k"] in (grid_k, 0)
+                and row["repeat"] == 0
+            )
             images[label].append(generated[pick, 0])
             grid_prompts[label].append(jobs[pick - 1][0]["new_prompt"])
         if on_prompt is not None:
@@ -620,14 +731,23 @@ def summarise_mitigation(rows: Sequence[dict]) -> list[dict]:
         groups.setdefault((row["method"], row["metric"], row["k"]), []).append(row)
     out = []
     for (method, metric, k), members in groups.items():
+
         def mean(name: str, members=members) -> float:
             values = np.array([r[name] for r in members], np.float64)
             values = values[np.isfinite(values)]
             return float(values.mean()) if values.size else math.nan
 
-        out.append(dict(method=method, metric=metric, label=method_label(method, metric), k=k,
-                        rows=len(members), similarity=mean("similarity"),
-                        clip_score=mean("clip_score"),
-                        changed=float(np.mean([r["changed"] for r in members])),
-                        errors=sum(bool(r["error"]) for r in members)))
+        out.append(
+            dict(
+                method=method,
+                metric=metric,
+                label=method_label(method, metric),
+                k=k,
+                rows=len(members),
+                similarity=mean("similarity"),
+                clip_score=mean("clip_score"),
+                changed=float(np.mean([r["changed"] for r in members])),
+                errors=sum(bool(r["error"]) for r in members),
+            )
+        )
     return out

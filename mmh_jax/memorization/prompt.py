@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.guidance import broadcast_batch
 from mmh_jax._src.checks import check_int, check_option, per_sample_keys, trajectory_steps
+from mmh_jax.guidance import broadcast_batch
 from mmh_jax.lid.flipd import hutchinson_probe
 from mmh_jax.memorization.signals import memorized_when_high
 from mmh_jax.sampling import DDIMResult
@@ -95,8 +96,9 @@ class EmbeddingOptimization(NamedTuple):
     """Updates made (fewer than asked when the target was reached)."""
 
 
-def trajectory_points(result: DDIMResult, *, schedule: DDPM,
-                      steps: Sequence[int] | None = None) -> MetricPoints:
+def trajectory_points(
+    result: DDIMResult, *, schedule: DDPM, steps: Sequence[int] | None = None
+) -> MetricPoints:
     """The latents of DDIM trajectories as metric points (Wen et al.; paper, Eq. 15).
 
     Args:
@@ -151,8 +153,10 @@ def noised_points(
     T = schedule.num_timesteps
     first, last = math.floor(lo * T) + 1, math.floor(hi * T)
     if not 0 <= lo < hi <= 1 or first > last:
-        raise ValueError(f"t_range must satisfy 0 <= t_lo < t_hi <= 1 with a grid time i / {T} "
-                         f"in (t_lo, t_hi], got {t_range}")
+        raise ValueError(
+            f"t_range must satisfy 0 <= t_lo < t_hi <= 1 with a grid time i / {T} "
+            f"in (t_lo, t_hi], got {t_range}"
+        )
     k_t, k_noise = jax.random.split(key)
     n = z0.shape[0] * times_per_latent
     x0 = jnp.repeat(z0, times_per_latent, axis=0)
@@ -205,16 +209,17 @@ def _point_values(eps_fn, x, t, cond, uncond, probes, guidance, schedule, metric
 def _probes(keys: Array, shape: tuple[int, ...], num_probes: int, dtype) -> Array:
     """Rademacher probes ``[p, n, *shape]`` drawn as :func:`mmh_jax.lid.flipd` draws them
     (probe ``i`` of a point from ``fold_in(point key, i)``)."""
-    return jnp.stack([hutchinson_probe(keys, i, event_shape=shape, dtype=dtype)
-                      for i in range(num_probes)])
+    return jnp.stack(
+        [hutchinson_probe(keys, i, event_shape=shape, dtype=dtype) for i in range(num_probes)]
+    )
 
 
 def _check_points(points: MetricPoints) -> MetricPoints:
     latents, t = jnp.asarray(points.latents), jnp.asarray(points.t)
-    if latents.ndim < 2 or latents.shape[0] == 0 or not jnp.issubdtype(latents.dtype,
-                                                                         jnp.floating):
-        raise ValueError(f"points.latents must be floating [n, ...], got {latents.dtype} "
-                         f"{latents.shape}")
+    if latents.ndim < 2 or latents.shape[0] == 0 or not jnp.issubdtype(latents.dtype, jnp.floating):
+        raise ValueError(
+            f"points.latents must be floating [n, ...], got {latents.dtype} {latents.shape}"
+        )
     if t.shape != latents.shape[:1]:
         raise ValueError(f"points.t must have shape ({latents.shape[0]},), got {t.shape}")
     return MetricPoints(latents, t.astype(latents.dtype))
@@ -261,21 +266,36 @@ def metric_values(
     Returns:
         ``[n]`` values, float32 (float64 under x64 with a float64 network).
     """
-    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key,
-                                                      num_probes)
-    return _metric_values(eps_fn, points, cond, uncond, keys, jnp.asarray(guidance, jnp.float32),
-                          schedule, metric=metric, num_probes=num_probes)
+    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key, num_probes)
+    return _metric_values(
+        eps_fn,
+        points,
+        cond,
+        uncond,
+        keys,
+        jnp.asarray(guidance, jnp.float32),
+        schedule,
+        metric=metric,
+        num_probes=num_probes,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
-def _metric_values(eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric,
-                   num_probes):
+def _metric_values(eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric, num_probes):
     x, t = jax.lax.stop_gradient(points.latents), points.t
     n = x.shape[0]
     probes = None if keys is None else _probes(keys, x.shape[1:], num_probes, x.dtype)
-    return _point_values(eps_fn, x, t, broadcast_batch(cond, n, name="cond"),
-                         broadcast_batch(uncond, n, name="uncond"), probes, guidance, schedule,
-                         metric)
+    return _point_values(
+        eps_fn,
+        x,
+        t,
+        broadcast_batch(cond, n, name="cond"),
+        broadcast_batch(uncond, n, name="uncond"),
+        probes,
+        guidance,
+        schedule,
+        metric,
+    )
 
 
 def prompt_metric(
@@ -297,8 +317,19 @@ def prompt_metric(
     batched backward); :func:`token_attributions` takes one point at a time. Arguments as
     :func:`metric_values`.
     """
-    return jnp.mean(metric_values(eps_fn, points, cond, uncond, metric=metric, schedule=schedule,
-                                  guidance=guidance, key=key, num_probes=num_probes))
+    return jnp.mean(
+        metric_values(
+            eps_fn,
+            points,
+            cond,
+            uncond,
+            metric=metric,
+            schedule=schedule,
+            guidance=guidance,
+            key=key,
+            num_probes=num_probes,
+        )
+    )
 
 
 def token_attributions(
@@ -339,22 +370,31 @@ def token_attributions(
     """
     cond = jnp.asarray(cond)
     if cond.ndim != 3 or cond.shape[0] != 1:
-        raise ValueError(f"cond must be one prompt's embedding [1, n_ctx, dim], got shape "
-                         f"{cond.shape}")
-    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key,
-                                                      num_probes)
+        raise ValueError(
+            f"cond must be one prompt's embedding [1, n_ctx, dim], got shape {cond.shape}"
+        )
+    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key, num_probes)
     if keys is None:  # unused: a placeholder to scan over
         keys = jax.random.split(jax.random.key(0), points.latents.shape[0])
     if uncond.shape[0] != 1:
         raise ValueError(f"uncond must have batch 1 for token_attributions, got {uncond.shape}")
-    return _token_attributions(eps_fn, points, cond, uncond, keys,
-                               jnp.asarray(guidance, jnp.float32), schedule, metric=metric,
-                               num_probes=num_probes)
+    return _token_attributions(
+        eps_fn,
+        points,
+        cond,
+        uncond,
+        keys,
+        jnp.asarray(guidance, jnp.float32),
+        schedule,
+        metric=metric,
+        num_probes=num_probes,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
-def _token_attributions(eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric,
-                        num_probes):
+def _token_attributions(
+    eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric, num_probes
+):
     x_all = jax.lax.stop_gradient(points.latents)
 
     def value(c, x, t, k):
@@ -418,21 +458,34 @@ def optimize_embedding(
     """
     cond = jnp.asarray(cond)
     if cond.ndim != 3 or cond.shape[0] != 1 or not jnp.issubdtype(cond.dtype, jnp.floating):
-        raise ValueError(f"cond must be one prompt's floating embedding [1, n_ctx, dim], got "
-                         f"{cond.dtype} {cond.shape}")
+        raise ValueError(
+            f"cond must be one prompt's floating embedding [1, n_ctx, dim], got "
+            f"{cond.dtype} {cond.shape}"
+        )
     num_steps = check_int(num_steps, "num_steps")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key,
-                                                      num_probes)
+    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key, num_probes)
     # the hyper-parameters are traced: one compilation for all prompts and targets
-    hyper = jnp.asarray([learning_rate, weight_decay, jnp.nan if target is None else target],
-                        cond.dtype)
-    out = _optimize_jit(eps_fn, cond, uncond, points, keys, hyper,
-                        jnp.asarray(guidance, jnp.float32), schedule, metric=metric,
-                        num_steps=num_steps, num_probes=num_probes, has_target=target is not None)
+    hyper = jnp.asarray(
+        [learning_rate, weight_decay, jnp.nan if target is None else target], cond.dtype
+    )
+    out = _optimize_jit(
+        eps_fn,
+        cond,
+        uncond,
+        points,
+        keys,
+        hyper,
+        jnp.asarray(guidance, jnp.float32),
+        schedule,
+        metric=metric,
+        num_steps=num_steps,
+        num_probes=num_probes,
+        has_target=target is not None,
+    )
     taken = int(out.steps_taken)
-    return EmbeddingOptimization(out.embedding, out.values[:taken + 1], taken)
+    return EmbeddingOptimization(out.embedding, out.values[: taken + 1], taken)
 
 
 def optimize_embedding_traced(
@@ -471,19 +524,47 @@ def optimize_embedding_traced(
         a traced integer.
     """
     num_steps = check_int(num_steps, "num_steps")
-    points, cond, uncond, keys, num_probes = _prepare(points, jnp.asarray(cond), uncond, metric,
-                                                      key, num_probes)
-    hyper = jnp.stack([jnp.asarray(learning_rate, cond.dtype),
-                       jnp.asarray(weight_decay, cond.dtype),
-                       jnp.asarray(jnp.nan if target is None else target, cond.dtype)])
-    return _optimize_loop(eps_fn, cond, uncond, points, keys, hyper,
-                          jnp.asarray(guidance, jnp.float32), schedule, metric=metric,
-                          num_steps=num_steps, num_probes=num_probes,
-                          has_target=target is not None)
+    points, cond, uncond, keys, num_probes = _prepare(
+        points, jnp.asarray(cond), uncond, metric, key, num_probes
+    )
+    hyper = jnp.stack(
+        [
+            jnp.asarray(learning_rate, cond.dtype),
+            jnp.asarray(weight_decay, cond.dtype),
+            jnp.asarray(jnp.nan if target is None else target, cond.dtype),
+        ]
+    )
+    return _optimize_loop(
+        eps_fn,
+        cond,
+        uncond,
+        points,
+        keys,
+        hyper,
+        jnp.asarray(guidance, jnp.float32),
+        schedule,
+        metric=metric,
+        num_steps=num_steps,
+        num_probes=num_probes,
+        has_target=target is not None,
+    )
 
 
-def _optimize_loop(eps_fn, cond, uncond, points, keys, hyper, guidance, schedule, *, metric,
-                   num_steps, num_probes, has_target):
+def _optimize_loop(
+    eps_fn,
+    cond,
+    uncond,
+    points,
+    keys,
+    hyper,
+    guidance,
+    schedule,
+    *,
+    metric,
+    num_steps,
+    num_probes,
+    has_target,
+):
     """The loop of :func:`optimize_embedding_traced`; ``hyper`` = (lr, weight decay, target)."""
     sign = 1.0 if memorized_when_high(metric) else -1.0
     step_hyper = jnp.stack([hyper[0], hyper[1], jnp.asarray(sign, hyper.dtype)])
@@ -512,29 +593,47 @@ def _optimize_loop(eps_fn, cond, uncond, points, keys, hyper, guidance, schedule
         return (i + 1, keep(c, new), jax.tree_util.tree_map(keep, s, new_state), vals, reached)
 
     i, cond, _, values, done = jax.lax.while_loop(
-        running, body, (vary(jnp.asarray(0)), cond, state, values, vary(jnp.asarray(False))))
+        running, body, (vary(jnp.asarray(0)), cond, state, values, vary(jnp.asarray(False)))
+    )
     last = jax.lax.cond(
-        done, lambda c: vary(jnp.asarray(jnp.nan, jnp.float32)),
-        lambda c: jnp.mean(_metric_values(eps_fn, points, c, uncond, keys, guidance, schedule,
-                                          **static)).astype(jnp.float32), cond)
+        done,
+        lambda c: vary(jnp.asarray(jnp.nan, jnp.float32)),
+        lambda c: jnp.mean(
+            _metric_values(eps_fn, points, c, uncond, keys, guidance, schedule, **static)
+        ).astype(jnp.float32),
+        cond,
+    )
     values = jnp.where(done, values, values.at[num_steps].set(last))
     return EmbeddingOptimization(cond, values, i - done.astype(i.dtype))
 
 
-_optimize_jit = jax.jit(_optimize_loop, static_argnames=("metric", "num_steps", "num_probes",
-                                                         "has_target"))
+_optimize_jit = jax.jit(
+    _optimize_loop, static_argnames=("metric", "num_steps", "num_probes", "has_target")
+)
 
 
-def _embedding_update(cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *,
-                      metric, num_probes):
+def _embedding_update(
+    cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *, metric, num_probes
+):
     """One AdamW update of ``sign * A(cond)``, the start token's row frozen; the value before."""
     learning_rate, weight_decay, sign = hyper[0], hyper[1], hyper[2]
     optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
     mask = jnp.ones(cond.shape[1], cond.dtype).at[0].set(0)[None, :, None]
 
     def loss(c):
-        return jnp.mean(_metric_values(eps_fn, points, c, uncond, keys, guidance, schedule,
-                                       metric=metric, num_probes=num_probes))
+        return jnp.mean(
+            _metric_values(
+                eps_fn,
+                points,
+                c,
+                uncond,
+                keys,
+                guidance,
+                schedule,
+                metric=metric,
+                num_probes=num_probes,
+            )
+        )
 
     value, grad = jax.value_and_grad(loss)(cond)
     updates, state = optimizer.update(sign * grad * mask, state, cond)

@@ -140,11 +140,17 @@ def token_probabilities(
         raise ValueError("attributions must be finite (found nan or inf)")
     if np.any(a < 0):
         raise ValueError("attributions must be non-negative (they are gradient norms)")
-    if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature)
-            and temperature > 0):
+    if not (
+        isinstance(temperature, (int, float, np.floating))
+        and math.isfinite(temperature)
+        and temperature > 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not (isinstance(smoothing, (int, float, np.floating)) and math.isfinite(smoothing)
-            and smoothing >= 0):
+    if not (
+        isinstance(smoothing, (int, float, np.floating))
+        and math.isfinite(smoothing)
+        and smoothing >= 0
+    ):
         raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
     if normalize == "sum":
         total = a.sum()
@@ -202,14 +208,16 @@ def choose_tokens(
             number of tokens (or, with ``smoothing=0``, than the tokens of nonzero probability);
             a bad ``temperature``, ``smoothing`` or ``normalize``.
     """
-    p = token_probabilities(attributions, temperature=temperature, smoothing=smoothing,
-                            normalize=normalize)
+    p = token_probabilities(
+        attributions, temperature=temperature, smoothing=smoothing, normalize=normalize
+    )
     k = _check_k(k, p.size)
     possible = int(np.count_nonzero(p))
     if k > possible:
         raise ValueError(
             f"k larger than the number of tokens with nonzero probability: k={k}, "
-            f"tokens={possible}; use smoothing > 0")
+            f"tokens={possible}; use smoothing > 0"
+        )
     with np.errstate(divide="ignore"):
         log_p = np.log(p)
     return np.asarray(_gumbel_order(key, log_p.astype(np.float32)), dtype=np.int64)[:k]
@@ -245,8 +253,11 @@ def uniform_tokens(num_tokens: int, *, k: int, key: jax.Array) -> np.ndarray:
 def _byte_decoder() -> dict[str, int]:
     # The byte-level BPE alphabet of GPT-2/CLIP: printable Latin-1 bytes stand for themselves,
     # the other bytes are shifted to code points 256 and up, in byte order.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {chr(b): b for b in keep}
     shift = 0
     for b in range(256):
@@ -295,7 +306,8 @@ def selected_words(tokens: Sequence[str], chosen: Sequence[int]) -> list[str]:
     if len(real) > 1 and not any(t.endswith(_END_OF_WORD) for t in real):
         raise ValueError(
             "tokens carry no '</w>' word ends: pass CLIP BPE tokens "
-            "(tokenizer.convert_ids_to_tokens), not decoded strings")
+            "(tokenizer.convert_ids_to_tokens), not decoded strings"
+        )
     positions = set()
     for c in chosen:
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
@@ -338,8 +350,11 @@ _TAKES_S = ("nouns", "verbs")  # plural nouns and third-person verbs add -s/-es/
 
 @functools.cache
 def _shipped_table() -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
-    text = resources.files("mmh_jax.memorization").joinpath("data", _SYNONYM_FILE).read_text(
-        encoding="utf-8")
+    text = (
+        resources.files("mmh_jax.memorization")
+        .joinpath("data", _SYNONYM_FILE)
+        .read_text(encoding="utf-8")
+    )
     data = json.loads(text)
     if not isinstance(data, dict) or set(data) != set(_SECTIONS):
         raise ValueError(f"{_SYNONYM_FILE} must hold exactly the sections {_SECTIONS}")
@@ -478,8 +493,10 @@ class SynonymRephraser:
 
     def __repr__(self) -> str:
         key = "None" if self._seed is None else f"<seed {self._seed}>"
-        return (f"SynonymRephraser(table=<{len(self.table)} words>, key={key}, "
-                f"punctuation={self.punctuation!r})")
+        return (
+            f"SynonymRephraser(table=<{len(self.table)} words>, key={key}, "
+            f"punctuation={self.punctuation!r})"
+        )
 
     def synonym(self, word: str, *, prompt: str = "") -> str | None:
         """The replacement this rephraser uses for ``word`` (lower case), or ``None``.
@@ -496,8 +513,11 @@ class SynonymRephraser:
         plural = False
         options = self.table.get(w)
         if options is None and len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-            for stem in (w[:-3] + "y" if w.endswith("ies") else None,
-                         w[:-2] if w.endswith("es") else None, w[:-1]):
+            for stem in (
+                w[:-3] + "y" if w.endswith("ies") else None,
+                w[:-2] if w.endswith("es") else None,
+                w[:-1],
+            ):
                 if stem and stem in self._takes_s:
                     options, plural = self.table[stem], True
                     break
@@ -538,7 +558,7 @@ class SynonymRephraser:
             if upper_at and not sentence_case:
                 continue  # a name, a place, an acronym
             chunk = next(c for c in chunks if c[0] <= m.start() < c[1])
-            if any(ch.isdigit() for ch in prompt[chunk[0]:chunk[1]]):
+            if any(ch.isdigit() for ch in prompt[chunk[0] : chunk[1]]):
                 continue  # part of a number, a size or a product code
             replacement = self.synonym(text, prompt=prompt)
             if replacement is None:
@@ -548,8 +568,9 @@ class SynonymRephraser:
             if article is not None:
                 wanted = _indefinite_article(replacement)
                 if article.group(1).lower() != wanted:
-                    edits.append((article.start(1), article.end(1),
-                                  _match_case(wanted, article.group(1))))
+                    edits.append(
+                        (article.start(1), article.end(1), _match_case(wanted, article.group(1)))
+                    )
 
         if self.punctuation == "drop" and puncts:
             for m in _PUNCT.finditer(prompt):
@@ -657,8 +678,7 @@ class ChatRephraser:
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not key:
-            raise ValueError(
-                "no API key for the chat endpoint: pass api_key or set OPENAI_API_KEY")
+            raise ValueError("no API key for the chat endpoint: pass api_key or set OPENAI_API_KEY")
         self._api_key = key
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
@@ -666,14 +686,19 @@ class ChatRephraser:
         if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = float(timeout)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                and temperature >= 0):
+        if not (
+            isinstance(temperature, (int, float))
+            and math.isfinite(temperature)
+            and temperature >= 0
+        ):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         self.temperature = float(temperature)
 
     def __repr__(self) -> str:  # never shows the key
-        return (f"ChatRephraser({self.url!r}, api_key=<hidden>, model={self.model!r}, "
-                f"timeout={self.timeout!r})")
+        return (
+            f"ChatRephraser({self.url!r}, api_key=<hidden>, model={self.model!r}, "
+            f"timeout={self.timeout!r})"
+        )
 
     def __call__(self, prompt: str, words: Sequence[str]) -> str:
         """Ask the endpoint for a rephrasing of ``prompt`` perturbing ``words``.
@@ -685,15 +710,22 @@ class ChatRephraser:
         Returns:
             The endpoint's new caption.
         """
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": chat_instruction(prompt, words)}],
-            "temperature": self.temperature,
-        }).encode("utf-8")
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": chat_instruction(prompt, words)}],
+                "temperature": self.temperature,
+            }
+        ).encode("utf-8")
         request = urllib.request.Request(
-            self.url, data=body, method="POST",
-            headers={"Content-Type": "application/json",
-                     "Authorization": f"Bearer {self._api_key}"})
+            self.url,
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self._api_key}",
+            },
+        )
         opener = urllib.request.build_opener()  # reads proxy settings now, not at import
         try:
             with opener.open(request, timeout=self.timeout) as response:
@@ -701,23 +733,27 @@ class ChatRephraser:
         except urllib.error.HTTPError as e:
             detail = e.read(500).decode("utf-8", "replace").strip()
             raise RuntimeError(
-                f"chat endpoint {self.url} answered HTTP {e.code} {e.reason}: {detail}") from None
-        except (TimeoutError, socket.timeout) as e:
-            raise TimeoutError(f"chat endpoint {self.url} gave no answer in "
-                               f"{self.timeout:g} s") from e
+                f"chat endpoint {self.url} answered HTTP {e.code} {e.reason}: {detail}"
+            ) from None
+        except TimeoutError as e:
+            raise TimeoutError(
+                f"chat endpoint {self.url} gave no answer in {self.timeout:g} s"
+            ) from e
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise TimeoutError(f"chat endpoint {self.url} gave no answer in "
-                                   f"{self.timeout:g} s") from e
+                raise TimeoutError(
+                    f"chat endpoint {self.url} gave no answer in {self.timeout:g} s"
+                ) from e
             raise RuntimeError(f"chat endpoint {self.url} unreachable: {e.reason}") from e
         try:
             content = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"chat endpoint {self.url} answered something that is not a "
-                             f"chat completion: {raw[:200]!r}") from e
+            raise ValueError(
+                f"chat endpoint {self.url} answered something that is not a "
+                f"chat completion: {raw[:200]!r}"
+            ) from e
         if not isinstance(content, str):
-            raise ValueError(f"chat endpoint {self.url} answered a non-text message: "
-                             f"{content!r}")
+            raise ValueError(f"chat endpoint {self.url} answered a non-text message: {content!r}")
         answer = content.strip()
         closing = {'"': '"', "'": "'", "“": "”"}.get(answer[:1])
         if closing is not None and len(answer) >= 2 and answer.endswith(closing):
@@ -808,8 +844,9 @@ def rephrase(
         answer = box.get("answer")
 
     if not isinstance(answer, str):
-        return RephraseOutcome(prompt, False,
-                               f"rephraser returned {type(answer).__name__}, not a string")
+        return RephraseOutcome(
+            prompt, False, f"rephraser returned {type(answer).__name__}, not a string"
+        )
     if not answer.strip():
         return RephraseOutcome(prompt, False, "rephraser returned an empty prompt")
     return RephraseOutcome(answer, answer != prompt, None)
@@ -820,8 +857,7 @@ def rephrase(
 # --------------------------------------------------------------------------------------------
 
 
-def random_token_addition(prompt: str, *, k: int, key: jax.Array,
-                          vocabulary: Sequence[str]) -> str:
+def random_token_addition(prompt: str, *, k: int, key: jax.Array, vocabulary: Sequence[str]) -> str:
     """Insert ``k`` random vocabulary words at random word positions (RTA; Somepalli et al.,
     2023a; paper, Appendix D.4 and Figure 10).
 
@@ -847,8 +883,9 @@ def random_token_addition(prompt: str, *, k: int, key: jax.Array,
     vocabulary = check_strings(vocabulary, "vocabulary", what="words")
     for w in vocabulary:
         if not isinstance(w, str) or not w or any(c.isspace() for c in w):
-            raise ValueError(f"vocabulary entries must be non-empty words without spaces, "
-                             f"got {w!r}")
+            raise ValueError(
+                f"vocabulary entries must be non-empty words without spaces, got {w!r}"
+            )
     spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", prompt)]
     rng = numpy_generator(key)
     picks = rng.integers(0, len(vocabulary), size=int(k))

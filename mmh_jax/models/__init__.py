@@ -6,6 +6,7 @@ from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 from mmh_jax.models.load import ModelKind, load_model
 from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save_unet2d
 from mmh_jax.models.pretrained import EpsModel, Pretrained, PretrainedGenerator, eps_score_fn
+from mmh_jax.models.sscd import SSCD, load_sscd, save_sscd, sscd_preprocess, sscd_similarity
 from mmh_jax.models.stable_diffusion import (
     StableDiffusion,
     load_stable_diffusion,
@@ -13,7 +14,6 @@ from mmh_jax.models.stable_diffusion import (
     save_stable_diffusion_folder,
     stable_diffusion_components,
 )
-from mmh_jax.models.sscd import SSCD, load_sscd, save_sscd, sscd_preprocess, sscd_similarity
 from mmh_jax.models.stylegan2 import StyleGAN2Generator, load_stylegan2, save_stylegan2
 from mmh_jax.models.toy import (
     ConvEpsNet,

@@ -10,13 +10,20 @@ port ``from_config`` and ``to_config`` from a few class attributes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Collection, Mapping, Self
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar, Self
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["ConfigPort", "DIFFUSERS_BOOKKEEPING", "config_kwargs", "module_config", "unsupported",
-           "NOT_CONFIG"]
+__all__ = [
+    "ConfigPort",
+    "DIFFUSERS_BOOKKEEPING",
+    "config_kwargs",
+    "module_config",
+    "unsupported",
+    "NOT_CONFIG",
+]
 
 #: Flax module fields that are not config keys.
 NOT_CONFIG = ("parent", "name", "dtype", "param_dtype")
@@ -63,8 +70,9 @@ def config_kwargs(
         ValueError: naming the first key that is unknown or holds an unsupported value.
     """
     if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping (a parsed config.json), got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"config must be a mapping (a parsed config.json), got {type(config).__name__}"
+        )
     key, expected = kind
     if config.get(key, expected) != expected:
         raise ValueError(f"{what} config: {key}={config[key]!r}, expected {expected!r}")
@@ -77,8 +85,9 @@ def config_kwargs(
             if _freeze(value) not in fixed[name]:
                 why = f" ({hints[name]})" if name in hints else ""
                 allowed = " or ".join(map(repr, fixed[name]))
-                raise ValueError(f"{what} config: {name}={value!r} is not supported{why}; "
-                                 f"expected {allowed}")
+                raise ValueError(
+                    f"{what} config: {name}={value!r} is not supported{why}; expected {allowed}"
+                )
             continue
         if name not in fields:
             raise ValueError(f"{what} config: unknown key {name!r}")
@@ -88,15 +97,19 @@ def config_kwargs(
 
 def module_config(module: Any) -> dict[str, Any]:
     """A module's config keys and values, JSON-serialisable (tuples as lists)."""
-    return {f.name: _thaw(getattr(module, f.name)) for f in dataclasses.fields(module)
-            if f.name not in NOT_CONFIG}
+    return {
+        f.name: _thaw(getattr(module, f.name))
+        for f in dataclasses.fields(module)
+        if f.name not in NOT_CONFIG
+    }
 
 
 def unsupported(owner: str, module: Any, key: str, expected: str) -> ValueError:
     """The error for a config value ``module.<key>`` that the port ``owner`` does not support
     (bind ``owner`` and ``module`` with ``functools.partial`` for a port's checks)."""
-    return ValueError(f"{owner}: {key}={getattr(module, key)!r} is not supported; "
-                      f"expected {expected}")
+    return ValueError(
+        f"{owner}: {key}={getattr(module, key)!r} is not supported; expected {expected}"
+    )
 
 
 class ConfigPort(nn.Module):
@@ -116,8 +129,9 @@ class ConfigPort(nn.Module):
     KEY_HINTS: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> Self:
+    def from_config(
+        cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+    ) -> Self:
         """The module a config file describes, read strictly (see :func:`config_kwargs`).
 
         Args:
@@ -136,8 +150,15 @@ class ConfigPort(nn.Module):
             ValueError: naming the first key this port does not know or whose value it does not
                 support, with the value expected.
         """
-        kwargs = config_kwargs(cls, config, what=cls.__name__, kind=cls.KIND,
-                               skip=cls.SKIP_KEYS, fixed=cls.FIXED_KEYS, hints=cls.KEY_HINTS)
+        kwargs = config_kwargs(
+            cls,
+            config,
+            what=cls.__name__,
+            kind=cls.KIND,
+            skip=cls.SKIP_KEYS,
+            fixed=cls.FIXED_KEYS,
+            hints=cls.KEY_HINTS,
+        )
         return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
 
     def to_config(self) -> dict[str, Any]:

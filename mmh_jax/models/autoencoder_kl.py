@@ -13,7 +13,6 @@ NHWC inside. They work on *unscaled* latents, as diffusers' ``vae.encode(x).late
 from __future__ import annotations
 
 import functools
-
 import numbers
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -76,16 +75,28 @@ class _Coder(nn.Module):
         kind = "up" if self.decoder else "down"
         inner = self.block_out_channels[-1]  # the mid block's width; one attention head
         attention = functools.partial(SpatialAttention, inner, self.groups, _EPS, **kw)
-        mid = UNetMidBlock(inner, self.groups, _EPS,
-                           attention=attention if self.mid_attention else None, name="mid_block",
-                           **kw)
+        mid = UNetMidBlock(
+            inner,
+            self.groups,
+            _EPS,
+            attention=attention if self.mid_attention else None,
+            name="mid_block",
+            **kw,
+        )
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
         if self.decoder:
             x = mid(x)
         for i, c in enumerate(channels):
-            x, _ = UNetBlock(c, self.layers_per_block + self.decoder,
-                             kind if i < len(channels) - 1 else None, self.groups, _EPS,
-                             downsample_padding=0, name=f"{kind}_blocks_{i}", **kw)(x)
+            x, _ = UNetBlock(
+                c,
+                self.layers_per_block + self.decoder,
+                kind if i < len(channels) - 1 else None,
+                self.groups,
+                _EPS,
+                downsample_padding=0,
+                name=f"{kind}_blocks_{i}",
+                **kw,
+            )(x)
         if not self.decoder:
             x = mid(x)
         x = nn.silu(GroupNorm(self.groups, _EPS, name="conv_norm_out", **kw)(x))
@@ -151,20 +162,32 @@ class AutoencoderKL(ConfigPort):
 
         if self.act_fn not in ("silu", "swish"):
             raise bad("act_fn", "'silu' or 'swish'")
-        for key, kind in (("down_block_types", "DownEncoderBlock2D"),
-                          ("up_block_types", "UpDecoderBlock2D")):
+        for key, kind in (
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ):
             value = getattr(self, key)
             if not isinstance(value, tuple) or not value or any(v != kind for v in value):
                 raise bad(key, f"a non-empty tuple of {kind!r}")
         channels = self.block_out_channels
-        if not isinstance(channels, tuple) or not channels or not all(
-                _is_int(c) and c > 0 for c in channels):
+        if (
+            not isinstance(channels, tuple)
+            or not channels
+            or not all(_is_int(c) and c > 0 for c in channels)
+        ):
             raise bad("block_out_channels", "a non-empty tuple of positive ints")
         if not len(channels) == len(self.down_block_types) == len(self.up_block_types):
-            raise ValueError(f"AutoencoderKL: block_out_channels {channels}, down_block_types and "
-                             "up_block_types must have the same length")
-        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
-                    "norm_num_groups"):
+            raise ValueError(
+                f"AutoencoderKL: block_out_channels {channels}, down_block_types and "
+                "up_block_types must have the same length"
+            )
+        for key in (
+            "in_channels",
+            "out_channels",
+            "layers_per_block",
+            "latent_channels",
+            "norm_num_groups",
+        ):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
                 raise bad(key, "a positive int")
         if any(c % self.norm_num_groups for c in channels):
@@ -176,13 +199,21 @@ class AutoencoderKL(ConfigPort):
         for key in _MUST_BE_NONE:
             if getattr(self, key) is not None:
                 raise bad(key, "None (per-channel latent statistics are not supported)")
-        for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv",
-                    "mid_block_add_attention"):
+        for key in (
+            "force_upcast",
+            "use_quant_conv",
+            "use_post_quant_conv",
+            "mid_block_add_attention",
+        ):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "a bool")
         size = self.sample_size
-        if not (_is_int(size) or isinstance(size, tuple) and len(size) == 2
-                and all(_is_int(s) for s in size)):
+        if not (
+            _is_int(size)
+            or isinstance(size, tuple)
+            and len(size) == 2
+            and all(_is_int(s) for s in size)
+        ):
             raise bad("sample_size", "an int or a pair of ints")
 
     @property
@@ -191,14 +222,19 @@ class AutoencoderKL(ConfigPort):
         return 2 ** (len(self.block_out_channels) - 1)
 
     def setup(self):
-        kw = dict(block_out_channels=self.block_out_channels,
-                  layers_per_block=self.layers_per_block, groups=self.norm_num_groups,
-                  mid_attention=self.mid_block_add_attention, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+        kw = dict(
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            groups=self.norm_num_groups,
+            mid_attention=self.mid_block_add_attention,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         self.encoder = _Coder(out_channels=2 * self.latent_channels, decoder=False, **kw)
         self.decoder = _Coder(out_channels=self.out_channels, decoder=True, **kw)
-        conv = dict(kernel_size=(1, 1), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype)
+        conv = dict(
+            kernel_size=(1, 1), padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype
+        )
         if self.use_quant_conv:
             self.quant_conv = nn.Conv(2 * self.latent_channels, **conv)
         if self.use_post_quant_conv:
@@ -219,8 +255,9 @@ class AutoencoderKL(ConfigPort):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [b, {self.in_channels}, h, w], got {x.shape}")
         if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
-            raise ValueError(f"x height and width must be divisible by {self.downscale}, "
-                             f"got {x.shape[2:]}")
+            raise ValueError(
+                f"x height and width must be divisible by {self.downscale}, got {x.shape[2:]}"
+            )
         moments = self.encoder(_nchw_to_nhwc(x))
         if self.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -240,8 +277,7 @@ class AutoencoderKL(ConfigPort):
         """
         z = jnp.asarray(z)
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"z must have shape [b, {self.latent_channels}, h, w], "
-                             f"got {z.shape}")
+            raise ValueError(f"z must have shape [b, {self.latent_channels}, h, w], got {z.shape}")
         z = _nchw_to_nhwc(z)
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)

@@ -21,8 +21,8 @@ accepted in the config and ignored (inference only).
 from __future__ import annotations
 
 import functools
-
-from typing import Any, ClassVar, Literal, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,32 +32,82 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from mmh_jax.models._config import ConfigPort, config_kwargs, module_config, unsupported
 from mmh_jax.models.layers import attention
 
-__all__ = ["CLIPModel", "CLIPOutput", "CLIPTextModel", "CLIPTextOutput", "CLIPVisionModel",
-           "CLIPVisionOutput"]
+__all__ = [
+    "CLIPModel",
+    "CLIPOutput",
+    "CLIPTextModel",
+    "CLIPTextOutput",
+    "CLIPVisionModel",
+    "CLIPVisionOutput",
+]
 
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new")
 # Keys of a transformers config.json that describe the file, the training set-up or the
 # PyTorch call's output format, not the numbers the inference forward pass computes.
 _BOOKKEEPING = (
     # the file and the class ("dtype", "torch_dtype": the PyTorch weights' dtype)
-    "_name_or_path", "architectures", "transformers_version", "torch_dtype",
-    "dtype", "_attn_implementation", "_attn_implementation_autoset",
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
     # initialisation and training
-    "initializer_range", "initializer_factor", "attention_dropout", "dropout",
-    "hidden_dropout", "use_bfloat16", "tf_legacy_loss", "finetuning_task", "problem_type",
-    "id2label", "label2id", "task_specific_params", "tokenizer_class", "prefix",
+    "initializer_range",
+    "initializer_factor",
+    "attention_dropout",
+    "dropout",
+    "hidden_dropout",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "finetuning_task",
+    "problem_type",
+    "id2label",
+    "label2id",
+    "task_specific_params",
+    "tokenizer_class",
+    "prefix",
     # which outputs the PyTorch call returns, and how
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
     "chunk_size_feed_forward",
     # encoder-decoder and generation settings, which a text encoder never reads
-    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
-    "tie_encoder_decoder", "tie_word_embeddings", "decoder_start_token_id", "sep_token_id",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    "tie_word_embeddings",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
 )
 
 
@@ -86,8 +136,9 @@ def _layer_norm(epsilon: float, name: str, dtype: Any, param_dtype: Any) -> nn.L
     """``torch.nn.LayerNorm`` over the last axis, its statistics two-pass in float32."""
     # Flax computes the statistics in float32 for any input dtype; the default one-pass
     # variance E[x^2] - E[x]^2 loses precision on CLIP's large-mean hidden states.
-    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name, dtype=dtype,
-                        param_dtype=param_dtype)
+    return nn.LayerNorm(
+        epsilon=epsilon, use_fast_variance=False, name=name, dtype=dtype, param_dtype=param_dtype
+    )
 
 
 def _positive_int(value: Any) -> bool:
@@ -99,8 +150,13 @@ def _check_tower(module: Any, what: str, sizes: tuple[str, ...]):
     returns the error factory ``bad(key, expected)`` for the tower's own checks."""
     bad = functools.partial(unsupported, what, module)
 
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                *sizes):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        *sizes,
+    ):
         if not _positive_int(getattr(module, key)):
             raise bad(key, "a positive int")
     if module.projection_dim is not None and not _positive_int(module.projection_dim):
@@ -122,7 +178,8 @@ class _Tower(ConfigPort):
     SKIP_KEYS: ClassVar[tuple[str, ...]] = _BOOKKEEPING
     FIXED_KEYS: ClassVar[Mapping[str, tuple]] = {"pruned_heads": ({},)}
     KEY_HINTS: ClassVar[Mapping[str, str]] = {
-        "pruned_heads": "pruned heads change the layer shapes"}
+        "pruned_heads": "pruned heads change the layer shapes"
+    }
 
     def to_config(self) -> dict[str, Any]:
         """The transformers config (JSON-serialisable, with its ``model_type``) that
@@ -143,8 +200,10 @@ class _SelfAttention(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, n, width = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q, k, v = (nn.Dense(width, name=name, **kw)(x).reshape(b, n, self.heads, -1)
-                   for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            nn.Dense(width, name=name, **kw)(x).reshape(b, n, self.heads, -1)
+            for name in ("q_proj", "k_proj", "v_proj")
+        )
         out = attention(q, k, v, causal=self.causal).reshape(b, n, width)
         return nn.Dense(width, name="out_proj", **kw)(out)
 
@@ -188,9 +247,11 @@ class _EncoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         s = self.settings
         h = h + _SelfAttention(s.heads, s.causal, name="self_attn", **kw)(
-            _layer_norm(s.eps, "layer_norm1", **kw)(h))
+            _layer_norm(s.eps, "layer_norm1", **kw)(h)
+        )
         return h + _MLP(s.intermediate_size, s.hidden_act, name="mlp", **kw)(
-            _layer_norm(s.eps, "layer_norm2", **kw)(h))
+            _layer_norm(s.eps, "layer_norm2", **kw)(h)
+        )
 
 
 class _Encoder(nn.Module):
@@ -205,16 +266,22 @@ class _Encoder(nn.Module):
     @nn.compact
     def __call__(self, h: Array) -> Array:
         for i in range(self.num_layers):
-            h = _EncoderLayer(self.settings, name=f"layers_{i}", dtype=self.dtype,
-                              param_dtype=self.param_dtype)(h)
+            h = _EncoderLayer(
+                self.settings, name=f"layers_{i}", dtype=self.dtype, param_dtype=self.param_dtype
+            )(h)
         return h
 
 
 def _encoder(tower: _Tower, *, causal: bool, **kw) -> _Encoder:
     """A tower's encoder (scope ``encoder``), its layers' settings read off the tower's config;
     called inside the tower's ``__call__``."""
-    layer = _LayerSettings(tower.num_attention_heads, tower.intermediate_size, tower.hidden_act,
-                           tower.layer_norm_eps, causal)
+    layer = _LayerSettings(
+        tower.num_attention_heads,
+        tower.intermediate_size,
+        tower.hidden_act,
+        tower.layer_norm_eps,
+        causal,
+    )
     return _Encoder(tower.num_hidden_layers, layer, name="encoder", **kw)
 
 
@@ -231,8 +298,7 @@ class _Embeddings(nn.Module):
     def __call__(self, input_ids: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         tokens = nn.Embed(self.vocab_size, self.hidden_size, name="token_embedding", **kw)
-        positions = nn.Embed(self.max_positions, self.hidden_size, name="position_embedding",
-                             **kw)
+        positions = nn.Embed(self.max_positions, self.hidden_size, name="position_embedding", **kw)
         return tokens(input_ids) + positions(jnp.arange(input_ids.shape[1]))[None]
 
 
@@ -306,11 +372,14 @@ class CLIPTextModel(_Tower):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [b, n], got {input_ids.shape}")
         if input_ids.shape[1] > self.max_position_embeddings:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens per row, more than "
-                             f"max_position_embeddings={self.max_position_embeddings}")
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens per row, more than "
+                f"max_position_embeddings={self.max_position_embeddings}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
-                        name="embeddings", **kw)(input_ids)
+        h = _Embeddings(
+            self.vocab_size, self.hidden_size, self.max_position_embeddings, name="embeddings", **kw
+        )(input_ids)
         h = _encoder(self, causal=True, **kw)(h)
         h = _layer_norm(self.layer_norm_eps, "final_layer_norm", **kw)(h)
         if self.eos_token_id == 2:  # legacy configs: the end token is the largest id
@@ -352,16 +421,23 @@ class _VisionEmbeddings(nn.Module):
     def __call__(self, pixels: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         p = self.patch_size
-        patches = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                          use_bias=False, name="patch_embedding", **kw)(pixels)
+        patches = nn.Conv(
+            self.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            name="patch_embedding",
+            **kw,
+        )(pixels)
         b = patches.shape[0]
         patches = patches.reshape(b, -1, self.hidden_size)  # row-major, as torch's flatten(2)
-        cls = self.param("class_embedding", nn.initializers.normal(0.02), (self.hidden_size,),
-                         self.param_dtype)
+        cls = self.param(
+            "class_embedding", nn.initializers.normal(0.02), (self.hidden_size,), self.param_dtype
+        )
         cls = jnp.broadcast_to(jnp.asarray(cls, self.dtype), (b, 1, self.hidden_size))
         h = jnp.concatenate([cls, patches.astype(self.dtype)], axis=1)
-        positions = nn.Embed(self.num_positions, self.hidden_size, name="position_embedding",
-                             **kw)
+        positions = nn.Embed(self.num_positions, self.hidden_size, name="position_embedding", **kw)
         return h + positions(jnp.arange(self.num_positions))[None]
 
 
@@ -428,16 +504,20 @@ class CLIPVisionModel(_Tower):
         """
         pixel_values = jnp.asarray(pixel_values)
         if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
-            raise TypeError(f"pixel_values must be floats (normalised pixels), got dtype "
-                            f"{pixel_values.dtype}")
+            raise TypeError(
+                f"pixel_values must be floats (normalised pixels), got dtype {pixel_values.dtype}"
+            )
         expected = (self.num_channels, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-            raise ValueError(f"pixel_values must have shape [b, {', '.join(map(str, expected))}] "
-                             f"(NCHW), got {pixel_values.shape}")
+            raise ValueError(
+                f"pixel_values must have shape [b, {', '.join(map(str, expected))}] "
+                f"(NCHW), got {pixel_values.shape}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         pixels = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
-        h = _VisionEmbeddings(self.hidden_size, self.patch_size, self.num_positions,
-                              name="embeddings", **kw)(pixels)
+        h = _VisionEmbeddings(
+            self.hidden_size, self.patch_size, self.num_positions, name="embeddings", **kw
+        )(pixels)
         h = _layer_norm(self.layer_norm_eps, "pre_layrnorm", **kw)(h)
         h = _encoder(self, causal=False, **kw)(h)
         pooled = _layer_norm(self.layer_norm_eps, "post_layernorm", **kw)(h[:, 0])
@@ -492,20 +572,26 @@ class CLIPModel(nn.Module):
     def __post_init__(self):
         super().__post_init__()
         if not _positive_int(self.projection_dim):
-            raise ValueError(f"CLIPModel: projection_dim={self.projection_dim!r} is not "
-                             "supported; expected a positive int")
+            raise ValueError(
+                f"CLIPModel: projection_dim={self.projection_dim!r} is not "
+                "supported; expected a positive int"
+            )
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
         self.visual_projection = nn.Dense(self.projection_dim, **kw)
         self.text_projection = nn.Dense(self.projection_dim, **kw)
         self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(self.logit_scale_init_value), (),
-            self.param_dtype)
+            "logit_scale",
+            nn.initializers.constant(self.logit_scale_init_value),
+            (),
+            self.param_dtype,
+        )
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> "CLIPModel":
+    def from_config(
+        cls, config: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+    ) -> "CLIPModel":
         """The module a transformers ``CLIPModel`` ``config.json`` describes, read strictly.
 
         Args:
@@ -524,8 +610,9 @@ class CLIPModel(nn.Module):
                 for the towers' keys) this port does not know or does not support.
         """
         if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping (a parsed config.json), got "
-                            f"{type(config).__name__}")
+            raise TypeError(
+                f"config must be a mapping (a parsed config.json), got {type(config).__name__}"
+            )
         config = dict(config)
         towers = {}
         for side, tower in (("text", CLIPTextModel), ("vision", CLIPVisionModel)):
@@ -534,23 +621,28 @@ class CLIPModel(nn.Module):
             if not isinstance(sub, Mapping) or not isinstance(override, Mapping):
                 raise TypeError(f"CLIPModel config: {side}_config must be a mapping")
             try:
-                towers[f"{side}_model"] = tower.from_config({**sub, **override}, dtype=dtype,
-                                                            param_dtype=param_dtype)
+                towers[f"{side}_model"] = tower.from_config(
+                    {**sub, **override}, dtype=dtype, param_dtype=param_dtype
+                )
             except ValueError as err:
                 raise ValueError(f"CLIPModel config: {side}_config: {err}") from None
         for key in towers:
             if key in config:
                 raise ValueError(f"CLIPModel config: unknown key {key!r}")
-        kwargs = config_kwargs(cls, config, what="CLIPModel", kind=("model_type", "clip"),
-                               skip=_BOOKKEEPING)
+        kwargs = config_kwargs(
+            cls, config, what="CLIPModel", kind=("model_type", "clip"), skip=_BOOKKEEPING
+        )
         return cls(**towers, **kwargs, dtype=dtype, param_dtype=param_dtype)
 
     def to_config(self) -> dict[str, Any]:
         """The transformers ``CLIPConfig`` dict (JSON-serialisable) :meth:`from_config` reads."""
-        return {"model_type": "clip", "text_config": self.text_model.to_config(),
-                "vision_config": self.vision_model.to_config(),
-                "projection_dim": self.projection_dim,
-                "logit_scale_init_value": self.logit_scale_init_value}
+        return {
+            "model_type": "clip",
+            "text_config": self.text_model.to_config(),
+            "vision_config": self.vision_model.to_config(),
+            "projection_dim": self.projection_dim,
+            "logit_scale_init_value": self.logit_scale_init_value,
+        }
 
     def image_features(self, pixel_values: Float[ArrayLike, "b c h w"]) -> Array:
         """``visual_projection`` of the vision tower's pooled state, ``[b, projection_dim]``."""
@@ -560,8 +652,7 @@ class CLIPModel(nn.Module):
         """``text_projection`` of the text tower's pooled state, ``[b, projection_dim]``."""
         return self.text_projection(self.text_model(input_ids).pooled)
 
-    def embed_images(self, pixel_values: Float[ArrayLike, "b c h w"]
-                     ) -> Float[Array, "b dim"]:
+    def embed_images(self, pixel_values: Float[ArrayLike, "b c h w"]) -> Float[Array, "b dim"]:
         """Projected, L2-normalised image embeddings (float32)."""
         return _l2_normalise(self.image_features(pixel_values))
 
@@ -569,8 +660,9 @@ class CLIPModel(nn.Module):
         """Projected, L2-normalised text embeddings (float32)."""
         return _l2_normalise(self.text_features(input_ids))
 
-    def __call__(self, pixel_values: Float[ArrayLike, "b c h w"],
-                 input_ids: Int[ArrayLike, "t n"]) -> CLIPOutput:
+    def __call__(
+        self, pixel_values: Float[ArrayLike, "b c h w"], input_ids: Int[ArrayLike, "t n"]
+    ) -> CLIPOutput:
         image, text = self.embed_images(pixel_values), self.embed_texts(input_ids)
         logits = jnp.exp(self.logit_scale.astype(jnp.float32)) * image @ text.T
         return CLIPOutput(image, text, logits)

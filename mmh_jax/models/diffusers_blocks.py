@@ -9,7 +9,8 @@ maps key by key.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -17,13 +18,26 @@ from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models.layers import GroupNorm, attention, conv2d, upsample_nearest_2x
 
-__all__ = ["TimestepMLP", "ResnetBlock2D", "SpatialAttention", "Downsample2D", "Upsample2D",
-           "UNetBlock", "UNetMidBlock", "unet_inputs"]
+__all__ = [
+    "TimestepMLP",
+    "ResnetBlock2D",
+    "SpatialAttention",
+    "Downsample2D",
+    "Upsample2D",
+    "UNetBlock",
+    "UNetMidBlock",
+    "unet_inputs",
+]
 
 
-def unet_inputs(sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"], *,
-                in_channels: int, levels: int, center: bool
-                ) -> tuple[Float[Array, "b h w c"], Float[Array, " b"]]:
+def unet_inputs(
+    sample: Float[ArrayLike, "b c h w"],
+    timesteps: Float[ArrayLike, " b"],
+    *,
+    in_channels: int,
+    levels: int,
+    center: bool,
+) -> tuple[Float[Array, "b h w c"], Float[Array, " b"]]:
     """A diffusers UNet's call arguments, checked: the sample in NHWC (``2 * sample - 1`` with
     ``center_input_sample``) and the timesteps of shape ``[b]``.
 
@@ -44,8 +58,9 @@ def unet_inputs(sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike,
     if sample.ndim != 4 or sample.shape[1] != in_channels:
         raise ValueError(f"sample must have shape [b, {in_channels}, h, w], got {sample.shape}")
     if sample.shape[2] % 2**levels or sample.shape[3] % 2**levels:
-        raise ValueError(f"sample height and width must be divisible by {2**levels}, "
-                         f"got {sample.shape[2:]}")
+        raise ValueError(
+            f"sample height and width must be divisible by {2**levels}, got {sample.shape[2:]}"
+        )
     batch = sample.shape[0]
     timesteps = jnp.asarray(timesteps)
     if timesteps.ndim == 0:
@@ -86,8 +101,9 @@ class ResnetBlock2D(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None
-                 ) -> Float[Array, "b h w channels"]:
+    def __call__(
+        self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None
+    ) -> Float[Array, "b h w channels"]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
         h = conv2d(self.channels, 3, padding=1, name="conv1", **kw)(h)
@@ -124,15 +140,21 @@ class SpatialAttention(nn.Module):
         b, height, width, c = x.shape
         heads = c // self.head_dim
         if heads < 1:
-            raise ValueError(f"attention_head_dim={self.head_dim} exceeds the {c} channels of an "
-                             "attention block")
+            raise ValueError(
+                f"attention_head_dim={self.head_dim} exceeds the {c} channels of an attention block"
+            )
         inner = heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = x if self.groups is None else GroupNorm(self.groups, self.eps, name="group_norm",
-                                                    **kw)(x)
+        h = (
+            x
+            if self.groups is None
+            else GroupNorm(self.groups, self.eps, name="group_norm", **kw)(x)
+        )
         h = h.reshape(b, height * width, c)
-        q, k, v = (nn.Dense(inner, name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
-                   for name in ("to_q", "to_k", "to_v"))
+        q, k, v = (
+            nn.Dense(inner, name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
+            for name in ("to_q", "to_k", "to_v")
+        )
         out = attention(q, k, v).reshape(b, height * width, inner)
         out = nn.Dense(c, name="to_out_0", **kw)(out).reshape(b, height, width, c)
         return (out + x) / self.rescale_output_factor
@@ -153,8 +175,15 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h/2 w/2 channels"]:
         pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
-        return conv2d(self.channels, 3, stride=2, padding=pad, name="conv", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(x)
+        return conv2d(
+            self.channels,
+            3,
+            stride=2,
+            padding=pad,
+            name="conv",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
 
 
 class Upsample2D(nn.Module):
@@ -166,8 +195,9 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w channels"]:
-        return conv2d(self.channels, 3, padding=1, name="conv", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(upsample_nearest_2x(x))
+        return conv2d(
+            self.channels, 3, padding=1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+        )(upsample_nearest_2x(x))
 
 
 class UNetBlock(nn.Module):
@@ -197,9 +227,13 @@ class UNetBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None,
-                 *attention_inputs: Array, skips: list[Array] | None = None
-                 ) -> tuple[Float[Array, "b h2 w2 channels"], list[Array]]:
+    def __call__(
+        self,
+        x: Float[Array, "b h w c"],
+        emb: Float[Array, "b e"] | None = None,
+        *attention_inputs: Array,
+        skips: list[Array] | None = None,
+    ) -> tuple[Float[Array, "b h2 w2 channels"], list[Array]]:
         """Apply the block.
 
         Args:
@@ -216,8 +250,9 @@ class UNetBlock(nn.Module):
         for j in range(self.num_layers):
             if skips is not None:
                 x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(self.channels, self.groups, self.eps, self.scale_shift,
-                              name=f"resnets_{j}", **kw)(x, emb)
+            x = ResnetBlock2D(
+                self.channels, self.groups, self.eps, self.scale_shift, name=f"resnets_{j}", **kw
+            )(x, emb)
             if self.attention is not None:
                 x = self.attention(name=f"attentions_{j}")(x, *attention_inputs)
             outputs.append(x)
@@ -244,13 +279,22 @@ class UNetMidBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"] | None = None,
-                 *attention_inputs: Array) -> Float[Array, "b h w c"]:
+    def __call__(
+        self,
+        x: Float[Array, "b h w c"],
+        emb: Float[Array, "b e"] | None = None,
+        *attention_inputs: Array,
+    ) -> Float[Array, "b h w c"]:
         """Apply the block to NHWC ``x`` with the time embedding ``emb`` (None: none) and the
         attention's further inputs."""
-        resnet = dict(groups=self.groups, eps=self.eps, scale_shift=self.scale_shift,
-                      output_scale_factor=self.output_scale_factor, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        resnet = dict(
+            groups=self.groups,
+            eps=self.eps,
+            scale_shift=self.scale_shift,
+            output_scale_factor=self.output_scale_factor,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         x = ResnetBlock2D(self.channels, name="resnets_0", **resnet)(x, emb)
         if self.attention is not None:
             x = self.attention(name="attentions_0")(x, *attention_inputs)

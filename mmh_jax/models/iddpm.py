@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -125,11 +126,13 @@ class _ResBlock(nn.Module):
     def __call__(self, x: Float[Array, "b h w c"], emb: Float[Array, "b e"]) -> Array:
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = conv2d(self.out_ch, 3, padding=1, name="in_conv", **conv)(
-            _silu(_norm(x, "in_norm", self.param_dtype)))
+            _silu(_norm(x, "in_norm", self.param_dtype))
+        )
         width = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
         # the original keeps this Linear in float32 in its float16 mode
         e = nn.Dense(width, name="emb_proj", dtype=jnp.float32, param_dtype=self.param_dtype)(
-            _silu(emb)).astype(h.dtype)[:, None, None, :]
+            _silu(emb)
+        ).astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
             h = _norm(h, "out_norm", self.param_dtype) * (1 + scale) + shift
@@ -156,8 +159,9 @@ class _AttentionBlock(nn.Module):
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = nn.Dense(3 * c, name="qkv", **dense)(_norm(tokens, "norm", self.param_dtype))
         # channel index of the original's qkv is head * 3d + {q, k, v} * d + i
-        q, k, v = jnp.split(qkv.reshape(b, height * width, self.heads, 3 * (c // self.heads)),
-                            3, axis=-1)
+        q, k, v = jnp.split(
+            qkv.reshape(b, height * width, self.heads, 3 * (c // self.heads)), 3, axis=-1
+        )
         a = attention(q, k, v).reshape(b, height * width, c)
         out = tokens + nn.Dense(c, name="proj_out", **dense)(a)
         return out.reshape(b, height, width, c)
@@ -175,10 +179,23 @@ class _Resample(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Array:
         if self.up:
-            return conv2d(self.channels, 3, padding=1, name="conv", dtype=self.dtype,
-                          param_dtype=self.param_dtype)(upsample_nearest_2x(x))
-        return conv2d(self.channels, 3, stride=2, padding=1, name="op", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(x)
+            return conv2d(
+                self.channels,
+                3,
+                padding=1,
+                name="conv",
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )(upsample_nearest_2x(x))
+        return conv2d(
+            self.channels,
+            3,
+            stride=2,
+            padding=1,
+            name="op",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
 
 
 class IDDPMUNet(nn.Module):
@@ -224,40 +241,61 @@ class IDDPMUNet(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        for name in ("image_size", "in_channels", "model_channels", "out_channels",
-                     "num_res_blocks", "num_heads"):
+        for name in (
+            "image_size",
+            "in_channels",
+            "model_channels",
+            "out_channels",
+            "num_res_blocks",
+            "num_heads",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (_is_int(self.num_heads_upsample)
-                and (self.num_heads_upsample == -1 or self.num_heads_upsample >= 1)):
-            raise ValueError(f"num_heads_upsample must be -1 or a positive int, "
-                             f"got {self.num_heads_upsample!r}")
+        if not (
+            _is_int(self.num_heads_upsample)
+            and (self.num_heads_upsample == -1 or self.num_heads_upsample >= 1)
+        ):
+            raise ValueError(
+                f"num_heads_upsample must be -1 or a positive int, got {self.num_heads_upsample!r}"
+            )
         if not self.channel_mult or not all(_is_int(m) and m >= 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, "
-                             f"got {self.channel_mult!r}")
+            raise ValueError(
+                f"channel_mult must be a non-empty tuple of positive ints, "
+                f"got {self.channel_mult!r}"
+            )
         if self.channel_mult[0] != 1:
-            raise ValueError(f"channel_mult must start with 1 (the output head convolves "
-                             f"model_channels channels), got {self.channel_mult!r}")
+            raise ValueError(
+                f"channel_mult must start with 1 (the output head convolves "
+                f"model_channels channels), got {self.channel_mult!r}"
+            )
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size={self.image_size} is not divisible by 2**{levels - 1} "
-                             f"({levels} resolution levels)")
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by 2**{levels - 1} "
+                f"({levels} resolution levels)"
+            )
         rates = [2**level for level in range(levels)]
         for rate in self.attention_resolutions:
             if rate not in rates:
-                raise ValueError(f"attention_resolutions: downsample rate {rate!r} is not one "
-                                 f"of the UNet's levels {rates}")
+                raise ValueError(
+                    f"attention_resolutions: downsample rate {rate!r} is not one "
+                    f"of the UNet's levels {rates}"
+                )
         for mult in self.channel_mult:
             if mult * self.model_channels % _GROUPS:
-                raise ValueError(f"model_channels (num_channels) * channel_mult = "
-                                 f"{mult * self.model_channels} is not divisible by {_GROUPS} "
-                                 f"(the group normalisation's groups)")
+                raise ValueError(
+                    f"model_channels (num_channels) * channel_mult = "
+                    f"{mult * self.model_channels} is not divisible by {_GROUPS} "
+                    f"(the group normalisation's groups)"
+                )
         inputs, middle, outputs = self.layout()
         for layer in [layer for block in inputs + [middle] + outputs for layer in block]:
             if layer.kind == "attn" and layer.out_ch % layer.heads:
-                raise ValueError(f"{layer.heads} attention heads (num_heads / "
-                                 f"num_heads_upsample) do not divide {layer.out_ch} channels")
+                raise ValueError(
+                    f"{layer.heads} attention heads (num_heads / "
+                    f"num_heads_upsample) do not divide {layer.out_ch} channels"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         super().__post_init__()
@@ -308,9 +346,12 @@ class IDDPMUNet(nn.Module):
         Raises:
             ValueError: naming the flag whose value is invalid or unsupported.
         """
-        for name, value in (("learn_sigma", learn_sigma), ("class_cond", class_cond),
-                            ("use_checkpoint", use_checkpoint),
-                            ("use_scale_shift_norm", use_scale_shift_norm)):
+        for name, value in (
+            ("learn_sigma", learn_sigma),
+            ("class_cond", class_cond),
+            ("use_checkpoint", use_checkpoint),
+            ("use_scale_shift_norm", use_scale_shift_norm),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         if class_cond:
@@ -319,23 +360,28 @@ class IDDPMUNet(nn.Module):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if channel_mult is None:
             if image_size not in CHANNEL_MULT:
-                raise ValueError(f"image_size={image_size}: improved-diffusion defines channel "
-                                 f"multipliers only for {sorted(CHANNEL_MULT)}; pass "
-                                 f"channel_mult for other sizes")
+                raise ValueError(
+                    f"image_size={image_size}: improved-diffusion defines channel "
+                    f"multipliers only for {sorted(CHANNEL_MULT)}; pass "
+                    f"channel_mult for other sizes"
+                )
             channel_mult = CHANNEL_MULT[image_size]
         if isinstance(attention_resolutions, str):
             try:
                 resolutions = [int(r) for r in attention_resolutions.split(",") if r.strip()]
             except ValueError:
-                raise ValueError(f"attention_resolutions must be comma-separated ints, got "
-                                 f"{attention_resolutions!r}") from None
+                raise ValueError(
+                    f"attention_resolutions must be comma-separated ints, got "
+                    f"{attention_resolutions!r}"
+                ) from None
         else:
             resolutions = list(attention_resolutions)
         rates = []
         for res in resolutions:
             if not _is_int(res) or res < 1 or image_size % res:
-                raise ValueError(f"attention_resolutions: {res!r} does not divide "
-                                 f"image_size={image_size}")
+                raise ValueError(
+                    f"attention_resolutions: {res!r} does not divide image_size={image_size}"
+                )
             rates.append(image_size // res)
         if not _is_int(num_channels) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
@@ -380,8 +426,11 @@ class IDDPMUNet(nn.Module):
                 inputs.append([IDDPMLayer("down", ch, ch)])
                 skip_chans.append(ch)
                 rate *= 2
-        middle = [IDDPMLayer("res", ch, ch), IDDPMLayer("attn", ch, ch, self.num_heads),
-                  IDDPMLayer("res", ch, ch)]
+        middle = [
+            IDDPMLayer("res", ch, ch),
+            IDDPMLayer("attn", ch, ch, self.num_heads),
+            IDDPMLayer("res", ch, ch),
+        ]
         outputs = []
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
@@ -422,14 +471,16 @@ class IDDPMUNet(nn.Module):
         """
         want = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"x must have shape [b, {want[0]}, {want[1]}, {want[2]}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape [b, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}"
+            )
         if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape [{x.shape[0]}] (one per image), "
-                             f"got {tuple(timesteps.shape)}")
+            raise ValueError(
+                f"timesteps must have shape [{x.shape[0]}] (one per image), "
+                f"got {tuple(timesteps.shape)}"
+            )
         emb_dim = 4 * self.model_channels
-        emb = timestep_embedding(timesteps, self.model_channels, flip_sin_to_cos=True,
-                                 freq_shift=0)
+        emb = timestep_embedding(timesteps, self.model_channels, flip_sin_to_cos=True, freq_shift=0)
         emb = nn.Dense(emb_dim, name="time_embed_0", param_dtype=self.param_dtype)(emb)
         emb = nn.Dense(emb_dim, name="time_embed_2", param_dtype=self.param_dtype)(_silu(emb))
 
@@ -528,19 +579,25 @@ def load_iddpm(path: str | os.PathLike, *, dtype: Any = jnp.float32, **flags: An
         if "architecture" not in metadata:
             saved_params = None
         elif metadata["architecture"] != "iddpm":
-            raise ConversionError(f"{str(path)!r} holds a {metadata['architecture']!r} model, "
-                                  f"not an improved-diffusion ('iddpm') one")
+            raise ConversionError(
+                f"{str(path)!r} holds a {metadata['architecture']!r} model, "
+                f"not an improved-diffusion ('iddpm') one"
+            )
         else:
             saved = metadata.get("flags", {})
             for name, value in flags.items():
                 if name in saved and _normalised(value) != saved[name]:
-                    raise ValueError(f"flag {name}={value!r} contradicts {name}={saved[name]!r} "
-                                     f"stored in {str(path)!r}")
+                    raise ValueError(
+                        f"flag {name}={value!r} contradicts {name}={saved[name]!r} "
+                        f"stored in {str(path)!r}"
+                    )
             flags = {**saved, **flags}
     unknown = sorted(set(flags) - set(MODEL_FLAGS) - set(DIFFUSION_FLAGS))
     if unknown:
-        raise TypeError(f"unknown improved-diffusion flag(s) {unknown}; known flags: "
-                        f"{sorted(MODEL_FLAGS) + sorted(DIFFUSION_FLAGS)}")
+        raise TypeError(
+            f"unknown improved-diffusion flag(s) {unknown}; known flags: "
+            f"{sorted(MODEL_FLAGS) + sorted(DIFFUSION_FLAGS)}"
+        )
     flags = {**MODEL_FLAGS, **DIFFUSION_FLAGS, **flags}
     for name in ("rescale_timesteps", "predict_xstart"):
         if not isinstance(flags[name], bool):
@@ -558,7 +615,8 @@ def load_iddpm(path: str | os.PathLike, *, dtype: Any = jnp.float32, **flags: An
             raise ConversionError(
                 f"{err}\n(a plain improved-diffusion state dict needs the flags it was trained "
                 "with; `mmh-jax convert iddpm CHECKPOINT -o OUT.safetensors --image-size ...` "
-                "takes them (see its --help) and writes a file that needs none)") from None
+                "takes them (see its --help) and writes a file that needs none)"
+            ) from None
     else:
         params = check_params(saved_params, iddpm_expected_params(module), source=source)
     params = jax.tree.map(jnp.asarray, params)

@@ -57,8 +57,9 @@ def timestep_embedding(
         raise ValueError(f"timesteps must have shape [b], got shape {t.shape}")
     half = dim // 2
     if half < 1 or half - freq_shift <= 0:
-        raise ValueError(f"dim={dim} with freq_shift={freq_shift}: need "
-                         "dim // 2 >= 1 and dim // 2 > freq_shift")
+        raise ValueError(
+            f"dim={dim} with freq_shift={freq_shift}: need dim // 2 >= 1 and dim // 2 > freq_shift"
+        )
     # The frequencies are constants, computed on the host as diffusers rounds them: the exponent
     # in float32, its exp correctly rounded (XLA's float32 division and exp differ by a few
     # ulps, which at t ~ 1000 moves the embedding by ~1e-4).
@@ -99,8 +100,15 @@ def conv2d(
         The (unbound) Flax module; its kernel has shape ``[k, k, in, features]``.
     """
     pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=pad,
-                   name=name, dtype=dtype, param_dtype=param_dtype)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=pad,
+        name=name,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
 
 
 class GroupNorm(nn.Module):
@@ -132,7 +140,9 @@ class GroupNorm(nn.Module):
             raise ValueError(f"{c} channels do not split into num_groups={self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        groups = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        groups = x.astype(jnp.float32).reshape(
+            x.shape[0], -1, self.num_groups, c // self.num_groups
+        )
         centred = groups - jnp.mean(groups, axis=(1, 3), keepdims=True)
         var = jnp.mean(centred * centred, axis=(1, 3), keepdims=True)
         y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
@@ -152,8 +162,11 @@ def upsample_nearest_2x(x: Float[Array, "b h w c"]) -> Float[Array, "b 2h 2w c"]
 
 
 def attention(
-    q: Float[Array, "b n heads d"], k: Float[Array, "b m heads d"], v: Float[Array, "b m heads d"],
-    *, causal: bool = False,
+    q: Float[Array, "b n heads d"],
+    k: Float[Array, "b m heads d"],
+    v: Float[Array, "b m heads d"],
+    *,
+    causal: bool = False,
 ) -> Float[Array, "b n heads d"]:
     """Softmax attention with scale ``1/sqrt(d)``, the softmax in float32 for any input dtype.
 
@@ -178,7 +191,8 @@ def attention(
         n, m = logits.shape[-2:]
         logits = jnp.where(jnp.tril(jnp.ones((n, m), bool)), logits, -jnp.inf)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = jnp.einsum("bhnm,bhmd->bhnd", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bhnm,bhmd->bhnd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     out = out / jnp.sum(weights, axis=-1, keepdims=True)
     return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)

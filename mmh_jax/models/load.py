@@ -19,8 +19,9 @@ ModelKind = Literal["unet2d", "iddpm", "stable-diffusion", "stylegan2"]
 """The architectures :func:`load_model` reads."""
 
 
-def load_model(path: str | os.PathLike, *, kind: ModelKind, dtype: Any = jnp.float32,
-               **options: Any) -> Pretrained | PretrainedGenerator | StableDiffusion:
+def load_model(
+    path: str | os.PathLike, *, kind: ModelKind, dtype: Any = jnp.float32, **options: Any
+) -> Pretrained | PretrainedGenerator | StableDiffusion:
     """Load a local model of architecture ``kind`` (no download, no code from the file run).
 
     Args:

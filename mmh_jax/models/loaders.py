@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +64,10 @@ def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
         raise TypeError(f"config must be a mapping, got {type(config).__name__}")
     prediction_type_from_scheduler_config(config)
     if config.get("rescale_betas_zero_snr", False):
-        raise ValueError("scheduler config: rescale_betas_zero_snr=True is not supported "
-                         "(abar_T = 0 gives an infinite score)")
+        raise ValueError(
+            "scheduler config: rescale_betas_zero_snr=True is not supported "
+            "(abar_T = 0 gives an infinite score)"
+        )
     if config.get("trained_betas") is not None:
         return DDPM.from_betas(config["trained_betas"])
     steps = int(config.get("num_train_timesteps", 1000))
@@ -76,8 +79,10 @@ def ddpm_from_scheduler_config(config: Mapping[str, Any]) -> DDPM:
         return DDPM.scaled_linear(T=steps, beta_start=start, beta_end=end)
     if kind == "squaredcos_cap_v2":
         return DDPM.cosine(T=steps)
-    raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported; expected one of "
-                     f"{_BETA_SCHEDULES} or trained_betas")
+    raise ValueError(
+        f"scheduler config: beta_schedule={kind!r} is not supported; expected one of "
+        f"{_BETA_SCHEDULES} or trained_betas"
+    )
 
 
 def prediction_type_from_scheduler_config(config: Mapping[str, Any]) -> Prediction:
@@ -85,8 +90,10 @@ def prediction_type_from_scheduler_config(config: Mapping[str, Any]) -> Predicti
     ``"epsilon"``); ``"sample"`` (x_0) models are refused, naming the key."""
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in _PREDICTIONS:
-        raise ValueError(f"scheduler config: prediction_type={prediction!r} is not supported; "
-                         f"expected one of {_PREDICTIONS}")
+        raise ValueError(
+            f"scheduler config: prediction_type={prediction!r} is not supported; "
+            f"expected one of {_PREDICTIONS}"
+        )
     return prediction
 
 
@@ -103,8 +110,10 @@ def _model_folder(path: Path) -> Path:
     for folder in (path, path / "unet"):
         if (folder / "config.json").is_file():
             return folder
-    raise FileNotFoundError(f"{str(path)!r} holds neither config.json nor unet/config.json "
-                            "(expected a diffusers model or pipeline folder)")
+    raise FileNotFoundError(
+        f"{str(path)!r} holds neither config.json nor unet/config.json "
+        "(expected a diffusers model or pipeline folder)"
+    )
 
 
 def _scheduler_config(path: Path) -> Path:
@@ -135,31 +144,42 @@ def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
 
 def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Prediction]:
     if path.suffix != ".safetensors":
-        raise ConversionError(f"{str(path)!r}: expected a diffusers folder (with config.json) "
-                              f"or a .safetensors file written by {_CONVERT}")
+        raise ConversionError(
+            f"{str(path)!r}: expected a diffusers folder (with config.json) "
+            f"or a .safetensors file written by {_CONVERT}"
+        )
     params, metadata = load_params(path)
     if metadata.get("architecture") != _ARCHITECTURE:
         held = metadata.get("architecture")
-        held = (f"holds a {held!r} model, not a diffusers UNet2DModel" if held
-                else "is not a converted diffusers UNet2DModel (it has no mmh-jax metadata)")
-        raise ConversionError(f"{str(path)!r} {held}: pass the diffusers folder (with "
-                              f"config.json), or convert it with {_CONVERT}")
+        held = (
+            f"holds a {held!r} model, not a diffusers UNet2DModel"
+            if held
+            else "is not a converted diffusers UNet2DModel (it has no mmh-jax metadata)"
+        )
+        raise ConversionError(
+            f"{str(path)!r} {held}: pass the diffusers folder (with "
+            f"config.json), or convert it with {_CONVERT}"
+        )
     try:
         module = UNet2D.from_config(metadata["config"], dtype=dtype)
         stored = metadata["schedule"]
         dtype = jnp.result_type(float)
-        schedule = DDPM(jnp.asarray(np.asarray(stored["alphas_cumprod"]), dtype),
-                        jnp.asarray(np.asarray(stored["log_alphas_cumprod"]), dtype))
+        schedule = DDPM(
+            jnp.asarray(np.asarray(stored["alphas_cumprod"]), dtype),
+            jnp.asarray(np.asarray(stored["log_alphas_cumprod"]), dtype),
+        )
         prediction = prediction_type_from_scheduler_config(metadata)
     except (KeyError, TypeError, ValueError) as err:
         raise ConversionError(f"{str(path)!r}: bad config or schedule metadata: {err}") from None
-    params = check_params(params, unet2d_abstract_params(module), source=repr(str(path)),
-                          dtype=module.param_dtype)
+    params = check_params(
+        params, unet2d_abstract_params(module), source=repr(str(path)), dtype=module.param_dtype
+    )
     return module, params, schedule, prediction
 
 
-def load_unet2d(path: str | os.PathLike, *, schedule: DDPM | None = None,
-                dtype: Any = jnp.float32) -> Pretrained:
+def load_unet2d(
+    path: str | os.PathLike, *, schedule: DDPM | None = None, dtype: Any = jnp.float32
+) -> Pretrained:
     """Load a diffusers ``UNet2DModel`` (a noise or v predictor) from local files.
 
     Args:

@@ -85,8 +85,9 @@ class EpsModel:
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got "
-                             f"{self.prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            )
 
     def bound(self, name: Literal["eps", "score"]):
         """The bound method ``name``, one object for all equal models: the function to wrap in
@@ -95,8 +96,14 @@ class EpsModel:
         share the compiled programs of the first.)"""
         return _bound_method(self, name)
 
-    def eps(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
-            t: Float[ArrayLike, " b"], *conditioning: Array) -> Float[Array, "b c h w"]:
+    def eps(
+        self,
+        params: PyTree,
+        schedule: DDPM,
+        x_t: Float[Array, "b c h w"],
+        t: Float[ArrayLike, " b"],
+        *conditioning: Array,
+    ) -> Float[Array, "b c h w"]:
         """The predicted noise at ``x_t`` and continuous times ``t`` (``[b]`` or a scalar)."""
         batch = x_t.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, x_t.dtype), (batch,))
@@ -107,18 +114,27 @@ class EpsModel:
         out = self.module.apply({"params": params}, x_t, steps, *conditioning)
         out = out[:, : x_t.shape[1]].astype(x_t.dtype)
         if self.prediction_type == "v_prediction":
-            out = (broadcast_to_event(schedule.psi(t), x_t) * out
-                   + broadcast_to_event(schedule.sigma(t), x_t) * x_t)
+            out = (
+                broadcast_to_event(schedule.psi(t), x_t) * out
+                + broadcast_to_event(schedule.sigma(t), x_t) * x_t
+            )
         return out
 
-    def score(self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"],
-              t: Float[Array, " b"]) -> Float[Array, "b c h w"]:
+    def score(
+        self, params: PyTree, schedule: DDPM, x_t: Float[Array, "b c h w"], t: Float[Array, " b"]
+    ) -> Float[Array, "b c h w"]:
         """``score(x_t, t) = -eps / sigma(t)`` (paper, Eq. 10) of an unconditional network."""
         return -self.eps(params, schedule, x_t, t) / broadcast_to_event(schedule.sigma(t), x_t)
 
 
-def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
-                 timestep_scale: float = 1.0, prediction_type: Prediction = "epsilon") -> Partial:
+def eps_score_fn(
+    module: nn.Module,
+    params: PyTree,
+    schedule: DDPM,
+    *,
+    timestep_scale: float = 1.0,
+    prediction_type: Prediction = "epsilon",
+) -> Partial:
     """The score function of an unconditional discrete-time noise (or v) prediction network.
 
     (A text-conditional network's noise predictor is ``Partial(EpsModel(module).bound("eps"),
@@ -145,4 +161,3 @@ def eps_score_fn(module: nn.Module, params: PyTree, schedule: DDPM, *,
 @functools.cache
 def _bound_method(model: EpsModel, name: str):
     return getattr(model, name)
-

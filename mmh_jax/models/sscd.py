@@ -37,8 +37,7 @@ from mmh_jax.convert.io import load_params, read_state_dict, save_params
 from mmh_jax.convert.sscd import convert_sscd, sscd_abstract_params
 from mmh_jax.convert.torchscript import is_torchscript_archive, read_torchscript_archive
 
-__all__ = ["SSCD", "PretrainedSSCD", "sscd_preprocess", "sscd_similarity", "load_sscd",
-           "save_sscd"]
+__all__ = ["SSCD", "PretrainedSSCD", "sscd_preprocess", "sscd_similarity", "load_sscd", "save_sscd"]
 
 Arch = Literal["resnet50", "resnext101_32x4d"]
 #: arch -> (bottlenecks per stage, groups of the 3x3 convolutions, width per group)
@@ -68,8 +67,16 @@ class _FrozenBatchNorm(nn.Module):
 
 def _conv(features: int, k: int, stride: int, name: str, dtype: Any, groups: int = 1) -> nn.Conv:
     pad = k // 2
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, name=name, dtype=dtype)
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        name=name,
+        dtype=dtype,
+    )
 
 
 class _Bottleneck(nn.Module):
@@ -85,15 +92,21 @@ class _Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
-        out = nn.relu(_FrozenBatchNorm(self.dtype, name="bn1")(
-            _conv(width, 1, 1, "conv1", self.dtype)(x)))
-        out = nn.relu(_FrozenBatchNorm(self.dtype, name="bn2")(
-            _conv(width, 3, self.stride, "conv2", self.dtype, self.groups)(out)))
+        out = nn.relu(
+            _FrozenBatchNorm(self.dtype, name="bn1")(_conv(width, 1, 1, "conv1", self.dtype)(x))
+        )
+        out = nn.relu(
+            _FrozenBatchNorm(self.dtype, name="bn2")(
+                _conv(width, 3, self.stride, "conv2", self.dtype, self.groups)(out)
+            )
+        )
         out = _FrozenBatchNorm(self.dtype, name="bn3")(
-            _conv(self.planes * 4, 1, 1, "conv3", self.dtype)(out))
+            _conv(self.planes * 4, 1, 1, "conv3", self.dtype)(out)
+        )
         if self.project:
             x = _FrozenBatchNorm(self.dtype, name="downsample_bn")(
-                _conv(self.planes * 4, 1, self.stride, "downsample_conv", self.dtype)(x))
+                _conv(self.planes * 4, 1, self.stride, "downsample_conv", self.dtype)(x)
+            )
         return nn.relu(out + x)
 
 
@@ -136,13 +149,21 @@ class SSCD(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape [b, 3, h, w], got {x.shape}")
         h = jnp.transpose(x, (0, 2, 3, 1)).astype(self.dtype)
-        h = nn.relu(_FrozenBatchNorm(self.dtype, name="bn1")(
-            _conv(64, 7, 2, "conv1", self.dtype)(h)))
+        h = nn.relu(
+            _FrozenBatchNorm(self.dtype, name="bn1")(_conv(64, 7, 2, "conv1", self.dtype)(h))
+        )
         h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (count, planes) in enumerate(zip(counts, (64, 128, 256, 512)), start=1):
             for j in range(count):
-                h = _Bottleneck(planes, 2 if (j == 0 and i > 1) else 1, groups, width_per_group,
-                                project=(j == 0), dtype=self.dtype, name=f"layer{i}_{j}")(h)
+                h = _Bottleneck(
+                    planes,
+                    2 if (j == 0 and i > 1) else 1,
+                    groups,
+                    width_per_group,
+                    project=(j == 0),
+                    dtype=self.dtype,
+                    name=f"layer{i}_{j}",
+                )(h)
         h = h.astype(jnp.float32)
         p = self.gem_p
         pooled = jnp.mean(jnp.maximum(h, 1e-6) ** p, axis=(1, 2)) ** (1.0 / p)
@@ -177,11 +198,12 @@ def _center_crop(x: Array, size: int) -> Array:
     if h < size or w < size:
         raise ValueError(f"cannot centre-crop {size}x{size} from {h}x{w}")
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return x[:, top:top + size, left:left + size]
+    return x[:, top : top + size, left : left + size]
 
 
-def sscd_preprocess(images: ArrayLike, *, mode: PreprocessMode = "memorization"
-                    ) -> Float[Array, "b 3 h w"]:
+def sscd_preprocess(
+    images: ArrayLike, *, mode: PreprocessMode = "memorization"
+) -> Float[Array, "b 3 h w"]:
     """Images -> the normalised NCHW float32 input of :class:`SSCD`.
 
     Modes:
@@ -220,8 +242,9 @@ def sscd_preprocess(images: ArrayLike, *, mode: PreprocessMode = "memorization"
         x = jax.image.resize(x, (x.shape[0], 320, 320, 3), "bilinear", antialias=True)
         mean, std = _IMAGENET_MEAN, _IMAGENET_STD
     else:
-        raise ValueError(f"mode must be 'memorization', 'sscd_short_side_288' or 'sscd_320', "
-                         f"got {mode!r}")
+        raise ValueError(
+            f"mode must be 'memorization', 'sscd_short_side_288' or 'sscd_320', got {mode!r}"
+        )
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return jnp.transpose(x, (0, 3, 1, 2))
 
@@ -248,8 +271,13 @@ def _embed_fn(module: SSCD, params: Any) -> Partial:
     return Partial(lambda p, x: apply({"params": p}, x), params)
 
 
-def load_sscd(path: str | os.PathLike, *, arch: Arch = "resnext101_32x4d",
-              embedding_dim: int | None = None, dtype: Any = jnp.float32) -> PretrainedSSCD:
+def load_sscd(
+    path: str | os.PathLike,
+    *,
+    arch: Arch = "resnext101_32x4d",
+    embedding_dim: int | None = None,
+    dtype: Any = jnp.float32,
+) -> PretrainedSSCD:
     """Load SSCD from a local file, never running code from it.
 
     Args:
@@ -281,8 +309,9 @@ def load_sscd(path: str | os.PathLike, *, arch: Arch = "resnext101_32x4d",
         stored, metadata = load_params(path)
         if "architecture" in metadata:
             if metadata["architecture"] != _ARCHITECTURE:
-                raise ConversionError(f"{source} holds a {metadata['architecture']!r} model, "
-                                      "not SSCD")
+                raise ConversionError(
+                    f"{source} holds a {metadata['architecture']!r} model, not SSCD"
+                )
             config = metadata.get("config") or {}
             try:
                 module = SSCD(**config, dtype=dtype)
@@ -300,21 +329,29 @@ def load_sscd(path: str | os.PathLike, *, arch: Arch = "resnext101_32x4d",
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
     if embedding_dim is None:
-        head = next((state_dict[k] for k in ("fc.weight", "embeddings.weight")
-                     if k in state_dict), None)
+        head = next(
+            (state_dict[k] for k in ("fc.weight", "embeddings.weight") if k in state_dict), None
+        )
         if head is None or np.ndim(head) != 2:
             shown = ", ".join(sorted(state_dict)[:8])
-            raise ConversionError(f"{source} is not an SSCD checkpoint: no fc.weight or "
-                                  f"embeddings.weight head (keys: {shown}, ...)")
+            raise ConversionError(
+                f"{source} is not an SSCD checkpoint: no fc.weight or "
+                f"embeddings.weight head (keys: {shown}, ...)"
+            )
         embedding_dim = int(np.shape(head)[0])
     module = SSCD(arch=arch, embedding_dim=embedding_dim, dtype=dtype)
     params = jax.tree.map(jnp.asarray, convert_sscd(state_dict, module, source=source))
     return PretrainedSSCD(module, params, _embed_fn(module, params))
 
 
-def sscd_similarity(model: PretrainedSSCD, images_a: ArrayLike, images_b: ArrayLike, *,
-                    mode: PreprocessMode = "memorization", batch_size: int = 32
-                    ) -> np.ndarray:
+def sscd_similarity(
+    model: PretrainedSSCD,
+    images_a: ArrayLike,
+    images_b: ArrayLike,
+    *,
+    mode: PreprocessMode = "memorization",
+    batch_size: int = 32,
+) -> np.ndarray:
     """The memorization papers' image similarity: the inner product of the SSCD descriptors of
     image ``i`` of two batches (Pizzi et al. 2022; Somepalli et al. count a copy above 0.5).
     ``Partial(sscd_similarity, model)`` is the ``similarity`` scorer of
@@ -335,14 +372,19 @@ def sscd_similarity(model: PretrainedSSCD, images_a: ArrayLike, images_b: ArrayL
         ValueError: batches of different lengths.
     """
     if len(images_a) != len(images_b):
-        raise ValueError(f"sscd_similarity pairs image i of two batches: got {len(images_a)} "
-                         f"and {len(images_b)} images")
+        raise ValueError(
+            f"sscd_similarity pairs image i of two batches: got {len(images_a)} "
+            f"and {len(images_b)} images"
+        )
 
     def embed(images: ArrayLike) -> np.ndarray:
         x = np.asarray(images)
-        return np.concatenate([np.asarray(model.embed(sscd_preprocess(x[i:i + batch_size],
-                                                                      mode=mode)))
-                               for i in range(0, len(x), batch_size)]).astype(np.float64)
+        return np.concatenate(
+            [
+                np.asarray(model.embed(sscd_preprocess(x[i : i + batch_size], mode=mode)))
+                for i in range(0, len(x), batch_size)
+            ]
+        ).astype(np.float64)
 
     return np.sum(embed(images_a) * embed(images_b), axis=-1)
 

@@ -25,8 +25,9 @@ import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +67,16 @@ from mmh_jax.models.unet2d_condition import UNet2DCondition
 from mmh_jax.sampling import DDIMGrid, DDIMResult, ddim_sample
 from mmh_jax.schedules import DDPM
 
-__all__ = ["StableDiffusion", "load_stable_diffusion", "save_stable_diffusion",
-           "save_stable_diffusion_folder", "stable_diffusion_components", "encode_text",
-           "encode_image", "decode_latents"]
+__all__ = [
+    "StableDiffusion",
+    "load_stable_diffusion",
+    "save_stable_diffusion",
+    "save_stable_diffusion_folder",
+    "stable_diffusion_components",
+    "encode_text",
+    "encode_image",
+    "decode_latents",
+]
 
 _ARCHITECTURE = "stable-diffusion"
 _CONVERT = "`mmh-jax convert stable-diffusion FOLDER -o OUT.safetensors`"
@@ -90,23 +98,46 @@ class _Port(NamedTuple):
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _PORTS = {
-    "unet": _Port("diffusers", ("UNet2DConditionModel",), _DIFFUSERS_WEIGHTS, UNet2DCondition,
-                  convert_unet2d_condition, unet2d_condition_abstract_params,
-                  unet2d_condition_rename_table),
-    "vae": _Port("diffusers", ("AutoencoderKL",), _DIFFUSERS_WEIGHTS, AutoencoderKL,
-                 convert_autoencoder_kl, autoencoder_kl_abstract_params,
-                 autoencoder_kl_rename_table),
+    "unet": _Port(
+        "diffusers",
+        ("UNet2DConditionModel",),
+        _DIFFUSERS_WEIGHTS,
+        UNet2DCondition,
+        convert_unet2d_condition,
+        unet2d_condition_abstract_params,
+        unet2d_condition_rename_table,
+    ),
+    "vae": _Port(
+        "diffusers",
+        ("AutoencoderKL",),
+        _DIFFUSERS_WEIGHTS,
+        AutoencoderKL,
+        convert_autoencoder_kl,
+        autoencoder_kl_abstract_params,
+        autoencoder_kl_rename_table,
+    ),
     # written with transformers 4's "text_model." keys, as SD v1's files have them
-    "text_encoder": _Port("transformers", ("CLIPTextModel",),
-                          ("model.safetensors", "pytorch_model.bin"), CLIPTextModel,
-                          convert_clip_text, clip_text_abstract_params, clip_text_rename_table),
+    "text_encoder": _Port(
+        "transformers",
+        ("CLIPTextModel",),
+        ("model.safetensors", "pytorch_model.bin"),
+        CLIPTextModel,
+        convert_clip_text,
+        clip_text_abstract_params,
+        clip_text_rename_table,
+    ),
 }
 # the _diffusers_version save_stable_diffusion_folder writes: the release its layout was checked
 # against (tests/models/test_sd_folder_export.py)
 _DIFFUSERS_VERSION = "0.42.1"
 # a tokenizer folder as transformers 4 (vocab.json, merges.txt) or 5 (tokenizer.json) wrote it
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json")
+_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 # scheduler_config.json keys that set the DDIM grid (with diffusers' DDIMScheduler defaults)
 _DDIM_KEYS = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True}
 
@@ -169,25 +200,35 @@ class StableDiffusion(NamedTuple):
         """
         return tokenize(self.tokenizer, prompts, self.text_encoder.max_position_embeddings)
 
-    def encode_prompt(self, prompts: str | Sequence[str] | Int[ArrayLike, "b n"]
-                      ) -> Float[Array, "b n dim"]:
+    def encode_prompt(
+        self, prompts: str | Sequence[str] | Int[ArrayLike, "b n"]
+    ) -> Float[Array, "b n dim"]:
         """The UNet's conditioning: the text encoder's last hidden state, float32.
 
         Args:
             prompts: a string, a list of strings, or token ids ``[b, n]`` from :meth:`tokenize`.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple))
-                                        and all(isinstance(p, str) for p in prompts)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)
+        ):
             ids = self.tokenize(prompts)
         else:
             ids = np.asarray(prompts)
             if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] == 0:
-                raise ValueError(f"prompts must be strings or integer token ids [b, n], got "
-                                 f"{type(prompts).__name__} of shape {np.shape(prompts)}")
+                raise ValueError(
+                    f"prompts must be strings or integer token ids [b, n], got "
+                    f"{type(prompts).__name__} of shape {np.shape(prompts)}"
+                )
         return encode_text(self.text_encoder, self.text_encoder_params, jnp.asarray(ids))
 
-    def cfg_eps(self, z_t: Float[Array, "b c h w"], t: Float[ArrayLike, " b"],
-                cond: Array, uncond: Array, guidance: float | ArrayLike) -> Array:
+    def cfg_eps(
+        self,
+        z_t: Float[Array, "b c h w"],
+        t: Float[ArrayLike, " b"],
+        cond: Array,
+        uncond: Array,
+        guidance: float | ArrayLike,
+    ) -> Array:
         """Guided noise ``eps_u + guidance (eps_c - eps_u)``, both branches in one UNet call."""
         return _cfg_eps(self.eps, z_t, t, cond, uncond, jnp.asarray(guidance, jnp.float32))
 
@@ -196,15 +237,15 @@ class StableDiffusion(NamedTuple):
         conditioned on one embedding; ``uncond_embedding``: the unconditional model)."""
         return conditional_score_fn(self.eps, context, schedule=self.schedule)
 
-    def cfg_score(self, cond: Array, uncond: Array | None = None,
-                  guidance: float = 7.5) -> Partial:
+    def cfg_score(self, cond: Array, uncond: Array | None = None, guidance: float = 7.5) -> Partial:
         """``score_fn(z_t, t) = s^CFG(z_t; t, c)`` (paper, Eq. 2) for :mod:`mmh_jax.lid`;
         ``uncond`` defaults to the empty prompt's embedding."""
         uncond = self.uncond_embedding if uncond is None else uncond
         return cfg_score_fn(self.eps, cond, uncond, schedule=self.schedule, guidance=guidance)
 
-    def encode_image(self, images: Float[ArrayLike, "b 3 H W"], *, key: Array | None = None
-                     ) -> Float[Array, "b c h w"]:
+    def encode_image(
+        self, images: Float[ArrayLike, "b 3 H W"], *, key: Array | None = None
+    ) -> Float[Array, "b c h w"]:
         """Images in ``[-1, 1]`` (NCHW) -> the diffusion model's (scaled) latents.
 
         The posterior mean, or a draw from the posterior when ``key`` is given; then
@@ -262,9 +303,17 @@ class StableDiffusion(NamedTuple):
         noise = jnp.tile(images_noise(key, images_per_prompt, shape), (cond.shape[0], 1, 1, 1))
         cond = jnp.repeat(cond, images_per_prompt, axis=0)
         uncond = self.uncond_embedding if uncond is None else uncond
-        return ddim_sample(self.eps, noise, cond, uncond, schedule=self.schedule,
-                           guidance=guidance, num_steps=num_steps, grid=self.ddim_grid,
-                           return_trajectory=return_trajectory)
+        return ddim_sample(
+            self.eps,
+            noise,
+            cond,
+            uncond,
+            schedule=self.schedule,
+            guidance=guidance,
+            num_steps=num_steps,
+            grid=self.ddim_grid,
+            return_trajectory=return_trajectory,
+        )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -280,8 +329,7 @@ def _cfg_eps(eps_fn, z_t, t, cond, uncond, guidance):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def encode_image(module: AutoencoderKL, params: PyTree, images: Array, key: Array | None
-                 ) -> Array:
+def encode_image(module: AutoencoderKL, params: PyTree, images: Array, key: Array | None) -> Array:
     """Scaled latents of images ``[b, 3, h, w]`` in ``[-1, 1]``: the posterior mean, or a draw
     from it with ``key``."""
     posterior = module.apply({"params": params}, images, method="encode")
@@ -302,8 +350,9 @@ def decode_latents(module: AutoencoderKL, params: PyTree, latents: Array) -> Arr
 _TOKENIZER_LOCK = threading.Lock()
 
 
-def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
-             ) -> Int[np.ndarray, "b n"]:
+def tokenize(
+    tokenizer: Any, prompts: str | Sequence[str], max_length: int
+) -> Int[np.ndarray, "b n"]:
     """Token ids ``[b, max_length]`` (int32) of ``prompts``, padded and truncated to
     ``max_length`` as Stable Diffusion's pipeline does; truncation warns, naming the prompt and
     the number of tokens dropped. Safe to call from several threads at once (the tokenizer is
@@ -319,14 +368,22 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
     with _TOKENIZER_LOCK:
         # verbose=False: transformers' own too-long warning would stand beside the one below
         full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
-        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="np")["input_ids"]
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="np",
+        )["input_ids"]
     for i, row in enumerate(full):
         if len(row) > max_length:
             short = prompts[i] if len(prompts[i]) <= 60 else prompts[i][:57] + "..."
-            warnings.warn(f"prompt {i} ({short!r}) has {len(row)} tokens with its start and end "
-                          f"tokens; the text encoder reads {max_length}, so the last "
-                          f"{len(row) - max_length} were dropped", stacklevel=3)
+            warnings.warn(
+                f"prompt {i} ({short!r}) has {len(row)} tokens with its start and end "
+                f"tokens; the text encoder reads {max_length}, so the last "
+                f"{len(row) - max_length} were dropped",
+                stacklevel=3,
+            )
     return ids.astype(np.int32)
 
 
@@ -336,12 +393,16 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int
 def _component_folder(root: Path, name: str, index: dict) -> Path:
     entry = index.get(name)
     if entry is None:
-        raise FileNotFoundError(f"{str(root / 'model_index.json')!r} names no {name!r} component "
-                                "(expected a Stable Diffusion pipeline)")
+        raise FileNotFoundError(
+            f"{str(root / 'model_index.json')!r} names no {name!r} component "
+            "(expected a Stable Diffusion pipeline)"
+        )
     classes = _PORTS[name].classes if name in _PORTS else None
     if classes and (not isinstance(entry, list) or len(entry) != 2 or entry[1] not in classes):
-        raise ValueError(f"{str(root / 'model_index.json')!r}: {name} is {entry!r}; this port "
-                         f"reads {' or '.join(classes)}")
+        raise ValueError(
+            f"{str(root / 'model_index.json')!r}: {name} is {entry!r}; this port "
+            f"reads {' or '.join(classes)}"
+        )
     folder = root / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{str(root)!r} has no {name}/ folder")
@@ -364,25 +425,36 @@ def _build(port: _Port, config: dict, where: Path, dtype: Any):
 def _check_compatible(modules: dict, source: str) -> None:
     unet, text, vae = modules["unet"], modules["text_encoder"], modules["vae"]
     if text.hidden_size != unet.cross_attention_dim:
-        raise ValueError(f"{source}: the text encoder's hidden_size is {text.hidden_size} but the "
-                         f"UNet's cross_attention_dim is {unet.cross_attention_dim} (a text "
-                         "encoder from another model family?)")
+        raise ValueError(
+            f"{source}: the text encoder's hidden_size is {text.hidden_size} but the "
+            f"UNet's cross_attention_dim is {unet.cross_attention_dim} (a text "
+            "encoder from another model family?)"
+        )
     if vae.latent_channels != unet.in_channels or vae.latent_channels != unet.out_channels:
-        raise ValueError(f"{source}: the VAE has {vae.latent_channels} latent channels but the "
-                         f"UNet takes {unet.in_channels} and predicts {unet.out_channels} (a VAE "
-                         "from another model family?)")
+        raise ValueError(
+            f"{source}: the VAE has {vae.latent_channels} latent channels but the "
+            f"UNet takes {unet.in_channels} and predicts {unet.out_channels} (a VAE "
+            "from another model family?)"
+        )
 
 
 def _from_folder(root: Path, dtype: Any):
     index_file = root / "model_index.json"
     if not index_file.is_file():
-        raise FileNotFoundError(f"{str(root)!r} holds no model_index.json (expected a diffusers "
-                                "Stable Diffusion pipeline folder)")
+        raise FileNotFoundError(
+            f"{str(root)!r} holds no model_index.json (expected a diffusers "
+            "Stable Diffusion pipeline folder)"
+        )
     index = read_json(index_file)
-    folders = {name: _component_folder(root, name, index)
-               for name in (*_PORTS, "scheduler", "tokenizer")}
-    modules = {name: _build(port, _read_config(folders[name] / "config.json"),
-                            folders[name] / "config.json", dtype) for name, port in _PORTS.items()}
+    folders = {
+        name: _component_folder(root, name, index) for name in (*_PORTS, "scheduler", "tokenizer")
+    }
+    modules = {
+        name: _build(
+            port, _read_config(folders[name] / "config.json"), folders[name] / "config.json", dtype
+        )
+        for name, port in _PORTS.items()
+    }
     _check_compatible(modules, repr(str(root)))
     scheduler_file = folders["scheduler"] / "scheduler_config.json"
     scheduler = _read_config(scheduler_file)
@@ -391,26 +463,38 @@ def _from_folder(root: Path, dtype: Any):
     for name, port in _PORTS.items():
         found = [folders[name] / f for f in port.weights if (folders[name] / f).is_file()]
         if not found:
-            raise FileNotFoundError(f"{str(folders[name])!r} holds none of "
-                                    f"{', '.join(port.weights)}")
-        params[name] = port.convert(read_state_dict(found[0]), modules[name],
-                                    source=repr(str(found[0])))
-    tokenizer_files = {name: (folders["tokenizer"] / name).read_text()
-                       for name in _TOKENIZER_FILES if (folders["tokenizer"] / name).is_file()}
+            raise FileNotFoundError(
+                f"{str(folders[name])!r} holds none of {', '.join(port.weights)}"
+            )
+        params[name] = port.convert(
+            read_state_dict(found[0]), modules[name], source=repr(str(found[0]))
+        )
+    tokenizer_files = {
+        name: (folders["tokenizer"] / name).read_text()
+        for name in _TOKENIZER_FILES
+        if (folders["tokenizer"] / name).is_file()
+    }
     return modules, params, scheduler, schedule, tokenizer_files
 
 
 def _from_converted(path: Path, dtype: Any):
     if path.suffix != ".safetensors":
-        raise ConversionError(f"{str(path)!r}: expected a pipeline folder (with model_index.json) "
-                              f"or a .safetensors file written by {_CONVERT}")
+        raise ConversionError(
+            f"{str(path)!r}: expected a pipeline folder (with model_index.json) "
+            f"or a .safetensors file written by {_CONVERT}"
+        )
     stored, metadata = load_params(path)
     if metadata.get("architecture") != _ARCHITECTURE:
         held = metadata.get("architecture")
-        held = (f"holds a {held!r} model, not a Stable Diffusion pipeline" if held
-                else "is not a converted Stable Diffusion pipeline (it has no mmh-jax metadata)")
-        raise ConversionError(f"{str(path)!r} {held}: pass the pipeline folder (with "
-                              f"model_index.json), or convert it with {_CONVERT}")
+        held = (
+            f"holds a {held!r} model, not a Stable Diffusion pipeline"
+            if held
+            else "is not a converted Stable Diffusion pipeline (it has no mmh-jax metadata)"
+        )
+        raise ConversionError(
+            f"{str(path)!r} {held}: pass the pipeline folder (with "
+            f"model_index.json), or convert it with {_CONVERT}"
+        )
     try:
         configs, scheduler = metadata["configs"], metadata["scheduler"]
         tokenizer_files = metadata["tokenizer"]
@@ -419,18 +503,25 @@ def _from_converted(path: Path, dtype: Any):
         raise ConversionError(f"{str(path)!r}: bad metadata: {err}") from None
     _check_compatible(modules, repr(str(path)))
     schedule = _read_schedule(scheduler, repr(str(path)))
-    params = {name: check_params(stored.get(name, {}), port.abstract(modules[name]),
-                                 source=f"{str(path)!r} ({name})",
-                                 dtype=modules[name].param_dtype)
-              for name, port in _PORTS.items()}
+    params = {
+        name: check_params(
+            stored.get(name, {}),
+            port.abstract(modules[name]),
+            source=f"{str(path)!r} ({name})",
+            dtype=modules[name].param_dtype,
+        )
+        for name, port in _PORTS.items()
+    }
     return modules, params, scheduler, schedule, tokenizer_files
 
 
 def _read_schedule(scheduler: dict, source: str) -> tuple[DDPM, str]:
     """The schedule and prediction type of a scheduler config; errors name ``source``."""
     try:
-        return (ddpm_from_scheduler_config(scheduler),
-                prediction_type_from_scheduler_config(scheduler))
+        return (
+            ddpm_from_scheduler_config(scheduler),
+            prediction_type_from_scheduler_config(scheduler),
+        )
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
 
@@ -444,19 +535,20 @@ def _tokenizer(files: dict[str, str], source: str):
     try:
         from transformers import CLIPTokenizer
     except ImportError:
-        raise ImportError("Stable Diffusion's tokenizer needs transformers: pip install "
-                          "transformers") from None
+        raise ImportError(
+            "Stable Diffusion's tokenizer needs transformers: pip install transformers"
+        ) from None
     if not _has_vocabulary(files):
-        raise FileNotFoundError(f"{source}: the tokenizer has neither tokenizer.json nor "
-                                "vocab.json and merges.txt")
+        raise FileNotFoundError(
+            f"{source}: the tokenizer has neither tokenizer.json nor vocab.json and merges.txt"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             Path(tmp, name).write_text(text)
         return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
-def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
-                          ) -> StableDiffusion:
+def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> StableDiffusion:
     """Load Stable Diffusion from a local pipeline folder or a converted ``.safetensors`` file.
 
     Args:
@@ -489,23 +581,38 @@ def load_stable_diffusion(path: str | os.PathLike, *, dtype: Any = jnp.float32
     if scheduler.get("steps_offset", _DDIM_KEYS["steps_offset"]) != 1:
         # diffusers' StableDiffusionPipeline replaces it with 1 (a deprecated config, with a
         # warning), so sampling here walks the timesteps its pipeline walks
-        warnings.warn(f"{source}: scheduler_config.json has steps_offset="
-                      f"{scheduler.get('steps_offset', 'unset (0)')}; diffusers' "
-                      "StableDiffusionPipeline treats such a config as outdated and uses "
-                      "steps_offset=1, and so does this loader", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{source}: scheduler_config.json has steps_offset="
+            f"{scheduler.get('steps_offset', 'unset (0)')}; diffusers' "
+            "StableDiffusionPipeline treats such a config as outdated and uses "
+            "steps_offset=1, and so does this loader",
+            UserWarning,
+            stacklevel=2,
+        )
         scheduler["steps_offset"] = 1
     tokenizer = _tokenizer(tokenizer_files, source)
     text = modules["text_encoder"]
     empty = tokenize(tokenizer, [""], text.max_position_embeddings)
     uncond = encode_text(text, params["text_encoder"], jnp.asarray(empty))
-    unet_model = Pretrained(unet, params["unet"], schedule,
-                            conditional_score_fn(eps, uncond, schedule=schedule))
-    return StableDiffusion(unet_model, eps, text, params["text_encoder"], modules["vae"],
-                           params["vae"], tokenizer, uncond, scheduler)
+    unet_model = Pretrained(
+        unet, params["unet"], schedule, conditional_score_fn(eps, uncond, schedule=schedule)
+    )
+    return StableDiffusion(
+        unet_model,
+        eps,
+        text,
+        params["text_encoder"],
+        modules["vae"],
+        params["vae"],
+        tokenizer,
+        uncond,
+        scheduler,
+    )
 
 
-def save_stable_diffusion(path: str | os.PathLike, model: StableDiffusion,
-                          tokenizer_files: dict[str, str] | None = None) -> Path:
+def save_stable_diffusion(
+    path: str | os.PathLike, model: StableDiffusion, tokenizer_files: dict[str, str] | None = None
+) -> Path:
     """Write a loaded pipeline to one ``.safetensors`` file that :func:`load_stable_diffusion`
     reads without torch or the folder: the three networks' parameters (under ``unet/``,
     ``vae/``, ``text_encoder/``), their configs, the scheduler config and the tokenizer files.
@@ -523,13 +630,19 @@ def save_stable_diffusion(path: str | os.PathLike, model: StableDiffusion,
         tokenizer_files = _tokenizer_files(model.tokenizer)
     metadata = {
         "architecture": _ARCHITECTURE,
-        "configs": {"unet": model.unet.module.to_config(), "vae": model.vae.to_config(),
-                    "text_encoder": model.text_encoder.to_config()},
+        "configs": {
+            "unet": model.unet.module.to_config(),
+            "vae": model.vae.to_config(),
+            "text_encoder": model.text_encoder.to_config(),
+        },
         "scheduler": model.scheduler_config,
         "tokenizer": tokenizer_files,
     }
-    params = {"unet": model.unet.params, "vae": model.vae_params,
-              "text_encoder": model.text_encoder_params}
+    params = {
+        "unet": model.unet.params,
+        "vae": model.vae_params,
+        "text_encoder": model.text_encoder_params,
+    }
     return save_params(path, jax.device_get(params), metadata=metadata)
 
 
@@ -538,8 +651,11 @@ def _tokenizer_files(tokenizer: Any) -> dict[str, str]:
     :func:`load_stable_diffusion` reads."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {name: Path(tmp, name).read_text() for name in _TOKENIZER_FILES
-                if Path(tmp, name).is_file()}
+        return {
+            name: Path(tmp, name).read_text()
+            for name in _TOKENIZER_FILES
+            if Path(tmp, name).is_file()
+        }
 
 
 # --- writing a pipeline folder ----------------------------------------------------------------
@@ -554,8 +670,11 @@ def _component_config(name: str, module: Any) -> dict[str, Any]:
     transformers which class to build."""
     port = _PORTS[name]
     if port.library == "diffusers":
-        return {"_class_name": port.classes[0], "_diffusers_version": _DIFFUSERS_VERSION,
-                **module.to_config()}
+        return {
+            "_class_name": port.classes[0],
+            "_diffusers_version": _DIFFUSERS_VERSION,
+            **module.to_config(),
+        }
     return {"architectures": [port.classes[0]], **module.to_config()}
 
 
@@ -616,33 +735,48 @@ def save_stable_diffusion_folder(
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder_params}
     for name, module in modules.items():
         if not isinstance(module, _PORTS[name].module):
-            raise TypeError(f"{name} must be a Flax {_PORTS[name].module.__name__}, got "
-                            f"{type(module).__name__}")
+            raise TypeError(
+                f"{name} must be a Flax {_PORTS[name].module.__name__}, got {type(module).__name__}"
+            )
     _check_compatible(modules, "save_stable_diffusion_folder")
     if not isinstance(scheduler_config, dict):
-        raise TypeError(f"scheduler_config must be a dict (a parsed scheduler_config.json), "
-                        f"got {type(scheduler_config).__name__}")
+        raise TypeError(
+            f"scheduler_config must be a dict (a parsed scheduler_config.json), "
+            f"got {type(scheduler_config).__name__}"
+        )
     _read_schedule(scheduler_config, "scheduler_config")
-    scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION,
-                 **scheduler_config}
+    scheduler = {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        **scheduler_config,
+    }
     if not isinstance(tokenizer_files, dict):
-        raise TypeError(f"tokenizer_files must be a dict of file names to texts, got "
-                        f"{type(tokenizer_files).__name__}")
+        raise TypeError(
+            f"tokenizer_files must be a dict of file names to texts, got "
+            f"{type(tokenizer_files).__name__}"
+        )
     unknown = sorted(set(tokenizer_files) - set(_TOKENIZER_FILES))
     if unknown:
-        raise ValueError(f"tokenizer_files: {', '.join(map(repr, unknown))} are not tokenizer "
-                         f"files of this port ({', '.join(_TOKENIZER_FILES)})")
+        raise ValueError(
+            f"tokenizer_files: {', '.join(map(repr, unknown))} are not tokenizer "
+            f"files of this port ({', '.join(_TOKENIZER_FILES)})"
+        )
     if not _has_vocabulary(tokenizer_files):
-        raise ValueError("tokenizer_files holds neither tokenizer.json nor vocab.json and "
-                         "merges.txt")
+        raise ValueError(
+            "tokenizer_files holds neither tokenizer.json nor vocab.json and merges.txt"
+        )
     from safetensors.numpy import save_file
 
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
-             **{name: [port.library, port.classes[0]] for name, port in _PORTS.items()},
-             "scheduler": ["diffusers", scheduler["_class_name"]],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        **{name: [port.library, port.classes[0]] for name, port in _PORTS.items()},
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     with atomic_folder(path) as tmp:
         for name, port in _PORTS.items():
             what = f"{name}_params"
@@ -672,8 +806,13 @@ def stable_diffusion_components(model: StableDiffusion) -> dict[str, Any]:
         "text_encoder_params": ..., "scheduler_config": ..., "tokenizer_files": ...}``; the
         tokenizer files are those ``model.tokenizer.save_pretrained`` writes.
     """
-    return {"unet": model.unet.module, "unet_params": model.unet.params, "vae": model.vae,
-            "vae_params": model.vae_params, "text_encoder": model.text_encoder,
-            "text_encoder_params": model.text_encoder_params,
-            "scheduler_config": model.scheduler_config,
-            "tokenizer_files": _tokenizer_files(model.tokenizer)}
+    return {
+        "unet": model.unet.module,
+        "unet_params": model.unet.params,
+        "vae": model.vae,
+        "vae_params": model.vae_params,
+        "text_encoder": model.text_encoder,
+        "text_encoder_params": model.text_encoder_params,
+        "scheduler_config": model.scheduler_config,
+        "tokenizer_files": _tokenizer_files(model.tokenizer),
+    }

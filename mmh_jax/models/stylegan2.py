@@ -42,8 +42,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -61,8 +62,9 @@ from mmh_jax.models.pretrained import PretrainedGenerator
 
 __all__ = ["StyleGAN2Generator", "fir_filter", "load_stylegan2", "save_stylegan2"]
 
-Activation = Literal["linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus",
-                     "swish"]
+Activation = Literal[
+    "linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus", "swish"
+]
 NoiseMode = Literal["const", "random", "none"]
 
 _SQRT2 = float(np.sqrt(2))
@@ -82,13 +84,23 @@ _ACTIVATIONS = {
 _ARCHITECTURES = ("orig", "skip", "resnet")
 _TOP_KEYS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
 # original kwarg -> attribute
-_MAPPING_KEYS = {"num_layers": "num_layers", "embed_features": "embed_features",
-                 "layer_features": "layer_features", "activation": "mapping_activation",
-                 "lr_multiplier": "lr_multiplier"}
-_SYNTHESIS_KEYS = {"channel_base": "channel_base", "channel_max": "channel_max",
-                   "num_fp16_res": "num_fp16_res", "conv_clamp": "conv_clamp",
-                   "architecture": "architecture", "resample_filter": "resample_filter",
-                   "use_noise": "use_noise", "activation": "activation"}
+_MAPPING_KEYS = {
+    "num_layers": "num_layers",
+    "embed_features": "embed_features",
+    "layer_features": "layer_features",
+    "activation": "mapping_activation",
+    "lr_multiplier": "lr_multiplier",
+}
+_SYNTHESIS_KEYS = {
+    "channel_base": "channel_base",
+    "channel_max": "channel_max",
+    "num_fp16_res": "num_fp16_res",
+    "conv_clamp": "conv_clamp",
+    "architecture": "architecture",
+    "resample_filter": "resample_filter",
+    "use_noise": "use_noise",
+    "activation": "activation",
+}
 
 
 def fir_filter(taps: tuple[float, ...]) -> np.ndarray:
@@ -122,8 +134,14 @@ def _normalize_2nd_moment(x: Array) -> Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=1, keepdims=True) + 1e-8)
 
 
-def _fir(x: Float[Array, "b h w c"], taps: tuple[float, ...], pad: tuple[int, int], *,
-         up: int = 1, gain: float = 1.0) -> Float[Array, "b h2 w2 c"]:
+def _fir(
+    x: Float[Array, "b h w c"],
+    taps: tuple[float, ...],
+    pad: tuple[int, int],
+    *,
+    up: int = 1,
+    gain: float = 1.0,
+) -> Float[Array, "b h2 w2 c"]:
     """The original's ``upfirdn2d`` (no down-sampling) on NHWC ``x``, separably.
 
     Inserts ``up - 1`` zeros after every pixel, pads (negative: crops) by ``pad`` on both
@@ -138,9 +156,14 @@ def _fir(x: Float[Array, "b h w c"], taps: tuple[float, ...], pad: tuple[int, in
     c = x.shape[-1]
     for shape in ((len(f), 1, 1, 1), (1, len(f), 1, 1)):
         kernel = jnp.broadcast_to(jnp.asarray(f.reshape(shape), x.dtype), shape[:3] + (c,))
-        x = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=c)
+        x = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=c,
+        )
     return x
 
 
@@ -164,10 +187,15 @@ class _FullyConnected(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "b i"]) -> Float[Array, "b o"]:
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.normal(1.0 / self.lr_multiplier),
-                            (fan_in, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.constant(self.bias_init), (self.features,),
-                          jnp.float32)
+        kernel = self.param(
+            "kernel",
+            nn.initializers.normal(1.0 / self.lr_multiplier),
+            (fan_in, self.features),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias", nn.initializers.constant(self.bias_init), (self.features,), jnp.float32
+        )
         x = x @ (kernel * (self.lr_multiplier / np.sqrt(fan_in)))
         return _bias_act(x, bias * self.lr_multiplier, self.activation, 1.0, None)
 
@@ -191,17 +219,23 @@ class _Mapping(nn.Module):
             self.embed = _FullyConnected(embed)
         hidden = self.layer_features if self.layer_features is not None else self.w_dim
         self.layers = [
-            _FullyConnected(self.w_dim if i == self.num_layers - 1 else hidden, self.activation,
-                            self.lr_multiplier, name=f"fc{i}")
-            for i in range(self.num_layers)]
+            _FullyConnected(
+                self.w_dim if i == self.num_layers - 1 else hidden,
+                self.activation,
+                self.lr_multiplier,
+                name=f"fc{i}",
+            )
+            for i in range(self.num_layers)
+        ]
         self.w_avg = self.param("w_avg", nn.initializers.zeros, (self.w_dim,), jnp.float32)
 
     def __call__(self, z: Array, c: Array | None) -> Array:
         """``w [b, w_dim]``: the layers on ``z`` (and the embedded ``c``), each normalised."""
         x = _normalize_2nd_moment(z.astype(jnp.float32))
         if self.c_dim > 0:
-            x = jnp.concatenate([x, _normalize_2nd_moment(self.embed(c.astype(jnp.float32)))],
-                                axis=1)
+            x = jnp.concatenate(
+                [x, _normalize_2nd_moment(self.embed(c.astype(jnp.float32)))], axis=1
+            )
         for layer in self.layers:
             x = layer(x)
         return x
@@ -239,34 +273,47 @@ class _SynthesisLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: Array, w: Array, noise_mode: str, key: Array | None,
-                 gain: float = 1.0) -> Array:
+    def __call__(
+        self, x: Array, w: Array, noise_mode: str, key: Array | None, gain: float = 1.0
+    ) -> Array:
         cin, k = x.shape[-1], 3
         styles = _FullyConnected(cin, bias_init=1.0, name="affine")(w)  # [b, in], float32
-        kernel = self.param("kernel", nn.initializers.normal(1.0), (k, k, cin, self.features),
-                            jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.normal(1.0), (k, k, cin, self.features), jnp.float32
+        )
         if self.options.use_noise:
-            noise_const = self.param("noise_const", nn.initializers.normal(1.0),
-                                     (self.resolution, self.resolution), jnp.float32)
+            noise_const = self.param(
+                "noise_const",
+                nn.initializers.normal(1.0),
+                (self.resolution, self.resolution),
+                jnp.float32,
+            )
             strength = self.param("noise_strength", nn.initializers.zeros, (), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
 
-        dcoefs = jax.lax.rsqrt(jnp.square(styles) @ jnp.sum(jnp.square(kernel), axis=(0, 1))
-                               + 1e-8)  # [b, out]
+        dcoefs = jax.lax.rsqrt(
+            jnp.square(styles) @ jnp.sum(jnp.square(kernel), axis=(0, 1)) + 1e-8
+        )  # [b, out]
         x = x * styles.astype(self.dtype)[:, None, None, :]
         dn = ("NHWC", "HWIO", "NHWC")
         if self.up:
             # transposed stride-2 convolution = correlation of the zero-dilated input with the
             # spatially flipped kernel, then the FIR filter with the original's paddings
             x = jax.lax.conv_general_dilated(
-                x, kernel[::-1, ::-1].astype(self.dtype), (1, 1), ((k - 1, k - 1),) * 2,
-                lhs_dilation=(2, 2), dimension_numbers=dn)
+                x,
+                kernel[::-1, ::-1].astype(self.dtype),
+                (1, 1),
+                ((k - 1, k - 1),) * 2,
+                lhs_dilation=(2, 2),
+                dimension_numbers=dn,
+            )
             n = len(self.options.resample_filter)
             pad = (k // 2 + (n + 1) // 2 - (k - 1), k // 2 + (n - 2) // 2 - (k - 2))
             x = _fir(x, self.options.resample_filter, pad, gain=4.0)
         else:
-            x = jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (1, 1),
-                                             ((k // 2, k // 2),) * 2, dimension_numbers=dn)
+            x = jax.lax.conv_general_dilated(
+                x, kernel.astype(self.dtype), (1, 1), ((k // 2, k // 2),) * 2, dimension_numbers=dn
+            )
         x = x * dcoefs.astype(self.dtype)[:, None, None, :]
         if self.options.use_noise and noise_mode == "const":
             x = x + (noise_const * strength).astype(self.dtype)[None, :, :, None]
@@ -289,8 +336,9 @@ class _ToRGB(nn.Module):
     def __call__(self, x: Array, w: Array) -> Array:
         cin = x.shape[-1]
         styles = _FullyConnected(cin, bias_init=1.0, name="affine")(w) / np.sqrt(cin)
-        kernel = self.param("kernel", nn.initializers.normal(1.0), (1, 1, cin, self.features),
-                            jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.normal(1.0), (1, 1, cin, self.features), jnp.float32
+        )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x = x * styles.astype(self.dtype)[:, None, None, :]
         x = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0].astype(self.dtype))
@@ -309,8 +357,9 @@ class _Skip(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cin = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.normal(1.0), (1, 1, cin, self.features),
-                            jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.normal(1.0), (1, 1, cin, self.features), jnp.float32
+        )
         x = jnp.einsum("bhwi,io->bhwo", x, (kernel[0, 0] / np.sqrt(cin)).astype(self.dtype))
         return _upsample2d(x, self.resample_filter) * np.sqrt(0.5)
 
@@ -327,8 +376,9 @@ class _Block(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: Array | None, img: Array | None, ws: Array, noise_mode: str,
-                 key: Array | None) -> tuple[Array, Array | None]:
+    def __call__(
+        self, x: Array | None, img: Array | None, ws: Array, noise_mode: str, key: Array | None
+    ) -> tuple[Array, Array | None]:
         o = self.options
         layer = dict(options=o, dtype=self.dtype)
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
@@ -336,18 +386,22 @@ class _Block(nn.Module):
         if self.in_channels == 0:
             const = self.param("const", nn.initializers.normal(1.0), (r, r, c), jnp.float32)
             x = jnp.broadcast_to(const.astype(self.dtype), (ws.shape[0], r, r, c))
-            x = _SynthesisLayer(c, r, False, name="conv1", **layer)(x, ws[:, 0], noise_mode,
-                                                                     keys[1])
+            x = _SynthesisLayer(c, r, False, name="conv1", **layer)(
+                x, ws[:, 0], noise_mode, keys[1]
+            )
             i = 1
         else:
             x = x.astype(self.dtype)
             gain = np.sqrt(0.5) if o.architecture == "resnet" else 1.0
-            y = (_Skip(c, o.resample_filter, self.dtype, name="skip")(x)
-                 if o.architecture == "resnet" else None)
-            x = _SynthesisLayer(c, r, True, name="conv0", **layer)(x, ws[:, 0], noise_mode,
-                                                                    keys[0])
-            x = _SynthesisLayer(c, r, False, name="conv1", **layer)(x, ws[:, 1], noise_mode,
-                                                                     keys[1], gain)
+            y = (
+                _Skip(c, o.resample_filter, self.dtype, name="skip")(x)
+                if o.architecture == "resnet"
+                else None
+            )
+            x = _SynthesisLayer(c, r, True, name="conv0", **layer)(x, ws[:, 0], noise_mode, keys[0])
+            x = _SynthesisLayer(c, r, False, name="conv1", **layer)(
+                x, ws[:, 1], noise_mode, keys[1], gain
+            )
             if y is not None:
                 x = y + x
             i = 2
@@ -383,16 +437,25 @@ class _Synthesis(nn.Module):
             num_conv = 1 if res == 4 else 2
             num_torgb = 1 if is_last or self.options.architecture == "skip" else 0
             block_key = None if key is None else jax.random.fold_in(key, res)
-            block = _Block(cin, _channels(self.channel_base, self.channel_max, res), res,
-                           self.img_channels, is_last, self.options, self.dtype, name=f"b{res}")
-            x, img = block(x, img, ws[:, w_idx:w_idx + num_conv + num_torgb], noise_mode,
-                           block_key)
+            block = _Block(
+                cin,
+                _channels(self.channel_base, self.channel_max, res),
+                res,
+                self.img_channels,
+                is_last,
+                self.options,
+                self.dtype,
+                name=f"b{res}",
+            )
+            x, img = block(
+                x, img, ws[:, w_idx : w_idx + num_conv + num_torgb], noise_mode, block_key
+            )
             w_idx += num_conv
         return jnp.transpose(img, (0, 3, 1, 2))
 
 
 def _block_resolutions(img_resolution: int) -> tuple[int, ...]:
-    return tuple(2 ** i for i in range(2, int(np.log2(img_resolution)) + 1))
+    return tuple(2**i for i in range(2, int(np.log2(img_resolution)) + 1))
 
 
 def _channels(base: int, maximum: int, res: int) -> int:
@@ -447,8 +510,7 @@ class StyleGAN2Generator(nn.Module):
         def is_int(v: Any) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
-        for key in ("z_dim", "w_dim", "img_channels", "num_layers", "channel_base",
-                    "channel_max"):
+        for key in ("z_dim", "w_dim", "img_channels", "num_layers", "channel_base", "channel_max"):
             if not is_int(getattr(self, key)) or getattr(self, key) < 1:
                 raise bad(key, "a positive int")
         for key in ("c_dim", "num_fp16_res"):
@@ -468,19 +530,27 @@ class StyleGAN2Generator(nn.Module):
                 raise bad(key, " or ".join(map(repr, _ACTIVATIONS)))
         if self.architecture not in _ARCHITECTURES:
             raise bad("architecture", " or ".join(map(repr, _ARCHITECTURES)))
-        if isinstance(self.lr_multiplier, bool) or not isinstance(
-                self.lr_multiplier, (int, float)) or not self.lr_multiplier > 0:
+        if (
+            isinstance(self.lr_multiplier, bool)
+            or not isinstance(self.lr_multiplier, (int, float))
+            or not self.lr_multiplier > 0
+        ):
             raise bad("lr_multiplier", "a positive number")
         clamp = self.conv_clamp
-        if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float))
-                                  or clamp < 0):
+        if clamp is not None and (
+            isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or clamp < 0
+        ):
             raise bad("conv_clamp", "None or a number >= 0")
         taps = self.resample_filter
-        if (not isinstance(taps, tuple) or not taps
-                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in taps)
-                or sum(taps) == 0):
-            raise bad("resample_filter", "a non-empty tuple of numbers with a non-zero sum "
-                                         "(the 1-D taps)")
+        if (
+            not isinstance(taps, tuple)
+            or not taps
+            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in taps)
+            or sum(taps) == 0
+        ):
+            raise bad(
+                "resample_filter", "a non-empty tuple of numbers with a non-zero sum (the 1-D taps)"
+            )
         if not isinstance(self.use_noise, bool):
             raise bad("use_noise", "a bool")
 
@@ -501,8 +571,9 @@ class StyleGAN2Generator(nn.Module):
         return _channels(self.channel_base, self.channel_max, res)
 
     @classmethod
-    def from_init_kwargs(cls, kwargs: Mapping[str, Any], *, dtype: Any = jnp.float32
-                         ) -> "StyleGAN2Generator":
+    def from_init_kwargs(
+        cls, kwargs: Mapping[str, Any], *, dtype: Any = jnp.float32
+    ) -> "StyleGAN2Generator":
         """The module the original ``Generator(**kwargs)`` describes, read strictly.
 
         Args:
@@ -523,10 +594,12 @@ class StyleGAN2Generator(nn.Module):
             ValueError: naming the first key that is missing, unknown or holds an unsupported
                 value.
         """
+
         def mapping_of(value: Any, what: str) -> Mapping[str, Any]:
             if not isinstance(value, Mapping):
-                raise TypeError(f"StyleGAN2 init kwargs: {what} must be a mapping, got "
-                                f"{type(value).__name__}")
+                raise TypeError(
+                    f"StyleGAN2 init kwargs: {what} must be a mapping, got {type(value).__name__}"
+                )
             return value
 
         kwargs = mapping_of(kwargs, "the init kwargs")
@@ -543,8 +616,10 @@ class StyleGAN2Generator(nn.Module):
         for key, value in mapping.items():
             if key == "w_avg_beta":
                 if value is None:
-                    raise ValueError("StyleGAN2 init kwargs: mapping_kwargs.w_avg_beta=None "
-                                     "(a generator without the w_avg buffer) is not supported")
+                    raise ValueError(
+                        "StyleGAN2 init kwargs: mapping_kwargs.w_avg_beta=None "
+                        "(a generator without the w_avg buffer) is not supported"
+                    )
                 continue
             if key not in _MAPPING_KEYS:
                 raise ValueError(f"StyleGAN2 init kwargs: unknown key mapping_kwargs.{key!r}")
@@ -554,16 +629,20 @@ class StyleGAN2Generator(nn.Module):
                 continue
             if key == "kernel_size":
                 if value != 3:
-                    raise ValueError(f"StyleGAN2 init kwargs: synthesis_kwargs.kernel_size="
-                                     f"{value!r} is not supported; expected 3")
+                    raise ValueError(
+                        f"StyleGAN2 init kwargs: synthesis_kwargs.kernel_size="
+                        f"{value!r} is not supported; expected 3"
+                    )
                 continue
             if key not in _SYNTHESIS_KEYS:
                 raise ValueError(f"StyleGAN2 init kwargs: unknown key synthesis_kwargs.{key!r}")
             if key == "resample_filter" and isinstance(value, (list, tuple, np.ndarray)):
                 value = np.asarray(value).tolist()
                 if any(isinstance(v, list) for v in value):
-                    raise ValueError("StyleGAN2 init kwargs: synthesis_kwargs.resample_filter "
-                                     f"={value!r} is not supported; expected 1-D taps")
+                    raise ValueError(
+                        "StyleGAN2 init kwargs: synthesis_kwargs.resample_filter "
+                        f"={value!r} is not supported; expected 1-D taps"
+                    )
                 value = tuple(value)
             out[_SYNTHESIS_KEYS[key]] = value
         return cls(**out, dtype=dtype)
@@ -581,14 +660,35 @@ class StyleGAN2Generator(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def setup(self):
-        self._mapping = _Mapping(self.z_dim, self.c_dim, self.w_dim, self.num_ws,
-                                 self.num_layers, self.embed_features, self.layer_features,
-                                 self.mapping_activation, self.lr_multiplier, name="mapping")
-        options = _SynthesisOptions(self.architecture, self.resample_filter, self.conv_clamp,
-                                    self.use_noise, self.activation)
-        self._synthesis = _Synthesis(self.w_dim, self.img_resolution, self.img_channels,
-                                     self.channel_base, self.channel_max, options, self.dtype,
-                                     name="synthesis")
+        self._mapping = _Mapping(
+            self.z_dim,
+            self.c_dim,
+            self.w_dim,
+            self.num_ws,
+            self.num_layers,
+            self.embed_features,
+            self.layer_features,
+            self.mapping_activation,
+            self.lr_multiplier,
+            name="mapping",
+        )
+        options = _SynthesisOptions(
+            self.architecture,
+            self.resample_filter,
+            self.conv_clamp,
+            self.use_noise,
+            self.activation,
+        )
+        self._synthesis = _Synthesis(
+            self.w_dim,
+            self.img_resolution,
+            self.img_channels,
+            self.channel_base,
+            self.channel_max,
+            options,
+            self.dtype,
+            name="synthesis",
+        )
 
     def class_vectors(self, c: ArrayLike | None, batch: int) -> Array | None:
         """The conditioning the mapping network takes, checked: ``c`` as float32
@@ -601,13 +701,17 @@ class StyleGAN2Generator(nn.Module):
         """
         if self.c_dim == 0:
             if c is not None and tuple(jnp.shape(c)) != (batch, 0):
-                raise ValueError(f"c must be None (or of shape [{batch}, 0]) for an "
-                                 f"unconditional generator (c_dim=0), got shape {jnp.shape(c)}")
+                raise ValueError(
+                    f"c must be None (or of shape [{batch}, 0]) for an "
+                    f"unconditional generator (c_dim=0), got shape {jnp.shape(c)}"
+                )
             return None
         if c is None:
-            raise ValueError(f"c is required: this generator is conditional (c_dim="
-                             f"{self.c_dim}); pass one-hot labels [b, {self.c_dim}] or class "
-                             "indices [b]")
+            raise ValueError(
+                f"c is required: this generator is conditional (c_dim="
+                f"{self.c_dim}); pass one-hot labels [b, {self.c_dim}] or class "
+                "indices [b]"
+            )
         c = jnp.asarray(c)
         if jnp.issubdtype(c.dtype, jnp.integer) and c.ndim == 1:
             if c.shape != (batch,):
@@ -615,17 +719,26 @@ class StyleGAN2Generator(nn.Module):
             if not isinstance(c, jax.core.Tracer):
                 labels = np.asarray(c)
                 if labels.size and (labels.min() < 0 or labels.max() >= self.c_dim):
-                    raise ValueError(f"c: class labels must be in [0, {self.c_dim}), got "
-                                     f"{labels.min()} .. {labels.max()}")
+                    raise ValueError(
+                        f"c: class labels must be in [0, {self.c_dim}), got "
+                        f"{labels.min()} .. {labels.max()}"
+                    )
             return jax.nn.one_hot(c, self.c_dim, dtype=jnp.float32)
         if c.shape != (batch, self.c_dim):
-            raise ValueError(f"c must have shape [{batch}, {self.c_dim}] (c_dim={self.c_dim}) "
-                             f"or be integer class labels [{batch}], got {c.shape}")
+            raise ValueError(
+                f"c must have shape [{batch}, {self.c_dim}] (c_dim={self.c_dim}) "
+                f"or be integer class labels [{batch}], got {c.shape}"
+            )
         return c.astype(jnp.float32)
 
-    def mapping(self, z: Float[ArrayLike, "b z_dim"], c: ArrayLike | None = None, *,
-                truncation_psi: float | Float[ArrayLike, ""] = 1.0,
-                truncation_cutoff: int | None = None) -> Float[Array, "b num_ws w_dim"]:
+    def mapping(
+        self,
+        z: Float[ArrayLike, "b z_dim"],
+        c: ArrayLike | None = None,
+        *,
+        truncation_psi: float | Float[ArrayLike, ""] = 1.0,
+        truncation_cutoff: int | None = None,
+    ) -> Float[Array, "b num_ws w_dim"]:
         """The mapping network: latents (and labels) to the intermediate latents ``ws``.
 
         As the original's ``MappingNetwork.forward`` (in float32): ``z`` normalised to unit
@@ -651,15 +764,23 @@ class StyleGAN2Generator(nn.Module):
         """
         z = jnp.asarray(z)
         if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape [b, {self.z_dim}] (z_dim={self.z_dim}), got "
-                             f"{z.shape}")
+            raise ValueError(
+                f"z must have shape [b, {self.z_dim}] (z_dim={self.z_dim}), got {z.shape}"
+            )
         labels = self.class_vectors(c, z.shape[0])
-        return self.broadcast_w(self._mapping(z, labels), truncation_psi=truncation_psi,
-                                truncation_cutoff=truncation_cutoff)
+        return self.broadcast_w(
+            self._mapping(z, labels),
+            truncation_psi=truncation_psi,
+            truncation_cutoff=truncation_cutoff,
+        )
 
-    def broadcast_w(self, w: Float[ArrayLike, "b w_dim"], *,
-                    truncation_psi: float | Float[ArrayLike, ""] = 1.0,
-                    truncation_cutoff: int | None = None) -> Float[Array, "b num_ws w_dim"]:
+    def broadcast_w(
+        self,
+        w: Float[ArrayLike, "b w_dim"],
+        *,
+        truncation_psi: float | Float[ArrayLike, ""] = 1.0,
+        truncation_cutoff: int | None = None,
+    ) -> Float[Array, "b num_ws w_dim"]:
         """The last step of :meth:`mapping`: ``num_ws`` copies of one ``w`` per sample, with
         the truncation ``w_avg + psi (w - w_avg)`` on all of them or the first
         ``truncation_cutoff``. ``mapping(z, c)[:, 0]`` (``psi = 1``) is the ``w`` of ``z``.
@@ -674,17 +795,25 @@ class StyleGAN2Generator(nn.Module):
         """
         w = jnp.asarray(w, jnp.float32)
         if w.ndim != 2 or w.shape[1] != self.w_dim:
-            raise ValueError(f"w must have shape [b, {self.w_dim}] (w_dim={self.w_dim}), got "
-                             f"{w.shape}")
+            raise ValueError(
+                f"w must have shape [b, {self.w_dim}] (w_dim={self.w_dim}), got {w.shape}"
+            )
         if truncation_cutoff is not None and (
-                isinstance(truncation_cutoff, bool)
-                or not isinstance(truncation_cutoff, (int, np.integer))):
-            raise ValueError(f"truncation_cutoff must be a static int or None, got "
-                             f"{truncation_cutoff!r}")
+            isinstance(truncation_cutoff, bool)
+            or not isinstance(truncation_cutoff, (int, np.integer))
+        ):
+            raise ValueError(
+                f"truncation_cutoff must be a static int or None, got {truncation_cutoff!r}"
+            )
         return self._mapping.broadcast(w, truncation_psi, truncation_cutoff)
 
-    def synthesis(self, ws: Float[ArrayLike, "b num_ws w_dim"], *, noise_mode: NoiseMode = "const",
-                  key: Array | None = None) -> Float[Array, "b img_channels res res"]:
+    def synthesis(
+        self,
+        ws: Float[ArrayLike, "b num_ws w_dim"],
+        *,
+        noise_mode: NoiseMode = "const",
+        key: Array | None = None,
+    ) -> Float[Array, "b img_channels res res"]:
         """The synthesis network: ``ws`` to an image, as the original with ``force_fp32=True``.
 
         Args:
@@ -705,27 +834,33 @@ class StyleGAN2Generator(nn.Module):
         """
         ws = jnp.asarray(ws)
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
-            raise ValueError(f"ws must have shape [b, {self.num_ws}, {self.w_dim}] (num_ws, "
-                             f"w_dim), got {ws.shape}")
+            raise ValueError(
+                f"ws must have shape [b, {self.num_ws}, {self.w_dim}] (num_ws, "
+                f"w_dim), got {ws.shape}"
+            )
         if noise_mode not in ("const", "random", "none"):
-            raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got "
-                             f"{noise_mode!r}")
+            raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
         if noise_mode == "random" and key is None:
             raise ValueError("noise_mode='random' needs a PRNG key: pass key=")
         return self._synthesis(ws, noise_mode, key if noise_mode == "random" else None)
 
-    def __call__(self, z: Float[ArrayLike, "b z_dim"], c: ArrayLike | None = None, *,
-                 truncation_psi: float | Float[ArrayLike, ""] = 1.0,
-                 truncation_cutoff: int | None = None, noise_mode: NoiseMode = "const",
-                 key: Array | None = None) -> Float[Array, "b img_channels res res"]:
+    def __call__(
+        self,
+        z: Float[ArrayLike, "b z_dim"],
+        c: ArrayLike | None = None,
+        *,
+        truncation_psi: float | Float[ArrayLike, ""] = 1.0,
+        truncation_cutoff: int | None = None,
+        noise_mode: NoiseMode = "const",
+        key: Array | None = None,
+    ) -> Float[Array, "b img_channels res res"]:
         """``synthesis(mapping(z, c, ...), ...)``: the original's ``G(z, c, ...,
         force_fp32=True)``; see :meth:`mapping` and :meth:`synthesis` for the arguments.
 
         Returns:
             float32 NCHW images ``[b, img_channels, img_resolution, img_resolution]``.
         """
-        ws = self.mapping(z, c, truncation_psi=truncation_psi,
-                          truncation_cutoff=truncation_cutoff)
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesis(ws, noise_mode=noise_mode, key=key)
 
 
@@ -751,8 +886,11 @@ def _from_record(record: Any, source: str, network: str) -> tuple[dict, dict]:
     from mmh_jax.convert.safe_pickle import TorchModuleRecord
 
     if not isinstance(record, TorchModuleRecord) or record.class_name != "Generator":
-        what = (f"a {record.class_name!r} network" if isinstance(record, TorchModuleRecord)
-                else f"a {type(record).__name__}")
+        what = (
+            f"a {record.class_name!r} network"
+            if isinstance(record, TorchModuleRecord)
+            else f"a {type(record).__name__}"
+        )
         raise ConversionError(f"{source}: {network!r} is {what}, not a StyleGAN2-ADA Generator")
     synthesis = record.modules.get("synthesis")
     blocks = sorted(synthesis.modules) if synthesis is not None else []
@@ -760,16 +898,23 @@ def _from_record(record: Any, source: str, network: str) -> tuple[dict, dict]:
         raise ConversionError(
             f"{source}: {network!r} is a Generator whose synthesis network holds "
             f"{', '.join(blocks[:4]) or 'nothing'}{' ...' if len(blocks) > 4 else ''}, not the "
-            "StyleGAN2-ADA blocks b4, b8, ... (a StyleGAN3 or another family's pickle?)")
+            "StyleGAN2-ADA blocks b4, b8, ... (a StyleGAN3 or another family's pickle?)"
+        )
     if record.init_args:
-        raise ConversionError(f"{source}: {network!r} was built with positional arguments "
-                              f"{record.init_args!r}; StyleGAN2-ADA generators take keywords")
+        raise ConversionError(
+            f"{source}: {network!r} was built with positional arguments "
+            f"{record.init_args!r}; StyleGAN2-ADA generators take keywords"
+        )
     return record.init_kwargs, record.state_dict()
 
 
-def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = "G_ema",
-                   init_kwargs: Mapping[str, Any] | None = None, dtype: Any = jnp.float32
-                   ) -> PretrainedGenerator:
+def load_stylegan2(
+    path: str | os.PathLike,
+    *,
+    network: Literal["G", "G_ema"] = "G_ema",
+    init_kwargs: Mapping[str, Any] | None = None,
+    dtype: Any = jnp.float32,
+) -> PretrainedGenerator:
     """Load a StyleGAN2-ADA generator from a local file, never running code from it.
 
     Args:
@@ -804,16 +949,20 @@ def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = 
     path = require_file(path, "StyleGAN2 checkpoint")
     source = repr(str(path))
     if path.suffix not in (".pkl", ".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
-        raise ConversionError(f"StyleGAN2 checkpoint {source}: expected an official network "
-                              "pickle (.pkl), a .safetensors file or a torch.save state dict "
-                              f"(.pt, .pth, .bin, .ckpt), got suffix {path.suffix!r}")
+        raise ConversionError(
+            f"StyleGAN2 checkpoint {source}: expected an official network "
+            "pickle (.pkl), a .safetensors file or a torch.save state dict "
+            f"(.pt, .pth, .bin, .ckpt), got suffix {path.suffix!r}"
+        )
     stored = None
     if path.suffix == ".pkl":
         top = read_network_pickle(path)
         if not isinstance(top, Mapping) or network not in top:
             keys = sorted(map(str, top)) if isinstance(top, Mapping) else type(top).__name__
-            raise ConversionError(f"{source} holds no {network!r} network (found {keys}); "
-                                  "expected a StyleGAN2-ADA network pickle")
+            raise ConversionError(
+                f"{source} holds no {network!r} network (found {keys}); "
+                "expected a StyleGAN2-ADA network pickle"
+            )
         pickled_kwargs, state_dict = _from_record(top[network], source, network)
         if init_kwargs is not None:
             raise ValueError(f"init_kwargs is for a plain state dict; {source} carries its own")
@@ -825,20 +974,23 @@ def load_stylegan2(path: str | os.PathLike, *, network: Literal["G", "G_ema"] = 
             stored, metadata = None, {}
         if "architecture" in metadata:
             if metadata["architecture"] != _ARCHITECTURE:
-                raise ConversionError(f"{source} holds a {metadata['architecture']!r} model, "
-                                      f"not a StyleGAN2 generator")
+                raise ConversionError(
+                    f"{source} holds a {metadata['architecture']!r} model, "
+                    f"not a StyleGAN2 generator"
+                )
             if init_kwargs is not None:
-                raise ValueError(f"init_kwargs is for a plain state dict; {source} carries "
-                                 "its own")
+                raise ValueError(f"init_kwargs is for a plain state dict; {source} carries its own")
             init_kwargs = metadata.get("init_kwargs")
         else:
             stored = None
     if stored is None and path.suffix != ".pkl":
         state_dict = read_state_dict(path)  # an unreadable file is reported as such
     if init_kwargs is None:
-        raise ValueError(f"{source} is a plain state dict: pass the generator's init_kwargs "
-                         "(z_dim, c_dim, w_dim, img_resolution, img_channels, mapping_kwargs, "
-                         "synthesis_kwargs; on the command line --init-kwargs FILE.json)")
+        raise ValueError(
+            f"{source} is a plain state dict: pass the generator's init_kwargs "
+            "(z_dim, c_dim, w_dim, img_resolution, img_channels, mapping_kwargs, "
+            "synthesis_kwargs; on the command line --init-kwargs FILE.json)"
+        )
     try:
         module = StyleGAN2Generator.from_init_kwargs(init_kwargs, dtype=dtype)
     except (TypeError, ValueError) as err:
@@ -863,7 +1015,8 @@ def save_stylegan2(path: str | os.PathLike, model: PretrainedGenerator) -> Path:
         The path written.
     """
     if not isinstance(model.module, StyleGAN2Generator):
-        raise TypeError(f"model.module must be a StyleGAN2Generator, got "
-                        f"{type(model.module).__name__}")
+        raise TypeError(
+            f"model.module must be a StyleGAN2Generator, got {type(model.module).__name__}"
+        )
     metadata = {"architecture": _ARCHITECTURE, "init_kwargs": model.module.init_kwargs()}
     return save_params(path, jax.device_get(model.params), metadata=metadata)

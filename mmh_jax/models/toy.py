@@ -116,8 +116,11 @@ class MLPEpsNet:
         out = _dense_init(keys[-1], fan_in, self.dim, scale=0.0)
         return {"hidden": layers, "out": out}
 
-    def apply(self, params: PyTree, x_t: Float[Array, "b d"], t: Float[Array, " b"]) -> Float[Array, "b d"]:
+    def apply(
+        self, params: PyTree, x_t: Float[Array, "b d"], t: Float[Array, " b"]
+    ) -> Float[Array, "b d"]:
         """Predicted noise ``eps_theta(x_t, t)``."""
+
         def raw(x, t):
             emb = time_features(t, num_frequencies=self.num_frequencies)
             h = x
@@ -149,7 +152,9 @@ def _conv(p: dict, x: Array) -> Array:
     r = k // 2
     _, h, wd, c = x.shape
     xp = jnp.pad(x, ((0, 0), (r, k - 1 - r), (r, k - 1 - r), (0, 0)))
-    cols = jnp.concatenate([xp[:, i : i + h, j : j + wd, :] for i in range(k) for j in range(k)], axis=-1)
+    cols = jnp.concatenate(
+        [xp[:, i : i + h, j : j + wd, :] for i in range(k) for j in range(k)], axis=-1
+    )
     return cols @ w.reshape(k * k * c, -1) + p["b"]
 
 
@@ -230,7 +235,9 @@ class ConvEpsNet:
 
     def _raw(self, params: PyTree, x_t: Array, t: Array) -> Array:
         b = x_t.shape[0]
-        emb = jax.nn.silu(_dense(params["temb"], time_features(t, num_frequencies=self.num_frequencies)))
+        emb = jax.nn.silu(
+            _dense(params["temb"], time_features(t, num_frequencies=self.num_frequencies))
+        )
         h = _conv(params["conv_in"], x_t[..., None])
         for blk in params["blocks"]:
             tb = _dense(blk["temb"], time_features(t, num_frequencies=self.num_frequencies))

@@ -13,8 +13,8 @@ it) and ignored.
 from __future__ import annotations
 
 import functools
-
-from typing import Any, ClassVar, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,12 +33,24 @@ from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
 __all__ = ["DDPM_CIFAR10_CONFIG", "UNet2D"]
 
 DDPM_CIFAR10_CONFIG: dict = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-    norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-    attention_head_dim=None, act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
-    time_embedding_type="positional")
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_padding=0,
+    attention_head_dim=None,
+    act_fn="silu",
+    center_input_sample=False,
+    mid_block_scale_factor=1,
+    time_embedding_type="positional",
+)
 """The diffusers ``UNet2DModel`` config of Ho et al.'s DDPM CIFAR-10 model
 (google/ddpm-cifar10-32, 35,746,307 parameters; one attention head per attention block, as
 in the original DDPM)."""
@@ -78,10 +90,18 @@ class UNet2D(ConfigPort):
     freq_shift: float = 0
     flip_sin_to_cos: bool = True
     down_block_types: tuple[DownBlockType, ...] = (
-        "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+    )
     mid_block_type: Literal["UNetMidBlock2D"] | None = "UNetMidBlock2D"
     up_block_types: tuple[UpBlockType, ...] = (
-        "AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "UpBlock2D",
+    )
     block_out_channels: tuple[int, ...] = (224, 448, 672, 896)
     layers_per_block: int = 2
     mid_block_scale_factor: float = 1.0
@@ -109,10 +129,14 @@ class UNet2D(ConfigPort):
         super().__post_init__()
         bad = functools.partial(unsupported, "UNet2D", self)
 
-        fixed = {"time_embedding_type": ("positional",), "downsample_type": ("conv",),
-                 "upsample_type": ("conv",), "act_fn": ("silu", "swish"),
-                 "resnet_time_scale_shift": ("default", "scale_shift"),
-                 "mid_block_type": ("UNetMidBlock2D", None)}
+        fixed = {
+            "time_embedding_type": ("positional",),
+            "downsample_type": ("conv",),
+            "upsample_type": ("conv",),
+            "act_fn": ("silu", "swish"),
+            "resnet_time_scale_shift": ("default", "scale_shift"),
+            "mid_block_type": ("UNetMidBlock2D", None),
+        }
         for key, allowed in fixed.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, " or ".join(map(repr, allowed)))
@@ -121,12 +145,15 @@ class UNet2D(ConfigPort):
             if not isinstance(value, tuple) or not value or any(v not in allowed for v in value):
                 raise bad(key, f"a non-empty tuple of {' / '.join(allowed)}")
         channels = self.block_out_channels
-        if not isinstance(channels, tuple) or not all(isinstance(c, int) and c > 0
-                                                      for c in channels):
+        if not isinstance(channels, tuple) or not all(
+            isinstance(c, int) and c > 0 for c in channels
+        ):
             raise bad("block_out_channels", "a tuple of positive ints")
         if not len(channels) == len(self.down_block_types) == len(self.up_block_types):
-            raise ValueError(f"UNet2D: block_out_channels {channels}, down_block_types and "
-                             "up_block_types must have the same length")
+            raise ValueError(
+                f"UNet2D: block_out_channels {channels}, down_block_types and "
+                "up_block_types must have the same length"
+            )
         for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise bad(key, "a positive int")
@@ -150,8 +177,9 @@ class UNet2D(ConfigPort):
         return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
 
     @nn.compact
-    def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]
-                 ) -> Float[Array, "b c_out h w"]:
+    def __call__(
+        self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"]
+    ) -> Float[Array, "b c_out h w"]:
         """The network output (for DDPM checkpoints, the predicted noise).
 
         Args:
@@ -165,44 +193,69 @@ class UNet2D(ConfigPort):
         """
         channels = self.block_out_channels
         levels = len(channels) - 1
-        x, timesteps = unet_inputs(sample, timesteps, in_channels=self.in_channels, levels=levels,
-                                   center=self.center_input_sample)
+        x, timesteps = unet_inputs(
+            sample,
+            timesteps,
+            in_channels=self.in_channels,
+            levels=levels,
+            center=self.center_input_sample,
+        )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
-                      scale_shift=self.resnet_time_scale_shift == "scale_shift", **kw)
+        common = dict(
+            groups=self.norm_num_groups,
+            eps=self.norm_eps,
+            scale_shift=self.resnet_time_scale_shift == "scale_shift",
+            **kw,
+        )
 
-        emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
-                                 freq_shift=self.freq_shift)
-        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
-                           **kw)(emb)
+        emb = timestep_embedding(
+            timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
+        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding", **kw)(
+            emb
+        )
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
 
-        def attention(c: int, groups: int | None = self.norm_num_groups, rescale: float = 1.0
-                      ) -> functools.partial:
-            return functools.partial(SpatialAttention, self.attention_head_dim or c, groups,
-                                     self.norm_eps, rescale, **kw)
+        def attention(
+            c: int, groups: int | None = self.norm_num_groups, rescale: float = 1.0
+        ) -> functools.partial:
+            return functools.partial(
+                SpatialAttention, self.attention_head_dim or c, groups, self.norm_eps, rescale, **kw
+            )
 
         skips = [x]
         for i, (kind, c) in enumerate(zip(self.down_block_types, channels)):
             x, outputs = UNetBlock(
-                c, self.layers_per_block, "down" if i < levels else None,
+                c,
+                self.layers_per_block,
+                "down" if i < levels else None,
                 attention=attention(c) if kind == "AttnDownBlock2D" else None,
-                downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
-                **common)(x, emb)
+                downsample_padding=self.downsample_padding,
+                name=f"down_blocks_{i}",
+                **common,
+            )(x, emb)
             skips.extend(outputs)
         if self.mid_block_type is not None:
             mid = attention(channels[-1], self.mid_attention_groups, self.mid_block_scale_factor)
-            x = UNetMidBlock(channels[-1], output_scale_factor=self.mid_block_scale_factor,
-                             attention=mid if self.add_attention else None, name="mid_block",
-                             **common)(x, emb)
+            x = UNetMidBlock(
+                channels[-1],
+                output_scale_factor=self.mid_block_scale_factor,
+                attention=mid if self.add_attention else None,
+                name="mid_block",
+                **common,
+            )(x, emb)
         n = self.layers_per_block + 1
         for i, (kind, c) in enumerate(zip(self.up_block_types, reversed(channels))):
             skips, block_skips = skips[:-n], skips[-n:]
-            x, _ = UNetBlock(c, n, "up" if i < levels else None,
-                             attention=attention(c) if kind == "AttnUpBlock2D" else None,
-                             name=f"up_blocks_{i}", **common)(x, emb, skips=block_skips)
+            x, _ = UNetBlock(
+                c,
+                n,
+                "up" if i < levels else None,
+                attention=attention(c) if kind == "AttnUpBlock2D" else None,
+                name=f"up_blocks_{i}",
+                **common,
+            )(x, emb, skips=block_skips)
 
-        x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
-                              **kw)(x))
+        x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(x))
         x = conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
         return jnp.transpose(x, (0, 3, 1, 2))

@@ -19,8 +19,8 @@ head); ``num_attention_heads`` must be None, as diffusers itself requires.
 from __future__ import annotations
 
 import functools
-
-from typing import Any, ClassVar, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,12 +33,24 @@ from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embeddi
 __all__ = ["SD15_UNET_CONFIG", "UNet2DCondition"]
 
 SD15_UNET_CONFIG: dict = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
-    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5,
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", center_input_sample=False)
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    center_input_sample=False,
+)
 """The diffusers ``UNet2DConditionModel`` config of Stable Diffusion v1.5 (859,520,964
 parameters)."""
 
@@ -84,8 +96,9 @@ class _Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b n c"], context: Float[Array, "b m e"] | None = None
-                 ) -> Float[Array, "b n c"]:
+    def __call__(
+        self, x: Float[Array, "b n c"], context: Float[Array, "b m e"] | None = None
+    ) -> Float[Array, "b n c"]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         context = x if context is None else context
         b, n, c = x.shape
@@ -93,7 +106,8 @@ class _Attention(nn.Module):
 
         def heads(name: str, y: Array) -> Array:
             return nn.Dense(inner, use_bias=False, name=name, **kw)(y).reshape(
-                b, -1, self.heads, self.head_dim)
+                b, -1, self.heads, self.head_dim
+            )
 
         out = attention(heads("to_q", x), heads("to_k", context), heads("to_v", context))
         return nn.Dense(c, name="to_out_0", **kw)(out.reshape(b, n, inner))
@@ -109,8 +123,9 @@ class _GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = nn.Dense(2 * self.features, name="proj", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(x)
+        h = nn.Dense(
+            2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
         hidden, gate = jnp.split(h, 2, axis=-1)
         return hidden * nn.gelu(gate, approximate=False)
 
@@ -139,8 +154,9 @@ class _BasicTransformerBlock(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b n c"], context: Float[Array, "b m e"]
-                 ) -> Float[Array, "b n c"]:
+    def __call__(
+        self, x: Float[Array, "b n c"], context: Float[Array, "b m e"]
+    ) -> Float[Array, "b n c"]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def norm(name: str) -> nn.LayerNorm:
@@ -166,8 +182,9 @@ class _Transformer2D(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b h w c"], context: Float[Array, "b m e"]
-                 ) -> Float[Array, "b h w c"]:
+    def __call__(
+        self, x: Float[Array, "b h w c"], context: Float[Array, "b m e"]
+    ) -> Float[Array, "b h w c"]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, height, width, c = x.shape
         head_dim = c // self.heads
@@ -175,8 +192,9 @@ class _Transformer2D(nn.Module):
         h = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
         h = nn.Dense(inner, name="proj_in", **kw)(h).reshape(b, height * width, inner)
         for k in range(self.num_layers):
-            h = _BasicTransformerBlock(self.heads, head_dim, name=f"transformer_blocks_{k}",
-                                       **kw)(h, context)
+            h = _BasicTransformerBlock(self.heads, head_dim, name=f"transformer_blocks_{k}", **kw)(
+                h, context
+            )
         h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, height, width, c)
         return h + x
 
@@ -210,10 +228,18 @@ class UNet2DCondition(ConfigPort):
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
     down_block_types: tuple[DownBlockType, ...] = (
-        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     mid_block_type: Literal["UNetMidBlock2DCrossAttn"] | None = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple[UpBlockType, ...] = (
-        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
     only_cross_attention: bool | tuple[bool, ...] = False
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
@@ -241,11 +267,12 @@ class UNet2DCondition(ConfigPort):
     KIND: ClassVar[tuple[str, str]] = ("_class_name", "UNet2DConditionModel")
     # read by diffusers only for an addition_embed_type this port refuses
     SKIP_KEYS: ClassVar[tuple[str, ...]] = DIFFUSERS_BOOKKEEPING + (
-        "addition_embed_type_num_heads",)
+        "addition_embed_type_num_heads",
+    )
     FIXED_KEYS: ClassVar[Mapping[str, tuple]] = _FIXED
     KEY_HINTS: ClassVar[Mapping[str, str]] = {
-        "addition_embed_type": "added conditioning such as SDXL's text_time; SDXL is not "
-                               "supported"}
+        "addition_embed_type": "added conditioning such as SDXL's text_time; SDXL is not supported"
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -254,17 +281,23 @@ class UNet2DCondition(ConfigPort):
         def positive_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
-        fixed = {"time_embedding_type": ("positional",), "act_fn": ("silu", "swish"),
-                 "resnet_time_scale_shift": ("default", "scale_shift"),
-                 "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
-                 "num_attention_heads": (None,), "dual_cross_attention": (False,)}
+        fixed = {
+            "time_embedding_type": ("positional",),
+            "act_fn": ("silu", "swish"),
+            "resnet_time_scale_shift": ("default", "scale_shift"),
+            "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+            "num_attention_heads": (None,),
+            "dual_cross_attention": (False,),
+        }
         for key, allowed in fixed.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, " or ".join(map(repr, allowed)))
         only = self.only_cross_attention
         if not (only is False or (isinstance(only, tuple) and not any(only))):
-            raise bad("only_cross_attention", "False (cross-attention-only transformers are not "
-                      "supported)")
+            raise bad(
+                "only_cross_attention",
+                "False (cross-attention-only transformers are not supported)",
+            )
         for key, allowed in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
             value = getattr(self, key)
             if not isinstance(value, tuple) or not value or any(v not in allowed for v in value):
@@ -274,15 +307,19 @@ class UNet2DCondition(ConfigPort):
             raise bad("block_out_channels", "a tuple of positive ints")
         n = len(channels)
         if not n == len(self.down_block_types) == len(self.up_block_types):
-            raise ValueError(f"UNet2DCondition: block_out_channels {channels}, down_block_types "
-                             "and up_block_types must have the same length")
+            raise ValueError(
+                f"UNet2DCondition: block_out_channels {channels}, down_block_types "
+                "and up_block_types must have the same length"
+            )
         for key in ("in_channels", "out_channels", "norm_num_groups", "cross_attention_dim"):
             if not positive_int(getattr(self, key)):
                 raise bad(key, "a positive int")
         for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
             value = getattr(self, key)
-            if not (positive_int(value) or (isinstance(value, tuple) and len(value) == n
-                                            and all(map(positive_int, value)))):
+            if not (
+                positive_int(value)
+                or (isinstance(value, tuple) and len(value) == n and all(map(positive_int, value)))
+            ):
                 raise bad(key, f"a positive int or a tuple of {n} positive ints (one per block)")
         if isinstance(only, tuple) and len(only) != n:
             raise bad("only_cross_attention", f"False or a tuple of {n} False")
@@ -296,14 +333,21 @@ class UNet2DCondition(ConfigPort):
         heads = _per_block(self.attention_head_dim, n)
         for i, (c, h) in enumerate(zip(channels, heads)):
             if h > c or (self.use_linear_projection and c % h):
-                raise bad("attention_head_dim", f"head counts that divide block_out_channels "
-                          f"{channels} (block {i}: {h} heads for {c} channels)")
+                raise bad(
+                    "attention_head_dim",
+                    f"head counts that divide block_out_channels "
+                    f"{channels} (block {i}: {h} heads for {c} channels)",
+                )
         if not isinstance(self.downsample_padding, int) or self.downsample_padding < 0:
             raise bad("downsample_padding", "an int >= 0")
 
     @nn.compact
-    def __call__(self, sample: Float[ArrayLike, "b c h w"], timesteps: Float[ArrayLike, " b"],
-                 encoder_hidden_states: Float[ArrayLike, "b n d"]) -> Float[Array, "b c_out h w"]:
+    def __call__(
+        self,
+        sample: Float[ArrayLike, "b c h w"],
+        timesteps: Float[ArrayLike, " b"],
+        encoder_hidden_states: Float[ArrayLike, "b n d"],
+    ) -> Float[Array, "b c_out h w"]:
         """The network output (for Stable Diffusion, the predicted noise or v).
 
         Args:
@@ -320,56 +364,95 @@ class UNet2DCondition(ConfigPort):
         channels = self.block_out_channels
         n_blocks = len(channels)
         levels = n_blocks - 1
-        x, timesteps = unet_inputs(sample, timesteps, in_channels=self.in_channels, levels=levels,
-                                   center=self.center_input_sample)
+        x, timesteps = unet_inputs(
+            sample,
+            timesteps,
+            in_channels=self.in_channels,
+            levels=levels,
+            center=self.center_input_sample,
+        )
         batch = x.shape[0]
         context = jnp.asarray(encoder_hidden_states)
-        if (context.ndim != 3 or context.shape[0] != batch
-                or context.shape[2] != self.cross_attention_dim):
-            raise ValueError(f"encoder_hidden_states must have shape [{batch}, n, "
-                             f"{self.cross_attention_dim}] (batch of sample, cross_attention_dim), "
-                             f"got {context.shape}")
+        if (
+            context.ndim != 3
+            or context.shape[0] != batch
+            or context.shape[2] != self.cross_attention_dim
+        ):
+            raise ValueError(
+                f"encoder_hidden_states must have shape [{batch}, n, "
+                f"{self.cross_attention_dim}] (batch of sample, cross_attention_dim), "
+                f"got {context.shape}"
+            )
         context = context.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
-                      scale_shift=self.resnet_time_scale_shift == "scale_shift", **kw)
+        common = dict(
+            groups=self.norm_num_groups,
+            eps=self.norm_eps,
+            scale_shift=self.resnet_time_scale_shift == "scale_shift",
+            **kw,
+        )
         layers = _per_block(self.layers_per_block, n_blocks)
         transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks)
         heads = _per_block(self.attention_head_dim, n_blocks)
 
-        emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos,
-                                 freq_shift=self.freq_shift)
-        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
-                          **kw)(emb)
-        x = conv2d(channels[0], self.conv_in_kernel, padding=(self.conv_in_kernel - 1) // 2,
-                   name="conv_in", **kw)(x)
+        emb = timestep_embedding(
+            timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
+        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding", **kw)(
+            emb
+        )
+        x = conv2d(
+            channels[0],
+            self.conv_in_kernel,
+            padding=(self.conv_in_kernel - 1) // 2,
+            name="conv_in",
+            **kw,
+        )(x)
 
         def transformer(i: int) -> functools.partial:
-            return functools.partial(_Transformer2D, heads[i], transformer_layers[i],
-                                     self.norm_num_groups, **kw)
+            return functools.partial(
+                _Transformer2D, heads[i], transformer_layers[i], self.norm_num_groups, **kw
+            )
 
         skips = [x]
         for i, kind in enumerate(self.down_block_types):
             x, outputs = UNetBlock(
-                channels[i], layers[i], "down" if i < levels else None,
+                channels[i],
+                layers[i],
+                "down" if i < levels else None,
                 attention=transformer(i) if kind == "CrossAttnDownBlock2D" else None,
-                downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
-                **common)(x, emb, context)
+                downsample_padding=self.downsample_padding,
+                name=f"down_blocks_{i}",
+                **common,
+            )(x, emb, context)
             skips.extend(outputs)
         if self.mid_block_type is not None:
-            x = UNetMidBlock(channels[-1], output_scale_factor=self.mid_block_scale_factor,
-                             attention=transformer(-1), name="mid_block",
-                             **common)(x, emb, context)
+            x = UNetMidBlock(
+                channels[-1],
+                output_scale_factor=self.mid_block_scale_factor,
+                attention=transformer(-1),
+                name="mid_block",
+                **common,
+            )(x, emb, context)
         for i, kind in enumerate(self.up_block_types):
             r = n_blocks - 1 - i  # the down block this up block mirrors
             n = layers[r] + 1
             skips, block_skips = skips[:-n], skips[-n:]
-            x, _ = UNetBlock(channels[r], n, "up" if i < levels else None,
-                             attention=transformer(r) if kind == "CrossAttnUpBlock2D" else None,
-                             name=f"up_blocks_{i}", **common)(x, emb, context, skips=block_skips)
+            x, _ = UNetBlock(
+                channels[r],
+                n,
+                "up" if i < levels else None,
+                attention=transformer(r) if kind == "CrossAttnUpBlock2D" else None,
+                name=f"up_blocks_{i}",
+                **common,
+            )(x, emb, context, skips=block_skips)
 
-        x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out",
-                              **kw)(x))
-        x = conv2d(self.out_channels, self.conv_out_kernel,
-                   padding=(self.conv_out_kernel - 1) // 2, name="conv_out", **kw)(x)
+        x = nn.silu(GroupNorm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(x))
+        x = conv2d(
+            self.out_channels,
+            self.conv_out_kernel,
+            padding=(self.conv_out_kernel - 1) // 2,
+            name="conv_out",
+            **kw,
+        )(x)
         return jnp.transpose(x, (0, 3, 1, 2))

@@ -8,7 +8,8 @@ numbers. ``score_fn(x_t, t)`` is a torch callable with the convention of :mod:`m
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 

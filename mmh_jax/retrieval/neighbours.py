@@ -19,15 +19,16 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from mmh_jax._src.checks import check_int, check_option
 from mmh_jax._src.knn import (
     NeighbourIndex,
-    exact_sq_dists,
     as_float_array,
     build_index,
+    exact_sq_dists,
     iter_chunks,
     search_chunk,
 )
@@ -68,8 +69,10 @@ def _as_items(x, name: str) -> Array:
     """``x`` as a floating array ``[n, ...]`` with at least one item; values are checked later."""
     arr = as_float_array(x, name)
     if arr.ndim < 1 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [n_items, ...] with at least one item, "
-                         f"got shape {tuple(arr.shape)}")
+        raise ValueError(
+            f"{name} must have shape [n_items, ...] with at least one item, "
+            f"got shape {tuple(arr.shape)}"
+        )
     return arr
 
 
@@ -82,11 +85,13 @@ def _prepare(queries, references, k: int, k_name: str, metric: str) -> tuple[Arr
         raise ValueError(
             f"queries and references must have the same item shape: queries have shape "
             f"{tuple(q.shape)} (items {tuple(q.shape[1:])}), references have shape "
-            f"{tuple(r.shape)} (items {tuple(r.shape[1:])})")
+            f"{tuple(r.shape)} (items {tuple(r.shape[1:])})"
+        )
     if k > r.shape[0]:
         raise ValueError(
             f"{k_name}={k} is larger than the training set: references hold only "
-            f"{r.shape[0]} items, so the {k} nearest do not exist (use {k_name} <= {r.shape[0]})")
+            f"{r.shape[0]} items, so the {k} nearest do not exist (use {k_name} <= {r.shape[0]})"
+        )
     dtype = jnp.promote_types(q.dtype, r.dtype)
     q = q.reshape(q.shape[0], -1).astype(dtype)
     r = r.reshape(r.shape[0], -1).astype(dtype)
@@ -103,7 +108,9 @@ def _unit_rows(x: Array, name: str) -> Array:
     norms = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
     if bool(jnp.any(norms == 0)):
         bad = int(jnp.argmax(norms[:, 0] == 0))
-        raise ValueError(f"the cosine metric is undefined for all-zero items: {name}[{bad}] is zero")
+        raise ValueError(
+            f"the cosine metric is undefined for all-zero items: {name}[{bad}] is zero"
+        )
     return x / norms
 
 
@@ -121,8 +128,12 @@ _search_jit = jax.jit(_local_search, static_argnames=("k",))
 @partial(jax.jit, static_argnames=("k", "mesh"))
 def _search_sharded(index: NeighbourIndex, q: Array, *, k: int, mesh: Mesh):
     axis = mesh.axis_names[0]
-    fn = jax.shard_map(partial(_local_search, k=k), mesh=mesh, in_specs=(P(), P(axis)),
-                       out_specs=(P(axis), P(axis)))
+    fn = jax.shard_map(
+        partial(_local_search, k=k),
+        mesh=mesh,
+        in_specs=(P(), P(axis)),
+        out_specs=(P(axis), P(axis)),
+    )
     return fn(index, q)
 
 
@@ -136,8 +147,9 @@ def _resolve_mesh(mesh) -> tuple[Mesh | None, jax.Device | None]:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must be 1-D (one axis to split the queries over), got axes "
-                         f"{mesh.axis_names}")
+        raise ValueError(
+            f"mesh must be 1-D (one axis to split the queries over), got axes {mesh.axis_names}"
+        )
     if mesh.devices.size == 1:
         return None, mesh.devices.flat[0]
     return mesh, None

@@ -29,8 +29,8 @@ import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, Float, Int
 
-from mmh_jax._src.knn import knn_in_blocks
 from mmh_jax._src.images import to_uint8
+from mmh_jax._src.knn import knn_in_blocks
 from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd, jacobian_rank, normal_bundle
 from mmh_jax.memorization.conditional import generation_cfg_norms, image_cfg_norms
@@ -98,7 +98,9 @@ def _column(*data_fields: str):
     def wrap(cls):
         cls = dataclasses.dataclass(frozen=True)(cls)
         meta = [f.name for f in dataclasses.fields(cls) if f.name not in data_fields]
-        return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=meta)
+        return jax.tree_util.register_dataclass(
+            cls, data_fields=list(data_fields), meta_fields=meta
+        )
 
     return wrap
 
@@ -135,8 +137,11 @@ class Flipd:
 
     def __post_init__(self):
         object.__setattr__(self, "t0", _times(self.t0, "flipd t0"))
-        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) \
-                or self.num_probes < 1:
+        if (
+            isinstance(self.num_probes, bool)
+            or not isinstance(self.num_probes, int)
+            or self.num_probes < 1
+        ):
             raise ValueError(f"flipd num_probes must be an integer >= 1, got {self.num_probes!r}")
 
     @property
@@ -151,17 +156,34 @@ class Flipd:
     def check(self, model: Model) -> None:
         _require(model.score_fn is not None, "flipd", "a diffusion model's score function")
         if self.conditional:
-            _require(model.eps_fn is not None and model.embed is not None, "flipd",
-                     "a text-conditional model for conditional=true")
+            _require(
+                model.eps_fn is not None and model.embed is not None,
+                "flipd",
+                "a text-conditional model for conditional=true",
+            )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         score_fn = model.score_fn
         if self.conditional:
-            score_fn = cfg_score_fn(model.eps_fn, inputs.context, model.uncond,
-                                    schedule=model.schedule, guidance=self.guidance)
-        return {name: flipd(score_fn, inputs.points, t0=t, schedule=model.schedule, key=keys,
-                            num_probes=self.num_probes, probe=self.probe)
-                for name, t in zip(self.names, self.t0)}
+            score_fn = cfg_score_fn(
+                model.eps_fn,
+                inputs.context,
+                model.uncond,
+                schedule=model.schedule,
+                guidance=self.guidance,
+            )
+        return {
+            name: flipd(
+                score_fn,
+                inputs.points,
+                t0=t,
+                schedule=model.schedule,
+                key=keys,
+                num_probes=self.num_probes,
+                probe=self.probe,
+            )
+            for name, t in zip(self.names, self.t0)
+        }
 
 
 @_column()
@@ -194,8 +216,15 @@ class NormalBundle:
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         out = {}
         for t in self.t0:
-            result = normal_bundle(model.score_fn, inputs.points, t0=t, schedule=model.schedule,
-                                   key=keys, num_scores=self.num_scores, threshold=self.threshold)
+            result = normal_bundle(
+                model.score_fn,
+                inputs.points,
+                t0=t,
+                schedule=model.schedule,
+                key=keys,
+                num_scores=self.num_scores,
+                threshold=self.threshold,
+            )
             out[f"normal_bundle_{t:g}"] = result.lid
             if self.spectrum:
                 out[f"normal_bundle_sv_{t:g}"] = result.singular_values
@@ -224,17 +253,28 @@ class CFGNorms:
         return ("cfg_vector_norm", "cfg_score_norm")
 
     def check(self, model: Model) -> None:
-        _require(model.eps_fn is not None and model.embed is not None, "cfg_norms",
-                 "a text-conditional model (Stable Diffusion)")
+        _require(
+            model.eps_fn is not None and model.embed is not None,
+            "cfg_norms",
+            "a text-conditional model (Stable Diffusion)",
+        )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         if inputs.trajectory is not None:
-            norms = generation_cfg_norms(inputs.trajectory, schedule=model.schedule,
-                                         guidance=self.guidance)
+            norms = generation_cfg_norms(
+                inputs.trajectory, schedule=model.schedule, guidance=self.guidance
+            )
             return dict(zip(self.names, norms))
-        norms = image_cfg_norms(model.eps_fn, inputs.points, inputs.context, model.uncond,
-                                schedule=model.schedule, guidance=self.guidance, t0=self.t0,
-                                num_steps=self.num_steps)
+        norms = image_cfg_norms(
+            model.eps_fn,
+            inputs.points,
+            inputs.context,
+            model.uncond,
+            schedule=model.schedule,
+            guidance=self.guidance,
+            t0=self.t0,
+            num_steps=self.num_steps,
+        )
         return dict(zip(self.names, norms))
 
 
@@ -256,7 +296,9 @@ class JacobianRank:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return ("jacobian_rank", "jacobian_singular_values") if self.spectrum else ("jacobian_rank",)
+        return (
+            ("jacobian_rank", "jacobian_singular_values") if self.spectrum else ("jacobian_rank",)
+        )
 
     def check(self, model: Model) -> None:
         _require(model.generator is not None, "jacobian_rank", "a generator (Model.from_generator)")
@@ -301,8 +343,11 @@ class Pixels:
         return ("pixels",)
 
     def check(self, model: Model) -> None:
-        _require(model.generator is not None or (model.encode is None and len(model.shape) == 3),
-                 "pixels", "a generator or a pixel-space model")
+        _require(
+            model.generator is not None or (model.encode is None and len(model.shape) == 3),
+            "pixels",
+            "a generator or a pixel-space model",
+        )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         if model.generator is not None:
@@ -331,17 +376,24 @@ class NearestNeighbour:
 
     def check(self, model: Model) -> None:
         shape = tuple(self.reference.shape[1:])
-        _require(self.reference.ndim >= 2 and self.reference.shape[0] >= 1, "nearest_neighbour",
-                 f"a reference set [n, ...] with n >= 1, got shape {self.reference.shape}")
-        _require(shape in (model.image_shape, model.shape), "nearest_neighbour",
-                 f"reference items shaped like the items ({model.image_shape or model.shape}), "
-                 f"got {shape}")
+        _require(
+            self.reference.ndim >= 2 and self.reference.shape[0] >= 1,
+            "nearest_neighbour",
+            f"a reference set [n, ...] with n >= 1, got shape {self.reference.shape}",
+        )
+        _require(
+            shape in (model.image_shape, model.shape),
+            "nearest_neighbour",
+            f"reference items shaped like the items ({model.image_shape or model.shape}), "
+            f"got {shape}",
+        )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         x = inputs.images if inputs.images is not None else inputs.points
         reference = self.reference.reshape(self.reference.shape[0], -1).astype(jnp.float32)
-        sq, index = knn_in_blocks(reference, x.reshape(x.shape[0], -1).astype(jnp.float32), k=1,
-                                  block=self.chunk_size)
+        sq, index = knn_in_blocks(
+            reference, x.reshape(x.shape[0], -1).astype(jnp.float32), k=1, block=self.chunk_size
+        )
         return {"nn_l2": jnp.sqrt(sq[:, 0]), "nn_index": index[:, 0]}
 
 
@@ -359,8 +411,7 @@ class PngSize:
         return ("png_bytes",)
 
     def check(self, model: Model) -> None:
-        _require(model.image_shape is not None or len(model.shape) == 3, "png_size",
-                 "image items")
+        _require(model.image_shape is not None or len(model.shape) == 3, "png_size", "image items")
 
     def host(self, image: np.ndarray) -> dict[str, float]:
         """``image``: uint8 ``[h, w, c]``."""
@@ -369,7 +420,7 @@ class PngSize:
         return {"png_bytes": float(png_length(image[None], level=9)[0])}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def name_hash(name: str) -> int:
     """A stable 31-bit integer for a column's name (its PRNG stream)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
@@ -379,4 +430,3 @@ def column_keys(keys: Array, column: Column) -> Array:
     """The column's own per-item keys: ``fold_in(item_key, hash(first name))``, so adding or
     reordering columns does not change any value."""
     return jax.vmap(lambda k: jax.random.fold_in(k, name_hash(column.names[0])))(keys)
-

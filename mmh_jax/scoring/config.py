@@ -23,9 +23,20 @@ from typing import Any, Literal, NamedTuple
 from mmh_jax._src.images import to_model_range
 from mmh_jax.scoring import columns as cols
 
-__all__ = ["ConfigError", "Config", "read_config", "template", "SECTIONS", "COLUMNS",
-           "load_model", "build_columns", "initialize_distributed", "run", "write_merged",
-           "command"]
+__all__ = [
+    "ConfigError",
+    "Config",
+    "read_config",
+    "template",
+    "SECTIONS",
+    "COLUMNS",
+    "load_model",
+    "build_columns",
+    "initialize_distributed",
+    "run",
+    "write_merged",
+    "command",
+]
 
 _REQUIRED = object()
 
@@ -44,88 +55,171 @@ class Key(NamedTuple):
 
 SECTIONS: dict[str, dict[str, Key]] = {
     "model": {
-        "kind": Key(Literal["unet2d", "iddpm", "stable-diffusion", "factory"], _REQUIRED,
-                    "unet2d (diffusers UNet2DModel), iddpm (improved-diffusion), stable-diffusion "
-                    "(v1.x/2.x pipeline) or factory (your function returning a scoring.Model)"),
-        "path": Key(str, "", "the model: a local folder or converted .safetensors file (not for "
-                             "factory); relative paths are relative to the config file"),
-        "dtype": Key(Literal["float32", "bfloat16"], "float32",
-                     "compute dtype of the networks (estimates stay float32)"),
-        "factory": Key(str, "", "for kind = factory: 'package.module:function', the module on the "
-                       "Python path or beside the config file"),
-        "options": Key(dict, {}, "keyword arguments: improved-diffusion's flags for iddpm "
-                                 "(image_size, num_channels, ...), or the factory's"),
+        "kind": Key(
+            Literal["unet2d", "iddpm", "stable-diffusion", "factory"],
+            _REQUIRED,
+            "unet2d (diffusers UNet2DModel), iddpm (improved-diffusion), stable-diffusion "
+            "(v1.x/2.x pipeline) or factory (your function returning a scoring.Model)",
+        ),
+        "path": Key(
+            str,
+            "",
+            "the model: a local folder or converted .safetensors file (not for "
+            "factory); relative paths are relative to the config file",
+        ),
+        "dtype": Key(
+            Literal["float32", "bfloat16"],
+            "float32",
+            "compute dtype of the networks (estimates stay float32)",
+        ),
+        "factory": Key(
+            str,
+            "",
+            "for kind = factory: 'package.module:function', the module on the "
+            "Python path or beside the config file",
+        ),
+        "options": Key(
+            dict,
+            {},
+            "keyword arguments: improved-diffusion's flags for iddpm "
+            "(image_size, num_channels, ...), or the factory's",
+        ),
     },
     "input": {
-        "path": Key(str, _REQUIRED,
-                    "a folder of images (KEY.txt captions beside them), a .npy/.npz array file, "
-                    "webdataset .tar shards (a file, a folder, a glob or a brace range like "
-                    "'laion/{00000..00099}.tar'), a .parquet file or folder, or a .txt/.jsonl "
-                    "file of prompts"),
-        "resize": Key(Literal["none", "center_crop"], "none",
-                      "images of another size: 'none' puts them in the errors table, "
-                      "'center_crop' resizes the short side (bicubic) and crops the centre"),
-        "metadata": Key(tuple[str, ...], (), "fields of each item written beside its scores "
-                                             "(labels, duplicate counts, ...): fields of the "
-                                             ".jsonl lines, Parquet columns, or 1-D arrays of "
-                                             "the .npz"),
-        "options": Key(dict, {}, "options of the input's reader: key / ids_key (.npz), "
-                                 "image_column / text_column / id_column (Parquet), recursive "
-                                 "(folders)"),
+        "path": Key(
+            str,
+            _REQUIRED,
+            "a folder of images (KEY.txt captions beside them), a .npy/.npz array file, "
+            "webdataset .tar shards (a file, a folder, a glob or a brace range like "
+            "'laion/{00000..00099}.tar'), a .parquet file or folder, or a .txt/.jsonl "
+            "file of prompts",
+        ),
+        "resize": Key(
+            Literal["none", "center_crop"],
+            "none",
+            "images of another size: 'none' puts them in the errors table, "
+            "'center_crop' resizes the short side (bicubic) and crops the centre",
+        ),
+        "metadata": Key(
+            tuple[str, ...],
+            (),
+            "fields of each item written beside its scores "
+            "(labels, duplicate counts, ...): fields of the "
+            ".jsonl lines, Parquet columns, or 1-D arrays of "
+            "the .npz",
+        ),
+        "options": Key(
+            dict,
+            {},
+            "options of the input's reader: key / ids_key (.npz), "
+            "image_column / text_column / id_column (Parquet), recursive "
+            "(folders)",
+        ),
     },
     "output": {
-        "dir": Key(str, _REQUIRED, "the run's folder: parts/, errors/, manifest/, run.json; a "
-                                   "rerun resumes it"),
+        "dir": Key(
+            str,
+            _REQUIRED,
+            "the run's folder: parts/, errors/, manifest/, run.json; a rerun resumes it",
+        ),
         "chunk_size": Key(int, 1024, "items per Parquet part (the unit of resumption)"),
     },
     "run": {
-        "batch_size": Key(int, 64, "global batch over all devices of all hosts (a multiple of "
-                                   "the number of devices)"),
+        "batch_size": Key(
+            int,
+            64,
+            "global batch over all devices of all hosts (a multiple of the number of devices)",
+        ),
         "seed": Key(int, 0, "PRNG seed: item i's key is fold_in(key(seed), i)"),
         "threads": Key(int, 8, "decoding threads per process"),
     },
     "generate": {
-        "guidance": Key(float, 7.5, "for an input of prompts alone (Stable Diffusion): the "
-                                    "guidance scale of the DDIM sampler that makes each image"),
+        "guidance": Key(
+            float,
+            7.5,
+            "for an input of prompts alone (Stable Diffusion): the "
+            "guidance scale of the DDIM sampler that makes each image",
+        ),
         "num_steps": Key(int, 50, "its DDIM steps"),
-        "num_images": Key(int, 1, "images per prompt, one row each (column image_index); image "
-                                  "j is StableDiffusion.sample's image j of the prompt under "
-                                  "the same seed"),
+        "num_images": Key(
+            int,
+            1,
+            "images per prompt, one row each (column image_index); image "
+            "j is StableDiffusion.sample's image j of the prompt under "
+            "the same seed",
+        ),
     },
     "distributed": {
-        "initialize": Key(bool, False, "call jax.distributed.initialize() before anything else "
-                                       "(multi-host runs); the keys below are optional: JAX "
-                                       "detects Slurm, Open MPI, Kubernetes and Cloud TPU"),
+        "initialize": Key(
+            bool,
+            False,
+            "call jax.distributed.initialize() before anything else "
+            "(multi-host runs); the keys below are optional: JAX "
+            "detects Slurm, Open MPI, Kubernetes and Cloud TPU",
+        ),
         "coordinator_address": Key(str, "", "'host:port' of process 0"),
         "num_processes": Key(int, 0, "number of processes (0: detected)"),
         "process_id": Key(int, -1, "this process's index (-1: detected)"),
-        "local_device_ids": Key(tuple[int, ...], (), "devices this process uses (empty: JAX's "
-                                                     "choice: all visible, or on Slurm / Open MPI "
-                                                     "one per local rank)"),
+        "local_device_ids": Key(
+            tuple[int, ...],
+            (),
+            "devices this process uses (empty: JAX's "
+            "choice: all visible, or on Slurm / Open MPI "
+            "one per local rank)",
+        ),
     },
 }
 """The sections and keys of a scoring config, each with its type, default and meaning (what
 ``mmh-jax score --template`` prints)."""
 
 COLUMNS: dict[str, tuple[type, dict[str, Any], dict[str, str]]] = {
-    "flipd": (cols.Flipd, {"conditional": False, "guidance": 7.5}, {
-        "t0": "diffusion time(s) in (0, 1]; one output column each (paper: 0.05)",
-        "num_probes": "Hutchinson probes", "probe": "'rademacher' or 'gaussian'"}),
-    "conditional_flipd": (cols.Flipd, {"conditional": True}, {
-        "t0": "diffusion time(s) in (0, 1]", "num_probes": "Hutchinson probes",
-        "probe": "'rademacher' or 'gaussian'",
-        "guidance": "guidance scale of the CFG score given the caption"}),
-    "normal_bundle": (cols.NormalBundle, {}, {
-        "t0": "diffusion time(s) in (0, 1]", "num_scores": "scores per point (default 4 d)",
-        "threshold": "'gap' or a singular-value threshold"}),
-    "cfg_norms": (cols.CFGNorms, {}, {
-        "guidance": "guidance scale of the CFG-adjusted score", "t0": "where the norms are read",
-        "num_steps": "Euler steps of the conditional PF-ODE to t0"}),
+    "flipd": (
+        cols.Flipd,
+        {"conditional": False, "guidance": 7.5},
+        {
+            "t0": "diffusion time(s) in (0, 1]; one output column each (paper: 0.05)",
+            "num_probes": "Hutchinson probes",
+            "probe": "'rademacher' or 'gaussian'",
+        },
+    ),
+    "conditional_flipd": (
+        cols.Flipd,
+        {"conditional": True},
+        {
+            "t0": "diffusion time(s) in (0, 1]",
+            "num_probes": "Hutchinson probes",
+            "probe": "'rademacher' or 'gaussian'",
+            "guidance": "guidance scale of the CFG score given the caption",
+        },
+    ),
+    "normal_bundle": (
+        cols.NormalBundle,
+        {},
+        {
+            "t0": "diffusion time(s) in (0, 1]",
+            "num_scores": "scores per point (default 4 d)",
+            "threshold": "'gap' or a singular-value threshold",
+        },
+    ),
+    "cfg_norms": (
+        cols.CFGNorms,
+        {},
+        {
+            "guidance": "guidance scale of the CFG-adjusted score",
+            "t0": "where the norms are read",
+            "num_steps": "Euler steps of the conditional PF-ODE to t0",
+        },
+    ),
     "jacobian_rank": (cols.JacobianRank, {}, {"threshold": "singular values above it count"}),
-    "nearest_neighbour": (cols.NearestNeighbour, {}, {
-        "reference": "a .npy/.npz of reference items (uint8 [n, h, w, c] images or float "
-                     "arrays shaped like the items), e.g. the training set",
-        "chunk_size": "reference rows per distance block"}),
+    "nearest_neighbour": (
+        cols.NearestNeighbour,
+        {},
+        {
+            "reference": "a .npy/.npz of reference items (uint8 [n, h, w, c] images or float "
+            "arrays shaped like the items), e.g. the training set",
+            "chunk_size": "reference rows per distance block",
+        },
+    ),
     "png_size": (cols.PngSize, {}, {}),
 }
 """The columns a config may name: ``name -> (class, fixed settings, {key: meaning})``; every
@@ -152,9 +246,18 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         element = typing.get_args(hint)[0]
-        return "a list of " + {float: "numbers", int: "integers", str: "strings"}.get(element, "values")
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            dict: "a table", list: "a list", type(None): "absent"}.get(hint, str(hint))
+        return "a list of " + {float: "numbers", int: "integers", str: "strings"}.get(
+            element, "values"
+        )
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a table",
+        list: "a list",
+        type(None): "absent",
+    }.get(hint, str(hint))
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -179,8 +282,9 @@ def _check_table(table: Any, spec: dict[str, tuple[Any, Any]], where: str) -> di
         raise ConfigError(f"{where} must be a table")
     unknown = sorted(set(table) - set(spec))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(spec) or 'none'}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(spec) or 'none'}"
+        )
     out = {}
     for key, (hint, default) in spec.items():
         if key not in table:
@@ -243,19 +347,29 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         raise ConfigError(f"{path}: not a TOML file: {err}") from None
     unknown = sorted(set(raw) - set(SECTIONS) - {"columns"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: "
-                          f"{', '.join([*SECTIONS, 'columns'])}")
-    sections = {name: _check_table(raw.get(name, {}), {k: (v.type, v.default) for k, v in keys.items()},
-                                   f"{path}: [{name}]")
-                for name, keys in SECTIONS.items()}
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; known: "
+            f"{', '.join([*SECTIONS, 'columns'])}"
+        )
+    sections = {
+        name: _check_table(
+            raw.get(name, {}),
+            {k: (v.type, v.default) for k, v in keys.items()},
+            f"{path}: [{name}]",
+        )
+        for name, keys in SECTIONS.items()
+    }
     columns_raw = raw.get("columns", {})
     if not isinstance(columns_raw, dict) or not columns_raw:
-        raise ConfigError(f"{path}: needs at least one [columns.NAME] table; NAME one of "
-                          f"{', '.join(COLUMNS)}")
+        raise ConfigError(
+            f"{path}: needs at least one [columns.NAME] table; NAME one of {', '.join(COLUMNS)}"
+        )
     columns = {}
     for name, table in columns_raw.items():
         if name not in COLUMNS:
-            raise ConfigError(f"{path}: unknown column [columns.{name}]; known: {', '.join(COLUMNS)}")
+            raise ConfigError(
+                f"{path}: unknown column [columns.{name}]; known: {', '.join(COLUMNS)}"
+            )
         columns[name] = _check_table(table, _column_spec(name), f"{path}: [columns.{name}]")
 
     base = path.parent
@@ -268,36 +382,67 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
     output["dir"] = resolve(output["dir"])
     if model["kind"] == "factory":
         if ":" not in model["factory"]:
-            raise ConfigError(f"{path}: [model] kind = 'factory' needs factory = "
-                              f"'package.module:function'")
+            raise ConfigError(
+                f"{path}: [model] kind = 'factory' needs factory = 'package.module:function'"
+            )
     else:
         if not model["path"]:
             raise ConfigError(f"{path}: [model] kind = {model['kind']!r} needs a path")
         model["path"] = resolve(model["path"])
         if check_files and not Path(model["path"]).exists():
             raise ConfigError(f"{path}: [model] path {model['path']!r} does not exist")
-    if check_files and "{" not in inputs["path"] and not any(c in inputs["path"] for c in "*?[") \
-            and not Path(inputs["path"]).exists():
+    if (
+        check_files
+        and "{" not in inputs["path"]
+        and not any(c in inputs["path"] for c in "*?[")
+        and not Path(inputs["path"]).exists()
+    ):
         raise ConfigError(f"{path}: [input] path {inputs['path']!r} does not exist")
     if "nearest_neighbour" in columns:
         reference = resolve(columns["nearest_neighbour"]["reference"])
         if check_files and not Path(reference).is_file():
-            raise ConfigError(f"{path}: [columns.nearest_neighbour] reference {reference!r} "
-                              f"does not exist")
+            raise ConfigError(
+                f"{path}: [columns.nearest_neighbour] reference {reference!r} does not exist"
+            )
         columns["nearest_neighbour"]["reference"] = reference
     _check_options(path, model, inputs)
-    for section, key in (("output", "chunk_size"), ("run", "batch_size"), ("run", "threads"),
-                         ("generate", "num_steps"), ("generate", "num_images")):
+    for section, key in (
+        ("output", "chunk_size"),
+        ("run", "batch_size"),
+        ("run", "threads"),
+        ("generate", "num_steps"),
+        ("generate", "num_images"),
+    ):
         if sections[section][key] < 1:
-            raise ConfigError(f"{path}: [{section}] {key} must be >= 1, got "
-                              f"{sections[section][key]}")
+            raise ConfigError(
+                f"{path}: [{section}] {key} must be >= 1, got {sections[section][key]}"
+            )
     try:  # the columns' own checks (times in (0, 1], ...) before any work
-        build_columns(Config(path, model, inputs, output, sections["run"], sections["generate"],
-                             sections["distributed"], columns), reference_loader=lambda p: None)
+        build_columns(
+            Config(
+                path,
+                model,
+                inputs,
+                output,
+                sections["run"],
+                sections["generate"],
+                sections["distributed"],
+                columns,
+            ),
+            reference_loader=lambda p: None,
+        )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: [columns]: {err}") from None
-    return Config(path, model, inputs, output, sections["run"], sections["generate"],
-                  sections["distributed"], columns)
+    return Config(
+        path,
+        model,
+        inputs,
+        output,
+        sections["run"],
+        sections["generate"],
+        sections["distributed"],
+        columns,
+    )
 
 
 def _check_options(path: Path, model: dict, inputs: dict) -> None:
@@ -306,24 +451,36 @@ def _check_options(path: Path, model: dict, inputs: dict) -> None:
 
     from mmh_jax.scoring import sources
 
-    readers = (sources.ImageFolder, sources.ArrayFile, sources.TarShards, sources.ParquetTable,
-               sources.PromptFile)
-    accepted = {name for cls in readers for name, p in inspect.signature(cls).parameters.items()
-                if p.kind is p.KEYWORD_ONLY} - {"metadata"}  # [input] metadata
+    readers = (
+        sources.ImageFolder,
+        sources.ArrayFile,
+        sources.TarShards,
+        sources.ParquetTable,
+        sources.PromptFile,
+    )
+    accepted = {
+        name
+        for cls in readers
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    } - {"metadata"}  # [input] metadata
     unknown = sorted(set(inputs["options"]) - accepted)
     if unknown:
-        raise ConfigError(f"{path}: [input] options: unknown key(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(accepted))}")
+        raise ConfigError(
+            f"{path}: [input] options: unknown key(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(accepted))}"
+        )
     if model["kind"] == "iddpm":
         from mmh_jax.models.iddpm import IDDPM_FLAGS
 
         unknown = sorted(set(model["options"]) - set(IDDPM_FLAGS))
         if unknown:
-            raise ConfigError(f"{path}: [model] options: unknown improved-diffusion flag(s) "
-                              f"{', '.join(unknown)}; known: {', '.join(IDDPM_FLAGS)}")
+            raise ConfigError(
+                f"{path}: [model] options: unknown improved-diffusion flag(s) "
+                f"{', '.join(unknown)}; known: {', '.join(IDDPM_FLAGS)}"
+            )
     elif model["kind"] != "factory" and model["options"]:
-        raise ConfigError(f"{path}: [model] options are taken by kind = 'iddpm' and 'factory' "
-                          f"only")
+        raise ConfigError(f"{path}: [model] options are taken by kind = 'iddpm' and 'factory' only")
 
 
 def build_columns(config: Config, *, reference_loader=None) -> list:
@@ -374,16 +531,19 @@ def load_model(config: Config):
         try:
             factory = getattr(importlib.import_module(module_name), function)
         except (ImportError, AttributeError) as err:
-            raise ConfigError(f"{config.path}: [model] factory {model['factory']!r}: {err}") from None
+            raise ConfigError(
+                f"{config.path}: [model] factory {model['factory']!r}: {err}"
+            ) from None
         result = factory(**model["options"])
         if not isinstance(result, Model):
-            raise ConfigError(f"{config.path}: [model] factory must return a "
-                              f"mmh_jax.scoring.Model, got {type(result).__name__}")
+            raise ConfigError(
+                f"{config.path}: [model] factory must return a "
+                f"mmh_jax.scoring.Model, got {type(result).__name__}"
+            )
         return result
     from mmh_jax import models
 
-    loaded = models.load_model(model["path"], kind=model["kind"], dtype=dtype,
-                               **model["options"])
+    loaded = models.load_model(model["path"], kind=model["kind"], dtype=dtype, **model["options"])
     if model["kind"] == "stable-diffusion":
         return Model.from_stable_diffusion(loaded, description=f"Stable Diffusion {model['path']}")
     name = {"iddpm": "iDDPM", "unet2d": "UNet2D"}[model["kind"]]
@@ -411,8 +571,11 @@ def initialize_distributed(settings: dict[str, Any]) -> None:
 
 def template() -> str:
     """Every key of a config, with its default and meaning, as a commented TOML file."""
-    lines = ["# mmh-jax score --config FILE.toml: every key, with its default.",
-             "# Required keys are uncommented; relative paths are relative to this file.", ""]
+    lines = [
+        "# mmh-jax score --config FILE.toml: every key, with its default.",
+        "# Required keys are uncommented; relative paths are relative to this file.",
+        "",
+    ]
     for name, keys in SECTIONS.items():
         lines.append(f"[{name}]")
         for key, spec in keys.items():
@@ -468,12 +631,24 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
     except (TypeError, ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{config.path}: [input]: {err}") from None
     summary = score(
-        model, build_columns(config), source, config.output["dir"], seed=config.run["seed"],
-        batch_size=config.run["batch_size"], chunk_size=config.output["chunk_size"],
-        resize=config.input["resize"], threads=config.run["threads"], dry_run=dry_run,
-        generation=Generation(float(config.generate["guidance"]), config.generate["num_steps"],
-                              config.generate["num_images"]),
-        console=console, record={"model_path": config.model["path"] or config.model["factory"]})
+        model,
+        build_columns(config),
+        source,
+        config.output["dir"],
+        seed=config.run["seed"],
+        batch_size=config.run["batch_size"],
+        chunk_size=config.output["chunk_size"],
+        resize=config.input["resize"],
+        threads=config.run["threads"],
+        dry_run=dry_run,
+        generation=Generation(
+            float(config.generate["guidance"]),
+            config.generate["num_steps"],
+            config.generate["num_images"],
+        ),
+        console=console,
+        record={"model_path": config.model["path"] or config.model["factory"]},
+    )
     if dry_run:
         return summary
     if jax.process_count() > 1:
@@ -483,9 +658,11 @@ def run(config: Config, *, dry_run: bool = False, console: Any = None):
         if not missing:
             write_merged(config.output["dir"])
         elif console is not None:
-            console.print(f"{len(missing)} chunks were written by other hosts to folders this "
-                          f"one does not see: gather the output folders, then run `mmh-jax "
-                          f"score merge DIR`")
+            console.print(
+                f"{len(missing)} chunks were written by other hosts to folders this "
+                f"one does not see: gather the output folders, then run `mmh-jax "
+                f"score merge DIR`"
+            )
     return summary
 
 
@@ -528,14 +705,16 @@ def command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         config = read_config(args.config)
-        flags = {"process_id": args.process_id, "num_processes": args.num_processes,
-                 "coordinator_address": args.coordinator_address}
+        flags = {
+            "process_id": args.process_id,
+            "num_processes": args.num_processes,
+            "coordinator_address": args.coordinator_address,
+        }
         for key, value in flags.items():
             if value is not None:
                 config.distributed[key] = value
                 config.distributed["initialize"] = True
-        summary = run(config, dry_run=args.dry_run,
-                                     console=None if args.quiet else console)
+        summary = run(config, dry_run=args.dry_run, console=None if args.quiet else console)
     except ConfigError as err:
         print(f"mmh-jax: error: {err}", file=sys.stderr)
         return 2
@@ -554,25 +733,42 @@ def _print_summary(console: Any, summary: Any, *, dry_run: bool) -> None:
     table = Table(title="dry run: the plan" if dry_run else f"process {plan.process_index}: done")
     table.add_column("")
     table.add_column("", justify="right")
-    rows = [("items", f"{plan.num_items:,}"), ("chunks (done / all)",
-            f"{plan.chunks_done:,} / {plan.num_chunks:,} of {plan.chunk_size:,}"),
-            ("this process: chunks / items to score", f"{plan.chunks_pending:,} / {plan.items_pending:,}"),
-            ("devices / processes", f"{plan.devices} / {plan.processes}"),
-            ("global batch / steps", f"{plan.global_batch} / {plan.steps:,}"),
-            ("input", plan.mode + (f", {plan.images_per_item} images each"
-                                   if plan.images_per_item > 1 else "")),
-            ("columns", ", ".join(plan.columns)),
-            ("compilation", f"{summary.compile_seconds:.1f} s"),
-            ("seconds per step", f"{summary.seconds_per_step:.3f}")]
+    rows = [
+        ("items", f"{plan.num_items:,}"),
+        (
+            "chunks (done / all)",
+            f"{plan.chunks_done:,} / {plan.num_chunks:,} of {plan.chunk_size:,}",
+        ),
+        (
+            "this process: chunks / items to score",
+            f"{plan.chunks_pending:,} / {plan.items_pending:,}",
+        ),
+        ("devices / processes", f"{plan.devices} / {plan.processes}"),
+        ("global batch / steps", f"{plan.global_batch} / {plan.steps:,}"),
+        (
+            "input",
+            plan.mode
+            + (f", {plan.images_per_item} images each" if plan.images_per_item > 1 else ""),
+        ),
+        ("columns", ", ".join(plan.columns)),
+        ("compilation", f"{summary.compile_seconds:.1f} s"),
+        ("seconds per step", f"{summary.seconds_per_step:.3f}"),
+    ]
     if dry_run:
-        rows.append(("estimated time", f"{plan.steps * summary.seconds_per_step / 60:.1f} min "
-                                        f"(+ compilation)"))
+        rows.append(
+            (
+                "estimated time",
+                f"{plan.steps * summary.seconds_per_step / 60:.1f} min (+ compilation)",
+            )
+        )
     else:
-        rows += [("scored / bad items", f"{summary.scored:,} / {summary.errors:,}"),
-                 ("chunks written", f"{summary.chunks_written:,}"),
-                 ("items/s (after compilation)", f"{summary.items_per_second:.1f}"),
-                 ("device idle", f"{100 * summary.device_idle:.1f}%"),
-                 ("wall time", f"{summary.seconds:.1f} s")]
+        rows += [
+            ("scored / bad items", f"{summary.scored:,} / {summary.errors:,}"),
+            ("chunks written", f"{summary.chunks_written:,}"),
+            ("items/s (after compilation)", f"{summary.items_per_second:.1f}"),
+            ("device idle", f"{100 * summary.device_idle:.1f}%"),
+            ("wall time", f"{summary.seconds:.1f} s"),
+        ]
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -36,8 +36,11 @@ __all__ = ["CrossAttentionStats", "ValueActivations", "Sharpness", "DetectorImag
 
 
 def _text_model(model: Model, column: str) -> None:
-    _require(model.eps_fn is not None and model.embed is not None, column,
-             "a text-conditional model (Stable Diffusion)")
+    _require(
+        model.eps_fn is not None and model.embed is not None,
+        column,
+        "a text-conditional model (Stable Diffusion)",
+    )
 
 
 def _trajectory(inputs: Inputs, column: str):
@@ -66,10 +69,14 @@ class CrossAttentionStats:
     reads_trajectory: ClassVar[bool] = True
 
     def __post_init__(self):
-        if isinstance(self.early_steps, bool) or not isinstance(self.early_steps, int) \
-                or self.early_steps < 1:
-            raise ValueError(f"cross_attention early_steps must be an int >= 1, got "
-                             f"{self.early_steps!r}")
+        if (
+            isinstance(self.early_steps, bool)
+            or not isinstance(self.early_steps, int)
+            or self.early_steps < 1
+        ):
+            raise ValueError(
+                f"cross_attention early_steps must be an int >= 1, got {self.early_steps!r}"
+            )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -82,17 +89,18 @@ class CrossAttentionStats:
         traj = _trajectory(inputs, "cross_attention")
         n, b = traj.latents.shape[:2]
         if self.early_steps > n:
-            raise ValueError(f"cross_attention early_steps={self.early_steps} exceeds the "
-                             f"{n} generation steps")
+            raise ValueError(
+                f"cross_attention early_steps={self.early_steps} exceeds the {n} generation steps"
+            )
         end = end_positions(inputs.tokens)
 
         def maps(i: int):
-            att = cross_attention(model.eps_fn, traj.latents[i], _times(model, traj.timesteps[i], b),
-                                  inputs.context)
+            att = cross_attention(
+                model.eps_fn, traj.latents[i], _times(model, traj.timesteps[i], b), inputs.context
+            )
             return [p.mean(axis=1) for p in att.probs]
 
-        a = jnp.mean(jnp.stack([token_attention(maps(i)) for i in range(self.early_steps)]),
-                     axis=0)
+        a = jnp.mean(jnp.stack([token_attention(maps(i)) for i in range(self.early_steps)]), axis=0)
         stats = token_statistics(a, end)
         bright = end_token_map(maps(n - 1), end, model.shape[1:]).mean(axis=(1, 2))
         return dict(zip(self.names, (*stats, bright)))
@@ -119,10 +127,14 @@ class ValueActivations:
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         b = inputs.context.shape[0]
         z = jnp.zeros((b, *model.shape), jnp.float32)
-        values = cross_attention(model.eps_fn, z, jnp.ones((b,), jnp.float32),
-                                 inputs.context).values
-        return {"value_activations": jnp.concatenate(
-            [jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=1) for v in values], axis=-1)}
+        values = cross_attention(
+            model.eps_fn, z, jnp.ones((b,), jnp.float32), inputs.context
+        ).values
+        return {
+            "value_activations": jnp.concatenate(
+                [jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=1) for v in values], axis=-1
+            )
+        }
 
 
 @_column()
@@ -147,12 +159,18 @@ class Sharpness:
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         traj = _trajectory(inputs, "sharpness")
-        score_fn = cfg_score_fn(model.eps_fn, inputs.context, model.uncond,
-                                schedule=model.schedule, guidance=self.guidance)
+        score_fn = cfg_score_fn(
+            model.eps_fn,
+            inputs.context,
+            model.uncond,
+            schedule=model.schedule,
+            guidance=self.guidance,
+        )
         x = traj.latents[0]
         t = _times(model, traj.timesteps[0], x.shape[0])
-        return {"sharpness": -score_jacobian_trace(score_fn, x, t, key=keys,
-                                                   num_probes=self.num_probes)}
+        return {
+            "sharpness": -score_jacobian_trace(score_fn, x, t, key=keys, num_probes=self.num_probes)
+        }
 
 
 @_column()
@@ -182,8 +200,13 @@ class DetectorImages:
         if traj.eps_cond is not None:
             eps_u, eps_c = traj.eps_uncond[0], traj.eps_cond[0]
         else:
-            eps_u, eps_c = eps_pair(model.eps_fn, x, _times(model, traj.timesteps[0], x.shape[0]),
-                                    inputs.context, model.uncond)
+            eps_u, eps_c = eps_pair(
+                model.eps_fn,
+                x,
+                _times(model, traj.timesteps[0], x.shape[0]),
+                inputs.context,
+                model.uncond,
+            )
         a = model.schedule.alphas_cumprod[traj.timesteps[0]].astype(x.dtype)
         x0 = (x - jnp.sqrt(1 - a) * (eps_u + self.guidance * (eps_c - eps_u))) / jnp.sqrt(a)
 
@@ -192,5 +215,3 @@ class DetectorImages:
             return to_uint8(images).reshape(images.shape[0], -1)
 
         return {"one_step_pixels": pixels(x0), "final_pixels": pixels(inputs.points)}
-
-

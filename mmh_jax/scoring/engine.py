@@ -39,21 +39,29 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from jaxtyping import Array
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mmh_jax._src.images import to_model_range, to_uint8
 from mmh_jax._src.noise import image_noise
-from mmh_jax.scoring import store
 from mmh_jax.sampling import DDIMGrid, ddim_sample
+from mmh_jax.schedules import eps_from_score
+from mmh_jax.scoring import store
 from mmh_jax.scoring.columns import Column, Inputs, column_keys
 from mmh_jax.scoring.model import Model
 from mmh_jax.scoring.sources import BadItem, Source, fit_image
-from mmh_jax.schedules import eps_from_score
 
 __all__ = ["score", "Generation", "Plan", "Summary", "data_mesh"]
 
@@ -126,8 +134,9 @@ class Summary(NamedTuple):
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh ``("data",)`` over ``devices`` (default: all of every process), ordered by
     process then device id, with an ``Explicit`` axis."""
-    devices = sorted(jax.devices() if devices is None else devices,
-                     key=lambda d: (d.process_index, d.id))
+    devices = sorted(
+        jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id)
+    )
     return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Explicit,))
 
 
@@ -160,7 +169,9 @@ class _Indices(Sequence):
         return self._starts[k] + i - int(self._offsets[k])
 
 
-def _as_input(item, model: Model, mode: str, resize: Resize) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+def _as_input(
+    item, model: Model, mode: str, resize: Resize
+) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
     """``(x for the device, uint8 image for host columns, error)`` of one item."""
     image = item.image
     if image is None:
@@ -196,13 +207,19 @@ def _mode(source: Source, model: Model) -> Literal["images", "points", "prompts"
     points, prompts to generate from, or sample numbers to generate from unconditionally:
     decided by the input and its first readable item, the same on every process."""
     if not source.has_images:
-        if (not source.has_text and model.score_fn is not None and model.encode is None
-                and model.image_shape == model.shape):
+        if (
+            not source.has_text
+            and model.score_fn is not None
+            and model.encode is None
+            and model.image_shape == model.shape
+        ):
             return "samples"
         if not (source.has_text and model.eps_fn is not None and model.ddim_grid is not None):
-            raise ValueError("the input holds no images or arrays; prompts alone need a "
-                             "text-conditional model to generate from (Stable Diffusion), "
-                             "sample numbers alone an unconditional pixel-space diffusion model")
+            raise ValueError(
+                "the input holds no images or arrays; prompts alone need a "
+                "text-conditional model to generate from (Stable Diffusion), "
+                "sample numbers alone an unconditional pixel-space diffusion model"
+            )
         return "prompts"
     if model.image_shape is None:
         return "points"
@@ -221,8 +238,11 @@ def _load(source: Source, model: Model, mode: str, resize: Resize, host_columns,
         item = source[index]
         if isinstance(item, BadItem):
             return _Loaded(index, item.id, None, None, {}, item.reason)
-        x, pixels, error = (None, None, None) if mode in ("prompts", "samples") else _as_input(
-            item, model, mode, resize)
+        x, pixels, error = (
+            (None, None, None)
+            if mode in ("prompts", "samples")
+            else _as_input(item, model, mode, resize)
+        )
         tokens, host = None, {}
         if error is None and tokenize is not None:
             if item.text is None:
@@ -264,15 +284,17 @@ def _replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, trajectory: bool,
-               pixels: bool = False):
+def _make_step(
+    mesh: Mesh, seed: int, mode: str, generation: Generation, trajectory: bool, pixels: bool = False
+):
     """The jitted step ``(model, columns, batch) -> {name: [global batch]}``; cached, so a second
     run with the same model and columns reuses the compiled program."""
 
     def local(model: Model, columns: tuple, batch: dict) -> dict:
         base = jax.random.key(seed)
         keys = jax.vmap(lambda hi, lo: jax.random.fold_in(jax.random.fold_in(base, hi), lo))(
-            batch["hi"], batch["lo"])
+            batch["hi"], batch["lo"]
+        )
         context = model.embed(batch["tokens"]) if "tokens" in batch else None
         if mode == "prompts":
             keys = jax.vmap(jax.random.fold_in)(keys, batch["image"])
@@ -302,17 +324,36 @@ def _make_step(mesh: Mesh, seed: int, mode: str, generation: Generation, traject
     return jax.jit(sharded)
 
 
-def _generate(model: Model, base: Array, image: Array, context: Array, generation: Generation,
-              trajectory: bool) -> Inputs:
+def _generate(
+    model: Model,
+    base: Array,
+    image: Array,
+    context: Array,
+    generation: Generation,
+    trajectory: bool,
+) -> Inputs:
     """Latents from prompts: DDIM with guidance, each from the noise of its image index under
     the run's key (:mod:`mmh_jax._src.noise`, as ``StableDiffusion.sample`` and the guarded
     sampler draw it: one prompt, image index and seed give one image in all three)."""
     noise = jax.vmap(lambda j: image_noise(base, j, model.shape))(image)
-    result = ddim_sample(model.eps_fn, noise, context, model.uncond, schedule=model.schedule,
-                         guidance=generation.guidance, num_steps=generation.num_steps,
-                         grid=model.ddim_grid, return_trajectory=trajectory)
-    return Inputs(points=result.sample, images=None, context=context,
-                  trajectory=result if trajectory else None, noise=noise)
+    result = ddim_sample(
+        model.eps_fn,
+        noise,
+        context,
+        model.uncond,
+        schedule=model.schedule,
+        guidance=generation.guidance,
+        num_steps=generation.num_steps,
+        grid=model.ddim_grid,
+        return_trajectory=trajectory,
+    )
+    return Inputs(
+        points=result.sample,
+        images=None,
+        context=context,
+        trajectory=result if trajectory else None,
+        noise=noise,
+    )
 
 
 def _without_context(eps_fn, x: Array, t: Array, context: Array) -> Array:
@@ -328,9 +369,16 @@ def _sample(model: Model, base: Array, index: Array, generation: Generation) -> 
     noise = jax.vmap(lambda i: image_noise(base, i, model.shape))(index)
     none = jnp.zeros((1, 1), jnp.float32)
     eps_fn = Partial(_without_context, eps_from_score(model.score_fn, schedule=model.schedule))
-    x = ddim_sample(eps_fn, noise, none, none,
-                    schedule=model.schedule, guidance=0.0, num_steps=generation.num_steps,
-                    grid=model.ddim_grid or DDIMGrid()).sample
+    x = ddim_sample(
+        eps_fn,
+        noise,
+        none,
+        none,
+        schedule=model.schedule,
+        guidance=0.0,
+        num_steps=generation.num_steps,
+        grid=model.ddim_grid or DDIMGrid(),
+    ).sample
     x = jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
     return Inputs(points=x, images=x, context=None)
 
@@ -421,8 +469,15 @@ def score(
             item is scored.
     """
     columns = tuple(columns)
-    names = _check(model, columns, source, batch_size=batch_size, chunk_size=chunk_size,
-                   threads=threads, resize=resize)
+    names = _check(
+        model,
+        columns,
+        source,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        threads=threads,
+        resize=resize,
+    )
     for field in ("num_steps", "num_images"):
         value = getattr(generation, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -432,7 +487,9 @@ def score(
         raise ValueError(f"mesh must have the single axis 'data', got {mesh.axis_names}")
     devices, processes = mesh.devices.size, jax.process_count()
     if batch_size % devices:
-        raise ValueError(f"batch_size must be a multiple of the {devices} devices, got {batch_size}")
+        raise ValueError(
+            f"batch_size must be a multiple of the {devices} devices, got {batch_size}"
+        )
     local_batch = batch_size // processes
     num_items = len(source)
     num_chunks = -(-num_items // chunk_size)
@@ -440,18 +497,28 @@ def score(
     metadata = source.metadata
     classes = _classes(model, metadata, labels)
     if mode != "prompts" and any(getattr(c, "makes_points", False) for c in columns):
-        raise ValueError("a column that makes points (makes_points) needs an input of prompts "
-                         "alone to generate from")
+        raise ValueError(
+            "a column that makes points (makes_points) needs an input of prompts "
+            "alone to generate from"
+        )
     device_columns = tuple(c for c in columns if not c.on_host)
     host_columns = tuple(c for c in columns if c.on_host)
     tokenize = model.tokenize if mode == "prompts" or any(c.needs_text for c in columns) else None
 
     me = jax.process_index()
     run_record = {
-        "format": 1, "source": source.fingerprint, "num_items": num_items,
-        "chunk_size": chunk_size, "num_chunks": num_chunks, "seed": seed, "resize": resize,
-        "mode": mode, "model": model.description, "columns": [_describe(c) for c in columns],
-        "names": list(names), "metadata": list(metadata),
+        "format": 1,
+        "source": source.fingerprint,
+        "num_items": num_items,
+        "chunk_size": chunk_size,
+        "num_chunks": num_chunks,
+        "seed": seed,
+        "resize": resize,
+        "mode": mode,
+        "model": model.description,
+        "columns": [_describe(c) for c in columns],
+        "names": list(names),
+        "metadata": list(metadata),
         **({"generation": generation._asdict()} if mode == "prompts" else {}),
         **({"generation": {"num_steps": generation.num_steps}} if mode == "samples" else {}),
         **({"labels": labels} if labels is not None else {}),
@@ -471,10 +538,22 @@ def score(
     steps = local_steps
     if processes > 1:
         steps = int(np.max(multihost_utils.process_allgather(np.array([local_steps]))))
-    plan = Plan(num_items=num_items, num_chunks=num_chunks, chunk_size=chunk_size,
-                chunks_done=len(done), chunks_pending=len(pending), items_pending=len(indices),
-                devices=devices, processes=processes, process_index=me, global_batch=batch_size,
-                steps=steps, columns=names, mode=mode, images_per_item=per_item)
+    plan = Plan(
+        num_items=num_items,
+        num_chunks=num_chunks,
+        chunk_size=chunk_size,
+        chunks_done=len(done),
+        chunks_pending=len(pending),
+        items_pending=len(indices),
+        devices=devices,
+        processes=processes,
+        process_index=me,
+        global_batch=batch_size,
+        steps=steps,
+        columns=names,
+        mode=mode,
+        images_per_item=per_item,
+    )
 
     trajectory = mode == "prompts" and any(getattr(c, "reads_trajectory", False) for c in columns)
     pixels = mode == "prompts" and bool(host_columns)
@@ -487,7 +566,10 @@ def score(
         index = np.zeros(local_batch, np.int64)
         for k, (item, _) in enumerate(loaded):
             index[k] = item.index
-        batch = {"hi": (index >> 32).astype(np.uint32), "lo": (index & 0xFFFFFFFF).astype(np.uint32)}
+        batch = {
+            "hi": (index >> 32).astype(np.uint32),
+            "lo": (index & 0xFFFFFFFF).astype(np.uint32),
+        }
         if mode == "prompts":
             batch["image"] = np.zeros(local_batch, np.uint32)
             for k, (_, j) in enumerate(loaded):
@@ -506,51 +588,84 @@ def score(
             for k, (item, _) in enumerate(loaded):
                 tokens[k] = item.tokens
             batch["tokens"] = tokens
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v,
-                                                          (batch_size, *v.shape[1:]))
-                for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(batch_sharding, v, (batch_size, *v.shape[1:]))
+            for k, v in batch.items()
+        }
 
     shapes = jax.eval_shape(step, *replicated, device_batch([]))
-    dtypes = {name: np.dtype(shapes[name].dtype) if name in shapes else np.dtype(np.float64)
-              for name in names}
+    dtypes = {
+        name: np.dtype(shapes[name].dtype) if name in shapes else np.dtype(np.float64)
+        for name in names
+    }
     load = _load(source, model, mode, resize, host_columns, tokenize)
     # Items are decoded in groups (one thread decodes a group) so that the pipeline's per-element
     # bookkeeping is paid once per group, not per item.
     group = max(1, min(local_batch, 32))
-    read = grain.MapDataset.source(indices).map(load).batch(group, batch_fn=list).to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
-            threads, -(-(prefetch or 2 * local_batch) // group))))
+    read = (
+        grain.MapDataset.source(indices)
+        .map(load)
+        .batch(group, batch_fn=list)
+        .to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=threads,
+                prefetch_buffer_size=max(threads, -(-(prefetch or 2 * local_batch) // group)),
+            )
+        )
+    )
     # One slot of the device batch per image of a good item; a bad item passes once.
-    slots = ((item, j) for item in itertools.chain.from_iterable(read)
-             for j in range(per_item if item.error is None else 1))
+    slots = (
+        (item, j)
+        for item in itertools.chain.from_iterable(read)
+        for j in range(per_item if item.error is None else 1)
+    )
 
     if dry_run:
         return _dry_run(plan, step, replicated, device_batch, slots, local_batch, console)
-    return _run(plan, step, replicated, device_batch, slots, local_batch, out,
-                pending, dtypes, metadata, console, host_columns if pixels else ())
+    return _run(
+        plan,
+        step,
+        replicated,
+        device_batch,
+        slots,
+        local_batch,
+        out,
+        pending,
+        dtypes,
+        metadata,
+        console,
+        host_columns if pixels else (),
+    )
 
 
 def _classes(model: Model, metadata: dict[str, pa.Array], labels: str | None) -> np.ndarray | None:
     """The items' classes for a class-conditional model (``None`` for another), checked."""
     if not model.num_classes:
         if labels is not None:
-            raise ValueError(f"labels={labels!r} applies to a class-conditional model "
-                             f"(Model num_classes > 0)")
+            raise ValueError(
+                f"labels={labels!r} applies to a class-conditional model (Model num_classes > 0)"
+            )
         return None
     if labels is None:
-        raise ValueError(f"the model is class-conditional ({model.num_classes} classes): name "
-                         f"the input's metadata field holding each item's class with labels=")
+        raise ValueError(
+            f"the model is class-conditional ({model.num_classes} classes): name "
+            f"the input's metadata field holding each item's class with labels="
+        )
     if labels not in metadata:
-        raise ValueError(f"labels={labels!r} is not a metadata field of the input "
-                         f"({sorted(metadata)})")
+        raise ValueError(
+            f"labels={labels!r} is not a metadata field of the input ({sorted(metadata)})"
+        )
     column = metadata[labels]
     if column.null_count or not pa.types.is_integer(column.type):
-        raise ValueError(f"labels={labels!r}: the classes must be integers without nulls, got "
-                         f"{column.type}")
+        raise ValueError(
+            f"labels={labels!r}: the classes must be integers without nulls, got {column.type}"
+        )
     classes = column.to_numpy()
     if len(classes) and not (classes.min() >= 0 and classes.max() < model.num_classes):
-        raise ValueError(f"labels={labels!r}: classes must lie in [0, {model.num_classes}), got "
-                         f"[{classes.min()}, {classes.max()}]")
+        raise ValueError(
+            f"labels={labels!r}: classes must lie in [0, {model.num_classes}), got "
+            f"[{classes.min()}, {classes.max()}]"
+        )
     return classes.astype(np.int32)
 
 
@@ -567,7 +682,10 @@ def _describe(column: Column) -> dict[str, Any]:
         value = getattr(column, field.name)
         if isinstance(value, (np.ndarray, jax.Array)):
             host = np.ascontiguousarray(np.asarray(value))
-            value = {"shape": list(host.shape), "sha256": hashlib.sha256(host.tobytes()).hexdigest()}
+            value = {
+                "shape": list(host.shape),
+                "sha256": hashlib.sha256(host.tobytes()).hexdigest(),
+            }
         described[field.name] = value
     return described
 
@@ -575,7 +693,11 @@ def _describe(column: Column) -> dict[str, Any]:
 def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -> tuple[str, ...]:
     if not columns:
         raise ValueError("columns must name at least one column to compute")
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("threads", threads)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("chunk_size", chunk_size),
+        ("threads", threads),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if resize not in ("none", "center_crop"):
@@ -583,22 +705,27 @@ def _check(model, columns, source, *, batch_size, chunk_size, threads, resize) -
     names = tuple(n for c in columns for n in c.names)
     reserved = set(_RESERVED) & set(names)
     if reserved or len(set(names)) != len(names):
-        raise ValueError(f"column names must be unique and not "
-                         f"{' or '.join(map(repr, _RESERVED))}, got {list(names)}")
+        raise ValueError(
+            f"column names must be unique and not "
+            f"{' or '.join(map(repr, _RESERVED))}, got {list(names)}"
+        )
     clash = sorted((set(_RESERVED) | set(names)) & set(source.metadata))
     if clash:
-        raise ValueError(f"the input's metadata {clash} would collide with the output's "
-                         f"{'columns' if set(clash) & set(names) else 'reserved names'} "
-                         f"({', '.join(_RESERVED)}, {', '.join(names)}): choose other metadata "
-                         f"or rename them in the input")
+        raise ValueError(
+            f"the input's metadata {clash} would collide with the output's "
+            f"{'columns' if set(clash) & set(names) else 'reserved names'} "
+            f"({', '.join(_RESERVED)}, {', '.join(names)}): choose other metadata "
+            f"or rename them in the input"
+        )
     for column in columns:
         column.check(model)
         if column.on_host and not source.has_images and model.decode is None:
             raise ValueError(f"{type(column).__name__} needs images, and the input has none")
         if column.needs_text:
             if model.tokenize is None:
-                raise ValueError(f"{type(column).__name__} needs captions, and the model has no "
-                                 f"tokenizer")
+                raise ValueError(
+                    f"{type(column).__name__} needs captions, and the model has no tokenizer"
+                )
             if not source.has_text:
                 raise ValueError(f"{type(column).__name__} needs captions, and the input has none")
     if len(source) == 0:
@@ -626,18 +753,40 @@ def _in_flight(fetched: queue.Queue, results: queue.Queue, done_at: list[float])
 
 def _progress(console: Console | None, plan: Plan) -> Progress:
     label = f"process {plan.process_index}/{plan.processes}" if plan.processes > 1 else "scoring"
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TaskProgressColumn(), TextColumn("{task.fields[rate]} items/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console, disable=console is None, transient=False)
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} items/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=console is None,
+        transient=False,
+    )
 
 
-def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, out: str,
-         pending: list[int], dtypes: dict[str, np.dtype], metadata: dict[str, pa.Array],
-         console: Console | None, generated_columns: tuple = ()) -> Summary:
+def _run(
+    plan: Plan,
+    step,
+    replicated,
+    device_batch,
+    slots,
+    local_batch: int,
+    out: str,
+    pending: list[int],
+    dtypes: dict[str, np.dtype],
+    metadata: dict[str, pa.Array],
+    console: Console | None,
+    generated_columns: tuple = (),
+) -> Summary:
     chunk_size = plan.chunk_size
-    chunks = {c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items),
-                        plan.images_per_item) for c in pending}
+    chunks = {
+        c: _Chunk(c * chunk_size, min((c + 1) * chunk_size, plan.num_items), plan.images_per_item)
+        for c in pending
+    }
     fetched: queue.Queue = queue.Queue(maxsize=2)
     results: queue.Queue = queue.Queue()
     done_at: list[float] = []
@@ -701,10 +850,12 @@ def _run(plan: Plan, step, replicated, device_batch, slots, local_batch: int, ou
     seconds = time.perf_counter() - start
     summary = _summarise(plan, stats, seconds, dispatched_at, done_at, start)
     if console is not None:
-        console.print(f"process {plan.process_index}: {summary.scored} items scored, "
-                      f"{summary.errors} bad, {summary.chunks_written} chunks written in "
-                      f"{seconds:.1f} s ({summary.items_per_second:.1f} items/s after compilation, "
-                      f"device idle {100 * summary.device_idle:.1f}%)")
+        console.print(
+            f"process {plan.process_index}: {summary.scored} items scored, "
+            f"{summary.errors} bad, {summary.chunks_written} chunks written in "
+            f"{seconds:.1f} s ({summary.items_per_second:.1f} items/s after compilation, "
+            f"device idle {100 * summary.device_idle:.1f}%)"
+        )
     return summary
 
 
@@ -726,22 +877,37 @@ def _collect(slots, local_batch: int, chunks: dict[int, _Chunk], chunk_size: int
     return loaded, bad, True
 
 
-def _write(out: str, c: int, state: _Chunk, dtypes: dict[str, np.dtype],
-           metadata: dict[str, pa.Array], plan: Plan) -> None:
+def _write(
+    out: str,
+    c: int,
+    state: _Chunk,
+    dtypes: dict[str, np.dtype],
+    metadata: dict[str, pa.Array],
+    plan: Plan,
+) -> None:
     good = sorted(state.rows)
     index = [i for i, _ in good]
     values = {}
     if plan.mode == "prompts":
         values["image_index"] = np.array([j for _, j in good], np.int32)
     values.update({n: array.take(index) for n, array in metadata.items()})
-    values.update({n: np.array([state.rows[key][n] for key in good], dtype)
-                   for n, dtype in dtypes.items()})
+    values.update(
+        {n: np.array([state.rows[key][n] for key in good], dtype) for n, dtype in dtypes.items()}
+    )
     rows = store.rows_table(np.array(index, np.int64), [state.ids[i] for i in index], values)
     bad = sorted(state.errors)
     errors = store.errors_table(bad, [state.ids[i] for i in bad], [state.errors[i] for i in bad])
     ids = [state.ids[i] for i in range(state.start, state.stop)]
-    store.write_chunk(out, c, start=state.start, stop=state.stop, rows=rows, errors=errors,
-                      ids=ids, process=plan.process_index)
+    store.write_chunk(
+        out,
+        c,
+        start=state.start,
+        stop=state.stop,
+        rows=rows,
+        errors=errors,
+        ids=ids,
+        process=plan.process_index,
+    )
 
 
 def _summarise(plan, stats, seconds, dispatched_at, done_at, start) -> Summary:
@@ -750,19 +916,32 @@ def _summarise(plan, stats, seconds, dispatched_at, done_at, start) -> Summary:
     idle = 0.0
     for k in range(1, min(len(dispatched_at), len(done_at))):
         idle += max(0.0, dispatched_at[k] - done_at[k - 1])
-    resolved_after_first = plan.items_pending - min(plan.items_pending, plan.global_batch // plan.processes)
+    resolved_after_first = plan.items_pending - min(
+        plan.items_pending, plan.global_batch // plan.processes
+    )
     per_step = steady / max(len(done_at) - 1, 1)
     return Summary(
-        plan=plan, scored=stats["scored"], errors=stats["bad"],
-        chunks_written=stats["written"], seconds=seconds, compile_seconds=compile_seconds,
+        plan=plan,
+        scored=stats["scored"],
+        errors=stats["bad"],
+        chunks_written=stats["written"],
+        seconds=seconds,
+        compile_seconds=compile_seconds,
         items_per_second=resolved_after_first / steady if steady > 0 else math.nan,
-        device_idle=idle / steady if steady > 0 else 0.0, seconds_per_step=per_step)
+        device_idle=idle / steady if steady > 0 else 0.0,
+        seconds_per_step=per_step,
+    )
 
 
 def _dry_run(plan, step, replicated, device_batch, slots, local_batch, console) -> Summary:
-    chunks = {c: _Chunk(c * plan.chunk_size, min((c + 1) * plan.chunk_size, plan.num_items),
-                        plan.images_per_item)
-              for c in range(plan.num_chunks)}
+    chunks = {
+        c: _Chunk(
+            c * plan.chunk_size,
+            min((c + 1) * plan.chunk_size, plan.num_items),
+            plan.images_per_item,
+        )
+        for c in range(plan.num_chunks)
+    }
     loaded = _collect(slots, local_batch, chunks, plan.chunk_size)[0] if plan.items_pending else []
     batch = device_batch(loaded)
     start = time.perf_counter()
@@ -774,8 +953,15 @@ def _dry_run(plan, step, replicated, device_batch, slots, local_batch, console) 
         jax.block_until_ready(step(*replicated, batch))
         timings.append(time.perf_counter() - t)
     per_step = float(np.median(timings))
-    summary = Summary(plan=plan, scored=0, errors=0, chunks_written=0,
-                      seconds=compile_seconds + sum(timings), compile_seconds=compile_seconds,
-                      items_per_second=plan.global_batch / per_step, device_idle=0.0,
-                      seconds_per_step=per_step)
+    summary = Summary(
+        plan=plan,
+        scored=0,
+        errors=0,
+        chunks_written=0,
+        seconds=compile_seconds + sum(timings),
+        compile_seconds=compile_seconds,
+        items_per_second=plan.global_batch / per_step,
+        device_idle=0.0,
+        seconds_per_step=per_step,
+    )
     return summary

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,8 +28,17 @@ __all__ = ["Model"]
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["score_fn", "schedule", "encode", "eps_fn", "embed", "uncond", "generator",
-                 "mapping", "decode"],
+    data_fields=[
+        "score_fn",
+        "schedule",
+        "encode",
+        "eps_fn",
+        "embed",
+        "uncond",
+        "generator",
+        "mapping",
+        "decode",
+    ],
     meta_fields=["shape", "image_shape", "tokenize", "ddim_grid", "description", "num_classes"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -90,23 +100,36 @@ class Model:
         if self.image_shape is not None:
             image_shape = tuple(int(s) for s in self.image_shape)
             if len(image_shape) != 3 or image_shape[0] not in (1, 3):
-                raise ValueError(f"image_shape must be (channels 1 or 3, height, width), got "
-                                 f"{self.image_shape}")
+                raise ValueError(
+                    f"image_shape must be (channels 1 or 3, height, width), got {self.image_shape}"
+                )
             object.__setattr__(self, "image_shape", image_shape)
             if self.encode is None and image_shape != shape:
-                raise ValueError(f"without encode, images are the points: image_shape "
-                                 f"{image_shape} must equal shape {shape}")
+                raise ValueError(
+                    f"without encode, images are the points: image_shape "
+                    f"{image_shape} must equal shape {shape}"
+                )
         if (self.score_fn is None) != (self.schedule is None):
             raise ValueError("score_fn and schedule go together: give both or neither")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
-                or self.num_classes < 0:
+        if (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or self.num_classes < 0
+        ):
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         if (self.num_classes or self.mapping is not None) and self.generator is None:
             raise ValueError("num_classes and mapping apply to a generator")
 
     @classmethod
-    def from_score_fn(cls, score_fn: Callable, schedule: Schedule, shape: Sequence[int], *,
-                      images: bool | None = None, description: str = "score function") -> Model:
+    def from_score_fn(
+        cls,
+        score_fn: Callable,
+        schedule: Schedule,
+        shape: Sequence[int],
+        *,
+        images: bool | None = None,
+        description: str = "score function",
+    ) -> Model:
         """A diffusion model given by its score function on points of ``shape``.
 
         Args:
@@ -122,12 +145,18 @@ class Model:
         if images is None:
             images = len(shape) == 3 and shape[0] in (1, 3)
         score_fn = score_fn if isinstance(score_fn, Partial) else Partial(score_fn)
-        return cls(shape=shape, image_shape=shape if images else None, score_fn=score_fn,
-                   schedule=schedule, description=description)
+        return cls(
+            shape=shape,
+            image_shape=shape if images else None,
+            score_fn=score_fn,
+            schedule=schedule,
+            description=description,
+        )
 
     @classmethod
-    def from_pretrained(cls, model: Any, *, image_size: int | None = None,
-                        description: str | None = None) -> Model:
+    def from_pretrained(
+        cls, model: Any, *, image_size: int | None = None, description: str | None = None
+    ) -> Model:
         """A pixel-space diffusion model from a loader's ``Pretrained`` (UNet2D, iDDPM).
 
         Args:
@@ -136,14 +165,22 @@ class Model:
                 ``image_size``.
         """
         module = model.module
-        size = image_size or getattr(module, "sample_size", None) or getattr(module, "image_size", None)
+        size = (
+            image_size
+            or getattr(module, "sample_size", None)
+            or getattr(module, "image_size", None)
+        )
         if size is None:
             raise ValueError("the module does not say its image size: pass image_size=")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         shape = (int(module.in_channels), int(h), int(w))
-        return cls(shape=shape, image_shape=shape, score_fn=model.score_fn,
-                   schedule=model.schedule,
-                   description=description or f"{type(module).__name__} {shape}")
+        return cls(
+            shape=shape,
+            image_shape=shape,
+            score_fn=model.score_fn,
+            schedule=model.schedule,
+            description=description or f"{type(module).__name__} {shape}",
+        )
 
     @classmethod
     def from_stable_diffusion(cls, sd: Any, *, description: str = "Stable Diffusion") -> Model:
@@ -153,20 +190,30 @@ class Model:
         c, h, w = sd.latent_shape
         factor = sd.vae.downscale
         return cls(
-            shape=(c, h, w), image_shape=(3, h * factor, w * factor),
-            score_fn=sd.unet.score_fn, schedule=sd.schedule,
+            shape=(c, h, w),
+            image_shape=(3, h * factor, w * factor),
+            score_fn=sd.unet.score_fn,
+            schedule=sd.schedule,
             encode=Partial(_VaeEncoder(sd.vae), sd.vae_params),
             decode=Partial(_VaeDecoder(sd.vae), sd.vae_params),
             eps_fn=sd.eps,
             embed=Partial(_TextEncoder(sd.text_encoder), sd.text_encoder_params),
-            uncond=sd.uncond_embedding, tokenize=sd.tokenize,
+            uncond=sd.uncond_embedding,
+            tokenize=sd.tokenize,
             ddim_grid=sd.ddim_grid,
-            description=f"{description}, latents {(c, h, w)}")
+            description=f"{description}, latents {(c, h, w)}",
+        )
 
     @classmethod
-    def from_generator(cls, generator: Callable, latent_shape: Sequence[int], *,
-                       num_classes: int = 0, mapping: Callable | None = None,
-                       description: str = "generator") -> Model:
+    def from_generator(
+        cls,
+        generator: Callable,
+        latent_shape: Sequence[int],
+        *,
+        num_classes: int = 0,
+        mapping: Callable | None = None,
+        description: str = "generator",
+    ) -> Model:
         """A generator (GAN, decoder) ``x = generator(z)``: items are latents ``z``.
 
         Args:
@@ -180,8 +227,13 @@ class Model:
         generator = generator if isinstance(generator, Partial) else Partial(generator)
         if mapping is not None and not isinstance(mapping, Partial):
             mapping = Partial(mapping)
-        return cls(shape=tuple(latent_shape), generator=generator, num_classes=num_classes,
-                   mapping=mapping, description=description)
+        return cls(
+            shape=tuple(latent_shape),
+            generator=generator,
+            num_classes=num_classes,
+            mapping=mapping,
+            description=description,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

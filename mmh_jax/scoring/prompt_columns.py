@@ -37,8 +37,7 @@ from mmh_jax.sampling import ddim_sample
 from mmh_jax.scoring.columns import Inputs, _column, _require
 from mmh_jax.scoring.model import Model
 
-__all__ = ["TokenAttributions", "EmbeddingMitigation", "ImageSimilarity", "ClipScore",
-           "SavedImage"]
+__all__ = ["TokenAttributions", "EmbeddingMitigation", "ImageSimilarity", "ClipScore", "SavedImage"]
 
 
 @_column()
@@ -63,8 +62,9 @@ class TokenAttributions:
 
     def __post_init__(self):
         if self.metric not in ("cfg", "cfg_score", "flipd"):
-            raise ValueError(f"token_attributions metric must be cfg, cfg_score or flipd, got "
-                             f"{self.metric!r}")
+            raise ValueError(
+                f"token_attributions metric must be cfg, cfg_score or flipd, got {self.metric!r}"
+            )
         if self.steps is not None:
             object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
 
@@ -73,8 +73,11 @@ class TokenAttributions:
         return (f"attribution_{self.metric}", f"attribution_value_{self.metric}")
 
     def check(self, model: Model) -> None:
-        _require(model.eps_fn is not None and model.embed is not None, "token_attributions",
-                 "a text-conditional model (Stable Diffusion)")
+        _require(
+            model.eps_fn is not None and model.embed is not None,
+            "token_attributions",
+            "a text-conditional model (Stable Diffusion)",
+        )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         trajectory = inputs.trajectory
@@ -84,16 +87,25 @@ class TokenAttributions:
 
         def one(args):
             latents, cond, key = args
-            points = trajectory_points(trajectory._replace(latents=latents[:, None]),
-                                       schedule=model.schedule, steps=steps)
-            found = token_attributions(model.eps_fn, cond[None], model.uncond, points,
-                                       metric=self.metric, schedule=model.schedule,
-                                       guidance=self.guidance, key=key,
-                                       num_probes=self.num_probes)
+            points = trajectory_points(
+                trajectory._replace(latents=latents[:, None]), schedule=model.schedule, steps=steps
+            )
+            found = token_attributions(
+                model.eps_fn,
+                cond[None],
+                model.uncond,
+                points,
+                metric=self.metric,
+                schedule=model.schedule,
+                guidance=self.guidance,
+                key=key,
+                num_probes=self.num_probes,
+            )
             return found.scores, found.value
 
-        scores, values = jax.lax.map(one, (jnp.moveaxis(trajectory.latents, 1, 0),
-                                           inputs.context, keys))
+        scores, values = jax.lax.map(
+            one, (jnp.moveaxis(trajectory.latents, 1, 0), inputs.context, keys)
+        )
         return dict(zip(self.names, (scores, values)))
 
 
@@ -133,21 +145,26 @@ class EmbeddingMitigation:
 
     def __post_init__(self):
         if self.metric not in ("cfg", "cfg_score", "flipd"):
-            raise ValueError(f"embedding_mitigation metric must be cfg, cfg_score or flipd, "
-                             f"got {self.metric!r}")
+            raise ValueError(
+                f"embedding_mitigation metric must be cfg, cfg_score or flipd, got {self.metric!r}"
+            )
         for name in ("num_updates", "num_probes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"embedding_mitigation {name} must be an integer >= 1, got "
-                                 f"{value!r}")
+                raise ValueError(
+                    f"embedding_mitigation {name} must be an integer >= 1, got {value!r}"
+                )
         if not self.learning_rate > 0:
-            raise ValueError(f"embedding_mitigation learning_rate must be > 0, got "
-                             f"{self.learning_rate!r}")
+            raise ValueError(
+                f"embedding_mitigation learning_rate must be > 0, got {self.learning_rate!r}"
+            )
 
     def check(self, model: Model) -> None:
-        _require(model.eps_fn is not None and model.embed is not None
-                 and model.ddim_grid is not None, "embedding_mitigation",
-                 "a text-conditional model (Stable Diffusion)")
+        _require(
+            model.eps_fn is not None and model.embed is not None and model.ddim_grid is not None,
+            "embedding_mitigation",
+            "a text-conditional model (Stable Diffusion)",
+        )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         trajectory = inputs.trajectory
@@ -155,28 +172,57 @@ class EmbeddingMitigation:
             raise ValueError("embedding_mitigation needs images generated from prompts")
         num_steps = trajectory.latents.shape[0]
         if not -num_steps <= self.step < num_steps:
-            raise ValueError(f"embedding_mitigation step {self.step} out of range for "
-                             f"{num_steps} DDIM steps")
+            raise ValueError(
+                f"embedding_mitigation step {self.step} out of range for {num_steps} DDIM steps"
+            )
 
         def one(args):
             latents, noise, cond, key = args
-            points = trajectory_points(trajectory._replace(latents=latents[:, None]),
-                                       schedule=model.schedule, steps=[self.step])
+            points = trajectory_points(
+                trajectory._replace(latents=latents[:, None]),
+                schedule=model.schedule,
+                steps=[self.step],
+            )
             opt = optimize_embedding_traced(
-                model.eps_fn, cond[None], model.uncond, points, metric=self.metric,
-                schedule=model.schedule, guidance=self.guidance,
-                learning_rate=self.learning_rate, num_steps=self.num_updates,
-                target=self.target, key=key, num_probes=self.num_probes)
-            sample = ddim_sample(model.eps_fn, noise[None], opt.embedding, model.uncond,
-                                 schedule=model.schedule, guidance=self.guidance,
-                                 num_steps=num_steps, **dict(model.ddim_grid)).sample
-            return (opt.values[0], opt.values[opt.steps_taken], opt.steps_taken,
-                    sample[0].astype(inputs.points.dtype))
+                model.eps_fn,
+                cond[None],
+                model.uncond,
+                points,
+                metric=self.metric,
+                schedule=model.schedule,
+                guidance=self.guidance,
+                learning_rate=self.learning_rate,
+                num_steps=self.num_updates,
+                target=self.target,
+                key=key,
+                num_probes=self.num_probes,
+            )
+            sample = ddim_sample(
+                model.eps_fn,
+                noise[None],
+                opt.embedding,
+                model.uncond,
+                schedule=model.schedule,
+                guidance=self.guidance,
+                num_steps=num_steps,
+                grid=model.ddim_grid,
+            ).sample
+            return (
+                opt.values[0],
+                opt.values[opt.steps_taken],
+                opt.steps_taken,
+                sample[0].astype(inputs.points.dtype),
+            )
 
         before, after, updates, points = jax.lax.map(
-            one, (jnp.moveaxis(trajectory.latents, 1, 0), inputs.noise, inputs.context, keys))
-        return {"metric_before": before, "metric_after": after, "updates": updates,
-                "points": points}
+            one, (jnp.moveaxis(trajectory.latents, 1, 0), inputs.noise, inputs.context, keys)
+        )
+        return {
+            "metric_before": before,
+            "metric_after": after,
+            "updates": updates,
+            "points": points,
+        }
 
 
 def _one_value(values: Any, name: str) -> float:
@@ -210,8 +256,9 @@ class ImageSimilarity:
     def host(self, image: np.ndarray, *, index: int, image_index: int) -> dict[str, float]:
         reference = self.reference(index, image_index)
         reference = image if reference is None else reference
-        return {"similarity": _one_value(self.similarity(image[None], reference[None]),
-                                         "similarity")}
+        return {
+            "similarity": _one_value(self.similarity(image[None], reference[None]), "similarity")
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +283,11 @@ class ClipScore:
         return {"label": self.label}
 
     def host(self, image: np.ndarray, *, index: int, image_index: int) -> dict[str, float]:
-        return {"clip_score": _one_value(self.clip_scorer(image[None], [self.prompt(index)]),
-                                         "clip_scorer")}
+        return {
+            "clip_score": _one_value(
+                self.clip_scorer(image[None], [self.prompt(index)]), "clip_scorer"
+            )
+        }
 
 
 @dataclasses.dataclass(frozen=True)

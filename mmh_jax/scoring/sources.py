@@ -80,7 +80,9 @@ class Item(NamedTuple):
 
     index: int  # position in the source, 0..len-1
     id: str  # stable id (file path without suffix, tar key, id column, ...)
-    image: np.ndarray | None  # uint8 [h, w, c] (c = 3 for "RGB", 1 for "L"); an ArrayFile row as stored
+    image: (
+        np.ndarray | None
+    )  # uint8 [h, w, c] (c = 3 for "RGB", 1 for "L"); an ArrayFile row as stored
     text: str | None  # caption or prompt; None when there is none
 
 
@@ -146,18 +148,24 @@ def _check_mode(mode: str, kind: str) -> str:
 def _existing(path: str | os.PathLike, kind: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{kind}: no such file or folder {os.fspath(path)!r} (argument 'path')")
+        raise FileNotFoundError(
+            f"{kind}: no such file or folder {os.fspath(path)!r} (argument 'path')"
+        )
     return p.resolve()
 
 
-def _fingerprint(kind: str, root: Path, count: int, files: Sequence[tuple[str, int]], *extra: str) -> str:
+def _fingerprint(
+    kind: str, root: Path, count: int, files: Sequence[tuple[str, int]], *extra: str
+) -> str:
     """``kind|root|count|total bytes|extra...|digest`` where the digest covers the names and
     sizes of ``files`` (metadata only: nothing is read)."""
     digest = hashlib.blake2b(digest_size=8)
     for name, size in files:
         digest.update(f"{name}\0{size}\n".encode())
     total = sum(size for _, size in files)
-    return "|".join([kind, str(root), f"{count} items", f"{total} bytes", *extra, digest.hexdigest()])
+    return "|".join(
+        [kind, str(root), f"{count} items", f"{total} bytes", *extra, digest.hexdigest()]
+    )
 
 
 def _scan(root: Path, recursive: bool) -> Iterator[tuple[str, int]]:
@@ -179,8 +187,14 @@ def _scan(root: Path, recursive: bool) -> Iterator[tuple[str, int]]:
 def _metadata_names(metadata: Sequence[str], kind: str) -> list[str]:
     """The checked names of a source's ``metadata`` argument."""
     names = None if isinstance(metadata, (str, bytes)) else list(metadata)
-    if names is None or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"{kind}: argument 'metadata' must be a list of distinct non-empty names, got {metadata!r}")
+    if (
+        names is None
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError(
+            f"{kind}: argument 'metadata' must be a list of distinct non-empty names, got {metadata!r}"
+        )
     return names
 
 
@@ -205,9 +219,7 @@ def _decode(data: bytes | Path, mode: str, what: str) -> np.ndarray | str:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and im.width * im.height > limit:
-                return (
-                    f"image {what} has {im.width * im.height:,} pixels, above PIL's decompression-bomb limit"
-                )
+                return f"image {what} has {im.width * im.height:,} pixels, above PIL's decompression-bomb limit"
             im.load()
             image = np.array(im.convert(mode), dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
@@ -284,7 +296,9 @@ class ImageFolder(_Indexed):
             and ``a.jpg``).
     """
 
-    def __init__(self, path: str | os.PathLike, *, mode: Literal["RGB", "L"] = "RGB", recursive: bool = True):
+    def __init__(
+        self, path: str | os.PathLike, *, mode: Literal["RGB", "L"] = "RGB", recursive: bool = True
+    ):
         root = _existing(path, "ImageFolder")
         if not root.is_dir():
             raise NotADirectoryError(f"ImageFolder: {root} (argument 'path') is not a folder")
@@ -365,36 +379,59 @@ class ArrayFile(_Indexed):
             ``[n >= 1, ...]`` uint8/float, bad ids, metadata or captions.
     """
 
-    def __init__(self, path: str | os.PathLike, *, key: str | None = None, ids_key: str | None = "ids",
-                 metadata: Sequence[str] = (), captions_key: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        key: str | None = None,
+        ids_key: str | None = "ids",
+        metadata: Sequence[str] = (),
+        captions_key: str | None = None,
+    ):
         p = _existing(path, "ArrayFile")
         suffix = p.suffix.lower()
         if suffix not in (".npy", ".npz"):
             raise ValueError(f"ArrayFile: {p} (argument 'path') is not a .npy or .npz file")
         metadata = _metadata_names(metadata, "ArrayFile")
-        for argument, value in (("key", key), ("metadata", metadata), ("captions_key", captions_key)):
+        for argument, value in (
+            ("key", key),
+            ("metadata", metadata),
+            ("captions_key", captions_key),
+        ):
             if suffix == ".npy" and value:
-                raise ValueError(f"ArrayFile: argument {argument!r} applies to .npz files, {p} is a .npy")
+                raise ValueError(
+                    f"ArrayFile: argument {argument!r} applies to .npz files, {p} is a .npy"
+                )
         ids, columns, captions = None, {}, None
         with _reading(p):
             loaded = np.load(p, mmap_mode="r" if suffix == ".npy" else None, allow_pickle=False)
         if isinstance(loaded, np.ndarray) != (suffix == ".npy"):
-            raise ValueError(f"ArrayFile: the content of {p} (argument 'path') does not match its suffix")
+            raise ValueError(
+                f"ArrayFile: the content of {p} (argument 'path') does not match its suffix"
+            )
         if suffix == ".npy":
             array = loaded
         else:
             with loaded as npz:
                 key = self._pick_key(npz.files, key, {ids_key, captions_key, *metadata}, p)
                 if captions_key is not None and captions_key not in npz.files:
-                    raise ValueError(f"ArrayFile: {p} has no array {captions_key!r} (argument "
-                                     f"'captions_key'); arrays: {npz.files}")
+                    raise ValueError(
+                        f"ArrayFile: {p} has no array {captions_key!r} (argument "
+                        f"'captions_key'); arrays: {npz.files}"
+                    )
                 missing = [m for m in metadata if m not in npz.files]
                 if missing:
-                    raise ValueError(f"ArrayFile: {p} has no array {missing} (argument 'metadata'); "
-                                     f"arrays: {npz.files}")
+                    raise ValueError(
+                        f"ArrayFile: {p} has no array {missing} (argument 'metadata'); "
+                        f"arrays: {npz.files}"
+                    )
                 with _reading(p):
                     array = npz[key]
-                    ids = npz[ids_key] if ids_key not in (None, key) and ids_key in npz.files else None
+                    ids = (
+                        npz[ids_key]
+                        if ids_key not in (None, key) and ids_key in npz.files
+                        else None
+                    )
                     columns = {m: npz[m] for m in metadata}
                     captions = npz[captions_key] if captions_key is not None else None
         name = f"{p}" + (f"[{key!r}]" if key is not None else "")
@@ -403,7 +440,9 @@ class ArrayFile(_Indexed):
                 f"ArrayFile: {name} has shape {array.shape}; expected [n >= 1, ...] with at least 2 dims"
             )
         if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"ArrayFile: {name} has dtype {array.dtype}; expected uint8 or a float dtype")
+            raise ValueError(
+                f"ArrayFile: {name} has dtype {array.dtype}; expected uint8 or a float dtype"
+            )
         if ids is not None and (ids.ndim != 1 or len(ids) != len(array)):
             raise ValueError(
                 f"ArrayFile: ids array {ids_key!r} of {p} has shape {ids.shape}; expected ({len(array)},) "
@@ -411,19 +450,28 @@ class ArrayFile(_Indexed):
             )
         for m, column in columns.items():
             if column.shape != (len(array),):
-                raise ValueError(f"ArrayFile: metadata array {m!r} of {p} has shape {column.shape}; "
-                                 f"expected ({len(array)},) (argument 'metadata')")
+                raise ValueError(
+                    f"ArrayFile: metadata array {m!r} of {p} has shape {column.shape}; "
+                    f"expected ({len(array)},) (argument 'metadata')"
+                )
         if captions is not None and (captions.shape != (len(array),) or captions.dtype.kind != "U"):
-            raise ValueError(f"ArrayFile: captions array {captions_key!r} of {p} has shape "
-                             f"{captions.shape} and dtype {captions.dtype}; expected ({len(array)},) "
-                             f"strings (argument 'captions_key')")
+            raise ValueError(
+                f"ArrayFile: captions array {captions_key!r} of {p} has shape "
+                f"{captions.shape} and dtype {captions.dtype}; expected ({len(array)},) "
+                f"strings (argument 'captions_key')"
+            )
         self._metadata = {m: pa.array(column) for m, column in columns.items()}
         self._path, self._key, self._array, self._ids = p, key, array, ids
         self._captions = captions
         self.has_text = captions is not None
         shape = "x".join(map(str, array.shape[1:]))
         self._fingerprint = _fingerprint(
-            "array", p, len(array), [(p.name, p.stat().st_size)], f"key={key}", f"{shape} {array.dtype}",
+            "array",
+            p,
+            len(array),
+            [(p.name, p.stat().st_size)],
+            f"key={key}",
+            f"{shape} {array.dtype}",
             *((f"captions={captions_key}",) if captions_key is not None else ()),
         )
 
@@ -431,7 +479,9 @@ class ArrayFile(_Indexed):
     def _pick_key(names: list[str], key: str | None, others: set[str | None], p: Path) -> str:
         if key is not None:
             if key not in names:
-                raise ValueError(f"ArrayFile: {p} has no array {key!r} (argument 'key'); arrays: {names}")
+                raise ValueError(
+                    f"ArrayFile: {p} has no array {key!r} (argument 'key'); arrays: {names}"
+                )
             return key
         candidates = [n for n in names if n not in others]
         if len(candidates) == 1:
@@ -516,12 +566,19 @@ class TarShards(_Indexed):
     """
 
     def __init__(
-        self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, mode: Literal["RGB", "L"] = "RGB"
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        mode: Literal["RGB", "L"] = "RGB",
     ):
         self._mode = _check_mode(mode, "TarShards")
         self._shards = _shard_paths(paths)
         ids: list[str] = []
-        shard, image, text = [], [], []  # per item: shard number, (offset, size) of image and caption
+        shard, image, text = (
+            [],
+            [],
+            [],
+        )  # per item: shard number, (offset, size) of image and caption
         self._bad: dict[int, str] = {}  # reasons of the items known bad from the index alone
         self._damaged = 0  # shards that could not be read to their end
         first_shard: dict[str, int] = {}
@@ -549,14 +606,18 @@ class TarShards(_Indexed):
                 image.append((-1, -1))
                 text.append((-1, -1))
         if not ids:
-            raise ValueError(f"TarShards: the shards given (argument 'paths') hold no sample: {self._shards}")
+            raise ValueError(
+                f"TarShards: the shards given (argument 'paths') hold no sample: {self._shards}"
+            )
         self._ids = ids
         self._shard = np.array(shard, dtype=np.int32)
         self._image = np.array(image, dtype=np.int64).reshape(-1, 2)
         self._text = np.array(text, dtype=np.int64).reshape(-1, 2)
         self._root = Path(os.path.commonpath([p.parent for p in self._shards]))
         files = [(p.relative_to(self._root).as_posix(), p.stat().st_size) for p in self._shards]
-        self._fingerprint = _fingerprint("tar", self._root, len(ids), files, f"{len(files)} shards", mode)
+        self._fingerprint = _fingerprint(
+            "tar", self._root, len(ids), files, f"{len(files)} shards", mode
+        )
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -577,7 +638,9 @@ class TarShards(_Indexed):
         if isinstance(image, str):
             return BadItem(i, key, image)
         try:
-            text = None if caption is None else _read_caption(caption, repr(f"{path.name}:{key}.txt"))
+            text = (
+                None if caption is None else _read_caption(caption, repr(f"{path.name}:{key}.txt"))
+            )
         except ValueError as e:
             return BadItem(i, key, str(e))
         return Item(i, key, image, text)
@@ -609,7 +672,9 @@ def _shard_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             if p.is_dir():
                 found = sorted(p.glob("*.tar"))
                 if not found:
-                    raise ValueError(f"TarShards: folder {pattern!r} (argument 'paths') holds no *.tar file")
+                    raise ValueError(
+                        f"TarShards: folder {pattern!r} (argument 'paths') holds no *.tar file"
+                    )
             elif p.is_file():
                 found = [p]
             elif _has_magic(pattern) and (matches := sorted(glob.glob(pattern))):
@@ -708,7 +773,9 @@ class ParquetTable(_Indexed):
         self._mode = _check_mode(mode, "ParquetTable")
         files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
         if not files:
-            raise ValueError(f"ParquetTable: folder {root} (argument 'path') holds no *.parquet file")
+            raise ValueError(
+                f"ParquetTable: folder {root} (argument 'path') holds no *.parquet file"
+            )
         try:
             schemas = [pq.read_schema(f) for f in files]
         except (OSError, pa.ArrowException) as e:
@@ -750,19 +817,29 @@ class ParquetTable(_Indexed):
                 )
         if text_col is not None:
             t = schema.field(text_col).type
-            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+            if not (
+                pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            ):
                 raise ValueError(
                     f"ParquetTable: column {text_col!r} (argument 'text_column') has type {t}; "
                     "expected string"
                 )
         absent = [c for c in metadata if c not in schema.names]
         if absent:
-            raise ValueError(f"ParquetTable: {files[0]} has no column {absent} (argument 'metadata'); "
-                             f"columns: {schema.names}")
+            raise ValueError(
+                f"ParquetTable: {files[0]} has no column {absent} (argument 'metadata'); "
+                f"columns: {schema.names}"
+            )
         for f, s in zip(files, schemas):
-            missing = [c for c in (image_col, text_col, id_col, *metadata) if c is not None and c not in s.names]
+            missing = [
+                c
+                for c in (image_col, text_col, id_col, *metadata)
+                if c is not None and c not in s.names
+            ]
             if missing:
-                raise ValueError(f"ParquetTable: {f} (under argument 'path') lacks columns {missing}")
+                raise ValueError(
+                    f"ParquetTable: {f} (under argument 'path') lacks columns {missing}"
+                )
 
         eager = list(dict.fromkeys(c for c in (id_col, text_col, *metadata) if c is not None))
         group_rows, group_file, columns = [], [], {c: [] for c in eager}
@@ -785,11 +862,15 @@ class ParquetTable(_Indexed):
             ) from e
         self._texts = None if text_col is None else _large_strings(columns[text_col])
         try:
-            self._metadata = {c: pa.chunked_array(columns[c], schema.field(c).type).combine_chunks()
-                              for c in metadata}
+            self._metadata = {
+                c: pa.chunked_array(columns[c], schema.field(c).type).combine_chunks()
+                for c in metadata
+            }
         except pa.ArrowException as e:
-            raise ValueError(f"ParquetTable: a metadata column (argument 'metadata') has another type "
-                             f"in another file under {root}: {e}") from e
+            raise ValueError(
+                f"ParquetTable: a metadata column (argument 'metadata') has another type "
+                f"in another file under {root}: {e}"
+            ) from e
         self._root, self._files, self._image_col, self._text_col = root, files, image_col, text_col
         self._group_start = np.cumsum([0, *group_rows])[:-1]
         self._group_file = group_file
@@ -842,7 +923,9 @@ class ParquetTable(_Indexed):
             file, g = self._group_file[group]
             if getattr(local, "file", None) != file:
                 local.file, local.reader = file, pq.ParquetFile(self._files[file])
-            column = local.reader.read_row_group(g, columns=[self._image_col]).column(0).combine_chunks()
+            column = (
+                local.reader.read_row_group(g, columns=[self._image_col]).column(0).combine_chunks()
+            )
             if self._struct:  # flatten() merges the struct's nulls into its fields'
                 column = column.flatten()[column.type.get_field_index("bytes")]
             local.group, local.column = group, column
@@ -859,7 +942,9 @@ class ParquetTable(_Indexed):
     def describe(self) -> str:
         kind = "parquet table" if self._image_col is not None else "parquet prompt table"
         columns = ", ".join(
-            f"{role} column {c!r}" for role, c in (("image", self._image_col), ("text", self._text_col)) if c
+            f"{role} column {c!r}"
+            for role, c in (("image", self._image_col), ("text", self._text_col))
+            if c
         )
         return f"{kind} {self._root} ({len(self._files):,} files, {self._n:,} rows; {columns})"
 
@@ -896,7 +981,9 @@ class PromptFile(_Indexed):
             raise ValueError(f"PromptFile: {p} (argument 'path') is not a .txt or .jsonl file")
         metadata = _metadata_names(metadata, "PromptFile")
         if suffix == ".txt" and metadata:
-            raise ValueError(f"PromptFile: argument 'metadata' applies to .jsonl files, {p} is a .txt")
+            raise ValueError(
+                f"PromptFile: argument 'metadata' applies to .jsonl files, {p} is a .txt"
+            )
         try:
             lines = p.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError as e:
@@ -912,13 +999,22 @@ class PromptFile(_Indexed):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"PromptFile: {p}:{number}: not valid JSON ({e.msg})") from None
-                prompt = next((record[k] for k in ("caption", "prompt")
-                               if isinstance(record, dict) and isinstance(record.get(k), str)),
-                              None)
+                    raise ValueError(
+                        f"PromptFile: {p}:{number}: not valid JSON ({e.msg})"
+                    ) from None
+                prompt = next(
+                    (
+                        record[k]
+                        for k in ("caption", "prompt")
+                        if isinstance(record, dict) and isinstance(record.get(k), str)
+                    ),
+                    None,
+                )
                 if prompt is None:
-                    raise ValueError(f"PromptFile: {p}:{number}: needs a string 'caption' (or "
-                                     f"'prompt') in a JSON object, got {line.strip()[:80]}")
+                    raise ValueError(
+                        f"PromptFile: {p}:{number}: needs a string 'caption' (or "
+                        f"'prompt') in a JSON object, got {line.strip()[:80]}"
+                    )
             self._ids.append(f"line{number}" if record.get("id") is None else str(record["id"]))
             self._prompts.append(prompt.strip())
             self._lines.append(number)
@@ -928,14 +1024,20 @@ class PromptFile(_Indexed):
         for name in metadata:
             values = [record.get(name) for record in self._fields]
             if all(v is None for v in values):
-                raise ValueError(f"PromptFile: no line of {p} has a field {name!r} (argument 'metadata')")
+                raise ValueError(
+                    f"PromptFile: no line of {p} has a field {name!r} (argument 'metadata')"
+                )
             try:
                 self._metadata = {**self._metadata, name: pa.array(values)}
             except pa.ArrowException as e:
-                raise ValueError(f"PromptFile: field {name!r} of {p} (argument 'metadata') does not "
-                                 f"have one type on every line: {e}") from e
+                raise ValueError(
+                    f"PromptFile: field {name!r} of {p} (argument 'metadata') does not "
+                    f"have one type on every line: {e}"
+                ) from e
         self._path = p
-        self._fingerprint = _fingerprint("prompts", p, len(self._prompts), [(p.name, p.stat().st_size)])
+        self._fingerprint = _fingerprint(
+            "prompts", p, len(self._prompts), [(p.name, p.stat().st_size)]
+        )
 
     def fields(self, index: int) -> tuple[int, dict[str, Any]]:
         """``(line number, the JSON object of the line)`` of prompt ``index`` (``{}`` for a
@@ -982,8 +1084,11 @@ class Seeds(_Indexed):
     """
 
     def __init__(self, count: int):
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
-                or not 1 <= count <= 2**32:
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, (int, np.integer))
+            or not 1 <= count <= 2**32
+        ):
             raise ValueError(f"Seeds: argument 'count' must be an int in [1, 2^32], got {count!r}")
         self._count = int(count)
         self._fingerprint = f"seeds {self._count}"
@@ -1042,7 +1147,8 @@ def _source_class(path: str | os.PathLike | Sequence[str | os.PathLike]) -> type
     if p.is_dir():
         for pattern, cls in (("*.tar", TarShards), ("*.parquet", ParquetTable)):
             if any(p.glob(pattern)) and not any(
-                posixpath.splitext(rel)[1].lower() in _IMAGE_SUFFIXES for rel, _ in _scan(p, recursive=True)
+                posixpath.splitext(rel)[1].lower() in _IMAGE_SUFFIXES
+                for rel, _ in _scan(p, recursive=True)
             ):
                 return cls
         return ImageFolder
@@ -1056,7 +1162,9 @@ def _source_class(path: str | os.PathLike | Sequence[str | os.PathLike]) -> type
         return cls
     if "{" in os.fspath(path) or _has_magic(os.fspath(path)):
         return TarShards
-    raise FileNotFoundError(f"open_source: no such file or folder {os.fspath(path)!r} (argument 'path')")
+    raise FileNotFoundError(
+        f"open_source: no such file or folder {os.fspath(path)!r} (argument 'path')"
+    )
 
 
 def fit_image(
@@ -1079,7 +1187,9 @@ def fit_image(
         (sizes as height x width).
     """
     if resize not in ("none", "center_crop"):
-        raise ValueError(f"fit_image: argument 'resize' must be 'none' or 'center_crop', got {resize!r}")
+        raise ValueError(
+            f"fit_image: argument 'resize' must be 'none' or 'center_crop', got {resize!r}"
+        )
     th, tw = (size, size) if isinstance(size, int) else size
     if image.ndim != 3 or 0 in image.shape:
         return f"expected an image [h, w, c], got shape {image.shape}"
@@ -1100,7 +1210,9 @@ def fit_image(
     planes = image if image.dtype == np.uint8 else image.astype(np.float32)  # PIL modes "L" and "F"
     channels = [
         np.asarray(
-            Image.fromarray(np.ascontiguousarray(planes[..., k])).resize((nw, nh), Image.Resampling.BICUBIC)
+            Image.fromarray(np.ascontiguousarray(planes[..., k])).resize(
+                (nw, nh), Image.Resampling.BICUBIC
+            )
         )
         for k in range(c)
     ]

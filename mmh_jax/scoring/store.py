@@ -28,8 +28,15 @@ import pyarrow.parquet as pq
 
 from mmh_jax._src.files import atomic_path, sha256_file
 
-__all__ = ["RunMismatch", "open_run", "done_chunks", "write_chunk", "merge", "Merged",
-           "remove_stale_temporaries"]
+__all__ = [
+    "RunMismatch",
+    "open_run",
+    "done_chunks",
+    "write_chunk",
+    "merge",
+    "Merged",
+    "remove_stale_temporaries",
+]
 
 
 class RunMismatch(ValueError):
@@ -70,7 +77,8 @@ def open_run(out: str | os.PathLike, record: dict[str, Any]) -> Path:
             keys = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise RunMismatch(
                 f"{str(out)!r} holds a run with other settings ({', '.join(keys)} differ): "
-                f"use another output folder, or delete it to start over")
+                f"use another output folder, or delete it to start over"
+            )
         return out
     with atomic_path(path) as tmp:  # every process writes the same bytes: any order is fine
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
@@ -102,8 +110,17 @@ def remove_stale_temporaries(out: str | os.PathLike, chunks: set[int] | range) -
     return removed
 
 
-def write_chunk(out: str | os.PathLike, chunk: int, *, start: int, stop: int,
-                rows: pa.Table, errors: pa.Table, ids: list[str], process: int) -> None:
+def write_chunk(
+    out: str | os.PathLike,
+    chunk: int,
+    *,
+    start: int,
+    stop: int,
+    rows: pa.Table,
+    errors: pa.Table,
+    ids: list[str],
+    process: int,
+) -> None:
     """Write one finished chunk: its rows, its errors, then its manifest (in that order).
 
     Args:
@@ -118,10 +135,15 @@ def write_chunk(out: str | os.PathLike, chunk: int, *, start: int, stop: int,
     """
     out = Path(out)
     scored = len(set(rows["index"].to_pylist()))
-    if scored + errors.num_rows != stop - start or len(ids) != stop - start \
-            or not _one_row_per_image(rows):
-        raise ValueError(f"chunk {chunk} has {rows.num_rows} rows of {scored} items and "
-                         f"{errors.num_rows} errors for {stop - start} items")
+    if (
+        scored + errors.num_rows != stop - start
+        or len(ids) != stop - start
+        or not _one_row_per_image(rows)
+    ):
+        raise ValueError(
+            f"chunk {chunk} has {rows.num_rows} rows of {scored} items and "
+            f"{errors.num_rows} errors for {stop - start} items"
+        )
     part = _part(out, chunk)
     with atomic_path(part) as tmp:
         pq.write_table(rows, tmp)
@@ -131,11 +153,16 @@ def write_chunk(out: str | os.PathLike, chunk: int, *, start: int, stop: int,
         with atomic_path(errors_file) as tmp:
             pq.write_table(errors, tmp)
     manifest = {
-        "chunk": chunk, "start": start, "stop": stop, "rows": rows.num_rows,
-        "errors": errors.num_rows, "part": str(part.relative_to(out)),
+        "chunk": chunk,
+        "start": start,
+        "stop": stop,
+        "rows": rows.num_rows,
+        "errors": errors.num_rows,
+        "part": str(part.relative_to(out)),
         "part_sha256": sha256_file(part),
         "errors_file": None if errors_file is None else str(errors_file.relative_to(out)),
-        "process": process, "ids": ids,
+        "process": process,
+        "ids": ids,
     }
     with atomic_path(_manifest(out, chunk)) as tmp:
         tmp.write_text(json.dumps(manifest))
@@ -174,8 +201,10 @@ def merge(out: str | os.PathLike, *, allow_partial: bool = False) -> Merged:
     missing = sorted(set(range(num_chunks)) - done)
     if missing and not allow_partial:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"{len(missing)} of {num_chunks} chunks are not finished ({shown}): "
-                         f"resume the run, or merge with allow_partial")
+        raise ValueError(
+            f"{len(missing)} of {num_chunks} chunks are not finished ({shown}): "
+            f"resume the run, or merge with allow_partial"
+        )
     scores, errors = [], []
     for chunk in sorted(done):
         manifest = json.loads(_manifest(out, chunk).read_text())
@@ -189,15 +218,18 @@ def merge(out: str | os.PathLike, *, allow_partial: bool = False) -> Merged:
             got.update(zip(bad["index"].to_pylist(), bad["id"].to_pylist()))
         expected = dict(zip(range(manifest["start"], manifest["stop"]), manifest["ids"]))
         if got != expected or table.num_rows != manifest["rows"] or not _one_row_per_image(table):
-            raise ValueError(f"chunk {chunk}: its rows and errors do not cover its items "
-                             f"exactly once")
+            raise ValueError(
+                f"chunk {chunk}: its rows and errors do not cover its items exactly once"
+            )
         scores.append(table)
         if bad is not None:
             errors.append(bad)
     scores_table = pa.concat_tables(scores) if scores else None
     errors_table = pa.concat_tables(errors) if errors else _empty_errors()
     if scores_table is None:
-        scores_table = pa.table({"index": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+        scores_table = pa.table(
+            {"index": pa.array([], pa.int64()), "id": pa.array([], pa.string())}
+        )
     return Merged(scores_table, errors_table, missing)
 
 
@@ -207,12 +239,19 @@ def _one_row_per_image(rows: pa.Table) -> bool:
     index = rows["index"].to_numpy()
     if not len(index):
         return True
-    image = (rows["image_index"].to_numpy() if "image_index" in rows.column_names
-             else np.zeros_like(index))
+    image = (
+        rows["image_index"].to_numpy()
+        if "image_index" in rows.column_names
+        else np.zeros_like(index)
+    )
     items = len(np.unique(index))
     per_item = len(index) // items
-    return (len(index) == per_item * items and 0 <= image.min() and image.max() < per_item
-            and np.unique(np.stack([index, image]), axis=1).shape[1] == len(index))
+    return (
+        len(index) == per_item * items
+        and 0 <= image.min()
+        and image.max() < per_item
+        and np.unique(np.stack([index, image]), axis=1).shape[1] == len(index)
+    )
 
 
 def _empty_errors() -> pa.Table:
@@ -221,16 +260,27 @@ def _empty_errors() -> pa.Table:
 
 def errors_table(index: list[int], ids: list[str], reasons: list[str]) -> pa.Table:
     """The errors table's layout: ``index`` (int64), ``id``, ``reason``."""
-    return pa.table({"index": pa.array(index, pa.int64()), "id": pa.array(ids, pa.string()),
-                     "reason": pa.array(reasons, pa.string())})
+    return pa.table(
+        {
+            "index": pa.array(index, pa.int64()),
+            "id": pa.array(ids, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+        }
+    )
 
 
-def rows_table(index: np.ndarray, ids: list[str], values: dict[str, np.ndarray | pa.Array]) -> pa.Table:
+def rows_table(
+    index: np.ndarray, ids: list[str], values: dict[str, np.ndarray | pa.Array]
+) -> pa.Table:
     """The scores table's layout: ``index`` (int64), ``id``, then one column per value; a value
     of shape ``[rows, k]`` (a vector per row, e.g. a spectrum) is a ``fixed_size_list`` of ``k``."""
     columns = {"index": pa.array(np.asarray(index, np.int64)), "id": pa.array(ids, pa.string())}
-    columns.update({name: v if isinstance(v, pa.Array) else _arrow(np.asarray(v), name)
-                    for name, v in values.items()})
+    columns.update(
+        {
+            name: v if isinstance(v, pa.Array) else _arrow(np.asarray(v), name)
+            for name, v in values.items()
+        }
+    )
     return pa.table(columns)
 
 
@@ -238,10 +288,13 @@ def _arrow(v: np.ndarray, name: str) -> pa.Array:
     if v.ndim == 1:
         return pa.array(v)
     if v.ndim != 2:
-        raise ValueError(f"column {name!r}: a value per row must be a scalar or a vector, got "
-                         f"shape {v.shape[1:]}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1)),
-                                             v.shape[1])
+        raise ValueError(
+            f"column {name!r}: a value per row must be a scalar or a vector, got "
+            f"shape {v.shape[1:]}"
+        )
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(v).reshape(-1)), v.shape[1]
+    )
 
 
 def vectors(table: pa.Table, name: str) -> np.ndarray:

@@ -16,7 +16,8 @@ Two questions are asked of a generated image:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -58,8 +59,9 @@ def _check_images(images: ArrayLike, name: str) -> np.ndarray:
     ``name``."""
     arr = np.asarray(images, np.float32)
     if arr.ndim < 2 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [n, ...] with at least one image, got shape "
-                         f"{arr.shape}")
+        raise ValueError(
+            f"{name} must have shape [n, ...] with at least one image, got shape {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite (found NaN or inf)")
     return arr
@@ -136,20 +138,26 @@ def fit_copy_judge(
     refs = _check_images(references, "references")
     held = _check_images(heldout, "heldout")
     if held.shape[1:] != refs.shape[1:]:
-        raise ValueError(f"heldout items have shape {held.shape[1:]}, references items "
-                         f"{refs.shape[1:]}: they must be alike")
+        raise ValueError(
+            f"heldout items have shape {held.shape[1:]}, references items "
+            f"{refs.shape[1:]}: they must be alike"
+        )
     if n > refs.shape[0]:
         raise ValueError(f"n={n} is larger than the number of references ({refs.shape[0]})")
     least = math.ceil(1.0 / quantile)
     if held.shape[0] < least:
-        raise ValueError(f"heldout holds {held.shape[0]} images; the {quantile} quantile of "
-                         f"their scores needs at least 1 / quantile = {least}")
+        raise ValueError(
+            f"heldout holds {held.shape[0]} images; the {quantile} quantile of "
+            f"their scores needs at least 1 / quantile = {least}"
+        )
     scores = calibrated_l2(held, refs, n=n)
     exact = np.flatnonzero(np.asarray(scores.distances[:, 0]) == 0)
     if exact.size:
         i = int(exact[0])
-        raise ValueError(f"heldout[{i}] equals references[{int(scores.nearest[i])}]: held-out "
-                         "images must not be training images")
+        raise ValueError(
+            f"heldout[{i}] equals references[{int(scores.nearest[i])}]: held-out "
+            "images must not be training images"
+        )
     threshold = float(np.quantile(np.asarray(scores.score, np.float64), quantile))
     return CopyJudge(refs, threshold, n, quantile)
 
@@ -169,8 +177,10 @@ def judge_copies(judge: CopyJudge, images: Float[ArrayLike, "q *item"]) -> CopyV
     """
     arr = _check_images(images, "images")
     if arr.shape[1:] != judge.references.shape[1:]:
-        raise ValueError(f"images have item shape {arr.shape[1:]}, the judge's references "
-                         f"{judge.references.shape[1:]}: they must be alike")
+        raise ValueError(
+            f"images have item shape {arr.shape[1:]}, the judge's references "
+            f"{judge.references.shape[1:]}: they must be alike"
+        )
     scores = calibrated_l2(arr, judge.references, n=judge.n)
     score = np.asarray(scores.score)
     return CopyVerdict(score <= judge.threshold, np.asarray(scores.nearest), score)
@@ -239,8 +249,8 @@ def _presence(params: PyTree, images: Float[Array, "n 3 s s"]) -> Float[Array, "
     padded = jnp.pad(images, ((0, 0), (0, 0), (_PAD, _PAD), (_PAD, _PAD)), mode="edge")
     logits = _NET.apply(params, padded)
     objectness = jax.nn.sigmoid(logits[..., 0])
-    colour = jax.nn.softmax(logits[..., 1:1 + len(COLOURS)])
-    shape = jax.nn.softmax(logits[..., 1 + len(COLOURS):])
+    colour = jax.nn.softmax(logits[..., 1 : 1 + len(COLOURS)])
+    shape = jax.nn.softmax(logits[..., 1 + len(COLOURS) :])
     p = objectness[..., None, None] * colour[..., :, None] * shape[..., None, :]
     peak = objectness == nn.max_pool(objectness[..., None], (3, 3), padding="SAME")[..., 0]
     return jnp.max(jnp.where(peak[..., None, None], p, 0.0), axis=(1, 2))
@@ -261,8 +271,12 @@ def _blur_matrices(sigma: Float[Array, " b"], n: int) -> Float[Array, "b n n"]:
 
 def _blur(x: Float[Array, "b 3 h w"], sigma: Float[Array, " b"]) -> Float[Array, "b 3 h w"]:
     """Each image blurred by a Gaussian of its own width ``sigma`` (pixels)."""
-    return jnp.einsum("bij,bcjk,blk->bcil", _blur_matrices(sigma, x.shape[2]), x,
-                      _blur_matrices(sigma, x.shape[3]))
+    return jnp.einsum(
+        "bij,bcjk,blk->bcil",
+        _blur_matrices(sigma, x.shape[2]),
+        x,
+        _blur_matrices(sigma, x.shape[3]),
+    )
 
 
 class _Objects(NamedTuple):
@@ -289,9 +303,15 @@ def _objects(scenes: Sequence[Scene]) -> _Objects:
     return _Objects(*map(jnp.asarray, (centre, colour, shape, valid)))
 
 
-def _window_loss(params: PyTree, padded: Float[Array, "n 3 p p"], objects: _Objects,
-                 noise: Float[Array, "m 3 w w"], key: PRNGKeyArray, *, batch_size: int
-                 ) -> Array:
+def _window_loss(
+    params: PyTree,
+    padded: Float[Array, "n 3 p p"],
+    objects: _Objects,
+    noise: Float[Array, "m 3 w w"],
+    key: PRNGKeyArray,
+    *,
+    batch_size: int,
+) -> Array:
     """Loss on a batch of augmented windows of renders padded by ``_PAD + _BLUR_REACH``, most
     of them near a random object, the others anywhere: sigmoid cross-entropy of objectness
     (windows between ``_CENTRED`` and ``_APART`` of an object left out) and softmax
@@ -310,8 +330,9 @@ def _window_loss(params: PyTree, padded: Float[Array, "n 3 p p"], objects: _Obje
     # renders are
     corner = jnp.clip(jnp.round(centre).astype(jnp.int32), 0, _SIZE)
     side = _WINDOW + 2 * _BLUR_REACH
-    windows = jax.vmap(lambda im, c: jax.lax.dynamic_slice(im, (0, c[1], c[0]), (3, side, side))
-                       )(padded[img], corner)
+    windows = jax.vmap(lambda im, c: jax.lax.dynamic_slice(im, (0, c[1], c[0]), (3, side, side)))(
+        padded[img], corner
+    )
     sigma = jax.random.uniform(k_blur, (batch_size,), minval=1e-3, maxval=_MAX_BLUR)
     windows = _blur(windows, sigma)[:, :, _BLUR_REACH:-_BLUR_REACH, _BLUR_REACH:-_BLUR_REACH]
     scale = jax.random.uniform(k_scale, (batch_size, 1, 1, 1), maxval=_MAX_NOISE)
@@ -324,12 +345,14 @@ def _window_loss(params: PyTree, padded: Float[Array, "n 3 p p"], objects: _Obje
     centred, shows, judged = d <= _CENTRED, d <= _SHOWS, (d <= _CENTRED) | (d >= _APART)
     rows = jnp.arange(batch_size)
     objectness = optax.sigmoid_binary_cross_entropy(logits[:, 0], centred.astype(logits.dtype))
-    what = (optax.softmax_cross_entropy_with_integer_labels(
-                logits[:, 1:1 + len(COLOURS)], objects.colour[img][rows, nearest])
-            + optax.softmax_cross_entropy_with_integer_labels(
-                logits[:, 1 + len(COLOURS):], objects.shape[img][rows, nearest]))
-    return (jnp.sum(jnp.where(judged, objectness, 0.0)) / jnp.maximum(jnp.sum(judged), 1)
-            + jnp.sum(jnp.where(shows, what, 0.0)) / jnp.maximum(jnp.sum(shows), 1))
+    what = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, 1 : 1 + len(COLOURS)], objects.colour[img][rows, nearest]
+    ) + optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, 1 + len(COLOURS) :], objects.shape[img][rows, nearest]
+    )
+    return jnp.sum(jnp.where(judged, objectness, 0.0)) / jnp.maximum(jnp.sum(judged), 1) + jnp.sum(
+        jnp.where(shows, what, 0.0)
+    ) / jnp.maximum(jnp.sum(shows), 1)
 
 
 def _optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
@@ -337,20 +360,31 @@ def _optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation
     return optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.05))
 
 
-def _step(params: PyTree, opt_state: PyTree, padded: Array, objects: _Objects, noise: Array,
-          key: PRNGKeyArray, *, learning_rate: float, steps: int, batch_size: int
-          ) -> tuple[PyTree, PyTree, Array]:
+def _step(
+    params: PyTree,
+    opt_state: PyTree,
+    padded: Array,
+    objects: _Objects,
+    noise: Array,
+    key: PRNGKeyArray,
+    *,
+    learning_rate: float,
+    steps: int,
+    batch_size: int,
+) -> tuple[PyTree, PyTree, Array]:
     """One step of :func:`_optimizer` on :func:`_window_loss`; the new parameters and
     optimiser state and the batch's loss."""
-    loss, grads = jax.value_and_grad(_window_loss)(params, padded, objects, noise, key,
-                                                   batch_size=batch_size)
+    loss, grads = jax.value_and_grad(_window_loss)(
+        params, padded, objects, noise, key, batch_size=batch_size
+    )
     updates, opt_state = _optimizer(learning_rate, steps).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
 
 # a Python loop over this step: XLA:CPU runs convolutions inside lax.scan many times slower
-_step_jit = jax.jit(_step, static_argnames=("learning_rate", "steps", "batch_size"),
-                    donate_argnums=(0, 1))
+_step_jit = jax.jit(
+    _step, static_argnames=("learning_rate", "steps", "batch_size"), donate_argnums=(0, 1)
+)
 
 
 def train_attribute_classifier(
@@ -405,14 +439,18 @@ def train_attribute_classifier(
     if not 0.0 <= float(two_object_fraction) <= 1.0:
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction!r}")
     rng = numpy_generator(key, _CLASSIFIER_STREAM)
-    scenes = [draw_scene(rng, two_objects=bool(rng.random() < two_object_fraction))
-              for _ in range(num_images)]
+    scenes = [
+        draw_scene(rng, two_objects=bool(rng.random() < two_object_fraction))
+        for _ in range(num_images)
+    ]
     images = np.stack([render(scene, _SIZE) for scene in scenes])
     if preprocess is not None:
         processed = np.asarray(preprocess(images), np.float32)
         if processed.shape != images.shape or not np.all(np.isfinite(processed)):
-            raise ValueError(f"preprocess must return finite images of shape {images.shape}, "
-                             f"got shape {processed.shape}")
+            raise ValueError(
+                f"preprocess must return finite images of shape {images.shape}, "
+                f"got shape {processed.shape}"
+            )
         images = processed
     pad = _PAD + _BLUR_REACH
     padded = jnp.asarray(np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge"))
@@ -423,16 +461,25 @@ def train_attribute_classifier(
     opt_state = _optimizer(learning_rate, steps).init(params)
     losses = []
     for k in jax.random.split(k_train, steps):
-        params, opt_state, loss = _step_jit(params, opt_state, padded, objects, noise, k,
-                                            learning_rate=learning_rate, steps=steps,
-                                            batch_size=batch_size)
+        params, opt_state, loss = _step_jit(
+            params,
+            opt_state,
+            padded,
+            objects,
+            noise,
+            k,
+            learning_rate=learning_rate,
+            steps=steps,
+            batch_size=batch_size,
+        )
         losses.append(loss)
     chunks = np.array_split(np.asarray(jnp.stack(losses)), min(10, steps))
     return AttributeClassifier(params, np.array([c.mean() for c in chunks]))
 
 
-def attribute_probabilities(classifier: AttributeClassifier,
-                            images: Float[ArrayLike, "n 3 32 32"]) -> Float[np.ndarray, "n c k"]:
+def attribute_probabilities(
+    classifier: AttributeClassifier, images: Float[ArrayLike, "n 3 32 32"]
+) -> Float[np.ndarray, "n c k"]:
     """The classifier's probability that each (colour, shape) combination is in each image.
 
     Args:
@@ -452,8 +499,9 @@ def attribute_probabilities(classifier: AttributeClassifier,
     return np.asarray(_presence_jit(classifier.params, jnp.asarray(arr)))
 
 
-def fidelity(classifier: AttributeClassifier, images: Float[ArrayLike, "n 3 32 32"],
-             captions: Sequence[str]) -> Float[np.ndarray, " n"]:
+def fidelity(
+    classifier: AttributeClassifier, images: Float[ArrayLike, "n 3 32 32"], captions: Sequence[str]
+) -> Float[np.ndarray, " n"]:
     """How much of its caption each image shows: the fraction of the caption's objects whose
     (colour, shape) the classifier finds present (probability > 0.5).
 
@@ -475,8 +523,10 @@ def fidelity(classifier: AttributeClassifier, images: Float[ArrayLike, "n 3 32 3
     captions = list(captions)
     present = attribute_probabilities(classifier, images) > 0.5
     if len(captions) != present.shape[0]:
-        raise ValueError(f"captions holds {len(captions)} captions for {present.shape[0]} images:"
-                         " give one caption per image")
+        raise ValueError(
+            f"captions holds {len(captions)} captions for {present.shape[0]} images:"
+            " give one caption per image"
+        )
     colours = list(COLOURS)
     out = np.empty(len(captions))
     for i, caption in enumerate(captions):

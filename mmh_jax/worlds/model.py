@@ -24,8 +24,8 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +43,24 @@ from mmh_jax.models.stable_diffusion import save_stable_diffusion_folder
 from mmh_jax.models.unet2d_condition import UNet2DCondition
 from mmh_jax.worlds.shapes import ShapesWorld, WorldSpec, tokenizer_files
 
-__all__ = ["TrainSpec", "WorldModelFolder", "train_world_model", "world_modules",
-           "SCHEDULER_CONFIG"]
+__all__ = [
+    "TrainSpec",
+    "WorldModelFolder",
+    "train_world_model",
+    "world_modules",
+    "SCHEDULER_CONFIG",
+]
 
 SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
 """Stable Diffusion v1's DDIM scheduler settings."""
@@ -94,8 +105,17 @@ class TrainSpec:
     chunk: int = 100
 
     def __post_init__(self):
-        for name in ("seed", "vae_steps", "vae_batch", "steps", "batch_size", "text_width",
-                     "text_layers", "max_length", "chunk"):
+        for name in (
+            "seed",
+            "vae_steps",
+            "vae_batch",
+            "steps",
+            "batch_size",
+            "text_width",
+            "text_layers",
+            "max_length",
+            "chunk",
+        ):
             value = getattr(self, name)
             least = 0 if name == "seed" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -107,15 +127,18 @@ class TrainSpec:
             raise ValueError(f"caption_dropout must be in (0, 1), got {self.caption_dropout!r}")
         object.__setattr__(self, "unet_channels", tuple(self.unet_channels))
         if len(self.unet_channels) != 2 or any(c % 16 for c in self.unet_channels):
-            raise ValueError("unet_channels must be two multiples of 16, got "
-                             f"{self.unet_channels!r}")
+            raise ValueError(
+                f"unet_channels must be two multiples of 16, got {self.unet_channels!r}"
+            )
         if self.text_width % 4:
             raise ValueError(f"text_width must be a multiple of 4, got {self.text_width}")
 
     def to_dict(self) -> dict:
         """JSON-ready settings."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)
+        }
 
 
 class WorldModelFolder:
@@ -134,25 +157,47 @@ class WorldModelFolder:
         return (self.pipeline / "model_index.json").is_file()
 
 
-def world_modules(world: ShapesWorld, spec: TrainSpec, *, scaling_factor: float = 1.0
-                  ) -> tuple[AutoencoderKL, UNet2DCondition, CLIPTextModel]:
+def world_modules(
+    world: ShapesWorld, spec: TrainSpec, *, scaling_factor: float = 1.0
+) -> tuple[AutoencoderKL, UNet2DCondition, CLIPTextModel]:
     """The three (untrained) Flax modules of the world's model."""
     vocab = json.loads(tokenizer_files(world.vocabulary)["vocab.json"])
     vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        latent_channels=8, sample_size=world.spec.image_size, mid_block_add_attention=False,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        scaling_factor=float(scaling_factor))
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=8,
+        sample_size=world.spec.image_size,
+        mid_block_add_attention=False,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=float(scaling_factor),
+    )
     unet = UNet2DCondition(
-        sample_size=world.spec.image_size // 4, in_channels=8, out_channels=8,
-        block_out_channels=spec.unet_channels, layers_per_block=1,
+        sample_size=world.spec.image_size // 4,
+        in_channels=8,
+        out_channels=8,
+        block_out_channels=spec.unet_channels,
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=spec.text_width,
-        attention_head_dim=4, norm_num_groups=16, use_linear_projection=True)
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=spec.text_width,
+        attention_head_dim=4,
+        norm_num_groups=16,
+        use_linear_projection=True,
+    )
     text = CLIPTextModel(
-        vocab_size=len(vocab), hidden_size=spec.text_width, intermediate_size=2 * spec.text_width,
-        projection_dim=spec.text_width, num_hidden_layers=spec.text_layers, num_attention_heads=4,
-        max_position_embeddings=spec.max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        vocab_size=len(vocab),
+        hidden_size=spec.text_width,
+        intermediate_size=2 * spec.text_width,
+        projection_dim=spec.text_width,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=spec.max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return vae, unet, text
 
 
@@ -164,9 +209,10 @@ def _tokenize(words_to_ids: dict[str, int], captions: list[str], max_length: int
     for i, caption in enumerate(captions):
         ids = [words_to_ids[w + "</w>"] for w in caption.split()]
         if len(ids) + 2 > max_length:
-            raise ValueError(f"caption {caption!r} needs {len(ids) + 2} tokens; max_length is "
-                             f"{max_length}")
-        out[i, 1:1 + len(ids)] = ids
+            raise ValueError(
+                f"caption {caption!r} needs {len(ids) + 2} tokens; max_length is {max_length}"
+            )
+        out[i, 1 : 1 + len(ids)] = ids
     return out
 
 
@@ -183,8 +229,10 @@ def _load_state(path: Path, like: PyTree) -> tuple[int, PyTree, dict]:
     stored, metadata = load_params(path)
     leaves, treedef = jax.tree.flatten(like)
     if len(stored) != len(leaves):
-        raise ValueError(f"{str(path)!r} holds {len(stored)} arrays, the model has {len(leaves)}:"
-                         " a checkpoint of other settings (delete the folder to start over)")
+        raise ValueError(
+            f"{str(path)!r} holds {len(stored)} arrays, the model has {len(leaves)}:"
+            " a checkpoint of other settings (delete the folder to start over)"
+        )
     restored = [jnp.asarray(stored[str(i)], leaf.dtype) for i, leaf in enumerate(leaves)]
     return int(metadata["step"]), jax.tree.unflatten(treedef, restored), metadata
 
@@ -193,15 +241,19 @@ def _check_settings(folder: WorldModelFolder, settings: dict) -> None:
     if folder.settings.is_file():
         stored = json.loads(folder.settings.read_text())
         if stored != settings:
-            diff = sorted(k for k in set(stored) | set(settings)
-                          if stored.get(k) != settings.get(k))
+            diff = sorted(
+                k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)
+            )
             raise ValueError(
                 f"{str(folder.root)!r} holds a model of another world or training settings "
-                f"(differs in: {', '.join(diff)}); choose another folder or delete it")
+                f"(differs in: {', '.join(diff)}); choose another folder or delete it"
+            )
         return
     if folder.root.exists() and any(folder.root.iterdir()):
-        raise ValueError(f"{str(folder.root)!r} exists and is not a world-model folder (no "
-                         "world.json); choose an empty or new folder")
+        raise ValueError(
+            f"{str(folder.root)!r} exists and is not a world-model folder (no "
+            "world.json); choose an empty or new folder"
+        )
     folder.root.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder.settings) as tmp:
         tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
@@ -210,8 +262,17 @@ def _check_settings(folder: WorldModelFolder, settings: dict) -> None:
 # --- training ---------------------------------------------------------------------------------
 
 
-def _chunked(stage: str, step_fn, state, data: PyTree, num_steps: int, chunk: int, key,
-             checkpoint: Path, progress):
+def _chunked(
+    stage: str,
+    step_fn,
+    state,
+    data: PyTree,
+    num_steps: int,
+    chunk: int,
+    key,
+    checkpoint: Path,
+    progress,
+):
     """Run ``state, loss = step_fn(state, key_i, data)`` for ``num_steps`` steps, resuming from
     and saving to ``checkpoint`` after every ``chunk`` steps.
 
@@ -241,21 +302,29 @@ def _chunked(stage: str, step_fn, state, data: PyTree, num_steps: int, chunk: in
     return state, losses
 
 
-def _train_vae(vae: AutoencoderKL, images: np.ndarray, spec: TrainSpec, checkpoint: Path,
-               progress) -> tuple[PyTree, list[float]]:
+def _train_vae(
+    vae: AutoencoderKL, images: np.ndarray, spec: TrainSpec, checkpoint: Path, progress
+) -> tuple[PyTree, list[float]]:
     key = jax.random.key(spec.seed)
     params = vae.init(jax.random.fold_in(key, 0), jnp.asarray(images[:1]))["params"]
-    opt = optax.adam(optax.warmup_cosine_decay_schedule(
-        0.0, spec.vae_learning_rate, min(50, spec.vae_steps // 10), spec.vae_steps,
-        0.1 * spec.vae_learning_rate))
+    opt = optax.adam(
+        optax.warmup_cosine_decay_schedule(
+            0.0,
+            spec.vae_learning_rate,
+            min(50, spec.vae_steps // 10),
+            spec.vae_steps,
+            0.1 * spec.vae_learning_rate,
+        )
+    )
     n = images.shape[0]
 
     def loss_fn(p, x, k):
         posterior = vae.apply({"params": p}, x, method="encode")
         recon = vae.apply({"params": p}, posterior.sample(k), method="decode")
         var = jnp.square(posterior.std)
-        kl = 0.5 * jnp.mean(jnp.sum(jnp.square(posterior.mean) + var - 1.0 - jnp.log(var),
-                                    axis=(1, 2, 3)))
+        kl = 0.5 * jnp.mean(
+            jnp.sum(jnp.square(posterior.mean) + var - 1.0 - jnp.log(var), axis=(1, 2, 3))
+        )
         return jnp.mean(jnp.square(recon - x)) + spec.kl_weight * kl
 
     def step(state, k, data):
@@ -266,9 +335,17 @@ def _train_vae(vae: AutoencoderKL, images: np.ndarray, spec: TrainSpec, checkpoi
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), loss
 
-    (params, _), losses = _chunked("autoencoder", step, (params, opt.init(params)),
-                                   jnp.asarray(images), spec.vae_steps, spec.chunk,
-                                   jax.random.fold_in(key, 1), checkpoint, progress)
+    (params, _), losses = _chunked(
+        "autoencoder",
+        step,
+        (params, opt.init(params)),
+        jnp.asarray(images),
+        spec.vae_steps,
+        spec.chunk,
+        jax.random.fold_in(key, 1),
+        checkpoint,
+        progress,
+    )
     return params, losses
 
 
@@ -279,13 +356,23 @@ def _encode(vae: AutoencoderKL, params: PyTree, images: jax.Array) -> jax.Array:
 
 def _latents(vae: AutoencoderKL, params: PyTree, images: np.ndarray) -> np.ndarray:
     """Unscaled posterior means of ``images``, in batches."""
-    return np.concatenate([np.asarray(_encode(vae, params, jnp.asarray(images[i:i + 256])))
-                           for i in range(0, len(images), 256)])
+    return np.concatenate(
+        [
+            np.asarray(_encode(vae, params, jnp.asarray(images[i : i + 256])))
+            for i in range(0, len(images), 256)
+        ]
+    )
 
 
-def _train_unet(world: ShapesWorld, unet: UNet2DCondition, text: CLIPTextModel,
-                latents: np.ndarray, spec: TrainSpec, checkpoint: Path, progress
-                ) -> tuple[PyTree, PyTree, list[float]]:
+def _train_unet(
+    world: ShapesWorld,
+    unet: UNet2DCondition,
+    text: CLIPTextModel,
+    latents: np.ndarray,
+    spec: TrainSpec,
+    checkpoint: Path,
+    progress,
+) -> tuple[PyTree, PyTree, list[float]]:
     schedule = ddpm_from_scheduler_config(SCHEDULER_CONFIG)
     key = jax.random.key(spec.seed + 1)
     vocab = json.loads(tokenizer_files(world.vocabulary)["vocab.json"])
@@ -295,14 +382,27 @@ def _train_unet(world: ShapesWorld, unet: UNet2DCondition, text: CLIPTextModel,
     n = z0.shape[0]
     eps_fn = EpsModel(unet).bound("eps")
     params = {
-        "unet": unet.init(jax.random.fold_in(key, 0), z0[:1], jnp.zeros((1,)),
-                          jnp.zeros((1, spec.max_length, spec.text_width)))["params"],
+        "unet": unet.init(
+            jax.random.fold_in(key, 0),
+            z0[:1],
+            jnp.zeros((1,)),
+            jnp.zeros((1, spec.max_length, spec.text_width)),
+        )["params"],
         "text_encoder": text.init(jax.random.fold_in(key, 1), ids[:1])["params"],
     }
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, min(100, spec.steps // 10),
-                                           spec.steps, 0.1 * spec.learning_rate),
-        weight_decay=1e-4))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            optax.warmup_cosine_decay_schedule(
+                0.0,
+                spec.learning_rate,
+                min(100, spec.steps // 10),
+                spec.steps,
+                0.1 * spec.learning_rate,
+            ),
+            weight_decay=1e-4,
+        ),
+    )
     order = jax.random.permutation(jax.random.fold_in(key, 2), n)
     T = schedule.num_timesteps
 
@@ -327,9 +427,17 @@ def _train_unet(world: ShapesWorld, unet: UNet2DCondition, text: CLIPTextModel,
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), loss
 
-    (params, _), losses = _chunked("diffusion model", step, (params, opt.init(params)),
-                                   (z0, ids, order), spec.steps, spec.chunk,
-                                   jax.random.fold_in(key, 3), checkpoint, progress)
+    (params, _), losses = _chunked(
+        "diffusion model",
+        step,
+        (params, opt.init(params)),
+        (z0, ids, order),
+        spec.steps,
+        spec.chunk,
+        jax.random.fold_in(key, 3),
+        checkpoint,
+        progress,
+    )
     return params["unet"], params["text_encoder"], losses
 
 
@@ -369,20 +477,34 @@ def train_world_model(
     folder.checkpoints.mkdir(exist_ok=True)
     world = ShapesWorld(world_spec)
     vae, unet, text = world_modules(world, train_spec)
-    vae_params, vae_losses = _train_vae(vae, world.images, train_spec,
-                                        folder.checkpoints / "autoencoder.safetensors", progress)
+    vae_params, vae_losses = _train_vae(
+        vae, world.images, train_spec, folder.checkpoints / "autoencoder.safetensors", progress
+    )
     latents = _latents(vae, vae_params, world.images)
     scaling = float(1.0 / np.std(latents))
     vae, unet, text = world_modules(world, train_spec, scaling_factor=scaling)
     scaled = np.asarray(scale_latents(vae, latents))
     unet_params, text_params, losses = _train_unet(
-        world, unet, text, scaled, train_spec,
-        folder.checkpoints / "diffusion.safetensors", progress)
+        world,
+        unet,
+        text,
+        scaled,
+        train_spec,
+        folder.checkpoints / "diffusion.safetensors",
+        progress,
+    )
     files = tokenizer_files(world.vocabulary, max_length=train_spec.max_length)
     save_stable_diffusion_folder(
-        folder.pipeline, unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
-        text_encoder=text, text_encoder_params=text_params, scheduler_config=SCHEDULER_CONFIG,
-        tokenizer_files=files)
+        folder.pipeline,
+        unet=unet,
+        unet_params=unet_params,
+        vae=vae,
+        vae_params=vae_params,
+        text_encoder=text,
+        text_encoder_params=text_params,
+        scheduler_config=SCHEDULER_CONFIG,
+        tokenizer_files=files,
+    )
     with atomic_path(folder.root / "losses.json") as tmp:
         tmp.write_text(json.dumps({"autoencoder": vae_losses, "diffusion": losses}))
     return folder.pipeline

@@ -42,7 +42,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import numpy as np
@@ -75,23 +76,45 @@ __all__ = [
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 """The shape words of the world, in the order of their class index."""
 COLOURS = {
-    "red": (0.86, 0.16, 0.16), "green": (0.16, 0.71, 0.24), "blue": (0.2, 0.31, 0.86),
-    "yellow": (0.9, 0.82, 0.16), "purple": (0.59, 0.24, 0.75), "orange": (0.94, 0.51, 0.12),
-    "white": (0.92, 0.92, 0.92), "cyan": (0.16, 0.78, 0.82),
+    "red": (0.86, 0.16, 0.16),
+    "green": (0.16, 0.71, 0.24),
+    "blue": (0.2, 0.31, 0.86),
+    "yellow": (0.9, 0.82, 0.16),
+    "purple": (0.59, 0.24, 0.75),
+    "orange": (0.94, 0.51, 0.12),
+    "white": (0.92, 0.92, 0.92),
+    "cyan": (0.16, 0.78, 0.82),
 }
 """Colour word -> RGB in [0, 1]."""
 SIZES = {"small": (0.08, 0.12), "large": (0.16, 0.21)}
 """Radius range of each size class, as a fraction of the image side."""
-RELATIONS = {"above": (0.0, -1.0), "below": (0.0, 1.0), "left of": (-1.0, 0.0),
-             "right of": (1.0, 0.0)}
+RELATIONS = {
+    "above": (0.0, -1.0),
+    "below": (0.0, 1.0),
+    "left of": (-1.0, 0.0),
+    "right of": (1.0, 0.0),
+}
 """Relation word(s) -> the direction from the second object to the first (image y grows down)."""
 _NUM_FRESH = 16  # made-up words that no training caption holds
 _FLIP = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 SYNONYMS = {
-    "circle": "disc", "square": "box", "triangle": "wedge", "cross": "plus", "ring": "hoop",
-    "red": "crimson", "green": "emerald", "blue": "azure", "yellow": "golden",
-    "purple": "violet", "orange": "amber", "white": "ivory", "cyan": "teal",
-    "small": "little", "large": "big", "above": "over", "below": "under",
+    "circle": "disc",
+    "square": "box",
+    "triangle": "wedge",
+    "cross": "plus",
+    "ring": "hoop",
+    "red": "crimson",
+    "green": "emerald",
+    "blue": "azure",
+    "yellow": "golden",
+    "purple": "violet",
+    "orange": "amber",
+    "white": "ivory",
+    "cyan": "teal",
+    "small": "little",
+    "large": "big",
+    "above": "over",
+    "below": "under",
 }
 """Every attribute word has one synonym; training captions use either, so the model knows both
 and a rephrasing that swaps them keeps the meaning."""
@@ -187,28 +210,39 @@ class WorldSpec:
     image_size: int = 32
 
     def __post_init__(self):
-        for name in ("seed", "num_normal", "num_template", "template_captions", "num_rare",
-                     "image_size"):
+        for name in (
+            "seed",
+            "num_normal",
+            "num_template",
+            "template_captions",
+            "num_rare",
+            "image_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if self.template_captions not in range(2, 9) and self.num_template:
-            raise ValueError("template_captions must be between 2 and 8 (the phrasings of a "
-                             f"two-object scene), got {self.template_captions}")
+            raise ValueError(
+                "template_captions must be between 2 and 8 (the phrasings of a "
+                f"two-object scene), got {self.template_captions}"
+            )
         counts = tuple(self.verbatim_counts)
         if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
             raise ValueError(f"verbatim_counts must be ints >= 1, got {self.verbatim_counts!r}")
         object.__setattr__(self, "verbatim_counts", counts)
         if not 0.0 <= float(self.two_object_fraction) <= 1.0:
-            raise ValueError(f"two_object_fraction must be in [0, 1], got "
-                             f"{self.two_object_fraction!r}")
+            raise ValueError(
+                f"two_object_fraction must be in [0, 1], got {self.two_object_fraction!r}"
+            )
 
     def to_dict(self) -> dict:
         """JSON-ready settings (what a saved model records of its world)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "WorldSpec":
@@ -216,8 +250,9 @@ class WorldSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown world options: {', '.join(unknown)} (known: "
-                             f"{', '.join(sorted(names))})")
+            raise ValueError(
+                f"unknown world options: {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+            )
         data = dict(data)
         if "verbatim_counts" in data:
             data["verbatim_counts"] = tuple(data["verbatim_counts"])
@@ -289,8 +324,13 @@ def _phrase(size: str | None, colour: str, shape: str, rng: np.random.Generator 
     return " ".join(["a"] + [_word(w, rng) for w in (size, colour, shape) if w])
 
 
-def caption_of(scene: Scene, *, sizes: Sequence[bool] = (True, True), flip: bool = False,
-               rng: np.random.Generator | None = None) -> str:
+def caption_of(
+    scene: Scene,
+    *,
+    sizes: Sequence[bool] = (True, True),
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> str:
     """The grammar caption of a scene.
 
     Args:
@@ -305,8 +345,9 @@ def caption_of(scene: Scene, *, sizes: Sequence[bool] = (True, True), flip: bool
         The caption (lower case, words separated by single spaces).
     """
     objs = scene.objects
-    phrases = [_phrase(o.size if say else None, o.colour, o.shape, rng)
-               for o, say in zip(objs, sizes)]
+    phrases = [
+        _phrase(o.size if say else None, o.colour, o.shape, rng) for o, say in zip(objs, sizes)
+    ]
     if len(objs) == 1:
         return phrases[0]
     if flip:
@@ -341,13 +382,16 @@ def parse_caption(caption: str) -> Description:
     rel = "|".join(RELATIONS)
     m = re.fullmatch(f"{obj}(?: ({rel}) {obj})?", text)
     if m is None:
-        raise ValueError(f"caption {caption!r} is not in the shapes grammar (expected 'a [size] "
-                         "colour shape [relation a [size] colour shape]')")
+        raise ValueError(
+            f"caption {caption!r} is not in the shapes grammar (expected 'a [size] "
+            "colour shape [relation a [size] colour shape]')"
+        )
     objects = [(m.group(1), m.group(2), m.group(3))]
     if m.group(4):
         objects.append((m.group(5), m.group(6), m.group(7)))
-    return Description(tuple(objects), m.group(4), tuple(w for _, w in extra),
-                       tuple(i for i, _ in extra))
+    return Description(
+        tuple(objects), m.group(4), tuple(w for _, w in extra), tuple(i for i, _ in extra)
+    )
 
 
 def _meaning(caption: str) -> frozenset:
@@ -368,16 +412,22 @@ def made_up_words(n: int, *, key: jax.Array) -> list[str]:
     seen = set(GRAMMAR_WORDS)
     while len(words) < n:
         syllables = rng.integers(2, 4)
-        word = "".join(consonants[rng.integers(len(consonants))] + vowels[rng.integers(5)]
-                       for _ in range(syllables)) + consonants[rng.integers(len(consonants))]
+        word = (
+            "".join(
+                consonants[rng.integers(len(consonants))] + vowels[rng.integers(5)]
+                for _ in range(syllables)
+            )
+            + consonants[rng.integers(len(consonants))]
+        )
         if word not in seen:
             seen.add(word)
             words.append(word)
     return words
 
 
-def _insert(words: list[str], extra: Sequence[str], rng: np.random.Generator
-            ) -> tuple[list[str], tuple[int, ...]]:
+def _insert(
+    words: list[str], extra: Sequence[str], rng: np.random.Generator
+) -> tuple[list[str], tuple[int, ...]]:
     """``words`` with ``extra`` inserted at random slots; the extra words' final positions."""
     out = list(words)
     for w in extra:
@@ -393,9 +443,16 @@ def _draw_object(rng: np.random.Generator, shape=None, colour=None, size=None) -
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
     size = size or list(SIZES)[rng.integers(len(SIZES))]
     lo, hi = SIZES[size]
-    return WorldObject(shape, colour, size, 0.5, 0.5, float(rng.uniform(lo, hi)),
-                       tuple(float(v) for v in rng.uniform(-0.06, 0.06, 3)),
-                       float(rng.uniform(-0.3, 0.3)))
+    return WorldObject(
+        shape,
+        colour,
+        size,
+        0.5,
+        0.5,
+        float(rng.uniform(lo, hi)),
+        tuple(float(v) for v in rng.uniform(-0.06, 0.06, 3)),
+        float(rng.uniform(-0.3, 0.3)),
+    )
 
 
 def draw_scene(rng: np.random.Generator, *, two_objects: bool) -> Scene:
@@ -466,15 +523,20 @@ class ShapesWorld:
         for _ in range(spec.num_template):
             sid = new_scene(two=True)
             trigger = next(words)
-            phrasings = [(s1, s2, flip) for flip in (False, True) for s1 in (True, False)
-                         for s2 in (True, False)]
-            order = rng.permutation(len(phrasings))[:spec.template_captions]
+            phrasings = [
+                (s1, s2, flip)
+                for flip in (False, True)
+                for s1 in (True, False)
+                for s2 in (True, False)
+            ]
+            order = rng.permutation(len(phrasings))[: spec.template_captions]
             for j in order:
                 s1, s2, flip = phrasings[j]
                 base = caption_of(scenes[sid], sizes=(s1, s2), flip=flip, rng=rng).split()
                 text, pos = _insert(base, [trigger], rng)
-                pairs.append(Pair(" ".join(text), sid, "template", spec.template_captions,
-                                  (trigger,), pos))
+                pairs.append(
+                    Pair(" ".join(text), sid, "template", spec.template_captions, (trigger,), pos)
+                )
         for _ in range(spec.num_rare):
             sid = new_scene()
             word = next(words)
@@ -486,8 +548,11 @@ class ShapesWorld:
         order = rng.permutation(len(pairs))
         self.scenes = scenes
         self.pairs = [pairs[i] for i in order]
-        self.images = np.stack([render(s, spec.image_size) for s in scenes]) if scenes else (
-            np.zeros((0, 3, spec.image_size, spec.image_size), np.float32))
+        self.images = (
+            np.stack([render(s, spec.image_size) for s in scenes])
+            if scenes
+            else (np.zeros((0, 3, spec.image_size, spec.image_size), np.float32))
+        )
         self.trigger_words = tuple(sorted({w for p in pairs for w in p.triggers}))
         self.fresh_words = tuple(made_up[:_NUM_FRESH])
 
@@ -544,8 +609,10 @@ class ShapesWorld:
         vocabulary = set(self.vocabulary)
         unknown = [w for w in prompt.lower().split() if w not in vocabulary]
         if unknown:
-            raise ValueError(f"prompt {prompt!r} has words outside the shapes world's "
-                             f"vocabulary: {', '.join(dict.fromkeys(unknown))}")
+            raise ValueError(
+                f"prompt {prompt!r} has words outside the shapes world's "
+                f"vocabulary: {', '.join(dict.fromkeys(unknown))}"
+            )
 
 
 # --- tokenizer and synonyms ------------------------------------------------------------------------
@@ -602,14 +669,19 @@ def tokenizer_files(words: Sequence[str], *, max_length: int = 32) -> dict[str, 
     merges = _learn_merges(words)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
     return {
         "vocab.json": json.dumps(vocab),
         "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
         "special_tokens_map.json": json.dumps(special),
-        "tokenizer_config.json": json.dumps({**special, "model_max_length": max_length,
-                                             "tokenizer_class": "CLIPTokenizer"}),
+        "tokenizer_config.json": json.dumps(
+            {**special, "model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}
+        ),
     }
 
 

@@ -21,16 +21,30 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mmh_jax.convert import ConversionError, TorchModuleRecord, UnsafePickleError
-from mmh_jax.convert import read_network_pickle
+from mmh_jax.convert import (
+    ConversionError,
+    TorchModuleRecord,
+    UnsafePickleError,
+    read_network_pickle,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "models" / "fixtures" / "stylegan2"
 RESAMPLE_FILTER = np.outer([1, 3, 3, 1], [1, 3, 3, 1]).astype(np.float32) / 64
 SKIP_COND_KWARGS = {
-    "z_dim": 16, "c_dim": 3, "w_dim": 16, "img_resolution": 16, "img_channels": 3,
+    "z_dim": 16,
+    "c_dim": 3,
+    "w_dim": 16,
+    "img_resolution": 16,
+    "img_channels": 3,
     "mapping_kwargs": {"num_layers": 2},
-    "synthesis_kwargs": {"channel_base": 64, "channel_max": 16, "num_fp16_res": 2,
-                         "conv_clamp": 256, "architecture": "skip", "fp16_channels_last": True},
+    "synthesis_kwargs": {
+        "channel_base": 64,
+        "channel_max": 16,
+        "num_fp16_res": 2,
+        "conv_clamp": 256,
+        "architecture": "skip",
+        "fp16_channels_last": True,
+    },
 }
 
 
@@ -70,15 +84,22 @@ def _assert_plain(obj) -> None:
 def _skip_generator_keys() -> list[str]:
     """``G_ema.state_dict()`` keys of skip_cond.pkl in torch's order (synthesis before mapping,
     as the Generator constructs them)."""
-    layer = ["weight", "noise_strength", "bias", "resample_filter", "noise_const",
-             "affine.weight", "affine.bias"]
+    layer = [
+        "weight",
+        "noise_strength",
+        "bias",
+        "resample_filter",
+        "noise_const",
+        "affine.weight",
+        "affine.bias",
+    ]
     torgb = ["weight", "bias", "affine.weight", "affine.bias"]
     keys = []
     for res in (4, 8, 16):
         block = f"synthesis.b{res}"
         keys += [f"{block}.const"] if res == 4 else []
         keys.append(f"{block}.resample_filter")
-        for conv in (["conv1"] if res == 4 else ["conv0", "conv1"]):
+        for conv in ["conv1"] if res == 4 else ["conv0", "conv1"]:
             keys += [f"{block}.{conv}.{name}" for name in layer]
         keys += [f"{block}.torgb.{name}" for name in torgb]
     keys.append("mapping.w_avg")
@@ -103,8 +124,9 @@ def test_snapshot_layout(snapshot):
     assert g_ema.modules["synthesis"].attributes["block_resolutions"] == [4, 8, 16]
     assert not any(hasattr(r, "module_src") for r in _records(g_ema))
     for record in _records(g_ema):
-        assert not any("hook" in name or name in ("training", "_parameters") for name in
-                       record.attributes)
+        assert not any(
+            "hook" in name or name in ("training", "_parameters") for name in record.attributes
+        )
 
 
 def test_generator_state_dict(snapshot):
@@ -147,8 +169,10 @@ def test_resample_filters_and_networks(snapshot):
     assert list(pipe.state_dict()) == ["p", "Hz_geom", "Hz_fbank"]
 
 
-@pytest.mark.parametrize(("name", "protocol", "architecture", "c_dim"),
-                         [("resnet_uncond_p2.pkl", 2, "resnet", 0), ("orig.pkl", 5, "orig", 2)])
+@pytest.mark.parametrize(
+    ("name", "protocol", "architecture", "c_dim"),
+    [("resnet_uncond_p2.pkl", 2, "resnet", 0), ("orig.pkl", 5, "orig", 2)],
+)
 def test_other_fixtures(name, protocol, architecture, c_dim):
     path = FIXTURES / name
     assert path.read_bytes()[:2] == bytes([0x80, protocol])
@@ -196,8 +220,13 @@ def persistence():
 
 
 def _meta(class_name: str, state: dict, module_src: str = "# source omitted\n") -> dict:
-    return {"type": "class", "version": 6, "module_src": module_src, "class_name": class_name,
-            "state": state}
+    return {
+        "type": "class",
+        "version": 6,
+        "module_src": module_src,
+        "class_name": class_name,
+        "state": state,
+    }
 
 
 class _Persistent:
@@ -297,11 +326,14 @@ def test_source_in_a_record_is_data(persistence, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"type": "function"}, "only 'class'"),
-    ({"version": 5}, "version 5"),
-    ({"state": {"weight": 1.0}}, "torch.nn.Module layout"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"type": "function"}, "only 'class'"),
+        ({"version": 5}, "version 5"),
+        ({"state": {"weight": 1.0}}, "torch.nn.Module layout"),
+    ],
+)
 def test_persistent_objects_of_another_shape_are_refused(persistence, tmp_path, change, message):
     meta = _meta("Net", {"_parameters": {}, "_buffers": {}, "_modules": {}}) | change
     path = tmp_path / "other.pkl"
@@ -330,17 +362,22 @@ def test_os_system_is_refused(tmp_path, protocol):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("function", "args", "name"), [
-    (builtins.eval, ("__import__('os').system('touch {marker}')",), "builtins.eval"),
-    (builtins.exec, ("import os; os.system('touch {marker}')",), "builtins.exec"),
-    (builtins.__import__, ("os",), "builtins.__import__"),
-    (importlib.import_module, ("os",), "importlib.import_module"),
-    (subprocess.Popen, (["touch", "{marker}"],), "subprocess.Popen"),
-])
+@pytest.mark.parametrize(
+    ("function", "args", "name"),
+    [
+        (builtins.eval, ("__import__('os').system('touch {marker}')",), "builtins.eval"),
+        (builtins.exec, ("import os; os.system('touch {marker}')",), "builtins.exec"),
+        (builtins.__import__, ("os",), "builtins.__import__"),
+        (importlib.import_module, ("os",), "importlib.import_module"),
+        (subprocess.Popen, (["touch", "{marker}"],), "subprocess.Popen"),
+    ],
+)
 def test_code_running_globals_are_refused(tmp_path, function, args, name):
     marker = tmp_path / "MARKER"
-    args = tuple(a.format(marker=marker) if isinstance(a, str) else [x.format(marker=marker)
-                 for x in a] for a in args)
+    args = tuple(
+        a.format(marker=marker) if isinstance(a, str) else [x.format(marker=marker) for x in a]
+        for a in args
+    )
     path = _write(tmp_path, pickle.dumps(_Reduce(function, args), protocol=3))
     with pytest.raises(UnsafePickleError, match=f"global {re.escape(name)} "):
         read_network_pickle(path)
@@ -349,10 +386,13 @@ def test_code_running_globals_are_refused(tmp_path, function, args, name):
 
 def test_a_tensorflow_stylegan_pickle_is_named(tmp_path):
     """The TensorFlow releases pickle dnnlib.tflib.network.Network objects (protocol 3 GLOBAL)."""
-    data = (b"\x80\x03cdnnlib.tflib.network\nNetwork\nq\x00)\x81q\x01}q\x02b.")
+    data = b"\x80\x03cdnnlib.tflib.network\nNetwork\nq\x00)\x81q\x01}q\x02b."
     path = _write(tmp_path, data)
-    with pytest.raises(UnsafePickleError, match=r"global dnnlib\.tflib\.network\.Network .*"
-                                                "TensorFlow StyleGAN"):
+    with pytest.raises(
+        UnsafePickleError,
+        match=r"global dnnlib\.tflib\.network\.Network .*"
+        "TensorFlow StyleGAN",
+    ):
         read_network_pickle(path)
 
 
@@ -393,28 +433,50 @@ def _pickle2(body: bytes) -> bytes:
     return b"\x80\x02" + body + b"."  # PROTO 2 ... STOP
 
 
-def _legacy_stream(values: np.ndarray, *, sys_info: bytes | None = None, view: bytes = b"N",
-                   count: int | None = None, numel: int | None = None) -> bytes:
+def _legacy_stream(
+    values: np.ndarray,
+    *,
+    sys_info: bytes | None = None,
+    view: bytes = b"N",
+    count: int | None = None,
+    numel: int | None = None,
+) -> bytes:
     """``torch.save(FloatStorage, _use_new_zipfile_serialization=False)`` written by hand."""
     numel = len(values) if numel is None else numel
-    storage = _pickle2(b"(" + _op_str("storage") + _op_global("torch", "FloatStorage")
-                       + _op_str("0") + _op_str("cpu") + pickle.dumps(numel, protocol=2)[2:-1]
-                       + view + b"tQ")  # MARK ... TUPLE, BINPERSID
-    info = {"protocol_version": 1001, "little_endian": True,
-            "type_sizes": {"short": 2, "int": 4, "long": 8}}
-    return (pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
-            + (pickle.dumps(info, protocol=2) if sys_info is None else sys_info)
-            + storage + pickle.dumps(["0"], protocol=2)
-            + struct.pack("<q", len(values) if count is None else count)
-            + values.astype("<f4").tobytes())
+    storage = _pickle2(
+        b"("
+        + _op_str("storage")
+        + _op_global("torch", "FloatStorage")
+        + _op_str("0")
+        + _op_str("cpu")
+        + pickle.dumps(numel, protocol=2)[2:-1]
+        + view
+        + b"tQ"
+    )  # MARK ... TUPLE, BINPERSID
+    info = {
+        "protocol_version": 1001,
+        "little_endian": True,
+        "type_sizes": {"short": 2, "int": 4, "long": 8},
+    }
+    return (
+        pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+        + pickle.dumps(1001, protocol=2)
+        + (pickle.dumps(info, protocol=2) if sys_info is None else sys_info)
+        + storage
+        + pickle.dumps(["0"], protocol=2)
+        + struct.pack("<q", len(values) if count is None else count)
+        + values.astype("<f4").tobytes()
+    )
 
 
 def _tensor_pickle(stream: bytes, size: tuple[int, ...], stride: tuple[int, ...]) -> bytes:
     import torch
 
     storage = _Reduce(torch.storage._load_from_bytes, (stream,))
-    tensor = _Reduce(torch._utils._rebuild_tensor_v2,
-                     (storage, 1, size, stride, False, collections.OrderedDict()))
+    tensor = _Reduce(
+        torch._utils._rebuild_tensor_v2,
+        (storage, 1, size, stride, False, collections.OrderedDict()),
+    )
     return pickle.dumps({"w": tensor}, protocol=2)
 
 
@@ -424,19 +486,28 @@ def test_hand_written_legacy_stream_reads(tmp_path):
     np.testing.assert_array_equal(read_network_pickle(path)["w"], values[1:7].reshape(3, 2).T)
 
 
-@pytest.mark.parametrize(("module", "name"), [
-    ("posix", "system"), ("builtins", "exec"), ("types", "CodeType"), ("marshal", "loads")])
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("posix", "system"), ("builtins", "exec"), ("types", "CodeType"), ("marshal", "loads")],
+)
 @pytest.mark.parametrize("where", ["sys_info", "storage"])
 def test_globals_inside_an_embedded_stream_are_refused(tmp_path, module, name, where):
     marker = tmp_path / "MARKER"
-    call = _op_call(module, name, f"touch {marker}" if name == "system" else
-                    f"import os; os.system('touch {marker}')")
+    call = _op_call(
+        module,
+        name,
+        f"touch {marker}" if name == "system" else f"import os; os.system('touch {marker}')",
+    )
     values = np.ones(4, np.float32)
-    stream = (_legacy_stream(values, sys_info=_pickle2(call)) if where == "sys_info" else
-              _legacy_stream(values, view=call))
+    stream = (
+        _legacy_stream(values, sys_info=_pickle2(call))
+        if where == "sys_info"
+        else _legacy_stream(values, view=call)
+    )
     path = _write(tmp_path, _tensor_pickle(stream, (3,), (1,)))
-    with pytest.raises(UnsafePickleError,
-                       match=rf"embedded storage stream: global {module}\.{name} "):
+    with pytest.raises(
+        UnsafePickleError, match=rf"embedded storage stream: global {module}\.{name} "
+    ):
         read_network_pickle(path)
     assert not marker.exists()
 

@@ -18,7 +18,6 @@ from mmh_jax.evaluation import (
     tpr_at_fpr,
 )
 
-
 KEY = jax.random.key(0)
 
 
@@ -47,8 +46,10 @@ def test_metrics_match_sklearn(seed, ties):
         assert abs(tpr_at_fpr(s, y, fpr=fpr) - _sk_tpr(s, y, fpr)) < 1e-9
     # the orientation flag is negation; 0/1 ints are labels too
     assert abs(auroc(s, y.astype(int), higher_is_positive=False) - roc_auc_score(y, -s)) < 1e-9
-    assert abs(average_precision(s, y, higher_is_positive=False)
-               - average_precision_score(y, -s)) < 1e-9
+    assert (
+        abs(average_precision(s, y, higher_is_positive=False) - average_precision_score(y, -s))
+        < 1e-9
+    )
     f, t = roc_points(s, y)
     sk_f, sk_t, _ = roc_curve(y, s, drop_intermediate=False)
     np.testing.assert_allclose(f, sk_f, atol=1e-12)
@@ -84,7 +85,9 @@ def test_report_ci_contains_point_and_is_seeded():
     twin = detection_report({"a": s, "b": s.copy()}, y, n_bootstrap=50, key=KEY)
     assert twin["a"] == twin["b"]
     # a lower confidence gives a nested, narrower interval
-    narrow = detection_report(scores, y, key=jax.random.key(3), confidence=0.5, **kw)["signal"].auroc_ci
+    narrow = detection_report(scores, y, key=jax.random.key(3), confidence=0.5, **kw)[
+        "signal"
+    ].auroc_ci
     wide = report["signal"].auroc_ci
     assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
 

@@ -34,8 +34,7 @@ def test_density_histograms(tmp_path):
     cols, y = _scores()
     table = {**cols, "id": np.arange(200)}
     hand = np.where(y, "exact", "not")
-    out = density_histograms(table, ["flipd", "cfg_norm"], hand, path=tmp_path / "dens.png",
-                             dpi=50)
+    out = density_histograms(table, ["flipd", "cfg_norm"], hand, path=tmp_path / "dens.png", dpi=50)
     assert out == tmp_path / "dens.png" and _is_png(out)
     assert [p.name for p in tmp_path.iterdir()] == ["dens.png"]  # no temporary left behind
     pa = pytest.importorskip("pyarrow")
@@ -51,8 +50,15 @@ def test_density_histograms(tmp_path):
 def test_roc_curves(tmp_path):
     scores, y = _scores()
     for log_x in (False, True):
-        out = roc_curves(scores, y, path=tmp_path / f"roc{log_x}.png",
-                         higher_is_positive={"flipd": False}, log_x=log_x, title="ROC", dpi=60)
+        out = roc_curves(
+            scores,
+            y,
+            path=tmp_path / f"roc{log_x}.png",
+            higher_is_positive={"flipd": False},
+            log_x=log_x,
+            title="ROC",
+            dpi=60,
+        )
         assert _is_png(out)
     bad = dict(scores, flipd=np.r_[scores["flipd"][:-1], np.nan])
     with pytest.raises(ValueError, match="signal 'flipd'.*NaN"):
@@ -64,8 +70,14 @@ def test_pair_grid(tmp_path):
     rng = np.random.default_rng(0)
     q = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     m = rng.uniform(-1, 1, (5, 3, 16, 16)).astype(np.float32)  # NCHW float in [-1, 1]
-    out = pair_grid(q, m, rng.random(5), path=tmp_path / "pairs.png", ncols=3,
-                    titles=[f"gen{i}" for i in range(5)])
+    out = pair_grid(
+        q,
+        m,
+        rng.random(5),
+        path=tmp_path / "pairs.png",
+        ncols=3,
+        titles=[f"gen{i}" for i in range(5)],
+    )
     assert _is_png(out)
     gray = [rng.integers(0, 256, (8, 8, 1), dtype=np.uint8) for _ in range(2)]
     assert _is_png(pair_grid(gray, gray, [0.0, 1.0], path=tmp_path / "gray.png"), 500)
@@ -73,8 +85,9 @@ def test_pair_grid(tmp_path):
     with pytest.raises(ValueError, match=r"item 1: query is 8x8x3 but its match is 16x16x3"):
         pair_grid(mixed, list(q[:2]), [0.0, 1.0], path=tmp_path / "bad.png")
     with pytest.raises(ValueError, match=r"item gen1"):
-        pair_grid(mixed, list(q[:2]), [0.0, 1.0], path=tmp_path / "bad.png",
-                  titles=["gen0", "gen1"])
+        pair_grid(
+            mixed, list(q[:2]), [0.0, 1.0], path=tmp_path / "bad.png", titles=["gen0", "gen1"]
+        )
     with pytest.raises(ValueError, match=r"queries=5, matches=4, distances=5"):
         pair_grid(q, m[:4], rng.random(5), path=tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()

@@ -25,9 +25,31 @@ def _digits(n: int = 120) -> np.ndarray:
 
 
 def _run(train: Path, out: Path) -> int:
-    return main(["cifar10", "run", "--train", str(train), "--model", str(GAN),
-                 "--arch", "stylegan2", "-n", str(N), "-o", str(out), "--top-k", "4",
-                 "--lpca-k", "10", "--calibration-n", "10", "--batch-size", "4", "--quiet"])
+    return main(
+        [
+            "cifar10",
+            "run",
+            "--train",
+            str(train),
+            "--model",
+            str(GAN),
+            "--arch",
+            "stylegan2",
+            "-n",
+            str(N),
+            "-o",
+            str(out),
+            "--top-k",
+            "4",
+            "--lpca-k",
+            "10",
+            "--calibration-n",
+            "10",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +67,7 @@ def _table(out: Path) -> dict:
 
 def _samples(out: Path) -> np.ndarray:
     """The samples as the scoring engine wrote them to ``out/scores``: uint8 NHWC."""
-    from mmh_jax.scoring import vectors
-    from mmh_jax.scoring import merge
+    from mmh_jax.scoring import merge, vectors
 
     pixels = vectors(merge(out / "scores").scores, "pixels")
     return pixels.reshape(len(pixels), 8, 8, 3)
@@ -61,23 +82,41 @@ def _scores(out: Path):
 @pytest.mark.slow
 def test_run_writes_files_and_columns(run_dir):
     out = run_dir / "out"
-    for name in ("results.parquet", "results.csv", "pairs_calibrated_l2.png", "to_label.csv",
-                 "scores/run.json", "latents.npz", "lid_star_train.npy"):
+    for name in (
+        "results.parquet",
+        "results.csv",
+        "pairs_calibrated_l2.png",
+        "to_label.csv",
+        "scores/run.json",
+        "latents.npz",
+        "lid_star_train.npy",
+    ):
         assert (out / name).is_file(), name
     table = _table(out)
-    assert list(table) == ["id", "train_index", "calibrated_l2", "l2", "lid_theta", "lid_star",
-                           "png_length", "train_png_length", "lid_theta_normalised",
-                           "lid_star_normalised"]
+    assert list(table) == [
+        "id",
+        "train_index",
+        "calibrated_l2",
+        "l2",
+        "lid_theta",
+        "lid_star",
+        "png_length",
+        "train_png_length",
+        "lid_theta_normalised",
+        "lid_star_normalised",
+    ]
     assert table["id"] == list(range(N))
-    np.testing.assert_allclose(table["lid_theta_normalised"],
-                               np.array(table["lid_theta"]) / np.array(table["png_length"]))
+    np.testing.assert_allclose(
+        table["lid_theta_normalised"], np.array(table["lid_theta"]) / np.array(table["png_length"])
+    )
     with open(out / "to_label.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["distance"] for r in rows] == ["calibrated_l2"] * 4
     assert all(r["label"] == "" for r in rows)
     # the top-k rows are the k smallest calibrated l2
     assert sorted(int(r["id"]) for r in rows) == sorted(
-        np.argsort(table["calibrated_l2"], kind="stable")[:4].tolist())
+        np.argsort(table["calibrated_l2"], kind="stable")[:4].tolist()
+    )
 
 
 def test_nearest_is_bruteforce_argmin(run_dir):
@@ -111,8 +150,22 @@ def test_report_matches_sklearn(run_dir, capsys):
         w.writerow(["id", "label"])
         w.writerows(given.items())
         w.writerow([6, ""])  # an empty label is skipped
-    assert main(["cifar10", "report", str(out), "--labels", str(labels), "--unlabelled",
-                 "drop", "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "cifar10",
+                "report",
+                str(out),
+                "--labels",
+                str(labels),
+                "--unlabelled",
+                "drop",
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     for name in ("detection.csv", "histograms.png", "roc.png"):
         assert (out / name).is_file(), name
     table = _table(out)
@@ -147,8 +200,11 @@ def test_bad_inputs_exit_2(run_dir, tmp_path, capsys):
     truncated.write_bytes(good.read_bytes()[:100])
     np.savez(tmp_path / "other.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "floats.npz", x=np.zeros((4, 8, 8, 3), np.float32))
-    for name, fragment in (("truncated.npz", "cannot read"), ("other.npz", "no array 'x'"),
-                           ("floats.npz", "x must be uint8")):
+    for name, fragment in (
+        ("truncated.npz", "cannot read"),
+        ("other.npz", "no array 'x'"),
+        ("floats.npz", "x must be uint8"),
+    ):
         assert _run(tmp_path / name, tmp_path / "o") == 2
         err = capsys.readouterr().err.strip()
         assert fragment in err and name in err and "\n" not in err, err
@@ -173,9 +229,16 @@ def _save_unet2d(path: Path) -> Path:
         save_unet2d,
     )
 
-    m = UNet2D(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
-               down_block_types=("DownBlock2D", "DownBlock2D"), attention_head_dim=None,
-               up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False)
+    m = UNet2D(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        attention_head_dim=None,
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False,
+    )
     params = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,)))["params"]
     s = ddpm_from_scheduler_config({"num_train_timesteps": 100})
     return save_unet2d(path, Pretrained(m, params, s, eps_score_fn(m, params, s)))
@@ -186,18 +249,65 @@ def test_diffusion_unet2d_flipd(tmp_path):
     """A tiny random diffusers-style UNet2D written by save_unet2d: DDIM + FLIPD end to end."""
     _save_unet2d(tmp_path / "unet.safetensors")
     np.savez(tmp_path / "train.npz", x=_digits(60))
-    assert main(["cifar10", "run", "--train", str(tmp_path / "train.npz"), "--model",
-                 str(tmp_path / "unet.safetensors"), "--arch", "unet2d", "-n", "4", "--steps", "2",
-                 "-o", str(tmp_path / "out"), "--lpca-k", "5", "--calibration-n", "5",
-                 "--top-k", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "cifar10",
+                "run",
+                "--train",
+                str(tmp_path / "train.npz"),
+                "--model",
+                str(tmp_path / "unet.safetensors"),
+                "--arch",
+                "unet2d",
+                "-n",
+                "4",
+                "--steps",
+                "2",
+                "-o",
+                str(tmp_path / "out"),
+                "--lpca-k",
+                "5",
+                "--calibration-n",
+                "5",
+                "--top-k",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = _table(tmp_path / "out")
     assert len(table["id"]) == 4 and np.all(np.isfinite(table["lid_theta"]))
 
 
 def _unet_run(train: Path, model: Path, out: Path, n: int, *extra: str) -> int:
-    return main(["cifar10", "run", "--train", str(train), "--model", str(model), "--arch",
-                 "unet2d", "-n", str(n), "--steps", "2", "-o", str(out), "--lpca-k", "5",
-                 "--calibration-n", "5", "--top-k", "2", "--quiet", *extra])
+    return main(
+        [
+            "cifar10",
+            "run",
+            "--train",
+            str(train),
+            "--model",
+            str(model),
+            "--arch",
+            "unet2d",
+            "-n",
+            str(n),
+            "--steps",
+            "2",
+            "-o",
+            str(out),
+            "--lpca-k",
+            "5",
+            "--calibration-n",
+            "5",
+            "--top-k",
+            "2",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def _pooled_normal_lid(spectra: np.ndarray, q: float = 10.0) -> np.ndarray:
@@ -224,8 +334,9 @@ def test_diffusion_normal_bundle(tmp_path):
     assert np.all(spectra > 0) and np.all(np.diff(spectra, axis=1) <= 0)  # K > d, descending
     table = _table(out)
     np.testing.assert_array_equal(table["lid_theta"], _pooled_normal_lid(spectra))
-    np.testing.assert_allclose(table["lid_theta_normalised"],
-                               np.array(table["lid_theta"]) / np.array(table["png_length"]))
+    np.testing.assert_allclose(
+        table["lid_theta_normalised"], np.array(table["lid_theta"]) / np.array(table["png_length"])
+    )
     parts = {p.name: p.stat().st_mtime_ns for p in (out / "scores" / "parts").iterdir()}
     assert _unet_run(tmp_path / "train.npz", model, out, 4, *args, "--percentile", "30") == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "scores" / "parts").iterdir()} == parts
@@ -294,6 +405,7 @@ def test_sscd_retrieval(tmp_path):
     np.testing.assert_allclose(table["sscd_similarity"], cos.max(1), atol=1e-5)
     with open(out / "to_label.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["distance"] == "sscd"]
-    assert [int(r["id"]) for r in rows] == np.argsort(-np.array(table["sscd_similarity"]),
-                                                      kind="stable")[:2].tolist()
+    assert [int(r["id"]) for r in rows] == np.argsort(
+        -np.array(table["sscd_similarity"]), kind="stable"
+    )[:2].tolist()
     assert (out / "pairs_sscd.png").is_file()

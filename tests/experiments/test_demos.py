@@ -46,7 +46,9 @@ def test_von_mises_files(vm_run):
     with open(cfg.out / "samples.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == cfg.num_samples
-    assert {"x", "y", "flipd", "normal_bundle_lid", "lid_star_lpca", "label", "od_margin"} <= set(rows[0])
+    assert {"x", "y", "flipd", "normal_bundle_lid", "lid_star_lpca", "label", "od_margin"} <= set(
+        rows[0]
+    )
     flipd_csv = np.array([float(r["flipd"]) for r in rows])
     np.testing.assert_allclose(flipd_csv, res.table["flipd"], rtol=1e-12)
     import pyarrow.parquet as pq
@@ -78,13 +80,21 @@ def test_von_mises_qualitative_result(vm_run):
 
 def test_von_mises_same_seed_same_result(tmp_path):
     cfg = von_mises.VonMisesConfig(
-        seed=5, num_train=20, steps=200, num_samples=40, sample_steps=50, progress=False, figure=False
+        seed=5,
+        num_train=20,
+        steps=200,
+        num_samples=40,
+        sample_steps=50,
+        progress=False,
+        figure=False,
     )
     a = von_mises.run(dataclasses.replace(cfg, out=tmp_path / "a"))
     b = von_mises.run(dataclasses.replace(cfg, out=tmp_path / "b"))
     for k in a.table:
         np.testing.assert_array_equal(a.table[k], b.table[k])
-    assert (tmp_path / "a" / "samples.csv").read_bytes() == (tmp_path / "b" / "samples.csv").read_bytes()
+    assert (tmp_path / "a" / "samples.csv").read_bytes() == (
+        tmp_path / "b" / "samples.csv"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -155,7 +165,9 @@ def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with atomic_path(target) as tmp:
         tmp.write_text("complete")
-    assert target.read_text() == "complete" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+    assert target.read_text() == "complete" and [p.name for p in tmp_path.iterdir()] == [
+        "table.csv"
+    ]
 
 
 def test_isolation_constant_is_in_range():
@@ -167,13 +179,23 @@ def test_isolation_constant_is_in_range():
 from mmh_jax.experiments import digits  # noqa: E402
 
 FAST_DIGITS = dict(
-    steps=40, batch_size=32, channels=4, mlp_width=16, num_samples=16, sample_steps=10, num_duplicated=2,
-    copies=5, common_per_class=10, progress=False,
+    steps=40,
+    batch_size=32,
+    channels=4,
+    mlp_width=16,
+    num_samples=16,
+    sample_steps=10,
+    num_duplicated=2,
+    copies=5,
+    common_per_class=10,
+    progress=False,
 )
 
 
 def test_digits_training_set_by_construction():
-    d = digits.make_digits_training_set(seed=1, num_duplicated=3, copies=7, rare_classes=(8, 9), rare_per_class=2)
+    d = digits.make_digits_training_set(
+        seed=1, num_duplicated=3, copies=7, rare_classes=(8, 9), rare_per_class=2
+    )
     kinds = dict(zip(*np.unique(d.unique_kind, return_counts=True)))
     assert kinds["duplicated"] == 3 and kinds["rare"] == 4
     assert set(d.unique_label[d.unique_kind == "rare"]) == {8, 9}
@@ -187,7 +209,9 @@ def test_digits_training_set_common_per_class():
     labels, counts = np.unique(d.unique_label, return_counts=True)
     assert dict(zip(labels.tolist(), counts.tolist())) == {**{c: 40 for c in range(8)}, 8: 1, 9: 1}
     assert len(d.images) == 322 + 8 * 39
-    again = digits.make_digits_training_set(seed=0, num_duplicated=8, copies=40, common_per_class=40)
+    again = digits.make_digits_training_set(
+        seed=0, num_duplicated=8, copies=40, common_per_class=40
+    )
     np.testing.assert_array_equal(d.images, again.images)
     # default: every image of the common classes is kept (unchanged behaviour)
     full = digits.make_digits_training_set(seed=0, num_duplicated=0, copies=1)
@@ -199,7 +223,9 @@ def test_digits_fast_run_files(tmp_path):
     cfg = digits.DigitsConfig(seed=0, out=tmp_path, **FAST_DIGITS)
     table, summary, files = digits.run(cfg)
     assert {p.name for p in files} == {
-        "digits_samples.csv", "digits_samples.parquet", "digits_lowest_highest_flipd.png",
+        "digits_samples.csv",
+        "digits_samples.parquet",
+        "digits_lowest_highest_flipd.png",
         "digits_flipd_histograms.png",
     }
     with open(tmp_path / "digits_samples.csv") as fh:
@@ -255,8 +281,16 @@ def test_tables_print_in_full_when_piped(capsys, monkeypatch):
 
     monkeypatch.delenv("COLUMNS", raising=False)
     table = Table()
-    for name in ("region", "samples", "FLIPD median", "NB median", "LID_* (lpca)", "od-mem",
-                 "dd-mem", "not-memorized"):
+    for name in (
+        "region",
+        "samples",
+        "FLIPD median",
+        "NB median",
+        "LID_* (lpca)",
+        "od-mem",
+        "dd-mem",
+        "not-memorized",
+    ):
         table.add_column(name)
     table.add_row("isolated", "12", "0.05 [0.01, 0.09]", "0", "1", "11", "0", "1")
     output_console().print(table)
@@ -271,8 +305,11 @@ def test_every_command_prints_on_the_output_console():
     import mmh_jax.experiments
 
     folder = Path(mmh_jax.experiments.__file__).parent
-    plain = [p.name for p in folder.glob("*.py")
-             if p.name != "common.py" and "Console()" in p.read_text()]
+    plain = [
+        p.name
+        for p in folder.glob("*.py")
+        if p.name != "common.py" and "Console()" in p.read_text()
+    ]
     assert plain == []  # a bare Console() squeezes tables to 80 columns when piped
 
 

@@ -14,16 +14,36 @@ from mmh_jax import scoring
 from mmh_jax.cli import main
 from mmh_jax.memorization import detectors as D
 
-PROMPTS = [("a cat, the cat", True, "verbatim"), ("the fox", False, None),
-           ("a tea cat", True, "template"), ("the sea", False, None),
-           ("cats at the sea", False, None)]
-FAST = ["--images-per-prompt", "2", "--num-steps", "3", "--batch-size", "3",
-        "--cluster-size", "2", "--n-bootstrap", "20", "--quiet"]
+PROMPTS = [
+    ("a cat, the cat", True, "verbatim"),
+    ("the fox", False, None),
+    ("a tea cat", True, "template"),
+    ("the sea", False, None),
+    ("cats at the sea", False, None),
+]
+FAST = [
+    "--images-per-prompt",
+    "2",
+    "--num-steps",
+    "3",
+    "--batch-size",
+    "3",
+    "--cluster-size",
+    "2",
+    "--n-bootstrap",
+    "20",
+    "--quiet",
+]
 
 
 def _write(path, prompts):
-    path.write_text("\n".join(json.dumps({"caption": c, "label": m, **({"kind": k} if k else {})})
-                              for c, m, k in prompts) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps({"caption": c, "label": m, **({"kind": k} if k else {})})
+            for c, m, k in prompts
+        )
+        + "\n"
+    )
     return path
 
 
@@ -31,13 +51,37 @@ def _write(path, prompts):
 def test_benchmark_reports_every_detector_per_kind(sd_folder, tmp_path):
     folder, _ = sd_folder
     prompts = _write(tmp_path / "p.jsonl", PROMPTS)
-    assert main(["sd", "benchmark-detectors", str(folder), "--prompts", str(prompts), "-o",
-                 str(tmp_path / "out"), *FAST]) == 0
+    assert (
+        main(
+            [
+                "sd",
+                "benchmark-detectors",
+                str(folder),
+                "--prompts",
+                str(prompts),
+                "-o",
+                str(tmp_path / "out"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(tmp_path / "out/detectors.csv")
     signals = pd.read_csv(tmp_path / "out/prompts.csv")
-    names = ["cfg_vector_norm", "cfg_score_norm", "flipd_cond_0.05", "attention_entropy",
-             "begin_token_attention", "end_token_attention", "bright_ending", "nemo_max_z",
-             "nemo_outliers", "sharpness", "edge_consistency", "generation_clusters"]
+    names = [
+        "cfg_vector_norm",
+        "cfg_score_norm",
+        "flipd_cond_0.05",
+        "attention_entropy",
+        "begin_token_attention",
+        "end_token_attention",
+        "bright_ending",
+        "nemo_max_z",
+        "nemo_outliers",
+        "sharpness",
+        "edge_consistency",
+        "generation_clusters",
+    ]
     assert sorted(table["subset"].unique()) == ["all", "template", "verbatim"]
     assert list(table[table["subset"] == "all"]["signal"]) == names
     labels = signals["label"].to_numpy() == 1
@@ -59,9 +103,15 @@ def test_detector_columns_agree_with_the_detector_functions(sd, sd_folder, tmp_p
     folder, _ = sd_folder
     prompts = _write(tmp_path / "p.jsonl", PROMPTS[:3])
     columns = [scoring.CrossAttentionStats(early_steps=2), scoring.ValueActivations()]
-    scoring.score(scoring.Model.from_stable_diffusion(sd), columns, scoring.PromptFile(prompts),
-                  str(tmp_path / "s"), seed=5, batch_size=8,
-                  generation=scoring.Generation(num_steps=3, num_images=1))
+    scoring.score(
+        scoring.Model.from_stable_diffusion(sd),
+        columns,
+        scoring.PromptFile(prompts),
+        str(tmp_path / "s"),
+        seed=5,
+        batch_size=8,
+        generation=scoring.Generation(num_steps=3, num_images=1),
+    )
     rows = scoring.merge(tmp_path / "s").scores.to_pandas().sort_values("index")
     captions = [c for c, _, _ in PROMPTS[:3]]
     key = jax.random.key(5)
@@ -71,17 +121,35 @@ def test_detector_columns_agree_with_the_detector_functions(sd, sd_folder, tmp_p
     np.testing.assert_allclose(rows["ren_end"], ren.end, rtol=1e-4)
     be = D.bright_ending(sd, captions, key=key, num_steps=3)
     np.testing.assert_allclose(rows["bright_ending"], be.score, rtol=1e-4)
-    np.testing.assert_allclose(np.stack(rows["value_activations"]),
-                               D.value_activations(sd, captions), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.stack(rows["value_activations"]), D.value_activations(sd, captions), rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("labels, message", [
-    ([True, True, True], "no clean prompt"), ([False, False, False], "no memorized prompt"),
-    ([True, False, False], "at least 3 clean")])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([True, True, True], "no clean prompt"),
+        ([False, False, False], "no memorized prompt"),
+        ([True, False, False], "at least 3 clean"),
+    ],
+)
 def test_benchmark_refuses_one_class_prompt_files(sd_folder, tmp_path, capsys, labels, message):
     folder, _ = sd_folder
-    prompts = _write(tmp_path / "p.jsonl", [(c, y, None) for (c, _, _), y
-                                            in zip(PROMPTS, labels)])
-    assert main(["sd", "benchmark-detectors", str(folder), "--prompts", str(prompts), "-o",
-                 str(tmp_path / "out"), *FAST]) != 0
+    prompts = _write(tmp_path / "p.jsonl", [(c, y, None) for (c, _, _), y in zip(PROMPTS, labels)])
+    assert (
+        main(
+            [
+                "sd",
+                "benchmark-detectors",
+                str(folder),
+                "--prompts",
+                str(prompts),
+                "-o",
+                str(tmp_path / "out"),
+                *FAST,
+            ]
+        )
+        != 0
+    )
     assert message in capsys.readouterr().err

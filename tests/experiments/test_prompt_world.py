@@ -6,10 +6,16 @@ import pytest
 from mmh_jax.cli import main
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--target-fpr", "0.01", "--num-calibration", "10"], "--num-calibration must be at least 99"),
-    (["--train-steps", "0"], "--train-steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--target-fpr", "0.01", "--num-calibration", "10"],
+            "--num-calibration must be at least 99",
+        ),
+        (["--train-steps", "0"], "--train-steps must be at least 1"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, capsys, flags, message):
     assert main(["demo", "prompts", "--out", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err

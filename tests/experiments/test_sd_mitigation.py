@@ -24,30 +24,48 @@ def _rows():
     rng = np.random.default_rng(0)
     rows = []
     for p in range(2):
-        for method, metric, ks in (("attribution", "cfg", (1, 2)), ("rta", "", (1, 2)),
-                                   ("embedding", "cfg", (0,))):
+        for method, metric, ks in (
+            ("attribution", "cfg", (1, 2)),
+            ("rta", "", (1, 2)),
+            ("embedding", "cfg", (0,)),
+        ):
             for k in ks:
-                rows.append(dict(prompt_index=p, method=method, metric=metric, k=k,
-                                 similarity=rng.uniform(0.2, 0.9),
-                                 clip_score=rng.uniform(20, 30), changed=True, error=""))
+                rows.append(
+                    dict(
+                        prompt_index=p,
+                        method=method,
+                        metric=metric,
+                        k=k,
+                        similarity=rng.uniform(0.2, 0.9),
+                        clip_score=rng.uniform(20, 30),
+                        changed=True,
+                        error="",
+                    )
+                )
     return rows
 
 
 def test_figures_are_written(tmp_path):
     words = ["a", "cat", ",", "the", "cat"]
     tokens = ["a</w>", "cat", ",</w>", "the</w>", "cat</w>"]
-    attributions = [PromptAttribution(PROMPTS[0], m, tokens, words,
-                                      np.linspace(0.1, 1.0, 5) * (i + 1), 0.5 * (i + 1))
-                    for i, m in enumerate(("cfg", "flipd"))]
-    attributions.append(PromptAttribution(PROMPTS[1], "cfg", tokens[3:], words[3:],
-                                          np.zeros(2), 0.0))
+    attributions = [
+        PromptAttribution(
+            PROMPTS[0], m, tokens, words, np.linspace(0.1, 1.0, 5) * (i + 1), 0.5 * (i + 1)
+        )
+        for i, m in enumerate(("cfg", "flipd"))
+    ]
+    attributions.append(
+        PromptAttribution(PROMPTS[1], "cfg", tokens[3:], words[3:], np.zeros(2), 0.0)
+    )
     image = np.zeros((16, 16, 3), np.uint8)
     images = {"original": [image, image], "rta": [image + 9, image + 99]}
     new_prompts = {"original": PROMPTS, "rta": ["a zq cat, the cat", "the cat vv"]}
     originals = [dict(similarity=0.95, clip_score=31.0), dict(similarity=0.9, clip_score=30.0)]
-    files = [plot_attributions(attributions, tmp_path / "attr.png"),
-             plot_mitigation_grid(images, new_prompts, tmp_path / "grid.png"),
-             plot_tradeoff(_rows(), tmp_path / "curve.png", originals=originals)]
+    files = [
+        plot_attributions(attributions, tmp_path / "attr.png"),
+        plot_mitigation_grid(images, new_prompts, tmp_path / "grid.png"),
+        plot_tradeoff(_rows(), tmp_path / "curve.png", originals=originals),
+    ]
     assert all(f.stat().st_size > 2000 for f in files)
     assert not list(tmp_path.glob(".*part"))
     with pytest.raises(ValueError, match="similarity and a CLIP"):
@@ -60,19 +78,34 @@ def test_figures_are_written(tmp_path):
 
 def _clip_folder(root):
     import transformers
-
     from conftest import _tiny_tokenizer_files
 
     torch_config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=66, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=66,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     transformers.CLIPModel(torch_config).eval().save_pretrained(root)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32},
-                                    crop_size={"height": 32, "width": 32}).save_pretrained(root)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(root)
     for name, text in _tiny_tokenizer_files().items():
         (root / name).write_text(text)
     return root
@@ -82,9 +115,27 @@ def _clip_folder(root):
 def test_cli_attribute_writes_tables_and_figure(sd_folder, tmp_path):
     folder, _ = sd_folder
     out = tmp_path / "attr"
-    assert main(["sd", "attribute", str(folder), "--prompt", PROMPTS[0], "--metric", "cfg",
-                 "--num-images", "1", "--num-steps", str(STEPS), "-o", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sd",
+                "attribute",
+                str(folder),
+                "--prompt",
+                PROMPTS[0],
+                "--metric",
+                "cfg",
+                "--num-images",
+                "1",
+                "--num-steps",
+                str(STEPS),
+                "-o",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(out / "attributions.parquet")
     assert len(table) == 5 and set(table["metric"]) == {"cfg"}
     assert list(table["word"]) == ["a", "cat", ",", "the", "cat"]
@@ -101,9 +152,32 @@ def test_cli_mitigate_end_to_end(sd_folder, tmp_path, monkeypatch, capsys):
     clip = _clip_folder(tmp_path / "clip")
     common = [str(folder), "--prompts", str(prompts), "--num-steps", str(STEPS), "--quiet"]
     out = tmp_path / "mit"
-    assert main(["sd", "mitigate", *common, "--methods", "attribution", "rta", "--metric", "cfg",
-                 "--attribution-images", "1", "--ks", "1", "2", "--repeats", "1",
-                 "--clip", str(clip), "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sd",
+                "mitigate",
+                *common,
+                "--methods",
+                "attribution",
+                "rta",
+                "--metric",
+                "cfg",
+                "--attribution-images",
+                "1",
+                "--ks",
+                "1",
+                "2",
+                "--repeats",
+                "1",
+                "--clip",
+                str(clip),
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = pd.read_parquet(out / "results.parquet")
     assert len(rows) == 2 * (2 + 2)
     assert np.all(np.isfinite(rows["clip_score"])) and rows["similarity"].isna().all()
@@ -115,16 +189,45 @@ def test_cli_mitigate_end_to_end(sd_folder, tmp_path, monkeypatch, capsys):
 
     # a chat rephraser without a key fails at the start; so does k larger than a prompt
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    assert main(["sd", "mitigate", *common, "--rephraser", "chat", "--chat-url",
-                 "http://127.0.0.1:9", "-o", str(tmp_path / "chat")]) == 2
+    assert (
+        main(
+            [
+                "sd",
+                "mitigate",
+                *common,
+                "--rephraser",
+                "chat",
+                "--chat-url",
+                "http://127.0.0.1:9",
+                "-o",
+                str(tmp_path / "chat"),
+            ]
+        )
+        == 2
+    )
     assert "OPENAI_API_KEY" in capsys.readouterr().err
-    assert main(["sd", "mitigate", *common, "--methods", "uniform", "--ks", "9",
-                 "-o", str(tmp_path / "big")]) == 2
+    assert (
+        main(
+            [
+                "sd",
+                "mitigate",
+                *common,
+                "--methods",
+                "uniform",
+                "--ks",
+                "9",
+                "-o",
+                str(tmp_path / "big"),
+            ]
+        )
+        == 2
+    )
     assert "k=9" in capsys.readouterr().err
 
 
 def _simple_scorers(calls):
     """A pixel similarity and a brightness "CLIP score": numpy truths the test recomputes."""
+
     def similarity(a, b):
         calls.append("similarity")
         return 1.0 - np.abs(a.astype(np.float64) - b.astype(np.float64)).mean(axis=(1, 2, 3)) / 255
@@ -145,9 +248,19 @@ def _staged(sd_folder, tmp_path, monkeypatch, out, calls=None, **changes):
         prompts.write_text("\n".join(PROMPTS) + "\n")
     scorers = _simple_scorers([] if calls is None else calls)
     monkeypatch.setattr(sd_mitigation, "_scorers", lambda config, console: scorers)
-    settings = dict(model=folder, prompts=prompts, out=out, methods=("uniform", "rta"),
-                    ks=(1,), repeats=2, num_steps=STEPS, chunk_size=3, progress=False,
-                    figure=False, seed=5)
+    settings = dict(
+        model=folder,
+        prompts=prompts,
+        out=out,
+        methods=("uniform", "rta"),
+        ks=(1,),
+        repeats=2,
+        num_steps=STEPS,
+        chunk_size=3,
+        progress=False,
+        figure=False,
+        seed=5,
+    )
     config = sd_mitigation.MitigateConfig(**{**settings, **changes})
     return sd_mitigation.run_mitigate(config)
 
@@ -192,8 +305,7 @@ def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, m
 
 
 @pytest.mark.slow
-def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_path,
-                                                             monkeypatch):
+def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_path, monkeypatch):
     """Truth: the new prompt's image from StableDiffusion.sample with the run's seed (image j
     starts from the same noise as the original's), scored by the same numpy functions."""
     import jax
@@ -212,8 +324,9 @@ def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_
     for row in [r for r in result.rows if r["method"] == "rta"][:2]:
         new, original = image(row["new_prompt"]), image(row["prompt"])
         np.testing.assert_allclose(row["similarity"], similarity(new, original)[0], atol=2e-3)
-        np.testing.assert_allclose(row["clip_score"], clip_scorer(new, [row["prompt"]])[0],
-                                   atol=0.2)
+        np.testing.assert_allclose(
+            row["clip_score"], clip_scorer(new, [row["prompt"]])[0], atol=0.2
+        )
         assert row["new_prompt"] != row["prompt"] and row["reference"] == "generation"
     first = result.originals[0]
     assert abs(first["similarity"] - 1.0) < 1e-12  # the reference is the original itself
@@ -245,21 +358,39 @@ def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
     from mmh_jax.memorization import MitigationConfig, mitigate
 
     metrics = ("cfg_score",)
-    result, summary, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "e",
-                                 methods=("embedding",), metrics=metrics)
+    result, summary, _ = _staged(
+        sd_folder, tmp_path, monkeypatch, tmp_path / "e", methods=("embedding",), metrics=metrics
+    )
     similarity, clip_scorer = _simple_scorers([])
-    truth = mitigate(_RunNoise(sd, jax.random.key(5)), PROMPTS, key=jax.random.key(5),
-                     config=MitigationConfig(methods="embedding", metrics=metrics,
-                                             num_steps=STEPS),
-                     similarity=similarity, clip_scorer=clip_scorer)
+    truth = mitigate(
+        _RunNoise(sd, jax.random.key(5)),
+        PROMPTS,
+        key=jax.random.key(5),
+        config=MitigationConfig(methods="embedding", metrics=metrics, num_steps=STEPS),
+        similarity=similarity,
+        clip_scorer=clip_scorer,
+    )
     assert len(result.rows) == len(truth.rows) == 2 * len(metrics)
     assert any(r["updates"] > 0 for r in truth.rows)
     for row, want in zip(result.rows, truth.rows):
-        for name in ("prompt_index", "prompt", "method", "metric", "k", "repeat", "new_prompt",
-                     "changed", "updates", "reference"):
+        for name in (
+            "prompt_index",
+            "prompt",
+            "method",
+            "metric",
+            "k",
+            "repeat",
+            "new_prompt",
+            "changed",
+            "updates",
+            "reference",
+        ):
             assert row[name] == want[name], name
-        np.testing.assert_allclose([row["metric_before"], row["metric_after"]],
-                                   [want["metric_before"], want["metric_after"]], rtol=1e-4)
+        np.testing.assert_allclose(
+            [row["metric_before"], row["metric_after"]],
+            [want["metric_before"], want["metric_after"]],
+            rtol=1e-4,
+        )
         np.testing.assert_allclose(row["similarity"], want["similarity"], atol=2e-3)
         np.testing.assert_allclose(row["clip_score"], want["clip_score"], atol=0.2)
     assert [(s["label"], s["k"], s["rows"]) for s in summary] == [("embedding (A^sCFG)", 0, 2)]
@@ -274,8 +405,7 @@ def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path,
     from mmh_jax import scoring
     from mmh_jax.experiments.common import DemoInputError
 
-    settings = dict(methods=("rta", "embedding"), metrics=("cfg_score",), repeats=1,
-                    chunk_size=1)
+    settings = dict(methods=("rta", "embedding"), metrics=("cfg_score",), repeats=1, chunk_size=1)
     _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "a", **settings)
     whole = pd.read_parquet(tmp_path / "a" / "results.parquet")
     assert len(whole) == 2 * 2 and list(whole["method"]) == ["rta", "embedding"] * 2

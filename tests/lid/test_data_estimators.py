@@ -63,7 +63,9 @@ def test_mle_float32_and_dimension():
 
 
 @pytest.mark.parametrize("pad", [0, 30])
-@pytest.mark.parametrize("method, fraction", [("linear", 0.1), ("linear", 0.3), ("mle", 0.1), ("mle", 0.0)])
+@pytest.mark.parametrize(
+    "method, fraction", [("linear", 0.1), ("linear", 0.3), ("mle", 0.1), ("mle", 0.0)]
+)
 def test_twonn_matches_skdim(x64, pad, method, fraction):
     x = _sphere(pad=pad, noise=1e-3 if pad else 0.0)
     ref = skdim.id.TwoNN(discard_fraction=fraction, method=method).fit(x).dimension_
@@ -100,8 +102,9 @@ def test_masked_percentile_matches_numpy(x64):
     v = rng.standard_normal((30, 7))
     mask = rng.uniform(size=v.shape) < 0.6
     for q in (0.0, 10.0, 37.5, 100.0):
-        np.testing.assert_allclose(float(masked_percentile(v, mask, q)),
-                                   np.percentile(v[mask], q), rtol=1e-12)
+        np.testing.assert_allclose(
+            float(masked_percentile(v, mask, q)), np.percentile(v[mask], q), rtol=1e-12
+        )
 
 
 def test_bad_inputs():
@@ -127,12 +130,16 @@ def test_bad_inputs():
 @pytest.mark.slow
 def test_jit_and_vmap_agree_with_eager():
     rng = np.random.default_rng(0)
-    x = np.hstack([rng.standard_normal((200, 3)), 1e-4 * rng.standard_normal((200, 2))]).astype(np.float32)
+    x = np.hstack([rng.standard_normal((200, 3)), 1e-4 * rng.standard_normal((200, 2))]).astype(
+        np.float32
+    )
     np.testing.assert_allclose(jax.jit(twonn)(x), twonn(x), rtol=1e-6)
     np.testing.assert_allclose(jax.jit(lambda d: mle(d, k=10))(x), mle(x, k=10), rtol=1e-5)
     batched = jax.vmap(lambda d: mle(d, k=10))(jnp.stack([x, 3 * x]))
     np.testing.assert_allclose(batched[1], mle(x, k=10), rtol=1e-4)  # MLE is scale-free
     for method in ("fo", "paper"):
         eager = lpca(x, k=20, method=method)
-        np.testing.assert_array_equal(jax.jit(functools.partial(lpca, k=20, method=method))(x), eager)
+        np.testing.assert_array_equal(
+            jax.jit(functools.partial(lpca, k=20, method=method))(x), eager
+        )
     np.testing.assert_array_equal(lpca(x, k=20), 3)

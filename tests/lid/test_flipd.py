@@ -39,8 +39,12 @@ def test_exact_flipd_equals_hand_computed_formula(x64, name):
     mix = SubspaceGaussianMixture.random(key=jax.random.key(3), ambient_dim=6, dims=[4])
     x, _ = mix.sample(8, key=jax.random.key(4))
     t0 = 0.3
-    est = flipd(mix.score(schedule=schedule), x, t0=t0, schedule=schedule, trace="exact", chunk_size=4)
-    np.testing.assert_allclose(est, single_gaussian_flipd(mix, x, t0, schedule), rtol=1e-9, atol=1e-9)
+    est = flipd(
+        mix.score(schedule=schedule), x, t0=t0, schedule=schedule, trace="exact", chunk_size=4
+    )
+    np.testing.assert_allclose(
+        est, single_gaussian_flipd(mix, x, t0, schedule), rtol=1e-9, atol=1e-9
+    )
 
 
 @pytest.mark.slow
@@ -61,7 +65,9 @@ def test_hutchinson_is_unbiased_with_known_variance_and_converges(x64):
     keys = jax.random.split(jax.random.key(7), reps)
     errors = {}
     for n in (1, 16, 256):
-        est = np.asarray(flipd(score, xs, t0=t0, schedule=schedule, key=keys, num_probes=n, chunk_size=64))
+        est = np.asarray(
+            flipd(score, xs, t0=t0, schedule=schedule, key=keys, num_probes=n, chunk_size=64)
+        )
         assert abs(est.mean() - exact) < 4 * np.sqrt(var1 / n / reps)
         np.testing.assert_allclose(est.var(), var1 / n, rtol=0.25)
         errors[n] = np.sqrt(np.mean((est - exact) ** 2))
@@ -76,7 +82,15 @@ def test_gaussian_probes_are_unbiased(x64):
     x, _ = mix.sample(1, key=jax.random.key(9))
     score = mix.score(schedule=schedule)
     exact = flipd(score, x, t0=0.1, schedule=schedule, trace="exact")
-    est = flipd(score, x, t0=0.1, schedule=schedule, key=jax.random.key(0), num_probes=20000, probe="gaussian")
+    est = flipd(
+        score,
+        x,
+        t0=0.1,
+        schedule=schedule,
+        key=jax.random.key(0),
+        num_probes=20000,
+        probe="gaussian",
+    )
     np.testing.assert_allclose(est, exact, atol=0.1)
 
 
@@ -98,14 +112,18 @@ def test_image_shaped_events(x64):
     flat_score = mix.score(schedule=schedule)
     score = lambda x, t: flat_score(x.reshape(x.shape[0], -1), t).reshape(x.shape)  # noqa: E731
     x, _ = mix.sample(3, key=jax.random.key(5))
-    est = flipd(score, x.reshape(3, 2, 3, 3), t0=1e-3, schedule=schedule, trace="exact", chunk_size=7)
+    est = flipd(
+        score, x.reshape(3, 2, 3, 3), t0=1e-3, schedule=schedule, trace="exact", chunk_size=7
+    )
     np.testing.assert_allclose(est, 5.0, atol=0.05)
 
 
 @pytest.mark.slow
 def test_jit_vmap_and_new_shapes(dtype):
     schedule = VP()
-    mix = SubspaceGaussianMixture.random(key=jax.random.key(0), ambient_dim=4, dims=[1], dtype=jnp.dtype(dtype))
+    mix = SubspaceGaussianMixture.random(
+        key=jax.random.key(0), ambient_dim=4, dims=[1], dtype=jnp.dtype(dtype)
+    )
     score = mix.score(schedule=schedule)
 
     @jax.jit
@@ -118,7 +136,9 @@ def test_jit_vmap_and_new_shapes(dtype):
         assert out.shape == (n,) and out.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(out, 1.0, atol=0.3)
     x, _ = mix.sample(6, key=jax.random.key(1))
-    batched = jax.vmap(lambda xb: flipd(score, xb, t0=1e-3, schedule=schedule, trace="exact"))(x.reshape(2, 3, 4))
+    batched = jax.vmap(lambda xb: flipd(score, xb, t0=1e-3, schedule=schedule, trace="exact"))(
+        x.reshape(2, 3, 4)
+    )
     assert batched.shape == (2, 3)
     np.testing.assert_allclose(batched, 1.0, atol=0.05)
 
@@ -131,7 +151,11 @@ def test_curve_and_knee(x64):
     ts = jnp.geomspace(1e-4, 0.5, 25)
     curve = flipd_curve(mix.score(schedule=schedule), x, ts=ts, schedule=schedule, trace="exact")
     assert curve.shape == (9, 25)
-    np.testing.assert_allclose(curve[:, 7], flipd(mix.score(schedule=schedule), x, t0=ts[7], schedule=schedule, trace="exact"), rtol=1e-10)
+    np.testing.assert_allclose(
+        curve[:, 7],
+        flipd(mix.score(schedule=schedule), x, t0=ts[7], schedule=schedule, trace="exact"),
+        rtol=1e-10,
+    )
     knee = flipd_knee(ts, curve)
     np.testing.assert_allclose(knee.lid, mix.dims[comp], atol=0.05)
     # The flattest stretch of a curve that settles after a swing at small t0.

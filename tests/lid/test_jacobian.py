@@ -17,7 +17,9 @@ def test_linear_maps_of_known_rank(x64, rank):
     z = jax.random.normal(jax.random.key(9), (4, 5))
     res = jacobian_rank(lambda z: z @ w.T, z, threshold=1e-8, chunk_size=2)
     np.testing.assert_array_equal(res.lid, rank)
-    np.testing.assert_allclose(res.singular_values[0], np.linalg.svd(np.asarray(w), compute_uv=False), atol=1e-10)
+    np.testing.assert_allclose(
+        res.singular_values[0], np.linalg.svd(np.asarray(w), compute_uv=False), atol=1e-10
+    )
 
 
 def test_nonlinear_generator_with_image_output(x64):
@@ -30,15 +32,21 @@ def test_nonlinear_generator_with_image_output(x64):
     zf = np.asarray(z.reshape(3, 8))
     for i in range(3):
         jac = (1 - np.tanh(0.1 * zf[i] @ np.asarray(w).T) ** 2)[:, None] * 0.1 * np.asarray(w)
-        np.testing.assert_allclose(res.singular_values[i], np.linalg.svd(jac, compute_uv=False), atol=1e-10)
-    np.testing.assert_array_equal(lid_from_singular_values(res.singular_values, threshold=1e-8, space="tangent"), 4)
+        np.testing.assert_allclose(
+            res.singular_values[i], np.linalg.svd(jac, compute_uv=False), atol=1e-10
+        )
+    np.testing.assert_array_equal(
+        lid_from_singular_values(res.singular_values, threshold=1e-8, space="tangent"), 4
+    )
 
 
 def test_numerical_rank_thresholds():
     s = jnp.array([[3.0, 2.0, 1.0], [3.0, 0.5, 0.1]])
     np.testing.assert_array_equal(numerical_rank(s, threshold=1.0), [2, 1])
     np.testing.assert_array_equal(numerical_rank(s, threshold=jnp.array([0.5, 0.05])), [3, 3])
-    np.testing.assert_array_equal(lid_from_singular_values(s, threshold=1.0, space="normal"), [1, 2])
+    np.testing.assert_array_equal(
+        lid_from_singular_values(s, threshold=1.0, space="normal"), [1, 2]
+    )
     with pytest.raises(ValueError, match="threshold must be a scalar"):
         numerical_rank(s, threshold=jnp.ones(3))
 

@@ -32,8 +32,10 @@ def _uncertified_per_chunk(x, queries, *, k, batch_size, projection_dim):
     index = build_index(x, k=k, exclude_self=exclude_self, projection_dim=projection_dim)
     assert index.proj is not None
     qs = x if queries is None else queries
-    return [int(search_chunk(index, chunk, start, k=k, exclude_self=exclude_self)[2])
-            for start, chunk, _ in iter_chunks(qs, batch_size)]
+    return [
+        int(search_chunk(index, chunk, start, k=k, exclude_self=exclude_self)[2])
+        for start, chunk, _ in iter_chunks(qs, batch_size)
+    ]
 
 
 @pytest.mark.parametrize("with_queries", [False, True])
@@ -141,7 +143,8 @@ def test_certified_search_under_jit_and_vmap(x64):
 def test_knn_in_blocks_matches_sklearn_under_jit_and_shard_map(x64, k, block):
     """Blocks dividing the data or not, one block, k above the last block's rows (7 leaves 1):
     scikit-learn's neighbours; the same inside shard_map on 8 devices (queries split)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from mmh_jax._src.knn import knn_in_blocks
     from mmh_jax.scoring import data_mesh
@@ -156,10 +159,18 @@ def test_knn_in_blocks_matches_sklearn_under_jit_and_shard_map(x64, k, block):
     np.testing.assert_allclose(d2, expected_d2, rtol=1e-12)
     assert 0 < d2[0, 0] < 1e-16
     mesh = data_mesh()
-    sharded = jax.jit(jax.shard_map(lambda data, q: knn_in_blocks(data, q, k=k, block=block),
-                                    mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))
-    d2_sharded, index_sharded = sharded(jax.device_put(x, NamedSharding(mesh, P())),
-                                        jax.device_put(queries, NamedSharding(mesh, P("data"))))
+    sharded = jax.jit(
+        jax.shard_map(
+            lambda data, q: knn_in_blocks(data, q, k=k, block=block),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=P("data"),
+        )
+    )
+    d2_sharded, index_sharded = sharded(
+        jax.device_put(x, NamedSharding(mesh, P())),
+        jax.device_put(queries, NamedSharding(mesh, P("data"))),
+    )
     np.testing.assert_array_equal(index_sharded, expected_index)
     np.testing.assert_allclose(d2_sharded, d2, rtol=1e-12)
 

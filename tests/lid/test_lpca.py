@@ -93,7 +93,9 @@ def test_queries_and_self_exclusion(x64):
     # spectra: variance scaling as sklearn PCA (n - 1 denominator)
     ev, m = local_spectra(x, x[:3], k=30)
     nb = x[np.argsort(np.sum((x - x[0]) ** 2, axis=1))[:30]]
-    np.testing.assert_allclose(np.asarray(ev[0]), np.linalg.eigvalsh(np.cov(nb.T))[::-1], rtol=1e-10)
+    np.testing.assert_allclose(
+        np.asarray(ev[0]), np.linalg.eigvalsh(np.cov(nb.T))[::-1], rtol=1e-10
+    )
     np.testing.assert_array_equal(np.asarray(m), 30)
 
 
@@ -106,8 +108,7 @@ def test_paper_duplicates_read_zero_and_manifold_dimension_elsewhere(x64):
 
 def test_paper_float32_and_sampled_distance_percentile():
     x = _plane_with_duplicates().astype(np.float32)
-    got = np.asarray(lpca(x, k=100, method="paper", distance_max_points=300,
-                          key=jax.random.key(0)))
+    got = np.asarray(lpca(x, k=100, method="paper", distance_max_points=300, key=jax.random.key(0)))
     np.testing.assert_array_equal(got[-20:], 0)
     np.testing.assert_array_equal(got[:-20], 2)
     with pytest.raises(ValueError, match="key is required"):
@@ -201,8 +202,10 @@ def test_matches_skdim_on_its_benchmark_manifolds(x64, name):
     ``lPCA.fit_pw``; "maxgap" too where no eigenvalue is structurally zero (k - 1 >= d, see the
     docstring for the other case)."""
     x, k = _BENCHMARK[name], 30
-    cases = [("FO", {}, dict(method="fo")),
-             ("ratio", dict(alphaRatio=0.05), dict(method="ratio", ratio=0.05))]
+    cases = [
+        ("FO", {}, dict(method="fo")),
+        ("ratio", dict(alphaRatio=0.05), dict(method="ratio", ratio=0.05)),
+    ]
     if k - 1 >= x.shape[1]:
         cases.append(("maxgap", {}, dict(method="maxgap")))
     for ver, skdim_kw, ours_kw in cases:

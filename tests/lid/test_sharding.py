@@ -36,8 +36,12 @@ def _mixture(rng):
     scales = np.where(np.arange(4) < dims[:, None], rng.uniform(0.5, 2.0, (3, 4)), 0.0)
     means = 10 * rng.standard_normal((3, D))
     means = means / np.linalg.norm(means, axis=1, keepdims=True) * np.array([[0.0], [1], [1]])
-    mix = SubspaceGaussianMixture(means=jnp.asarray(means), bases=jnp.asarray(bases),
-                                  scales=jnp.asarray(scales), weights=jnp.full(3, 1 / 3))
+    mix = SubspaceGaussianMixture(
+        means=jnp.asarray(means),
+        bases=jnp.asarray(bases),
+        scales=jnp.asarray(scales),
+        weights=jnp.full(3, 1 / 3),
+    )
     np.testing.assert_array_equal(mix.dims, dims)
     return mix
 
@@ -56,8 +60,13 @@ def problem():
     w = jnp.asarray(rng.standard_normal((D, 2)) @ rng.standard_normal((2, 3)))
     odd = np.arange(BATCH) % 2 == 1
     return dict(
-        schedule=schedule, mix=mix, comp=comp, odd=odd,
-        score=mix.score(schedule=schedule),  # one score function for the whole file: the estimators' caches hit
+        schedule=schedule,
+        mix=mix,
+        comp=comp,
+        odd=odd,
+        score=mix.score(
+            schedule=schedule
+        ),  # one score function for the whole file: the estimators' caches hit
         gen=lambda z: jnp.tanh(0.3 * z @ w.T),
         args=dict(
             x=jnp.asarray(x),
@@ -79,8 +88,9 @@ def estimate(args):
         flipd_exact=flipd(score, x, t0=T0, schedule=schedule, trace="exact"),
         flipd_hutchinson=flipd(score, x, t0=T0, schedule=schedule, key=keys, num_probes=3),
         normal_bundle_gap=normal_bundle(score, x, t0=T0, schedule=schedule, key=keys),
-        normal_bundle_threshold=normal_bundle(score, x, t0=T0, schedule=schedule, key=keys,
-                                              threshold=args["nb_threshold"]).lid,
+        normal_bundle_threshold=normal_bundle(
+            score, x, t0=T0, schedule=schedule, key=keys, threshold=args["nb_threshold"]
+        ).lid,
         jacobian_rank=jacobian_rank(p["gen"], args["z"], threshold=args["jac_threshold"]),
     )
 
@@ -104,14 +114,16 @@ def test_plain_calls_give_the_known_truth_and_depend_on_the_keys(x64):
     # The comparisons below would see keys handed out differently: e.g. one key per device,
     # split there into its samples' keys, gives other Hutchinson and normal-bundle values.
     shard_split = jax.vmap(lambda k: jax.random.split(k, BATCH // N_DEV))(
-        jax.random.split(jax.random.key(2), N_DEV)).reshape(BATCH)
+        jax.random.split(jax.random.key(2), N_DEV)
+    ).reshape(BATCH)
     other = estimate({**p["args"], "keys": shard_split})
     # Every sample changes, but for FLIPD on the point mass: there sigma^2 J = -I and any
     # Rademacher probe gives the exact trace.
     changed = ~np.isclose(other["flipd_hutchinson"], out["flipd_hutchinson"], **TOL)
     np.testing.assert_array_equal(changed, dims > 0)
-    changed = ~np.isclose(other["normal_bundle_gap"].singular_values,
-                          out["normal_bundle_gap"].singular_values, **TOL)
+    changed = ~np.isclose(
+        other["normal_bundle_gap"].singular_values, out["normal_bundle_gap"].singular_values, **TOL
+    )
     assert np.all(np.any(changed, axis=1))
 
 
@@ -141,8 +153,9 @@ class VariantsTest(chex.TestCase):
 def test_data_parallel_pmap_equals_whole_batch(x64):
     # Two samples per device, each with its own key and threshold.
     assert jax.device_count() == N_DEV
-    per_device = jax.tree.map(lambda a: a.reshape((N_DEV, BATCH // N_DEV) + a.shape[1:]),
-                              problem()["args"])
+    per_device = jax.tree.map(
+        lambda a: a.reshape((N_DEV, BATCH // N_DEV) + a.shape[1:]), problem()["args"]
+    )
     out = jax.pmap(estimate)(per_device)
     assert all(len(leaf.sharding.device_set) == N_DEV for leaf in jax.tree.leaves(out))
     out = jax.tree.map(lambda a: np.asarray(a).reshape((BATCH,) + a.shape[2:]), out)

@@ -22,7 +22,9 @@ def test_margins_are_consistent_with_labels():
     np.testing.assert_allclose(res.dd_margin, 0.5 - np.maximum(lid_data, lid_model), atol=1e-6)
     labels = np.asarray(res.labels)
     assert np.all((labels == OD_MEM) == (np.asarray(res.od_margin) >= 0))
-    assert np.all((labels == DD_MEM) == ((np.asarray(res.od_margin) < 0) & (np.asarray(res.dd_margin) >= 0)))
+    assert np.all(
+        (labels == DD_MEM) == ((np.asarray(res.od_margin) < 0) & (np.asarray(res.dd_margin) >= 0))
+    )
     # gap 0.4 < 0.5 is not OD-Mem; a model far above a zero data LID is not DD-Mem
     assert labels[1] == NOT_MEMORIZED and labels[4] == NOT_MEMORIZED
     assert labels[3] == OD_MEM
@@ -32,7 +34,9 @@ def test_thresholds_are_respected():
     lid_model, lid_data = np.array([0.7]), np.array([1.0])
     assert int(classify(lid_model, lid_data, od_gap=0.5).labels[0]) == NOT_MEMORIZED
     assert int(classify(lid_model, lid_data, od_gap=0.25).labels[0]) == OD_MEM
-    assert int(classify(np.array([0.8]), np.array([0.8]), dd_max_lid=0.5).labels[0]) == NOT_MEMORIZED
+    assert (
+        int(classify(np.array([0.8]), np.array([0.8]), dd_max_lid=0.5).labels[0]) == NOT_MEMORIZED
+    )
     assert int(classify(np.array([0.8]), np.array([0.8]), dd_max_lid=1.0).labels[0]) == DD_MEM
 
 

@@ -20,8 +20,18 @@ EVENT = (4, 8, 8)
 def _probes(key, b, num_probes):
     """flipd's probes: Rademacher draws from fold_in(per-sample key, probe index)."""
     keys = jax.random.split(key, b)
-    return np.stack([np.asarray(jax.vmap(lambda k, i=i: jax.random.rademacher(
-        jax.random.fold_in(k, i), EVENT, jnp.float32))(keys)) for i in range(num_probes)])
+    return np.stack(
+        [
+            np.asarray(
+                jax.vmap(
+                    lambda k, i=i: jax.random.rademacher(
+                        jax.random.fold_in(k, i), EVENT, jnp.float32
+                    )
+                )(keys)
+            )
+            for i in range(num_probes)
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -31,8 +41,17 @@ def test_cfg_flipd_traces_both_branches_like_pytorch(sd, sd_folder):
     z = np.random.default_rng(0).standard_normal((b,) + EVENT).astype(np.float32)
     cond = sd.encode_prompt(["a cat, the cat", "the fox"])
     key = jax.random.key(5)
-    ours = conditional_flipd(sd.eps, z, cond, sd.uncond_embedding, schedule=sd.schedule,
-                             key=key, guidance=guidance, t0=T0, num_probes=num_probes)
+    ours = conditional_flipd(
+        sd.eps,
+        z,
+        cond,
+        sd.uncond_embedding,
+        schedule=sd.schedule,
+        key=key,
+        guidance=guidance,
+        t0=T0,
+        num_probes=num_probes,
+    )
     abar = torch.as_tensor(np.exp(np.asarray(sd.schedule.log_alphas_cumprod, np.float64)))
     t = jnp.full((b,), T0)
     psi = torch.tensor(np.asarray(sd.schedule.psi(t)))
@@ -42,8 +61,9 @@ def test_cfg_flipd_traces_both_branches_like_pytorch(sd, sd_folder):
     args = (torch.as_tensor(z), torch.full((b,), T0))
 
     def reference(c, u, g, **kw):
-        score = cfg_score_fn_torch(unet, abar, torch.as_tensor(np.asarray(c)),
-                                   torch.as_tensor(np.asarray(u)), g, **kw)
+        score = cfg_score_fn_torch(
+            unet, abar, torch.as_tensor(np.asarray(c)), torch.as_tensor(np.asarray(u)), g, **kw
+        )
         return flipd_torch(score, *args, psi=psi, sigma=sigma, probes=probes).numpy()
 
     full = reference(cond, sd.uncond_embedding, guidance)
@@ -52,8 +72,9 @@ def test_cfg_flipd_traces_both_branches_like_pytorch(sd, sd_folder):
     partial = reference(cond, sd.uncond_embedding, guidance, detach_uncond=True)
     assert np.abs(partial - full).min() > 50 * np.abs(np.asarray(ours.conditional) - full).max()
     # the unconditional model: guidance 0 of the same reference
-    np.testing.assert_allclose(ours.unconditional, reference(cond, sd.uncond_embedding, 0.0),
-                               rtol=2e-3)
+    np.testing.assert_allclose(
+        ours.unconditional, reference(cond, sd.uncond_embedding, 0.0), rtol=2e-3
+    )
 
 
 @pytest.mark.slow
@@ -63,8 +84,9 @@ def test_cfg_flipd_of_a_bfloat16_network_is_accumulated_in_float32(sd, sd16):
     z = np.random.default_rng(1).standard_normal((2,) + EVENT).astype(np.float32)
     t = jnp.full((2,), T0)
     score16 = sd16.cfg_score(sd16.encode_prompt(["a cat", "the fox"]))
-    primal, tangent = jax.eval_shape(lambda y, v: jax.jvp(lambda y: score16(y, t), (y,), (v,)),
-                                     z, z)
+    primal, tangent = jax.eval_shape(
+        lambda y, v: jax.jvp(lambda y: score16(y, t), (y,), (v,)), z, z
+    )
     assert primal.dtype == tangent.dtype == jnp.float32
     assert sd16.unet.module.dtype == jnp.bfloat16
     # 3 probes, as test_cfg_flipd_traces_both_branches_like_pytorch: the float32 FLIPD below is
@@ -97,8 +119,9 @@ def test_generation_norms_are_the_trajectory_formulas(sd):
     with pytest.raises(ValueError, match="steps"):
         generation_cfg_norms(result, schedule=sd.schedule, guidance=7.5, steps=[4])
     with pytest.raises(ValueError, match="return_trajectory"):
-        generation_cfg_norms(sd.sample(cond, key=jax.random.key(0), num_steps=2),
-                             schedule=sd.schedule, guidance=7.5)
+        generation_cfg_norms(
+            sd.sample(cond, key=jax.random.key(0), num_steps=2), schedule=sd.schedule, guidance=7.5
+        )
 
 
 def _scaled_gaussian_eps(x, t, context):
@@ -119,8 +142,9 @@ def test_image_cfg_norms_follow_the_closed_form_ode(x64):
     cond = np.full((1, 2, 3), m_c)
     uncond = np.full((1, 2, 3), m_u)
     eps_fn = Partial(_scaled_gaussian_eps)
-    norms = image_cfg_norms(eps_fn, z0, cond, uncond, schedule=SCHEDULE, guidance=guidance,
-                            t0=t0, num_steps=400)
+    norms = image_cfg_norms(
+        eps_fn, z0, cond, uncond, schedule=SCHEDULE, guidance=guidance, t0=t0, num_steps=400
+    )
     psi = np.asarray(SCHEDULE.psi(jnp.asarray([1 / 1000, t0])))
     z = z0 * (psi[1] / psi[0]) ** (-m_c)
     sigma = float(SCHEDULE.sigma(t0))

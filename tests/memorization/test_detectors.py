@@ -37,8 +37,11 @@ def _torch_reading(pipe, z, timestep, context):
     unet = pipe.unet
     unet.set_attn_processor(Recording())
     with torch.no_grad():
-        unet(torch.from_numpy(np.array(z)), timestep,
-             encoder_hidden_states=torch.from_numpy(np.array(context)))
+        unet(
+            torch.from_numpy(np.array(z)),
+            timestep,
+            encoder_hidden_states=torch.from_numpy(np.array(context)),
+        )
     return probs, values
 
 
@@ -62,8 +65,7 @@ def _first_step_reference(sd, pipe, prompts, images):
     from mmh_jax.sampling import ddim_timesteps
 
     step = int(ddim_timesteps(1000, num_steps=50, steps_offset=1)[0])
-    noise = np.tile(np.asarray(images_noise(KEY, images, sd.latent_shape)),
-                    (len(prompts), 1, 1, 1))
+    noise = np.tile(np.asarray(images_noise(KEY, images, sd.latent_shape)), (len(prompts), 1, 1, 1))
     context = np.repeat(np.asarray(sd.encode_prompt(prompts)), images, axis=0)
     probs, _ = _torch_reading(pipe, noise, step, context)
     return probs
@@ -108,8 +110,9 @@ def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
 def test_value_activations_match_pytorch_and_nemo_z_scores(sd, sd_folder):
     _, pipe = sd_folder
     got = D.value_activations(sd, PROMPTS)
-    _, values = _torch_reading(pipe, np.zeros((3, *sd.latent_shape), np.float32), 999,
-                               sd.encode_prompt(PROMPTS))
+    _, values = _torch_reading(
+        pipe, np.zeros((3, *sd.latent_shape), np.float32), 999, sd.encode_prompt(PROMPTS)
+    )
     expected = np.concatenate([np.abs(v).mean(axis=1) for v in values], axis=-1)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     ref = D.nemo_reference(expected[:2])
@@ -147,8 +150,9 @@ def test_jacobian_trace_of_a_gaussian_score(exact, x64):
         return -(x - mu) * inv
 
     x = jnp.asarray(rng.normal(size=(5, 3, 4)))
-    got = D.score_jacobian_trace(score, x, 0.5, key=None if exact else KEY, num_probes=3,
-                                 exact=exact)
+    got = D.score_jacobian_trace(
+        score, x, 0.5, key=None if exact else KEY, num_probes=3, exact=exact
+    )
     np.testing.assert_allclose(got, -np.sum(1 / var), rtol=1e-12)
 
 
@@ -161,8 +165,11 @@ def test_jacobian_trace_of_a_full_covariance_score_exact(x64):
         return -x @ precision
 
     x = jnp.asarray(rng.normal(size=(2, 6)))
-    np.testing.assert_allclose(D.score_jacobian_trace(score, x, 0.3, exact=True),
-                               -np.trace(np.asarray(precision)), rtol=1e-12)
+    np.testing.assert_allclose(
+        D.score_jacobian_trace(score, x, 0.3, exact=True),
+        -np.trace(np.asarray(precision)),
+        rtol=1e-12,
+    )
     with pytest.raises(ValueError, match="key"):
         D.score_jacobian_trace(score, x, 0.3)
 
@@ -175,16 +182,16 @@ def test_detectors_are_deterministic_and_independent_of_the_batch(sd):
         "bright": lambda p: D.bright_ending(sd, p, **fast).score,
         "sharpness": lambda p: D.sharpness(sd, p, **fast),
         "edges": lambda p: D.edge_consistency(sd, p, images_per_prompt=2, **fast),
-        "clusters": lambda p: D.generation_clusters(sd, p, images_per_prompt=3,
-                                                    cluster_size=2, space="latents", **fast),
+        "clusters": lambda p: D.generation_clusters(
+            sd, p, images_per_prompt=3, cluster_size=2, space="latents", **fast
+        ),
         "nemo": lambda p: D.value_activations(sd, p),
     }
     for name, run in runs.items():
         full = np.asarray(run(PROMPTS))
         assert full.shape[0] == 3 and np.all(np.isfinite(full)), name
         np.testing.assert_array_equal(run(PROMPTS), full, err_msg=name)
-        np.testing.assert_allclose(run(PROMPTS[1:2]), full[1:2], rtol=2e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(run(PROMPTS[1:2]), full[1:2], rtol=2e-5, atol=1e-6, err_msg=name)
     assert np.all((0 <= runs["edges"](PROMPTS)) & (runs["edges"](PROMPTS) <= 1 + 1e-6))
 
 

@@ -24,8 +24,9 @@ def generator():
 
 def _jacobian_spectra(fn, latents, c):
     """Singular values of the Jacobians of ``fn(latent [1, d], c [1, ...])`` sample by sample."""
-    jac = jax.jit(jax.vmap(
-        lambda v, ci: jax.jacfwd(lambda v: fn(v[None], ci[None])[0].reshape(-1))(v)))(latents, c)
+    jac = jax.jit(
+        jax.vmap(lambda v, ci: jax.jacfwd(lambda v: fn(v[None], ci[None])[0].reshape(-1))(v))
+    )(latents, c)
     return np.linalg.svd(np.asarray(jac, np.float64), compute_uv=False)
 
 
@@ -41,14 +42,19 @@ def test_spectra_equal_the_full_jacobian(generator):
     module, params, z, c = generator
     result = gan_lid(module, params, z, c, truncation_psi=0.7, chunk_size=5)
     want = _jacobian_spectra(
-        lambda v, ci: module.apply({"params": params}, v, ci, truncation_psi=0.7), z, c)
+        lambda v, ci: module.apply({"params": params}, v, ci, truncation_psi=0.7), z, c
+    )
     assert result.singular_values.shape == (4, 16)
     np.testing.assert_allclose(result.singular_values, want, rtol=1e-4, atol=1e-4 * want.max())
     # the mapping normalises z: the radial direction is invisible, so the rank is below z_dim
     assert np.all(np.asarray(result.lid) <= 15)
-    np.testing.assert_array_equal(result.lid, [np.linalg.matrix_rank(np.diag(s), tol=s[0] * 768 *
-                                                                     np.finfo(np.float32).eps)
-                                               for s in np.asarray(result.singular_values)])
+    np.testing.assert_array_equal(
+        result.lid,
+        [
+            np.linalg.matrix_rank(np.diag(s), tol=s[0] * 768 * np.finfo(np.float32).eps)
+            for s in np.asarray(result.singular_values)
+        ],
+    )
 
 
 @pytest.mark.parametrize("k", [3, 7])
@@ -66,25 +72,36 @@ def test_w_rank_known_by_construction(generator, k):
     """With every affine layer blind to w's last 16 - k coordinates the image depends on w[:k]
     only: rank k with respect to w, with and without truncation."""
     module, params, z, c = generator
-    for path in [p for p in ("/".join(e.key for e in q) for q, _ in
-                             jax.tree_util.tree_flatten_with_path(params)[0])
-                 if p.endswith("affine/kernel")]:
+    for path in [
+        p
+        for p in (
+            "/".join(e.key for e in q) for q, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        )
+        if p.endswith("affine/kernel")
+    ]:
         params = _with(params, path, lambda w: w.at[k:].set(0.0))
     for psi in (1.0, 0.5):
         result = gan_lid(module, params, z, c, wrt="w", truncation_psi=psi)
         np.testing.assert_array_equal(result.lid, k)
     w = module.apply({"params": params}, z, c, method="mapping")[:, 0]
-    want = _jacobian_spectra(lambda v, _: module.apply(
-        {"params": params}, module.apply({"params": params}, v, truncation_psi=0.5,
-                                         method="broadcast_w"), method="synthesis"), w, c)
+    want = _jacobian_spectra(
+        lambda v, _: module.apply(
+            {"params": params},
+            module.apply({"params": params}, v, truncation_psi=0.5, method="broadcast_w"),
+            method="synthesis",
+        ),
+        w,
+        c,
+    )
     np.testing.assert_allclose(result.singular_values, want, rtol=1e-4, atol=1e-4 * want.max())
 
 
 def test_paper_threshold_over_a_sample_set(generator):
     """The paper's rule: one threshold, the 10th percentile of all singular values."""
     module, params, z, c = generator
-    spectra = np.concatenate([gan_lid(module, params, z[i:i + 2], c[i:i + 2]).singular_values
-                              for i in (0, 2)])
+    spectra = np.concatenate(
+        [gan_lid(module, params, z[i : i + 2], c[i : i + 2]).singular_values for i in (0, 2)]
+    )
     tau = float(percentile_threshold(spectra, q=10))
     assert tau == pytest.approx(np.percentile(spectra, 10), rel=1e-6)
     lid = lid_from_singular_values(spectra, threshold=tau, space="tangent")
@@ -95,8 +112,11 @@ def test_paper_threshold_over_a_sample_set(generator):
 def test_random_noise_and_labels(generator):
     module, params, z, c = generator
     labels = jnp.argmax(c, axis=1)
-    np.testing.assert_allclose(gan_lid(module, params, z, labels).singular_values,
-                               gan_lid(module, params, z, c).singular_values, rtol=1e-5)
+    np.testing.assert_allclose(
+        gan_lid(module, params, z, labels).singular_values,
+        gan_lid(module, params, z, c).singular_values,
+        rtol=1e-5,
+    )
     key = jax.random.key(0)
     a = gan_lid(module, params, z, c, noise_mode="random", key=key).singular_values
     b = gan_lid(module, params, z, c, noise_mode="random", key=key).singular_values

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmh_jax._src.checks import per_sample_keys
 from mmh_jax.guidance import cfg_score_fn
 from mmh_jax.lid import flipd
-from mmh_jax._src.checks import per_sample_keys
 from mmh_jax.memorization.guard import (
     calibrate_threshold,
     flag,
@@ -39,8 +39,7 @@ def setting(sd):
 def test_cfg_norm_sample_and_signal_are_the_trajectorys(sd, setting):
     cond, noise, kwargs, ref = setting
     # (without the trajectory: the program guarded_generate's test runs too)
-    out = guarded_ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, signal="cfg_norm",
-                              **kwargs)
+    out = guarded_ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, signal="cfg_norm", **kwargs)
     np.testing.assert_array_equal(out.sample, ref.sample)  # the same step, bit for bit
     np.testing.assert_array_equal(out.timesteps, ref.timesteps)
     assert out.flipd is None and out.latents is None
@@ -48,8 +47,9 @@ def test_cfg_norm_sample_and_signal_are_the_trajectorys(sd, setting):
     norms = np.linalg.norm(diff.reshape(STEPS, 2, -1), axis=-1)
     np.testing.assert_allclose(out.cfg_norms, norms, rtol=1e-5)
     np.testing.assert_allclose(out.signal, norms.mean(0), rtol=1e-5)
-    late = guarded_ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, signal="cfg_norm",
-                               norm_steps=(1, 3), **kwargs)
+    late = guarded_ddim_sample(
+        sd.eps, noise, cond, sd.uncond_embedding, signal="cfg_norm", norm_steps=(1, 3), **kwargs
+    )
     np.testing.assert_allclose(late.signal, norms[1:3].mean(0), rtol=1e-5)
     np.testing.assert_array_equal(late.sample, ref.sample)
 
@@ -60,8 +60,9 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
     # one key per image (then an image's signal does not depend on its batch); the program
     # guarded_generate's FLIPD test runs too
     keys = jax.random.split(jax.random.key(11), 2)
-    out = guarded_ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, signal="flipd",
-                              signal_steps=K, key=keys, **kwargs)
+    out = guarded_ddim_sample(
+        sd.eps, noise, cond, sd.uncond_embedding, signal="flipd", signal_steps=K, key=keys, **kwargs
+    )
     # the jvp's primal is the forward pass's eps: the same sample up to float rounding
     np.testing.assert_allclose(out.sample, ref.sample, rtol=1e-5, atol=1e-5)
     assert out.flipd.shape == (K, 2)
@@ -78,16 +79,18 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, j)
         truth.append(flipd(score, x, t0=t, schedule=sd.schedule, key=step_keys))
         if j == 0:  # the probe matters: another draw gives another number
-            other = flipd(score, x, t0=t, schedule=sd.schedule,
-                          key=jax.random.split(jax.random.key(99), 2))
+            other = flipd(
+                score, x, t0=t, schedule=sd.schedule, key=jax.random.split(jax.random.key(99), 2)
+            )
     truth = np.asarray(truth)
     np.testing.assert_allclose(out.flipd, truth, rtol=2e-4)
     assert np.abs(np.asarray(other) - truth[0]).min() > 20 * np.abs(out.flipd[0] - truth[0]).max()
     np.testing.assert_allclose(out.signal, truth.mean(0), rtol=2e-4)
     # the CFG norms come for free on the jvp steps too
     diff = np.asarray(ref.eps_cond, np.float64) - np.asarray(ref.eps_uncond, np.float64)
-    np.testing.assert_allclose(out.cfg_norms, np.linalg.norm(diff.reshape(STEPS, 2, -1), axis=-1),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        out.cfg_norms, np.linalg.norm(diff.reshape(STEPS, 2, -1), axis=-1), rtol=1e-4
+    )
 
 
 def test_sampler_errors_name_the_argument(sd, setting):
@@ -98,23 +101,29 @@ def test_sampler_errors_name_the_argument(sd, setting):
     with pytest.raises(ValueError, match="key is required"):
         guarded_ddim_sample(*args, signal="flipd", signal_steps=K, **kwargs)
     with pytest.raises(ValueError, match="signal_steps"):
-        guarded_ddim_sample(*args, signal="flipd", signal_steps=STEPS + 1,
-                            key=jax.random.key(0), **kwargs)
+        guarded_ddim_sample(
+            *args, signal="flipd", signal_steps=STEPS + 1, key=jax.random.key(0), **kwargs
+        )
     with pytest.raises(ValueError, match="signal_steps"):
-        guarded_ddim_sample(*args, signal="flipd", signal_steps=0, key=jax.random.key(0),
-                            **kwargs)
+        guarded_ddim_sample(*args, signal="flipd", signal_steps=0, key=jax.random.key(0), **kwargs)
     with pytest.raises(ValueError, match="norm_steps"):
         guarded_ddim_sample(*args, norm_steps=(3, 3), **kwargs)
     with pytest.raises(ValueError, match="norm_steps"):
         guarded_ddim_sample(*args, norm_steps=(0, STEPS + 1), **kwargs)
     with pytest.raises(ValueError, match="key must"):
-        guarded_ddim_sample(*args, signal="flipd", signal_steps=K,
-                            key=jax.random.split(jax.random.key(0), 3), **kwargs)
+        guarded_ddim_sample(
+            *args,
+            signal="flipd",
+            signal_steps=K,
+            key=jax.random.split(jax.random.key(0), 3),
+            **kwargs,
+        )
     # one key: FLIPD step j's probes are those flipd draws from key fold_in(key, j)
     key = jax.random.key(7)
     np.testing.assert_array_equal(
         jax.random.key_data(step_probe_keys(key, 1, 2)),
-        jax.random.key_data(per_sample_keys(jax.random.fold_in(key, 1), 2)))
+        jax.random.key_data(per_sample_keys(jax.random.fold_in(key, 1), 2)),
+    )
     with pytest.raises(ValueError, match="noise"):
         guarded_ddim_sample(sd.eps, noise[0, 0, 0], cond, sd.uncond_embedding, **kwargs)
 
@@ -125,7 +134,7 @@ def _random_prompt_ids(rng, n, vocab=66, max_words=8, length=77):
     ids = np.ones((n, length), np.int32)  # <|endoftext|> pads
     ids[:, 0] = 0
     for row, k in zip(ids, rng.integers(1, max_words + 1, n)):
-        row[1:1 + k] = rng.integers(2, vocab, k)
+        row[1 : 1 + k] = rng.integers(2, vocab, k)
     return ids
 
 
@@ -138,9 +147,18 @@ def calibration_run(sd):
     rng = np.random.default_rng(0)
     cond = sd.encode_prompt(_random_prompt_ids(rng, n))
     noise = jax.random.normal(jax.random.key(1), (n,) + sd.latent_shape)
-    out = guarded_ddim_sample(sd.eps, noise, cond, sd.uncond_embedding, schedule=sd.schedule,
-                              num_steps=2, signal="flipd", signal_steps=1, key=jax.random.key(2),
-                              grid=sd.ddim_grid)
+    out = guarded_ddim_sample(
+        sd.eps,
+        noise,
+        cond,
+        sd.uncond_embedding,
+        schedule=sd.schedule,
+        num_steps=2,
+        signal="flipd",
+        signal_steps=1,
+        key=jax.random.key(2),
+        grid=sd.ddim_grid,
+    )
     return {"flipd": np.asarray(out.signal), "cfg_norm": np.asarray(out.cfg_norms).mean(0)}
 
 
@@ -183,15 +201,18 @@ def test_calibrate_threshold_is_the_conformal_order_statistic():
     assert calibrate_threshold(s[:9], target_fpr=0.1, higher_is_memorized=True) == s[:9].max()
 
 
-@pytest.mark.parametrize("signals, target, match", [
-    ([], 0.1, "non-empty"),
-    ([1.0, np.nan, 2.0], 0.5, "non-finite"),
-    ([[1.0, 2.0]], 0.5, "1-D"),
-    ([1.0, 2.0], 0.0, "target_fpr"),
-    ([1.0, 2.0], 1.0, "target_fpr"),
-    ([1.0, 2.0], True, "target_fpr"),
-    (list(range(8)), 0.1, "at least 9"),
-])
+@pytest.mark.parametrize(
+    "signals, target, match",
+    [
+        ([], 0.1, "non-empty"),
+        ([1.0, np.nan, 2.0], 0.5, "non-finite"),
+        ([[1.0, 2.0]], 0.5, "1-D"),
+        ([1.0, 2.0], 0.0, "target_fpr"),
+        ([1.0, 2.0], 1.0, "target_fpr"),
+        ([1.0, 2.0], True, "target_fpr"),
+        (list(range(8)), 0.1, "at least 9"),
+    ],
+)
 def test_calibrate_threshold_errors(signals, target, match):
     with pytest.raises(ValueError, match=match):
         calibrate_threshold(signals, target_fpr=target, higher_is_memorized=True)
@@ -212,8 +233,8 @@ def test_guarded_generate_resamples_flagged_prompts(sd):
     signals = np.array([o.signal for o in first.outcomes])
     # the images of StableDiffusion.sample with this key
     for lo in (0, 2):
-        plain = sd.sample(sd.encode_prompt(prompts[lo:lo + 2]), key=key, num_steps=STEPS)
-        np.testing.assert_allclose(first.latents[lo:lo + 2], plain.sample, rtol=1e-6, atol=1e-6)
+        plain = sd.sample(sd.encode_prompt(prompts[lo : lo + 2]), key=key, num_steps=STEPS)
+        np.testing.assert_allclose(first.latents[lo : lo + 2], plain.sample, rtol=1e-6, atol=1e-6)
     order = np.sort(signals)
     threshold = float(order[1] + order[2]) / 2  # the three highest are flagged
     flagged = signals > threshold
@@ -224,16 +245,18 @@ def test_guarded_generate_resamples_flagged_prompts(sd):
             raise RuntimeError("rephraser down")
         return prompt + " the"
 
-    report = guarded_generate(sd, prompts, key=key, threshold=threshold, mitigate=mitigate,
-                              **kwargs)
+    report = guarded_generate(
+        sd, prompts, key=key, threshold=threshold, mitigate=mitigate, **kwargs
+    )
     np.testing.assert_array_equal(report.flagged, flagged)
     np.testing.assert_allclose([o.signal for o in report.outcomes], signals, rtol=1e-6)
     np.testing.assert_allclose(report.initial_latents, first.latents, rtol=1e-6, atol=1e-6)
     assert report.signal == "cfg_norm" and report.higher_is_memorized
     resampled = [o for o in report.outcomes if o.resampled]
     assert len(resampled) == 2
-    again = sd.sample(sd.encode_prompt([o.final_prompt for o in resampled]), key=key,
-                      num_steps=STEPS)
+    again = sd.sample(
+        sd.encode_prompt([o.final_prompt for o in resampled]), key=key, num_steps=STEPS
+    )
     for i, o in enumerate(report.outcomes):
         rows = slice(i, i + 1)
         if o.prompt == failing:
@@ -243,8 +266,9 @@ def test_guarded_generate_resamples_flagged_prompts(sd):
         elif o.flagged:
             assert o.resampled and o.final_prompt == o.prompt + " the" and o.error is None
             j = resampled.index(o)
-            np.testing.assert_allclose(report.latents[rows], again.sample[j:j + 1], rtol=1e-5,
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                report.latents[rows], again.sample[j : j + 1], rtol=1e-5, atol=1e-5
+            )
             assert o.final_flagged == (o.final_signal > threshold)
         else:
             assert not o.resampled and o.error is None and o.final_prompt == o.prompt
@@ -254,19 +278,28 @@ def test_guarded_generate_resamples_flagged_prompts(sd):
 
 def test_guarded_generate_with_flipd_and_bad_input(sd):
     prompts = ["a cat", "the fox", "a b c"]
-    kwargs = dict(signal="flipd", num_steps=STEPS, signal_steps=K, images_per_prompt=2,
-                  batch_size=1, mitigate=lambda p: 3)
+    kwargs = dict(
+        signal="flipd",
+        num_steps=STEPS,
+        signal_steps=K,
+        images_per_prompt=2,
+        batch_size=1,
+        mitigate=lambda p: 3,
+    )
     report = guarded_generate(sd, prompts, key=jax.random.key(0), threshold=-1e9, **kwargs)
     assert not report.higher_is_memorized and not report.flagged.any()  # low = memorized
     assert report.latents.shape == (6,) + sd.latent_shape
     assert all(o.error is None and not o.resampled for o in report.outcomes)
     flagged = guarded_generate(sd, prompts, key=jax.random.key(0), threshold=1e9, **kwargs)
     assert flagged.flagged.all()
-    assert all("not a string" in o.error and o.final_prompt == o.prompt
-               for o in flagged.outcomes)
-    for bad, match in [(dict(prompts=[]), "empty"), (dict(threshold=float("nan")), "threshold"),
-                       (dict(signal="x"), "signal"), (dict(images_per_prompt=0), "images"),
-                       (dict(batch_size=0), "batch_size")]:
+    assert all("not a string" in o.error and o.final_prompt == o.prompt for o in flagged.outcomes)
+    for bad, match in [
+        (dict(prompts=[]), "empty"),
+        (dict(threshold=float("nan")), "threshold"),
+        (dict(signal="x"), "signal"),
+        (dict(images_per_prompt=0), "images"),
+        (dict(batch_size=0), "batch_size"),
+    ]:
         kw = dict(prompts=prompts, key=jax.random.key(0), threshold=0.0, num_steps=4) | bad
         with pytest.raises(ValueError, match=match):
             guarded_generate(sd, **kw)

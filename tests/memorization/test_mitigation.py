@@ -36,23 +36,30 @@ def test_config_normalises_and_names_the_bad_field():
     assert MitigationConfig(methods=["embedding"], ks=()).shown_k == 0
     assert config.labels() == ["attribution (A^CFG)", "rta"]
     assert MitigationConfig(metrics=("cfg", "flipd"), num_steps=5).embedding_settings(
-        "flipd") == embedding_defaults("flipd", 5)
+        "flipd"
+    ) == embedding_defaults("flipd", 5)
     per_metric = MitigationConfig(metrics=("cfg",), embedding={"cfg": (1, 0.1, 3, None)})
     assert per_metric.embedding_settings("cfg") == EmbeddingSettings(1, 0.1, 3, None)
     # 5 lines (3 text methods, attribution x 2 metrics) of 2 ks x 3 repeats, 2 embedding rows
-    assert expected_rows(2, config=MitigationConfig(metrics=("cfg", "flipd"), ks=(1, 2),
-                                                    repeats=3)) == 2 * (4 * 2 * 3 + 2)
-    for bad, match in [(dict(methods=["gpt"]), "methods"), (dict(methods=()), "methods"),
-                       (dict(metrics=("cfg", "cfg")), "metrics lists a metric twice"),
-                       (dict(metrics=("lid",)), "metric"), (dict(ks=(1, 1)), "ks lists"),
-                       (dict(ks=()), "ks is empty"), (dict(ks=(0,)), "ks"),
-                       (dict(grid_k=5), "grid_k"), (dict(repeats=0), "repeats"),
-                       (dict(batch_size=1.5), "batch_size"),
-                       (dict(attribution_images=0), "attribution_images"),
-                       (dict(guidance=float("nan")), "guidance"),
-                       (dict(num_steps=4, embedding=EmbeddingSettings(4, 0.1, 1, None)),
-                        "embedding step 4"),
-                       (dict(vocabulary="cat"), "vocabulary")]:
+    assert expected_rows(
+        2, config=MitigationConfig(metrics=("cfg", "flipd"), ks=(1, 2), repeats=3)
+    ) == 2 * (4 * 2 * 3 + 2)
+    for bad, match in [
+        (dict(methods=["gpt"]), "methods"),
+        (dict(methods=()), "methods"),
+        (dict(metrics=("cfg", "cfg")), "metrics lists a metric twice"),
+        (dict(metrics=("lid",)), "metric"),
+        (dict(ks=(1, 1)), "ks lists"),
+        (dict(ks=()), "ks is empty"),
+        (dict(ks=(0,)), "ks"),
+        (dict(grid_k=5), "grid_k"),
+        (dict(repeats=0), "repeats"),
+        (dict(batch_size=1.5), "batch_size"),
+        (dict(attribution_images=0), "attribution_images"),
+        (dict(guidance=float("nan")), "guidance"),
+        (dict(num_steps=4, embedding=EmbeddingSettings(4, 0.1, 1, None)), "embedding step 4"),
+        (dict(vocabulary="cat"), "vocabulary"),
+    ]:
         with pytest.raises(ValueError, match=match):
             MitigationConfig(**bad)
 
@@ -75,9 +82,16 @@ def _clip(calls):
     return clip_scorer
 
 
-ALL = MitigationConfig(methods=("attribution", "uniform", "rta", "embedding"), ks=(1, 2),
-                       repeats=2, metrics=("cfg",), attribution_images=1,
-                       embedding=EmbeddingSettings(STEPS - 1, 0.05, 2, None), grid_k=2, **SMALL)
+ALL = MitigationConfig(
+    methods=("attribution", "uniform", "rta", "embedding"),
+    ks=(1, 2),
+    repeats=2,
+    metrics=("cfg",),
+    attribution_images=1,
+    embedding=EmbeddingSettings(STEPS - 1, 0.05, 2, None),
+    grid_k=2,
+    **SMALL,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +99,15 @@ def mitigated(sd):
     # one prompt: the embedding method compiles its optimiser once per prompt
     sims, clips = [], []
     reference = np.full((20, 24, 3), 200, np.uint8)  # a "training image" of another size
-    result = mitigate(sd, [PROMPT], key=jax.random.key(2), config=ALL,
-                      similarity=_similarity(sims), clip_scorer=_clip(clips),
-                      reference_images=[reference])
+    result = mitigate(
+        sd,
+        [PROMPT],
+        key=jax.random.key(2),
+        config=ALL,
+        similarity=_similarity(sims),
+        clip_scorer=_clip(clips),
+        reference_images=[reference],
+    )
     return result, sims, clips
 
 
@@ -104,8 +124,10 @@ def test_mitigate_gives_one_row_per_prompt_method_k_and_repeat(mitigated):
     assert set(rows["reference"]) == {"training"} and result.originals[0]["similarity"] < 1
     # RTA inserts k words; the offline rephraser changes the chosen words only
     rta = rows[rows["method"] == "rta"]
-    assert all(len(n.split()) == len(p.split()) + k
-               for p, n, k in zip(rta["prompt"], rta["new_prompt"], rta["k"]))
+    assert all(
+        len(n.split()) == len(p.split()) + k
+        for p, n, k in zip(rta["prompt"], rta["new_prompt"], rta["k"])
+    )
     assert (rows["error"] == "").all() and (rows["prompt"] == PROMPT).all()
     emb = rows[rows["method"] == "embedding"]
     assert (emb["updates"] == 2).all() and np.all(np.isfinite(emb["metric_after"]))
@@ -114,8 +136,13 @@ def test_mitigate_gives_one_row_per_prompt_method_k_and_repeat(mitigated):
     assert {c[2] for c in sims} == {(1, 20, 24, 3)}
     assert all(p == [PROMPT] for p in clips)
     assert [a.metric for a in result.attributions] == ["cfg"]
-    assert list(result.images) == ["original", "attribution (A^CFG)", "uniform", "rta",
-                                   "embedding (A^CFG)"]
+    assert list(result.images) == [
+        "original",
+        "attribution (A^CFG)",
+        "uniform",
+        "rta",
+        "embedding (A^CFG)",
+    ]
     assert all(len(v) == 1 and v[0].shape == (16, 16, 3) for v in result.images.values())
     picked = rows[(rows["method"] == "rta") & (rows["k"] == 2) & (rows["repeat"] == 0)]
     assert result.new_prompts["rta"] == list(picked["new_prompt"])
@@ -135,16 +162,29 @@ def test_summary_means_per_method_metric_and_k(mitigated):
 def test_bad_input_and_a_failing_rephraser(sd):
     key = jax.random.key(3)
     with pytest.raises(ValueError, match="k=3"):
-        mitigate(sd, ["the cat"], key=key, config=MitigationConfig(
-            methods=["uniform"], ks=(1, 3), metrics="cfg", **SMALL))
+        mitigate(
+            sd,
+            ["the cat"],
+            key=key,
+            config=MitigationConfig(methods=["uniform"], ks=(1, 3), metrics="cfg", **SMALL),
+        )
     with pytest.raises(ValueError, match="no tokens"):
-        mitigate(sd, ["the cat", "  "], key=key, config=MitigationConfig(
-            methods=["rta"], ks=(1,), metrics="cfg", **SMALL))
+        mitigate(
+            sd,
+            ["the cat", "  "],
+            key=key,
+            config=MitigationConfig(methods=["rta"], ks=(1,), metrics="cfg", **SMALL),
+        )
     with pytest.raises(ValueError, match="config"):
         mitigate(sd, ["the cat"], key=key, config=dict(methods=["rta"]))
     with pytest.raises(ValueError, match="reference_images"):
-        mitigate(sd, ["the cat"], key=key, config=MitigationConfig(methods=["rta"], ks=1),
-                 reference_images=[np.zeros((4, 4), np.uint8)])
+        mitigate(
+            sd,
+            ["the cat"],
+            key=key,
+            config=MitigationConfig(methods=["rta"], ks=1),
+            reference_images=[np.zeros((4, 4), np.uint8)],
+        )
 
     calls = []
 
@@ -155,8 +195,9 @@ def test_bad_input_and_a_failing_rephraser(sd):
         return prompt.replace("cat", "kitty")
 
     config = MitigationConfig(methods=["uniform"], ks=(1,), repeats=2, metrics="cfg", **SMALL)
-    result = mitigate(sd, ["the cat"], key=key, config=config, rephraser=flaky,
-                      similarity=_similarity([]))
+    result = mitigate(
+        sd, ["the cat"], key=key, config=config, rephraser=flaky, similarity=_similarity([])
+    )
     first, second = result.rows
     assert first["error"] == "RuntimeError: service down"
     assert not first["changed"] and first["new_prompt"] == "the cat"

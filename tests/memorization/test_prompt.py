@@ -52,11 +52,16 @@ def _toy():
     """The toy network's parameters, 16 points of a 2 x 2 x 2 event at times in (0, 1], a prompt
     embedding [1, 6, 5] and the empty prompt's."""
     rng = np.random.default_rng(0)
-    params = {"wq": rng.standard_normal((8, 3)), "wk": rng.standard_normal((5, 3)),
-              "wo": rng.standard_normal((5, 8))}
+    params = {
+        "wq": rng.standard_normal((8, 3)),
+        "wk": rng.standard_normal((5, 3)),
+        "wo": rng.standard_normal((5, 8)),
+    }
     eps_fn = Partial(_toy_eps, jax.tree.map(jnp.asarray, params))
-    points = MetricPoints(jnp.asarray(rng.standard_normal((16, 2, 2, 2))),
-                          jnp.asarray(rng.integers(1, 1001, 16) / 1000))
+    points = MetricPoints(
+        jnp.asarray(rng.standard_normal((16, 2, 2, 2))),
+        jnp.asarray(rng.integers(1, 1001, 16) / 1000),
+    )
     return eps_fn, points, rng.standard_normal((1, 6, 5)), rng.standard_normal((1, 6, 5))
 
 
@@ -75,18 +80,26 @@ def test_metrics_equal_their_closed_forms(x64):
     k = 1 + m_u + GUIDANCE * (m_c - m_u)
     kwargs = dict(schedule=SCHEDULE, guidance=GUIDANCE, key=jax.random.key(0))
     eps_fn = Partial(_gaussian_eps)
-    np.testing.assert_allclose(metric_values(eps_fn, points, cond, uncond, metric="cfg", **kwargs),
-                               sigma**2 * (m_c - m_u) ** 2 * size, rtol=1e-5)
+    np.testing.assert_allclose(
+        metric_values(eps_fn, points, cond, uncond, metric="cfg", **kwargs),
+        sigma**2 * (m_c - m_u) ** 2 * size,
+        rtol=1e-5,
+    )
     np.testing.assert_allclose(
         metric_values(eps_fn, points, cond, uncond, metric="cfg_score", **kwargs),
-        sigma**2 * k**2 * size, rtol=1e-5)
+        sigma**2 * k**2 * size,
+        rtol=1e-5,
+    )
     d = x[0].size
     np.testing.assert_allclose(
         metric_values(eps_fn, points, cond, uncond, metric="flipd", **kwargs),
-        d - sigma**2 * k * d + sigma**2 * k**2 * size, rtol=1e-5)
+        d - sigma**2 * k * d + sigma**2 * k**2 * size,
+        rtol=1e-5,
+    )
     # A(c) is the mean, and its gradient w.r.t. the embedding is the closed form's
-    grad = jax.grad(prompt_metric, argnums=1)(eps_fn, jnp.asarray(cond), uncond, points,
-                                              metric="cfg", schedule=SCHEDULE)
+    grad = jax.grad(prompt_metric, argnums=1)(
+        eps_fn, jnp.asarray(cond), uncond, points, metric="cfg", schedule=SCHEDULE
+    )
     expected = np.mean(sigma**2 * 2 * (m_c - m_u) * size) / cond.size
     np.testing.assert_allclose(grad, np.full(cond.shape, expected), rtol=1e-5)
 
@@ -94,8 +107,9 @@ def test_metrics_equal_their_closed_forms(x64):
 @pytest.fixture(scope="module")
 def trajectory(sd):
     cond = sd.encode_prompt(["a cat"])
-    result = sd.sample(cond, key=jax.random.key(1), images_per_prompt=2, num_steps=5,
-                       return_trajectory=True)
+    result = sd.sample(
+        cond, key=jax.random.key(1), images_per_prompt=2, num_steps=5, return_trajectory=True
+    )
     return cond, result
 
 
@@ -120,15 +134,31 @@ def test_flipd_metric_is_lid_flipd_of_the_cfg_score_at_the_noisy_point(sd, traje
     cond, result = trajectory
     points = trajectory_points(result, schedule=sd.schedule, steps=[2, 3, 4])
     key = jax.random.key(7)
-    ours = metric_values(sd.eps, points, cond, sd.uncond_embedding, metric="flipd",
-                         schedule=sd.schedule, guidance=GUIDANCE, key=key)
+    ours = metric_values(
+        sd.eps,
+        points,
+        cond,
+        sd.uncond_embedding,
+        metric="flipd",
+        schedule=sd.schedule,
+        guidance=GUIDANCE,
+        key=key,
+    )
     score = cfg_score_fn(sd.eps, cond, sd.uncond_embedding, schedule=sd.schedule, guidance=GUIDANCE)
     psi = sd.schedule.psi(points.t).reshape(-1, 1, 1, 1)
     truth = flipd(score, points.latents / psi, t0=points.t, schedule=sd.schedule, key=key)
     np.testing.assert_allclose(ours, truth, rtol=1e-4, atol=1e-3)
     # the unconditional branch's trace matters: guidance 1 is the conditional model alone
-    cond_only = metric_values(sd.eps, points, cond, sd.uncond_embedding, metric="flipd",
-                              schedule=sd.schedule, guidance=1.0, key=key)
+    cond_only = metric_values(
+        sd.eps,
+        points,
+        cond,
+        sd.uncond_embedding,
+        metric="flipd",
+        schedule=sd.schedule,
+        guidance=1.0,
+        key=key,
+    )
     assert np.abs(np.asarray(cond_only) - np.asarray(ours)).min() > 1e-2
 
 
@@ -162,9 +192,10 @@ def test_token_attributions_average_per_point_gradient_norms(x64):
     keys = jax.random.split(jax.random.key(4), 16)  # one key per point, as metric_values splits
     norms, values = [], []
     for i in range(16):
-        one = MetricPoints(points.latents[i:i + 1], points.t[i:i + 1])
+        one = MetricPoints(points.latents[i : i + 1], points.t[i : i + 1])
         v, g = jax.value_and_grad(prompt_metric, argnums=1)(
-            eps_fn, jnp.asarray(cond), uncond, one, **{**kwargs, "key": keys[i:i + 1]})
+            eps_fn, jnp.asarray(cond), uncond, one, **{**kwargs, "key": keys[i : i + 1]}
+        )
         norms.append(np.linalg.norm(np.asarray(g)[0], axis=-1))
         values.append(float(v))
     np.testing.assert_allclose(attr.scores, np.mean(norms, axis=0), rtol=1e-10)
@@ -185,8 +216,9 @@ def test_a_planted_token_gets_the_largest_attribution(sd, trajectory):
     weights[0, 3] = 1.0
     eps_fn = Partial(_weighted_context_eps, sd.eps, jnp.asarray(weights))
     points = trajectory_points(result, schedule=sd.schedule, steps=[2, 4])
-    attr = token_attributions(eps_fn, cond, sd.uncond_embedding, points, metric="cfg_score",
-                              schedule=sd.schedule)
+    attr = token_attributions(
+        eps_fn, cond, sd.uncond_embedding, points, metric="cfg_score", schedule=sd.schedule
+    )
     scores = np.asarray(attr.scores)
     assert np.argmax(scores) == 3
     assert scores[3] > 5 * np.delete(scores, 3).max()
@@ -194,8 +226,9 @@ def test_a_planted_token_gets_the_largest_attribution(sd, trajectory):
 
 def test_noised_points_draw_grid_times_and_the_forward_marginal(x64):
     z0 = np.random.default_rng(0).standard_normal((4, 2, 2, 2))
-    points = noised_points(z0, schedule=SCHEDULE, key=jax.random.key(0), times_per_latent=2000,
-                           t_range=(0.0, 0.2))
+    points = noised_points(
+        z0, schedule=SCHEDULE, key=jax.random.key(0), times_per_latent=2000, t_range=(0.0, 0.2)
+    )
     t = np.asarray(points.t)
     steps = t * 1000
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
@@ -221,8 +254,9 @@ def test_embedding_optimisation_lowers_the_cfg_metric_and_stops_at_the_target(x6
     assert out.steps_taken == 20 and values.shape == (21,)
     assert values[-1] < 0.5 * values[0]
     np.testing.assert_array_equal(out.embedding[0, 0], cond[0, 0])  # the start token is kept
-    stopped = optimize_embedding(eps_fn, cond, uncond, points, num_steps=20,
-                                 target=0.8 * values[0], **kwargs)
+    stopped = optimize_embedding(
+        eps_fn, cond, uncond, points, num_steps=20, target=0.8 * values[0], **kwargs
+    )
     assert stopped.steps_taken < 20 and stopped.values[-1] <= 0.8 * values[0]
     assert np.all(np.asarray(stopped.values[:-1]) > 0.8 * values[0])
 
@@ -253,8 +287,16 @@ def test_traced_embedding_optimisation_under_jit_is_adamw_on_the_metric(x64):
 
     @jax.jit
     def run(cond, learning_rate, target):
-        return optimize_embedding_traced(eps_fn, cond, uncond, points, num_steps=6,
-                                         learning_rate=learning_rate, target=target, **kwargs)
+        return optimize_embedding_traced(
+            eps_fn,
+            cond,
+            uncond,
+            points,
+            num_steps=6,
+            learning_rate=learning_rate,
+            target=target,
+            **kwargs,
+        )
 
     out = run(cond, 0.05, -1.0)  # a target the CFG norm never reaches
     assert int(out.steps_taken) == 6
@@ -266,16 +308,26 @@ def test_traced_embedding_optimisation_under_jit_is_adamw_on_the_metric(x64):
     assert int(stopped.steps_taken) == 3
     np.testing.assert_allclose(stopped.values[:4], values[:4], rtol=1e-6)
     assert np.isnan(stopped.values[4:]).all()
-    public = optimize_embedding(eps_fn, cond, uncond, points, num_steps=6, learning_rate=0.05,
-                                target=target, **kwargs)
+    public = optimize_embedding(
+        eps_fn, cond, uncond, points, num_steps=6, learning_rate=0.05, target=target, **kwargs
+    )
     assert public.steps_taken == 3
     np.testing.assert_allclose(public.embedding, stopped.embedding, rtol=1e-12)
 
 
 def test_embedding_optimisation_raises_flipd(x64):
     eps_fn, points, cond, uncond = _toy()
-    out = optimize_embedding(eps_fn, cond, uncond, points, metric="flipd", schedule=SCHEDULE,
-                             num_steps=10, learning_rate=0.05, key=jax.random.key(0))
+    out = optimize_embedding(
+        eps_fn,
+        cond,
+        uncond,
+        points,
+        metric="flipd",
+        schedule=SCHEDULE,
+        num_steps=10,
+        learning_rate=0.05,
+        key=jax.random.key(0),
+    )
     assert out.steps_taken == 10 and out.values[-1] > out.values[0]
     np.testing.assert_array_equal(out.embedding[0, 0], cond[0, 0])
 
@@ -289,8 +341,20 @@ def test_bad_arguments_name_themselves(sd, trajectory):
     with pytest.raises(ValueError, match="key"):
         metric_values(sd.eps, points, cond, sd.uncond_embedding, metric="flipd", **common)
     with pytest.raises(ValueError, match="cond"):
-        token_attributions(sd.eps, jnp.concatenate([cond, cond]), sd.uncond_embedding, points,
-                           metric="cfg", **common)
+        token_attributions(
+            sd.eps,
+            jnp.concatenate([cond, cond]),
+            sd.uncond_embedding,
+            points,
+            metric="cfg",
+            **common,
+        )
     with pytest.raises(ValueError, match="points.t"):
-        metric_values(sd.eps, MetricPoints(points.latents, points.t[:1].repeat(3)), cond,
-                      sd.uncond_embedding, metric="cfg", **common)
+        metric_values(
+            sd.eps,
+            MetricPoints(points.latents, points.t[:1].repeat(3)),
+            cond,
+            sd.uncond_embedding,
+            metric="cfg",
+            **common,
+        )

@@ -55,9 +55,11 @@ def test_token_probabilities_is_smoothed_softmax_of_raw_attributions():
     soft = [x / sum(e) for x in e]
     smooth = [(x + 1e-3) / (1 + 3e-3) for x in soft]
     np.testing.assert_allclose(token_probabilities(a), smooth, rtol=1e-12)
-    np.testing.assert_allclose(token_probabilities(a, temperature=1.0, smoothing=0.0),
-                               [math.exp(x) / sum(math.exp(y) for y in a) for x in a],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        token_probabilities(a, temperature=1.0, smoothing=0.0),
+        [math.exp(x) / sum(math.exp(y) for y in a) for x in a],
+        rtol=1e-12,
+    )
 
 
 def test_token_probabilities_normalize_options():
@@ -65,12 +67,17 @@ def test_token_probabilities_normalize_options():
     # Raw attributions (public code): the temperature acts on their scale.
     assert not np.allclose(token_probabilities(a), token_probabilities(10 * a))
     for mode in ("sum", "max"):
-        np.testing.assert_allclose(token_probabilities(a, normalize=mode),
-                                   token_probabilities(10 * a, normalize=mode), rtol=1e-12)
-    np.testing.assert_allclose(token_probabilities(a, normalize="sum"),
-                               token_probabilities(a / a.sum()), rtol=1e-12)
-    np.testing.assert_allclose(token_probabilities(a, normalize="max"),
-                               token_probabilities(a / a.max()), rtol=1e-12)
+        np.testing.assert_allclose(
+            token_probabilities(a, normalize=mode),
+            token_probabilities(10 * a, normalize=mode),
+            rtol=1e-12,
+        )
+    np.testing.assert_allclose(
+        token_probabilities(a, normalize="sum"), token_probabilities(a / a.sum()), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        token_probabilities(a, normalize="max"), token_probabilities(a / a.max()), rtol=1e-12
+    )
     # all-zero attributions: uniform
     np.testing.assert_allclose(token_probabilities(np.zeros(4), normalize="sum"), 0.25)
 
@@ -85,8 +92,9 @@ def test_choose_tokens_draws_follow_the_sequential_categorical():
     first = np.bincount(draws[:, 0], minlength=5) / n
     assert _within(first, p, n)
     # second draw of sampling without replacement: sum_i p_i p_j / (1 - p_i), i != j
-    second_p = np.array([sum(p[i] * p[j] / (1 - p[i]) for i in range(5) if i != j)
-                         for j in range(5)])
+    second_p = np.array(
+        [sum(p[i] * p[j] / (1 - p[i]) for i in range(5) if i != j) for j in range(5)]
+    )
     second = np.bincount(draws[:, 1], minlength=5) / n
     assert _within(second, second_p, n)
     # and it is not the uniform choice
@@ -113,16 +121,19 @@ def test_choose_tokens_distinct_reproducible_and_keyed():
     assert choose_tokens(a, k=2, key=jax.random.PRNGKey(3)).shape == (2,)
 
 
-@pytest.mark.parametrize("args, match", [
-    (([0.1, 0.2], 0), "k must be at least 1"),
-    (([0.1, 0.2], 3), "k larger than the number of tokens"),
-    (([], 1), "empty"),
-    (([0.1, float("nan")], 1), "finite"),
-    (([0.1, float("inf")], 1), "finite"),
-    (([0.1, -0.2], 1), "non-negative"),
-    (([[0.1, 0.2]], 1), "one-dimensional"),
-    (([0.1, 0.2], 1.5), "k must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([0.1, 0.2], 0), "k must be at least 1"),
+        (([0.1, 0.2], 3), "k larger than the number of tokens"),
+        (([], 1), "empty"),
+        (([0.1, float("nan")], 1), "finite"),
+        (([0.1, float("inf")], 1), "finite"),
+        (([0.1, -0.2], 1), "non-negative"),
+        (([[0.1, 0.2]], 1), "one-dimensional"),
+        (([0.1, 0.2], 1.5), "k must be an integer"),
+    ],
+)
 def test_choose_tokens_errors(args, match):
     attributions, k = args
     with pytest.raises(ValueError, match=match):
@@ -161,8 +172,25 @@ def test_uniform_tokens():
 # ------------------------------------------------------------------------------------------
 
 # "a painting of the great wave off kanagawa, by katsushika hokusai" in CLIP BPE style
-WAVE = ["a</w>", "painting</w>", "of</w>", "the</w>", "great</w>", "wave</w>", "off</w>",
-        "kana", "gawa</w>", ",</w>", "by</w>", "kat", "su", "shi", "ka</w>", "hok", "usai</w>"]
+WAVE = [
+    "a</w>",
+    "painting</w>",
+    "of</w>",
+    "the</w>",
+    "great</w>",
+    "wave</w>",
+    "off</w>",
+    "kana",
+    "gawa</w>",
+    ",</w>",
+    "by</w>",
+    "kat",
+    "su",
+    "shi",
+    "ka</w>",
+    "hok",
+    "usai</w>",
+]
 
 
 def test_selected_words_merges_pieces_in_prompt_order():
@@ -174,8 +202,15 @@ def test_selected_words_merges_pieces_in_prompt_order():
 
 
 def test_selected_words_duplicates_specials_bytes_and_truncation():
-    tokens = ["<|startoftext|>", "the</w>", "cat</w>", "and</w>", "the</w>", "dog</w>",
-              "<|endoftext|>"]
+    tokens = [
+        "<|startoftext|>",
+        "the</w>",
+        "cat</w>",
+        "and</w>",
+        "the</w>",
+        "dog</w>",
+        "<|endoftext|>",
+    ]
     assert selected_words(tokens, [0, 1, 4, 6]) == ["the"]
     assert selected_words(tokens, [5, 2]) == ["cat", "dog"]
     # byte-level BPE pieces of non-ASCII text are decoded
@@ -202,8 +237,23 @@ def _tiny_clip_tokenizer(tmp_path):
     for c in "abcdefghijklmnopqrstuvwxyz,":
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    merges = ["w a", "wa v", "wav e</w>", "k a", "ka n", "kan a", "g a", "ga w", "gaw a</w>",
-              "o f", "of f</w>", "t h", "th e</w>", "a r", "ar t</w>"]
+    merges = [
+        "w a",
+        "wa v",
+        "wav e</w>",
+        "k a",
+        "ka n",
+        "kan a",
+        "g a",
+        "ga w",
+        "gaw a</w>",
+        "o f",
+        "of f</w>",
+        "t h",
+        "th e</w>",
+        "a r",
+        "ar t</w>",
+    ]
     for m in merges:
         vocab.setdefault(m.replace(" ", ""), len(vocab))
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
@@ -225,8 +275,16 @@ def test_selected_words_and_vocabulary_with_a_real_clip_tokenizer(tmp_path):
 def test_clip_vocabulary_words_filters():
     class Fake:
         def get_vocab(self):
-            return {"cat</w>": 5, "ca": 1, "dog</w>": 2, "ox</w>": 3, "a1b</w>": 4, "Ã¶rk</w>": 6,
-                    "hello</w>": 0, ",,,</w>": 7}
+            return {
+                "cat</w>": 5,
+                "ca": 1,
+                "dog</w>": 2,
+                "ox</w>": 3,
+                "a1b</w>": 4,
+                "Ã¶rk</w>": 6,
+                "hello</w>": 0,
+                ",,,</w>": 7,
+            }
 
     assert clip_vocabulary_words(Fake()) == ["hello", "dog", "cat"]
     with pytest.raises(ValueError, match="get_vocab"):
@@ -268,16 +326,42 @@ def test_synonym_rephraser_changes_only_the_chosen_words():
 
 
 def test_synonym_rephraser_keeps_names_places_and_numbers():
-    table = {"photo": ["picture"], "emma": ["gem"], "watson": ["x"], "paris": ["city"],
-             "dogs": ["hounds"], "dog": ["hound"], "show": ["exhibition"], "nasa": ["agency"],
-             "x": ["by"], "blk": ["black"], "in": ["inside"]}
+    table = {
+        "photo": ["picture"],
+        "emma": ["gem"],
+        "watson": ["x"],
+        "paris": ["city"],
+        "dogs": ["hounds"],
+        "dog": ["hound"],
+        "show": ["exhibition"],
+        "nasa": ["agency"],
+        "x": ["by"],
+        "blk": ["black"],
+        "in": ["inside"],
+    }
     rephraser = SynonymRephraser(table=table)
-    prompt = "Photo of Emma Watson with 3 dogs in Paris, 2019 Dog Show, NASA photo, 13x8 31-984210BLK"
-    words = ["photo", "emma", "watson", "dogs", "paris", "dog", "show", "3", "2019", "nasa",
-             "x", "blk", "in"]
+    prompt = (
+        "Photo of Emma Watson with 3 dogs in Paris, 2019 Dog Show, NASA photo, 13x8 31-984210BLK"
+    )
+    words = [
+        "photo",
+        "emma",
+        "watson",
+        "dogs",
+        "paris",
+        "dog",
+        "show",
+        "3",
+        "2019",
+        "nasa",
+        "x",
+        "blk",
+        "in",
+    ]
     assert rephraser(prompt, words) == (
         "Picture of Emma Watson with 3 hounds inside Paris, 2019 Dog Show, NASA picture, 13x8 "
-        "31-984210BLK")
+        "31-984210BLK"
+    )
     # nothing chosen that can change: byte-identical
     assert rephraser(prompt, ["emma", "3", "2019", "nasa", "x"]) == prompt
     assert rephraser(prompt, []) == prompt
@@ -294,7 +378,8 @@ def test_synonym_rephraser_punctuation_case_and_articles():
     assert keep(prompt, [",", "-"]) == prompt
     assert drop("Painting of a wave", ["painting", "wave"]) == "Artwork of a breaker"
     assert drop("A painting, a special day", ["painting", "special"]) == (
-        "An artwork, a unique day")
+        "An artwork, a unique day"
+    )
     assert drop("painting An", ["painting"]) == "artwork An"
     assert drop("unknown words stay", ["unknown", "stay"]) == "unknown words stay"
 
@@ -312,7 +397,9 @@ def test_synonym_rephraser_inflections_and_seed():
     assert len(picks) >= 3
     assert all(p.split(" ")[1] in table["beautiful"] for p in picks)
     again = SynonymRephraser(key=jax.random.key(7))
-    assert again(prompt, ["beautiful"]) == SynonymRephraser(key=jax.random.key(7))(prompt, ["beautiful"])
+    assert again(prompt, ["beautiful"]) == SynonymRephraser(key=jax.random.key(7))(
+        prompt, ["beautiful"]
+    )
     # the choices integer seeds gave before the rephraser took a key (the prompt world's runs)
     assert again(prompt, ["beautiful"]) == "a lovely dress"
     assert SynonymRephraser(key=jax.random.key(11))(prompt, ["beautiful"]) == "a pretty dress"
@@ -356,8 +443,9 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         server: _Stub = self.server  # type: ignore[assignment]
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        server.requests.append({"path": self.path, "headers": dict(self.headers),
-                                "body": json.loads(body)})
+        server.requests.append(
+            {"path": self.path, "headers": dict(self.headers), "body": json.loads(body)}
+        )
         if server.delay:
             server.release.wait(server.delay)
         self.send_response(server.status)
@@ -375,8 +463,7 @@ class _StubHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-                "ALL_PROXY"):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     server = _Stub()
@@ -389,9 +476,13 @@ def stub(monkeypatch):
 
 
 def _completion(content) -> bytes:
-    return json.dumps({"id": "x", "object": "chat.completion",
-                       "choices": [{"index": 0, "message": {"role": "assistant",
-                                                            "content": content}}]}).encode()
+    return json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+        }
+    ).encode()
 
 
 def test_chat_rephraser_request_and_answer(stub):
@@ -406,12 +497,15 @@ def test_chat_rephraser_request_and_answer(stub):
     assert req["headers"]["Content-Type"] == "application/json"
     body = req["body"]
     assert body["model"] == "m1" and body["temperature"] == 0.7
-    assert body["messages"] == [{"role": "user", "content": chat_instruction(prompt,
-                                                                             ["talks", "ethics"])}]
+    assert body["messages"] == [
+        {"role": "user", "content": chat_instruction(prompt, ["talks", "ethics"])}
+    ]
     text = body["messages"][0]["content"]
     assert '["talks", "ethics"]' in text
     assert '["Talks", "on", "the", "Precepts", "and", "Buddhist", "Ethics"]' in text
-    assert "name" in text and "number" in text and "synonym" in text and "punctuation" in text.lower()
+    assert (
+        "name" in text and "number" in text and "synonym" in text and "punctuation" in text.lower()
+    )
     # a full URL is used as is
     ChatRephraser(stub.base + "/chat/completions/", api_key="k")(prompt, ["talks"])
     assert stub.requests[-1]["path"] == "/v1/chat/completions"
@@ -426,8 +520,12 @@ def test_chat_rephraser_failures(stub):
     assert outcome.prompt == "a dog" and not outcome.changed and "HTTP 500" in outcome.error
     assert "sk-test" not in outcome.error
     stub.status = 200
-    for bad in (b"not json", b'{"choices": []}', b'{"choices": [{"message": {}}]}',
-                _completion(None)):
+    for bad in (
+        b"not json",
+        b'{"choices": []}',
+        b'{"choices": [{"message": {}}]}',
+        _completion(None),
+    ):
         stub.reply = bad
         with pytest.raises(ValueError, match="chat"):
             chat("a dog", ["dog"])
@@ -469,14 +567,16 @@ def test_chat_rephraser_key_and_url(monkeypatch):
 
 def test_rephrase_outcomes():
     assert rephrase(SynonymRephraser(table={"dog": ["hound"]}), "a dog", ["dog"]) == (
-        RephraseOutcome("a hound", True, None))
+        RephraseOutcome("a hound", True, None)
+    )
     assert rephrase(lambda p, w: p, "a dog", ["dog"]) == RephraseOutcome("a dog", False, None)
 
     def boom(prompt, words):
         raise ConnectionError("service down")
 
     assert rephrase(boom, "a dog", ["dog"]) == RephraseOutcome(
-        "a dog", False, "ConnectionError: service down")
+        "a dog", False, "ConnectionError: service down"
+    )
     out = rephrase(lambda p, w: 42, "a dog", ["dog"])
     assert out.prompt == "a dog" and not out.changed and "int" in out.error
     seen = []
@@ -494,7 +594,8 @@ def test_rephrase_timeout_and_errors():
     assert time.perf_counter() - start < 0.8
     assert out.prompt == "a dog" and not out.changed and "timed out" in out.error
     assert rephrase(lambda p, w: "a hound", "a dog", ["dog"], timeout=5.0) == RephraseOutcome(
-        "a hound", True, None)
+        "a hound", True, None
+    )
 
     def bad(prompt, words):
         raise KeyError("no such word")
@@ -541,8 +642,10 @@ def test_random_token_addition_adds_k_words_and_keeps_the_prompt():
                 before += 1
     assert picks == set(VOCAB)
     assert gaps == set(range(len(prompt.split()) + 1))  # every gap, both ends included
-    np.testing.assert_equal(random_token_addition(prompt, k=3, key=KEY, vocabulary=VOCAB),
-                            random_token_addition(prompt, k=3, key=KEY, vocabulary=VOCAB))
+    np.testing.assert_equal(
+        random_token_addition(prompt, k=3, key=KEY, vocabulary=VOCAB),
+        random_token_addition(prompt, k=3, key=KEY, vocabulary=VOCAB),
+    )
 
 
 def test_random_token_addition_errors():

@@ -25,21 +25,47 @@ from mmh_jax.models.autoencoder_kl import (
     unscale_latents,
 )
 
-TINY = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
-            latent_channels=4, sample_size=16)
+TINY = dict(
+    block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=16,
+)
 
 CONFIGS = {
     "two-levels": (TINY, (16, 16)),
-    "three-levels-no-attention-no-quant-conv": (dict(
-        TINY, block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2,
-        mid_block_add_attention=False, use_quant_conv=False), (16, 24)),
-    "one-level-custom-channels": (dict(
-        TINY, block_out_channels=(24,), down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), in_channels=1, out_channels=2, latent_channels=3,
-        norm_num_groups=4, act_fn="swish", use_post_quant_conv=False, shift_factor=0.1,
-        scaling_factor=1.5), (8, 12)),
+    "three-levels-no-attention-no-quant-conv": (
+        dict(
+            TINY,
+            block_out_channels=(16, 16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=2,
+            mid_block_add_attention=False,
+            use_quant_conv=False,
+        ),
+        (16, 24),
+    ),
+    "one-level-custom-channels": (
+        dict(
+            TINY,
+            block_out_channels=(24,),
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+            in_channels=1,
+            out_channels=2,
+            latent_channels=3,
+            norm_num_groups=4,
+            act_fn="swish",
+            use_post_quant_conv=False,
+            shift_factor=0.1,
+            scaling_factor=1.5,
+        ),
+        (8, 12),
+    ),
 }
 
 
@@ -69,9 +95,12 @@ def flax_forward(module: AutoencoderKL, params, x, z, call: bool = False):
     module and input shapes."""
     variables = {"params": params}
     posterior = module.apply(variables, x, method="encode")
-    return (posterior, posterior.sample(jax.random.key(0)),
-            module.apply(variables, z, method="decode"),
-            module.apply(variables, x) if call else None)
+    return (
+        posterior,
+        posterior.sample(jax.random.key(0)),
+        module.apply(variables, z, method="decode"),
+        module.apply(variables, x) if call else None,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -106,8 +135,10 @@ def torch_call(model: TorchAutoencoderKL, x: np.ndarray) -> np.ndarray:
 def parity_inputs(module: AutoencoderKL, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Images, and latents of the matching shape (not posterior means)."""
     down = module.downscale
-    return (images(2, module.in_channels, h, w),
-            images(2, module.latent_channels, h // down, w // down, seed=1))
+    return (
+        images(2, module.in_channels, h, w),
+        images(2, module.latent_channels, h // down, w // down, seed=1),
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -170,16 +201,20 @@ def test_latent_scaling_helpers():
     flux_like = AutoencoderKL(scaling_factor=0.3611, shift_factor=0.1159)
     np.testing.assert_allclose(scale_latents(flux_like, z), (z - 0.1159) * 0.3611, rtol=1e-6)
     for module in (sd, flux_like):
-        np.testing.assert_allclose(unscale_latents(module, scale_latents(module, z)), z,
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            unscale_latents(module, scale_latents(module, z)), z, rtol=1e-6, atol=1e-6
+        )
 
 
 # --- config -------------------------------------------------------------------------------
 
 
 def test_defaults_and_config_keys_are_diffusers():
-    defaults = {k: p.default for k, p in
-                inspect.signature(TorchAutoencoderKL.__init__).parameters.items() if k != "self"}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(TorchAutoencoderKL.__init__).parameters.items()
+        if k != "self"
+    }
     ours = AutoencoderKL().to_config()
     assert set(ours) == set(defaults)
     for key, value in ours.items():
@@ -195,25 +230,32 @@ def test_config_round_trips_through_diffusers(name):
     assert module == AutoencoderKL(**config)
     rebuilt = TorchAutoencoderKL(**json.loads(json.dumps(module.to_config())))
     assert AutoencoderKL.from_config(rebuilt.config) == module
-    assert AutoencoderKL.from_config(dict(module.to_config(), _class_name="AutoencoderKL",
-                                          _diffusers_version="0.30.0")) == module
+    assert (
+        AutoencoderKL.from_config(
+            dict(module.to_config(), _class_name="AutoencoderKL", _diffusers_version="0.30.0")
+        )
+        == module
+    )
 
 
-@pytest.mark.parametrize("key, value", [
-    ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]),
-    ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
-    ("act_fn", "mish"),
-    ("latents_mean", [0.0, 0.0, 0.0, 0.0]),
-    ("latents_std", [1.0, 1.0, 1.0, 1.0]),
-    ("shift_factor", "0.1"),
-    ("scaling_factor", 0),
-    ("norm_num_groups", 7),
-    ("block_out_channels", [16, 32, 64]),
-    ("use_quant_conv", "yes"),
-    ("sample_size", [16, 16, 16]),
-    ("_class_name", "AutoencoderTiny"),
-    ("norm_type", "spatial"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]),
+        ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
+        ("act_fn", "mish"),
+        ("latents_mean", [0.0, 0.0, 0.0, 0.0]),
+        ("latents_std", [1.0, 1.0, 1.0, 1.0]),
+        ("shift_factor", "0.1"),
+        ("scaling_factor", 0),
+        ("norm_num_groups", 7),
+        ("block_out_channels", [16, 32, 64]),
+        ("use_quant_conv", "yes"),
+        ("sample_size", [16, 16, 16]),
+        ("_class_name", "AutoencoderTiny"),
+        ("norm_type", "spatial"),
+    ],
+)
 def test_from_config_names_unsupported_key(key, value):
     with pytest.raises(ValueError, match=key):
         AutoencoderKL.from_config(dict(TINY, **{key: value}))
@@ -239,12 +281,20 @@ def test_rename_table_is_diffusers_state_dict(tiny):
     _, module, sd, _ = tiny
     table = autoencoder_kl_rename_table(module)
     assert set(table) == set(sd)
-    for key in ("encoder.down_blocks.0.resnets.0.norm1.weight",
-                "encoder.mid_block.attentions.0.to_q.weight", "quant_conv.weight",
-                "decoder.up_blocks.0.upsamplers.0.conv.weight"):
+    for key in (
+        "encoder.down_blocks.0.resnets.0.norm1.weight",
+        "encoder.mid_block.attentions.0.to_q.weight",
+        "quant_conv.weight",
+        "decoder.up_blocks.0.upsamplers.0.conv.weight",
+    ):
         assert key in table
     assert table["decoder.up_blocks.0.upsamplers.0.conv.weight"].path == (
-        "decoder", "up_blocks_0", "upsamplers_0", "conv", "kernel")
+        "decoder",
+        "up_blocks_0",
+        "upsamplers_0",
+        "conv",
+        "kernel",
+    )
     legacy = autoencoder_kl_rename_table(module, legacy_attention=True)
     assert "decoder.mid_block.attentions.0.proj_attn.bias" in legacy
 
@@ -253,8 +303,9 @@ def test_saved_checkpoint_converts(tiny, tmp_path):
     model, module, _, params = tiny
     model.save_pretrained(tmp_path)
     sd = read_state_dict(tmp_path / "diffusion_pytorch_model.safetensors")
-    chex.assert_trees_all_equal(convert_autoencoder_kl(sd, module, source="vae.safetensors"),
-                                params)
+    chex.assert_trees_all_equal(
+        convert_autoencoder_kl(sd, module, source="vae.safetensors"), params
+    )
 
 
 def _legacy(sd: dict, conv: bool, names: bool) -> dict:
@@ -277,8 +328,9 @@ def test_legacy_attention_layouts_convert_to_the_same_params(tiny, conv, names):
     _, module, sd, params = tiny
     old = _legacy(sd, conv, names)
     assert ("encoder.mid_block.attentions.0.proj_attn.weight" in old) == names
-    assert old["decoder.mid_block.attentions.0." + ("key" if names else "to_k") + ".weight"
-               ].ndim == (4 if conv else 2)
+    assert old[
+        "decoder.mid_block.attentions.0." + ("key" if names else "to_k") + ".weight"
+    ].ndim == (4 if conv else 2)
     chex.assert_trees_all_equal(convert_autoencoder_kl(old, module), params)
 
 
@@ -292,9 +344,13 @@ def test_missing_extra_and_misshaped_keys_are_all_named(tiny):
     with pytest.raises(ConversionError) as err:
         convert_autoencoder_kl(sd, module, source="vae.safetensors")
     message = str(err.value)
-    for name in ("vae.safetensors", "decoder.mid_block.attentions.0.to_v.bias",
-                 "encoder.mid_block.attentions.0.to_x.weight", "post_quant_conv.weight",
-                 "encoder.mid_block.attentions.0.to_q.weight"):
+    for name in (
+        "vae.safetensors",
+        "decoder.mid_block.attentions.0.to_v.bias",
+        "encoder.mid_block.attentions.0.to_x.weight",
+        "post_quant_conv.weight",
+        "encoder.mid_block.attentions.0.to_q.weight",
+    ):
         assert name in message
 
 
@@ -307,13 +363,23 @@ def test_checkpoint_of_another_config_is_refused(tiny):
 
 def test_other_model_families_are_refused(tiny):
     _, module, _, _ = tiny
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8,), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D",),
-                       up_block_types=("UpBlock2D",))
-    tiny_ae = AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,),
-                              num_encoder_blocks=(1,), num_decoder_blocks=(1,))
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+    )
+    tiny_ae = AutoencoderTiny(
+        encoder_block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        num_encoder_blocks=(1,),
+        num_decoder_blocks=(1,),
+    )
     asymmetric = AsymmetricAutoencoderKL(
-        down_block_out_channels=(8,), up_block_out_channels=(8,), norm_num_groups=4)
+        down_block_out_channels=(8,), up_block_out_channels=(8,), norm_num_groups=4
+    )
     for model in (unet, tiny_ae, asymmetric):
         with pytest.raises(ConversionError, match="unet.bin is not an AutoencoderKL"):
             convert_autoencoder_kl(numpy_state_dict(model), module, source="unet.bin")

@@ -16,18 +16,41 @@ BOS, EOS, ADDED = 49406, 49407, 49409
 # CLIP's vocabulary (so the token ids are the tokenizer's) plus two added tokens, as textual
 # inversion adds them: legacy configs (eos_token_id=2) pool at the largest id, which is then
 # not the end token. Everything else is tiny.
-TINY = dict(vocab_size=49410, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=BOS,
-            eos_token_id=EOS, pad_token_id=1)
+TINY = dict(
+    vocab_size=49410,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=1,
+)
 # Stable Diffusion 1.x's text_encoder/config.json (transformers 4.22), with its sizes
 SD1_CONFIG = {
-    "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
-    "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
-    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77, "model_type": "clip_text_model", "num_attention_heads": 12,
-    "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768, "torch_dtype": "float32",
-    "transformers_version": "4.22.0.dev0", "vocab_size": 49408}
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+    "vocab_size": 49408,
+}
 
 
 def torch_clip(config: dict, seed: int = 0) -> transformers.CLIPTextModel:
@@ -74,12 +97,15 @@ def torch_forward(model: transformers.CLIPTextModel, ids: np.ndarray):
 
 # One sequence length per case (each length compiles anew): 77 is Stable Diffusion's context,
 # 13 uses fewer positions than max_position_embeddings.
-@pytest.mark.parametrize("hidden_act, eos_token_id, n", [
-    ("quick_gelu", EOS, 77),  # OpenAI CLIP as transformers >= 4.31 configures it
-    ("quick_gelu", 2, 77),  # Stable Diffusion 1.x
-    ("gelu", 2, 77),  # Stable Diffusion 2.x (OpenCLIP)
-    ("gelu_new", EOS, 13),
-])
+@pytest.mark.parametrize(
+    "hidden_act, eos_token_id, n",
+    [
+        ("quick_gelu", EOS, 77),  # OpenAI CLIP as transformers >= 4.31 configures it
+        ("quick_gelu", 2, 77),  # Stable Diffusion 1.x
+        ("gelu", 2, 77),  # Stable Diffusion 2.x (OpenCLIP)
+        ("gelu_new", EOS, 13),
+    ],
+)
 def test_matches_transformers(hidden_act, eos_token_id, n):
     model = torch_clip(dict(TINY, hidden_act=hidden_act, eos_token_id=eos_token_id))
     module = CLIPTextModel.from_config(model.config.to_dict())
@@ -130,15 +156,18 @@ def test_stable_diffusion_config():
     assert module.dtype == jnp.bfloat16 and module.param_dtype == jnp.float32
 
 
-@pytest.mark.parametrize("key, value", [
-    ("vision_hidden_size", 768),
-    ("hidden_act", "relu"),
-    ("model_type", "clip_vision_model"),
-    ("num_attention_heads", 5),
-    ("pruned_heads", {"0": [1]}),
-    ("eos_token_id", [EOS, 2]),
-    ("layer_norm_eps", 0.0),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("vision_hidden_size", 768),
+        ("hidden_act", "relu"),
+        ("model_type", "clip_vision_model"),
+        ("num_attention_heads", 5),
+        ("pruned_heads", {"0": [1]}),
+        ("eos_token_id", [EOS, 2]),
+        ("layer_norm_eps", 0.0),
+    ],
+)
 def test_from_config_names_unsupported_key(key, value):
     with pytest.raises(ValueError, match=key):
         CLIPTextModel.from_config(dict(TINY, **{key: value}))
@@ -164,15 +193,24 @@ def test_rename_table_is_the_state_dict(tiny):
     table = clip_text_rename_table(module)
     assert set(table) == set(transformers4_layout(sd))
     assert table["text_model.encoder.layers.1.self_attn.q_proj.weight"].path == (
-        "encoder", "layers_1", "self_attn", "q_proj", "kernel")
+        "encoder",
+        "layers_1",
+        "self_attn",
+        "q_proj",
+        "kernel",
+    )
     assert table["text_model.embeddings.token_embedding.weight"].path == (
-        "embeddings", "token_embedding", "embedding")
+        "embeddings",
+        "token_embedding",
+        "embedding",
+    )
 
 
 def test_both_key_layouts_convert_alike_but_not_mixed(tiny):
     module, sd = tiny
-    chex.assert_trees_all_equal(convert_clip_text(transformers4_layout(sd), module),
-                                convert_clip_text(sd, module))
+    chex.assert_trees_all_equal(
+        convert_clip_text(transformers4_layout(sd), module), convert_clip_text(sd, module)
+    )
     mixed = dict(transformers4_layout(sd))
     mixed["final_layer_norm.bias"] = mixed.pop("text_model.final_layer_norm.bias")
     with pytest.raises(ConversionError, match=r"final_layer_norm\.bias"):
@@ -187,8 +225,12 @@ def test_missing_extra_and_misshaped_keys_are_all_named(tiny):
     sd["encoder.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 32), np.float32)
     with pytest.raises(ConversionError) as err:
         convert_clip_text(sd, module, source="model.safetensors")
-    for name in ("model.safetensors", "encoder.layers.1.mlp.fc2.bias",
-                 "encoder.layers.1.mlp.fc3.weight", "encoder.layers.0.self_attn.k_proj.weight"):
+    for name in (
+        "model.safetensors",
+        "encoder.layers.1.mlp.fc2.bias",
+        "encoder.layers.1.mlp.fc3.weight",
+        "encoder.layers.0.self_attn.k_proj.weight",
+    ):
         assert name in str(err.value)
 
 
@@ -203,8 +245,10 @@ def test_position_ids_buffer(tiny):
     module, sd = tiny
     sd = transformers4_layout(sd)
     key = "text_model.embeddings.position_ids"  # saved by transformers < 4.31
-    chex.assert_trees_all_equal(convert_clip_text(dict(sd, **{key: np.arange(77)[None]}), module),
-                                convert_clip_text(sd, module))
+    chex.assert_trees_all_equal(
+        convert_clip_text(dict(sd, **{key: np.arange(77)[None]}), module),
+        convert_clip_text(sd, module),
+    )
     shifted = np.arange(77)[None].copy()
     shifted[0, 50] = 49
     for bad in (shifted, np.arange(76)[None], np.arange(77)):
@@ -214,9 +258,17 @@ def test_position_ids_buffer(tiny):
 
 def test_clip_model_checkpoint_is_named():
     config = transformers.CLIPConfig(
-        text_config=TINY, projection_dim=16,
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=8, patch_size=4))
+        text_config=TINY,
+        projection_dim=16,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        ),
+    )
     sd = numpy_state_dict(transformers.CLIPModel(config))
     module = CLIPTextModel.from_config(config.text_config.to_dict())
     with pytest.raises(ConversionError, match="CLIPModel"):
@@ -229,7 +281,8 @@ def test_text_model_with_projection_checkpoint_is_named(tiny):
     module, _ = tiny
     torch.manual_seed(0)
     model = transformers.CLIPTextModelWithProjection(
-        transformers.CLIPTextConfig(**TINY, projection_dim=16))
+        transformers.CLIPTextConfig(**TINY, projection_dim=16)
+    )
     with pytest.raises(ConversionError, match="CLIPTextModelWithProjection"):
         convert_clip_text(numpy_state_dict(model), module)
 

@@ -18,11 +18,25 @@ from mmh_jax.evaluation.clip_score import CLIP, clip_preprocess, clip_score, loa
 from mmh_jax.models.clip import CLIPModel, CLIPVisionModel, CLIPVisionOutput
 
 # the tiny tokenizer's ids: <|startoftext|> 0, <|endoftext|> 1, 66 tokens
-TEXT = dict(vocab_size=66, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
-            eos_token_id=1, pad_token_id=1)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=32, patch_size=8)
+TEXT = dict(
+    vocab_size=66,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
 PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 PROMPTS = ["a cat", "the cat", "cat, cat!", "a the"]
 
@@ -45,9 +59,11 @@ def numpy_sd(model: torch.nn.Module) -> dict:
 def torch_model(hidden_act: str = "quick_gelu", seed: int = 3) -> transformers.CLIPModel:
     """A random tiny CLIPModel; with seed 3 its image-text cosines take both signs."""
     torch.manual_seed(seed)
-    config = transformers.CLIPConfig(text_config=dict(TEXT, hidden_act=hidden_act),
-                                     vision_config=dict(VISION, hidden_act=hidden_act),
-                                     projection_dim=16)
+    config = transformers.CLIPConfig(
+        text_config=dict(TEXT, hidden_act=hidden_act),
+        vision_config=dict(VISION, hidden_act=hidden_act),
+        projection_dim=16,
+    )
     return perturb(transformers.CLIPModel(config), seed)
 
 
@@ -96,15 +112,19 @@ def test_embeddings_match_transformers(hidden_act):
     ids = np.array([[0, 5, 9, 1] + [1] * 3, [0, 7, 1] + [1] * 4], np.int32)
     out = jax.jit(module.apply)({"params": params}, x, ids)
     vision = jax.jit(lambda p, x: module.vision_model.apply({"params": p}, x))(
-        params["vision_model"], x)
+        params["vision_model"], x
+    )
     assert isinstance(vision, CLIPVisionOutput)
     with torch.no_grad():
         ref = model.vision_model(pixel_values=torch.from_numpy(x))
         image = tensor(model.get_image_features(pixel_values=torch.from_numpy(x)))
         text = tensor(model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64))))
-    for got, want in [(vision.last_hidden_state, ref.last_hidden_state.numpy()),
-                      (vision.pooled, ref.pooler_output.numpy()),
-                      (out.image_embeds, torch_unit(image)), (out.text_embeds, torch_unit(text))]:
+    for got, want in [
+        (vision.last_hidden_state, ref.last_hidden_state.numpy()),
+        (vision.pooled, ref.pooler_output.numpy()),
+        (out.image_embeds, torch_unit(image)),
+        (out.text_embeds, torch_unit(text)),
+    ]:
         assert got.shape == want.shape
         err = np.abs(np.asarray(got) - want).max()
         assert err <= 1e-4, err
@@ -120,13 +140,14 @@ def test_vision_only_checkpoints_convert(tiny):
     chex.assert_trees_all_equal(convert_clip_vision(prefixed, vision), params["vision_model"])
     torch.manual_seed(0)
     bare = transformers.CLIPVisionModel(model.config.vision_config)  # transformers 5: no prefix
-    bare.load_state_dict({k.removeprefix("vision_model."): torch.from_numpy(v)
-                          for k, v in prefixed.items()})
-    chex.assert_trees_all_equal(convert_clip_vision(numpy_sd(bare), vision),
-                                params["vision_model"])
+    bare.load_state_dict(
+        {k.removeprefix("vision_model."): torch.from_numpy(v) for k, v in prefixed.items()}
+    )
+    chex.assert_trees_all_equal(convert_clip_vision(numpy_sd(bare), vision), params["vision_model"])
     with pytest.raises(ConversionError, match="CLIPVisionModelWithProjection"):
-        convert_clip_vision(dict(prefixed, **{"visual_projection.weight": np.zeros((16, 32))}),
-                            vision)
+        convert_clip_vision(
+            dict(prefixed, **{"visual_projection.weight": np.zeros((16, 32))}), vision
+        )
     with pytest.raises(ConversionError, match="convert_clip"):
         convert_clip_vision(numpy_sd(model), vision)
 
@@ -138,8 +159,9 @@ def test_clip_score_matches_torch(tiny, folder):
     rng = np.random.default_rng(1)
     # smooth-ish images (a random field, upsampled) of a non-square size: resize and crop
     base = rng.integers(0, 256, (4, 9, 12, 3)).astype(np.float32)
-    images = np.clip(np.kron(base, np.ones((1, 5, 5, 1))) + rng.normal(0, 20, (4, 45, 60, 3)),
-                     0, 255).astype(np.uint8)
+    images = np.clip(
+        np.kron(base, np.ones((1, 5, 5, 1))) + rng.normal(0, 20, (4, 45, 60, 3)), 0, 255
+    ).astype(np.uint8)
     processor = transformers.CLIPImageProcessor.from_pretrained(folder)
     ref_pixels = processor(images=list(images), return_tensors="np")["pixel_values"]
     ours = clip_preprocess(clip.preprocessor, images)
@@ -161,8 +183,9 @@ def test_clip_score_matches_torch(tiny, folder):
     # the same images as floats in [0, 1] (NCHW) and [-1, 1] (a list of NHWC images)
     f01 = np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 255
     s01 = clip_score(clip, f01, PROMPTS, value_range=(0, 1))
-    s11 = clip_score(clip, list(images.astype(np.float32) / 127.5 - 1), PROMPTS,
-                     value_range=(-1, 1))
+    s11 = clip_score(
+        clip, list(images.astype(np.float32) / 127.5 - 1), PROMPTS, value_range=(-1, 1)
+    )
     np.testing.assert_allclose(np.asarray(s01), np.asarray(s11), atol=1e-3)
     np.testing.assert_allclose(np.asarray(s01), want, atol=0.5)
 
@@ -175,13 +198,16 @@ def test_clip_score_definition_with_cosines_of_both_signs(tiny, folder):
     prompts = (PROMPTS * 2)[:8]
     x = clip_preprocess(clip.preprocessor, images)
     mean, std = np.array(clip.preprocessor["image_mean"]), np.array(clip.preprocessor["image_std"])
-    np.testing.assert_allclose(x, ((images / 255 - mean) / std).transpose(0, 3, 1, 2),
-                               atol=1e-5)
+    np.testing.assert_allclose(x, ((images / 255 - mean) / std).transpose(0, 3, 1, 2), atol=1e-5)
     ids = transformers.CLIPTokenizer.from_pretrained(folder)(
-        prompts, padding=True, return_tensors="pt")["input_ids"]
+        prompts, padding=True, return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
-        cos = np.sum(torch_unit(tensor(model.get_image_features(pixel_values=torch.from_numpy(x))))
-                     * torch_unit(tensor(model.get_text_features(input_ids=ids))), axis=-1)
+        cos = np.sum(
+            torch_unit(tensor(model.get_image_features(pixel_values=torch.from_numpy(x))))
+            * torch_unit(tensor(model.get_text_features(input_ids=ids))),
+            axis=-1,
+        )
     assert (cos > 0).any() and (cos < 0).any(), cos  # both branches of the max are checked
     got = np.asarray(clip_score(clip, images, prompts))
     np.testing.assert_allclose(got, 100 * np.maximum(cos, 0), atol=1e-3)
@@ -212,12 +238,15 @@ def test_conversion_is_strict(tiny):
     model, module, params = tiny
     sd = numpy_sd(model)
     assert set(clip_rename_table(module)) == set(sd)
-    buffers = {"text_model.embeddings.position_ids": np.arange(77)[None],
-               "vision_model.embeddings.position_ids": np.arange(17)[None]}
+    buffers = {
+        "text_model.embeddings.position_ids": np.arange(77)[None],
+        "vision_model.embeddings.position_ids": np.arange(17)[None],
+    }
     chex.assert_trees_all_equal(convert_clip(dict(sd, **buffers), module), params)
     with pytest.raises(ConversionError, match="vision_model.embeddings.position_ids"):
-        convert_clip(dict(sd, **{"vision_model.embeddings.position_ids": np.arange(16)[None]}),
-                     module)
+        convert_clip(
+            dict(sd, **{"vision_model.embeddings.position_ids": np.arange(16)[None]}), module
+        )
     broken = dict(sd)
     del broken["vision_model.embeddings.class_embedding"]
     broken["visual_projection.bias"] = np.zeros(16, np.float32)
@@ -256,8 +285,9 @@ def test_bad_images_and_prompts_are_named(folder):
     with pytest.raises(ValueError, match="value_range"):
         clip_score(clip, floats, PROMPTS[:2])
     with pytest.raises(ValueError, match=r"images\[1\] has values"):
-        clip_score(clip, floats * np.array([1, 2])[:, None, None, None], PROMPTS[:2],
-                   value_range=(0, 1))
+        clip_score(
+            clip, floats * np.array([1, 2])[:, None, None, None], PROMPTS[:2], value_range=(0, 1)
+        )
     with pytest.raises(TypeError, match="uint8 or floating"):
         clip_score(clip, np.stack(same).astype(np.int32), PROMPTS[:2])
     with pytest.raises(ValueError, match="layout"):

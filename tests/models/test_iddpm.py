@@ -32,15 +32,25 @@ from mmh_jax.convert.iddpm import (
 from mmh_jax.models.iddpm import IDDPMUNet, iddpm_schedule, load_iddpm
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MODEL_FLAGS = ("image_size", "num_channels", "num_res_blocks", "learn_sigma",
-               "attention_resolutions", "channel_mult", "num_heads", "num_heads_upsample",
-               "use_scale_shift_norm", "dropout")
+MODEL_FLAGS = (
+    "image_size",
+    "num_channels",
+    "num_res_blocks",
+    "learn_sigma",
+    "attention_resolutions",
+    "channel_mult",
+    "num_heads",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "dropout",
+)
 
 
 # one compiled program per architecture: score functions are pytrees over (params, schedule)
 _score = jax.jit(lambda score_fn, x, t: score_fn(x, t))
-_apply = jax.jit(lambda module, params, x, t: module.apply({"params": params}, x, t),
-                 static_argnums=0)
+_apply = jax.jit(
+    lambda module, params, x, t: module.apply({"params": params}, x, t), static_argnums=0
+)
 
 
 def _read_fixture(name):
@@ -48,8 +58,11 @@ def _read_fixture(name):
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     io = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith("fixture/")}
-    state_dict = {k: v.astype(np.float32) * np.float32(2.0 ** -meta["exponents"][k])
-                  for k, v in tensors.items() if not k.startswith("fixture/")}
+    state_dict = {
+        k: v.astype(np.float32) * np.float32(2.0 ** -meta["exponents"][k])
+        for k, v in tensors.items()
+        if not k.startswith("fixture/")
+    }
     if "base" in meta:
         state_dict = {**_read_fixture(meta["base"])[0], **state_dict}
     return state_dict, io, meta["flags"]
@@ -78,6 +91,7 @@ def _save_pt(path, state_dict):
 
 # --- numerics against the original ---------------------------------------------------------
 
+
 def test_matches_original_float32(fixture):
     state_dict, io, flags = fixture
     module = _module(flags)
@@ -99,9 +113,16 @@ def test_bfloat16_close_to_float32(tiny):
 def test_cifar10_config_has_the_originals_parameters():
     # improved-diffusion's create_model with the CIFAR-10 flags of its README has 52,546,438
     # parameters in 446 state-dict tensors
-    module = IDDPMUNet.from_flags(image_size=32, num_channels=128, num_res_blocks=3,
-                                  learn_sigma=True, dropout=0.3, attention_resolutions="16,8",
-                                  num_heads=4, use_scale_shift_norm=True)
+    module = IDDPMUNet.from_flags(
+        image_size=32,
+        num_channels=128,
+        num_res_blocks=3,
+        learn_sigma=True,
+        dropout=0.3,
+        attention_resolutions="16,8",
+        num_heads=4,
+        use_scale_shift_norm=True,
+    )
     assert module.channel_mult == (1, 2, 2, 2) and module.attention_resolutions == (2, 4)
     sizes = [math.prod(leaf.shape) for leaf in jax.tree.leaves(iddpm_expected_params(module))]
     assert sum(sizes) == 52_546_438
@@ -110,12 +131,16 @@ def test_cifar10_config_has_the_originals_parameters():
 
 # --- strict conversion ---------------------------------------------------------------------
 
+
 def test_missing_key(tiny):
     state_dict, _, flags = tiny
     state_dict = dict(state_dict)
     del state_dict["middle_block.1.qkv.weight"]
-    with pytest.raises(ConversionError, match=r"missing from the checkpoint[\s\S]*"
-                                              r"middle_block\.1\.qkv\.weight"):
+    with pytest.raises(
+        ConversionError,
+        match=r"missing from the checkpoint[\s\S]*"
+        r"middle_block\.1\.qkv\.weight",
+    ):
         convert_iddpm(state_dict, _module(flags), source="ckpt.pt")
 
 
@@ -147,22 +172,25 @@ def test_flags_not_matching_the_weights(tiny, tmp_path):
         load_iddpm(path, **{**flags, "learn_sigma": False})
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("num_res_blocks", 0),
-    ("num_channels", 48),  # not divisible by the 32 normalisation groups
-    ("num_heads", 3),
-    ("attention_resolutions", "3"),
-    ("attention_resolutions", "1"),  # 8x downsampling: the tiny UNet has two levels
-    ("attention_resolutions", "four"),
-    ("learn_sigma", "yes"),
-    ("class_cond", True),
-    ("channel_mult", [2, 2]),
-    ("dropout", 1.0),
-    ("diffusion_steps", 1),
-    ("noise_schedule", "quadratic"),
-    ("rescale_timesteps", 1),
-    ("predict_xstart", True),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("num_res_blocks", 0),
+        ("num_channels", 48),  # not divisible by the 32 normalisation groups
+        ("num_heads", 3),
+        ("attention_resolutions", "3"),
+        ("attention_resolutions", "1"),  # 8x downsampling: the tiny UNet has two levels
+        ("attention_resolutions", "four"),
+        ("learn_sigma", "yes"),
+        ("class_cond", True),
+        ("channel_mult", [2, 2]),
+        ("dropout", 1.0),
+        ("diffusion_steps", 1),
+        ("noise_schedule", "quadratic"),
+        ("rescale_timesteps", 1),
+        ("predict_xstart", True),
+    ],
+)
 def test_bad_flag_values(tiny, tmp_path, flag, value):
     state_dict, _, flags = tiny
     path = _save_pt(tmp_path / "tiny.pt", state_dict)
@@ -225,6 +253,7 @@ def test_fixture_file_itself_has_unexpected_keys(tiny):
 
 # --- loader: schedule, score function, round trip ------------------------------------------
 
+
 def _cosine_abar(T, s=0.008):
     def f(u):
         return math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -239,10 +268,12 @@ def _linear_abar(T):
 
 @pytest.mark.parametrize("T", [1000, 4000])
 def test_schedules_are_improved_diffusions(T):
-    np.testing.assert_allclose(iddpm_schedule(T, "cosine").alphas_cumprod, _cosine_abar(T),
-                               rtol=2e-6, atol=1e-12)
-    np.testing.assert_allclose(iddpm_schedule(T, "linear").alphas_cumprod, _linear_abar(T),
-                               rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        iddpm_schedule(T, "cosine").alphas_cumprod, _cosine_abar(T), rtol=2e-6, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        iddpm_schedule(T, "linear").alphas_cumprod, _linear_abar(T), rtol=2e-6, atol=1e-12
+    )
 
 
 def test_loader_schedule_and_score(fixture, tmp_path):
@@ -270,8 +301,11 @@ def test_loader_schedule_and_score(fixture, tmp_path):
 def test_safetensors_round_trip(tiny, tmp_path):
     state_dict, io, flags = tiny
     pre = load_iddpm(_save_pt(tmp_path / "model.pt", state_dict), **flags)
-    path = save_params(tmp_path / "model.safetensors", pre.params,
-                       metadata={"architecture": "iddpm", "flags": flags})
+    path = save_params(
+        tmp_path / "model.safetensors",
+        pre.params,
+        metadata={"architecture": "iddpm", "flags": flags},
+    )
     again = load_iddpm(path)
     assert again.module == pre.module
     x, t = io["x"], jnp.asarray([0.3, 0.5, 0.9, 1.0])
@@ -284,8 +318,11 @@ def test_safetensors_round_trip(tiny, tmp_path):
 def test_pytorch_state_dict_as_safetensors(tiny, tmp_path):
     state_dict, io, flags = tiny
     path = tmp_path / "model.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
     pre = load_iddpm(path, **flags)
     out = _apply(pre.module, pre.params, io["x"], io["timesteps"])
     assert np.max(np.abs(np.asarray(out) - io["out"])) <= 1e-4

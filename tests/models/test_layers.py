@@ -7,8 +7,10 @@ from mmh_jax.models.layers import GroupNorm
 
 
 def _affine(rng):
-    return {"scale": rng.standard_normal(8).astype(np.float32),
-            "bias": rng.standard_normal(8).astype(np.float32)}
+    return {
+        "scale": rng.standard_normal(8).astype(np.float32),
+        "bias": rng.standard_normal(8).astype(np.float32),
+    }
 
 
 def test_group_norm_matches_torch():
@@ -44,10 +46,15 @@ def test_attention_matches_torch_and_keeps_float32_softmax():
     from mmh_jax.models.layers import attention
 
     rng = np.random.default_rng(2)
-    q = rng.standard_normal((2, 7, 3, 5)).astype(np.float32)     # 7 queries, 3 heads of 5
+    q = rng.standard_normal((2, 7, 3, 5)).astype(np.float32)  # 7 queries, 3 heads of 5
     k, v = (3 * rng.standard_normal((2, 4, 3, 5)).astype(np.float32) for _ in range(2))
-    want = torch.nn.functional.scaled_dot_product_attention(
-        *(torch.as_tensor(a).transpose(1, 2) for a in (q, k, v))).transpose(1, 2).numpy()
+    want = (
+        torch.nn.functional.scaled_dot_product_attention(
+            *(torch.as_tensor(a).transpose(1, 2) for a in (q, k, v))
+        )
+        .transpose(1, 2)
+        .numpy()
+    )
     got = attention(q, k, v)
     assert got.shape == q.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
@@ -61,8 +68,12 @@ def test_causal_attention_matches_torch():
 
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 6, 2, 4)).astype(np.float32) for _ in range(3))
-    want = torch.nn.functional.scaled_dot_product_attention(
-        *(torch.as_tensor(a).transpose(1, 2) for a in (q, k, v)), is_causal=True
-    ).transpose(1, 2).numpy()
+    want = (
+        torch.nn.functional.scaled_dot_product_attention(
+            *(torch.as_tensor(a).transpose(1, 2) for a in (q, k, v)), is_causal=True
+        )
+        .transpose(1, 2)
+        .numpy()
+    )
     np.testing.assert_allclose(np.asarray(attention(q, k, v, causal=True)), want, atol=1e-5)
     assert not np.allclose(np.asarray(attention(q, k, v)), want, atol=1e-3)

@@ -20,9 +20,16 @@ from mmh_jax.reference.torch_lid import (
 )
 from mmh_jax.schedules import DDPM
 
-CONFIG = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
-              down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-              up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8)
+CONFIG = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
 T0 = 0.05  # on the grid i / T, where both sides read the same alphas_cumprod entry
 EVENT = (1, 8, 8)
 
@@ -32,8 +39,9 @@ def models():
     torch.manual_seed(0)
     model = UNet2DModel(**CONFIG).eval()
     module = UNet2D.from_config(model.config)
-    params = jax.tree.map(jnp.asarray, convert_unet2d(
-        {k: v.numpy() for k, v in model.state_dict().items()}, module))
+    params = jax.tree.map(
+        jnp.asarray, convert_unet2d({k: v.numpy() for k, v in model.state_dict().items()}, module)
+    )
     schedule = DDPM.linear(T=1000)
     abar = torch.as_tensor(np.exp(np.asarray(schedule.log_alphas_cumprod, np.float64)))
     torch_score = eps_score_fn_torch(lambda z, s: model(z, s).sample, abar)
@@ -59,11 +67,22 @@ def test_flipd_hutchinson_matches_pytorch(models):
     ours = np.asarray(flipd(score_fn, x, t0=T0, schedule=schedule, key=key, num_probes=num_probes))
     # flipd's probes: Rademacher draws from fold_in(per-sample key, probe index)
     keys = jax.random.split(key, b)
-    probes = np.stack([np.asarray(jax.vmap(lambda k, i=i: jax.random.rademacher(
-        jax.random.fold_in(k, i), EVENT, jnp.float32))(keys)) for i in range(num_probes)])
+    probes = np.stack(
+        [
+            np.asarray(
+                jax.vmap(
+                    lambda k, i=i: jax.random.rademacher(
+                        jax.random.fold_in(k, i), EVENT, jnp.float32
+                    )
+                )(keys)
+            )
+            for i in range(num_probes)
+        ]
+    )
     psi, sigma = _psi_sigma(schedule, b)
-    ref = flipd_torch(torch_score, xt, tt, psi=psi, sigma=sigma,
-                      probes=torch.as_tensor(probes)).numpy()
+    ref = flipd_torch(
+        torch_score, xt, tt, psi=psi, sigma=sigma, probes=torch.as_tensor(probes)
+    ).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-3)
     assert not np.allclose(ours, ours[0])  # the points differ, so the check is not vacuous
 
@@ -78,8 +97,14 @@ def test_flipd_exact_trace_matches_pytorch(models):
     # the mean of (sqrt(d) e_i)^T J (sqrt(d) e_i) over the d basis vectors is the trace
     basis = np.sqrt(d) * np.eye(d, dtype=np.float32).reshape((d, 1) + EVENT)
     psi, sigma = _psi_sigma(schedule, b)
-    ref = flipd_torch(torch_score, xt, tt, psi=psi, sigma=sigma,
-                      probes=torch.as_tensor(np.broadcast_to(basis, (d, b) + EVENT).copy())).numpy()
+    ref = flipd_torch(
+        torch_score,
+        xt,
+        tt,
+        psi=psi,
+        sigma=sigma,
+        probes=torch.as_tensor(np.broadcast_to(basis, (d, b) + EVENT).copy()),
+    ).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-3)
 
 
@@ -94,11 +119,17 @@ def test_normal_bundle_matches_pytorch(models):
     ours = normal_bundle(score_fn, x, t0=T0, schedule=schedule, key=key)
     # normal_bundle's noise: standard normal draws from fold_in(per-sample key, score index)
     keys = jax.random.split(key, b)
-    noise = np.asarray(jax.vmap(lambda k: jax.vmap(lambda i: jax.random.normal(
-        jax.random.fold_in(k, i), EVENT, jnp.float32))(jnp.arange(K)))(keys))
+    noise = np.asarray(
+        jax.vmap(
+            lambda k: jax.vmap(
+                lambda i: jax.random.normal(jax.random.fold_in(k, i), EVENT, jnp.float32)
+            )(jnp.arange(K))
+        )(keys)
+    )
     psi, sigma = _psi_sigma(schedule, b)
-    ref = normal_bundle_spectrum_torch(torch_score, xt, tt, psi=psi, sigma=sigma,
-                                       noise=torch.as_tensor(noise)).numpy()
+    ref = normal_bundle_spectrum_torch(
+        torch_score, xt, tt, psi=psi, sigma=sigma, noise=torch.as_tensor(noise)
+    ).numpy()
     s = np.asarray(ours.singular_values)
     # relative to each spectrum's largest value: the smallest singular values carry the
     # float32 rounding of a d x d Gram eigensolver

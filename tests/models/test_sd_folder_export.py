@@ -65,8 +65,10 @@ def test_export_inverts_conversion_exactly(sd, sd_folder, name):
 
 
 def test_export_is_strict():
-    table = {"a.weight": Rename(("a", "kernel"), linear_kernel),
-             "b.weight": Rename(("b", "kernel"), lambda w: w)}
+    table = {
+        "a.weight": Rename(("a", "kernel"), linear_kernel),
+        "b.weight": Rename(("b", "kernel"), lambda w: w),
+    }
     params = {"a": {"kernel": np.ones((2, 3))}, "c": {"bias": np.zeros(3)}}
     with pytest.raises(ConversionError) as err:
         export_state_dict(params, table, source="my params")
@@ -76,8 +78,10 @@ def test_export_is_strict():
     with pytest.raises(ConversionError, match="transforms without an inverse"):
         export_state_dict({"b": {"kernel": np.ones(2)}}, {"b.weight": table["b.weight"]})
     with pytest.raises(ConversionError, match="wrong shapes"):  # a 1x1 conv from a 3-D leaf
-        export_state_dict({"p": {"kernel": np.ones((2, 3, 4))}},
-                          {"p.weight": Rename(("p", "kernel"), conv1x1_kernel)})
+        export_state_dict(
+            {"p": {"kernel": np.ones((2, 3, 4))}},
+            {"p.weight": Rename(("p", "kernel"), conv1x1_kernel)},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +115,25 @@ def test_diffusers_reads_the_folder_as_the_original_pipeline(exported, sd_folder
     loaded = StableDiffusionPipeline.from_pretrained(exported, local_files_only=True)
     assert loaded.safety_checker is None
     assert not loaded.unet.config.use_linear_projection
-    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     np.testing.assert_array_equal(
-        loaded.tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids, ids)
+        loaded.tokenizer(
+            ["a cat"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids,
+        ids,
+    )
     rng = np.random.default_rng(0)
     z = torch.as_tensor(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
     t = torch.tensor([321.0])
     with torch.no_grad():
         text = [m.text_encoder(ids).last_hidden_state.numpy() for m in (pipe, loaded)]
         context = torch.as_tensor(text[0])
-        eps = [m.unet(z, t, encoder_hidden_states=context).sample.numpy()
-               for m in (pipe, loaded)]
-        images = [m.vae.decode(z / m.vae.config.scaling_factor).sample.numpy()
-                  for m in (pipe, loaded)]
+        eps = [m.unet(z, t, encoder_hidden_states=context).sample.numpy() for m in (pipe, loaded)]
+        images = [
+            m.vae.decode(z / m.vae.config.scaling_factor).sample.numpy() for m in (pipe, loaded)
+        ]
     for got, expected in (text[::-1], eps[::-1], images[::-1]):
         np.testing.assert_allclose(got, expected, atol=1e-5)
     assert loaded.scheduler.config.steps_offset == pipe.scheduler.config.steps_offset
@@ -134,8 +142,11 @@ def test_diffusers_reads_the_folder_as_the_original_pipeline(exported, sd_folder
 @pytest.mark.slow
 def test_our_loader_reads_the_folder_back_identically(exported, sd):
     back = load_stable_diffusion(exported)
-    for got, expected in ((back.unet.params, sd.unet.params), (back.vae_params, sd.vae_params),
-                          (back.text_encoder_params, sd.text_encoder_params)):
+    for got, expected in (
+        (back.unet.params, sd.unet.params),
+        (back.vae_params, sd.vae_params),
+        (back.text_encoder_params, sd.text_encoder_params),
+    ):
         jax.tree.map(np.testing.assert_array_equal, got, expected)
     assert back.unet.module == sd.unet.module and back.vae == sd.vae
     assert back.text_encoder == sd.text_encoder
@@ -152,11 +163,13 @@ def test_non_empty_target_is_refused_and_nothing_is_left(sd, tmp_path):
         save_stable_diffusion_folder(target, **components)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     with pytest.raises(ConversionError, match="vae_params"):  # the UNet's weights as the VAE's
-        save_stable_diffusion_folder(tmp_path / "new", **{**components,
-                                                          "vae_params": sd.unet.params})
+        save_stable_diffusion_folder(
+            tmp_path / "new", **{**components, "vae_params": sd.unet.params}
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary folder left
     with pytest.raises(ValueError, match="tokenizer_files"):
-        save_stable_diffusion_folder(tmp_path / "new", **{**components,
-                                                          "tokenizer_files": {"a.txt": ""}})
+        save_stable_diffusion_folder(
+            tmp_path / "new", **{**components, "tokenizer_files": {"a.txt": ""}}
+        )
     with pytest.raises(TypeError, match="vae must be a Flax AutoencoderKL"):
         save_stable_diffusion_folder(tmp_path / "new", **{**components, "vae": sd.unet.module})

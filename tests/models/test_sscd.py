@@ -47,8 +47,9 @@ class _RefBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
         if stride != 1 or inp != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(inp, planes * 4, 1, stride, bias=False),
-                                            nn.BatchNorm2d(planes * 4))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inp, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -68,8 +69,11 @@ class _RefTrunk(nn.Module):
         for i, (n, planes) in enumerate(zip(counts, (64, 128, 256, 512)), start=1):
             blocks = []
             for j in range(n):
-                blocks.append(_RefBottleneck(inp, planes, 2 if (j == 0 and i > 1) else 1,
-                                             groups, width_per_group))
+                blocks.append(
+                    _RefBottleneck(
+                        inp, planes, 2 if (j == 0 and i > 1) else 1, groups, width_per_group
+                    )
+                )
                 inp = planes * 4
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
 
@@ -107,8 +111,10 @@ def _randomise_bn(model, seed):
 
 
 def _state_dict(model, trunk_prefix="trunk."):
-    return {k.removeprefix(trunk_prefix): v.detach().numpy().copy()
-            for k, v in model.state_dict().items()}
+    return {
+        k.removeprefix(trunk_prefix): v.detach().numpy().copy()
+        for k, v in model.state_dict().items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +173,10 @@ def test_torchscript_archive_converts_to_same_params(r50, x_small, tmp_path):
     _traced_archive(model, path)
     sd = read_torchscript_archive(path)
     assert set(sd) == set(_state_dict(model))
-    np.testing.assert_array_equal(sd["layer3.5.bn2.running_var"],
-                                  model.trunk.layer3[5].bn2.running_var.numpy())
-    jax.tree.map(np.testing.assert_array_equal, convert_sscd(sd, module),
-                 jax.device_get(params))
+    np.testing.assert_array_equal(
+        sd["layer3.5.bn2.running_var"], model.trunk.layer3[5].bn2.running_var.numpy()
+    )
+    jax.tree.map(np.testing.assert_array_equal, convert_sscd(sd, module), jax.device_get(params))
     loaded = load_sscd(path, arch="resnet50")
     assert loaded.module.embedding_dim == 512
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
@@ -231,13 +237,24 @@ def test_malicious_archive_refused(tmp_path, kind):
 def test_wrong_files(r50, tmp_path):
     _, module, _, _ = r50
     clip = tmp_path / "clip.pt"
-    torch.save({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 4),
-                "text_model.final_layer_norm.weight": torch.zeros(4)}, clip)
+    torch.save(
+        {
+            "text_model.embeddings.token_embedding.weight": torch.zeros(10, 4),
+            "text_model.final_layer_norm.weight": torch.zeros(4),
+        },
+        clip,
+    )
     with pytest.raises(ConversionError, match="clip.pt"):
         load_sscd(clip, arch="resnet50")
     unet = tmp_path / "unet.pt"
-    torch.save({"conv_in.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(4, 8),
-                "fc.bias": torch.zeros(4)}, unet)
+    torch.save(
+        {
+            "conv_in.weight": torch.zeros(8, 3, 3, 3),
+            "fc.weight": torch.zeros(4, 8),
+            "fc.bias": torch.zeros(4),
+        },
+        unet,
+    )
     with pytest.raises(ConversionError, match="unet.pt.*does not match"):
         load_sscd(unet, arch="resnet50")
     not_ts = tmp_path / "notes.zip"
@@ -252,8 +269,12 @@ def test_wrong_files(r50, tmp_path):
     with pytest.raises(ConversionError, match="lacks.*torch.save"):
         read_torchscript_archive(saved)
     from mmh_jax.convert import save_params
-    other = save_params(tmp_path / "other.safetensors", {"w": np.zeros(2, np.float32)},
-                        metadata={"architecture": "unet2d"})
+
+    other = save_params(
+        tmp_path / "other.safetensors",
+        {"w": np.zeros(2, np.float32)},
+        metadata={"architecture": "unet2d"},
+    )
     with pytest.raises(ConversionError, match="unet2d"):
         load_sscd(other)
     with pytest.raises(TypeError, match="SSCD"):
@@ -277,6 +298,7 @@ def test_preprocess_memorization_values():
 def test_similarity_is_the_inner_product_of_descriptors():
     """On a stand-in descriptor (the normalised mean colour of the preprocessed image): image
     i of one batch against image i of the other, in SSCD calls of ``batch_size`` images."""
+
     def embed(x):
         v = jnp.mean(x, axis=(2, 3)) + 2.0
         return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
@@ -285,8 +307,9 @@ def test_similarity_is_the_inner_product_of_descriptors():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (5, 300, 260, 3), dtype=np.uint8)  # another size
-    want = np.sum(np.asarray(embed(sscd_preprocess(a))) * np.asarray(embed(sscd_preprocess(b))),
-                  axis=-1)
+    want = np.sum(
+        np.asarray(embed(sscd_preprocess(a))) * np.asarray(embed(sscd_preprocess(b))), axis=-1
+    )
     got = sscd_similarity(model, a, b, batch_size=2)
     assert got.dtype == np.float64 and got.shape == (5,)
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -320,5 +343,7 @@ def test_resnext101_32x4d_parity():
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     out = np.asarray(jax.jit(module.apply)({"params": params}, x))
     assert np.max(np.abs(out - _torch_out(model, x))) <= 1e-4
-    with pytest.raises(ConversionError, match="(?s)unexpected keys.*wrong shapes"):  # trunk mismatch
+    with pytest.raises(
+        ConversionError, match="(?s)unexpected keys.*wrong shapes"
+    ):  # trunk mismatch
         convert_sscd(_state_dict(model), SSCD(arch="resnet50", embedding_dim=1024))

@@ -23,16 +23,20 @@ PROMPTS = ["a cat, the cat", "the quick brown fox"]
 
 
 def _torch_embedding(pipe, prompts):
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         return ids.numpy(), pipe.text_encoder(ids)[0].numpy()
 
 
 def _torch_eps(pipe, z, timesteps, context):
     with torch.no_grad():
-        return pipe.unet(torch.as_tensor(np.asarray(z)), torch.as_tensor(np.asarray(timesteps)),
-                         encoder_hidden_states=torch.as_tensor(np.asarray(context))).sample.numpy()
+        return pipe.unet(
+            torch.as_tensor(np.asarray(z)),
+            torch.as_tensor(np.asarray(timesteps)),
+            encoder_hidden_states=torch.as_tensor(np.asarray(context)),
+        ).sample.numpy()
 
 
 def _latents(b, seed=0):
@@ -41,8 +45,9 @@ def _latents(b, seed=0):
 
 def test_schedule_and_prompt_encoding_match_the_pipeline(sd, sd_folder):
     _, pipe = sd_folder
-    np.testing.assert_allclose(sd.schedule.alphas_cumprod, pipe.scheduler.alphas_cumprod.numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        sd.schedule.alphas_cumprod, pipe.scheduler.alphas_cumprod.numpy(), rtol=1e-6
+    )
     ids, expected = _torch_embedding(pipe, PROMPTS + [""])
     np.testing.assert_array_equal(sd.tokenize(PROMPTS + [""]), ids)
     got = sd.encode_prompt(PROMPTS + [""])
@@ -81,29 +86,44 @@ def test_scores_are_minus_eps_over_sigma(sd, sd_folder, jit_call):
     sigma = np.sqrt(1 - pipe.scheduler.alphas_cumprod.numpy()[499])
     eps_c = _torch_eps(pipe, z, steps, emb[:1])
     eps_u = _torch_eps(pipe, z, steps, emb[1:])
-    np.testing.assert_allclose(jit_call(sd.score(emb[:1]), z, t), -eps_c / sigma, rtol=1e-3,
-                               atol=1e-3)
-    np.testing.assert_allclose(jit_call(sd.unet.score_fn, z, t), -eps_u / sigma, rtol=1e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        jit_call(sd.score(emb[:1]), z, t), -eps_c / sigma, rtol=1e-3, atol=1e-3
+    )
+    np.testing.assert_allclose(
+        jit_call(sd.unet.score_fn, z, t), -eps_u / sigma, rtol=1e-3, atol=1e-3
+    )
     cfg = -(eps_u + 3.0 * (eps_c - eps_u)) / sigma
-    np.testing.assert_allclose(jit_call(sd.cfg_score(emb[:1], guidance=3.0), z, t), cfg,
-                               rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        jit_call(sd.cfg_score(emb[:1], guidance=3.0), z, t), cfg, rtol=1e-3, atol=2e-3
+    )
 
 
 @pytest.mark.slow
 def test_ddim_sampling_matches_diffusers_pipeline(sd, sd_folder):
     _, pipe = sd_folder
     images = 2
-    result = sd.sample(sd.encode_prompt(PROMPTS), key=jax.random.key(0),
-                       images_per_prompt=images, num_steps=5, return_trajectory=True)
+    result = sd.sample(
+        sd.encode_prompt(PROMPTS),
+        key=jax.random.key(0),
+        images_per_prompt=images,
+        num_steps=5,
+        return_trajectory=True,
+    )
     noise = np.asarray(result.latents[0])  # the starting latents, prompt-major
-    np.testing.assert_array_equal(noise[0], noise[images])  # image j shares its noise across prompts
+    np.testing.assert_array_equal(
+        noise[0], noise[images]
+    )  # image j shares its noise across prompts
     assert not np.array_equal(noise[0], noise[1])
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
-        expected = pipe(PROMPTS, num_images_per_prompt=images, num_inference_steps=5,
-                        guidance_scale=7.5, latents=torch.as_tensor(noise),
-                        output_type="latent").images.numpy()
+        expected = pipe(
+            PROMPTS,
+            num_images_per_prompt=images,
+            num_inference_steps=5,
+            guidance_scale=7.5,
+            latents=torch.as_tensor(noise),
+            output_type="latent",
+        ).images.numpy()
     np.testing.assert_array_equal(result.timesteps, pipe.scheduler.timesteps.numpy())
     np.testing.assert_allclose(result.sample, expected, atol=2e-3 * np.abs(expected).max())
     # the trajectory's predictions are the network's at the latents it records
@@ -111,10 +131,12 @@ def test_ddim_sampling_matches_diffusers_pipeline(sd, sd_folder):
     step = 3
     steps = np.full(4, float(result.timesteps[step]), np.float32)
     z = np.asarray(result.latents[step])
-    np.testing.assert_allclose(result.eps_cond[step], _torch_eps(
-        pipe, z, steps, np.repeat(emb[:2], images, 0)), atol=2e-4)
-    np.testing.assert_allclose(result.eps_uncond[step], _torch_eps(
-        pipe, z, steps, np.repeat(emb[2:], 4, 0)), atol=2e-4)
+    np.testing.assert_allclose(
+        result.eps_cond[step], _torch_eps(pipe, z, steps, np.repeat(emb[:2], images, 0)), atol=2e-4
+    )
+    np.testing.assert_allclose(
+        result.eps_uncond[step], _torch_eps(pipe, z, steps, np.repeat(emb[2:], 4, 0)), atol=2e-4
+    )
 
 
 @pytest.mark.slow
@@ -124,8 +146,9 @@ def test_vae_encode_decode_match_torch(sd, sd_folder):
     with torch.no_grad():
         posterior = pipe.vae.encode(torch.as_tensor(images)).latent_dist
         expected_z = posterior.mean.numpy() * pipe.vae.config.scaling_factor
-        expected_x = pipe.vae.decode(torch.as_tensor(expected_z)
-                                     / pipe.vae.config.scaling_factor).sample.numpy()
+        expected_x = pipe.vae.decode(
+            torch.as_tensor(expected_z) / pipe.vae.config.scaling_factor
+        ).sample.numpy()
     z = sd.encode_image(images)
     np.testing.assert_allclose(z, expected_z, atol=1e-4)
     np.testing.assert_allclose(sd.decode(z), expected_x, atol=1e-4)
@@ -174,11 +197,14 @@ def test_v_prediction_is_turned_into_noise(sd, jit_call):
     v_model = EpsModel(sd.unet.module, prediction_type="v_prediction")
     got = jit_call(Partial(v_model.eps), sd.unet.params, sd.schedule, z, t, emb)
     out = np.asarray(jit_call(sd.eps, z, t, emb))
-    abar = np.exp(np.interp(t * 1000, np.arange(1001),
-                            np.concatenate([[0.0], np.log(np.asarray(sd.schedule.alphas_cumprod,
-                                                                     np.float64))])))
-    expected = (np.sqrt(abar)[:, None, None, None] * out
-                + np.sqrt(1 - abar)[:, None, None, None] * z)
+    abar = np.exp(
+        np.interp(
+            t * 1000,
+            np.arange(1001),
+            np.concatenate([[0.0], np.log(np.asarray(sd.schedule.alphas_cumprod, np.float64))]),
+        )
+    )
+    expected = np.sqrt(abar)[:, None, None, None] * out + np.sqrt(1 - abar)[:, None, None, None] * z
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -208,12 +234,16 @@ def test_missing_component_and_foreign_classes_are_named(sd_folder, tmp_path):
         load_stable_diffusion(copy)
 
 
-@pytest.mark.parametrize("component, key, value, message", [
-    ("text_encoder", "hidden_size", 48, "cross_attention_dim"),  # a wider text encoder
-    ("vae", "latent_channels", 8, "latent channels"),            # a VAE with 8-channel latents
-])
-def test_components_of_another_family_are_refused(sd_folder, tmp_path, component, key, value,
-                                                  message):
+@pytest.mark.parametrize(
+    "component, key, value, message",
+    [
+        ("text_encoder", "hidden_size", 48, "cross_attention_dim"),  # a wider text encoder
+        ("vae", "latent_channels", 8, "latent channels"),  # a VAE with 8-channel latents
+    ],
+)
+def test_components_of_another_family_are_refused(
+    sd_folder, tmp_path, component, key, value, message
+):
     folder, _ = sd_folder
     copy = _copy(folder, tmp_path)
     config = json.loads((copy / component / "config.json").read_text())
@@ -254,8 +284,13 @@ def test_wrong_latents_are_named(sd):
     with pytest.raises(ValueError, match="sample"):
         sd.eps(np.zeros((1, 3, 8, 8), np.float32), np.array([0.5], np.float32), emb)
     with pytest.raises(ValueError, match="cond"):
-        sd.cfg_eps(_latents(2), np.array([0.5, 0.5], np.float32), sd.encode_prompt(PROMPTS * 2),
-                   sd.uncond_embedding, 7.5)
+        sd.cfg_eps(
+            _latents(2),
+            np.array([0.5, 0.5], np.float32),
+            sd.encode_prompt(PROMPTS * 2),
+            sd.uncond_embedding,
+            7.5,
+        )
     with pytest.raises(ValueError, match="cond"):
         sd.sample(emb[0], key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_steps"):
@@ -288,8 +323,7 @@ def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tm
     path.write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="steps_offset"):
         sd = load_stable_diffusion(copy)
-    pipe = StableDiffusionPipeline.from_pretrained(copy, local_files_only=True,
-                                                   safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(copy, local_files_only=True, safety_checker=None)
     pipe.scheduler.set_timesteps(10)
     grid = sd.ddim_grid
     assert grid.steps_offset == 1
@@ -317,8 +351,9 @@ def test_tokenize_is_safe_from_many_threads(sd):
     from concurrent.futures import ThreadPoolExecutor
 
     words = ("cat", "the", "a", "quick")
-    prompts = [[" ".join(words[j % 4] for j in range(i % 11 + 1))] + ["a cat"] * (i % 3)
-               for i in range(64)]
+    prompts = [
+        [" ".join(words[j % 4] for j in range(i % 11 + 1))] + ["a cat"] * (i % 3) for i in range(64)
+    ]
     serial = [sd.tokenize(p) for p in prompts]
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads often, as 8 busy decoding threads do

@@ -24,8 +24,11 @@ from mmh_jax.convert.stylegan2 import (
 from mmh_jax.models import StyleGAN2Generator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stylegan2"
-PICKLES = {"skip_cond": "skip_cond.pkl", "resnet_uncond": "resnet_uncond_p2.pkl",
-           "orig": "orig.pkl"}
+PICKLES = {
+    "skip_cond": "skip_cond.pkl",
+    "resnet_uncond": "resnet_uncond_p2.pkl",
+    "orig": "orig.pkl",
+}
 # fixture image -> call kwargs
 IMAGES = {
     "img_const": {},
@@ -36,36 +39,47 @@ IMAGES = {
 TOLERANCE = 1e-4  # max abs error in float32 (measured: <= 1e-5 on every output)
 BF16_TOLERANCE = 0.05  # bfloat16: max abs error / max abs value (measured: about 0.01)
 
-CIFAR10_KWARGS = dict(z_dim=512, c_dim=10, w_dim=512, img_resolution=32, img_channels=3,
-                      mapping_kwargs=dict(num_layers=2),
-                      synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4,
-                                            conv_clamp=256))
-FFHQ256_KWARGS = dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3,
-                      mapping_kwargs=dict(num_layers=8),
-                      synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=4,
-                                            conv_clamp=256))
+CIFAR10_KWARGS = dict(
+    z_dim=512,
+    c_dim=10,
+    w_dim=512,
+    img_resolution=32,
+    img_channels=3,
+    mapping_kwargs=dict(num_layers=2),
+    synthesis_kwargs=dict(channel_base=32768, channel_max=512, num_fp16_res=4, conv_clamp=256),
+)
+FFHQ256_KWARGS = dict(
+    z_dim=512,
+    c_dim=0,
+    w_dim=512,
+    img_resolution=256,
+    img_channels=3,
+    mapping_kwargs=dict(num_layers=8),
+    synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=4, conv_clamp=256),
+)
 
-_apply = jax.jit(StyleGAN2Generator.apply,
-                 static_argnames=("self", "truncation_cutoff", "noise_mode", "method"))
+_apply = jax.jit(
+    StyleGAN2Generator.apply, static_argnames=("self", "truncation_cutoff", "noise_mode", "method")
+)
 
 
 def apply(module, params, *args, **kwargs):
     return np.asarray(_apply(module, {"params": params}, *args, **kwargs))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def network_pickle(name: str) -> dict:
     return read_network_pickle(FIXTURES / PICKLES[name])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(name: str, net: str = "G_ema"):
     record = network_pickle(name)[net]
     module = StyleGAN2Generator.from_init_kwargs(record.init_kwargs)
     return module, convert_stylegan2(record.state_dict(), module, source=f"{name}:{net}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def outputs(name: str) -> dict:
     return dict(np.load(FIXTURES / f"{name}.npz"))
 
@@ -154,8 +168,10 @@ def test_jit_and_jvp_through_call():
     out = np.asarray(jvp(tangents))
     assert out.shape == (3, 2, 3, 16, 16) and np.isfinite(out).all()
     eps = 1e-2  # central differences, in float64 would be exact up to O(eps^2)
-    fd = (np.asarray(jax.jit(g)(z + eps * tangents[0])) -
-          np.asarray(jax.jit(g)(z - eps * tangents[0]))) / (2 * eps)
+    fd = (
+        np.asarray(jax.jit(g)(z + eps * tangents[0]))
+        - np.asarray(jax.jit(g)(z - eps * tangents[0]))
+    ) / (2 * eps)
     assert np.abs(out[0] - fd).max() <= 2e-2 * np.abs(fd).max()
     np.testing.assert_allclose(np.asarray(jax.jit(g)(z)), ref["img_const_psi07"][:2], atol=1e-4)
 
@@ -163,8 +179,11 @@ def test_jit_and_jvp_through_call():
 def test_traced_truncation_psi():
     module, params = converted("resnet_uncond")
     ref = outputs("resnet_uncond")
-    f = jax.jit(lambda psi: module.apply({"params": params}, ref["z"], truncation_psi=psi,
-                                         truncation_cutoff=2))
+    f = jax.jit(
+        lambda psi: module.apply(
+            {"params": params}, ref["z"], truncation_psi=psi, truncation_cutoff=2
+        )
+    )
     np.testing.assert_allclose(np.asarray(f(0.7)), ref["img_const_psi07_cutoff2"], atol=1e-4)
 
 
@@ -215,14 +234,15 @@ def test_bad_inputs():
     np.testing.assert_allclose(ws, uref["ws"], atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs, official, convs", [(CIFAR10_KWARGS, 20_215_315, 8),
-                                                     (FFHQ256_KWARGS, 24_767_458, 14)])
+@pytest.mark.parametrize(
+    "kwargs, official, convs", [(CIFAR10_KWARGS, 20_215_315, 8), (FFHQ256_KWARGS, 24_767_458, 14)]
+)
 def test_official_configs(kwargs, official, convs):
     module = StyleGAN2Generator.from_init_kwargs(kwargs)
     assert module.num_ws == convs
     # the port also stores the buffers w_avg [w_dim] and each synthesis layer's noise_const
     # [r, r] (one layer at 4x4, two at every higher resolution) as parameters
-    resolutions = [2 ** i for i in range(2, int(np.log2(kwargs["img_resolution"])) + 1)]
+    resolutions = [2**i for i in range(2, int(np.log2(kwargs["img_resolution"])) + 1)]
     noise = sum(r * r * (1 if r == 4 else 2) for r in resolutions)
     shapes = flatten_params(stylegan2_abstract_params(module))
     assert sum(int(np.prod(s.shape)) for s in shapes.values()) == official + 512 + noise
@@ -236,7 +256,8 @@ def test_init_kwargs_round_trip(name):
     assert StyleGAN2Generator.from_init_kwargs(kwargs) == module
     original = network_pickle(name)["G_ema"].init_kwargs
     assert {k: v for k, v in kwargs.items() if not k.endswith("_kwargs")} == {
-        k: v for k, v in original.items() if not k.endswith("_kwargs")}
+        k: v for k, v in original.items() if not k.endswith("_kwargs")
+    }
 
 
 def test_from_init_kwargs_is_strict():
@@ -246,8 +267,7 @@ def test_from_init_kwargs_is_strict():
     with pytest.raises(ValueError, match="mapping_kwargs.'depth'"):
         StyleGAN2Generator.from_init_kwargs(dict(base, mapping_kwargs=dict(depth=2)))
     with pytest.raises(ValueError, match="'img_channels'"):
-        StyleGAN2Generator.from_init_kwargs({k: v for k, v in base.items()
-                                             if k != "img_channels"})
+        StyleGAN2Generator.from_init_kwargs({k: v for k, v in base.items() if k != "img_channels"})
     with pytest.raises(ValueError, match="w_avg_beta"):
         StyleGAN2Generator.from_init_kwargs(dict(base, mapping_kwargs=dict(w_avg_beta=None)))
     with pytest.raises(ValueError, match="kernel_size"):
@@ -256,9 +276,15 @@ def test_from_init_kwargs_is_strict():
         StyleGAN2Generator.from_init_kwargs(dict(base, synthesis_kwargs=dict(architecture="x")))
     with pytest.raises(ValueError, match="img_resolution"):
         StyleGAN2Generator.from_init_kwargs(dict(base, img_resolution=12))
-    module = StyleGAN2Generator.from_init_kwargs(dict(
-        base, mapping_kwargs=dict(w_avg_beta=0.998, num_layers=4),
-        synthesis_kwargs=dict(kernel_size=3, fp16_channels_last=True, resample_filter=[1, 2, 1])))
+    module = StyleGAN2Generator.from_init_kwargs(
+        dict(
+            base,
+            mapping_kwargs=dict(w_avg_beta=0.998, num_layers=4),
+            synthesis_kwargs=dict(
+                kernel_size=3, fp16_channels_last=True, resample_filter=[1, 2, 1]
+            ),
+        )
+    )
     assert module.num_layers == 4 and module.resample_filter == (1, 2, 1)
 
 
@@ -273,15 +299,24 @@ def test_conversion_is_strict():
     with pytest.raises(ConversionError) as err:
         convert_stylegan2(bad, module, source="bad.pkl")
     message = str(err.value)
-    for key in ("synthesis.b8.conv1.noise_strength", "synthesis.b8.extra.weight",
-                "mapping.fc1.weight", "bad.pkl"):
+    for key in (
+        "synthesis.b8.conv1.noise_strength",
+        "synthesis.b8.extra.weight",
+        "mapping.fc1.weight",
+        "bad.pkl",
+    ):
         assert key in message, key
     bad = dict(state, **{"synthesis.b8.conv0.resample_filter": np.eye(4, dtype=np.float32)})
     with pytest.raises(ConversionError, match="synthesis.b8.conv0.resample_filter"):
         convert_stylegan2(bad, module)
-    other = StyleGAN2Generator.from_init_kwargs(dict(
-        record.init_kwargs, synthesis_kwargs=dict(record.init_kwargs["synthesis_kwargs"],
-                                                  resample_filter=[1, 2, 1])))
+    other = StyleGAN2Generator.from_init_kwargs(
+        dict(
+            record.init_kwargs,
+            synthesis_kwargs=dict(
+                record.init_kwargs["synthesis_kwargs"], resample_filter=[1, 2, 1]
+            ),
+        )
+    )
     with pytest.raises(ConversionError, match="resampling filter"):
         convert_stylegan2(state, other)
     with pytest.raises(TypeError, match="StyleGAN2Generator"):
@@ -312,22 +347,30 @@ def _record(**changes):
     return dataclasses.replace(record, **changes)
 
 
-@pytest.mark.parametrize("top, fragment", [
-    ({"G": None}, "holds no 'G_ema' network (found ['G'])"),
-    ([1, 2], "holds no 'G_ema' network (found list)"),
-    ({"G_ema": {"a": 1}}, "is a dict, not a StyleGAN2-ADA Generator"),
-    ({"G_ema": "discriminator"}, "is a str"),
-    ({"G_ema": _record(class_name="Discriminator")}, "a 'Discriminator' network"),
-    ({"G_ema": _record(init_args=(512,))}, "positional arguments"),
-])
+@pytest.mark.parametrize(
+    "top, fragment",
+    [
+        ({"G": None}, "holds no 'G_ema' network (found ['G'])"),
+        ([1, 2], "holds no 'G_ema' network (found list)"),
+        ({"G_ema": {"a": 1}}, "is a dict, not a StyleGAN2-ADA Generator"),
+        ({"G_ema": "discriminator"}, "is a str"),
+        ({"G_ema": _record(class_name="Discriminator")}, "a 'Discriminator' network"),
+        ({"G_ema": _record(init_args=(512,))}, "positional arguments"),
+    ],
+)
 def test_pickles_of_other_networks_are_refused(monkeypatch, tmp_path, top, fragment):
     from mmh_jax.convert import safe_pickle
     from mmh_jax.models import load_stylegan2
 
     monkeypatch.setattr(safe_pickle, "read_network_pickle", lambda path: top)
     (tmp_path / "x.pkl").write_bytes(b"")
-    with pytest.raises(ConversionError, match=fragment.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ConversionError,
+        match=fragment.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         load_stylegan2(tmp_path / "x.pkl")
 
 
@@ -341,8 +384,10 @@ def test_a_stylegan3_pickle_is_named(monkeypatch, tmp_path):
     record = _record()
     synthesis = record.modules["synthesis"]
     layers = {"input": None, "L0_36_512": None, "L1_36_512": None}
-    record = dataclasses.replace(record, modules={
-        **record.modules, "synthesis": dataclasses.replace(synthesis, modules=layers)})
+    record = dataclasses.replace(
+        record,
+        modules={**record.modules, "synthesis": dataclasses.replace(synthesis, modules=layers)},
+    )
     monkeypatch.setattr(safe_pickle, "read_network_pickle", lambda path: {"G_ema": record})
     (tmp_path / "x.pkl").write_bytes(b"")
     with pytest.raises(ConversionError, match="StyleGAN3"):

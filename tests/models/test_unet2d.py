@@ -19,25 +19,49 @@ from mmh_jax.models.loaders import ddpm_from_scheduler_config, load_unet2d, save
 from mmh_jax.models.unet2d import DDPM_CIFAR10_CONFIG, UNet2D
 from mmh_jax.schedules import DDPM
 
-TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)
+TINY = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+)
 
 CONFIGS = {
     "one-head-attention": TINY,
     "no-attention-ddpm-embedding": dict(
-        TINY, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False, flip_sin_to_cos=False,
-        freq_shift=1, downsample_padding=0, norm_eps=1e-6),
+        TINY,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        norm_eps=1e-6,
+    ),
     "multihead-scale-shift": dict(
-        TINY, in_channels=1, out_channels=2, layers_per_block=2, attention_head_dim=8,
+        TINY,
+        in_channels=1,
+        out_channels=2,
+        layers_per_block=2,
+        attention_head_dim=8,
         down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D"), resnet_time_scale_shift="scale_shift",
-        mid_block_scale_factor=1.414, center_input_sample=True, time_embedding_dim=96),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        resnet_time_scale_shift="scale_shift",
+        mid_block_scale_factor=1.414,
+        center_input_sample=True,
+        time_embedding_dim=96,
+    ),
     "three-levels-attn-groups": dict(
-        TINY, block_out_channels=(16, 32, 32), attn_norm_num_groups=4, attention_head_dim=16,
+        TINY,
+        block_out_channels=(16, 32, 32),
+        attn_norm_num_groups=4,
+        attention_head_dim=16,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
     "no-mid-block": dict(TINY, mid_block_type=None, freq_shift=1),
 }
 
@@ -71,12 +95,14 @@ def flax_forward(module: UNet2D, params, x, t) -> np.ndarray:
     return np.asarray(jax.jit(module.apply)({"params": params}, x, t))
 
 
-@pytest.mark.parametrize("dim, flip, shift, scale", [(32, True, 0, 1.0), (33, False, 1, 1.0),
-                                                     (64, False, 1, 2.5)])
+@pytest.mark.parametrize(
+    "dim, flip, shift, scale", [(32, True, 0, 1.0), (33, False, 1, 1.0), (64, False, 1, 2.5)]
+)
 def test_timestep_embedding_matches_diffusers(dim, flip, shift, scale):
     t = np.array([0.0, 3.7, 500.25, 999.0], np.float32)
-    expected = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip,
-                                      downscale_freq_shift=shift, scale=scale).numpy()
+    expected = get_timestep_embedding(
+        torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale
+    ).numpy()
     got = timestep_embedding(t, dim, flip_sin_to_cos=flip, freq_shift=shift, scale=scale)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
@@ -113,8 +139,14 @@ def test_matches_diffusers_ddpm_cifar10():
 @pytest.mark.slow
 def test_bfloat16_close_to_float32():
     # one level: XLA:CPU compiles bfloat16 programs slowly
-    model = torch_unet(dict(TINY, block_out_channels=(32,), down_block_types=("AttnDownBlock2D",),
-                            up_block_types=("AttnUpBlock2D",)))
+    model = torch_unet(
+        dict(
+            TINY,
+            block_out_channels=(32,),
+            down_block_types=("AttnDownBlock2D",),
+            up_block_types=("AttnUpBlock2D",),
+        )
+    )
     module = UNet2D.from_config(model.config, dtype=jnp.bfloat16)
     params = convert_unet2d(numpy_state_dict(model), module)
     x, t = inputs(2, 3, 16, 16), np.array([10.0, 700.5], np.float32)
@@ -125,8 +157,11 @@ def test_bfloat16_close_to_float32():
 
 
 def test_defaults_and_config_keys_are_diffusers():
-    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()
-                if k != "self"}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()
+        if k != "self"
+    }
     ours = UNet2D().to_config()
     for key, value in ours.items():
         expected = defaults[key]
@@ -156,8 +191,12 @@ def test_missing_extra_and_misshaped_keys_are_all_named(tiny):
     with pytest.raises(ConversionError) as err:
         convert_unet2d(sd, module, source="ckpt.safetensors")
     message = str(err.value)
-    for name in ("ckpt.safetensors", "mid_block.attentions.0.to_q.weight",
-                 "mid_block.attentions.0.to_x.weight", "conv_in.weight"):
+    for name in (
+        "ckpt.safetensors",
+        "mid_block.attentions.0.to_q.weight",
+        "mid_block.attentions.0.to_x.weight",
+        "conv_in.weight",
+    ):
         assert name in message
 
 
@@ -180,21 +219,24 @@ def test_legacy_attention_names(tiny):
     chex.assert_trees_all_equal(convert_unet2d(legacy, module), convert_unet2d(sd, module))
 
 
-@pytest.mark.parametrize("key, value", [
-    ("time_embedding_type", "fourier"),
-    ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
-    ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"]),
-    ("up_block_types", ["SkipUpBlock2D", "UpBlock2D"]),
-    ("mid_block_type", "UNetMidBlock2DCrossAttn"),
-    ("downsample_type", "resnet"),
-    ("upsample_type", "resnet"),
-    ("act_fn", "mish"),
-    ("resnet_time_scale_shift", "spatial"),
-    ("norm_num_groups", 7),
-    ("_class_name", "UNet2DConditionModel"),
-    ("cross_attention_dim", 768),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("time_embedding_type", "fourier"),
+        ("class_embed_type", "timestep"),
+        ("num_class_embeds", 10),
+        ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"]),
+        ("up_block_types", ["SkipUpBlock2D", "UpBlock2D"]),
+        ("mid_block_type", "UNetMidBlock2DCrossAttn"),
+        ("downsample_type", "resnet"),
+        ("upsample_type", "resnet"),
+        ("act_fn", "mish"),
+        ("resnet_time_scale_shift", "spatial"),
+        ("norm_num_groups", 7),
+        ("_class_name", "UNet2DConditionModel"),
+        ("cross_attention_dim", 768),
+    ],
+)
 def test_from_config_names_unsupported_key(key, value):
     with pytest.raises(ValueError, match=key):
         UNet2D.from_config(dict(TINY, **{key: value}))
@@ -221,15 +263,19 @@ def test_schedule_from_scheduler_config(kind):
     else:
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=kind)
     schedule = ddpm_from_scheduler_config(json.loads(scheduler.to_json_string()))
-    np.testing.assert_allclose(schedule.alphas_cumprod, scheduler.alphas_cumprod.numpy(),
-                               rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        schedule.alphas_cumprod, scheduler.alphas_cumprod.numpy(), rtol=2e-5, atol=1e-7
+    )
 
 
-@pytest.mark.parametrize("config, key", [
-    (dict(prediction_type="sample"), "prediction_type"),
-    (dict(beta_schedule="sigmoid"), "beta_schedule"),
-    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
-])
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        (dict(prediction_type="sample"), "prediction_type"),
+        (dict(beta_schedule="sigmoid"), "beta_schedule"),
+        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+    ],
+)
 def test_unsupported_scheduler_config(config, key):
     with pytest.raises(ValueError, match=key):
         ddpm_from_scheduler_config(config)
@@ -265,12 +311,15 @@ def test_load_layouts(saved, tmp_path):
     root, model, _ = saved
     flat = tmp_path / "flat"  # model files and scheduler_config.json in one folder
     model.save_pretrained(flat)
-    (flat / "scheduler_config.json").write_text((root / "scheduler/scheduler_config.json").read_text())
+    (flat / "scheduler_config.json").write_text(
+        (root / "scheduler/scheduler_config.json").read_text()
+    )
     pickled = tmp_path / "pickled" / "unet"  # diffusion_pytorch_model.bin
     model.save_pretrained(pickled, safe_serialization=False)
     (pickled.parent / "scheduler").mkdir()
     (pickled.parent / "scheduler/scheduler_config.json").write_text(
-        (root / "scheduler/scheduler_config.json").read_text())
+        (root / "scheduler/scheduler_config.json").read_text()
+    )
     assert (pickled / "diffusion_pytorch_model.bin").is_file()
     reference = load_unet2d(root).params
     for path in (root / "unet", flat, pickled):
@@ -291,8 +340,9 @@ def test_converted_file_round_trip(saved, tmp_path):
     # equal modules give equal Partials: estimators share one compiled program between them
     assert jax.tree.structure(again.score_fn) == jax.tree.structure(loaded.score_fn)
     score = jax.jit(loaded.score_fn.func)  # one compilation; the modules are equal
-    np.testing.assert_array_equal(score(*again.score_fn.args, x, t),
-                                  score(*loaded.score_fn.args, x, t))
+    np.testing.assert_array_equal(
+        score(*again.score_fn.args, x, t), score(*loaded.score_fn.args, x, t)
+    )
 
 
 def test_truncated_files_are_named(saved, tmp_path):

@@ -22,35 +22,62 @@ from mmh_jax.models.unet2d_condition import SD15_UNET_CONFIG, UNet2DCondition
 
 SD15_PARAMETERS = 859_520_964
 
-TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-            cross_attention_dim=16)
+TINY = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+    cross_attention_dim=16,
+)
 
 CONFIGS = {
     # SD v1: 1x1-convolution projections, one head count everywhere
     "sd1-like": TINY,
     # SD v2: linear projections, per-block head counts, upcast attention
     "sd2-like": dict(
-        TINY, use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True,
-        cross_attention_dim=24, layers_per_block=2,
+        TINY,
+        use_linear_projection=True,
+        attention_head_dim=(2, 4),
+        upcast_attention=True,
+        cross_attention_dim=24,
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
     # three levels, two transformer layers, no mid block, DDPM-style embedding and padding
     "three-levels-no-mid": dict(
-        TINY, block_out_channels=(16, 32, 32), transformer_layers_per_block=2,
-        mid_block_type=None, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
+        TINY,
+        block_out_channels=(16, 32, 32),
+        transformer_layers_per_block=2,
+        mid_block_type=None,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        downsample_padding=0,
         attention_head_dim=(1, 2, 4),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D")),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+    ),
     # per-block layer counts, scale-shift resnets, mid block scaling, head counts that do not
     # divide the width (inner width < channels), other kernel sizes and channel counts
     "per-block-and-odd-options": dict(
-        TINY, layers_per_block=(2, 1), transformer_layers_per_block=(1, 2),
-        resnet_time_scale_shift="scale_shift", mid_block_scale_factor=1.414,
-        center_input_sample=True, time_embedding_dim=48, conv_in_kernel=5, conv_out_kernel=1,
-        in_channels=3, out_channels=2, attention_head_dim=3, norm_eps=1e-6,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")),
+        TINY,
+        layers_per_block=(2, 1),
+        transformer_layers_per_block=(1, 2),
+        resnet_time_scale_shift="scale_shift",
+        mid_block_scale_factor=1.414,
+        center_input_sample=True,
+        time_embedding_dim=48,
+        conv_in_kernel=5,
+        conv_out_kernel=1,
+        in_channels=3,
+        out_channels=2,
+        attention_head_dim=3,
+        norm_eps=1e-6,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    ),
 }
 TIMESTEPS = np.array([0.0, 3.7, 999.0], np.float32)
 
@@ -89,8 +116,9 @@ def inputs(config: dict, batch: int, h: int, w: int, tokens: int = 5, seed: int 
 
 def torch_forward(model: UNet2DConditionModel, x, t, context) -> np.ndarray:
     with torch.inference_mode():
-        return model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context)
-                     ).sample.numpy()
+        return model(
+            torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context)
+        ).sample.numpy()
 
 
 def flax_forward(module: UNet2DCondition, params, x, t, context) -> np.ndarray:
@@ -114,8 +142,12 @@ def test_matches_diffusers(name):
 @pytest.mark.slow
 def test_bfloat16_close_to_float32_torch():
     # one level: XLA:CPU compiles bfloat16 programs slowly
-    config = dict(TINY, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                  up_block_types=("CrossAttnUpBlock2D",))
+    config = dict(
+        TINY,
+        block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+    )
     # default-init attention (measured: 1.5% of max |ref|; with the sharpened softmaxes and
     # gates of the float32 tests the bfloat16 output is 4.2% off)
     model = torch_unet(config, sharpen=False)
@@ -170,8 +202,10 @@ def test_matches_diffusers_sd15_full_size():
     out = flax_forward(module, params, x, t, context)
     del params
     err = np.abs(out - ref).max()
-    print(f"SD v1.5 UNet: max abs error {err:.3g} (max |ref| {np.abs(ref).max():.3g}), "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"SD v1.5 UNet: max abs error {err:.3g} (max |ref| {np.abs(ref).max():.3g}), "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     assert err <= 1e-4, err
 
 
@@ -179,8 +213,11 @@ def test_matches_diffusers_sd15_full_size():
 
 
 def diffusers_defaults() -> dict:
-    return {k: p.default for k, p in
-            inspect.signature(UNet2DConditionModel.__init__).parameters.items() if k != "self"}
+    return {
+        k: p.default
+        for k, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+        if k != "self"
+    }
 
 
 def test_defaults_and_config_keys_are_diffusers():
@@ -212,43 +249,46 @@ def test_sd15_table_is_the_state_dict():
     assert set(unet2d_condition_rename_table(module)) == set(model.state_dict())
 
 
-@pytest.mark.parametrize("key, value", [
-    ("addition_embed_type", "text_time"),
-    ("addition_time_embed_dim", 256),
-    ("projection_class_embeddings_input_dim", 2816),
-    ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
-    ("class_embeddings_concat", True),
-    ("only_cross_attention", True),
-    ("only_cross_attention", [True, False]),
-    ("mid_block_only_cross_attention", True),
-    ("num_attention_heads", 8),
-    ("dual_cross_attention", True),
-    ("encoder_hid_dim", 32),
-    ("encoder_hid_dim_type", "text_proj"),
-    ("time_cond_proj_dim", 256),
-    ("time_embedding_act_fn", "silu"),
-    ("timestep_post_act", "silu"),
-    ("attention_type", "gated"),
-    ("cross_attention_norm", "group_norm"),
-    ("resnet_skip_time_act", True),
-    ("resnet_out_scale_factor", 2.0),
-    ("reverse_transformer_layers_per_block", [[1], [1]]),
-    ("time_embedding_type", "fourier"),
-    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
-    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
-    ("resnet_time_scale_shift", "spatial"),
-    ("act_fn", "mish"),
-    ("cross_attention_dim", [16, 16]),
-    ("attention_head_dim", [2]),
-    ("transformer_layers_per_block", [[1, 2], [1, 2]]),
-    ("layers_per_block", 0),
-    ("norm_num_groups", 7),
-    ("conv_in_kernel", 4),
-    ("flux_capacitor", 1),
-    ("_class_name", "UNet2DModel"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("addition_embed_type", "text_time"),
+        ("addition_time_embed_dim", 256),
+        ("projection_class_embeddings_input_dim", 2816),
+        ("class_embed_type", "timestep"),
+        ("num_class_embeds", 10),
+        ("class_embeddings_concat", True),
+        ("only_cross_attention", True),
+        ("only_cross_attention", [True, False]),
+        ("mid_block_only_cross_attention", True),
+        ("num_attention_heads", 8),
+        ("dual_cross_attention", True),
+        ("encoder_hid_dim", 32),
+        ("encoder_hid_dim_type", "text_proj"),
+        ("time_cond_proj_dim", 256),
+        ("time_embedding_act_fn", "silu"),
+        ("timestep_post_act", "silu"),
+        ("attention_type", "gated"),
+        ("cross_attention_norm", "group_norm"),
+        ("resnet_skip_time_act", True),
+        ("resnet_out_scale_factor", 2.0),
+        ("reverse_transformer_layers_per_block", [[1], [1]]),
+        ("time_embedding_type", "fourier"),
+        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+        ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+        ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
+        ("resnet_time_scale_shift", "spatial"),
+        ("act_fn", "mish"),
+        ("cross_attention_dim", [16, 16]),
+        ("attention_head_dim", [2]),
+        ("transformer_layers_per_block", [[1, 2], [1, 2]]),
+        ("layers_per_block", 0),
+        ("norm_num_groups", 7),
+        ("conv_in_kernel", 4),
+        ("flux_capacitor", 1),
+        ("_class_name", "UNet2DModel"),
+    ],
+)
 def test_from_config_names_unsupported_key(key, value):
     with pytest.raises(ValueError, match=key) as err:
         UNet2DCondition.from_config(dict(TINY, **{key: value}))
@@ -277,8 +317,12 @@ def test_missing_extra_and_misshaped_keys_are_all_named(tiny):
     with pytest.raises(ConversionError) as err:
         convert_unet2d_condition(sd, module, source="unet.safetensors")
     message = str(err.value)
-    for name in ("unet.safetensors", f"{attn}.to_k.weight", f"{attn}.to_k.bias",
-                 "up_blocks.1.attentions.0.proj_in.weight"):
+    for name in (
+        "unet.safetensors",
+        f"{attn}.to_k.weight",
+        f"{attn}.to_k.bias",
+        "up_blocks.1.attentions.0.proj_in.weight",
+    ):
         assert name in message
 
 
@@ -289,8 +333,9 @@ def test_checkpoint_of_another_config_is_refused(tiny):
         convert_unet2d_condition(other, module)
     # same keys, other layouts: 1x1-convolution weights into linear projections
     with pytest.raises(ConversionError, match=r"attentions\.0\.proj_in\.weight"):
-        convert_unet2d_condition(tiny[1], UNet2DCondition.from_config(
-            dict(TINY, use_linear_projection=True)))
+        convert_unet2d_condition(
+            tiny[1], UNet2DCondition.from_config(dict(TINY, use_linear_projection=True))
+        )
 
 
 def test_converter_wants_a_unet2d_condition():
@@ -315,4 +360,3 @@ def test_bad_call_arguments_are_named(tiny):
         module.apply(params, x, t, context[:1])
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         module.apply(params, x, t, context[0])
-

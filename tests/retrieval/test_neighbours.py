@@ -73,8 +73,11 @@ def test_sharded_equals_unsharded_and_tiling_equals_one_batch(data):
     assert jax.device_count() == 8
     mesh8 = Mesh(np.array(jax.devices()), ("data",))
     one = nearest_neighbours(queries, references, k=5, batch_size=512, mesh=_one_device())
-    for kwargs in ({"mesh": mesh8, "batch_size": 5}, {"batch_size": 2},
-                   {"mesh": _one_device(), "batch_size": 8}):
+    for kwargs in (
+        {"mesh": mesh8, "batch_size": 5},
+        {"batch_size": 2},
+        {"mesh": _one_device(), "batch_size": 8},
+    ):
         got = nearest_neighbours(queries, references, k=5, **kwargs)
         np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(one.indices))
         np.testing.assert_array_equal(np.asarray(got.distances), np.asarray(one.distances))
@@ -105,7 +108,8 @@ def low_rank():
     queries = _low_rank(300, seed=1)
     rng = np.random.default_rng(2)
     queries[:30] = references[rng.choice(2048, 30, replace=False)] + 1e-4 * rng.standard_normal(
-        (30, 256))  # near-copies
+        (30, 256)
+    )  # near-copies
     return queries, references
 
 
@@ -123,8 +127,10 @@ def test_k1_takes_the_certified_search_and_matches_sklearn(x64, low_rank, monkey
     queries, references = low_rank
     index = _knn.build_index(jnp.asarray(references), k=1, exclude_self=False)
     assert index.proj is not None and index.basis.shape == (256, 32)
-    n_bad = sum(int(_knn.search_chunk(index, chunk, start, k=1, exclude_self=False)[2])
-                for start, chunk, _ in _knn.iter_chunks(jnp.asarray(queries), 128))
+    n_bad = sum(
+        int(_knn.search_chunk(index, chunk, start, k=1, exclude_self=False)[2])
+        for start, chunk, _ in _knn.iter_chunks(jnp.asarray(queries), 128)
+    )
     assert n_bad <= 3
     for k in (1, 3):
         ref_d, ref_i = _sklearn(queries, references, k)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import toy_model
+
 from mmh_jax.scoring import ArrayFile, Flipd, NormalBundle, merge, score
 
 HERE = Path(__file__).parent
@@ -25,8 +25,11 @@ HERE = Path(__file__).parent
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    env.update(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]))
+    env.update(
+        XLA_FLAGS=flags.strip(),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
+    )
     return env
 
 
@@ -62,12 +65,30 @@ def test_two_processes_score_one_input_together(tmp_path):
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "two.toml").write_text(CONFIG.format(out="two"))
     port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "mmh_jax.cli", "score", "--config", str(tmp_path / "two.toml"),
-         "--quiet", "--process-id", str(i), "--num-processes", "2",
-         "--coordinator-address", f"127.0.0.1:{port}"],
-        env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mmh_jax.cli",
+                "score",
+                "--config",
+                str(tmp_path / "two.toml"),
+                "--quiet",
+                "--process-id",
+                str(i),
+                "--num-processes",
+                "2",
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+            ],
+            env=_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output
@@ -76,22 +97,32 @@ def test_two_processes_score_one_input_together(tmp_path):
     two = merge(tmp_path / "two").scores.to_pandas()
     # Each process wrote its own chunks (c mod 2), and process 0 merged them.
     assert (tmp_path / "two" / "scores.parquet").is_file()
-    writers = {json.loads(p.read_text())["process"] for p in (tmp_path / "two" / "manifest").iterdir()}
+    writers = {
+        json.loads(p.read_text())["process"] for p in (tmp_path / "two" / "manifest").iterdir()
+    }
     assert writers == {0, 1}
 
     # One process with 8 devices, same seed: the same table.
     one = tmp_path / "one"
     columns = [Flipd(t0=(0.02, 0.2)), NormalBundle(t0=0.02, num_scores=16)]
-    score(toy_model.make(), columns, ArrayFile(tmp_path / "x.npy"), str(one), seed=11,
-          batch_size=8, chunk_size=6)
+    score(
+        toy_model.make(),
+        columns,
+        ArrayFile(tmp_path / "x.npy"),
+        str(one),
+        seed=11,
+        batch_size=8,
+        chunk_size=6,
+    )
     single = merge(one).scores.to_pandas()
     np.testing.assert_array_equal(two["index"], np.arange(40))
     np.testing.assert_array_equal(two["id"], single["id"])
     np.testing.assert_array_equal(two["normal_bundle_0.02"], single["normal_bundle_0.02"])
     for t0 in (0.02, 0.2):
         np.testing.assert_allclose(two[f"flipd_{t0:g}"], single[f"flipd_{t0:g}"], rtol=1e-5)
-        np.testing.assert_allclose(two[f"flipd_{t0:g}"], toy_model.flipd_closed_form(x, t0),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            two[f"flipd_{t0:g}"], toy_model.flipd_closed_form(x, t0), rtol=1e-4, atol=1e-4
+        )
 
 
 RUNNER = """\
@@ -130,21 +161,39 @@ def test_killed_runs_resume_to_exactly_one_row_per_item(tmp_path):
     # file (the file, then its folder). Kill during the first part's commit, after a part but
     # before its manifest, and in the middle of a later chunk's writes.
     for kill_on, at in (("replace", 2), ("replace", 5), ("fsync", 9)):
-        proc = subprocess.run(run + [kill_on, str(at)], cwd=tmp_path, env=_env(devices=8),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            run + [kill_on, str(at)],
+            cwd=tmp_path,
+            env=_env(devices=8),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         _check_consistent(tmp_path / "out")
     rng = random.Random(0)
     for _ in range(2):  # and at random moments of the scoring itself
-        proc = subprocess.Popen(run + ["none", "0"], cwd=tmp_path, env=_env(devices=8),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            run + ["none", "0"],
+            cwd=tmp_path,
+            env=_env(devices=8),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         _check_consistent(tmp_path / "out")
-    final = subprocess.run(run + ["none", "0"], cwd=tmp_path, env=_env(devices=8),
-                           capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        run + ["none", "0"],
+        cwd=tmp_path,
+        env=_env(devices=8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert final.returncode == 0, final.stderr
 
     merged = merge(tmp_path / "out")
@@ -152,46 +201,95 @@ def test_killed_runs_resume_to_exactly_one_row_per_item(tmp_path):
     assert len(table) == 36 and merged.errors.num_rows == 0
     np.testing.assert_array_equal(table["index"], np.arange(36))
     assert table["id"].is_unique
-    np.testing.assert_allclose(table["flipd_0.05"], toy_model.flipd_closed_form(x, 0.05),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        table["flipd_0.05"], toy_model.flipd_closed_form(x, 0.05), rtol=1e-4, atol=1e-4
+    )
     assert not [p for p in (tmp_path / "out").rglob(".*.part")]
 
 
-@pytest.mark.parametrize("body, message", [
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05]\nnum_probe = 2\n", "unknown key"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[run]\nbatch_size = '8'\n[columns.flipd]\n", "batch_size must be an integer"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'nope.npy'\n"
-     "[output]\ndir = 'o'\n[columns.flipd]\n", "does not exist"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05, 2.0]\n", "t0"),
-    ("[model]\nkind = 'unet2d'\n[input]\npath = 'x.npy'\n[output]\ndir = 'o'\n[columns.flipd]\n",
-     "needs a path"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[columns.lpips]\n", "unknown column"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[inputs]\npath = 'x.npy'\n",
-     "unknown section"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "options = {colour = 'RGB'}\n[output]\ndir = 'o'\n[columns.flipd]\n", "options: unknown key"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "options = {metadata = ['label']}\n[output]\ndir = 'o'\n[columns.flipd]\n",
-     "options: unknown key.*metadata"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[generate]\nguidance = nan\n[columns.flipd]\n",
-     r"bad\.toml: \[generate\] guidance must be a finite number, got nan"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05, -inf]\n",
-     r"bad\.toml: \[columns\.flipd\] t0 must be a finite number, got -inf"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\noptions = {scale = {a = inf}}\n"
-     "[input]\npath = 'x.npy'\n[output]\ndir = 'o'\n[columns.flipd]\n",
-     r"bad\.toml: \[model\] options\.scale\.a must be a finite number, got inf"),
-    ("[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
-     "[output]\ndir = 'o'\n[columns.flipd]\nnum_probes = 0\n",
-     r"bad\.toml: \[columns\]: flipd num_probes must be an integer >= 1, got 0"),
-], ids=["unknown key", "wrong type", "missing input", "t0 out of range", "model without path",
-        "unknown column", "unknown section", "unknown reader option", "metadata as an option",
-        "nan", "inf in a list", "inf in a table", "no probes"])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05]\nnum_probe = 2\n",
+            "unknown key",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[run]\nbatch_size = '8'\n[columns.flipd]\n",
+            "batch_size must be an integer",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'nope.npy'\n"
+            "[output]\ndir = 'o'\n[columns.flipd]\n",
+            "does not exist",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05, 2.0]\n",
+            "t0",
+        ),
+        (
+            "[model]\nkind = 'unet2d'\n[input]\npath = 'x.npy'\n[output]\ndir = 'o'\n[columns.flipd]\n",
+            "needs a path",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[columns.lpips]\n",
+            "unknown column",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[inputs]\npath = 'x.npy'\n",
+            "unknown section",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "options = {colour = 'RGB'}\n[output]\ndir = 'o'\n[columns.flipd]\n",
+            "options: unknown key",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "options = {metadata = ['label']}\n[output]\ndir = 'o'\n[columns.flipd]\n",
+            "options: unknown key.*metadata",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[generate]\nguidance = nan\n[columns.flipd]\n",
+            r"bad\.toml: \[generate\] guidance must be a finite number, got nan",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[columns.flipd]\nt0 = [0.05, -inf]\n",
+            r"bad\.toml: \[columns\.flipd\] t0 must be a finite number, got -inf",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\noptions = {scale = {a = inf}}\n"
+            "[input]\npath = 'x.npy'\n[output]\ndir = 'o'\n[columns.flipd]\n",
+            r"bad\.toml: \[model\] options\.scale\.a must be a finite number, got inf",
+        ),
+        (
+            "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n[input]\npath = 'x.npy'\n"
+            "[output]\ndir = 'o'\n[columns.flipd]\nnum_probes = 0\n",
+            r"bad\.toml: \[columns\]: flipd num_probes must be an integer >= 1, got 0",
+        ),
+    ],
+    ids=[
+        "unknown key",
+        "wrong type",
+        "missing input",
+        "t0 out of range",
+        "model without path",
+        "unknown column",
+        "unknown section",
+        "unknown reader option",
+        "metadata as an option",
+        "nan",
+        "inf in a list",
+        "inf in a table",
+        "no probes",
+    ],
+)
 def test_a_bad_config_fails_before_any_work(tmp_path, body, message):
     from mmh_jax.cli import main
 
@@ -200,6 +298,7 @@ def test_a_bad_config_fails_before_any_work(tmp_path, body, message):
     assert main(["score", "--config", str(tmp_path / "bad.toml")]) == 2
     assert not (tmp_path / "o").exists()
     from mmh_jax.scoring.config import ConfigError, read_config
+
     with pytest.raises(ConfigError, match=message):
         read_config(tmp_path / "bad.toml")
 
@@ -211,9 +310,14 @@ def test_template_lists_every_key_and_dry_run_writes_nothing(tmp_path, capsys):
     from mmh_jax.scoring.config import COLUMNS, SECTIONS, template
 
     text = template()
-    assert tomllib.loads(text) == {"model": {"kind": "unet2d"}, "input": {"path": "samples/"},
-                                   "output": {"dir": "scores/"}, "run": {}, "generate": {},
-                                   "distributed": {}}
+    assert tomllib.loads(text) == {
+        "model": {"kind": "unet2d"},
+        "input": {"path": "samples/"},
+        "output": {"dir": "scores/"},
+        "run": {},
+        "generate": {},
+        "distributed": {},
+    }
     for keys in SECTIONS.values():
         for key in keys:
             assert f"{key} = " in text
@@ -275,24 +379,31 @@ def test_every_column_gives_the_values_of_one_device_on_four(tmp_path):
     tables = {}
     for devices in (1, 4):
         try:  # a deadlock fails the test instead of blocking the suite
-            proc = subprocess.run([sys.executable, "runner.py", f"out{devices}"], cwd=tmp_path,
-                                  env=_env(devices=devices), capture_output=True, text=True,
-                                  timeout=240)
+            proc = subprocess.run(
+                [sys.executable, "runner.py", f"out{devices}"],
+                cwd=tmp_path,
+                env=_env(devices=devices),
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
         except subprocess.TimeoutExpired:
             pytest.fail(f"scoring on {devices} CPU devices did not finish in 240 s")
         assert proc.returncode == 0 and f"{devices} devices" in proc.stdout, proc.stderr
-        tables[devices] = {kind: merge(tmp_path / f"out{devices}" / kind).scores.to_pandas()
-                           for kind in ("diffusion", "generator")}
+        tables[devices] = {
+            kind: merge(tmp_path / f"out{devices}" / kind).scores.to_pandas()
+            for kind in ("diffusion", "generator")
+        }
     for kind in ("diffusion", "generator"):
         one, four = tables[1][kind], tables[4][kind]
         assert list(one.columns) == list(four.columns) and len(one) == 32
         for name in one.columns:
             if one[name].dtype.kind == "f":
-                np.testing.assert_allclose(four[name], one[name], rtol=1e-4, atol=1e-4,
-                                           err_msg=name)
+                np.testing.assert_allclose(
+                    four[name], one[name], rtol=1e-4, atol=1e-4, err_msg=name
+                )
             else:
                 np.testing.assert_array_equal(four[name], one[name], err_msg=name)
     assert set(tables[1]["generator"]["jacobian_rank"]) == {5}
     np.testing.assert_array_equal(tables[1]["diffusion"]["nn_l2"].to_numpy()[::4], 0)
     assert {"flipd_0.05", "normal_bundle_0.05", "png_bytes"} <= set(tables[1]["diffusion"].columns)
-

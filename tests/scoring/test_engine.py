@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import toy_model
 from PIL import Image
 
-import toy_model
 from mmh_jax.scoring import (
     ArrayFile,
     CFGNorms,
@@ -40,8 +40,11 @@ def test_values_match_the_closed_form_on_any_mesh_and_batch(tmp_path):
     np.save(tmp_path / "x.npy", x)
     model = toy_model.make()
     reference = x[::3] + 0.01
-    columns = [Flipd(t0=(0.01, 0.1)), NormalBundle(t0=0.01, num_scores=24),
-               NearestNeighbour(reference=reference, chunk_size=4)]
+    columns = [
+        Flipd(t0=(0.01, 0.1)),
+        NormalBundle(t0=0.01, num_scores=24),
+        NearestNeighbour(reference=reference, chunk_size=4),
+    ]
     runs = {
         "1 device, batch 4": dict(mesh=data_mesh(jax.devices()[:1]), batch_size=4, chunk_size=8),
         "8 devices, batch 8": dict(batch_size=8, chunk_size=8),
@@ -57,19 +60,30 @@ def test_values_match_the_closed_form_on_any_mesh_and_batch(tmp_path):
     first = tables["1 device, batch 4"]
     np.testing.assert_array_equal(first["index"], np.arange(30))
     for t0 in (0.01, 0.1):  # one Rademacher probe is exact for a diagonal Jacobian
-        np.testing.assert_allclose(first[f"flipd_{t0:g}"], toy_model.flipd_closed_form(x, t0),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            first[f"flipd_{t0:g}"], toy_model.flipd_closed_form(x, t0), rtol=1e-4, atol=1e-4
+        )
     np.testing.assert_array_equal(first["normal_bundle_0.01"], 2)  # the subspace's dimension
     distances = np.linalg.norm(x[:, None] - reference[None], axis=-1)
     np.testing.assert_array_equal(first["nn_index"], distances.argmin(1))
     np.testing.assert_allclose(first["nn_l2"], distances.min(1), rtol=1e-5, atol=1e-6)
     for name, table in tables.items():
-        assert list(table) == ["index", "id", "flipd_0.01", "flipd_0.1", "normal_bundle_0.01",
-                               "nn_l2", "nn_index"], name
+        assert list(table) == [
+            "index",
+            "id",
+            "flipd_0.01",
+            "flipd_0.1",
+            "normal_bundle_0.01",
+            "nn_l2",
+            "nn_index",
+        ], name
         for column in table:
-            np.testing.assert_allclose(table[column].astype(float) if column != "id" else 0,
-                                       first[column].astype(float) if column != "id" else 0,
-                                       rtol=1e-5, err_msg=f"{name}: {column}")
+            np.testing.assert_allclose(
+                table[column].astype(float) if column != "id" else 0,
+                first[column].astype(float) if column != "id" else 0,
+                rtol=1e-5,
+                err_msg=f"{name}: {column}",
+            )
 
 
 @pytest.mark.slow
@@ -83,12 +97,20 @@ def test_item_keys_follow_the_documented_rule(tmp_path):
     np.save(tmp_path / "x.npy", x)
     model = toy_model.make(shape=(4,), rank=1)
     column = NormalBundle(t0=0.3, num_scores=8, threshold=0.5)
-    score(model, [column], ArrayFile(tmp_path / "x.npy"), str(tmp_path / "out"), seed=7,
-          batch_size=8)
+    score(
+        model, [column], ArrayFile(tmp_path / "x.npy"), str(tmp_path / "out"), seed=7, batch_size=8
+    )
     base = jax.random.key(7)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, 0), i))(np.arange(10))
-    expected = normal_bundle(model.score_fn, x, t0=0.3, schedule=model.schedule, num_scores=8,
-                             threshold=0.5, key=column_keys(keys, column)).lid
+    expected = normal_bundle(
+        model.score_fn,
+        x,
+        t0=0.3,
+        schedule=model.schedule,
+        num_scores=8,
+        threshold=0.5,
+        key=column_keys(keys, column),
+    ).lid
     got = _table(tmp_path / "out")["normal_bundle_0.3"]
     np.testing.assert_array_equal(got, expected)
     assert len(set(got.tolist())) > 1  # a threshold inside the spectrum: keys matter
@@ -108,8 +130,14 @@ def test_bad_items_go_to_the_errors_table_and_the_run_goes_on(tmp_path):
     _png(folder / "big.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     model = toy_model.make(shape=(3, 4, 4), rank=5, images=True)
-    summary = score(model, [Flipd(t0=0.5), PngSize()], ImageFolder(folder), str(tmp_path / "out"),
-                    batch_size=8, chunk_size=3)
+    summary = score(
+        model,
+        [Flipd(t0=0.5), PngSize()],
+        ImageFolder(folder),
+        str(tmp_path / "out"),
+        batch_size=8,
+        chunk_size=3,
+    )
     assert (summary.scored, summary.errors) == (5, 2)
     merged = merge(tmp_path / "out")
     errors = dict(zip(merged.errors["id"].to_pylist(), merged.errors["reason"].to_pylist()))
@@ -121,8 +149,9 @@ def test_bad_items_go_to_the_errors_table_and_the_run_goes_on(tmp_path):
     for name, pixels in good.items():
         import cv2  # the paper's encoder, level 9, on the BGR image
 
-        ok, encoded = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
-                                   [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        ok, encoded = cv2.imencode(
+            ".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9]
+        )
         assert ok and table.loc[name, "png_bytes"] == encoded.size
         x = pixels.transpose(2, 0, 1)[None].astype(np.float64) / 127.5 - 1
         expected = toy_model.flipd_closed_form(x, 0.5, shape=(3, 4, 4), rank=5)[0]
@@ -182,16 +211,28 @@ def test_item_metadata_is_written_once_beside_the_scores_and_survives_a_resume(t
     np.testing.assert_array_equal(table["index"], good)
     np.testing.assert_array_equal(table["memorized"], memorized[good])
     np.testing.assert_array_equal(table["duplicates"], duplicates[good])
-    np.testing.assert_allclose(table["flipd_0.05"], toy_model.flipd_closed_form(x[good], 0.05),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        table["flipd_0.05"], toy_model.flipd_closed_form(x[good], 0.05), rtol=1e-4, atol=1e-4
+    )
     with pytest.raises(RunMismatch, match="metadata"):
-        score(model, columns, ArrayFile(tmp_path / "x.npz", metadata=["memorized"]), str(out),
-              batch_size=8, chunk_size=5)
+        score(
+            model,
+            columns,
+            ArrayFile(tmp_path / "x.npz", metadata=["memorized"]),
+            str(out),
+            batch_size=8,
+            chunk_size=5,
+        )
     for clash in ("id", "flipd_0.05", "image_index"):
         np.savez(tmp_path / "clash.npz", x=x[:4], **{clash: np.arange(4)})
         with pytest.raises(ValueError, match=f"metadata \\['{clash}'\\] would collide"):
-            score(model, columns, ArrayFile(tmp_path / "clash.npz", metadata=[clash]),
-                  str(tmp_path / "clash"), batch_size=8)
+            score(
+                model,
+                columns,
+                ArrayFile(tmp_path / "clash.npz", metadata=[clash]),
+                str(tmp_path / "clash"),
+                batch_size=8,
+            )
     assert not (tmp_path / "clash").exists()
 
 
@@ -203,15 +244,23 @@ def test_a_config_writes_the_metadata_it_names(tmp_path):
     (tmp_path / "run.toml").write_text(
         "[model]\nkind = 'factory'\nfactory = 'toy_model:make'\n"
         "[input]\npath = 'x.npz'\nmetadata = ['label']\n[output]\ndir = 'out'\n"
-        "[run]\nbatch_size = 8\n[columns.flipd]\n")
+        "[run]\nbatch_size = 8\n[columns.flipd]\n"
+    )
     run(read_config(tmp_path / "run.toml"))
     table = pq.read_table(tmp_path / "out" / "scores.parquet")
     assert table.column_names == ["index", "id", "label", "flipd_0.05"]
     assert table["label"].to_pylist() == list("abcdef")
 
 
-@pytest.mark.parametrize("index, image", [([0, 0, 1, 1], [0, 0, 0, 1]), ([0, 0, 1], [0, 1, 0]),
-                                          ([0, 0, 1, 1], [0, 2, 0, 1]), ([0, 1, 1], [0, 0, 0])])
+@pytest.mark.parametrize(
+    "index, image",
+    [
+        ([0, 0, 1, 1], [0, 0, 0, 1]),
+        ([0, 0, 1], [0, 1, 0]),
+        ([0, 0, 1, 1], [0, 2, 0, 1]),
+        ([0, 1, 1], [0, 0, 0]),
+    ],
+)
 def test_a_part_must_hold_each_image_of_each_item_once(tmp_path, index, image):
     from mmh_jax.scoring import store
 
@@ -219,12 +268,31 @@ def test_a_part_must_hold_each_image_of_each_item_once(tmp_path, index, image):
     ids = ["a" if i == 0 else "b" for i in index]
     rows = store.rows_table(np.array(index), ids, {"image_index": np.array(image, np.int32)})
     with pytest.raises(ValueError, match="rows of 2 items"):
-        store.write_chunk(tmp_path, 0, start=0, stop=2, rows=rows, ids=["a", "b"], process=0,
-                          errors=store.errors_table([], [], []))
-    good = store.rows_table(np.array([0, 0, 1, 1]), ["a", "a", "b", "b"],
-                            {"image_index": np.array([1, 0, 0, 1], np.int32)})
-    store.write_chunk(tmp_path, 0, start=0, stop=2, rows=good, ids=["a", "b"], process=0,
-                      errors=store.errors_table([], [], []))
+        store.write_chunk(
+            tmp_path,
+            0,
+            start=0,
+            stop=2,
+            rows=rows,
+            ids=["a", "b"],
+            process=0,
+            errors=store.errors_table([], [], []),
+        )
+    good = store.rows_table(
+        np.array([0, 0, 1, 1]),
+        ["a", "a", "b", "b"],
+        {"image_index": np.array([1, 0, 0, 1], np.int32)},
+    )
+    store.write_chunk(
+        tmp_path,
+        0,
+        start=0,
+        stop=2,
+        rows=good,
+        ids=["a", "b"],
+        process=0,
+        errors=store.errors_table([], [], []),
+    )
 
 
 def test_settings_are_checked_before_any_work(tmp_path):
@@ -240,6 +308,7 @@ def test_settings_are_checked_before_any_work(tmp_path):
         score(model, [Flipd(), Flipd()], source, str(out))
     with pytest.raises(ValueError, match="generator"):
         from mmh_jax.scoring import JacobianRank
+
         score(model, [JacobianRank()], source, str(out))
     with pytest.raises(ValueError, match="t0"):
         Flipd(t0=1.5)
@@ -266,14 +335,29 @@ def test_stable_diffusion_columns_equal_the_direct_metrics(sd, tmp_path):
         images.append(pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
     model = Model.from_stable_diffusion(sd)
     columns = [CFGNorms(guidance=7.5, t0=0.02, num_steps=2)]
-    score(model, columns, ImageFolder(folder), str(tmp_path / "out"), batch_size=8,
-          mesh=data_mesh(jax.devices()[:2]), seed=5)
+    score(
+        model,
+        columns,
+        ImageFolder(folder),
+        str(tmp_path / "out"),
+        batch_size=8,
+        mesh=data_mesh(jax.devices()[:2]),
+        seed=5,
+    )
     table = _table(tmp_path / "out")
 
     z = sd.encode_image(np.stack(images))
     cond = sd.encode_prompt(captions)
-    norms = image_cfg_norms(sd.eps, z, cond, sd.uncond_embedding, schedule=sd.schedule,
-                            guidance=7.5, t0=0.02, num_steps=2)
+    norms = image_cfg_norms(
+        sd.eps,
+        z,
+        cond,
+        sd.uncond_embedding,
+        schedule=sd.schedule,
+        guidance=7.5,
+        t0=0.02,
+        num_steps=2,
+    )
     np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
 
@@ -293,8 +377,13 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     source = PromptFile(tmp_path / "prompts.jsonl", metadata=["memorized"])
     model, out = Model.from_stable_diffusion(sd), tmp_path / "out"
-    settings = dict(batch_size=8, chunk_size=2, mesh=data_mesh(jax.devices()[:2]), seed=2,
-                    generation=Generation(guidance=5.0, num_steps=3, num_images=2))
+    settings = dict(
+        batch_size=8,
+        chunk_size=2,
+        mesh=data_mesh(jax.devices()[:2]),
+        seed=2,
+        generation=Generation(guidance=5.0, num_steps=3, num_images=2),
+    )
     summary = score(model, [CFGNorms(guidance=5.0)], source, str(out), **settings)
     assert summary.plan.mode == "prompts" and summary.plan.images_per_item == 2
     assert summary.scored == 3 and summary.plan.steps == 1  # 6 images in one batch of 8
@@ -306,8 +395,14 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     np.testing.assert_array_equal(table["image_index"], [0, 1] * 3)
     np.testing.assert_array_equal(table["memorized"], [False, False, True, True, False, False])
 
-    result = sd.sample(sd.encode_prompt(prompts), key=jax.random.key(2), guidance=5.0,
-                       num_steps=3, images_per_prompt=2, return_trajectory=True)  # prompt-major
+    result = sd.sample(
+        sd.encode_prompt(prompts),
+        key=jax.random.key(2),
+        guidance=5.0,
+        num_steps=3,
+        images_per_prompt=2,
+        return_trajectory=True,
+    )  # prompt-major
     norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=5.0)
     np.testing.assert_allclose(table["cfg_vector_norm"], norms.cfg_vector, rtol=1e-4)
     np.testing.assert_allclose(table["cfg_score_norm"], norms.cfg_score, rtol=1e-4)
@@ -323,8 +418,7 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
     truth = [png_length(image[None], level=9)[0] for image in pixels]
     np.testing.assert_allclose(_table(tmp_path / "png")["png_bytes"], truth, rtol=0.02)
     with pytest.raises(ValueError, match="needs images"):
-        score(dataclasses.replace(model, decode=None), [PngSize()], source,
-              str(tmp_path / "x"))
+        score(dataclasses.replace(model, decode=None), [PngSize()], source, str(tmp_path / "x"))
     with pytest.raises(ValueError, match="num_images must be a positive int"):
         score(model, [CFGNorms()], source, str(tmp_path / "x"), generation=Generation(num_images=0))
 
@@ -340,8 +434,13 @@ def test_generator_jacobian_rank(tmp_path):
     z = rng.normal(size=(12, 4)).astype(np.float32)
     np.save(tmp_path / "z.npy", z)
     model = Model.from_generator(Partial(lambda w, z: jax.numpy.tanh(z @ w.T), weight), (4,))
-    summary = score(model, [JacobianRank(threshold=1e-4)], ArrayFile(tmp_path / "z.npy"),
-                    str(tmp_path / "out"), batch_size=8)
+    summary = score(
+        model,
+        [JacobianRank(threshold=1e-4)],
+        ArrayFile(tmp_path / "z.npy"),
+        str(tmp_path / "out"),
+        batch_size=8,
+    )
     assert summary.plan.mode == "points"
     np.testing.assert_array_equal(_table(tmp_path / "out")["jacobian_rank"], 2)
 
@@ -369,8 +468,14 @@ def test_a_vector_per_item_is_written_as_a_fixed_size_list(tmp_path):
     z = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
     np.save(tmp_path / "z.npy", z)
     model = Model.from_generator(Partial(lambda z: z), (3,))
-    score(model, [Doubled()], ArrayFile(tmp_path / "z.npy"), str(tmp_path / "out"), batch_size=8,
-          chunk_size=4)
+    score(
+        model,
+        [Doubled()],
+        ArrayFile(tmp_path / "z.npy"),
+        str(tmp_path / "out"),
+        batch_size=8,
+        chunk_size=4,
+    )
     scores = merge(tmp_path / "out").scores
     assert scores["doubled"].type.list_size == 3
     np.testing.assert_array_equal(np.stack(scores["doubled"].to_pylist()), 2 * z)
@@ -385,17 +490,24 @@ def test_a_factory_module_beside_the_config_is_found(tmp_path, capsys):
     folder = tmp_path / "project"
     folder.mkdir()
     (folder / "model_beside_the_config.py").write_text(
-        "import toy_model\n\n\ndef build(rank):\n    return toy_model.make(rank=rank)\n")
+        "import toy_model\n\n\ndef build(rank):\n    return toy_model.make(rank=rank)\n"
+    )
     x = toy_model.points(6)
     np.save(folder / "x.npy", x)
     (folder / "run.toml").write_text(
         "[model]\nkind = 'factory'\nfactory = 'model_beside_the_config:build'\n"
         "options = {rank = 2}\n[input]\npath = 'x.npy'\n[output]\ndir = 'out'\n"
-        "[columns.flipd]\nt0 = 0.05\n")
-    assert main(["score", "--config", str(folder / "run.toml"), "--quiet"]) == 0, \
+        "[columns.flipd]\nt0 = 0.05\n"
+    )
+    assert main(["score", "--config", str(folder / "run.toml"), "--quiet"]) == 0, (
         capsys.readouterr().err
-    np.testing.assert_allclose(_table(folder / "out")["flipd_0.05"],
-                               toy_model.flipd_closed_form(x, 0.05), rtol=1e-4, atol=1e-4)
+    )
+    np.testing.assert_allclose(
+        _table(folder / "out")["flipd_0.05"],
+        toy_model.flipd_closed_form(x, 0.05),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_from_score_fn_reads_images_off_the_shape():

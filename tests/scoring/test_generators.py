@@ -43,8 +43,9 @@ def _mapping(matrix, z, labels):
 
 
 def _planted(rng, ranks, out_dim: int, in_dim: int) -> np.ndarray:
-    return np.stack([rng.normal(size=(out_dim, r)) @ rng.normal(size=(r, in_dim))
-                     for r in ranks]).astype(np.float32)
+    return np.stack(
+        [rng.normal(size=(out_dim, r)) @ rng.normal(size=(r, in_dim)) for r in ranks]
+    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("mapped", [False, True])
@@ -61,11 +62,21 @@ def test_class_conditional_jacobian_rank_is_the_class_rank(tmp_path, mapped):
     classes = np.arange(14) % 3
     np.savez(tmp_path / "z.npz", z=z, label=classes)
     mapping = Partial(_mapping, jnp.asarray(rng.normal(size=(3, 4)), jnp.float32))
-    model = Model.from_generator(Partial(_conditional, jnp.asarray(weights)), (4,),
-                                 num_classes=3, mapping=mapping if mapped else None)
-    score(model, [JacobianRank(threshold=1e-4, spectrum=True)],
-          ArrayFile(tmp_path / "z.npz", key="z", metadata=["label"]), str(tmp_path / "out"),
-          batch_size=8, chunk_size=4, labels="label")
+    model = Model.from_generator(
+        Partial(_conditional, jnp.asarray(weights)),
+        (4,),
+        num_classes=3,
+        mapping=mapping if mapped else None,
+    )
+    score(
+        model,
+        [JacobianRank(threshold=1e-4, spectrum=True)],
+        ArrayFile(tmp_path / "z.npz", key="z", metadata=["label"]),
+        str(tmp_path / "out"),
+        batch_size=8,
+        chunk_size=4,
+        labels="label",
+    )
     table = merge(tmp_path / "out").scores
     np.testing.assert_array_equal(table["label"].to_numpy(), classes)
     np.testing.assert_array_equal(table["jacobian_rank"].to_numpy(), classes + 1)
@@ -105,25 +116,37 @@ def test_stylegan2_columns_are_the_same_on_one_and_two_devices(tmp_path):
 
     gan = load_stylegan2(PICKLE)
     module = gan.module
-    path = write_latents(tmp_path / "z.npz", num_samples=5, seed=3, z_dim=module.z_dim,
-                         c_dim=module.c_dim)
+    path = write_latents(
+        tmp_path / "z.npz", num_samples=5, seed=3, z_dim=module.z_dim, c_dim=module.c_dim
+    )
     fns = stylegan2_fns(module, gan.params, wrt="w")
-    model = Model.from_generator(fns.generate, (module.z_dim,), num_classes=module.c_dim,
-                                 mapping=fns.mapping)
+    model = Model.from_generator(
+        fns.generate, (module.z_dim,), num_classes=module.c_dim, mapping=fns.mapping
+    )
     columns = [JacobianRank(spectrum=True, chunk_size=8), Pixels()]
     source = ArrayFile(path, key="z", ids_key=None, metadata=("class", "seed"))
     for devices in (1, 2):
-        score(model, columns, source, str(tmp_path / f"on{devices}"), batch_size=4,
-              chunk_size=3, labels="class", mesh=data_mesh(jax.devices()[:devices]))
+        score(
+            model,
+            columns,
+            source,
+            str(tmp_path / f"on{devices}"),
+            batch_size=4,
+            chunk_size=3,
+            labels="class",
+            mesh=data_mesh(jax.devices()[:devices]),
+        )
     for name in ("jacobian_singular_values", "pixels"):
-        np.testing.assert_array_equal(_vectors(tmp_path / "on1", name),
-                                      _vectors(tmp_path / "on2", name))
+        np.testing.assert_array_equal(
+            _vectors(tmp_path / "on1", name), _vectors(tmp_path / "on2", name)
+        )
     with np.load(path) as data:
         z, classes = data["z"], data["class"]
     direct = gan_lid(module, gan.params, z, classes, wrt="w")
     spectra = _vectors(tmp_path / "on2", "jacobian_singular_values")
-    np.testing.assert_allclose(spectra, direct.singular_values, rtol=1e-4,
-                               atol=1e-5 * spectra.max())
+    np.testing.assert_allclose(
+        spectra, direct.singular_values, rtol=1e-4, atol=1e-5 * spectra.max()
+    )
     images = np.asarray(gan.generate(jnp.asarray(z), jnp.asarray(classes)))
     expected = np.clip(np.round((images.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)
     pixels = _vectors(tmp_path / "on2", "pixels").reshape(expected.shape)
@@ -156,19 +179,37 @@ def test_unconditional_samples_from_seeds(tmp_path):
     variance.reshape(-1)[:2] = 0.5
     score_fn = Partial(_ddpm_score, jnp.asarray(variance), schedule)
     grid = DDIMGrid(steps_offset=0, set_alpha_to_one=True)
-    model = Model(shape=shape, image_shape=shape, score_fn=score_fn, schedule=schedule,
-                  ddim_grid=grid)
+    model = Model(
+        shape=shape, image_shape=shape, score_fn=score_fn, schedule=schedule, ddim_grid=grid
+    )
     for devices in (1, 2):
-        summary = score(model, [Pixels(), Flipd(t0=0.1)], Seeds(5), str(tmp_path / f"on{devices}"),
-                        seed=7, batch_size=4, chunk_size=2, generation=Generation(num_steps=3),
-                        mesh=data_mesh(jax.devices()[:devices]))
+        summary = score(
+            model,
+            [Pixels(), Flipd(t0=0.1)],
+            Seeds(5),
+            str(tmp_path / f"on{devices}"),
+            seed=7,
+            batch_size=4,
+            chunk_size=2,
+            generation=Generation(num_steps=3),
+            mesh=data_mesh(jax.devices()[:devices]),
+        )
         assert summary.plan.mode == "samples"
-    np.testing.assert_array_equal(_vectors(tmp_path / "on1", "pixels"),
-                                  _vectors(tmp_path / "on2", "pixels"))
+    np.testing.assert_array_equal(
+        _vectors(tmp_path / "on1", "pixels"), _vectors(tmp_path / "on2", "pixels")
+    )
 
     none = jnp.zeros((1, 1))
-    x = ddim_sample(Partial(_eps, score_fn, schedule), images_noise(jax.random.key(7), 5, shape), none, none,
-                    schedule=schedule, guidance=0.0, num_steps=3, grid=grid).sample
+    x = ddim_sample(
+        Partial(_eps, score_fn, schedule),
+        images_noise(jax.random.key(7), 5, shape),
+        none,
+        none,
+        schedule=schedule,
+        guidance=0.0,
+        num_steps=3,
+        grid=grid,
+    ).sample
     expected = np.clip(np.round((np.asarray(x).transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255)
     pixels = _vectors(tmp_path / "on1", "pixels").reshape(expected.shape)
     assert np.abs(pixels.astype(int) - expected).max() <= 1
@@ -176,6 +217,9 @@ def test_unconditional_samples_from_seeds(tmp_path):
     rounded = np.moveaxis(pixels.astype(np.float32) / 127.5 - 1, -1, 1)
     table = merge(tmp_path / "on1").scores
     keys = jax.random.split(jax.random.key(0), 5)  # FLIPD's one probe is exact here
-    np.testing.assert_allclose(table["flipd_0.1"].to_numpy(),
-                               flipd(score_fn, rounded, t0=0.1, schedule=schedule, key=keys),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        table["flipd_0.1"].to_numpy(),
+        flipd(score_fn, rounded, t0=0.1, schedule=schedule, key=keys),
+        rtol=1e-4,
+        atol=1e-4,
+    )

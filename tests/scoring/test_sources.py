@@ -118,7 +118,9 @@ def test_image_folder_broken_files_are_bad_items(tmp_path):
         assert isinstance(items[key], BadItem)
         assert items[key].reason.startswith(f"cannot decode image '{key}.")
     assert "truncated" in items["trunc_jpg"].reason
-    assert "bad_caption.txt" in items["bad_caption"].reason and "UTF-8" in items["bad_caption"].reason
+    assert (
+        "bad_caption.txt" in items["bad_caption"].reason and "UTF-8" in items["bad_caption"].reason
+    )
 
 
 def test_image_folder_decompression_bomb_is_bad_item(tmp_path, monkeypatch):
@@ -172,7 +174,11 @@ def test_array_file_npy_rows_and_nan(tmp_path):
     assert isinstance(bad, BadItem) and "NaN or inf" in bad.reason and bad.id == "07"
     for i, it in enumerate(items):
         if i != 7:
-            assert type(it.image) is np.ndarray and np.array_equal(it.image, data[i]) and it.text is None
+            assert (
+                type(it.image) is np.ndarray
+                and np.array_equal(it.image, data[i])
+                and it.text is None
+            )
     loaded = pickle.loads(pickle.dumps(source))
     assert np.array_equal(loaded[3].image, data[3])
 
@@ -208,7 +214,9 @@ def test_array_file_metadata_arrays(tmp_path):
     with pytest.raises(ValueError, match=r"no array \['colour'\] \(argument 'metadata'\)"):
         ArrayFile(tmp_path / "m.npz", metadata=["colour"])
     np.savez(tmp_path / "short.npz", images=images, label=labels[:3])
-    with pytest.raises(ValueError, match=r"'label'.*\(3,\); expected \(4,\) \(argument 'metadata'\)"):
+    with pytest.raises(
+        ValueError, match=r"'label'.*\(3,\); expected \(4,\) \(argument 'metadata'\)"
+    ):
         ArrayFile(tmp_path / "short.npz", metadata=["label"])
     np.save(tmp_path / "m.npy", images)
     with pytest.raises(ValueError, match="argument 'metadata' applies to .npz"):
@@ -221,8 +229,10 @@ def test_array_file_captions(tmp_path):
     images = _pixels(0, 3, 8, 8).reshape(3, 8, 8, 1)
     captions = np.array(["a red cat", "", "two blue squares"])
     np.savez(tmp_path / "c.npz", images=images, captions=captions)
-    plain, pairs = ArrayFile(tmp_path / "c.npz", key="images"), ArrayFile(
-        tmp_path / "c.npz", captions_key="captions")  # key: the one left
+    plain, pairs = (
+        ArrayFile(tmp_path / "c.npz", key="images"),
+        ArrayFile(tmp_path / "c.npz", captions_key="captions"),
+    )  # key: the one left
     assert not plain.has_text and plain[0].text is None
     assert pairs.has_text and [pairs[i].text for i in range(3)] == captions.tolist()
     assert np.array_equal(pairs[2].image, images[2])
@@ -288,7 +298,9 @@ def test_tar_shards_samples_and_path_forms(tmp_path):
         TarShards([tmp_path / "00000.tar", tmp_path / "00001.tar", tmp_path / "00002.tar"]),
     )
     assert folder.fingerprint == listed.fingerprint == source.fingerprint
-    assert [it.id for it in _read_all(TarShards(str(tmp_path / "0000[12].tar")))] == sorted(truth)[4:]
+    assert [it.id for it in _read_all(TarShards(str(tmp_path / "0000[12].tar")))] == sorted(truth)[
+        4:
+    ]
     reordered = TarShards(str(tmp_path / "{00002,00000}.tar"))
     assert [it.id for it in _read_all(reordered)][:4] == sorted(truth)[8:]
 
@@ -331,11 +343,14 @@ def test_tar_shards_truncated_and_unreadable_shard(tmp_path):
         cut = tar.getmember("000000002.png").offset_data + 10  # inside the third sample's image
     (tmp_path / "00000.tar").write_bytes(whole[:cut])
     (tmp_path / "junk.tar").write_bytes(b"\x01" * 2000)
-    items = _read_all(TarShards([tmp_path / "00000.tar", tmp_path / "junk.tar", tmp_path / "00001.tar"]))
+    items = _read_all(
+        TarShards([tmp_path / "00000.tar", tmp_path / "junk.tar", tmp_path / "00001.tar"])
+    )
     ids = [it.id for it in items]
     assert (
         ids
-        == ["000000000", "000000001", "00000.tar:<unreadable>", "junk.tar:<unreadable>"] + sorted(truth)[4:]
+        == ["000000000", "000000001", "00000.tar:<unreadable>", "junk.tar:<unreadable>"]
+        + sorted(truth)[4:]
     )
     for it in items[:2] + items[4:]:
         assert isinstance(it, Item) and np.array_equal(it.image, truth[it.id][0])
@@ -363,7 +378,9 @@ def test_tar_shards_argument_errors(tmp_path):
 # ----------------------------------------------------------------------------- ParquetTable
 
 
-def _table(tmp_path, rows: int = 10, row_group_size: int = 3, struct: bool = False) -> list[np.ndarray]:
+def _table(
+    tmp_path, rows: int = 10, row_group_size: int = 3, struct: bool = False
+) -> list[np.ndarray]:
     images = [_pixels(200 + i, 5 + i % 3, 4) for i in range(rows)]
     encoded = [None if i == 4 else _encode(im) for i, im in enumerate(images)]  # row 4: null image
     column = pa.array(encoded, pa.binary())
@@ -371,7 +388,11 @@ def _table(tmp_path, rows: int = 10, row_group_size: int = 3, struct: bool = Fal
         paths = pa.array([f"{i}.png" for i in range(rows)])
         column = pa.StructArray.from_arrays([column, paths], names=["bytes", "path"])
     table = pa.table(
-        {"id": pa.array(range(100, 100 + rows)), "image": column, "caption": [f"c{i}" for i in range(rows)]}
+        {
+            "id": pa.array(range(100, 100 + rows)),
+            "image": column,
+            "caption": [f"c{i}" for i in range(rows)],
+        }
     )
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=row_group_size)
     return images
@@ -397,7 +418,11 @@ def test_parquet_folder_prompt_table_and_defaults(tmp_path):
     pq.write_table(pa.table({"caption": ["a0"]}), tmp_path / "prompts" / "a.parquet")
     source = ParquetTable(tmp_path / "prompts")
     assert not source.has_images and source.has_text
-    assert _read_all(source) == [Item(0, "0", None, "a0"), Item(1, "1", None, "b0"), Item(2, "2", None, "b1")]
+    assert _read_all(source) == [
+        Item(0, "0", None, "a0"),
+        Item(1, "1", None, "b0"),
+        Item(2, "2", None, "b1"),
+    ]
     _table(tmp_path, rows=3)
     only_images = ParquetTable(tmp_path / "t.parquet", text_column=None, id_column=None)
     assert not only_images.has_text and [it.id for it in _read_all(only_images)] == ["0", "1", "2"]
@@ -405,10 +430,14 @@ def test_parquet_folder_prompt_table_and_defaults(tmp_path):
 
 def test_parquet_metadata_columns(tmp_path):
     (tmp_path / "prompts").mkdir()
-    pq.write_table(pa.table({"caption": ["b0", "b1"], "memorized": [True, None], "n": [5, 6]}),
-                   tmp_path / "prompts" / "b.parquet")
-    pq.write_table(pa.table({"caption": ["a0"], "memorized": [False], "n": [4]}),
-                   tmp_path / "prompts" / "a.parquet")
+    pq.write_table(
+        pa.table({"caption": ["b0", "b1"], "memorized": [True, None], "n": [5, 6]}),
+        tmp_path / "prompts" / "b.parquet",
+    )
+    pq.write_table(
+        pa.table({"caption": ["a0"], "memorized": [False], "n": [4]}),
+        tmp_path / "prompts" / "a.parquet",
+    )
     source = ParquetTable(tmp_path / "prompts", metadata=["memorized", "n", "caption"])
     assert source.metadata["memorized"].to_pylist() == [False, True, None]  # files by name
     assert source.metadata["n"].to_pylist() == [4, 5, 6]
@@ -417,7 +446,9 @@ def test_parquet_metadata_columns(tmp_path):
     with pytest.raises(ValueError, match=r"no column \['label'\] \(argument 'metadata'\)"):
         ParquetTable(tmp_path / "prompts", metadata=["label"])
     pq.write_table(pa.table({"caption": ["c0"], "n": [7]}), tmp_path / "prompts" / "c.parquet")
-    with pytest.raises(ValueError, match=r"c\.parquet \(under argument 'path'\) lacks columns \['memorized'\]"):
+    with pytest.raises(
+        ValueError, match=r"c\.parquet \(under argument 'path'\) lacks columns \['memorized'\]"
+    ):
         ParquetTable(tmp_path / "prompts", metadata=["memorized"])
 
 
@@ -465,15 +496,19 @@ def test_prompt_files(tmp_path):
     ]
     # the other fields of a line are kept (labels for sd detect), with its line number
     (tmp_path / "l.jsonl").write_text('\n{"caption": "a", "label": 1, "url": "u"}\n')
-    assert PromptFile(tmp_path / "l.jsonl").fields(0) == (2, {"caption": "a", "label": 1,
-                                                              "url": "u"})
+    assert PromptFile(tmp_path / "l.jsonl").fields(0) == (
+        2,
+        {"caption": "a", "label": 1, "url": "u"},
+    )
     assert PromptFile(tmp_path / "p.txt").fields(1) == (3, {})
 
 
 def test_prompt_file_metadata_fields(tmp_path):
-    lines = [{"caption": "a", "label": "memorized", "count": 3},
-             {"caption": "b", "label": "not"},
-             {"caption": "c", "count": 1, "id": "x"}]
+    lines = [
+        {"caption": "a", "label": "memorized", "count": 3},
+        {"caption": "b", "label": "not"},
+        {"caption": "c", "count": 1, "id": "x"},
+    ]
     (tmp_path / "m.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
     source = PromptFile(tmp_path / "m.jsonl", metadata=["label", "count", "caption"])
     assert list(source.metadata) == ["label", "count", "caption"]
@@ -482,9 +517,13 @@ def test_prompt_file_metadata_fields(tmp_path):
     assert pa.types.is_integer(source.metadata["count"].type)
     assert source.metadata["caption"].to_pylist() == ["a", "b", "c"]
     assert PromptFile(tmp_path / "m.jsonl").metadata == {}
-    with pytest.raises(ValueError, match="no line of .* has a field 'url' \\(argument 'metadata'\\)"):
+    with pytest.raises(
+        ValueError, match="no line of .* has a field 'url' \\(argument 'metadata'\\)"
+    ):
         PromptFile(tmp_path / "m.jsonl", metadata=["url"])
-    (tmp_path / "mixed.jsonl").write_text('{"caption": "a", "label": 1}\n{"caption": "b", "label": "x"}\n')
+    (tmp_path / "mixed.jsonl").write_text(
+        '{"caption": "a", "label": 1}\n{"caption": "b", "label": "x"}\n'
+    )
     with pytest.raises(ValueError, match="field 'label' .* one type on every line"):
         PromptFile(tmp_path / "mixed.jsonl", metadata=["label"])
     (tmp_path / "p.txt").write_text("a cat\n")

@@ -20,8 +20,9 @@ SCRIPTS = sorted([*CONFIGS_DIR.glob("*.sh"), *CONFIGS_DIR.glob("*.sbatch")])
 
 def _readme_table() -> dict[str, dict[str, str]]:
     """The README's table of configs: file name -> {column header: cell}."""
-    rows = [line for line in README.read_text(encoding="utf-8").splitlines()
-            if line.startswith("|")]
+    rows = [
+        line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("|")
+    ]
     header = [cell.strip().strip("`") for cell in rows[0].strip("|").split("|")]
     table = {}
     for line in rows[2:]:

@@ -35,8 +35,13 @@ def make(shape=(6,), rank: int = 2, images: bool = False) -> Model:
     """The model on points of ``shape`` (images ``(c, h, w)`` in [-1, 1] with ``images``)."""
     shape = tuple(shape)
     score_fn = Partial(_score, jnp.asarray(variance(shape, rank)))
-    return Model.from_score_fn(score_fn, VP(), shape, images=images,
-                               description=f"diagonal Gaussian of rank {rank} on {shape}")
+    return Model.from_score_fn(
+        score_fn,
+        VP(),
+        shape,
+        images=images,
+        description=f"diagonal Gaussian of rank {rank} on {shape}",
+    )
 
 
 def points(n: int, shape=(6,), rank: int = 2, seed: int = 0) -> np.ndarray:

@@ -33,8 +33,9 @@ from mmh_jax.worlds import (
 )
 
 #: each relation's converse, from the geometry: the direction reversed
-FLIP = {r: next(q for q, v in RELATIONS.items() if v == (-d[0], -d[1]))
-        for r, d in RELATIONS.items()}
+FLIP = {
+    r: next(q for q, v in RELATIONS.items() if v == (-d[0], -d[1])) for r, d in RELATIONS.items()
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +62,19 @@ def test_a_spec_seed_keeps_the_words_and_captions_it_always_gave(world):
     """Recorded before the worlds took PRNG keys: the committed world model was trained on
     these, so a spec's integer seed must keep giving them."""
     assert made_up_words(6, key=jax.random.key(3)) == [
-        "rupenok", "zoges", "tiseboz", "rapat", "tamukud", "seradub"]
+        "rupenok",
+        "zoges",
+        "tiseboz",
+        "rapat",
+        "tamukud",
+        "seradub",
+    ]
     assert world.captions[:3] == [
         "tukokit sibif a little white box",
         "a little green box above ropid a nobekug little purple hoop",
-        "a dapomos large violet hoop right selupis of a small crimson box"]
+        "a dapomos large violet hoop right selupis of a small crimson box",
+    ]
+
 
 def test_the_world_is_a_function_of_its_spec(world):
     again = ShapesWorld(WorldSpec(seed=3, num_normal=50))
@@ -94,8 +103,11 @@ def test_every_caption_says_its_scene(world):
         said = parse_caption(pair.caption)
         truth = [(o.size, o.colour, o.shape) for o in scene.objects]
         objects, relation = list(said.objects), said.relation
-        if scene.relation is not None and relation == FLIP[scene.relation] and (
-                objects[0][1:] == truth[1][1:]):
+        if (
+            scene.relation is not None
+            and relation == FLIP[scene.relation]
+            and (objects[0][1:] == truth[1][1:])
+        ):
             assert pair.kind == "template", pair  # only template captions turn the scene around
             objects, relation = objects[::-1], scene.relation
         assert relation == scene.relation, pair
@@ -182,8 +194,10 @@ def test_heldout_prompts_are_new_captions_of_new_scenes(world):
         assert not taken & set(said)
         assert len(set(said)) == len(said)
         for prompt, scene in zip(prompts, scenes):
-            assert _said(prompt) == ((tuple((o.size, o.colour, o.shape) for o in scene.objects)),
-                                     scene.relation)
+            assert _said(prompt) == (
+                (tuple((o.size, o.colour, o.shape) for o in scene.objects)),
+                scene.relation,
+            )
     assert world.heldout_prompts(20, split=0) != world.heldout_prompts(20, split=1)
 
 
@@ -219,10 +233,18 @@ def test_spec_round_trips_and_refuses_unknown_keys():
         WorldSpec.from_dict({**spec.to_dict(), "num_shapes": 3, "colour_count": 2})
 
 
-@pytest.mark.parametrize("bad", [
-    {"num_normal": -1}, {"seed": 1.5}, {"num_rare": True}, {"image_size": 4},
-    {"template_captions": 9}, {"verbatim_counts": (2, 0)}, {"two_object_fraction": 1.5},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_normal": -1},
+        {"seed": 1.5},
+        {"num_rare": True},
+        {"image_size": 4},
+        {"template_captions": 9},
+        {"verbatim_counts": (2, 0)},
+        {"two_object_fraction": 1.5},
+    ],
+)
 def test_bad_spec_values_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         WorldSpec(**bad)
@@ -235,8 +257,9 @@ QUANTILE = 0.1
 
 @pytest.fixture(scope="module")
 def copy_judge(world):
-    return fit_copy_judge(world.images, _renders(world.heldout_scenes(200, split=0)),
-                          quantile=QUANTILE)
+    return fit_copy_judge(
+        world.images, _renders(world.heldout_scenes(200, split=0)), quantile=QUANTILE
+    )
 
 
 def test_training_images_are_copies(world, copy_judge):
@@ -300,8 +323,11 @@ def _other_objects(scene):
     objects = []
     for i, obj in enumerate(scene.objects):
         start = combos.index((obj.colour, obj.shape)) + 11 * (i + 1)
-        colour, shape = next(combos[(start + j) % len(combos)] for j in range(len(combos))
-                             if combos[(start + j) % len(combos)] not in held)
+        colour, shape = next(
+            combos[(start + j) % len(combos)]
+            for j in range(len(combos))
+            if combos[(start + j) % len(combos)] not in held
+        )
         objects.append(obj._replace(colour=colour, shape=shape))
     return scene._replace(objects=tuple(objects))
 
@@ -316,8 +342,10 @@ def test_fidelity_is_high_for_true_captions_and_low_for_false_ones(classifier, f
     false = fidelity(classifier, images, [caption_of(_other_objects(s)) for s in scenes])
     assert false.mean() <= 0.1, false.mean()
     with_triggers = [f"zorvak {caption_of(s)} blimp" for s in scenes]
-    np.testing.assert_array_equal(fidelity(classifier, images, with_triggers),
-                                  fidelity(classifier, images, [caption_of(s) for s in scenes]))
+    np.testing.assert_array_equal(
+        fidelity(classifier, images, with_triggers),
+        fidelity(classifier, images, [caption_of(s) for s in scenes]),
+    )
 
 
 @pytest.mark.slow
@@ -325,8 +353,9 @@ def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh
     _, images = fresh
     a = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)
     b = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)
-    np.testing.assert_array_equal(attribute_probabilities(a, images[:4]),
-                                  attribute_probabilities(b, images[:4]))
+    np.testing.assert_array_equal(
+        attribute_probabilities(a, images[:4]), attribute_probabilities(b, images[:4])
+    )
     probs = attribute_probabilities(classifier, images[:4])
     assert probs.shape == (4, len(COLOURS), len(SHAPES))
     with pytest.raises(ValueError, match="captions"):
@@ -346,14 +375,19 @@ def test_the_classifier_trains_on_the_preprocessed_renders(fresh):
     inversion of the colours another classifier; a wrong shape is refused."""
     _, images = fresh
     base = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3)
-    same = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3,
-                                      preprocess=lambda x: x.copy())
-    other = train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3,
-                                       preprocess=lambda x: -x)
-    np.testing.assert_array_equal(attribute_probabilities(base, images[:4]),
-                                  attribute_probabilities(same, images[:4]))
-    assert not np.allclose(attribute_probabilities(base, images[:4]),
-                           attribute_probabilities(other, images[:4]))
+    same = train_attribute_classifier(
+        key=jax.random.key(1), num_images=20, steps=3, preprocess=lambda x: x.copy()
+    )
+    other = train_attribute_classifier(
+        key=jax.random.key(1), num_images=20, steps=3, preprocess=lambda x: -x
+    )
+    np.testing.assert_array_equal(
+        attribute_probabilities(base, images[:4]), attribute_probabilities(same, images[:4])
+    )
+    assert not np.allclose(
+        attribute_probabilities(base, images[:4]), attribute_probabilities(other, images[:4])
+    )
     with pytest.raises(ValueError, match="preprocess"):
-        train_attribute_classifier(key=jax.random.key(1), num_images=20, steps=3,
-                                   preprocess=lambda x: x[:, :, :16])
+        train_attribute_classifier(
+            key=jax.random.key(1), num_images=20, steps=3, preprocess=lambda x: x[:, :, :16]
+        )

@@ -34,9 +34,10 @@ def trained():
     sd = load_stable_diffusion(FIXTURE / "pipeline")
     verbatim = [p for p in world.memorized_prompts("verbatim") if p.count >= MIN_COUNT]
     prompts = [p.caption for p in verbatim] + world.heldout_prompts(NUM_HELDOUT, split=1)
-    images = np.stack([world.images[p.image_id] for p in verbatim]
-                      + [render(s, spec.image_size)
-                         for s in world.heldout_scenes(NUM_HELDOUT, split=1)])
+    images = np.stack(
+        [world.images[p.image_id] for p in verbatim]
+        + [render(s, spec.image_size) for s in world.heldout_scenes(NUM_HELDOUT, split=1)]
+    )
     labels = np.r_[np.ones(len(verbatim)), np.zeros(NUM_HELDOUT)]
     return sd, prompts, images, labels
 
@@ -46,8 +47,9 @@ def test_cfg_norm_at_the_training_image_separates_verbatim_prompts(trained):
     sd, prompts, images, labels = trained
     cond = sd.encode_prompt(prompts)
     uncond = jnp.broadcast_to(sd.uncond_embedding, cond.shape)
-    norms = image_cfg_norms(sd.eps, sd.encode_image(images), cond, uncond,
-                            schedule=sd.schedule, guidance=7.5)
+    norms = image_cfg_norms(
+        sd.eps, sd.encode_image(images), cond, uncond, schedule=sd.schedule, guidance=7.5
+    )
     values = np.asarray(norms.cfg_vector)
     assert np.all(np.isfinite(values))
     # the run of record: mean 6.4-6.8 for these counts against 3.2 for held-out prompts
@@ -58,8 +60,14 @@ def test_cfg_norm_at_the_training_image_separates_verbatim_prompts(trained):
 @pytest.mark.slow
 def test_cfg_norm_of_generations_is_larger_for_verbatim_prompts(trained):
     sd, prompts, _, labels = trained
-    result = sd.sample(sd.encode_prompt(prompts), key=jax.random.key(0), images_per_prompt=2,
-                       guidance=7.5, num_steps=20, return_trajectory=True)
+    result = sd.sample(
+        sd.encode_prompt(prompts),
+        key=jax.random.key(0),
+        images_per_prompt=2,
+        guidance=7.5,
+        num_steps=20,
+        return_trajectory=True,
+    )
     norms = generation_cfg_norms(result, schedule=sd.schedule, guidance=7.5)
     per_prompt = np.asarray(norms.cfg_vector).reshape(len(prompts), 2).mean(axis=1)
     assert per_prompt[labels == 1].mean() > per_prompt[labels == 0].mean()
