@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import tempfile
@@ -39,6 +40,7 @@ __all__ = [
     "atomic_path",
     "write_csv",
     "write_parquet",
+    "host_stage",
     "save_figure",
     "make_progress",
     "output_console",
@@ -179,21 +181,66 @@ def write_csv(table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.
     return Path(target)
 
 
-def write_parquet(
-    table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.PathLike
-) -> Path:
-    """Write a column table as Parquet atomically (needs ``pyarrow``)."""
+def _arrow_table(table: Mapping[str, Sequence[Any] | np.ndarray]) -> Any:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     names, _ = _columns(table)
     arrays = {}
     for c in names:
         col = np.asarray(table[c])
         arrays[c] = pa.array(col.tolist() if col.dtype.kind in "OUS" else col)
+    return pa.table(arrays)
+
+
+def write_parquet(
+    table: Mapping[str, Sequence[Any] | np.ndarray], target: str | os.PathLike
+) -> Path:
+    """Write a column table as Parquet atomically (needs ``pyarrow``)."""
+    import pyarrow.parquet as pq
+
     with atomic_path(target) as tmp:
-        pq.write_table(pa.table(arrays), tmp)
+        pq.write_table(_arrow_table(table), tmp)
     return Path(target)
+
+
+_STAGE_RECORD = b"mmh_jax.host_stage"
+
+
+def host_stage(
+    target: str | os.PathLike,
+    record: Mapping[str, Any],
+    make: Callable[[], Mapping[str, Sequence[Any] | np.ndarray]],
+    *,
+    what: str,
+) -> Any:
+    """A recipe's stage that runs on the host (new prompts, a guarded sampler's table): the
+    Parquet table ``target``, made by ``make()`` and written atomically with ``record`` (JSON)
+    in its metadata, or, when it exists with the same record, read back without calling
+    ``make`` (a rerun does not redo the stage). Returns the ``pyarrow.Table``.
+
+    Raises:
+        DemoInputError: ``target`` holds a table of another record (the differing keys are
+            named; ``what`` says what the table holds).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(target)
+    wanted = json.loads(json.dumps(record))  # compared as JSON reads it back
+    if path.is_file():
+        old = json.loads((pq.read_schema(path).metadata or {}).get(_STAGE_RECORD, b"{}"))
+        if old == wanted:
+            return pq.read_table(path)
+        keys = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        raise DemoInputError(
+            f"{str(path)!r} holds {what} of other inputs or settings "
+            f"({', '.join(keys) or 'unreadable record'} differ); choose another --out"
+        )
+    table = _arrow_table(make()).replace_schema_metadata(
+        {_STAGE_RECORD: json.dumps(wanted, sort_keys=True)}
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return table
 
 
 def save_figure(fig: Any, target: str | os.PathLike, *, dpi: int = 130) -> Path:

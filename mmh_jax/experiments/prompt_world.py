@@ -21,22 +21,29 @@ The recipe:
    prompts' own images with their captions, ``prompt_images.npz``); AUROC and TPR at 1% FPR
    with bootstrap CIs of prompt means, memorized vs held-out, per kind;
 4. **attribution** (Figures 7a, 11): for verbatim and template prompts the token attributions of
-   ``A^CFG``, ``A^sCFG`` and ``A^FLIPD``; how often the top-1 and top-3 tokens hold a trigger
-   word, against choosing tokens uniformly (``attribution.parquet``);
-5. **mitigation** (Figure 7c, Appendix D): verbatim prompts rephrased at the attributed tokens
-   (k = 1, 2, 4; the world's synonym table), at uniformly chosen tokens, by random token
-   addition and by embedding optimisation (:func:`mmh_jax.memorization.mitigate`
-   with the copy judge and the fidelity classifier as its two scorers); copy rate and fidelity
-   before and after (``mitigation.parquet``);
+   ``A^CFG``, ``A^sCFG`` and ``A^FLIPD`` (the verbatim ones from step 5's first stage, the
+   template ones by ``sd attribute``'s recipe in ``attribution_template/``); how often the top-1
+   and top-3 tokens hold a trigger word, against choosing tokens uniformly
+   (``attribution.parquet``);
+5. **mitigation** (Figure 7c, Appendix D): ``sd mitigate``'s recipe
+   (:func:`~mmh_jax.experiments.sd_mitigation.run_mitigate`, in ``mitigation/``) over the
+   verbatim prompts, with the copy judge and the fidelity classifier as its two scorers: the
+   prompts rephrased at the attributed tokens (k = 1, 2, 4; the world's synonym table), at
+   uniformly chosen tokens, by random token addition (the world's made-up words) and by
+   embedding optimisation; copy rate and fidelity before and after
+   (``mitigation/results.parquet``, its grids and trade-off figure);
 6. **the guarded sampler**: the CFG-norm threshold calibrated at ``target_fpr`` on a separate
    set of held-out prompts (from step 3), then :func:`~mmh_jax.memorization.guarded_generate`
    on the evaluation prompts with attribution-guided rephrasing (k = 1) as its mitigation:
-   realised FPR, detection rate, copy rate with and without the guard (``guard.parquet``).
+   realised FPR, detection rate, copy rate with and without the guard (``guard.parquet``). The
+   guard is a library call, not an engine column: it decides per prompt whether to sample
+   again, so its table is one host stage (:func:`~mmh_jax.experiments.common.host_stage`).
 
 Everything random is fixed by ``seed`` and the world's spec; the figures and ``summary.json``
-are read back from the Parquet files. The detection runs resume where a killed run stopped
-(exactly once, per chunk) and refuse an output folder holding other prompts or settings; the
-later stages' files are reused when they exist for the same settings (``settings.json``).
+are read back from the stages' results. Steps 3-5 are runs of the scoring engine: they resume
+where a killed run stopped (exactly once, per chunk) and refuse an output folder holding other
+prompts or settings; the guard's table is reused when it exists for the same settings and
+refused when it holds others.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     atomic_path,
     finite_float,
+    host_stage,
     make_progress,
     prepare_out_dir,
     require,
@@ -147,33 +155,6 @@ def specs(quick: bool, train_steps: int | None = None):
     if train_steps is not None:
         train = dataclasses.replace(train, steps=train_steps)
     return world, train
-
-
-# --- stage plumbing ----------------------------------------------------------------------------
-
-
-def _stage_done(out: Path, name: str, settings: dict) -> bool:
-    table, stamp = out / f"{name}.parquet", out / f".{name}.settings.json"
-    # compared as JSON reads them back (tuples become lists)
-    return (
-        table.is_file()
-        and stamp.is_file()
-        and json.loads(stamp.read_text()) == json.loads(json.dumps(settings))
-    )
-
-
-def _stage_write(out: Path, name: str, table: dict, settings: dict) -> Path:
-    path = write_parquet(table, out / f"{name}.parquet")
-    with atomic_path(out / f".{name}.settings.json") as tmp:
-        tmp.write_text(json.dumps(settings, sort_keys=True))
-    return path
-
-
-def _read(out: Path, name: str) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(out / f"{name}.parquet")
-    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
 class _Judges:
@@ -513,21 +494,149 @@ def _train(config: PromptWorldConfig, console: Console) -> Path:
             raise DemoInputError(str(err)) from None
 
 
+def _mitigation(pipeline: Path, prompts: _Prompts, judges: _Judges, world, rephraser, config):
+    """Steps 4 and 5: ``sd mitigate`` over the verbatim prompts (``mitigation/``, its engine
+    stages with the copy judge and the fidelity classifier as its scorers, every method and
+    metric) and ``sd attribute`` over the template prompts (``attribution_template/``); both
+    resume where a killed run stopped. Returns the mitigation's result and the template
+    prompts' attributions."""
+    from mmh_jax.experiments.sd_mitigation import (
+        AttributeConfig,
+        MitigateConfig,
+        Scorers,
+        run_attribute,
+        run_mitigate,
+    )
+    from mmh_jax.memorization import METHODS
+
+    out = config.out
+    files = {}
+    for kind in ("verbatim", "template"):
+        files[kind] = out / f"{kind}.jsonl"
+        with atomic_path(files[kind]) as tmp:
+            tmp.write_text(
+                "".join(
+                    json.dumps({"id": str(i), "caption": r["prompt"]}) + "\n"
+                    for i, r in enumerate(prompts.rows)
+                    if r["kind"] == kind
+                )
+            )
+    common = dict(
+        model=pipeline,
+        num_steps=config.num_steps,
+        guidance=config.guidance,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
+    quiet = Console(quiet=True)  # the demo prints its own tables
+    result, _, _ = run_mitigate(
+        MitigateConfig(
+            prompts=files["verbatim"],
+            out=out / "mitigation",
+            methods=METHODS,
+            metrics=_METRICS,
+            ks=config.ks,
+            repeats=config.repeats,
+            num_images=config.mitigation_images,
+            **common,
+        ),
+        console=quiet,
+        scorers=Scorers(
+            judges.copies,
+            judges.fidelity,
+            "the world's copy judge (1: a copy)",
+            "the world's fidelity classifier",
+        ),
+        rephraser=rephraser,
+        vocabulary=world.fresh_words,
+    )
+    template, _ = run_attribute(
+        AttributeConfig(
+            prompts=files["template"],
+            out=out / "attribution_template",
+            metrics=_METRICS,
+            **common,
+        ),
+        console=quiet,
+    )
+    return result, template
+
+
+def _guard(sd, means: dict, judges: _Judges, rephraser, config: PromptWorldConfig) -> dict:
+    """Step 6, the guarded sampler (a library call, :func:`~mmh_jax.memorization.guarded_generate`,
+    not a scoring column: it decides per prompt whether to sample again): its table of the
+    evaluation prompts, with the copy rates and fidelity the judges give."""
+    import jax
+
+    from mmh_jax.memorization import (
+        attribute_prompts,
+        calibrate_threshold,
+        choose_tokens,
+        guarded_generate,
+        selected_words,
+    )
+
+    key = jax.random.key(config.seed + 1)
+    kinds = np.asarray(means["kind"])
+    threshold = calibrate_threshold(
+        np.asarray(means["cfg_norm"])[kinds == "calibration"],
+        target_fpr=config.target_fpr,
+        higher_is_memorized=True,
+    )
+    chosen = [i for i, k in enumerate(kinds) if k != "calibration"]
+    texts = [str(means["prompt"][i]) for i in chosen]
+
+    def mitigate_one(prompt: str) -> str:
+        k = jax.random.fold_in(key, 20_000 + texts.index(prompt))
+        a = attribute_prompts(
+            sd,
+            prompt,
+            metrics=["cfg"],
+            key=k,
+            num_images=1,
+            num_steps=config.num_steps,
+            guidance=config.guidance,
+        )[0]
+        words = selected_words(a.tokens, choose_tokens(a.scores, k=1, key=k))
+        return rephraser(prompt, words)
+
+    report = guarded_generate(
+        sd,
+        texts,
+        key=jax.random.key(config.seed),
+        threshold=threshold,
+        mitigate=mitigate_one,
+        images_per_prompt=config.images_per_prompt,
+        guidance=config.guidance,
+        num_steps=config.num_steps,
+        batch_size=config.batch_size,
+    )
+    n_img = config.images_per_prompt
+    before = _images_u8(sd, report.initial_latents)
+    after = _images_u8(sd, report.latents)
+    return {
+        "prompt": np.asarray(texts),
+        "kind": kinds[chosen],
+        "signal": np.asarray([o.signal for o in report.outcomes]),
+        "threshold": np.full(len(texts), report.threshold),
+        "flagged": report.flagged,
+        "final_prompt": np.asarray([o.final_prompt for o in report.outcomes]),
+        "resampled": np.asarray([o.resampled for o in report.outcomes]),
+        "copy_rate_unguarded": judges.copies(before).reshape(-1, n_img).mean(1),
+        "copy_rate_guarded": judges.copies(after).reshape(-1, n_img).mean(1),
+        "fidelity_guarded": judges.fidelity(after, np.repeat(texts, n_img))
+        .reshape(-1, n_img)
+        .mean(1),
+    }
+
+
 def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     """Run the demo; returns the summary (also written to ``summary.json``)."""
     import jax
 
     from mmh_jax.memorization import (
-        METHODS,
-        MitigationConfig,
         SynonymRephraser,
-        attribute_prompts,
-        calibrate_threshold,
-        choose_tokens,
-        expected_rows,
-        guarded_generate,
-        mitigate,
-        selected_words,
     )
     from mmh_jax.models import load_stable_diffusion
     from mmh_jax.worlds import ShapesWorld, synonym_table
@@ -562,132 +671,27 @@ def run(config: PromptWorldConfig, *, console: Console | None = None) -> dict:
     timings["detection"] = time.perf_counter() - t
     reports = _detection_reports(means, config.seed)
 
-    key = jax.random.key(config.seed + 1)
     triggers_of = dict(zip(prompts.column("prompt"), prompts.column("triggers")))
     kind_of = dict(zip(prompts.column("prompt"), prompts.column("kind")))
-    verbatim = [r["prompt"] for r in prompts.rows if r["kind"] == "verbatim"]
-    template = [r["prompt"] for r in prompts.rows if r["kind"] == "template"]
     rephraser = SynonymRephraser(table=synonym_table(world), key=jax.random.key(config.seed))
 
     t = time.perf_counter()
-    if not _stage_done(out, "mitigation", settings):
-        with make_progress(console, enabled=config.progress) as bar:
-            study = MitigationConfig(
-                methods=METHODS,
-                metrics=_METRICS,
-                ks=config.ks,
-                repeats=config.repeats,
-                num_images=config.mitigation_images,
-                num_steps=config.num_steps,
-                guidance=config.guidance,
-                batch_size=config.batch_size,
-                vocabulary=tuple(world.fresh_words),
-            )
-            # generations: the original, then every (method, metric, k, repeat) row
-            total = len(verbatim) + expected_rows(len(verbatim), config=study)
-            task = bar.add_task(
-                "mitigation: attributing and rephrasing verbatim prompts", total=total
-            )
-            result = mitigate(
-                sd,
-                verbatim,
-                key=key,
-                config=study,
-                rephraser=rephraser,
-                similarity=judges.copies,
-                clip_scorer=judges.fidelity,
-                progress=lambda n: bar.advance(task, n),
-            )
-        rows = {k: np.asarray([r[k] for r in result.rows]) for k in result.rows[0]}
-        _stage_write(out, "mitigation", rows, settings)
-        originals = {k: np.asarray([r[k] for r in result.originals]) for k in result.originals[0]}
-        _stage_write(out, "mitigation_originals", originals, settings)
-        attribution = _attribution_rows(result.attributions, triggers_of, kind_of)
-        with make_progress(console, enabled=config.progress) as bar:
-            task = bar.add_task("attribution: template prompts", total=len(template))
-            extra = []
-            for i, prompt in enumerate(template):
-                extra += attribute_prompts(
-                    sd,
-                    prompt,
-                    metrics=_METRICS,
-                    key=jax.random.fold_in(key, 10_000 + i),
-                    num_steps=config.num_steps,
-                    guidance=config.guidance,
-                )
-                bar.advance(task)
-        more = _attribution_rows(extra, triggers_of, kind_of)
-        _stage_write(
-            out,
-            "attribution",
-            {k: np.asarray(v + more[k]) for k, v in attribution.items()},
-            settings,
-        )
+    mitigation, template = _mitigation(pipeline, prompts, judges, world, rephraser, config)
+    attribution = _attribution_rows([*mitigation.attributions, *template], triggers_of, kind_of)
+    write_parquet(attribution, out / "attribution.parquet")
     timings["attribution and mitigation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if not _stage_done(out, "guard", settings):
-        kinds = np.asarray(means["kind"])
-        threshold = calibrate_threshold(
-            np.asarray(means["cfg_norm"])[kinds == "calibration"],
-            target_fpr=config.target_fpr,
-            higher_is_memorized=True,
-        )
-        chosen = [i for i, k in enumerate(kinds) if k != "calibration"]
-        texts = [str(means["prompt"][i]) for i in chosen]
-
-        def mitigate_one(prompt: str) -> str:
-            k = jax.random.fold_in(key, 20_000 + texts.index(prompt))
-            a = attribute_prompts(
-                sd,
-                prompt,
-                metrics=["cfg"],
-                key=k,
-                num_images=1,
-                num_steps=config.num_steps,
-                guidance=config.guidance,
-            )[0]
-            words = selected_words(a.tokens, choose_tokens(a.scores, k=1, key=k))
-            return rephraser(prompt, words)
-
-        report = guarded_generate(
-            sd,
-            texts,
-            key=jax.random.key(config.seed),
-            threshold=threshold,
-            mitigate=mitigate_one,
-            images_per_prompt=config.images_per_prompt,
-            guidance=config.guidance,
-            num_steps=config.num_steps,
-            batch_size=config.batch_size,
-        )
-        n_img = config.images_per_prompt
-        before = _images_u8(sd, report.initial_latents)
-        after = _images_u8(sd, report.latents)
-        copy_before = judges.copies(before).reshape(-1, n_img).mean(1)
-        copy_after = judges.copies(after).reshape(-1, n_img).mean(1)
-        final_prompts = [o.final_prompt for o in report.outcomes]
-        fid_after = judges.fidelity(after, np.repeat(texts, n_img)).reshape(-1, n_img).mean(1)
-        _stage_write(
-            out,
-            "guard",
-            {
-                "prompt": np.asarray(texts),
-                "kind": kinds[chosen],
-                "signal": np.asarray([o.signal for o in report.outcomes]),
-                "threshold": np.full(len(texts), report.threshold),
-                "flagged": report.flagged,
-                "final_prompt": np.asarray(final_prompts),
-                "resampled": np.asarray([o.resampled for o in report.outcomes]),
-                "copy_rate_unguarded": copy_before,
-                "copy_rate_guarded": copy_after,
-                "fidelity_guarded": fid_after,
-            },
-            settings,
-        )
+    guard = host_stage(
+        out / "guard.parquet",
+        settings,
+        lambda: _guard(sd, means, judges, rephraser, config),
+        what="the guarded sampler's results",
+    )
     timings["guarded sampler"] = time.perf_counter() - t
 
-    summary = _summarise(out, means, reports, config, timings)
+    guard = {c: guard[c].to_numpy(zero_copy_only=False) for c in guard.column_names}
+    summary = _summarise(means, reports, attribution, mitigation, guard, config, timings)
     files = _figures(out, means, summary)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
@@ -709,7 +713,13 @@ def _binomial_ci(successes: float, n: int) -> tuple[float, float]:
 
 
 def _summarise(
-    out: Path, means: dict, reports: dict, config: PromptWorldConfig, timings: dict
+    means: dict,
+    reports: dict,
+    att: dict,
+    mitigation: Any,
+    guard: dict,
+    config: PromptWorldConfig,
+    timings: dict,
 ) -> dict:
     kind = np.asarray(means["kind"])
     summary: dict[str, Any] = {"quick": config.quick, "timings_s": timings}
@@ -746,7 +756,7 @@ def _summarise(
         }
         for c in np.unique(counts[kind == "verbatim"])
     }
-    att = _read(out, "attribution")
+    att = {k: np.asarray(v) for k, v in att.items()}
     summary["attribution"] = {}
     for metric in _METRICS:
         for group in ("verbatim", "template"):
@@ -762,7 +772,8 @@ def _summarise(
                 "top3_uniform": float(np.mean(att["top3_uniform"][keep])),
                 "n": n,
             }
-    mit, orig = _read(out, "mitigation"), _read(out, "mitigation_originals")
+    mit = {k: np.asarray([r[k] for r in mitigation.rows]) for k in mitigation.rows[0]}
+    orig = {k: np.asarray([r[k] for r in mitigation.originals]) for k in mitigation.originals[0]}
     summary["mitigation"] = {
         "unmitigated": {
             "copy_rate": float(np.mean(orig["similarity"])),
@@ -780,7 +791,6 @@ def _summarise(
                 "fidelity": float(np.mean(mit["clip_score"][keep])),
                 "changed": float(np.mean(mit["changed"][keep])),
             }
-    guard = _read(out, "guard")
     held = guard["kind"] == "heldout"
     memorized = np.isin(guard["kind"], _KINDS)
     summary["guard"] = {

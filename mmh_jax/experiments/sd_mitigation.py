@@ -1,9 +1,9 @@
 """The command-line recipes ``mmh-jax sd attribute`` and ``mmh-jax sd mitigate`` (paper,
 Section 4.2, Appendix D.2-D.5, Figures 7, 9, 10, 11): their configs and flags, and
 :func:`run_attribute` / :func:`run_mitigate`, which read a prompt file, load the model and the
-scorers, call :func:`mmh_jax.memorization.attribute_prompts` /
-:func:`mmh_jax.memorization.mitigate`, write the tables and draw the figures
-(:mod:`mmh_jax.experiments.mitigation_figures`).
+scorers, run their stages through :func:`mmh_jax.scoring.score` (the engine's token
+attributions, generations and scorer columns; resumable), write the tables and draw the
+figures (:mod:`mmh_jax.experiments.mitigation_figures`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
+    atomic_path,
     check_dtype,
     finite_float,
-    make_progress,
+    host_stage,
     prepare_out_dir,
     require,
     write_csv,
@@ -45,7 +46,6 @@ from mmh_jax.experiments.stable_diffusion import (
     Item,
     _open_prompt_file,
     load_pipeline,
-    read_prompt_file,
     read_reference_images,
 )
 from mmh_jax.memorization import (
@@ -55,8 +55,8 @@ from mmh_jax.memorization import (
     MitigationConfig,
     MitigationResult,
     PromptAttribution,
+    Rephraser,
     Similarity,
-    attribute_prompts,
     metric_label,
     summarise_mitigation,
 )
@@ -64,6 +64,7 @@ from mmh_jax.memorization import (
 __all__ = [
     "AttributeConfig",
     "MitigateConfig",
+    "Scorers",
     "add_attribute_arguments",
     "add_mitigate_arguments",
     "attribute_config_from_args",
@@ -96,6 +97,9 @@ class AttributeConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True
     figure: bool = True
+    batch_size: int = 1
+    chunk_size: int = 32
+    """Prompts per written chunk: the unit of resumption."""
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
@@ -116,6 +120,8 @@ class AttributeConfig:
             f"--num-images must be at least 1, got {self.num_images}",
         )
         require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.chunk_size >= 1, f"chunk_size must be at least 1, got {self.chunk_size}")
         _check_common(self)
 
 
@@ -158,12 +164,6 @@ class MitigateConfig:
             f"--methods must be among {', '.join(METHODS)}, got {list(self.methods)}",
         )
         require(len(set(self.methods)) == len(self.methods), "--methods lists a method twice")
-        require(
-            "embedding" not in self.methods or self.num_images == 1,
-            "--methods embedding takes --num-images 1 in `sd mitigate` (its engine stage "
-            "optimises each image's embedding on that image alone; "
-            "mmh_jax.memorization.mitigate optimises on several images jointly)",
-        )
         require(self.chunk_size >= 1, f"chunk_size must be at least 1, got {self.chunk_size}")
         require(
             bool(self.metrics)
@@ -285,7 +285,18 @@ def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.num_probes,
         help="Hutchinson probes of A^FLIPD (default %(default)s)",
     )
+    _batch_argument(parser, d, "prompts")
     _common_arguments(parser, d)
+
+
+def _batch_argument(parser: argparse.ArgumentParser, d: Any, what: str) -> None:
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=d.batch_size,
+        help=f"{what} sampled per compiled batch (default %(default)s)",
+    )
 
 
 def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -315,7 +326,8 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
         help="attribution (rephrase k tokens drawn from the attributions), "
         "uniform (k tokens drawn uniformly), rta (k random vocabulary words "
         "added), embedding (AdamW on the prompt embedding, one row per prompt "
-        "and metric; with --num-images 1) (default: the first three)",
+        "and metric; each image's embedding on its own trajectory) (default: the first "
+        "three)",
     )
     parser.add_argument(
         "--metric",
@@ -405,13 +417,7 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
         help="trajectories of the attributions (default: 4 for the CFG "
         "metrics, 1 for FLIPD, as the public code)",
     )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        default=d.batch_size,
-        help="new prompts sampled per compiled batch (default %(default)s)",
-    )
+    _batch_argument(parser, d, "new prompts")
     parser.add_argument(
         "--grid-k",
         type=int,
@@ -438,6 +444,7 @@ def attribute_config_from_args(args: argparse.Namespace) -> AttributeConfig:
         dtype=args.dtype,
         progress=not args.quiet,
         figure=not args.no_figure,
+        batch_size=args.batch_size,
     )
 
 
@@ -525,57 +532,73 @@ def _top_tokens(a: PromptAttribution, n: int = 3) -> str:
 
 
 def run_attribute(config: AttributeConfig, *, console: Console | None = None):
-    """``mmh-jax sd attribute``: token attributions of every prompt for every metric; returns
-    ``(attributions, files)``.
+    """``mmh-jax sd attribute``: token attributions of every prompt for every metric, as one run
+    of :func:`mmh_jax.scoring.score` (generations with their trajectories and
+    :class:`~mmh_jax.scoring.TokenAttributions` columns, in ``engine/``; a rerun resumes it);
+    returns ``(attributions, files)``.
 
     Writes ``attributions.parquet`` / ``.csv`` (one row per prompt x metric x token: ``id``,
     ``prompt``, ``metric``, ``value`` (``A(c)``), ``position``, ``token``, ``word``,
     ``score``, ``normalized``) and ``attributions.png`` (Figures 7a/11; ``attributions-N.png``
-    pages of 8 prompts for longer files).
+    pages of 8 prompts for longer files). A prompt's attribution for a metric is the mean over
+    the first images the metric uses (``--num-images``, else 4 for the CFG metrics and 1 for
+    FLIPD) of its images' attribution vectors.
 
     Raises:
-        DemoInputError: bad settings or input, an empty prompt, an unwritable output folder.
+        DemoInputError: bad settings or input, an empty prompt, an unwritable output folder, or
+            one holding a run of other prompts or settings.
     """
-    import jax
+    from mmh_jax import scoring
+    from mmh_jax.memorization import default_attribution_images
 
     config.validate()
-    items = (
-        read_prompt_file(config.prompts)
-        if config.prompts is not None
-        else [Item("prompt", config.prompt, -1)]
-    )
+    out = prepare_out_dir(config.out)
+    path = config.prompts
+    if path is None:
+        path = out / "prompt.jsonl"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"id": "prompt", "caption": config.prompt}) + "\n")
+    source, items = _open_prompt_file(path)
     for item in items:
         require(bool(item.caption.strip()), f"{item.id}: empty prompt, nothing to attribute")
-    out = prepare_out_dir(config.out)
     from mmh_jax.experiments.common import output_console
 
     console = console or output_console()
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
+    prompts = [item.caption for item in items]
+    tokens = _checked_tokens(sd, prompts, items, path, None)
+    model = scoring.Model.from_stable_diffusion(sd)
     load_s = time.perf_counter() - start
-    attributions: list[PromptAttribution] = []
-    ids: list[str] = []
     start = time.perf_counter()
-    with make_progress(err_console, enabled=config.progress) as progress:
-        task = progress.add_task("attributing", total=len(items))
-        for n, item in enumerate(items):
-            try:
-                found = attribute_prompts(
-                    sd,
-                    item.caption,
-                    metrics=config.metrics,
-                    key=jax.random.fold_in(jax.random.key(config.seed), n),
-                    num_images=config.num_images,
-                    num_steps=config.num_steps,
-                    guidance=config.guidance,
-                    num_probes=config.num_probes,
-                )
-            except ValueError as err:
-                raise DemoInputError(f"{item.id}: {err}") from None
-            attributions.extend(found)
-            ids.extend([item.id] * len(found))
-            progress.advance(task)
+    columns = [
+        scoring.TokenAttributions(metric=m, guidance=config.guidance, num_probes=config.num_probes)
+        for m in config.metrics
+    ]
+    images = max(config.num_images or default_attribution_images(m) for m in config.metrics)
+    generation = scoring.Generation(
+        guidance=config.guidance, num_steps=config.num_steps, num_images=images
+    )
+    engine = out / "engine"
+    _score(
+        engine,
+        source,
+        columns,
+        generation,
+        config,
+        {"model": str(config.model), "dtype": config.dtype},
+        err_console,
+        model,
+    )
+    attributions = _attributions(
+        scoring.merge(engine).scores,
+        prompts,
+        tokens,
+        metrics=config.metrics,
+        num_images=config.num_images,
+    )
+    ids = [item.id for item in items for _ in config.metrics]
     attribute_s = time.perf_counter() - start
     table = _attribution_table(attributions, ids)
     files = [
@@ -595,6 +618,20 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
         f"{', '.join(str(f) for f in files)}"
     )
     return attributions, files
+
+
+def _checked_tokens(
+    sd, prompts: Sequence[str], items: Sequence[Item], path: Path, settings: Any
+) -> list:
+    """:func:`~mmh_jax.memorization.check_prompt_tokens`, its errors naming ``FILE: prompt ID``."""
+    from mmh_jax.memorization import check_prompt_tokens
+
+    try:
+        return check_prompt_tokens(
+            sd, prompts, config=settings, names=[f"{path}: prompt {item.id}" for item in items]
+        )
+    except ValueError as err:
+        raise DemoInputError(str(err)) from None
 
 
 def _rephraser(config: MitigateConfig):
@@ -618,10 +655,13 @@ def _rephraser(config: MitigateConfig):
         raise DemoInputError(f"--rephraser chat: {err}") from None
 
 
-def _mitigation_config(config: MitigateConfig) -> MitigationConfig:
+def _mitigation_config(
+    config: MitigateConfig, vocabulary: Sequence[str] | None = None
+) -> MitigationConfig:
     """The library settings of the run (``ks`` only matter to the text methods)."""
     try:
         return MitigationConfig(
+            vocabulary=None if vocabulary is None else tuple(vocabulary),
             methods=config.methods,
             metrics=config.metrics,
             ks=config.ks,
@@ -654,9 +694,20 @@ def _load_sscd(path: Path) -> Similarity:
     raise DemoInputError(f"cannot load SSCD from {str(path)!r}: " + "; ".join(errors))
 
 
-def _scorers(
-    config: MitigateConfig, console: Console
-) -> tuple[Similarity | None, ClipScorer | None]:
+class Scorers(NamedTuple):
+    """The scorers of an ``sd mitigate`` run (:func:`run_mitigate`): a similarity of each
+    generated image to its reference (the copy measure) and a score of the image against the
+    original prompt (the fidelity measure), each ``None`` to skip it, with the labels that name
+    them in the run record. ``--sscd`` and ``--clip`` give SSCD and CLIP; code can give others
+    (``mmh-jax demo prompts`` gives its world's copy judge and attribute classifier)."""
+
+    similarity: Similarity | None
+    clip_score: ClipScorer | None
+    similarity_label: str
+    clip_label: str
+
+
+def _scorers(config: MitigateConfig, console: Console) -> Scorers:
     """The SSCD similarity and the CLIP score of ``--sscd`` and ``--clip`` (``None`` without)."""
     from jax.tree_util import Partial
 
@@ -672,7 +723,7 @@ def _scorers(
                 clip_scorer = Partial(clip_score, load_clip(config.clip))
     except (FileNotFoundError, ValueError) as err:
         raise DemoInputError(str(err)) from None
-    return similarity, clip_scorer
+    return Scorers(similarity, clip_scorer, str(config.sscd), str(config.clip))
 
 
 def _rows_table(rows: Sequence[dict]) -> dict:
@@ -692,7 +743,6 @@ _NEW_PROMPT_FIELDS = (
 )
 """The columns of ``new_prompts.parquet`` besides ``id`` and ``new_prompt``, carried by the
 ``mitigated`` stage into its Parquet."""
-_STAGE_KEY = b"mmh_jax.sd_mitigate"
 
 
 def _digest(arrays: Sequence[np.ndarray | None]) -> str:
@@ -761,10 +811,16 @@ def _per_item_means(scores, names: Sequence[str], *, images: int | None = None) 
 
 
 def _attributions(
-    scores, prompts: Sequence[str], tokens: Sequence[Any], settings: MitigationConfig
+    scores,
+    prompts: Sequence[str],
+    tokens: Sequence[Any],
+    *,
+    metrics: Sequence[str],
+    num_images: int | None,
 ) -> list[PromptAttribution]:
     """Per prompt and metric, the attribution of its tokens: the mean of its images' vectors
-    over the images the metric uses (prompt-major, as :func:`mitigate` returns them)."""
+    over the images the metric uses (``num_images``, else its default; prompt-major, as
+    :func:`mitigate` returns them)."""
     from mmh_jax.memorization import default_attribution_images
 
     index = scores["index"].to_numpy()
@@ -772,8 +828,8 @@ def _attributions(
     found = []
     for p, (prompt, pt) in enumerate(zip(prompts, tokens)):
         n_tokens = len(pt.tokens)
-        for m in settings.metrics:
-            n = settings.attribution_images or default_attribution_images(m)
+        for m in metrics:
+            n = num_images or default_attribution_images(m)
             rows = (index == p) & (image < n)
             vectors = np.stack(scores[f"attribution_{m}"].filter(rows).to_pylist())
             values = scores[f"attribution_value_{m}"].to_numpy()[rows]
@@ -790,42 +846,6 @@ def _attributions(
     return found
 
 
-def _new_prompt_table(path: Path, record: dict, make) -> None:
-    """``new_prompts.parquet``: made by ``make()`` and written atomically with ``record`` in its
-    metadata, or, when it exists with the same record, kept (a rerun does not rephrase again).
-
-    Raises:
-        DemoInputError: the file holds new prompts of other settings.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from mmh_jax._src.files import atomic_path
-
-    wanted = json.loads(json.dumps(record))
-    if path.is_file():
-        old = json.loads((pq.read_schema(path).metadata or {}).get(_STAGE_KEY, b"{}"))
-        if old == wanted:
-            return
-        keys = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-        raise DemoInputError(
-            f"{str(path)!r} holds new prompts of other inputs or settings "
-            f"({', '.join(keys) or 'unreadable record'} differ); choose "
-            "another --out"
-        )
-    rows = make()
-    table = pa.table(
-        {
-            "id": [r["id"] for r in rows],
-            "new_prompt": [r["new_prompt"] for r in rows],
-            **{name: [r[name] for r in rows] for name in _NEW_PROMPT_FIELDS},
-        }
-    )
-    table = table.replace_schema_metadata({_STAGE_KEY: json.dumps(wanted, sort_keys=True)})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
 def _read_png(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -833,7 +853,14 @@ def _read_png(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"), np.uint8)
 
 
-def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
+def run_mitigate(
+    config: MitigateConfig,
+    *,
+    console: Console | None = None,
+    scorers: Scorers | None = None,
+    rephraser: Rephraser | None = None,
+    vocabulary: Sequence[str] | None = None,
+):
     """``mmh-jax sd mitigate``: sample-time mitigation of a prompt file (paper, Section 4.2,
     Appendix D.3-D.5, Figures 7c, 9, 10), as four stages over :func:`mmh_jax.scoring.score`;
     returns ``(result, summary, files)`` (``result`` a
@@ -854,7 +881,18 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
        same scores, and ``A(c)`` before and after.
 
     Each stage resumes where a killed run stopped; a rerun with other prompts or settings is
-    refused. The tables and figures are then read from the stages' Parquet: ``results.parquet``
+    refused. With ``--num-images`` above 1, ``embedding`` optimises each image's embedding on
+    that image's own trajectory (:func:`~mmh_jax.memorization.mitigate` optimises one embedding
+    on all the images of a prompt jointly).
+
+    Args:
+        config: the settings (the command's flags).
+        console: where the tables go (default: standard output).
+        scorers: the similarity and fidelity scorers, instead of loading ``--sscd`` /
+            ``--clip``.
+        rephraser: the rephraser of the text methods, instead of ``--rephraser`` (recorded by
+            its type's name).
+        vocabulary: the words ``rta`` inserts, instead of the tokenizer's vocabulary. The tables and figures are then read from the stages' Parquet: ``results.parquet``
     / ``.csv`` (:attr:`~mmh_jax.memorization.MitigationResult.rows`), ``originals.csv``,
     ``summary.csv`` (:func:`~mmh_jax.memorization.summarise_mitigation`),
     ``attributions.csv`` (when ``attribution`` runs) and the figures ``grid.png`` (Figure 10;
@@ -870,7 +908,6 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
 
     from mmh_jax import scoring
     from mmh_jax.memorization import (
-        check_prompt_tokens,
         default_attribution_images,
         method_label,
         new_prompts,
@@ -879,7 +916,8 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
 
     config.validate()
     source, items = _open_prompt_file(config.prompts)
-    rephraser = _rephraser(config)  # a missing key fails here, before anything loads
+    rephraser_name = config.rephraser if rephraser is None else type(rephraser).__name__
+    rephraser = rephraser or _rephraser(config)  # a missing key fails here, before loading
     out = prepare_out_dir(config.out)
     from mmh_jax.experiments.common import output_console
 
@@ -887,18 +925,11 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     err_console = Console(stderr=True)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
-    settings = _mitigation_config(config)
+    settings = _mitigation_config(config, vocabulary)
     prompts = [item.caption for item in items]
-    try:
-        tokens = check_prompt_tokens(
-            sd,
-            prompts,
-            config=settings,
-            names=[f"{config.prompts}: prompt {item.id}" for item in items],
-        )
-    except ValueError as err:
-        raise DemoInputError(str(err)) from None
-    similarity, clip_scorer = _scorers(config, err_console)
+    tokens = _checked_tokens(sd, prompts, items, config.prompts, settings)
+    scorers = scorers or _scorers(config, err_console)
+    similarity, clip_scorer = scorers.similarity, scorers.clip_score
     references = (
         read_reference_images(config.reference_images, prompts)
         if config.reference_images is not None
@@ -907,17 +938,14 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     model = scoring.Model.from_stable_diffusion(sd)
     load_s = time.perf_counter() - start
     record = {"model": str(config.model), "dtype": config.dtype}
-    scorers = {
-        "similarity": f"{config.sscd} to {_digest(references)}",
-        "clip_score": str(config.clip),
-    }
+    labels = (f"{scorers.similarity_label} to {_digest(references)}", scorers.clip_label)
 
     def scorer_columns(reference, prompt) -> list:
         columns = []
         if similarity is not None:
-            columns.append(scoring.ImageSimilarity(similarity, reference, scorers["similarity"]))
+            columns.append(scoring.ImageSimilarity(similarity, reference, labels[0]))
         if clip_scorer is not None:
-            columns.append(scoring.ClipScore(clip_scorer, prompt, scorers["clip_score"]))
+            columns.append(scoring.ClipScore(clip_scorer, prompt, labels[1]))
         return columns
 
     # ---- stage 1: the original prompts
@@ -943,7 +971,17 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
     )
     _score(originals_dir, source, columns, generation, config, record, err_console, model)
     first = scoring.merge(originals_dir).scores
-    attributions = _attributions(first, prompts, tokens, settings) if attribution else []
+    attributions = (
+        _attributions(
+            first,
+            prompts,
+            tokens,
+            metrics=settings.metrics,
+            num_images=settings.attribution_images,
+        )
+        if attribution
+        else []
+    )
 
     # ---- stage 2: the new prompts (host, drawn from the seed)
     table = out / "new_prompts.parquet"
@@ -953,7 +991,7 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
         else settings.vocabulary
     )
 
-    def make() -> list[dict]:
+    def make() -> dict[str, list]:
         attr = {(a.prompt, a.metric): a.scores for a in attributions}
         rows = []
         key = jax.random.key(config.seed)
@@ -970,7 +1008,8 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
             ):
                 tag = f"{row['method']}-{row['metric']}" if row["metric"] else row["method"]
                 rows.append(dict(row, id=f"{item.id}/{tag}/k{row['k']}/r{row['repeat']}"))
-        return rows
+        names = ("id", "new_prompt", *_NEW_PROMPT_FIELDS)
+        return {name: [r[name] for r in rows] for name in names}
 
     stage_record = {
         "prompts": source.fingerprint,
@@ -981,11 +1020,14 @@ def run_mitigate(config: MitigateConfig, *, console: Console | None = None):
         "repeats": settings.repeats,
         "temperature": settings.temperature,
         "smoothing": settings.smoothing,
-        "rephraser": config.rephraser,
+        "rephraser": rephraser_name,
+        "vocabulary": (
+            None if settings.vocabulary is None else _digest([np.asarray(settings.vocabulary)])
+        ),
         **({"chat": [config.chat_url, config.chat_model]} if config.rephraser == "chat" else {}),
         "originals": json.loads((originals_dir / "run.json").read_text()),
     }
-    _new_prompt_table(table, stage_record, make)
+    host_stage(table, stage_record, make, what="new prompts")
 
     # ---- stage 3: the new prompts' images from the same noise
     new = (

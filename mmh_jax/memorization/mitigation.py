@@ -384,7 +384,11 @@ def _similarity_and_clip(
 
 
 def check_prompt_tokens(
-    sd: Any, prompts: Sequence[str], *, config: MitigationConfig, names: Sequence[str] | None = None
+    sd: Any,
+    prompts: Sequence[str],
+    *,
+    config: MitigationConfig | None,
+    names: Sequence[str] | None = None,
 ) -> list[Any]:
     """The tokens of every prompt, checked for :func:`mitigate` and :func:`new_prompts`: per
     prompt ``ids`` (``[1, max_length]``, padded), ``tokens`` (the raw CLIP BPE tokens, start,
@@ -393,7 +397,8 @@ def check_prompt_tokens(
     Args:
         sd: a :class:`~mmh_jax.models.stable_diffusion.StableDiffusion` (its tokenizer).
         prompts: the prompts.
-        config: the run's settings (its ``ks`` and methods).
+        config: the run's settings (its ``ks`` and methods); ``None``: no ``k`` to check
+            (attribution alone).
         names: how errors name each prompt (default ``prompts[i]``).
 
     Raises:
@@ -402,7 +407,7 @@ def check_prompt_tokens(
     """
     names = [f"prompts[{i}]" for i in range(len(prompts))] if names is None else list(names)
     tokens = [_prompt_tokens(sd, p, where=n) for p, n in zip(prompts, names)]
-    if any(m in config.methods for m in ("attribution", "uniform")):
+    if config is not None and any(m in config.methods for m in ("attribution", "uniform")):
         for name, p, pt in zip(names, prompts, tokens):
             too_big = [k for k in config.ks if k > len(pt.tokens)]
             if too_big:

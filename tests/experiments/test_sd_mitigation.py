@@ -112,7 +112,7 @@ def _clip_folder(root):
 
 
 @pytest.mark.slow
-def test_cli_attribute_writes_tables_and_figure(sd_folder, tmp_path):
+def test_cli_attribute_writes_tables_and_figure(sd_folder, sd, tmp_path):
     folder, _ = sd_folder
     out = tmp_path / "attr"
     assert (
@@ -142,6 +142,22 @@ def test_cli_attribute_writes_tables_and_figure(sd_folder, tmp_path):
     assert table["normalized"].max() == 1.0 and (table["id"] == "prompt").all()
     assert (out / "attributions.csv").is_file()
     assert (out / "attributions.png").stat().st_size > 2000
+    # truth: the library's attribution of the prompt from the run's noise (seed 0; A^CFG
+    # draws no probes)
+    import jax
+
+    from mmh_jax.memorization import attribute_prompts
+
+    (want,) = attribute_prompts(
+        _RunNoise(sd, jax.random.key(0)),
+        PROMPTS[0],
+        metrics=["cfg"],
+        key=jax.random.key(0),
+        num_images=1,
+        num_steps=STEPS,
+    )
+    np.testing.assert_allclose(table["score"], want.scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(table["value"], want.value, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -239,15 +255,16 @@ def _simple_scorers(calls):
     return similarity, clip_scorer
 
 
-def _staged(sd_folder, tmp_path, monkeypatch, out, calls=None, **changes):
+def _staged(sd_folder, tmp_path, out, calls=None, **changes):
     from mmh_jax.experiments import sd_mitigation
 
     folder, _ = sd_folder
     prompts = tmp_path / "prompts.txt"
     if not prompts.exists():
         prompts.write_text("\n".join(PROMPTS) + "\n")
-    scorers = _simple_scorers([] if calls is None else calls)
-    monkeypatch.setattr(sd_mitigation, "_scorers", lambda config, console: scorers)
+    scorers = sd_mitigation.Scorers(
+        *_simple_scorers([] if calls is None else calls), "pixels", "brightness"
+    )
     settings = dict(
         model=folder,
         prompts=prompts,
@@ -262,7 +279,7 @@ def _staged(sd_folder, tmp_path, monkeypatch, out, calls=None, **changes):
         seed=5,
     )
     config = sd_mitigation.MitigateConfig(**{**settings, **changes})
-    return sd_mitigation.run_mitigate(config)
+    return sd_mitigation.run_mitigate(config, scorers=scorers)
 
 
 @pytest.mark.slow
@@ -270,7 +287,7 @@ def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, m
     from mmh_jax import scoring
     from mmh_jax.experiments.common import DemoInputError
 
-    result, _, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "a")
+    result, _, _ = _staged(sd_folder, tmp_path, tmp_path / "a")
     whole = pd.read_parquet(tmp_path / "a" / "results.parquet")
     assert len(whole) == 2 * 2 * 2  # prompts x (uniform, rta) x repeats
     assert not whole.duplicated(["prompt_index", "method", "k", "repeat"]).any()
@@ -278,7 +295,7 @@ def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, m
     # a run killed in stage 1 and in stage 3 (in both, a chunk whose manifest was not yet
     # written), before the tables: the rerun scores only what is missing
     out = tmp_path / "b"
-    _staged(sd_folder, tmp_path, monkeypatch, out)
+    _staged(sd_folder, tmp_path, out)
     (out / "originals" / "manifest" / "chunk-00000000.json").unlink()
     (out / "mitigated" / "manifest" / "chunk-00000001.json").unlink()
     for name in ("results.parquet", "results.csv"):
@@ -292,20 +309,20 @@ def test_mitigate_resumes_without_losing_or_doubling_rows(sd_folder, tmp_path, m
         return summary
 
     monkeypatch.setattr(scoring, "score", counting)
-    _staged(sd_folder, tmp_path, monkeypatch, out)
+    _staged(sd_folder, tmp_path, out)
     assert scored == [2, 3]  # the originals' one chunk of 2 prompts, one of 3 new prompts
     again = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(again, whole)
 
     # another setting into the same folder is refused, naming what differs
     with pytest.raises(DemoInputError, match="new prompts of other inputs or settings.*ks"):
-        _staged(sd_folder, tmp_path, monkeypatch, out, ks=(2,))
+        _staged(sd_folder, tmp_path, out, ks=(2,))
     with pytest.raises(DemoInputError, match="other inputs or settings"):
-        _staged(sd_folder, tmp_path, monkeypatch, out, num_steps=STEPS + 1)
+        _staged(sd_folder, tmp_path, out, num_steps=STEPS + 1)
 
 
 @pytest.mark.slow
-def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_path, monkeypatch):
+def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_path):
     """Truth: the new prompt's image from StableDiffusion.sample with the run's seed (image j
     starts from the same noise as the original's), scored by the same numpy functions."""
     import jax
@@ -313,7 +330,7 @@ def test_mitigated_rows_equal_the_library_on_the_same_prompt(sd_folder, sd, tmp_
     from mmh_jax.evaluation import to_uint8_nhwc
 
     calls = []
-    result, _, _ = _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "c", calls)
+    result, _, _ = _staged(sd_folder, tmp_path, tmp_path / "c", calls)
     similarity, clip_scorer = _simple_scorers([])
 
     def image(prompt):
@@ -350,7 +367,7 @@ class _RunNoise:
 
 
 @pytest.mark.slow
-def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
+def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path):
     """Truth: mitigate() with the embedding method on the same noise (the CFG metrics draw no
     probes, so the optimisation is the same), scored by the same numpy functions."""
     import jax
@@ -359,7 +376,7 @@ def test_embedding_rows_equal_the_library(sd_folder, sd, tmp_path, monkeypatch):
 
     metrics = ("cfg_score",)
     result, summary, _ = _staged(
-        sd_folder, tmp_path, monkeypatch, tmp_path / "e", methods=("embedding",), metrics=metrics
+        sd_folder, tmp_path, tmp_path / "e", methods=("embedding",), metrics=metrics
     )
     similarity, clip_scorer = _simple_scorers([])
     truth = mitigate(
@@ -406,14 +423,14 @@ def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path,
     from mmh_jax.experiments.common import DemoInputError
 
     settings = dict(methods=("rta", "embedding"), metrics=("cfg_score",), repeats=1, chunk_size=1)
-    _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "a", **settings)
+    _staged(sd_folder, tmp_path, tmp_path / "a", **settings)
     whole = pd.read_parquet(tmp_path / "a" / "results.parquet")
     assert len(whole) == 2 * 2 and list(whole["method"]) == ["rta", "embedding"] * 2
     emb = whole[whole["method"] == "embedding"]
     assert (emb["updates"] == 10).all() and (emb["metric_after"] < emb["metric_before"]).all()
 
     out = tmp_path / "b"
-    _staged(sd_folder, tmp_path, monkeypatch, out, **settings)
+    _staged(sd_folder, tmp_path, out, **settings)
     (out / "embedding" / "cfg_score" / "manifest" / "chunk-00000001.json").unlink()
     (out / "results.parquet").unlink()
     scored = []
@@ -425,7 +442,7 @@ def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path,
         return summary
 
     monkeypatch.setattr(scoring, "score", counting)
-    _staged(sd_folder, tmp_path, monkeypatch, out, **settings)
+    _staged(sd_folder, tmp_path, out, **settings)
     assert scored == [0, 0, 1]  # originals, mitigated, then the one embedding chunk
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), whole)
 
@@ -436,6 +453,4 @@ def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path,
     shutil.rmtree(out / "mitigated")
     (out / "new_prompts.parquet").unlink()
     with pytest.raises(DemoInputError, match="embedding.*other inputs or settings"):
-        _staged(sd_folder, tmp_path, monkeypatch, out, **dict(settings, num_steps=STEPS + 1))
-    with pytest.raises(DemoInputError, match="--num-images 1"):
-        _staged(sd_folder, tmp_path, monkeypatch, out, **dict(settings, num_images=2))
+        _staged(sd_folder, tmp_path, out, **dict(settings, num_steps=STEPS + 1))

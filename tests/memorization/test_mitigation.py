@@ -148,6 +148,7 @@ def test_mitigate_gives_one_row_per_prompt_method_k_and_repeat(mitigated):
     assert result.new_prompts["rta"] == list(picked["new_prompt"])
 
 
+@pytest.mark.slow
 def test_summary_means_per_method_metric_and_k(mitigated):
     result, _, _ = mitigated
     summary = summarise_mitigation(result.rows)

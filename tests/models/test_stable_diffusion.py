@@ -189,6 +189,7 @@ def test_converted_file_round_trip(sd, sd_folder, tmp_path, jit_call):
         load_stable_diffusion(file)
 
 
+@pytest.mark.slow
 def test_v_prediction_is_turned_into_noise(sd, jit_call):
     # eps = psi v + sigma x for a v-predicting network (Salimans & Ho): with the same network read
     # as a v-predictor, the noise is psi * (its output) + sigma * x

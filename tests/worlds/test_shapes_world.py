@@ -370,6 +370,7 @@ def test_the_classifier_is_deterministic_and_checks_its_inputs(classifier, fresh
         train_attribute_classifier(key=jax.random.key(0), steps=2.5)
 
 
+@pytest.mark.slow
 def test_the_classifier_trains_on_the_preprocessed_renders(fresh):
     """``preprocess`` is the domain the windows are cut from: the identity changes nothing, an
     inversion of the colours another classifier; a wrong shape is refused."""

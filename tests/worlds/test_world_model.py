@@ -109,6 +109,7 @@ def test_training_resumes_to_the_same_weights(tiny_model, tmp_path):
         jax.tree.map(np.testing.assert_array_equal, x, y)
 
 
+@pytest.mark.slow
 def test_cache_is_reused_only_for_the_same_settings(tiny_model, tmp_path):
     root, folder, _ = tiny_model
     calls = []
