@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ __all__ = [
     "finite_float",
     "add_dtype_flag",
     "add_display_flags",
+    "add_flags",
     "config_from_flags",
     "check_dtype",
     "add_percentile_flag",
@@ -107,6 +108,30 @@ def add_display_flags(parser: Any) -> None:
     or an argument group."""
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_flags(
+    parser: Any, defaults: Any, flags: Iterable[tuple[str, Callable[[str], Any], str | None, str]]
+) -> None:
+    """Add one ``--FIELD`` flag per ``(field, type, metavar, help)`` to a parser or an argument
+    group: the flag of the config field ``field`` (dashes for underscores, so that
+    :func:`config_from_flags` reads it back), parsed by ``type``, shown as ``metavar`` (``None``:
+    argparse's), its default that field of ``defaults``.
+
+    Args:
+        parser: the parser or argument group.
+        defaults: the config instance whose fields are the defaults.
+        flags: the flags, in the order ``--help`` lists them; a help text that does not show
+            the default itself (``%(default)s``) is followed by ``(default %(default)s)``.
+    """
+    for field, kind, metavar, text in flags:
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            metavar=metavar,
+            default=getattr(defaults, field),
+            help=text if "%(default" in text else f"{text} (default %(default)s)",
+        )
 
 
 _Config = TypeVar("_Config")

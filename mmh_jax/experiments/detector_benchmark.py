@@ -25,7 +25,6 @@ import numpy as np
 from rich.console import Console
 
 from mmh_jax.experiments.common import (
-    DemoInputError,
     add_display_flags,
     add_dtype_flag,
     check_dtype,
@@ -36,7 +35,7 @@ from mmh_jax.experiments.common import (
     save_figure,
     write_csv,
 )
-from mmh_jax.experiments.stable_diffusion import _open_prompt_file, load_pipeline
+from mmh_jax.experiments.stable_diffusion import _open_prompt_file, load_pipeline, score_pipeline
 
 __all__ = ["BenchmarkConfig", "run", "add_arguments", "config_from_args", "GROUPS"]
 
@@ -213,33 +212,23 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
     console = console or output_console()
     err = Console(stderr=True)
     sd = load_pipeline(config.model, dtype=config.dtype, console=err)
-    model = scoring.Model.from_stable_diffusion(sd)
-    batch = (
-        -(-config.batch_size * config.images_per_prompt // jax.device_count()) * jax.device_count()
-    )
-    generation = scoring.Generation(
-        guidance=config.guidance, num_steps=config.num_steps, num_images=config.images_per_prompt
-    )
+    image_shape = scoring.Model.from_stable_diffusion(sd).image_shape
     n = len(items)
     seconds, merged = {}, {}
     for group in GROUPS:
         start = time.perf_counter()
-        try:
-            done = scoring.score(
-                model,
-                _columns(config, group),
-                source,
-                str(out / "scores" / group),
-                seed=config.seed,
-                batch_size=batch,
-                generation=generation,
-                console=err if config.progress else None,
-            )
-        except scoring.RunMismatch as e:
-            raise DemoInputError(
-                f"{str(out / 'scores' / group)!r} holds results of other "
-                f"inputs or settings ({e}); choose another --out"
-            ) from None
+        done = score_pipeline(
+            sd,
+            _columns(config, group),
+            source,
+            out / "scores" / group,
+            seed=config.seed,
+            batch_size=config.batch_size * config.images_per_prompt,
+            images_per_prompt=config.images_per_prompt,
+            guidance=config.guidance,
+            num_steps=config.num_steps,
+            console=err if config.progress else None,
+        )
         # a group resumed from an earlier run has no cost to report
         seconds[group] = (time.perf_counter() - start) / n if done.scored == n else float("nan")
         merged[group] = scoring.merge(out / "scores" / group).scores
@@ -261,13 +250,13 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
         "edge_consistency": np.array(
             [
                 float(edge_agreement(x))
-                for x in _images_of(merged["images"], "one_step_pixels", n, model.image_shape)
+                for x in _images_of(merged["images"], "one_step_pixels", n, image_shape)
             ]
         ),
         "generation_clusters": np.array(
             [
                 float(cluster_score(x, cluster_size=config.cluster_size))
-                for x in _images_of(merged["images"], "final_pixels", n, model.image_shape)
+                for x in _images_of(merged["images"], "final_pixels", n, image_shape)
             ]
         ),
     }

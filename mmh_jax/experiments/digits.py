@@ -28,6 +28,7 @@ from rich.table import Table
 
 from mmh_jax.experiments.common import (
     add_display_flags,
+    add_flags,
     config_from_flags,
     finite_float,
     make_progress,
@@ -432,96 +433,35 @@ def _hist(fl, memorized, kind):
     return fig
 
 
+_FLAGS = (
+    ("seed", int, None, "seed of data selection, training, sampling"),
+    ("common_per_class", int, None, "images kept of each common class 0-7"),
+    ("num_duplicated", int, None, "training images repeated --copies times (DD-Mem)"),
+    ("copies", int, None, "copies of each duplicated image"),
+    ("rare_per_class", int, None, "images kept of each rare class 8 and 9 (OD-Mem)"),
+    ("steps", int, None, "Adam steps"),
+    ("batch_size", int, None, "training batch size"),
+    ("learning_rate", finite_float, None, "peak learning rate"),
+    ("channels", int, None, "feature maps of the conv net"),
+    ("mlp_width", int, None, "width of the dense layer after the conv blocks; 0: none"),
+    ("num_samples", int, None, "generated samples"),
+    ("sample_steps", int, None, "reverse-SDE steps"),
+    ("t0", finite_float, None, "FLIPD time in (0, 1]"),
+    (
+        "mem_threshold",
+        finite_float,
+        None,
+        "memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)",
+    ),
+    ("calibration_k", int, None, "neighbours in the calibrated l2 denominator"),
+    ("out", Path, None, "output folder (default ./%(default)s/)"),
+)
+"""The digits demo's flags (:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the digits demo's flags to ``parser``."""
-    d = DigitsConfig()
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of data selection, training, sampling (default %(default)s)",
-    )
-    parser.add_argument(
-        "--common-per-class",
-        type=int,
-        default=d.common_per_class,
-        help="images kept of each common class 0-7 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--num-duplicated",
-        type=int,
-        default=d.num_duplicated,
-        help="training images repeated --copies times (DD-Mem) (default %(default)s)",
-    )
-    parser.add_argument(
-        "--copies",
-        type=int,
-        default=d.copies,
-        help="copies of each duplicated image (default %(default)s)",
-    )
-    parser.add_argument(
-        "--rare-per-class",
-        type=int,
-        default=d.rare_per_class,
-        help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)",
-    )
-    parser.add_argument(
-        "--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="training batch size (default %(default)s)",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=finite_float,
-        default=d.learning_rate,
-        help="peak learning rate (default %(default)s)",
-    )
-    parser.add_argument(
-        "--channels",
-        type=int,
-        default=d.channels,
-        help="feature maps of the conv net (default %(default)s)",
-    )
-    parser.add_argument(
-        "--mlp-width",
-        type=int,
-        default=d.mlp_width,
-        help="width of the dense layer after the conv blocks; 0: none (default %(default)s)",
-    )
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        default=d.num_samples,
-        help="generated samples (default %(default)s)",
-    )
-    parser.add_argument(
-        "--sample-steps",
-        type=int,
-        default=d.sample_steps,
-        help="reverse-SDE steps (default %(default)s)",
-    )
-    parser.add_argument(
-        "--t0", type=finite_float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)"
-    )
-    parser.add_argument(
-        "--mem-threshold",
-        type=finite_float,
-        default=d.mem_threshold,
-        help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)",
-    )
-    parser.add_argument(
-        "--calibration-k",
-        type=int,
-        default=d.calibration_k,
-        help="neighbours in the calibrated l2 denominator (default %(default)s)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)"
-    )
+    add_flags(parser, DigitsConfig(), _FLAGS)
     add_display_flags(parser)
 
 

@@ -382,12 +382,14 @@ def score_pipeline(
     images_per_prompt: int = 1,
     guidance: float = 7.5,
     num_steps: int = 50,
+    chunk_size: int = 1024,
     console: Console | None = None,
     record: dict | None = None,
 ):
     """Score ``source`` with ``columns`` on a Stable Diffusion pipeline through
     :func:`mmh_jax.scoring.score` into ``out`` (one row per image, exactly once, resumed
-    after an interruption): the one scoring step of the ``sd`` commands and ``demo prompts``.
+    after an interruption): the one scoring step of the ``sd`` commands and ``demo prompts``
+    (``sd detect``, ``sd benchmark-detectors``, ``sd mitigate``).
 
     Prompts alone are generated with DDIM and guidance (``images_per_prompt`` images of
     ``num_steps`` steps each, noise from ``seed``); images are centre-cropped to the model's
@@ -404,6 +406,7 @@ def score_pipeline(
         images_per_prompt: images generated per prompt.
         guidance: the sampler's guidance weight.
         num_steps: the sampler's DDIM steps.
+        chunk_size: items per written part, the unit of resumption (the engine's default).
         console: where the engine's progress goes (``None``: no progress).
         record: extra settings kept in the run's ``run.json`` (a resumed run must match them).
 
@@ -427,6 +430,7 @@ def score_pipeline(
             str(out),
             seed=seed,
             batch_size=batch,
+            chunk_size=chunk_size,
             resize="center_crop",
             generation=scoring.Generation(
                 guidance=guidance, num_steps=num_steps, num_images=images_per_prompt

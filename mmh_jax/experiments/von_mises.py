@@ -35,6 +35,7 @@ from rich.table import Table
 from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
+    add_flags,
     config_from_flags,
     finite_float,
     make_progress,
@@ -498,103 +499,70 @@ def _figure(train: TrainingSet, table: dict, config: VonMisesConfig):
     return fig
 
 
+_FLAG_GROUPS = {
+    "data": (
+        ("seed", int, None, "seed of data, training, sampling and estimation"),
+        (
+            "num_train",
+            int,
+            None,
+            "training points: round(w n) origin copies, 1 isolated point, rest von Mises",
+        ),
+        ("origin_weight", finite_float, None, "mixture weight w of the point mass at the origin"),
+        ("kappa", finite_float, None, "von Mises concentration"),
+    ),
+    "model and training": (
+        (
+            "steps",
+            int,
+            None,
+            "Adam steps; too few and the model is too smooth to memorize the isolated point",
+        ),
+        ("batch_size", int, None, "training batch size"),
+        ("learning_rate", finite_float, None, "peak learning rate"),
+        ("width", int, None, "hidden width of the MLP"),
+    ),
+    "sampling and LID": (
+        ("num_samples", int, None, "samples drawn with the reverse SDE"),
+        ("sample_steps", int, None, "Euler-Maruyama steps of the sampler"),
+        (
+            "t0",
+            finite_float,
+            None,
+            "diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, "
+            "sigma ~ 0.08)",
+        ),
+        ("od_gap", finite_float, None, "OD-Mem when LID_* - LID_theta >= this"),
+        ("dd_max_lid", finite_float, None, "DD-Mem when LID_* and LID_theta are both <= this"),
+        (
+            "lpca_q",
+            finite_float,
+            None,
+            "percentile of all local explained variances used as the local-PCA threshold for "
+            "LID_* (paper, App. C.1, uses 10); it must exceed the share of off-manifold "
+            "variances, here 100 (1 - mean LID_* / d) = 60",
+        ),
+    ),
+    "output": (
+        (
+            "out",
+            Path,
+            None,
+            "output folder for figure4.png, samples.csv/.parquet, training_set.csv "
+            "(default ./%(default)s/)",
+        ),
+    ),
+}
+"""The von Mises demo's flags by argument group
+(:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the von Mises demo's flags to ``parser``."""
-    d = VonMisesConfig()
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of data, training, sampling and estimation (default %(default)s)",
-    )
-    g.add_argument(
-        "--num-train",
-        type=int,
-        default=d.num_train,
-        help="training points: round(w n) origin copies, 1 isolated point, rest von Mises (default %(default)s)",
-    )
-    g.add_argument(
-        "--origin-weight",
-        type=finite_float,
-        default=d.origin_weight,
-        help="mixture weight w of the point mass at the origin (default %(default)s)",
-    )
-    g.add_argument(
-        "--kappa",
-        type=finite_float,
-        default=d.kappa,
-        help="von Mises concentration (default %(default)s)",
-    )
-    g = parser.add_argument_group("model and training")
-    g.add_argument(
-        "--steps",
-        type=int,
-        default=d.steps,
-        help="Adam steps; too few and the model is too smooth to memorize the isolated point (default %(default)s)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="training batch size (default %(default)s)",
-    )
-    g.add_argument(
-        "--learning-rate",
-        type=finite_float,
-        default=d.learning_rate,
-        help="peak learning rate (default %(default)s)",
-    )
-    g.add_argument(
-        "--width", type=int, default=d.width, help="hidden width of the MLP (default %(default)s)"
-    )
-    g = parser.add_argument_group("sampling and LID")
-    g.add_argument(
-        "--num-samples",
-        type=int,
-        default=d.num_samples,
-        help="samples drawn with the reverse SDE (default %(default)s)",
-    )
-    g.add_argument(
-        "--sample-steps",
-        type=int,
-        default=d.sample_steps,
-        help="Euler-Maruyama steps of the sampler (default %(default)s)",
-    )
-    g.add_argument(
-        "--t0",
-        type=finite_float,
-        default=d.t0,
-        help="diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, sigma ~ 0.08)",
-    )
-    g.add_argument(
-        "--od-gap",
-        type=finite_float,
-        default=d.od_gap,
-        help="OD-Mem when LID_* - LID_theta >= this (default %(default)s)",
-    )
-    g.add_argument(
-        "--dd-max-lid",
-        type=finite_float,
-        default=d.dd_max_lid,
-        help="DD-Mem when LID_* and LID_theta are both <= this (default %(default)s)",
-    )
-    g.add_argument(
-        "--lpca-q",
-        type=finite_float,
-        default=d.lpca_q,
-        help="percentile of all local explained variances used as the local-PCA threshold for LID_* "
-        "(paper, App. C.1, uses 10); it must exceed the share of off-manifold variances, here "
-        "100 (1 - mean LID_* / d) = 60 (default %(default)s)",
-    )
-    g = parser.add_argument_group("output")
-    g.add_argument(
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder for figure4.png, samples.csv/.parquet, training_set.csv (default ./%(default)s/)",
-    )
-    add_display_flags(g)
+    for title, flags in _FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        add_flags(group, VonMisesConfig(), flags)
+    add_display_flags(group)
 
 
 def config_from_args(args: argparse.Namespace) -> VonMisesConfig:
