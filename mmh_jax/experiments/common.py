@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -45,6 +45,8 @@ __all__ = [
     "output_console",
     "require",
     "train_with_progress",
+    "TrainedSamples",
+    "train_and_sample",
 ]
 
 
@@ -311,3 +313,85 @@ def train_with_progress(
     seconds = time.perf_counter() - start
     score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule=schedule)
     return trained, score_fn, seconds
+
+
+class TrainedSamples(NamedTuple):
+    """What :func:`train_and_sample` returns."""
+
+    trained: Any
+    """What :func:`mmh_jax.training.train_eps` returned (parameters, losses)."""
+    score_fn: Callable
+    """The trained network's score function."""
+    samples: np.ndarray
+    """``[num_samples, *event]`` samples of the reverse SDE."""
+    timings: dict[str, float]
+    """Wall times ``train_s`` and ``sample_s``."""
+
+
+def train_and_sample(
+    progress: Progress,
+    net: Any,
+    data: Any,
+    config: Any,
+    *,
+    schedule: Any,
+    keys: tuple[Any, Any, Any],
+    chunk: int,
+    **train_kwargs: Any,
+) -> TrainedSamples:
+    """Train a demo's epsilon-network on ``data`` (:func:`train_with_progress`) and draw
+    ``config.num_samples`` samples from it with ``config.sample_steps`` Euler-Maruyama steps
+    of the reverse SDE (:func:`mmh_jax.sampling.sample`, a "sampling" task): the first stage of
+    the von Mises and digits demos.
+
+    Args:
+        progress: the display the tasks go to.
+        net: a network of :mod:`mmh_jax.models.toy`.
+        data: training points ``[n, *event]``.
+        config: the demo's config; its ``steps``, ``batch_size``, ``learning_rate`` and
+            ``train_t_min`` are the training settings, its ``num_samples`` and
+            ``sample_steps`` the sampler's.
+        schedule: the noise schedule.
+        keys: the keys of the initial parameters, the training and the sampling.
+        chunk: training steps per compiled chunk.
+        **train_kwargs: the other settings of :func:`mmh_jax.training.train_eps`.
+
+    Returns:
+        :class:`TrainedSamples`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mmh_jax.sampling import sample
+
+    k_init, k_train, k_sample = keys
+    data = jnp.asarray(data)
+    trained, score_fn, train_s = train_with_progress(
+        progress,
+        net,
+        net.init(k_init),
+        data,
+        schedule=schedule,
+        key=k_train,
+        steps=config.steps,
+        chunk=chunk,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        t_min=config.train_t_min,
+        **train_kwargs,
+    )
+    task = progress.add_task("sampling", total=1)
+    start = time.perf_counter()
+    samples = jax.jit(
+        lambda k: sample(
+            score_fn,
+            (config.num_samples, *data.shape[1:]),
+            schedule=schedule,
+            key=k,
+            num_steps=config.sample_steps,
+        )
+    )(k_sample)
+    samples = np.asarray(samples)
+    timings = {"train_s": train_s, "sample_s": time.perf_counter() - start}
+    progress.advance(task)
+    return TrainedSamples(trained, score_fn, samples, timings)

@@ -36,7 +36,7 @@ from mmh_jax.experiments.common import (
     prepare_out_dir,
     require,
     save_figure,
-    train_with_progress,
+    train_and_sample,
     write_csv,
     write_parquet,
 )
@@ -221,7 +221,6 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     from mmh_jax.lid import flipd
     from mmh_jax.models import ConvEpsNet
     from mmh_jax.retrieval import calibrated_l2
-    from mmh_jax.sampling import sample
     from mmh_jax.schedules import VP
 
     t_start = time.perf_counter()
@@ -241,37 +240,18 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     schedule = VP()
     net = ConvEpsNet(channels=config.channels, mlp_width=config.mlp_width, schedule=schedule)
     k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
-    timings = {}
     with make_progress(err_console, enabled=config.progress) as progress:
-        trained, score_fn, timings["train_s"] = train_with_progress(
+        trained, score_fn, samples, timings = train_and_sample(
             progress,
             net,
-            net.init(k_init),
-            jnp.asarray(data.images),
+            data.images,
+            config,
             schedule=schedule,
-            key=k_train,
-            steps=config.steps,
+            keys=(k_init, k_train, k_sample),
             chunk=min(50, config.steps),
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            t_min=config.train_t_min,
             time_sampling=config.time_sampling,
         )
-        est = progress.add_task("sampling + FLIPD", total=2)
-        t = time.perf_counter()
-        samples = np.asarray(
-            jax.jit(
-                lambda k: sample(
-                    score_fn,
-                    (config.num_samples, 8, 8),
-                    schedule=schedule,
-                    key=k,
-                    num_steps=config.sample_steps,
-                )
-            )(k_sample)
-        )
-        timings["sample_s"] = time.perf_counter() - t
-        progress.advance(est)
+        est = progress.add_task("FLIPD", total=1)
         t = time.perf_counter()
         fl = np.asarray(
             jax.jit(

@@ -43,7 +43,7 @@ from mmh_jax.experiments.common import (
     prepare_out_dir,
     require,
     save_figure,
-    train_with_progress,
+    train_and_sample,
     write_csv,
     write_parquet,
 )
@@ -218,10 +218,8 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     from mmh_jax.lid import flipd, lpca, normal_bundle
     from mmh_jax.memorization import LABEL_NAMES, classify
     from mmh_jax.models import MLPEpsNet
-    from mmh_jax.sampling import sample
     from mmh_jax.schedules import VP
 
-    timings: dict[str, float] = {}
     t_start = time.perf_counter()
     train = make_training_set(
         seed=config.seed,
@@ -235,35 +233,16 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     k_init, k_train, k_sample, k_nb = jax.random.split(jax.random.key(config.seed), 4)
 
     with make_progress(err_console, enabled=config.progress) as progress:
-        trained, score_fn, timings["train_s"] = train_with_progress(
+        trained, score_fn, samples, timings = train_and_sample(
             progress,
             net,
-            net.init(k_init),
-            jnp.asarray(train.points),
+            train.points,
+            config,
             schedule=schedule,
-            key=k_train,
-            steps=config.steps,
+            keys=(k_init, k_train, k_sample),
             chunk=min(100, config.steps),
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            t_min=config.train_t_min,
         )
-
-        est = progress.add_task("sampling + LID", total=4)
-        t = time.perf_counter()
-        samples = jax.jit(
-            lambda k: sample(
-                score_fn,
-                (config.num_samples, 2),
-                schedule=schedule,
-                key=k,
-                num_steps=config.sample_steps,
-            )
-        )(k_sample)
-        samples = np.asarray(samples)
-        timings["sample_s"] = time.perf_counter() - t
-        progress.advance(est)
-
+        est = progress.add_task("LID", total=3)
         t = time.perf_counter()
         fl = np.asarray(
             jax.jit(lambda x: flipd(score_fn, x, t0=config.t0, schedule=schedule, trace="exact"))(
