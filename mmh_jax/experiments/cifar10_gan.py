@@ -42,6 +42,7 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
+    add_out_flag,
     add_percentile_flag,
     check_dtype,
     check_percentile,
@@ -455,13 +456,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an official StyleGAN2-ADA .pkl (read without running its code), "
         "or a file written by `mmh-jax convert stylegan2`",
     )
-    parser.add_argument(
-        "-o",
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder; a rerun resumes there (default ./%(default)s/)",
-    )
+    add_out_flag(parser, d.out)
     parser.add_argument(
         "--network",
         choices=("G", "G_ema"),

@@ -32,6 +32,7 @@ __all__ = [
     "add_dtype_flag",
     "add_display_flags",
     "add_flags",
+    "add_out_flag",
     "config_from_flags",
     "check_dtype",
     "add_percentile_flag",
@@ -110,6 +111,18 @@ def add_display_flags(parser: Any) -> None:
     or an argument group."""
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_out_flag(parser: Any, default: str | os.PathLike) -> None:
+    """Add ``-o/--out FOLDER`` (default ``default``), the output folder of a command that
+    resumes an interrupted run there."""
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=default,
+        help="output folder; a rerun resumes there (default ./%(default)s/)",
+    )
 
 
 def add_flags(

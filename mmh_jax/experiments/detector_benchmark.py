@@ -27,7 +27,10 @@ from rich.console import Console
 from mmh_jax.experiments.common import (
     add_display_flags,
     add_dtype_flag,
+    add_flags,
+    add_out_flag,
     check_dtype,
+    config_from_flags,
     finite_float,
     output_console,
     prepare_out_dir,
@@ -35,7 +38,12 @@ from mmh_jax.experiments.common import (
     save_figure,
     write_csv,
 )
-from mmh_jax.experiments.stable_diffusion import _open_prompt_file, load_pipeline, score_pipeline
+from mmh_jax.experiments.stable_diffusion import (
+    _open_prompt_file,
+    add_model_argument,
+    load_pipeline,
+    score_pipeline,
+)
 
 __all__ = ["BenchmarkConfig", "run", "add_arguments", "config_from_args", "GROUPS"]
 
@@ -380,16 +388,26 @@ def _roc_figure(signals: dict, labels: np.ndarray, direction: dict):
     return fig
 
 
+_FLAGS = (
+    ("images_per_prompt", int, None, "images generated per prompt"),
+    ("num_steps", int, None, "DDIM steps"),
+    ("guidance", finite_float, None, "classifier-free guidance scale"),
+    ("flipd_t0", finite_float, None, "conditional FLIPD time"),
+    ("num_probes", int, None, "Hutchinson probes of FLIPD and the sharpness"),
+    ("early_steps", int, None, "first steps of Ren et al.'s attention statistics"),
+    ("cluster_size", int, None, "clique size of Carlini et al.'s test"),
+    ("nemo_threshold", finite_float, None, "NeMo's z-score threshold"),
+    ("n_bootstrap", int, None, "bootstrap resamples of the CIs"),
+    ("batch_size", int, None, "prompts per compiled batch"),
+    ("seed", int, None, "seed of the starting noise, the probes and the bootstrap"),
+)
+"""``sd benchmark-detectors``' number flags (:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd benchmark-detectors``' arguments and flags to ``parser``."""
     d = BenchmarkConfig(model=Path("."), prompts=Path("."))
-    parser.add_argument(
-        "model",
-        type=Path,
-        metavar="MODEL",
-        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
-        "`mmh-jax convert stable-diffusion`",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--prompts",
         type=Path,
@@ -398,54 +416,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON lines (.jsonl) with 'caption', 'label' (true: memorized) and "
         "an optional 'kind' (memorization kind, reported separately)",
     )
-    parser.add_argument(
-        "-o",
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder; a rerun resumes there (default ./%(default)s/)",
-    )
-    for flag, kind, help_ in (
-        ("images-per-prompt", int, "images generated per prompt"),
-        ("num-steps", int, "DDIM steps"),
-        ("guidance", finite_float, "classifier-free guidance scale"),
-        ("flipd-t0", finite_float, "conditional FLIPD time"),
-        ("num-probes", int, "Hutchinson probes of FLIPD and the sharpness"),
-        ("early-steps", int, "first steps of Ren et al.'s attention statistics"),
-        ("cluster-size", int, "clique size of Carlini et al.'s test"),
-        ("nemo-threshold", finite_float, "NeMo's z-score threshold"),
-        ("n-bootstrap", int, "bootstrap resamples of the CIs"),
-        ("batch-size", int, "prompts per compiled batch"),
-        ("seed", int, "seed of the starting noise, the probes and the bootstrap"),
-    ):
-        parser.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=getattr(d, flag.replace("-", "_")),
-            help=f"{help_} (default %(default)s)",
-        )
+    add_out_flag(parser, d.out)
+    add_flags(parser, d, _FLAGS)
     add_dtype_flag(parser, d.dtype, of="the networks")
     add_display_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     """Build a :class:`BenchmarkConfig` from parsed flags."""
-    return BenchmarkConfig(
-        model=args.model,
-        prompts=args.prompts,
-        out=args.out,
-        images_per_prompt=args.images_per_prompt,
-        num_steps=args.num_steps,
-        guidance=args.guidance,
-        flipd_t0=args.flipd_t0,
-        num_probes=args.num_probes,
-        early_steps=args.early_steps,
-        cluster_size=args.cluster_size,
-        nemo_threshold=args.nemo_threshold,
-        n_bootstrap=args.n_bootstrap,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        figure=not args.no_figure,
-    )
+    return config_from_flags(BenchmarkConfig, args)

@@ -43,7 +43,10 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
+    add_flags,
+    add_out_flag,
     check_dtype,
+    config_from_flags,
     finite_float,
     prepare_out_dir,
     require,
@@ -63,6 +66,7 @@ __all__ = [
     "detection_metrics",
     "detection_columns",
     "score_pipeline",
+    "add_model_argument",
     "add_arguments",
     "config_from_args",
     "run",
@@ -574,9 +578,8 @@ def _scatter(rows: list[dict]):
     return fig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``sd detect``'s arguments and flags to ``parser``."""
-    d = DetectConfig(model=Path("."))
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """Add the ``MODEL`` argument of the ``sd`` commands (read by :func:`load_pipeline`)."""
     parser.add_argument(
         "model",
         type=Path,
@@ -584,6 +587,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers Stable Diffusion pipeline folder, or a file written by "
         "`mmh-jax convert stable-diffusion`",
     )
+
+
+_FLAGS = (
+    ("images_per_prompt", int, "N", "images generated per prompt"),
+    ("num_steps", int, "N", "DDIM steps"),
+    ("guidance", finite_float, "LAMBDA", "classifier-free guidance scale"),
+    ("flipd_t0", finite_float, "T", "FLIPD time (default %(default)s, the paper's)"),
+    ("num_probes", int, "N", "Hutchinson probes of FLIPD"),
+    (
+        "cfg_t0",
+        finite_float,
+        "T",
+        "--images: time at which the CFG norms are read (default %(default)s, Appendix C)",
+    ),
+    ("euler_steps", int, "N", "--images: Euler steps of the PF-ODE to --cfg-t0"),
+    (
+        "batch_size",
+        int,
+        "N",
+        "prompts (or images) per compiled batch, its images rounded up to a multiple of the "
+        "devices",
+    ),
+    ("seed", int, "N", "seed of the starting noise and the probes"),
+)
+"""``sd detect``'s number flags (:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``sd detect``'s arguments and flags to ``parser``."""
+    d = DetectConfig(model=Path("."))
+    add_model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--prompts",
@@ -598,98 +632,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FOLDER",
         help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')",
     )
-    parser.add_argument(
-        "-o",
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder; a rerun resumes there (default ./%(default)s/)",
-    )
-    parser.add_argument(
-        "--images-per-prompt",
-        type=int,
-        metavar="N",
-        default=d.images_per_prompt,
-        help="images generated per prompt (default %(default)s)",
-    )
-    parser.add_argument(
-        "--num-steps",
-        type=int,
-        metavar="N",
-        default=d.num_steps,
-        help="DDIM steps (default %(default)s)",
-    )
-    parser.add_argument(
-        "--guidance",
-        type=finite_float,
-        metavar="LAMBDA",
-        default=d.guidance,
-        help="classifier-free guidance scale (default %(default)s)",
-    )
-    parser.add_argument(
-        "--flipd-t0",
-        type=finite_float,
-        metavar="T",
-        default=d.flipd_t0,
-        help="FLIPD time (default %(default)s, the paper's)",
-    )
-    parser.add_argument(
-        "--num-probes",
-        type=int,
-        metavar="N",
-        default=d.num_probes,
-        help="Hutchinson probes of FLIPD (default %(default)s)",
-    )
-    parser.add_argument(
-        "--cfg-t0",
-        type=finite_float,
-        metavar="T",
-        default=d.cfg_t0,
-        help="--images: time at which the CFG norms are read (default %(default)s, Appendix C)",
-    )
-    parser.add_argument(
-        "--euler-steps",
-        type=int,
-        metavar="N",
-        default=d.euler_steps,
-        help="--images: Euler steps of the PF-ODE to --cfg-t0 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        default=d.batch_size,
-        help="prompts (or images) per compiled batch, its images rounded up to a "
-        "multiple of the devices (default %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        metavar="N",
-        default=d.seed,
-        help="seed of the starting noise and the probes (default %(default)s)",
-    )
+    add_out_flag(parser, d.out)
+    add_flags(parser, d, _FLAGS)
     add_dtype_flag(parser, d.dtype, of="the networks")
     add_display_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectConfig:
     """Build a :class:`DetectConfig` from parsed flags."""
-    return DetectConfig(
-        model=args.model,
-        prompts=args.prompts,
-        images=args.images,
-        out=args.out,
-        images_per_prompt=args.images_per_prompt,
-        num_steps=args.num_steps,
-        guidance=args.guidance,
-        flipd_t0=args.flipd_t0,
-        num_probes=args.num_probes,
-        cfg_t0=args.cfg_t0,
-        euler_steps=args.euler_steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        figure=not args.no_figure,
-    )
+    return config_from_flags(DetectConfig, args)
