@@ -60,7 +60,7 @@ from mmh_jax.experiments.common import (
     config_from_flags,
     finite_float,
     output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
     write_csv,
     write_parquet,
@@ -381,8 +381,6 @@ def run(config: Cifar10Config, *, console: Console | None = None):
         DemoInputError: bad settings or input, an unreadable model, an unwritable folder.
     """
     config.validate()
-    console = console or output_console()
-    err_console = Console(stderr=True)
     require(config.model.exists(), f"--model {str(config.model)!r} does not exist")
     require(
         config.sscd is None or config.sscd.is_file(),
@@ -393,7 +391,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
         config.lpca_k < len(train_u8),
         f"--lpca-k ({config.lpca_k}) must be below the number of training images ({len(train_u8)})",
     )
-    out = prepare_out_dir(config.out)
+    out, console, err_console = prepare_outputs(config.out, console=console)
     timings = {}
 
     # 2-3: samples and LID_theta: a run of the scoring engine (resumed after an interruption)

@@ -48,8 +48,7 @@ from mmh_jax.experiments.common import (
     check_percentile,
     config_from_flags,
     finite_float,
-    output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
     save_figure,
     write_csv,
@@ -177,11 +176,9 @@ def run(config: GanLidConfig, *, console: Console | None = None):
             or one that holds a run of other settings.
     """
     config.validate()
-    console = console or output_console()
-    err_console = Console(stderr=True)
     require(config.model.is_file(), f"model {str(config.model)!r} does not exist or is a folder")
     labels = _read_labels(config.labels, config.num_samples) if config.labels is not None else None
-    out = prepare_out_dir(config.out)
+    out, console, err_console = prepare_outputs(config.out, console=console)
 
     import jax
     import jax.numpy as jnp

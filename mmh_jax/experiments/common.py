@@ -38,6 +38,7 @@ __all__ = [
     "add_percentile_flag",
     "check_percentile",
     "prepare_out_dir",
+    "prepare_outputs",
     "atomic_path",
     "write_csv",
     "write_parquet",
@@ -196,6 +197,19 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
         reason = err.strerror or type(err).__name__
         raise DemoInputError(f"output folder {str(path)!r} is not writable: {reason}") from None
     return path
+
+
+def prepare_outputs(
+    out: str | os.PathLike, *, console: Console | None = None
+) -> tuple[Path, Console, Console]:
+    """Where a command's results go: its output folder (:func:`prepare_out_dir`), the console
+    of its tables and summary (``console``, else :func:`output_console`) and the console of its
+    progress and messages (stderr).
+
+    Raises:
+        DemoInputError: if the folder cannot be created or written to.
+    """
+    return prepare_out_dir(out), console or output_console(), Console(stderr=True)
 
 
 def _columns(table: Mapping[str, Sequence[Any] | np.ndarray]) -> tuple[list[str], int]:

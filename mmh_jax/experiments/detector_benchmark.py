@@ -32,8 +32,7 @@ from mmh_jax.experiments.common import (
     check_dtype,
     config_from_flags,
     finite_float,
-    output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
     save_figure,
     write_csv,
@@ -216,9 +215,7 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
         f"{config.prompts}: NeMo's reference needs at least 3 clean prompts",
     )
     kinds = _kinds(Path(config.prompts), len(items))
-    out = prepare_out_dir(config.out)
-    console = console or output_console()
-    err = Console(stderr=True)
+    out, console, err = prepare_outputs(config.out, console=console)
     sd = load_pipeline(config.model, dtype=config.dtype, console=err)
     image_shape = scoring.Model.from_stable_diffusion(sd).image_shape
     n = len(items)

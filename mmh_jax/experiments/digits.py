@@ -32,8 +32,7 @@ from mmh_jax.experiments.common import (
     config_from_flags,
     finite_float,
     make_progress,
-    output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
     save_figure,
     train_and_sample,
@@ -210,9 +209,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         DemoInputError: on invalid settings or an unwritable output folder.
     """
     config.validate()
-    out = prepare_out_dir(config.out)
-    console = console or output_console()
-    err_console = Console(stderr=True)
+    out, console, err_console = prepare_outputs(config.out, console=console)
 
     import jax
     import jax.numpy as jnp

@@ -48,7 +48,7 @@ from mmh_jax.experiments.common import (
     check_dtype,
     config_from_flags,
     finite_float,
-    prepare_out_dir,
+    prepare_outputs,
     require,
     save_figure,
     write_csv,
@@ -289,11 +289,7 @@ def run(config: DetectConfig, *, console: Console | None = None):
     else:
         items = read_image_folder(config.images)
         source = scoring.ImageFolder(config.images, recursive=False)
-    out = prepare_out_dir(config.out)
-    from mmh_jax.experiments.common import output_console
-
-    console = console or output_console()
-    err_console = Console(stderr=True)
+    out, console, err_console = prepare_outputs(config.out, console=console)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
