@@ -57,11 +57,16 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_percentile_flag,
     check_percentile,
+    check_seed_range,
     config_from_flags,
     finite_float,
+    input_errors,
+    int_field,
     output_console,
     prepare_outputs,
+    read_csv_rows,
     require,
+    require_at_least,
     write_csv,
     write_parquet,
 )
@@ -136,23 +141,14 @@ class Cifar10Config:
             f"--lid {self.lid_method} does not apply to --arch {self.arch} (StyleGAN2: "
             "jacobian_rank; diffusion models: flipd or normal_bundle)",
         )
-        require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
-        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
-        require(self.lpca_k >= 1, f"--lpca-k must be at least 1, got {self.lpca_k}")
+        require_at_least(self, 1, "num_samples", "batch_size", "top_k", "steps", "lpca_k")
         require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
-        require(
-            self.calibration_n >= 1, f"--calibration-n must be at least 1, got {self.calibration_n}"
-        )
+        require_at_least(self, 1, "calibration_n")
         require(
             self.nb_scores is None or self.nb_scores >= 2,
             f"--nb-scores must be at least 2, got {self.nb_scores}",
         )
-        require(
-            0 <= self.seed and self.seed + self.num_samples <= 2**32,
-            f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}",
-        )
+        check_seed_range(self.seed, self.num_samples)
         check_percentile(self.percentile)
         require(self.t0 is None or 0 < self.t0 <= 1, f"--t0 must lie in (0, 1], got {self.t0}")
 
@@ -604,33 +600,21 @@ def _read_results(out: Path) -> dict:
 
 
 def _read_labels(path: Path) -> dict[int, str]:
-    require(path.is_file(), f"--labels file {str(path)!r} does not exist")
     labels: dict[int, str] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
+    for line, row in read_csv_rows(path, flag="--labels", columns=("id", "label")):
+        label = (row["label"] or "").strip().lower()
+        if not label:
+            continue
         require(
-            reader.fieldnames is not None and {"id", "label"} <= set(reader.fieldnames),
-            f"--labels {str(path)!r} must have the columns id and label",
+            label in LABELS,
+            f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {row['label']!r}",
         )
-        for line, row in enumerate(reader, start=2):
-            label = (row["label"] or "").strip().lower()
-            if not label:
-                continue
-            require(
-                label in LABELS,
-                f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {row['label']!r}",
-            )
-            try:
-                item = int(row["id"])
-            except ValueError:
-                raise DemoInputError(
-                    f"{path}:{line}: id must be an integer, got {row['id']!r}"
-                ) from None
-            require(
-                labels.get(item, label) == label,
-                f"{path}:{line}: id {item} is labelled both {labels.get(item)!r} and {label!r}",
-            )
-            labels[item] = label
+        item = int_field(row, "id", where=f"{path}:{line}")
+        require(
+            labels.get(item, label) == label,
+            f"{path}:{line}: id {item} is labelled both {labels.get(item)!r} and {label!r}",
+        )
+        labels[item] = label
     require(bool(labels), f"--labels {str(path)!r} has no labelled rows")
     return labels
 
@@ -668,7 +652,7 @@ def report(config: ReportConfig, *, console: Console | None = None):
     signals = [s for s in SIGNALS if s in table]
     scores = {s: np.asarray(table[s], np.float64)[rows] for s in signals}
     orientation = {s: False for s in signals}
-    try:
+    with input_errors(ValueError):
         metrics = detection_report(
             scores,
             memorized,
@@ -676,8 +660,6 @@ def report(config: ReportConfig, *, console: Console | None = None):
             n_bootstrap=config.n_bootstrap,
             key=jax.random.key(config.seed),
         )
-    except ValueError as err:
-        raise DemoInputError(str(err)) from None
     out = config.out
     detection = {
         "signal": list(metrics),

@@ -27,7 +27,6 @@ and the AUROC of ``-LID`` for every label against ``not``.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -46,10 +45,15 @@ from mmh_jax.experiments.common import (
     add_percentile_flag,
     check_dtype,
     check_percentile,
+    check_seed_range,
     config_from_flags,
     finite_float,
+    input_errors,
+    int_field,
     prepare_outputs,
+    read_csv_rows,
     require,
+    require_at_least,
     save_figure,
     write_csv,
     write_parquet,
@@ -93,17 +97,10 @@ class GanLidConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` naming the first bad setting."""
-        require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}")
+        require_at_least(self, 1, "num_samples", "batch_size", "chunk_size")
         require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
-        require(
-            self.num_extremes >= 1, f"--num-extremes must be at least 1, got {self.num_extremes}"
-        )
-        require(
-            0 <= self.seed and self.seed + self.num_samples <= 2**32,
-            f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}",
-        )
+        require_at_least(self, 1, "num_extremes")
+        check_seed_range(self.seed, self.num_samples)
         check_percentile(self.percentile)
         require(
             0 <= self.truncation_psi <= 1,
@@ -138,26 +135,14 @@ def sample_latents(
 def _read_labels(path: Path, num_samples: int) -> np.ndarray:
     """``--labels``: a CSV with ``index`` and ``label`` columns -> one label string per sample
     (``""`` where the file gives none)."""
-    require(path.is_file(), f"--labels file {str(path)!r} does not exist")
     labels = np.full(num_samples, "", dtype=object)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
+    for line, row in read_csv_rows(path, flag="--labels", columns=("index", "label")):
+        index = int_field(row, "index", where=f"{path}:{line}")
         require(
-            reader.fieldnames is not None and {"index", "label"} <= set(reader.fieldnames),
-            f"--labels {str(path)!r} must have the columns index and label",
+            0 <= index < num_samples,
+            f"{path}:{line}: index {index} is not a sample (0 .. {num_samples - 1})",
         )
-        for line, row in enumerate(reader, start=2):
-            try:
-                index = int(row["index"])
-            except ValueError:
-                raise DemoInputError(
-                    f"{path}:{line}: index must be an integer, got {row['index']!r}"
-                ) from None
-            require(
-                0 <= index < num_samples,
-                f"{path}:{line}: index {index} is not a sample (0 .. {num_samples - 1})",
-            )
-            labels[index] = row["label"].strip()
+        labels[index] = row["label"].strip()
     return labels
 
 
@@ -193,10 +178,8 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     start = time.perf_counter()
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     with err_console.status(f"loading {config.model} ..."):
-        try:
+        with input_errors(ConversionError, ValueError):
             model = load_stylegan2(config.model, network=config.network, dtype=dtype)
-        except (ConversionError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
         fingerprint = sha256_file(config.model)
     module = model.module
     timings = {"load_s": time.perf_counter() - start}

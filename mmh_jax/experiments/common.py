@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -10,7 +11,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -46,6 +47,12 @@ __all__ = [
     "make_progress",
     "output_console",
     "require",
+    "require_at_least",
+    "require_positive",
+    "check_seed_range",
+    "input_errors",
+    "read_csv_rows",
+    "int_field",
     "train_with_progress",
     "TrainedSamples",
     "train_and_sample",
@@ -72,6 +79,73 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DemoInputError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise DemoInputError(message)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def require_at_least(config: Any, minimum: int, *fields: str) -> None:
+    """Raise :class:`DemoInputError` naming the first of ``fields`` of ``config`` below
+    ``minimum``: ``--FIELD must be at least MINIMUM, got VALUE``."""
+    for field in fields:
+        value = getattr(config, field)
+        require(value >= minimum, f"{_flag(field)} must be at least {minimum}, got {value}")
+
+
+def require_positive(config: Any, *fields: str) -> None:
+    """Raise :class:`DemoInputError` naming the first of ``fields`` of ``config`` that is not
+    positive: ``--FIELD must be positive, got VALUE``."""
+    for field in fields:
+        value = getattr(config, field)
+        require(value > 0, f"{_flag(field)} must be positive, got {value}")
+
+
+def check_seed_range(seed: int, count: int) -> None:
+    """Raise :class:`DemoInputError` unless the seeds ``seed .. seed + count - 1`` of ``count``
+    samples are 32-bit (sample ``i`` is the official ``generate.py``'s seed ``seed + i``)."""
+    require(
+        0 <= seed and seed + count <= 2**32,
+        f"--seed must lie in [0, 2^32 - --num-samples], got {seed}",
+    )
+
+
+@contextlib.contextmanager
+def input_errors(*errors: type[Exception]) -> Iterator[None]:
+    """Report ``errors`` raised inside the block as :class:`DemoInputError` of the same message
+    (a bad input file or model named by the user: one line, no traceback)."""
+    try:
+        yield
+    except errors as err:
+        raise DemoInputError(str(err)) from None
+
+
+def read_csv_rows(path: Path, *, flag: str, columns: Sequence[str]) -> list[tuple[int, dict]]:
+    """The rows of the CSV file of ``flag`` (e.g. ``--labels``) with their line numbers.
+
+    Raises:
+        DemoInputError: no such file, or it lacks one of ``columns``.
+    """
+    require(path.is_file(), f"{flag} file {str(path)!r} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        require(
+            reader.fieldnames is not None and set(columns) <= set(reader.fieldnames),
+            f"{flag} {str(path)!r} must have the columns {' and '.join(columns)}",
+        )
+        return list(enumerate(reader, start=2))
+
+
+def int_field(row: Mapping[str, str], column: str, *, where: str) -> int:
+    """The integer in ``column`` of a CSV row (:func:`read_csv_rows`).
+
+    Raises:
+        DemoInputError: it is not an integer (naming ``where``, the file and line).
+    """
+    try:
+        return int(row[column])
+    except ValueError:
+        raise DemoInputError(f"{where}: {column} must be an integer, got {row[column]!r}") from None
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser, default: str, *, of: str) -> None:

@@ -34,6 +34,8 @@ from mmh_jax.experiments.common import (
     make_progress,
     prepare_outputs,
     require,
+    require_at_least,
+    require_positive,
     save_figure,
     train_and_sample,
     write_csv,
@@ -86,31 +88,19 @@ class DigitsConfig:
             self.num_duplicated >= 0,
             f"--num-duplicated must be non-negative, got {self.num_duplicated}",
         )
-        require(self.copies >= 1, f"--copies must be at least 1, got {self.copies}")
+        require_at_least(self, 1, "copies")
         require(all(0 <= c <= 9 for c in self.rare_classes), "--rare-classes must be digits 0-9")
         require(
             len(set(self.rare_classes)) < 10, "--rare-classes must leave at least one common class"
         )
-        require(
-            self.rare_per_class >= 1,
-            f"--rare-per-class must be at least 1, got {self.rare_per_class}",
-        )
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(
-            self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"
-        )
-        require(self.channels > 0, f"--channels must be positive, got {self.channels}")
+        require_at_least(self, 1, "rare_per_class")
+        require_positive(self, "steps", "batch_size", "learning_rate", "channels")
         require(self.mlp_width >= 0, f"--mlp-width must be non-negative, got {self.mlp_width}")
-        require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
-        require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
+        require_at_least(self, 2, "num_samples")
+        require_positive(self, "sample_steps")
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
-        require(
-            self.mem_threshold > 0, f"--mem-threshold must be positive, got {self.mem_threshold}"
-        )
-        require(
-            self.calibration_k >= 1, f"--calibration-k must be at least 1, got {self.calibration_k}"
-        )
+        require_positive(self, "mem_threshold")
+        require_at_least(self, 1, "calibration_k")
         require(
             self.train_t_min > 0 and self.train_t_min < 1,
             f"train_t_min must lie in (0, 1), got {self.train_t_min}",

@@ -48,8 +48,10 @@ from mmh_jax.experiments.common import (
     check_dtype,
     config_from_flags,
     finite_float,
+    input_errors,
     prepare_outputs,
     require,
+    require_at_least,
     save_figure,
     write_csv,
     write_parquet,
@@ -111,14 +113,9 @@ class DetectConfig:
             (self.prompts is None) != (self.images is None),
             "give exactly one of --prompts FILE and --images FOLDER",
         )
-        require(
-            self.images_per_prompt >= 1,
-            f"--images-per-prompt must be at least 1, got {self.images_per_prompt}",
+        require_at_least(
+            self, 1, "images_per_prompt", "num_steps", "batch_size", "num_probes", "euler_steps"
         )
-        require(self.num_steps >= 1, f"--num-steps must be at least 1, got {self.num_steps}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
-        require(self.euler_steps >= 1, f"--euler-steps must be at least 1, got {self.euler_steps}")
         require(self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}")
         require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
         require(0 < self.cfg_t0 <= 1, f"--cfg-t0 must lie in (0, 1], got {self.cfg_t0}")
@@ -153,13 +150,10 @@ def load_pipeline(path: Path, *, dtype: Literal["float32", "bfloat16"], console:
 
     from mmh_jax.models import load_stable_diffusion
 
-    with console.status(f"loading {path} ..."):
-        try:
-            return load_stable_diffusion(
-                path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-            )
-        except (FileNotFoundError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
+    with console.status(f"loading {path} ..."), input_errors(FileNotFoundError, ValueError):
+        return load_stable_diffusion(
+            path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        )
 
 
 def read_prompt_file(path: str | Path) -> list[Item]:

@@ -41,6 +41,8 @@ from mmh_jax.experiments.common import (
     make_progress,
     prepare_outputs,
     require,
+    require_at_least,
+    require_positive,
     save_figure,
     train_and_sample,
     write_csv,
@@ -89,7 +91,7 @@ class VonMisesConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
-        require(self.num_train >= 3, f"--num-train must be at least 3, got {self.num_train}")
+        require_at_least(self, 3, "num_train")
         require(
             0.0 <= self.origin_weight < 1.0,
             f"--origin-weight must lie in [0, 1), got {self.origin_weight}",
@@ -99,24 +101,19 @@ class VonMisesConfig:
             self.num_train - n_origin - 1 >= 1,
             "--num-train too small for --origin-weight: no room for von Mises points",
         )
-        require(self.kappa > 0, f"--kappa must be positive, got {self.kappa}")
+        require_positive(self, "kappa")
         require(
             0.0 <= self.isolation < math.pi,
             f"--isolation must lie in [0, pi), got {self.isolation}",
         )
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(
-            self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"
-        )
+        require_positive(self, "steps", "batch_size", "learning_rate")
         require(self.width > 0 and self.depth > 0, "--width and --depth must be positive")
-        require(self.num_samples > 0, f"--num-samples must be positive, got {self.num_samples}")
-        require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
+        require_positive(self, "num_samples", "sample_steps")
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
-        require(self.od_gap > 0, f"--od-gap must be positive, got {self.od_gap}")
+        require_positive(self, "od_gap")
         require(self.dd_max_lid >= 0, f"--dd-max-lid must be non-negative, got {self.dd_max_lid}")
-        require(self.copy_radius > 0, f"--copy-radius must be positive, got {self.copy_radius}")
-        require(self.lpca_k >= 2, f"--lpca-k must be at least 2, got {self.lpca_k}")
+        require_positive(self, "copy_radius")
+        require_at_least(self, 2, "lpca_k")
         require(0.0 <= self.lpca_q <= 100.0, f"--lpca-q must lie in [0, 100], got {self.lpca_q}")
 
 
