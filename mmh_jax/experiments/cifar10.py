@@ -273,7 +273,7 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
 
     method = config.lid_method
     if config.arch == "stylegan2":
-        from mmh_jax.experiments.cifar10_gan import write_latents
+        from mmh_jax.experiments.cifar10_gan import latent_source
         from mmh_jax.memorization import stylegan2_fns
 
         module = model.module
@@ -283,14 +283,9 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
             f"the generator makes {_hwc(got[1:] + got[:1])} "
             f"images but the training images are {_hwc(shape_chw[1:] + shape_chw[:1])}",
         )
-        latents = write_latents(
-            out / "latents.npz",
-            num_samples=config.num_samples,
-            seed=config.seed,
-            z_dim=module.z_dim,
-            c_dim=module.c_dim,
+        source = latent_source(
+            out / "latents.npz", module, num_samples=config.num_samples, seed=config.seed
         )
-        source = scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed"))
         fns = stylegan2_fns(module, model.params)
         scored = scoring.Model.from_generator(
             fns.generate, (module.z_dim,), num_classes=module.c_dim, description="StyleGAN2"

@@ -30,7 +30,7 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
@@ -63,6 +63,7 @@ __all__ = [
     "GanLidConfig",
     "sample_latents",
     "write_latents",
+    "latent_source",
     "add_arguments",
     "config_from_args",
     "run",
@@ -184,12 +185,8 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     module = model.module
     timings = {"load_s": time.perf_counter() - start}
 
-    latents = write_latents(
-        out / "latents.npz",
-        num_samples=config.num_samples,
-        seed=config.seed,
-        z_dim=module.z_dim,
-        c_dim=module.c_dim,
+    source = latent_source(
+        out / "latents.npz", module, num_samples=config.num_samples, seed=config.seed
     )
     fns = stylegan2_fns(
         module,
@@ -212,7 +209,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
         done = scoring.score(
             generator,
             columns,
-            scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed")),
+            source,
             str(out / "scores"),
             seed=config.seed,
             batch_size=-(-config.batch_size // devices) * devices,
@@ -278,6 +275,17 @@ def write_latents(path: Path, *, num_samples: int, seed: int, z_dim: int, c_dim:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, z=z, **{"class": classes, "seed": seed + indices})
     return path
+
+
+def latent_source(path: Path, module: Any, *, num_samples: int, seed: int):
+    """The scoring engine's source of samples ``0 .. num_samples - 1`` of a StyleGAN2 generator:
+    their latents written to ``path`` (:func:`write_latents`, for ``module``'s ``z_dim`` and
+    ``c_dim``) and read back as a :class:`~mmh_jax.scoring.ArrayFile` whose items carry their
+    ``class`` and ``seed``."""
+    from mmh_jax import scoring
+
+    write_latents(path, num_samples=num_samples, seed=seed, z_dim=module.z_dim, c_dim=module.c_dim)
+    return scoring.ArrayFile(path, key="z", ids_key=None, metadata=("class", "seed"))
 
 
 def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:
