@@ -413,81 +413,74 @@ def _add_convert_parsers(commands: Any) -> None:
         "read back without torch. The conversion is strict: a checkpoint that does not match its architecture is refused with a listing of "
         "the missing, unexpected and misshapen tensors. Nothing is downloaded.",
     )
-    output = dict(
-        metavar="OUT.safetensors",
-        type=Path,
-        required=True,
-        help="the file to write (atomically; an existing file is replaced); its folder must exist",
-    )
-    unet = kinds.add_parser(
+    _add_converter(
+        kinds,
         "unet2d",
+        metavar="FOLDER",
+        source="the diffusers model or pipeline folder",
         help="a diffusers UNet2DModel folder (or a pipeline folder with unet/)",
-        **_described(
-            "Convert a diffusers UNet2DModel saved with save_pretrained: a folder with config.json "
-            "and diffusion_pytorch_model.safetensors (or .bin, which needs torch), or a pipeline "
-            "folder holding it under unet/. The noise schedule comes from the "
-            "scheduler_config.json saved beside the model (in the folder, its scheduler/ child, "
-            "or the pipeline's scheduler/). The output holds the parameters, the config and the "
-            "schedule: load_unet2d(OUT) needs neither torch nor the folder.",
-            "mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors",
-        ),
+        description="Convert a diffusers UNet2DModel saved with save_pretrained: a folder with "
+        "config.json and diffusion_pytorch_model.safetensors (or .bin, which needs torch), or a "
+        "pipeline folder holding it under unet/. The noise schedule comes from the "
+        "scheduler_config.json saved beside the model (in the folder, its scheduler/ child, "
+        "or the pipeline's scheduler/). The output holds the parameters, the config and the "
+        "schedule: load_unet2d(OUT) needs neither torch nor the folder.",
+        example="mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors",
     )
-    unet.add_argument(
-        "path", metavar="FOLDER", type=Path, help="the diffusers model or pipeline folder"
-    )
-    unet.add_argument("-o", "--output", **output)
-    iddpm = kinds.add_parser(
+    iddpm = _add_converter(
+        kinds,
         "iddpm",
-        help="an improved-diffusion (Nichol & Dhariwal 2021) checkpoint, with its flags",
-        **_described(
-            "Convert an improved-diffusion UNetModel checkpoint (a state dict saved with "
-            "torch.save, read with weights_only=True, or the same as .safetensors). Pass the "
-            "MODEL_FLAGS and DIFFUSION_FLAGS it was trained with, dashes for underscores "
-            "(--image-size 32 for --image_size 32, --learn-sigma / --no-learn-sigma for "
-            "--learn_sigma True / False); flags not given take improved-diffusion's defaults, "
-            "shown below. The sampling-only flags do not change the conversion and are not "
-            "taken. The flags are stored in the output: load_iddpm(OUT) needs none, nor torch.",
-            "the CIFAR-10 L_hybrid model of improved-diffusion's README\n"
-            "  mmh-jax convert iddpm cifar10_uncond_50M_500K.pt -o cifar10_uncond.safetensors \\\n"
-            "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
-            "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine",
-        ),
-    )
-    sd = kinds.add_parser(
-        "stable-diffusion",
-        help="a diffusers Stable Diffusion pipeline folder (v1.x, 2.x)",
-        **_described(
-            "Convert a Stable Diffusion pipeline saved with save_pretrained (model_index.json, "
-            "unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights as .safetensors, or "
-            ".bin, which needs torch) into one file holding the three networks' parameters, "
-            "their configs, the scheduler config and the tokenizer: "
-            "load_stable_diffusion(OUT) needs neither torch nor the folder.",
-            "mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors",
-        ),
-    )
-    sd.add_argument("path", metavar="FOLDER", type=Path, help="the pipeline folder")
-    sd.add_argument("-o", "--output", **output)
-    gan = kinds.add_parser(
-        "stylegan2",
-        help="an official StyleGAN2-ADA network pickle, read without running its code",
-        **_described(
-            "Convert a StyleGAN2-ADA generator: an official network pickle (a training "
-            "snapshot or a released .pkl such as cifar10.pkl), read by a restricted reader that "
-            "never imports or executes what the file names (the official loader runs the "
-            "source code stored in the file); a plain state dict of the generator "
-            "(.safetensors, or .pt/.pth read with weights_only=True) with --init-kwargs; or a "
-            "converted file. The output holds the parameters and the generator's constructor "
-            "arguments: load_stylegan2(OUT) needs neither torch nor the pickle.",
-            "mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors",
-        ),
-    )
-    gan.add_argument(
-        "path",
         metavar="CHECKPOINT",
-        type=Path,
-        help="the .pkl (or a state dict, or a converted .safetensors file)",
+        source="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)",
+        help="an improved-diffusion (Nichol & Dhariwal 2021) checkpoint, with its flags",
+        description="Convert an improved-diffusion UNetModel checkpoint (a state dict saved with "
+        "torch.save, read with weights_only=True, or the same as .safetensors). Pass the "
+        "MODEL_FLAGS and DIFFUSION_FLAGS it was trained with, dashes for underscores "
+        "(--image-size 32 for --image_size 32, --learn-sigma / --no-learn-sigma for "
+        "--learn_sigma True / False); flags not given take improved-diffusion's defaults, "
+        "shown below. The sampling-only flags do not change the conversion and are not "
+        "taken. The flags are stored in the output: load_iddpm(OUT) needs none, nor torch.",
+        example="the CIFAR-10 L_hybrid model of improved-diffusion's README\n"
+        "  mmh-jax convert iddpm cifar10_uncond_50M_500K.pt -o cifar10_uncond.safetensors \\\n"
+        "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
+        "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine",
     )
-    gan.add_argument("-o", "--output", **output)
+    defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
+    for title, options in (
+        ("model flags", IDDPM_MODEL_OPTIONS),
+        ("diffusion flags", IDDPM_DIFFUSION_OPTIONS),
+    ):
+        group = iddpm.add_argument_group(title)
+        for name, kind, metavar, text in options:
+            _add_iddpm_option(group, name, kind, metavar, text, defaults[name])
+    _add_converter(
+        kinds,
+        "stable-diffusion",
+        metavar="FOLDER",
+        source="the pipeline folder",
+        help="a diffusers Stable Diffusion pipeline folder (v1.x, 2.x)",
+        description="Convert a Stable Diffusion pipeline saved with save_pretrained "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights as "
+        ".safetensors, or .bin, which needs torch) into one file holding the three networks' "
+        "parameters, their configs, the scheduler config and the tokenizer: "
+        "load_stable_diffusion(OUT) needs neither torch nor the folder.",
+        example="mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors",
+    )
+    gan = _add_converter(
+        kinds,
+        "stylegan2",
+        metavar="CHECKPOINT",
+        source="the .pkl (or a state dict, or a converted .safetensors file)",
+        help="an official StyleGAN2-ADA network pickle, read without running its code",
+        description="Convert a StyleGAN2-ADA generator: an official network pickle (a training "
+        "snapshot or a released .pkl such as cifar10.pkl), read by a restricted reader that "
+        "never imports or executes what the file names (the official loader runs the "
+        "source code stored in the file); a plain state dict of the generator "
+        "(.safetensors, or .pt/.pth read with weights_only=True) with --init-kwargs; or a "
+        "converted file. The output holds the parameters and the generator's constructor "
+        "arguments: load_stylegan2(OUT) needs neither torch nor the pickle.",
+        example="mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors",
+    )
     gan.add_argument(
         "--network",
         choices=("G", "G_ema"),
@@ -502,21 +495,32 @@ def _add_convert_parsers(commands: Any) -> None:
         "arguments (z_dim, c_dim, w_dim, img_resolution, img_channels, "
         "mapping_kwargs, synthesis_kwargs)",
     )
-    iddpm.add_argument(
-        "path",
-        metavar="CHECKPOINT",
+
+
+def _add_converter(
+    kinds: Any,
+    name: str,
+    *,
+    metavar: str,
+    source: str,
+    help: str,
+    description: str,
+    example: str,
+) -> Any:
+    """Add the conversion ``name`` (:func:`_add_tool`'s ``help``, ``description`` and
+    ``example``) with its input ``path`` (shown as ``metavar``, described by ``source``) and
+    ``-o/--output``; returns its parser."""
+    parser = kinds.add_parser(name, help=help, **_described(description, example))
+    parser.add_argument("path", metavar=metavar, type=Path, help=source)
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.safetensors",
         type=Path,
-        help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)",
+        required=True,
+        help="the file to write (atomically; an existing file is replaced); its folder must exist",
     )
-    iddpm.add_argument("-o", "--output", **output)
-    defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
-    for title, options in (
-        ("model flags", IDDPM_MODEL_OPTIONS),
-        ("diffusion flags", IDDPM_DIFFUSION_OPTIONS),
-    ):
-        group = iddpm.add_argument_group(title)
-        for name, kind, metavar, text in options:
-            _add_iddpm_option(group, name, kind, metavar, text, defaults[name])
+    return parser
 
 
 def _normalise(argv: list[str]) -> list[str]:
