@@ -49,7 +49,6 @@ from typing import Literal
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax._src.images import to_model_range
@@ -62,11 +61,13 @@ from mmh_jax.experiments.common import (
     finite_float,
     input_errors,
     int_field,
+    key_value_table,
     output_console,
     prepare_outputs,
     read_csv_rows,
     require,
     require_at_least,
+    results_table,
     write_csv,
     write_parquet,
 )
@@ -545,11 +546,6 @@ def run(config: Cifar10Config, *, console: Console | None = None):
 def _print_run(
     console: Console, table: dict, config: Cifar10Config, timings: dict, files: list
 ) -> None:
-    t = Table(
-        title=f"CIFAR-10 analysis: {config.num_samples} samples of {config.arch}", show_header=False
-    )
-    t.add_column("", style="bold")
-    t.add_column("", justify="right")
     lid_name = config.lid_method + (
         f" (t0 = {config.lid_t0:g})"
         if config.lid_t0
@@ -565,9 +561,11 @@ def _print_run(
     if "sscd_similarity" in table:
         rows.append(("SSCD similarity median [min, max]", _spread(table["sscd_similarity"])))
     rows.append(("time", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items())))
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    console.print(
+        key_value_table(
+            rows, title=f"CIFAR-10 analysis: {config.num_samples} samples of {config.arch}"
+        )
+    )
     console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
@@ -719,12 +717,11 @@ def report(config: ReportConfig, *, console: Console | None = None):
             title="memorized (exact or reconstructive)",
         )
     )
-    t = Table(
+    t = results_table(
+        ("signal", "AUROC [95% CI]", "TPR@1%FPR [95% CI]", "AP [95% CI]"),
         title=f"Detecting memorized samples ({int(memorized.sum())} memorized, "
-        f"{int((~memorized).sum())} not; small value = memorized)"
+        f"{int((~memorized).sum())} not; small value = memorized)",
     )
-    for col in ("signal", "AUROC [95% CI]", "TPR@1%FPR [95% CI]", "AP [95% CI]"):
-        t.add_column(col, justify="left" if col == "signal" else "right")
     for name, m in metrics.items():
         t.add_row(
             name,

@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
@@ -50,6 +49,7 @@ from mmh_jax.experiments.common import (
     finite_float,
     input_errors,
     int_field,
+    key_value_table,
     prepare_outputs,
     read_csv_rows,
     require,
@@ -326,12 +326,6 @@ def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dic
 
 
 def _print_summary(console: Console, s: dict, config: GanLidConfig, files: list) -> None:
-    table = Table(
-        title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})",
-        show_header=False,
-    )
-    table.add_column("", style="bold")
-    table.add_column("", justify="right")
     lid = s["lid"]
     t = s["timings"]
     rows = [
@@ -363,9 +357,11 @@ def _print_summary(console: Console, s: dict, config: GanLidConfig, files: list)
             f"({rate:.2f} samples/s, with compilation)",
         ),
     ]
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(
+        key_value_table(
+            rows, title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})"
+        )
+    )
     console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 

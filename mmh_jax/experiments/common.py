@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -24,6 +24,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
 from mmh_jax._src.files import atomic_path
 
@@ -46,6 +47,8 @@ __all__ = [
     "save_figure",
     "make_progress",
     "output_console",
+    "results_table",
+    "key_value_table",
     "require",
     "require_at_least",
     "require_positive",
@@ -351,6 +354,28 @@ def output_console() -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPED_WIDTH
     return console
+
+
+def results_table(columns: Sequence[str], *, title: str, caption: str | None = None) -> Table:
+    """A table of results for the output console (rows added by the caller): its first column
+    (what a row is about) left-aligned, the others (the values) right-aligned."""
+    table = Table(title=title, caption=caption)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i else "left")
+    return table
+
+
+def key_value_table(
+    rows: Iterable[tuple[str, str]], *, title: str, align: Literal["left", "right"] = "right"
+) -> Table:
+    """A table of ``(name, value)`` rows without a header for the output console: names in
+    bold, values aligned to ``align``."""
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify=align)
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
 
 
 def make_progress(console: Console, *, enabled: bool) -> Progress:

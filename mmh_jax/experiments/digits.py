@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax.experiments.common import (
     add_display_flags,
@@ -36,6 +35,7 @@ from mmh_jax.experiments.common import (
     require,
     require_at_least,
     require_positive,
+    results_table,
     save_figure,
     train_and_sample,
     write_csv,
@@ -316,11 +316,10 @@ def run(config: DigitsConfig, *, console: Console | None = None):
 
 
 def _print_summary(console: Console, s: dict, config: DigitsConfig, files: list) -> None:
-    tab = Table(
-        title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples"
+    tab = results_table(
+        ("nearest training image", "samples", "memorized", "FLIPD median"),
+        title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples",
     )
-    for c in ("nearest training image", "samples", "memorized", "FLIPD median"):
-        tab.add_column(c, justify="left" if c.startswith("nearest") else "right")
     for kd, e in s["by_kind"].items():
         tab.add_row(
             kd,

@@ -37,7 +37,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax.experiments.common import (
     DemoInputError,
@@ -52,6 +51,7 @@ from mmh_jax.experiments.common import (
     prepare_outputs,
     require,
     require_at_least,
+    results_table,
     save_figure,
     write_csv,
     write_parquet,
@@ -495,7 +495,6 @@ def _summarise(rows: list[dict], timings: dict, scored: int) -> dict:
 
 def _print_summary(console: Console, s: dict, config: DetectConfig, files: list) -> None:
     what = "prompts" if config.prompts is not None else "image-caption pairs"
-    table = Table(title=f"Stable Diffusion memorization metrics of {s['rows']} {what}")
     # a label group no row is in, and detection without both labels, are left out (not nan)
     groups = [
         (f"median ({short})", group)
@@ -503,8 +502,10 @@ def _print_summary(console: Console, s: dict, config: DetectConfig, files: list)
         if any(np.isfinite(med[group]) for med in s["medians"].values())
     ]
     detection = ["AUROC", "TPR @ 1% FPR"] if s["detection"] else []
-    for column in ("metric", *(header for header, _ in groups), *detection):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    table = results_table(
+        ("metric", *(header for header, _ in groups), *detection),
+        title=f"Stable Diffusion memorization metrics of {s['rows']} {what}",
+    )
     for name, description, _ in METRICS:
         values = [s["medians"][name][group] for _, group in groups]
         values += list(s["detection"].get(name, (float("nan"),) * 2))[: len(detection)]

@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax.experiments.common import (
     DemoInputError,
@@ -43,6 +42,7 @@ from mmh_jax.experiments.common import (
     require,
     require_at_least,
     require_positive,
+    results_table,
     save_figure,
     train_and_sample,
     write_csv,
@@ -339,22 +339,21 @@ def _fmt(v, spec=".2f") -> str:
 
 def _print_summary(console: Console, summary: dict, config: VonMisesConfig, files: list) -> None:
     iso = summary["isolated_point"]
-    tab = Table(
+    tab = results_table(
+        (
+            "region",
+            "samples",
+            "FLIPD median [min, max]",
+            "NB median",
+            "LID_* (lpca)",
+            "od-mem",
+            "dd-mem",
+            "not-mem",
+        ),
         title=f"von Mises mixture, seed {config.seed}: LID of {config.num_samples} samples (t0 = {config.t0})",
         caption=f"isolated training point at ({iso[0]:.2f}, {iso[1]:.2f}); "
         f"labels from FLIPD vs. local-PCA LID_* (od_gap {config.od_gap}, dd_max_lid {config.dd_max_lid})",
     )
-    for col in (
-        "region",
-        "samples",
-        "FLIPD median [min, max]",
-        "NB median",
-        "LID_* (lpca)",
-        "od-mem",
-        "dd-mem",
-        "not-mem",
-    ):
-        tab.add_column(col, justify="right" if col != "region" else "left")
     for reg in REGIONS:
         e = summary["regions"][reg]
         if e["n"] == 0:
