@@ -25,10 +25,6 @@ import numpy as np
 from rich.console import Console
 
 from mmh_jax.experiments.common import (
-    add_display_flags,
-    add_dtype_flag,
-    add_flags,
-    add_out_flag,
     check_dtype,
     config_from_flags,
     finite_float,
@@ -40,6 +36,7 @@ from mmh_jax.experiments.common import (
 from mmh_jax.experiments.stable_diffusion import (
     _open_prompt_file,
     add_model_argument,
+    add_pipeline_flags,
     load_pipeline,
     score_pipeline,
 )
@@ -413,10 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON lines (.jsonl) with 'caption', 'label' (true: memorized) and "
         "an optional 'kind' (memorization kind, reported separately)",
     )
-    add_out_flag(parser, d.out)
-    add_flags(parser, d, _FLAGS)
-    add_dtype_flag(parser, d.dtype, of="the networks")
-    add_display_flags(parser)
+    add_pipeline_flags(parser, d, _FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:

@@ -33,7 +33,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from rich.console import Console
@@ -69,6 +69,7 @@ __all__ = [
     "detection_columns",
     "score_pipeline",
     "add_model_argument",
+    "add_pipeline_flags",
     "add_arguments",
     "config_from_args",
     "run",
@@ -580,6 +581,16 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_pipeline_flags(parser: argparse.ArgumentParser, defaults: Any, flags: Sequence) -> None:
+    """Add the flags an ``sd`` command ends with: ``-o/--out`` (a rerun resumes there), its
+    number ``flags`` (:func:`~mmh_jax.experiments.common.add_flags`, defaults from the config
+    ``defaults``), ``--dtype`` of the networks, ``--no-figure`` and ``--quiet``."""
+    add_out_flag(parser, defaults.out)
+    add_flags(parser, defaults, flags)
+    add_dtype_flag(parser, defaults.dtype, of="the networks")
+    add_display_flags(parser)
+
+
 _FLAGS = (
     ("images_per_prompt", int, "N", "images generated per prompt"),
     ("num_steps", int, "N", "DDIM steps"),
@@ -623,10 +634,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FOLDER",
         help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')",
     )
-    add_out_flag(parser, d.out)
-    add_flags(parser, d, _FLAGS)
-    add_dtype_flag(parser, d.dtype, of="the networks")
-    add_display_flags(parser)
+    add_pipeline_flags(parser, d, _FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectConfig:

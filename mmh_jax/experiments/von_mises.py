@@ -430,27 +430,21 @@ def _figure(train: TrainingSet, table: dict, config: VonMisesConfig):
     )
     od = table["label"] == "od-mem"
     dd = table["label"] == "dd-mem"
-    bottom.scatter(
-        x[od],
-        y[od],
-        s=70,
-        facecolors="none",
-        edgecolors="tab:red",
-        linewidths=1.2,
-        label=f"OD-Mem ({od.sum()})",
-        zorder=4,
-    )
-    bottom.scatter(
-        x[dd],
-        y[dd],
-        s=70,
-        marker="s",
-        facecolors="none",
-        edgecolors="k",
-        linewidths=1.0,
-        label=f"DD-Mem ({dd.sum()})",
-        zorder=4,
-    )
+    for name, mask, marker, colour, width in (
+        ("OD-Mem", od, "o", "tab:red", 1.2),
+        ("DD-Mem", dd, "s", "k", 1.0),
+    ):
+        bottom.scatter(
+            x[mask],
+            y[mask],
+            s=70,
+            marker=marker,
+            facecolors="none",
+            edgecolors=colour,
+            linewidths=width,
+            label=f"{name} ({mask.sum()})",
+            zorder=4,
+        )
     fig.colorbar(
         sc,
         ax=bottom,
