@@ -1,4 +1,5 @@
-"""Shared plumbing for the demos: input errors, atomic file output, progress bars."""
+"""Shared plumbing for the demos and commands: flags, input checks and errors, atomic file
+output, tables, progress bars, the toy demos' training and sampling."""
 
 from __future__ import annotations
 
@@ -219,7 +220,7 @@ def add_flags(
     """
     for field, kind, metavar, text in flags:
         parser.add_argument(
-            "--" + field.replace("_", "-"),
+            _flag(field),
             type=kind,
             metavar=metavar,
             default=getattr(defaults, field),
