@@ -121,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tools(commands: Any, name: str, *, dest: str, metavar: str = "TOOL", **kwargs: Any) -> Any:
+    """Add the command ``name`` (``help``, ``description``: ``kwargs``) and return its
+    subcommands, one of which must be given (its name in ``args.<dest>``)."""
+    tools = commands.add_parser(name, **kwargs).add_subparsers(
+        dest=dest, metavar=metavar, parser_class=_Parser
+    )
+    tools.required = True
+    return tools
+
+
+def _add_tool(
+    tools: Any, name: str, add_arguments: Any, *, help: str, description: str, example: str
+) -> None:
+    """Add the subcommand ``name`` to ``tools``: its one-line ``help``, its ``description``
+    wrapped and its ``example`` verbatim (:func:`_described`), its arguments by
+    ``add_arguments(parser)``."""
+    add_arguments(tools.add_parser(name, help=help, **_described(description, example)))
+
+
 def _add_score_parsers(commands: Any) -> None:
     """The ``score`` command (``--config``) and its ``merge`` subcommand."""
     score = commands.add_parser(
@@ -188,162 +207,155 @@ def _add_sd_parsers(commands: Any) -> None:
     """The ``sd`` command and its ``detect``, ``attribute`` and ``mitigate`` subcommands."""
     from mmh_jax.experiments import detector_benchmark, sd_mitigation, stable_diffusion
 
-    sd = commands.add_parser(
+    tools = _add_tools(
+        commands,
         "sd",
+        dest="sd_command",
         help="Stable Diffusion: memorization detection, token attribution, mitigation",
         description="Memorization tools for Stable Diffusion (v1.x, 2.x) from a local diffusers "
         "pipeline folder or a converted file; nothing is downloaded.",
     )
-    tools = sd.add_subparsers(dest="sd_command", metavar="TOOL", parser_class=_Parser)
-    tools.required = True
-    detect = tools.add_parser(
+    _add_tool(
+        tools,
         "detect",
+        stable_diffusion.add_arguments,
         help="score prompts or image-caption pairs with the paper's memorization metrics",
-        **_described(
-            "Score prompts (generating --images-per-prompt images each with DDIM and "
-            "classifier-free guidance) or real image-caption pairs with the memorization metrics "
-            "of the paper (Section 3.2, Figure 6): Wen et al.'s CFG vector norm, the "
-            "CFG-adjusted score norm, and FLIPD of the unconditional and of the CFG-conditional "
-            "model in latent space. Writes results.parquet/.csv (resumable: a rerun with the "
-            "same --out skips what is done), density histograms by label (Figure 6), the "
-            "CFG-adjusted score vs CFG vector scatter (Figure 3), and with labels the AUROC and "
-            "TPR at 1% FPR of every metric.",
-            "mmh-jax sd detect ./stable-diffusion-v1-5 --prompts memorized.jsonl -o sd-detect",
-        ),
+        description="Score prompts (generating --images-per-prompt images each with DDIM and "
+        "classifier-free guidance) or real image-caption pairs with the memorization metrics "
+        "of the paper (Section 3.2, Figure 6): Wen et al.'s CFG vector norm, the "
+        "CFG-adjusted score norm, and FLIPD of the unconditional and of the CFG-conditional "
+        "model in latent space. Writes results.parquet/.csv (resumable: a rerun with the "
+        "same --out skips what is done), density histograms by label (Figure 6), the "
+        "CFG-adjusted score vs CFG vector scatter (Figure 3), and with labels the AUROC and "
+        "TPR at 1% FPR of every metric.",
+        example="mmh-jax sd detect ./stable-diffusion-v1-5 --prompts memorized.jsonl -o sd-detect",
     )
-    stable_diffusion.add_arguments(detect)
-    attribute = tools.add_parser(
+    _add_tool(
+        tools,
         "attribute",
+        sd_mitigation.add_attribute_arguments,
         help="which prompt tokens drive memorization (token attributions, Figures 7a/11)",
-        **_described(
-            "Attribute the memorization metrics of each prompt to its tokens (paper, Section "
-            "4.2, Appendix D.2, Figures 7a and 11): generate DDIM trajectories of the prompt, "
-            "take the gradient of A^CFG (Wen et al.'s CFG vector norm), A^sCFG (the CFG-adjusted "
-            "score norm) or A^FLIPD (the CFG-conditional FLIPD) with respect to the prompt "
-            "embedding, and report its L2 norm per token averaged over images and steps (the "
-            "public code's defaults: 4 images x all steps for the CFG metrics, 1 image x steps "
-            "10-49 of 50 for FLIPD). Writes attributions.parquet/.csv (one row per prompt, "
-            "metric and token) and attributions.png (the tokens coloured by attribution).",
-            'mmh-jax sd attribute ./stable-diffusion-v1-5 --prompt "The Great Wave off '
-            'Kanagawa by Katsushika Hokusai" --metric flipd cfg -o sd-attribute',
-        ),
+        description="Attribute the memorization metrics of each prompt to its tokens (paper, Section "
+        "4.2, Appendix D.2, Figures 7a and 11): generate DDIM trajectories of the prompt, "
+        "take the gradient of A^CFG (Wen et al.'s CFG vector norm), A^sCFG (the CFG-adjusted "
+        "score norm) or A^FLIPD (the CFG-conditional FLIPD) with respect to the prompt "
+        "embedding, and report its L2 norm per token averaged over images and steps (the "
+        "public code's defaults: 4 images x all steps for the CFG metrics, 1 image x steps "
+        "10-49 of 50 for FLIPD). Writes attributions.parquet/.csv (one row per prompt, "
+        "metric and token) and attributions.png (the tokens coloured by attribution).",
+        example='mmh-jax sd attribute ./stable-diffusion-v1-5 --prompt "The Great Wave off '
+        'Kanagawa by Katsushika Hokusai" --metric flipd cfg -o sd-attribute',
     )
-    sd_mitigation.add_attribute_arguments(attribute)
-    mitigate = tools.add_parser(
+    _add_tool(
+        tools,
         "mitigate",
+        sd_mitigation.add_mitigate_arguments,
         help="rephrase memorized prompts (or optimise their embeddings) and score the new images",
-        **_described(
-            "Mitigate memorization at sample time (paper, Section 4.2, Appendix D.3-D.5, Figures "
-            "7c, 9, 10). For every prompt, method, k and repeat: attribution (k tokens drawn from "
-            "softmax(attribution / 0.1) with 1e-3 smoothing, their words rephrased), uniform (k "
-            "tokens drawn uniformly, rephrased), rta (k random CLIP vocabulary words inserted, "
-            "Somepalli et al.), embedding (AdamW on the prompt embedding: A^FLIPD raised at step "
-            "40, lr 0.05, 20 updates; A^CFG lowered at step 0 to ||eps_c - eps_u|| <= 3, as Wen "
-            "et al.); then the new image from the same starting noise as the original, its SSCD "
-            "similarity to the memorized training image (--reference-images; else to the "
-            "original generation) and its CLIP score against the original prompt. The rephraser "
-            "is offline synonym substitution by default, or any OpenAI-compatible chat endpoint "
-            "(--rephraser chat --chat-url URL, key in $OPENAI_API_KEY); a failing rephrasing "
-            "keeps its prompt, is reported, and the run goes on. Writes results.parquet/.csv, "
-            "summary.csv, originals.csv, attributions.csv, grid.png (Figure 10) and, with "
-            "--sscd and --clip, tradeoff.png (Figure 7c).",
-            "mmh-jax sd mitigate ./stable-diffusion-v1-5 --prompts memorized.jsonl --sscd "
-            "sscd_disc_large.torchscript.pt --clip ./clip-vit-large-patch14 --reference-images "
-            "./laion-memorized -o sd-mitigate",
-        ),
+        description="Mitigate memorization at sample time (paper, Section 4.2, Appendix D.3-D.5, Figures "
+        "7c, 9, 10). For every prompt, method, k and repeat: attribution (k tokens drawn from "
+        "softmax(attribution / 0.1) with 1e-3 smoothing, their words rephrased), uniform (k "
+        "tokens drawn uniformly, rephrased), rta (k random CLIP vocabulary words inserted, "
+        "Somepalli et al.), embedding (AdamW on the prompt embedding: A^FLIPD raised at step "
+        "40, lr 0.05, 20 updates; A^CFG lowered at step 0 to ||eps_c - eps_u|| <= 3, as Wen "
+        "et al.); then the new image from the same starting noise as the original, its SSCD "
+        "similarity to the memorized training image (--reference-images; else to the "
+        "original generation) and its CLIP score against the original prompt. The rephraser "
+        "is offline synonym substitution by default, or any OpenAI-compatible chat endpoint "
+        "(--rephraser chat --chat-url URL, key in $OPENAI_API_KEY); a failing rephrasing "
+        "keeps its prompt, is reported, and the run goes on. Writes results.parquet/.csv, "
+        "summary.csv, originals.csv, attributions.csv, grid.png (Figure 10) and, with "
+        "--sscd and --clip, tradeoff.png (Figure 7c).",
+        example="mmh-jax sd mitigate ./stable-diffusion-v1-5 --prompts memorized.jsonl --sscd "
+        "sscd_disc_large.torchscript.pt --clip ./clip-vit-large-patch14 --reference-images "
+        "./laion-memorized -o sd-mitigate",
     )
-    sd_mitigation.add_mitigate_arguments(mitigate)
-    benchmark = tools.add_parser(
+    _add_tool(
+        tools,
         "benchmark-detectors",
+        detector_benchmark.add_arguments,
         help="compare the memorization detectors of the literature on labelled prompts",
-        **_described(
-            "Run every memorization detector of the literature (Ren et al.'s cross-attention "
-            "entropy and beginning/end-token attention, Chen et al.'s bright ending, "
-            "Hintersdorf et al.'s NeMo value-neuron outliers, Jeon et al.'s sharpness, "
-            "Webster's one-step edge agreement, Carlini et al.'s generation clusters) and the "
-            "paper's metrics (CFG norm, CFG-adjusted score norm, conditional FLIPD) on one "
-            "labelled prompt file; report AUROC and TPR at 1% FPR with bootstrap CIs, per "
-            "memorization kind when the file has a 'kind' field, and the cost of each (UNet "
-            "evaluations and seconds per prompt, and relative to the generation). Writes "
-            "detectors.csv/.md, prompts.csv and roc.png.",
-            "mmh-jax sd benchmark-detectors ./stable-diffusion-v1-5 --prompts labelled.jsonl "
-            "-o sd-benchmark",
-        ),
+        description="Run every memorization detector of the literature (Ren et al.'s cross-attention "
+        "entropy and beginning/end-token attention, Chen et al.'s bright ending, "
+        "Hintersdorf et al.'s NeMo value-neuron outliers, Jeon et al.'s sharpness, "
+        "Webster's one-step edge agreement, Carlini et al.'s generation clusters) and the "
+        "paper's metrics (CFG norm, CFG-adjusted score norm, conditional FLIPD) on one "
+        "labelled prompt file; report AUROC and TPR at 1% FPR with bootstrap CIs, per "
+        "memorization kind when the file has a 'kind' field, and the cost of each (UNet "
+        "evaluations and seconds per prompt, and relative to the generation). Writes "
+        "detectors.csv/.md, prompts.csv and roc.png.",
+        example="mmh-jax sd benchmark-detectors ./stable-diffusion-v1-5 --prompts labelled.jsonl "
+        "-o sd-benchmark",
     )
-    detector_benchmark.add_arguments(benchmark)
 
 
 def _add_gan_parsers(commands: Any) -> None:
     """The ``gan`` command and its ``lid`` subcommand."""
     from mmh_jax.experiments import cifar10_gan
 
-    gan = commands.add_parser(
+    tools = _add_tools(
+        commands,
         "gan",
+        dest="gan_command",
         help="GANs (StyleGAN2-ADA): Jacobian-rank LID of samples",
         description="Memorization tools for StyleGAN2-ADA generators from an official .pkl "
         "(read as data, never executed) or a converted file; nothing is downloaded.",
     )
-    tools = gan.add_subparsers(dest="gan_command", metavar="TOOL", parser_class=_Parser)
-    tools.required = True
-    lid = tools.add_parser(
+    _add_tool(
+        tools,
         "lid",
+        cifar10_gan.add_arguments,
         help="LID of generated samples from the rank of the generator's Jacobian (Figure 5a-b)",
-        **_described(
-            "Generate class-balanced samples (sample i: the official generate.py's seed "
-            "--seed + i, class i mod c_dim), compute the singular values of the Jacobian of "
-            "each sample with respect to its latent, threshold all of them at their pooled "
-            "--percentile (the paper's 10th, Appendix C.1) and count those above: the LID "
-            "estimate. Writes results.parquet/.csv, spectra.npy, the histogram of Figure 5b "
-            "and the lowest- and highest-LID samples (Figure 5a); resumable: a rerun with the "
-            "same --out computes only what is missing.",
-            "mmh-jax gan lid cifar10.pkl -n 50000 -o cifar10-gan-lid",
-        ),
+        description="Generate class-balanced samples (sample i: the official generate.py's seed "
+        "--seed + i, class i mod c_dim), compute the singular values of the Jacobian of "
+        "each sample with respect to its latent, threshold all of them at their pooled "
+        "--percentile (the paper's 10th, Appendix C.1) and count those above: the LID "
+        "estimate. Writes results.parquet/.csv, spectra.npy, the histogram of Figure 5b "
+        "and the lowest- and highest-LID samples (Figure 5a); resumable: a rerun with the "
+        "same --out computes only what is missing.",
+        example="mmh-jax gan lid cifar10.pkl -n 50000 -o cifar10-gan-lid",
     )
-    cifar10_gan.add_arguments(lid)
 
 
 def _add_cifar10_parsers(commands: Any) -> None:
     """The ``cifar10`` command and its ``run`` and ``report`` subcommands."""
     from mmh_jax.experiments import cifar10
 
-    group = commands.add_parser(
+    tools = _add_tools(
+        commands,
         "cifar10",
+        dest="cifar10_command",
         help="the paper's CIFAR-10 memorization analysis (Figure 5, Figure 8)",
         description="The paper's CIFAR-10 analysis on your training images and checkpoint "
         "(iDDPM, diffusers UNet2D or StyleGAN2-ADA): sample, LID_theta, nearest training "
         "images, LID_*, PNG complexity; then detection metrics from hand labels.",
     )
-    tools = group.add_subparsers(dest="cifar10_command", metavar="TOOL", parser_class=_Parser)
-    tools.required = True
-    run = tools.add_parser(
+    _add_tool(
+        tools,
         "run",
+        cifar10.add_run_arguments,
         help="generate, estimate LID_theta and LID_*, retrieve nearest training images",
-        **_described(
-            "Generate samples (DDIM for diffusion models, class-balanced latents for "
-            "StyleGAN2-ADA), estimate LID_theta (FLIPD t0=0.05 or the normal bundle t0=0.1 "
-            "for diffusion models; Jacobian rank at the pooled 10th percentile for StyleGAN), "
-            "find each sample's nearest training image by calibrated l2 (and SSCD with "
-            "--sscd), estimate that image's LID_* with local PCA, and the PNG length. Writes "
-            "results.parquet/.csv, pairs_<distance>.png and to_label.csv. Diffusion models: "
-            "only converted .safetensors files (or, for unet2d, diffusers folders), which "
-            "carry their own flags.",
-            "mmh-jax cifar10 run --train cifar10-train/ --model cifar10.pkl --arch stylegan2 "
-            "-n 50000 -o cifar10-gan",
-        ),
+        description="Generate samples (DDIM for diffusion models, class-balanced latents for "
+        "StyleGAN2-ADA), estimate LID_theta (FLIPD t0=0.05 or the normal bundle t0=0.1 "
+        "for diffusion models; Jacobian rank at the pooled 10th percentile for StyleGAN), "
+        "find each sample's nearest training image by calibrated l2 (and SSCD with "
+        "--sscd), estimate that image's LID_* with local PCA, and the PNG length. Writes "
+        "results.parquet/.csv, pairs_<distance>.png and to_label.csv. Diffusion models: "
+        "only converted .safetensors files (or, for unet2d, diffusers folders), which "
+        "carry their own flags.",
+        example="mmh-jax cifar10 run --train cifar10-train/ --model cifar10.pkl --arch stylegan2 "
+        "-n 50000 -o cifar10-gan",
     )
-    cifar10.add_run_arguments(run)
-    rep = tools.add_parser(
+    _add_tool(
+        tools,
         "report",
+        cifar10.add_report_arguments,
         help="detection metrics and figures from hand labels of a run",
-        **_described(
-            "Join hand labels (exact / reconstructive / not) with a run's results and write "
-            "histograms.png (Figure 5 / 8), roc.png and detection.csv: AUROC, TPR at 1% FPR "
-            "and AP with bootstrap 95% CIs of LID_theta, LID_* and their PNG-normalised "
-            "variants (memorized = exact or reconstructive; small LID = memorized).",
-            "mmh-jax cifar10 report cifar10-gan --labels cifar10-gan/to_label.csv",
-        ),
+        description="Join hand labels (exact / reconstructive / not) with a run's results and write "
+        "histograms.png (Figure 5 / 8), roc.png and detection.csv: AUROC, TPR at 1% FPR "
+        "and AP with bootstrap 95% CIs of LID_theta, LID_* and their PNG-normalised "
+        "variants (memorized = exact or reconstructive; small LID = memorized).",
+        example="mmh-jax cifar10 report cifar10-gan --labels cifar10-gan/to_label.csv",
     )
-    cifar10.add_report_arguments(rep)
 
 
 def _add_iddpm_option(
@@ -388,8 +400,11 @@ def _add_convert_parsers(commands: Any) -> None:
     from mmh_jax.experiments.convert import IDDPM_DIFFUSION_OPTIONS, IDDPM_MODEL_OPTIONS
     from mmh_jax.models.iddpm import DIFFUSION_FLAGS, MODEL_FLAGS
 
-    convert = commands.add_parser(
+    kinds = _add_tools(
+        commands,
         "convert",
+        dest="architecture",
+        metavar="ARCHITECTURE",
         help="convert a PyTorch checkpoint (diffusers UNet2DModel, improved-diffusion, a "
         "Stable Diffusion pipeline, a StyleGAN2-ADA pickle) to safetensors for the JAX loaders",
         description="Convert a local PyTorch checkpoint into one .safetensors file holding the "
@@ -398,85 +413,74 @@ def _add_convert_parsers(commands: Any) -> None:
         "read back without torch. The conversion is strict: a checkpoint that does not match its architecture is refused with a listing of "
         "the missing, unexpected and misshapen tensors. Nothing is downloaded.",
     )
-    kinds = convert.add_subparsers(
-        dest="architecture", metavar="ARCHITECTURE", parser_class=_Parser
-    )
-    kinds.required = True
-    output = dict(
-        metavar="OUT.safetensors",
-        type=Path,
-        required=True,
-        help="the file to write (atomically; an existing file is replaced); its folder must exist",
-    )
-    unet = kinds.add_parser(
+    _add_converter(
+        kinds,
         "unet2d",
+        metavar="FOLDER",
+        source="the diffusers model or pipeline folder",
         help="a diffusers UNet2DModel folder (or a pipeline folder with unet/)",
-        **_described(
-            "Convert a diffusers UNet2DModel saved with save_pretrained: a folder with config.json "
-            "and diffusion_pytorch_model.safetensors (or .bin, which needs torch), or a pipeline "
-            "folder holding it under unet/. The noise schedule comes from the "
-            "scheduler_config.json saved beside the model (in the folder, its scheduler/ child, "
-            "or the pipeline's scheduler/). The output holds the parameters, the config and the "
-            "schedule: load_unet2d(OUT) needs neither torch nor the folder.",
-            "mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors",
-        ),
+        description="Convert a diffusers UNet2DModel saved with save_pretrained: a folder with "
+        "config.json and diffusion_pytorch_model.safetensors (or .bin, which needs torch), or a "
+        "pipeline folder holding it under unet/. The noise schedule comes from the "
+        "scheduler_config.json saved beside the model (in the folder, its scheduler/ child, "
+        "or the pipeline's scheduler/). The output holds the parameters, the config and the "
+        "schedule: load_unet2d(OUT) needs neither torch nor the folder.",
+        example="mmh-jax convert unet2d ./ddpm-cifar10-32 -o ddpm-cifar10-32.safetensors",
     )
-    unet.add_argument(
-        "path", metavar="FOLDER", type=Path, help="the diffusers model or pipeline folder"
-    )
-    unet.add_argument("-o", "--output", **output)
-    iddpm = kinds.add_parser(
+    iddpm = _add_converter(
+        kinds,
         "iddpm",
-        help="an improved-diffusion (Nichol & Dhariwal 2021) checkpoint, with its flags",
-        **_described(
-            "Convert an improved-diffusion UNetModel checkpoint (a state dict saved with "
-            "torch.save, read with weights_only=True, or the same as .safetensors). Pass the "
-            "MODEL_FLAGS and DIFFUSION_FLAGS it was trained with, dashes for underscores "
-            "(--image-size 32 for --image_size 32, --learn-sigma / --no-learn-sigma for "
-            "--learn_sigma True / False); flags not given take improved-diffusion's defaults, "
-            "shown below. The sampling-only flags do not change the conversion and are not "
-            "taken. The flags are stored in the output: load_iddpm(OUT) needs none, nor torch.",
-            "the CIFAR-10 L_hybrid model of improved-diffusion's README\n"
-            "  mmh-jax convert iddpm cifar10_uncond_50M_500K.pt -o cifar10_uncond.safetensors \\\n"
-            "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
-            "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine",
-        ),
-    )
-    sd = kinds.add_parser(
-        "stable-diffusion",
-        help="a diffusers Stable Diffusion pipeline folder (v1.x, 2.x)",
-        **_described(
-            "Convert a Stable Diffusion pipeline saved with save_pretrained (model_index.json, "
-            "unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights as .safetensors, or "
-            ".bin, which needs torch) into one file holding the three networks' parameters, "
-            "their configs, the scheduler config and the tokenizer: "
-            "load_stable_diffusion(OUT) needs neither torch nor the folder.",
-            "mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors",
-        ),
-    )
-    sd.add_argument("path", metavar="FOLDER", type=Path, help="the pipeline folder")
-    sd.add_argument("-o", "--output", **output)
-    gan = kinds.add_parser(
-        "stylegan2",
-        help="an official StyleGAN2-ADA network pickle, read without running its code",
-        **_described(
-            "Convert a StyleGAN2-ADA generator: an official network pickle (a training "
-            "snapshot or a released .pkl such as cifar10.pkl), read by a restricted reader that "
-            "never imports or executes what the file names (the official loader runs the "
-            "source code stored in the file); a plain state dict of the generator "
-            "(.safetensors, or .pt/.pth read with weights_only=True) with --init-kwargs; or a "
-            "converted file. The output holds the parameters and the generator's constructor "
-            "arguments: load_stylegan2(OUT) needs neither torch nor the pickle.",
-            "mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors",
-        ),
-    )
-    gan.add_argument(
-        "path",
         metavar="CHECKPOINT",
-        type=Path,
-        help="the .pkl (or a state dict, or a converted .safetensors file)",
+        source="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)",
+        help="an improved-diffusion (Nichol & Dhariwal 2021) checkpoint, with its flags",
+        description="Convert an improved-diffusion UNetModel checkpoint (a state dict saved with "
+        "torch.save, read with weights_only=True, or the same as .safetensors). Pass the "
+        "MODEL_FLAGS and DIFFUSION_FLAGS it was trained with, dashes for underscores "
+        "(--image-size 32 for --image_size 32, --learn-sigma / --no-learn-sigma for "
+        "--learn_sigma True / False); flags not given take improved-diffusion's defaults, "
+        "shown below. The sampling-only flags do not change the conversion and are not "
+        "taken. The flags are stored in the output: load_iddpm(OUT) needs none, nor torch.",
+        example="the CIFAR-10 L_hybrid model of improved-diffusion's README\n"
+        "  mmh-jax convert iddpm cifar10_uncond_50M_500K.pt -o cifar10_uncond.safetensors \\\n"
+        "    --image-size 32 --num-channels 128 --num-res-blocks 3 --learn-sigma \\\n"
+        "    --dropout 0.3 --diffusion-steps 4000 --noise-schedule cosine",
     )
-    gan.add_argument("-o", "--output", **output)
+    defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
+    for title, options in (
+        ("model flags", IDDPM_MODEL_OPTIONS),
+        ("diffusion flags", IDDPM_DIFFUSION_OPTIONS),
+    ):
+        group = iddpm.add_argument_group(title)
+        for name, kind, metavar, text in options:
+            _add_iddpm_option(group, name, kind, metavar, text, defaults[name])
+    _add_converter(
+        kinds,
+        "stable-diffusion",
+        metavar="FOLDER",
+        source="the pipeline folder",
+        help="a diffusers Stable Diffusion pipeline folder (v1.x, 2.x)",
+        description="Convert a Stable Diffusion pipeline saved with save_pretrained "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; weights as "
+        ".safetensors, or .bin, which needs torch) into one file holding the three networks' "
+        "parameters, their configs, the scheduler config and the tokenizer: "
+        "load_stable_diffusion(OUT) needs neither torch nor the folder.",
+        example="mmh-jax convert stable-diffusion ./stable-diffusion-v1-5 -o sd15.safetensors",
+    )
+    gan = _add_converter(
+        kinds,
+        "stylegan2",
+        metavar="CHECKPOINT",
+        source="the .pkl (or a state dict, or a converted .safetensors file)",
+        help="an official StyleGAN2-ADA network pickle, read without running its code",
+        description="Convert a StyleGAN2-ADA generator: an official network pickle (a training "
+        "snapshot or a released .pkl such as cifar10.pkl), read by a restricted reader that "
+        "never imports or executes what the file names (the official loader runs the "
+        "source code stored in the file); a plain state dict of the generator "
+        "(.safetensors, or .pt/.pth read with weights_only=True) with --init-kwargs; or a "
+        "converted file. The output holds the parameters and the generator's constructor "
+        "arguments: load_stylegan2(OUT) needs neither torch nor the pickle.",
+        example="mmh-jax convert stylegan2 cifar10.pkl -o stylegan2-cifar10.safetensors",
+    )
     gan.add_argument(
         "--network",
         choices=("G", "G_ema"),
@@ -491,21 +495,32 @@ def _add_convert_parsers(commands: Any) -> None:
         "arguments (z_dim, c_dim, w_dim, img_resolution, img_channels, "
         "mapping_kwargs, synthesis_kwargs)",
     )
-    iddpm.add_argument(
-        "path",
-        metavar="CHECKPOINT",
+
+
+def _add_converter(
+    kinds: Any,
+    name: str,
+    *,
+    metavar: str,
+    source: str,
+    help: str,
+    description: str,
+    example: str,
+) -> Any:
+    """Add the conversion ``name`` (:func:`_add_tool`'s ``help``, ``description`` and
+    ``example``) with its input ``path`` (shown as ``metavar``, described by ``source``) and
+    ``-o/--output``; returns its parser."""
+    parser = kinds.add_parser(name, help=help, **_described(description, example))
+    parser.add_argument("path", metavar=metavar, type=Path, help=source)
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.safetensors",
         type=Path,
-        help="the checkpoint (.pt, .pth, .bin, .ckpt or .safetensors)",
+        required=True,
+        help="the file to write (atomically; an existing file is replaced); its folder must exist",
     )
-    iddpm.add_argument("-o", "--output", **output)
-    defaults = {**MODEL_FLAGS, **DIFFUSION_FLAGS}
-    for title, options in (
-        ("model flags", IDDPM_MODEL_OPTIONS),
-        ("diffusion flags", IDDPM_DIFFUSION_OPTIONS),
-    ):
-        group = iddpm.add_argument_group(title)
-        for name, kind, metavar, text in options:
-            _add_iddpm_option(group, name, kind, metavar, text, defaults[name])
+    return parser
 
 
 def _normalise(argv: list[str]) -> list[str]:

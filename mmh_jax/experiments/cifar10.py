@@ -49,7 +49,6 @@ from typing import Literal
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax._src.images import to_model_range
@@ -57,11 +56,18 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_percentile_flag,
     check_percentile,
+    check_seed_range,
     config_from_flags,
     finite_float,
+    input_errors,
+    int_field,
+    key_value_table,
     output_console,
-    prepare_out_dir,
+    prepare_outputs,
+    read_csv_rows,
     require,
+    require_at_least,
+    results_table,
     write_csv,
     write_parquet,
 )
@@ -136,23 +142,14 @@ class Cifar10Config:
             f"--lid {self.lid_method} does not apply to --arch {self.arch} (StyleGAN2: "
             "jacobian_rank; diffusion models: flipd or normal_bundle)",
         )
-        require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
-        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
-        require(self.lpca_k >= 1, f"--lpca-k must be at least 1, got {self.lpca_k}")
+        require_at_least(self, 1, "num_samples", "batch_size", "top_k", "steps", "lpca_k")
         require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
-        require(
-            self.calibration_n >= 1, f"--calibration-n must be at least 1, got {self.calibration_n}"
-        )
+        require_at_least(self, 1, "calibration_n")
         require(
             self.nb_scores is None or self.nb_scores >= 2,
             f"--nb-scores must be at least 2, got {self.nb_scores}",
         )
-        require(
-            0 <= self.seed and self.seed + self.num_samples <= 2**32,
-            f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}",
-        )
+        check_seed_range(self.seed, self.num_samples)
         check_percentile(self.percentile)
         require(self.t0 is None or 0 < self.t0 <= 1, f"--t0 must lie in (0, 1], got {self.t0}")
 
@@ -277,7 +274,7 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
 
     method = config.lid_method
     if config.arch == "stylegan2":
-        from mmh_jax.experiments.cifar10_gan import write_latents
+        from mmh_jax.experiments.cifar10_gan import latent_source
         from mmh_jax.memorization import stylegan2_fns
 
         module = model.module
@@ -287,14 +284,9 @@ def _scoring_run(config: Cifar10Config, shape_chw: tuple, out: Path, err_console
             f"the generator makes {_hwc(got[1:] + got[:1])} "
             f"images but the training images are {_hwc(shape_chw[1:] + shape_chw[:1])}",
         )
-        latents = write_latents(
-            out / "latents.npz",
-            num_samples=config.num_samples,
-            seed=config.seed,
-            z_dim=module.z_dim,
-            c_dim=module.c_dim,
+        source = latent_source(
+            out / "latents.npz", module, num_samples=config.num_samples, seed=config.seed
         )
-        source = scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed"))
         fns = stylegan2_fns(module, model.params)
         scored = scoring.Model.from_generator(
             fns.generate, (module.z_dim,), num_classes=module.c_dim, description="StyleGAN2"
@@ -381,8 +373,6 @@ def run(config: Cifar10Config, *, console: Console | None = None):
         DemoInputError: bad settings or input, an unreadable model, an unwritable folder.
     """
     config.validate()
-    console = console or output_console()
-    err_console = Console(stderr=True)
     require(config.model.exists(), f"--model {str(config.model)!r} does not exist")
     require(
         config.sscd is None or config.sscd.is_file(),
@@ -393,7 +383,7 @@ def run(config: Cifar10Config, *, console: Console | None = None):
         config.lpca_k < len(train_u8),
         f"--lpca-k ({config.lpca_k}) must be below the number of training images ({len(train_u8)})",
     )
-    out = prepare_out_dir(config.out)
+    out, console, err_console = prepare_outputs(config.out, console=console)
     timings = {}
 
     # 2-3: samples and LID_theta: a run of the scoring engine (resumed after an interruption)
@@ -556,11 +546,6 @@ def run(config: Cifar10Config, *, console: Console | None = None):
 def _print_run(
     console: Console, table: dict, config: Cifar10Config, timings: dict, files: list
 ) -> None:
-    t = Table(
-        title=f"CIFAR-10 analysis: {config.num_samples} samples of {config.arch}", show_header=False
-    )
-    t.add_column("", style="bold")
-    t.add_column("", justify="right")
     lid_name = config.lid_method + (
         f" (t0 = {config.lid_t0:g})"
         if config.lid_t0
@@ -576,9 +561,11 @@ def _print_run(
     if "sscd_similarity" in table:
         rows.append(("SSCD similarity median [min, max]", _spread(table["sscd_similarity"])))
     rows.append(("time", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items())))
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    console.print(
+        key_value_table(
+            rows, title=f"CIFAR-10 analysis: {config.num_samples} samples of {config.arch}"
+        )
+    )
     console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
@@ -606,33 +593,21 @@ def _read_results(out: Path) -> dict:
 
 
 def _read_labels(path: Path) -> dict[int, str]:
-    require(path.is_file(), f"--labels file {str(path)!r} does not exist")
     labels: dict[int, str] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
+    for line, row in read_csv_rows(path, flag="--labels", columns=("id", "label")):
+        label = (row["label"] or "").strip().lower()
+        if not label:
+            continue
         require(
-            reader.fieldnames is not None and {"id", "label"} <= set(reader.fieldnames),
-            f"--labels {str(path)!r} must have the columns id and label",
+            label in LABELS,
+            f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {row['label']!r}",
         )
-        for line, row in enumerate(reader, start=2):
-            label = (row["label"] or "").strip().lower()
-            if not label:
-                continue
-            require(
-                label in LABELS,
-                f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {row['label']!r}",
-            )
-            try:
-                item = int(row["id"])
-            except ValueError:
-                raise DemoInputError(
-                    f"{path}:{line}: id must be an integer, got {row['id']!r}"
-                ) from None
-            require(
-                labels.get(item, label) == label,
-                f"{path}:{line}: id {item} is labelled both {labels.get(item)!r} and {label!r}",
-            )
-            labels[item] = label
+        item = int_field(row, "id", where=f"{path}:{line}")
+        require(
+            labels.get(item, label) == label,
+            f"{path}:{line}: id {item} is labelled both {labels.get(item)!r} and {label!r}",
+        )
+        labels[item] = label
     require(bool(labels), f"--labels {str(path)!r} has no labelled rows")
     return labels
 
@@ -670,7 +645,7 @@ def report(config: ReportConfig, *, console: Console | None = None):
     signals = [s for s in SIGNALS if s in table]
     scores = {s: np.asarray(table[s], np.float64)[rows] for s in signals}
     orientation = {s: False for s in signals}
-    try:
+    with input_errors(ValueError):
         metrics = detection_report(
             scores,
             memorized,
@@ -678,8 +653,6 @@ def report(config: ReportConfig, *, console: Console | None = None):
             n_bootstrap=config.n_bootstrap,
             key=jax.random.key(config.seed),
         )
-    except ValueError as err:
-        raise DemoInputError(str(err)) from None
     out = config.out
     detection = {
         "signal": list(metrics),
@@ -744,12 +717,11 @@ def report(config: ReportConfig, *, console: Console | None = None):
             title="memorized (exact or reconstructive)",
         )
     )
-    t = Table(
+    t = results_table(
+        ("signal", "AUROC [95% CI]", "TPR@1%FPR [95% CI]", "AP [95% CI]"),
         title=f"Detecting memorized samples ({int(memorized.sum())} memorized, "
-        f"{int((~memorized).sum())} not; small value = memorized)"
+        f"{int((~memorized).sum())} not; small value = memorized)",
     )
-    for col in ("signal", "AUROC [95% CI]", "TPR@1%FPR [95% CI]", "AP [95% CI]"):
-        t.add_column(col, justify="left" if col == "signal" else "right")
     for name, m in metrics.items():
         t.add_row(
             name,

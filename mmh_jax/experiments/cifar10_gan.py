@@ -27,29 +27,33 @@ and the AUROC of ``-LID`` for every label against ``not``.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax._src.files import atomic_path, sha256_file
 from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
+    add_out_flag,
     add_percentile_flag,
     check_dtype,
     check_percentile,
+    check_seed_range,
     config_from_flags,
     finite_float,
-    output_console,
-    prepare_out_dir,
+    input_errors,
+    int_field,
+    key_value_table,
+    prepare_outputs,
+    read_csv_rows,
     require,
+    require_at_least,
     save_figure,
     write_csv,
     write_parquet,
@@ -59,6 +63,7 @@ __all__ = [
     "GanLidConfig",
     "sample_latents",
     "write_latents",
+    "latent_source",
     "add_arguments",
     "config_from_args",
     "run",
@@ -93,17 +98,10 @@ class GanLidConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` naming the first bad setting."""
-        require(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}")
+        require_at_least(self, 1, "num_samples", "batch_size", "chunk_size")
         require(self.part_size >= 1, f"part_size must be at least 1, got {self.part_size}")
-        require(
-            self.num_extremes >= 1, f"--num-extremes must be at least 1, got {self.num_extremes}"
-        )
-        require(
-            0 <= self.seed and self.seed + self.num_samples <= 2**32,
-            f"--seed must lie in [0, 2^32 - --num-samples], got {self.seed}",
-        )
+        require_at_least(self, 1, "num_extremes")
+        check_seed_range(self.seed, self.num_samples)
         check_percentile(self.percentile)
         require(
             0 <= self.truncation_psi <= 1,
@@ -138,26 +136,14 @@ def sample_latents(
 def _read_labels(path: Path, num_samples: int) -> np.ndarray:
     """``--labels``: a CSV with ``index`` and ``label`` columns -> one label string per sample
     (``""`` where the file gives none)."""
-    require(path.is_file(), f"--labels file {str(path)!r} does not exist")
     labels = np.full(num_samples, "", dtype=object)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
+    for line, row in read_csv_rows(path, flag="--labels", columns=("index", "label")):
+        index = int_field(row, "index", where=f"{path}:{line}")
         require(
-            reader.fieldnames is not None and {"index", "label"} <= set(reader.fieldnames),
-            f"--labels {str(path)!r} must have the columns index and label",
+            0 <= index < num_samples,
+            f"{path}:{line}: index {index} is not a sample (0 .. {num_samples - 1})",
         )
-        for line, row in enumerate(reader, start=2):
-            try:
-                index = int(row["index"])
-            except ValueError:
-                raise DemoInputError(
-                    f"{path}:{line}: index must be an integer, got {row['index']!r}"
-                ) from None
-            require(
-                0 <= index < num_samples,
-                f"{path}:{line}: index {index} is not a sample (0 .. {num_samples - 1})",
-            )
-            labels[index] = row["label"].strip()
+        labels[index] = row["label"].strip()
     return labels
 
 
@@ -176,11 +162,9 @@ def run(config: GanLidConfig, *, console: Console | None = None):
             or one that holds a run of other settings.
     """
     config.validate()
-    console = console or output_console()
-    err_console = Console(stderr=True)
     require(config.model.is_file(), f"model {str(config.model)!r} does not exist or is a folder")
     labels = _read_labels(config.labels, config.num_samples) if config.labels is not None else None
-    out = prepare_out_dir(config.out)
+    out, console, err_console = prepare_outputs(config.out, console=console)
 
     import jax
     import jax.numpy as jnp
@@ -195,20 +179,14 @@ def run(config: GanLidConfig, *, console: Console | None = None):
     start = time.perf_counter()
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     with err_console.status(f"loading {config.model} ..."):
-        try:
+        with input_errors(ConversionError, ValueError):
             model = load_stylegan2(config.model, network=config.network, dtype=dtype)
-        except (ConversionError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
         fingerprint = sha256_file(config.model)
     module = model.module
     timings = {"load_s": time.perf_counter() - start}
 
-    latents = write_latents(
-        out / "latents.npz",
-        num_samples=config.num_samples,
-        seed=config.seed,
-        z_dim=module.z_dim,
-        c_dim=module.c_dim,
+    source = latent_source(
+        out / "latents.npz", module, num_samples=config.num_samples, seed=config.seed
     )
     fns = stylegan2_fns(
         module,
@@ -231,7 +209,7 @@ def run(config: GanLidConfig, *, console: Console | None = None):
         done = scoring.score(
             generator,
             columns,
-            scoring.ArrayFile(latents, key="z", ids_key=None, metadata=("class", "seed")),
+            source,
             str(out / "scores"),
             seed=config.seed,
             batch_size=-(-config.batch_size // devices) * devices,
@@ -299,6 +277,17 @@ def write_latents(path: Path, *, num_samples: int, seed: int, z_dim: int, c_dim:
     return path
 
 
+def latent_source(path: Path, module: Any, *, num_samples: int, seed: int):
+    """The scoring engine's source of samples ``0 .. num_samples - 1`` of a StyleGAN2 generator:
+    their latents written to ``path`` (:func:`write_latents`, for ``module``'s ``z_dim`` and
+    ``c_dim``) and read back as a :class:`~mmh_jax.scoring.ArrayFile` whose items carry their
+    ``class`` and ``seed``."""
+    from mmh_jax import scoring
+
+    write_latents(path, num_samples=num_samples, seed=seed, z_dim=module.z_dim, c_dim=module.c_dim)
+    return scoring.ArrayFile(path, key="z", ids_key=None, metadata=("class", "seed"))
+
+
 def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dict) -> dict:
     lid = table["lid"]
     summary = {
@@ -337,12 +326,6 @@ def _summarise(table: dict, threshold: float, config: GanLidConfig, timings: dic
 
 
 def _print_summary(console: Console, s: dict, config: GanLidConfig, files: list) -> None:
-    table = Table(
-        title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})",
-        show_header=False,
-    )
-    table.add_column("", style="bold")
-    table.add_column("", justify="right")
     lid = s["lid"]
     t = s["timings"]
     rows = [
@@ -374,9 +357,11 @@ def _print_summary(console: Console, s: dict, config: GanLidConfig, files: list)
             f"({rate:.2f} samples/s, with compilation)",
         ),
     ]
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(
+        key_value_table(
+            rows, title=f"Jacobian-rank LID of {s['samples']} samples (w.r.t. {config.wrt})"
+        )
+    )
     console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
@@ -455,13 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an official StyleGAN2-ADA .pkl (read without running its code), "
         "or a file written by `mmh-jax convert stylegan2`",
     )
-    parser.add_argument(
-        "-o",
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder; a rerun resumes there (default ./%(default)s/)",
-    )
+    add_out_flag(parser, d.out)
     parser.add_argument(
         "--network",
         choices=("G", "G_ema"),

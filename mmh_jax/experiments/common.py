@@ -1,8 +1,10 @@
-"""Shared plumbing for the demos: input errors, atomic file output, progress bars."""
+"""Shared plumbing for the demos and commands: flags, input checks and errors, atomic file
+output, tables, progress bars, the toy demos' training and sampling."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -11,9 +13,9 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -24,6 +26,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
 from mmh_jax._src.files import atomic_path
 
@@ -32,11 +35,14 @@ __all__ = [
     "finite_float",
     "add_dtype_flag",
     "add_display_flags",
+    "add_flags",
+    "add_out_flag",
     "config_from_flags",
     "check_dtype",
     "add_percentile_flag",
     "check_percentile",
     "prepare_out_dir",
+    "prepare_outputs",
     "atomic_path",
     "write_csv",
     "write_parquet",
@@ -44,8 +50,18 @@ __all__ = [
     "save_figure",
     "make_progress",
     "output_console",
+    "results_table",
+    "key_value_table",
     "require",
+    "require_at_least",
+    "require_positive",
+    "check_seed_range",
+    "input_errors",
+    "read_csv_rows",
+    "int_field",
     "train_with_progress",
+    "TrainedSamples",
+    "train_and_sample",
 ]
 
 
@@ -69,6 +85,73 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DemoInputError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise DemoInputError(message)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def require_at_least(config: Any, minimum: int, *fields: str) -> None:
+    """Raise :class:`DemoInputError` naming the first of ``fields`` of ``config`` below
+    ``minimum``: ``--FIELD must be at least MINIMUM, got VALUE``."""
+    for field in fields:
+        value = getattr(config, field)
+        require(value >= minimum, f"{_flag(field)} must be at least {minimum}, got {value}")
+
+
+def require_positive(config: Any, *fields: str) -> None:
+    """Raise :class:`DemoInputError` naming the first of ``fields`` of ``config`` that is not
+    positive: ``--FIELD must be positive, got VALUE``."""
+    for field in fields:
+        value = getattr(config, field)
+        require(value > 0, f"{_flag(field)} must be positive, got {value}")
+
+
+def check_seed_range(seed: int, count: int) -> None:
+    """Raise :class:`DemoInputError` unless the seeds ``seed .. seed + count - 1`` of ``count``
+    samples are 32-bit (sample ``i`` is the official ``generate.py``'s seed ``seed + i``)."""
+    require(
+        0 <= seed and seed + count <= 2**32,
+        f"--seed must lie in [0, 2^32 - --num-samples], got {seed}",
+    )
+
+
+@contextlib.contextmanager
+def input_errors(*errors: type[Exception]) -> Iterator[None]:
+    """Report ``errors`` raised inside the block as :class:`DemoInputError` of the same message
+    (a bad input file or model named by the user: one line, no traceback)."""
+    try:
+        yield
+    except errors as err:
+        raise DemoInputError(str(err)) from None
+
+
+def read_csv_rows(path: Path, *, flag: str, columns: Sequence[str]) -> list[tuple[int, dict]]:
+    """The rows of the CSV file of ``flag`` (e.g. ``--labels``) with their line numbers.
+
+    Raises:
+        DemoInputError: no such file, or it lacks one of ``columns``.
+    """
+    require(path.is_file(), f"{flag} file {str(path)!r} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        require(
+            reader.fieldnames is not None and set(columns) <= set(reader.fieldnames),
+            f"{flag} {str(path)!r} must have the columns {' and '.join(columns)}",
+        )
+        return list(enumerate(reader, start=2))
+
+
+def int_field(row: Mapping[str, str], column: str, *, where: str) -> int:
+    """The integer in ``column`` of a CSV row (:func:`read_csv_rows`).
+
+    Raises:
+        DemoInputError: it is not an integer (naming ``where``, the file and line).
+    """
+    try:
+        return int(row[column])
+    except ValueError:
+        raise DemoInputError(f"{where}: {column} must be an integer, got {row[column]!r}") from None
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser, default: str, *, of: str) -> None:
@@ -109,6 +192,42 @@ def add_display_flags(parser: Any) -> None:
     or an argument group."""
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_out_flag(parser: Any, default: str | os.PathLike) -> None:
+    """Add ``-o/--out FOLDER`` (default ``default``), the output folder of a command that
+    resumes an interrupted run there."""
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=default,
+        help="output folder; a rerun resumes there (default ./%(default)s/)",
+    )
+
+
+def add_flags(
+    parser: Any, defaults: Any, flags: Iterable[tuple[str, Callable[[str], Any], str | None, str]]
+) -> None:
+    """Add one ``--FIELD`` flag per ``(field, type, metavar, help)`` to a parser or an argument
+    group: the flag of the config field ``field`` (dashes for underscores, so that
+    :func:`config_from_flags` reads it back), parsed by ``type``, shown as ``metavar`` (``None``:
+    argparse's), its default that field of ``defaults``.
+
+    Args:
+        parser: the parser or argument group.
+        defaults: the config instance whose fields are the defaults.
+        flags: the flags, in the order ``--help`` lists them; a help text that does not show
+            the default itself (``%(default)s``) is followed by ``(default %(default)s)``.
+    """
+    for field, kind, metavar, text in flags:
+        parser.add_argument(
+            _flag(field),
+            type=kind,
+            metavar=metavar,
+            default=getattr(defaults, field),
+            help=text if "%(default" in text else f"{text} (default %(default)s)",
+        )
 
 
 _Config = TypeVar("_Config")
@@ -158,6 +277,19 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
         reason = err.strerror or type(err).__name__
         raise DemoInputError(f"output folder {str(path)!r} is not writable: {reason}") from None
     return path
+
+
+def prepare_outputs(
+    out: str | os.PathLike, *, console: Console | None = None
+) -> tuple[Path, Console, Console]:
+    """Where a command's results go: its output folder (:func:`prepare_out_dir`), the console
+    of its tables and summary (``console``, else :func:`output_console`) and the console of its
+    progress and messages (stderr).
+
+    Raises:
+        DemoInputError: if the folder cannot be created or written to.
+    """
+    return prepare_out_dir(out), console or output_console(), Console(stderr=True)
 
 
 def _columns(table: Mapping[str, Sequence[Any] | np.ndarray]) -> tuple[list[str], int]:
@@ -272,6 +404,28 @@ def output_console() -> Console:
     return console
 
 
+def results_table(columns: Sequence[str], *, title: str, caption: str | None = None) -> Table:
+    """A table of results for the output console (rows added by the caller): its first column
+    (what a row is about) left-aligned, the others (the values) right-aligned."""
+    table = Table(title=title, caption=caption)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i else "left")
+    return table
+
+
+def key_value_table(
+    rows: Iterable[tuple[str, str]], *, title: str, align: Literal["left", "right"] = "right"
+) -> Table:
+    """A table of ``(name, value)`` rows without a header for the output console: names in
+    bold, values aligned to ``align``."""
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify=align)
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
 def make_progress(console: Console, *, enabled: bool) -> Progress:
     """A rich progress display (description, bar, m/n, elapsed) on ``console``."""
     return Progress(
@@ -333,3 +487,85 @@ def train_with_progress(
     seconds = time.perf_counter() - start
     score_fn = score_from_eps(functools.partial(net.apply, trained.params), schedule=schedule)
     return trained, score_fn, seconds
+
+
+class TrainedSamples(NamedTuple):
+    """What :func:`train_and_sample` returns."""
+
+    trained: Any
+    """What :func:`mmh_jax.training.train_eps` returned (parameters, losses)."""
+    score_fn: Callable
+    """The trained network's score function."""
+    samples: np.ndarray
+    """``[num_samples, *event]`` samples of the reverse SDE."""
+    timings: dict[str, float]
+    """Wall times ``train_s`` and ``sample_s``."""
+
+
+def train_and_sample(
+    progress: Progress,
+    net: Any,
+    data: Any,
+    config: Any,
+    *,
+    schedule: Any,
+    keys: tuple[Any, Any, Any],
+    chunk: int,
+    **train_kwargs: Any,
+) -> TrainedSamples:
+    """Train a demo's epsilon-network on ``data`` (:func:`train_with_progress`) and draw
+    ``config.num_samples`` samples from it with ``config.sample_steps`` Euler-Maruyama steps
+    of the reverse SDE (:func:`mmh_jax.sampling.sample`, a "sampling" task): the first stage of
+    the von Mises and digits demos.
+
+    Args:
+        progress: the display the tasks go to.
+        net: a network of :mod:`mmh_jax.models.toy`.
+        data: training points ``[n, *event]``.
+        config: the demo's config; its ``steps``, ``batch_size``, ``learning_rate`` and
+            ``train_t_min`` are the training settings, its ``num_samples`` and
+            ``sample_steps`` the sampler's.
+        schedule: the noise schedule.
+        keys: the keys of the initial parameters, the training and the sampling.
+        chunk: training steps per compiled chunk.
+        **train_kwargs: the other settings of :func:`mmh_jax.training.train_eps`.
+
+    Returns:
+        :class:`TrainedSamples`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mmh_jax.sampling import sample
+
+    k_init, k_train, k_sample = keys
+    data = jnp.asarray(data)
+    trained, score_fn, train_s = train_with_progress(
+        progress,
+        net,
+        net.init(k_init),
+        data,
+        schedule=schedule,
+        key=k_train,
+        steps=config.steps,
+        chunk=chunk,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        t_min=config.train_t_min,
+        **train_kwargs,
+    )
+    task = progress.add_task("sampling", total=1)
+    start = time.perf_counter()
+    samples = jax.jit(
+        lambda k: sample(
+            score_fn,
+            (config.num_samples, *data.shape[1:]),
+            schedule=schedule,
+            key=k,
+            num_steps=config.sample_steps,
+        )
+    )(k_sample)
+    samples = np.asarray(samples)
+    timings = {"train_s": train_s, "sample_s": time.perf_counter() - start}
+    progress.advance(task)
+    return TrainedSamples(trained, score_fn, samples, timings)

@@ -274,10 +274,9 @@ def run(config: ConvertConfig) -> int:
     """
     import jax
     from rich.filesize import decimal
-    from rich.table import Table
 
     from mmh_jax.convert.core import ConversionError
-    from mmh_jax.experiments.common import output_console
+    from mmh_jax.experiments.common import key_value_table, output_console
 
     console = output_console()
     start = time.perf_counter()
@@ -304,16 +303,14 @@ def run(config: ConvertConfig) -> int:
         return 1
     seconds = time.perf_counter() - start
     leaves = jax.tree.leaves(params)
-    table = Table(title=f"mmh-jax convert {config.architecture}", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    for name, value in [
+    rows = [
         ("source", str(path)),
         ("output", f"{written} ({decimal(written.stat().st_size)})"),
         ("parameters", f"{sum(leaf.size for leaf in leaves):,} in {len(leaves)} tensors"),
         *rows,
         ("time", f"{seconds:.1f} s"),
-    ]:
-        table.add_row(name, value)
-    console.print(table)
+    ]
+    console.print(
+        key_value_table(rows, title=f"mmh-jax convert {config.architecture}", align="left")
+    )
     return 0

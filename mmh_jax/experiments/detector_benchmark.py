@@ -25,18 +25,21 @@ import numpy as np
 from rich.console import Console
 
 from mmh_jax.experiments.common import (
-    DemoInputError,
-    add_display_flags,
-    add_dtype_flag,
     check_dtype,
+    config_from_flags,
     finite_float,
-    output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
     save_figure,
     write_csv,
 )
-from mmh_jax.experiments.stable_diffusion import _open_prompt_file, load_pipeline
+from mmh_jax.experiments.stable_diffusion import (
+    _open_prompt_file,
+    add_model_argument,
+    add_pipeline_flags,
+    load_pipeline,
+    score_pipeline,
+)
 
 __all__ = ["BenchmarkConfig", "run", "add_arguments", "config_from_args", "GROUPS"]
 
@@ -209,37 +212,25 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
         f"{config.prompts}: NeMo's reference needs at least 3 clean prompts",
     )
     kinds = _kinds(Path(config.prompts), len(items))
-    out = prepare_out_dir(config.out)
-    console = console or output_console()
-    err = Console(stderr=True)
+    out, console, err = prepare_outputs(config.out, console=console)
     sd = load_pipeline(config.model, dtype=config.dtype, console=err)
-    model = scoring.Model.from_stable_diffusion(sd)
-    batch = (
-        -(-config.batch_size * config.images_per_prompt // jax.device_count()) * jax.device_count()
-    )
-    generation = scoring.Generation(
-        guidance=config.guidance, num_steps=config.num_steps, num_images=config.images_per_prompt
-    )
+    image_shape = scoring.Model.from_stable_diffusion(sd).image_shape
     n = len(items)
     seconds, merged = {}, {}
     for group in GROUPS:
         start = time.perf_counter()
-        try:
-            done = scoring.score(
-                model,
-                _columns(config, group),
-                source,
-                str(out / "scores" / group),
-                seed=config.seed,
-                batch_size=batch,
-                generation=generation,
-                console=err if config.progress else None,
-            )
-        except scoring.RunMismatch as e:
-            raise DemoInputError(
-                f"{str(out / 'scores' / group)!r} holds results of other "
-                f"inputs or settings ({e}); choose another --out"
-            ) from None
+        done = score_pipeline(
+            sd,
+            _columns(config, group),
+            source,
+            out / "scores" / group,
+            seed=config.seed,
+            batch_size=config.batch_size * config.images_per_prompt,
+            images_per_prompt=config.images_per_prompt,
+            guidance=config.guidance,
+            num_steps=config.num_steps,
+            console=err if config.progress else None,
+        )
         # a group resumed from an earlier run has no cost to report
         seconds[group] = (time.perf_counter() - start) / n if done.scored == n else float("nan")
         merged[group] = scoring.merge(out / "scores" / group).scores
@@ -261,13 +252,13 @@ def run(config: BenchmarkConfig, *, console: Console | None = None):
         "edge_consistency": np.array(
             [
                 float(edge_agreement(x))
-                for x in _images_of(merged["images"], "one_step_pixels", n, model.image_shape)
+                for x in _images_of(merged["images"], "one_step_pixels", n, image_shape)
             ]
         ),
         "generation_clusters": np.array(
             [
                 float(cluster_score(x, cluster_size=config.cluster_size))
-                for x in _images_of(merged["images"], "final_pixels", n, model.image_shape)
+                for x in _images_of(merged["images"], "final_pixels", n, image_shape)
             ]
         ),
     }
@@ -391,16 +382,26 @@ def _roc_figure(signals: dict, labels: np.ndarray, direction: dict):
     return fig
 
 
+_FLAGS = (
+    ("images_per_prompt", int, None, "images generated per prompt"),
+    ("num_steps", int, None, "DDIM steps"),
+    ("guidance", finite_float, None, "classifier-free guidance scale"),
+    ("flipd_t0", finite_float, None, "conditional FLIPD time"),
+    ("num_probes", int, None, "Hutchinson probes of FLIPD and the sharpness"),
+    ("early_steps", int, None, "first steps of Ren et al.'s attention statistics"),
+    ("cluster_size", int, None, "clique size of Carlini et al.'s test"),
+    ("nemo_threshold", finite_float, None, "NeMo's z-score threshold"),
+    ("n_bootstrap", int, None, "bootstrap resamples of the CIs"),
+    ("batch_size", int, None, "prompts per compiled batch"),
+    ("seed", int, None, "seed of the starting noise, the probes and the bootstrap"),
+)
+"""``sd benchmark-detectors``' number flags (:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd benchmark-detectors``' arguments and flags to ``parser``."""
     d = BenchmarkConfig(model=Path("."), prompts=Path("."))
-    parser.add_argument(
-        "model",
-        type=Path,
-        metavar="MODEL",
-        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
-        "`mmh-jax convert stable-diffusion`",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--prompts",
         type=Path,
@@ -409,54 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON lines (.jsonl) with 'caption', 'label' (true: memorized) and "
         "an optional 'kind' (memorization kind, reported separately)",
     )
-    parser.add_argument(
-        "-o",
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder; a rerun resumes there (default ./%(default)s/)",
-    )
-    for flag, kind, help_ in (
-        ("images-per-prompt", int, "images generated per prompt"),
-        ("num-steps", int, "DDIM steps"),
-        ("guidance", finite_float, "classifier-free guidance scale"),
-        ("flipd-t0", finite_float, "conditional FLIPD time"),
-        ("num-probes", int, "Hutchinson probes of FLIPD and the sharpness"),
-        ("early-steps", int, "first steps of Ren et al.'s attention statistics"),
-        ("cluster-size", int, "clique size of Carlini et al.'s test"),
-        ("nemo-threshold", finite_float, "NeMo's z-score threshold"),
-        ("n-bootstrap", int, "bootstrap resamples of the CIs"),
-        ("batch-size", int, "prompts per compiled batch"),
-        ("seed", int, "seed of the starting noise, the probes and the bootstrap"),
-    ):
-        parser.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=getattr(d, flag.replace("-", "_")),
-            help=f"{help_} (default %(default)s)",
-        )
-    add_dtype_flag(parser, d.dtype, of="the networks")
-    add_display_flags(parser)
+    add_pipeline_flags(parser, d, _FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
     """Build a :class:`BenchmarkConfig` from parsed flags."""
-    return BenchmarkConfig(
-        model=args.model,
-        prompts=args.prompts,
-        out=args.out,
-        images_per_prompt=args.images_per_prompt,
-        num_steps=args.num_steps,
-        guidance=args.guidance,
-        flipd_t0=args.flipd_t0,
-        num_probes=args.num_probes,
-        early_steps=args.early_steps,
-        cluster_size=args.cluster_size,
-        nemo_threshold=args.nemo_threshold,
-        n_bootstrap=args.n_bootstrap,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        figure=not args.no_figure,
-    )
+    return config_from_flags(BenchmarkConfig, args)

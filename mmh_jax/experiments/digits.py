@@ -24,18 +24,20 @@ from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax.experiments.common import (
     add_display_flags,
+    add_flags,
     config_from_flags,
     finite_float,
     make_progress,
-    output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
+    require_at_least,
+    require_positive,
+    results_table,
     save_figure,
-    train_with_progress,
+    train_and_sample,
     write_csv,
     write_parquet,
 )
@@ -86,31 +88,19 @@ class DigitsConfig:
             self.num_duplicated >= 0,
             f"--num-duplicated must be non-negative, got {self.num_duplicated}",
         )
-        require(self.copies >= 1, f"--copies must be at least 1, got {self.copies}")
+        require_at_least(self, 1, "copies")
         require(all(0 <= c <= 9 for c in self.rare_classes), "--rare-classes must be digits 0-9")
         require(
             len(set(self.rare_classes)) < 10, "--rare-classes must leave at least one common class"
         )
-        require(
-            self.rare_per_class >= 1,
-            f"--rare-per-class must be at least 1, got {self.rare_per_class}",
-        )
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(
-            self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"
-        )
-        require(self.channels > 0, f"--channels must be positive, got {self.channels}")
+        require_at_least(self, 1, "rare_per_class")
+        require_positive(self, "steps", "batch_size", "learning_rate", "channels")
         require(self.mlp_width >= 0, f"--mlp-width must be non-negative, got {self.mlp_width}")
-        require(self.num_samples >= 2, f"--num-samples must be at least 2, got {self.num_samples}")
-        require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
+        require_at_least(self, 2, "num_samples")
+        require_positive(self, "sample_steps")
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
-        require(
-            self.mem_threshold > 0, f"--mem-threshold must be positive, got {self.mem_threshold}"
-        )
-        require(
-            self.calibration_k >= 1, f"--calibration-k must be at least 1, got {self.calibration_k}"
-        )
+        require_positive(self, "mem_threshold")
+        require_at_least(self, 1, "calibration_k")
         require(
             self.train_t_min > 0 and self.train_t_min < 1,
             f"train_t_min must lie in (0, 1), got {self.train_t_min}",
@@ -209,9 +199,7 @@ def run(config: DigitsConfig, *, console: Console | None = None):
         DemoInputError: on invalid settings or an unwritable output folder.
     """
     config.validate()
-    out = prepare_out_dir(config.out)
-    console = console or output_console()
-    err_console = Console(stderr=True)
+    out, console, err_console = prepare_outputs(config.out, console=console)
 
     import jax
     import jax.numpy as jnp
@@ -220,7 +208,6 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     from mmh_jax.lid import flipd
     from mmh_jax.models import ConvEpsNet
     from mmh_jax.retrieval import calibrated_l2
-    from mmh_jax.sampling import sample
     from mmh_jax.schedules import VP
 
     t_start = time.perf_counter()
@@ -240,37 +227,18 @@ def run(config: DigitsConfig, *, console: Console | None = None):
     schedule = VP()
     net = ConvEpsNet(channels=config.channels, mlp_width=config.mlp_width, schedule=schedule)
     k_init, k_train, k_sample, k_fl = jax.random.split(jax.random.key(config.seed), 4)
-    timings = {}
     with make_progress(err_console, enabled=config.progress) as progress:
-        trained, score_fn, timings["train_s"] = train_with_progress(
+        trained, score_fn, samples, timings = train_and_sample(
             progress,
             net,
-            net.init(k_init),
-            jnp.asarray(data.images),
+            data.images,
+            config,
             schedule=schedule,
-            key=k_train,
-            steps=config.steps,
+            keys=(k_init, k_train, k_sample),
             chunk=min(50, config.steps),
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            t_min=config.train_t_min,
             time_sampling=config.time_sampling,
         )
-        est = progress.add_task("sampling + FLIPD", total=2)
-        t = time.perf_counter()
-        samples = np.asarray(
-            jax.jit(
-                lambda k: sample(
-                    score_fn,
-                    (config.num_samples, 8, 8),
-                    schedule=schedule,
-                    key=k,
-                    num_steps=config.sample_steps,
-                )
-            )(k_sample)
-        )
-        timings["sample_s"] = time.perf_counter() - t
-        progress.advance(est)
+        est = progress.add_task("FLIPD", total=1)
         t = time.perf_counter()
         fl = np.asarray(
             jax.jit(
@@ -348,11 +316,10 @@ def run(config: DigitsConfig, *, console: Console | None = None):
 
 
 def _print_summary(console: Console, s: dict, config: DigitsConfig, files: list) -> None:
-    tab = Table(
-        title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples"
+    tab = results_table(
+        ("nearest training image", "samples", "memorized", "FLIPD median"),
+        title=f"8x8 digits, seed {config.seed}: FLIPD (t0 = {config.t0}) of {s['num_samples']} samples",
     )
-    for c in ("nearest training image", "samples", "memorized", "FLIPD median"):
-        tab.add_column(c, justify="left" if c.startswith("nearest") else "right")
     for kd, e in s["by_kind"].items():
         tab.add_row(
             kd,
@@ -432,96 +399,35 @@ def _hist(fl, memorized, kind):
     return fig
 
 
+_FLAGS = (
+    ("seed", int, None, "seed of data selection, training, sampling"),
+    ("common_per_class", int, None, "images kept of each common class 0-7"),
+    ("num_duplicated", int, None, "training images repeated --copies times (DD-Mem)"),
+    ("copies", int, None, "copies of each duplicated image"),
+    ("rare_per_class", int, None, "images kept of each rare class 8 and 9 (OD-Mem)"),
+    ("steps", int, None, "Adam steps"),
+    ("batch_size", int, None, "training batch size"),
+    ("learning_rate", finite_float, None, "peak learning rate"),
+    ("channels", int, None, "feature maps of the conv net"),
+    ("mlp_width", int, None, "width of the dense layer after the conv blocks; 0: none"),
+    ("num_samples", int, None, "generated samples"),
+    ("sample_steps", int, None, "reverse-SDE steps"),
+    ("t0", finite_float, None, "FLIPD time in (0, 1]"),
+    (
+        "mem_threshold",
+        finite_float,
+        None,
+        "memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)",
+    ),
+    ("calibration_k", int, None, "neighbours in the calibrated l2 denominator"),
+    ("out", Path, None, "output folder (default ./%(default)s/)"),
+)
+"""The digits demo's flags (:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the digits demo's flags to ``parser``."""
-    d = DigitsConfig()
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of data selection, training, sampling (default %(default)s)",
-    )
-    parser.add_argument(
-        "--common-per-class",
-        type=int,
-        default=d.common_per_class,
-        help="images kept of each common class 0-7 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--num-duplicated",
-        type=int,
-        default=d.num_duplicated,
-        help="training images repeated --copies times (DD-Mem) (default %(default)s)",
-    )
-    parser.add_argument(
-        "--copies",
-        type=int,
-        default=d.copies,
-        help="copies of each duplicated image (default %(default)s)",
-    )
-    parser.add_argument(
-        "--rare-per-class",
-        type=int,
-        default=d.rare_per_class,
-        help="images kept of each rare class 8 and 9 (OD-Mem) (default %(default)s)",
-    )
-    parser.add_argument(
-        "--steps", type=int, default=d.steps, help="Adam steps (default %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="training batch size (default %(default)s)",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=finite_float,
-        default=d.learning_rate,
-        help="peak learning rate (default %(default)s)",
-    )
-    parser.add_argument(
-        "--channels",
-        type=int,
-        default=d.channels,
-        help="feature maps of the conv net (default %(default)s)",
-    )
-    parser.add_argument(
-        "--mlp-width",
-        type=int,
-        default=d.mlp_width,
-        help="width of the dense layer after the conv blocks; 0: none (default %(default)s)",
-    )
-    parser.add_argument(
-        "--num-samples",
-        type=int,
-        default=d.num_samples,
-        help="generated samples (default %(default)s)",
-    )
-    parser.add_argument(
-        "--sample-steps",
-        type=int,
-        default=d.sample_steps,
-        help="reverse-SDE steps (default %(default)s)",
-    )
-    parser.add_argument(
-        "--t0", type=finite_float, default=d.t0, help="FLIPD time in (0, 1] (default %(default)s)"
-    )
-    parser.add_argument(
-        "--mem-threshold",
-        type=finite_float,
-        default=d.mem_threshold,
-        help="memorized when calibrated l2 < this (default %(default).3g, i.e. 1/3)",
-    )
-    parser.add_argument(
-        "--calibration-k",
-        type=int,
-        default=d.calibration_k,
-        help="neighbours in the calibrated l2 denominator (default %(default)s)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=d.out, help="output folder (default ./%(default)s/)"
-    )
+    add_flags(parser, DigitsConfig(), _FLAGS)
     add_display_flags(parser)
 
 

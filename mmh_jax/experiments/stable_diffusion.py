@@ -33,20 +33,25 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
+    add_flags,
+    add_out_flag,
     check_dtype,
+    config_from_flags,
     finite_float,
-    prepare_out_dir,
+    input_errors,
+    prepare_outputs,
     require,
+    require_at_least,
+    results_table,
     save_figure,
     write_csv,
     write_parquet,
@@ -63,6 +68,8 @@ __all__ = [
     "detection_metrics",
     "detection_columns",
     "score_pipeline",
+    "add_model_argument",
+    "add_pipeline_flags",
     "add_arguments",
     "config_from_args",
     "run",
@@ -107,14 +114,9 @@ class DetectConfig:
             (self.prompts is None) != (self.images is None),
             "give exactly one of --prompts FILE and --images FOLDER",
         )
-        require(
-            self.images_per_prompt >= 1,
-            f"--images-per-prompt must be at least 1, got {self.images_per_prompt}",
+        require_at_least(
+            self, 1, "images_per_prompt", "num_steps", "batch_size", "num_probes", "euler_steps"
         )
-        require(self.num_steps >= 1, f"--num-steps must be at least 1, got {self.num_steps}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.num_probes >= 1, f"--num-probes must be at least 1, got {self.num_probes}")
-        require(self.euler_steps >= 1, f"--euler-steps must be at least 1, got {self.euler_steps}")
         require(self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}")
         require(0 < self.flipd_t0 <= 1, f"--flipd-t0 must lie in (0, 1], got {self.flipd_t0}")
         require(0 < self.cfg_t0 <= 1, f"--cfg-t0 must lie in (0, 1], got {self.cfg_t0}")
@@ -149,13 +151,10 @@ def load_pipeline(path: Path, *, dtype: Literal["float32", "bfloat16"], console:
 
     from mmh_jax.models import load_stable_diffusion
 
-    with console.status(f"loading {path} ..."):
-        try:
-            return load_stable_diffusion(
-                path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-            )
-        except (FileNotFoundError, ValueError) as err:
-            raise DemoInputError(str(err)) from None
+    with console.status(f"loading {path} ..."), input_errors(FileNotFoundError, ValueError):
+        return load_stable_diffusion(
+            path, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        )
 
 
 def read_prompt_file(path: str | Path) -> list[Item]:
@@ -285,11 +284,7 @@ def run(config: DetectConfig, *, console: Console | None = None):
     else:
         items = read_image_folder(config.images)
         source = scoring.ImageFolder(config.images, recursive=False)
-    out = prepare_out_dir(config.out)
-    from mmh_jax.experiments.common import output_console
-
-    console = console or output_console()
-    err_console = Console(stderr=True)
+    out, console, err_console = prepare_outputs(config.out, console=console)
     start = time.perf_counter()
     sd = load_pipeline(config.model, dtype=config.dtype, console=err_console)
     timings = {"load_s": time.perf_counter() - start}
@@ -382,12 +377,14 @@ def score_pipeline(
     images_per_prompt: int = 1,
     guidance: float = 7.5,
     num_steps: int = 50,
+    chunk_size: int = 1024,
     console: Console | None = None,
     record: dict | None = None,
 ):
     """Score ``source`` with ``columns`` on a Stable Diffusion pipeline through
     :func:`mmh_jax.scoring.score` into ``out`` (one row per image, exactly once, resumed
-    after an interruption): the one scoring step of the ``sd`` commands and ``demo prompts``.
+    after an interruption): the one scoring step of the ``sd`` commands and ``demo prompts``
+    (``sd detect``, ``sd benchmark-detectors``, ``sd mitigate``).
 
     Prompts alone are generated with DDIM and guidance (``images_per_prompt`` images of
     ``num_steps`` steps each, noise from ``seed``); images are centre-cropped to the model's
@@ -404,6 +401,7 @@ def score_pipeline(
         images_per_prompt: images generated per prompt.
         guidance: the sampler's guidance weight.
         num_steps: the sampler's DDIM steps.
+        chunk_size: items per written part, the unit of resumption (the engine's default).
         console: where the engine's progress goes (``None``: no progress).
         record: extra settings kept in the run's ``run.json`` (a resumed run must match them).
 
@@ -427,6 +425,7 @@ def score_pipeline(
             str(out),
             seed=seed,
             batch_size=batch,
+            chunk_size=chunk_size,
             resize="center_crop",
             generation=scoring.Generation(
                 guidance=guidance, num_steps=num_steps, num_images=images_per_prompt
@@ -497,7 +496,6 @@ def _summarise(rows: list[dict], timings: dict, scored: int) -> dict:
 
 def _print_summary(console: Console, s: dict, config: DetectConfig, files: list) -> None:
     what = "prompts" if config.prompts is not None else "image-caption pairs"
-    table = Table(title=f"Stable Diffusion memorization metrics of {s['rows']} {what}")
     # a label group no row is in, and detection without both labels, are left out (not nan)
     groups = [
         (f"median ({short})", group)
@@ -505,8 +503,10 @@ def _print_summary(console: Console, s: dict, config: DetectConfig, files: list)
         if any(np.isfinite(med[group]) for med in s["medians"].values())
     ]
     detection = ["AUROC", "TPR @ 1% FPR"] if s["detection"] else []
-    for column in ("metric", *(header for header, _ in groups), *detection):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+    table = results_table(
+        ("metric", *(header for header, _ in groups), *detection),
+        title=f"Stable Diffusion memorization metrics of {s['rows']} {what}",
+    )
     for name, description, _ in METRICS:
         values = [s["medians"][name][group] for _, group in groups]
         values += list(s["detection"].get(name, (float("nan"),) * 2))[: len(detection)]
@@ -570,9 +570,8 @@ def _scatter(rows: list[dict]):
     return fig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``sd detect``'s arguments and flags to ``parser``."""
-    d = DetectConfig(model=Path("."))
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """Add the ``MODEL`` argument of the ``sd`` commands (read by :func:`load_pipeline`)."""
     parser.add_argument(
         "model",
         type=Path,
@@ -580,6 +579,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers Stable Diffusion pipeline folder, or a file written by "
         "`mmh-jax convert stable-diffusion`",
     )
+
+
+def add_pipeline_flags(parser: argparse.ArgumentParser, defaults: Any, flags: Sequence) -> None:
+    """Add the flags an ``sd`` command ends with: ``-o/--out`` (a rerun resumes there), its
+    number ``flags`` (:func:`~mmh_jax.experiments.common.add_flags`, defaults from the config
+    ``defaults``), ``--dtype`` of the networks, ``--no-figure`` and ``--quiet``."""
+    add_out_flag(parser, defaults.out)
+    add_flags(parser, defaults, flags)
+    add_dtype_flag(parser, defaults.dtype, of="the networks")
+    add_display_flags(parser)
+
+
+_FLAGS = (
+    ("images_per_prompt", int, "N", "images generated per prompt"),
+    ("num_steps", int, "N", "DDIM steps"),
+    ("guidance", finite_float, "LAMBDA", "classifier-free guidance scale"),
+    ("flipd_t0", finite_float, "T", "FLIPD time (default %(default)s, the paper's)"),
+    ("num_probes", int, "N", "Hutchinson probes of FLIPD"),
+    (
+        "cfg_t0",
+        finite_float,
+        "T",
+        "--images: time at which the CFG norms are read (default %(default)s, Appendix C)",
+    ),
+    ("euler_steps", int, "N", "--images: Euler steps of the PF-ODE to --cfg-t0"),
+    (
+        "batch_size",
+        int,
+        "N",
+        "prompts (or images) per compiled batch, its images rounded up to a multiple of the "
+        "devices",
+    ),
+    ("seed", int, "N", "seed of the starting noise and the probes"),
+)
+"""``sd detect``'s number flags (:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``sd detect``'s arguments and flags to ``parser``."""
+    d = DetectConfig(model=Path("."))
+    add_model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--prompts",
@@ -594,98 +634,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FOLDER",
         help="image-caption pairs KEY.png|jpg + KEY.txt (+ KEY.json with 'label')",
     )
-    parser.add_argument(
-        "-o",
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder; a rerun resumes there (default ./%(default)s/)",
-    )
-    parser.add_argument(
-        "--images-per-prompt",
-        type=int,
-        metavar="N",
-        default=d.images_per_prompt,
-        help="images generated per prompt (default %(default)s)",
-    )
-    parser.add_argument(
-        "--num-steps",
-        type=int,
-        metavar="N",
-        default=d.num_steps,
-        help="DDIM steps (default %(default)s)",
-    )
-    parser.add_argument(
-        "--guidance",
-        type=finite_float,
-        metavar="LAMBDA",
-        default=d.guidance,
-        help="classifier-free guidance scale (default %(default)s)",
-    )
-    parser.add_argument(
-        "--flipd-t0",
-        type=finite_float,
-        metavar="T",
-        default=d.flipd_t0,
-        help="FLIPD time (default %(default)s, the paper's)",
-    )
-    parser.add_argument(
-        "--num-probes",
-        type=int,
-        metavar="N",
-        default=d.num_probes,
-        help="Hutchinson probes of FLIPD (default %(default)s)",
-    )
-    parser.add_argument(
-        "--cfg-t0",
-        type=finite_float,
-        metavar="T",
-        default=d.cfg_t0,
-        help="--images: time at which the CFG norms are read (default %(default)s, Appendix C)",
-    )
-    parser.add_argument(
-        "--euler-steps",
-        type=int,
-        metavar="N",
-        default=d.euler_steps,
-        help="--images: Euler steps of the PF-ODE to --cfg-t0 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        default=d.batch_size,
-        help="prompts (or images) per compiled batch, its images rounded up to a "
-        "multiple of the devices (default %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        metavar="N",
-        default=d.seed,
-        help="seed of the starting noise and the probes (default %(default)s)",
-    )
-    add_dtype_flag(parser, d.dtype, of="the networks")
-    add_display_flags(parser)
+    add_pipeline_flags(parser, d, _FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectConfig:
     """Build a :class:`DetectConfig` from parsed flags."""
-    return DetectConfig(
-        model=args.model,
-        prompts=args.prompts,
-        images=args.images,
-        out=args.out,
-        images_per_prompt=args.images_per_prompt,
-        num_steps=args.num_steps,
-        guidance=args.guidance,
-        flipd_t0=args.flipd_t0,
-        num_probes=args.num_probes,
-        cfg_t0=args.cfg_t0,
-        euler_steps=args.euler_steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        figure=not args.no_figure,
-    )
+    return config_from_flags(DetectConfig, args)

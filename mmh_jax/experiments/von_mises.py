@@ -30,19 +30,21 @@ from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
+    add_flags,
     config_from_flags,
     finite_float,
     make_progress,
-    output_console,
-    prepare_out_dir,
+    prepare_outputs,
     require,
+    require_at_least,
+    require_positive,
+    results_table,
     save_figure,
-    train_with_progress,
+    train_and_sample,
     write_csv,
     write_parquet,
 )
@@ -89,7 +91,7 @@ class VonMisesConfig:
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings."""
-        require(self.num_train >= 3, f"--num-train must be at least 3, got {self.num_train}")
+        require_at_least(self, 3, "num_train")
         require(
             0.0 <= self.origin_weight < 1.0,
             f"--origin-weight must lie in [0, 1), got {self.origin_weight}",
@@ -99,24 +101,19 @@ class VonMisesConfig:
             self.num_train - n_origin - 1 >= 1,
             "--num-train too small for --origin-weight: no room for von Mises points",
         )
-        require(self.kappa > 0, f"--kappa must be positive, got {self.kappa}")
+        require_positive(self, "kappa")
         require(
             0.0 <= self.isolation < math.pi,
             f"--isolation must lie in [0, pi), got {self.isolation}",
         )
-        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        require(
-            self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"
-        )
+        require_positive(self, "steps", "batch_size", "learning_rate")
         require(self.width > 0 and self.depth > 0, "--width and --depth must be positive")
-        require(self.num_samples > 0, f"--num-samples must be positive, got {self.num_samples}")
-        require(self.sample_steps > 0, f"--sample-steps must be positive, got {self.sample_steps}")
+        require_positive(self, "num_samples", "sample_steps")
         require(0.0 < self.t0 <= 1.0, f"--t0 must lie in (0, 1], got {self.t0}")
-        require(self.od_gap > 0, f"--od-gap must be positive, got {self.od_gap}")
+        require_positive(self, "od_gap")
         require(self.dd_max_lid >= 0, f"--dd-max-lid must be non-negative, got {self.dd_max_lid}")
-        require(self.copy_radius > 0, f"--copy-radius must be positive, got {self.copy_radius}")
-        require(self.lpca_k >= 2, f"--lpca-k must be at least 2, got {self.lpca_k}")
+        require_positive(self, "copy_radius")
+        require_at_least(self, 2, "lpca_k")
         require(0.0 <= self.lpca_q <= 100.0, f"--lpca-q must lie in [0, 100], got {self.lpca_q}")
 
 
@@ -207,9 +204,7 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
         DemoInputError: on invalid settings or an unwritable output folder.
     """
     config.validate()
-    out = prepare_out_dir(config.out)
-    console = console or output_console()
-    err_console = Console(stderr=True)
+    out, console, err_console = prepare_outputs(config.out, console=console)
 
     import jax
     import jax.numpy as jnp
@@ -217,10 +212,8 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     from mmh_jax.lid import flipd, lpca, normal_bundle
     from mmh_jax.memorization import LABEL_NAMES, classify
     from mmh_jax.models import MLPEpsNet
-    from mmh_jax.sampling import sample
     from mmh_jax.schedules import VP
 
-    timings: dict[str, float] = {}
     t_start = time.perf_counter()
     train = make_training_set(
         seed=config.seed,
@@ -234,35 +227,16 @@ def run(config: VonMisesConfig, *, console: Console | None = None) -> VonMisesRe
     k_init, k_train, k_sample, k_nb = jax.random.split(jax.random.key(config.seed), 4)
 
     with make_progress(err_console, enabled=config.progress) as progress:
-        trained, score_fn, timings["train_s"] = train_with_progress(
+        trained, score_fn, samples, timings = train_and_sample(
             progress,
             net,
-            net.init(k_init),
-            jnp.asarray(train.points),
+            train.points,
+            config,
             schedule=schedule,
-            key=k_train,
-            steps=config.steps,
+            keys=(k_init, k_train, k_sample),
             chunk=min(100, config.steps),
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            t_min=config.train_t_min,
         )
-
-        est = progress.add_task("sampling + LID", total=4)
-        t = time.perf_counter()
-        samples = jax.jit(
-            lambda k: sample(
-                score_fn,
-                (config.num_samples, 2),
-                schedule=schedule,
-                key=k,
-                num_steps=config.sample_steps,
-            )
-        )(k_sample)
-        samples = np.asarray(samples)
-        timings["sample_s"] = time.perf_counter() - t
-        progress.advance(est)
-
+        est = progress.add_task("LID", total=3)
         t = time.perf_counter()
         fl = np.asarray(
             jax.jit(lambda x: flipd(score_fn, x, t0=config.t0, schedule=schedule, trace="exact"))(
@@ -365,22 +339,21 @@ def _fmt(v, spec=".2f") -> str:
 
 def _print_summary(console: Console, summary: dict, config: VonMisesConfig, files: list) -> None:
     iso = summary["isolated_point"]
-    tab = Table(
+    tab = results_table(
+        (
+            "region",
+            "samples",
+            "FLIPD median [min, max]",
+            "NB median",
+            "LID_* (lpca)",
+            "od-mem",
+            "dd-mem",
+            "not-mem",
+        ),
         title=f"von Mises mixture, seed {config.seed}: LID of {config.num_samples} samples (t0 = {config.t0})",
         caption=f"isolated training point at ({iso[0]:.2f}, {iso[1]:.2f}); "
         f"labels from FLIPD vs. local-PCA LID_* (od_gap {config.od_gap}, dd_max_lid {config.dd_max_lid})",
     )
-    for col in (
-        "region",
-        "samples",
-        "FLIPD median [min, max]",
-        "NB median",
-        "LID_* (lpca)",
-        "od-mem",
-        "dd-mem",
-        "not-mem",
-    ):
-        tab.add_column(col, justify="right" if col != "region" else "left")
     for reg in REGIONS:
         e = summary["regions"][reg]
         if e["n"] == 0:
@@ -457,27 +430,21 @@ def _figure(train: TrainingSet, table: dict, config: VonMisesConfig):
     )
     od = table["label"] == "od-mem"
     dd = table["label"] == "dd-mem"
-    bottom.scatter(
-        x[od],
-        y[od],
-        s=70,
-        facecolors="none",
-        edgecolors="tab:red",
-        linewidths=1.2,
-        label=f"OD-Mem ({od.sum()})",
-        zorder=4,
-    )
-    bottom.scatter(
-        x[dd],
-        y[dd],
-        s=70,
-        marker="s",
-        facecolors="none",
-        edgecolors="k",
-        linewidths=1.0,
-        label=f"DD-Mem ({dd.sum()})",
-        zorder=4,
-    )
+    for name, mask, marker, colour, width in (
+        ("OD-Mem", od, "o", "tab:red", 1.2),
+        ("DD-Mem", dd, "s", "k", 1.0),
+    ):
+        bottom.scatter(
+            x[mask],
+            y[mask],
+            s=70,
+            marker=marker,
+            facecolors="none",
+            edgecolors=colour,
+            linewidths=width,
+            label=f"{name} ({mask.sum()})",
+            zorder=4,
+        )
     fig.colorbar(
         sc,
         ax=bottom,
@@ -498,103 +465,70 @@ def _figure(train: TrainingSet, table: dict, config: VonMisesConfig):
     return fig
 
 
+_FLAG_GROUPS = {
+    "data": (
+        ("seed", int, None, "seed of data, training, sampling and estimation"),
+        (
+            "num_train",
+            int,
+            None,
+            "training points: round(w n) origin copies, 1 isolated point, rest von Mises",
+        ),
+        ("origin_weight", finite_float, None, "mixture weight w of the point mass at the origin"),
+        ("kappa", finite_float, None, "von Mises concentration"),
+    ),
+    "model and training": (
+        (
+            "steps",
+            int,
+            None,
+            "Adam steps; too few and the model is too smooth to memorize the isolated point",
+        ),
+        ("batch_size", int, None, "training batch size"),
+        ("learning_rate", finite_float, None, "peak learning rate"),
+        ("width", int, None, "hidden width of the MLP"),
+    ),
+    "sampling and LID": (
+        ("num_samples", int, None, "samples drawn with the reverse SDE"),
+        ("sample_steps", int, None, "Euler-Maruyama steps of the sampler"),
+        (
+            "t0",
+            finite_float,
+            None,
+            "diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, "
+            "sigma ~ 0.08)",
+        ),
+        ("od_gap", finite_float, None, "OD-Mem when LID_* - LID_theta >= this"),
+        ("dd_max_lid", finite_float, None, "DD-Mem when LID_* and LID_theta are both <= this"),
+        (
+            "lpca_q",
+            finite_float,
+            None,
+            "percentile of all local explained variances used as the local-PCA threshold for "
+            "LID_* (paper, App. C.1, uses 10); it must exceed the share of off-manifold "
+            "variances, here 100 (1 - mean LID_* / d) = 60",
+        ),
+    ),
+    "output": (
+        (
+            "out",
+            Path,
+            None,
+            "output folder for figure4.png, samples.csv/.parquet, training_set.csv "
+            "(default ./%(default)s/)",
+        ),
+    ),
+}
+"""The von Mises demo's flags by argument group
+(:func:`~mmh_jax.experiments.common.add_flags`)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the von Mises demo's flags to ``parser``."""
-    d = VonMisesConfig()
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of data, training, sampling and estimation (default %(default)s)",
-    )
-    g.add_argument(
-        "--num-train",
-        type=int,
-        default=d.num_train,
-        help="training points: round(w n) origin copies, 1 isolated point, rest von Mises (default %(default)s)",
-    )
-    g.add_argument(
-        "--origin-weight",
-        type=finite_float,
-        default=d.origin_weight,
-        help="mixture weight w of the point mass at the origin (default %(default)s)",
-    )
-    g.add_argument(
-        "--kappa",
-        type=finite_float,
-        default=d.kappa,
-        help="von Mises concentration (default %(default)s)",
-    )
-    g = parser.add_argument_group("model and training")
-    g.add_argument(
-        "--steps",
-        type=int,
-        default=d.steps,
-        help="Adam steps; too few and the model is too smooth to memorize the isolated point (default %(default)s)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="training batch size (default %(default)s)",
-    )
-    g.add_argument(
-        "--learning-rate",
-        type=finite_float,
-        default=d.learning_rate,
-        help="peak learning rate (default %(default)s)",
-    )
-    g.add_argument(
-        "--width", type=int, default=d.width, help="hidden width of the MLP (default %(default)s)"
-    )
-    g = parser.add_argument_group("sampling and LID")
-    g.add_argument(
-        "--num-samples",
-        type=int,
-        default=d.num_samples,
-        help="samples drawn with the reverse SDE (default %(default)s)",
-    )
-    g.add_argument(
-        "--sample-steps",
-        type=int,
-        default=d.sample_steps,
-        help="Euler-Maruyama steps of the sampler (default %(default)s)",
-    )
-    g.add_argument(
-        "--t0",
-        type=finite_float,
-        default=d.t0,
-        help="diffusion time in (0, 1] for FLIPD and the normal bundle (default %(default)s, sigma ~ 0.08)",
-    )
-    g.add_argument(
-        "--od-gap",
-        type=finite_float,
-        default=d.od_gap,
-        help="OD-Mem when LID_* - LID_theta >= this (default %(default)s)",
-    )
-    g.add_argument(
-        "--dd-max-lid",
-        type=finite_float,
-        default=d.dd_max_lid,
-        help="DD-Mem when LID_* and LID_theta are both <= this (default %(default)s)",
-    )
-    g.add_argument(
-        "--lpca-q",
-        type=finite_float,
-        default=d.lpca_q,
-        help="percentile of all local explained variances used as the local-PCA threshold for LID_* "
-        "(paper, App. C.1, uses 10); it must exceed the share of off-manifold variances, here "
-        "100 (1 - mean LID_* / d) = 60 (default %(default)s)",
-    )
-    g = parser.add_argument_group("output")
-    g.add_argument(
-        "--out",
-        type=Path,
-        default=d.out,
-        help="output folder for figure4.png, samples.csv/.parquet, training_set.csv (default ./%(default)s/)",
-    )
-    add_display_flags(g)
+    for title, flags in _FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        add_flags(group, VonMisesConfig(), flags)
+    add_display_flags(group)
 
 
 def config_from_args(args: argparse.Namespace) -> VonMisesConfig:
