@@ -107,6 +107,7 @@ def test_unet2d_matches_diffusers(diffusers_folder, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_iddpm_matches_original(iddpm_tiny, tmp_path, capsys):
     path, io, flags = iddpm_tiny
     out = tmp_path / "iddpm.safetensors"

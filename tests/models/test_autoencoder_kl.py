@@ -141,7 +141,10 @@ def parity_inputs(module: AutoencoderKL, h: int, w: int) -> tuple[np.ndarray, np
     )
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(
+    "name",
+    [n if n == "two-levels" else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS],
+)
 def test_matches_diffusers(name):
     config, (h, w) = CONFIGS[name]
     model = torch_vae(config)

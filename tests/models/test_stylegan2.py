@@ -101,7 +101,10 @@ def test_mapping_matches_original(name):
         assert ws.shape == ref[key].shape and err <= TOLERANCE, err
 
 
-@pytest.mark.parametrize("name", list(PICKLES))
+@pytest.mark.parametrize(
+    "name",
+    [n if n == "resnet_uncond" else pytest.param(n, marks=pytest.mark.slow) for n in PICKLES],
+)
 def test_images_match_original(name):
     module, params = converted(name)
     ref = outputs(name)
