@@ -29,24 +29,10 @@ from mmh_jax.memorization.detectors import (
     token_attention,
     token_statistics,
 )
-from mmh_jax.scoring.columns import Inputs, _column, _require
+from mmh_jax.scoring.columns import Inputs, _column, _generated, _require, _text_model
 from mmh_jax.scoring.model import Model
 
 __all__ = ["CrossAttentionStats", "ValueActivations", "Sharpness", "DetectorImages"]
-
-
-def _text_model(model: Model, column: str) -> None:
-    _require(
-        model.eps_fn is not None and model.embed is not None,
-        column,
-        "a text-conditional model (Stable Diffusion)",
-    )
-
-
-def _trajectory(inputs: Inputs, column: str):
-    if inputs.trajectory is None or inputs.tokens is None:
-        raise ValueError(f"{column} needs images generated from prompts")
-    return inputs.trajectory
 
 
 def _times(model: Model, steps: Array, batch: int) -> Array:
@@ -67,6 +53,7 @@ class CrossAttentionStats:
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
     reads_trajectory: ClassVar[bool] = True
+    names: ClassVar[tuple[str, ...]] = ("ren_entropy", "ren_begin", "ren_end", "bright_ending")
 
     def __post_init__(self):
         if (
@@ -78,15 +65,11 @@ class CrossAttentionStats:
                 f"cross_attention early_steps must be an int >= 1, got {self.early_steps!r}"
             )
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("ren_entropy", "ren_begin", "ren_end", "bright_ending")
-
     def check(self, model: Model) -> None:
         _text_model(model, "cross_attention")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        traj = _trajectory(inputs, "cross_attention")
+        traj = _generated(inputs, "cross_attention", "tokens")
         n, b = traj.latents.shape[:2]
         if self.early_steps > n:
             raise ValueError(
@@ -116,10 +99,7 @@ class ValueActivations:
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("value_activations",)
+    names: ClassVar[tuple[str, ...]] = ("value_activations",)
 
     def check(self, model: Model) -> None:
         _text_model(model, "value_activations")
@@ -149,16 +129,13 @@ class Sharpness:
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
     reads_trajectory: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("sharpness",)
+    names: ClassVar[tuple[str, ...]] = ("sharpness",)
 
     def check(self, model: Model) -> None:
         _text_model(model, "sharpness")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        traj = _trajectory(inputs, "sharpness")
+        traj = _generated(inputs, "sharpness", "tokens")
         score_fn = cfg_score_fn(
             model.eps_fn,
             inputs.context,
@@ -185,17 +162,14 @@ class DetectorImages:
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
     reads_trajectory: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("one_step_pixels", "final_pixels")
+    names: ClassVar[tuple[str, ...]] = ("one_step_pixels", "final_pixels")
 
     def check(self, model: Model) -> None:
         _text_model(model, "detector_images")
         _require(model.decode is not None, "detector_images", "a decoder (the VAE)")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        traj = _trajectory(inputs, "detector_images")
+        traj = _generated(inputs, "detector_images", "tokens")
         x = traj.latents[0]
         if traj.eps_cond is not None:
             eps_u, eps_c = traj.eps_uncond[0], traj.eps_cond[0]
