@@ -125,6 +125,22 @@ def _text_model(
     _require(model.eps_fn is not None and model.embed is not None, column, what)
 
 
+def _caption_score_fn(model: Model, inputs: Inputs, guidance: float) -> Partial:
+    """The CFG-adjusted score given each item's caption (paper, Eq. 2)."""
+    return cfg_score_fn(
+        model.eps_fn, inputs.context, model.uncond, schedule=model.schedule, guidance=guidance
+    )
+
+
+class _PromptColumn:
+    """What a device column of text-conditional items declares: it needs the captions, and
+    of images generated from prompts it reads the generation's DDIM trajectory."""
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = True
+    reads_trajectory: ClassVar[bool] = True
+
+
 def _generated(inputs: Inputs, column: str, *fields: str) -> DDIMResult:
     """The DDIM trajectory of images generated from prompts (which also carry the ``fields``
     of ``inputs`` named), else a ValueError naming the column."""
@@ -175,13 +191,7 @@ class Flipd:
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         score_fn = model.score_fn
         if self.conditional:
-            score_fn = cfg_score_fn(
-                model.eps_fn,
-                inputs.context,
-                model.uncond,
-                schedule=model.schedule,
-                guidance=self.guidance,
-            )
+            score_fn = _caption_score_fn(model, inputs, self.guidance)
         return {
             name: flipd(
                 score_fn,
@@ -242,7 +252,7 @@ class NormalBundle:
 
 
 @_column()
-class CFGNorms:
+class CFGNorms(_PromptColumn):
     """Wen et al.'s CFG vector norm and the CFG-adjusted score norm (paper, Sec. 3.2).
 
     Of image-caption pairs: read at ``t0`` after ``num_steps`` Euler steps of the conditional
@@ -254,9 +264,6 @@ class CFGNorms:
     t0: float = 0.01
     num_steps: int = 3
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("cfg_vector_norm", "cfg_score_norm")
 
     def check(self, model: Model) -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from mmh_jax._src.images import to_uint8
-from mmh_jax.guidance import cfg_score_fn, eps_pair
+from mmh_jax.guidance import eps_pair
 from mmh_jax.memorization.detectors import (
     cross_attention,
     end_positions,
@@ -29,7 +29,15 @@ from mmh_jax.memorization.detectors import (
     token_attention,
     token_statistics,
 )
-from mmh_jax.scoring.columns import Inputs, _column, _generated, _require, _text_model
+from mmh_jax.scoring.columns import (
+    Inputs,
+    _caption_score_fn,
+    _column,
+    _generated,
+    _PromptColumn,
+    _require,
+    _text_model,
+)
 from mmh_jax.scoring.model import Model
 
 __all__ = ["CrossAttentionStats", "ValueActivations", "Sharpness", "DetectorImages"]
@@ -40,7 +48,7 @@ def _times(model: Model, steps: Array, batch: int) -> Array:
 
 
 @_column()
-class CrossAttentionStats:
+class CrossAttentionStats(_PromptColumn):
     """Ren et al.'s attention entropy and beginning/end-token attention at the first
     ``early_steps`` steps, and Chen et al.'s bright-ending attention (the mean of the end
     token's map) at the last step, of the conditional branch on the image's own trajectory
@@ -50,9 +58,6 @@ class CrossAttentionStats:
 
     early_steps: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("ren_entropy", "ren_begin", "ren_end", "bright_ending")
 
     def __post_init__(self):
@@ -118,7 +123,7 @@ class ValueActivations:
 
 
 @_column()
-class Sharpness:
+class Sharpness(_PromptColumn):
     """Jeon et al.'s sharpness ``-tr grad s^CFG(x_T, t_T)`` at the image's starting noise and
     the first timestep, Hutchinson with ``num_probes`` Rademacher probes
     (:func:`~mmh_jax.memorization.detectors.sharpness`)."""
@@ -126,9 +131,6 @@ class Sharpness:
     guidance: float = 7.5
     num_probes: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("sharpness",)
 
     def check(self, model: Model) -> None:
@@ -136,13 +138,7 @@ class Sharpness:
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         traj = _generated(inputs, "sharpness", "tokens")
-        score_fn = cfg_score_fn(
-            model.eps_fn,
-            inputs.context,
-            model.uncond,
-            schedule=model.schedule,
-            guidance=self.guidance,
-        )
+        score_fn = _caption_score_fn(model, inputs, self.guidance)
         x = traj.latents[0]
         t = _times(model, traj.timesteps[0], x.shape[0])
         return {
@@ -151,7 +147,7 @@ class Sharpness:
 
 
 @_column()
-class DetectorImages:
+class DetectorImages(_PromptColumn):
     """The decoded one-step prediction ``x_0 = (x_T - sqrt(1 - a) eps^CFG) / sqrt(a)`` at the
     first timestep (Webster's test) and the decoded generation (Carlini et al.'s clusters),
     each uint8 ``[h, w, c]`` flattened. The one-step prediction reuses the trajectory's first
@@ -159,9 +155,6 @@ class DetectorImages:
 
     guidance: float = 7.5
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("one_step_pixels", "final_pixels")
 
     def check(self, model: Model) -> None:

@@ -34,14 +34,21 @@ from mmh_jax.memorization.prompt import (
     trajectory_points,
 )
 from mmh_jax.sampling import ddim_sample
-from mmh_jax.scoring.columns import Inputs, _column, _generated, _require, _text_model
+from mmh_jax.scoring.columns import (
+    Inputs,
+    _column,
+    _generated,
+    _PromptColumn,
+    _require,
+    _text_model,
+)
 from mmh_jax.scoring.model import Model
 
 __all__ = ["TokenAttributions", "EmbeddingMitigation", "ImageSimilarity", "ClipScore", "SavedImage"]
 
 
 @_column()
-class TokenAttributions:
+class TokenAttributions(_PromptColumn):
     """Per token position, the norm of the gradient of a memorization metric with respect to
     the token's embedding, averaged over the points of the image's own DDIM trajectory
     (:func:`~mmh_jax.memorization.prompt.token_attributions`; Wen et al.; paper, Section 4.2).
@@ -55,10 +62,6 @@ class TokenAttributions:
     steps: tuple[int, ...] | None = None
     guidance: float = 7.5
     num_probes: int = 1
-
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.metric not in ("cfg", "cfg_score", "flipd"):
@@ -104,7 +107,7 @@ class TokenAttributions:
 
 
 @_column()
-class EmbeddingMitigation:
+class EmbeddingMitigation(_PromptColumn):
     """The embedding mitigation of a generated image (Wen et al.; paper, Appendix D.3, Figure
     9): the prompt's embedding optimised by AdamW on ``metric`` at the latents of DDIM step
     ``step`` of the image's own trajectory
@@ -131,9 +134,6 @@ class EmbeddingMitigation:
     guidance: float = 7.5
     num_probes: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
     makes_points: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("metric_before", "metric_after", "updates")
 
