@@ -19,6 +19,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from mmh_jax._src.ddim import ddim_x0
 from mmh_jax._src.images import to_uint8
 from mmh_jax.guidance import eps_pair
 from mmh_jax.memorization.detectors import (
@@ -175,7 +176,7 @@ class DetectorImages(_PromptColumn):
                 model.uncond,
             )
         a = model.schedule.alphas_cumprod[traj.timesteps[0]].astype(x.dtype)
-        x0 = (x - jnp.sqrt(1 - a) * (eps_u + self.guidance * (eps_c - eps_u))) / jnp.sqrt(a)
+        x0 = ddim_x0(x, eps_u + self.guidance * (eps_c - eps_u), a)
 
         def pixels(latents):
             images = model.decode(latents).astype(jnp.float32)
