@@ -143,7 +143,7 @@ def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
 
 
 def _load_converted(
-    path: Path, *, architecture: str, what: str, folder: str, convert: str
+    path: Path, architecture: str, what: str, folder: str, convert: str
 ) -> tuple[dict, dict]:
     """``(params, metadata)`` of a ``.safetensors`` file that :func:`save_params` wrote for
     ``architecture``, else a :class:`ConversionError` naming ``what`` model it should hold, the
@@ -167,13 +167,8 @@ def _load_converted(
 
 
 def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Prediction]:
-    params, metadata = _load_converted(
-        path,
-        architecture=_ARCHITECTURE,
-        what="diffusers UNet2DModel",
-        folder="diffusers folder (with config.json)",
-        convert=_CONVERT,
-    )
+    what, folder = "diffusers UNet2DModel", "diffusers folder (with config.json)"
+    params, metadata = _load_converted(path, _ARCHITECTURE, what, folder, _CONVERT)
     try:
         module = UNet2D.from_config(metadata["config"], dtype=dtype)
         stored = metadata["schedule"]

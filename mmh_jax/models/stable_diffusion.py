@@ -479,13 +479,8 @@ def _from_folder(root: Path, dtype: Any):
 
 
 def _from_converted(path: Path, dtype: Any):
-    stored, metadata = _load_converted(
-        path,
-        architecture=_ARCHITECTURE,
-        what="Stable Diffusion pipeline",
-        folder="pipeline folder (with model_index.json)",
-        convert=_CONVERT,
-    )
+    what, folder = "Stable Diffusion pipeline", "pipeline folder (with model_index.json)"
+    stored, metadata = _load_converted(path, _ARCHITECTURE, what, folder, _CONVERT)
     try:
         configs, scheduler = metadata["configs"], metadata["scheduler"]
         tokenizer_files = metadata["tokenizer"]
