@@ -41,7 +41,7 @@ from mmh_jax.models.loaders import ddpm_from_scheduler_config
 from mmh_jax.models.pretrained import EpsModel
 from mmh_jax.models.stable_diffusion import save_stable_diffusion_folder
 from mmh_jax.models.unet2d_condition import UNet2DCondition
-from mmh_jax.worlds.shapes import ShapesWorld, WorldSpec, tokenizer_files
+from mmh_jax.worlds.shapes import ShapesWorld, WorldSpec, _check_ints, tokenizer_files
 
 __all__ = [
     "TrainSpec",
@@ -105,21 +105,9 @@ class TrainSpec:
     chunk: int = 100
 
     def __post_init__(self):
-        for name in (
-            "seed",
-            "vae_steps",
-            "vae_batch",
-            "steps",
-            "batch_size",
-            "text_width",
-            "text_layers",
-            "max_length",
-            "chunk",
-        ):
-            value = getattr(self, name)
-            least = 0 if name == "seed" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        _check_ints(self, ("seed",))
+        counts = ("vae_steps", "vae_batch", "steps", "batch_size", "text_width", "text_layers")
+        _check_ints(self, (*counts, "max_length", "chunk"), least=1)
         for name in ("vae_learning_rate", "learning_rate"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
