@@ -44,7 +44,7 @@ def main() -> None:
     from jax.tree_util import Partial
 
     from mmh_jax.convert.unet2d_condition import unet2d_condition_abstract_params
-    from mmh_jax.memorization.prompt import MetricPoints, _token_attributions
+    from mmh_jax.memorization.prompt import MetricPoints, _Inputs, _token_attributions
     from mmh_jax.models import SD15_UNET_CONFIG, EpsModel, UNet2DCondition
     from mmh_jax.schedules import DDPM
 
@@ -81,17 +81,8 @@ def main() -> None:
     public_points = {"cfg": 200, "cfg_score": 200, "flipd": 40}
     for metric in args.metrics:
         start = time.perf_counter()
-        compiled = _token_attributions.lower(
-            eps_fn,
-            points,
-            cond,
-            uncond,
-            point_keys,
-            guidance,
-            schedule,
-            metric=metric,
-            num_probes=1,
-        ).compile()
+        inputs = _Inputs(eps_fn, points, uncond, point_keys, guidance, schedule)
+        compiled = _token_attributions.lower(cond, inputs, metric=metric, num_probes=1).compile()
         compile_s = time.perf_counter() - start
         mem = compiled.memory_analysis()
         print(
@@ -103,9 +94,7 @@ def main() -> None:
         if args.memory_only:
             continue
         start = time.perf_counter()
-        jax.block_until_ready(
-            compiled(eps_fn, points, cond, uncond, point_keys, guidance, schedule)
-        )
+        jax.block_until_ready(compiled(cond, inputs))
         per_point = (time.perf_counter() - start) / n
         total = per_point * public_points[metric]
         print(

@@ -12,7 +12,7 @@ from jaxtyping import Array
 from mmh_jax.guidance import eps_pair
 from mmh_jax.schedules import DDPM
 
-__all__ = ["ddim_alphas", "ddim_update", "ddim_scan"]
+__all__ = ["ddim_alphas", "ddim_x0", "ddim_update", "ddim_scan"]
 
 
 def ddim_alphas(
@@ -26,11 +26,16 @@ def ddim_alphas(
     return abar[steps], jnp.where(prev >= 0, abar[jnp.maximum(prev, 0)], final)
 
 
+def ddim_x0(x: Array, eps: Array, a: Array) -> Array:
+    """The clean point DDIM predicts from ``x`` at ``abar = a``: ``(x - sqrt(1 - a) eps) /
+    sqrt(a)``."""
+    return (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+
+
 def ddim_update(x: Array, eps: Array, a: Array, a_next: Array) -> Array:
-    """One DDIM (eta = 0) step: ``x_0 = (x - sqrt(1 - a) eps) / sqrt(a)``, then
+    """One DDIM (eta = 0) step: ``x_0`` (:func:`ddim_x0`), then
     ``sqrt(a') x_0 + sqrt(1 - a') eps``."""
-    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-    return jnp.sqrt(a_next) * x0 + jnp.sqrt(1 - a_next) * eps
+    return jnp.sqrt(a_next) * ddim_x0(x, eps, a) + jnp.sqrt(1 - a_next) * eps
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "set_alpha_to_one", "return_trajectory"))

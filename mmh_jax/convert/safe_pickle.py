@@ -366,6 +366,23 @@ class _StorageRecord(NamedTuple):
     numel: int
 
 
+def _storage_pid(pid: Any, length: int, where: str) -> tuple[str, np.dtype, int]:
+    """``(key, dtype, numel)`` of a storage record's persistent id, the tuple
+    ``('storage', torch.<Type>Storage, key, location, numel, ...)`` of ``length`` entries;
+    anything else is an :class:`UnsafePickleError` (``where`` prefixes its message)."""
+    if (
+        not isinstance(pid, tuple)
+        or len(pid) != length
+        or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType)
+        or not isinstance(pid[2], str)
+        or not isinstance(pid[4], int)
+        or pid[4] < 0
+    ):
+        raise UnsafePickleError(f"{where}persistent id {pid!r} is not a storage record")
+    return pid[2], pid[1].dtype, pid[4]
+
+
 def _load_from_bytes(data: Any) -> _Storage:
     """``torch.storage._load_from_bytes``: parse the legacy ``torch.save`` stream of one storage.
 
@@ -394,19 +411,10 @@ def _load_from_bytes(data: Any) -> _Storage:
     records: list[_StorageRecord] = []
 
     def storage_id(pid: Any) -> _StorageRecord:
-        if (
-            not isinstance(pid, tuple)
-            or len(pid) != 6
-            or pid[0] != "storage"
-            or not isinstance(pid[1], _StorageType)
-            or not isinstance(pid[2], str)
-            or not isinstance(pid[4], int)
-            or pid[4] < 0
-        ):
-            raise UnsafePickleError(f"{where}: persistent id {pid!r} is not a storage record")
+        key, dtype, numel = _storage_pid(pid, 6, f"{where}: ")
         if pid[5] is not None:
             raise ConversionError(f"{where}: storage views are not supported")
-        records.append(_StorageRecord(pid[2], pid[1].dtype, pid[4]))
+        records.append(_StorageRecord(key, dtype, numel))
         return records[-1]
 
     record = _load_part(stream, where, _STORAGE_TYPES, storage_id)

@@ -33,7 +33,7 @@ from mmh_jax.convert.safe_pickle import (
     _rebuild_tensor_v2,
     _RestrictedUnpickler,
     _Storage,
-    _StorageType,
+    _storage_pid,
 )
 
 __all__ = ["ScriptModuleRecord", "is_torchscript_archive", "read_torchscript_archive"]
@@ -163,17 +163,7 @@ def read_torchscript_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
         storages: dict[str, _Storage] = {}
 
         def storage(pid: Any) -> _Storage:
-            if (
-                not isinstance(pid, tuple)
-                or len(pid) != 5
-                or pid[0] != "storage"
-                or not isinstance(pid[1], _StorageType)
-                or not isinstance(pid[2], str)
-                or not isinstance(pid[4], int)
-                or pid[4] < 0
-            ):
-                raise UnsafePickleError(f"persistent id {pid!r} is not a storage record")
-            key, dtype, numel = pid[2], pid[1].dtype, pid[4]
+            key, dtype, numel = _storage_pid(pid, 5, "")
             if key not in storages:
                 member = f"{top}/data/{key}"
                 if member not in names:

@@ -57,7 +57,16 @@ def hutchinson_probe(
     return jax.vmap(lambda k: draw(jax.random.fold_in(k, index), event_shape, dtype))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("trace", "num_probes", "probe", "chunk_size"))
+class _TraceSettings(NamedTuple):
+    """The trace estimator's checked settings (static under ``jit``)."""
+
+    trace: Trace
+    num_probes: int
+    probe: Probe
+    chunk_size: int | None
+
+
+@functools.partial(jax.jit, static_argnames=("estimator",))
 def _flipd(
     score_fn: ScoreFn,
     x: Array,
@@ -65,12 +74,10 @@ def _flipd(
     *,
     schedule: Schedule,
     keys: Array | None,
-    trace: Trace,
-    num_probes: int,
-    probe: Probe,
-    chunk_size: int | None,
+    estimator: _TraceSettings,
 ) -> Array:
     """FLIPD on validated inputs: ``t`` has shape ``[b]``, ``keys`` one key per sample."""
+    trace, num_probes, probe, chunk_size = estimator
     event_shape = x.shape[1:]
     d = math.prod(event_shape)
     psi = broadcast_to_event(schedule.psi(t), x)
@@ -106,7 +113,7 @@ def _check_flipd_args(score_fn, x, schedule, trace, num_probes, probe, chunk_siz
     keys = per_sample_keys(key, x.shape[0]) if trace == "hutchinson" else None
     t_probe = jnp.full((x.shape[0],), 0.5, dtype=x.dtype)
     check_score_fn(score_fn, x, t_probe)
-    return x, num_probes, chunk_size, keys
+    return x, keys, _TraceSettings(trace, num_probes, probe, chunk_size)
 
 
 def flipd(
@@ -142,21 +149,11 @@ def flipd(
     Returns:
         FLIPD per point, shape ``[b]``, in ``x.dtype``.
     """
-    x, num_probes, chunk_size, keys = _check_flipd_args(
+    x, keys, estimator = _check_flipd_args(
         score_fn, x, schedule, trace, num_probes, probe, chunk_size, key
     )
     t = check_times(t0, x.shape[0], x.dtype)
-    return _flipd(
-        as_pytree_fn(score_fn),
-        x,
-        t,
-        schedule=schedule,
-        keys=keys,
-        trace=trace,
-        num_probes=num_probes,
-        probe=probe,
-        chunk_size=chunk_size,
-    )
+    return _flipd(as_pytree_fn(score_fn), x, t, schedule=schedule, keys=keys, estimator=estimator)
 
 
 def flipd_curve(
@@ -183,7 +180,7 @@ def flipd_curve(
     Returns:
         ``[b, n]`` FLIPD values.
     """
-    x, num_probes, chunk_size, keys = _check_flipd_args(
+    x, keys, estimator = _check_flipd_args(
         score_fn, x, schedule, trace, num_probes, probe, chunk_size, key
     )
     ts = jnp.asarray(ts, dtype=x.dtype)
@@ -192,33 +189,15 @@ def flipd_curve(
     check_times(ts, ts.shape[0], x.dtype, name="ts")
 
     return _flipd_curve(
-        as_pytree_fn(score_fn),
-        x,
-        ts,
-        schedule=schedule,
-        keys=keys,
-        trace=trace,
-        num_probes=num_probes,
-        probe=probe,
-        chunk_size=chunk_size,
+        as_pytree_fn(score_fn), x, ts, schedule=schedule, keys=keys, estimator=estimator
     )
 
 
-@functools.partial(jax.jit, static_argnames=("trace", "num_probes", "probe", "chunk_size"))
-def _flipd_curve(score_fn, x, ts, *, schedule, keys, trace, num_probes, probe, chunk_size):
+@functools.partial(jax.jit, static_argnames=("estimator",))
+def _flipd_curve(score_fn, x, ts, *, schedule, keys, estimator):
     def at(t0: Array) -> Array:
         t = jnp.broadcast_to(t0, (x.shape[0],))
-        return _flipd(
-            score_fn,
-            x,
-            t,
-            schedule=schedule,
-            keys=keys,
-            trace=trace,
-            num_probes=num_probes,
-            probe=probe,
-            chunk_size=chunk_size,
-        )
+        return _flipd(score_fn, x, t, schedule=schedule, keys=keys, estimator=estimator)
 
     return jax.lax.map(at, ts).T
 

@@ -50,7 +50,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax._src.checks import per_sample_keys
-from mmh_jax._src.ddim import ddim_alphas, ddim_update
+from mmh_jax._src.ddim import ddim_alphas, ddim_update, ddim_x0
 from mmh_jax._src.noise import images_noise
 from mmh_jax._src.partial import as_pytree_fn
 from mmh_jax._src.trace import sum_vjv
@@ -257,6 +257,17 @@ def _grid(sd: StableDiffusion, num_steps: int) -> tuple[np.ndarray, Array, Array
     return steps, a, a_next
 
 
+def _starting_noise(sd: StableDiffusion, key: Array, prompts: int, images: int) -> Array:
+    """The starting noise of every prompt x image (prompt-major): image ``j`` of every prompt
+    starts from ``normal(fold_in(key, j))``, as ``StableDiffusion.sample``."""
+    return jnp.tile(images_noise(key, images, sd.latent_shape), (prompts, 1, 1, 1))
+
+
+def _first_time(sd: StableDiffusion, steps: np.ndarray) -> Array:
+    """The continuous time ``(timestep + 1) / T`` of the grid's first (noisiest) step."""
+    return jnp.float32((steps[0] + 1) / sd.schedule.num_timesteps)
+
+
 @functools.partial(jax.jit, static_argnames=("capture",))
 def _guided_step(eps_fn, x, t, a, a_next, cond, uncond, guidance, *, capture: bool):
     """One DDIM step with guidance; with ``capture`` also the conditional branch's
@@ -284,7 +295,7 @@ def _attention_along_ddim(sd, cond, *, key, images_per_prompt, num_steps, guidan
     image (prompt-major) and return the head-averaged attention maps of the captured steps,
     ``{step: (per layer [p * k, pixels, tokens])}``."""
     steps, a, a_next = _grid(sd, num_steps)
-    x = jnp.tile(images_noise(key, images_per_prompt, sd.latent_shape), (cond.shape[0], 1, 1, 1))
+    x = _starting_noise(sd, key, cond.shape[0], images_per_prompt)
     cond = jnp.repeat(cond, images_per_prompt, axis=0)
     T = sd.schedule.num_timesteps
     out = {}
@@ -629,7 +640,7 @@ def sharpness(
     cond, _ = _prompt_inputs(sd, prompts)
     steps, _, _ = _grid(sd, _check_count(num_steps, "num_steps"))
     p = cond.shape[0]
-    x = jnp.tile(images_noise(key, k, sd.latent_shape), (p, 1, 1, 1))
+    x = _starting_noise(sd, key, p, k)
     score_fn = cfg_score_fn(
         sd.eps,
         jnp.repeat(cond, k, axis=0),
@@ -637,7 +648,7 @@ def sharpness(
         schedule=sd.schedule,
         guidance=guidance,
     )
-    t = jnp.float32((steps[0] + 1) / sd.schedule.num_timesteps)
+    t = _first_time(sd, steps)
     probe_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(_image_keys(key, p, k))
     trace = score_jacobian_trace(score_fn, x, t, key=probe_keys, num_probes=num_probes)
     return -trace.reshape(p, k).mean(axis=1)
@@ -646,8 +657,7 @@ def sharpness(
 @jax.jit
 def _one_step_x0(eps_fn, x, t, a, cond, uncond, guidance):
     eps_u, eps_c = eps_pair(eps_fn, x, t, cond, uncond)
-    eps = eps_u + guidance * (eps_c - eps_u)
-    return (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    return ddim_x0(x, eps_u + guidance * (eps_c - eps_u), a)
 
 
 def _sobel(gray: Float[Array, "b h w"]) -> Float[Array, "b h w"]:
@@ -707,13 +717,12 @@ def edge_consistency(
     cond, _ = _prompt_inputs(sd, prompts)
     steps, a, _ = _grid(sd, _check_count(num_steps, "num_steps"))
     p = cond.shape[0]
-    x = jnp.tile(images_noise(key, k, sd.latent_shape), (p, 1, 1, 1))
-    t = jnp.full((x.shape[0],), (steps[0] + 1) / sd.schedule.num_timesteps, jnp.float32)
+    x = _starting_noise(sd, key, p, k)
     images = sd.decode(
         _one_step_x0(
             sd.eps,
             x,
-            t,
+            _first_time(sd, steps),
             a[0],
             jnp.repeat(cond, k, axis=0),
             sd.uncond_embedding,

@@ -190,8 +190,9 @@ def _branch(eps_fn: CondEpsFn, x: Array, t: Array, context: Array, probes: Array
     return eps, vjv
 
 
-def _point_values(eps_fn, x, t, cond, uncond, probes, guidance, schedule, metric):
+def _point_values(inputs, x, t, cond, uncond, probes, metric):
     """Per-point metric values; differentiable in ``cond`` only (see the module docstring)."""
+    eps_fn, guidance, schedule = inputs.eps_fn, inputs.guidance, inputs.schedule
     eps_u, vjv_u = jax.lax.stop_gradient(_branch(eps_fn, x, t, uncond, probes))
     eps_c, vjv_c = _branch(eps_fn, x, t, cond, probes)
     acc = _accumulator(eps_c.dtype)
@@ -225,7 +226,20 @@ def _check_points(points: MetricPoints) -> MetricPoints:
     return MetricPoints(latents, t.astype(latents.dtype))
 
 
-def _prepare(points, cond, uncond, metric, key, num_probes):
+class _Inputs(NamedTuple):
+    """Everything a metric evaluation takes besides ``cond`` (a pytree of jit arguments)."""
+
+    eps_fn: CondEpsFn
+    points: MetricPoints
+    uncond: Array
+    keys: Array | None
+    """One key per point for the ``"flipd"`` probes, else ``None``."""
+    guidance: Array
+    schedule: DDPM
+
+
+def _prepare(eps_fn, points, cond, uncond, metric, schedule, guidance, key, num_probes):
+    """Check the arguments every public function shares: ``(cond, inputs, num_probes)``."""
     check_option(metric, "metric", _METRICS)
     points = _check_points(points)
     n = points.latents.shape[0]
@@ -234,7 +248,8 @@ def _prepare(points, cond, uncond, metric, key, num_probes):
     broadcast_batch(uncond, n, name="uncond")
     num_probes = check_int(num_probes, "num_probes")
     keys = per_sample_keys(key, n) if metric == "flipd" else None
-    return points, cond, uncond, keys, num_probes
+    inputs = _Inputs(eps_fn, points, uncond, keys, jnp.asarray(guidance, jnp.float32), schedule)
+    return cond, inputs, num_probes
 
 
 def metric_values(
@@ -266,35 +281,21 @@ def metric_values(
     Returns:
         ``[n]`` values, float32 (float64 under x64 with a float64 network).
     """
-    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key, num_probes)
-    return _metric_values(
-        eps_fn,
-        points,
-        cond,
-        uncond,
-        keys,
-        jnp.asarray(guidance, jnp.float32),
-        schedule,
-        metric=metric,
-        num_probes=num_probes,
+    cond, inputs, num_probes = _prepare(
+        eps_fn, points, cond, uncond, metric, schedule, guidance, key, num_probes
     )
+    return _metric_values(cond, inputs, metric=metric, num_probes=num_probes)
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
-def _metric_values(eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric, num_probes):
-    x, t = jax.lax.stop_gradient(points.latents), points.t
+def _metric_values(cond, inputs: _Inputs, *, metric, num_probes):
+    x, t = jax.lax.stop_gradient(inputs.points.latents), inputs.points.t
     n = x.shape[0]
+    keys = inputs.keys
     probes = None if keys is None else _probes(keys, x.shape[1:], num_probes, x.dtype)
+    uncond = broadcast_batch(inputs.uncond, n, name="uncond")
     return _point_values(
-        eps_fn,
-        x,
-        t,
-        broadcast_batch(cond, n, name="cond"),
-        broadcast_batch(uncond, n, name="uncond"),
-        probes,
-        guidance,
-        schedule,
-        metric,
+        inputs, x, t, broadcast_batch(cond, n, name="cond"), uncond, probes, metric
     )
 
 
@@ -373,33 +374,26 @@ def token_attributions(
         raise ValueError(
             f"cond must be one prompt's embedding [1, n_ctx, dim], got shape {cond.shape}"
         )
-    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key, num_probes)
-    if keys is None:  # unused: a placeholder to scan over
-        keys = jax.random.split(jax.random.key(0), points.latents.shape[0])
-    if uncond.shape[0] != 1:
-        raise ValueError(f"uncond must have batch 1 for token_attributions, got {uncond.shape}")
-    return _token_attributions(
-        eps_fn,
-        points,
-        cond,
-        uncond,
-        keys,
-        jnp.asarray(guidance, jnp.float32),
-        schedule,
-        metric=metric,
-        num_probes=num_probes,
+    cond, inputs, num_probes = _prepare(
+        eps_fn, points, cond, uncond, metric, schedule, guidance, key, num_probes
     )
+    if inputs.keys is None:  # unused: a placeholder to scan over
+        inputs = inputs._replace(keys=jax.random.split(jax.random.key(0), len(inputs.points.t)))
+    if inputs.uncond.shape[0] != 1:
+        raise ValueError(
+            f"uncond must have batch 1 for token_attributions, got {inputs.uncond.shape}"
+        )
+    return _token_attributions(cond, inputs, metric=metric, num_probes=num_probes)
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "num_probes"))
-def _token_attributions(
-    eps_fn, points, cond, uncond, keys, guidance, schedule, *, metric, num_probes
-):
+def _token_attributions(cond, inputs: _Inputs, *, metric, num_probes):
+    points, keys = inputs.points, inputs.keys
     x_all = jax.lax.stop_gradient(points.latents)
 
     def value(c, x, t, k):
         probes = _probes(k[None], x.shape[1:], num_probes, x.dtype) if metric == "flipd" else None
-        return _point_values(eps_fn, x, t, c, uncond, probes, guidance, schedule, metric)[0]
+        return _point_values(inputs, x, t, c, inputs.uncond, probes, metric)[0]
 
     def one(carry, inp):
         x, t, k = inp
@@ -465,20 +459,14 @@ def optimize_embedding(
     num_steps = check_int(num_steps, "num_steps")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    points, cond, uncond, keys, num_probes = _prepare(points, cond, uncond, metric, key, num_probes)
-    # the hyper-parameters are traced: one compilation for all prompts and targets
-    hyper = jnp.asarray(
-        [learning_rate, weight_decay, jnp.nan if target is None else target], cond.dtype
+    cond, inputs, num_probes = _prepare(
+        eps_fn, points, cond, uncond, metric, schedule, guidance, key, num_probes
     )
+    # the hyper-parameters are traced: one compilation for all prompts and targets
     out = _optimize_jit(
-        eps_fn,
         cond,
-        uncond,
-        points,
-        keys,
-        hyper,
-        jnp.asarray(guidance, jnp.float32),
-        schedule,
+        inputs,
+        _hyper(cond, learning_rate, weight_decay, target),
         metric=metric,
         num_steps=num_steps,
         num_probes=num_probes,
@@ -524,25 +512,13 @@ def optimize_embedding_traced(
         a traced integer.
     """
     num_steps = check_int(num_steps, "num_steps")
-    points, cond, uncond, keys, num_probes = _prepare(
-        points, jnp.asarray(cond), uncond, metric, key, num_probes
-    )
-    hyper = jnp.stack(
-        [
-            jnp.asarray(learning_rate, cond.dtype),
-            jnp.asarray(weight_decay, cond.dtype),
-            jnp.asarray(jnp.nan if target is None else target, cond.dtype),
-        ]
+    cond, inputs, num_probes = _prepare(
+        eps_fn, points, cond, uncond, metric, schedule, guidance, key, num_probes
     )
     return _optimize_loop(
-        eps_fn,
         cond,
-        uncond,
-        points,
-        keys,
-        hyper,
-        jnp.asarray(guidance, jnp.float32),
-        schedule,
+        inputs,
+        _hyper(cond, learning_rate, weight_decay, target),
         metric=metric,
         num_steps=num_steps,
         num_probes=num_probes,
@@ -550,29 +526,20 @@ def optimize_embedding_traced(
     )
 
 
-def _optimize_loop(
-    eps_fn,
-    cond,
-    uncond,
-    points,
-    keys,
-    hyper,
-    guidance,
-    schedule,
-    *,
-    metric,
-    num_steps,
-    num_probes,
-    has_target,
-):
+def _hyper(cond: Array, learning_rate, weight_decay, target) -> Array:
+    """``[learning rate, weight decay, target]`` in ``cond``'s dtype (NaN: no target)."""
+    values = (learning_rate, weight_decay, jnp.nan if target is None else target)
+    return jnp.stack([jnp.asarray(v, cond.dtype) for v in values])
+
+
+def _optimize_loop(cond, inputs: _Inputs, hyper, *, metric, num_steps, num_probes, has_target):
     """The loop of :func:`optimize_embedding_traced`; ``hyper`` = (lr, weight decay, target)."""
     sign = 1.0 if memorized_when_high(metric) else -1.0
     step_hyper = jnp.stack([hyper[0], hyper[1], jnp.asarray(sign, hyper.dtype)])
-    args = (eps_fn, points, uncond, keys, guidance, schedule)
     static = dict(metric=metric, num_probes=num_probes)
     # the carry takes the inputs' varying type (inside shard_map, e.g. the scoring engine), as
     # the loop's outputs have it
-    like = cond.reshape(-1)[0] + points.latents.reshape(-1)[0].astype(cond.dtype)
+    like = cond.reshape(-1)[0] + inputs.points.latents.reshape(-1)[0].astype(cond.dtype)
 
     def vary(a):
         return a + jnp.zeros_like(like, a.dtype)
@@ -586,7 +553,7 @@ def _optimize_loop(
 
     def body(carry):
         i, c, s, vals, _ = carry
-        new, new_state, value = _embedding_update(c, s, step_hyper, *args, **static)
+        new, new_state, value = _embedding_update(c, s, step_hyper, inputs, **static)
         vals = vals.at[i].set(value.astype(jnp.float32))
         reached = (sign * (value - hyper[2]) <= 0) if has_target else vary(jnp.asarray(False))
         keep = functools.partial(jnp.where, reached)
@@ -598,9 +565,7 @@ def _optimize_loop(
     last = jax.lax.cond(
         done,
         lambda c: vary(jnp.asarray(jnp.nan, jnp.float32)),
-        lambda c: jnp.mean(
-            _metric_values(eps_fn, points, c, uncond, keys, guidance, schedule, **static)
-        ).astype(jnp.float32),
+        lambda c: jnp.mean(_metric_values(c, inputs, **static)).astype(jnp.float32),
         cond,
     )
     values = jnp.where(done, values, values.at[num_steps].set(last))
@@ -612,28 +577,14 @@ _optimize_jit = jax.jit(
 )
 
 
-def _embedding_update(
-    cond, state, hyper, eps_fn, points, uncond, keys, guidance, schedule, *, metric, num_probes
-):
+def _embedding_update(cond, state, hyper, inputs: _Inputs, *, metric, num_probes):
     """One AdamW update of ``sign * A(cond)``, the start token's row frozen; the value before."""
     learning_rate, weight_decay, sign = hyper[0], hyper[1], hyper[2]
     optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
     mask = jnp.ones(cond.shape[1], cond.dtype).at[0].set(0)[None, :, None]
 
     def loss(c):
-        return jnp.mean(
-            _metric_values(
-                eps_fn,
-                points,
-                c,
-                uncond,
-                keys,
-                guidance,
-                schedule,
-                metric=metric,
-                num_probes=num_probes,
-            )
-        )
+        return jnp.mean(_metric_values(c, inputs, metric=metric, num_probes=num_probes))
 
     value, grad = jax.value_and_grad(loss)(cond)
     updates, state = optimizer.update(sign * grad * mask, state, cond)

@@ -16,7 +16,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from mmh_jax.models.layers import GroupNorm, attention, conv2d, upsample_nearest_2x
+from mmh_jax.models.layers import (
+    GroupNorm,
+    attention,
+    conv2d,
+    timestep_embedding,
+    upsample_nearest_2x,
+)
 
 __all__ = [
     "TimestepMLP",
@@ -84,6 +90,46 @@ class TimestepMLP(nn.Module):
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Dense(self.features, name="linear_1", **dense)(x)
         return nn.Dense(self.features, name="linear_2", **dense)(nn.silu(x))
+
+
+# What the UNet ports (UNet2D, UNet2DCondition) share, read from their diffusers config keys.
+
+
+def _check_block_types(
+    config: Any, bad: Callable[[str, str], Exception], down: tuple[str, ...], up: tuple[str, ...]
+) -> None:
+    """``down_block_types`` and ``up_block_types`` are non-empty tuples of the kinds allowed."""
+    for key, allowed in (("down_block_types", down), ("up_block_types", up)):
+        value = getattr(config, key)
+        if not isinstance(value, tuple) or not value or any(v not in allowed for v in value):
+            raise bad(key, f"a non-empty tuple of {' / '.join(allowed)}")
+
+
+def _resnet_settings(config: Any) -> dict[str, Any]:
+    """The settings every resnet of a UNet shares (norm groups and eps, time scale-shift,
+    dtypes)."""
+    return dict(
+        groups=config.norm_num_groups,
+        eps=config.norm_eps,
+        scale_shift=config.resnet_time_scale_shift == "scale_shift",
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+    )
+
+
+def _time_embedding(config: Any, timesteps: Array) -> Array:
+    """diffusers' ``time_proj`` and ``time_embedding`` of a UNet (called inside its compact
+    ``__call__``: the MLP's parameters are the UNet's ``time_embedding``)."""
+    width = config.block_out_channels[0]
+    emb = timestep_embedding(
+        timesteps, width, flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift
+    )
+    return TimestepMLP(
+        config.time_embedding_dim or 4 * width,
+        name="time_embedding",
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+    )(emb)
 
 
 class ResnetBlock2D(nn.Module):

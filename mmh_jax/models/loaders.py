@@ -142,24 +142,33 @@ def _from_folder(folder: Path, dtype: Any) -> tuple[UNet2D, dict]:
     return module, params
 
 
-def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Prediction]:
+def _load_converted(
+    path: Path, architecture: str, what: str, folder: str, convert: str
+) -> tuple[dict, dict]:
+    """``(params, metadata)`` of a ``.safetensors`` file that :func:`save_params` wrote for
+    ``architecture``, else a :class:`ConversionError` naming ``what`` model it should hold, the
+    ``folder`` to pass instead and the ``convert`` command."""
     if path.suffix != ".safetensors":
         raise ConversionError(
-            f"{str(path)!r}: expected a diffusers folder (with config.json) "
-            f"or a .safetensors file written by {_CONVERT}"
+            f"{str(path)!r}: expected a {folder} or a .safetensors file written by {convert}"
         )
     params, metadata = load_params(path)
-    if metadata.get("architecture") != _ARCHITECTURE:
-        held = metadata.get("architecture")
+    held = metadata.get("architecture")
+    if held != architecture:
         held = (
-            f"holds a {held!r} model, not a diffusers UNet2DModel"
+            f"holds a {held!r} model, not a {what}"
             if held
-            else "is not a converted diffusers UNet2DModel (it has no mmh-jax metadata)"
+            else f"is not a converted {what} (it has no mmh-jax metadata)"
         )
         raise ConversionError(
-            f"{str(path)!r} {held}: pass the diffusers folder (with "
-            f"config.json), or convert it with {_CONVERT}"
+            f"{str(path)!r} {held}: pass the {folder}, or convert it with {convert}"
         )
+    return params, metadata
+
+
+def _from_converted(path: Path, dtype: Any) -> tuple[UNet2D, dict, DDPM, Prediction]:
+    what, folder = "diffusers UNet2DModel", "diffusers folder (with config.json)"
+    params, metadata = _load_converted(path, _ARCHITECTURE, what, folder, _CONVERT)
     try:
         module = UNet2D.from_config(metadata["config"], dtype=dtype)
         stored = metadata["schedule"]

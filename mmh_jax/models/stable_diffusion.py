@@ -48,7 +48,7 @@ from mmh_jax.convert.clip import (
     convert_clip_text,
 )
 from mmh_jax.convert.core import ConversionError, check_params, export_state_dict
-from mmh_jax.convert.io import load_params, read_state_dict, save_params
+from mmh_jax.convert.io import read_state_dict, save_params
 from mmh_jax.convert.unet2d_condition import (
     convert_unet2d_condition,
     unet2d_condition_abstract_params,
@@ -58,6 +58,7 @@ from mmh_jax.guidance import cfg_eps, cfg_score_fn, conditional_score_fn
 from mmh_jax.models.autoencoder_kl import AutoencoderKL, scale_latents, unscale_latents
 from mmh_jax.models.clip import CLIPTextModel
 from mmh_jax.models.loaders import (
+    _load_converted,
     ddpm_from_scheduler_config,
     prediction_type_from_scheduler_config,
     read_json,
@@ -478,23 +479,8 @@ def _from_folder(root: Path, dtype: Any):
 
 
 def _from_converted(path: Path, dtype: Any):
-    if path.suffix != ".safetensors":
-        raise ConversionError(
-            f"{str(path)!r}: expected a pipeline folder (with model_index.json) "
-            f"or a .safetensors file written by {_CONVERT}"
-        )
-    stored, metadata = load_params(path)
-    if metadata.get("architecture") != _ARCHITECTURE:
-        held = metadata.get("architecture")
-        held = (
-            f"holds a {held!r} model, not a Stable Diffusion pipeline"
-            if held
-            else "is not a converted Stable Diffusion pipeline (it has no mmh-jax metadata)"
-        )
-        raise ConversionError(
-            f"{str(path)!r} {held}: pass the pipeline folder (with "
-            f"model_index.json), or convert it with {_CONVERT}"
-        )
+    what, folder = "Stable Diffusion pipeline", "pipeline folder (with model_index.json)"
+    stored, metadata = _load_converted(path, _ARCHITECTURE, what, folder, _CONVERT)
     try:
         configs, scheduler = metadata["configs"], metadata["scheduler"]
         tokenizer_files = metadata["tokenizer"]

@@ -23,12 +23,14 @@ from jaxtyping import Array, ArrayLike, Float
 from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
 from mmh_jax.models.diffusers_blocks import (
     SpatialAttention,
-    TimestepMLP,
     UNetBlock,
     UNetMidBlock,
+    _check_block_types,
+    _resnet_settings,
+    _time_embedding,
     unet_inputs,
 )
-from mmh_jax.models.layers import GroupNorm, conv2d, timestep_embedding
+from mmh_jax.models.layers import GroupNorm, conv2d
 
 __all__ = ["DDPM_CIFAR10_CONFIG", "UNet2D"]
 
@@ -140,10 +142,7 @@ class UNet2D(ConfigPort):
         for key, allowed in fixed.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, " or ".join(map(repr, allowed)))
-        for key, allowed in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
-            value = getattr(self, key)
-            if not isinstance(value, tuple) or not value or any(v not in allowed for v in value):
-                raise bad(key, f"a non-empty tuple of {' / '.join(allowed)}")
+        _check_block_types(self, bad, _DOWN_BLOCKS, _UP_BLOCKS)
         channels = self.block_out_channels
         if not isinstance(channels, tuple) or not all(
             isinstance(c, int) and c > 0 for c in channels
@@ -201,19 +200,9 @@ class UNet2D(ConfigPort):
             center=self.center_input_sample,
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        common = dict(
-            groups=self.norm_num_groups,
-            eps=self.norm_eps,
-            scale_shift=self.resnet_time_scale_shift == "scale_shift",
-            **kw,
-        )
+        common = _resnet_settings(self)
 
-        emb = timestep_embedding(
-            timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
-        )
-        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding", **kw)(
-            emb
-        )
+        emb = _time_embedding(self, timesteps)
         x = conv2d(channels[0], 3, padding=1, name="conv_in", **kw)(x)
 
         def attention(

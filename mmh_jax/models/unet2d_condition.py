@@ -27,8 +27,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from mmh_jax.models._config import DIFFUSERS_BOOKKEEPING, ConfigPort, unsupported
-from mmh_jax.models.diffusers_blocks import TimestepMLP, UNetBlock, UNetMidBlock, unet_inputs
-from mmh_jax.models.layers import GroupNorm, attention, conv2d, timestep_embedding
+from mmh_jax.models.diffusers_blocks import (
+    UNetBlock,
+    UNetMidBlock,
+    _check_block_types,
+    _resnet_settings,
+    _time_embedding,
+    unet_inputs,
+)
+from mmh_jax.models.layers import GroupNorm, attention, conv2d
 
 __all__ = ["SD15_UNET_CONFIG", "UNet2DCondition"]
 
@@ -298,10 +305,7 @@ class UNet2DCondition(ConfigPort):
                 "only_cross_attention",
                 "False (cross-attention-only transformers are not supported)",
             )
-        for key, allowed in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
-            value = getattr(self, key)
-            if not isinstance(value, tuple) or not value or any(v not in allowed for v in value):
-                raise bad(key, f"a non-empty tuple of {' / '.join(allowed)}")
+        _check_block_types(self, bad, _DOWN_BLOCKS, _UP_BLOCKS)
         channels = self.block_out_channels
         if not isinstance(channels, tuple) or not all(map(positive_int, channels)):
             raise bad("block_out_channels", "a tuple of positive ints")
@@ -385,22 +389,12 @@ class UNet2DCondition(ConfigPort):
             )
         context = context.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        common = dict(
-            groups=self.norm_num_groups,
-            eps=self.norm_eps,
-            scale_shift=self.resnet_time_scale_shift == "scale_shift",
-            **kw,
-        )
+        common = _resnet_settings(self)
         layers = _per_block(self.layers_per_block, n_blocks)
         transformer_layers = _per_block(self.transformer_layers_per_block, n_blocks)
         heads = _per_block(self.attention_head_dim, n_blocks)
 
-        emb = timestep_embedding(
-            timesteps, channels[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
-        )
-        emb = TimestepMLP(self.time_embedding_dim or 4 * channels[0], name="time_embedding", **kw)(
-            emb
-        )
+        emb = _time_embedding(self, timesteps)
         x = conv2d(
             channels[0],
             self.conv_in_kernel,

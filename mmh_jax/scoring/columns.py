@@ -119,6 +119,36 @@ def _require(condition: bool, column: str, what: str) -> None:
         raise ValueError(f"column {column!r} needs {what}")
 
 
+def _text_model(
+    model: Model, column: str, what: str = "a text-conditional model (Stable Diffusion)"
+) -> None:
+    _require(model.eps_fn is not None and model.embed is not None, column, what)
+
+
+def _caption_score_fn(model: Model, inputs: Inputs, guidance: float) -> Partial:
+    """The CFG-adjusted score given each item's caption (paper, Eq. 2)."""
+    return cfg_score_fn(
+        model.eps_fn, inputs.context, model.uncond, schedule=model.schedule, guidance=guidance
+    )
+
+
+class _PromptColumn:
+    """What a device column of text-conditional items declares: it needs the captions, and
+    of images generated from prompts it reads the generation's DDIM trajectory."""
+
+    on_host: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = True
+    reads_trajectory: ClassVar[bool] = True
+
+
+def _generated(inputs: Inputs, column: str, *fields: str) -> DDIMResult:
+    """The DDIM trajectory of images generated from prompts (which also carry the ``fields``
+    of ``inputs`` named), else a ValueError naming the column."""
+    if inputs.trajectory is None or any(getattr(inputs, f) is None for f in fields):
+        raise ValueError(f"{column} needs images generated from prompts")
+    return inputs.trajectory
+
+
 @_column()
 class Flipd:
     """FLIPD at one or several ``t0`` (paper, Eq. 6), the same Hutchinson probes at each.
@@ -156,22 +186,12 @@ class Flipd:
     def check(self, model: Model) -> None:
         _require(model.score_fn is not None, "flipd", "a diffusion model's score function")
         if self.conditional:
-            _require(
-                model.eps_fn is not None and model.embed is not None,
-                "flipd",
-                "a text-conditional model for conditional=true",
-            )
+            _text_model(model, "flipd", "a text-conditional model for conditional=true")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         score_fn = model.score_fn
         if self.conditional:
-            score_fn = cfg_score_fn(
-                model.eps_fn,
-                inputs.context,
-                model.uncond,
-                schedule=model.schedule,
-                guidance=self.guidance,
-            )
+            score_fn = _caption_score_fn(model, inputs, self.guidance)
         return {
             name: flipd(
                 score_fn,
@@ -232,7 +252,7 @@ class NormalBundle:
 
 
 @_column()
-class CFGNorms:
+class CFGNorms(_PromptColumn):
     """Wen et al.'s CFG vector norm and the CFG-adjusted score norm (paper, Sec. 3.2).
 
     Of image-caption pairs: read at ``t0`` after ``num_steps`` Euler steps of the conditional
@@ -244,20 +264,10 @@ class CFGNorms:
     t0: float = 0.01
     num_steps: int = 3
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("cfg_vector_norm", "cfg_score_norm")
+    names: ClassVar[tuple[str, ...]] = ("cfg_vector_norm", "cfg_score_norm")
 
     def check(self, model: Model) -> None:
-        _require(
-            model.eps_fn is not None and model.embed is not None,
-            "cfg_norms",
-            "a text-conditional model (Stable Diffusion)",
-        )
+        _text_model(model, "cfg_norms")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
         if inputs.trajectory is not None:
@@ -337,10 +347,7 @@ class Pixels:
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("pixels",)
+    names: ClassVar[tuple[str, ...]] = ("pixels",)
 
     def check(self, model: Model) -> None:
         _require(
@@ -369,10 +376,7 @@ class NearestNeighbour:
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("nn_l2", "nn_index")
+    names: ClassVar[tuple[str, ...]] = ("nn_l2", "nn_index")
 
     def check(self, model: Model) -> None:
         shape = tuple(self.reference.shape[1:])
@@ -405,10 +409,7 @@ class PngSize:
 
     on_host: ClassVar[bool] = True
     needs_text: ClassVar[bool] = False
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("png_bytes",)
+    names: ClassVar[tuple[str, ...]] = ("png_bytes",)
 
     def check(self, model: Model) -> None:
         _require(model.image_shape is not None or len(model.shape) == 3, "png_size", "image items")

@@ -417,23 +417,7 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
             raise ConfigError(
                 f"{path}: [{section}] {key} must be >= 1, got {sections[section][key]}"
             )
-    try:  # the columns' own checks (times in (0, 1], ...) before any work
-        build_columns(
-            Config(
-                path,
-                model,
-                inputs,
-                output,
-                sections["run"],
-                sections["generate"],
-                sections["distributed"],
-                columns,
-            ),
-            reference_loader=lambda p: None,
-        )
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path}: [columns]: {err}") from None
-    return Config(
+    config = Config(
         path,
         model,
         inputs,
@@ -443,6 +427,11 @@ def read_config(path: str | os.PathLike, *, check_files: bool = True) -> Config:
         sections["distributed"],
         columns,
     )
+    try:  # the columns' own checks (times in (0, 1], ...) before any work
+        build_columns(config, reference_loader=lambda p: None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: [columns]: {err}") from None
+    return config
 
 
 def _check_options(path: Path, model: dict, inputs: dict) -> None:

@@ -19,8 +19,9 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from mmh_jax._src.ddim import ddim_x0
 from mmh_jax._src.images import to_uint8
-from mmh_jax.guidance import cfg_score_fn, eps_pair
+from mmh_jax.guidance import eps_pair
 from mmh_jax.memorization.detectors import (
     cross_attention,
     end_positions,
@@ -29,24 +30,18 @@ from mmh_jax.memorization.detectors import (
     token_attention,
     token_statistics,
 )
-from mmh_jax.scoring.columns import Inputs, _column, _require
+from mmh_jax.scoring.columns import (
+    Inputs,
+    _caption_score_fn,
+    _column,
+    _generated,
+    _PromptColumn,
+    _require,
+    _text_model,
+)
 from mmh_jax.scoring.model import Model
 
 __all__ = ["CrossAttentionStats", "ValueActivations", "Sharpness", "DetectorImages"]
-
-
-def _text_model(model: Model, column: str) -> None:
-    _require(
-        model.eps_fn is not None and model.embed is not None,
-        column,
-        "a text-conditional model (Stable Diffusion)",
-    )
-
-
-def _trajectory(inputs: Inputs, column: str):
-    if inputs.trajectory is None or inputs.tokens is None:
-        raise ValueError(f"{column} needs images generated from prompts")
-    return inputs.trajectory
 
 
 def _times(model: Model, steps: Array, batch: int) -> Array:
@@ -54,7 +49,7 @@ def _times(model: Model, steps: Array, batch: int) -> Array:
 
 
 @_column()
-class CrossAttentionStats:
+class CrossAttentionStats(_PromptColumn):
     """Ren et al.'s attention entropy and beginning/end-token attention at the first
     ``early_steps`` steps, and Chen et al.'s bright-ending attention (the mean of the end
     token's map) at the last step, of the conditional branch on the image's own trajectory
@@ -64,9 +59,7 @@ class CrossAttentionStats:
 
     early_steps: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
+    names: ClassVar[tuple[str, ...]] = ("ren_entropy", "ren_begin", "ren_end", "bright_ending")
 
     def __post_init__(self):
         if (
@@ -78,15 +71,11 @@ class CrossAttentionStats:
                 f"cross_attention early_steps must be an int >= 1, got {self.early_steps!r}"
             )
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("ren_entropy", "ren_begin", "ren_end", "bright_ending")
-
     def check(self, model: Model) -> None:
         _text_model(model, "cross_attention")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        traj = _trajectory(inputs, "cross_attention")
+        traj = _generated(inputs, "cross_attention", "tokens")
         n, b = traj.latents.shape[:2]
         if self.early_steps > n:
             raise ValueError(
@@ -116,10 +105,7 @@ class ValueActivations:
 
     on_host: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("value_activations",)
+    names: ClassVar[tuple[str, ...]] = ("value_activations",)
 
     def check(self, model: Model) -> None:
         _text_model(model, "value_activations")
@@ -138,7 +124,7 @@ class ValueActivations:
 
 
 @_column()
-class Sharpness:
+class Sharpness(_PromptColumn):
     """Jeon et al.'s sharpness ``-tr grad s^CFG(x_T, t_T)`` at the image's starting noise and
     the first timestep, Hutchinson with ``num_probes`` Rademacher probes
     (:func:`~mmh_jax.memorization.detectors.sharpness`)."""
@@ -146,26 +132,14 @@ class Sharpness:
     guidance: float = 7.5
     num_probes: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("sharpness",)
+    names: ClassVar[tuple[str, ...]] = ("sharpness",)
 
     def check(self, model: Model) -> None:
         _text_model(model, "sharpness")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        traj = _trajectory(inputs, "sharpness")
-        score_fn = cfg_score_fn(
-            model.eps_fn,
-            inputs.context,
-            model.uncond,
-            schedule=model.schedule,
-            guidance=self.guidance,
-        )
+        traj = _generated(inputs, "sharpness", "tokens")
+        score_fn = _caption_score_fn(model, inputs, self.guidance)
         x = traj.latents[0]
         t = _times(model, traj.timesteps[0], x.shape[0])
         return {
@@ -174,7 +148,7 @@ class Sharpness:
 
 
 @_column()
-class DetectorImages:
+class DetectorImages(_PromptColumn):
     """The decoded one-step prediction ``x_0 = (x_T - sqrt(1 - a) eps^CFG) / sqrt(a)`` at the
     first timestep (Webster's test) and the decoded generation (Carlini et al.'s clusters),
     each uint8 ``[h, w, c]`` flattened. The one-step prediction reuses the trajectory's first
@@ -182,20 +156,14 @@ class DetectorImages:
 
     guidance: float = 7.5
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("one_step_pixels", "final_pixels")
+    names: ClassVar[tuple[str, ...]] = ("one_step_pixels", "final_pixels")
 
     def check(self, model: Model) -> None:
         _text_model(model, "detector_images")
         _require(model.decode is not None, "detector_images", "a decoder (the VAE)")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        traj = _trajectory(inputs, "detector_images")
+        traj = _generated(inputs, "detector_images", "tokens")
         x = traj.latents[0]
         if traj.eps_cond is not None:
             eps_u, eps_c = traj.eps_uncond[0], traj.eps_cond[0]
@@ -208,7 +176,7 @@ class DetectorImages:
                 model.uncond,
             )
         a = model.schedule.alphas_cumprod[traj.timesteps[0]].astype(x.dtype)
-        x0 = (x - jnp.sqrt(1 - a) * (eps_u + self.guidance * (eps_c - eps_u))) / jnp.sqrt(a)
+        x0 = ddim_x0(x, eps_u + self.guidance * (eps_c - eps_u), a)
 
         def pixels(latents):
             images = model.decode(latents).astype(jnp.float32)

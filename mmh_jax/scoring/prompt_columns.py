@@ -34,14 +34,21 @@ from mmh_jax.memorization.prompt import (
     trajectory_points,
 )
 from mmh_jax.sampling import ddim_sample
-from mmh_jax.scoring.columns import Inputs, _column, _require
+from mmh_jax.scoring.columns import (
+    Inputs,
+    _column,
+    _generated,
+    _PromptColumn,
+    _require,
+    _text_model,
+)
 from mmh_jax.scoring.model import Model
 
 __all__ = ["TokenAttributions", "EmbeddingMitigation", "ImageSimilarity", "ClipScore", "SavedImage"]
 
 
 @_column()
-class TokenAttributions:
+class TokenAttributions(_PromptColumn):
     """Per token position, the norm of the gradient of a memorization metric with respect to
     the token's embedding, averaged over the points of the image's own DDIM trajectory
     (:func:`~mmh_jax.memorization.prompt.token_attributions`; Wen et al.; paper, Section 4.2).
@@ -56,10 +63,6 @@ class TokenAttributions:
     guidance: float = 7.5
     num_probes: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
-
     def __post_init__(self):
         if self.metric not in ("cfg", "cfg_score", "flipd"):
             raise ValueError(
@@ -73,16 +76,10 @@ class TokenAttributions:
         return (f"attribution_{self.metric}", f"attribution_value_{self.metric}")
 
     def check(self, model: Model) -> None:
-        _require(
-            model.eps_fn is not None and model.embed is not None,
-            "token_attributions",
-            "a text-conditional model (Stable Diffusion)",
-        )
+        _text_model(model, "token_attributions")
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        trajectory = inputs.trajectory
-        if trajectory is None:
-            raise ValueError("token_attributions needs images generated from prompts")
+        trajectory = _generated(inputs, "token_attributions")
         steps = self.steps or default_attribution_steps(self.metric, trajectory.latents.shape[0])
 
         def one(args):
@@ -110,7 +107,7 @@ class TokenAttributions:
 
 
 @_column()
-class EmbeddingMitigation:
+class EmbeddingMitigation(_PromptColumn):
     """The embedding mitigation of a generated image (Wen et al.; paper, Appendix D.3, Figure
     9): the prompt's embedding optimised by AdamW on ``metric`` at the latents of DDIM step
     ``step`` of the image's own trajectory
@@ -137,9 +134,6 @@ class EmbeddingMitigation:
     guidance: float = 7.5
     num_probes: int = 1
 
-    on_host: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = True
-    reads_trajectory: ClassVar[bool] = True
     makes_points: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("metric_before", "metric_after", "updates")
 
@@ -160,16 +154,15 @@ class EmbeddingMitigation:
             )
 
     def check(self, model: Model) -> None:
+        _text_model(model, "embedding_mitigation")
         _require(
-            model.eps_fn is not None and model.embed is not None and model.ddim_grid is not None,
+            model.ddim_grid is not None,
             "embedding_mitigation",
             "a text-conditional model (Stable Diffusion)",
         )
 
     def __call__(self, model: Model, inputs: Inputs, keys: Array) -> dict[str, Array]:
-        trajectory = inputs.trajectory
-        if trajectory is None or inputs.noise is None:
-            raise ValueError("embedding_mitigation needs images generated from prompts")
+        trajectory = _generated(inputs, "embedding_mitigation", "noise")
         num_steps = trajectory.latents.shape[0]
         if not -num_steps <= self.step < num_steps:
             raise ValueError(
@@ -232,8 +225,19 @@ def _one_value(values: Any, name: str) -> float:
     return float(values[0])
 
 
+class _ImageHostColumn:
+    """What the host columns of generated images share: one call per image, on the host."""
+
+    on_host: ClassVar[bool] = True
+    needs_text: ClassVar[bool] = False
+    per_item: ClassVar[bool] = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label}
+
+
 @dataclasses.dataclass(frozen=True)
-class ImageSimilarity:
+class ImageSimilarity(_ImageHostColumn):
     """``similarity(image, reference)`` of each generated image (uint8 ``[h, w, 3]``) to its
     item's reference: ``reference(index, image_index)``, or the image itself where that gives
     ``None``. ``label`` names the scorer and the references in the run record."""
@@ -242,16 +246,10 @@ class ImageSimilarity:
     reference: Callable[[int, int], np.ndarray | None]
     label: str
 
-    on_host: ClassVar[bool] = True
-    needs_text: ClassVar[bool] = False
-    per_item: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("similarity",)
 
     def check(self, model: Model) -> None:
         _require(callable(self.similarity), "similarity", "a callable (images_a, images_b) -> [b]")
-
-    def describe(self) -> dict[str, Any]:
-        return {"label": self.label}
 
     def host(self, image: np.ndarray, *, index: int, image_index: int) -> dict[str, float]:
         reference = self.reference(index, image_index)
@@ -262,7 +260,7 @@ class ImageSimilarity:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipScore:
+class ClipScore(_ImageHostColumn):
     """``clip_scorer(image, prompt)`` of each generated image against its item's prompt
     ``prompt(index)`` (for a mitigated prompt: the original one). ``label`` names the scorer in
     the run record."""
@@ -271,16 +269,10 @@ class ClipScore:
     prompt: Callable[[int], str]
     label: str
 
-    on_host: ClassVar[bool] = True
-    needs_text: ClassVar[bool] = False
-    per_item: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("clip_score",)
 
     def check(self, model: Model) -> None:
         _require(callable(self.clip_scorer), "clip_score", "a callable (images, prompts) -> [b]")
-
-    def describe(self) -> dict[str, Any]:
-        return {"label": self.label}
 
     def host(self, image: np.ndarray, *, index: int, image_index: int) -> dict[str, float]:
         return {
@@ -291,7 +283,7 @@ class ClipScore:
 
 
 @dataclasses.dataclass(frozen=True)
-class SavedImage:
+class SavedImage(_ImageHostColumn):
     """Writes the generated images that ``keep(index, image_index)`` picks to
     ``folder/{index}-{image_index}.png`` (atomically; a rerun writes the same bytes);
     ``saved`` is 1 for those, else 0. :func:`saved_image_path` names the file."""
@@ -300,9 +292,6 @@ class SavedImage:
     keep: Callable[[int, int], bool]
     label: str = "all"
 
-    on_host: ClassVar[bool] = True
-    needs_text: ClassVar[bool] = False
-    per_item: ClassVar[bool] = True
     names: ClassVar[tuple[str, ...]] = ("saved",)
 
     def check(self, model: Model) -> None:

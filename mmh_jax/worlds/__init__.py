@@ -2,6 +2,9 @@
 (:mod:`mmh_jax.worlds.shapes`) and the small Stable-Diffusion-shaped model trained on it
 (:mod:`mmh_jax.worlds.model`)."""
 
+import mmh_jax.worlds.judge as _judge
+import mmh_jax.worlds.model as _model
+import mmh_jax.worlds.shapes as _shapes
 from mmh_jax.worlds.judge import (
     AttributeClassifier,
     CopyJudge,
@@ -12,7 +15,13 @@ from mmh_jax.worlds.judge import (
     judge_copies,
     train_attribute_classifier,
 )
-from mmh_jax.worlds.model import TrainSpec, WorldModelFolder, train_world_model, world_modules
+from mmh_jax.worlds.model import (
+    SCHEDULER_CONFIG,
+    TrainSpec,
+    WorldModelFolder,
+    train_world_model,
+    world_modules,
+)
 from mmh_jax.worlds.shapes import (
     COLOURS,
     GRAMMAR_WORDS,
@@ -21,6 +30,7 @@ from mmh_jax.worlds.shapes import (
     SIZES,
     SYNONYMS,
     Description,
+    Kind,
     Pair,
     Scene,
     ShapesWorld,
@@ -35,36 +45,5 @@ from mmh_jax.worlds.shapes import (
     tokenizer_files,
 )
 
-__all__ = [
-    "WorldSpec",
-    "ShapesWorld",
-    "Pair",
-    "Scene",
-    "WorldObject",
-    "Description",
-    "SHAPES",
-    "COLOURS",
-    "SIZES",
-    "RELATIONS",
-    "SYNONYMS",
-    "GRAMMAR_WORDS",
-    "render",
-    "draw_scene",
-    "caption_of",
-    "parse_caption",
-    "made_up_words",
-    "tokenizer_files",
-    "synonym_table",
-    "TrainSpec",
-    "WorldModelFolder",
-    "train_world_model",
-    "world_modules",
-    "CopyJudge",
-    "CopyVerdict",
-    "fit_copy_judge",
-    "judge_copies",
-    "AttributeClassifier",
-    "train_attribute_classifier",
-    "attribute_probabilities",
-    "fidelity",
-]
+# Each module's public names, listed once, in its own __all__.
+__all__ = [*_shapes.__all__, *_model.__all__, *_judge.__all__]

@@ -41,7 +41,7 @@ from mmh_jax.models.loaders import ddpm_from_scheduler_config
 from mmh_jax.models.pretrained import EpsModel
 from mmh_jax.models.stable_diffusion import save_stable_diffusion_folder
 from mmh_jax.models.unet2d_condition import UNet2DCondition
-from mmh_jax.worlds.shapes import ShapesWorld, WorldSpec, tokenizer_files
+from mmh_jax.worlds.shapes import ShapesWorld, WorldSpec, _check_ints, tokenizer_files
 
 __all__ = [
     "TrainSpec",
@@ -105,21 +105,9 @@ class TrainSpec:
     chunk: int = 100
 
     def __post_init__(self):
-        for name in (
-            "seed",
-            "vae_steps",
-            "vae_batch",
-            "steps",
-            "batch_size",
-            "text_width",
-            "text_layers",
-            "max_length",
-            "chunk",
-        ):
-            value = getattr(self, name)
-            least = 0 if name == "seed" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        _check_ints(self, ("seed",))
+        counts = ("vae_steps", "vae_batch", "steps", "batch_size", "text_width", "text_layers")
+        _check_ints(self, (*counts, "max_length", "chunk"), least=1)
         for name in ("vae_learning_rate", "learning_rate"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -264,22 +252,32 @@ def _check_settings(folder: WorldModelFolder, settings: dict) -> None:
 
 def _chunked(
     stage: str,
-    step_fn,
-    state,
+    batch_loss,
+    opt: optax.GradientTransformation,
+    params: PyTree,
     data: PyTree,
     num_steps: int,
     chunk: int,
     key,
     checkpoint: Path,
     progress,
-):
-    """Run ``state, loss = step_fn(state, key_i, data)`` for ``num_steps`` steps, resuming from
-    and saving to ``checkpoint`` after every ``chunk`` steps.
+) -> tuple[PyTree, list[float]]:
+    """Train ``params`` with ``opt`` on ``loss = batch_loss(params, key_i, data)`` (the batch
+    drawn inside) for ``num_steps`` steps, resuming from and saving to ``checkpoint`` after
+    every ``chunk`` steps; the trained parameters and the mean loss of every chunk.
 
     One compiled step called from Python: on XLA:CPU the same step inside ``lax.scan`` ran 22x
     slower (the autoencoder's, 6.5 s against 0.30 s), and ``data`` is an argument, not a
     constant folded into the program (XLA compiles large constants slowly).
     """
+
+    def step_fn(state, k, data):
+        p, s = state
+        loss, grads = jax.value_and_grad(batch_loss)(p, k, data)
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    state = (params, opt.init(params))
     run = jax.jit(step_fn, donate_argnums=0)
     done, losses = 0, []
     if checkpoint.is_file():
@@ -299,7 +297,7 @@ def _chunked(
         _save_state(checkpoint, stage, done, state, {"losses": json.dumps(losses)})
         if progress is not None:
             progress(stage, done, num_steps, losses[-1])
-    return state, losses
+    return state[0], losses
 
 
 def _train_vae(
@@ -327,18 +325,15 @@ def _train_vae(
         )
         return jnp.mean(jnp.square(recon - x)) + spec.kl_weight * kl
 
-    def step(state, k, data):
-        p, s = state
+    def batch_loss(p, k, data):
         kb, kz = jax.random.split(k)
-        x = data[jax.random.randint(kb, (spec.vae_batch,), 0, n)]
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, kz)
-        updates, s = opt.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
+        return loss_fn(p, data[jax.random.randint(kb, (spec.vae_batch,), 0, n)], kz)
 
-    (params, _), losses = _chunked(
+    return _chunked(
         "autoencoder",
-        step,
-        (params, opt.init(params)),
+        batch_loss,
+        opt,
+        params,
         jnp.asarray(images),
         spec.vae_steps,
         spec.chunk,
@@ -346,7 +341,6 @@ def _train_vae(
         checkpoint,
         progress,
     )
-    return params, losses
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -415,22 +409,19 @@ def _train_unet(
         context = text.apply({"params": p["text_encoder"]}, tokens).last_hidden_state
         return jnp.mean(jnp.square(eps_fn(p["unet"], schedule, z_t, t, context) - noise))
 
-    def step(state, k, data):
-        p, s = state
+    def batch_loss(p, k, data):
         z0, ids, order = data
         kb, kd, kl = jax.random.split(k, 3)
         # stratified batches: consecutive places of a fixed shuffled order from a random start
         idx = order[(jnp.arange(spec.batch_size) + jax.random.randint(kb, (), 0, n)) % n]
         drop = jax.random.bernoulli(kd, spec.caption_dropout, (spec.batch_size, 1))
-        tokens = jnp.where(drop, empty, ids[idx])
-        loss, grads = jax.value_and_grad(loss_fn)(p, z0[idx], tokens, kl)
-        updates, s = opt.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
+        return loss_fn(p, z0[idx], jnp.where(drop, empty, ids[idx]), kl)
 
-    (params, _), losses = _chunked(
+    params, losses = _chunked(
         "diffusion model",
-        step,
-        (params, opt.init(params)),
+        batch_loss,
+        opt,
+        params,
         (z0, ids, order),
         spec.steps,
         spec.chunk,

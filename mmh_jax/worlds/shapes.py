@@ -185,6 +185,14 @@ class Pair(NamedTuple):
     trigger_positions: tuple[int, ...]
 
 
+def _check_ints(spec: object, names: Sequence[str], least: int = 0) -> None:
+    """Each named field of a settings dataclass is an int (not a bool) ``>= least``."""
+    for name in names:
+        value = getattr(spec, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldSpec:
     """The settings that define a world (all of them are part of its identity).
@@ -210,17 +218,10 @@ class WorldSpec:
     image_size: int = 32
 
     def __post_init__(self):
-        for name in (
-            "seed",
-            "num_normal",
-            "num_template",
-            "template_captions",
-            "num_rare",
-            "image_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        _check_ints(
+            self,
+            ("seed", "num_normal", "num_template", "template_captions", "num_rare", "image_size"),
+        )
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if self.template_captions not in range(2, 9) and self.num_template:
