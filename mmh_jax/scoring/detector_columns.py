@@ -150,6 +150,16 @@ class Sharpness:
     needs_text: ClassVar[bool] = True
     reads_trajectory: ClassVar[bool] = True
 
+    def __post_init__(self):
+        if (
+            isinstance(self.num_probes, bool)
+            or not isinstance(self.num_probes, int)
+            or self.num_probes < 1
+        ):
+            raise ValueError(
+                f"sharpness num_probes must be an integer >= 1, got {self.num_probes!r}"
+            )
+
     @property
     def names(self) -> tuple[str, ...]:
         return ("sharpness",)
