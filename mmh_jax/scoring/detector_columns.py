@@ -22,7 +22,9 @@ from jaxtyping import Array
 from mmh_jax._src.images import to_uint8
 from mmh_jax.guidance import cfg_score_fn, eps_pair
 from mmh_jax.memorization.detectors import (
+    bright_ending_layers,
     cross_attention,
+    cross_attention_paths,
     end_positions,
     end_token_map,
     score_jacobian_trace,
@@ -57,7 +59,8 @@ def _times(model: Model, steps: Array, batch: int) -> Array:
 class CrossAttentionStats:
     """Ren et al.'s attention entropy and beginning/end-token attention at the first
     ``early_steps`` steps, and Chen et al.'s bright-ending attention (the mean of the end
-    token's map) at the last step, of the conditional branch on the image's own trajectory
+    token's map in the layers of :func:`~mmh_jax.memorization.detectors.bright_ending_layers`)
+    at the last step, of the conditional branch on the image's own trajectory
     (:func:`~mmh_jax.memorization.detectors.attention_entropy`,
     :func:`~mmh_jax.memorization.detectors.bright_ending`). Costs ``early_steps + 1`` UNet
     evaluations per image."""
@@ -102,7 +105,12 @@ class CrossAttentionStats:
 
         a = jnp.mean(jnp.stack([token_attention(maps(i)) for i in range(self.early_steps)]), axis=0)
         stats = token_statistics(a, end)
-        bright = end_token_map(maps(n - 1), end, model.shape[1:]).mean(axis=(1, 2))
+        last = maps(n - 1)
+        paths = cross_attention_paths(
+            model.eps_fn, traj.latents[0], _times(model, traj.timesteps[0], b), inputs.context
+        )
+        last = [last[i] for i in bright_ending_layers(paths, [m.shape[1] for m in last])]
+        bright = end_token_map(last, end, model.shape[1:]).mean(axis=(1, 2))
         return dict(zip(self.names, (*stats, bright)))
 
 

@@ -5,6 +5,7 @@ Gaussian scores, planted edge maps and cliques), a PyTorch reading of the same d
 al.'s clusters of diffusers' generations through scikit-learn and networkx."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,15 @@ KEY = jax.random.key(3)
 
 
 def _torch_reading(pipe, z, timestep, context):
-    """diffusers' own attention probabilities (``Attention.get_attention_scores``) and value
-    projections of every cross-attention layer, in call order, through a recording processor."""
+    """diffusers' own attention probabilities (``Attention.get_attention_scores``), value
+    projections and module names of every cross-attention layer, in call order, through a
+    recording processor."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor
 
-    probs, values = [], []
+    probs, values, names = [], [], []
+    unet = pipe.unet
+    name_of = {module: name for name, module in unet.named_modules()}
 
     class Recording(AttnProcessor):
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
@@ -34,9 +38,9 @@ def _torch_reading(pipe, z, timestep, context):
                 p = attn.get_attention_scores(q, k, None)
                 probs.append(p.reshape(b, attn.heads, *p.shape[1:]).numpy())
                 values.append(attn.to_v(encoder_hidden_states).numpy())
+                names.append(name_of[attn])
             return super().__call__(attn, hidden_states, encoder_hidden_states, **kwargs)
 
-    unet = pipe.unet
     unet.set_attn_processor(Recording())
     with torch.no_grad():
         unet(
@@ -44,7 +48,7 @@ def _torch_reading(pipe, z, timestep, context):
             timestep,
             encoder_hidden_states=torch.from_numpy(np.array(context)),
         )
-    return probs, values
+    return probs, values, names
 
 
 def test_cross_attention_matches_diffusers_processors(sd, sd_folder):
@@ -52,8 +56,11 @@ def test_cross_attention_matches_diffusers_processors(sd, sd_folder):
     z = jax.random.normal(jax.random.key(0), (2, *sd.latent_shape))
     context = sd.encode_prompt(PROMPTS[:2])
     read = jax.jit(D.cross_attention)(sd.eps, z, jnp.float32(501 / 1000), context)
-    probs, values = _torch_reading(pipe, z, 500, context)
+    probs, values, names = _torch_reading(pipe, z, 500, context)
     assert len(read.probs) == len(probs) == 4  # down 1, mid 1, up 2 cross-attentions
+    # diffusers' "down_blocks.0.attentions.0...." is the port's "down_blocks_0/attentions_0/..."
+    flax_names = tuple(re.sub(r"\.(\d+)", r"_\1", n).replace(".", "/") for n in names)
+    assert D.cross_attention_paths(sd.eps, z, jnp.float32(501 / 1000), context) == flax_names
     for ours, theirs in zip(read.probs, probs):
         np.testing.assert_allclose(ours, theirs, atol=2e-5)
         np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
@@ -69,7 +76,7 @@ def _first_step_reference(sd, pipe, prompts, images):
     step = int(ddim_timesteps(1000, num_steps=50, steps_offset=1)[0])
     noise = np.tile(np.asarray(images_noise(KEY, images, sd.latent_shape)), (len(prompts), 1, 1, 1))
     context = np.repeat(np.asarray(sd.encode_prompt(prompts)), images, axis=0)
-    probs, _ = _torch_reading(pipe, noise, step, context)
+    probs, _, _ = _torch_reading(pipe, noise, step, context)
     return probs
 
 
@@ -95,11 +102,16 @@ def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
 
     step = int(ddim_timesteps(1000, num_steps=1, steps_offset=1)[0])
     noise = np.tile(np.asarray(images_noise(KEY, 1, sd.latent_shape)), (2, 1, 1, 1))
-    probs, _ = _torch_reading(pipe, noise, step, sd.encode_prompt(PROMPTS[:2]))
+    probs, _, names = _torch_reading(pipe, noise, step, sd.encode_prompt(PROMPTS[:2]))
     end = (sd.tokenize(PROMPTS[:2]) == sd.tokenizer.eos_token_id).argmax(axis=1)
     h, w = sd.latent_shape[1:]
+    # Chen et al.'s layers: the down path's cross-attention at its highest resolution
+    down = [p for p, name in zip(probs, names) if name.startswith("down_blocks.")]
+    most = max(p.shape[2] for p in down)
+    chosen = [p for p in down if p.shape[2] == most]
+    assert len(chosen) < len(probs)  # the tiny UNet also has mid and up cross-attention
     maps = []
-    for p in probs:
+    for p in chosen:
         m = p.mean(axis=1)[np.arange(2), :, end]  # [b, pixels]
         f = math.isqrt(h * w // m.shape[1])
         maps.append(np.kron(m.reshape(2, h // f, w // f), np.ones((1, f, f))))
@@ -109,10 +121,26 @@ def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
     np.testing.assert_allclose(got.score, expected.mean(axis=(1, 2)), rtol=1e-4)
 
 
+def test_bright_ending_layers_of_stable_diffusion_v1():
+    # SD v1's 16 cross-attention layers in call order (64 x 64 latents): Chen et al.'s
+    # AttentionStore keeps the down path's at 64 x 64, the first two
+    blocks = [("down_blocks_0", 2, 4096), ("down_blocks_1", 2, 1024), ("down_blocks_2", 2, 256)]
+    blocks += [("mid_block", 1, 64), ("up_blocks_1", 3, 256), ("up_blocks_2", 3, 1024)]
+    blocks += [("up_blocks_3", 3, 4096)]
+    paths = [
+        f"{b}/attentions_{i}/transformer_blocks_0/attn2" for b, n, _ in blocks for i in range(n)
+    ]
+    pixels = [px for _, n, px in blocks for _ in range(n)]
+    assert len(paths) == 16
+    assert D.bright_ending_layers(paths, pixels) == (0, 1)
+    with pytest.raises(ValueError, match="down path"):
+        D.bright_ending_layers(paths[6:], pixels[6:])
+
+
 def test_value_activations_match_pytorch_and_nemo_z_scores(sd, sd_folder):
     _, pipe = sd_folder
     got = D.value_activations(sd, PROMPTS)
-    _, values = _torch_reading(
+    _, values, _ = _torch_reading(
         pipe, np.zeros((3, *sd.latent_shape), np.float32), 999, sd.encode_prompt(PROMPTS)
     )
     expected = np.concatenate([np.abs(v).mean(axis=1) for v in values], axis=-1)
