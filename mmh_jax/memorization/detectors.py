@@ -404,7 +404,8 @@ def attention_entropy(
     et al.'s detection reads one layer at the first step (their code's mode E: the fourth of SD
     v1's 16 cross-attention layers) or all layers at the last 20% of steps (mode D); this
     function averages all layers. The direction assumes attention held by the beginning token
-    (:data:`DETECTOR_DIRECTIONS`). Cost: ``2 * early_steps * images_per_prompt`` UNet evaluations per prompt.
+    (:data:`DETECTOR_DIRECTIONS`). Cost: ``2 * early_steps * images_per_prompt`` UNet
+    evaluations per prompt.
 
     Args:
         sd: the pipeline.
