@@ -100,14 +100,15 @@ DETECTOR_DIRECTIONS: dict[str, bool] = {
 }
 """``{result name: True when memorized prompts read high}``: the direction of every number the
 detectors return, as the papers report it on Stable Diffusion's CLIP text encoder (Ren et al.'s
-entropy as their code's ``detect.py`` scores it, memorized high). On the prompt world's toy model (a 2-layer text
-encoder trained from scratch) Ren et al.'s and Chen et al.'s statistics read the other way: its
-cross-attention over the 24 tokens is nearly uniform (entropy 3.157 of at most log 24 = 3.178
-for held-out prompts, beginning token 0.064), and memorized prompts concentrate it on their
-trigger words and on the beginning token, which lowers the entropy in every layer and at every
-step. Concentration on trigger tokens raises the entropy only where the attention is otherwise
-held by one token, the beginning token in Stable Diffusion's reading by Ren et al. (their
-mitigation rescales that token's attention logits); ``benchmarks/RESULTS.md``."""
+entropy as their code's ``detect.py`` scores it, memorized high). On the prompt world's toy
+model (a 2-layer text encoder trained from scratch) Ren et al.'s and Chen et al.'s statistics
+read the other way: its cross-attention over the 24 tokens is nearly uniform (entropy 3.157 of
+at most log 24 = 3.178 for held-out prompts, beginning token 0.064), and memorized prompts
+concentrate it on their trigger words and on the beginning token, which lowers the entropy in
+every layer and at every step. Concentration on trigger tokens raises the entropy only where
+the attention is otherwise held by one token, the beginning token in Stable Diffusion's reading
+by Ren et al. (their mitigation rescales that token's attention logits);
+``benchmarks/RESULTS.md``."""
 
 _CROSS_ATTENTION = "attn2"  # diffusers' name of BasicTransformerBlock's cross-attention
 _PROJECTIONS = ("to_q", "to_k", "to_v")
