@@ -2,7 +2,7 @@
 shapes, determinism, independence from the rest of the batch, closed forms (uniform attention,
 Gaussian scores, planted edge maps and cliques), a PyTorch reading of the same diffusers UNet
 (attention processors), Webster's one-step edges through diffusers and PyTorch, and Carlini et
-al.'s clusters of diffusers' generations through scikit-learn and networkx."""
+al.'s clusters of diffusers' generations through scikit-learn and brute-force cliques."""
 
 import math
 import re
@@ -228,13 +228,16 @@ def _sklearn_cluster_score(items, size):
 
 def _has_clique(items, size, threshold):
     """Whether ``size`` items are pairwise within ``threshold`` (Carlini et al.'s rule, l2 over
-    all values), by networkx's maximal cliques."""
-    import networkx as nx
+    all values), by trying every subset."""
+    import itertools
+
     from scipy.spatial.distance import pdist, squareform
 
     d = squareform(pdist(np.asarray(items, np.float64).reshape(len(items), -1)))
-    graph = nx.Graph((i, j) for i in range(len(d)) for j in range(i) if d[i, j] <= threshold)
-    return any(len(c) >= size for c in nx.find_cliques(graph))
+    return any(
+        all(d[i, j] <= threshold for i, j in itertools.combinations(subset, 2))
+        for subset in itertools.combinations(range(len(d)), size)
+    )
 
 
 def test_cluster_score_of_planted_cliques():
