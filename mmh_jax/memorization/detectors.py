@@ -81,6 +81,8 @@ __all__ = [
     "token_attention",
     "token_statistics",
     "end_token_map",
+    "cross_attention_paths",
+    "bright_ending_layers",
     "edge_agreement",
     "cluster_score",
 ]
@@ -97,9 +99,16 @@ DETECTOR_DIRECTIONS: dict[str, bool] = {
     "generation_clusters": True,
 }
 """``{result name: True when memorized prompts read high}``: the direction of every number the
-detectors return, as this library reads the papers (not checked against their code; on the prompt
-world's toy model Ren et al.'s and Chen et al.'s statistics read the other way,
-``benchmarks/RESULTS.md``)."""
+detectors return, as the papers report it on Stable Diffusion's CLIP text encoder (Ren et al.'s
+entropy as their code's ``detect.py`` scores it, memorized high). On the prompt world's toy
+model (a 2-layer text encoder trained from scratch) Ren et al.'s and Chen et al.'s statistics
+read the other way: its cross-attention over the 24 tokens is nearly uniform (entropy 3.157 of
+at most log 24 = 3.178 for held-out prompts, beginning token 0.064), and memorized prompts
+concentrate it on their trigger words and on the beginning token, which lowers the entropy in
+every layer and at every step. Concentration on trigger tokens raises the entropy only where
+the attention is otherwise held by one token, the beginning token in Stable Diffusion's reading
+by Ren et al. (their mitigation rescales that token's attention logits);
+``benchmarks/RESULTS.md``."""
 
 _CROSS_ATTENTION = "attn2"  # diffusers' name of BasicTransformerBlock's cross-attention
 _PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -183,6 +192,58 @@ def cross_attention(
         logits = jnp.einsum("bnhd,bmhd->bhnm", qh, kh) * d**-0.5
         probs.append(jax.nn.softmax(logits, axis=-1))
     return CrossAttention(eps, tuple(probs), tuple(found["to_v"]))
+
+
+def cross_attention_paths(
+    eps_fn: Any, z_t: Float[Array, "b c h w"], t: Float[ArrayLike, " b"], context: Array
+) -> tuple[str, ...]:
+    """The module path of every cross-attention layer :func:`cross_attention` records, in its
+    order (``"down_blocks_0/attentions_0/transformer_blocks_0/attn2"``: diffusers' names).
+    Traces ``eps_fn`` abstractly (``jax.eval_shape``): nothing is computed."""
+    paths: list[str] = []
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        module = ctx.module
+        parent = module.parent
+        if (
+            ctx.method_name == "__call__"
+            and module.name == "to_q"
+            and isinstance(parent, nn.Module)
+            and parent.name == _CROSS_ATTENTION
+        ):
+            paths.append("/".join(parent.scope.path))
+        return next_fun(*args, **kwargs)
+
+    def run(z, tt, c):
+        with nn.intercept_methods(interceptor):
+            return eps_fn(z, tt, c)
+
+    jax.eval_shape(run, z_t, t, context)
+    return tuple(paths)
+
+
+def bright_ending_layers(paths: Sequence[str], pixels: Sequence[int]) -> tuple[int, ...]:
+    """The cross-attention layers Chen et al. read the bright ending from: those of the UNet's
+    down path (``down_blocks_*``) at its highest resolution (the most pixels; SD v1: the two of
+    the first down block, 64 x 64 on 512-pixel images, as their code's ``AttentionStore``).
+
+    Args:
+        paths: each layer's module path (:func:`cross_attention_paths`).
+        pixels: each layer's number of query pixels (``probs[i].shape[2]``).
+
+    Returns:
+        The indices of the chosen layers.
+
+    Raises:
+        ValueError: when no layer is on the down path.
+    """
+    down = [i for i, p in enumerate(paths) if p.split("/")[0].startswith("down_blocks")]
+    if not down:
+        raise ValueError(
+            f"no cross-attention layer on the UNet's down path (down_blocks_*): {list(paths)}"
+        )
+    most = max(pixels[i] for i in down)
+    return tuple(i for i in down if pixels[i] == most)
 
 
 def _prompt_inputs(sd: StableDiffusion, prompts: Sequence[str]) -> tuple[Array, np.ndarray]:
@@ -348,10 +409,15 @@ def attention_entropy(
 
     With ``a_j`` the attention on token ``j`` averaged over pixels, heads, cross-attention
     layers, the first ``early_steps`` DDIM steps and the images, the statistic is the entropy
-    ``E = -sum_j a_j log a_j`` over the ``m`` context tokens (``log m`` for uniform attention).
-    Memorized prompts pull attention off the beginning token onto their trigger tokens: their
-    entropy is higher and ``a_0`` lower at the first steps (``early_steps=1``: the first step
-    alone). Cost: ``2 * early_steps * images_per_prompt`` UNet evaluations per prompt.
+    ``E = -sum_j a_j log a_j`` over the ``m`` context tokens (``log m`` for uniform attention),
+    the beginning token and the padding included, as Ren et al.'s code computes it. Memorized
+    prompts pull attention off the beginning token onto their trigger tokens: their entropy is
+    higher and ``a_0`` lower at the first steps (``early_steps=1``: the first step alone). Ren
+    et al.'s detection reads one layer at the first step (their code's mode E: the fourth of SD
+    v1's 16 cross-attention layers) or all layers at the last 20% of steps (mode D); this
+    function averages all layers. The direction assumes attention held by the beginning token
+    (:data:`DETECTOR_DIRECTIONS`). Cost: ``2 * early_steps * images_per_prompt`` UNet
+    evaluations per prompt.
 
     Args:
         sd: the pipeline.
@@ -418,11 +484,14 @@ def bright_ending(
     Local Memorization in Diffusion Models via Bright Ending Attention", ICLR 2025).
 
     At the last DDIM step, the attention each pixel pays to the prompt's end token, averaged
-    over heads and cross-attention layers (each upsampled to the latents' resolution) and over
-    the images, is the bright-ending map ``BE(u)``: for memorized prompts it is bright over the
-    memorized region and dark elsewhere, for others dim everywhere. The score is its mean over
-    the pixels. Cost: a whole generation, ``2 * num_steps * images_per_prompt`` UNet
-    evaluations per prompt.
+    over heads, over the cross-attention layers Chen et al.'s code reads (the down path's at
+    its highest resolution, :func:`bright_ending_layers`; each upsampled to the latents'
+    resolution) and over the images, is the bright-ending map ``BE(u)``: for memorized prompts
+    it is bright over the memorized region and dark elsewhere, for others dim everywhere. The
+    score is its mean over the pixels, a prompt-level reading of that contrast; Chen et al.
+    themselves detect with ``BE`` as a mask of Wen et al.'s CFG-noise norm,
+    ``||BE * (eps_c - eps_u)|| / mean(BE)``. Cost: a whole generation,
+    ``2 * num_steps * images_per_prompt`` UNet evaluations per prompt.
 
     Args:
         sd: the pipeline.
@@ -448,6 +517,10 @@ def bright_ending(
         capture={num_steps - 1},
     )[num_steps - 1]
     shape = sd.latent_shape[1:]
+    paths = cross_attention_paths(
+        sd.eps, jnp.zeros((1, *sd.latent_shape)), jnp.ones((1,)), cond[:1]
+    )
+    maps = [maps[i] for i in bright_ending_layers(paths, [m.shape[1] for m in maps])]
     be = end_token_map(maps, jnp.repeat(jnp.asarray(end), k), shape)
     be = be.reshape(len(prompts), k, *shape).mean(axis=1)
     return BrightEnding(be.mean(axis=(1, 2)), be)

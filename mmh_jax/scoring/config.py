@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 from mmh_jax._src.images import to_model_range
 from mmh_jax.scoring import columns as cols
+from mmh_jax.scoring import detector_columns as detector_cols
 
 __all__ = [
     "ConfigError",
@@ -221,6 +222,32 @@ COLUMNS: dict[str, tuple[type, dict[str, Any], dict[str, str]]] = {
         },
     ),
     "png_size": (cols.PngSize, {}, {}),
+    "cross_attention": (
+        detector_cols.CrossAttentionStats,
+        {},
+        {
+            "early_steps": "first generation steps averaged for Ren et al.'s entropy and "
+            "beginning/end-token attention (bright ending: the last step); prompt inputs only",
+        },
+    ),
+    "value_activations": (detector_cols.ValueActivations, {}, {}),
+    "sharpness": (
+        detector_cols.Sharpness,
+        {},
+        {
+            "guidance": "guidance scale of the CFG score whose Hessian trace is read "
+            "(Jeon et al.), at the starting noise; prompt inputs only",
+            "num_probes": "Hutchinson probes",
+        },
+    ),
+    "detector_images": (
+        detector_cols.DetectorImages,
+        {},
+        {
+            "guidance": "guidance scale of the one-step x_0 prediction (Webster's test; set "
+            "it to [generate] guidance); prompt inputs only",
+        },
+    ),
 }
 """The columns a config may name: ``name -> (class, fixed settings, {key: meaning})``; every
 key of a ``[columns.NAME]`` table is one of these keys."""

@@ -23,7 +23,9 @@ from mmh_jax._src.ddim import ddim_x0
 from mmh_jax._src.images import to_uint8
 from mmh_jax.guidance import eps_pair
 from mmh_jax.memorization.detectors import (
+    bright_ending_layers,
     cross_attention,
+    cross_attention_paths,
     end_positions,
     end_token_map,
     score_jacobian_trace,
@@ -52,7 +54,8 @@ def _times(model: Model, steps: Array, batch: int) -> Array:
 class CrossAttentionStats(_PromptColumn):
     """Ren et al.'s attention entropy and beginning/end-token attention at the first
     ``early_steps`` steps, and Chen et al.'s bright-ending attention (the mean of the end
-    token's map) at the last step, of the conditional branch on the image's own trajectory
+    token's map in the layers of :func:`~mmh_jax.memorization.detectors.bright_ending_layers`)
+    at the last step, of the conditional branch on the image's own trajectory
     (:func:`~mmh_jax.memorization.detectors.attention_entropy`,
     :func:`~mmh_jax.memorization.detectors.bright_ending`). Costs ``early_steps + 1`` UNet
     evaluations per image."""
@@ -91,7 +94,12 @@ class CrossAttentionStats(_PromptColumn):
 
         a = jnp.mean(jnp.stack([token_attention(maps(i)) for i in range(self.early_steps)]), axis=0)
         stats = token_statistics(a, end)
-        bright = end_token_map(maps(n - 1), end, model.shape[1:]).mean(axis=(1, 2))
+        last = maps(n - 1)
+        paths = cross_attention_paths(
+            model.eps_fn, traj.latents[0], _times(model, traj.timesteps[0], b), inputs.context
+        )
+        last = [last[i] for i in bright_ending_layers(paths, [m.shape[1] for m in last])]
+        bright = end_token_map(last, end, model.shape[1:]).mean(axis=(1, 2))
         return dict(zip(self.names, (*stats, bright)))
 
 
@@ -133,6 +141,16 @@ class Sharpness(_PromptColumn):
     num_probes: int = 1
 
     names: ClassVar[tuple[str, ...]] = ("sharpness",)
+
+    def __post_init__(self):
+        if (
+            isinstance(self.num_probes, bool)
+            or not isinstance(self.num_probes, int)
+            or self.num_probes < 1
+        ):
+            raise ValueError(
+                f"sharpness num_probes must be an integer >= 1, got {self.num_probes!r}"
+            )
 
     def check(self, model: Model) -> None:
         _text_model(model, "sharpness")

@@ -1,8 +1,11 @@
 """The memorization detectors on the tiny random SD folder (tests/conftest.py's ``sd_folder``):
 shapes, determinism, independence from the rest of the batch, closed forms (uniform attention,
-Gaussian scores) and a PyTorch reading of the same diffusers UNet (attention processors)."""
+Gaussian scores, planted edge maps and cliques), a PyTorch reading of the same diffusers UNet
+(attention processors), Webster's one-step edges through diffusers and PyTorch, and Carlini et
+al.'s clusters of diffusers' generations through scikit-learn and brute-force cliques."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +19,15 @@ KEY = jax.random.key(3)
 
 
 def _torch_reading(pipe, z, timestep, context):
-    """diffusers' own attention probabilities (``Attention.get_attention_scores``) and value
-    projections of every cross-attention layer, in call order, through a recording processor."""
+    """diffusers' own attention probabilities (``Attention.get_attention_scores``), value
+    projections and module names of every cross-attention layer, in call order, through a
+    recording processor."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor
 
-    probs, values = [], []
+    probs, values, names = [], [], []
+    unet = pipe.unet
+    name_of = {module: name for name, module in unet.named_modules()}
 
     class Recording(AttnProcessor):
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
@@ -32,9 +38,9 @@ def _torch_reading(pipe, z, timestep, context):
                 p = attn.get_attention_scores(q, k, None)
                 probs.append(p.reshape(b, attn.heads, *p.shape[1:]).numpy())
                 values.append(attn.to_v(encoder_hidden_states).numpy())
+                names.append(name_of[attn])
             return super().__call__(attn, hidden_states, encoder_hidden_states, **kwargs)
 
-    unet = pipe.unet
     unet.set_attn_processor(Recording())
     with torch.no_grad():
         unet(
@@ -42,7 +48,7 @@ def _torch_reading(pipe, z, timestep, context):
             timestep,
             encoder_hidden_states=torch.from_numpy(np.array(context)),
         )
-    return probs, values
+    return probs, values, names
 
 
 def test_cross_attention_matches_diffusers_processors(sd, sd_folder):
@@ -50,8 +56,11 @@ def test_cross_attention_matches_diffusers_processors(sd, sd_folder):
     z = jax.random.normal(jax.random.key(0), (2, *sd.latent_shape))
     context = sd.encode_prompt(PROMPTS[:2])
     read = jax.jit(D.cross_attention)(sd.eps, z, jnp.float32(501 / 1000), context)
-    probs, values = _torch_reading(pipe, z, 500, context)
+    probs, values, names = _torch_reading(pipe, z, 500, context)
     assert len(read.probs) == len(probs) == 4  # down 1, mid 1, up 2 cross-attentions
+    # diffusers' "down_blocks.0.attentions.0...." is the port's "down_blocks_0/attentions_0/..."
+    flax_names = tuple(re.sub(r"\.(\d+)", r"_\1", n).replace(".", "/") for n in names)
+    assert D.cross_attention_paths(sd.eps, z, jnp.float32(501 / 1000), context) == flax_names
     for ours, theirs in zip(read.probs, probs):
         np.testing.assert_allclose(ours, theirs, atol=2e-5)
         np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
@@ -67,7 +76,7 @@ def _first_step_reference(sd, pipe, prompts, images):
     step = int(ddim_timesteps(1000, num_steps=50, steps_offset=1)[0])
     noise = np.tile(np.asarray(images_noise(KEY, images, sd.latent_shape)), (len(prompts), 1, 1, 1))
     context = np.repeat(np.asarray(sd.encode_prompt(prompts)), images, axis=0)
-    probs, _ = _torch_reading(pipe, noise, step, context)
+    probs, _, _ = _torch_reading(pipe, noise, step, context)
     return probs
 
 
@@ -93,11 +102,16 @@ def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
 
     step = int(ddim_timesteps(1000, num_steps=1, steps_offset=1)[0])
     noise = np.tile(np.asarray(images_noise(KEY, 1, sd.latent_shape)), (2, 1, 1, 1))
-    probs, _ = _torch_reading(pipe, noise, step, sd.encode_prompt(PROMPTS[:2]))
+    probs, _, names = _torch_reading(pipe, noise, step, sd.encode_prompt(PROMPTS[:2]))
     end = (sd.tokenize(PROMPTS[:2]) == sd.tokenizer.eos_token_id).argmax(axis=1)
     h, w = sd.latent_shape[1:]
+    # Chen et al.'s layers: the down path's cross-attention at its highest resolution
+    down = [p for p, name in zip(probs, names) if name.startswith("down_blocks.")]
+    most = max(p.shape[2] for p in down)
+    chosen = [p for p in down if p.shape[2] == most]
+    assert len(chosen) < len(probs)  # the tiny UNet also has mid and up cross-attention
     maps = []
-    for p in probs:
+    for p in chosen:
         m = p.mean(axis=1)[np.arange(2), :, end]  # [b, pixels]
         f = math.isqrt(h * w // m.shape[1])
         maps.append(np.kron(m.reshape(2, h // f, w // f), np.ones((1, f, f))))
@@ -107,10 +121,26 @@ def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
     np.testing.assert_allclose(got.score, expected.mean(axis=(1, 2)), rtol=1e-4)
 
 
+def test_bright_ending_layers_of_stable_diffusion_v1():
+    # SD v1's 16 cross-attention layers in call order (64 x 64 latents): Chen et al.'s
+    # AttentionStore keeps the down path's at 64 x 64, the first two
+    blocks = [("down_blocks_0", 2, 4096), ("down_blocks_1", 2, 1024), ("down_blocks_2", 2, 256)]
+    blocks += [("mid_block", 1, 64), ("up_blocks_1", 3, 256), ("up_blocks_2", 3, 1024)]
+    blocks += [("up_blocks_3", 3, 4096)]
+    paths = [
+        f"{b}/attentions_{i}/transformer_blocks_0/attn2" for b, n, _ in blocks for i in range(n)
+    ]
+    pixels = [px for _, n, px in blocks for _ in range(n)]
+    assert len(paths) == 16
+    assert D.bright_ending_layers(paths, pixels) == (0, 1)
+    with pytest.raises(ValueError, match="down path"):
+        D.bright_ending_layers(paths[6:], pixels[6:])
+
+
 def test_value_activations_match_pytorch_and_nemo_z_scores(sd, sd_folder):
     _, pipe = sd_folder
     got = D.value_activations(sd, PROMPTS)
-    _, values = _torch_reading(
+    _, values, _ = _torch_reading(
         pipe, np.zeros((3, *sd.latent_shape), np.float32), 999, sd.encode_prompt(PROMPTS)
     )
     expected = np.concatenate([np.abs(v).mean(axis=1) for v in values], axis=-1)
@@ -124,6 +154,138 @@ def test_value_activations_match_pytorch_and_nemo_z_scores(sd, sd_folder):
         D.nemo_outliers(expected[:, :5], ref)
     with pytest.raises(ValueError, match="n >= 2"):
         D.nemo_reference(expected[:1])
+
+
+def _torch_sobel_agreement(images, k):
+    """Webster's edge agreement of each prompt's ``k`` images (prompt-major ``[p * k, 3, H, W]``
+    torch tensor) in PyTorch: Sobel magnitudes of the grey levels, border replicated, then
+    ``||mean_i E_i|| / mean_i ||E_i||``."""
+    import torch
+    import torch.nn.functional as F
+
+    grey = F.pad(images.mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    g = F.conv2d(grey, torch.stack([kx, kx.T])[:, None])  # cross-correlation: d/dx, d/dy
+    edges = g.pow(2).sum(dim=1).sqrt().reshape(-1, k, grey[0, 0, 1:-1, 1:-1].numel())
+    return (edges.mean(dim=1).norm(dim=-1) / edges.norm(dim=-1).mean(dim=1)).numpy()
+
+
+def test_edge_consistency_matches_a_pytorch_reimplementation(sd, sd_folder):
+    import torch
+
+    _, pipe = sd_folder
+    k, guidance = 3, 7.5
+    got = D.edge_consistency(sd, PROMPTS[:2], key=KEY, images_per_prompt=k, num_steps=50)
+    # diffusers' one guided step from the same noises: its first timestep of a 50-step grid,
+    # DDIM's x_0 prediction, decoded by the PyTorch VAE
+    from mmh_jax._src.noise import images_noise
+
+    noise = torch.as_tensor(
+        np.tile(np.asarray(images_noise(KEY, k, sd.latent_shape)), (2, 1, 1, 1))
+    )
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(50)
+    step = scheduler.timesteps[0]
+    a = scheduler.alphas_cumprod[step]
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(PROMPTS[:2], "cpu", k, True)
+        eps_u, eps_c = pipe.unet(
+            torch.cat([noise, noise]), step, encoder_hidden_states=torch.cat([uncond, cond])
+        ).sample.chunk(2)
+        x0 = (noise - (1 - a).sqrt() * (eps_u + guidance * (eps_c - eps_u))) / a.sqrt()
+        images = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    np.testing.assert_allclose(got, _torch_sobel_agreement(images, k), rtol=1e-5)
+
+
+def test_edge_agreement_of_planted_edge_maps():
+    # identical images: every edge map coincides, the agreement is 1; k images whose edges do
+    # not overlap (one bright dot each, far apart) and have equal norms: 1 / sqrt(k)
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(1, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(D.edge_agreement(np.repeat(one, 4, axis=0)), 1.0, rtol=1e-6)
+    dots = np.zeros((4, 3, 12, 12), np.float32)
+    for i, (r, c) in enumerate([(2, 2), (2, 9), (9, 2), (9, 9)]):
+        dots[i, :, r, c] = 1.0
+    np.testing.assert_allclose(D.edge_agreement(dots), 0.5, rtol=1e-6)
+    import torch
+
+    np.testing.assert_allclose(
+        D.edge_agreement(dots[:3]),
+        _torch_sobel_agreement(torch.as_tensor(dots[:3]), 3)[0],
+        rtol=1e-6,
+    )
+
+
+def _sklearn_cluster_score(items, size):
+    """Carlini et al.'s clique radius in scikit-learn: each item's distance to its
+    ``size - 1``-th nearest other item, the smallest over the items, per value (RMS), negated."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(items, np.float64).reshape(len(items), -1)
+    dist, _ = NearestNeighbors(n_neighbors=size).fit(x).kneighbors(x)
+    return -dist[:, -1].min() / math.sqrt(x.shape[1])
+
+
+def _has_clique(items, size, threshold):
+    """Whether ``size`` items are pairwise within ``threshold`` (Carlini et al.'s rule, l2 over
+    all values), by trying every subset."""
+    import itertools
+
+    from scipy.spatial.distance import pdist, squareform
+
+    d = squareform(pdist(np.asarray(items, np.float64).reshape(len(items), -1)))
+    return any(
+        all(d[i, j] <= threshold for i, j in itertools.combinations(subset, 2))
+        for subset in itertools.combinations(range(len(d)), size)
+    )
+
+
+def test_cluster_score_of_planted_cliques():
+    rng = np.random.default_rng(0)
+    # four identical images among random ones form a clique of 4: radius 0, the highest score
+    items = rng.normal(size=(8, 3, 4, 4))
+    items[[1, 3, 4, 6]] = items[1]
+    assert float(D.cluster_score(items, cluster_size=4)) == 0.0
+    assert float(D.cluster_score(items, cluster_size=5)) < 0.0
+    # against scikit-learn, and bracketing Carlini et al.'s clique rule: a clique of `size`
+    # pairwise within delta exists for delta = 2 * radius (triangle inequality) and for none
+    # below the radius (each clique member has size - 1 others within delta)
+    d = items[0].size
+    for seed in range(5):
+        x = np.random.default_rng(seed).normal(size=(9, 3, 4, 4)).astype(np.float32)
+        for size in (2, 3, 5):
+            got = float(D.cluster_score(x, cluster_size=size))
+            np.testing.assert_allclose(got, _sklearn_cluster_score(x, size), rtol=1e-5)
+            radius = -got * math.sqrt(d)
+            assert _has_clique(x, size, 2 * radius * (1 + 1e-5))
+            assert not _has_clique(x, size, radius * (1 - 1e-5))
+
+
+def test_generation_clusters_match_a_diffusers_generation_and_sklearn(sd, sd_folder):
+    import torch
+
+    _, pipe = sd_folder
+    k, size = 4, 3
+    got = D.generation_clusters(
+        sd, PROMPTS[:2], key=KEY, images_per_prompt=k, cluster_size=size, num_steps=2
+    )
+    # the same generations by diffusers' pipeline (DDIM, the same starting noises), decoded by
+    # its VAE, clustered by scikit-learn
+    from mmh_jax._src.noise import images_noise
+
+    noise = np.tile(np.asarray(images_noise(KEY, k, sd.latent_shape)), (2, 1, 1, 1))
+    with torch.no_grad():
+        latents = pipe(
+            PROMPTS[:2],
+            num_images_per_prompt=k,
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            latents=torch.as_tensor(noise),
+            output_type="latent",
+        ).images
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.numpy()
+    expected = [_sklearn_cluster_score(g, size) for g in images.reshape(2, k, -1)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_uniform_attention_has_entropy_log_n(sd):

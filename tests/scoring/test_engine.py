@@ -423,6 +423,56 @@ def test_prompts_alone_are_generated_then_scored(sd, tmp_path):
         score(model, [CFGNorms()], source, str(tmp_path / "x"), generation=Generation(num_images=0))
 
 
+@pytest.mark.slow
+def test_a_config_runs_the_detector_columns_on_prompts(sd, sd_folder, tmp_path):
+    """[columns.cross_attention], value_activations and detector_images from a TOML config on a
+    prompt file: Ren et al.'s and Chen et al.'s statistics of each generated image
+    equal the detectors' own (one image per prompt, the same noise rule), NeMo's activations
+    equal value_activations; bad settings are refused when the config is read."""
+    from mmh_jax.memorization import detectors as D
+    from mmh_jax.scoring import Sharpness
+    from mmh_jax.scoring.config import ConfigError, build_columns, read_config, run
+
+    prompts = ["a cat", "the cat, the cat", "cat!"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"caption": c}) + "\n" for c in prompts))
+    head = (
+        f"[model]\nkind = 'stable-diffusion'\npath = '{sd_folder[0]}'\n"
+        "[input]\npath = 'p.jsonl'\n[output]\ndir = 'out'\n[run]\nbatch_size = 8\nseed = 4\n"
+        "[generate]\nguidance = 5.0\nnum_steps = 3\n"
+    )
+    (tmp_path / "run.toml").write_text(
+        head + "[columns.cross_attention]\nearly_steps = 2\n[columns.value_activations]\n"
+        "[columns.detector_images]\nguidance = 5.0\n"
+    )
+    run(read_config(tmp_path / "run.toml"))
+    scores = merge(tmp_path / "out").scores
+    table = {name: scores[name].to_numpy() for name in scores.column_names}
+    key = jax.random.key(4)
+    ren = D.attention_entropy(sd, prompts, key=key, num_steps=3, early_steps=2, guidance=5.0)
+    for name, value in zip(("ren_entropy", "ren_begin", "ren_end"), ren):
+        np.testing.assert_allclose(table[name], value, rtol=1e-5, err_msg=name)
+    bright = D.bright_ending(sd, prompts, key=key, num_steps=3, guidance=5.0)
+    np.testing.assert_allclose(table["bright_ending"], bright.score, rtol=1e-5)
+    np.testing.assert_allclose(
+        vectors(scores, "value_activations"), D.value_activations(sd, prompts), rtol=1e-5
+    )
+    # sharpness (a jvp through the UNet: a minute to compile) is read, not run
+    (tmp_path / "sharp.toml").write_text(head + "[columns.sharpness]\nnum_probes = 2\n")
+    assert build_columns(read_config(tmp_path / "sharp.toml")) == [
+        Sharpness(guidance=7.5, num_probes=2)
+    ]
+    assert vectors(scores, "one_step_pixels").shape == (3, 16 * 16 * 3)
+    for body, message in [
+        ("[columns.cross_attention]\nearly_steps = 0\n", "early_steps must be an int >= 1"),
+        ("[columns.sharpness]\nnum_probes = 0\n", "num_probes must be an integer >= 1"),
+        ("[columns.detector_images]\nguidence = 5.0\n", "unknown key"),
+    ]:
+        (tmp_path / "bad.toml").write_text(head.replace("'out'", "'bad'") + body)
+        with pytest.raises(ConfigError, match=message):
+            read_config(tmp_path / "bad.toml")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_generator_jacobian_rank(tmp_path):
     """Latents of a generator through a rank-2 linear map (then tanh): LID 2 everywhere."""
     from jax.tree_util import Partial
