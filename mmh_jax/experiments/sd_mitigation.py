@@ -1478,4 +1478,4 @@ def _with_intervention_rows(
                 _read_png(scoring.saved_image_path(stage / "images", p, 0))
             )
             grid_prompts.setdefault(method, []).append(prompt)
-    return sorted(rows + added, key=lambda r: r["prompt_index"])
+    return sorted(rows + added, key=lambda r: r["prompt_index"]) if added else rows

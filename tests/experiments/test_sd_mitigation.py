@@ -500,3 +500,26 @@ def test_intervention_rows_are_the_intervened_generations(sd_folder, sd, tmp_pat
         _staged(
             sd_folder, tmp_path, monkeypatch, tmp_path / "l", **dict(settings, rescale_factor=0.0)
         )
+
+
+def test_intervention_flags_reach_the_config():
+    import argparse
+
+    from mmh_jax.experiments import sd_mitigation
+
+    parser = argparse.ArgumentParser()
+    sd_mitigation.add_mitigate_arguments(parser)
+    args = parser.parse_args(
+        "sd --prompts p.txt --methods rta attention-rescale nemo --rescale-factor 2 "
+        "--nemo-reference clean.txt --nemo-threshold 3".split()
+    )
+    config = sd_mitigation.mitigate_config_from_args(args)
+    assert config.methods == ("rta", "attention-rescale", "nemo")
+    assert (config.rescale_factor, config.nemo_threshold) == (2.0, 3.0)
+    assert str(config.nemo_reference) == "clean.txt"
+    default = sd_mitigation.mitigate_config_from_args(parser.parse_args(["sd", "--prompts", "p"]))
+    assert (default.rescale_factor, default.nemo_threshold, default.nemo_reference) == (
+        1.25,
+        5.0,
+        None,
+    )
