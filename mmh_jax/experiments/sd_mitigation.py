@@ -183,6 +183,10 @@ class MitigateConfig:
             f"prompts (got {self.nemo_reference})",
         )
         require(
+            "nemo" not in self.methods or len(read_prompt_file(self.nemo_reference)) >= 2,
+            f"--nemo-reference {self.nemo_reference} needs at least 2 prompts",
+        )
+        require(
             "embedding" not in self.methods or self.num_images == 1,
             "--methods embedding takes --num-images 1 in `sd mitigate` (its engine stage "
             "optimises each image's embedding on that image alone; "
@@ -1411,8 +1415,10 @@ def _with_intervention_rows(
     :func:`~mmh_jax.memorization.detectors.value_activations`), so each image starts from the
     original's noise; scored against ``reference(prompt index, image index)`` and the prompt,
     image 0 kept as a PNG. Returns ``rows`` with one row per prompt and intervention (``k =
-    0``, the prompt unchanged) after each prompt's other rows, and the grid's images added to
-    ``images`` / ``grid_prompts``. A rerun resumes; one with other settings is refused."""
+    0``, the prompt unchanged, ``changed`` true even where NeMo's rule picks no neuron) after
+    each prompt's other rows, and the grid's images added to ``images`` / ``grid_prompts``. A
+    rerun resumes; one with other settings is refused. Runs after the tables' other rows are
+    read, so its time is not in the printed mitigation time."""
     import dataclasses
 
     from mmh_jax import scoring
@@ -1428,7 +1434,6 @@ def _with_intervention_rows(
             settings = {"factor": config.rescale_factor}
         else:
             clean = [item.caption for item in read_prompt_file(config.nemo_reference)]
-            require(len(clean) >= 2, f"--nemo-reference {config.nemo_reference} needs 2+ prompts")
             ref = nemo_reference(value_activations(sd, clean))
             eps = nemo_deactivation(model.eps_fn, ref, threshold=config.nemo_threshold)
             settings = {

@@ -496,6 +496,12 @@ def test_intervention_rows_are_the_intervened_generations(sd_folder, sd, tmp_pat
         _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "j", methods=("rta", "nemo"))
     with pytest.raises(DemoInputError, match="come with at least one of"):
         _staged(sd_folder, tmp_path, monkeypatch, tmp_path / "k", methods=("attention-rescale",))
+    one = tmp_path / "one.txt"
+    one.write_text("the sea\n")
+    with pytest.raises(DemoInputError, match="needs at least 2 prompts"):
+        _staged(
+            sd_folder, tmp_path, monkeypatch, tmp_path / "m", **dict(settings, nemo_reference=one)
+        )
     with pytest.raises(DemoInputError, match="--rescale-factor must be"):
         _staged(
             sd_folder, tmp_path, monkeypatch, tmp_path / "l", **dict(settings, rescale_factor=0.0)
