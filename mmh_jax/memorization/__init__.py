@@ -51,8 +51,6 @@ from mmh_jax.memorization.guard import (
 from mmh_jax.memorization.interventions import (
     INTERVENTIONS,
     PARTS,
-    AttentionRescale,
-    NemoDeactivation,
     Part,
     deactivate_neurons,
     nemo_deactivation,

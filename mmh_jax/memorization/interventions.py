@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,6 @@ __all__ = [
     "Part",
     "PARTS",
     "INTERVENTIONS",
-    "AttentionRescale",
-    "NemoDeactivation",
     "rescale_begin_attention",
     "deactivate_neurons",
     "nemo_deactivation",
@@ -60,39 +58,9 @@ PARTS: tuple[str, ...] = get_args(Part)
 """Every :data:`Part`, in the UNet's call order."""
 INTERVENTIONS: tuple[str, ...] = ("attention-rescale", "nemo")
 """The names of the interventions in ``mmh-jax sd mitigate --methods``: Ren et al.'s
-:class:`AttentionRescale` and Hintersdorf et al.'s :class:`NemoDeactivation`."""
+:func:`rescale_begin_attention` and Hintersdorf et al.'s :func:`nemo_deactivation`."""
 
 _CROSS_ATTENTION = "attn2"  # diffusers' name of BasicTransformerBlock's cross-attention
-
-
-class AttentionRescale(NamedTuple):
-    """Settings of Ren et al.'s attention re-scaling (:func:`rescale_begin_attention`).
-
-    Attributes:
-        factor: the beginning token's logits are multiplied by it (their public command:
-            1.25).
-        layers: the parts of the UNet whose cross-attention is re-scaled (theirs: all).
-    """
-
-    factor: float = 1.25
-    layers: tuple[Part, ...] = PARTS
-
-
-class NemoDeactivation(NamedTuple):
-    """Settings of NeMo's neuron deactivation (:func:`nemo_deactivation`).
-
-    Attributes:
-        threshold: a neuron is deactivated when ``|z| > threshold`` (their initial
-            ``theta``: 5).
-        top_k: also the ``top_k`` neurons of largest activation of each layer (their initial
-            ``k``: 0).
-        layers: the parts of the UNet whose value neurons are candidates (theirs: the down
-            blocks and the mid block).
-    """
-
-    threshold: float = 5.0
-    top_k: int = 0
-    layers: tuple[Part, ...] = ("down", "mid")
 
 
 def _check_layers(layers: Any) -> tuple[str, ...]:

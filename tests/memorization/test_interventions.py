@@ -188,3 +188,20 @@ def test_bad_input_is_refused_naming_the_argument(sd):
         jax.jit(I.nemo_deactivation(sd.eps, ref))(z, t, context)
     with pytest.raises(ValueError, match="activations must be one prompt's"):
         I.nemo_neurons(np.ones(9), ref)
+
+
+def test_nemo_top_k_turns_off_the_largest_activations(sd):
+    z, t, context = _inputs(sd)
+    ref = D.nemo_reference(np.asarray(D.value_activations(sd, PROMPTS)))
+    eps = I.nemo_deactivation(sd.eps, ref, threshold=1e30, top_k=2, layers="down")
+    plain = [np.asarray(v) for v in _values(sd.eps, z, t, context)]
+    off = [np.asarray(v) for v in _values(eps, z, t, context)]
+    a = np.abs(plain[0]).mean(axis=1)  # layer 0, the down block's
+    top = np.argsort(-a, axis=1)[:, :2]
+    for row in range(len(a)):
+        mask = np.zeros(a.shape[1], bool)
+        mask[top[row]] = True
+        assert np.all(off[0][row][:, mask] == 0)
+        np.testing.assert_array_equal(off[0][row][:, ~mask], plain[0][row][:, ~mask])
+    for ours, theirs in zip(off[1:], plain[1:]):
+        np.testing.assert_array_equal(ours, theirs)
