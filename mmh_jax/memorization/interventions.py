@@ -153,11 +153,13 @@ def rescale_begin_attention(
 
     before the softmax, for every pixel ``n``, head and cross-attention layer, at every
     denoising step, in the conditional branch only (rows whose context differs from
-    ``uncond``): with ``factor > 1`` the attention is pulled back onto the beginning token and
-    off the trigger tokens that memorized prompts concentrate on. Their public code
-    (github.com/renjie3/MemAttn, ``local_cmd_inference_time_mitigation.sh``: ``--c1 1.25
-    --cross_attn_mask --miti_mem``) re-scales the logits of the conditional half of the batch
-    in every ``attn2`` layer at all steps with ``c1 = 1.25``. Done here by multiplying the
+    ``uncond``): where the beginning token's logits are positive, ``factor > 1`` raises its
+    share of the attention and pulls attention off the trigger tokens that memorized prompts
+    concentrate on. Their public code (github.com/renjie3/MemAttn,
+    ``local_cmd_inference_time_mitigation.sh``: ``--c1 1.25 --cross_attn_mask --miti_mem``;
+    ``refactored_attention_processor.py``) re-scales the logits of the conditional rows of the
+    batch (``[1::2]`` of a one-prompt ``[uncond, cond]`` batch) in every ``attn2`` layer at all
+    steps with ``c1 = 1.25``. Done here by multiplying the
     beginning token's key ``k_0`` by ``factor`` as the ``to_k`` projection returns it, which
     gives the same logits. Not done: their ``--cross_attn_mask``, which also masks the
     summary tokens (the padding after the end token) out of the softmax in both branches; it
