@@ -46,9 +46,12 @@ from mmh_jax.experiments.stable_diffusion import (
     Item,
     _open_prompt_file,
     load_pipeline,
+    read_prompt_file,
     read_reference_images,
+    score_pipeline,
 )
 from mmh_jax.memorization import (
+    INTERVENTIONS,
     METHODS,
     METRICS,
     ClipScorer,
@@ -156,14 +159,41 @@ class MitigateConfig:
     figure: bool = True
     chunk_size: int = 32
     """Prompts (stage 1) or new prompts (stage 3) per written chunk: the unit of resumption."""
+    rescale_factor: float = 1.25
+    nemo_reference: Path | None = None
+    nemo_threshold: float = 5.0
 
     def validate(self) -> None:
         """Raise :class:`DemoInputError` on nonsensical settings (before the model loads)."""
         require(
-            bool(self.methods) and all(m in METHODS for m in self.methods),
-            f"--methods must be among {', '.join(METHODS)}, got {list(self.methods)}",
+            bool(self.methods) and all(m in METHODS + INTERVENTIONS for m in self.methods),
+            f"--methods must be among {', '.join(METHODS + INTERVENTIONS)}, "
+            f"got {list(self.methods)}",
         )
         require(len(set(self.methods)) == len(self.methods), "--methods lists a method twice")
+        require(
+            any(m in METHODS for m in self.methods),
+            f"--methods {', '.join(INTERVENTIONS)} come with at least one of "
+            f"{', '.join(METHODS)} (the rephrasing they are compared with)",
+        )
+        require(
+            math.isfinite(self.rescale_factor) and self.rescale_factor > 0,
+            f"--rescale-factor must be a finite number > 0, got {self.rescale_factor}",
+        )
+        require(
+            math.isfinite(self.nemo_threshold) and self.nemo_threshold > 0,
+            f"--nemo-threshold must be a finite number > 0, got {self.nemo_threshold}",
+        )
+        require(
+            "nemo" not in self.methods
+            or (self.nemo_reference is not None and self.nemo_reference.is_file()),
+            "--methods nemo needs --nemo-reference FILE, a prompt file of non-memorized "
+            f"prompts (got {self.nemo_reference})",
+        )
+        require(
+            "nemo" not in self.methods or len(read_prompt_file(self.nemo_reference)) >= 2,
+            f"--nemo-reference {self.nemo_reference} needs at least 2 prompts",
+        )
         require(self.chunk_size >= 1, f"chunk_size must be at least 1, got {self.chunk_size}")
         require(
             bool(self.metrics)
@@ -320,14 +350,36 @@ def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=METHODS,
+        choices=METHODS + INTERVENTIONS,
         default=list(d.methods),
         metavar="METHOD",
         help="attribution (rephrase k tokens drawn from the attributions), "
         "uniform (k tokens drawn uniformly), rta (k random vocabulary words "
         "added), embedding (AdamW on the prompt embedding, one row per prompt "
-        "and metric; each image's embedding on its own trajectory) (default: the first "
-        "three)",
+        "and metric; each image's embedding on its own trajectory), attention-rescale (Ren et al.: the beginning "
+        "token's cross-attention logits times --rescale-factor), nemo (Hintersdorf et al.: "
+        "value neurons that are z-score outliers against --nemo-reference switched off); the "
+        "last two with one of the others (default: the first three)",
+    )
+    parser.add_argument(
+        "--rescale-factor",
+        type=finite_float,
+        default=d.rescale_factor,
+        metavar="C",
+        help="attention-rescale's factor of the beginning token's logits (default %(default)s)",
+    )
+    parser.add_argument(
+        "--nemo-reference",
+        type=Path,
+        metavar="FILE",
+        help="nemo's non-memorized prompts (one a line, or .jsonl), at least 2",
+    )
+    parser.add_argument(
+        "--nemo-threshold",
+        type=finite_float,
+        default=d.nemo_threshold,
+        metavar="Z",
+        help="nemo's z-score threshold (default %(default)s)",
     )
     parser.add_argument(
         "--metric",
@@ -476,6 +528,9 @@ def mitigate_config_from_args(args: argparse.Namespace) -> MitigateConfig:
         dtype=args.dtype,
         progress=not args.quiet,
         figure=not args.no_figure,
+        rescale_factor=args.rescale_factor,
+        nemo_reference=args.nemo_reference,
+        nemo_threshold=args.nemo_threshold,
     )
 
 
@@ -662,7 +717,7 @@ def _mitigation_config(
     try:
         return MitigationConfig(
             vocabulary=None if vocabulary is None else tuple(vocabulary),
-            methods=config.methods,
+            methods=tuple(m for m in config.methods if m in METHODS),
             metrics=config.metrics,
             ks=config.ks,
             repeats=config.repeats,
@@ -764,31 +819,22 @@ def _score(
     err_console: Console,
     model,
 ):
-    """One engine stage of ``sd mitigate`` into ``stage`` (a rerun resumes it)."""
-    import jax
-
-    from mmh_jax import scoring
-
-    per_item = generation.num_images
-    batch = -(-config.batch_size * per_item // jax.device_count()) * jax.device_count()
-    try:
-        return scoring.score(
-            model,
-            columns,
-            source,
-            str(stage),
-            seed=config.seed,
-            batch_size=batch,
-            chunk_size=config.chunk_size,
-            generation=generation,
-            record=record,
-            console=err_console if config.progress else None,
-        )
-    except scoring.RunMismatch as err:
-        raise DemoInputError(
-            f"{str(stage)!r} holds results of other inputs or settings "
-            f"({err}); choose another --out"
-        ) from None
+    """One engine stage of ``sd mitigate`` into ``stage`` (a rerun resumes it):
+    :func:`~mmh_jax.experiments.stable_diffusion.score_pipeline` with the run's settings."""
+    return score_pipeline(
+        model,
+        columns,
+        source,
+        stage,
+        seed=config.seed,
+        batch_size=config.batch_size * generation.num_images,
+        images_per_prompt=generation.num_images,
+        guidance=generation.guidance,
+        num_steps=generation.num_steps,
+        chunk_size=config.chunk_size,
+        console=err_console if config.progress else None,
+        record=record,
+    )
 
 
 def _per_item_means(scores, names: Sequence[str], *, images: int | None = None) -> dict:
@@ -1166,6 +1212,22 @@ def run_mitigate(
                 grid_prompts.setdefault(label, []).append(r["new_prompt"])
     if embedding is not None:
         rows = _with_embedding_rows(rows, embedding, kinds, images, grid_prompts)
+    rows = _with_intervention_rows(
+        rows,
+        out,
+        source,
+        sd,
+        config=config,
+        generation=generation._replace(num_images=m),
+        record=record,
+        err_console=err_console,
+        model=model,
+        scorer_columns=scorer_columns,
+        reference=lambda p, j: original_image(p, j) if references[p] is None else references[p],
+        kinds=kinds,
+        images=images,
+        grid_prompts=grid_prompts,
+    )
     result = MitigationResult(rows, originals, attributions, images, grid_prompts)
 
     summary = summarise_mitigation(rows)
@@ -1361,3 +1423,98 @@ def _with_embedding_rows(
             )
             grid_prompts.setdefault(label, []).append(prompt)
     return sorted(rows + added, key=lambda r: r["prompt_index"])
+
+
+def _with_intervention_rows(
+    rows: list[dict],
+    out: Path,
+    source,
+    sd,
+    *,
+    config: MitigateConfig,
+    generation,
+    record: dict,
+    err_console: Console,
+    model,
+    scorer_columns,
+    reference,
+    kinds: Sequence[str],
+    images: dict[str, list[np.ndarray]],
+    grid_prompts: dict[str, list[str]],
+) -> list[dict]:
+    """The stage of ``--methods attention-rescale`` / ``nemo``: per intervention, one engine
+    run into ``out/METHOD/`` over the prompt file itself with the model's noise predictor
+    wrapped (:func:`~mmh_jax.memorization.rescale_begin_attention`,
+    :func:`~mmh_jax.memorization.nemo_deactivation` against the ``--nemo-reference`` prompts'
+    :func:`~mmh_jax.memorization.detectors.value_activations`), so each image starts from the
+    original's noise; scored against ``reference(prompt index, image index)`` and the prompt,
+    image 0 kept as a PNG. Returns ``rows`` with one row per prompt and intervention (``k =
+    0``, the prompt unchanged, ``changed`` true even where NeMo's rule picks no neuron) after
+    each prompt's other rows, and the grid's images added to ``images`` / ``grid_prompts``. A
+    rerun resumes; one with other settings is refused. Runs after the tables' other rows are
+    read, so its time is not in the printed mitigation time."""
+    import dataclasses
+
+    from mmh_jax import scoring
+    from mmh_jax.memorization import nemo_deactivation, rescale_begin_attention
+    from mmh_jax.memorization.detectors import nemo_reference, value_activations
+
+    added = []
+    for method in (m for m in INTERVENTIONS if m in config.methods):
+        if method == "attention-rescale":
+            eps = rescale_begin_attention(
+                model.eps_fn, uncond=model.uncond, factor=config.rescale_factor
+            )
+            settings = {"factor": config.rescale_factor}
+        else:
+            clean = [item.caption for item in read_prompt_file(config.nemo_reference)]
+            ref = nemo_reference(value_activations(sd, clean))
+            eps = nemo_deactivation(model.eps_fn, ref, threshold=config.nemo_threshold)
+            settings = {
+                "threshold": config.nemo_threshold,
+                "reference": _digest([np.asarray(ref.mean), np.asarray(ref.std)]),
+            }
+        stage = out / method
+        columns = scorer_columns(reference, lambda i: grid_prompts["original"][i])
+        columns.append(
+            scoring.SavedImage(str(stage / "images"), lambda i, j: j == 0, "image_index == 0")
+        )
+        _score(
+            stage,
+            source,
+            columns,
+            generation,
+            config,
+            dict(record, intervention=method, **settings),
+            err_console,
+            dataclasses.replace(model, eps_fn=eps, description=f"{model.description}, {method}"),
+        )
+        scores = scoring.merge(stage).scores
+        names = [n for n in ("similarity", "clip_score") if n in scores.column_names]
+        for p, v in sorted(_per_item_means(scores, names).items()):
+            prompt = grid_prompts["original"][p]
+            added.append(
+                dict(
+                    prompt_index=p,
+                    prompt=prompt,
+                    method=method,
+                    metric="",
+                    k=0,
+                    repeat=0,
+                    words="",
+                    new_prompt=prompt,
+                    changed=True,
+                    error="",
+                    metric_before=math.nan,
+                    metric_after=math.nan,
+                    updates=-1,
+                    similarity=v.get("similarity", math.nan),
+                    clip_score=v.get("clip_score", math.nan),
+                    reference=kinds[p],
+                )
+            )
+            images.setdefault(method, []).append(
+                _read_png(scoring.saved_image_path(stage / "images", p, 0))
+            )
+            grid_prompts.setdefault(method, []).append(prompt)
+    return sorted(rows + added, key=lambda r: r["prompt_index"]) if added else rows

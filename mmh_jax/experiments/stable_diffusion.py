@@ -392,7 +392,9 @@ def score_pipeline(
     encoded as they are.
 
     Args:
-        sd: the pipeline (:class:`~mmh_jax.models.StableDiffusion`).
+        sd: the pipeline (:class:`~mmh_jax.models.StableDiffusion`), or the
+            :class:`~mmh_jax.scoring.Model` of one (e.g. with its noise predictor wrapped by an
+            intervention, as ``sd mitigate --methods nemo``).
         columns: the columns (:func:`detection_columns`, :mod:`mmh_jax.scoring.prompt_columns`).
         source: the items (:mod:`mmh_jax.scoring.sources`).
         out: the run's folder.
@@ -419,7 +421,7 @@ def score_pipeline(
     batch = -(-batch_size // jax.device_count()) * jax.device_count()
     try:
         return scoring.score(
-            scoring.Model.from_stable_diffusion(sd),
+            sd if isinstance(sd, scoring.Model) else scoring.Model.from_stable_diffusion(sd),
             columns,
             source,
             str(out),

@@ -8,6 +8,7 @@ import mmh_jax.memorization.attribution as _attribution
 import mmh_jax.memorization.classify as _classify
 import mmh_jax.memorization.conditional as _conditional
 import mmh_jax.memorization.gan as _gan
+import mmh_jax.memorization.interventions as _interventions
 import mmh_jax.memorization.mitigation as _mitigation
 import mmh_jax.memorization.prompt as _prompt
 import mmh_jax.memorization.signals as _signals
@@ -46,6 +47,15 @@ from mmh_jax.memorization.guard import (
     flag,
     guarded_ddim_sample,
     guarded_generate,
+)
+from mmh_jax.memorization.interventions import (
+    INTERVENTIONS,
+    PARTS,
+    Part,
+    deactivate_neurons,
+    nemo_deactivation,
+    nemo_neurons,
+    rescale_begin_attention,
 )
 from mmh_jax.memorization.mitigation import (
     METHODS,
@@ -101,6 +111,7 @@ __all__ = [
     *_signals.__all__,
     *_attribution.__all__,
     *_mitigation.__all__,
+    *_interventions.__all__,
     "Rephraser",
     "RephraseOutcome",
     "SynonymRephraser",

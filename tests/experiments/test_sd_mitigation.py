@@ -454,3 +454,89 @@ def test_embedding_stage_resumes_and_refuses_other_settings(sd_folder, tmp_path,
     (out / "new_prompts.parquet").unlink()
     with pytest.raises(DemoInputError, match="embedding.*other inputs or settings"):
         _staged(sd_folder, tmp_path, out, **dict(settings, num_steps=STEPS + 1))
+
+
+@pytest.mark.slow
+def test_intervention_rows_are_the_intervened_generations(sd_folder, sd, tmp_path):
+    """Truth: the pipeline's own sampler with its noise predictor wrapped by the same
+    intervention, from the run's noise (key = seed), scored by the same numpy functions."""
+    import jax
+
+    from mmh_jax.evaluation import to_uint8_nhwc
+    from mmh_jax.experiments.common import DemoInputError
+    from mmh_jax.memorization import detectors, nemo_deactivation, rescale_begin_attention
+
+    clean = tmp_path / "clean.txt"
+    clean.write_text("the sea\nthe fox\na dog\n")
+    settings = dict(
+        methods=("rta", "attention-rescale", "nemo"),
+        repeats=1,
+        rescale_factor=8.0,
+        nemo_reference=clean,
+        nemo_threshold=1.0,
+    )
+    result, summary, _ = _staged(sd_folder, tmp_path, tmp_path / "i", **settings)
+    assert [(r["prompt_index"], r["method"]) for r in result.rows] == [
+        (p, m) for p in range(2) for m in ("rta", "attention-rescale", "nemo")
+    ]
+    assert [s["label"] for s in summary] == ["rta", "attention-rescale", "nemo"]
+    similarity, clip_scorer = _simple_scorers([])
+    ref = detectors.nemo_reference(
+        detectors.value_activations(sd, clean.read_text().split("\n")[:3])
+    )
+    cond = sd.encode_prompt(PROMPTS)
+    for method, eps in (
+        (
+            "attention-rescale",
+            rescale_begin_attention(sd.eps, uncond=sd.uncond_embedding, factor=8.0),
+        ),
+        ("nemo", nemo_deactivation(sd.eps, ref, threshold=1.0)),
+    ):
+        latents = sd._replace(eps=eps).sample(cond, key=jax.random.key(5), num_steps=STEPS).sample
+        want = to_uint8_nhwc(np.asarray(sd.decode(latents)))
+        rows = [r for r in result.rows if r["method"] == method]
+        originals = np.stack(result.images["original"]).astype(int)
+        assert np.abs(want.astype(int) - originals).max() > 4, method  # the images change
+        for p, row in enumerate(rows):
+            got = result.images[method][p]
+            assert np.abs(got.astype(int) - want[p].astype(int)).max() <= 2, method
+            original = result.images["original"][p]
+            np.testing.assert_allclose(
+                row["similarity"], similarity(want[p][None], original[None])[0], atol=2e-3
+            )
+            np.testing.assert_allclose(
+                row["clip_score"], clip_scorer(want[p][None], [PROMPTS[p]])[0], atol=0.2
+            )
+    with pytest.raises(DemoInputError, match="--methods nemo needs --nemo-reference"):
+        _staged(sd_folder, tmp_path, tmp_path / "j", methods=("rta", "nemo"))
+    with pytest.raises(DemoInputError, match="come with at least one of"):
+        _staged(sd_folder, tmp_path, tmp_path / "k", methods=("attention-rescale",))
+    one = tmp_path / "one.txt"
+    one.write_text("the sea\n")
+    with pytest.raises(DemoInputError, match="needs at least 2 prompts"):
+        _staged(sd_folder, tmp_path, tmp_path / "m", **dict(settings, nemo_reference=one))
+    with pytest.raises(DemoInputError, match="--rescale-factor must be"):
+        _staged(sd_folder, tmp_path, tmp_path / "l", **dict(settings, rescale_factor=0.0))
+
+
+def test_intervention_flags_reach_the_config():
+    import argparse
+
+    from mmh_jax.experiments import sd_mitigation
+
+    parser = argparse.ArgumentParser()
+    sd_mitigation.add_mitigate_arguments(parser)
+    args = parser.parse_args(
+        "sd --prompts p.txt --methods rta attention-rescale nemo --rescale-factor 2 "
+        "--nemo-reference clean.txt --nemo-threshold 3".split()
+    )
+    config = sd_mitigation.mitigate_config_from_args(args)
+    assert config.methods == ("rta", "attention-rescale", "nemo")
+    assert (config.rescale_factor, config.nemo_threshold) == (2.0, 3.0)
+    assert str(config.nemo_reference) == "clean.txt"
+    default = sd_mitigation.mitigate_config_from_args(parser.parse_args(["sd", "--prompts", "p"]))
+    assert (default.rescale_factor, default.nemo_threshold, default.nemo_reference) == (
+        1.25,
+        5.0,
+        None,
+    )
