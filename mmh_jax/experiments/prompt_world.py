@@ -29,8 +29,9 @@ The recipe:
    (:func:`~mmh_jax.experiments.sd_mitigation.run_mitigate`, in ``mitigation/``) over the
    verbatim prompts, with the copy judge and the fidelity classifier as its two scorers: the
    prompts rephrased at the attributed tokens (k = 1, 2, 4; the world's synonym table), at
-   uniformly chosen tokens, by random token addition (the world's made-up words) and by
-   embedding optimisation; copy rate and fidelity before and after
+   uniformly chosen tokens, by random token addition (the world's made-up words), by
+   embedding optimisation, by Ren et al.'s attention re-scaling and by NeMo's neuron
+   deactivation (against the calibration prompts); copy rate and fidelity before and after
    (``mitigation/results.parquet``, its grids and trade-off figure);
 6. **the guarded sampler**: the CFG-norm threshold calibrated at ``target_fpr`` on a separate
    set of held-out prompts (from step 3), then :func:`~mmh_jax.memorization.guarded_generate`
@@ -497,7 +498,8 @@ def _train(config: PromptWorldConfig, console: Console) -> Path:
 def _mitigation(pipeline: Path, prompts: _Prompts, judges: _Judges, world, rephraser, config):
     """Steps 4 and 5: ``sd mitigate`` over the verbatim prompts (``mitigation/``, its engine
     stages with the copy judge and the fidelity classifier as its scorers, every method and
-    metric) and ``sd attribute`` over the template prompts (``attribution_template/``); both
+    metric, and the two interventions with their public defaults, NeMo's reference being the
+    calibration prompts) and ``sd attribute`` over the template prompts (``attribution_template/``); both
     resume where a killed run stopped. Returns the mitigation's result and the template
     prompts' attributions."""
     from mmh_jax.experiments.sd_mitigation import (
@@ -507,11 +509,11 @@ def _mitigation(pipeline: Path, prompts: _Prompts, judges: _Judges, world, rephr
         run_attribute,
         run_mitigate,
     )
-    from mmh_jax.memorization import METHODS
+    from mmh_jax.memorization import INTERVENTIONS, METHODS
 
     out = config.out
     files = {}
-    for kind in ("verbatim", "template"):
+    for kind in ("verbatim", "template", "calibration"):
         files[kind] = out / f"{kind}.jsonl"
         with atomic_path(files[kind]) as tmp:
             tmp.write_text(
@@ -534,11 +536,12 @@ def _mitigation(pipeline: Path, prompts: _Prompts, judges: _Judges, world, rephr
         MitigateConfig(
             prompts=files["verbatim"],
             out=out / "mitigation",
-            methods=METHODS,
+            methods=METHODS + INTERVENTIONS,
             metrics=_METRICS,
             ks=config.ks,
             repeats=config.repeats,
             num_images=config.mitigation_images,
+            nemo_reference=files["calibration"],
             **common,
         ),
         console=quiet,
