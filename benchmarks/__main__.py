@@ -32,7 +32,19 @@ from benchmarks._common import load_average, machine, write_json
 from benchmarks._tables import update_results
 
 #: The benchmarks ``run`` knows: ``benchmarks/bench_NAME.py`` for each.
-NAMES = ("unet", "lpca", "retrieval", "scoring")
+NAMES = (
+    "unet",
+    "lpca",
+    "retrieval",
+    "scoring",
+    "flipd",
+    "sd",
+    "gan_lid",
+    "sscd",
+    "guarded",
+    "attribution",
+    "linalg",
+)
 SCHEMA = "mmh_jax.benchmarks/1"
 
 

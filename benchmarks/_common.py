@@ -197,3 +197,17 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (:func:`write_text`)."""
     write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def sd_unet_config(width: int, layers_per_block: int, norm_groups: int) -> dict[str, Any]:
+    """Stable Diffusion v1.5's UNet config (``SD15_UNET_CONFIG``) with block_out_channels
+    ``(w, 2w, 4w, 4w)``, ``layers_per_block`` and ``norm_groups`` GroupNorm groups (SD v1.5:
+    320, 2, 32): the SD-scale benchmarks' full shape and their reduced ones."""
+    from mmh_jax.models import SD15_UNET_CONFIG
+
+    return dict(
+        SD15_UNET_CONFIG,
+        block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups,
+    )
