@@ -199,15 +199,22 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-def sd_unet_config(width: int, layers_per_block: int, norm_groups: int) -> dict[str, Any]:
-    """Stable Diffusion v1.5's UNet config (``SD15_UNET_CONFIG``) with block_out_channels
-    ``(w, 2w, 4w, 4w)``, ``layers_per_block`` and ``norm_groups`` GroupNorm groups (SD v1.5:
-    320, 2, 32): the SD-scale benchmarks' full shape and their reduced ones."""
+def sd_unet_config(
+    width: int, levels: int, layers_per_block: int, norm_groups: int
+) -> dict[str, Any]:
+    """Stable Diffusion v1.5's UNet config (``SD15_UNET_CONFIG``: width 320, 4 levels, 2 layers
+    per block, 32 GroupNorm groups) with block_out_channels the first ``levels`` of ``(w, 2w, 4w,
+    4w)``, cross-attention at every level but the last, ``layers_per_block`` and ``norm_groups``:
+    the SD-scale benchmarks' full shape and their reduced ones."""
     from mmh_jax.models import SD15_UNET_CONFIG
 
+    if not 2 <= levels <= 4:
+        raise ValueError(f"levels must be 2, 3 or 4, got {levels}")
     return dict(
         SD15_UNET_CONFIG,
-        block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+        block_out_channels=(width, 2 * width, 4 * width, 4 * width)[:levels],
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         layers_per_block=layers_per_block,
         norm_num_groups=norm_groups,
     )

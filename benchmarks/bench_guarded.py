@@ -11,7 +11,8 @@ noise predictions every step makes anyway); FLIPD at the last 5 of 50 steps at m
 steps run one ``jax.jvp`` of the guided noise instead of one forward pass).
 
 The UNet has Stable Diffusion's layout: ``SD15_UNET_CONFIG`` with ``block_out_channels = (w, 2w,
-4w, 4w)`` (``width``; SD v1.5 is w = 320), ``layers_per_block`` and ``norm_groups``, random
+4w, 4w)`` (``width``; SD v1.5 is w = 320; the first ``levels`` of them), ``layers_per_block``
+and ``norm_groups``, random
 weights (N(0, 1/fan_in) kernels, seeded; built without compiling Flax's init). Cases, each timed
 in interleaved rounds after one warm-up call per side, ratios round by round:
 
@@ -40,6 +41,7 @@ class Config:
     """Sizes of the guarded benchmark (defaults: the script's, a reduced-width UNet)."""
 
     width: int = 64
+    levels: int = 4
     layers_per_block: int = 2
     norm_groups: int = 32
     size: int = 64
@@ -51,7 +53,7 @@ class Config:
     full: bool = False
 
 
-TINY = Config(width=8, layers_per_block=1, norm_groups=8, size=8, steps=3, flipd_steps=1)
+TINY = Config(width=8, levels=2, layers_per_block=1, norm_groups=8, size=8, steps=3, flipd_steps=1)
 
 
 def _mem_available_gb() -> float:
@@ -174,11 +176,11 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     uncond = jnp.asarray(rng.standard_normal((1, 77, 768)).astype(np.float32))
     n, k = c.steps, c.flipd_steps
     sampler = dict(guidance=c.guidance, num_steps=n, grid=DDIMGrid())  # SD v1.5's grid
-    unet = f"UNet ({c.width}, {2 * c.width}, {4 * c.width}, {4 * c.width}) x {c.layers_per_block}"
+    unet = f"UNet width {c.width}, {c.levels} levels x {c.layers_per_block} layers"
     cases = []
     if c.end_to_end or c.per_step:
         eps_fn, schedule, notes = _unet(
-            sd_unet_config(c.width, c.layers_per_block, c.norm_groups), c.size, seed=0
+            sd_unet_config(c.width, c.levels, c.layers_per_block, c.norm_groups), c.size, seed=0
         )
     if c.end_to_end:
         key = jax.random.key(1)

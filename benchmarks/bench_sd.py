@@ -4,8 +4,8 @@ evaluation and against PyTorch, on the same random weights.
 Run it through the runner: ``python -m benchmarks run sd [--set sd.width=64 --set sd.size=32]``.
 
 The UNet is diffusers' ``UNet2DConditionModel`` with SD v1.5's config (``SD15_UNET_CONFIG``,
-859.5M parameters at the default ``width`` 320, ``layers_per_block`` 2, ``norm_groups`` 32;
-smaller values give the same layout, narrower), random weights (seeded), converted with
+859.5M parameters at the default ``width`` 320, ``levels`` 4, ``layers_per_block`` 2,
+``norm_groups`` 32; smaller values give the same layout, narrower), random weights (seeded), converted with
 ``mmh_jax.convert.unet2d_condition``; latents 4 x ``size`` x ``size`` (64 for SD v1.5), text
 embeddings 77 x 768 (random: the text encoder does not enter these timings). One latent, so one
 CFG evaluation is one UNet call on a batch of 2 (unconditional and conditional). Sides,
@@ -38,6 +38,7 @@ class Config:
     """Sizes of the sd benchmark (defaults: SD v1.5's full shapes, RESULTS.md's record)."""
 
     width: int = 320
+    levels: int = 4
     layers_per_block: int = 2
     norm_groups: int = 32
     size: int = 64
@@ -46,7 +47,7 @@ class Config:
     torch: bool = True
 
 
-TINY = Config(width=8, layers_per_block=1, norm_groups=8, size=8)
+TINY = Config(width=8, levels=2, layers_per_block=1, norm_groups=8, size=8)
 
 
 def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
@@ -68,7 +69,7 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
     c = config
     torch.manual_seed(0)
     model = UNet2DConditionModel(
-        **sd_unet_config(c.width, c.layers_per_block, c.norm_groups)
+        **sd_unet_config(c.width, c.levels, c.layers_per_block, c.norm_groups)
     ).eval()
     model.set_attn_processor(AttnProcessor())  # forward-mode-friendly, like the public code
     n_params = sum(q.numel() for q in model.parameters())
@@ -147,7 +148,7 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
         )
     return [
         case_record(
-            f"UNet ({c.width}, {2 * c.width}, {4 * c.width}, {4 * c.width}) x "
+            f"UNet width {c.width}, {c.levels} levels x "
             f"{c.layers_per_block} layers, {n_params / 1e6:.1f}M parameters, latent "
             f"4x{c.size}x{c.size}",
             timings,
