@@ -16,8 +16,8 @@ resident memory.
 
 The UNet is ``UNet2DCondition`` with SD v1.5's config (859.5M parameters at the default
 ``width`` 320, ``levels`` 4, ``layers_per_block`` 2, ``norm_groups`` 32; smaller values narrow
-it) with random weights (N(0, 0.02^2) biases and kernels; the values do not change the cost); latents 4 x ``size``
-x ``size`` (64 for SD v1.5), context 77 x 768, float32.
+it) with random weights (N(0, 0.02^2) biases and kernels; the values do not change the cost);
+latents 4 x ``size`` x ``size`` (64 for SD v1.5), context 77 x 768, float32.
 """
 
 from __future__ import annotations
