@@ -103,12 +103,6 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, A
     }
 
 
-def ratio_summary(numerator: list[float], denominator: list[float]) -> str:
-    """``median (min-max)`` of the round-by-round ratios of two series."""
-    r = ratio_stats(numerator, denominator)
-    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
-
-
 def case_record(
     name: str,
     timings: Timings,
