@@ -112,8 +112,8 @@ def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
             unet, ac, torch.as_tensor(cond_np), torch.as_tensor(uncond_np), c.guidance
         )
         zt, tt = torch.as_tensor(z_np), torch.full((1,), c.t0)
-        psi = torch.as_tensor(np.asarray(schedule.psi(t)))
-        sigma = torch.as_tensor(np.asarray(schedule.sigma(t)))
+        psi = torch.as_tensor(np.array(schedule.psi(t)))
+        sigma = torch.as_tensor(np.array(schedule.sigma(t)))
         probes = torch.as_tensor(probe)[None, None]
         step = torch.full((2,), c.t0 * 1000 - 1)
         both = torch.cat([torch.as_tensor(uncond_np), torch.as_tensor(cond_np)])
