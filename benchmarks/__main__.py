@@ -13,9 +13,10 @@ each block ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` of RESULTS.md wi
 benchmark NAME from the given run files, and nothing else.
 
 Each benchmark is a module ``benchmarks/bench_NAME.py`` with a frozen ``Config`` (its sizes;
-``--set NAME.FIELD=VALUE`` changes one), ``TINY`` and ``run(config, *, repeats)``. The other
-``bench_*.py`` scripts (SD-scale and single-framework ones) run on their own with
-``python -m benchmarks.bench_NAME`` and time with the same ``benchmarks._common.interleaved``.
+``--set NAME.FIELD=VALUE`` changes one), ``TINY`` (seconds; what tests/test_benchmarks.py runs)
+and ``run(config, *, repeats)``. The SD-scale ones (``sd``, ``attribution``, ``guarded --set
+guarded.full=true``) default to Stable Diffusion v1.5's full shapes: minutes to hours per round
+on a CPU; ``--set NAME.width=...`` and the like reduce them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,19 @@ from benchmarks._common import load_average, machine, write_json
 from benchmarks._tables import update_results
 
 #: The benchmarks ``run`` knows: ``benchmarks/bench_NAME.py`` for each.
-NAMES = ("unet", "lpca", "retrieval", "scoring")
+NAMES = (
+    "unet",
+    "lpca",
+    "retrieval",
+    "scoring",
+    "flipd",
+    "sd",
+    "gan_lid",
+    "sscd",
+    "guarded",
+    "attribution",
+    "linalg",
+)
 SCHEMA = "mmh_jax.benchmarks/1"
 
 

@@ -103,12 +103,6 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, A
     }
 
 
-def ratio_summary(numerator: list[float], denominator: list[float]) -> str:
-    """``median (min-max)`` of the round-by-round ratios of two series."""
-    r = ratio_stats(numerator, denominator)
-    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
-
-
 def case_record(
     name: str,
     timings: Timings,
@@ -197,3 +191,24 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (:func:`write_text`)."""
     write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def sd_unet_config(
+    width: int, levels: int, layers_per_block: int, norm_groups: int
+) -> dict[str, Any]:
+    """Stable Diffusion v1.5's UNet config (``SD15_UNET_CONFIG``: width 320, 4 levels, 2 layers
+    per block, 32 GroupNorm groups) with block_out_channels the first ``levels`` of ``(w, 2w, 4w,
+    4w)``, cross-attention at every level but the last, ``layers_per_block`` and ``norm_groups``:
+    the SD-scale benchmarks' full shape and their reduced ones."""
+    from mmh_jax.models import SD15_UNET_CONFIG
+
+    if not 2 <= levels <= 4:
+        raise ValueError(f"levels must be 2, 3 or 4, got {levels}")
+    return dict(
+        SD15_UNET_CONFIG,
+        block_out_channels=(width, 2 * width, 4 * width, 4 * width)[:levels],
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups,
+    )

@@ -1,43 +1,57 @@
 """Benchmark: token attribution for one prompt at Stable Diffusion v1.5 shapes (time and memory).
 
+Run it through the runner: ``python -m benchmarks run attribution [--set attribution.points=2]``.
+
 ``mmh_jax.memorization.token_attributions`` takes one UNet backward (of the conditional branch,
 batch 1) per point inside a ``lax.scan``; the public code's setting is 4 images x 50 DDIM steps
-(200 points) for the CFG metrics and 1 image x steps 10-49 (40 points) for FLIPD. On CPU a
-whole prompt takes hours, so this script times a scan over ``--points`` points (compiled ahead of
-time) and reports the time per point, the implied time for the public code's settings,
-and the memory XLA plans for the compiled program (``Compiled.memory_analysis()``: the
-parameters and inputs, and the temporaries, whose peak bounds what one prompt needs beyond the
-weights), and the process's peak resident memory.
+(200 points) for the CFG metrics and 1 image x steps 10-49 (40 points) for FLIPD. On CPU a whole
+prompt takes hours, so this benchmark times a scan over ``points`` points per metric in
+``metrics`` (compiled ahead of time; the compile time is noted), the metrics' scans interleaved
+round by round after one warm-up call each. Derived per round: the time per point
+(``METRIC_per_point``) and the implied time of the public code's points for one prompt
+(``METRIC_prompt_implied``). Ratio: FLIPD / CFG per point (when both run). Notes: the memory XLA
+plans for each compiled program (``Compiled.memory_analysis()``: parameters and inputs, and the
+temporaries, whose peak bounds what one prompt needs beyond the weights) and the process's peak
+resident memory.
 
-The UNet is ``UNet2DCondition(**SD15_UNET_CONFIG)`` (859.5M parameters) with random weights
-(N(0, 0.02^2) biases and kernels; the values do not change the cost); latents 4 x 64 x 64, context
-77 x 768, float32.
-
-Example: python -m benchmarks.bench_attribution --points 2 --metrics cfg flipd
+The UNet is ``UNet2DCondition`` with SD v1.5's config (859.5M parameters at the default
+``width`` 320, ``levels`` 4, ``layers_per_block`` 2, ``norm_groups`` 32; smaller values narrow
+it) with random weights (N(0, 0.02^2) biases and kernels; the values do not change the cost);
+latents 4 x ``size`` x ``size`` (64 for SD v1.5), context 77 x 768, float32.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import dataclasses
 import resource
 import time
+from typing import Any, Literal
 
-from benchmarks._common import cpu_model
+from benchmarks._common import case_record, interleaved, sd_unet_config
+
+Metric = Literal["cfg", "cfg_score", "flipd"]
+#: Points per prompt in the public code's setting, per metric.
+PUBLIC_POINTS = {"cfg": 200, "cfg_score": 200, "flipd": 40}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--points", type=int, default=2, help="points per timed scan")
-    p.add_argument(
-        "--metrics", nargs="+", default=["cfg", "flipd"], choices=["cfg", "cfg_score", "flipd"]
-    )
-    p.add_argument("--size", type=int, default=64, help="latent height and width")
-    p.add_argument("--memory-only", action="store_true", help="compile and report memory only")
-    args = p.parse_args()
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of the attribution benchmark (defaults: SD v1.5's full shapes, RESULTS.md's record)."""
 
+    points: int = 2
+    metrics: tuple[Metric, ...] = ("cfg", "flipd")
+    width: int = 320
+    levels: int = 4
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    size: int = 64
+
+
+TINY = Config(width=8, levels=2, layers_per_block=1, norm_groups=8, size=8)
+
+
+def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
+    """Time and size token attribution per metric; one case."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -45,15 +59,14 @@ def main() -> None:
 
     from mmh_jax.convert.unet2d_condition import unet2d_condition_abstract_params
     from mmh_jax.memorization.prompt import MetricPoints, _Inputs, _token_attributions
-    from mmh_jax.models import SD15_UNET_CONFIG, EpsModel, UNet2DCondition
+    from mmh_jax.models import EpsModel, UNet2DCondition
     from mmh_jax.schedules import DDPM
 
-    print(
-        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-        f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
-        f"load={os.getloadavg()[0]:.2f}"
-    )
-    module = UNet2DCondition(**SD15_UNET_CONFIG)
+    c = config
+    unknown = sorted(set(c.metrics) - set(PUBLIC_POINTS))
+    if unknown:
+        raise ValueError(f"attribution.metrics: unknown {unknown}; known {sorted(PUBLIC_POINTS)}")
+    module = UNet2DCondition(**sd_unet_config(c.width, c.levels, c.layers_per_block, c.norm_groups))
     abstract = unet2d_condition_abstract_params(module)
     leaves, treedef = jax.tree.flatten(abstract)
     keys = jax.random.split(jax.random.key(0), len(leaves))
@@ -64,46 +77,48 @@ def main() -> None:
     schedule = DDPM.scaled_linear()
     eps_fn = Partial(EpsModel(module).eps, params, schedule)
     rng = np.random.default_rng(0)
-    n = args.points
+    n = c.points
     points = MetricPoints(
-        jnp.asarray(rng.standard_normal((n, 4, args.size, args.size)), jnp.float32),
+        jnp.asarray(rng.standard_normal((n, 4, c.size, c.size)), jnp.float32),
         jnp.asarray(np.linspace(0.9, 0.1, n), jnp.float32),
     )
     cond = jnp.asarray(rng.standard_normal((1, 77, 768)), jnp.float32)
     uncond = jnp.asarray(rng.standard_normal((1, 77, 768)), jnp.float32)
     point_keys = jax.random.split(jax.random.key(1), n)
     guidance = jnp.asarray(7.5, jnp.float32)
-    print(
-        f"model: UNet2DCondition, SD v1.5 config, {n_params:,} parameters; latents "
-        f"{n} x 4 x {args.size} x {args.size} (one point per scan step), context 77 x 768, fp32"
-    )
+    inputs = _Inputs(eps_fn, points, uncond, point_keys, guidance, schedule)
     gib = 2.0**30
-    public_points = {"cfg": 200, "cfg_score": 200, "flipd": 40}
-    for metric in args.metrics:
+    notes: dict[str, Any] = {"parameters": n_params, "points": n}
+    sides = {}
+    for metric in dict.fromkeys(c.metrics):
         start = time.perf_counter()
-        inputs = _Inputs(eps_fn, points, uncond, point_keys, guidance, schedule)
         compiled = _token_attributions.lower(cond, inputs, metric=metric, num_probes=1).compile()
-        compile_s = time.perf_counter() - start
+        notes[f"{metric}_compile_s"] = time.perf_counter() - start
         mem = compiled.memory_analysis()
-        print(
-            f"[{metric}] compile {compile_s:.1f} s; XLA memory plan: arguments "
-            f"{mem.argument_size_in_bytes / gib:.2f} GiB, temporaries "
-            f"{mem.temp_size_in_bytes / gib:.2f} GiB, output "
-            f"{mem.output_size_in_bytes / gib:.4f} GiB"
+        notes[f"{metric}_memory_plan_gib"] = {
+            "arguments": mem.argument_size_in_bytes / gib,
+            "temporaries": mem.temp_size_in_bytes / gib,
+            "output": mem.output_size_in_bytes / gib,
+        }
+        sides[metric] = lambda compiled=compiled: compiled(cond, inputs)
+    timings = interleaved(sides, repeats, jax.block_until_ready)
+    derived = {}
+    for metric, times in timings.times.items():
+        derived[f"{metric}_per_point"] = [t / n for t in times]
+        derived[f"{metric}_prompt_implied"] = [t / n * PUBLIC_POINTS[metric] for t in times]
+        notes[f"{metric}_public_points"] = PUBLIC_POINTS[metric]
+    notes["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    ratios = {}
+    if "cfg" in sides and "flipd" in sides:
+        ratios["FLIPD / CFG per point"] = ("flipd_per_point", "cfg_per_point")
+    return [
+        case_record(
+            f"UNet width {c.width}, {c.levels} levels x "
+            f"{c.layers_per_block} layers, {n_params / 1e6:.1f}M parameters, {n} points of "
+            f"4x{c.size}x{c.size}",
+            timings,
+            ratios=ratios,
+            derived=derived,
+            notes=notes,
         )
-        if args.memory_only:
-            continue
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(cond, inputs))
-        per_point = (time.perf_counter() - start) / n
-        total = per_point * public_points[metric]
-        print(
-            f"[{metric}] {per_point:.1f} s per point; the public code's "
-            f"{public_points[metric]} points: {total / 60:.0f} min (implied)"
-        )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak resident memory of the process: {peak:.1f} GiB (weights included)")
-
-
-if __name__ == "__main__":
-    main()
+    ]

@@ -1,30 +1,52 @@
-"""Cost of FLIPD and the normal bundle relative to one forward pass of the same network.
+"""Benchmark: cost of FLIPD and the normal bundle relative to one forward pass of the same network.
 
-A CIFAR-shaped convolutional epsilon-network (residual blocks with GroupNorm, SiLU and
-a time embedding, NCHW, pure JAX) stands in for a diffusion UNet. Everything is timed
-in one run, jit-compiled, in interleaved rounds after a warm-up (``benchmarks._common.interleaved``):
+Run it through the runner: ``python -m benchmarks run flipd [--set flipd.batch=32]``.
 
-- forward: one evaluation of the score network on the batch;
-- FLIPD with one Hutchinson probe (one batched jvp; target: at most 2.0x forward);
-- FLIPD with the exact trace on a smaller image (d jvps, chunked; about d x the
-  single-probe cost);
-- the normal bundle's share of time spent in score evaluations.
+A CIFAR-shaped convolutional epsilon-network (``blocks`` residual blocks x ``channels`` channels
+with GroupNorm, SiLU and a time embedding, NCHW at the boundary, NHWC inside, pure JAX, random
+weights) stands in for a diffusion UNet, wrapped with ``score_from_eps`` and ``DDPM.linear()``,
+t0 = 0.05; every function jit-compiled. Three cases, each timed in interleaved rounds after one
+warm-up call per side:
 
-Usage (from the repository root): python -m benchmarks.bench_flipd [--batch 64] [--channels 64] [--blocks 4]
+* ``FLIPD`` on ``batch`` images of 3 x ``size`` x ``size``: sides ``forward`` (one evaluation of
+  the score), ``flipd`` (one Hutchinson probe: one batched jvp; target at most 2.0x forward),
+  ``jvp`` (a plain ``jax.jvp`` of the score) and ``two_forwards`` (primal and tangent stacked in
+  one batch: a floor for a jvp);
+* ``exact trace`` on 3 x ``exact_size`` x ``exact_size`` images (d = 3 exact_size^2): ``forward``,
+  ``flipd`` and ``exact`` (``trace="exact"``: d jvps in chunks of ``chunk``; about d x the
+  one-probe cost);
+* ``normal bundle``: ``normal_bundle`` of 2 points at its default K = 4 d scores (chunks of
+  ``chunk``) against ``scores``, the forward pass on 2 ``chunk`` points; the derived series
+  ``score_calls`` scales it to the 2 K score evaluations the bundle makes, and the ratio
+  ``score_calls / normal_bundle`` is the share of its time spent in score evaluations.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
-import statistics
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks._common import cpu_model, interleaved, ratio_summary
-from mmh_jax.lid import flipd, normal_bundle
-from mmh_jax.schedules import DDPM, score_from_eps
+from benchmarks._common import case_record, interleaved
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of the flipd benchmark (defaults: RESULTS.md's record, batch 64)."""
+
+    batch: int = 64
+    channels: int = 64
+    blocks: int = 4
+    size: int = 32
+    exact_size: int = 8
+    chunk: int = 64
+    t0: float = 0.05
+
+
+TINY = Config(batch=2, channels=8, blocks=1, size=8, exact_size=4, chunk=16)
 
 
 def init_net(key, in_ch, ch, blocks):
@@ -70,22 +92,14 @@ def eps_net(params, x, t):
     return jnp.transpose(_conv(jax.nn.silu(_group_norm(h)), params["out"]), (0, 3, 1, 2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument(
-        "--size", type=int, default=32, help="image side for forward/Hutchinson FLIPD"
-    )
-    parser.add_argument("--exact-size", type=int, default=8, help="image side for the exact trace")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
+    """Measure FLIPD, its exact trace and the normal bundle against the forward pass."""
+    from mmh_jax.lid import flipd, normal_bundle
+    from mmh_jax.schedules import DDPM, score_from_eps
 
+    c = config
     schedule = DDPM.linear()
-    params = init_net(jax.random.key(0), 3, args.channels, args.blocks)
+    params = init_net(jax.random.key(0), 3, c.channels, c.blocks)
     key = jax.random.key(1)
 
     def score_for(p):
@@ -93,107 +107,86 @@ def main() -> None:
 
     @jax.jit
     def forward(p, x):
-        return score_for(p)(x, jnp.full((x.shape[0],), 0.05))
+        return score_for(p)(x, jnp.full((x.shape[0],), c.t0))
 
     @jax.jit
     def plain_jvp(p, x, v):
-        return jax.jvp(lambda y: score_for(p)(y, jnp.full((x.shape[0],), 0.05)), (x,), (v,))
+        return jax.jvp(lambda y: score_for(p)(y, jnp.full((x.shape[0],), c.t0)), (x,), (v,))
 
     @jax.jit
     def two_forwards(p, x, v):  # primal and tangent sharing every layer call: a floor for a jvp
         return jax.vmap(lambda y: forward(p, y))(jnp.stack([x, v]))
 
     @jax.jit
-    def flipd_1(p, x, key):
-        return flipd(score_for(p), x, t0=0.05, schedule=schedule, key=key)
+    def flipd_1(p, x):
+        return flipd(score_for(p), x, t0=c.t0, schedule=schedule, key=key)
 
     @jax.jit
     def flipd_exact(p, x):
-        return flipd(score_for(p), x, t0=0.05, schedule=schedule, trace="exact", chunk_size=64)
+        return flipd(score_for(p), x, t0=c.t0, schedule=schedule, trace="exact", chunk_size=c.chunk)
 
     @jax.jit
-    def nb(p, x, key):
-        return normal_bundle(score_for(p), x, t0=0.05, schedule=schedule, key=key, chunk_size=64)
+    def nb(p, x):
+        return normal_bundle(
+            score_for(p), x, t0=c.t0, schedule=schedule, key=key, chunk_size=c.chunk
+        )
 
     sync = jax.block_until_ready
-    x = jax.random.normal(key, (args.batch, 3, args.size, args.size))
+    p = params
+    x = jax.random.normal(key, (c.batch, 3, c.size, c.size))
     v = jax.random.rademacher(key, x.shape, x.dtype)
     big = interleaved(
         {
-            "forward": lambda: forward(params, x),
-            "flipd": lambda: flipd_1(params, x, key),
-            "jvp": lambda: plain_jvp(params, x, v),
-            "two": lambda: two_forwards(params, x, v),
+            "forward": lambda: forward(p, x),
+            "flipd": lambda: flipd_1(p, x),
+            "jvp": lambda: plain_jvp(p, x, v),
+            "two_forwards": lambda: two_forwards(p, x, v),
         },
-        args.repeats,
+        repeats,
         sync,
-    ).times
-    t_fwd, t_flipd, t_jvp, t_two = (
-        statistics.median(big[k]) for k in ("forward", "flipd", "jvp", "two")
     )
-
-    xs = jax.random.normal(key, (args.batch, 3, args.exact_size, args.exact_size))
-    d_small = xs[0].size
+    xs = jax.random.normal(key, (c.batch, 3, c.exact_size, c.exact_size))
+    d = xs[0].size
     small = interleaved(
         {
-            "forward": lambda: forward(params, xs),
-            "flipd": lambda: flipd_1(params, xs, key),
-            "exact": lambda: flipd_exact(params, xs),
+            "forward": lambda: forward(p, xs),
+            "flipd": lambda: flipd_1(p, xs),
+            "exact": lambda: flipd_exact(p, xs),
         },
-        max(1, args.repeats // 2),
+        repeats,
         sync,
-    ).times
-    t_fwd_small, t_flipd_small, t_exact = (
-        statistics.median(small[k]) for k in ("forward", "flipd", "exact")
     )
-
     xn = xs[:2]
-    k_scores = 4 * d_small
-    xn_big = jax.random.normal(key, (2 * 64,) + xs.shape[1:])
-    nbt = interleaved(
-        {"nb": lambda: nb(params, xn, key), "scores": lambda: forward(params, xn_big)},
-        max(1, args.repeats // 2),
-        sync,
-    ).times
-    t_nb = statistics.median(nbt["nb"])
-    t_score_calls = statistics.median(nbt["scores"]) * (k_scores / 64)
-
-    print(
-        f"machine: {cpu_model()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}"
+    k_scores = 4 * d  # normal_bundle's default num_scores
+    xn_big = jax.random.normal(key, (2 * c.chunk,) + xs.shape[1:])
+    bundle = interleaved(
+        {"normal_bundle": lambda: nb(p, xn), "scores": lambda: forward(p, xn_big)}, repeats, sync
     )
-    print(
-        f"network: {args.blocks} residual blocks x {args.channels} channels, batch {args.batch}, float32; "
-        f"medians of interleaved rounds"
-    )
-    print(f"forward, 3x{args.size}x{args.size}:                 {t_fwd * 1e3:9.1f} ms")
-    print(
-        f"FLIPD 1 Hutchinson probe:               {t_flipd * 1e3:9.1f} ms  = "
-        f"{ratio_summary(big['flipd'], big['forward'])} forward"
-    )
-    print(
-        f"plain jax.jvp of the score:             {t_jvp * 1e3:9.1f} ms  = "
-        f"{ratio_summary(big['jvp'], big['forward'])} forward"
-    )
-    print(
-        f"two forwards stacked in one batch:      {t_two * 1e3:9.1f} ms  = "
-        f"{ratio_summary(big['two'], big['forward'])} forward"
-    )
-    print(
-        f"forward, 3x{args.exact_size}x{args.exact_size} (d = {d_small}):          {t_fwd_small * 1e3:9.1f} ms"
-    )
-    print(
-        f"FLIPD 1 probe, d = {d_small}:                  {t_flipd_small * 1e3:9.1f} ms  = "
-        f"{ratio_summary(small['flipd'], small['forward'])} forward"
-    )
-    print(
-        f"FLIPD exact trace, d = {d_small}:              {t_exact * 1e3:9.1f} ms  = "
-        f"{ratio_summary(small['exact'], small['flipd'])} one-probe FLIPD (d = {d_small})"
-    )
-    print(
-        f"normal bundle, 2 points x {k_scores} scores:   {t_nb * 1e3:9.1f} ms; score evaluations alone {t_score_calls * 1e3:.1f} ms"
-        f" = {100 * t_score_calls / t_nb:.0f}% of it"
-    )
-
-
-if __name__ == "__main__":
-    main()
+    network = f"{c.blocks} residual blocks x {c.channels} channels"
+    return [
+        case_record(
+            f"FLIPD, batch {c.batch}, 3x{c.size}x{c.size}, {network}",
+            big,
+            ratios={
+                "FLIPD (1 probe) / forward": ("flipd", "forward"),
+                "plain jvp / forward": ("jvp", "forward"),
+                "two forwards stacked / forward": ("two_forwards", "forward"),
+            },
+        ),
+        case_record(
+            f"exact trace, batch {c.batch}, 3x{c.exact_size}x{c.exact_size} (d = {d})",
+            small,
+            ratios={
+                "exact trace / FLIPD (1 probe)": ("exact", "flipd"),
+                "FLIPD (1 probe) / forward": ("flipd", "forward"),
+            },
+            notes={"d": d, "chunk": c.chunk},
+        ),
+        case_record(
+            f"normal bundle, 2 points x K = 4d = {k_scores} scores (d = {d})",
+            bundle,
+            ratios={"share in score evaluations": ("score_calls", "normal_bundle")},
+            derived={"score_calls": [t * k_scores / c.chunk for t in bundle.times["scores"]]},
+            notes={"K": k_scores, "score_batch": 2 * c.chunk},
+        ),
+    ]

@@ -1,35 +1,59 @@
 """Benchmark: the guarded sampler (``mmh_jax.memorization.guard.guarded_ddim_sample``) against
-plain DDIM with classifier-free guidance (``mmh_jax.sampling.ddim_sample``): DDIM-50, guidance
-7.5, batch 1, 4 x 64 x 64 latents, 77 x 768 random text embeddings, fp32.
+plain DDIM with classifier-free guidance (``mmh_jax.sampling.ddim_sample``): DDIM-``steps``
+(SD v1.5's grid), guidance 7.5, batch 1, 4 x ``size`` x ``size`` latents, 77 x 768 random text
+embeddings, fp32.
+
+Run it through the runner: ``python -m benchmarks run guarded [--set guarded.width=32
+--set guarded.size=32]``.
 
 Targets (issue 14): the CFG-norm signal costs at most 2% over plain sampling (it reads the two
 noise predictions every step makes anyway); FLIPD at the last 5 of 50 steps at most 1.25x (those
 steps run one ``jax.jvp`` of the guided noise instead of one forward pass).
 
-(a) End to end, on a reduced-width UNet of Stable Diffusion's layout: ``SD15_UNET_CONFIG`` with
-    ``block_out_channels = (w, 2w, 4w, 4w)`` (``--width``; SD v1.5 is w = 320), random weights
-    from Flax's ``init`` (seeded). Plain, cfg_norm and flipd run once per round, rounds
-    interleaved (``benchmarks._common.interleaved``), ratios round by round: median (min-max). The same
-    network's single CFG step (one UNet call on the batch of 2) and its ``jvp`` step are timed
-    too, and the 50-step ratio they imply, ``((n - k) F + k J) / (n F)``, is printed beside the
-    measured one.
-(b) ``--full``: the per-step costs at the full SD v1.5 shapes (859.5M parameters, Flax ``init``):
-    one CFG forward step, the same step with the CFG norm, and the ``jvp`` step, interleaved;
-    the implied 50-step ratios (labelled implied: no 50-step run at full size). Needs about
-    10 GB of free memory; skipped with a message otherwise.
+The UNet has Stable Diffusion's layout: ``SD15_UNET_CONFIG`` with ``block_out_channels = (w, 2w,
+4w, 4w)`` (``width``; SD v1.5 is w = 320; the first ``levels`` of them), ``layers_per_block``
+and ``norm_groups``, random
+weights (N(0, 1/fan_in) kernels, seeded; built without compiling Flax's init). Cases, each timed
+in interleaved rounds after one warm-up call per side, ratios round by round:
 
-Example (from the repository root):
-    python -m benchmarks.bench_guarded --width 64 --repeats 3 --full --full-repeats 2
+* ``end to end`` (with ``end_to_end``): sides ``plain``, ``cfg_norm`` and ``flipd`` (the signal at
+  the last ``flipd_steps`` steps); notes: the largest difference of each guarded sample from the
+  plain one, relative to the plain sample's largest value;
+* ``per step`` (with ``per_step``): on the same UNet, one CFG step (``step_forward``: one UNet call
+  on the batch of 2), the same with the CFG norm (``step_forward_norm``) and the ``jvp`` step
+  (``step_jvp``); the derived per-round series ``implied_*`` are the ``steps``-step totals these
+  imply, ``(n - k) F + k J`` for FLIPD at the last k, and their ratios are labelled implied;
+* ``full shapes`` (with ``full``): the per-step case at SD v1.5's full shapes (859.5M parameters),
+  whatever ``width`` says. Needs about 10 GB of free memory; skipped (and noted) otherwise.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
+import dataclasses
 import time
+from typing import Any
 
-from benchmarks._common import cpu_model, interleaved, ratio_summary
+from benchmarks._common import case_record, interleaved, sd_unet_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of the guarded benchmark (defaults: the script's, a reduced-width UNet)."""
+
+    width: int = 64
+    levels: int = 4
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    size: int = 64
+    steps: int = 50
+    flipd_steps: int = 5
+    guidance: float = 7.5
+    end_to_end: bool = True
+    per_step: bool = True
+    full: bool = False
+
+
+TINY = Config(width=8, levels=2, layers_per_block=1, norm_groups=8, size=8, steps=3, flipd_steps=1)
 
 
 def _mem_available_gb() -> float:
@@ -41,10 +65,6 @@ def _mem_available_gb() -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def _summary(values: list[float]) -> str:
-    return f"median {statistics.median(values):.3f} s ({', '.join(f'{v:.3f}' for v in values)})"
 
 
 def _unet(config: dict, size: int, seed: int):
@@ -77,8 +97,8 @@ def _unet(config: dict, size: int, seed: int):
     params = jax.tree_util.tree_map_with_path(fill, shapes["params"])
     n = sum(p.size for p in jax.tree.leaves(params))
     schedule = DDPM.scaled_linear()
-    print(f"  built {n:,} parameters in {time.perf_counter() - start:.1f} s", flush=True)
-    return Partial(EpsModel(module).eps, params, schedule), schedule, n
+    notes = {"parameters": n, "build_s": time.perf_counter() - start}
+    return Partial(EpsModel(module).eps, params, schedule), schedule, notes
 
 
 def _step_fns(eps_fn, schedule, cond, uncond, z, guidance, timestep=20):
@@ -115,39 +135,32 @@ def _step_fns(eps_fn, schedule, cond, uncond, z, guidance, timestep=20):
     }
 
 
-def _implied(times: dict[str, list[float]], n: int, k: int) -> str:
-    f, j = statistics.median(times["step_forward"]), statistics.median(times["step_jvp"])
-    g = statistics.median(times["step_forward_norm"])
-    return (
-        f"jvp step / forward step = {ratio_summary(times['step_jvp'], times['step_forward'])}"
-        f"; (forward + norm) / forward = "
-        f"{ratio_summary(times['step_forward_norm'], times['step_forward'])}; implied "
-        f"{n}-step ratios: cfg_norm {g / f:.3f}x, flipd at the last {k}: "
-        f"{((n - k) * f + k * j) / (n * f):.3f}x"
+def _per_step(name, fns, repeats, n, k, notes):
+    """The per-step case: the three steps interleaved, and the n-step totals they imply."""
+    import jax
+
+    timings = interleaved(fns, repeats, jax.block_until_ready)
+    f, g, j = (timings.times[s] for s in ("step_forward", "step_forward_norm", "step_jvp"))
+    return case_record(
+        name,
+        timings,
+        ratios={
+            "jvp step / forward step": ("step_jvp", "step_forward"),
+            "(forward + norm) / forward step": ("step_forward_norm", "step_forward"),
+            f"implied {n}-step cfg_norm / plain": ("implied_cfg_norm", "implied_plain"),
+            f"implied {n}-step flipd (last {k}) / plain": ("implied_flipd", "implied_plain"),
+        },
+        derived={
+            "implied_plain": [n * a for a in f],
+            "implied_cfg_norm": [n * b for b in g],
+            "implied_flipd": [(n - k) * a + k * b for a, b in zip(f, j)],
+        },
+        notes=notes,
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--width", type=int, default=64, help="first level's channels (SD: 320)")
-    p.add_argument("--size", type=int, default=64, help="latent height and width")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--flipd-steps", type=int, default=5)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--step-repeats",
-        type=int,
-        default=5,
-        help="rounds of the per-step timings on the reduced UNet",
-    )
-    p.add_argument("--full", action="store_true", help="(b): per-step costs at SD v1.5 shapes")
-    p.add_argument("--full-repeats", type=int, default=2)
-    p.add_argument("--skip-end-to-end", action="store_true")
-    args = p.parse_args()
-
+def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
+    """Measure the guarded sampler against plain DDIM (end to end, per step, full shapes)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -156,31 +169,20 @@ def main() -> None:
     from mmh_jax.models import SD15_UNET_CONFIG
     from mmh_jax.sampling import DDIMGrid, ddim_sample
 
-    print(
-        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-        f"backend={jax.default_backend()} device='{jax.devices()[0].device_kind}' "
-        f"load={os.getloadavg()} mem_available={_mem_available_gb():.1f} GB",
-        flush=True,
-    )
-    sync = jax.block_until_ready
+    c = config
     rng = np.random.default_rng(0)
-    z = jnp.asarray(rng.standard_normal((1, 4, args.size, args.size)).astype(np.float32))
+    z = jnp.asarray(rng.standard_normal((1, 4, c.size, c.size)).astype(np.float32))
     cond = jnp.asarray(rng.standard_normal((1, 77, 768)).astype(np.float32))
     uncond = jnp.asarray(rng.standard_normal((1, 77, 768)).astype(np.float32))
-    n, k = args.steps, args.flipd_steps
-    sampler = dict(guidance=args.guidance, num_steps=n, grid=DDIMGrid())  # SD v1.5's grid
-
-    if not args.skip_end_to_end or args.step_repeats:
-        w = args.width
-        config = dict(SD15_UNET_CONFIG, block_out_channels=(w, 2 * w, 4 * w, 4 * w))
-        print(
-            f"(a) reduced-width SD-layout UNet: block_out_channels {config['block_out_channels']}"
-            f", latents 1 x 4 x {args.size} x {args.size}, context 77 x 768, DDIM-{n}, "
-            f"guidance {args.guidance}, fp32",
-            flush=True,
+    n, k = c.steps, c.flipd_steps
+    sampler = dict(guidance=c.guidance, num_steps=n, grid=DDIMGrid())  # SD v1.5's grid
+    unet = f"UNet width {c.width}, {c.levels} levels x {c.layers_per_block} layers"
+    cases = []
+    if c.end_to_end or c.per_step:
+        eps_fn, schedule, notes = _unet(
+            sd_unet_config(c.width, c.levels, c.layers_per_block, c.norm_groups), c.size, seed=0
         )
-        eps_fn, schedule, _ = _unet(config, args.size, seed=0)
-    if not args.skip_end_to_end:
+    if c.end_to_end:
         key = jax.random.key(1)
         outs = {}
 
@@ -191,96 +193,68 @@ def main() -> None:
 
             return call
 
-        fns = {
-            "plain": keep(
-                "plain",
-                lambda: ddim_sample(eps_fn, z, cond, uncond, schedule=schedule, **sampler).sample,
-            ),
-            "cfg_norm": keep(
-                "cfg_norm",
-                lambda: (
-                    guarded_ddim_sample(
-                        eps_fn, z, cond, uncond, schedule=schedule, signal="cfg_norm", **sampler
-                    ).sample
-                ),
-            ),
-            "flipd": keep(
-                "flipd",
-                lambda: (
-                    guarded_ddim_sample(
-                        eps_fn,
-                        z,
-                        cond,
-                        uncond,
-                        schedule=schedule,
-                        signal="flipd",
-                        signal_steps=k,
-                        key=key,
-                        **sampler,
-                    ).sample
-                ),
-            ),
-        }
-        timings = interleaved(fns, args.repeats, sync)
-        times = timings.times
-        print(
-            "  compile + first run: "
-            + ", ".join(f"{name} {s:.1f} s" for name, s in timings.warmup.items())
-        )
-        outs = {name: np.asarray(out) for name, out in outs.items()}
-        scale = np.abs(outs["plain"]).max()
-        print(
-            f"  max |guarded - plain| / max |plain|: cfg_norm "
-            f"{np.abs(outs['cfg_norm'] - outs['plain']).max() / scale:.1e}, flipd "
-            f"{np.abs(outs['flipd'] - outs['plain']).max() / scale:.1e}",
-            flush=True,
-        )
-        for name, values in times.items():
-            print(f"  {name}: {_summary(values)}", flush=True)
-        print(
-            f"  cfg_norm / plain = {ratio_summary(times['cfg_norm'], times['plain'])} "
-            f"(target <= 1.02x)",
-            flush=True,
-        )
-        print(
-            f"  flipd (last {k} of {n}) / plain = {ratio_summary(times['flipd'], times['plain'])}"
-            f" (target <= 1.25x)",
-            flush=True,
-        )
-        del fns, outs
-    if args.step_repeats:
-        steps = interleaved(
-            _step_fns(eps_fn, schedule, cond, uncond, z, args.guidance), args.step_repeats, sync
-        ).times
-        for name, values in steps.items():
-            print(f"  {name}: {_summary(values)}", flush=True)
-        print(f"  same UNet, per step: {_implied(steps, n, k)}", flush=True)
-        del eps_fn
+        def guarded(**signal):
+            return guarded_ddim_sample(
+                eps_fn, z, cond, uncond, schedule=schedule, **signal, **sampler
+            ).sample
 
-    if args.full:
+        timings = interleaved(
+            {
+                "plain": keep(
+                    "plain",
+                    lambda: (
+                        ddim_sample(eps_fn, z, cond, uncond, schedule=schedule, **sampler).sample
+                    ),
+                ),
+                "cfg_norm": keep("cfg_norm", lambda: guarded(signal="cfg_norm")),
+                "flipd": keep("flipd", lambda: guarded(signal="flipd", signal_steps=k, key=key)),
+            },
+            repeats,
+            jax.block_until_ready,
+        )
+        plain = np.asarray(outs["plain"])
+        scale = float(np.abs(plain).max())
+        cases.append(
+            case_record(
+                f"end to end, DDIM-{n}, {unet}, latent 4x{c.size}x{c.size}",
+                timings,
+                ratios={
+                    "cfg_norm / plain": ("cfg_norm", "plain"),
+                    f"flipd (last {k} of {n}) / plain": ("flipd", "plain"),
+                },
+                notes=dict(
+                    notes,
+                    **{
+                        f"max_difference_{s}": float(np.abs(np.asarray(outs[s]) - plain).max())
+                        / scale
+                        for s in ("cfg_norm", "flipd")
+                    },
+                ),
+            )
+        )
+        del outs
+    if c.per_step:
+        fns = _step_fns(eps_fn, schedule, cond, uncond, z, c.guidance)
+        cases.append(
+            _per_step(f"per step, {unet}, latent 4x{c.size}x{c.size}", fns, repeats, n, k, notes)
+        )
+    if c.end_to_end or c.per_step:
+        del eps_fn
+    if c.full:
         free = _mem_available_gb()
         if not free >= 10:
-            print(f"(b) skipped: {free:.1f} GB of memory available, about 10 GB needed")
-            return
-        print(
-            f"(b) SD v1.5 UNet (SD15_UNET_CONFIG), latents 1 x 4 x {args.size} x {args.size}, "
-            f"per-step costs, {args.full_repeats} interleaved rounds",
-            flush=True,
-        )
-        eps_fn, schedule, _ = _unet(SD15_UNET_CONFIG, args.size, seed=0)
-        fns = _step_fns(eps_fn, schedule, cond, uncond, z, args.guidance)
-        start = time.perf_counter()
-        for fn in fns.values():
-            sync(fn())
-        print(
-            f"  compile + first run of the three: {time.perf_counter() - start:.1f} s", flush=True
-        )
-        times = interleaved(fns, args.full_repeats, sync).times
-        for name, values in times.items():
-            print(f"  {name}: {_summary(values)}", flush=True)
-        print(f"  IMPLIED (per-step timings, no 50-step run): {_implied(times, n, k)}", flush=True)
-    print(f"end load={os.getloadavg()}")
-
-
-if __name__ == "__main__":
-    main()
+            print(f"[guarded] full shapes skipped: {free:.1f} GB of memory available, ~10 needed")
+        else:
+            eps_fn, schedule, notes = _unet(SD15_UNET_CONFIG, c.size, seed=0)
+            fns = _step_fns(eps_fn, schedule, cond, uncond, z, c.guidance)
+            cases.append(
+                _per_step(
+                    f"per step, SD v1.5 UNet (full shapes), latent 4x{c.size}x{c.size}",
+                    fns,
+                    repeats,
+                    n,
+                    k,
+                    dict(notes, mem_available_gb=free),
+                )
+            )
+    return cases

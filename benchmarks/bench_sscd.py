@@ -1,26 +1,40 @@
 """Benchmark: SSCD descriptors (ResNet-50 trunk, GeM, 512-d head) in Flax against PyTorch.
 
-Random weights (seeded, batch-norm statistics randomised), converted with
-``mmh_jax.convert.convert_sscd``; both frameworks embed the same batch of 224x224 images in
-fp32. The PyTorch model is ``torchvision.models.resnet50`` when torchvision imports, otherwise
-an equivalent module defined here with torchvision's layout and parameter names (the
-torchvision wheel available in some environments is a CUDA build that does not load with a CPU
-torch). Timings: ``--repeats`` interleaved rounds (JAX, torch, JAX, torch, ...) after one
-warm-up call each, so load drift on a shared machine hits both alike; the JAX / torch ratio is
-taken round by round.
+Run it through the runner: ``python -m benchmarks run sscd [--set sscd.batch=16]``.
 
-Example: python -m benchmarks.bench_sscd --batch 32 --repeats 5
+Random weights (seeded, batch-norm statistics randomised), converted with
+``mmh_jax.convert.convert_sscd``; both frameworks embed the same batch of ``batch`` random images
+of ``size`` x ``size`` (224 for the figure of record) in fp32. The PyTorch model is
+``torchvision.models.resnet50`` when torchvision imports, otherwise an equivalent module defined
+here with torchvision's layout and parameter names (the torchvision wheel available in some
+environments is a CUDA build that does not load with a CPU torch). Sides ``jax`` and ``torch``,
+interleaved round by round after one warm-up call each, so load drift on a shared machine hits
+both alike.
+
+Ratio of record: ``torch / jax`` (the JAX / PyTorch images-per-second ratio). Notes: the torch
+model's source, its thread count, and the largest difference of the two frameworks'
+descriptors.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
+import dataclasses
+from typing import Any
 
 import numpy as np
 
-from benchmarks._common import cpu_model, interleaved, ratio_summary
+from benchmarks._common import case_record, interleaved
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of the sscd benchmark (defaults: RESULTS.md's record)."""
+
+    batch: int = 32
+    size: int = 224
+
+
+TINY = Config(batch=1, size=32)
 
 
 def _torch_model(dim: int):
@@ -97,15 +111,8 @@ def _torch_model(dim: int):
     return TorchSSCD(trunk).eval(), trunk, source
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-
+def run(config: Config, *, repeats: int) -> list[dict[str, Any]]:
+    """Measure the Flax SSCD against PyTorch on the same weights and images; one case."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -113,21 +120,14 @@ def main() -> None:
     from mmh_jax.convert.sscd import convert_sscd
     from mmh_jax.models.sscd import SSCD
 
-    dev = jax.devices()[0]
-    print(
-        f"machine: nproc={os.cpu_count()} cpu='{cpu_model()}' jax={jax.__version__} "
-        f"backend={jax.default_backend()} device='{dev.device_kind}' torch={torch.__version__} "
-        f"torch_threads={torch.get_num_threads()}"
-    )
     model, trunk, source = _torch_model(512)
     state = {k: v.detach().numpy() for k, v in trunk.state_dict().items()}
     module = SSCD(arch="resnet50", embedding_dim=512)
     params = jax.tree.map(jnp.asarray, convert_sscd(state, module))
-    b, s = args.batch, args.size
+    b, s = config.batch, config.size
     x_np = np.random.default_rng(0).standard_normal((b, 3, s, s)).astype(np.float32)
     x, xt = jnp.asarray(x_np), torch.from_numpy(x_np)
     apply = jax.jit(module.apply)
-    print(f"model: SSCD resnet50 -> 512 (torch side: {source}); batch {b}, {s}x{s}, fp32")
 
     def run_torch():
         with torch.no_grad():
@@ -136,21 +136,19 @@ def main() -> None:
     def sync(out):
         return jax.block_until_ready(out) if isinstance(out, jax.Array) else out
 
-    diff = np.max(np.abs(np.asarray(apply({"params": params}, x)) - run_torch().numpy()))
-    times = interleaved(
-        {"jax": lambda: apply({"params": params}, x), "torch": run_torch}, args.repeats, sync
-    ).times
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"{name}: median {med:.3f} s/batch ({b / med:.1f} img/s; rounds "
-            f"{', '.join(f'{t:.2f}' for t in ts)})"
-        )
-    print(
-        f"JAX / torch images/s, round by round: {ratio_summary(times['torch'], times['jax'])}; "
-        f"max |JAX - torch| of the descriptors {diff:.1e}"
+    diff = float(np.max(np.abs(np.asarray(apply({"params": params}, x)) - run_torch().numpy())))
+    timings = interleaved(
+        {"jax": lambda: apply({"params": params}, x), "torch": run_torch}, repeats, sync
     )
-
-
-if __name__ == "__main__":
-    main()
+    return [
+        case_record(
+            f"SSCD resnet50 -> 512, batch {b}, {s}x{s}",
+            timings,
+            ratios={"JAX / PyTorch images/s": ("torch", "jax")},
+            notes={
+                "torch_model": source,
+                "torch_threads": torch.get_num_threads(),
+                "max_abs_descriptor_difference": diff,
+            },
+        )
+    ]
