@@ -45,6 +45,7 @@ from mmh_jax.experiments.mitigation_figures import (
 from mmh_jax.experiments.stable_diffusion import (
     Item,
     _open_prompt_file,
+    add_model_argument,
     load_pipeline,
     read_prompt_file,
     read_reference_images,
@@ -265,20 +266,10 @@ def _common_arguments(parser: argparse.ArgumentParser, d: Any) -> None:
     add_display_flags(parser)
 
 
-def _model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        type=Path,
-        metavar="MODEL",
-        help="a diffusers Stable Diffusion pipeline folder, or a file written by "
-        "`mmh-jax convert stable-diffusion`",
-    )
-
-
 def add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd attribute``'s arguments and flags to ``parser``."""
     d = AttributeConfig(model=Path("."))
-    _model_argument(parser)
+    add_model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="one prompt")
     source.add_argument(
@@ -332,7 +323,7 @@ def _batch_argument(parser: argparse.ArgumentParser, d: Any, what: str) -> None:
 def add_mitigate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``sd mitigate``'s arguments and flags to ``parser``."""
     d = MitigateConfig(model=Path("."), prompts=Path("."))
-    _model_argument(parser)
+    add_model_argument(parser)
     parser.add_argument(
         "--prompts",
         type=Path,
