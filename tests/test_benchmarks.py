@@ -98,6 +98,7 @@ def _tiny_params():
 
 
 @pytest.mark.parametrize("name", list(_tiny_params()))
+@pytest.mark.slow
 def test_every_benchmark_runs_tiny_and_renders_its_block(name, tmp_path):
     module = importlib.import_module(f"benchmarks.bench_{name}")
     if name == "lpca":

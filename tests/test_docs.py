@@ -142,6 +142,7 @@ DOC_PAGES = sorted([ROOT / "README.md", *DOCS.rglob("*.md")])
 
 
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.slow
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     """The page's Python blocks run in order in one fresh namespace (a doctest per page), in a
     temporary folder."""

@@ -119,6 +119,7 @@ def test_run_writes_files_and_columns(run_dir):
     )
 
 
+@pytest.mark.slow
 def test_nearest_is_bruteforce_argmin(run_dir):
     table = _table(run_dir / "out")
     samples = _samples(run_dir / "out").astype(np.float64) / 127.5 - 1

@@ -60,6 +60,7 @@ def test_von_mises_files(vm_run):
     assert not list(cfg.out.glob(".*part"))
 
 
+@pytest.mark.slow
 def test_von_mises_qualitative_result(vm_run):
     _, res = vm_run
     t = res.table
@@ -78,6 +79,7 @@ def test_von_mises_qualitative_result(vm_run):
     assert np.mean(t["label"][dense] == "not-memorized") >= 0.8
 
 
+@pytest.mark.slow
 def test_von_mises_same_seed_same_result(tmp_path):
     cfg = von_mises.VonMisesConfig(
         seed=5,

@@ -99,6 +99,7 @@ def test_benchmark_reports_every_detector_per_kind(sd_folder, tmp_path):
     assert "| all | sharpness |" in (tmp_path / "out/detectors.md").read_text()
 
 
+@pytest.mark.slow
 def test_detector_columns_agree_with_the_detector_functions(sd, sd_folder, tmp_path):
     folder, _ = sd_folder
     prompts = _write(tmp_path / "p.jsonl", PROMPTS[:3])

@@ -25,6 +25,7 @@ def scored(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_table_equals_gan_lid_with_the_pooled_percentile(scored):
     table = pd.read_parquet(scored / "results.parquet")
     spectra = np.load(scored / "spectra.npy")

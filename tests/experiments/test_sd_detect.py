@@ -123,6 +123,7 @@ def test_a_rerun_resumes_and_values_do_not_depend_on_batch_or_input_length(
     )
 
 
+@pytest.mark.slow
 def test_without_labels_the_summary_has_no_nan_columns(sd_folder, tmp_path, capsys):
     folder, _ = sd_folder
     prompts = tmp_path / "prompts.txt"
@@ -148,6 +149,7 @@ def test_without_labels_the_summary_has_no_nan_columns(sd_folder, tmp_path, caps
     assert "nan" not in out and "AUROC" not in out and "median (memorized)" not in out
 
 
+@pytest.mark.slow
 def test_other_inputs_in_the_output_folder_are_refused(detected, tmp_path, capsys):
     folder, root, _ = detected
     other = tmp_path / "other.txt"

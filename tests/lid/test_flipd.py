@@ -34,6 +34,7 @@ def test_exact_flipd_recovers_subspace_dimension(x64, name, d, dims):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.slow
 def test_exact_flipd_equals_hand_computed_formula(x64, name):
     schedule = SCHEDULES[name]()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(3), ambient_dim=6, dims=[4])
@@ -76,6 +77,7 @@ def test_hutchinson_is_unbiased_with_known_variance_and_converges(x64):
     assert 3.0 < errors[16] / errors[256] < 5.3
 
 
+@pytest.mark.slow
 def test_gaussian_probes_are_unbiased(x64):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(8), ambient_dim=4, dims=[2])
@@ -94,6 +96,7 @@ def test_gaussian_probes_are_unbiased(x64):
     np.testing.assert_allclose(est, exact, atol=0.1)
 
 
+@pytest.mark.slow
 def test_estimate_of_a_point_does_not_depend_on_batch_or_chunking(x64):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(key=jax.random.key(1), ambient_dim=5, dims=[2, 0])
@@ -105,6 +108,7 @@ def test_estimate_of_a_point_does_not_depend_on_batch_or_chunking(x64):
     np.testing.assert_allclose(full[4], alone[0], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_image_shaped_events(x64):
     # A Gaussian on a subspace of R^(2x3x3), scored through reshapes, as a UNet would see it.
     schedule = DDPM.linear()
@@ -203,6 +207,7 @@ def test_bad_input_raises_clear_errors():
         flipd_curve(_score, x, ts=jnp.array([0.1, 0.2]), schedule="vp", trace="exact")
 
 
+@pytest.mark.slow
 def test_sharded_batch_gives_the_same_estimates(x64):
     # Per-sample keys make a point's estimate independent of how the batch is laid out.
     assert jax.device_count() == 8, "tests run with 8 simulated CPU devices (see conftest.py)"

@@ -140,6 +140,7 @@ def test_certified_search_under_jit_and_vmap(x64):
 
 
 @pytest.mark.parametrize("k, block", [(1, 4), (3, 7), (3, 50), (5, 1000)])
+@pytest.mark.slow
 def test_knn_in_blocks_matches_sklearn_under_jit_and_shard_map(x64, k, block):
     """Blocks dividing the data or not, one block, k above the last block's rows (7 leaves 1):
     scikit-learn's neighbours; the same inside shard_map on 8 devices (queries split)."""

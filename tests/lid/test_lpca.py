@@ -41,6 +41,7 @@ def _plane_with_duplicates(n=600, ambient=5, n_copies=20, seed=0):
         ("ratio", dict(alphaRatio=0.05), dict(method="ratio", ratio=0.05), 40),
     ],
 )
+@pytest.mark.slow
 def test_matches_skdim_pointwise(x64, ver, skdim_kw, ours_kw, k):
     x = _ball_with_noise()
     ref = skdim.id.lPCA(ver=ver, **skdim_kw).fit_pw(x, n_neighbors=k).dimension_pw_
@@ -70,6 +71,7 @@ def test_float32_matches_skdim_mostly():
     assert np.mean(np.asarray(got) == ref) > 0.98
 
 
+@pytest.mark.slow
 def test_linear_subspace_exact_dimension(x64):
     """Uniform points of a 3-D cube in a linear subspace of R^8: every method reads 3
     (numerical zeros floored; uniform so that "paper"'s restricted neighbourhoods are all big)."""
@@ -196,6 +198,7 @@ _BENCHMARK = skdim.datasets.BenchmarkManifolds(random_state=0).generate(n=300)
 
 @pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")  # skdim maxgap
 @pytest.mark.parametrize("name", sorted(_BENCHMARK))
+@pytest.mark.slow
 def test_matches_skdim_on_its_benchmark_manifolds(x64, name):
     """scikit-dimension's 24 benchmark manifolds (ambient dimension 3 to 96, so both the
     covariance path (k > d) and the Gram path (k <= d)): "fo" and "ratio" agree pointwise with

@@ -48,6 +48,7 @@ def test_singular_values_are_on_the_noise_scale(x64):
     np.testing.assert_allclose(res.singular_values[0, 4:], tangent, rtol=0.03)
 
 
+@pytest.mark.slow
 def test_centering_keeps_the_dimension_an_uncentred_matrix_loses(x64):
     # Far from the component's mean the score has a shared component along the manifold:
     # uncentred it adds one singular value and the gap rule loses one dimension.
@@ -115,6 +116,7 @@ def test_chunking_and_batch_do_not_change_a_point(x64):
     )
 
 
+@pytest.mark.slow
 def test_float32_and_jit(dtype):
     schedule = VP()
     mix = SubspaceGaussianMixture.random(

@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -101,6 +102,7 @@ def plain():
     return estimate(problem()["args"])
 
 
+@pytest.mark.slow
 def test_plain_calls_give_the_known_truth_and_depend_on_the_keys(x64):
     p = problem()
     dims, odd = np.asarray(p["mix"].dims)[p["comp"]], p["odd"]
@@ -162,6 +164,7 @@ def test_data_parallel_pmap_equals_whole_batch(x64):
     chex.assert_trees_all_close(out, plain(), **TOL)
 
 
+@pytest.mark.slow
 def test_shard_map_equals_whole_batch(x64):
     mesh = jax.make_mesh((N_DEV,), ("data",))
     args = jax.device_put(problem()["args"], NamedSharding(mesh, P("data")))

@@ -51,6 +51,7 @@ def _torch_reading(pipe, z, timestep, context):
     return probs, values, names
 
 
+@pytest.mark.slow
 def test_cross_attention_matches_diffusers_processors(sd, sd_folder):
     _, pipe = sd_folder
     z = jax.random.normal(jax.random.key(0), (2, *sd.latent_shape))
@@ -80,6 +81,7 @@ def _first_step_reference(sd, pipe, prompts, images):
     return probs
 
 
+@pytest.mark.slow
 def test_attention_entropy_matches_a_pytorch_reimplementation(sd, sd_folder):
     _, pipe = sd_folder
     got = D.attention_entropy(sd, PROMPTS, key=KEY, images_per_prompt=2, num_steps=50)
@@ -93,6 +95,7 @@ def test_attention_entropy_matches_a_pytorch_reimplementation(sd, sd_folder):
     np.testing.assert_allclose(got.end, [row[e:].sum() for row, e in zip(a, end)], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bright_ending_matches_a_pytorch_reimplementation(sd, sd_folder):
     _, pipe = sd_folder
     # with a one-step grid the final step is the first: its latents are the starting noise
@@ -170,6 +173,7 @@ def _torch_sobel_agreement(images, k):
     return (edges.mean(dim=1).norm(dim=-1) / edges.norm(dim=-1).mean(dim=1)).numpy()
 
 
+@pytest.mark.slow
 def test_edge_consistency_matches_a_pytorch_reimplementation(sd, sd_folder):
     import torch
 
@@ -261,6 +265,7 @@ def test_cluster_score_of_planted_cliques():
             assert not _has_clique(x, size, radius * (1 - 1e-5))
 
 
+@pytest.mark.slow
 def test_generation_clusters_match_a_diffusers_generation_and_sklearn(sd, sd_folder):
     import torch
 

@@ -58,6 +58,7 @@ def test_spectra_equal_the_full_jacobian(generator):
 
 
 @pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.slow
 def test_z_rank_known_by_construction(generator, k):
     """Zeroing the first mapping layer's rows of z's last 16 - k coordinates leaves an output
     that depends on z[:k] (scaled by 1/|z|): the Jacobian has rank k."""
@@ -68,6 +69,7 @@ def test_z_rank_known_by_construction(generator, k):
 
 
 @pytest.mark.parametrize("k", [2, 9])
+@pytest.mark.slow
 def test_w_rank_known_by_construction(generator, k):
     """With every affine layer blind to w's last 16 - k coordinates the image depends on w[:k]
     only: rank k with respect to w, with and without truncation."""
@@ -109,6 +111,7 @@ def test_paper_threshold_over_a_sample_set(generator):
     np.testing.assert_array_equal(gan_lid(module, params, z, c, threshold=tau).lid, lid)
 
 
+@pytest.mark.slow
 def test_random_noise_and_labels(generator):
     module, params, z, c = generator
     labels = jnp.argmax(c, axis=1)

@@ -93,6 +93,7 @@ def test_flipd_sample_is_ddim_and_signal_is_flipd_of_the_cfg_score(sd, setting):
     )
 
 
+@pytest.mark.slow
 def test_sampler_errors_name_the_argument(sd, setting):
     cond, noise, kwargs, _ = setting
     args = (sd.eps, noise, cond, sd.uncond_embedding)
@@ -225,6 +226,7 @@ def test_flag_errors():
         flag([1.0, np.inf], threshold=0.0, higher_is_memorized=False)
 
 
+@pytest.mark.slow
 def test_guarded_generate_resamples_flagged_prompts(sd):
     prompts = ["a cat", "the fox", "a b c", "the cat sat", "x y z"]
     key, kwargs = jax.random.key(4), dict(num_steps=STEPS, batch_size=2)
@@ -276,6 +278,7 @@ def test_guarded_generate_resamples_flagged_prompts(sd):
             np.testing.assert_array_equal(report.latents[rows], report.initial_latents[rows])
 
 
+@pytest.mark.slow
 def test_guarded_generate_with_flipd_and_bad_input(sd):
     prompts = ["a cat", "the fox", "a b c"]
     kwargs = dict(

@@ -57,6 +57,7 @@ def _torch_eps(pipe, z, timestep, context, factor, cond_rows):
         unet.set_attn_processor(AttnProcessor())
 
 
+@pytest.mark.slow
 def test_identity_settings_change_nothing(sd):
     z, t, context = _inputs(sd)
     plain = jax.jit(sd.eps)(z, t, context)
@@ -68,6 +69,7 @@ def test_identity_settings_change_nothing(sd):
 
 
 @pytest.mark.parametrize("factor", [8.0, 0.25])
+@pytest.mark.slow
 def test_rescale_matches_a_pytorch_reimplementation(sd, sd_folder, factor):
     _, pipe = sd_folder
     z, t, context = _inputs(sd)
@@ -126,6 +128,7 @@ def test_deactivation_zeroes_exactly_the_chosen_channels(sd):
         jax.jit(I.deactivate_neurons(sd.eps, [total]))(z, t, context)
 
 
+@pytest.mark.slow
 def test_nemo_deactivation_applies_the_z_score_rule_per_row(sd):
     z, t, context = _inputs(sd, n=3)
     acts = np.asarray(D.value_activations(sd, PROMPTS))

@@ -160,6 +160,7 @@ def test_summary_means_per_method_metric_and_k(mitigated):
         np.testing.assert_allclose(s["similarity"], group["similarity"].mean())
 
 
+@pytest.mark.slow
 def test_bad_input_and_a_failing_rephraser(sd):
     key = jax.random.key(3)
     with pytest.raises(ValueError, match="k=3"):

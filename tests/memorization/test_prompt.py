@@ -178,6 +178,7 @@ def _check_gradient(f, cond, uncond, rtol):
 
 
 @pytest.mark.parametrize("metric", ["cfg", "cfg_score", "flipd"])
+@pytest.mark.slow
 def test_gradients_match_finite_differences(metric, x64):
     eps_fn, points, cond, uncond = _toy()
     kwargs = dict(metric=metric, schedule=SCHEDULE, key=jax.random.key(3))
@@ -332,6 +333,7 @@ def test_embedding_optimisation_raises_flipd(x64):
     np.testing.assert_array_equal(out.embedding[0, 0], cond[0, 0])
 
 
+@pytest.mark.slow
 def test_bad_arguments_name_themselves(sd, trajectory):
     cond, result = trajectory
     points = trajectory_points(result, schedule=sd.schedule, steps=[4])

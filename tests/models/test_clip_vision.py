@@ -104,6 +104,7 @@ def pixels(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+@pytest.mark.slow
 def test_embeddings_match_transformers(hidden_act):
     model = torch_model(hidden_act)
     module = CLIPModel.from_config(model.config.to_dict())

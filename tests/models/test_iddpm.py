@@ -92,6 +92,7 @@ def _save_pt(path, state_dict):
 # --- numerics against the original ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_matches_original_float32(fixture):
     state_dict, io, flags = fixture
     module = _module(flags)
@@ -276,6 +277,7 @@ def test_schedules_are_improved_diffusions(T):
     )
 
 
+@pytest.mark.slow
 def test_loader_schedule_and_score(fixture, tmp_path):
     state_dict, io, flags = fixture
     pre = load_iddpm(_save_pt(tmp_path / "model.pt", state_dict), **flags)

@@ -182,6 +182,7 @@ def test_torchscript_archive_converts_to_same_params(r50, x_small, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
 
 
+@pytest.mark.slow
 def test_embeddings_head_name(r50):
     model, module, params, _ = r50
     sd = {k.replace("fc.", "embeddings."): v for k, v in _state_dict(model).items()}

@@ -309,6 +309,7 @@ def test_scheduler_must_be_ddpm_like(sd_folder, tmp_path):
 
 
 @pytest.mark.parametrize("offset", [0, 2, None])
+@pytest.mark.slow
 def test_a_steps_offset_other_than_1_walks_the_pipelines_timesteps(sd_folder, tmp_path, offset):
     """diffusers' StableDiffusionPipeline rewrites steps_offset to 1 (an outdated config);
     the loader does the same, with a warning, so both sample on one grid."""
