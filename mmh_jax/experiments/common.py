@@ -47,6 +47,7 @@ __all__ = [
     "write_csv",
     "write_parquet",
     "host_stage",
+    "write_prompt_file",
     "save_figure",
     "make_progress",
     "output_console",
@@ -332,6 +333,18 @@ def write_parquet(
 
     with atomic_path(target) as tmp:
         pq.write_table(_arrow_table(table), tmp)
+    return Path(target)
+
+
+def write_prompt_file(
+    target: str | os.PathLike, ids: Sequence[str], captions: Sequence[str]
+) -> Path:
+    """Write prompts as the ``.jsonl`` that :class:`~mmh_jax.scoring.PromptFile` reads (one
+    ``{"id", "caption"}`` object a line), atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(
+            "".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in zip(ids, captions))
+        )
     return Path(target)
 
 

@@ -74,6 +74,7 @@ from mmh_jax.experiments.common import (
     require,
     save_figure,
     write_parquet,
+    write_prompt_file,
 )
 
 __all__ = ["PromptWorldConfig", "run", "add_arguments", "config_from_args", "DETECTORS"]
@@ -292,10 +293,7 @@ def _detection(
     from mmh_jax.experiments.stable_diffusion import detection_columns, score_pipeline
 
     texts = prompts.column("prompt")
-    with atomic_path(out / "prompts.jsonl") as tmp:
-        tmp.write_text(
-            "".join(json.dumps({"id": str(i), "caption": t}) + "\n" for i, t in enumerate(texts))
-        )
+    write_prompt_file(out / "prompts.jsonl", [str(i) for i in range(len(texts))], texts)
     with atomic_path(out / "prompt_images.npz") as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
@@ -514,15 +512,8 @@ def _mitigation(pipeline: Path, prompts: _Prompts, judges: _Judges, world, rephr
     out = config.out
     files = {}
     for kind in ("verbatim", "template", "calibration"):
-        files[kind] = out / f"{kind}.jsonl"
-        with atomic_path(files[kind]) as tmp:
-            tmp.write_text(
-                "".join(
-                    json.dumps({"id": str(i), "caption": r["prompt"]}) + "\n"
-                    for i, r in enumerate(prompts.rows)
-                    if r["kind"] == kind
-                )
-            )
+        chosen = [(str(i), r["prompt"]) for i, r in enumerate(prompts.rows) if r["kind"] == kind]
+        files[kind] = write_prompt_file(out / f"{kind}.jsonl", *zip(*chosen))
     common = dict(
         model=pipeline,
         num_steps=config.num_steps,

@@ -28,7 +28,6 @@ from mmh_jax.experiments.common import (
     DemoInputError,
     add_display_flags,
     add_dtype_flag,
-    atomic_path,
     check_dtype,
     finite_float,
     host_stage,
@@ -36,6 +35,7 @@ from mmh_jax.experiments.common import (
     require,
     write_csv,
     write_parquet,
+    write_prompt_file,
 )
 from mmh_jax.experiments.mitigation_figures import (
     plot_attributions,
@@ -601,9 +601,7 @@ def run_attribute(config: AttributeConfig, *, console: Console | None = None):
     out = prepare_out_dir(config.out)
     path = config.prompts
     if path is None:
-        path = out / "prompt.jsonl"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"id": "prompt", "caption": config.prompt}) + "\n")
+        path = write_prompt_file(out / "prompt.jsonl", ["prompt"], [config.prompt])
     source, items = _open_prompt_file(path)
     for item in items:
         require(bool(item.caption.strip()), f"{item.id}: empty prompt, nothing to attribute")
